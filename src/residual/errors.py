@@ -1,0 +1,10 @@
+"""Errors a user can act on. Their message names the file or option and what to do;
+the command line prints it as one line and exits non-zero, with no traceback."""
+
+
+class ResidualError(Exception):
+    """Base of every error meant for the user rather than for a developer."""
+
+
+class ConfigError(ResidualError, ValueError):
+    """An option has a value the model or task cannot use."""

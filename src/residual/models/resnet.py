@@ -1,0 +1,222 @@
+"""One ResNet class for every classic variant, described by a ResNetConfig.
+
+ImageNet-style nets (7x7 stem + max-pool, four stages) use torchvision's
+parameter names exactly: conv1, bn1, layer1..layer4, downsample.0/.1, fc.
+CIFAR-style nets (He et al. 2015, section 4.2) are the same class with a 3x3
+stem, no max-pool and three stages of 16/32/64 channels. Every variant
+(v1 stride placement, ResNet-D, pre-activation, ResNeXt, wide, plain twins,
+normalisation, head options) is a field of the config, never a copy.
+
+The timm-style interface is here too: forward_features, forward_head,
+reset_classifier, num_classes=0 for pooled features, features_only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .blocks import BLOCKS, NORMS, SHORTCUTS, conv3x3, make_norm, make_shortcut
+from .preprocessing import IMAGENET_EVAL, Preprocessing
+
+STEMS = ("imagenet", "deep", "cifar")
+POOLS = ("avg", "max")
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """Everything that decides a ResNet's layers. Saved whole in every model file."""
+
+    block: str = "basic"  # 'basic' (two 3x3) or 'bottleneck' (1x1-3x3-1x1)
+    layers: tuple[int, ...] = (2, 2, 2, 2)  # blocks per stage
+    widths: tuple[int, ...] = (64, 128, 256, 512)  # planes per stage; the stem outputs widths[0]
+    stem: str = "imagenet"  # 'imagenet' 7x7/2 + max-pool, 'deep' three 3x3 + max-pool, 'cifar' one 3x3/1
+    deep_stem_width: int = 32  # inner width of the 'deep' stem
+    shortcut: str = "B"  # 'A' zero-pad, 'B' projection, 'D' avg-pool + projection, 'none' = plain net
+    stride_in_1x1: bool = False  # bottleneck stride on the first 1x1 ("v1") instead of the 3x3 ("v1.5")
+    preact: bool = False  # pre-activation blocks (He et al. 2016)
+    groups: int = 1  # ResNeXt cardinality
+    width_per_group: int = 64  # 128 gives the wide ResNets
+    norm: str | None = "batch"  # 'batch', 'group' or None
+    in_chans: int = 3
+    num_classes: int = 1000  # 0: no classifier, forward returns pooled features
+    global_pool: str = "avg"
+    drop_rate: float = 0.0  # dropout before the classifier
+    zero_init_residual: bool = False  # zero each block's last layer so it starts as identity
+    features_only: bool = False  # forward returns the stage maps
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        object.__setattr__(self, "widths", tuple(int(n) for n in self.widths))
+        checks = [
+            (self.block in ("basic", "bottleneck"), f"block must be 'basic' or 'bottleneck', got {self.block!r}"),
+            (len(self.layers) >= 1 and all(n >= 1 for n in self.layers), f"layers must be positive counts, got {self.layers}"),
+            (len(self.widths) == len(self.layers), f"widths {self.widths} and layers {self.layers} differ in length"),
+            (self.stem in STEMS, f"stem must be one of {STEMS}, got {self.stem!r}"),
+            (self.shortcut in SHORTCUTS, f"shortcut must be one of {SHORTCUTS}, got {self.shortcut!r}"),
+            (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
+            (self.global_pool in POOLS, f"global_pool must be one of {POOLS}, got {self.global_pool!r}"),
+            (self.in_chans >= 1 and self.num_classes >= 0, "in_chans must be >= 1 and num_classes >= 0"),
+            (0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), got {self.drop_rate}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ResNetConfig":
+        return cls(**data)
+
+
+class ResNet(nn.Module):
+    """A ResNet built from a ResNetConfig.
+
+    `arch` names the registry entry it came from; `class_names` and
+    `preprocessing` describe what it was trained on and how to feed it.
+    """
+
+    def __init__(self, config: ResNetConfig, *, arch: str = "resnet",
+                 class_names: list[str] | None = None, preprocessing: Preprocessing = IMAGENET_EVAL):
+        super().__init__()
+        self.config = config
+        self.arch = arch
+        self.class_names = class_names
+        self.preprocessing = preprocessing
+        block = BLOCKS[(config.block, config.preact)]
+        stem_ch = config.widths[0]
+
+        self.conv1 = self._make_stem_conv(config, stem_ch)
+        # The authors' pre-activation CIFAR nets go straight from the stem conv into
+        # the first block, which normalises its own input.
+        plain_stem = config.preact and config.stem == "cifar"
+        self.bn1 = nn.Identity() if plain_stem else make_norm(config.norm, stem_ch)
+        self.relu = nn.Identity() if plain_stem else nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if config.stem == "cifar" else nn.MaxPool2d(3, stride=2, padding=1)
+
+        in_ch = stem_ch
+        reduction = 1 if config.stem == "cifar" else 4
+        self.stage_names = []
+        self.feature_info = []
+        for index, (planes, count) in enumerate(zip(config.widths, config.layers)):
+            stride = 1 if index == 0 else 2
+            reduction *= stride
+            name = f"layer{index + 1}"
+            self.add_module(name, self._make_stage(block, in_ch, planes, count, stride))
+            in_ch = planes * block.expansion
+            self.stage_names.append(name)
+            self.feature_info.append({"num_chs": in_ch, "reduction": reduction, "module": name})
+        self.num_features = in_ch
+
+        # Pre-activation nets end with the BN-ReLU that the last block left out.
+        self.bn_final = make_norm(config.norm, in_ch) if config.preact else nn.Identity()
+        self.act_final = nn.ReLU(inplace=True) if config.preact else nn.Identity()
+        self.global_pool = self._make_pool(config.global_pool)
+        self.drop = nn.Dropout(config.drop_rate)
+        self.fc = self._make_classifier(config)
+        self._init_weights()
+
+    @staticmethod
+    def _make_stem_conv(config: ResNetConfig, out_ch: int) -> nn.Module:
+        if config.stem == "cifar":
+            return conv3x3(config.in_chans, out_ch)
+        if config.stem == "imagenet":
+            return nn.Conv2d(config.in_chans, out_ch, 7, stride=2, padding=3, bias=False)
+        # 'deep': three 3x3 convs (ResNet-C/D); indices 0, 3, 6 as in timm.
+        width = config.deep_stem_width
+        return nn.Sequential(
+            conv3x3(config.in_chans, width, stride=2), make_norm(config.norm, width), nn.ReLU(inplace=True),
+            conv3x3(width, width), make_norm(config.norm, width), nn.ReLU(inplace=True),
+            conv3x3(width, out_ch),
+        )
+
+    def _make_stage(self, block: type[nn.Module], in_ch: int, planes: int, count: int, stride: int) -> nn.Sequential:
+        c = self.config
+        out_ch = planes * block.expansion
+        blocks = []
+        for index in range(count):
+            block_stride = stride if index == 0 else 1
+            blocks.append(block(
+                in_ch, planes, block_stride,
+                downsample=make_shortcut(c.shortcut, in_ch, out_ch, block_stride, c.norm, c.preact),
+                residual=c.shortcut != "none",
+                groups=c.groups, width_per_group=c.width_per_group, norm=c.norm, stride_in_1x1=c.stride_in_1x1,
+            ))
+            in_ch = out_ch
+        return nn.Sequential(*blocks)
+
+    @staticmethod
+    def _make_pool(kind: str) -> nn.Module:
+        return nn.AdaptiveAvgPool2d(1) if kind == "avg" else nn.AdaptiveMaxPool2d(1)
+
+    def _make_classifier(self, config: ResNetConfig) -> nn.Module:
+        if config.num_classes == 0 or config.features_only:
+            return nn.Identity()
+        return nn.Linear(self.num_features, config.num_classes)
+
+    def _init_weights(self) -> None:
+        # torchvision's initialisation: He-normal convs (fan-out), unit-scale norms.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.config.zero_init_residual:
+            for module in self.modules():
+                if hasattr(module, "zero_init_last"):
+                    module.zero_init_last()
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def blocks(self) -> list[nn.Module]:
+        """Every residual (or plain) block, in order."""
+        return [block for name in self.stage_names for block in getattr(self, name)]
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every stage (strides per feature_info)."""
+        maps = []
+        x = self.forward_stem(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            maps.append(x)
+        return maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map, before pooling."""
+        x = self.forward_stem(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return self.act_final(self.bn_final(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.global_pool(x), 1)
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.config.features_only:
+            return self.forward_stages(x)
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None,
+                         class_names: list[str] | None = None) -> None:
+        """A fresh classifier for `num_classes` (0 removes it); the backbone is kept."""
+        self.config = replace(self.config, num_classes=num_classes, global_pool=global_pool or self.config.global_pool)
+        self.global_pool = self._make_pool(self.config.global_pool)
+        device = next(self.parameters()).device
+        self.fc = self._make_classifier(self.config).to(device)
+        self.class_names = class_names
