@@ -1,0 +1,73 @@
+"""Console tables (rich) for models, pretrained weights and model files."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .models import ModelInfo, count_params, model_info
+from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
+
+
+def collect_model_info(names: list[str], console: Console, input_size: int | None = None) -> list[ModelInfo]:
+    """model_info for each name, with a progress bar: the deepest nets take a second each."""
+    infos = []
+    columns = (TextColumn("counting {task.fields[name]:<18}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("models", total=len(names), name="")
+        for name in names:
+            progress.update(task, name=name)
+            infos.append(model_info(name, input_size=input_size))
+            progress.advance(task)
+    return infos
+
+
+def models_table(infos: Iterable[ModelInfo]) -> Table:
+    table = Table(title="ResNets (parameters with the default head; MACs for one image)")
+    for column, justify in [("name", "left"), ("family", "left"), ("block", "left"), ("depth", "right"),
+                            ("params (M)", "right"), ("MACs (G)", "right"), ("input", "right"), ("about", "left")]:
+        table.add_column(column, justify=justify)
+    for i in infos:
+        table.add_row(i.name, i.family, i.block, str(i.depth), f"{i.params / 1e6:.3f}", f"{i.macs / 1e9:.3f}",
+                      f"{i.input_size}px", i.description)
+    return table
+
+
+def pretrained_table(entries: Iterable[PretrainedWeights]) -> Table:
+    table = Table(title=f"Pretrained weights (cache: {cache_dir()})")
+    for column, justify in [("name", "left"), ("ImageNet top-1", "right"), ("eval resize/crop", "right"),
+                            ("source", "left"), ("cached", "center")]:
+        table.add_column(column, justify=justify)
+    for w in entries:
+        cached = "yes" if (cache_dir() / w.filename).is_file() else ""
+        table.add_row(w.name, f"{w.top1:.3f}" if w.top1 else "", f"{w.preprocessing.resize_size}/"
+                      f"{w.preprocessing.input_size}", w.source, cached)
+    return table
+
+
+def model_file_table(path: Path) -> Table:
+    meta = read_metadata(path)
+    model = load_model(path)
+    config = meta["config"]
+    names = meta["class_names"]
+    pre = meta["preprocessing"]
+    table = Table(title=str(path), show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("architecture", meta["arch"])
+    table.add_row("parameters", f"{count_params(model):,}")
+    table.add_row("classes", f"{config['num_classes']}" + (f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+                                                           if names else " (unnamed)"))
+    table.add_row("input", f"{config['in_chans']} channels, resize {pre['resize_size']} -> crop {pre['input_size']}, "
+                           f"{pre['interpolation']}")
+    table.add_row("mean / std", f"{pre['mean']} / {pre['std']}")
+    options = {k: v for k, v in config.items() if k not in ("num_classes", "in_chans")}
+    table.add_row("config", ", ".join(f"{k}={v}" for k, v in options.items()))
+    table.add_row("written by", f"residual {meta['residual_version']}, torch {meta['torch_version']}")
+    if meta["extra"]:
+        table.add_row("extra", ", ".join(f"{k}={v}" for k, v in meta["extra"].items()))
+    return table
