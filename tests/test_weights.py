@@ -8,6 +8,7 @@ import safetensors.torch
 import torch
 
 import residual
+from payloads import WritesAMarker
 from residual.weights import CheckpointMismatchError, ModelFileError, UnsafeCheckpointError
 
 
@@ -137,20 +138,12 @@ def test_other_class_count_in_checkpoint_loads_backbone(tmp_path, caplog):
     assert "classifier not loaded (file has 1000 classes, model has 5)" in caplog.text
 
 
-class _WritesAMarker:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
-
-
 def test_a_pickle_that_would_run_code_is_refused(tmp_path):
-    payload = {"conv1.weight": torch.zeros(1), "evil": _WritesAMarker(tmp_path / "marker")}
+    payload = {"conv1.weight": torch.zeros(1), "evil": WritesAMarker(tmp_path / "marker")}
     path = tmp_path / "evil.pth"
     torch.save(payload, path)
     # The payload is real: a plain unpickler runs it (into a different marker file).
-    pickle.loads(pickle.dumps(_WritesAMarker(tmp_path / "proof")))
+    pickle.loads(pickle.dumps(WritesAMarker(tmp_path / "proof")))
     assert (tmp_path / "proof").exists()
 
     with pytest.raises(UnsafeCheckpointError, match="refused: it asks to import exec"):

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .data.check import DataReport
 from .models import ModelInfo, count_params, model_info
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
@@ -71,3 +72,39 @@ def model_file_table(path: Path) -> Table:
     if meta["extra"]:
         table.add_row("extra", ", ".join(f"{k}={v}" for k, v in meta["extra"].items()))
     return table
+
+
+def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
+    """Class counts, a summary with a verdict per check, and the offending files."""
+    splits = list(report.counts)
+    counts = Table(title=f"{report.dataset.root} ({report.dataset.kind}, {len(report.dataset.classes)} classes)")
+    counts.add_column("class")
+    for split in splits:
+        counts.add_column(split, justify="right")
+    for index, name in enumerate(report.dataset.classes):
+        counts.add_row(name, *(str(report.counts[split][index]) for split in splits))
+    counts.add_row("[bold]total", *(f"[bold]{sum(report.counts[split])}" for split in splits))
+
+    summary = Table(title="checks")
+    for column in ("check", "result", ""):
+        summary.add_column(column)
+    verdict = lambda bad: "[red]problem" if bad else "[green]ok"  # noqa: E731
+    summary.add_row("unreadable images", str(len(report.bad)), verdict(report.bad))
+    summary.add_row("non-image files (ignored)", str(len(report.dataset.ignored)), "")
+    summary.add_row("exact duplicates (groups)", str(len(report.duplicates)), verdict(report.duplicates))
+    summary.add_row("train/val/test leakage", str(len(report.leaks)), verdict(report.leaks))
+    summary.add_row("imbalance (largest/smallest train class)", f"{report.imbalance:.1f}x",
+                    verdict(report.imbalance > 10))
+
+    details = Table(title="details", show_header=False)
+    details.add_column("what")
+    details.add_column("file")
+    rows = ([("unreadable", message) for message in report.bad]
+            + [("ignored", str(path)) for path in report.dataset.ignored]
+            + [("duplicates", " = ".join(group)) for group in report.duplicates]
+            + [(f"{split} leaks train", f"{item} = {train_item}") for split, item, train_item in report.leaks])
+    for what, file in rows[:limit]:
+        details.add_row(what, file)
+    if len(rows) > limit:
+        details.add_row("...", f"{len(rows) - limit} more")
+    return [counts, summary] + ([details] if rows else [])

@@ -11,10 +11,15 @@ random generator.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..atomic import atomic_path
 
 SHAPE_CLASSES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "ring", "crescent", "arrow")
 _SUPERSAMPLE = 4
@@ -104,3 +109,50 @@ def render_shape(shape: str, size: int, rng: np.random.Generator) -> tuple[Image
     alpha = np.asarray(mask, dtype=np.float64)[..., None] / 255.0
     image = np.clip(background * (1 - alpha) + shaded * alpha, 0, 255).astype(np.uint8)
     return Image.fromarray(image, "RGB"), mask
+
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "shapes.json"
+
+
+def split_sizes(per_class: int) -> dict[str, int]:
+    """Images per class in each split: `per_class` to train, a fifth of it each to val and test."""
+    held_out = max(10, per_class // 5)
+    return {"train": per_class, "val": held_out, "test": held_out}
+
+
+def write_shapes(out_dir: str | Path, size: int = 32, per_class: int = 1000, seed: int = 0, masks: bool = False,
+                 progress: bool = True) -> Path:
+    """Write the `shapes` dataset as an ImageFolder of PNGs: OUT/{train,val,test}/<class>/NNNNN.png.
+
+    With masks=True each image's mask goes to OUT/masks/<split>/<class>/NNNNN.png, outside the
+    class folders. Every image has its own generator seeded by (seed, split, class, index), so
+    the data is the same on every machine and any one image can be redrawn alone. If OUT already
+    holds this exact dataset (same manifest), nothing is redrawn.
+    """
+    out_dir = Path(out_dir)
+    manifest = {"dataset": "shapes", "size": size, "per_class": per_class, "seed": seed, "masks": masks,
+                "classes": list(SHAPE_CLASSES), "splits": split_sizes(per_class), "format": 1}
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
+        return out_dir
+    jobs = [(split, class_index, index) for split in SPLITS for class_index in range(len(SHAPE_CLASSES))
+            for index in range(split_sizes(per_class)[split])]
+    columns = (TextColumn("drawing shapes"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("shapes", total=len(jobs))
+        for split, class_index, index in jobs:
+            shape = SHAPE_CLASSES[class_index]
+            rng = np.random.default_rng([seed, SPLITS.index(split), class_index, index])
+            image, mask = render_shape(shape, size, rng)
+            name = f"{index:05d}.png"
+            (out_dir / split / shape).mkdir(parents=True, exist_ok=True)
+            image.save(out_dir / split / shape / name)
+            if masks:
+                (out_dir / "masks" / split / shape).mkdir(parents=True, exist_ok=True)
+                mask.save(out_dir / "masks" / split / shape / name)
+            bar.advance(task)
+    # The manifest is written last: its presence means the dataset is complete.
+    with atomic_path(manifest_path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
+    return out_dir

@@ -1,0 +1,77 @@
+"""`residual check-data`: what is wrong with a dataset before training on it.
+
+Reads every image once with the same reader training uses, and reports
+unreadable files, non-image files, class counts and imbalance, exact duplicate
+images (same bytes, by SHA-256) and leakage: the same image in train and in
+val or test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .datasets import Dataset, Split, open_dataset
+from .decode import BadImageError, read_image
+
+
+@dataclass
+class DataReport:
+    dataset: Dataset
+    counts: dict[str, list[int]]  # split -> images per class
+    bad: list[str] = field(default_factory=list)  # one message per unreadable file
+    duplicates: list[list[str]] = field(default_factory=list)  # groups of identical images within a split
+    leaks: list[tuple[str, str, str]] = field(default_factory=list)  # (split, item, the same image in train)
+
+    @property
+    def imbalance(self) -> float:
+        """Largest over smallest training class count (inf when a class is empty)."""
+        train = self.counts["train"]
+        return max(train) / min(train) if min(train) > 0 else float("inf")
+
+    @property
+    def ok(self) -> bool:
+        return not (self.bad or self.leaks or self.duplicates) and self.imbalance <= 10
+
+
+def _items(split: Split) -> list[tuple[str, bytes | None]]:
+    """(name, content) per image; content None for files (read later)."""
+    if split.images is not None:
+        return [(f"#{i}", image.numpy().tobytes()) for i, image in enumerate(split.images)]
+    return [(str(path), None) for path in split.files]
+
+
+def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, progress: bool = True) -> DataReport:
+    dataset = open_dataset(root, val_split, seed)
+    splits = {"train": dataset.train, "val": dataset.val}
+    if dataset.test is not None:
+        splits["test"] = dataset.test
+    report = DataReport(dataset, {name: dataset.class_counts(split) for name, split in splits.items()})
+    digests: dict[str, dict[str, list[str]]] = {name: defaultdict(list) for name in splits}
+    total = sum(len(split) for split in splits.values())
+    columns = (TextColumn("checking images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("check", total=total)
+        for name, split in splits.items():
+            for item, content in _items(split):
+                if content is None:
+                    try:
+                        read_image(item)
+                        content = Path(item).read_bytes()
+                    except BadImageError as error:
+                        report.bad.append(str(error))
+                        bar.advance(task)
+                        continue
+                digests[name][hashlib.sha256(content).hexdigest()].append(item)
+                bar.advance(task)
+    for name in splits:
+        report.duplicates.extend(group for group in digests[name].values() if len(group) > 1)
+        if name != "train":
+            for digest, items in digests[name].items():
+                if digest in digests["train"]:
+                    report.leaks.extend((name, item, digests["train"][digest][0]) for item in items)
+    return report

@@ -1,0 +1,182 @@
+"""Finding the images of a dataset and its splits: ImageFolder and CIFAR-10/100.
+
+- ImageFolder: DIR/{train,val,test}/<class>/*.jpg, or DIR/<class>/*.jpg split into
+  train/val by a seeded, stratified split. Files without an image extension are
+  listed as ignored (reported, never silently dropped).
+- CIFAR-10/100 in the python-pickle layout of cifar-{10,100}-python.tar.gz. Those
+  files are pickles, so they are read with an unpickler that admits only NumPy
+  arrays and plain containers: a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ResidualError
+from .decode import is_image_file
+
+VAL_NAMES = ("val", "valid", "validation")
+
+
+class DatasetError(ResidualError):
+    """A dataset folder that cannot be used as it is; the message says what to change."""
+
+
+@dataclass
+class Split:
+    """One split: image files with labels, or images already in memory (CIFAR)."""
+
+    files: list[Path] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    images: torch.Tensor | None = None  # uint8 N x 3 x H x W, for in-memory sources
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    kind: str  # "imagefolder" or "cifar"
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split | None = None
+    ignored: list[Path] = field(default_factory=list)  # files without an image extension
+
+    def class_counts(self, split: Split) -> list[int]:
+        return np.bincount(np.asarray(split.labels, dtype=np.int64), minlength=len(self.classes)).tolist()
+
+
+def open_dataset(root: str | Path, val_split: float | None = None, seed: int = 0) -> Dataset:
+    """The dataset at `root`, whichever layout it has."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder; give a folder of class folders, or of train/ val/ test/")
+    if (root / "batches.meta").is_file() or ((root / "meta").is_file() and (root / "train").is_file()):
+        return _open_cifar(root)
+    return _open_image_folder(root, val_split, seed)
+
+
+def _classes_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan(folder: Path, classes: list[str], ignored: list[Path]) -> Split:
+    split = Split()
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            if is_image_file(path):
+                split.files.append(path)
+                split.labels.append(label)
+            else:
+                ignored.append(path)
+    return split
+
+
+def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Dataset:
+    ignored: list[Path] = []
+    if (root / "train").is_dir():
+        classes = _classes_in(root / "train")
+        train = _scan(root / "train", classes, ignored)
+        val_dir = next((root / n for n in VAL_NAMES if (root / n).is_dir()), None)
+        test = _scan(root / "test", classes, ignored) if (root / "test").is_dir() else None
+        if val_dir is not None and val_split is None:
+            extra = sorted(set(_classes_in(val_dir)) - set(classes))
+            if extra:
+                raise DatasetError(f"{val_dir}: classes {extra} are not in {root / 'train'}")
+            val = _scan(val_dir, classes, ignored)
+        else:
+            train, val = _stratified_split(train, val_split or 0.1, seed)
+    else:
+        classes = _classes_in(root)
+        train, val = _stratified_split(_scan(root, classes, ignored), val_split or 0.1, seed)
+        test = None
+    if len(classes) < 2:
+        raise DatasetError(f"{root}: found {len(classes)} class folder(s); need at least 2 "
+                           f"(DIR/<class>/image.jpg or DIR/train/<class>/image.jpg)")
+    if len(train) == 0:
+        raise DatasetError(f"{root}: no images found (extensions: .jpg .png .bmp .gif .tif .webp ...)")
+    return Dataset(root, "imagefolder", classes, train, val, test, ignored)
+
+
+def _stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Seeded per-class split: each class gives round(fraction * n) images (at least 1) to val."""
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"--val-split must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(split.labels)
+    val_index = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < 2:
+            continue  # a class with one image stays in train
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        val_index.extend(rng.permutation(members)[:count].tolist())
+    in_val = np.zeros(len(labels), dtype=bool)
+    in_val[val_index] = True
+    pick = lambda keep: Split([f for f, k in zip(split.files, keep) if k], labels[keep].tolist())  # noqa: E731
+    return pick(~in_val), pick(in_val)
+
+
+# --- CIFAR ---------------------------------------------------------------------------------------
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Admits the globals NumPy arrays need and nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def _load_cifar_pickle(path: Path) -> dict:
+    try:
+        data = _ArraysOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except pickle.UnpicklingError as error:
+        raise DatasetError(f"{path}: refused: not a plain CIFAR batch ({error}); unpickling it could run code") from None
+    except (OSError, EOFError, ValueError) as error:
+        raise DatasetError(f"{path}: unreadable CIFAR batch ({error})") from None
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in data.items()}
+
+
+def _cifar_split(path: Path, label_key: str) -> Split:
+    batch = _load_cifar_pickle(path)
+    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return Split(labels=[int(v) for v in batch[label_key]], images=torch.from_numpy(images.copy()))
+
+
+def _concat(splits: list[Split]) -> Split:
+    return Split(labels=[v for s in splits for v in s.labels], images=torch.cat([s.images for s in splits]))
+
+
+def _open_cifar(root: Path) -> Dataset:
+    if (root / "batches.meta").is_file():  # CIFAR-10
+        names = [n.decode() if isinstance(n, bytes) else n for n in _load_cifar_pickle(root / "batches.meta")["label_names"]]
+        batches = sorted(root.glob("data_batch_*"))
+        if not batches or not (root / "test_batch").is_file():
+            raise DatasetError(f"{root}: CIFAR-10 layout needs data_batch_1..5 and test_batch")
+        train = _concat([_cifar_split(p, "labels") for p in batches])
+        test = _cifar_split(root / "test_batch", "labels")
+    else:  # CIFAR-100
+        meta = _load_cifar_pickle(root / "meta")
+        names = [n.decode() if isinstance(n, bytes) else n for n in meta["fine_label_names"]]
+        train = _cifar_split(root / "train", "fine_labels")
+        test = _cifar_split(root / "test", "fine_labels")
+    # CIFAR's test set is the standard validation set (as in He et al.).
+    return Dataset(root, "cifar", names, train, test, None)

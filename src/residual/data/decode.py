@@ -1,0 +1,81 @@
+"""The one way images are read: safely, as RGB, or not at all with a reason.
+
+Every path (training, evaluation, prediction) calls `read_image`. It applies
+EXIF orientation, converts every Pillow mode to 8-bit RGB (16-bit and 32-bit
+integer images are scaled by their bit depth, not clipped; palette and
+grey images with transparency are composited through RGBA onto white),
+refuses decompression bombs, and turns every failure (missing, empty,
+truncated, not an image) into one `BadImageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ResidualError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold (2x its warning limit), enforced as an error
+
+
+class BadImageError(ResidualError):
+    """A file that cannot be used as an image; the message names it and says why."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """An 8-bit RGB image from `path`, fully decoded, or BadImageError."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise BadImageError(f"{path}: {image.width}x{image.height} pixels is over the "
+                                        f"{MAX_PIXELS:,} limit (possible decompression bomb)")
+                image.load()  # decode now, so truncation fails here and not later
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BadImageError(f"{path}: refused as a possible decompression bomb ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
+        raise BadImageError(f"{path}: corrupt or truncated image ({error})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Scale by the bit depth in use so 16-bit images keep their full range.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) <= 65535 else 2.0 ** 32 - 1
+        grey = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min(initial=0)), float(array.max(initial=1))
+        grey = ((array - low) / max(high - low, 1e-12) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV

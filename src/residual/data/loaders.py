@@ -1,0 +1,169 @@
+"""Batches of uint8 images for training and evaluation.
+
+Two loaders with one interface, `loader.epoch(epoch, start=0)` yielding
+(images uint8 N x 3 x H x W, labels) on the training device:
+
+- InMemoryLoader: the whole split decoded once into one tensor and moved to the
+  device once. For data that fits in memory (CIFAR, `shapes`, most small
+  datasets): on a GPU no batch ever round-trips through the CPU.
+- FileLoader: a DataLoader with workers, pinned memory and persistent workers,
+  decoding files as it goes. A file that cannot be read is skipped, logged and
+  counted; too many failures in a row stop training with a clear error.
+
+The order of each epoch is a permutation seeded by (seed, epoch), and an epoch
+can start at any batch: that is what lets a resumed run continue exactly where
+the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Sampler
+
+from .datasets import DatasetError, Split
+from .decode import BadImageError, read_image
+from .transforms import resize_center_crop
+
+log = logging.getLogger(__name__)
+
+
+def epoch_order(count: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(count)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(count, generator=generator)
+
+
+def batch_count(count: int, batch_size: int, drop_last: bool) -> int:
+    return count // batch_size if drop_last else math.ceil(count / batch_size)
+
+
+class BadFileLog:
+    """Unreadable files: each logged once, all counted, and a streak limit."""
+
+    def __init__(self, max_streak: int = 20):
+        self.max_streak = max_streak
+        self.files: dict[str, str] = {}
+        self.streak = 0
+
+    def record(self, message: str | None) -> None:
+        if message is None:
+            self.streak = 0
+            return
+        path = message.split(": ", 1)[0]
+        if path not in self.files:
+            self.files[path] = message
+            log.warning("skipped %s", message)
+        self.streak += 1
+        if self.streak > self.max_streak:
+            raise DatasetError(f"{self.streak} images in a row could not be read (last: {message}); "
+                               f"check the data with `residual check-data`")
+
+
+def load_into_memory(split: Split, resize: int, crop: int, interpolation: str, bad: BadFileLog,
+                     label: str = "loading", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every file of a split once -> (uint8 N x 3 x crop x crop, labels)."""
+    if split.images is not None:
+        return split.images, torch.as_tensor(split.labels)
+    images, labels = [], []
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        for path, target in bar.track(list(zip(split.files, split.labels)), description=label):
+            try:
+                images.append(resize_center_crop(read_image(path), resize, crop, interpolation))
+                labels.append(target)
+                bad.record(None)
+            except BadImageError as error:
+                bad.record(str(error))
+    if not images:
+        raise DatasetError(f"none of the {len(split.files)} images of this split could be read")
+    return torch.stack(images), torch.as_tensor(labels)
+
+
+class InMemoryLoader:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
+                 device: torch.device, drop_last: bool = False):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+
+    def __len__(self) -> int:
+        return batch_count(len(self.labels), self.batch_size, self.drop_last)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch).to(self.images.device)
+        for index in range(start, len(self)):
+            batch = order[index * self.batch_size:(index + 1) * self.batch_size]
+            yield self.images[batch], self.labels[batch]
+
+
+class _EpochBatchSampler(Sampler[list[int]]):
+    def __init__(self, count: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+        self.count, self.batch_size, self.shuffle, self.seed, self.drop_last = count, batch_size, shuffle, seed, drop_last
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return batch_count(self.count, self.batch_size, self.drop_last) - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_order(self.count, self.shuffle, self.seed, self.epoch)
+        for index in range(self.start, batch_count(self.count, self.batch_size, self.drop_last)):
+            yield order[index * self.batch_size:(index + 1) * self.batch_size].tolist()
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Decodes one file per item; a bad file becomes (None, label, message), never an exception."""
+
+    def __init__(self, split: Split, resize: int, crop: int, interpolation: str):
+        self.split, self.resize, self.crop, self.interpolation = split, resize, crop, interpolation
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        path: Path = self.split.files[index]
+        try:
+            image = resize_center_crop(read_image(path), self.resize, self.crop, self.interpolation)
+            return image, self.split.labels[index], None
+        except BadImageError as error:
+            return None, self.split.labels[index], str(error)
+
+
+def _collate(items):
+    good = [(image, label) for image, label, _ in items if image is not None]
+    messages = [message for _, _, message in items]
+    if not good:
+        return None, None, messages
+    return torch.stack([i for i, _ in good]), torch.as_tensor([label for _, label in good]), messages
+
+
+class FileLoader:
+    def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, device: torch.device,
+                 resize: int, crop: int, interpolation: str, workers: int, bad: BadFileLog, drop_last: bool = False):
+        self.device, self.bad, self.batch_size = device, bad, batch_size
+        self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last)
+        self.loader = DataLoader(_FileDataset(split, resize, crop, interpolation), batch_sampler=self.sampler,
+                                 num_workers=workers, pin_memory=device.type == "cuda",
+                                 persistent_workers=workers > 0, collate_fn=_collate)
+        self.num_samples = len(split)
+
+    def __len__(self) -> int:
+        return batch_count(self.sampler.count, self.batch_size, self.sampler.drop_last)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.epoch, self.sampler.start = epoch, start
+        for images, labels, messages in self.loader:
+            for message in messages:
+                self.bad.record(message)
+            if images is not None:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

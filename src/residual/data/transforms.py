@@ -1,0 +1,152 @@
+"""Image preparation: evaluation resize/crop, and batched training augmentation.
+
+Loaders hand the trainer uint8 batches of one fixed size; augmentation then runs
+on the whole batch, on the training device, through kornia.augmentation (random
+crops, flips, affine, colour, RandAugment/TrivialAugment, random erasing).
+Mixup and CutMix are a few lines here: they act on a batch and its labels
+together, which the per-image kornia ops do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import kornia.augmentation as K
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.preprocessing import Preprocessing
+
+PRESETS = ("none", "cifar", "standard", "strong")
+AUTO_AUGMENTS = (None, "randaugment", "trivialaugment")
+_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+             "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """A preset, and every knob it sets; a knob given explicitly wins over the preset."""
+
+    preset: str | None = None  # auto: 'cifar' for small images, 'standard' otherwise
+    hflip: bool | None = None
+    pad_crop: int | None = None  # pixels of padding around a random crop (CIFAR style)
+    crop_scale: float | None = None  # smallest area fraction of a random-resized crop; 0 disables it
+    rotation: float | None = None  # degrees, +-
+    shift: float | None = None  # width/height shift, fraction of the size, +-
+    brightness: float | None = None  # +- fraction
+    contrast: float | None = None  # +- fraction
+    random_erasing: float | None = None  # probability of erasing a patch (cutout)
+    auto_augment: str | None = None  # 'randaugment' or 'trivialaugment'
+    mixup: float = 0.0  # Beta(alpha, alpha) for mixup; 0 disables
+    cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 disables
+
+    def __post_init__(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"--augment must be one of {PRESETS}, got {self.preset!r}")
+        if self.auto_augment not in AUTO_AUGMENTS:
+            raise ConfigError(f"--auto-augment must be randaugment or trivialaugment, got {self.auto_augment!r}")
+
+    def resolved(self, input_size: int) -> "AugmentConfig":
+        """Every None knob filled from the preset (crop scale and padding follow the image size)."""
+        small = input_size <= 64
+        preset = self.preset or ("cifar" if small else "standard")
+        base = {"hflip": False, "pad_crop": 0, "crop_scale": 0.0, "rotation": 0.0, "shift": 0.0,
+                "brightness": 0.0, "contrast": 0.0, "random_erasing": 0.0, "auto_augment": None}
+        if preset == "cifar":
+            base |= {"hflip": True, "pad_crop": max(1, input_size // 8)}
+        if preset in ("standard", "strong"):
+            base |= {"hflip": True, "crop_scale": 0.35 if small else 0.08}
+        if preset == "strong":
+            base |= {"rotation": 15.0, "shift": 0.1, "brightness": 0.2, "contrast": 0.2, "random_erasing": 0.25,
+                     "auto_augment": "trivialaugment"}
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name in base and getattr(self, f.name) is not None}
+        return dataclasses.replace(self, preset=preset, **(base | given))
+
+
+def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> nn.Module:
+    """Batched augmentation: float [0, 1] N x 3 x stored x stored -> N x 3 x input x input."""
+    c = config.resolved(input_size)
+    size = (input_size, input_size)
+    ops: list[nn.Module] = []
+    if c.crop_scale:
+        ops.append(K.RandomResizedCrop(size, scale=(c.crop_scale, 1.0)))
+    elif c.pad_crop or stored_size != input_size:
+        ops.append(K.RandomCrop(size, padding=c.pad_crop or None))
+    if c.hflip:
+        ops.append(K.RandomHorizontalFlip())
+    if c.rotation or c.shift:
+        ops.append(K.RandomAffine(degrees=c.rotation, translate=(c.shift, c.shift) if c.shift else None))
+    if c.auto_augment == "randaugment":
+        ops.append(K.auto.RandAugment(n=2, m=9))
+    elif c.auto_augment == "trivialaugment":
+        ops.append(K.auto.TrivialAugment())
+    if c.brightness or c.contrast:
+        ops.append(K.ColorJitter(brightness=c.brightness, contrast=c.contrast, p=0.8))
+    if c.random_erasing:
+        ops.append(K.RandomErasing(p=c.random_erasing))
+    return K.AugmentationSequential(*ops) if ops else nn.Identity()
+
+
+def center_crop_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    top = (images.shape[-2] - size) // 2
+    left = (images.shape[-1] - size) // 2
+    return images[..., top:top + size, left:left + size]
+
+
+def normalize(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """float [0, 1] images -> (x - mean) / std, per channel."""
+    mean = torch.tensor(preprocessing.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(preprocessing.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def resize_center_crop(image: Image.Image, resize: int, crop: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Shorter side to `resize`, then the central `crop` square, as a uint8 3 x crop x crop tensor."""
+    width, height = image.size
+    if min(width, height) != resize:
+        scale = resize / min(width, height)
+        image = image.resize((max(crop, round(width * scale)), max(crop, round(height * scale))),
+                             _RESAMPLE[interpolation])
+    width, height = image.size
+    left, top = (width - crop) // 2, (height - crop) // 2
+    image = image.crop((left, top, left + crop, top + crop))
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    targets = torch.full((len(labels), num_classes), smoothing / num_classes, device=labels.device)
+    targets.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + smoothing / num_classes)
+    return targets
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
+              smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix (one per batch, chosen at random when both are on) -> images, soft targets.
+
+    Each image is mixed with another of the same batch (a random permutation).
+    CutMix's weight is the pasted box's actual area after clipping at the border.
+    """
+    targets = soft_targets(labels, num_classes, smoothing)
+    if not mixup and not cutmix:
+        return images, targets
+    use_cutmix = bool(cutmix) and (not mixup or torch.rand(()).item() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(images), device=images.device)
+    if use_cutmix:
+        height, width = images.shape[-2:]
+        cut_h, cut_w = int(height * (1 - lam) ** 0.5), int(width * (1 - lam) ** 0.5)
+        cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        images = images.clone()
+        images[..., top:bottom, left:right] = images[perm][..., top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (height * width)
+    else:
+        images = lam * images + (1 - lam) * images[perm]
+    return images, lam * targets + (1 - lam) * targets[perm]

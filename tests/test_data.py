@@ -1,0 +1,185 @@
+"""Datasets on disk: shapes, ImageFolder layouts, CIFAR pickles, loaders and check-data."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from payloads import WritesAMarker
+from residual.data.check import check_data
+from residual.data.datasets import DatasetError, open_dataset
+from residual.data.loaders import BadFileLog, FileLoader, InMemoryLoader, load_into_memory
+from residual.data.shapes import SHAPE_CLASSES, write_shapes
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("shapes"), size=16, per_class=20, seed=3, masks=True, progress=False)
+
+
+def test_shapes_is_a_real_image_folder_with_masks_outside_the_classes(shapes):
+    for split, count in [("train", 20), ("val", 10), ("test", 10)]:
+        for name in SHAPE_CLASSES:
+            files = sorted((shapes / split / name).glob("*.png"))
+            assert len(files) == count
+            assert Image.open(files[0]).size == (16, 16)
+            assert (shapes / "masks" / split / name / files[0].name).is_file()
+    dataset = open_dataset(shapes)
+    assert dataset.classes == sorted(SHAPE_CLASSES)
+    assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (200, 100, 100)
+    assert "masks" not in dataset.classes and not dataset.ignored
+
+
+def test_shapes_is_deterministic_and_not_redrawn(shapes, tmp_path):
+    again = write_shapes(tmp_path / "again", size=16, per_class=20, seed=3, progress=False)
+    for path in (shapes / "train").rglob("*.png"):
+        assert path.read_bytes() == (again / path.relative_to(shapes)).read_bytes()
+    stamp = (again / "train" / "star" / "00000.png").stat().st_mtime_ns
+    write_shapes(again, size=16, per_class=20, seed=3, progress=False)
+    assert (again / "train" / "star" / "00000.png").stat().st_mtime_ns == stamp
+    other = write_shapes(tmp_path / "other", size=16, per_class=20, seed=4, progress=False)
+    assert (other / "train/star/00000.png").read_bytes() != (again / "train/star/00000.png").read_bytes()
+
+
+def test_a_linear_model_fails_on_shapes(tmp_path):
+    data = write_shapes(tmp_path / "s", size=32, per_class=150, seed=0, progress=False)
+    bad = BadFileLog()
+    dataset = open_dataset(data)
+    x_train, y_train = load_into_memory(dataset.train, 32, 32, "bilinear", bad, progress=False)
+    x_val, y_val = load_into_memory(dataset.val, 32, 32, "bilinear", bad, progress=False)
+    flat = lambda x: (x.float() / 255).flatten(1)  # noqa: E731
+    mean, std = flat(x_train).mean(0), flat(x_train).std(0) + 1e-3
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32 * 32 * 3, 10)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(linear((flat(x_train) - mean) / std), y_train)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    train_acc = (linear((flat(x_train) - mean) / std).argmax(1) == y_train).float().mean().item()
+    val_acc = (linear((flat(x_val) - mean) / std).argmax(1) == y_val).float().mean().item()
+    assert train_acc > 0.9, "the linear model did fit its training set"
+    assert val_acc < 0.35, f"a linear model should not generalise on shapes, got {val_acc:.2%}"
+
+
+def _folder(root, counts, extension=".png"):
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            Image.new("RGB", (8, 8), (index * 7 % 256, len(name) * 20, 9)).save(root / name / f"{index}{extension}")
+
+
+def test_flat_folder_gets_a_seeded_stratified_split(tmp_path):
+    _folder(tmp_path / "d", {"cat": 20, "dog": 10, "eel": 3})
+    (tmp_path / "d" / "cat" / "notes.txt").write_text("hello")
+    dataset = open_dataset(tmp_path / "d", val_split=0.2, seed=1)
+    assert dataset.classes == ["cat", "dog", "eel"]
+    assert dataset.class_counts(dataset.val) == [4, 2, 1]
+    assert dataset.class_counts(dataset.train) == [16, 8, 2]
+    assert [p.name for p in dataset.ignored] == ["notes.txt"]
+    same = open_dataset(tmp_path / "d", val_split=0.2, seed=1)
+    other = open_dataset(tmp_path / "d", val_split=0.2, seed=2)
+    assert same.val.files == dataset.val.files and other.val.files != dataset.val.files
+    assert not set(dataset.val.files) & set(dataset.train.files)
+
+
+def test_split_folders_and_clear_errors(tmp_path):
+    _folder(tmp_path / "d" / "train", {"a": 3, "b": 3})
+    _folder(tmp_path / "d" / "val", {"a": 1, "b": 1})
+    dataset = open_dataset(tmp_path / "d")
+    assert (len(dataset.train), len(dataset.val), dataset.test) == (6, 2, None)
+    _folder(tmp_path / "d" / "val", {"zebra": 1})
+    with pytest.raises(DatasetError, match="zebra"):
+        open_dataset(tmp_path / "d")
+    _folder(tmp_path / "one", {"only": 3})
+    with pytest.raises(DatasetError, match="need at least 2"):
+        open_dataset(tmp_path / "one")
+    with pytest.raises(DatasetError, match="no such folder"):
+        open_dataset(tmp_path / "absent")
+
+
+def _cifar_batch(path, count, label_key, seed):
+    rng = np.random.default_rng(seed)
+    batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+             label_key.encode(): rng.integers(0, 10, count).tolist(), b"batch_label": b"test batch"}
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    return batch
+
+
+def test_cifar10_and_cifar100_python_layouts(tmp_path):
+    c10 = tmp_path / "cifar-10-batches-py"
+    c10.mkdir()
+    batches = [_cifar_batch(c10 / f"data_batch_{i}", 5, "labels", i) for i in range(1, 6)]
+    test = _cifar_batch(c10 / "test_batch", 4, "labels", 9)
+    (c10 / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    dataset = open_dataset(c10)
+    assert dataset.kind == "cifar" and dataset.classes[3] == "c3"
+    assert dataset.train.images.shape == (25, 3, 32, 32) and len(dataset.val) == 4
+    assert torch.equal(dataset.train.images[5].flatten(), torch.from_numpy(batches[1][b"data"][0]))
+    assert dataset.val.labels == test[b"labels"]
+
+    c100 = tmp_path / "cifar-100-python"
+    c100.mkdir()
+    _cifar_batch(c100 / "train", 6, "fine_labels", 1)
+    _cifar_batch(c100 / "test", 2, "fine_labels", 2)
+    (c100 / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
+    dataset = open_dataset(c100)
+    assert len(dataset.classes) == 100 and len(dataset.train) == 6
+
+
+def test_a_tampered_cifar_pickle_is_refused(tmp_path):
+    c10 = tmp_path / "cifar"
+    c10.mkdir()
+    (c10 / "batches.meta").write_bytes(pickle.dumps({b"label_names": WritesAMarker(tmp_path / "marker")}))
+    with pytest.raises(DatasetError, match="refused"):
+        open_dataset(c10)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_in_memory_loader_order_is_seeded_and_resumable():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    loader = InMemoryLoader(images, torch.arange(10), batch_size=3, shuffle=True, seed=5, device=torch.device("cpu"))
+    full = [labels.tolist() for _, labels in loader.epoch(2)]
+    assert len(full) == len(loader) == 4 and sorted(sum(full, [])) == list(range(10))
+    assert [labels.tolist() for _, labels in loader.epoch(2, start=2)] == full[2:]
+    assert [labels.tolist() for _, labels in loader.epoch(3)] != full
+
+
+def test_file_loader_skips_and_counts_bad_files(tmp_path, caplog):
+    _folder(tmp_path / "d", {"a": 6, "b": 6})
+    (tmp_path / "d" / "a" / "0.png").write_bytes(b"")
+    (tmp_path / "d" / "b" / "1.png").write_bytes(b"garbage")
+    dataset = open_dataset(tmp_path / "d", val_split=0.2)
+    split = dataset.train
+    bad = BadFileLog(max_streak=5)
+    loader = FileLoader(split, 4, True, 0, torch.device("cpu"), 8, 8, "bilinear", workers=2, bad=bad)
+    seen = sum(len(labels) for _, labels in loader.epoch(0))
+    broken = [p for p in split.files if p.name in ("0.png", "1.png") and p.stat().st_size < 10]
+    assert seen == len(split) - len(broken)
+    assert sorted(bad.files) == sorted(str(p) for p in broken)
+    assert all(str(p) in caplog.text for p in broken)
+
+
+def test_too_many_bad_files_in_a_row_stop_with_a_clear_error(tmp_path):
+    _folder(tmp_path / "d", {"a": 8, "b": 8})
+    for path in (tmp_path / "d" / "a").glob("*.png"):
+        path.write_bytes(b"")
+    dataset = open_dataset(tmp_path / "d", val_split=0.1)
+    with pytest.raises(DatasetError, match="in a row could not be read"):
+        load_into_memory(dataset.train, 8, 8, "bilinear", BadFileLog(max_streak=3), progress=False)
+
+
+def test_check_data_reports_bad_files_duplicates_leaks_and_imbalance(tmp_path):
+    _folder(tmp_path / "d" / "train", {"a": 30, "b": 2})
+    _folder(tmp_path / "d" / "val", {"a": 2, "b": 1})
+    (tmp_path / "d" / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    (tmp_path / "d" / "train" / "a" / "copy.png").write_bytes((tmp_path / "d" / "train" / "a" / "3.png").read_bytes())
+    report = check_data(tmp_path / "d", progress=False)
+    assert len(report.bad) == 1 and "broken.jpg" in report.bad[0]
+    assert any(any(p.endswith("copy.png") for p in group) for group in report.duplicates)
+    # val/a/0.png has the same pixels and bytes as train/a/0.png: leakage.
+    assert any(item.endswith("val/a/0.png") for _, item, _ in report.leaks)
+    assert report.imbalance > 10 and not report.ok

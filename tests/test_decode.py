@@ -1,0 +1,96 @@
+"""The safe image reader, with real files in every mode."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from residual.data import decode
+from residual.data.decode import BadImageError, read_image
+
+
+def _pixel(image, xy=(0, 0)):
+    return image.getpixel(xy)
+
+
+def _palette_image(colour):
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette(list(colour) + [0] * 765)
+    return image
+
+
+def test_every_mode_becomes_rgb(tmp_path):
+    cases = {
+        "L.png": Image.new("L", (4, 4), 100),
+        "one_bit.png": Image.new("1", (4, 4), 1),
+        "cmyk.tif": Image.new("CMYK", (8, 8), (0, 255, 255, 0)),  # pure red in CMYK
+        "palette.png": _palette_image((10, 200, 30)),
+        "rgba.png": Image.new("RGBA", (4, 4), (250, 0, 0, 255)),
+    }
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+    assert _pixel(read_image(tmp_path / "L.png")) == (100, 100, 100)
+    assert _pixel(read_image(tmp_path / "one_bit.png")) == (255, 255, 255)
+    assert _pixel(read_image(tmp_path / "cmyk.tif")) == (255, 0, 0)
+    assert _pixel(read_image(tmp_path / "palette.png")) == (10, 200, 30)
+    assert _pixel(read_image(tmp_path / "rgba.png")) == (250, 0, 0)
+    for name in cases:
+        assert read_image(tmp_path / name).mode == "RGB"
+
+
+def test_transparency_is_composited_not_dropped(tmp_path):
+    rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (0, 0, 255, 255))
+    rgba.save(tmp_path / "rgba.png")
+    image = read_image(tmp_path / "rgba.png")
+    assert _pixel(image, (0, 0)) == (255, 255, 255) and _pixel(image, (1, 0)) == (0, 0, 255)
+    la = Image.new("LA", (1, 1), (0, 0))
+    la.save(tmp_path / "la.png")
+    assert _pixel(read_image(tmp_path / "la.png")) == (255, 255, 255)
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "p.png", transparency=0)
+    image = read_image(tmp_path / "p.png")
+    assert _pixel(image, (0, 0)) == (255, 255, 255) and _pixel(image, (1, 0)) == (255, 0, 0)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    image = read_image(tmp_path / "deep.png")
+    assert [_pixel(image, (x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (32, 16), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 16, 16))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    shown = read_image(tmp_path / "rotated.jpg")
+    assert shown.size == (16, 32)
+    top, bottom = _pixel(shown, (8, 4)), _pixel(shown, (8, 28))
+    assert top[0] > 200 and top[1] < 50 and max(bottom) < 50  # the left half is now on top
+
+
+def test_broken_files_raise_one_clear_error_each(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "good.jpg")
+    data = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("this is not a picture")
+    cases = {"truncated.jpg": "corrupt or truncated", "empty.png": "empty file", "notes.jpg": "not an image",
+             "missing.png": "no such file"}
+    for name, reason in cases.items():
+        with pytest.raises(BadImageError, match=reason) as error:
+            read_image(tmp_path / name)
+        assert str(error.value).startswith(str(tmp_path / name)) and "\n" not in str(error.value)
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(decode, "MAX_PIXELS", 5000)
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        read_image(tmp_path / "big.png")

@@ -1,0 +1,77 @@
+"""Augmentation presets, batched augmentation, mixup/CutMix and eval resizing."""
+
+import pytest
+import torch
+from PIL import Image
+
+import residual
+from residual.data.transforms import (AugmentConfig, build_augment, mix_batch, resize_center_crop,
+                                      soft_targets)
+
+
+def test_presets_resolve_their_knobs_and_explicit_knobs_win():
+    none = AugmentConfig(preset="none").resolved(32)
+    assert not none.hflip and none.pad_crop == 0 and none.crop_scale == 0
+    cifar = AugmentConfig(preset="cifar").resolved(32)
+    assert cifar.hflip and cifar.pad_crop == 4 and not cifar.rotation
+    standard = AugmentConfig(preset="standard").resolved(224)
+    assert standard.crop_scale == 0.08 and standard.hflip and not standard.auto_augment
+    strong = AugmentConfig(preset="strong").resolved(224)
+    assert (strong.rotation, strong.shift, strong.brightness, strong.contrast) == (15.0, 0.1, 0.2, 0.2)
+    assert strong.random_erasing == 0.25 and strong.auto_augment == "trivialaugment"
+    custom = AugmentConfig(preset="strong", hflip=False, auto_augment="randaugment", rotation=0).resolved(224)
+    assert not custom.hflip and custom.auto_augment == "randaugment" and custom.rotation == 0
+    assert AugmentConfig().resolved(32).preset == "cifar" and AugmentConfig().resolved(224).preset == "standard"
+    with pytest.raises(residual.ConfigError):
+        AugmentConfig(preset="heavy")
+
+
+@pytest.mark.parametrize("preset, stored, size", [("none", 32, 32), ("none", 40, 32), ("cifar", 32, 32),
+                                                  ("standard", 73, 64), ("strong", 73, 64)])
+def test_every_preset_produces_batches_of_the_input_size(preset, stored, size):
+    torch.manual_seed(0)
+    augment = build_augment(AugmentConfig(preset=preset), size, stored)
+    images = torch.rand(6, 3, stored, stored)
+    out = augment(images)
+    assert out.shape == (6, 3, size, size) and torch.isfinite(out).all()
+    if preset == "none" and stored == size:
+        assert torch.equal(out, images)
+    if preset in ("cifar", "strong"):
+        assert not torch.allclose(out, augment(images)), "random each call"
+
+
+def test_flip_alone_mirrors_some_images():
+    torch.manual_seed(1)
+    augment = build_augment(AugmentConfig(preset="none", hflip=True), 8, 8)
+    images = torch.rand(64, 3, 8, 8)
+    out = augment(images)
+    flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
+    kept = [torch.equal(o, i) for o, i in zip(out, images)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_mixup_and_cutmix_targets():
+    torch.manual_seed(2)
+    images = torch.rand(8, 3, 16, 16)
+    labels = torch.arange(8) % 4
+    plain_images, plain = mix_batch(images, labels, 4, 0.0, 0.0, smoothing=0.1)
+    assert torch.equal(plain_images, images) and torch.allclose(plain, soft_targets(labels, 4, 0.1))
+    assert plain[0].tolist() == pytest.approx([0.925, 0.025, 0.025, 0.025])
+    for mixup, cutmix in [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)]:
+        mixed, targets = mix_batch(images, labels, 4, mixup, cutmix)
+        assert mixed.shape == images.shape and torch.allclose(targets.sum(1), torch.ones(8))
+        assert (targets.max(1).values < 1).any(), "some targets are mixtures"
+    torch.manual_seed(3)
+    mixed, targets = mix_batch(images, labels, 4, 0.0, 1.0)
+    changed = (mixed != images).any(1).float().mean(dim=(1, 2))  # pasted-box area per image
+    own = targets[torch.arange(8), labels]
+    moved = own < 1
+    assert torch.allclose((1 - own)[moved], changed[moved], atol=0.15)
+
+
+def test_resize_center_crop():
+    image = Image.new("RGB", (200, 100), (0, 0, 0))
+    image.paste((255, 0, 0), (90, 40, 110, 60))
+    out = resize_center_crop(image, 50, 40)
+    assert out.shape == (3, 40, 40) and out.dtype == torch.uint8
+    assert out[0, 20, 20] > 200 and out[0, 0, 0] == 0
