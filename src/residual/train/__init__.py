@@ -1,0 +1,6 @@
+"""Training: the engine, its configuration, optimizers and schedules, checkpoints."""
+
+from .config import TrainConfig, load_config
+from .trainer import TrainingError, TrainingInterrupted, TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "TrainingInterrupted", "load_config", "train"]

@@ -1,0 +1,138 @@
+"""The training configuration: one dataclass, saved whole as the run's config.yaml.
+
+Fields left as None ("auto") are resolved from the data before training, and
+the resolved values are what config.yaml records, so `residual train --config
+RUN/config.yaml` repeats the run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..atomic import atomic_path
+from ..data.datasets import Dataset
+from ..data.decode import BadImageError, read_image
+from ..data.transforms import AugmentConfig
+from ..errors import ConfigError
+from .optim import OptimConfig
+
+MONITORS = ("val_top1", "val_loss")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    model: str | None = None  # a registry name; auto: by image size and dataset size
+    model_options: dict = field(default_factory=dict)  # any ResNetConfig field, e.g. {"drop_rate": 0.2}
+    image_size: int | None = None  # auto: from the images
+    epochs: int | None = None  # auto: 30
+    batch_size: int = 128
+    optim: OptimConfig = field(default_factory=OptimConfig)  # lr and weight decay auto unless given
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # preset auto unless given
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max gradient norm
+    accumulate: int = 1  # micro-batches per optimizer step
+    ema: float | None = None  # decay of an exponential moving average of the weights, e.g. 0.999
+    early_stopping: int | None = None  # patience in epochs without improvement of `monitor`
+    monitor: str = "val_top1"
+    val_split: float | None = None  # fraction of train held out when the data has no val/ folder
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: bool | None = None  # auto: bf16 (or fp16 + scaler) on CUDA, off elsewhere
+    channels_last: bool = True
+    compile: bool = False
+    workers: int | None = None  # auto: up to 8
+    in_memory: bool | None = None  # auto: when the decoded split fits in 2 GiB
+    checkpoint_every: int = 0  # also save last.pt every N optimizer steps (0: at epoch ends only)
+    max_bad_streak: int = 20  # unreadable images in a row before training stops
+    out: str = "runs/train"
+    name: str | None = None
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"--monitor must be one of {MONITORS}, got {self.monitor!r}")
+        if self.batch_size < 1 or self.accumulate < 1:
+            raise ConfigError("--batch-size and --accumulate must be at least 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        if isinstance(data.get("optim"), dict):
+            data["optim"] = OptimConfig(**data["optim"])
+        if isinstance(data.get("augment"), dict):
+            data["augment"] = AugmentConfig(**data["augment"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}")
+        return cls(**data)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    return TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+
+
+def _plain(value):
+    """Tuples -> lists, recursively, so safe_dump writes plain YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def typical_image_size(dataset: Dataset, sample: int = 64) -> int:
+    """The median shorter side of the first `sample` readable training images."""
+    if dataset.train.images is not None:
+        return int(dataset.train.images.shape[-1])
+    sides = []
+    for path in dataset.train.files[:sample]:
+        try:
+            sides.append(min(read_image(path).size))
+        except BadImageError:
+            continue
+    if not sides:
+        raise ConfigError(f"{dataset.root}: none of the first {sample} training images could be read")
+    return int(sorted(sides)[len(sides) // 2])
+
+
+def resolve(config: TrainConfig, dataset: Dataset) -> TrainConfig:
+    """Fill every auto field from the data: the values config.yaml records.
+
+    Small images (up to 64 px) get a CIFAR-style net at their own size with the
+    CIFAR recipe (SGD lr 0.1 per 128 images, weight decay 5e-4, pad-crop + flip);
+    larger ones an ImageNet-style net at 224 px (128 px under 160 px) with
+    random-resized crops, lr 0.1 per 256 images and weight decay 1e-4.
+    """
+    typical = config.image_size or typical_image_size(dataset)
+    small = typical <= 64
+    image_size = config.image_size or (typical if small else (224 if typical >= 160 else 128))
+    count = len(dataset.train)
+    model = config.model or (("resnet20" if count < 20_000 else "resnet56") if small else
+                             ("resnet18" if count < 50_000 else "resnet50"))
+    optim = dataclasses.replace(
+        config.optim,
+        lr=config.optim.lr or 0.1 * config.batch_size * config.accumulate / (128 if small else 256),
+        weight_decay=config.optim.weight_decay if config.optim.weight_decay is not None else (5e-4 if small else 1e-4))
+    augment = config.augment.resolved(image_size)
+    return dataclasses.replace(config, model=model, image_size=image_size, epochs=config.epochs or 30,
+                               optim=optim, augment=augment)

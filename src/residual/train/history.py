@@ -1,0 +1,50 @@
+"""What a run records per epoch: metrics.csv, and curves.png drawn from it."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is needed or wanted
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..atomic import atomic_path  # noqa: E402
+
+COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
+           "epoch_seconds")
+
+
+def write_metrics(history: list[dict], path: Path) -> None:
+    """Rewrite metrics.csv from the whole history (atomic, so a kill never leaves half a row)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Loss, accuracy and learning rate per epoch: train thin, validation bold."""
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.8))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], lw=1, label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], lw=2.2, label="validation")
+    loss_ax.set(title="loss", xlabel="epoch")
+    acc_ax.plot(epochs, [100 * r["train_acc"] for r in history], lw=1, label="train")
+    acc_ax.plot(epochs, [100 * r["val_top1"] for r in history], lw=2.2, label="validation top-1")
+    acc_ax.set(title="accuracy (%)", xlabel="epoch")
+    lr_ax.plot(epochs, [r["lr"] for r in history], color="gray")
+    lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in (loss_ax, acc_ax):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)

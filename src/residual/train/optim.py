@@ -1,0 +1,114 @@
+"""Optimizers and learning-rate schedules.
+
+Weight decay applies to convolution and linear weights only: normalisation
+scales/shifts and biases (every parameter with fewer than 2 dimensions) are
+exempt, the usual practice since Goyal et al. 2017.
+
+Every schedule is a pure function `lr_factor(step)` of the optimizer step,
+wrapped in a LambdaLR, so its values are testable and its state is one
+integer in the checkpoint. Epoch-based schedules (step, multistep,
+exponential with staircase) are converted to steps. A linear warmup can
+precede any schedule except one-cycle, which has its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("cosine", "step", "multistep", "exponential", "onecycle", "constant")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"
+    lr: float | None = None  # auto: set by the training config from the batch size
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float | None = None  # auto: set by the training config from the image size
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of lr
+    step_size: int = 30  # step: epochs between decays
+    milestones: tuple[int, ...] = field(default=(30, 60, 80))  # multistep: epochs at which to decay
+    gamma: float = 0.1  # step/multistep decay factor
+    decay_rate: float = 0.96  # exponential: factor per decay_epochs (Keras ExponentialDecay)
+    decay_epochs: float = 1.0
+    staircase: bool = False
+    onecycle_pct_start: float = 0.25
+    onecycle_div_factor: float = 25.0
+    onecycle_final_div_factor: float = 1e4
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.RMSprop(groups, lr=config.lr, momentum=config.momentum, alpha=0.9, eps=1e-3)
+
+
+def lr_factor(step: int, config: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate at `step` as a fraction of config.lr."""
+    if config.schedule == "onecycle":
+        return _one_cycle(step, config, total_steps)
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    epoch = step / steps_per_epoch
+    if config.schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "step":
+        return config.gamma ** math.floor(epoch / config.step_size)
+    if config.schedule == "multistep":
+        return config.gamma ** sum(epoch >= m for m in config.milestones)
+    if config.schedule == "exponential":
+        exponent = epoch / config.decay_epochs
+        return config.decay_rate ** (math.floor(exponent) if config.staircase else exponent)
+    return 1.0
+
+
+def _one_cycle(step: int, config: OptimConfig, total_steps: int) -> float:
+    """Smith's one-cycle exactly as torch's OneCycleLR (cosine up, cosine down), as a fraction of the peak."""
+    up_end = config.onecycle_pct_start * total_steps - 1  # torch's phase boundaries
+    start = 1.0 / config.onecycle_div_factor
+    end = start / config.onecycle_final_div_factor
+    if step <= up_end:
+        low, high, progress = start, 1.0, step / max(up_end, 1e-12)
+    else:
+        low, high, progress = 1.0, end, min(1.0, (step - up_end) / max(total_steps - 1 - up_end, 1e-12))
+    return high + (low - high) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, steps_per_epoch: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, config, steps_per_epoch, total_steps))

@@ -1,0 +1,386 @@
+"""The training engine: `train(config)` turns a dataset folder into a run directory.
+
+A run directory holds config.yaml (resolved, enough to repeat the run),
+metrics.csv and curves.png (per epoch), model.safetensors (the best epoch),
+last.pt (everything needed to resume) and summary.json.
+
+The loop is plain: for each batch, augment on the device, forward, backward,
+step. Around it: mixed precision on CUDA, channels_last, optional
+torch.compile, gradient accumulation and clipping, an EMA of the weights
+(torch.optim.swa_utils.AveragedModel), checkpoints at epoch ends (and every
+N steps if asked), resume with every RNG and the position inside the epoch,
+early stopping, SIGINT/SIGTERM saving a checkpoint before exiting, and a
+non-finite loss stopping the run with the last good checkpoint left intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ..atomic import atomic_path
+from ..data.datasets import Dataset, open_dataset
+from ..data.loaders import BadFileLog, FileLoader, InMemoryLoader, load_into_memory
+from ..data.transforms import build_augment, mix_batch, normalize
+from ..errors import ResidualError
+from ..models import Preprocessing, ResNet, build_model
+from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from ..weights import save_model
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, load_config, resolve, save_config
+from .history import plot_curves, write_metrics
+from .optim import build_optimizer, build_scheduler
+
+IN_MEMORY_BUDGET = 2 * 1024**3  # bytes of decoded uint8 images kept in memory (and on the GPU)
+
+
+class TrainingError(ResidualError):
+    """Training cannot go on (a non-finite loss, unusable data)."""
+
+
+class TrainingInterrupted(ResidualError):
+    """Stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best: dict
+    history: list[dict]
+    bad_files: dict[str, str]
+    ignored_files: int
+    stopped_early: bool
+    model_path: Path
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def new_run_dir(out: str, name: str) -> Path:
+    """runs/train/NAME, or NAME-2, NAME-3 ... if taken: a new run never overwrites an old one."""
+    base = Path(out) / name
+    candidate, index = base, 1
+    while candidate.exists():
+        index += 1
+        candidate = base.with_name(f"{base.name}-{index}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
+          console: Console | None = None) -> TrainResult:
+    """Train a ResNet as `config` says, or resume the run in directory `resume`."""
+    console = console or Console()
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "last.pt").is_file():
+            raise TrainingError(f"{run_dir}: no last.pt to resume from")
+        config = load_config(run_dir / "config.yaml")
+    elif config is None:
+        raise TrainingError("give a TrainConfig, or resume=RUN_DIR")
+    seed_everything(config.seed, config.deterministic)
+    dataset = open_dataset(config.data, config.val_split, config.seed)
+    config = resolve(config, dataset)
+    if resume is None:
+        run_dir = new_run_dir(config.out, config.name or f"{config.model}-{Path(config.data).resolve().name}")
+        save_config(config, run_dir / "config.yaml")
+    trainer = Trainer(config, dataset, run_dir, console)
+    if resume is not None:
+        trainer.restore(load_checkpoint(run_dir / "last.pt"))
+    return trainer.fit()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, dataset: Dataset, run_dir: Path, console: Console):
+        self.config, self.dataset, self.run_dir, self.console = config, dataset, run_dir, console
+        self.device = pick_device(config.device)
+        self.bad = BadFileLog(config.max_bad_streak)
+        self.model = self._build_model()
+        self._build_loaders()
+        c = config
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / c.accumulate)
+        self.optimizer = build_optimizer(self.model, c.optim)
+        self.scheduler = build_scheduler(self.optimizer, c.optim, self.steps_per_epoch, self.steps_per_epoch * c.epochs)
+        use_amp = c.amp if c.amp is not None else self.device.type == "cuda"
+        self.amp_dtype = (torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported()
+                          else torch.float16) if use_amp else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema), use_buffers=True)
+                    if c.ema else None)
+        self.forward = torch.compile(self.model) if c.compile else self.model
+        # Where training stands; all of it goes into last.pt.
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
+        self.history: list[dict] = []
+        self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
+        self.stop_signal: str | None = None
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def _build_model(self) -> ResNet:
+        c = self.config
+        options = {"num_classes": len(self.dataset.classes), **c.model_options}
+        model = build_model(c.model, **options).to(self.device)
+        if c.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.class_names = list(self.dataset.classes)
+        return model
+
+    def _build_loaders(self) -> None:
+        c, data = self.config, self.dataset
+        if len(data.val) == 0:
+            raise TrainingError(f"{data.root}: the validation split is empty; add a val/ folder or use --val-split")
+        small = c.image_size <= 64
+        resize = c.image_size if small else round(c.image_size / 0.875)
+        interpolation = "bilinear"
+        fits = len(data.train) * 3 * resize * resize <= IN_MEMORY_BUDGET
+        in_memory = c.in_memory if c.in_memory is not None else fits
+        progress = not c.quiet
+        if in_memory:
+            train_images, train_labels = load_into_memory(data.train, resize, resize, interpolation, self.bad,
+                                                          "loading train", progress)
+            val_images, val_labels = load_into_memory(data.val, resize, c.image_size, interpolation, self.bad,
+                                                      "loading val", progress)
+            mean, std = (channel_stats(train_images) if small else (IMAGENET_MEAN, IMAGENET_STD))
+            self.train_loader = InMemoryLoader(train_images, train_labels, c.batch_size, True, c.seed, self.device)
+            self.val_loader = InMemoryLoader(val_images, val_labels, 2 * c.batch_size, False, c.seed, self.device)
+        else:
+            workers = c.workers if c.workers is not None else min(8, os.cpu_count() or 1)
+            self.train_loader = FileLoader(data.train, c.batch_size, True, c.seed, self.device, resize, resize,
+                                           interpolation, workers, self.bad)
+            self.val_loader = FileLoader(data.val, 2 * c.batch_size, False, c.seed, self.device, resize,
+                                         c.image_size, interpolation, workers, self.bad)
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        self.model.preprocessing = Preprocessing(c.image_size, resize, mean, std, interpolation)
+        self.augment = build_augment(c.augment, c.image_size, resize).to(self.device)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "running": dict(self.running),
+            "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
+            "epochs_since_best": self.epochs_since_best, "bad_files": dict(self.bad.files), "rng": rng_state(),
+        }
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.running = dict(state["running"])
+        self.history = list(state["history"])
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.epochs_since_best = state["epochs_since_best"]
+        self.bad.files.update(state["bad_files"])
+        set_rng_state(state["rng"])
+        self.console.print(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.batch} (step {self.step})")
+
+    def save_last(self) -> None:
+        save_checkpoint(self.state(), self.run_dir / "last.pt")
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        c = self.config
+        stopped_early = False
+        with _stop_on_signals(self):
+            while self.epoch < c.epochs and not stopped_early:
+                train_stats = self._train_epoch()
+                val_stats = self.evaluate()
+                stopped_early = self._end_epoch(train_stats, val_stats)
+        return self._finish(stopped_early)
+
+    def _train_epoch(self) -> dict:
+        c, model = self.config, self.model
+        model.train()
+        started, seen_now = time.perf_counter(), 0
+        total = len(self.train_loader)
+        columns = (TextColumn(f"epoch {self.epoch + 1}/{c.epochs}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[rate]:.0f} img/s"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=self.console, disable=c.quiet, transient=True) as bar:
+            task = bar.add_task("train", total=total, completed=self.batch, loss=0.0, acc=0.0, rate=0.0)
+            for index, (images, labels) in enumerate(self.train_loader.epoch(self.epoch, self.batch), self.batch):
+                loss, correct = self._train_step(images, labels, last_of_epoch=index + 1 == total, index=index)
+                self.running["loss"] += loss * len(labels)
+                self.running["correct"] += correct
+                self.running["seen"] += len(labels)
+                seen_now += len(labels)
+                rate = seen_now / (time.perf_counter() - started)
+                bar.update(task, completed=index + 1, loss=self.running["loss"] / self.running["seen"],
+                           acc=self.running["correct"] / self.running["seen"], rate=rate)
+        seconds = time.perf_counter() - started
+        stats = {"train_loss": self.running["loss"] / max(1, self.running["seen"]),
+                 "train_acc": self.running["correct"] / max(1, self.running["seen"]),
+                 "images_per_s": seen_now / seconds if seconds > 0 else 0.0, "epoch_seconds": seconds}
+        self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
+        return stats
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, last_of_epoch: bool, index: int):
+        c = self.config
+        x = normalize(self.augment(images.float().div_(255)), self.model.preprocessing)
+        x, targets = mix_batch(x, labels, self.model.num_classes, c.augment.mixup, c.augment.cutmix,
+                               c.label_smoothing)
+        if c.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, batch {index + 1} "
+                                f"(step {self.step + 1}); nothing was saved from this point. The last good "
+                                f"checkpoint is {self.run_dir / 'last.pt'}; lower --lr or add --grad-clip")
+        self.scaler.scale(loss / c.accumulate).backward()
+        if (index + 1) % c.accumulate == 0 or last_of_epoch:
+            if c.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            if self.ema:
+                self.ema.update_parameters(self.model)
+            self.step += 1
+            self.batch = index + 1
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and not last_of_epoch:
+                self.save_last()
+            if self.stop_signal:
+                self.save_last()
+                raise TrainingInterrupted(f"stopped by {self.stop_signal} at epoch {self.epoch + 1}, batch "
+                                          f"{self.batch}; checkpoint saved. Resume with: residual train "
+                                          f"--resume {self.run_dir}")
+        correct = (logits.argmax(1) == labels).sum().item()
+        return loss.item(), correct
+
+    @torch.inference_mode()
+    def evaluate(self) -> dict:
+        model = self.ema.module if self.ema else self.model
+        model.eval()
+        loss_sum, top1, top5, count = 0.0, 0, 0, 0
+        k = min(5, model.num_classes)
+        for images, labels in self.val_loader.epoch(0):
+            x = normalize(images.float().div_(255), model.preprocessing)
+            if self.config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            ranked = logits.topk(k, dim=1).indices
+            top1 += (ranked[:, 0] == labels).sum().item()
+            top5 += (ranked == labels[:, None]).any(1).sum().item()
+            count += len(labels)
+        return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5 / count}
+
+    def _end_epoch(self, train_stats: dict, val_stats: dict) -> bool:
+        """Record the epoch, keep the best model, save last.pt; True when early stopping says stop."""
+        c = self.config
+        row = {"epoch": self.epoch + 1, **train_stats, **val_stats, "lr": self.optimizer.param_groups[0]["lr"]}
+        self.history.append(row)
+        write_metrics(self.history, self.run_dir / "metrics.csv")
+        plot_curves(self.history, self.run_dir / "curves.png", f"{c.model} on {Path(c.data).name}")
+        value = val_stats[c.monitor]
+        better = self.best is None or (value > self.best[c.monitor] if c.monitor == "val_top1"
+                                       else value < self.best[c.monitor])
+        if better and math.isfinite(value) and self._weights_finite():
+            self.best, self.best_epoch, self.epochs_since_best = dict(row), self.epoch + 1, 0
+            save_model(self.ema.module if self.ema else self.model, self.run_dir / "model.safetensors",
+                       extra={"run": str(self.run_dir), "epoch": self.epoch + 1, **val_stats})
+        else:
+            self.epochs_since_best += 1
+        self.console.print(  # one line per epoch, also in quiet mode (which only drops the bar)
+            f"epoch {self.epoch + 1}/{c.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
+            f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}  "
+            f"lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
+            + ("  *best*" if self.best_epoch == self.epoch + 1 else ""))
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.save_last()
+        return bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping
+
+    def _weights_finite(self) -> bool:
+        model = self.ema.module if self.ema else self.model
+        return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+    def _finish(self, stopped_early: bool) -> TrainResult:
+        summary = {"best_epoch": self.best_epoch, "best": self.best, "epochs_run": self.epoch,
+                   "stopped_early": stopped_early, "bad_files": self.bad.files,
+                   "ignored_files": [str(p) for p in self.dataset.ignored]}
+        with atomic_path(self.run_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        best = self.best or {}
+        self.console.print(
+            f"\nbest epoch {self.best_epoch}: val top-1 {best.get('val_top1', float('nan')):.2%}"
+            + (" (stopped early)" if stopped_early else "")
+            + (f"; {len(self.bad.files)} unreadable image(s) skipped" if self.bad.files else "")
+            + (f"; {len(self.dataset.ignored)} non-image file(s) ignored" if self.dataset.ignored else ""))
+        self.console.print(f"run directory: {self.run_dir} (model.safetensors, metrics.csv, curves.png, last.pt)")
+        return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
+                           len(self.dataset.ignored), stopped_early, self.run_dir / "model.safetensors")
+
+
+def channel_stats(images: torch.Tensor, sample: int = 5000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] units) of up to `sample` evenly spaced images."""
+    step = max(1, len(images) // sample)
+    data = images[::step].float().div(255)
+    return (tuple(data.mean(dim=(0, 2, 3)).tolist()), tuple(data.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()))
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the loop to save and stop at the next step; a second SIGINT stops at once."""
+    def handler(signum, frame):
+        if trainer.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signal.Signals(signum).name
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay with whoever owns them
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

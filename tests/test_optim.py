@@ -1,0 +1,92 @@
+"""Optimizers and every schedule's values."""
+
+import math
+
+import pytest
+import torch
+
+import residual
+from residual.train.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
+
+SPE = 10  # steps per epoch
+
+
+def factors(config, epochs=10):
+    total = SPE * epochs
+    return [lr_factor(step, config, SPE, total) for step in range(total)]
+
+
+def test_cosine_with_warmup():
+    f = factors(OptimConfig(lr=1.0, schedule="cosine", warmup_epochs=1, min_lr_ratio=0.1))
+    assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert f[10] == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert f[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_step_and_multistep():
+    f = factors(OptimConfig(lr=1.0, schedule="step", step_size=3, gamma=0.5))
+    assert (f[29], f[30], f[59], f[60], f[99]) == pytest.approx((1, 0.5, 0.5, 0.25, 0.125))
+    f = factors(OptimConfig(lr=1.0, schedule="multistep", milestones=(2, 7), gamma=0.1))
+    assert (f[19], f[20], f[69], f[70]) == pytest.approx((1, 0.1, 0.1, 0.01))
+
+
+def test_exponential_decay_as_keras():
+    # Keras ExponentialDecay: lr * rate ** (step / decay_steps), floored when staircase.
+    smooth = factors(OptimConfig(lr=1.0, schedule="exponential", decay_rate=0.5, decay_epochs=2))
+    stairs = factors(OptimConfig(lr=1.0, schedule="exponential", decay_rate=0.5, decay_epochs=2, staircase=True))
+    assert smooth[15] == pytest.approx(0.5 ** (15 / 20))
+    assert stairs[15] == 1.0 and stairs[20] == 0.5 and stairs[45] == 0.25
+
+
+def test_one_cycle_matches_torch():
+    config = OptimConfig(lr=0.4, schedule="onecycle", onecycle_pct_start=0.3)
+    total = 100
+    param = torch.nn.Parameter(torch.zeros(1))
+    reference = torch.optim.SGD([param], lr=0.4)
+    torch_sched = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=0.4, total_steps=total, pct_start=0.3,
+                                                      anneal_strategy="cos", cycle_momentum=False,
+                                                      three_phase=False)
+    expected = []
+    for _ in range(total):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        torch_sched.step()
+    ours = [0.4 * lr_factor(step, config, SPE, total) for step in range(total)]
+    assert ours == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_scheduler_steps_the_optimizer_lr():
+    model = torch.nn.Linear(2, 2)
+    config = OptimConfig(lr=0.2, schedule="step", step_size=1, gamma=0.5, weight_decay=0.0)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, SPE, SPE * 3)
+    lrs = []
+    for _ in range(SPE * 2):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.2) and lrs[SPE] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                        ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop)])
+def test_no_weight_decay_on_norms_and_biases(name, kind):
+    model = residual.create_model("resnet20")
+    optimizer = build_optimizer(model, OptimConfig(optimizer=name, lr=0.1, weight_decay=1e-4))
+    assert isinstance(optimizer, kind)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in no_decay["params"]} == {id(model.bn1.weight), id(model.bn1.bias), id(model.fc.bias)} | {
+        id(p) for n, p in model.named_parameters() if "bn" in n}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    if name == "sgd":
+        assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+
+
+def test_bad_optimizer_options():
+    with pytest.raises(residual.ConfigError, match="--optimizer"):
+        OptimConfig(optimizer="lamb")
+    with pytest.raises(residual.ConfigError, match="--schedule"):
+        OptimConfig(schedule="poly")

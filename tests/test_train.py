@@ -1,0 +1,221 @@
+"""The training engine: what a run leaves, resume after a real kill, signals, NaN, EMA, accumulation."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import residual
+from residual.data.shapes import write_shapes
+from residual.data.transforms import AugmentConfig
+from residual.train import TrainConfig, TrainingError, load_config, train
+from residual.train.checkpoint import load_checkpoint
+from residual.train.optim import OptimConfig
+from residual.train import trainer as trainer_module
+
+QUICK = dict(model="resnet20", batch_size=32, optim=OptimConfig(lr=0.05), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def shapes16(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("shapes16"), size=16, per_class=24, seed=1, progress=False)
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_a_run_leaves_everything_design_promises(shapes16, tmp_path):
+    result = train(TrainConfig(data=str(shapes16), epochs=2, out=str(tmp_path), name="run", **QUICK))
+    run = tmp_path / "run"
+    assert result.run_dir == run
+    for name in ("config.yaml", "metrics.csv", "curves.png", "model.safetensors", "last.pt", "summary.json"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr",
+                            "images_per_s", "epoch_seconds"}
+    assert Image.open(run / "curves.png").size[0] > 800
+    config = load_config(run / "config.yaml")
+    assert config.image_size == 16 and config.optim.lr == 0.05 and config.augment.preset == "cifar"
+    assert config.augment.pad_crop == 2, "config.yaml holds the resolved knobs"
+    model = residual.load_model(run / "model.safetensors")
+    assert model.class_names == sorted(residual.data.shapes.SHAPE_CLASSES)
+    assert model.preprocessing.input_size == 16 and model.preprocessing.mean != (0.485, 0.456, 0.406)
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["batch"] == 0 and len(state["history"]) == 2
+    assert residual.read_metadata(run / "model.safetensors")["extra"]["epoch"] == result.best_epoch
+    # A second run never overwrites the first.
+    again = train(TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="run", **QUICK))
+    assert again.run_dir.name == "run-2"
+
+
+def test_config_yaml_repeats_the_run(shapes16, tmp_path):
+    first = train(TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="a", deterministic=True,
+                              **QUICK))
+    config = load_config(first.run_dir / "config.yaml")
+    second = train(TrainConfig.from_dict({**config.to_dict(), "name": "b"}))
+    for key, value in _weights(first.run_dir / "last.pt").items():
+        assert torch.equal(value, _weights(second.run_dir / "last.pt")[key]), key
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "residual", "train", *map(str, args)]
+
+
+def _wait_for_checkpoint(path, process, condition, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            return None
+        if path.is_file():
+            state = torch.load(path, weights_only=True)
+            if condition(state):
+                return state
+        time.sleep(0.02)
+    return None
+
+
+def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
+    data = write_shapes(tmp_path / "data", size=16, per_class=40, seed=2, progress=False)
+    common = ["--model", "resnet20", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "3",
+              "--deterministic", "--quiet", "--augment", "cifar", "--ema", "0.9", "--out", tmp_path]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(_cli(data, *common, "--name", "straight"), env=env, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+
+    process = subprocess.Popen(_cli(data, *common, "--name", "killed"), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "killed" / "last.pt"
+    state = _wait_for_checkpoint(last, process, lambda s: s["epoch"] == 1 and s["batch"] > 0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state is not None, "the run finished before it could be killed mid-epoch"
+    assert process.returncode == -signal.SIGKILL
+
+    resumed = subprocess.run(_cli("--resume", tmp_path / "killed"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    straight, again = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(last)
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], again["model"][key]), key
+    for key in straight["ema"]:
+        assert torch.equal(straight["ema"][key], again["ema"][key]), key
+    assert [r["val_top1"] for r in straight["history"]] == [r["val_top1"] for r in again["history"]]
+    best_straight = residual.load_model(tmp_path / "straight" / "model.safetensors").state_dict()
+    best_resumed = residual.load_model(last.with_name("model.safetensors")).state_dict()
+    assert all(torch.equal(best_straight[k], best_resumed[k]) for k in best_straight)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    data = write_shapes(tmp_path / "data", size=16, per_class=40, seed=2, progress=False)
+    process = subprocess.Popen(_cli(data, "--model", "resnet20", "--epochs", "50", "--batch-size", "16",
+                                    "--checkpoint-every", "2", "--quiet", "--out", tmp_path, "--name", "t"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = _wait_for_checkpoint(tmp_path / "t" / "last.pt", process, lambda s: s["step"] >= 4)
+    assert state is not None
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    saved = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
+    assert saved["step"] > state["step"] - 1 and saved["epoch"] < 50
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(shapes16, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = trainer_module.F.cross_entropy
+
+    def poisoned(logits, targets, **kwargs):
+        loss = real(logits, targets, **kwargs)
+        if logits.requires_grad:
+            calls["n"] += 1
+            if calls["n"] > 10:  # epoch 1 is 8 steps (240 images / 32); poison the 3rd batch of epoch 2
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer_module.F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 2, batch 3 \(step 11\)"):
+        train(TrainConfig(data=str(shapes16), epochs=3, out=str(tmp_path), name="nan", **QUICK))
+    run = tmp_path / "nan"
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["batch"] == 0, "the end-of-epoch-1 checkpoint is intact"
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    best = residual.load_model(run / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in best.state_dict().values() if v.is_floating_point())
+    assert residual.read_metadata(run / "model.safetensors")["extra"]["epoch"] == 1
+
+
+def test_early_stopping(shapes16, tmp_path):
+    result = train(TrainConfig(data=str(shapes16), epochs=8, early_stopping=2, monitor="val_loss", out=str(tmp_path),
+                               name="es", model="resnet20", batch_size=32, quiet=True,
+                               optim=OptimConfig(lr=1e-12, schedule="constant")))
+    assert result.stopped_early and len(result.history) < 8
+    assert json.loads((result.run_dir / "summary.json").read_text())["stopped_early"]
+
+
+def test_ema_model_is_what_gets_saved(shapes16, tmp_path):
+    result = train(TrainConfig(data=str(shapes16), epochs=1, ema=0.5, out=str(tmp_path), name="ema", **QUICK))
+    state = torch.load(result.run_dir / "last.pt", weights_only=True)
+    saved = residual.load_model(result.model_path).state_dict()
+    assert int(state["ema"]["n_averaged"]) == 8  # one update per optimizer step
+    assert torch.equal(saved["fc.weight"], state["ema"]["module.fc.weight"])
+    assert not torch.equal(saved["fc.weight"], state["model"]["fc.weight"])
+
+
+def test_gradient_accumulation_matches_the_larger_batch(shapes16, tmp_path):
+    # Without batch norm, two micro-batches of 8 are one batch of 16. In NCHW: channels_last picks
+    # different CPU conv kernels for batch 8 and 16, whose 1e-7 rounding can flip a ReLU near zero.
+    common = dict(data=str(shapes16), epochs=1, model="resnet20", model_options={"norm": None}, quiet=True,
+                  channels_last=False,
+                  augment=AugmentConfig(preset="none"), optim=OptimConfig(lr=0.01, schedule="constant"),
+                  out=str(tmp_path), deterministic=True)
+    big = train(TrainConfig(batch_size=16, name="big", **common))
+    small = train(TrainConfig(batch_size=8, accumulate=2, name="small", **common))
+    assert torch.load(small.run_dir / "last.pt", weights_only=True)["step"] == 15
+    for key, value in _weights(big.run_dir / "last.pt").items():
+        assert torch.allclose(value, _weights(small.run_dir / "last.pt")[key], atol=1e-5), key
+
+
+def test_mixup_cutmix_clipping_and_strong_augmentation_train(shapes16, tmp_path):
+    result = train(TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="mix", grad_clip=1.0,
+                               label_smoothing=0.1, augment=AugmentConfig(preset="strong", mixup=0.2, cutmix=1.0),
+                               **QUICK))
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+
+
+def test_bad_images_are_skipped_and_reported(tmp_path):
+    data = write_shapes(tmp_path / "data", size=16, per_class=12, seed=4, progress=False)
+    (data / "train" / "star" / "00003.png").write_bytes(b"")
+    (data / "train" / "ring" / "00005.png").write_bytes(b"\x89PNG broken")
+    (data / "train" / "ring" / "readme.txt").write_text("not an image")
+    for in_memory in (True, False):
+        result = train(TrainConfig(data=str(data), epochs=1, out=str(tmp_path), name=f"bad-{in_memory}",
+                                   in_memory=in_memory, workers=0, **QUICK))
+        assert sorted(p.rsplit("/", 2)[-2] for p in result.bad_files) == ["ring", "star"]
+        summary = json.loads((result.run_dir / "summary.json").read_text())
+        assert len(summary["bad_files"]) == 2 and summary["ignored_files"][0].endswith("readme.txt")
+
+
+def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
+    from residual.cli import main
+
+    code = main(["train", str(shapes16), "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--lr", "0.03",
+                 "--schedule", "multistep", "--milestones", "1,2", "--augment", "strong", "--no-hflip", "--mixup",
+                 "0.2", "--drop-rate", "0.1", "--label-smoothing", "0.05", "--quiet", "--out", str(tmp_path),
+                 "--name", "cli"])
+    assert code == 0
+    config = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
+    assert config["optim"]["lr"] == 0.03 and config["optim"]["milestones"] == [1, 2]
+    assert config["augment"]["preset"] == "strong" and config["augment"]["hflip"] is False
+    assert config["augment"]["mixup"] == 0.2 and config["model_options"] == {"drop_rate": 0.1}
+    assert "epoch 1/1" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "nowhere")]) == 2
