@@ -61,16 +61,28 @@ def test_convert_then_info(tmp_path, capsys):
     assert "does not fit resnet18" in capsys.readouterr().err
 
 
-def test_demo_classifies_generated_images_with_an_untrained_model(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+def test_shapes_and_check_data_commands(tmp_path, capsys):
+    assert main(["shapes", str(tmp_path / "s"), "--size", "16", "--per-class", "10", "--masks"]) == 0
+    assert "train/val/test = 10/10/10 per class, with masks/" in capsys.readouterr().out
+    assert len(list((tmp_path / "s" / "masks" / "val").rglob("*.png"))) == 100
+    assert main(["check-data", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
-    assert "UNTRAINED" in out and "has not been trained" in out and "identical predictions" in out
-    assert "wide_resnet101_2" in out and "resnet1202" in out
-    images = sorted((tmp_path / "demo" / "images").glob("*.png"))
-    assert len(images) == 10 and images[0].name == "00_circle.png"
-    model = residual.load_model(tmp_path / "demo" / "resnet20-untrained.safetensors")
-    assert model.class_names[:3] == ["circle", "triangle", "square"]
-    assert residual.read_metadata(tmp_path / "demo" / "resnet20-untrained.safetensors")["extra"] == {"trained": False}
+    assert "unreadable images" in out and "1.0x" in out
+    (tmp_path / "s" / "train" / "star" / "00001.png").write_bytes(b"broken")
+    assert main(["check-data", str(tmp_path / "s")]) == 1
+    assert "00001.png" in capsys.readouterr().out
+
+
+def test_demo_trains_to_95_percent_on_the_cpu(tmp_path, capsys):
+    """The real `make demo` recipe (about 2.5 minutes on 2 cores)."""
+    assert main(["demo", "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "shapes")]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "resnet20-shapes"
+    for name in ("model.safetensors", "metrics.csv", "curves.png", "config.yaml", "last.pt"):
+        assert (run / name).is_file() and name in out
+    best = residual.read_metadata(run / "model.safetensors")["extra"]
+    assert best["val_top1"] >= 0.95, best
+    assert "test top-1" in out and "Next:" in out
 
 
 def test_console_script_entry_point():

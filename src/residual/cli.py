@@ -67,8 +67,136 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.out, console)
-    return 0 if result["reload_identical"] else 1
+    run_demo(args.out, args.data, console=console)
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    """Flags -> TrainConfig; flags left unset keep the config's defaults (auto where it has them)."""
+    from .data.transforms import AugmentConfig
+    from .train import TrainConfig, load_config
+    from .train.optim import OptimConfig
+
+    def given(*names):
+        return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+    base = load_config(args.config).to_dict() if args.config else {}
+    if args.data is not None:
+        base["data"] = args.data
+    if "data" not in base:
+        raise ResidualError("give the dataset folder (residual train DATA) or --config RUN/config.yaml")
+    optim = {**base.get("optim", {}), **given(*OPTIM_FLAGS)}
+    augment = {**base.get("augment", {}), **given(*AUGMENT_FLAGS)}
+    model_options = {**base.get("model_options", {}), **given("drop_rate", "zero_init_residual")}
+    top = given(*TRAIN_FLAGS)
+    return TrainConfig.from_dict({**base, **top, "optim": OptimConfig(**optim), "augment": AugmentConfig(**augment),
+                                  "model_options": model_options})
+
+
+OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "min_lr_ratio",
+               "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase")
+AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
+                 "random_erasing", "auto_augment", "mixup", "cutmix")
+TRAIN_FLAGS = ("model", "image_size", "epochs", "batch_size", "label_smoothing", "grad_clip", "accumulate", "ema",
+               "early_stopping", "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last",
+               "compile", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet")
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from .train import TrainingInterrupted, train
+
+    try:
+        if args.resume:
+            train(resume=args.resume, console=console)
+        else:
+            train(_train_config(args), console=console)
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
+    from .data.shapes import split_sizes, write_shapes
+
+    out = write_shapes(args.out, size=args.size, per_class=args.per_class, seed=args.seed, masks=args.masks)
+    sizes = split_sizes(args.per_class)
+    console.print(f"wrote {out}: 10 classes, {args.size}px, train/val/test = "
+                  f"{sizes['train']}/{sizes['val']}/{sizes['test']} per class" + (", with masks/" if args.masks else ""))
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace, console: Console) -> int:
+    from .data.check import check_data
+    from .tables import data_report_tables
+
+    report = check_data(args.data, args.val_split, args.seed)
+    for table in data_report_tables(report):
+        console.print(table)
+    return 0 if report.ok else 1
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply."""
+    p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/) or CIFAR folder")
+    p.add_argument("--config", help="start from a run's config.yaml (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    p.add_argument("--model", help="registry name (auto: resnet20/56 for small images, resnet18/50 otherwise)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--val-split", type=float, help="fraction held out per class when there is no val/ folder")
+    opt = p.add_argument_group("optimizer and schedule")
+    opt.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "rmsprop"))
+    opt.add_argument("--lr", type=float, help="auto: 0.1 per 128 images (small) or per 256 (large)")
+    opt.add_argument("--momentum", type=float)
+    opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    opt.add_argument("--weight-decay", type=float, help="L2 on conv/linear weights only (never BN or bias)")
+    opt.add_argument("--schedule", choices=("cosine", "step", "multistep", "exponential", "onecycle", "constant"))
+    opt.add_argument("--warmup-epochs", type=float)
+    opt.add_argument("--min-lr-ratio", type=float)
+    opt.add_argument("--step-size", type=int, help="step schedule: epochs between decays")
+    opt.add_argument("--milestones", type=lambda v: tuple(int(x) for x in v.split(",")), help="multistep: e.g. 30,60,80")
+    opt.add_argument("--gamma", type=float)
+    opt.add_argument("--decay-rate", type=float, help="exponential: factor per --decay-epochs")
+    opt.add_argument("--decay-epochs", type=float)
+    opt.add_argument("--staircase", action=argparse.BooleanOptionalAction, default=None)
+    reg = p.add_argument_group("regularisation")
+    reg.add_argument("--label-smoothing", type=float)
+    reg.add_argument("--drop-rate", type=float, help="dropout before the classifier")
+    reg.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None)
+    reg.add_argument("--grad-clip", type=float, help="max global gradient norm")
+    reg.add_argument("--accumulate", type=int, help="micro-batches per optimizer step")
+    reg.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999")
+    reg.add_argument("--early-stopping", type=int, metavar="PATIENCE")
+    reg.add_argument("--monitor", choices=("val_top1", "val_loss"))
+    aug = p.add_argument_group("augmentation")
+    aug.add_argument("--augment", dest="preset", choices=("none", "cifar", "standard", "strong"))
+    aug.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None)
+    aug.add_argument("--pad-crop", type=int)
+    aug.add_argument("--crop-scale", type=float, help="smallest area of random-resized crops (0: off)")
+    aug.add_argument("--rotation", type=float, help="degrees")
+    aug.add_argument("--shift", type=float, help="width/height shift, fraction")
+    aug.add_argument("--brightness", type=float)
+    aug.add_argument("--contrast", type=float)
+    aug.add_argument("--random-erasing", type=float, help="probability (cutout)")
+    aug.add_argument("--auto-augment", choices=("randaugment", "trivialaugment"))
+    aug.add_argument("--mixup", type=float, help="Beta alpha, e.g. 0.2")
+    aug.add_argument("--cutmix", type=float, help="Beta alpha, e.g. 1.0")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None)
+    run.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    run.add_argument("--workers", type=int)
+    run.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=None)
+    run.add_argument("--checkpoint-every", type=int, metavar="STEPS")
+    run.add_argument("--max-bad-streak", type=int)
+    run.add_argument("--out", help="parent of the run directory (default runs/train)")
+    run.add_argument("--name")
+    run.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=None, help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,8 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a .safetensors model file")
     p.set_defaults(run=cmd_info)
 
+    p = commands.add_parser("train", help="train a ResNet on a folder of images (or CIFAR)")
+    _add_train_arguments(p)
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("shapes", help="write the built-in synthetic dataset as an ImageFolder of PNGs")
+    p.add_argument("out", help="folder to write (train/ val/ test/, and masks/ with --masks)")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--per-class", type=int, default=1000, help="training images per class (val/test get a fifth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--masks", action="store_true", help="also write each shape's mask under masks/")
+    p.set_defaults(run=cmd_shapes)
+
+    p = commands.add_parser("check-data", help="bad files, class balance, duplicates and train/val leakage")
+    p.add_argument("data")
+    p.add_argument("--val-split", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_check_data)
+
     p = commands.add_parser("demo", help="the guided tour on generated data")
-    p.add_argument("--out", default="runs/demo", help="where the demo writes its files")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its run directory")
+    p.add_argument("--data", default="data/shapes-32", help="where the demo writes (or finds) its dataset")
     p.set_defaults(run=cmd_demo)
     return parser
 
