@@ -55,8 +55,11 @@ def test_mixup_and_cutmix_targets():
     images = torch.rand(8, 3, 16, 16)
     labels = torch.arange(8) % 4
     plain_images, plain = mix_batch(images, labels, 4, 0.0, 0.0, smoothing=0.1)
-    assert torch.equal(plain_images, images) and torch.allclose(plain, soft_targets(labels, 4, 0.1))
-    assert plain[0].tolist() == pytest.approx([0.925, 0.025, 0.025, 0.025])
+    assert torch.equal(plain_images, images) and torch.equal(plain, labels), "no mixing: the labels themselves"
+    assert soft_targets(labels, 4, 0.1)[0].tolist() == pytest.approx([0.925, 0.025, 0.025, 0.025])
+    logits = torch.randn(8, 4)
+    assert torch.allclose(torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1),
+                          torch.nn.functional.cross_entropy(logits, soft_targets(labels, 4, 0.1)))
     for mixup, cutmix in [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)]:
         mixed, targets = mix_batch(images, labels, 4, mixup, cutmix)
         assert mixed.shape == images.shape and torch.allclose(targets.sum(1), torch.ones(8))

@@ -126,14 +126,16 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> to
 
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
               smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or CutMix (one per batch, chosen at random when both are on) -> images, soft targets.
+    """Mixup or CutMix (one per batch, chosen at random when both are on) -> images, targets.
 
-    Each image is mixed with another of the same batch (a random permutation).
-    CutMix's weight is the pasted box's actual area after clipping at the border.
+    Without mixing the targets are the labels themselves (cross_entropy applies the
+    smoothing; class indices are its fast path); with mixing they are soft targets,
+    smoothing included. Each image is mixed with another of the same batch (a random
+    permutation). CutMix's weight is the pasted box's actual area after clipping.
     """
-    targets = soft_targets(labels, num_classes, smoothing)
     if not mixup and not cutmix:
-        return images, targets
+        return images, labels
+    targets = soft_targets(labels, num_classes, smoothing)
     use_cutmix = bool(cutmix) and (not mixup or torch.rand(()).item() < 0.5)
     alpha = cutmix if use_cutmix else mixup
     lam = float(torch.distributions.Beta(alpha, alpha).sample())

@@ -266,7 +266,9 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             logits = self.forward(x)
-            loss = F.cross_entropy(logits.float(), targets)
+            # Hard labels carry their smoothing here; soft (mixed) targets already include it.
+            smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, batch {index + 1} "
                                 f"(step {self.step + 1}); nothing was saved from this point. The last good "
