@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -219,3 +220,34 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     assert config["augment"]["mixup"] == 0.2 and config["model_options"] == {"drop_rate": 0.1}
     assert "epoch 1/1" in capsys.readouterr().out
     assert main(["train", str(tmp_path / "nowhere")]) == 2
+
+
+def test_public_api_trains(shapes16, tmp_path):
+    result = residual.train(residual.TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="api", **QUICK))
+    assert isinstance(result, residual.TrainResult) and result.model_path.is_file()
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one(shapes16, tmp_path, monkeypatch):
+    result = train(TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="ckpt", **QUICK))
+    last = result.run_dir / "last.pt"
+    before = last.read_bytes()
+
+    def dies_half_way(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    from residual.train.checkpoint import save_checkpoint
+
+    with pytest.raises(OSError, match="killed while writing"):
+        save_checkpoint({"step": 99}, last)
+    assert last.read_bytes() == before
+    assert sorted(p.name for p in result.run_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_mixed_precision_path_trains(shapes16, tmp_path):
+    # bf16 autocast, the CUDA default, also runs on the CPU: the same code path, exercised here.
+    result = train(TrainConfig(data=str(shapes16), epochs=1, amp=True, out=str(tmp_path), name="amp", **QUICK))
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert residual.load_model(result.model_path).fc.weight.dtype == torch.float32

@@ -5,6 +5,7 @@
     model = residual.create_model("resnet50.tv2_in1k")     # with ImageNet weights
     residual.save_model(model, "model.safetensors")
     model = residual.load_model("model.safetensors")
+    result = residual.train(residual.TrainConfig(data="photos/", epochs=30))
 """
 
 __version__ = "0.1.0"
@@ -13,9 +14,11 @@ from .errors import ConfigError, ResidualError
 from .models import ModelInfo, Preprocessing, ResNet, ResNetConfig, list_models, model_info
 from .weights import (PretrainedWeights, create_model, imagenet_class_names, list_pretrained, load_model,
                       load_weights, read_metadata, read_state_dict, register_pretrained, save_model)
+from .train import TrainConfig, TrainResult, train
 
 __all__ = [
     "ConfigError", "ModelInfo", "Preprocessing", "PretrainedWeights", "ResNet", "ResNetConfig", "ResidualError",
     "create_model", "imagenet_class_names", "list_models", "list_pretrained", "load_model", "load_weights",
     "model_info", "read_metadata", "read_state_dict", "register_pretrained", "save_model",
+    "TrainConfig", "TrainResult", "train",
 ]
