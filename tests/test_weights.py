@@ -188,3 +188,15 @@ def test_imagenet_class_names_ship_with_the_package():
     names = residual.imagenet_class_names()
     assert len(names) == 1000 == len(set(names))
     assert (names[0], names[1], names[207], names[999]) == ("tench", "goldfish", "golden retriever", "toilet tissue")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = residual.save_model(residual.create_model("resnet20"), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644, "not the private 0600 of the temporary file"
