@@ -88,3 +88,11 @@ def test_demo_trains_to_95_percent_on_the_cpu(tmp_path, capsys):
 def test_console_script_entry_point():
     result = subprocess.run([sys.executable, "-m", "residual", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("residual ")
+
+
+def test_experiment_commands_parse_and_report_errors_in_one_line(tmp_path, capsys):
+    assert main(["experiment", "degradation", "--depths", "20", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --depths needs two or more") and err.count("\n") == 1
+    assert main(["experiment", "degradation", "--depths", "20,1202", "--out", str(tmp_path)]) == 2
+    assert "plain1202" in capsys.readouterr().err

@@ -136,6 +136,50 @@ def cmd_check_data(args: argparse.Namespace, console: Console) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_experiment_degradation(args: argparse.Namespace, console: Console) -> int:
+    from .experiments.degradation import run_degradation
+
+    result = run_degradation(args.data, tuple(args.depths), args.recipe, args.epochs, args.norm, args.init, args.out,
+                             console=console)
+    console.print(f"figure, table and verdict in {result['out']} (degradation.png, results.csv, verdict.txt)")
+    return 0
+
+
+def cmd_experiment_gradients(args: argparse.Namespace, console: Console) -> int:
+    from .experiments.gradients import run_gradients
+
+    out = args.out or f"runs/experiments/gradients-{args.norm or 'none'}-{args.init}"
+    run_gradients(args.model, args.data, out, args.norm, args.init, args.steps, console=console)
+    console.print(f"figure and table in {out} (gradients.png, gradients.csv)")
+    return 0
+
+
+def _norm(value: str) -> str | None:
+    return None if value == "none" else value
+
+
+def _add_experiment_commands(commands) -> None:
+    parser = commands.add_parser("experiment", help="residual learning made visible: degradation, gradients")
+    experiments = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    p = experiments.add_parser("degradation", help="plain vs residual nets at two depths (He et al. Fig. 6)")
+    p.add_argument("--data", default="shapes", help="'shapes' (built-in, 16 px) or a dataset folder (e.g. CIFAR-10)")
+    p.add_argument("--depths", type=lambda v: [int(d) for d in v.split(",")], default=[20, 56])
+    p.add_argument("--recipe", choices=("quick", "paper"), default="quick")
+    p.add_argument("--epochs", type=int, help="override the recipe's length")
+    p.add_argument("--norm", type=_norm, default="batch", choices=("batch", "group", None), metavar="batch|group|none")
+    p.add_argument("--init", choices=("he", "xavier"), default="he")
+    p.add_argument("--out", default="runs/experiments/degradation")
+    p.set_defaults(run=cmd_experiment_degradation)
+    p = experiments.add_parser("gradients", help="per-layer gradient norms and response stds, init vs trained")
+    p.add_argument("--model", type=lambda v: v.split(","), default=["plain56", "resnet56"])
+    p.add_argument("--data", default="shapes")
+    p.add_argument("--norm", type=_norm, default="batch", choices=("batch", "group", None), metavar="batch|group|none")
+    p.add_argument("--init", choices=("he", "xavier"), default="he")
+    p.add_argument("--steps", type=int, default=200, help="SGD steps between the two measurements")
+    p.add_argument("--out", help="default runs/experiments/gradients-NORM-INIT")
+    p.set_defaults(run=cmd_experiment_gradients)
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply."""
     p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/) or CIFAR folder")
@@ -156,7 +200,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--warmup-epochs", type=float)
     opt.add_argument("--min-lr-ratio", type=float)
     opt.add_argument("--step-size", type=int, help="step schedule: epochs between decays")
-    opt.add_argument("--milestones", type=lambda v: tuple(int(x) for x in v.split(",")), help="multistep: e.g. 30,60,80")
+    opt.add_argument("--milestones", type=lambda v: tuple(float(x) for x in v.split(",")),
+                     help="multistep: epochs, e.g. 30,60,80")
     opt.add_argument("--gamma", type=float)
     opt.add_argument("--decay-rate", type=float, help="exponential: factor per --decay-epochs")
     opt.add_argument("--decay-epochs", type=float)
@@ -247,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_check_data)
+
+    _add_experiment_commands(commands)
 
     p = commands.add_parser("demo", help="the guided tour on generated data")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its run directory")

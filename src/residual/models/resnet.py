@@ -24,6 +24,7 @@ from .preprocessing import IMAGENET_EVAL, Preprocessing
 
 STEMS = ("imagenet", "deep", "cifar")
 POOLS = ("avg", "max")
+INITS = ("he", "xavier")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ResNetConfig:
     global_pool: str = "avg"
     drop_rate: float = 0.0  # dropout before the classifier
     zero_init_residual: bool = False  # zero each block's last layer so it starts as identity
+    init: str = "he"  # conv/linear init: 'he' (torchvision: normal, fan-out) or 'xavier' (Glorot; Keras' default)
     features_only: bool = False  # forward returns the stage maps
 
     def __post_init__(self):
@@ -61,6 +63,7 @@ class ResNetConfig:
             (self.global_pool in POOLS, f"global_pool must be one of {POOLS}, got {self.global_pool!r}"),
             (self.in_chans >= 1 and self.num_classes >= 0, "in_chans must be >= 1 and num_classes >= 0"),
             (0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), got {self.drop_rate}"),
+            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -160,10 +163,18 @@ class ResNet(nn.Module):
         return nn.Linear(self.num_features, config.num_classes)
 
     def _init_weights(self) -> None:
-        # torchvision's initialisation: He-normal convs (fan-out), unit-scale norms.
+        # 'he': torchvision's He-normal convs (fan-out) and default linear init. 'xavier': Glorot
+        # normal for convs and the classifier, the pre-2015 default that deep plain nets cannot train
+        # from (the vanishing-gradient experiments use it). Norm layers start at unit scale.
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if self.config.init == "he":
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                else:
+                    nn.init.xavier_normal_(module.weight)
+            elif isinstance(module, nn.Linear) and self.config.init == "xavier":
+                nn.init.xavier_normal_(module.weight)
+                nn.init.zeros_(module.bias)
             elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

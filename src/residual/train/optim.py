@@ -36,7 +36,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of lr
     step_size: int = 30  # step: epochs between decays
-    milestones: tuple[int, ...] = field(default=(30, 60, 80))  # multistep: epochs at which to decay
+    milestones: tuple[float, ...] = field(default=(30, 60, 80))  # multistep: epochs (may be fractional)
     gamma: float = 0.1  # step/multistep decay factor
     decay_rate: float = 0.96  # exponential: factor per decay_epochs (Keras ExponentialDecay)
     decay_epochs: float = 1.0
@@ -52,7 +52,7 @@ class OptimConfig:
             raise ConfigError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
-        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,1 @@
+"""Experiments that show residual learning at work: degradation and gradient flow."""

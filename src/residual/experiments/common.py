@@ -1,0 +1,37 @@
+"""What the experiments share: the data they run on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.datasets import open_dataset
+from ..data.loaders import BadFileLog, load_into_memory
+from ..data.shapes import write_shapes
+
+SHAPES_SIZE = 16  # small images keep the default experiments within minutes on two CPU cores
+SHAPES_PER_CLASS = 400
+
+
+def shapes_folder(out: Path, seed: int = 0) -> Path:
+    """The built-in data for experiments, written once under `out`."""
+    return write_shapes(out / f"shapes-{SHAPES_SIZE}", size=SHAPES_SIZE, per_class=SHAPES_PER_CLASS, seed=seed,
+                        progress=False)
+
+
+def resolve_data(data: str, out: Path, seed: int = 0) -> Path:
+    """'shapes' -> the built-in data (written under `out`), anything else -> that folder."""
+    return shapes_folder(out, seed) if data == "shapes" else Path(data)
+
+
+def training_images(data: str, out: Path, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The training split as (uint8 images, labels, classes), decoded at its own (square) size."""
+    dataset = open_dataset(resolve_data(data, out, seed), seed=seed)
+    if dataset.train.images is not None:
+        return dataset.train.images, torch.as_tensor(dataset.train.labels), dataset.classes
+    from PIL import Image
+
+    size = min(Image.open(dataset.train.files[0]).size)
+    images, labels = load_into_memory(dataset.train, size, size, "bilinear", BadFileLog(), progress=False)
+    return images, labels, dataset.classes

@@ -1,0 +1,106 @@
+"""The residual-learning experiments on tiny settings, and the claims they rest on."""
+
+import csv
+
+import pytest
+import torch
+
+import residual
+from residual.data.shapes import write_shapes
+from residual.experiments.degradation import NetResult, recipe_config, run_degradation, verdict_lines
+from residual.experiments.gradients import probe, run_gradients
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("tiny"), size=16, per_class=12, seed=0, progress=False)
+
+
+def test_probe_gives_one_entry_per_3x3_layer():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    layers = probe(residual.create_model("resnet20"), x, y)
+    assert len(layers) == 18 and layers[0].name == "layer1.0.bn1" and layers[-1].name == "layer3.2.bn2"
+    assert all(s.grad_norm > 0 and s.response_std > 0 for s in layers)
+    preact = probe(residual.create_model("preact_resnet110"), x, y)
+    assert len(preact) == 108 and preact[0].name == "layer1.0.conv1"
+
+
+def _first_over_last(name, **options):
+    torch.manual_seed(0)
+    layers = probe(residual.create_model(name, **options), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
+    return layers[0].grad_norm / layers[-1].grad_norm
+
+
+def test_without_normalisation_deep_plain_gradients_vanish_and_residual_ones_do_not():
+    # Glorot init, no normalisation: the back-propagated signal dies on the way to the input...
+    plain = _first_over_last("plain56", norm=None, init="xavier")
+    residual_twin = _first_over_last("resnet56", norm=None, init="xavier")
+    assert plain < 1e-6, plain
+    # ... while the identity shortcuts carry it through.
+    assert residual_twin > 0.1, residual_twin
+
+
+def test_he_init_keeps_a_plain_net_from_vanishing_and_batch_norm_makes_it_explode():
+    # He et al.'s argument: with their init (and with BN) the plain net's gradients do not vanish.
+    assert _first_over_last("plain56", norm=None, init="he") > 1e-2
+    assert _first_over_last("plain56", norm="batch") > 1e2  # at init they explode instead
+    assert _first_over_last("resnet56", norm="batch") < _first_over_last("plain56", norm="batch") / 10
+
+
+def test_xavier_init_option():
+    model = residual.create_model("plain20", init="xavier")
+    conv = model.layer2[1].conv1
+    fan = conv.in_channels * 9 + conv.out_channels * 9
+    assert conv.weight.std().item() == pytest.approx((2 / fan) ** 0.5, rel=0.1)
+    with pytest.raises(residual.ConfigError, match="init"):
+        residual.create_model("plain20", init="orthogonal")
+
+
+def test_gradients_experiment_writes_table_and_figure(tiny_shapes, tmp_path):
+    results = run_gradients(["plain20", "resnet20"], str(tiny_shapes), tmp_path, norm=None, init="xavier", steps=3,
+                            batch_size=8)
+    assert set(results) == {"plain20", "resnet20"} and set(results["plain20"]) == {"init", "after 3 steps"}
+    rows = list(csv.DictReader((tmp_path / "gradients.csv").open()))
+    assert len(rows) == 2 * 2 * 18
+    assert (tmp_path / "gradients.png").stat().st_size > 10_000
+
+
+def test_degradation_experiment_writes_figure_table_and_verdict(tiny_shapes, tmp_path):
+    result = run_degradation(str(tiny_shapes), depths=(20, 32), epochs=2, out=tmp_path)
+    assert (tmp_path / "degradation.png").stat().st_size > 10_000
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["model"] for r in rows] == ["plain20", "plain32", "resnet20", "resnet32"]
+    verdict = (tmp_path / "verdict.txt").read_text()
+    assert verdict.startswith("Plain nets: plain-32") and "Residual nets: resnet-32" in verdict
+    assert result["results"]["plain32"].train_error[1] == pytest.approx(1 - float(
+        list(csv.DictReader((tmp_path / "runs" / "plain32" / "metrics.csv").open()))[1]["train_acc"]))
+    with pytest.raises(residual.ConfigError, match="--depths"):
+        run_degradation(str(tiny_shapes), depths=(20,), out=tmp_path)
+    with pytest.raises(residual.ConfigError, match="missing"):
+        run_degradation(str(tiny_shapes), depths=(20, 1202), out=tmp_path)
+
+
+def test_verdict_follows_the_numbers():
+    def net(name, train_error):
+        return NetResult(name, [0.9, train_error], [0.9, train_error + 0.05])
+
+    degraded = {"plain20": net("plain20", 0.10), "plain56": net("plain56", 0.20),
+                "resnet20": net("resnet20", 0.08), "resnet56": net("resnet56", 0.05)}
+    lines = verdict_lines(degraded, (20, 56))
+    assert "HIGHER" in lines[0] and "degradation problem is visible" in lines[0]
+    assert "LOWER" in lines[1] and "depth helped" in lines[1]
+    healthy = {**degraded, "plain56": net("plain56", 0.09), "resnet56": net("resnet56", 0.09)}
+    lines = verdict_lines(healthy, (20, 56))
+    assert "no degradation in this run" in lines[0] and "did not train better" in lines[1]
+
+
+def test_paper_recipe_is_section_4_2(tmp_path):
+    config = recipe_config("paper", "cifar", "resnet110", 50_000, None, "batch", "he", tmp_path, True)
+    steps_per_epoch = 391  # ceil(50000 / 128)
+    assert config.batch_size == 128 and config.epochs == 164  # 64k iterations
+    assert config.optim.lr == 0.1 and config.optim.momentum == 0.9 and not config.optim.nesterov
+    assert config.optim.weight_decay == 1e-4 and config.optim.schedule == "multistep"
+    assert config.optim.milestones == pytest.approx((32_000 / steps_per_epoch, 48_000 / steps_per_epoch))
+    assert config.optim.warmup_epochs == 1.0 and config.augment.preset == "cifar"
+    assert recipe_config("paper", "cifar", "resnet20", 50_000, None, "batch", "he", tmp_path, True).optim.warmup_epochs == 0
