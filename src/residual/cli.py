@@ -97,7 +97,8 @@ OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "sched
                "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase")
 AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
                  "random_erasing", "auto_augment", "mixup", "cutmix")
-TRAIN_FLAGS = ("model", "image_size", "epochs", "batch_size", "label_smoothing", "grad_clip", "accumulate", "ema",
+TRAIN_FLAGS = ("pretrained", "strategy", "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay",
+               "model", "image_size", "epochs", "batch_size", "label_smoothing", "grad_clip", "accumulate", "ema",
                "early_stopping", "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last",
                "compile", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet")
 
@@ -105,6 +106,8 @@ TRAIN_FLAGS = ("model", "image_size", "epochs", "batch_size", "label_smoothing",
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from .train import TrainingInterrupted, train
 
+    if getattr(args, "finetune", False) and not args.pretrained and not args.resume:
+        raise ResidualError("residual finetune needs --from NAME|PATH (e.g. resnet50.tv2_in1k, or a model file)")
     try:
         if args.resume:
             train(resume=args.resume, console=console)
@@ -190,6 +193,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--val-split", type=float, help="fraction held out per class when there is no val/ folder")
+    fine = p.add_argument_group("fine-tuning")
+    fine.add_argument("--from", dest="pretrained", metavar="NAME|PATH",
+                      help="start from pretrained weights: a name (resnet50.tv2_in1k), a model file or a checkpoint")
+    fine.add_argument("--strategy", choices=("full", "linear-probe", "two-stage"))
+    fine.add_argument("--freeze-stages", type=int, metavar="K", help="keep the stem and the first K stages frozen")
+    fine.add_argument("--head-epochs", type=int, help="two-stage: epochs that train the new head alone (3)")
+    fine.add_argument("--unfreeze-stages", type=int, metavar="K", help="two-stage: then train only the last K stages")
+    fine.add_argument("--layer-lr-decay", type=float,
+                      help="lr factor per layer group toward the input (discriminative lr; two-stage: 0.5)")
     opt = p.add_argument_group("optimizer and schedule")
     opt.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "rmsprop"))
     opt.add_argument("--lr", type=float, help="auto: 0.1 per 128 images (small) or per 256 (large)")
@@ -278,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a ResNet on a folder of images (or CIFAR)")
     _add_train_arguments(p)
     p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("finetune", help="fine-tune pretrained weights on your classes (two-stage by default)")
+    _add_train_arguments(p)
+    p.set_defaults(run=cmd_train, strategy="two-stage", finetune=True)
 
     p = commands.add_parser("shapes", help="write the built-in synthetic dataset as an ImageFolder of PNGs")
     p.add_argument("out", help="folder to write (train/ val/ test/, and masks/ with --masks)")

@@ -445,6 +445,29 @@ def create_model(name: str, pretrained: bool | None = None, **options) -> ResNet
     return model
 
 
+def pretrained_source(source: str) -> tuple[str | None, Preprocessing | None]:
+    """The architecture and preprocessing a fine-tuning source carries.
+
+    A pretrained name or a residual model file says both; a foreign checkpoint says
+    neither (None, None), so the caller must name the architecture.
+    """
+    path = Path(source)
+    if not path.exists():
+        weights = get_pretrained(source)
+        return weights.arch, weights.preprocessing
+    if path.suffix == ".safetensors" and _safetensors_metadata(path).get("format") == MODEL_FORMAT:
+        meta = read_metadata(path)
+        return meta["arch"], Preprocessing(**meta["preprocessing"])
+    return None, None
+
+
+def load_for_finetuning(source: str, arch: str | None, num_classes: int) -> ResNet:
+    """A pretrained backbone with a fresh head for `num_classes`; keeps the source's preprocessing."""
+    if not Path(source).exists():
+        return create_model(source, pretrained=True, num_classes=num_classes)
+    return load_model(source, arch=arch, num_classes=num_classes)
+
+
 def _adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int) -> None:
     key = "conv1.weight" if "conv1.weight" in state else "conv1.0.weight"
     weight = state[key]

@@ -187,6 +187,12 @@ class ResNet(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
+        """The model from input to output in the groups fine-tuning freezes and gives learning rates:
+        the stem, each stage, and the head (final norm of pre-activation nets, classifier)."""
+        return ([("stem", [self.conv1, self.bn1])] + [(name, [getattr(self, name)]) for name in self.stage_names]
+                + [("head", [self.bn_final, self.fc])])
+
     def blocks(self) -> list[nn.Module]:
         """Every residual (or plain) block, in order."""
         return [block for name in self.stage_names for block in getattr(self, name)]

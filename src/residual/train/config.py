@@ -18,9 +18,11 @@ from ..data.datasets import Dataset
 from ..data.decode import BadImageError, read_image
 from ..data.transforms import AugmentConfig
 from ..errors import ConfigError
+from ..weights import pretrained_source
 from .optim import OptimConfig
 
 MONITORS = ("val_top1", "val_loss")
+STRATEGIES = ("full", "linear-probe", "two-stage")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,12 @@ class TrainConfig:
     data: str
     model: str | None = None  # a registry name; auto: by image size and dataset size
     model_options: dict = field(default_factory=dict)  # any ResNetConfig field, e.g. {"drop_rate": 0.2}
+    pretrained: str | None = None  # fine-tune from a pretrained name, a model file or a checkpoint (--from)
+    strategy: str = "full"  # 'full', 'linear-probe' (frozen backbone and BN statistics), 'two-stage'
+    freeze_stages: int = 0  # keep the stem and the first K stages frozen throughout
+    head_epochs: int = 3  # two-stage: epochs that train the new head alone
+    unfreeze_stages: int | None = None  # two-stage: stages (from the top) trained after that; None = all
+    layer_lr_decay: float | None = None  # lr factor per layer group toward the input; auto: 0.5 two-stage, else 1
     image_size: int | None = None  # auto: from the images
     epochs: int | None = None  # auto: 30
     batch_size: int = 128
@@ -55,6 +63,12 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy != "full" and not self.pretrained:
+            raise ConfigError(f"--strategy {self.strategy} freezes a pretrained backbone: give --from")
+        if self.freeze_stages < 0 or (self.unfreeze_stages is not None and self.unfreeze_stages < 0):
+            raise ConfigError("--freeze-stages and --unfreeze-stages count stages: 0 or more")
         if self.monitor not in MONITORS:
             raise ConfigError(f"--monitor must be one of {MONITORS}, got {self.monitor!r}")
         if self.batch_size < 1 or self.accumulate < 1:
@@ -122,17 +136,30 @@ def resolve(config: TrainConfig, dataset: Dataset) -> TrainConfig:
     CIFAR recipe (SGD lr 0.1 per 128 images, weight decay 5e-4, pad-crop + flip);
     larger ones an ImageNet-style net at 224 px (128 px under 160 px) with
     random-resized crops, lr 0.1 per 256 images and weight decay 1e-4.
+    Fine-tuning (`pretrained`) keeps the source's architecture and input size; the
+    new head trains at the usual rate, and the backbone at half the rate per layer
+    group toward the input ('two-stage') or at a tenth of it ('full').
     """
-    typical = config.image_size or typical_image_size(dataset)
+    model, source_pre = config.model, None
+    if config.pretrained:
+        source_arch, source_pre = pretrained_source(config.pretrained)
+        model = model or source_arch
+        if model is None:
+            raise ConfigError(f"--from {config.pretrained}: a foreign checkpoint; name its architecture with --model")
+    typical = config.image_size or (source_pre.input_size if source_pre else typical_image_size(dataset))
     small = typical <= 64
-    image_size = config.image_size or (typical if small else (224 if typical >= 160 else 128))
+    image_size = config.image_size or (typical if small or source_pre else (224 if typical >= 160 else 128))
     count = len(dataset.train)
-    model = config.model or (("resnet20" if count < 20_000 else "resnet56") if small else
-                             ("resnet18" if count < 50_000 else "resnet50"))
+    model = model or (("resnet20" if count < 20_000 else "resnet56") if small else
+                      ("resnet18" if count < 50_000 else "resnet50"))
+    # A new head learns at the from-scratch rate; the pretrained backbone gets less: per layer group
+    # (layer_lr_decay) in 'two-stage', or ten times less overall when 'full' fine-tuning trains it all alike.
+    base_lr = 0.01 if config.pretrained and config.strategy == "full" else 0.1
     optim = dataclasses.replace(
         config.optim,
-        lr=config.optim.lr or 0.1 * config.batch_size * config.accumulate / (128 if small else 256),
+        lr=config.optim.lr or base_lr * config.batch_size * config.accumulate / (128 if small else 256),
         weight_decay=config.optim.weight_decay if config.optim.weight_decay is not None else (5e-4 if small else 1e-4))
     augment = config.augment.resolved(image_size)
+    layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
     return dataclasses.replace(config, model=model, image_size=image_size, epochs=config.epochs or 30,
-                               optim=optim, augment=augment)
+                               optim=optim, augment=augment, layer_lr_decay=layer_lr_decay)

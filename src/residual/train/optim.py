@@ -55,16 +55,30 @@ class OptimConfig:
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
+    """Parameter groups: decay vs no decay, and per layer group a learning-rate scale.
+
+    With layer_lr_decay < 1 (discriminative learning rates, fastai-style) the head
+    trains at the full rate and each group closer to the input at `layer_lr_decay`
+    times the next one. Every parameter is included, trainable or not: frozen ones get
+    no gradient, so no update and no decay, and unfreezing later needs no new optimizer.
+    """
+    layers = model.layer_groups() if hasattr(model, "layer_groups") else [("all", [model])]
+    groups = []
+    for depth_from_head, (name, modules) in enumerate(reversed(layers)):
+        params = [p for module in modules for p in module.parameters()]
+        scale = layer_lr_decay ** depth_from_head
+        for decay, members in ((weight_decay, [p for p in params if p.ndim >= 2]),
+                               (0.0, [p for p in params if p.ndim < 2])):
+            if members:
+                groups.append({"params": members, "weight_decay": decay, "lr_scale": scale, "layer_group": name})
+    return groups
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, config.weight_decay)
+def build_optimizer(model: nn.Module, config: OptimConfig, layer_lr_decay: float = 1.0) -> torch.optim.Optimizer:
+    groups = param_groups(model, config.weight_decay, layer_lr_decay)
+    for group in groups:
+        group["lr"] = config.lr * group["lr_scale"]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                nesterov=config.nesterov and config.momentum > 0)

@@ -39,7 +39,7 @@ from ..data.transforms import build_augment, mix_batch, normalize
 from ..errors import ResidualError
 from ..models import Preprocessing, ResNet, build_model
 from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-from ..weights import save_model
+from ..weights import load_for_finetuning, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, load_config, resolve, save_config
 from .history import plot_curves, write_metrics
@@ -133,7 +133,7 @@ class Trainer:
         self._build_loaders()
         c = config
         self.steps_per_epoch = math.ceil(len(self.train_loader) / c.accumulate)
-        self.optimizer = build_optimizer(self.model, c.optim)
+        self.optimizer = build_optimizer(self.model, c.optim, c.layer_lr_decay or 1.0)
         self.scheduler = build_scheduler(self.optimizer, c.optim, self.steps_per_epoch, self.steps_per_epoch * c.epochs)
         use_amp = c.amp if c.amp is not None else self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported()
@@ -148,13 +148,16 @@ class Trainer:
         self.history: list[dict] = []
         self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
         self.stop_signal: str | None = None
+        self.frozen: int | None = None  # layer groups frozen in the current epoch
 
     # --- setup -------------------------------------------------------------------------------
 
     def _build_model(self) -> ResNet:
         c = self.config
-        options = {"num_classes": len(self.dataset.classes), **c.model_options}
-        model = build_model(c.model, **options).to(self.device)
+        if c.pretrained:
+            model = load_for_finetuning(c.pretrained, c.model, len(self.dataset.classes)).to(self.device)
+        else:
+            model = build_model(c.model, num_classes=len(self.dataset.classes), **c.model_options).to(self.device)
         if c.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.class_names = list(self.dataset.classes)
@@ -165,8 +168,10 @@ class Trainer:
         if len(data.val) == 0:
             raise TrainingError(f"{data.root}: the validation split is empty; add a val/ folder or use --val-split")
         small = c.image_size <= 64
-        resize = c.image_size if small else round(c.image_size / 0.875)
-        interpolation = "bilinear"
+        source = self.model.preprocessing if c.pretrained else None  # a pretrained model keeps its own
+        crop_pct = source.crop_pct if source else 0.875
+        resize = c.image_size if small else round(c.image_size / crop_pct)
+        interpolation = source.interpolation if source else "bilinear"
         fits = len(data.train) * 3 * resize * resize <= IN_MEMORY_BUDGET
         in_memory = c.in_memory if c.in_memory is not None else fits
         progress = not c.quiet
@@ -176,6 +181,8 @@ class Trainer:
             val_images, val_labels = load_into_memory(data.val, resize, c.image_size, interpolation, self.bad,
                                                       "loading val", progress)
             mean, std = (channel_stats(train_images) if small else (IMAGENET_MEAN, IMAGENET_STD))
+            if source:
+                mean, std = source.mean, source.std
             self.train_loader = InMemoryLoader(train_images, train_labels, c.batch_size, True, c.seed, self.device)
             self.val_loader = InMemoryLoader(val_images, val_labels, 2 * c.batch_size, False, c.seed, self.device)
         else:
@@ -184,7 +191,7 @@ class Trainer:
                                            interpolation, workers, self.bad)
             self.val_loader = FileLoader(data.val, 2 * c.batch_size, False, c.seed, self.device, resize,
                                          c.image_size, interpolation, workers, self.bad)
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
+            mean, std = (source.mean, source.std) if source else (IMAGENET_MEAN, IMAGENET_STD)
         self.model.preprocessing = Preprocessing(c.image_size, resize, mean, std, interpolation)
         self.augment = build_augment(c.augment, c.image_size, resize).to(self.device)
 
@@ -231,9 +238,36 @@ class Trainer:
                 stopped_early = self._end_epoch(train_stats, val_stats)
         return self._finish(stopped_early)
 
+    def frozen_groups(self) -> int:
+        """How many layer groups, counted from the input, are frozen in the current epoch."""
+        c = self.config
+        backbone = len(self.model.layer_groups()) - 1  # every group but the head
+        fixed = min(backbone, 1 + c.freeze_stages) if c.freeze_stages else 0
+        if c.strategy == "linear-probe" or (c.strategy == "two-stage" and self.epoch < c.head_epochs):
+            return backbone
+        if c.strategy == "two-stage" and c.unfreeze_stages is not None:
+            return max(fixed, backbone - c.unfreeze_stages)
+        return fixed
+
+    def _apply_freezing(self) -> None:
+        """Frozen groups get no gradients and keep their BN statistics (eval mode)."""
+        frozen = self.frozen_groups()
+        groups = self.model.layer_groups()
+        for index, (_, modules) in enumerate(groups):
+            for module in modules:
+                module.requires_grad_(index >= frozen)
+                if index < frozen:
+                    module.eval()
+        if frozen != self.frozen and (frozen or self.frozen):
+            training = ", ".join(name for name, _ in groups[frozen:])
+            self.console.print(f"epoch {self.epoch + 1}: training {training}; frozen: "
+                               f"{', '.join(name for name, _ in groups[:frozen]) or 'nothing'}")
+        self.frozen = frozen
+
     def _train_epoch(self) -> dict:
         c, model = self.config, self.model
         model.train()
+        self._apply_freezing()
         started, seen_now = time.perf_counter(), 0
         total = len(self.train_loader)
         columns = (TextColumn(f"epoch {self.epoch + 1}/{c.epochs}"), BarColumn(), MofNCompleteColumn(),
