@@ -251,3 +251,25 @@ def test_mixed_precision_path_trains(shapes16, tmp_path):
     result = train(TrainConfig(data=str(shapes16), epochs=1, amp=True, out=str(tmp_path), name="amp", **QUICK))
     assert math.isfinite(result.history[0]["train_loss"])
     assert residual.load_model(result.model_path).fc.weight.dtype == torch.float32
+
+
+def test_class_weights_and_balanced_sampler_for_imbalanced_data(tmp_path):
+    from residual.data.loaders import InMemoryLoader
+    from residual.train.trainer import class_weights
+
+    assert class_weights([30, 10]).tolist() == pytest.approx([0.5, 1.5])
+    assert class_weights([10, 0, 30]).tolist() == pytest.approx([1.5, 0.0, 0.5])
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    loader = InMemoryLoader(torch.zeros(100, 3, 2, 2, dtype=torch.uint8), labels, 50, True, 0, torch.device("cpu"),
+                            balanced=True)
+    drawn = torch.cat([batch for epoch in range(20) for _, batch in loader.epoch(epoch)])
+    assert 0.4 < drawn.float().mean().item() < 0.6, "the 10% class is drawn about half the time"
+    assert [b.tolist() for _, b in loader.epoch(3, start=1)] == [b.tolist() for _, b in loader.epoch(3)][1:]
+
+    data = write_shapes(tmp_path / "d", size=16, per_class=12, seed=3, progress=False)
+    for path in sorted((data / "train" / "star").glob("*.png"))[2:]:
+        path.unlink()
+    result = train(TrainConfig(data=str(data), epochs=1, class_weights="auto", balanced_sampler=True,
+                               out=str(tmp_path), name="imbalanced", **QUICK))
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["class_weights"] == "auto"

@@ -97,7 +97,7 @@ OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "sched
                "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase")
 AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
                  "random_erasing", "auto_augment", "mixup", "cutmix")
-TRAIN_FLAGS = ("pretrained", "strategy", "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay",
+TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay",
                "model", "image_size", "epochs", "batch_size", "label_smoothing", "grad_clip", "accumulate", "ema",
                "early_stopping", "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last",
                "compile", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet")
@@ -220,6 +220,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--staircase", action=argparse.BooleanOptionalAction, default=None)
     reg = p.add_argument_group("regularisation")
     reg.add_argument("--label-smoothing", type=float)
+    reg.add_argument("--class-weights", choices=("auto",), help="weight the loss by inverse class frequency")
+    reg.add_argument("--balanced-sampler", action=argparse.BooleanOptionalAction, default=None,
+                     help="draw every class equally often (with replacement)")
     reg.add_argument("--drop-rate", type=float, help="dropout before the classifier")
     reg.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None)
     reg.add_argument("--grad-clip", type=float, help="max global gradient norm")

@@ -33,11 +33,20 @@ from .transforms import resize_center_crop
 log = logging.getLogger(__name__)
 
 
-def epoch_order(count: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+def epoch_order(count: int, shuffle: bool, seed: int, epoch: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The epoch's sample order: a seeded permutation, or with `weights` a seeded draw with replacement."""
     if not shuffle:
         return torch.arange(count)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if weights is not None:
+        return torch.multinomial(weights, count, replacement=True, generator=generator)
     return torch.randperm(count, generator=generator)
+
+
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights that make every class equally likely to be drawn."""
+    counts = torch.bincount(labels)
+    return 1.0 / counts[labels].double()
 
 
 def batch_count(count: int, batch_size: int, drop_last: bool) -> int:
@@ -88,7 +97,8 @@ def load_into_memory(split: Split, resize: int, crop: int, interpolation: str, b
 
 class InMemoryLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
-                 device: torch.device, drop_last: bool = False):
+                 device: torch.device, drop_last: bool = False, balanced: bool = False):
+        self.weights = balanced_weights(labels) if balanced else None
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
@@ -101,22 +111,24 @@ class InMemoryLoader:
         return len(self.labels)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch).to(self.images.device)
+        order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch, self.weights).to(self.images.device)
         for index in range(start, len(self)):
             batch = order[index * self.batch_size:(index + 1) * self.batch_size]
             yield self.images[batch], self.labels[batch]
 
 
 class _EpochBatchSampler(Sampler[list[int]]):
-    def __init__(self, count: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+    def __init__(self, count: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+                 weights: torch.Tensor | None = None):
         self.count, self.batch_size, self.shuffle, self.seed, self.drop_last = count, batch_size, shuffle, seed, drop_last
+        self.weights = weights
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
         return batch_count(self.count, self.batch_size, self.drop_last) - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_order(self.count, self.shuffle, self.seed, self.epoch)
+        order = epoch_order(self.count, self.shuffle, self.seed, self.epoch, self.weights)
         for index in range(self.start, batch_count(self.count, self.batch_size, self.drop_last)):
             yield order[index * self.batch_size:(index + 1) * self.batch_size].tolist()
 
@@ -149,9 +161,11 @@ def _collate(items):
 
 class FileLoader:
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, device: torch.device,
-                 resize: int, crop: int, interpolation: str, workers: int, bad: BadFileLog, drop_last: bool = False):
+                 resize: int, crop: int, interpolation: str, workers: int, bad: BadFileLog, drop_last: bool = False,
+                 balanced: bool = False):
         self.device, self.bad, self.batch_size = device, bad, batch_size
-        self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last)
+        weights = balanced_weights(torch.as_tensor(split.labels)) if balanced else None
+        self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, weights)
         self.loader = DataLoader(_FileDataset(split, resize, crop, interpolation), batch_sampler=self.sampler,
                                  num_workers=workers, pin_memory=device.type == "cuda",
                                  persistent_workers=workers > 0, collate_fn=_collate)

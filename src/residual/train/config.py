@@ -42,6 +42,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and weight decay auto unless given
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # preset auto unless given
     label_smoothing: float = 0.0
+    class_weights: str | None = None  # 'auto': loss weights inversely proportional to class frequency
+    balanced_sampler: bool = False  # draw each epoch with replacement so every class is equally likely
     grad_clip: float | None = None  # max gradient norm
     accumulate: int = 1  # micro-batches per optimizer step
     ema: float | None = None  # decay of an exponential moving average of the weights, e.g. 0.999
@@ -69,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"--strategy {self.strategy} freezes a pretrained backbone: give --from")
         if self.freeze_stages < 0 or (self.unfreeze_stages is not None and self.unfreeze_stages < 0):
             raise ConfigError("--freeze-stages and --unfreeze-stages count stages: 0 or more")
+        if self.class_weights not in (None, "auto"):
+            raise ConfigError(f"--class-weights takes 'auto', got {self.class_weights!r}")
         if self.monitor not in MONITORS:
             raise ConfigError(f"--monitor must be one of {MONITORS}, got {self.monitor!r}")
         if self.batch_size < 1 or self.accumulate < 1:

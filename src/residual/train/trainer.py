@@ -183,17 +183,20 @@ class Trainer:
             mean, std = (channel_stats(train_images) if small else (IMAGENET_MEAN, IMAGENET_STD))
             if source:
                 mean, std = source.mean, source.std
-            self.train_loader = InMemoryLoader(train_images, train_labels, c.batch_size, True, c.seed, self.device)
+            self.train_loader = InMemoryLoader(train_images, train_labels, c.batch_size, True, c.seed, self.device,
+                                               balanced=c.balanced_sampler)
             self.val_loader = InMemoryLoader(val_images, val_labels, 2 * c.batch_size, False, c.seed, self.device)
         else:
             workers = c.workers if c.workers is not None else min(8, os.cpu_count() or 1)
             self.train_loader = FileLoader(data.train, c.batch_size, True, c.seed, self.device, resize, resize,
-                                           interpolation, workers, self.bad)
+                                           interpolation, workers, self.bad, balanced=c.balanced_sampler)
             self.val_loader = FileLoader(data.val, 2 * c.batch_size, False, c.seed, self.device, resize,
                                          c.image_size, interpolation, workers, self.bad)
             mean, std = (source.mean, source.std) if source else (IMAGENET_MEAN, IMAGENET_STD)
         self.model.preprocessing = Preprocessing(c.image_size, resize, mean, std, interpolation)
         self.augment = build_augment(c.augment, c.image_size, resize).to(self.device)
+        self.class_weights = (class_weights(data.class_counts(data.train)).to(self.device)
+                              if c.class_weights == "auto" else None)
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -302,7 +305,7 @@ class Trainer:
             logits = self.forward(x)
             # Hard labels carry their smoothing here; soft (mixed) targets already include it.
             smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+            loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights, label_smoothing=smoothing)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, batch {index + 1} "
                                 f"(step {self.step + 1}); nothing was saved from this point. The last good "
@@ -394,6 +397,13 @@ class Trainer:
         self.console.print(f"run directory: {self.run_dir} (model.safetensors, metrics.csv, curves.png, last.pt)")
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
                            len(self.dataset.ignored), stopped_early, self.run_dir / "model.safetensors")
+
+
+def class_weights(counts: list[int]) -> torch.Tensor:
+    """Loss weights inversely proportional to class frequency, averaging 1 over the classes present."""
+    counts_t = torch.tensor(counts, dtype=torch.float32)
+    weights = torch.where(counts_t > 0, 1.0 / counts_t.clamp_min(1), torch.zeros(()))
+    return weights * (counts_t > 0).sum() / weights.sum()
 
 
 def channel_stats(images: torch.Tensor, sample: int = 5000) -> tuple[tuple[float, ...], tuple[float, ...]]:
