@@ -15,10 +15,11 @@ from .models import ModelInfo, Preprocessing, ResNet, ResNetConfig, list_models,
 from .weights import (PretrainedWeights, create_model, imagenet_class_names, list_pretrained, load_model,
                       load_weights, read_metadata, read_state_dict, register_pretrained, save_model)
 from .train import TrainConfig, TrainResult, train
+from .embed import Embeddings, embed, similar
 
 __all__ = [
     "ConfigError", "ModelInfo", "Preprocessing", "PretrainedWeights", "ResNet", "ResNetConfig", "ResidualError",
     "create_model", "imagenet_class_names", "list_models", "list_pretrained", "load_model", "load_weights",
     "model_info", "read_metadata", "read_state_dict", "register_pretrained", "save_model",
-    "TrainConfig", "TrainResult", "train",
+    "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
 ]

@@ -157,6 +157,42 @@ def cmd_experiment_gradients(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace, console: Console) -> int:
+    import numpy as np
+
+    from .embed import embed
+
+    model = load_model(args.model)
+    result = embed(model, args.images, args.batch_size, progress=not args.quiet)
+    out = Path(args.out)
+    np.save(out, result.features)
+    paths_file = out.with_suffix(".paths.txt")
+    paths_file.write_text("".join(f"{p}\n" for p in result.paths))
+    for message in result.failed:
+        print(f"skipped {message}", file=sys.stderr)
+    console.print(f"wrote {out} ({result.features.shape[0]} x {result.features.shape[1]} features) and {paths_file}"
+                  + (f"; {len(result.failed)} file(s) could not be read" if result.failed else ""))
+    return 1 if result.failed else 0
+
+
+def cmd_similar(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from .embed import similar
+
+    matches, failed = similar(load_model(args.model), args.query, args.gallery, args.topk, args.batch_size)
+    table = Table(title=f"most similar to {args.query} (cosine similarity of pooled features)")
+    table.add_column("rank", justify="right")
+    table.add_column("image")
+    table.add_column("similarity", justify="right")
+    for rank, (path, score) in enumerate(matches, 1):
+        table.add_row(str(rank), str(path), f"{score:.4f}")
+    console.print(table)
+    for message in failed:
+        print(f"skipped {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _norm(value: str) -> str | None:
     return None if value == "none" else value
 
@@ -297,6 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("finetune", help="fine-tune pretrained weights on your classes (two-stage by default)")
     _add_train_arguments(p)
     p.set_defaults(run=cmd_train, strategy="two-stage", finetune=True)
+
+    p = commands.add_parser("embed", help="pooled features of images (include_top=False) -> a .npy file")
+    p.add_argument("model", help="a model file or a pretrained name")
+    p.add_argument("images", nargs="+", help="image files and/or folders")
+    p.add_argument("--out", default="features.npy", help="features, one row per image; paths go to OUT.paths.txt")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=cmd_embed)
+
+    p = commands.add_parser("similar", help="the gallery images nearest to a query (cosine of ResNet features)")
+    p.add_argument("model", help="a model file or a pretrained name")
+    p.add_argument("query", help="the query image")
+    p.add_argument("gallery", help="a folder of images (searched recursively)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(run=cmd_similar)
 
     p = commands.add_parser("shapes", help="write the built-in synthetic dataset as an ImageFolder of PNGs")
     p.add_argument("out", help="folder to write (train/ val/ test/, and masks/ with --masks)")

@@ -1,0 +1,84 @@
+"""Image features from a ResNet's pooled penultimate layer (include_top=False), and retrieval by them.
+
+`embed` turns images into one feature vector each (the model's `pre_logits`), using the
+preprocessing stored with the model; `similar` ranks a gallery folder by cosine
+similarity to a query image: the retrieval / face-recognition use of ResNet features.
+An unreadable file is skipped and reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .data.decode import BadImageError, is_image_file, read_image
+from .data.transforms import normalize, resize_center_crop
+from .models import ResNet
+
+
+@dataclass
+class Embeddings:
+    features: np.ndarray  # N x D, float32, one row per readable image
+    paths: list[Path]  # the image of each row
+    failed: list[str] = field(default_factory=list)  # one message per unreadable file
+
+
+def image_files(sources: list[str | Path]) -> list[Path]:
+    """Files as given, and the image files inside any folder given (recursively, sorted)."""
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files += sorted(p for p in source.rglob("*") if p.is_file() and is_image_file(p))
+        else:
+            files.append(source)
+    return files
+
+
+@torch.inference_mode()
+def embed(model: ResNet, sources: list[str | Path], batch_size: int = 64, progress: bool = False) -> Embeddings:
+    """Pooled features of every image, in the order given; unreadable files listed in `failed`."""
+    model.eval()
+    device = next(model.parameters()).device
+    pre = model.preprocessing
+    files = image_files(sources)
+    rows, kept, failed = [], [], []
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("embed", total=len(files))
+        for start in range(0, len(files), batch_size):
+            batch, batch_paths = [], []
+            for path in files[start:start + batch_size]:
+                try:
+                    batch.append(resize_center_crop(read_image(path), pre.resize_size, pre.input_size, pre.interpolation))
+                    batch_paths.append(path)
+                except BadImageError as error:
+                    failed.append(str(error))
+            if batch:
+                x = normalize(torch.stack(batch).to(device).float() / 255, pre)
+                rows.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+                kept += batch_paths
+            bar.advance(task, len(files[start:start + batch_size]))
+    features = torch.cat(rows).numpy() if rows else np.zeros((0, model.num_features), dtype=np.float32)
+    return Embeddings(features, kept, failed)
+
+
+def cosine_similarity(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    q = query / max(np.linalg.norm(query), 1e-12)
+    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
+    return g @ q
+
+
+def similar(model: ResNet, query: str | Path, gallery: str | Path, topk: int = 5,
+            batch_size: int = 64) -> tuple[list[tuple[Path, float]], list[str]]:
+    """The `topk` gallery images most similar to `query` (cosine of pooled features), best first."""
+    found = embed(model, [query], batch_size)
+    if not found.paths:
+        raise BadImageError(found.failed[0])
+    shelf = embed(model, [gallery], batch_size)
+    scores = cosine_similarity(found.features[0], shelf.features)
+    order = np.argsort(-scores, kind="stable")[:topk]
+    return [(shelf.paths[i], float(scores[i])) for i in order], shelf.failed

@@ -1,0 +1,70 @@
+"""Feature extraction and retrieval."""
+
+import numpy as np
+import pytest
+import torch
+
+import residual
+from residual.cli import main
+from residual.data.decode import BadImageError
+from residual.data.shapes import write_shapes
+from residual.embed import embed, similar
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed")
+    data = write_shapes(root / "shapes", size=32, per_class=3, seed=2, progress=False)
+    torch.manual_seed(0)
+    model = residual.create_model("resnet20", num_classes=10).eval()
+    model.train()
+    with torch.no_grad():  # give BN real statistics so features differ between images
+        model(torch.randn(16, 3, 32, 32))
+    model.eval()
+    path = residual.save_model(model, root / "model.safetensors")
+    return data, residual.load_model(path).eval(), path
+
+
+def test_embed_gives_the_pooled_pre_logits_of_each_image(setup):
+    data, model, _ = setup
+    files = sorted((data / "val" / "star").glob("*.png"))
+    result = embed(model, files)
+    assert result.features.shape == (len(files), 64) and result.paths == files and not result.failed
+    single = embed(model, files[:1]).features[0]
+    assert np.allclose(single, result.features[0], atol=1e-5), "batching does not change a row"
+    assert not np.allclose(result.features[0], result.features[1])
+
+
+def test_bad_files_are_skipped_and_reported(setup, tmp_path):
+    data, model, _ = setup
+    good = sorted((data / "val" / "ring").glob("*.png"))[0]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    result = embed(model, [good, bad])
+    assert result.paths == [good] and len(result.failed) == 1 and "broken.png" in result.failed[0]
+    with pytest.raises(BadImageError, match="broken.png"):
+        similar(model, bad, data / "val")
+
+
+def test_similar_finds_the_query_itself_first(setup):
+    data, model, _ = setup
+    query = sorted((data / "val" / "cross").glob("*.png"))[1]
+    matches, failed = similar(model, query, data / "val", topk=3)
+    assert matches[0][0] == query and matches[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert len(matches) == 3 and matches[1][1] <= matches[0][1] and not failed
+
+
+def test_embed_and_similar_commands(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    data, _, model_path = setup
+    out = tmp_path / "features.npy"
+    assert main(["embed", str(model_path), str(data / "test"), "--out", str(out), "--quiet"]) == 0
+    assert np.load(out).shape == (100, 64)
+    assert len((tmp_path / "features.paths.txt").read_text().splitlines()) == 100
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    assert main(["embed", str(model_path), str(tmp_path / "bad.jpg"), str(data / "test" / "star"),
+                 "--out", str(out), "--quiet"]) == 1
+    assert "bad.jpg: empty file" in capsys.readouterr().err
+    query = sorted((data / "test" / "arrow").glob("*.png"))[0]
+    assert main(["similar", str(model_path), str(query), str(data / "test"), "--topk", "2"]) == 0
+    assert str(query) in capsys.readouterr().out
