@@ -16,10 +16,12 @@ from .weights import (PretrainedWeights, create_model, imagenet_class_names, lis
                       load_weights, read_metadata, read_state_dict, register_pretrained, save_model)
 from .train import TrainConfig, TrainResult, train
 from .embed import Embeddings, embed, similar
+from .train.lr_find import LRFindResult, lr_find
 
 __all__ = [
     "ConfigError", "ModelInfo", "Preprocessing", "PretrainedWeights", "ResNet", "ResNetConfig", "ResidualError",
     "create_model", "imagenet_class_names", "list_models", "list_pretrained", "load_model", "load_weights",
     "model_info", "read_metadata", "read_state_dict", "register_pretrained", "save_model",
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
+    "LRFindResult", "lr_find",
 ]

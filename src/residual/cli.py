@@ -71,14 +71,22 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace):
+def cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
+    from .train.lr_find import lr_find
+
+    lr_find(_train_config(args, lr=None), args.start_lr, args.end_lr, args.steps, console=console)
+    return 0
+
+
+def _train_config(args: argparse.Namespace, **overrides):
     """Flags -> TrainConfig; flags left unset keep the config's defaults (auto where it has them)."""
     from .data.transforms import AugmentConfig
     from .train import TrainConfig, load_config
     from .train.optim import OptimConfig
 
     def given(*names):
-        return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+        values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+        return {**values, **{k: v for k, v in overrides.items() if k in names}}
 
     base = load_config(args.config).to_dict() if args.config else {}
     if args.data is not None:
@@ -105,12 +113,17 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "f
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from .train import TrainingInterrupted, train
+    from .train.lr_find import lr_find
 
     if getattr(args, "finetune", False) and not args.pretrained and not args.resume:
         raise ResidualError("residual finetune needs --from NAME|PATH (e.g. resnet50.tv2_in1k, or a model file)")
     try:
         if args.resume:
             train(resume=args.resume, console=console)
+        elif args.lr == "auto":
+            args.lr = lr_find(_train_config(args, lr=None), console=console).suggestion
+            console.print(f"--lr auto: training at {args.lr:.3g}")
+            train(_train_config(args), console=console)
         else:
             train(_train_config(args), console=console)
     except TrainingInterrupted as stop:
@@ -240,7 +253,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                       help="lr factor per layer group toward the input (discriminative lr; two-stage: 0.5)")
     opt = p.add_argument_group("optimizer and schedule")
     opt.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "rmsprop"))
-    opt.add_argument("--lr", type=float, help="auto: 0.1 per 128 images (small) or per 256 (large)")
+    opt.add_argument("--lr", type=lambda v: v if v == "auto" else float(v),
+                     help="default 0.1 per 128 images (small) or per 256 (large); 'auto': run the range test first")
     opt.add_argument("--momentum", type=float)
     opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     opt.add_argument("--weight-decay", type=float, help="L2 on conv/linear weights only (never BN or bias)")
@@ -333,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("finetune", help="fine-tune pretrained weights on your classes (two-stage by default)")
     _add_train_arguments(p)
     p.set_defaults(run=cmd_train, strategy="two-stage", finetune=True)
+
+    p = commands.add_parser("lr-find", help="the learning-rate range test: a plot and a suggested --lr")
+    _add_train_arguments(p)
+    p.add_argument("--start-lr", type=float, default=1e-6)
+    p.add_argument("--end-lr", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=100)
+    p.set_defaults(run=cmd_lr_find)
 
     p = commands.add_parser("embed", help="pooled features of images (include_top=False) -> a .npy file")
     p.add_argument("model", help="a model file or a pretrained name")

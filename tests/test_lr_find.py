@@ -1,0 +1,43 @@
+"""The learning-rate range test."""
+
+import numpy as np
+import pytest
+import yaml
+
+from residual.cli import main
+from residual.data.shapes import write_shapes
+from residual.train import TrainConfig
+from residual.train.lr_find import lr_find, suggest
+
+
+def test_suggestion_is_a_tenth_of_the_rate_at_the_lowest_loss():
+    lrs = list(np.logspace(-5, 1, 61))
+    # Loss flat, falling fastest around 1e-2, bottoming at 1e-1, then exploding.
+    losses = [2.0 - 1.5 / (1 + np.exp(-3 * (np.log10(lr) + 2))) + (5 * (lr - 0.1) if lr > 0.1 else 0) for lr in lrs]
+    noisy_start = [3.0, 2.0] + losses[2:]  # an early dip must not decide
+    assert suggest(lrs, noisy_start) == pytest.approx(1e-2, rel=0.3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("lr"), size=16, per_class=20, seed=1, progress=False)
+
+
+def test_range_test_sweeps_up_and_stops_when_the_loss_explodes(data, tmp_path):
+    result = lr_find(TrainConfig(data=str(data), model="resnet20", batch_size=16, quiet=True, out=str(tmp_path / "runs")),
+                     start_lr=1e-5, end_lr=100.0, steps=60)
+    assert 3 <= len(result.lrs) <= 60 and result.lrs == sorted(result.lrs)
+    assert result.lrs[0] == pytest.approx(1e-5)
+    assert 1e-5 <= result.suggestion <= 100.0 and result.plot.is_file()
+    assert result.plot.parent.parent == tmp_path / "lr-find"
+
+
+def test_lr_find_command_and_lr_auto(data, tmp_path, capsys):
+    common = ["--model", "resnet20", "--batch-size", "16", "--quiet", "--out", str(tmp_path / "runs")]
+    assert main(["lr-find", str(data), "--steps", "30", *common]) == 0
+    assert "suggested learning rate" in capsys.readouterr().out
+    assert main(["train", str(data), "--lr", "auto", "--epochs", "1", "--name", "auto", *common]) == 0
+    out = capsys.readouterr().out
+    chosen = float(out.split("--lr auto: training at ")[1].split()[0])
+    config = yaml.safe_load((tmp_path / "runs" / "auto" / "config.yaml").read_text())
+    assert config["optim"]["lr"] == pytest.approx(chosen, rel=1e-2)
