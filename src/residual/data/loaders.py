@@ -106,10 +106,6 @@ class InMemoryLoader:
     def __len__(self) -> int:
         return batch_count(len(self.labels), self.batch_size, self.drop_last)
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.labels)
-
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch, self.weights).to(self.images.device)
         for index in range(start, len(self)):
@@ -169,7 +165,6 @@ class FileLoader:
         self.loader = DataLoader(_FileDataset(split, resize, crop, interpolation), batch_sampler=self.sampler,
                                  num_workers=workers, pin_memory=device.type == "cuda",
                                  persistent_workers=workers > 0, collate_fn=_collate)
-        self.num_samples = len(split)
 
     def __len__(self) -> int:
         return batch_count(self.sampler.count, self.batch_size, self.sampler.drop_last)

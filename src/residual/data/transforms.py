@@ -92,12 +92,6 @@ def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> n
     return K.AugmentationSequential(*ops) if ops else nn.Identity()
 
 
-def center_crop_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    top = (images.shape[-2] - size) // 2
-    left = (images.shape[-1] - size) // 2
-    return images[..., top:top + size, left:left + size]
-
-
 def normalize(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
     """float [0, 1] images -> (x - mean) / std, per channel."""
     mean = torch.tensor(preprocessing.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)

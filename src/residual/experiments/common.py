@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..data.datasets import open_dataset
 from ..data.loaders import BadFileLog, load_into_memory
@@ -30,8 +31,6 @@ def training_images(data: str, out: Path, seed: int = 0) -> tuple[torch.Tensor, 
     dataset = open_dataset(resolve_data(data, out, seed), seed=seed)
     if dataset.train.images is not None:
         return dataset.train.images, torch.as_tensor(dataset.train.labels), dataset.classes
-    from PIL import Image
-
     size = min(Image.open(dataset.train.files[0]).size)
     images, labels = load_into_memory(dataset.train, size, size, "bilinear", BadFileLog(), progress=False)
     return images, labels, dataset.classes

@@ -31,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
+from ..data.datasets import open_dataset  # noqa: E402
 from ..data.transforms import AugmentConfig  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..models import list_models  # noqa: E402
@@ -88,8 +89,6 @@ def run_degradation(data: str = "shapes", depths: tuple[int, ...] = (20, 56), re
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = resolve_data(data, out)
-    from ..data.datasets import open_dataset
-
     train_images = len(open_dataset(folder).train)
     results: dict[str, NetResult] = {}
     for family in ("plain", "resnet"):

@@ -27,6 +27,7 @@ from ..atomic import atomic_path  # noqa: E402
 from ..data.transforms import normalize  # noqa: E402
 from ..models import ResNet, build_model  # noqa: E402
 from ..models.preprocessing import Preprocessing  # noqa: E402
+from ..train.trainer import channel_stats  # noqa: E402
 from .common import training_images  # noqa: E402
 
 
@@ -95,7 +96,7 @@ def run_gradients(models: list[str], data: str = "shapes", out: str | Path = "ru
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels, classes = training_images(data, out, seed)
-    preprocessing = Preprocessing(images.shape[-1], images.shape[-1], *channel_stats_of(images))
+    preprocessing = Preprocessing(images.shape[-1], images.shape[-1], *channel_stats(images))
     inputs = normalize(images.float() / 255, preprocessing)
     torch.manual_seed(seed)
     probe_index = torch.randperm(len(labels))[:batch_size]
@@ -112,11 +113,6 @@ def run_gradients(models: list[str], data: str = "shapes", out: str | Path = "ru
     _write_csv(results, out / "gradients.csv")
     _plot(results, out / "gradients.png", f"norm={norm or 'none'}, init={init}")
     return results
-
-
-def channel_stats_of(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    data = images.float() / 255
-    return tuple(data.mean(dim=(0, 2, 3)).tolist()), tuple(data.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
 
 
 def _write_csv(results: dict, path: Path) -> None:
