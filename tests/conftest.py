@@ -9,3 +9,33 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.delenv("RESIDUAL_WEIGHTS_MIRROR", raising=False)
     torch.manual_seed(0)
     return tmp_path / "residual-home"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`residual demo` run once for the session: its console output and run directory.
+
+    The demo test checks the run itself; the evaluate, predict and explain tests use its
+    trained model, so the suite trains the real demo model once.
+    """
+    import contextlib
+    import io
+    import os
+
+    from residual.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    output = io.StringIO()
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "250"  # rich wraps to the terminal width
+    try:
+        with contextlib.redirect_stdout(output):
+            code = main(["demo", "--out", str(root / "runs"), "--data", str(root / "shapes")])
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+    run = root / "runs" / "resnet20-shapes"
+    return {"code": code, "out": output.getvalue(), "run": run, "model": run / "model.safetensors",
+            "data": root / "shapes"}

@@ -73,13 +73,14 @@ def test_shapes_and_check_data_commands(tmp_path, capsys):
     assert "00001.png" in capsys.readouterr().out
 
 
-def test_demo_trains_to_95_percent_on_the_cpu(tmp_path, capsys):
-    """The real `make demo` recipe (about 2.5 minutes on 2 cores)."""
-    assert main(["demo", "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "shapes")]) == 0
-    out = capsys.readouterr().out
-    run = tmp_path / "runs" / "resnet20-shapes"
-    for name in ("model.safetensors", "metrics.csv", "curves.png", "config.yaml", "last.pt"):
+def test_demo_trains_to_95_percent_on_the_cpu(demo_run):
+    """The real `make demo` recipe (about 2.5 minutes on 2 cores), with its reports."""
+    assert demo_run["code"] == 0
+    out, run = demo_run["out"], demo_run["run"]
+    for name in ("model.safetensors", "metrics.csv", "curves.png", "config.yaml", "last.pt", "report.html"):
         assert (run / name).is_file() and name in out
+    for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "highest_loss.png"):
+        assert (run / name).is_file() and (run / "test-report" / name).is_file()
     best = residual.read_metadata(run / "model.safetensors")["extra"]
     assert best["val_top1"] >= 0.95, best
     assert "test top-1" in out and "Next:" in out

@@ -6,6 +6,9 @@
     residual.save_model(model, "model.safetensors")
     model = residual.load_model("model.safetensors")
     result = residual.train(residual.TrainConfig(data="photos/", epochs=30))
+    report = residual.evaluate(model, "photos/", out_dir="report/")   # metrics + report.html
+    result = residual.predict(model, ["cat.jpg", "photos/"], topk=3)
+    cams = residual.explain(model, "cat.jpg", method="gradcam++")
 """
 
 __version__ = "0.1.0"
@@ -16,6 +19,9 @@ from .weights import (PretrainedWeights, create_model, imagenet_class_names, lis
                       load_weights, read_metadata, read_state_dict, register_pretrained, save_model)
 from .train import TrainConfig, TrainResult, train
 from .embed import Embeddings, embed, similar
+from .predict import PredictResult, decode_predictions, predict, preprocess_input
+from .explain import ExplainResult, explain
+from .evaluate import EvalResult, evaluate
 from .train.lr_find import LRFindResult, lr_find
 
 __all__ = [
@@ -23,5 +29,6 @@ __all__ = [
     "create_model", "imagenet_class_names", "list_models", "list_pretrained", "load_model", "load_weights",
     "model_info", "read_metadata", "read_state_dict", "register_pretrained", "save_model",
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
-    "LRFindResult", "lr_find",
+    "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
+    "ExplainResult", "explain", "EvalResult", "evaluate",
 ]

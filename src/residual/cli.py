@@ -64,6 +64,93 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _inference_model(name: str, device: str):
+    """A model file or pretrained name, on the device asked for, ready for inference."""
+    from .runs import pick_device
+
+    return load_model(name).to(pick_device(device)).eval()
+
+
+def _report_failed(failed: list[str]) -> None:
+    for message in failed:
+        print(f"error: {message}", file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from .evaluate import evaluate
+    from .runs import new_run_dir
+    from .tables import eval_tables
+
+    model = _inference_model(args.model, args.device)
+    out = Path(args.out) if args.out else new_run_dir("runs/eval", f"{Path(args.model).stem}-{Path(args.data).name}")
+    result = evaluate(model, args.data, args.split, args.tta, args.batch_size, out, args.gallery,
+                      workers=args.workers, progress=not args.quiet)
+    console.rule(f"{args.model} on {args.data}, {result.metrics['images']:,} images"
+                 + (f", TTA {args.tta}" if args.tta != "none" else ""))
+    for table in eval_tables(result.metrics, "summary"):
+        console.print(table)
+    _report_failed(result.failed)
+    if result.failed:
+        console.print(f"[yellow]{len(result.failed)} unreadable image(s) skipped (listed above and in the report)")
+    console.print(f"report: {result.files['report']}  (metrics.json, confusion_matrix.png, reliability.png"
+                  f"{', highest_loss.png' if result.gallery else ''} in {out})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    from .atomic import atomic_path
+    from .data.decode import image_files
+    from .predict import iter_predict, write_csv, write_json
+    from .tables import predictions_table
+
+    model = _inference_model(args.model, args.device)
+    items = image_files(args.images)
+    if not items:
+        raise ResidualError(f"no image files in {' '.join(args.images)}")
+    failed: list[str] = []
+    predictions = iter_predict(model, items, args.topk, args.batch_size, args.tta, args.workers, failed,
+                               progress=not args.quiet)
+    if args.format == "table":
+        rows = list(predictions)
+        console.print(predictions_table(rows, f"{args.model}: top-{args.topk} of {len(rows)} image(s)"))
+    else:
+        writer = write_csv if args.format == "csv" else write_json
+        if args.out:
+            with atomic_path(Path(args.out)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+                count = writer(predictions, stream)
+            print(f"wrote {count} prediction(s) to {args.out}", file=sys.stderr)
+        else:
+            writer(predictions, sys.stdout)
+    _report_failed(failed)
+    return 1 if failed else 0
+
+
+def cmd_explain(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from .data.decode import image_files
+    from .explain import iter_explain
+    from .runs import new_run_dir
+
+    model = _inference_model(args.model, args.device)
+    items = image_files(args.images)
+    if not items:
+        raise ResidualError(f"no image files in {' '.join(args.images)}")
+    out = Path(args.out) if args.out else new_run_dir("runs/explain", Path(args.model).stem)
+    failed: list[str] = []
+    table = Table(title=f"{args.method} on {args.layer or 'the last stage'} of {args.model}")
+    for column in ("image", "class explained", "probability", "overlay"):
+        table.add_column(column, justify="right" if column == "probability" else "left")
+    count = 0
+    for count, item in enumerate(iter_explain(model, items, args.method, args.target, args.layer, out,
+                                              args.batch_size, failed, progress=not args.quiet), 1):
+        table.add_row(item.source, item.class_name, f"{item.probability:.3f}", item.path.name)
+    console.print(table)
+    console.print(f"wrote {count} overlay(s) to {out}")
+    _report_failed(failed)
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from .demo import run_demo
 
@@ -108,7 +195,7 @@ AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay",
                "model", "image_size", "epochs", "batch_size", "label_smoothing", "grad_clip", "accumulate", "ema",
                "early_stopping", "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last",
-               "compile", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet")
+               "compile", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report")
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -307,6 +394,50 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--out", help="parent of the run directory (default runs/train)")
     run.add_argument("--name")
     run.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=None, help="no progress bar")
+    run.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
+                     help="evaluate the best model on val at the end and write report.html (default: on)")
+
+
+def _add_inference_commands(commands) -> None:
+    from .explain import METHODS
+    from .predict import TTA_MODES
+
+    def common(p, batch_size: int) -> None:
+        p.add_argument("--batch-size", type=int, default=batch_size)
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+        p.add_argument("--workers", type=int, help="image decoding processes (default: up to 8)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("eval", help="accuracy, per-class scores, confusion, calibration and an HTML report")
+    p.add_argument("model", help="a model file or a pretrained name")
+    p.add_argument("data", help="a dataset folder (class folders, or train/ val/ test/) or CIFAR")
+    p.add_argument("--split", choices=("train", "val", "test", "all"),
+                   help="default: test if present, else val; a flat folder of classes is used whole")
+    p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
+    p.add_argument("--gallery", type=int, default=16, help="highest-loss images shown with Grad-CAM (0: none)")
+    p.add_argument("--out", help="report folder (default: a new runs/eval/MODEL-DATA)")
+    common(p, 64)
+    p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("predict", help="the top classes of images or folders of images")
+    p.add_argument("model", help="a model file or a pretrained name")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--out", help="write json/csv here instead of standard output")
+    p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
+    common(p, 64)
+    p.set_defaults(run=cmd_predict)
+
+    p = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, as PNG overlays")
+    p.add_argument("model", help="a model file or a pretrained name")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--method", choices=METHODS, default="gradcam")
+    p.add_argument("--target", help="class name or index to explain (default: the predicted class)")
+    p.add_argument("--layer", help="module to explain at, e.g. layer3 or layer4.1.conv2 (default: last stage)")
+    p.add_argument("--out", help="folder for the overlays (default: a new runs/explain/MODEL)")
+    common(p, 16)
+    p.set_defaults(run=cmd_explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(run=cmd_similar)
+
+    _add_inference_commands(commands)
 
     p = commands.add_parser("shapes", help="write the built-in synthetic dataset as an ImageFolder of PNGs")
     p.add_argument("out", help="folder to write (train/ val/ test/, and masks/ with --masks)")

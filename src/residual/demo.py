@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from .data.datasets import open_dataset
-from .data.decode import read_image
 from .data.shapes import write_shapes
-from .data.transforms import AugmentConfig, normalize, resize_center_crop
+from .data.transforms import AugmentConfig
+from .evaluate import evaluate
+from .predict import predict
 from .train import TrainConfig, train
 from .train.optim import OptimConfig
 from .weights import load_model
@@ -42,34 +41,34 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
 
     console.print(f"\n3. The saved model ({result.model_path}) on test images it never saw:")
     model = load_model(result.model_path).eval()
-    test = open_dataset(data_dir).test
-    pre = model.preprocessing
-    images = torch.stack([resize_center_crop(read_image(p), pre.resize_size, pre.input_size) for p in test.files])
-    with torch.inference_mode():
-        probs = model(normalize(images.float() / 255, pre)).softmax(1)
-    confidence, predicted = probs.max(1)
-    labels = torch.as_tensor(test.labels)
-    test_top1 = (predicted == labels).float().mean().item()
-    table = Table(title=f"{show} of {len(labels)} test images")
+    test = evaluate(model, data_dir, "test", out_dir=result.run_dir / "test-report")
+    step = max(1, len(test.sources) // show)
+    sample = predict(model, test.sources[::step][:show], topk=1).predictions
+    table = Table(title=f"{len(sample)} of {len(test.sources)} test images")
     for column in ("image", "true", "predicted", "probability"):
         table.add_column(column)
-    step = max(1, len(labels) // show)
-    for index in range(0, step * show, step):
-        path = test.files[index]
-        mark = "" if predicted[index] == labels[index] else "  [red]wrong"
-        table.add_row(f"{path.parent.name}/{path.name}", model.class_names[labels[index]],
-                      model.class_names[predicted[index]] + mark, f"{confidence[index]:.3f}")
+    for prediction in sample:
+        path = Path(prediction.source)
+        [(_, name, probability)] = prediction.top
+        mark = "" if name == path.parent.name else "  [red]wrong"
+        table.add_row(f"{path.parent.name}/{path.name}", path.parent.name, name + mark, f"{probability:.3f}")
     console.print(table)
+    test_top1 = test.metrics["top1"]
     val_top1 = result.best.get("val_top1", float("nan"))
     console.print(f"validation top-1 {val_top1:.2%} (best epoch {result.best_epoch}), "
-                  f"test top-1 {test_top1:.2%} over {len(labels)} images.")
+                  f"test top-1 {test_top1:.2%} over {len(test.sources)} images.")
 
     console.print(f"\nEverything is in {result.run_dir}:")
     for name, what in [("model.safetensors", "the best model: weights, classes and preprocessing in one file"),
                        ("metrics.csv", "loss, accuracy, learning rate and speed per epoch"),
-                       ("curves.png", "the training curves"), ("config.yaml", "the resolved recipe, to repeat the run"),
+                       ("curves.png", "the training curves"),
+                       ("report.html", "the validation report: per-class scores, confusion matrix, calibration, "
+                                       "the highest-loss images with Grad-CAM"),
+                       ("test-report/", "the same report on the test split"),
+                       ("config.yaml", "the resolved recipe, to repeat the run"),
                        ("last.pt", "the checkpoint to resume from")]:
         console.print(f"  {name:<18} {what}")
     console.print("\nNext: `residual train YOUR_IMAGES/` (a folder per class), `residual check-data YOUR_IMAGES/`, "
-                  f"`residual info {result.model_path}`, `residual models`, `residual train --help`.")
+                  f"`residual predict {result.model_path} IMAGES`, `residual explain {result.model_path} IMAGES`, "
+                  f"`residual eval {result.model_path} DATA`, `residual models`.")
     return {"run_dir": result.run_dir, "model_path": result.model_path, "val_top1": val_top1, "test_top1": test_top1}

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-from .data.decode import BadImageError, is_image_file, read_image
-from .data.transforms import normalize, resize_center_crop
+from .data.decode import BadImageError, image_files
+from .data.loaders import inference_batches
+from .data.transforms import normalize
 from .models import ResNet
+from .progress import progress_bar
 
 
 @dataclass
@@ -25,17 +25,6 @@ class Embeddings:
     features: np.ndarray  # N x D, float32, one row per readable image
     paths: list[Path]  # the image of each row
     failed: list[str] = field(default_factory=list)  # one message per unreadable file
-
-
-def image_files(sources: list[str | Path]) -> list[Path]:
-    """Files as given, and the image files inside any folder given (recursively, sorted)."""
-    files: list[Path] = []
-    for source in map(Path, sources):
-        if source.is_dir():
-            files += sorted(p for p in source.rglob("*") if p.is_file() and is_image_file(p))
-        else:
-            files.append(source)
-    return files
 
 
 @torch.inference_mode()
@@ -46,22 +35,15 @@ def embed(model: ResNet, sources: list[str | Path], batch_size: int = 64, progre
     pre = model.preprocessing
     files = image_files(sources)
     rows, kept, failed = [], [], []
-    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with progress_bar("embedding", progress) as bar:
         task = bar.add_task("embed", total=len(files))
-        for start in range(0, len(files), batch_size):
-            batch, batch_paths = [], []
-            for path in files[start:start + batch_size]:
-                try:
-                    batch.append(resize_center_crop(read_image(path), pre.resize_size, pre.input_size, pre.interpolation))
-                    batch_paths.append(path)
-                except BadImageError as error:
-                    failed.append(str(error))
-            if batch:
-                x = normalize(torch.stack(batch).to(device).float() / 255, pre)
+        for batch in inference_batches(files, pre.resize_size, pre.input_size, pre.interpolation, batch_size):
+            failed += [message for _, message in batch.failed]
+            if batch.images is not None:
+                x = normalize(batch.images.to(device).float() / 255, pre)
                 rows.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
-                kept += batch_paths
-            bar.advance(task, len(files[start:start + batch_size]))
+                kept += [files[index] for index in batch.indices]
+            bar.advance(task, len(batch.indices) + len(batch.failed))
     features = torch.cat(rows).numpy() if rows else np.zeros((0, model.num_features), dtype=np.float32)
     return Embeddings(features, kept, failed)
 

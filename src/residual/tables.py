@@ -108,3 +108,46 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
     if len(rows) > limit:
         details.add_row("...", f"{len(rows) - limit} more")
     return [counts, summary] + ([details] if rows else [])
+
+
+def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
+    """The headline numbers, per-class scores (the worst `limit` by F1 when there are more), confused pairs."""
+    summary = Table(title=title, title_justify="left", show_header=False)
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for name, value in [("images", f"{metrics['images']:,}"), ("top-1", f"{metrics['top1']:.2%}"),
+                        ("top-5", f"{metrics['top5']:.2%}"), ("loss", f"{metrics['loss']:.4f}"),
+                        ("ECE", f"{metrics['ece']:.4f}"), ("macro F1", f"{metrics['macro']['f1']:.4f}"),
+                        ("weighted F1", f"{metrics['weighted']['f1']:.4f}")]:
+        summary.add_row(name, value)
+    rows = metrics["per_class"]
+    shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: r["f1"])[:limit]
+    per_class = Table(title="per class" if shown is rows else f"the {limit} classes with the lowest F1")
+    for column in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for row in shown:
+        per_class.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                          str(row["support"]))
+    for name in ("macro", "weighted"):
+        averages = metrics[name]
+        per_class.add_row(f"[bold]{name} avg", *(f"[bold]{averages[k]:.3f}" for k in ("precision", "recall", "f1")),
+                          f"[bold]{metrics['images']}")
+    tables = [summary, per_class]
+    if metrics["most_confused"]:
+        confused = Table(title="most confused (true -> predicted)")
+        for column in ("true", "predicted", "images", "share of true"):
+            confused.add_column(column, justify="right" if column in ("images", "share of true") else "left")
+        for pair in metrics["most_confused"]:
+            confused.add_row(pair["true"], pair["predicted"], str(pair["count"]), f"{pair['share_of_true']:.1%}")
+        tables.append(confused)
+    return tables
+
+
+def predictions_table(predictions: list, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("image", "class", "probability", "next"):
+        table.add_column(column, justify="right" if column == "probability" else "left")
+    for prediction in predictions:
+        (_, name, probability), *others = prediction.top
+        table.add_row(prediction.source, name, f"{probability:.3f}", ", ".join(f"{n} {p:.3f}" for _, n, p in others))
+    return table

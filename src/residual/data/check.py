@@ -13,8 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..progress import progress_bar
 from .datasets import Dataset, Split, open_dataset
 from .decode import BadImageError, read_image
 
@@ -53,8 +53,7 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
     report = DataReport(dataset, {name: dataset.class_counts(split) for name, split in splits.items()})
     digests: dict[str, dict[str, list[str]]] = {name: defaultdict(list) for name in splits}
     total = sum(len(split) for split in splits.values())
-    columns = (TextColumn("checking images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with progress_bar("checking images", progress) as bar:
         task = bar.add_task("check", total=total)
         for name, split in splits.items():
             for item, content in _items(split):

@@ -161,8 +161,10 @@ def _cifar_split(path: Path, label_key: str) -> Split:
     return Split(labels=[int(v) for v in batch[label_key]], images=torch.from_numpy(images.copy()))
 
 
-def _concat(splits: list[Split]) -> Split:
-    return Split(labels=[v for s in splits for v in s.labels], images=torch.cat([s.images for s in splits]))
+def concat_splits(splits: list[Split]) -> Split:
+    """One split holding all the given ones (files, or in-memory images)."""
+    images = torch.cat([s.images for s in splits]) if splits and splits[0].images is not None else None
+    return Split([f for s in splits for f in s.files], [v for s in splits for v in s.labels], images)
 
 
 def _open_cifar(root: Path) -> Dataset:
@@ -171,7 +173,7 @@ def _open_cifar(root: Path) -> Dataset:
         batches = sorted(root.glob("data_batch_*"))
         if not batches or not (root / "test_batch").is_file():
             raise DatasetError(f"{root}: CIFAR-10 layout needs data_batch_1..5 and test_batch")
-        train = _concat([_cifar_split(p, "labels") for p in batches])
+        train = concat_splits([_cifar_split(p, "labels") for p in batches])
         test = _cifar_split(root / "test_batch", "labels")
     else:  # CIFAR-100
         meta = _load_cifar_pickle(root / "meta")

@@ -31,6 +31,17 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+def image_files(sources) -> list:
+    """Inputs as given (paths as Path), with every folder replaced by its image files (recursively, sorted)."""
+    items: list = []
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+            items += sorted(p for p in Path(source).rglob("*") if p.is_file() and is_image_file(p))
+        else:
+            items.append(Path(source) if isinstance(source, (str, os.PathLike)) else source)
+    return items
+
+
 def read_image(path: str | os.PathLike) -> Image.Image:
     """An 8-bit RGB image from `path`, fully decoded, or BadImageError."""
     path = Path(path)
@@ -56,6 +67,23 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         raise BadImageError(f"{path}: refused as a possible decompression bomb ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
         raise BadImageError(f"{path}: corrupt or truncated image ({error})") from None
+
+
+def as_image(item) -> Image.Image:
+    """An RGB PIL image from a path, a PIL image, an H x W x 3 uint8 array or a 3 x H x W uint8 tensor."""
+    if isinstance(item, (str, os.PathLike)):
+        return read_image(item)
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    array = np.asarray(item)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3):
+        array = array.transpose(1, 2, 0)  # channels first (a torch image) -> channels last
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3) or array.dtype != np.uint8:
+        raise BadImageError(f"an array of shape {array.shape} and dtype {array.dtype} is not an image; "
+                            f"give H x W x 3 uint8 RGB")
+    return Image.fromarray(np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array, "RGB")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -13,21 +13,27 @@ Two loaders with one interface, `loader.epoch(epoch, start=0)` yielding
 The order of each epoch is a permutation seeded by (seed, epoch), and an epoch
 can start at any batch: that is what lets a resumed run continue exactly where
 the interrupted one stopped.
+
+`inference_batches` is the evaluation-time stream used by evaluate, predict,
+explain and embed: items in their given order, decoded by DataLoader workers a
+few batches ahead (so memory stays bounded on any folder size), each batch
+saying which items it holds and which could not be read.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Sampler
 
+from ..progress import progress_bar
 from .datasets import DatasetError, Split
-from .decode import BadImageError, read_image
+from .decode import BadImageError, as_image, read_image
 from .transforms import resize_center_crop
 
 log = logging.getLogger(__name__)
@@ -81,8 +87,7 @@ def load_into_memory(split: Split, resize: int, crop: int, interpolation: str, b
     if split.images is not None:
         return split.images, torch.as_tensor(split.labels)
     images, labels = [], []
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with progress_bar(label, progress) as bar:
         for path, target in bar.track(list(zip(split.files, split.labels)), description=label):
             try:
                 images.append(resize_center_crop(read_image(path), resize, crop, interpolation))
@@ -129,50 +134,70 @@ class _EpochBatchSampler(Sampler[list[int]]):
             yield order[index * self.batch_size:(index + 1) * self.batch_size].tolist()
 
 
-class _FileDataset(torch.utils.data.Dataset):
-    """Decodes one file per item; a bad file becomes (None, label, message), never an exception."""
-
-    def __init__(self, split: Split, resize: int, crop: int, interpolation: str):
-        self.split, self.resize, self.crop, self.interpolation = split, resize, crop, interpolation
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int):
-        path: Path = self.split.files[index]
-        try:
-            image = resize_center_crop(read_image(path), self.resize, self.crop, self.interpolation)
-            return image, self.split.labels[index], None
-        except BadImageError as error:
-            return None, self.split.labels[index], str(error)
-
-
-def _collate(items):
-    good = [(image, label) for image, label, _ in items if image is not None]
-    messages = [message for _, _, message in items]
-    if not good:
-        return None, None, messages
-    return torch.stack([i for i, _ in good]), torch.as_tensor([label for _, label in good]), messages
-
-
 class FileLoader:
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, device: torch.device,
                  resize: int, crop: int, interpolation: str, workers: int, bad: BadFileLog, drop_last: bool = False,
                  balanced: bool = False):
         self.device, self.bad, self.batch_size = device, bad, batch_size
+        self.labels = torch.as_tensor(split.labels)
         weights = balanced_weights(torch.as_tensor(split.labels)) if balanced else None
         self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, weights)
-        self.loader = DataLoader(_FileDataset(split, resize, crop, interpolation), batch_sampler=self.sampler,
-                                 num_workers=workers, pin_memory=device.type == "cuda",
-                                 persistent_workers=workers > 0, collate_fn=_collate)
+        self.loader = DataLoader(_InferenceDataset(split.files, resize, crop, interpolation),
+                                 batch_sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                                 persistent_workers=workers > 0, collate_fn=_collate_inference)
 
     def __len__(self) -> int:
         return batch_count(self.sampler.count, self.batch_size, self.sampler.drop_last)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
-        for images, labels, messages in self.loader:
-            for message in messages:
+        for batch in self.loader:
+            for message in [message for _, message in batch.failed] + [None] * len(batch.indices):
                 self.bad.record(message)
-            if images is not None:
-                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            if batch.images is not None:
+                labels = self.labels[batch.indices]
+                yield batch.images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+# --- evaluation-time stream ------------------------------------------------------------------------
+
+@dataclass
+class InferenceBatch:
+    indices: list[int]  # positions (in the items given) of the images in this batch
+    images: torch.Tensor | None  # uint8 N x 3 x crop x crop, None when none of the batch could be read
+    failed: list[tuple[int, str]]  # (position, one-line reason) of each unreadable item
+
+
+class _InferenceDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list, resize: int, crop: int, interpolation: str):
+        self.items, self.resize, self.crop, self.interpolation = items, resize, crop, interpolation
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, resize_center_crop(as_image(self.items[index]), self.resize, self.crop,
+                                             self.interpolation), None
+        except BadImageError as error:
+            return index, None, str(error)
+
+
+def _collate_inference(items) -> InferenceBatch:
+    good = [(index, image) for index, image, _ in items if image is not None]
+    failed = [(index, message) for index, _, message in items if message is not None]
+    images = torch.stack([image for _, image in good]) if good else None
+    return InferenceBatch([index for index, _ in good], images, failed)
+
+
+def inference_batches(items: list, resize: int, crop: int, interpolation: str = "bilinear", batch_size: int = 64,
+                      workers: int | None = None) -> Iterator[InferenceBatch]:
+    """`items` (paths, PIL images, arrays) resized and center-cropped, in order, `batch_size` at a time.
+
+    workers=None uses up to 8 decoding processes when there is more than one batch to decode.
+    """
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if len(items) > batch_size else 0
+    loader = DataLoader(_InferenceDataset(items, resize, crop, interpolation), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate_inference)
+    yield from loader

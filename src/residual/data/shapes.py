@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..atomic import atomic_path
+from ..progress import progress_bar
 
 SHAPE_CLASSES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "ring", "crescent", "arrow")
 _SUPERSAMPLE = 4
@@ -138,8 +138,7 @@ def write_shapes(out_dir: str | Path, size: int = 32, per_class: int = 1000, see
         return out_dir
     jobs = [(split, class_index, index) for split in SPLITS for class_index in range(len(SHAPE_CLASSES))
             for index in range(split_sizes(per_class)[split])]
-    columns = (TextColumn("drawing shapes"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with progress_bar("drawing shapes", progress) as bar:
         task = bar.add_task("shapes", total=len(jobs))
         for split, class_index, index in jobs:
             shape = SHAPE_CLASSES[class_index]

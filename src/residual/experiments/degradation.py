@@ -61,7 +61,7 @@ class NetResult:
 def recipe_config(recipe: str, data: str, model: str, train_images: int, epochs: int | None, norm, init,
                   out: Path, quiet: bool) -> TrainConfig:
     common = dict(data=data, model=model, model_options={"norm": norm, "init": init}, out=str(out), name=model,
-                  quiet=quiet, batch_size=128, augment=AugmentConfig(preset="cifar"), monitor="val_top1")
+                  quiet=quiet, report=False, batch_size=128, augment=AugmentConfig(preset="cifar"), monitor="val_top1")
     if recipe == "quick":
         # Without the warmup, resnet56 blew up in its first steps at lr 0.1 on this small data (~31 steps
         # an epoch) and never left chance: the instability the paper met at 110 layers.

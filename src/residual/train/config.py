@@ -63,6 +63,7 @@ class TrainConfig:
     out: str = "runs/train"
     name: str | None = None
     quiet: bool = False
+    report: bool = True  # at the end, evaluate the best model on val: metrics.json, pictures, report.html
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

@@ -23,8 +23,9 @@ from rich.console import Console  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
 from ..data.datasets import open_dataset  # noqa: E402
+from ..runs import new_run_dir  # noqa: E402
 from .config import TrainConfig, resolve  # noqa: E402
-from .trainer import Trainer, TrainingError, new_run_dir, seed_everything  # noqa: E402
+from .trainer import Trainer, TrainingError, seed_everything  # noqa: E402
 
 
 @dataclass

@@ -37,9 +37,11 @@ from ..data.datasets import Dataset, open_dataset
 from ..data.loaders import BadFileLog, FileLoader, InMemoryLoader, load_into_memory
 from ..data.transforms import build_augment, mix_batch, normalize
 from ..errors import ResidualError
+from ..evaluate import evaluate
 from ..models import Preprocessing, ResNet, build_model
 from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-from ..weights import load_for_finetuning, save_model
+from ..runs import new_run_dir, pick_device
+from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, load_config, resolve, save_config
 from .history import plot_curves, write_metrics
@@ -68,16 +70,6 @@ class TrainResult:
     model_path: Path
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -88,17 +80,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-
-
-def new_run_dir(out: str, name: str) -> Path:
-    """runs/train/NAME, or NAME-2, NAME-3 ... if taken: a new run never overwrites an old one."""
-    base = Path(out) / name
-    candidate, index = base, 1
-    while candidate.exists():
-        index += 1
-        candidate = base.with_name(f"{base.name}-{index}")
-    candidate.mkdir(parents=True)
-    return candidate
 
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
@@ -388,15 +369,28 @@ class Trainer:
                    "ignored_files": [str(p) for p in self.dataset.ignored]}
         with atomic_path(self.run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
+        if self.config.report and self.best is not None:
+            self._write_report()
         best = self.best or {}
         self.console.print(
             f"\nbest epoch {self.best_epoch}: val top-1 {best.get('val_top1', float('nan')):.2%}"
             + (" (stopped early)" if stopped_early else "")
             + (f"; {len(self.bad.files)} unreadable image(s) skipped" if self.bad.files else "")
             + (f"; {len(self.dataset.ignored)} non-image file(s) ignored" if self.dataset.ignored else ""))
-        self.console.print(f"run directory: {self.run_dir} (model.safetensors, metrics.csv, curves.png, last.pt)")
+        self.console.print(f"run directory: {self.run_dir} (model.safetensors, metrics.csv, curves.png, last.pt"
+                           + (", report.html)" if self.config.report and self.best is not None else ")"))
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
                            len(self.dataset.ignored), stopped_early, self.run_dir / "model.safetensors")
+
+
+    def _write_report(self) -> None:
+        """The evaluation report of the best model on the validation split, into the run directory."""
+        model = load_model(self.run_dir / "model.safetensors").to(self.device)
+        result = evaluate(model, self.dataset, "val", batch_size=2 * self.config.batch_size, out_dir=self.run_dir,
+                          workers=self.config.workers, title=f"{self.config.model} on {Path(self.config.data).name}: validation "
+                                                 f"report (best epoch {self.best_epoch})", progress=not self.config.quiet)
+        self.console.print(f"validation report: {result.files['report']} (top-1 {result.metrics['top1']:.2%}, "
+                           f"ECE {result.metrics['ece']:.3f})")
 
 
 def class_weights(counts: list[int]) -> torch.Tensor:

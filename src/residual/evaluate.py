@@ -1,0 +1,127 @@
+"""`evaluate`: how good a model is on a labelled dataset, and where it fails.
+
+It streams the split through the model (optionally with test-time augmentation),
+keeps only the class probabilities, computes the metrics of metrics.py, finds
+the highest-loss images and explains them with Grad-CAM, and writes the report
+of report.py. Unreadable images are skipped and listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.datasets import Dataset, DatasetError, Split, concat_splits, open_dataset
+from .data.loaders import inference_batches
+from .data.transforms import normalize
+from .explain import grad_cam
+from .metrics import classification_metrics
+from .models import ResNet
+from .predict import class_names_of, class_probabilities, model_device, tta_views
+from .progress import progress_bar
+from .report import GalleryItem, write_report
+
+SPLIT_CHOICES = ("train", "val", "test", "all")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    probs: np.ndarray  # N x classes, one row per readable image
+    labels: np.ndarray  # N true class indices (the model's numbering)
+    sources: list[str]  # the image of each row
+    failed: list[str] = field(default_factory=list)
+    gallery: list[GalleryItem] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)  # what was written (metrics, pictures, report)
+
+
+def pick_split(dataset: Dataset, split: str | None) -> tuple[str, Split]:
+    """The split to evaluate: as asked, or test if there is one, else val; a flat class folder is used whole."""
+    if split is None:
+        structured = dataset.kind == "cifar" or (dataset.root / "train").is_dir()
+        split = "test" if dataset.test is not None else "val" if structured else "all"
+    if split not in SPLIT_CHOICES:
+        raise DatasetError(f"--split must be one of {SPLIT_CHOICES}, got {split!r}")
+    if split == "all":
+        return split, concat_splits([s for s in (dataset.train, dataset.val, dataset.test) if s is not None])
+    chosen = getattr(dataset, split)
+    if chosen is None or len(chosen) == 0:
+        raise DatasetError(f"{dataset.root}: no {split} split; choose --split from those the folder has")
+    return split, chosen
+
+
+def model_labels(dataset: Dataset, split: Split, model) -> np.ndarray:
+    """The split's labels renumbered into the model's classes, matched by name."""
+    names = class_names_of(model)
+    unknown = [name for name in dataset.classes if name not in names]
+    if unknown:
+        raise DatasetError(f"{dataset.root}: classes {unknown[:5]} are not classes of the model "
+                           f"(it knows {len(names)}: {', '.join(names[:5])}, ...); the class folders must be "
+                           f"named as the model's classes")
+    mapping = np.array([names.index(name) for name in dataset.classes], dtype=np.int64)
+    return mapping[np.asarray(split.labels, dtype=np.int64)]
+
+
+def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: str = "none",
+             batch_size: int = 64, out_dir: str | Path | None = None, gallery_size: int = 16, bins: int = 15,
+             workers: int | None = None, title: str | None = None, progress: bool = False) -> EvalResult:
+    """Metrics of `model` on a split of `data`; with `out_dir`, the full report is written there."""
+    dataset = data if isinstance(data, Dataset) else open_dataset(data)
+    split_name, chosen = pick_split(dataset, split)
+    all_labels = model_labels(dataset, chosen, model)
+    items = chosen.files if chosen.images is None else list(chosen.images)
+    names = class_names_of(model)
+    tta_views(torch.zeros(1, 3, 2, 2), tta)  # a bad --tta fails here, before any work
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    pre = model.preprocessing
+    probs, kept, failed = [], [], []
+    with progress_bar(f"evaluating {split_name}", progress) as bar:
+        task = bar.add_task("eval", total=len(items))
+        for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers):
+            failed += [message for _, message in batch.failed]
+            if batch.images is not None:
+                probs.append(class_probabilities(model, batch.images, tta).numpy())
+                kept += batch.indices
+            bar.advance(task, len(batch.indices) + len(batch.failed))
+    if not kept:
+        raise DatasetError(f"{dataset.root}: none of the {len(items)} images of the {split_name} split could be read")
+    probs_all = np.concatenate(probs)
+    labels = all_labels[kept]
+    metrics = classification_metrics(probs_all, labels, names, bins)
+    sources = [str(items[i]) if isinstance(items[i], Path) else f"{split_name}#{i}" for i in kept]
+    gallery = highest_loss(model, probs_all, labels, [items[i] for i in kept], sources, gallery_size)
+    result = EvalResult(metrics, probs_all, labels, sources, failed, gallery)
+    if out_dir is not None:
+        info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
+                "tta": tta, "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        result.files = write_report(out_dir, title or f"{info['model']} on {dataset.root.name} ({split_name})",
+                                    metrics, info, gallery, failed)
+    return result
+
+
+def highest_loss(model, probs: np.ndarray, labels: np.ndarray, items: list, sources: list[str],
+                 count: int) -> list[GalleryItem]:
+    """The `count` images with the highest loss, with Grad-CAM for the predicted and the true class."""
+    if count <= 0:
+        return []
+    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    order = np.argsort(-losses, kind="stable")[:count]
+    names = class_names_of(model)
+    pre = model.preprocessing
+    (batch,) = inference_batches([items[i] for i in order], pre.resize_size, pre.input_size, pre.interpolation,
+                                 batch_size=len(order), workers=0)
+    order = order[batch.indices]  # in case a file became unreadable since it was evaluated
+    predicted, true = probs[order].argmax(1), labels[order]
+    cam_predicted = cam_true = [None] * len(order)
+    if isinstance(model, ResNet):
+        x = normalize(batch.images.to(model_device(model)).float() / 255, pre)
+        cam_predicted = grad_cam(model, x, predicted.tolist())[0].numpy()
+        cam_true = grad_cam(model, x, true.tolist())[0].numpy()
+    return [GalleryItem(sources[i], names[t], names[p], float(probs[i, t]), float(probs[i, p]), float(losses[i]),
+                        batch.images[row].permute(1, 2, 0).numpy(), cam_predicted[row], cam_true[row])
+            for row, (i, t, p) in enumerate(zip(order, true, predicted))]

@@ -1,0 +1,198 @@
+"""Why the model decided: Grad-CAM and Grad-CAM++ heatmaps, and overlays to look at.
+
+Grad-CAM (Selvaraju et al. 2017) weighs each channel of a layer's activations by
+the mean gradient of the class score, sums, keeps the positive part and
+upsamples to the image. Grad-CAM++ (Chattopadhay et al. 2018) weighs the
+positive gradients per position instead, which spreads the map over several
+instances of a class. The default layer is the last stage, the coarsest map the
+classifier sees; any module name (`layer3`, `layer4.1.conv2`) works.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from .atomic import atomic_path
+from .data.decode import image_files
+from .data.loaders import inference_batches
+from .data.transforms import normalize
+from .errors import ConfigError
+from .models import ResNet
+from .predict import class_names_of, model_device
+from .progress import progress_bar
+
+METHODS = ("gradcam", "gradcam++")
+DISPLAY_SIZE = 224  # overlays of small inputs are enlarged to this for viewing
+
+
+@dataclass
+class Explanation:
+    source: str
+    class_id: int  # the class explained (predicted, or the one asked for)
+    class_name: str
+    probability: float  # the model's probability for that class
+    predicted_id: int
+    heatmap: np.ndarray  # H x W in [0, 1], at the model's input size
+    image: np.ndarray  # H x W x 3 uint8, the model's input before normalisation
+    path: Path | None = None  # where the overlay was written
+
+
+@dataclass
+class ExplainResult:
+    explanations: list[Explanation]
+    failed: list[str] = field(default_factory=list)
+
+
+def default_layer(model: ResNet) -> str:
+    return model.stage_names[-1]
+
+
+def resolve_target(model, target: int | str | None) -> int | None:
+    """A class index from an index or a class name (None: the predicted class)."""
+    if target is None:
+        return None
+    names = class_names_of(model)
+    if isinstance(target, str) and target in names:
+        return names.index(target)
+    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        if 0 <= int(target) < len(names):
+            return int(target)
+    raise ConfigError(f"--target {target!r}: not a class of this model; give a class index (0-{len(names) - 1}) "
+                      f"or a name such as {names[0]!r}")
+
+
+def grad_cam(model: ResNet, x: torch.Tensor, targets: list[int] | None = None, layer: str | None = None,
+             method: str = "gradcam") -> tuple[torch.Tensor, torch.Tensor]:
+    """Heatmaps (N x H x W in [0, 1], at x's size) and probabilities (N x classes) for a normalised batch.
+
+    `targets`: the class to explain per image; None explains each image's predicted class.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
+    name = layer or default_layer(model)
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"--layer {name!r}: no such module; try one of {model.stage_names} "
+                          f"or a name from `model.named_modules()`") from None
+    captured = {}
+
+    def keep_activation(_module, _inputs, output):
+        captured["activation"] = output
+        return output.clone()  # later in-place ops (ReLU) must not overwrite what we differentiate
+
+    model.eval()
+    handle = module.register_forward_hook(keep_activation)
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            classes = logits.argmax(1) if targets is None else torch.as_tensor(targets, device=logits.device)
+            score = logits.gather(1, classes[:, None]).sum()  # images are independent in eval mode
+            activation = captured["activation"]
+            (gradient,) = torch.autograd.grad(score, activation)
+    finally:
+        handle.remove()
+    activation, gradient = activation.detach().float(), gradient.float()
+    if method == "gradcam":
+        weights = gradient.mean(dim=(2, 3), keepdim=True)
+    else:
+        # Grad-CAM++ closed form for an exponential of the score (Chattopadhay et al., eq. 19).
+        g2, g3 = gradient.pow(2), gradient.pow(3)
+        denominator = 2 * g2 + activation.sum(dim=(2, 3), keepdim=True) * g3
+        alpha = torch.where(gradient != 0, g2 / torch.where(denominator != 0, denominator, torch.ones_like(g2)), 0)
+        weights = (alpha * gradient.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
+    cam = (weights * activation).sum(1, keepdim=True).clamp_min(0)
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return (cam / peak).cpu(), logits.detach().float().softmax(1).cpu()
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, size: int | None = None) -> np.ndarray:
+    """The image with the heatmap blended in (jet colours), enlarged to `size` (default: at least 224 px)."""
+    size = size or max(DISPLAY_SIZE, image.shape[0])
+    scale = lambda a: F.interpolate(torch.as_tensor(a, dtype=torch.float32).permute(2, 0, 1)[None], size=(size, size),  # noqa: E731
+                                    mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    base = scale(image.astype(np.float32))
+    heat = scale(heatmap[..., None]).clip(0, 1)[..., 0]
+    colours = colormaps["jet"](heat)[..., :3] * 255
+    return np.clip((1 - alpha) * base + alpha * colours, 0, 255).astype(np.uint8)
+
+
+def save_explanation(explanation: Explanation, path: Path, method: str) -> None:
+    """Two panels, the input and its overlay, titled with the class explained."""
+    figure = Figure(figsize=(6.4, 3.4))
+    axes = figure.subplots(1, 2)
+    axes[0].imshow(explanation.image)
+    axes[0].set_title(Path(explanation.source).name, fontsize=9)
+    axes[1].imshow(overlay(explanation.image, explanation.heatmap))
+    predicted = "" if explanation.class_id == explanation.predicted_id else " (not the predicted class)"
+    axes[1].set_title(f"{method}: {explanation.class_name} p={explanation.probability:.3f}{predicted}", fontsize=9)
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+
+
+def output_names(items: list, method: str) -> list[str]:
+    """NAME.METHOD.png per item; where names repeat (class folders), the path below their common folder."""
+    stems = [Path(item).stem if isinstance(item, Path) else f"image{index}" for index, item in enumerate(items)]
+    if len(set(stems)) < len(stems):
+        paths = [item for item in items if isinstance(item, Path)]
+        root = Path(os.path.commonpath([p.resolve().parent for p in paths])) if paths else Path()
+        stems = ["-".join(item.resolve().with_suffix("").relative_to(root).parts) if isinstance(item, Path)
+                 else f"image{index}" for index, item in enumerate(items)]
+    return [f"{stem}.{method}.png" for stem in stems]
+
+
+def iter_explain(model: ResNet, items: list, method: str = "gradcam", target: int | str | None = None,
+                 layer: str | None = None, out_dir: str | Path | None = None, batch_size: int = 16,
+                 failed: list[str] | None = None, progress: bool = False) -> Iterator[Explanation]:
+    """Explanations of `items` in order; with `out_dir`, each overlay is written as NAME.METHOD.png."""
+    pre = model.preprocessing
+    names = class_names_of(model)
+    target_id = resolve_target(model, target)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        file_names = output_names(items, method)
+    device = model_device(model)
+    with progress_bar("explaining", progress) as bar:
+        task = bar.add_task("explain", total=len(items))
+        for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size):
+            if failed is not None:
+                failed += [message for _, message in batch.failed]
+            if batch.images is not None:
+                x = normalize(batch.images.to(device).float() / 255, pre)
+                targets = None if target_id is None else [target_id] * len(x)
+                heatmaps, probs = grad_cam(model, x, targets, layer, method)
+                for row, index in enumerate(batch.indices):
+                    class_id = int(probs[row].argmax()) if target_id is None else target_id
+                    source = str(items[index]) if isinstance(items[index], Path) else f"#{index}"
+                    explanation = Explanation(source, class_id, names[class_id], float(probs[row, class_id]),
+                                              int(probs[row].argmax()), heatmaps[row].numpy(),
+                                              batch.images[row].permute(1, 2, 0).numpy())
+                    if out is not None:
+                        explanation.path = out / file_names[index]
+                        save_explanation(explanation, explanation.path, method)
+                    yield explanation
+            bar.advance(task, len(batch.indices) + len(batch.failed))
+
+
+def explain(model: ResNet, images, method: str = "gradcam", target: int | str | None = None,
+            layer: str | None = None, out_dir: str | Path | None = None, batch_size: int = 16,
+            progress: bool = False) -> ExplainResult:
+    """Heatmaps for images (paths, folders, PIL images, arrays); overlays written to `out_dir` if given."""
+    items = image_files(images if isinstance(images, (list, tuple)) else [images])
+    failed: list[str] = []
+    explanations = list(iter_explain(model, items, method, target, layer, out_dir, batch_size, failed, progress))
+    return ExplainResult(explanations, failed)

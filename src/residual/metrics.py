@@ -1,0 +1,106 @@
+"""Classification metrics from predicted probabilities and true labels (NumPy only).
+
+Conventions, as scikit-learn's: precision, recall and F1 are 0 where undefined
+(no predictions, or no support); the macro average is over the classes that
+occur in the labels or the predictions; the weighted average weighs by support.
+Expected calibration error uses equal-width confidence bins (Guo et al. 2017).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts, rows = true class, columns = predicted class."""
+    return np.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)
+
+
+def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    true_positives = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(1)
+    predicted = matrix.sum(0)
+    precision = _ratio(true_positives, predicted)
+    recall = _ratio(true_positives, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": predicted}
+
+
+def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, probs.shape[1])
+    top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(1).mean())
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> list[dict]:
+    """Per equal-width bin of confidence: its range, count, mean confidence and accuracy."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bins are (lower, upper]; a confidence of exactly 0 goes to the first.
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        rows.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": count,
+                     "confidence": float(confidence[members].mean()) if count else 0.0,
+                     "accuracy": float(correct[members].mean()) if count else 0.0})
+    return rows
+
+
+def expected_calibration_error(rows: list[dict]) -> float:
+    total = sum(row["count"] for row in rows)
+    return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(total, 1)
+
+
+def most_confused(matrix: np.ndarray, class_names: list[str], limit: int = 10) -> list[dict]:
+    """The largest off-diagonal cells: which true class is most often taken for which other."""
+    off_diagonal = matrix.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    order = np.argsort(-off_diagonal, axis=None, kind="stable")[:limit]
+    pairs = []
+    for flat in order:
+        true, predicted = divmod(int(flat), matrix.shape[1])
+        if off_diagonal[true, predicted] == 0:
+            break
+        pairs.append({"true": class_names[true], "predicted": class_names[predicted],
+                      "count": int(matrix[true, predicted]),
+                      "share_of_true": float(matrix[true, predicted] / matrix[true].sum())})
+    return pairs
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str], bins: int = 15) -> dict:
+    """Everything `residual eval` reports, as plain JSON-ready values.
+
+    probs: N x C probabilities; labels: N true class indices.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    num_classes = probs.shape[1]
+    predicted = probs.argmax(1)
+    matrix = confusion_matrix(labels, predicted, num_classes)
+    scores = per_class_scores(matrix)
+    present = (scores["support"] > 0) | (scores["predicted"] > 0)
+    support = scores["support"]
+    average = lambda name, weights: float(np.average(scores[name][present], weights=weights))  # noqa: E731
+    confidence = probs.max(1)
+    rows = calibration_bins(confidence, predicted == labels, bins)
+    true_probs = probs[np.arange(len(labels)), labels]
+    return {
+        "images": int(len(labels)),
+        "top1": float((predicted == labels).mean()),
+        "top5": topk_accuracy(probs, labels, 5),
+        "loss": float(-np.log(np.clip(true_probs, 1e-12, None)).mean()),
+        "ece": expected_calibration_error(rows),
+        "macro": {name: average(name, None) for name in ("precision", "recall", "f1")},
+        "weighted": {name: average(name, support[present]) for name in ("precision", "recall", "f1")},
+        "per_class": [{"class": class_names[c], "precision": float(scores["precision"][c]),
+                       "recall": float(scores["recall"][c]), "f1": float(scores["f1"][c]), "support": int(support[c])}
+                      for c in range(num_classes)],
+        "confusion_matrix": matrix.tolist(),
+        "most_confused": most_confused(matrix, class_names),
+        "calibration": rows,
+    }

@@ -1,0 +1,181 @@
+"""Class predictions for images: `predict`, and the Keras-style helpers around it.
+
+`predict(model, images)` reads files, folders, PIL images or arrays, prepares
+them with the preprocessing stored in the model, runs them in batches and
+returns the top-k classes of each. `iter_predict` does the same as a stream, so
+a folder of any size is predicted with bounded memory. An unreadable file gets
+a one-line reason in `failed`; every other file is still predicted.
+
+`preprocess_input` and `decode_predictions` mirror keras.applications: the
+first turns RGB images into model input, the second turns scores into
+(class_id, class_name, score) rows, with the ImageNet names for 1000-class
+models that carry no names of their own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.decode import as_image, image_files
+from .data.loaders import inference_batches
+from .data.transforms import normalize, resize_center_crop
+from .errors import ConfigError
+from .models import Preprocessing, ResNet
+from .progress import progress_bar
+from .weights import imagenet_class_names
+
+TTA_MODES = ("none", "flip", "flip-shift")
+
+
+@dataclass
+class Prediction:
+    source: str  # the file, or "#N" for the N-th in-memory image
+    top: list[tuple[int, str, float]]  # (class_id, class_name, probability), most likely first
+
+
+@dataclass
+class PredictResult:
+    predictions: list[Prediction]
+    failed: list[str] = field(default_factory=list)  # one line per input that could not be read
+
+
+def class_names_of(model) -> list[str]:
+    """The model's class names; ImageNet's for an unnamed 1000-class model; else the class indices."""
+    if model.class_names:
+        return list(model.class_names)
+    if model.num_classes == 1000:
+        return imagenet_class_names()
+    return [str(index) for index in range(model.num_classes)]
+
+
+def model_device(model) -> torch.device:
+    parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The test-time views of a normalised batch: itself, its mirror, and with flip-shift four shifts of each."""
+    if mode not in TTA_MODES:
+        raise ConfigError(f"--tta must be one of {TTA_MODES}, got {mode!r}")
+    views = [x] if mode == "none" else [x, x.flip(3)]
+    if mode == "flip-shift":
+        shift = max(1, x.shape[-1] // 16)
+        padded = [F.pad(view, (shift,) * 4, mode="replicate") for view in views]
+        size_h, size_w = x.shape[-2:]
+        for view in padded:
+            for dy, dx in ((0, 0), (0, 2), (2, 0), (2, 2)):  # one shift towards each corner
+                views.append(view[..., dy * shift:dy * shift + size_h, dx * shift:dx * shift + size_w])
+    return views
+
+
+@torch.inference_mode()
+def class_probabilities(model, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """uint8 N x 3 x H x W images -> N x classes probabilities, averaged over the TTA views."""
+    x = normalize(images.to(model_device(model)).float() / 255, model.preprocessing)
+    views = tta_views(x, tta)
+    return torch.stack([model(view).float().softmax(1) for view in views]).mean(0).cpu()
+
+
+def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[list[tuple[int, str, float]]]:
+    scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [[(int(i), names[int(i)], float(s)) for s, i in zip(row_scores, row_indices)]
+            for row_scores, row_indices in zip(scores, indices)]
+
+
+def iter_predict(model, items: list, topk: int = 5, batch_size: int = 64, tta: str = "none",
+                 workers: int | None = None, failed: list[str] | None = None,
+                 progress: bool = False) -> Iterator[Prediction]:
+    """Predictions for `items` in order, as they are computed; unreadable items go to `failed`."""
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    pre: Preprocessing = model.preprocessing
+    names = class_names_of(model)
+    with progress_bar("predicting", progress) as bar:
+        task = bar.add_task("predict", total=len(items))
+        for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers):
+            if failed is not None:
+                failed += [message for _, message in batch.failed]
+            if batch.images is not None:
+                rows = top_classes(class_probabilities(model, batch.images, tta), names, topk)
+                for index, top in zip(batch.indices, rows):
+                    yield Prediction(_source_name(items[index], index), top)
+            bar.advance(task, len(batch.indices) + len(batch.failed))
+
+
+def predict(model, images, topk: int = 5, batch_size: int = 64, tta: str = "none",
+            progress: bool = False) -> PredictResult:
+    """Top-`topk` classes of each image. `images`: a path, a folder, a PIL image, an array, or a list of them."""
+    items = image_files(images if isinstance(images, (list, tuple)) else [images])
+    failed: list[str] = []
+    predictions = list(iter_predict(model, items, topk, batch_size, tta, failed=failed, progress=progress))
+    return PredictResult(predictions, failed)
+
+
+def _source_name(item, index: int) -> str:
+    return str(item) if isinstance(item, Path) else f"#{index}"
+
+
+def write_csv(predictions: Iterator[Prediction], stream: TextIO) -> int:
+    """One row per image and rank (image, rank, class_id, class_name, probability), written as they come."""
+    writer = csv.writer(stream)
+    writer.writerow(["image", "rank", "class_id", "class_name", "probability"])
+    count = 0
+    for count, prediction in enumerate(predictions, 1):
+        writer.writerows([prediction.source, rank, *row[:2], f"{row[2]:.6f}"]
+                         for rank, row in enumerate(prediction.top, 1))
+    return count
+
+
+def write_json(predictions: Iterator[Prediction], stream: TextIO) -> int:
+    """A JSON array of {"image", "top": [{"class_id", "class_name", "probability"}]}, written as it comes."""
+    stream.write("[")
+    count = 0
+    for count, prediction in enumerate(predictions, 1):
+        top = [{"class_id": i, "class_name": name, "probability": round(p, 6)} for i, name, p in prediction.top]
+        stream.write(("\n  " if count == 1 else ",\n  ") + json.dumps({"image": prediction.source, "top": top}))
+    stream.write("\n]\n")
+    return count
+
+
+def preprocess_input(images, preprocessing: Preprocessing | ResNet | None = None) -> torch.Tensor:
+    """RGB images -> the normalised N x 3 x H x W float batch a model takes.
+
+    `images`: PIL images or paths (resized and center-cropped as the preprocessing says), or an
+    N x H x W x 3 / H x W x 3 array of 0-255 values (used at its own size), as Keras takes them.
+    `preprocessing`: a Preprocessing, a model (its own), or None for ImageNet's.
+    """
+    pre = preprocessing.preprocessing if isinstance(preprocessing, ResNet) else preprocessing or Preprocessing()
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        array = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        batch = (array[None] if array.ndim == 3 else array).permute(0, 3, 1, 2)
+        return normalize(batch / 255, pre)
+    items = images if isinstance(images, (list, tuple)) else [images]
+    batch = torch.stack([resize_center_crop(as_image(item), pre.resize_size, pre.input_size, pre.interpolation)
+                         for item in items])
+    return normalize(batch.float() / 255, pre)
+
+
+def decode_predictions(preds, top: int = 5, class_names: list[str] | None = None) -> list[list[tuple[int, str, float]]]:
+    """Per image, the `top` (class_id, class_name, score) rows, best first.
+
+    Rows that are not already probability distributions (logits) are soft-maxed first. Without
+    `class_names`, 1000-column scores get the ImageNet names and others their index.
+    """
+    scores = torch.as_tensor(np.asarray(preds, dtype=np.float32))
+    scores = scores[None] if scores.ndim == 1 else scores
+    is_distribution = bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3)
+    probs = scores if is_distribution else scores.softmax(1)
+    if class_names is None:
+        class_names = imagenet_class_names() if scores.shape[1] == 1000 else [str(i) for i in range(scores.shape[1])]
+    if len(class_names) != scores.shape[1]:
+        raise ConfigError(f"{len(class_names)} class names for {scores.shape[1]} scores per image")
+    return top_classes(probs, class_names, top)

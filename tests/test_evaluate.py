@@ -1,0 +1,142 @@
+"""`residual eval`: metrics that agree with a direct computation, and a report that stands alone."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from residual import load_model
+from residual.cli import main
+from residual.data.datasets import DatasetError
+from residual.data.decode import read_image
+from residual.data.transforms import normalize, resize_center_crop
+from residual.evaluate import evaluate
+from residual.predict import class_probabilities
+
+
+@pytest.fixture(scope="module")
+def model(demo_run):
+    return load_model(demo_run["model"]).eval()
+
+
+def test_eval_metrics_agree_with_the_model_run_directly(model, demo_run, tmp_path):
+    result = evaluate(model, demo_run["data"], out_dir=tmp_path / "report")
+    assert result.metrics["images"] == len(result.sources) == 1200  # the test split, by default
+    assert all("/test/" in source for source in result.sources)
+    # Probabilities of a few images, computed by hand from their files.
+    pre = model.preprocessing
+    picks = [0, 500, 1199]
+    images = torch.stack([resize_center_crop(read_image(result.sources[i]), pre.resize_size, pre.input_size)
+                          for i in picks])
+    with torch.inference_mode():
+        direct = model(normalize(images.float() / 255, pre)).softmax(1).numpy()
+    np.testing.assert_allclose(result.probs[picks], direct, atol=1e-5)
+    predicted = result.probs.argmax(1)
+    assert result.metrics["top1"] == pytest.approx((predicted == result.labels).mean())
+    assert result.metrics["top1"] >= 0.95
+    names = model.class_names
+    assert [names[i] for i in result.labels[picks]] == [re.split(r"/", s)[-2] for s in np.array(result.sources)[picks]]
+    matrix = np.array(result.metrics["confusion_matrix"])
+    assert matrix.sum() == 1200 and np.trace(matrix) == (predicted == result.labels).sum()
+
+
+def test_report_is_self_contained_and_matches_metrics_json(model, demo_run, tmp_path):
+    result = evaluate(model, demo_run["data"], split="val", out_dir=tmp_path, gallery_size=4)
+    for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "highest_loss.png", "report.html"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["top1"] == result.metrics["top1"] and saved["split"] == "val"
+    assert len(saved["highest_loss"]) == 4
+    losses = [item["loss"] for item in saved["highest_loss"]]
+    assert losses == sorted(losses, reverse=True)
+    true_probs = result.probs[np.arange(len(result.labels)), result.labels]
+    assert max(losses) == pytest.approx(float((-np.log(true_probs)).max()), rel=1e-4)
+    page = (tmp_path / "report.html").read_text()
+    sources = re.findall(r"src='([^']*)'", page)
+    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "http" not in page.replace("http-equiv", "")  # nothing to fetch: it opens offline
+    assert f"{result.metrics['top1']:.2%}" in page
+
+
+def test_gallery_explains_the_predicted_and_the_true_class(model, demo_run):
+    result = evaluate(model, demo_run["data"], gallery_size=3)
+    for item in result.gallery:
+        assert item.cam_predicted.shape == item.cam_true.shape == (32, 32)
+        assert item.cam_predicted.max() == pytest.approx(1.0)
+        if item.true != item.predicted:
+            assert not np.allclose(item.cam_predicted, item.cam_true)
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(model, demo_run):
+    plain = evaluate(model, demo_run["data"], gallery_size=0)
+    flipped = evaluate(model, demo_run["data"], tta="flip", gallery_size=0)
+    shifted = evaluate(model, demo_run["data"], tta="flip-shift", gallery_size=0)
+    pre = model.preprocessing
+    images = torch.stack([resize_center_crop(read_image(s), pre.resize_size, pre.input_size)
+                          for s in plain.sources[:8]])
+    with torch.inference_mode():
+        x = normalize(images.float() / 255, pre)
+        expected = (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
+    np.testing.assert_allclose(flipped.probs[:8], expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(class_probabilities(model, images, "flip"), expected, atol=1e-5)
+    assert not np.allclose(shifted.probs, flipped.probs)
+    for result in (flipped, shifted):
+        assert result.metrics["top1"] >= plain.metrics["top1"] - 0.01
+
+
+def test_a_flat_folder_is_renumbered_into_the_models_classes(model, demo_run, tmp_path):
+    for name in ("star", "circle"):
+        shutil.copytree(demo_run["data"] / "test" / name, tmp_path / "mine" / name)
+    (tmp_path / "mine" / "star" / "broken.png").write_bytes(b"not a png")
+    result = evaluate(model, tmp_path / "mine", gallery_size=0)
+    assert result.metrics["images"] == 240  # a flat folder is evaluated whole
+    assert set(model.class_names[i] for i in result.labels) == {"star", "circle"}
+    assert len(result.failed) == 1 and "broken.png" in result.failed[0]
+    assert result.metrics["top1"] >= 0.95
+    (tmp_path / "mine" / "dodecagon").mkdir()
+    shutil.copy(demo_run["data"] / "test" / "star" / "00000.png", tmp_path / "mine" / "dodecagon" / "a.png")
+    with pytest.raises(DatasetError, match=r"\['dodecagon'\] are not classes of the model"):
+        evaluate(model, tmp_path / "mine")
+
+
+def test_cli_eval_prints_tables_and_writes_the_report(demo_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "eval"
+    assert main(["eval", str(demo_run["model"]), str(demo_run["data"]), "--split", "val", "--out", str(out),
+                 "--gallery", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for text in ("top-1", "ECE", "macro avg", "weighted avg", "most confused", "report.html"):
+        assert text in printed
+    assert (out / "report.html").is_file()
+    with pytest.raises(SystemExit):
+        main(["eval", str(demo_run["model"]), str(demo_run["data"]), "--tta", "sideways"])
+    assert main(["eval", str(demo_run["model"]), str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "nowhere" in err
+
+
+def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):
+    import pickle
+
+    from residual import create_model
+    from residual.models.preprocessing import CIFAR_EVAL
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, count in [("data_batch_1", 4), ("test_batch", 6)]:
+        batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, count).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    model = create_model("resnet20", num_classes=10).eval()
+    model.class_names, model.preprocessing = [f"c{i}" for i in range(10)], CIFAR_EVAL
+    result = evaluate(model, folder, out_dir=tmp_path / "report", gallery_size=2)
+    assert result.sources == [f"val#{i}" for i in range(6)]  # CIFAR's test batch is its validation split
+    images = torch.from_numpy(np.frombuffer(pickle.loads((folder / "test_batch").read_bytes())[b"data"],
+                                            dtype=np.uint8).reshape(6, 3, 32, 32).copy())
+    np.testing.assert_allclose(result.probs, class_probabilities(model, images), atol=1e-5)
+    assert (tmp_path / "report" / "highest_loss.png").is_file()

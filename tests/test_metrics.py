@@ -1,0 +1,67 @@
+"""Metrics against numbers worked out by hand on a six-image, three-class fixture."""
+
+import math
+
+import numpy as np
+import pytest
+
+from residual.metrics import calibration_bins, classification_metrics, confusion_matrix, topk_accuracy
+
+NAMES = ["a", "b", "c"]
+# image: probabilities of a, b, c        true  predicted  confidence  correct
+PROBS = np.array([
+    [0.70, 0.20, 0.10],  # 0: a          a     a          0.70        yes
+    [0.10, 0.60, 0.30],  # 1: a          a     b          0.60        no
+    [0.20, 0.50, 0.30],  # 2: b          b     b          0.50        yes
+    [0.25, 0.35, 0.40],  # 3: b          b     c          0.40        no
+    [0.10, 0.10, 0.80],  # 4: c          c     c          0.80        yes
+    [0.04, 0.90, 0.06],  # 5: c          c     b          0.90        no
+])
+LABELS = np.array([0, 0, 1, 1, 2, 2])
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    assert confusion_matrix(LABELS, PROBS.argmax(1), 3).tolist() == [[1, 1, 0], [0, 1, 1], [0, 1, 1]]
+
+
+def test_hand_computed_metrics():
+    m = classification_metrics(PROBS, LABELS, NAMES, bins=5)
+    assert m["images"] == 6
+    assert m["top1"] == pytest.approx(3 / 6)
+    assert m["top5"] == 1.0  # three classes: the true one is always in the top five
+    assert topk_accuracy(PROBS, LABELS, 2) == pytest.approx(5 / 6)  # only image 1 misses its top two
+    p_true = [0.70, 0.10, 0.50, 0.35, 0.80, 0.06]
+    assert m["loss"] == pytest.approx(-sum(math.log(p) for p in p_true) / 6)
+    # precision = TP / predicted: a 1/1, b 1/3, c 1/2; recall = TP / support: 1/2 each.
+    per_class = {r["class"]: r for r in m["per_class"]}
+    assert [per_class[c]["precision"] for c in NAMES] == pytest.approx([1.0, 1 / 3, 1 / 2])
+    assert [per_class[c]["recall"] for c in NAMES] == pytest.approx([0.5, 0.5, 0.5])
+    # F1 = 2PR / (P + R): a 2/3, b (1/3)/(5/6) = 0.4, c 0.5.
+    assert [per_class[c]["f1"] for c in NAMES] == pytest.approx([2 / 3, 0.4, 0.5])
+    assert [per_class[c]["support"] for c in NAMES] == [2, 2, 2]
+    assert m["macro"]["precision"] == pytest.approx(11 / 18)
+    assert m["macro"]["f1"] == pytest.approx((2 / 3 + 0.4 + 0.5) / 3)
+    assert m["weighted"]["f1"] == pytest.approx(m["macro"]["f1"])  # equal supports
+    # Bins of width 0.2, (lower, upper]: (.2,.4] holds 0.4 (wrong): gap 0.4; (.4,.6] holds 0.5 (right)
+    # and 0.6 (wrong): accuracy .5, confidence .55; (.6,.8] holds 0.7 and 0.8 (both right): gap .25;
+    # (.8,1] holds 0.9 (wrong): gap .9. ECE = (0.4 + 2 * 0.05 + 2 * 0.25 + 0.9) / 6.
+    assert m["ece"] == pytest.approx(1.9 / 6)
+    assert [r["count"] for r in m["calibration"]] == [0, 1, 2, 2, 1]
+    assert [(p["true"], p["predicted"], p["count"]) for p in m["most_confused"]] == [
+        ("a", "b", 1), ("b", "c", 1), ("c", "b", 1)]
+    assert m["most_confused"][0]["share_of_true"] == 0.5
+
+
+def test_weighted_average_weighs_by_support_and_absent_classes_do_not_count():
+    probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.7, 0.3, 0.0], [0.4, 0.6, 0.0]])
+    labels = np.array([0, 0, 0, 0])  # class b is predicted once but has no support; c never appears
+    m = classification_metrics(probs, labels, NAMES)
+    # a: P 3/3, R 3/4, F1 6/7; b: P 0, R 0 (no support), F1 0; c: absent from labels and predictions.
+    assert m["macro"]["f1"] == pytest.approx((6 / 7 + 0) / 2)
+    assert m["weighted"]["f1"] == pytest.approx(6 / 7)
+    assert m["per_class"][2] == {"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_calibration_bin_edges_are_right_closed():
+    rows = calibration_bins(np.array([0.0, 0.2, 0.2001, 1.0]), np.array([1, 1, 0, 1]), bins=5)
+    assert [r["count"] for r in rows] == [2, 1, 0, 0, 1]

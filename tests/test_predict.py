@@ -1,0 +1,130 @@
+"""`residual predict`: batched, streamed predictions; bad files named, the rest predicted."""
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from residual import load_model
+from residual.cli import main
+from residual.data.decode import image_files, read_image
+from residual.data.transforms import normalize, resize_center_crop
+from residual.errors import ConfigError
+from residual.models import Preprocessing
+from residual.predict import decode_predictions, iter_predict, predict, preprocess_input, tta_views
+
+
+@pytest.fixture(scope="module")
+def model(demo_run):
+    return load_model(demo_run["model"]).eval()
+
+
+@pytest.fixture
+def folder(demo_run, tmp_path):
+    """Twelve test images in class folders, plus a corrupt PNG and a text file named like an image."""
+    for name in ("star", "ring", "cross"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for source in sorted((demo_run["data"] / "test" / name).iterdir())[:4]:
+            shutil.copy(source, tmp_path / "imgs" / name / source.name)
+    whole = (tmp_path / "imgs" / "ring" / "00000.png").read_bytes()
+    (tmp_path / "imgs" / "ring" / "truncated.png").write_bytes(whole[:60])
+    (tmp_path / "imgs" / "notes.jpg").write_text("not an image")
+    return tmp_path / "imgs"
+
+
+def test_predict_names_bad_files_and_predicts_the_rest(model, folder):
+    result = predict(model, folder, topk=3, batch_size=5)
+    assert len(result.predictions) == 12
+    assert len(result.failed) == 2
+    assert any("truncated.png" in m for m in result.failed) and any("notes.jpg" in m for m in result.failed)
+    for prediction in result.predictions:
+        assert len(prediction.top) == 3
+        probabilities = [p for _, _, p in prediction.top]
+        assert probabilities == sorted(probabilities, reverse=True) and probabilities[0] > 0.5
+        assert prediction.top[0][1] == prediction.source.split("/")[-2]  # the right shape, by its folder
+
+
+def test_worker_streaming_keeps_order_and_numbers(model, folder):
+    files = [f for f in image_files([folder]) if f.name != "truncated.png" and f.suffix == ".png"]
+    alone = predict(model, files, batch_size=4)
+    streamed = list(iter_predict(model, files, batch_size=4, workers=2))
+    assert [p.source for p in streamed] == [str(f) for f in files] == [p.source for p in alone.predictions]
+    for a, b in zip(alone.predictions, streamed):
+        assert a.top[0][:2] == b.top[0][:2] and a.top[0][2] == pytest.approx(b.top[0][2], abs=1e-6)
+
+
+def test_cli_formats_and_exit_code(model, demo_run, folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    model_file = str(demo_run["model"])
+    assert main(["predict", model_file, str(folder), "--format", "csv", "--topk", "2", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert len(rows) == 24 and rows[0].keys() == {"image", "rank", "class_id", "class_name", "probability"}
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert main(["predict", model_file, str(folder / "star"), "--format", "json", "--out", str(tmp_path / "p.json"),
+                 "--quiet"]) == 0
+    document = json.loads((tmp_path / "p.json").read_text())
+    assert len(document) == 4 and document[0]["top"][0]["class_name"] == "star"
+    assert len(document[0]["top"]) == 5
+    assert main(["predict", model_file, str(folder / "cross" / "00000.png")]) == 0
+    assert "cross" in capsys.readouterr().out
+    assert main(["predict", model_file, str(tmp_path / "empty-dir-that-is-missing")]) == 1
+
+
+def test_predict_takes_pil_images_and_arrays(model, folder):
+    path = sorted((folder / "star").iterdir())[0]
+    image = read_image(path)
+    result = predict(model, [image, np.asarray(image), path])
+    assert [p.source for p in result.predictions] == ["#0", "#1", str(path)]
+    tops = [p.top[0] for p in result.predictions]
+    assert tops[0] == tops[1] == tops[2]
+
+
+def test_preprocess_input_matches_the_model_pipeline(model, folder):
+    path = sorted((folder / "ring").iterdir())[1]
+    pre = model.preprocessing
+    expected = normalize(resize_center_crop(read_image(path), pre.resize_size, pre.input_size)[None].float() / 255, pre)
+    torch.testing.assert_close(preprocess_input([path], model), expected)
+    array = np.asarray(read_image(path), dtype=np.float32)  # Keras style: N x H x W x 3, 0-255
+    torch.testing.assert_close(preprocess_input(array[None], model), expected, atol=1e-6, rtol=0)
+    imagenet = preprocess_input(np.full((2, 8, 8, 3), 255.0))
+    torch.testing.assert_close(imagenet[:, :, 0, 0], torch.tensor([[(1 - m) / s for m, s in
+                               zip(Preprocessing().mean, Preprocessing().std)]] * 2))
+
+
+def test_decode_predictions_rows_and_imagenet_names():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    rows = decode_predictions(logits, top=2, class_names=["cat", "dog", "fox"])
+    assert [(i, n) for i, n, _ in rows[0]] == [(1, "dog"), (2, "fox")]
+    assert rows[0][0][2] == pytest.approx(torch.softmax(logits[0], 0)[1].item())
+    probabilities = np.zeros((1, 1000))
+    probabilities[0, 207] = 1.0
+    [[(class_id, name, score)]] = decode_predictions(probabilities, top=1)
+    assert (class_id, name, score) == (207, "golden retriever", 1.0)
+    with pytest.raises(ConfigError, match="2 class names for 3 scores"):
+        decode_predictions(logits, class_names=["a", "b"])
+
+
+def test_tta_views_are_flips_and_shifts():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    assert len(tta_views(x, "none")) == 1
+    flip = tta_views(x, "flip")
+    assert len(flip) == 2 and torch.equal(flip[1], x.flip(3))
+    views = tta_views(x, "flip-shift")
+    assert len(views) == 10 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[2][..., 2:, 2:], x[..., :-2, :-2])  # shifted by 32 / 16 = 2 pixels
+    with pytest.raises(ConfigError):
+        tta_views(x, "rotate")
+
+
+def test_pil_image_modes_are_accepted(model):
+    grey = Image.fromarray(np.full((40, 30), 128, dtype=np.uint8), "L")
+    assert len(predict(model, grey).predictions) == 1
+    result = predict(model, np.zeros((4, 4, 5), dtype=np.uint8))
+    assert not result.predictions and "is not an image" in result.failed[0]
