@@ -58,8 +58,8 @@ def test_a_run_leaves_everything_design_promises(shapes16, tmp_path):
     for name in ("report.html", "metrics.json", "confusion_matrix.png", "reliability.png", "highest_loss.png"):
         assert (run / name).is_file(), name
     report = json.loads((run / "metrics.json").read_text())
-    assert report["split"] == "val" and report["images"] == 30
-    assert report["top1"] == pytest.approx(result.best["val_top1"], abs=1.5 / 30)  # the same model, same images
+    assert report["split"] == "val" and report["images"] == 100  # 10 per class
+    assert report["top1"] == pytest.approx(result.best["val_top1"], abs=1.5 / 100)  # the same model, same images
     # A second run never overwrites the first.
     again = train(TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="run", **QUICK))
     assert again.run_dir.name == "run-2"
