@@ -21,7 +21,7 @@ from .data.transforms import normalize
 from .explain import grad_cam
 from .metrics import classification_metrics
 from .models import ResNet
-from .predict import class_names_of, class_probabilities, model_device, tta_views
+from .predict import check_tta, class_names_of, class_probabilities, model_device
 from .progress import progress_bar
 from .report import GalleryItem, write_report
 
@@ -75,7 +75,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     all_labels = model_labels(dataset, chosen, model)
     items = chosen.files if chosen.images is None else list(chosen.images)
     names = class_names_of(model)
-    tta_views(torch.zeros(1, 3, 2, 2), tta)  # a bad --tta fails here, before any work
+    check_tta(tta)  # before any work
     if isinstance(model, torch.nn.Module):
         model.eval()
     pre = model.preprocessing

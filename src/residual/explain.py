@@ -27,7 +27,7 @@ from .data.loaders import inference_batches
 from .data.transforms import normalize
 from .errors import ConfigError
 from .models import ResNet
-from .predict import class_names_of, model_device
+from .predict import class_names_of, model_device, source_name
 from .progress import progress_bar
 
 METHODS = ("gradcam", "gradcam++")
@@ -177,7 +177,7 @@ def iter_explain(model: ResNet, items: list, method: str = "gradcam", target: in
                 heatmaps, probs = grad_cam(model, x, targets, layer, method)
                 for row, index in enumerate(batch.indices):
                     class_id = int(probs[row].argmax()) if target_id is None else target_id
-                    source = str(items[index]) if isinstance(items[index], Path) else f"#{index}"
+                    source = source_name(items[index], index)
                     explanation = Explanation(source, class_id, names[class_id], float(probs[row, class_id]),
                                               int(probs[row].argmax()), heatmaps[row].numpy(),
                                               batch.images[row].permute(1, 2, 0).numpy())

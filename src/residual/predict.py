@@ -62,10 +62,14 @@ def model_device(model) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The test-time views of a normalised batch: itself, its mirror, and with flip-shift four shifts of each."""
+def check_tta(mode: str) -> None:
     if mode not in TTA_MODES:
         raise ConfigError(f"--tta must be one of {TTA_MODES}, got {mode!r}")
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The test-time views of a normalised batch: itself, its mirror, and with flip-shift four shifts of each."""
+    check_tta(mode)
     views = [x] if mode == "none" else [x, x.flip(3)]
     if mode == "flip-shift":
         shift = max(1, x.shape[-1] // 16)
@@ -107,7 +111,7 @@ def iter_predict(model, items: list, topk: int = 5, batch_size: int = 64, tta: s
             if batch.images is not None:
                 rows = top_classes(class_probabilities(model, batch.images, tta), names, topk)
                 for index, top in zip(batch.indices, rows):
-                    yield Prediction(_source_name(items[index], index), top)
+                    yield Prediction(source_name(items[index], index), top)
             bar.advance(task, len(batch.indices) + len(batch.failed))
 
 
@@ -120,7 +124,8 @@ def predict(model, images, topk: int = 5, batch_size: int = 64, tta: str = "none
     return PredictResult(predictions, failed)
 
 
-def _source_name(item, index: int) -> str:
+def source_name(item, index: int) -> str:
+    """How results name an input: its path, or "#N" for the N-th in-memory image."""
     return str(item) if isinstance(item, Path) else f"#{index}"
 
 
