@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -65,9 +66,13 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inference_model(name: str, device: str):
-    """A model file or pretrained name, on the device asked for, ready for inference."""
+    """A model file, pretrained name or exported .onnx (run by ONNX Runtime), ready for inference."""
     from .runs import pick_device
 
+    if Path(name).suffix == ".onnx":
+        from .deploy.onnx import OnnxModel
+
+        return OnnxModel(name, pick_device(device))
     return load_model(name).to(pick_device(device)).eval()
 
 
@@ -132,6 +137,9 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     from .explain import iter_explain
     from .runs import new_run_dir
 
+    if Path(args.model).suffix == ".onnx":
+        raise ResidualError(f"{args.model}: Grad-CAM needs the model's gradients, which ONNX Runtime does not give; "
+                            f"explain the .safetensors model file it was exported from")
     model = _inference_model(args.model, args.device)
     items = image_files(args.images)
     if not items:
@@ -149,6 +157,70 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     console.print(f"wrote {count} overlay(s) to {out}")
     _report_failed(failed)
     return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from .data.datasets import sample_items
+    from .deploy.onnx import export_onnx, training_data
+    from .tables import parity_table
+
+    data = args.data or training_data(args.model)
+    if data is None:
+        raise ResidualError(f"{args.model}: give --data DATA (a dataset or a folder of images): the export is "
+                            f"checked against the model on real images, and the model file does not name its data")
+    model = load_model(args.model).eval()
+    out = Path(args.output or Path(args.model).with_suffix(".onnx"))
+    items = sample_items(data, "val", args.samples, args.seed)
+    result = export_onnx(model, out, items, str(data), fp16=args.fp16, with_preprocessing=args.with_preprocessing,
+                         force=args.force, extra={"source": Path(args.model).name})
+    console.print(parity_table(result.parity.to_dict(), f"ONNX Runtime vs PyTorch: {args.model}"
+                               + (" (fp16)" if args.fp16 else "")))
+    if result.path is None:
+        print(f"error: {out}: the export does not match the model (see the table); nothing was written. "
+              f"--force writes it anyway", file=sys.stderr)
+        return 1
+    console.print(f"wrote {result.path} ({result.path.stat().st_size / 2**20:.2f} MB, checked by onnx.checker) "
+                  f"and {result.report_path} in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
+    from .deploy.quantize import quantize
+    from .tables import comparison_table
+
+    result = quantize(args.model, args.calib, args.output, val=args.val, split=args.split, method=args.method,
+                      calib_size=args.calib_size, max_drop=args.max_drop, force=args.force,
+                      batch_size=args.batch_size, progress=not args.quiet)
+    report = result.report
+    console.print(comparison_table({"float (ONNX Runtime)": report["float"], "int8 (ONNX Runtime)": report["int8"]},
+                                   f"INT8 vs float on {report['images']:,} {report['split']} images; calibrated "
+                                   f"on {report['calibration']['images']} images ({report['calibration']['method']})"))
+    console.print(f"top-1 drop {report['drop_points']:+.2f} points (allowed: {args.max_drop}); "
+                  f"top-1 agreement with float {report['top1_agreement']:.2%}")
+    if result.refused:
+        print(f"error: INT8 loses {report['drop_points']:.2f} top-1 points, more than --max-drop {args.max_drop}; "
+              f"nothing was written. Calibrate on more or more typical images, try --method entropy or "
+              f"percentile, or --force", file=sys.stderr)
+        return 1
+    console.print(f"wrote {result.path} and {result.report_path}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace, console: Console) -> int:
+    from .deploy.prune import prune
+    from .tables import comparison_table
+
+    result = prune(args.model, args.data, args.output, amount=args.amount, epochs=args.epochs, lr=args.lr,
+                   batch_size=args.batch_size, device=args.device, workers=args.workers, progress=not args.quiet,
+                   console=console)
+    report = result.report
+    rows = {"before": report["before"], f"pruned {report['amount']:.0%}": report["pruned"]}
+    if report["epochs"]:
+        rows[f"+ fine-tuned {report['epochs']} epoch(s)"] = report["after"]
+    console.print(comparison_table(rows, f"channel pruning of {args.model} (top-1 on {report['split']})"))
+    console.print(f"wrote {result.path} and {result.report_path}"
+                  + (f"; fine-tuning run in {result.run_dir}" if result.run_dir else ""))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
@@ -440,6 +512,51 @@ def _add_inference_commands(commands) -> None:
     p.set_defaults(run=cmd_explain)
 
 
+def _add_deploy_commands(commands) -> None:
+    from .deploy.quantize import CALIBRATION_METHODS
+
+    p = commands.add_parser("export", help="ONNX export, checked against the model in ONNX Runtime")
+    p.add_argument("model", help="a .safetensors model file or a pretrained name")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic (float32 in and out)")
+    p.add_argument("--with-preprocessing", action="store_true",
+                   help="the graph takes uint8 N x H x W x 3 pixels at the input size and normalises them itself")
+    p.add_argument("--data", help="images for the parity check (default: the model's training data, if recorded)")
+    p.add_argument("--samples", type=int, default=256, help="images in the parity check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write the file even if it fails the parity check")
+    p.add_argument("-o", "--output", help="default: MODEL with .onnx")
+    p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("quantize", help="INT8 static quantization (ONNX Runtime), refused if top-1 drops")
+    p.add_argument("model", help="a .safetensors model file or an fp32 .onnx exported by residual")
+    p.add_argument("--calib", required=True, help="calibration images: a dataset (its train split) or an image folder")
+    p.add_argument("--val", help="dataset to compare top-1 on (default: --calib)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--method", choices=tuple(CALIBRATION_METHODS), default="minmax",
+                   help="how activation ranges are calibrated")
+    p.add_argument("--calib-size", type=int, default=256, help="calibration images (a seeded sample)")
+    p.add_argument("--max-drop", type=float, default=1.0, help="largest top-1 loss allowed, in points")
+    p.add_argument("--force", action="store_true", help="write the model even if it loses more than --max-drop")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", help="default: MODEL.int8.onnx")
+    p.set_defaults(run=cmd_quantize)
+
+    p = commands.add_parser("prune", help="structured channel pruning (L1), fine-tuned: a smaller, faster model")
+    p.add_argument("model", help="a .safetensors model file")
+    p.add_argument("data", help="the dataset the model was trained on (fine-tuning and the before/after top-1)")
+    p.add_argument("--amount", type=float, default=0.3, help="fraction of each block's inner channels to remove")
+    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs after pruning (0: none)")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: a tenth of the from-scratch rate)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", help="default: MODEL-pruned.safetensors")
+    p.set_defaults(run=cmd_prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="residual", description="Deep residual networks for image recognition.")
     parser.add_argument("--version", action="version", version=f"residual {__version__}")
@@ -503,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_similar)
 
     _add_inference_commands(commands)
+    _add_deploy_commands(commands)
 
     p = commands.add_parser("shapes", help="write the built-in synthetic dataset as an ImageFolder of PNGs")
     p.add_argument("out", help="folder to write (train/ val/ test/, and masks/ with --masks)")
@@ -539,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`residual predict ... | head`): stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -151,3 +151,32 @@ def predictions_table(predictions: list, title: str) -> Table:
         (_, name, probability), *others = prediction.top
         table.add_row(prediction.source, name, f"{probability:.3f}", ", ".join(f"{n} {p:.3f}" for _, n, p in others))
     return table
+
+
+def parity_table(parity: dict, title: str) -> Table:
+    """An export's parity check against the original: logits and top-1 on the sample."""
+    table = Table(title=title)
+    for column in ("images", "sample from", "max |logit diff|", "tolerance", "top-1 agreement", "verdict"):
+        table.add_column(column, justify="left" if column == "sample from" else "right")
+    table.add_row(str(parity["images"]), parity["source"], f"{parity['max_abs_diff']:.3g}",
+                  f"{parity['tolerance']:.3g}", f"{parity['top1_agreement']:.2%}",
+                  "[green]pass" if parity["passed"] else "[red]FAIL")
+    return table
+
+
+def comparison_table(rows: dict[str, dict], title: str) -> Table:
+    """Models side by side (float vs int8, before vs after pruning): whichever of size, parameters, MACs,
+    latency, throughput and top-1 the rows have."""
+    columns = [("size_mb", "size (MB)", "{:.2f}"), ("params", "params (M)", "{:.3f}"), ("macs", "MACs (M)", "{:.1f}"),
+               ("latency_ms_b1", "latency b1 (ms)", "{:.2f}"), ("images_per_s_b32", "img/s b32", "{:,.0f}"),
+               ("top1", "top-1", "{:.2%}")]
+    scale = {"params": 1e-6, "macs": 1e-6}
+    present = [c for c in columns if any(c[0] in row for row in rows.values())]
+    table = Table(title=title)
+    table.add_column("model")
+    for _, header, _ in present:
+        table.add_column(header, justify="right")
+    for name, row in rows.items():
+        table.add_row(name, *(fmt.format(row[key] * scale.get(key, 1)) if key in row else ""
+                              for key, _, fmt in present))
+    return table

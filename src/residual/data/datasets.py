@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ResidualError
-from .decode import is_image_file
+from .decode import image_files, is_image_file
 
 VAL_NAMES = ("val", "valid", "validation")
 
@@ -62,6 +62,25 @@ def open_dataset(root: str | Path, val_split: float | None = None, seed: int = 0
     if (root / "batches.meta").is_file() or ((root / "meta").is_file() and (root / "train").is_file()):
         return _open_cifar(root)
     return _open_image_folder(root, val_split, seed)
+
+
+def sample_items(data: str | Path, split: str, count: int, seed: int = 0) -> list:
+    """Up to `count` images (a seeded random sample, in file order) of a dataset's `split`, for checks
+    that need images but no labels; a folder of images that is not a dataset is sampled whole."""
+    root = Path(data)
+    try:
+        dataset = open_dataset(root)
+    except DatasetError:
+        items = image_files([root]) if root.is_dir() else []
+    else:
+        chosen = getattr(dataset, split) or dataset.val
+        items = chosen.files if chosen.images is None else list(chosen.images)
+    if not items:
+        raise DatasetError(f"{root}: no images found; give a dataset folder or a folder of images")
+    if len(items) > count:
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), count, replace=False))
+        items = [items[i] for i in keep]
+    return items
 
 
 def _classes_in(folder: Path) -> list[str]:

@@ -87,10 +87,24 @@ class ResidualBlock(nn.Module):
     """What every block shares: adding its shortcut (unless plain) and zeroing its last layer.
 
     Subclasses build their layers in torchvision's order (convs and norms, then relu,
-    then downsample), which is the order of their state-dict keys.
+    then downsample), which is the order of their state-dict keys. `inner_widths`
+    (one per entry of `inner_layers`) overrides the widths inside the block, which
+    is what a channel-pruned network is; empty means the standard widths.
     """
 
     last_layer = ""  # the layer zero_init_last zeroes
+    # (producer conv, the norm of its output, consumer conv) for each inner width: the channels
+    # structured pruning may remove, because no shortcut or other block sees them.
+    inner_layers: tuple[tuple[str, str, str], ...] = ()
+
+    def resolve_inner_widths(self, inner_widths: tuple[int, ...], standard: int) -> tuple[int, ...]:
+        """The block's inner widths: as given, or `standard` for each."""
+        if not inner_widths:
+            return (standard,) * len(self.inner_layers)
+        if len(inner_widths) != len(self.inner_layers) or min(inner_widths) < 1:
+            raise ConfigError(f"{type(self).__name__} takes {len(self.inner_layers)} positive inner width(s), "
+                              f"got {tuple(inner_widths)}")
+        return tuple(inner_widths)
 
     def add_shortcut(self, out: torch.Tensor, x: torch.Tensor, projection_input: torch.Tensor) -> torch.Tensor:
         if self.residual:
@@ -109,17 +123,19 @@ class BasicBlock(ResidualBlock):
 
     expansion = 1
     last_layer = "bn2"
+    inner_layers = (("conv1", "bn1", "conv2"),)
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, width_per_group: int = 64,
-                 norm: str | None = "batch", stride_in_1x1: bool = False):
+                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = ()):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ConfigError("BasicBlock supports only groups=1 and width_per_group=64")
-        self.conv1 = conv3x3(in_ch, planes, stride)
-        self.bn1 = make_norm(norm, planes)
+        (mid,) = self.resolve_inner_widths(inner_widths, planes)
+        self.conv1 = conv3x3(in_ch, mid, stride)
+        self.bn1 = make_norm(norm, mid)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
+        self.conv2 = conv3x3(mid, planes)
         self.bn2 = make_norm(norm, planes)
         self.downsample = downsample
         self.residual = residual
@@ -139,18 +155,19 @@ class Bottleneck(ResidualBlock):
 
     expansion = 4
     last_layer = "bn3"
+    inner_layers = (("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3"))
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, width_per_group: int = 64,
-                 norm: str | None = "batch", stride_in_1x1: bool = False):
+                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = ()):
         super().__init__()
-        width = int(planes * (width_per_group / 64.0)) * groups
+        reduce, middle = self.resolve_inner_widths(inner_widths, int(planes * (width_per_group / 64.0)) * groups)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = conv1x1(in_ch, width, stride_1x1)
-        self.bn1 = make_norm(norm, width)
-        self.conv2 = conv3x3(width, width, stride_3x3, groups)
-        self.bn2 = make_norm(norm, width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.conv1 = conv1x1(in_ch, reduce, stride_1x1)
+        self.bn1 = make_norm(norm, reduce)
+        self.conv2 = conv3x3(reduce, middle, stride_3x3, groups)
+        self.bn2 = make_norm(norm, middle)
+        self.conv3 = conv1x1(middle, planes * self.expansion)
         self.bn3 = make_norm(norm, planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -168,17 +185,19 @@ class PreActBasicBlock(ResidualBlock):
 
     expansion = 1
     last_layer = "conv2"
+    inner_layers = (("conv1", "bn2", "conv2"),)
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, width_per_group: int = 64,
-                 norm: str | None = "batch", stride_in_1x1: bool = False):
+                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = ()):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ConfigError("PreActBasicBlock supports only groups=1 and width_per_group=64")
+        (mid,) = self.resolve_inner_widths(inner_widths, planes)
         self.bn1 = make_norm(norm, in_ch)
-        self.conv1 = conv3x3(in_ch, planes, stride)
-        self.bn2 = make_norm(norm, planes)
-        self.conv2 = conv3x3(planes, planes)
+        self.conv1 = conv3x3(in_ch, mid, stride)
+        self.bn2 = make_norm(norm, mid)
+        self.conv2 = conv3x3(mid, planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.residual = residual
@@ -197,19 +216,20 @@ class PreActBottleneck(ResidualBlock):
 
     expansion = 4
     last_layer = "conv3"
+    inner_layers = (("conv1", "bn2", "conv2"), ("conv2", "bn3", "conv3"))
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, width_per_group: int = 64,
-                 norm: str | None = "batch", stride_in_1x1: bool = False):
+                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = ()):
         super().__init__()
-        width = int(planes * (width_per_group / 64.0)) * groups
+        reduce, middle = self.resolve_inner_widths(inner_widths, int(planes * (width_per_group / 64.0)) * groups)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.bn1 = make_norm(norm, in_ch)
-        self.conv1 = conv1x1(in_ch, width, stride_1x1)
-        self.bn2 = make_norm(norm, width)
-        self.conv2 = conv3x3(width, width, stride_3x3, groups)
-        self.bn3 = make_norm(norm, width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.conv1 = conv1x1(in_ch, reduce, stride_1x1)
+        self.bn2 = make_norm(norm, reduce)
+        self.conv2 = conv3x3(reduce, middle, stride_3x3, groups)
+        self.bn3 = make_norm(norm, middle)
+        self.conv3 = conv1x1(middle, planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.residual = residual

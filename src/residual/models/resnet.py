@@ -49,10 +49,14 @@ class ResNetConfig:
     zero_init_residual: bool = False  # zero each block's last layer so it starts as identity
     init: str = "he"  # conv/linear init: 'he' (torchvision: normal, fan-out) or 'xavier' (Glorot; Keras' default)
     features_only: bool = False  # forward returns the stage maps
+    # Per block, in order, its inner widths (basic: one, bottleneck: two); () = the standard widths.
+    # A channel-pruned net (deploy/prune.py) is a config with these set.
+    block_widths: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
         object.__setattr__(self, "widths", tuple(int(n) for n in self.widths))
+        object.__setattr__(self, "block_widths", tuple(tuple(int(n) for n in w) for w in self.block_widths))
         checks = [
             (self.block in ("basic", "bottleneck"), f"block must be 'basic' or 'bottleneck', got {self.block!r}"),
             (len(self.layers) >= 1 and all(n >= 1 for n in self.layers), f"layers must be positive counts, got {self.layers}"),
@@ -64,6 +68,8 @@ class ResNetConfig:
             (self.in_chans >= 1 and self.num_classes >= 0, "in_chans must be >= 1 and num_classes >= 0"),
             (0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), got {self.drop_rate}"),
             (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
+            (not self.block_widths or len(self.block_widths) == sum(self.layers),
+             f"block_widths gives {len(self.block_widths)} blocks for a net of {sum(self.layers)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,7 +116,9 @@ class ResNet(nn.Module):
             stride = 1 if index == 0 else 2
             reduction *= stride
             name = f"layer{index + 1}"
-            self.add_module(name, self._make_stage(block, in_ch, planes, count, stride))
+            first_block = sum(config.layers[:index])
+            inner = config.block_widths[first_block:first_block + count] or ((),) * count
+            self.add_module(name, self._make_stage(block, in_ch, planes, count, stride, inner))
             in_ch = planes * block.expansion
             self.stage_names.append(name)
             self.feature_info.append({"num_chs": in_ch, "reduction": reduction, "module": name})
@@ -138,7 +146,8 @@ class ResNet(nn.Module):
             conv3x3(width, out_ch),
         )
 
-    def _make_stage(self, block: type[nn.Module], in_ch: int, planes: int, count: int, stride: int) -> nn.Sequential:
+    def _make_stage(self, block: type[nn.Module], in_ch: int, planes: int, count: int, stride: int,
+                    inner_widths: tuple[tuple[int, ...], ...]) -> nn.Sequential:
         c = self.config
         out_ch = planes * block.expansion
         blocks = []
@@ -149,6 +158,7 @@ class ResNet(nn.Module):
                 downsample=make_shortcut(c.shortcut, in_ch, out_ch, block_stride, c.norm, c.preact),
                 residual=c.shortcut != "none",
                 groups=c.groups, width_per_group=c.width_per_group, norm=c.norm, stride_in_1x1=c.stride_in_1x1,
+                inner_widths=inner_widths[index],
             ))
             in_ch = out_ch
         return nn.Sequential(*blocks)

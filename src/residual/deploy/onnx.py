@@ -1,0 +1,316 @@
+"""ONNX export, and ONNX Runtime inference behind the interface evaluate and predict use.
+
+`export_onnx` writes a ResNet with a dynamic batch axis (opset 18), its class
+names and preprocessing in the ONNX metadata, optionally float16 inside (float32
+in and out) and optionally the input preprocessing baked in, so the graph takes
+uint8 N x H x W x 3 pixels (already resized and cropped to the model's input
+size). The file is checked with onnx.checker (full check) and run in ONNX
+Runtime on real images against the original; a file whose logits disagree is
+not written (unless forced), and the parity numbers are saved next to it.
+
+`OnnxModel` runs such a file with ONNX Runtime and looks like a ResNet to the
+tasks: `preprocessing`, `class_names`, `num_classes`, and a call that takes a
+normalised float32 N x 3 x H x W batch and returns logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import yaml
+from torch import nn
+
+from ..atomic import atomic_path
+from ..data.loaders import inference_batches
+from ..data.transforms import normalize
+from ..errors import ResidualError
+from ..models import Preprocessing, ResNet
+from ..weights import ModelFileError, read_metadata
+
+OPSET = 18  # the torch.export-based exporter's own opset; lower ones need a lossy version conversion
+INPUT, OUTPUT = "input", "logits"
+ONNX_FORMAT = "residual.onnx"
+INPUT_FLOAT = "float32 NCHW normalised"
+INPUT_UINT8 = "uint8 NHWC 0-255"
+MIN_AGREEMENT = 0.99  # top-1 agreement an export must reach on the parity sample
+# Largest logit difference allowed, relative to the largest logit: float32 graphs differ from eager
+# PyTorch only by operation order; float16 keeps about three significant digits through every layer.
+RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+
+
+class ExportError(ResidualError):
+    """An export that could not be made, or that does not match the original."""
+
+
+@dataclass
+class Parity:
+    """How closely an exported model reproduces the original on a sample of images."""
+
+    images: int
+    source: str  # where the sample came from
+    max_abs_diff: float  # largest |logit difference| over the sample
+    tolerance: float
+    top1_agreement: float  # fraction of images with the same top class
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.top1_agreement >= MIN_AGREEMENT
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed, "min_agreement": MIN_AGREEMENT}
+
+
+class InputPreprocessing(nn.Module):
+    """uint8 N x H x W x 3 pixels -> the normalised float N x 3 x H x W batch, then `model`.
+
+    (x / 255 - mean) / std is folded into one multiply-add per channel.
+    """
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing):
+        super().__init__()
+        self.model = model
+        mean, std = torch.tensor(preprocessing.mean), torch.tensor(preprocessing.std)
+        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
+        self.register_buffer("shift", (mean / std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.permute(0, 3, 1, 2).float() * self.scale - self.shift)
+
+
+class HalfPrecision(nn.Module):
+    """`model` in float16 between float32 input and output, so callers never see half floats."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
+
+
+def exportable(model: ResNet, fp16: bool = False, with_preprocessing: bool = False) -> nn.Module:
+    """A CPU float32 copy of `model` (the original is untouched), wrapped as the graph should compute it."""
+    net: nn.Module = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    if fp16:
+        net = HalfPrecision(net)
+    if with_preprocessing:
+        net = InputPreprocessing(net, model.preprocessing)
+    return net.eval()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs warnings about optional torchvision ops and deprecations that are not ours."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def write_onnx(model: ResNet, path: Path, fp16: bool = False, with_preprocessing: bool = False,
+               extra: dict | None = None) -> None:
+    """Export `model` to `path` (not checked; export_onnx is the checked way) with residual's metadata."""
+    from .. import __version__
+
+    size = model.preprocessing.input_size
+    example = (torch.zeros(2, size, size, 3, dtype=torch.uint8) if with_preprocessing
+               else torch.zeros(2, model.config.in_chans, size, size))
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            exportable(model, fp16, with_preprocessing), (example,), input_names=[INPUT], output_names=[OUTPUT],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=OPSET, dynamo=True,
+            external_data=False, verbose=False)
+    proto = program.model_proto
+    metadata = {
+        "residual.format": ONNX_FORMAT,
+        "arch": model.arch,
+        "class_names": json.dumps(model.class_names),
+        "preprocessing": json.dumps(asdict(model.preprocessing)),
+        "input": INPUT_UINT8 if with_preprocessing else INPUT_FLOAT,
+        "precision": "fp16" if fp16 else "fp32",
+        "residual_version": __version__,
+        "torch_version": torch.__version__,
+        **{key: json.dumps(value) for key, value in (extra or {}).items()},
+    }
+    set_metadata(proto, metadata)
+    proto.doc_string = f"{model.arch} exported by residual {__version__}"
+    onnx.save(proto, path)
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Replace the model's metadata_props with `metadata`."""
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata_props of an ONNX file written by residual (the graph's weights are not loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as error:  # protobuf raises several types for a file that is not ONNX
+        raise ModelFileError(f"{path}: not a readable ONNX file ({error})") from None
+    metadata = {prop.key: prop.value for prop in proto.metadata_props}
+    if metadata.get("residual.format") != ONNX_FORMAT:
+        raise ModelFileError(f"{path}: an ONNX file, but not one exported by residual (its metadata has no class "
+                             f"names or preprocessing); export the model with `residual export`")
+    return metadata
+
+
+class OnnxModel:
+    """An exported model run by ONNX Runtime, with the interface evaluate and predict use."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
+        self.path = Path(path)
+        meta = read_onnx_metadata(self.path)
+        self.metadata = meta
+        self.arch = meta["arch"]
+        self.class_names = json.loads(meta["class_names"])
+        self.preprocessing = Preprocessing(**json.loads(meta["preprocessing"]))
+        self.input_format = meta["input"]
+        self.precision = meta["precision"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ModelFileError(f"{self.path}: ONNX Runtime cannot load it ({error})") from None
+        self.num_classes = int(self.session.get_outputs()[0].shape[1])
+
+    def graph_input(self, x: torch.Tensor) -> np.ndarray:
+        """The graph's input for a normalised float batch.
+
+        A graph with the preprocessing baked in takes the pixels themselves: un-normalising
+        and rounding recovers them exactly, since every normalised value came from a uint8.
+        """
+        if self.input_format == INPUT_FLOAT:
+            return x.detach().float().cpu().numpy()
+        mean = torch.tensor(self.preprocessing.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocessing.std).view(1, 3, 1, 1)
+        pixels = ((x.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).contiguous().numpy()
+
+    def run(self, array: np.ndarray) -> np.ndarray:
+        """Logits for an array already in the graph's input format."""
+        return self.session.run([OUTPUT], {INPUT: array})[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(self.graph_input(x)))
+
+
+def parity(reference: nn.Module, candidate, items: list, source: str, tolerance: float,
+           batch_size: int = 32) -> Parity:
+    """Logits of `candidate` against `reference` on `items` (paths or arrays), prepared as `reference` says."""
+    pre = reference.preprocessing
+    reference = reference.eval()
+    device = next(reference.parameters()).device
+    max_diff, agree, count = 0.0, 0, 0
+    for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers=0):
+        if batch.images is None:
+            continue
+        x = normalize(batch.images.float() / 255, pre)
+        with torch.inference_mode():
+            expected = reference(x.to(device)).float().cpu()
+        got = candidate(x).float()
+        max_diff = max(max_diff, float((got - expected).abs().max()))
+        agree += int((got.argmax(1) == expected.argmax(1)).sum())
+        count += len(x)
+    if count == 0:
+        raise ExportError(f"{source}: none of the parity images could be read")
+    return Parity(count, source, max_diff, tolerance, agree / count)
+
+
+def logit_tolerance(reference: nn.Module, items: list, precision: str) -> float:
+    """RELATIVE_TOLERANCE of the largest logit the reference gives on the first images."""
+    pre = reference.preprocessing
+    (batch,) = inference_batches(items[:16], pre.resize_size, pre.input_size, pre.interpolation, 16, workers=0)
+    with torch.inference_mode():
+        device = next(reference.parameters()).device
+        scale = float(reference.eval()(normalize(batch.images.float() / 255, pre).to(device)).abs().max())
+    return RELATIVE_TOLERANCE[precision] * max(1.0, scale)
+
+
+@dataclass
+class ExportResult:
+    path: Path | None  # None when the export failed its parity check and was not written
+    parity: Parity
+    report_path: Path | None
+    seconds: float
+
+
+def export_onnx(model: ResNet, path: str | os.PathLike, items: list, source: str, *, fp16: bool = False,
+                with_preprocessing: bool = False, force: bool = False, extra: dict | None = None) -> ExportResult:
+    """Export, check and compare on `items` (images from `source`); write `path` and PATH.parity.json only
+    if the parity check passes, or with `force`."""
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"{path}: ONNX files end in .onnx")
+    start = time.perf_counter()
+    precision = "fp16" if fp16 else "fp32"
+    tolerance = logit_tolerance(model, items, precision)
+    report_path = path.with_suffix(".parity.json")
+    try:
+        with atomic_path(path) as tmp:
+            write_onnx(model, tmp, fp16, with_preprocessing, extra)
+            onnx.checker.check_model(str(tmp), full_check=True)
+            result = parity(model, OnnxModel(tmp), items, source, tolerance)
+            if not result.passed and not force:
+                raise _Refused(result)
+    except _Refused as refused:
+        return ExportResult(None, refused.parity, None, time.perf_counter() - start)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"{path}: the exported graph fails onnx.checker ({error})") from None
+    report = {"model": str(path), "arch": model.arch, "precision": precision,
+              "input": INPUT_UINT8 if with_preprocessing else INPUT_FLOAT, "opset": OPSET, **result.to_dict()}
+    write_json(report_path, report)
+    return ExportResult(path, result, report_path, time.perf_counter() - start)
+
+
+class _Refused(Exception):
+    """Unwinds atomic_path (removing the temporary file) when a parity check fails."""
+
+    def __init__(self, parity_result: Parity):
+        super().__init__("parity check failed")
+        self.parity = parity_result
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def training_data(model_path: str | os.PathLike) -> str | None:
+    """The dataset a model file was trained on, if its training run is recorded and the data still exists."""
+    path = Path(model_path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    run = read_metadata(path)["extra"].get("run")
+    config = Path(run) / "config.yaml" if run else None
+    if config is None or not config.is_file():
+        return None
+    data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data")
+    return data if data and Path(data).exists() else None

@@ -1,0 +1,193 @@
+"""export, quantize, prune: each result checked against the original, and refused when it does not match."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from residual import load_model
+from residual.cli import main
+from residual.data.datasets import sample_items
+from residual.data.decode import read_image
+from residual.data.shapes import write_shapes
+from residual.data.transforms import normalize, resize_center_crop
+from residual.deploy import onnx as deploy_onnx
+from residual.deploy.onnx import INPUT_UINT8, OnnxModel, export_onnx, read_onnx_metadata
+from residual.deploy.prune import prune_channels
+from residual.evaluate import evaluate
+from residual.models import build_model, count_macs, count_params
+from residual.weights import ModelFileError, read_metadata
+
+
+@pytest.fixture(scope="module")
+def model(demo_run):
+    return load_model(demo_run["model"]).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model, demo_run, tmp_path_factory):
+    """The demo model exported to fp32 ONNX through the API, parity-checked on 64 validation images."""
+    items = sample_items(demo_run["data"], "val", 64)
+    result = export_onnx(model, tmp_path_factory.mktemp("export") / "demo.onnx", items, "demo val")
+    assert result.path is not None, result.parity
+    return result
+
+
+def real_images(demo_run, count: int, pre) -> torch.Tensor:
+    files = sorted((demo_run["data"] / "test").rglob("*.png"))[:count]
+    return torch.stack([resize_center_crop(read_image(f), pre.resize_size, pre.input_size) for f in files])
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_exported_logits_match_pytorch_at_any_batch_size(model, exported, demo_run, batch):
+    images = real_images(demo_run, batch, model.preprocessing)
+    x = normalize(images.float() / 255, model.preprocessing)
+    with torch.inference_mode():
+        expected = model(x)
+    got = OnnxModel(exported.path)(x)
+    assert got.shape == (batch, model.num_classes)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert exported.parity.passed and exported.parity.top1_agreement == 1.0 and exported.parity.images == 64
+    graph = onnx.load(exported.path)
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch axis is symbolic
+    assert max(op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    saved = json.loads(exported.report_path.read_text())
+    assert saved["passed"] and saved["max_abs_diff"] == pytest.approx(exported.parity.max_abs_diff)
+
+
+def test_metadata_round_trip(model, exported, tmp_path):
+    onnx_model = OnnxModel(exported.path)
+    assert onnx_model.class_names == model.class_names
+    assert onnx_model.preprocessing == model.preprocessing
+    assert onnx_model.arch == model.arch and onnx_model.num_classes == model.num_classes
+    assert read_onnx_metadata(exported.path)["precision"] == "fp32"
+    # An ONNX file without residual's metadata is named as such, not half-used.
+    foreign = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    onnx.save(foreign, tmp_path / "foreign.onnx")
+    with pytest.raises(ModelFileError, match="not one exported by residual"):
+        OnnxModel(tmp_path / "foreign.onnx")
+
+
+def test_fp16_graph_with_preprocessing_takes_pixels(model, demo_run, tmp_path):
+    out = tmp_path / "pixels.onnx"
+    assert main(["export", str(demo_run["model"]), "--fp16", "--with-preprocessing", "--data", str(demo_run["data"]),
+                 "--samples", "32", "-o", str(out)]) == 0
+    onnx_model = OnnxModel(out)
+    assert onnx_model.input_format == INPUT_UINT8 and onnx_model.precision == "fp16"
+    images = real_images(demo_run, 5, model.preprocessing)
+    logits = onnx_model.run(images.permute(0, 2, 3, 1).contiguous().numpy())  # uint8 N x H x W x 3
+    assert logits.dtype == np.float32
+    with torch.inference_mode():
+        expected = model(normalize(images.float() / 255, model.preprocessing)).numpy()
+    assert np.abs(logits - expected).max() < 0.05 * max(1.0, np.abs(expected).max())
+    assert (logits.argmax(1) == expected.argmax(1)).all()
+
+
+def test_export_that_fails_parity_writes_nothing_unless_forced(demo_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(deploy_onnx.RELATIVE_TOLERANCE, "fp32", 0.0)  # no float difference is tolerated
+    out = tmp_path / "strict.onnx"
+    args = ["export", str(demo_run["model"]), "--data", str(demo_run["data"]), "--samples", "16", "-o", str(out)]
+    assert main(args) == 1
+    assert "nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no model, no report, no temporary file
+    assert main(args + ["--force"]) == 0 and out.is_file()
+
+
+def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, tmp_path, capsys):
+    original = evaluate(model, demo_run["data"], "val", gallery_size=0)
+    through_onnx = evaluate(OnnxModel(exported.path), demo_run["data"], "val", gallery_size=0)
+    np.testing.assert_allclose(through_onnx.probs, original.probs, atol=1e-5)
+    assert main(["eval", str(exported.path), str(demo_run["data"]), "--out", str(tmp_path / "report"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["top1"] >= 0.95
+    image = sorted((demo_run["data"] / "test" / "circle").glob("*.png"))[0]
+    capsys.readouterr()
+    assert main(["predict", str(exported.path), str(image), "--format", "json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["class_name"] == "circle"
+    assert main(["explain", str(exported.path), str(image)]) == 2
+    assert "Grad-CAM needs the model's gradients" in capsys.readouterr().err
+
+
+def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_path):
+    out = tmp_path / "demo.int8.onnx"
+    assert main(["quantize", str(exported.path), "--calib", str(demo_run["data"]), "--calib-size", "64",
+                 "--method", "minmax", "-o", str(out), "--quiet"]) == 0
+    report = json.loads(out.with_suffix(".quantize.json").read_text())
+    assert report["drop_points"] <= 1.0 and report["top1_agreement"] >= 0.97
+    assert report["int8"]["size_mb"] < report["float"]["size_mb"] / 2.5  # int8 weights
+    assert report["calibration"] == {"images": 64, "source": str(demo_run["data"]), "method": "minmax",
+                                     "unreadable": 0}
+    int8 = OnnxModel(out)
+    assert int8.precision == "int8" and int8.class_names == OnnxModel(exported.path).class_names
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(out).graph.node)
+
+
+def test_quantize_refuses_a_bad_calibration_and_keeps_nothing(exported, demo_run, tmp_path, capsys):
+    # Calibrating on black images gives activation ranges far narrower than real images need.
+    black = tmp_path / "black"
+    black.mkdir()
+    for index in range(8):
+        Image.new("RGB", (32, 32)).save(black / f"{index}.png")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code = main(["quantize", str(exported.path), "--calib", str(black), "--val", str(demo_run["data"]),
+                 "-o", str(out_dir / "bad.int8.onnx"), "--quiet"])
+    assert code == 1
+    assert "more than --max-drop 1.0; nothing was written" in capsys.readouterr().err
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, options", [
+    ("resnet20", {}),
+    ("preact_resnet110", {"layers": (2, 2, 2)}),
+    ("resnet50", {"layers": (1, 2, 1, 1), "widths": (8, 16, 16, 32), "num_classes": 5}),
+    ("preact_resnet50", {"layers": (1, 1, 1, 1), "widths": (8, 8, 16, 16), "num_classes": 5}),
+])
+def test_pruning_removes_exactly_the_weakest_channels(name, options):
+    """Channels whose filters and norm are zero contribute nothing: removing them must not change the output."""
+    model = build_model(name, **options).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics, as after training
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+        for block in model.blocks():
+            for producer, norm, _ in block.inner_layers:
+                conv, bn = getattr(block, producer), getattr(block, norm)
+                dead = torch.arange(conv.out_channels) % 2 == 1  # half of them, by L1 norm the weakest
+                conv.weight[dead] = 0
+                bn.weight[dead], bn.bias[dead], bn.running_mean[dead] = 0, 0, 0
+    pruned = prune_channels(model, 0.5)
+    x = torch.randn(2, 3, 32, 32) if model.config.stem == "cifar" else torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-4)
+    assert all(w == tuple(getattr(b, p).out_channels // 2 for p, _, _ in b.inner_layers)
+               for w, b in zip(pruned.config.block_widths, model.blocks()))
+    assert count_params(pruned) < count_params(model)
+
+
+def test_pruned_model_loads_from_its_file_with_the_macs_it_claims(demo_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = write_shapes(tmp_path / "few", size=32, per_class=10, seed=5, progress=False)  # the demo's classes
+    out = tmp_path / "pruned.safetensors"
+    assert main(["prune", str(demo_run["model"]), str(data), "--amount", "0.5", "--epochs", "1", "--workers", "0",
+                 "-o", str(out), "--quiet"]) == 0
+    report = json.loads(out.with_suffix(".prune.json").read_text())
+    claims = read_metadata(out)["extra"]["pruning"]
+    alone = load_model(out)  # the file alone rebuilds the smaller network
+    assert count_macs(alone, 32) == claims["macs"] == report["after"]["macs"]
+    assert count_params(alone) == claims["params"] == report["after"]["params"]
+    assert report["after"]["macs"] < 0.6 * report["before"]["macs"]
+    assert alone.config.block_widths == ((8,),) * 3 + ((16,),) * 3 + ((32,),) * 3
+    assert set(report) >= {"before", "pruned", "after"}
+    run = read_metadata(out)["extra"]["run"]
+    assert (tmp_path / run / "metrics.csv").is_file()  # the fine-tuning run, in runs/prune of the working folder
+    # The pruned model exports like any other.
+    items = sample_items(data, "val", 8)
+    assert export_onnx(alone, tmp_path / "pruned.onnx", items, "few").path is not None
