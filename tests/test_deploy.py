@@ -125,7 +125,7 @@ def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_pa
                                      "unreadable": 0}
     int8 = OnnxModel(out)
     assert int8.precision == "int8" and int8.class_names == OnnxModel(exported.path).class_names
-    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(out).graph.node)
+    assert any(node.op_type == "QLinearConv" for node in onnx.load(out).graph.node)
 
 
 def test_quantize_refuses_a_bad_calibration_and_keeps_nothing(exported, demo_run, tmp_path, capsys):

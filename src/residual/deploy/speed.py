@@ -1,19 +1,17 @@
 """CPU speed of a model, measured the same way for PyTorch and ONNX Runtime.
 
-Latency is the median of single-image calls; throughput is images per second
-over repeated calls at a batch of 32. Both run on random inputs of the model's
-size after warm-up calls, so first-call costs (allocation, kernel selection)
-are not counted.
+PyTorch's own `torch.utils.benchmark.Timer` does the timing (with warm-up, and with
+the process's thread count rather than its default of one): latency is the median
+per-call time of single images over blocks of calls, throughput the images per
+second of repeated calls at a batch of 32. Inputs are random, of the model's size.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils import benchmark
 
 THROUGHPUT_BATCH = 32
 
@@ -28,19 +26,7 @@ class Speed:
                 round(self.images_per_s, 1)}
 
 
-def timed_calls(call: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int, warmup: int = 2) -> list[float]:
-    """Seconds of each of `repeats` calls of `call(x)`, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        call(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call(x)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def measure_speed(model, input_size: int, in_chans: int = 3, latency_repeats: int = 30,
+def measure_speed(model, input_size: int, in_chans: int = 3, latency_seconds: float = 1.0,
                   throughput_repeats: int = 5) -> Speed:
     """Latency at batch 1 and images/s at batch 32 of `model` (a PyTorch module or an OnnxModel) on CPU."""
     def call(x: torch.Tensor):
@@ -50,6 +36,8 @@ def measure_speed(model, input_size: int, in_chans: int = 3, latency_repeats: in
     generator = torch.Generator().manual_seed(0)
     single = torch.randn(1, in_chans, input_size, input_size, generator=generator)
     batch = torch.randn(THROUGHPUT_BATCH, in_chans, input_size, input_size, generator=generator)
-    latency = statistics.median(timed_calls(call, single, latency_repeats))
-    throughput = THROUGHPUT_BATCH * throughput_repeats / sum(timed_calls(call, batch, throughput_repeats, warmup=1))
-    return Speed(latency * 1000, throughput)
+    timer = lambda x: benchmark.Timer("call(x)", globals={"call": call, "x": x},  # noqa: E731
+                                      num_threads=torch.get_num_threads())
+    latency = timer(single).blocked_autorange(min_run_time=latency_seconds).median
+    per_batch = timer(batch).timeit(throughput_repeats).mean
+    return Speed(latency * 1000, THROUGHPUT_BATCH / per_batch)
