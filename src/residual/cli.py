@@ -267,7 +267,8 @@ AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay",
                "model", "image_size", "epochs", "batch_size", "label_smoothing", "grad_clip", "accumulate", "ema",
                "early_stopping", "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last",
-               "compile", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report")
+               "compile", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report",
+               "sync_bn")
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -276,8 +277,13 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
     if getattr(args, "finetune", False) and not args.pretrained and not args.resume:
         raise ResidualError("residual finetune needs --from NAME|PATH (e.g. resnet50.tv2_in1k, or a model file)")
+    if args.nproc:
+        return _launch_workers(args, console)
     try:
-        if args.resume:
+        if args.run_dir:
+            train(None if Path(args.run_dir, "config.yaml").is_file() else _train_config(args),
+                  run_dir=args.run_dir, console=console)
+        elif args.resume:
             train(resume=args.resume, console=console)
         elif args.lr == "auto":
             args.lr = lr_find(_train_config(args, lr=None), console=console).suggestion
@@ -289,6 +295,30 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         print(stop, file=sys.stderr)
         return 130
     return 0
+
+
+def _launch_workers(args: argparse.Namespace, console: Console) -> int:
+    """--nproc N: prepare the run directory here, then let torchrun run N workers in it."""
+    from .train import load_config
+    from .train.distributed import check_launch, launch
+    from .train.trainer import prepare_run
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "last.pt").is_file():
+            raise ResidualError(f"{run_dir}: no last.pt to resume from")
+        config = load_config(run_dir / "config.yaml")
+    else:
+        config = _train_config(args)
+    check_launch(args.nproc, args.max_restarts, config.device, config.sync_bn, config.batch_size)
+    run_dir = run_dir if args.resume else prepare_run(config)
+    console.print(f"{run_dir}: {args.nproc} workers through torchrun"
+                  + (f", up to {args.max_restarts} restart(s) of the group" if args.max_restarts else ""))
+    code = launch(run_dir, args.nproc, args.max_restarts)
+    if code:
+        print(f"error: the workers failed (torchrun exit code {code}); the run can be resumed from its last "
+              f"checkpoint: residual train --resume {run_dir} --nproc {args.nproc}", file=sys.stderr)
+    return code
 
 
 def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
@@ -468,6 +498,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=None, help="no progress bar")
     run.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
                      help="evaluate the best model on val at the end and write report.html (default: on)")
+    scale = p.add_argument_group("data-parallel (docs/distributed.md)")
+    scale.add_argument("--nproc", type=int, metavar="N",
+                       help="train on N local workers through torchrun (one per GPU; gloo on the CPU)")
+    scale.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                       help="with --nproc: restart the group up to K times after a lost worker, resuming from last.pt")
+    scale.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="batch norm statistics over the global batch (CUDA workers)")
+    scale.add_argument("--run-dir", metavar="DIR",
+                       help="run in DIR, resuming its last.pt if any (torchrun workers; several machines)")
 
 
 def _add_inference_commands(commands) -> None:

@@ -12,7 +12,9 @@ Two loaders with one interface, `loader.epoch(epoch, start=0)` yielding
 
 The order of each epoch is a permutation seeded by (seed, epoch), and an epoch
 can start at any batch: that is what lets a resumed run continue exactly where
-the interrupted one stopped.
+the interrupted one stopped. Under data-parallel training every worker draws the
+same order and takes its share as DistributedSampler deals it (`shard`), so the
+workers' batches together are exactly the batches one process would see.
 
 `inference_batches` is the evaluation-time stream used by evaluate, predict,
 explain and embed: items in their given order, decoded by DataLoader workers a
@@ -47,6 +49,26 @@ def epoch_order(count: int, shuffle: bool, seed: int, epoch: int, weights: torch
     if weights is not None:
         return torch.multinomial(weights, count, replacement=True, generator=generator)
     return torch.randperm(count, generator=generator)
+
+
+def shard(order: torch.Tensor, rank: int, world: int, pad: bool) -> torch.Tensor:
+    """Worker `rank`'s share of an epoch order: every `world`-th index starting at `rank`.
+
+    This is DistributedSampler's deal. With `pad` the order first wraps around to a
+    multiple of `world`, so every worker gets as many samples (DDP needs equal step
+    counts); without it (evaluation) no sample is counted twice. Written out rather than
+    using DistributedSampler because that class cannot start mid-epoch or deal a
+    weighted draw, which resume and --balanced-sampler need.
+    """
+    if world == 1:
+        return order
+    if pad and len(order) % world:
+        order = torch.cat([order, order[:world - len(order) % world]])
+    return order[rank::world]
+
+
+def shard_size(count: int, rank: int, world: int, pad: bool) -> int:
+    return math.ceil(count / world) if pad else len(range(rank, count, world))
 
 
 def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
@@ -102,17 +124,21 @@ def load_into_memory(split: Split, resize: int, crop: int, interpolation: str, b
 
 class InMemoryLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
-                 device: torch.device, drop_last: bool = False, balanced: bool = False):
+                 device: torch.device, drop_last: bool = False, balanced: bool = False, rank: int = 0,
+                 world: int = 1):
         self.weights = balanced_weights(labels) if balanced else None
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return batch_count(len(self.labels), self.batch_size, self.drop_last)
+        count = shard_size(len(self.labels), self.rank, self.world, pad=self.shuffle)
+        return batch_count(count, self.batch_size, self.drop_last)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch, self.weights).to(self.images.device)
+        order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch, self.weights)
+        order = shard(order, self.rank, self.world, pad=self.shuffle).to(self.images.device)
         for index in range(start, len(self)):
             batch = order[index * self.batch_size:(index + 1) * self.batch_size]
             yield self.images[batch], self.labels[batch]
@@ -120,34 +146,39 @@ class InMemoryLoader:
 
 class _EpochBatchSampler(Sampler[list[int]]):
     def __init__(self, count: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 weights: torch.Tensor | None = None):
+                 weights: torch.Tensor | None = None, rank: int = 0, world: int = 1):
         self.count, self.batch_size, self.shuffle, self.seed, self.drop_last = count, batch_size, shuffle, seed, drop_last
-        self.weights = weights
+        self.weights, self.rank, self.world = weights, rank, world
         self.epoch, self.start = 0, 0
 
+    def batches(self) -> int:
+        """Batches in a whole epoch of this worker's share."""
+        return batch_count(shard_size(self.count, self.rank, self.world, self.shuffle), self.batch_size, self.drop_last)
+
     def __len__(self) -> int:
-        return batch_count(self.count, self.batch_size, self.drop_last) - self.start
+        return self.batches() - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(self.count, self.shuffle, self.seed, self.epoch, self.weights)
-        for index in range(self.start, batch_count(self.count, self.batch_size, self.drop_last)):
+        order = shard(order, self.rank, self.world, pad=self.shuffle)
+        for index in range(self.start, self.batches()):
             yield order[index * self.batch_size:(index + 1) * self.batch_size].tolist()
 
 
 class FileLoader:
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, device: torch.device,
                  resize: int, crop: int, interpolation: str, workers: int, bad: BadFileLog, drop_last: bool = False,
-                 balanced: bool = False):
+                 balanced: bool = False, rank: int = 0, world: int = 1):
         self.device, self.bad, self.batch_size = device, bad, batch_size
         self.labels = torch.as_tensor(split.labels)
         weights = balanced_weights(torch.as_tensor(split.labels)) if balanced else None
-        self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, weights)
+        self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, weights, rank, world)
         self.loader = DataLoader(_InferenceDataset(split.files, resize, crop, interpolation),
                                  batch_sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
                                  persistent_workers=workers > 0, collate_fn=_collate_inference)
 
     def __len__(self) -> int:
-        return batch_count(self.sampler.count, self.batch_size, self.sampler.drop_last)
+        return self.sampler.batches()
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start

@@ -38,7 +38,7 @@ class TrainConfig:
     layer_lr_decay: float | None = None  # lr factor per layer group toward the input; auto: 0.5 two-stage, else 1
     image_size: int | None = None  # auto: from the images
     epochs: int | None = None  # auto: 30
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split among distributed workers, and what the lr is scaled by
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and weight decay auto unless given
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # preset auto unless given
     label_smoothing: float = 0.0
@@ -56,6 +56,7 @@ class TrainConfig:
     amp: bool | None = None  # auto: bf16 (or fp16 + scaler) on CUDA, off elsewhere
     channels_last: bool = True
     compile: bool = False
+    sync_bn: bool = False  # distributed on CUDA: batch norm statistics over the global batch (SyncBatchNorm)
     workers: int | None = None  # auto: up to 8
     in_memory: bool | None = None  # auto: when the decoded split fits in 2 GiB
     checkpoint_every: int = 0  # also save last.pt every N optimizer steps (0: at epoch ends only)

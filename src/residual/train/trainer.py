@@ -11,6 +11,10 @@ torch.compile, gradient accumulation and clipping, an EMA of the weights
 N steps if asked), resume with every RNG and the position inside the epoch,
 early stopping, SIGINT/SIGTERM saving a checkpoint before exiting, and a
 non-finite loss stopping the run with the last good checkpoint left intact.
+
+Under torchrun (distributed.py) the same loop runs data-parallel: the model is
+wrapped in DistributedDataParallel, each worker takes its share of every batch,
+metrics are summed over workers, and only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..atomic import atomic_path
 from ..data.datasets import Dataset, open_dataset
 from ..data.loaders import BadFileLog, FileLoader, InMemoryLoader, load_into_memory
 from ..data.transforms import build_augment, mix_batch, normalize
-from ..errors import ResidualError
+from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate
 from ..models import Preprocessing, ResNet, build_model
 from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
@@ -44,6 +50,7 @@ from ..runs import new_run_dir, pick_device
 from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, load_config, resolve, save_config
+from .distributed import World, per_worker_batch
 from .history import plot_curves, write_metrics
 from .optim import build_optimizer, build_scheduler
 
@@ -83,32 +90,63 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
-          console: Console | None = None) -> TrainResult:
-    """Train a ResNet as `config` says, or resume the run in directory `resume`."""
+          run_dir: str | Path | None = None, console: Console | None = None) -> TrainResult:
+    """Train a ResNet as `config` says, or resume the run in directory `resume`.
+
+    `run_dir`: run in this directory; if it already holds a config.yaml, that is the
+    config, and its last.pt (if any) is resumed. This is how torchrun's workers start,
+    and how a group restarted after a lost worker picks up where it stopped.
+    """
     console = console or Console()
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "last.pt").is_file():
             raise TrainingError(f"{run_dir}: no last.pt to resume from")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    started = run_dir is not None and (run_dir / "config.yaml").is_file()
+    if started:
         config = load_config(run_dir / "config.yaml")
     elif config is None:
         raise TrainingError("give a TrainConfig, or resume=RUN_DIR")
-    seed_everything(config.seed, config.deterministic)
-    dataset = open_dataset(config.data, config.val_split, config.seed)
-    config = resolve(config, dataset)
-    if resume is None:
+    world = World.from_environment(pick_device(config.device).type)
+    try:
+        if not world.is_main:
+            console = Console(quiet=True)
+        seed_everything(config.seed, config.deterministic)
+        dataset = open_dataset(config.data, config.val_split, config.seed)  # a seeded split: the same on every rank
+        config = resolve(config, dataset)
+        if not started:
+            run_dir = world.broadcast(prepare_run_dir(config, run_dir) if world.is_main else None)
+        trainer = Trainer(config, dataset, run_dir, console, world)
+        if (run_dir / "last.pt").is_file():
+            trainer.restore(load_checkpoint(run_dir / "last.pt"))
+        return trainer.fit()
+    finally:
+        world.shutdown()
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: Path | None = None) -> Path:
+    """The run directory with the resolved config.yaml: `run_dir`, or a new one under config.out."""
+    if run_dir is None:
         run_dir = new_run_dir(config.out, config.name or f"{config.model}-{Path(config.data).resolve().name}")
-        save_config(config, run_dir / "config.yaml")
-    trainer = Trainer(config, dataset, run_dir, console)
-    if resume is not None:
-        trainer.restore(load_checkpoint(run_dir / "last.pt"))
-    return trainer.fit()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    return run_dir
+
+
+def prepare_run(config: TrainConfig) -> Path:
+    """Resolve `config` against its data and write its run directory: what `--nproc` workers start from."""
+    dataset = open_dataset(config.data, config.val_split, config.seed)
+    return prepare_run_dir(resolve(config, dataset))
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, dataset: Dataset, run_dir: Path, console: Console):
+    def __init__(self, config: TrainConfig, dataset: Dataset, run_dir: Path, console: Console,
+                 world: World = World()):
         self.config, self.dataset, self.run_dir, self.console = config, dataset, run_dir, console
-        self.device = pick_device(config.device)
+        self.world = world
+        self.device = world.device(pick_device(config.device))
+        self.worker_batch = per_worker_batch(config.batch_size, world)
         self.bad = BadFileLog(config.max_bad_streak)
         self.model = self._build_model()
         self._build_loaders()
@@ -123,6 +161,7 @@ class Trainer:
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema), use_buffers=True)
                     if c.ema else None)
         self.forward = torch.compile(self.model) if c.compile else self.model
+        self.wrapped_for: int | None = None  # the frozen layer groups the DDP wrapper was built for
         # Where training stands; all of it goes into last.pt.
         self.epoch, self.batch, self.step = 0, 0, 0
         self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
@@ -130,6 +169,7 @@ class Trainer:
         self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
         self.stop_signal: str | None = None
         self.frozen: int | None = None  # layer groups frozen in the current epoch
+        self.resumes: list[dict] = []  # each resume from last.pt (after a kill, or torchrun's restarts)
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -141,6 +181,11 @@ class Trainer:
             model = build_model(c.model, num_classes=len(self.dataset.classes), **c.model_options).to(self.device)
         if c.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if c.sync_bn and self.world.distributed:
+            if self.device.type != "cuda":
+                raise ConfigError("--sync-bn needs CUDA workers (PyTorch's SyncBatchNorm has no CPU kernel); on "
+                                  "the CPU each worker normalises with its own batch statistics")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.class_names = list(self.dataset.classes)
         return model
 
@@ -155,7 +200,8 @@ class Trainer:
         interpolation = source.interpolation if source else "bilinear"
         fits = len(data.train) * 3 * resize * resize <= IN_MEMORY_BUDGET
         in_memory = c.in_memory if c.in_memory is not None else fits
-        progress = not c.quiet
+        progress = not c.quiet and self.world.is_main
+        shard = {"rank": self.world.rank, "world": self.world.size}
         if in_memory:
             train_images, train_labels = load_into_memory(data.train, resize, resize, interpolation, self.bad,
                                                           "loading train", progress)
@@ -164,15 +210,16 @@ class Trainer:
             mean, std = (channel_stats(train_images) if small else (IMAGENET_MEAN, IMAGENET_STD))
             if source:
                 mean, std = source.mean, source.std
-            self.train_loader = InMemoryLoader(train_images, train_labels, c.batch_size, True, c.seed, self.device,
-                                               balanced=c.balanced_sampler)
-            self.val_loader = InMemoryLoader(val_images, val_labels, 2 * c.batch_size, False, c.seed, self.device)
+            self.train_loader = InMemoryLoader(train_images, train_labels, self.worker_batch, True, c.seed, self.device,
+                                               balanced=c.balanced_sampler, **shard)
+            self.val_loader = InMemoryLoader(val_images, val_labels, 2 * self.worker_batch, False, c.seed,
+                                             self.device, **shard)
         else:
             workers = c.workers if c.workers is not None else min(8, os.cpu_count() or 1)
-            self.train_loader = FileLoader(data.train, c.batch_size, True, c.seed, self.device, resize, resize,
-                                           interpolation, workers, self.bad, balanced=c.balanced_sampler)
-            self.val_loader = FileLoader(data.val, 2 * c.batch_size, False, c.seed, self.device, resize,
-                                         c.image_size, interpolation, workers, self.bad)
+            self.train_loader = FileLoader(data.train, self.worker_batch, True, c.seed, self.device, resize, resize,
+                                           interpolation, workers, self.bad, balanced=c.balanced_sampler, **shard)
+            self.val_loader = FileLoader(data.val, 2 * self.worker_batch, False, c.seed, self.device, resize,
+                                         c.image_size, interpolation, workers, self.bad, **shard)
             mean, std = (source.mean, source.std) if source else (IMAGENET_MEAN, IMAGENET_STD)
         self.model.preprocessing = Preprocessing(c.image_size, resize, mean, std, interpolation)
         self.augment = build_augment(c.augment, c.image_size, resize).to(self.device)
@@ -189,6 +236,7 @@ class Trainer:
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "running": dict(self.running),
             "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
             "epochs_since_best": self.epochs_since_best, "bad_files": dict(self.bad.files), "rng": rng_state(),
+            "resumes": list(self.resumes),
         }
 
     def restore(self, state: dict) -> None:
@@ -205,17 +253,32 @@ class Trainer:
         self.epochs_since_best = state["epochs_since_best"]
         self.bad.files.update(state["bad_files"])
         set_rng_state(state["rng"])
-        self.console.print(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.batch} (step {self.step})")
+        if self.world.rank:  # the checkpoint holds global sums (see save_last); rank 0 carries them on
+            self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.resumes = list(state.get("resumes", [])) + [
+            {"epoch": self.epoch + 1, "batch": self.batch, "step": self.step, "workers": self.world.size,
+             "torchrun_restart": restarts, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+        self.console.print(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.batch} (step {self.step})"
+                           + (f" after torchrun restart {restarts}" if restarts else ""))
 
     def save_last(self) -> None:
-        save_checkpoint(self.state(), self.run_dir / "last.pt")
+        """last.pt, written by rank 0 alone; every worker calls it (the running sums are collected first)."""
+        state = self.state()
+        if self.world.distributed:
+            totals = self.world.sum([self.running["loss"], self.running["correct"], self.running["seen"]], self.device)
+            state["running"] = dict(zip(("loss", "correct", "seen"), totals))
+        if self.world.is_main:
+            save_checkpoint(state, self.run_dir / "last.pt")
 
     # --- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
         c = self.config
         stopped_early = False
-        with _stop_on_signals(self):
+        # Under torchrun a signal reaches the workers at different steps, so they cannot stop together
+        # cleanly; torchrun ends them and the run resumes from its last checkpoint instead.
+        with _stop_on_signals(self) if not self.world.distributed else contextlib.nullcontext():
             while self.epoch < c.epochs and not stopped_early:
                 train_stats = self._train_epoch()
                 val_stats = self.evaluate()
@@ -242,11 +305,25 @@ class Trainer:
                 module.requires_grad_(index >= frozen)
                 if index < frozen:
                     module.eval()
+        self._wrap(frozen)
         if frozen != self.frozen and (frozen or self.frozen):
             training = ", ".join(name for name, _ in groups[frozen:])
             self.console.print(f"epoch {self.epoch + 1}: training {training}; frozen: "
                                f"{', '.join(name for name, _ in groups[:frozen]) or 'nothing'}")
         self.frozen = frozen
+
+    def _wrap(self, frozen: int) -> None:
+        """Distributed: the model in DDP (compiled if asked) becomes what the loop trains.
+
+        DDP registers the parameters that need gradients when it is built, so it is built
+        again whenever freezing changes which ones do (two-stage fine-tuning).
+        """
+        if not self.world.distributed or frozen == self.wrapped_for:
+            return
+        ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                      else None)
+        self.forward = torch.compile(ddp) if self.config.compile else ddp
+        self.wrapped_for = frozen
 
     def _train_epoch(self) -> dict:
         c, model = self.config, self.model
@@ -257,7 +334,8 @@ class Trainer:
         columns = (TextColumn(f"epoch {self.epoch + 1}/{c.epochs}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[rate]:.0f} img/s"),
                    TimeRemainingColumn())
-        with Progress(*columns, console=self.console, disable=c.quiet, transient=True) as bar:
+        with Progress(*columns, console=self.console, disable=c.quiet or not self.world.is_main,
+                      transient=True) as bar:
             task = bar.add_task("train", total=total, completed=self.batch, loss=0.0, acc=0.0, rate=0.0)
             for index, (images, labels) in enumerate(self.train_loader.epoch(self.epoch, self.batch), self.batch):
                 loss, correct = self._train_step(images, labels, last_of_epoch=index + 1 == total, index=index)
@@ -269,8 +347,9 @@ class Trainer:
                 bar.update(task, completed=index + 1, loss=self.running["loss"] / self.running["seen"],
                            acc=self.running["correct"] / self.running["seen"], rate=rate)
         seconds = time.perf_counter() - started
-        stats = {"train_loss": self.running["loss"] / max(1, self.running["seen"]),
-                 "train_acc": self.running["correct"] / max(1, self.running["seen"]),
+        loss, correct, seen, seen_now = self.world.sum(
+            [self.running["loss"], self.running["correct"], self.running["seen"], seen_now], self.device)
+        stats = {"train_loss": loss / max(1, seen), "train_acc": correct / max(1, seen),
                  "images_per_s": seen_now / seconds if seconds > 0 else 0.0, "epoch_seconds": seconds}
         self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
         return stats
@@ -282,17 +361,22 @@ class Trainer:
                                c.label_smoothing)
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            logits = self.forward(x)
-            # Hard labels carry their smoothing here; soft (mixed) targets already include it.
-            smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
-            loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights, label_smoothing=smoothing)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, batch {index + 1} "
-                                f"(step {self.step + 1}); nothing was saved from this point. The last good "
-                                f"checkpoint is {self.run_dir / 'last.pt'}; lower --lr or add --grad-clip")
-        self.scaler.scale(loss / c.accumulate).backward()
-        if (index + 1) % c.accumulate == 0 or last_of_epoch:
+        stepping = (index + 1) % c.accumulate == 0 or last_of_epoch
+        # Accumulating micro-batches need no gradient exchange until the one that steps.
+        accumulating = self.world.distributed and not stepping
+        with self.forward.no_sync() if accumulating else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                logits = self.forward(x)
+                # Hard labels carry their smoothing here; soft (mixed) targets already include it.
+                smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
+                loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights, label_smoothing=smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, batch {index + 1} "
+                                    f"(step {self.step + 1}); nothing was saved from this point. The last good "
+                                    f"checkpoint is {self.run_dir / 'last.pt'}; lower --lr or add --grad-clip")
+            self.scaler.scale(loss / c.accumulate).backward()
+        if stepping:
             if c.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -332,6 +416,7 @@ class Trainer:
             top1 += (ranked[:, 0] == labels).sum().item()
             top5 += (ranked == labels[:, None]).any(1).sum().item()
             count += len(labels)
+        loss_sum, top1, top5, count = self.world.sum([loss_sum, top1, top5, count], self.device)
         return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5 / count}
 
     def _end_epoch(self, train_stats: dict, val_stats: dict) -> bool:
@@ -339,15 +424,17 @@ class Trainer:
         c = self.config
         row = {"epoch": self.epoch + 1, **train_stats, **val_stats, "lr": self.optimizer.param_groups[0]["lr"]}
         self.history.append(row)
-        write_metrics(self.history, self.run_dir / "metrics.csv")
-        plot_curves(self.history, self.run_dir / "curves.png", f"{c.model} on {Path(c.data).name}")
+        if self.world.is_main:
+            write_metrics(self.history, self.run_dir / "metrics.csv")
+            plot_curves(self.history, self.run_dir / "curves.png", f"{c.model} on {Path(c.data).name}")
         value = val_stats[c.monitor]
         better = self.best is None or (value > self.best[c.monitor] if c.monitor == "val_top1"
                                        else value < self.best[c.monitor])
         if better and math.isfinite(value) and self._weights_finite():
             self.best, self.best_epoch, self.epochs_since_best = dict(row), self.epoch + 1, 0
-            save_model(self.ema.module if self.ema else self.model, self.run_dir / "model.safetensors",
-                       extra={"run": str(self.run_dir), "epoch": self.epoch + 1, **val_stats})
+            if self.world.is_main:
+                save_model(self.ema.module if self.ema else self.model, self.run_dir / "model.safetensors",
+                           extra={"run": str(self.run_dir), "epoch": self.epoch + 1, **val_stats})
         else:
             self.epochs_since_best += 1
         self.console.print(  # one line per epoch, also in quiet mode (which only drops the bar)
@@ -365,12 +452,14 @@ class Trainer:
 
     def _finish(self, stopped_early: bool) -> TrainResult:
         summary = {"best_epoch": self.best_epoch, "best": self.best, "epochs_run": self.epoch,
-                   "stopped_early": stopped_early, "bad_files": self.bad.files,
-                   "ignored_files": [str(p) for p in self.dataset.ignored]}
-        with atomic_path(self.run_dir / "summary.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
-        if self.config.report and self.best is not None:
-            self._write_report()
+                   "stopped_early": stopped_early, "workers": self.world.size, "resumes": self.resumes,
+                   "bad_files": self.bad.files, "ignored_files": [str(p) for p in self.dataset.ignored]}
+        if self.world.is_main:
+            with atomic_path(self.run_dir / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2))
+            if self.config.report and self.best is not None:
+                self._write_report()
+        self.world.barrier()  # the other workers wait, so the group ends together
         best = self.best or {}
         self.console.print(
             f"\nbest epoch {self.best_epoch}: val top-1 {best.get('val_top1', float('nan')):.2%}"
