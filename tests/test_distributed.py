@@ -61,10 +61,14 @@ def two_workers(tmp_path_factory):
     """One config trained by one process and by two torchrun workers (global batch 32 both times)."""
     root = tmp_path_factory.mktemp("ddp")
     data = write_shapes(root / "shapes", size=16, per_class=30, seed=1, progress=False)  # 300 train, 60 val
+    broken = [data / "val" / "circle" / name for name in ("broken-1.png", "broken-2.png")]
+    for path in broken:  # next to each other in the val split, so each worker meets one; both are reported
+        path.write_bytes(b"not a png")
     # Group norm (per image, unlike batch norm) and no random augmentation: two workers compute what one does.
     config = TrainConfig(data=str(data), model="resnet20", model_options={"norm": "group"}, epochs=4, batch_size=32,
                          optim=OptimConfig(lr=0.01, schedule="constant"), augment=AugmentConfig(preset="none"),
-                         out=str(root / "runs"), quiet=True, report=False, workers=0, channels_last=False)
+                         out=str(root / "runs"), quiet=True, report=False, workers=0, channels_last=False,
+                         in_memory=False)  # the file loader: decoding, with unreadable files, per worker
     single = train(TrainConfig.from_dict({**config.to_dict(), "name": "single"}))
     save_config(TrainConfig.from_dict({**config.to_dict(), "name": "ddp"}), root / "ddp.yaml")
     audit = root / "audit"
@@ -75,7 +79,7 @@ def two_workers(tmp_path_factory):
            "RESIDUAL_TEST_AUDIT": str(audit)}
     done = subprocess.run([sys.executable, "-m", "residual", "train", "--config", str(root / "ddp.yaml"),
                            "--nproc", "2"], env=env, capture_output=True, text=True, timeout=300)
-    return {"single": single.run_dir, "ddp": root / "runs" / "ddp", "done": done, "audit": audit}
+    return {"single": single.run_dir, "ddp": root / "runs" / "ddp", "done": done, "audit": audit, "broken": broken}
 
 
 def test_two_workers_follow_the_single_process_loss_curve(two_workers):
@@ -86,14 +90,15 @@ def test_two_workers_follow_the_single_process_loss_curve(two_workers):
     # instead of 32 sum in another order, and training amplifies that a little with every step.
     assert float(ddp[0]["train_loss"]) == pytest.approx(float(single[0]["train_loss"]), rel=2e-4)
     for one, two in zip(single, ddp):
-        for key in ("train_loss", "val_loss"):
-            assert float(two[key]) == pytest.approx(float(one[key]), rel=2e-3), (key, one, two)
+        assert float(two["train_loss"]) == pytest.approx(float(one["train_loss"]), rel=1e-3), (one, two)
+        assert float(two["val_loss"]) == pytest.approx(float(one["val_loss"]), rel=5e-3), (one, two)
         # Accuracy counts argmaxes: float-level differences may flip an image or two sitting on a tie.
         assert float(two["train_acc"]) == pytest.approx(float(one["train_acc"]), abs=0.02)  # 6 of 300 images
         assert float(two["val_top1"]) == pytest.approx(float(one["val_top1"]), abs=0.05)  # 3 of 60
     assert float(single[-1]["train_loss"]) < 0.9 * float(single[0]["train_loss"])  # a curve, not a flat line
     summary = json.loads((two_workers["ddp"] / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["resumes"] == []
+    assert sorted(summary["bad_files"]) == [str(path) for path in two_workers["broken"]]
     # The log is rank 0's alone: one line per epoch, not one per worker.
     assert two_workers["done"].stdout.count("epoch 1/4") == 1
 

@@ -7,7 +7,8 @@ the run's last.pt. Several machines use torchrun directly (docs/distributed.md).
 
 `World` is what one worker knows about the group (its rank, the group's size),
 read from the environment torchrun sets, with the few collectives the trainer
-needs: sums for global metrics, a broadcast for the run directory, a barrier.
+needs: sums for global metrics, a broadcast for the run directory, a merge of
+the unreadable files each worker met, a barrier.
 The process group uses nccl on CUDA and gloo on the CPU.
 """
 
@@ -77,6 +78,14 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def merge(self, mapping: dict) -> dict:
+        """The union of every worker's `mapping` (e.g. the unreadable files each one met)."""
+        if not self.distributed:
+            return dict(mapping)
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, mapping)
+        return {key: value for part in gathered for key, value in part.items()}
 
     def barrier(self) -> None:
         if self.distributed:

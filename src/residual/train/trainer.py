@@ -451,6 +451,7 @@ class Trainer:
         return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
 
     def _finish(self, stopped_early: bool) -> TrainResult:
+        self.bad.files = self.world.merge(self.bad.files)  # each worker read only its share of the files
         summary = {"best_epoch": self.best_epoch, "best": self.best, "epochs_run": self.epoch,
                    "stopped_early": stopped_early, "workers": self.world.size, "resumes": self.resumes,
                    "bad_files": self.bad.files, "ignored_files": [str(p) for p in self.dataset.ignored]}
