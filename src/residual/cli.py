@@ -223,6 +223,24 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from .bench import SETTINGS, TINY_WORKLOADS, WORKLOADS, bench, bench_table
+
+    settings = [s for s in SETTINGS if args.compile or not s.compile]
+    rows = bench(TINY_WORKLOADS if args.tiny else WORKLOADS, settings, args.device, args.steps, args.warmup)
+    peak = args.peak_tflops or (790.0 if rows and _on_cuda(args.device) else None)
+    print(bench_table(rows, peak))
+    if peak is None:
+        print("MFU: give --peak-tflops (the device's bf16 matrix rate) to compute it", file=sys.stderr)
+    return 0
+
+
+def _on_cuda(device: str) -> bool:
+    from .runs import pick_device
+
+    return pick_device(device).type == "cuda"
+
+
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from .demo import run_demo
 
@@ -676,6 +694,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_check_data)
 
     _add_experiment_commands(commands)
+
+    p = commands.add_parser("bench", help="training and inference images/s: residual's path beside a plain loop")
+    p.add_argument("--tiny", action="store_true", help="small nets, small batches: a few seconds, any device")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the torch.compile setting (its warm-up can take minutes)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's bf16 matrix rate for MFU (default on CUDA: 790, an H200 as measured)")
+    p.set_defaults(run=cmd_bench)
 
     p = commands.add_parser("demo", help="the guided tour on generated data")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its run directory")

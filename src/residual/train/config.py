@@ -8,6 +8,7 @@ RUN/config.yaml` repeats the run exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ..data.datasets import Dataset
 from ..data.decode import BadImageError, read_image
 from ..data.transforms import AugmentConfig
 from ..errors import ConfigError
+from ..runs import pick_device
 from ..weights import pretrained_source
 from .optim import OptimConfig
 
@@ -55,7 +57,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | None = None  # auto: bf16 (or fp16 + scaler) on CUDA, off elsewhere
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | None = None  # auto: on CUDA for runs long enough to repay compilation (auto_compile)
     sync_bn: bool = False  # distributed on CUDA: batch norm statistics over the global batch (SyncBatchNorm)
     workers: int | None = None  # auto: up to 8
     in_memory: bool | None = None  # auto: when the decoded split fits in 2 GiB
@@ -135,6 +137,23 @@ def typical_image_size(dataset: Dataset, sample: int = 64) -> int:
     return int(sorted(sides)[len(sides) // 2])
 
 
+COMPILE_FROM_STEPS = 2000  # an estimate, not yet measured on a GPU: compiling a ResNet-50 takes about a minute
+
+
+def optimizer_steps(config: TrainConfig, train_images: int) -> int:
+    """Optimizer steps of the whole run."""
+    return config.epochs * math.ceil(train_images / (config.batch_size * config.accumulate))
+
+
+def auto_compile(device_type: str, steps: int) -> tuple[bool, str]:
+    """Whether torch.compile pays for its warm-up in a run of `steps` optimizer steps, and why."""
+    if device_type != "cuda":
+        return False, f"off (chosen automatically only on CUDA; this run is on {device_type})"
+    if steps < COMPILE_FROM_STEPS:
+        return False, f"off ({steps} steps: too short to repay compilation, which starts at {COMPILE_FROM_STEPS})"
+    return True, f"on ({steps} steps repay the compilation warm-up)"
+
+
 def resolve(config: TrainConfig, dataset: Dataset) -> TrainConfig:
     """Fill every auto field from the data: the values config.yaml records.
 
@@ -167,5 +186,10 @@ def resolve(config: TrainConfig, dataset: Dataset) -> TrainConfig:
         weight_decay=config.optim.weight_decay if config.optim.weight_decay is not None else (5e-4 if small else 1e-4))
     augment = config.augment.resolved(image_size)
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
-    return dataclasses.replace(config, model=model, image_size=image_size, epochs=config.epochs or 30,
-                               optim=optim, augment=augment, layer_lr_decay=layer_lr_decay)
+    epochs = config.epochs or 30
+    compile_on = config.compile
+    if compile_on is None:
+        steps = optimizer_steps(dataclasses.replace(config, epochs=epochs), count)
+        compile_on, _ = auto_compile(pick_device(config.device).type, steps)
+    return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs,
+                               optim=optim, augment=augment, layer_lr_decay=layer_lr_decay, compile=compile_on)

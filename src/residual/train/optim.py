@@ -75,17 +75,20 @@ def param_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 
     return groups
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, layer_lr_decay: float = 1.0) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: OptimConfig, layer_lr_decay: float = 1.0,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """`fused`: PyTorch's single-kernel update (SGD, Adam, AdamW), the same arithmetic in fewer launches."""
     groups = param_groups(model, config.weight_decay, layer_lr_decay)
     for group in groups:
         group["lr"] = config.lr * group["lr_scale"]
+    speed = {"fused": True} if fused else {}
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov and config.momentum > 0)
+                               nesterov=config.nesterov and config.momentum > 0, **speed)
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr)
+        return torch.optim.Adam(groups, lr=config.lr, **speed)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.AdamW(groups, lr=config.lr, **speed)
     return torch.optim.RMSprop(groups, lr=config.lr, momentum=config.momentum, alpha=0.9, eps=1e-3)
 
 

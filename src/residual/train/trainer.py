@@ -49,7 +49,7 @@ from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from ..runs import new_run_dir, pick_device
 from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, load_config, resolve, save_config
+from .config import TrainConfig, auto_compile, load_config, optimizer_steps, resolve, save_config
 from .distributed import World, per_worker_batch
 from .history import plot_curves, write_metrics
 from .optim import build_optimizer, build_scheduler
@@ -114,7 +114,11 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             console = Console(quiet=True)
         seed_everything(config.seed, config.deterministic)
         dataset = open_dataset(config.data, config.val_split, config.seed)  # a seeded split: the same on every rank
+        compile_auto = config.compile is None
         config = resolve(config, dataset)
+        if compile_auto:
+            steps = optimizer_steps(config, len(dataset.train))
+            console.print(f"torch.compile: {auto_compile(world.device(pick_device(config.device)).type, steps)[1]}")
         if not started:
             run_dir = world.broadcast(prepare_run_dir(config, run_dir) if world.is_main else None)
         trainer = Trainer(config, dataset, run_dir, console, world)
@@ -152,7 +156,9 @@ class Trainer:
         self._build_loaders()
         c = config
         self.steps_per_epoch = math.ceil(len(self.train_loader) / c.accumulate)
-        self.optimizer = build_optimizer(self.model, c.optim, c.layer_lr_decay or 1.0)
+        # One fused kernel for the whole update on CUDA, where small nets are launch-bound.
+        self.optimizer = build_optimizer(self.model, c.optim, c.layer_lr_decay or 1.0,
+                                         fused=self.device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, c.optim, self.steps_per_epoch, self.steps_per_epoch * c.epochs)
         use_amp = c.amp if c.amp is not None else self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported()

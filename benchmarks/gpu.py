@@ -1,0 +1,40 @@
+"""GPU speed of the toolkit against torchvision's ResNets in a standard loop, one run, one table.
+
+The four workloads of the speed issue (resnet50 train and inference at 224 px, CIFAR
+resnet56 and CIFAR-style resnet18 training at 32 px), each under fp32 eager, bf16 +
+channels_last and + torch.compile, residual's own training step / predict path beside
+torchvision's model (or ours, where torchvision has no such net) in a plain loop.
+MFU uses 790 TFLOP/s, the bf16 matrix rate measured on the project's H200.
+
+    PYTHONPATH=src python benchmarks/gpu.py [--steps 30] [--warmup 10] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from datetime import date
+
+import torch
+
+from residual.bench import SETTINGS, WORKLOADS, bench, bench_table
+
+PEAK_TFLOPS = 790.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    settings = [s for s in SETTINGS if not (args.no_compile and s.compile)]
+    rows = bench(WORKLOADS, settings, args.device, args.steps, args.warmup)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    print(f"{date.today()}, {device}, torch {torch.__version__}")
+    print(bench_table(rows, PEAK_TFLOPS if torch.cuda.is_available() else None))
+
+
+if __name__ == "__main__":
+    main()

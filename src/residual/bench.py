@@ -1,0 +1,243 @@
+"""`residual bench`: the toolkit's training and inference speed beside a standard PyTorch loop.
+
+For each workload and setting (fp32 eager; bf16 autocast + channels_last; the same
+under torch.compile) two paths run in one process on synthetic data already on the
+device:
+
+- residual: the engine's own training step (`Trainer._train_step`: uint8 batch ->
+  float, crop to size, normalise, autocast, loss, backward, fused optimizer step,
+  schedule; `loss.item()` every step as in real training), or for inference the
+  predict path (`class_probabilities`: normalise, forward, softmax, to the host);
+- peer: the loop the issue's reference figures use, on torchvision's model when
+  torchvision is importable (our own architecture otherwise): SGD with momentum on
+  a float batch, or a forward pass in inference mode.
+
+Images/s is measured after warm-up steps with the device synchronised; MFU is
+FLOPs per image (2 x MACs, x3 for a training step) x images/s / `peak_tflops`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from .data.datasets import Dataset, Split
+from .data.transforms import AugmentConfig
+from .models import build_model, count_macs
+from .predict import class_probabilities
+from .runs import pick_device
+from .train.config import TrainConfig, resolve
+from .train.optim import OptimConfig
+from .train.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    arch: str
+    image_size: int
+    batch: int
+    train: bool
+    options: dict = dataclasses.field(default_factory=dict)  # ResNetConfig overrides
+    torchvision: str | None = None  # the peer's torchvision builder (None: torchvision has no such net)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    bf16: bool
+    channels_last: bool
+    compile: bool
+
+
+# The issue's reference table (an H200 with torch 2.11 and torchvision 0.26).
+WORKLOADS = (
+    Workload("resnet50 train, batch 256, 224 px", "resnet50", 224, 256, True, torchvision="resnet50"),
+    Workload("resnet50 inference, batch 256, 224 px", "resnet50", 224, 256, False, torchvision="resnet50"),
+    Workload("CIFAR resnet56 train, batch 512, 32 px", "resnet56", 32, 512, True),
+    Workload("CIFAR-style resnet18 train, batch 512, 32 px", "resnet18", 32, 512, True,
+             {"stem": "cifar", "num_classes": 10}, torchvision="resnet18"),
+)
+# A few seconds on a CPU: what the tests run.
+TINY_WORKLOADS = (
+    Workload("tiny resnet20 train, batch 8, 16 px", "resnet20", 16, 8, True),
+    Workload("tiny resnet18 inference, batch 8, 32 px", "resnet18", 32, 8, False,
+             {"stem": "cifar", "num_classes": 10}, torchvision="resnet18"),
+)
+SETTINGS = (
+    Setting("fp32 eager", False, False, False),
+    Setting("bf16 + channels_last", True, True, False),
+    Setting("+ torch.compile", True, True, True),
+)
+
+
+@dataclass
+class BenchRow:
+    workload: str
+    setting: str
+    residual: float  # images/s
+    peer: float  # images/s
+    peer_name: str
+    flops_per_image: float
+    warmup_seconds: float  # residual's warm-up (compilation, autotuning)
+
+    @property
+    def ratio(self) -> float:
+        return self.residual / self.peer
+
+
+def torchvision_model(builder: str | None, options: dict):
+    """torchvision's model for the peer, made CIFAR-style as our options say; None without torchvision."""
+    if builder is None:
+        return None
+    try:
+        import torchvision
+    except Exception:  # not installed, or installed without a working build (CPU-only machines here)
+        return None
+    model = getattr(torchvision.models, builder)(num_classes=options.get("num_classes", 1000))
+    if options.get("stem") == "cifar":  # the usual CIFAR adaptation: 3x3 stride-1 stem, no max-pool
+        model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    return model
+
+
+def images_per_second(step: Callable[[], None], batch: int, steps: int, warmup: int,
+                      device: torch.device) -> tuple[float, float]:
+    """(images/s over `steps` calls of `step` after `warmup` calls, seconds the warm-up took)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync()
+    warmed = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return batch * steps / (time.perf_counter() - warmed), warmed - start
+
+
+def synthetic_dataset(workload: Workload, stored: int, count: int, classes: int, root: Path) -> Dataset:
+    images = torch.randint(0, 256, (count, 3, stored, stored), dtype=torch.uint8)
+    labels = torch.randint(0, classes, (count,)).tolist()
+    split = Split(labels=labels, images=images)
+    return Dataset(root, "cifar", [str(i) for i in range(classes)], split, Split(labels=labels[:1], images=images[:1]))
+
+
+def residual_train_step(workload: Workload, setting: Setting, device: torch.device, steps: int,
+                        root: Path) -> Callable[[], None]:
+    """A closure running the engine's training step on the next synthetic batch."""
+    classes = workload.options.get("num_classes", 10 if workload.image_size <= 64 else 1000)
+    stored = workload.image_size if workload.image_size <= 64 else round(workload.image_size / 0.875)
+    dataset = synthetic_dataset(workload, stored, workload.batch * min(steps, 8), classes, root)
+    config = TrainConfig(data=str(root), model=workload.arch,
+                         model_options={k: v for k, v in workload.options.items() if k != "num_classes"},
+                         image_size=workload.image_size, epochs=1, batch_size=workload.batch,
+                         optim=OptimConfig(lr=0.1, schedule="constant"), augment=AugmentConfig(preset="none"),
+                         amp=setting.bf16, channels_last=setting.channels_last, compile=setting.compile,
+                         device=str(device), in_memory=True, quiet=True, report=False, out=str(root))
+    trainer = Trainer(resolve(config, dataset), dataset, root, Console(quiet=True))
+    trainer.model.train()
+    batches = []
+
+    def step():
+        nonlocal batches
+        if not batches:
+            batches = list(trainer.train_loader.epoch(0))
+        images, labels = batches.pop()
+        trainer._train_step(images, labels, last_of_epoch=False, index=0)
+
+    return step
+
+
+def residual_infer_step(workload: Workload, setting: Setting, device: torch.device) -> Callable[[], None]:
+    model = build_model(workload.arch, **workload.options).to(device).eval()
+    if setting.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = model
+    if setting.compile:
+        forward = torch.compile(model)
+        forward.preprocessing = model.preprocessing  # what class_probabilities reads
+    images = torch.randint(0, 256, (workload.batch, 3, workload.image_size, workload.image_size),
+                           dtype=torch.uint8, device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16):
+            class_probabilities(forward, images)
+
+    return step
+
+
+def peer_step(workload: Workload, setting: Setting, device: torch.device) -> tuple[Callable[[], None], str]:
+    """The standard loop on torchvision's model (or ours): what the reference figures measure."""
+    model = torchvision_model(workload.torchvision, workload.options)
+    name = f"torchvision {workload.torchvision}" if model is not None else "plain loop"
+    model = (model or build_model(workload.arch, **workload.options)).to(device)
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train(workload.train)
+    forward = torch.compile(model) if setting.compile else model
+    x = torch.randn(workload.batch, 3, workload.image_size, workload.image_size, device=device)
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.randint(0, model.fc.out_features, (workload.batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16)  # noqa: E731
+
+    def train_step():
+        with autocast():
+            loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def infer_step():
+        with torch.inference_mode(), autocast():
+            forward(x)
+
+    return (train_step if workload.train else infer_step), name
+
+
+def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: int = 30, warmup: int = 10,
+          console: Console | None = None) -> list[BenchRow]:
+    """Every workload under every setting, residual's path and the peer's, measured in turn."""
+    console = console or Console(stderr=True)
+    torch_device = pick_device(device)
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="residual-bench-") as folder:
+        for workload in workloads:
+            macs = count_macs(build_model(workload.arch, **workload.options).eval(), workload.image_size)
+            flops = 2 * macs * (3 if workload.train else 1)
+            for setting in settings:
+                console.print(f"{workload.name}: {setting.name} ...")
+                step = (residual_train_step(workload, setting, torch_device, steps + warmup, Path(folder))
+                        if workload.train else residual_infer_step(workload, setting, torch_device))
+                ours, warmup_seconds = images_per_second(step, workload.batch, steps, warmup, torch_device)
+                peer, peer_name = peer_step(workload, setting, torch_device)
+                theirs, _ = images_per_second(peer, workload.batch, steps, warmup, torch_device)
+                if setting.compile and warmup_seconds > 30:
+                    console.print(f"[yellow]warning: torch.compile warm-up took {warmup_seconds:.0f} s for "
+                                  f"{workload.name}; short runs pay it before they gain anything")
+                rows.append(BenchRow(workload.name, setting.name, ours, theirs, peer_name, flops, warmup_seconds))
+    return rows
+
+
+def bench_table(rows: list[BenchRow], peak_tflops: float | None) -> str:
+    """Markdown: images/s of both paths, their ratio, and MFU where the peak is known."""
+    lines = ["| workload | setting | residual img/s | peer | peer img/s | ratio | residual MFU | warm-up s |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        mfu = f"{r.flops_per_image * r.residual / (peak_tflops * 1e12):.1%}" if peak_tflops else "-"
+        lines.append(f"| {r.workload} | {r.setting} | {r.residual:,.0f} | {r.peer_name} | {r.peer:,.0f} | "
+                     f"{r.ratio:.2f} | {mfu} | {r.warmup_seconds:.1f} |")
+    return "\n".join(lines)
