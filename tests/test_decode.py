@@ -6,6 +6,7 @@ from PIL import Image
 
 from residual.data import decode
 from residual.data.decode import BadImageError, read_image
+from residual.data.transforms import resize_center_crop
 
 
 def _pixel(image, xy=(0, 0)):
@@ -94,3 +95,19 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "MAX_PIXELS", 5000)
     with pytest.raises(BadImageError, match="decompression bomb"):
         read_image(tmp_path / "big.png")
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_still_covers_the_target(tmp_path):
+    # A smooth 1600x1200 photo-like image: reduced decoding must keep what the model sees.
+    y, x = np.mgrid[0:1200, 0:1600]
+    pixels = np.stack([x / 1600 * 255, y / 1200 * 255, (x + y) / 2800 * 255], axis=2).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=92)
+    full = read_image(tmp_path / "photo.jpg")
+    reduced = read_image(tmp_path / "photo.jpg", min_side=256)
+    assert full.size == (1600, 1200) and reduced.size == (400, 300)  # 1/4: the smallest scale >= 256 px
+    assert read_image(tmp_path / "photo.jpg", min_side=700).size == (1600, 1200)  # 1/2 would be too small
+    a = resize_center_crop(full, 256, 224).int()
+    b = resize_center_crop(reduced, 256, 224).int()
+    assert (a - b).abs().float().mean() < 2.0  # of 255
+    Image.fromarray(pixels).save(tmp_path / "photo.png")  # other formats decode in full
+    assert read_image(tmp_path / "photo.png", min_side=256).size == (1600, 1200)

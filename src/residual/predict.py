@@ -164,7 +164,8 @@ def preprocess_input(images, preprocessing: Preprocessing | ResNet | None = None
         batch = (array[None] if array.ndim == 3 else array).permute(0, 3, 1, 2)
         return normalize(batch / 255, pre)
     items = images if isinstance(images, (list, tuple)) else [images]
-    batch = torch.stack([resize_center_crop(as_image(item), pre.resize_size, pre.input_size, pre.interpolation)
+    batch = torch.stack([resize_center_crop(as_image(item, pre.resize_size), pre.resize_size, pre.input_size,
+                                            pre.interpolation)
                          for item in items])
     return normalize(batch.float() / 255, pre)
 

@@ -42,8 +42,14 @@ def image_files(sources) -> list:
     return items
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """An 8-bit RGB image from `path`, fully decoded, or BadImageError."""
+def read_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """An 8-bit RGB image from `path`, fully decoded, or BadImageError.
+
+    `min_side`: the caller will shrink the shorter side to this. A JPEG is then decoded at
+    the smallest of Pillow's draft scales (1/2, 1/4, 1/8, done inside the DCT) that keeps
+    both sides at or above it: photos much larger than the model input decode several
+    times faster (docs/performance.md). Other formats decode in full.
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -54,6 +60,8 @@ def read_image(path: str | os.PathLike) -> Image.Image:
                 if image.width * image.height > MAX_PIXELS:
                     raise BadImageError(f"{path}: {image.width}x{image.height} pixels is over the "
                                         f"{MAX_PIXELS:,} limit (possible decompression bomb)")
+                if min_side:
+                    image.draft("RGB", (min_side, min_side))
                 image.load()  # decode now, so truncation fails here and not later
                 image = ImageOps.exif_transpose(image)
                 return to_rgb(image)
@@ -69,10 +77,11 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         raise BadImageError(f"{path}: corrupt or truncated image ({error})") from None
 
 
-def as_image(item) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image, an H x W x 3 uint8 array or a 3 x H x W uint8 tensor."""
+def as_image(item, min_side: int | None = None) -> Image.Image:
+    """An RGB PIL image from a path (read_image, with `min_side`), a PIL image, an H x W x 3 uint8 array
+    or a 3 x H x W uint8 tensor."""
     if isinstance(item, (str, os.PathLike)):
-        return read_image(item)
+        return read_image(item, min_side)
     if isinstance(item, Image.Image):
         return to_rgb(item)
     array = np.asarray(item)

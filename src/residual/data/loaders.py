@@ -112,7 +112,7 @@ def load_into_memory(split: Split, resize: int, crop: int, interpolation: str, b
     with progress_bar(label, progress) as bar:
         for path, target in bar.track(list(zip(split.files, split.labels)), description=label):
             try:
-                images.append(resize_center_crop(read_image(path), resize, crop, interpolation))
+                images.append(resize_center_crop(read_image(path, resize), resize, crop, interpolation))
                 labels.append(target)
                 bad.record(None)
             except BadImageError as error:
@@ -208,7 +208,7 @@ class _InferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return index, resize_center_crop(as_image(self.items[index]), self.resize, self.crop,
+            return index, resize_center_crop(as_image(self.items[index], self.resize), self.resize, self.crop,
                                              self.interpolation), None
         except BadImageError as error:
             return index, None, str(error)
