@@ -23,25 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from residual.bench import write_jpegs
 from residual.data.decode import read_image
 from residual.data.transforms import resize_center_crop
-
-
-def write_photos(folder: Path, size: tuple[int, int], count: int) -> list[Path]:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    paths = []
-    for index in range(count):
-        phase = rng.uniform(0, 6.28, 3)
-        pixels = np.stack([127 + 100 * np.sin(x / (40 + 30 * c) + phase[c]) * np.cos(y / (50 + 20 * c))
-                           for c in range(3)], axis=2)
-        pixels += rng.normal(0, 12, pixels.shape)  # sensor noise, so the JPEG is not trivially small
-        path = folder / f"{index:04d}.jpg"
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 def plain(path: Path) -> torch.Tensor:
@@ -69,7 +53,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as root:
         for label, size in (("500x375", (500, 375)), ("4000x3000", (4000, 3000))):
-            paths = write_photos(Path(root) / label, size, args.images)
+            paths = sorted((write_jpegs(Path(root) / label, size, args.images) / "train").rglob("*.jpg"))
             rates: dict[str, list[float]] = {name: [] for name in PATHS}
             for round_index in range(args.rounds + 1):
                 for name, read in PATHS.items():

@@ -19,12 +19,13 @@ def test_tiny_bench_prints_both_paths_side_by_side(capsys):
     assert main(["bench", "--tiny", "--no-compile", "--device", "cpu", "--steps", "2", "--warmup", "1",
                  "--peak-tflops", "1"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
-    assert len(rows) == 4  # two workloads x (fp32 eager, bf16 + channels_last)
+    assert len(rows) == 6  # three workloads (one from a folder of JPEGs) x (fp32 eager, bf16 + channels_last)
     for workload, setting, ours, peer, theirs, ratio, mfu, _ in rows:
         ours, theirs = float(ours.replace(",", "")), float(theirs.replace(",", ""))
         assert ours > 0 and theirs > 0 and float(ratio) == pytest.approx(ours / theirs, rel=0.01)
         assert mfu.strip().endswith("%")
-        assert peer.strip() in ("plain loop", "torchvision resnet18")
+        peers = {"residual, synthetic data"} if "JPEGs" in workload else {"plain loop", "torchvision resnet18"}
+        assert peer.strip() in peers
 
 
 def test_fused_optimizer_makes_the_same_update():
