@@ -138,7 +138,8 @@ def images_per_second(step: Callable[[], None], batch: int, steps: int, warmup: 
     return batch * steps / (time.perf_counter() - warmed), warmed - start
 
 
-def synthetic_dataset(workload: Workload, stored: int, count: int, classes: int, root: Path) -> Dataset:
+def synthetic_dataset(stored: int, count: int, classes: int, root: Path) -> Dataset:
+    """Random uint8 images and labels, in memory like a CIFAR split (one image as the validation split)."""
     images = torch.randint(0, 256, (count, 3, stored, stored), dtype=torch.uint8)
     labels = torch.randint(0, classes, (count,)).tolist()
     split = Split(labels=labels, images=images)
@@ -172,7 +173,7 @@ def residual_train_step(workload: Workload, setting: Setting, device: torch.devi
         data = write_jpegs(root / "jpegs", workload.jpeg_size, workload.batch * min(steps, 16), classes=2)
         dataset = open_dataset(data)
     else:
-        dataset = synthetic_dataset(workload, stored, workload.batch * min(steps, 8), classes, root)
+        dataset = synthetic_dataset(stored, workload.batch * min(steps, 8), classes, root)
     config = TrainConfig(data=str(root / "jpegs" if from_files else root), model=workload.arch,
                          model_options={k: v for k, v in workload.options.items() if k != "num_classes"},
                          image_size=workload.image_size, epochs=1, batch_size=workload.batch,
