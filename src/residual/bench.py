@@ -7,7 +7,8 @@ device:
 - residual: the engine's own training step (`Trainer._train_step`: uint8 batch ->
   float, crop to size, normalise, autocast, loss, backward, fused optimizer step,
   schedule; `loss.item()` every step as in real training), or for inference the
-  predict path (`class_probabilities`: normalise, forward, softmax, to the host);
+  predict path (`prepare_for_inference`: BN folded, channels_last, bf16 weights in
+  the bf16 settings; then `class_probabilities`: normalise, forward, softmax, to the host);
 - peer: the loop the issue's reference figures use, on torchvision's model when
   torchvision is importable (our own architecture otherwise): SGD with momentum on
   a float batch, or a forward pass in inference mode.
@@ -38,7 +39,7 @@ from rich.console import Console
 
 from .data.datasets import Dataset, Split, open_dataset
 from .data.transforms import AugmentConfig
-from .models import build_model, count_macs
+from .models import build_model, count_macs, prepare_for_inference
 from .predict import class_probabilities
 from .runs import pick_device
 from .train.config import TrainConfig, resolve
@@ -196,21 +197,18 @@ def residual_train_step(workload: Workload, setting: Setting, device: torch.devi
 
 
 def residual_infer_step(workload: Workload, setting: Setting, device: torch.device) -> Callable[[], None]:
+    """`residual predict`'s path: the model prepared for inference (BN folded, channels_last; bf16 weights
+    in the bf16 settings), then `class_probabilities` on a uint8 batch already on the device."""
     model = build_model(workload.arch, **workload.options).to(device).eval()
     if setting.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = prepare_for_inference(model, device, "bf16" if setting.bf16 else "fp32")
     forward = model
     if setting.compile:
         forward = torch.compile(model)
         forward.preprocessing = model.preprocessing  # what class_probabilities reads
     images = torch.randint(0, 256, (workload.batch, 3, workload.image_size, workload.image_size),
                            dtype=torch.uint8, device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16):
-            class_probabilities(forward, images)
-
-    return step
+    return lambda: class_probabilities(forward, images)
 
 
 def peer_step(workload: Workload, setting: Setting, device: torch.device) -> tuple[Callable[[], None], str]:

@@ -65,15 +65,23 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _inference_model(name: str, device: str):
-    """A model file, pretrained name or exported .onnx (run by ONNX Runtime), ready for inference."""
+def _inference_model(name: str, device: str, precision: str | None = None):
+    """A model file, pretrained name or exported .onnx (run by ONNX Runtime), ready for inference.
+
+    With `precision` a PyTorch model takes the fast path (BN folded, channels_last, that precision).
+    """
+    from .models import prepare_for_inference
     from .runs import pick_device
 
     if Path(name).suffix == ".onnx":
         from .deploy.onnx import OnnxModel
 
+        if precision not in (None, "auto"):
+            raise ResidualError(f"--precision {precision}: {name} runs in the precision it was exported with "
+                                f"(residual export --fp16 for float16)")
         return OnnxModel(name, pick_device(device))
-    return load_model(name).to(pick_device(device)).eval()
+    model = load_model(name).to(pick_device(device)).eval()
+    return prepare_for_inference(model, pick_device(device), precision) if precision else model
 
 
 def _report_failed(failed: list[str]) -> None:
@@ -86,12 +94,13 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from .runs import new_run_dir
     from .tables import eval_tables
 
-    model = _inference_model(args.model, args.device)
+    model = _inference_model(args.model, args.device, args.precision)
     out = Path(args.out) if args.out else new_run_dir("runs/eval", f"{Path(args.model).stem}-{Path(args.data).name}")
     result = evaluate(model, args.data, args.split, args.tta, args.batch_size, out, args.gallery,
                       workers=args.workers, progress=not args.quiet)
     console.rule(f"{args.model} on {args.data}, {result.metrics['images']:,} images"
-                 + (f", TTA {args.tta}" if args.tta != "none" else ""))
+                 + (f", TTA {args.tta}" if args.tta != "none" else "")
+                 + (f", {getattr(model, 'inference_precision', 'exported')} weights" if args.precision != "fp32" else ""))
     for table in eval_tables(result.metrics, "summary"):
         console.print(table)
     _report_failed(result.failed)
@@ -108,7 +117,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .predict import iter_predict, write_csv, write_json
     from .tables import predictions_table
 
-    model = _inference_model(args.model, args.device)
+    model = _inference_model(args.model, args.device, args.precision)
     items = image_files(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
@@ -529,6 +538,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_inference_commands(commands) -> None:
     from .explain import METHODS
+    from .models import PRECISIONS
     from .predict import TTA_MODES
 
     def common(p, batch_size: int) -> None:
@@ -544,6 +554,8 @@ def _add_inference_commands(commands) -> None:
                    help="default: test if present, else val; a flat folder of classes is used whole")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
     p.add_argument("--gallery", type=int, default=16, help="highest-loss images shown with Grad-CAM (0: none)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--out", help="report folder (default: a new runs/eval/MODEL-DATA)")
     common(p, 64)
     p.set_defaults(run=cmd_eval)
@@ -555,6 +567,8 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--out", help="write json/csv here instead of standard output")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     common(p, 64)
     p.set_defaults(run=cmd_predict)
 
