@@ -1,4 +1,5 @@
-"""`residual bench` in its tiny CPU mode, and the levers it measures: fused optimizer, bf16 path, auto compile."""
+"""`residual bench` in its tiny CPU mode, and the levers it measures: fused optimizer, bf16 path, auto compile
+and CUDA graphs."""
 
 import csv
 
@@ -9,9 +10,10 @@ from residual.cli import main
 from residual.data.datasets import open_dataset
 from residual.data.shapes import write_shapes
 from residual.data.transforms import AugmentConfig
+from residual.errors import ConfigError
 from residual.models import build_model
 from residual.train import TrainConfig, train
-from residual.train.config import COMPILE_FROM_STEPS, auto_compile, resolve
+from residual.train.config import COMPILE_FROM_STEPS, auto_compile, auto_compile_mode, compile_log, resolve
 from residual.train.optim import OptimConfig, build_optimizer
 
 
@@ -44,13 +46,28 @@ def test_fused_optimizer_makes_the_same_update():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_compile_is_chosen_by_run_length_and_device(tmp_path, capsys):
+def test_compile_and_cuda_graphs_are_chosen_by_run_length_size_and_processes(tmp_path):
     assert auto_compile("cpu", 10**6)[0] is False
     assert auto_compile("cuda", COMPILE_FROM_STEPS - 1)[0] is False
     assert auto_compile("cuda", COMPILE_FROM_STEPS)[0] is True
+    assert auto_compile_mode(32, processes=1)[0] == "reduce-overhead"  # launch-bound: CUDA graphs
+    assert auto_compile_mode(224, processes=1)[0] == "default"
+    assert auto_compile_mode(32, processes=2)[0] == "default"
     data = write_shapes(tmp_path / "s", size=16, per_class=4, seed=0, progress=False)
-    assert resolve(TrainConfig(data=str(data), device="cpu"), open_dataset(data)).compile is False
-    assert resolve(TrainConfig(data=str(data), compile=True), open_dataset(data)).compile is True  # as asked
+    dataset = open_dataset(data)
+    off = TrainConfig(data=str(data), device="cpu")
+    assert (resolve(off, dataset).compile, resolve(off, dataset).compile_mode) == (False, None)
+    assert compile_log(off, resolve(off, dataset), len(dataset.train), 1) == \
+        "torch.compile: off (chosen automatically only on CUDA; this run is on cpu)"
+    asked = TrainConfig(data=str(data), compile=True)  # as asked, with the mode chosen for 16 px inputs
+    assert (resolve(asked, dataset).compile, resolve(asked, dataset).compile_mode) == (True, "reduce-overhead")
+    assert resolve(asked, dataset, processes=2).compile_mode == "default"
+    assert "mode reduce-overhead: CUDA graphs" in compile_log(asked, resolve(asked, dataset), len(dataset.train), 1)
+    chosen = TrainConfig(data=str(data), compile=True, compile_mode="max-autotune")
+    assert resolve(chosen, dataset).compile_mode == "max-autotune"
+    assert compile_log(chosen, resolve(chosen, dataset), len(dataset.train), 1) == ""  # nothing was automatic
+    with pytest.raises(ConfigError, match="--compile-mode"):
+        TrainConfig(data=str(data), compile_mode="fastest")
 
 
 def test_bf16_channels_last_path_follows_the_fp32_loss_curve(tmp_path):

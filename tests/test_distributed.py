@@ -99,8 +99,9 @@ def test_two_workers_follow_the_single_process_loss_curve(two_workers):
     summary = json.loads((two_workers["ddp"] / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["resumes"] == []
     assert sorted(summary["bad_files"]) == [str(path) for path in two_workers["broken"]]
-    # The log is rank 0's alone: one line per epoch, not one per worker.
+    # The log is rank 0's alone: one line per epoch, not one per worker; the launcher says what it chose.
     assert two_workers["done"].stdout.count("epoch 1/4") == 1
+    assert two_workers["done"].stdout.count("torch.compile: off") == 1
 
 
 def test_only_rank_zero_writes_files(two_workers):

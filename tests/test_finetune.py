@@ -30,7 +30,7 @@ def pretrained(tmp_path_factory):
     shapes = write_shapes(root / "shapes", size=32, per_class=400, seed=5, progress=False)
     old = _subset(shapes, root / "old", OLD)
     new = _subset(shapes, root / "new", NEW, limit=24)
-    result = train(TrainConfig(data=str(old), model="resnet20", epochs=10, batch_size=64, quiet=True,
+    result = train(TrainConfig(data=str(old), model="resnet20", epochs=10, batch_size=64, quiet=True, report=False,
                                optim=OptimConfig(lr=0.2, schedule="onecycle"), out=str(root / "runs"), name="old"))
     assert result.best["val_top1"] > 0.6, f"pretraining must learn its own task first: {result.best}"
     return result.model_path, new, root / "runs"
@@ -42,7 +42,7 @@ def _backbone(state):
 
 def test_fine_tuning_beats_training_from_scratch_in_the_same_budget(pretrained):
     model_path, new, runs = pretrained
-    budget = dict(data=str(new), epochs=6, batch_size=16, quiet=True, out=str(runs), seed=0)
+    budget = dict(data=str(new), epochs=6, batch_size=16, quiet=True, report=False, out=str(runs), seed=0)
     scratch = train(TrainConfig(model="resnet20", name="scratch", **budget))
     tuned = train(TrainConfig(pretrained=str(model_path), strategy="two-stage", head_epochs=1, name="tuned", **budget))
     assert tuned.best["val_top1"] > scratch.best["val_top1"] + 0.1, (tuned.best, scratch.best)
@@ -55,7 +55,7 @@ def test_fine_tuning_beats_training_from_scratch_in_the_same_budget(pretrained):
 def test_linear_probe_leaves_the_backbone_bit_identical(pretrained):
     model_path, new, runs = pretrained
     result = train(TrainConfig(data=str(new), pretrained=str(model_path), strategy="linear-probe", epochs=2,
-                               batch_size=16, quiet=True, out=str(runs), name="probe", ema=None))
+                               batch_size=16, quiet=True, report=False, out=str(runs), name="probe", ema=None))
     before = _backbone(residual.load_model(model_path).state_dict())
     after = residual.load_model(result.model_path).state_dict()
     assert all(torch.equal(value, after[key]) for key, value in before.items()), "weights and BN statistics"
@@ -66,7 +66,7 @@ def test_freeze_stages_and_two_stage_phases(pretrained):
     model_path, new, runs = pretrained
     before = residual.load_model(model_path).state_dict()
     frozen = train(TrainConfig(data=str(new), pretrained=str(model_path), freeze_stages=2, epochs=1, batch_size=16,
-                               quiet=True, out=str(runs), name="freeze2"))
+                               quiet=True, report=False, out=str(runs), name="freeze2"))
     after = residual.load_model(frozen.model_path).state_dict()
     for key, value in _backbone(before).items():
         same = torch.equal(value, after[key])
@@ -74,7 +74,7 @@ def test_freeze_stages_and_two_stage_phases(pretrained):
 
     # Two-stage with epochs == head_epochs never leaves the head-only phase.
     head_only = train(TrainConfig(data=str(new), pretrained=str(model_path), strategy="two-stage", head_epochs=2,
-                                  epochs=2, batch_size=16, quiet=True, out=str(runs), name="head-only"))
+                                  epochs=2, batch_size=16, quiet=True, report=False, out=str(runs), name="head-only"))
     after = residual.load_model(head_only.model_path).state_dict()
     assert all(torch.equal(v, after[k]) for k, v in _backbone(before).items())
     state = torch.load(head_only.run_dir / "last.pt", weights_only=True)

@@ -77,6 +77,11 @@ WORKLOADS = (
     Workload("resnet50 train from 500x375 JPEGs, batch 256, 224 px", "resnet50", 224, 256, True,
              jpeg_size=(500, 375)),
 )
+# Minutes on a CPU: the demo's training step and ResNet-50 prediction.
+CPU_WORKLOADS = (
+    Workload("resnet20 train, batch 128, 32 px", "resnet20", 32, 128, True),
+    Workload("resnet50 inference, batch 32, 224 px", "resnet50", 224, 32, False, torchvision="resnet50"),
+)
 # A few seconds on a CPU: what the tests run.
 TINY_WORKLOADS = (
     Workload("tiny resnet20 train, batch 8, 16 px", "resnet20", 16, 8, True),

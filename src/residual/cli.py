@@ -233,10 +233,11 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from .bench import SETTINGS, TINY_WORKLOADS, WORKLOADS, bench, bench_table
+    from .bench import CPU_WORKLOADS, SETTINGS, TINY_WORKLOADS, WORKLOADS, bench, bench_table
 
     settings = [s for s in SETTINGS if args.compile or not s.compile]
-    rows = bench(TINY_WORKLOADS if args.tiny else WORKLOADS, settings, args.device, args.steps, args.warmup)
+    workloads = TINY_WORKLOADS if args.tiny else CPU_WORKLOADS if args.cpu_sized else WORKLOADS
+    rows = bench(workloads, settings, args.device, args.steps, args.warmup)
     peak = args.peak_tflops or (790.0 if rows and _on_cuda(args.device) else None)
     print(bench_table(rows, peak))
     if peak is None:
@@ -294,7 +295,7 @@ AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay",
                "model", "image_size", "epochs", "batch_size", "label_smoothing", "grad_clip", "accumulate", "ema",
                "early_stopping", "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last",
-               "compile", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report",
+               "compile", "compile_mode", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report",
                "sync_bn")
 
 
@@ -338,7 +339,7 @@ def _launch_workers(args: argparse.Namespace, console: Console) -> int:
     else:
         config = _train_config(args)
     check_launch(args.nproc, args.max_restarts, config.device, config.sync_bn, config.batch_size)
-    run_dir = run_dir if args.resume else prepare_run(config)
+    run_dir = run_dir if args.resume else prepare_run(config, args.nproc, console)
     console.print(f"{run_dir}: {args.nproc} workers through torchrun"
                   + (f", up to {args.max_restarts} restart(s) of the group" if args.max_restarts else ""))
     code = launch(run_dir, args.nproc, args.max_restarts)
@@ -450,6 +451,8 @@ def _add_experiment_commands(commands) -> None:
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply."""
+    from .train.config import COMPILE_MODES
+
     p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/) or CIFAR folder")
     p.add_argument("--config", help="start from a run's config.yaml (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
@@ -516,6 +519,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    run.add_argument("--compile-mode", choices=COMPILE_MODES,
+                     help="torch.compile's mode (default: reduce-overhead, i.e. CUDA graphs, for inputs up to 64 px "
+                          "in one process; otherwise default)")
     run.add_argument("--workers", type=int)
     run.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=None)
     run.add_argument("--checkpoint-every", type=int, metavar="STEPS")
@@ -710,7 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_commands(commands)
 
     p = commands.add_parser("bench", help="training and inference images/s: residual's path beside a plain loop")
-    p.add_argument("--tiny", action="store_true", help="small nets, small batches: a few seconds, any device")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="small nets, small batches: a few seconds, any device")
+    size.add_argument("--cpu-sized", action="store_true",
+                      help="resnet20 training at batch 128 and resnet50 inference at batch 32: minutes on a CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")

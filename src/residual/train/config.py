@@ -24,6 +24,7 @@ from ..weights import pretrained_source
 from .optim import OptimConfig
 
 MONITORS = ("val_top1", "val_loss")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STRATEGIES = ("full", "linear-probe", "two-stage")
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     amp: bool | None = None  # auto: bf16 (or fp16 + scaler) on CUDA, off elsewhere
     channels_last: bool = True
     compile: bool | None = None  # auto: on CUDA for runs long enough to repay compilation (auto_compile)
+    compile_mode: str | None = None  # torch.compile's mode; auto: CUDA graphs for small inputs (auto_compile_mode)
     sync_bn: bool = False  # distributed on CUDA: batch norm statistics over the global batch (SyncBatchNorm)
     workers: int | None = None  # auto: up to 8
     in_memory: bool | None = None  # auto: when the decoded split fits in 2 GiB
@@ -81,6 +83,8 @@ class TrainConfig:
             raise ConfigError(f"--monitor must be one of {MONITORS}, got {self.monitor!r}")
         if self.batch_size < 1 or self.accumulate < 1:
             raise ConfigError("--batch-size and --accumulate must be at least 1")
+        if self.compile_mode not in (None, *COMPILE_MODES):
+            raise ConfigError(f"--compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -138,6 +142,9 @@ def typical_image_size(dataset: Dataset, sample: int = 64) -> int:
 
 
 COMPILE_FROM_STEPS = 2000  # an estimate, not yet measured on a GPU: compiling a ResNet-50 takes about a minute
+# Inputs up to this size make kernels too short to hide their launch cost, which CUDA graphs remove
+# (the speed issue's CIFAR figures are launch-bound); an estimate, not yet measured on a GPU.
+CUDA_GRAPHS_UP_TO = 64
 
 
 def optimizer_steps(config: TrainConfig, train_images: int) -> int:
@@ -154,7 +161,38 @@ def auto_compile(device_type: str, steps: int) -> tuple[bool, str]:
     return True, f"on ({steps} steps repay the compilation warm-up)"
 
 
-def resolve(config: TrainConfig, dataset: Dataset) -> TrainConfig:
+def auto_compile_mode(image_size: int, processes: int) -> tuple[str, str]:
+    """torch.compile's mode when none is given, and why: CUDA graphs for small inputs in one process."""
+    if image_size > CUDA_GRAPHS_UP_TO:
+        return "default", f"mode default ({image_size} px inputs keep the GPU busy between kernel launches)"
+    if processes > 1:  # BN + CUDA graphs + DDP is a known slowdown (pytorch/pytorch#139207)
+        return "default", "mode default (CUDA graphs are not combined with distributed workers)"
+    return "reduce-overhead", (f"mode reduce-overhead: CUDA graphs, because {image_size} px inputs make kernels "
+                               f"too short to hide their launch cost")
+
+
+def compile_choice(config: TrainConfig, image_size: int, train_images: int,
+                   processes: int) -> tuple[bool, str | None, str]:
+    """(compile or not, its mode, what the log says about whatever was chosen automatically)."""
+    compile_on, reasons = config.compile, []
+    if compile_on is None:
+        compile_on, why = auto_compile(pick_device(config.device).type, optimizer_steps(config, train_images))
+        reasons.append(why)
+    mode = config.compile_mode
+    if compile_on and mode is None:
+        mode, why = auto_compile_mode(image_size, processes)
+        reasons.append(why)
+    return compile_on, mode if compile_on else None, "; ".join(reasons)
+
+
+def compile_log(given: TrainConfig, resolved: TrainConfig, train_images: int, processes: int) -> str:
+    """The log line saying what `resolve` chose for torch.compile and why ('' when the user chose it all)."""
+    asked = dataclasses.replace(resolved, compile=given.compile, compile_mode=given.compile_mode)
+    why = compile_choice(asked, resolved.image_size, train_images, processes)[2]
+    return f"torch.compile: {why}" if why else ""
+
+
+def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainConfig:
     """Fill every auto field from the data: the values config.yaml records.
 
     Small images (up to 64 px) get a CIFAR-style net at their own size with the
@@ -164,6 +202,7 @@ def resolve(config: TrainConfig, dataset: Dataset) -> TrainConfig:
     Fine-tuning (`pretrained`) keeps the source's architecture and input size; the
     new head trains at the usual rate, and the backbone at half the rate per layer
     group toward the input ('two-stage') or at a tenth of it ('full').
+    `processes`: how many distributed workers will train (torch.compile's mode depends on it).
     """
     model, source_pre = config.model, None
     if config.pretrained:
@@ -187,9 +226,8 @@ def resolve(config: TrainConfig, dataset: Dataset) -> TrainConfig:
     augment = config.augment.resolved(image_size)
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
     epochs = config.epochs or 30
-    compile_on = config.compile
-    if compile_on is None:
-        steps = optimizer_steps(dataclasses.replace(config, epochs=epochs), count)
-        compile_on, _ = auto_compile(pick_device(config.device).type, steps)
-    return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs,
-                               optim=optim, augment=augment, layer_lr_decay=layer_lr_decay, compile=compile_on)
+    compile_on, compile_mode, _ = compile_choice(dataclasses.replace(config, epochs=epochs), image_size, count,
+                                                 processes)
+    return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs, optim=optim,
+                               augment=augment, layer_lr_decay=layer_lr_decay, compile=compile_on,
+                               compile_mode=compile_mode)

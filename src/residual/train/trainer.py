@@ -49,7 +49,7 @@ from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from ..runs import new_run_dir, pick_device
 from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, auto_compile, load_config, optimizer_steps, resolve, save_config
+from .config import TrainConfig, compile_log, load_config, resolve, save_config
 from .distributed import World, per_worker_batch
 from .history import plot_curves, write_metrics
 from .optim import build_optimizer, build_scheduler
@@ -114,11 +114,9 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             console = Console(quiet=True)
         seed_everything(config.seed, config.deterministic)
         dataset = open_dataset(config.data, config.val_split, config.seed)  # a seeded split: the same on every rank
-        compile_auto = config.compile is None
-        config = resolve(config, dataset)
-        if compile_auto:
-            steps = optimizer_steps(config, len(dataset.train))
-            console.print(f"torch.compile: {auto_compile(world.device(pick_device(config.device)).type, steps)[1]}")
+        given, config = config, resolve(config, dataset, world.size)
+        if log := compile_log(given, config, len(dataset.train), world.size):
+            console.print(log)
         if not started:
             run_dir = world.broadcast(prepare_run_dir(config, run_dir) if world.is_main else None)
         trainer = Trainer(config, dataset, run_dir, console, world)
@@ -138,10 +136,14 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path | None = None) -> Path:
     return run_dir
 
 
-def prepare_run(config: TrainConfig) -> Path:
-    """Resolve `config` against its data and write its run directory: what `--nproc` workers start from."""
+def prepare_run(config: TrainConfig, processes: int, console: Console) -> Path:
+    """Resolve `config` against its data for `processes` workers and write its run directory: what `--nproc`
+    workers start from."""
     dataset = open_dataset(config.data, config.val_split, config.seed)
-    return prepare_run_dir(resolve(config, dataset))
+    resolved = resolve(config, dataset, processes)
+    if log := compile_log(config, resolved, len(dataset.train), processes):
+        console.print(log)
+    return prepare_run_dir(resolved)
 
 
 class Trainer:
@@ -166,7 +168,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema), use_buffers=True)
                     if c.ema else None)
-        self.forward = torch.compile(self.model) if c.compile else self.model
+        self.forward = torch.compile(self.model, mode=c.compile_mode) if c.compile else self.model
+        # CUDA graphs replay into the same output buffers: each step must say where it begins.
+        self.cuda_graphs = bool(c.compile) and self.device.type == "cuda" and c.compile_mode in (
+            "reduce-overhead", "max-autotune")
         self.wrapped_for: int | None = None  # the frozen layer groups the DDP wrapper was built for
         # Where training stands; all of it goes into last.pt.
         self.epoch, self.batch, self.step = 0, 0, 0
@@ -328,7 +333,7 @@ class Trainer:
             return
         ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                       else None)
-        self.forward = torch.compile(ddp) if self.config.compile else ddp
+        self.forward = torch.compile(ddp, mode=self.config.compile_mode) if self.config.compile else ddp
         self.wrapped_for = frozen
 
     def _train_epoch(self) -> dict:
@@ -362,6 +367,8 @@ class Trainer:
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor, last_of_epoch: bool, index: int):
         c = self.config
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         x = normalize(self.augment(images.float().div_(255)), self.model.preprocessing)
         x, targets = mix_batch(x, labels, self.model.num_classes, c.augment.mixup, c.augment.cutmix,
                                c.label_smoothing)
