@@ -76,7 +76,7 @@ def _inference_model(name: str, device: str, precision: str | None = None):
     if Path(name).suffix == ".onnx":
         from .deploy.onnx import OnnxModel
 
-        if precision not in (None, "auto"):
+        if precision in ("bf16", "fp16"):  # eval's fp32 default and predict's auto take the file as it is
             raise ResidualError(f"--precision {precision}: {name} runs in the precision it was exported with "
                                 f"(residual export --fp16 for float16)")
         return OnnxModel(name, pick_device(device))
