@@ -5,6 +5,7 @@ import csv
 
 import pytest
 import torch
+from rich.console import Console
 
 from residual.cli import main
 from residual.data.datasets import open_dataset
@@ -15,6 +16,9 @@ from residual.models import build_model
 from residual.train import TrainConfig, train
 from residual.train.config import COMPILE_FROM_STEPS, auto_compile, auto_compile_mode, compile_log, resolve
 from residual.train.optim import OptimConfig, build_optimizer
+from residual.train.trainer import Trainer
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_tiny_bench_prints_both_paths_side_by_side(capsys):
@@ -44,6 +48,41 @@ def test_fused_optimizer_makes_the_same_update():
             optimizer.zero_grad()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_the_training_step_never_waits_for_the_device(tmp_path, monkeypatch, device):
+    """Loss and hits stay on the device; the loop reads them back twice a second, so the host queues the next
+    steps while the device works. On CUDA any synchronising call raises; on the CPU, where nothing waits,
+    every way a tensor's value reaches Python does, and so does making a tensor from host data (its copy to a
+    GPU would wait)."""
+    data = write_shapes(tmp_path / "s", size=16, per_class=8, seed=0, progress=False)
+    dataset = open_dataset(data)
+    config = TrainConfig(data=str(data), model="resnet20", batch_size=16, augment=AugmentConfig(preset="none"),
+                         grad_clip=1.0, label_smoothing=0.1, amp=True, device=device, quiet=True, out=str(tmp_path))
+    trainer = Trainer(resolve(config, dataset), dataset, tmp_path, Console(quiet=True))
+    trainer.model.train()
+    batches = iter(trainer.train_loader.epoch(0))
+    trainer._train_step(*next(batches))  # the first step sets up (cudnn autotuning, optimizer state)
+    images, labels = next(batches)
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    else:
+        def read_back(*args, **kwargs):
+            raise AssertionError("the training step read a value back from the device")
+
+        def copy_in(*args, **kwargs):
+            raise AssertionError("the training step copied new host data to the device")
+        for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            monkeypatch.setattr(torch.Tensor, method, read_back)
+        for function in ("tensor", "as_tensor"):
+            monkeypatch.setattr(torch, function, copy_in)
+    try:
+        loss, correct = trainer._train_step(images, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default") if device == "cuda" else monkeypatch.undo()
+    assert loss.device.type == correct.device.type == device
+    assert trainer.step == 2 and 0 < loss.item() < 10 and 0 <= correct.item() <= len(labels)
 
 
 def test_compile_and_cuda_graphs_are_chosen_by_run_length_size_and_processes(tmp_path):

@@ -6,7 +6,8 @@ device:
 
 - residual: the engine's own training step (`Trainer._train_step`: uint8 batch ->
   float, crop to size, normalise, autocast, loss, backward, fused optimizer step,
-  schedule; `loss.item()` every step as in real training), or for inference the
+  schedule; like the peer it never waits for the device, and real training reads the
+  loss back twice a second), or for inference the
   predict path (`prepare_for_inference`: BN folded, channels_last, bf16 weights in
   the bf16 settings; then `class_probabilities`: normalise, forward, softmax, to the host);
 - peer: the loop the issue's reference figures use, on torchvision's model when
@@ -196,7 +197,7 @@ def residual_train_step(workload: Workload, setting: Setting, device: torch.devi
         if batch is None:  # the next epoch: the file loader's workers keep decoding ahead
             epoch, batches = epoch + 1, iter(trainer.train_loader.epoch(epoch + 1))
             batch = next(batches)
-        trainer._train_step(*batch, last_of_epoch=False, index=0)
+        trainer._train_step(*batch)
 
     return step
 

@@ -10,6 +10,7 @@ together, which the per-image kornia ops do not.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import kornia.augmentation as K
@@ -94,9 +95,18 @@ def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> n
 
 def normalize(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
     """float [0, 1] images -> (x - mean) / std, per channel."""
-    mean = torch.tensor(preprocessing.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(preprocessing.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    mean, std = _channel_constants(preprocessing.mean, preprocessing.std, images.device, images.dtype)
     return (images - mean) / std
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as 1 x C x 1 x 1 tensors on `device`, made once: a fresh copy to a GPU waits for
+    everything queued on it, which would stall every training step."""
+    with torch.inference_mode(False):  # usable in training too, wherever they were first made
+        return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+                torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))
 
 
 def resize_center_crop(image: Image.Image, resize: int, crop: int, interpolation: str = "bilinear") -> torch.Tensor:

@@ -60,9 +60,8 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
             batches = iter(trainer.train_loader.epoch(epoch))
             images, labels = next(batches)
         lr = trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0]["lr_scale"]
-        try:
-            loss, _ = trainer._train_step(images, labels, last_of_epoch=False, index=step)
-        except TrainingError:  # a non-finite loss: the sweep has gone past any usable rate
+        loss = trainer._train_step(images, labels, stepping=(step + 1) % config.accumulate == 0)[0].item()
+        if not math.isfinite(loss):  # the sweep has gone past any usable rate
             break
         average = smoothing * average + (1 - smoothing) * loss
         smoothed = average / (1 - smoothing ** (step + 1))  # bias-corrected, as in fastai

@@ -55,6 +55,7 @@ from .history import plot_curves, write_metrics
 from .optim import build_optimizer, build_scheduler
 
 IN_MEMORY_BUDGET = 2 * 1024**3  # bytes of decoded uint8 images kept in memory (and on the GPU)
+READ_BACK_SECONDS = 0.5  # how often the loop waits for the device to report loss and accuracy (the bar's refresh)
 
 
 class TrainingError(ResidualError):
@@ -75,6 +76,17 @@ class TrainResult:
     ignored_files: int
     stopped_early: bool
     model_path: Path
+
+
+@dataclass
+class PendingStep:
+    """A training batch whose loss and hits are still on the device."""
+    epoch: int
+    index: int  # the batch's position in the epoch
+    step: int  # the optimizer step it belongs to, counted from 1
+    images: int
+    loss: torch.Tensor
+    correct: torch.Tensor
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -348,15 +360,32 @@ class Trainer:
         with Progress(*columns, console=self.console, disable=c.quiet or not self.world.is_main,
                       transient=True) as bar:
             task = bar.add_task("train", total=total, completed=self.batch, loss=0.0, acc=0.0, rate=0.0)
+            pending: list[PendingStep] = []
+            read_at = started
             for index, (images, labels) in enumerate(self.train_loader.epoch(self.epoch, self.batch), self.batch):
-                loss, correct = self._train_step(images, labels, last_of_epoch=index + 1 == total, index=index)
-                self.running["loss"] += loss * len(labels)
-                self.running["correct"] += correct
-                self.running["seen"] += len(labels)
+                last_of_epoch = index + 1 == total
+                stepping = (index + 1) % c.accumulate == 0 or last_of_epoch
+                pending.append(PendingStep(self.epoch, index, self.step + 1, len(labels),
+                                           *self._train_step(images, labels, stepping)))
                 seen_now += len(labels)
-                rate = seen_now / (time.perf_counter() - started)
-                bar.update(task, completed=index + 1, loss=self.running["loss"] / self.running["seen"],
-                           acc=self.running["correct"] / self.running["seen"], rate=rate)
+                if stepping:
+                    self.batch = index + 1
+                checkpoint = (stepping and bool(c.checkpoint_every) and self.step % c.checkpoint_every == 0
+                              and not last_of_epoch)
+                stopping = stepping and self.stop_signal is not None
+                if checkpoint or stopping or time.perf_counter() - read_at >= READ_BACK_SECONDS:
+                    self._read_back(pending)  # before anything is saved: a non-finite loss must stop the run first
+                    pending, read_at = [], time.perf_counter()
+                    bar.update(task, completed=index + 1, loss=self.running["loss"] / self.running["seen"],
+                               acc=self.running["correct"] / self.running["seen"],
+                               rate=seen_now / (read_at - started))
+                if checkpoint or stopping:
+                    self.save_last()
+                if stopping:
+                    raise TrainingInterrupted(f"stopped by {self.stop_signal} at epoch {self.epoch + 1}, batch "
+                                              f"{self.batch}; checkpoint saved. Resume with: residual train "
+                                              f"--resume {self.run_dir}")
+            self._read_back(pending)
         seconds = time.perf_counter() - started
         loss, correct, seen, seen_now = self.world.sum(
             [self.running["loss"], self.running["correct"], self.running["seen"], seen_now], self.device)
@@ -365,7 +394,27 @@ class Trainer:
         self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
         return stats
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, last_of_epoch: bool, index: int):
+    def _read_back(self, pending: list[PendingStep]) -> None:
+        """One wait for the device: the pending steps' losses and hits go into the running sums, in order.
+
+        The step itself never waits, so the host queues the next batches while the device works;
+        a non-finite loss is caught here, before any checkpoint could save its weights.
+        """
+        if not pending:
+            return
+        values = torch.stack([p.loss for p in pending] + [p.correct.float() for p in pending]).tolist()
+        for p, loss, correct in zip(pending, values[:len(pending)], values[len(pending):]):
+            if not math.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({loss}) at epoch {p.epoch + 1}, batch {p.index + 1} (step "
+                                    f"{p.step}); nothing was saved from this point. The last good checkpoint is "
+                                    f"{self.run_dir / 'last.pt'}; lower --lr or add --grad-clip")
+            self.running["loss"] += loss * p.images
+            self.running["correct"] += correct
+            self.running["seen"] += p.images
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, stepping: bool = True):
+        """Augment, forward, backward and (when `stepping`) the optimizer step on one batch ->
+        (loss, correct predictions) as tensors still on the device: nothing here waits for it."""
         c = self.config
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -374,7 +423,6 @@ class Trainer:
                                c.label_smoothing)
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        stepping = (index + 1) % c.accumulate == 0 or last_of_epoch
         # Accumulating micro-batches need no gradient exchange until the one that steps.
         accumulating = self.world.distributed and not stepping
         with self.forward.no_sync() if accumulating else contextlib.nullcontext():
@@ -384,10 +432,6 @@ class Trainer:
                 # Hard labels carry their smoothing here; soft (mixed) targets already include it.
                 smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
                 loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights, label_smoothing=smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, batch {index + 1} "
-                                    f"(step {self.step + 1}); nothing was saved from this point. The last good "
-                                    f"checkpoint is {self.run_dir / 'last.pt'}; lower --lr or add --grad-clip")
             self.scaler.scale(loss / c.accumulate).backward()
         if stepping:
             if c.grad_clip:
@@ -400,22 +444,13 @@ class Trainer:
             if self.ema:
                 self.ema.update_parameters(self.model)
             self.step += 1
-            self.batch = index + 1
-            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and not last_of_epoch:
-                self.save_last()
-            if self.stop_signal:
-                self.save_last()
-                raise TrainingInterrupted(f"stopped by {self.stop_signal} at epoch {self.epoch + 1}, batch "
-                                          f"{self.batch}; checkpoint saved. Resume with: residual train "
-                                          f"--resume {self.run_dir}")
-        correct = (logits.argmax(1) == labels).sum().item()
-        return loss.item(), correct
+        return loss.detach(), (logits.argmax(1) == labels).sum()
 
     @torch.inference_mode()
     def evaluate(self) -> dict:
         model = self.ema.module if self.ema else self.model
         model.eval()
-        loss_sum, top1, top5, count = 0.0, 0, 0, 0
+        batch_sums, count = [], 0  # per batch: loss, top-1 and top-5 hits, read back once at the end
         k = min(5, model.num_classes)
         for images, labels in self.val_loader.epoch(0):
             x = normalize(images.float().div_(255), model.preprocessing)
@@ -424,11 +459,13 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             ranked = logits.topk(k, dim=1).indices
-            top1 += (ranked[:, 0] == labels).sum().item()
-            top5 += (ranked == labels[:, None]).any(1).sum().item()
+            batch_sums.append(torch.stack((F.cross_entropy(logits, labels, reduction="sum"),
+                                           (ranked[:, 0] == labels).sum().float(),
+                                           (ranked == labels[:, None]).any(1).sum().float())))
             count += len(labels)
+        rows = torch.stack(batch_sums).tolist() if batch_sums else []
+        loss_sum, top1, top5 = (sum(column) for column in zip(*rows)) if rows else (0.0, 0.0, 0.0)
         loss_sum, top1, top5, count = self.world.sum([loss_sum, top1, top5, count], self.device)
         return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5 / count}
 
