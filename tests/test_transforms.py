@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 import residual
-from residual.data.transforms import (AugmentConfig, build_augment, mix_batch, resize_center_crop,
-                                      soft_targets)
+from residual.data.transforms import (AugmentConfig, RandomCropFlip, build_augment, mix_batch,
+                                      resize_center_crop, soft_targets)
 
 
 def test_presets_resolve_their_knobs_and_explicit_knobs_win():
@@ -48,6 +48,26 @@ def test_flip_alone_mirrors_some_images():
     flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
     kept = [torch.equal(o, i) for o, i in zip(out, images)]
     assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_pad_crop_flip_takes_every_window_of_the_padded_image_and_mirrors_half():
+    """What kornia's RandomCrop(padding=2) + RandomHorizontalFlip do: each output is one window of the
+    zero-padded image, every offset turns up, and about half are mirrored."""
+    torch.manual_seed(4)
+    images = torch.rand(1, 3, 6, 6).expand(400, 3, 6, 6)
+    padded = torch.nn.functional.pad(images[0], (2, 2, 2, 2))
+    windows = {(top, left, mirrored): padded[:, top:top + 6, left:left + 6].flip(-1) if mirrored
+               else padded[:, top:top + 6, left:left + 6]
+               for top in range(5) for left in range(5) for mirrored in (False, True)}
+    seen = []
+    for out in RandomCropFlip(6, padding=2, hflip=True)(images):
+        seen += [key for key, window in windows.items() if torch.equal(out, window)]
+    assert len(seen) == 400, "every output is exactly one window"
+    assert {(top, left) for top, left, _ in seen} == {(top, left) for top in range(5) for left in range(5)}
+    assert 150 < sum(mirrored for _, _, mirrored in seen) < 250
+    unpadded = RandomCropFlip(4)(images)
+    assert unpadded.shape == (400, 3, 4, 4) and any(torch.equal(unpadded[0], images[0, :, top:top + 4, left:left + 4])
+                                                    for top in range(3) for left in range(3))
 
 
 def test_mixup_and_cutmix_targets():
