@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 import residual
-from residual.data.transforms import (AugmentConfig, RandomCropFlip, build_augment, mix_batch,
-                                      resize_center_crop, soft_targets)
+from residual.data.transforms import (AugmentConfig, RandomCropFlip, RandomResizedCropFlip, build_augment,
+                                      crop_resize, mix_batch, resize_center_crop, soft_targets)
 
 
 def test_presets_resolve_their_knobs_and_explicit_knobs_win():
@@ -34,8 +34,8 @@ def test_every_preset_produces_batches_of_the_input_size(preset, stored, size):
     images = torch.rand(6, 3, stored, stored)
     out = augment(images)
     assert out.shape == (6, 3, size, size) and torch.isfinite(out).all()
-    if preset == "none" and stored == size:
-        assert torch.equal(out, images)
+    if preset == "none":
+        assert torch.equal(out, images[..., 4:36, 4:36] if stored == 40 else images), "the centre, always"
     if preset in ("cifar", "strong"):
         assert not torch.allclose(out, augment(images)), "random each call"
 
@@ -68,6 +68,38 @@ def test_pad_crop_flip_takes_every_window_of_the_padded_image_and_mirrors_half()
     unpadded = RandomCropFlip(4)(images)
     assert unpadded.shape == (400, 3, 4, 4) and any(torch.equal(unpadded[0], images[0, :, top:top + 4, left:left + 4])
                                                     for top in range(3) for left in range(3))
+
+
+def test_resized_crop_boxes_follow_torchvision_rules():
+    torch.manual_seed(5)
+    crop = RandomResizedCropFlip(24, scale=(0.08, 1.0))
+    top, left, h, w = crop.boxes(4000, 48, 64, torch.device("cpu")).T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 48).all() and (left + w <= 64).all()
+    area = h * w / (48 * 64)
+    assert area.min() < 0.1 and area.max() > 0.9 and (area > 0.07).all()
+    assert ((w / h > 3 / 4 * 0.9) & (w / h < 4 / 3 * 1.1)).all(), "aspect ratios within range, up to rounding"
+    assert {int(v) for v in top} >= set(range(0, 10)), "offsets spread over the image"
+    # When no try can fit, the centred crop with the widest ratio in range (torchvision's fallback).
+    impossible = RandomResizedCropFlip(8, scale=(2.0, 3.0)).boxes(3, 10, 40, torch.device("cpu"))
+    assert impossible.tolist() == [[0, 13, 10, 13]] * 3
+
+
+def test_crop_resize_is_a_bilinear_resize_of_each_box_and_mirrors_on_request():
+    torch.manual_seed(6)
+    images = torch.rand(3, 3, 20, 30)
+    top, left = torch.tensor([0.0, 5.0, 2.0]), torch.tensor([0.0, 7.0, 20.0])
+    h, w = torch.tensor([20.0, 9.0, 6.0]), torch.tensor([30.0, 12.0, 10.0])
+    mirrored = torch.tensor([False, True, False])
+    out = crop_resize(images, top, left, h, w, 16, mirrored)
+    for i in range(3):
+        t, l_, hh, ww = int(top[i]), int(left[i]), int(h[i]), int(w[i])
+        expected = torch.nn.functional.interpolate(images[i:i + 1, :, t:t + hh, l_:l_ + ww], size=(16, 16),
+                                                   mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(out[i], expected.flip(-1) if mirrored[i] else expected, atol=1e-5, rtol=0)
+    flips = RandomResizedCropFlip(30, scale=(1.0, 1.0), hflip=True, ratio=(1.0, 1.0))(torch.rand(1, 3, 30, 30)
+                                                                                      .expand(200, 3, 30, 30))
+    mirrored_count = sum(torch.allclose(o, flips[0].flip(-1), atol=1e-5) for o in flips)
+    assert 60 < mirrored_count < 140
 
 
 def test_mixup_and_cutmix_targets():

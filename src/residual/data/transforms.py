@@ -1,9 +1,10 @@
 """Image preparation: evaluation resize/crop, and batched training augmentation.
 
 Loaders hand the trainer uint8 batches of one fixed size; augmentation then runs
-on the whole batch, on the training device: random pad-crops and flips here
-(`RandomCropFlip`, the CIFAR recipe, without waiting for the device), resized crops,
-affine, colour, RandAugment/TrivialAugment and random erasing through kornia.augmentation.
+on the whole batch, on the training device: random crops (padded, or resized) and flips
+here, drawn on the device so a step never waits for it (`RandomCropFlip`,
+`RandomResizedCropFlip`); affine, colour, RandAugment/TrivialAugment and random erasing
+through kornia.augmentation.
 Mixup and CutMix are a few lines here: they act on a batch and its labels
 together, which the per-image kornia ops do not.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import kornia.augmentation as K
@@ -74,13 +76,12 @@ class AugmentConfig:
 def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> nn.Module:
     """Batched augmentation: float [0, 1] N x 3 x stored x stored -> N x 3 x input x input."""
     c = config.resolved(input_size)
-    size = (input_size, input_size)
     stages: list[nn.Module] = []
     if c.crop_scale:
-        stages.append(K.RandomResizedCrop(size, scale=(c.crop_scale, 1.0)))
-    crops = not c.crop_scale and (c.pad_crop or stored_size != input_size)
-    if crops or c.hflip:
-        stages.append(RandomCropFlip(input_size, c.pad_crop if crops else 0, c.hflip))
+        stages.append(RandomResizedCropFlip(input_size, (c.crop_scale, 1.0), c.hflip))
+    elif c.pad_crop or c.hflip or stored_size != input_size:
+        # `none` keeps the centre of a larger stored image; the other presets crop it at random.
+        stages.append(RandomCropFlip(input_size, c.pad_crop, c.hflip, centred=c.preset == "none" and not c.pad_crop))
     ops: list[nn.Module] = []
     if c.rotation or c.shift:
         ops.append(K.RandomAffine(degrees=c.rotation, translate=(c.shift, c.shift) if c.shift else None))
@@ -98,26 +99,31 @@ def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> n
 
 
 class RandomCropFlip(nn.Module):
-    """Zero-pad by `padding`, take a random `size` x `size` window of each image, and mirror it
-    with probability 1/2 when `hflip`: kornia's RandomCrop(padding) + RandomHorizontalFlip.
+    """Zero-pad by `padding`, take a random `size` x `size` window of each image (the centre one
+    when `centred`), and mirror it with probability 1/2 when `hflip`: kornia's
+    RandomCrop(padding) + RandomHorizontalFlip.
 
     Written here because it is the whole CIFAR recipe, the one small, launch-bound nets train
     with: one gather whose random offsets are drawn on the images' device, so the step never
-    waits for the GPU. kornia's pair costs 1.2 ms of host time per call before a pixel moves
-    (this: 0.06 ms) and draws its parameters on the host (docs/ARCHITECTURE.md).
+    waits for the GPU. kornia's pair took 1.1 ms of host time per call on two images (this:
+    0.06 ms) and draws its parameters on the host (benchmarks/augment_cpu.py).
     """
 
-    def __init__(self, size: int, padding: int = 0, hflip: bool = False):
+    def __init__(self, size: int, padding: int = 0, hflip: bool = False, centred: bool = False):
         super().__init__()
-        self.size, self.padding, self.hflip = size, padding, hflip
+        self.size, self.padding, self.hflip, self.centred = size, padding, hflip, centred
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, channels, size, device = len(images), images.shape[1], self.size, images.device
         if self.padding:
             images = F.pad(images, (self.padding,) * 4)
         height, width = images.shape[-2:]
-        top = torch.randint(0, height - size + 1, (n, 1, 1), device=device)
-        left = torch.randint(0, width - size + 1, (n, 1, 1), device=device)
+        if self.centred:
+            top = torch.full((n, 1, 1), (height - size) // 2, device=device)
+            left = torch.full((n, 1, 1), (width - size) // 2, device=device)
+        else:
+            top = torch.randint(0, height - size + 1, (n, 1, 1), device=device)
+            left = torch.randint(0, width - size + 1, (n, 1, 1), device=device)
         steps = torch.arange(size, device=device)
         rows, cols = top + steps.view(1, size, 1), left + steps.view(1, 1, size)
         if self.hflip:
@@ -127,7 +133,68 @@ class RandomCropFlip(nn.Module):
         return images.flatten(2).gather(2, index).view(n, channels, size, size)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, padding={self.padding}, hflip={self.hflip}"
+        return f"size={self.size}, padding={self.padding}, hflip={self.hflip}, centred={self.centred}"
+
+
+class RandomResizedCropFlip(nn.Module):
+    """torchvision's RandomResizedCrop (scale, ratio, ten tries, then the centre crop that fits the
+    ratio), resized bilinearly to `size`, and mirrored with probability 1/2 when `hflip`.
+
+    Written here for the reason `RandomCropFlip` is: the boxes are drawn on the images' device,
+    ten tries per image at once, and crop, resize and flip are one `grid_sample`, so the step
+    never waits for the GPU. kornia's RandomResizedCrop + RandomHorizontalFlip took 1.5 ms of
+    host time per call on two tiny images, this 0.3 ms (benchmarks/augment_cpu.py).
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 hflip: bool = False, ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        super().__init__()
+        self.size, self.scale, self.hflip, self.ratio = size, scale, hflip, ratio
+
+    def boxes(self, n: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """N x 4 crop boxes (top, left, height, width) in pixels."""
+        tries = 10
+        area = height * width * torch.empty(n, tries, device=device).uniform_(*self.scale)
+        log_ratio = torch.empty(n, tries, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        w, h = (area * log_ratio.exp()).sqrt().round(), (area / log_ratio.exp()).sqrt().round()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = fits.float().argmax(1, keepdim=True)  # the first try that fits, as torchvision takes it
+        found = fits.any(1)
+        # No try fits: the largest centred crop whose ratio is within range.
+        w = torch.where(found, w.gather(1, first)[:, 0], float(min(width, round(height * self.ratio[1]))))
+        h = torch.where(found, h.gather(1, first)[:, 0], float(min(height, round(width / self.ratio[0]))))
+        top = torch.where(found, (torch.rand(n, device=device) * (height - h + 1)).floor(), (height - h) // 2)
+        left = torch.where(found, (torch.rand(n, device=device) * (width - w + 1)).floor(), (width - w) // 2)
+        return torch.stack((top, left, h, w), 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = images.shape
+        top, left, h, w = self.boxes(n, height, width, images.device).unbind(1)
+        mirrored = (torch.rand(n, device=images.device) < 0.5) if self.hflip else None
+        return crop_resize(images, top, left, h, w, self.size, mirrored)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}"
+
+
+def crop_resize(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+                size: int, mirrored: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's box [top, top + h) x [left, left + w) resized bilinearly to size x size, mirrored
+    where `mirrored`: one affine grid_sample, equal to cutting the box out and F.interpolate'ing it."""
+    n, channels, height, width = images.shape
+    scale_x, scale_y = w / width, h / height
+    if mirrored is not None:
+        scale_x = torch.where(mirrored, -scale_x, scale_x)
+    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = scale_x, (2 * left + w) / width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = scale_y, (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [n, channels, size, size], align_corners=False)
+    # Samples stay on the box's pixel centres: its edge pixels repeat rather than blend with the
+    # pixels outside it, as when the box is cut out first and then resized.
+    low = torch.stack(((2 * left + 1) / width - 1, (2 * top + 1) / height - 1), 1).view(n, 1, 1, 2)
+    high = torch.stack(((2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1), 1).view(n, 1, 1, 2)
+    grid = torch.minimum(torch.maximum(grid, low.to(grid.dtype)), high.to(grid.dtype))
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def normalize(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
