@@ -36,7 +36,8 @@ def test_lr_find_command_and_lr_auto(data, tmp_path, capsys):
     common = ["--model", "resnet20", "--batch-size", "16", "--quiet", "--out", str(tmp_path / "runs")]
     assert main(["lr-find", str(data), "--steps", "30", *common]) == 0
     assert "suggested learning rate" in capsys.readouterr().out
-    assert main(["train", str(data), "--lr", "auto", "--epochs", "1", "--name", "auto", *common]) == 0
+    assert main(["train", str(data), "--lr", "auto", "--epochs", "1", "--name", "auto", "--no-report",
+                 *common]) == 0
     out = capsys.readouterr().out
     chosen = float(out.split("--lr auto: training at ")[1].split()[0])
     config = yaml.safe_load((tmp_path / "runs" / "auto" / "config.yaml").read_text())

@@ -22,7 +22,8 @@ from residual.train.checkpoint import load_checkpoint
 from residual.train.optim import OptimConfig
 from residual.train import trainer as trainer_module
 
-QUICK = dict(model="resnet20", batch_size=32, optim=OptimConfig(lr=0.05), quiet=True)
+QUICK = dict(model="resnet20", batch_size=32, optim=OptimConfig(lr=0.05), quiet=True,
+             report=False)  # the one test that checks the report turns it on
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def _weights(path):
 
 
 def test_a_run_leaves_everything_design_promises(shapes16, tmp_path):
-    result = train(TrainConfig(data=str(shapes16), epochs=2, out=str(tmp_path), name="run", **QUICK))
+    result = train(TrainConfig(data=str(shapes16), epochs=2, out=str(tmp_path), name="run",
+                               **(QUICK | {"report": True})))
     run = tmp_path / "run"
     assert result.run_dir == run
     for name in ("config.yaml", "metrics.csv", "curves.png", "model.safetensors", "last.pt", "summary.json"):
@@ -94,7 +96,7 @@ def _wait_for_checkpoint(path, process, condition, timeout=120):
 def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
     data = write_shapes(tmp_path / "data", size=16, per_class=40, seed=2, progress=False)
     common = ["--model", "resnet20", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "3",
-              "--deterministic", "--quiet", "--augment", "cifar", "--ema", "0.9", "--out", tmp_path]
+              "--deterministic", "--quiet", "--augment", "cifar", "--ema", "0.9", "--no-report", "--out", tmp_path]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = subprocess.run(_cli(data, *common, "--name", "straight"), env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
@@ -217,8 +219,8 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
 
     code = main(["train", str(shapes16), "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--lr", "0.03",
                  "--schedule", "multistep", "--milestones", "1,2", "--augment", "strong", "--no-hflip", "--mixup",
-                 "0.2", "--drop-rate", "0.1", "--label-smoothing", "0.05", "--quiet", "--out", str(tmp_path),
-                 "--name", "cli"])
+                 "0.2", "--drop-rate", "0.1", "--label-smoothing", "0.05", "--quiet", "--no-report", "--out",
+                 str(tmp_path), "--name", "cli"])
     assert code == 0
     config = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert config["optim"]["lr"] == 0.03 and config["optim"]["milestones"] == [1, 2]
