@@ -52,15 +52,16 @@ def test_fused_optimizer_makes_the_same_update():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["cifar", "standard"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_the_training_step_never_waits_for_the_device(tmp_path, monkeypatch, device):
+def test_the_training_step_never_waits_for_the_device(tmp_path, monkeypatch, device, preset):
     """Loss and hits stay on the device; the loop reads them back twice a second, so the host queues the next
-    steps while the device works. The CIFAR recipe's pad-crop and flip are part of the step. On CUDA any
+    steps while the device works. The presets' crops and flips are part of the step. On CUDA any
     synchronising call raises; on the CPU, where nothing waits, every way a tensor's value reaches Python does,
     and so does making a tensor from host data (its copy to a GPU would wait)."""
     data = write_shapes(tmp_path / "s", size=16, per_class=8, seed=0, progress=False)
     dataset = open_dataset(data)
-    config = TrainConfig(data=str(data), model="resnet20", batch_size=16, augment=AugmentConfig(preset="cifar"),
+    config = TrainConfig(data=str(data), model="resnet20", batch_size=16, augment=AugmentConfig(preset=preset),
                          grad_clip=1.0, label_smoothing=0.1, amp=True, device=device, quiet=True, out=str(tmp_path))
     trainer = Trainer(resolve(config, dataset), dataset, tmp_path, Console(quiet=True))
     trainer.model.train()
