@@ -10,7 +10,7 @@ from PIL import Image
 from payloads import WritesAMarker
 from residual.data.check import check_data
 from residual.data.datasets import DatasetError, open_dataset
-from residual.data.loaders import BadFileLog, FileLoader, InMemoryLoader, load_into_memory
+from residual.data.loaders import BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory
 from residual.data.shapes import SHAPE_CLASSES, write_shapes
 
 
@@ -70,6 +70,14 @@ def _folder(root, counts, extension=".png"):
         (root / name).mkdir(parents=True, exist_ok=True)
         for index in range(count):
             Image.new("RGB", (8, 8), (index * 7 % 256, len(name) * 20, 9)).save(root / name / f"{index}{extension}")
+
+
+def test_decoding_workers_use_the_cores_left_over(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert decoding_workers() == 15, "one core for the training loop"
+    assert decoding_workers(processes=8) == 1, "eight GPUs share the sixteen cores"
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert decoding_workers() == 1
 
 
 def test_flat_folder_gets_a_seeded_stratified_split(tmp_path):

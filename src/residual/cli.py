@@ -550,7 +550,7 @@ def _add_inference_commands(commands) -> None:
     def common(p, batch_size: int) -> None:
         p.add_argument("--batch-size", type=int, default=batch_size)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-        p.add_argument("--workers", type=int, help="image decoding processes (default: up to 8)")
+        p.add_argument("--workers", type=int, help="image decoding processes (default: the cores less one)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = commands.add_parser("eval", help="accuracy, per-class scores, confusion, calibration and an HTML report")

@@ -221,14 +221,22 @@ def _collate_inference(items) -> InferenceBatch:
     return InferenceBatch([index for index, _ in good], images, failed)
 
 
+def decoding_workers(processes: int = 1) -> int:
+    """Decoding processes to start when none are asked for: the cores this process may run on,
+    shared by the `processes` training processes on this machine, less one each for its own
+    loop. Decoding is what keeps a GPU fed from JPEGs, so it gets every core left."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // processes - 1)
+
+
 def inference_batches(items: list, resize: int, crop: int, interpolation: str = "bilinear", batch_size: int = 64,
                       workers: int | None = None) -> Iterator[InferenceBatch]:
     """`items` (paths, PIL images, arrays) resized and center-cropped, in order, `batch_size` at a time.
 
-    workers=None uses up to 8 decoding processes when there is more than one batch to decode.
+    workers=None starts `decoding_workers()` processes when there is more than one batch to decode.
     """
     if workers is None:
-        workers = min(8, os.cpu_count() or 1) if len(items) > batch_size else 0
+        workers = decoding_workers() if len(items) > batch_size else 0
     loader = DataLoader(_InferenceDataset(items, resize, crop, interpolation), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate_inference)
     yield from loader

@@ -61,7 +61,7 @@ class TrainConfig:
     compile: bool | None = None  # auto: on CUDA for runs long enough to repay compilation (auto_compile)
     compile_mode: str | None = None  # torch.compile's mode; auto: CUDA graphs for small inputs (auto_compile_mode)
     sync_bn: bool = False  # distributed on CUDA: batch norm statistics over the global batch (SyncBatchNorm)
-    workers: int | None = None  # auto: up to 8
+    workers: int | None = None  # decoding processes; auto: this machine's cores less one, shared by its workers
     in_memory: bool | None = None  # auto: when the decoded split fits in 2 GiB
     checkpoint_every: int = 0  # also save last.pt every N optimizer steps (0: at epoch ends only)
     max_bad_streak: int = 20  # unreadable images in a row before training stops

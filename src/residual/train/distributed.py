@@ -31,6 +31,7 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    local_size: int = 1  # workers on this machine
 
     @property
     def distributed(self) -> bool:
@@ -57,7 +58,7 @@ class World:
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=size,
                                     store=dist.PrefixStore(f"residual/attempt-{attempt}", store))
-        return cls(dist.get_rank(), local_rank, dist.get_world_size())
+        return cls(dist.get_rank(), local_rank, dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
     def device(self, device: torch.device) -> torch.device:
         """The worker's own GPU (one per local rank); other devices are shared as they are."""

@@ -40,7 +40,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..atomic import atomic_path
 from ..data.datasets import Dataset, open_dataset
-from ..data.loaders import BadFileLog, FileLoader, InMemoryLoader, load_into_memory
+from ..data.loaders import BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory
 from ..data.transforms import build_augment, mix_batch, normalize
 from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate
@@ -238,7 +238,7 @@ class Trainer:
             self.val_loader = InMemoryLoader(val_images, val_labels, 2 * self.worker_batch, False, c.seed,
                                              self.device, **shard)
         else:
-            workers = c.workers if c.workers is not None else min(8, os.cpu_count() or 1)
+            workers = c.workers if c.workers is not None else decoding_workers(self.world.local_size)
             self.train_loader = FileLoader(data.train, self.worker_batch, True, c.seed, self.device, resize, resize,
                                            interpolation, workers, self.bad, balanced=c.balanced_sampler, **shard)
             self.val_loader = FileLoader(data.val, 2 * self.worker_batch, False, c.seed, self.device, resize,
