@@ -83,7 +83,9 @@ def test_the_training_step_never_waits_for_the_device(tmp_path, monkeypatch, dev
     try:
         loss, correct = trainer._train_step(images, labels)
     finally:
-        torch.cuda.set_sync_debug_mode("default") if device == "cuda" else monkeypatch.undo()
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
     assert loss.device.type == correct.device.type == device
     assert trainer.step == 2 and 0 < loss.item() < 10 and 0 <= correct.item() <= len(labels)
 
