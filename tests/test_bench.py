@@ -56,13 +56,14 @@ def test_fused_optimizer_makes_the_same_update():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_the_training_step_never_waits_for_the_device(tmp_path, monkeypatch, device, preset):
     """Loss and hits stay on the device; the loop reads them back twice a second, so the host queues the next
-    steps while the device works. The presets' crops and flips are part of the step. On CUDA any
+    steps while the device works. The presets' crops and flips and the weights' EMA are part of the step. On CUDA any
     synchronising call raises; on the CPU, where nothing waits, every way a tensor's value reaches Python does,
     and so does making a tensor from host data (its copy to a GPU would wait)."""
     data = write_shapes(tmp_path / "s", size=16, per_class=8, seed=0, progress=False)
     dataset = open_dataset(data)
     config = TrainConfig(data=str(data), model="resnet20", batch_size=16, augment=AugmentConfig(preset=preset),
-                         grad_clip=1.0, label_smoothing=0.1, amp=True, device=device, quiet=True, out=str(tmp_path))
+                         grad_clip=1.0, label_smoothing=0.1, ema=0.9, amp=True, device=device, quiet=True,
+                         out=str(tmp_path))
     trainer = Trainer(resolve(config, dataset), dataset, tmp_path, Console(quiet=True))
     trainer.model.train()
     batches = iter(trainer.train_loader.epoch(0))

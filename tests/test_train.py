@@ -13,12 +13,15 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import residual
 from residual.data.shapes import write_shapes
 from residual.data.transforms import AugmentConfig
+from residual.models import build_model
 from residual.train import TrainConfig, TrainingError, load_config, train
 from residual.train.checkpoint import load_checkpoint
+from residual.train.ema import WeightEMA
 from residual.train.optim import OptimConfig
 from residual.train import trainer as trainer_module
 
@@ -180,6 +183,28 @@ def test_ema_model_is_what_gets_saved(shapes16, tmp_path):
     assert not torch.equal(saved["fc.weight"], state["model"]["fc.weight"])
 
 
+def test_ema_follows_pytorchs_averaged_model_and_resumes_its_checkpoints():
+    model = build_model("resnet20")
+    ours = WeightEMA(model, 0.9)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):  # weights and BN statistics move each step
+        torch.manual_seed(step)
+        model(torch.randn(8, 3, 16, 16)).logsumexp(1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ours.update(model)
+        theirs.update_parameters(model)
+    for name, value in theirs.module.state_dict().items():
+        expected = value if value.is_floating_point() else model.state_dict()[name]  # counters: the model's
+        assert torch.equal(ours.module.state_dict()[name], expected), name
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    resumed = WeightEMA(build_model("resnet20"), 0.9)
+    resumed.load_state_dict(theirs.state_dict())  # a last.pt written when the EMA was AveragedModel
+    assert resumed.updates == 4
+    assert torch.equal(resumed.module.fc.weight, theirs.module.fc.weight)
+
+
 def test_gradient_accumulation_matches_the_larger_batch(shapes16, tmp_path):
     # Without batch norm, two micro-batches of 8 are one batch of 16. In NCHW: channels_last picks
     # different CPU conv kernels for batch 8 and 16, whose 1e-7 rounding can flip a ReLU near zero.
@@ -228,6 +253,8 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     assert config["augment"]["mixup"] == 0.2 and config["model_options"] == {"drop_rate": 0.1}
     assert "epoch 1/1" in capsys.readouterr().out
     assert main(["train", str(tmp_path / "nowhere")]) == 2
+    assert main(["train", str(shapes16), "--ema", "1.5"]) == 2
+    assert "--ema is the average's decay per step" in capsys.readouterr().err
 
 
 def test_public_api_trains(shapes16, tmp_path):

@@ -87,6 +87,8 @@ class TrainConfig:
             raise ConfigError(f"--compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ConfigError(f"--ema is the average's decay per step, between 0 and 1 (e.g. 0.999), got {self.ema}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,7 +7,7 @@ last.pt (everything needed to resume) and summary.json.
 The loop is plain: for each batch, augment on the device, forward, backward,
 step. Around it: mixed precision on CUDA, channels_last, optional
 torch.compile, gradient accumulation and clipping, an EMA of the weights
-(torch.optim.swa_utils.AveragedModel), checkpoints at epoch ends (and every
+(ema.py), checkpoints at epoch ends (and every
 N steps if asked), resume with every RNG and the position inside the epoch,
 early stopping, SIGINT/SIGTERM saving a checkpoint before exiting, and a
 non-finite loss stopping the run with the last good checkpoint left intact.
@@ -36,7 +36,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..atomic import atomic_path
 from ..data.datasets import Dataset, open_dataset
@@ -51,6 +50,7 @@ from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, compile_log, load_config, resolve, save_config
 from .distributed import World, per_worker_batch
+from .ema import WeightEMA
 from .history import plot_curves, write_metrics
 from .optim import build_optimizer, build_scheduler
 
@@ -178,8 +178,7 @@ class Trainer:
         self.amp_dtype = (torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported()
                           else torch.float16) if use_amp else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema), use_buffers=True)
-                    if c.ema else None)
+        self.ema = WeightEMA(self.model, c.ema) if c.ema else None
         self.forward = torch.compile(self.model, mode=c.compile_mode) if c.compile else self.model
         # CUDA graphs replay into the same output buffers: each step must say where it begins.
         self.cuda_graphs = bool(c.compile) and self.device.type == "cuda" and c.compile_mode in (
@@ -442,7 +441,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             if self.ema:
-                self.ema.update_parameters(self.model)
+                self.ema.update(self.model)
             self.step += 1
         return loss.detach(), (logits.argmax(1) == labels).sum()
 
