@@ -126,3 +126,21 @@ def test_bf16_channels_last_path_follows_the_fp32_loss_curve(tmp_path):
             losses[name] = [float(row["train_loss"]) for row in csv.DictReader(f)]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.03)  # bf16 keeps about 3 significant digits
     assert losses["bf16"] != losses["fp32"]  # it did run in bf16
+
+
+def test_the_compiled_step_follows_the_eager_loss_curve(tmp_path):
+    """torch.compile (inductor, as chosen automatically on CUDA) changes how the step runs, not what it
+    computes: the same first steps give the same losses, so the weights got the same updates."""
+    data = write_shapes(tmp_path / "s", size=16, per_class=8, seed=0, progress=False)
+    dataset = open_dataset(data)
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        config = TrainConfig(data=str(data), model="resnet20", model_options={"layers": (1, 1, 1)}, batch_size=16,
+                             augment=AugmentConfig(preset="none"), optim=OptimConfig(lr=0.05), compile=compiled,
+                             device="cpu", quiet=True, out=str(tmp_path))
+        trainer = Trainer(resolve(config, dataset), dataset, tmp_path, Console(quiet=True))
+        trainer.model.train()
+        losses[compiled] = [trainer._train_step(*batch)[0].item() for batch in trainer.train_loader.epoch(0)]
+    assert len(losses[True]) == 5
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
