@@ -23,10 +23,11 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 def test_tiny_bench_prints_both_paths_side_by_side(capsys):
     assert main(["bench", "--tiny", "--no-compile", "--device", "cpu", "--steps", "2", "--warmup", "1",
-                 "--peak-tflops", "1"]) == 0
+                 "--peak-tflops", "1", "--augment", "auto"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
     assert len(rows) == 6  # three workloads (one from a folder of JPEGs) x (fp32 eager, bf16 + channels_last)
     for workload, setting, ours, peer, theirs, ratio, mfu, _ in rows:
+        assert workload.strip().endswith(", augment auto") == (" train" in workload)  # as `residual train` would
         ours, theirs = float(ours.replace(",", "")), float(theirs.replace(",", ""))
         # The table rounds images/s to integers and the ratio to two decimals.
         rounding = 0.005 + ours / theirs * (0.5 / ours + 0.5 / theirs)

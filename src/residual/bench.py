@@ -171,9 +171,10 @@ def write_jpegs(folder: Path, size: tuple[int, int], count: int, classes: int = 
 
 
 def residual_train_step(workload: Workload, setting: Setting, device: torch.device, steps: int,
-                        root: Path, from_files: bool = False) -> Callable[[], None]:
+                        root: Path, from_files: bool = False, augment: str = "none") -> Callable[[], None]:
     """A closure running the engine's training step on its next batch: synthetic and on the device,
-    or with `from_files` decoded from a folder of JPEGs by the file loader's workers."""
+    or with `from_files` decoded from a folder of JPEGs by the file loader's workers. `augment`: the
+    preset ('none': the peer's work; 'auto': what `residual train` would choose)."""
     classes = workload.options.get("num_classes", 10 if workload.image_size <= 64 else 1000)
     stored = workload.image_size if workload.image_size <= 64 else round(workload.image_size / 0.875)
     if from_files:
@@ -184,7 +185,7 @@ def residual_train_step(workload: Workload, setting: Setting, device: torch.devi
     config = TrainConfig(data=str(root / "jpegs" if from_files else root), model=workload.arch,
                          model_options={k: v for k, v in workload.options.items() if k != "num_classes"},
                          image_size=workload.image_size, epochs=1, batch_size=workload.batch,
-                         optim=OptimConfig(lr=0.1, schedule="constant"), augment=AugmentConfig(preset="none"),
+                         optim=OptimConfig(lr=0.1, schedule="constant"), augment=AugmentConfig(preset=None if augment == "auto" else augment),
                          amp=setting.bf16, channels_last=setting.channels_last, compile=setting.compile,
                          device=str(device), in_memory=not from_files, quiet=True, report=False, out=str(root))
     trainer = Trainer(resolve(config, dataset), dataset, root, Console(quiet=True))
@@ -246,8 +247,13 @@ def peer_step(workload: Workload, setting: Setting, device: torch.device) -> tup
 
 
 def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: int = 30, warmup: int = 10,
-          console: Console | None = None) -> list[BenchRow]:
-    """Every workload under every setting, residual's path and the peer's, measured in turn."""
+          console: Console | None = None, augment: str = "none") -> list[BenchRow]:
+    """Every workload under every setting, residual's path and the peer's, measured in turn.
+
+    `augment` is the training rows' augmentation preset: 'none' does the peer's work (a centre
+    crop), 'auto' what `residual train` would choose, or a preset by name; it joins the workload's
+    name in the table when it is not 'none'.
+    """
     console = console or Console(stderr=True)
     torch_device = pick_device(device)
     if torch_device.type == "cuda":
@@ -257,23 +263,25 @@ def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: i
         for workload in workloads:
             macs = count_macs(build_model(workload.arch, **workload.options).eval(), workload.image_size)
             flops = 2 * macs * (3 if workload.train else 1)
+            name = f"{workload.name}, augment {augment}" if workload.train and augment != "none" else workload.name
             for setting in settings:
-                console.print(f"{workload.name}: {setting.name} ...")
+                console.print(f"{name}: {setting.name} ...")
                 run_dir = Path(tempfile.mkdtemp(dir=folder))
                 step = (residual_train_step(workload, setting, torch_device, steps + warmup, run_dir,
-                                            from_files=workload.jpeg_size is not None)
+                                            from_files=workload.jpeg_size is not None, augment=augment)
                         if workload.train else residual_infer_step(workload, setting, torch_device))
                 ours, warmup_seconds = images_per_second(step, workload.batch, steps, warmup, torch_device)
                 if workload.jpeg_size:
-                    peer = residual_train_step(workload, setting, torch_device, steps + warmup, run_dir)
+                    peer = residual_train_step(workload, setting, torch_device, steps + warmup, run_dir,
+                                               augment=augment)
                     peer_name = "residual, synthetic data"
                 else:
                     peer, peer_name = peer_step(workload, setting, torch_device)
                 theirs, _ = images_per_second(peer, workload.batch, steps, warmup, torch_device)
                 if setting.compile and warmup_seconds > 30:
                     console.print(f"[yellow]warning: torch.compile warm-up took {warmup_seconds:.0f} s for "
-                                  f"{workload.name}; short runs pay it before they gain anything")
-                rows.append(BenchRow(workload.name, setting.name, ours, theirs, peer_name, flops, warmup_seconds))
+                                  f"{name}; short runs pay it before they gain anything")
+                rows.append(BenchRow(name, setting.name, ours, theirs, peer_name, flops, warmup_seconds))
     return rows
 
 

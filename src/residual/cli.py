@@ -237,7 +237,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
     settings = [s for s in SETTINGS if args.compile or not s.compile]
     workloads = TINY_WORKLOADS if args.tiny else CPU_WORKLOADS if args.cpu_sized else WORKLOADS
-    rows = bench(workloads, settings, args.device, args.steps, args.warmup)
+    rows = bench(workloads, settings, args.device, args.steps, args.warmup, augment=args.augment)
     peak = args.peak_tflops or (790.0 if rows and _on_cuda(args.device) else None)
     print(bench_table(rows, peak))
     if peak is None:
@@ -727,6 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="include the torch.compile setting (its warm-up can take minutes)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's bf16 matrix rate for MFU (default on CUDA: 790, an H200 as measured)")
+    p.add_argument("--augment", choices=("auto", "none", "cifar", "standard", "strong"), default="none",
+                   help="the training rows' augmentation: none (default) does the peer's work; auto is what "
+                        "`residual train` would choose")
     p.set_defaults(run=cmd_bench)
 
     p = commands.add_parser("demo", help="the guided tour on generated data")
