@@ -7,6 +7,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from residual.bench import SETTINGS, BenchRow, compile_payback
 from residual.cli import main
 from residual.data.datasets import open_dataset
 from residual.data.shapes import write_shapes
@@ -35,6 +36,23 @@ def test_tiny_bench_prints_both_paths_side_by_side(capsys):
         assert mfu.strip().endswith("%")
         peers = {"residual, synthetic data"} if "JPEGs" in workload else {"plain loop", "torchvision resnet18"}
         assert peer.strip() in peers
+
+
+
+def test_the_bench_says_after_how_many_steps_compiling_repays_its_warm_up():
+    eager, compiled = SETTINGS[1], SETTINGS[2]
+
+    def row(workload, setting, images_per_s, warmup_seconds, train=True):
+        return BenchRow(workload, setting.name, images_per_s, 1.0, "peer", 1.0, warmup_seconds, 100, train, setting)
+
+    rows = [row("a", eager, 1000, 2), row("a", compiled, 2000, 52),  # 0.05 s saved per step, 50 s to repay
+            row("b", eager, 1000, 2), row("b", compiled, 900, 40),  # slower compiled
+            row("c", compiled, 5000, 9, train=False)]  # inference: compile is never chosen automatically
+    assert compile_payback(rows) == [
+        f"a: torch.compile repays its 50 s warm-up after about 1,000 steps (compiling is chosen automatically "
+        f"from {COMPILE_FROM_STEPS:,} steps)",
+        f"b: torch.compile never repays its warm-up: compiled steps were not faster (compiling is chosen "
+        f"automatically from {COMPILE_FROM_STEPS:,} steps)"]
 
 
 def test_fused_optimizer_makes_the_same_update():

@@ -26,6 +26,7 @@ FLOPs per image (2 x MACs, x3 for a training step) x images/s / `peak_tflops`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from .data.transforms import AugmentConfig
 from .models import build_model, count_macs, prepare_for_inference
 from .predict import class_probabilities
 from .runs import pick_device
-from .train.config import TrainConfig, resolve
+from .train.config import COMPILE_FROM_STEPS, TrainConfig, auto_compile_mode, resolve
 from .train.optim import OptimConfig
 from .train.trainer import Trainer
 
@@ -106,6 +107,9 @@ class BenchRow:
     peer_name: str
     flops_per_image: float
     warmup_seconds: float  # residual's warm-up (compilation, autotuning)
+    batch: int
+    train: bool
+    options: Setting  # what `setting` names
 
     @property
     def ratio(self) -> float:
@@ -171,7 +175,8 @@ def write_jpegs(folder: Path, size: tuple[int, int], count: int, classes: int = 
 
 
 def residual_train_step(workload: Workload, setting: Setting, device: torch.device, steps: int,
-                        root: Path, from_files: bool = False, augment: str = "none") -> Callable[[], None]:
+                        root: Path, from_files: bool = False, augment: str = "none",
+                        compile_mode: str | None = None) -> Callable[[], None]:
     """A closure running the engine's training step on its next batch: synthetic and on the device,
     or with `from_files` decoded from a folder of JPEGs by the file loader's workers. `augment`: the
     preset ('none': the peer's work; 'auto': what `residual train` would choose)."""
@@ -187,6 +192,7 @@ def residual_train_step(workload: Workload, setting: Setting, device: torch.devi
                          image_size=workload.image_size, epochs=1, batch_size=workload.batch,
                          optim=OptimConfig(lr=0.1, schedule="constant"), augment=AugmentConfig(preset=None if augment == "auto" else augment),
                          amp=setting.bf16, channels_last=setting.channels_last, compile=setting.compile,
+                         compile_mode=compile_mode,
                          device=str(device), in_memory=not from_files, quiet=True, report=False, out=str(root))
     trainer = Trainer(resolve(config, dataset), dataset, root, Console(quiet=True))
     trainer.model.train()
@@ -203,7 +209,8 @@ def residual_train_step(workload: Workload, setting: Setting, device: torch.devi
     return step
 
 
-def residual_infer_step(workload: Workload, setting: Setting, device: torch.device) -> Callable[[], None]:
+def residual_infer_step(workload: Workload, setting: Setting, device: torch.device,
+                        compile_mode: str | None = None) -> Callable[[], None]:
     """`residual predict`'s path: the model prepared for inference (BN folded, channels_last; bf16 weights
     in the bf16 settings), then `class_probabilities` on a uint8 batch already on the device."""
     model = build_model(workload.arch, **workload.options).to(device).eval()
@@ -211,7 +218,7 @@ def residual_infer_step(workload: Workload, setting: Setting, device: torch.devi
         model = prepare_for_inference(model, device, "bf16" if setting.bf16 else "fp32")
     forward = model
     if setting.compile:
-        forward = torch.compile(model)
+        forward = torch.compile(model, mode=compile_mode)
         forward.preprocessing = model.preprocessing  # what class_probabilities reads
     images = torch.randint(0, 256, (workload.batch, 3, workload.image_size, workload.image_size),
                            dtype=torch.uint8, device=device)
@@ -247,12 +254,14 @@ def peer_step(workload: Workload, setting: Setting, device: torch.device) -> tup
 
 
 def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: int = 30, warmup: int = 10,
-          console: Console | None = None, augment: str = "none") -> list[BenchRow]:
+          console: Console | None = None, augment: str = "none", compile_mode: str | None = None) -> list[BenchRow]:
     """Every workload under every setting, residual's path and the peer's, measured in turn.
 
     `augment` is the training rows' augmentation preset: 'none' does the peer's work (a centre
     crop), 'auto' what `residual train` would choose, or a preset by name; it joins the workload's
-    name in the table when it is not 'none'.
+    name in the table when it is not 'none'. `compile_mode` is torch.compile's mode for residual's
+    compiled rows (default: the one `residual train` chooses; plain `default` for inference); the
+    peer always compiles in the default mode, as the reference figures do.
     """
     console = console or Console(stderr=True)
     torch_device = pick_device(device)
@@ -264,16 +273,19 @@ def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: i
             macs = count_macs(build_model(workload.arch, **workload.options).eval(), workload.image_size)
             flops = 2 * macs * (3 if workload.train else 1)
             name = f"{workload.name}, augment {augment}" if workload.train and augment != "none" else workload.name
+            mode = compile_mode or (auto_compile_mode(workload.image_size, 1)[0] if workload.train else "default")
             for setting in settings:
-                console.print(f"{name}: {setting.name} ...")
+                label = f"{setting.name} ({mode})" if setting.compile else setting.name
+                console.print(f"{name}: {label} ...")
                 run_dir = Path(tempfile.mkdtemp(dir=folder))
                 step = (residual_train_step(workload, setting, torch_device, steps + warmup, run_dir,
-                                            from_files=workload.jpeg_size is not None, augment=augment)
-                        if workload.train else residual_infer_step(workload, setting, torch_device))
+                                            from_files=workload.jpeg_size is not None, augment=augment,
+                                            compile_mode=mode)
+                        if workload.train else residual_infer_step(workload, setting, torch_device, mode))
                 ours, warmup_seconds = images_per_second(step, workload.batch, steps, warmup, torch_device)
                 if workload.jpeg_size:
                     peer = residual_train_step(workload, setting, torch_device, steps + warmup, run_dir,
-                                               augment=augment)
+                                               augment=augment, compile_mode=mode)
                     peer_name = "residual, synthetic data"
                 else:
                     peer, peer_name = peer_step(workload, setting, torch_device)
@@ -281,7 +293,8 @@ def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: i
                 if setting.compile and warmup_seconds > 30:
                     console.print(f"[yellow]warning: torch.compile warm-up took {warmup_seconds:.0f} s for "
                                   f"{name}; short runs pay it before they gain anything")
-                rows.append(BenchRow(name, setting.name, ours, theirs, peer_name, flops, warmup_seconds))
+                rows.append(BenchRow(name, label, ours, theirs, peer_name, flops, warmup_seconds, workload.batch,
+                                     workload.train, setting))
     return rows
 
 
@@ -294,3 +307,25 @@ def bench_table(rows: list[BenchRow], peak_tflops: float | None) -> str:
         lines.append(f"| {r.workload} | {r.setting} | {r.residual:,.0f} | {r.peer_name} | {r.peer:,.0f} | "
                      f"{r.ratio:.2f} | {mfu} | {r.warmup_seconds:.1f} |")
     return "\n".join(lines)
+
+
+
+def compile_payback(rows: list[BenchRow]) -> list[str]:
+    """For each training workload measured eager and compiled in bf16: after how many optimizer steps
+    torch.compile's extra warm-up is repaid by its faster steps, beside the automatic threshold."""
+    def key(row: BenchRow, compiled: bool) -> tuple:
+        return row.workload, row.options.bf16, row.options.channels_last, compiled
+
+    measured = {key(row, row.options.compile): row for row in rows}
+    lines = []
+    for compiled in (r for r in rows if r.train and r.options.compile):
+        eager = measured.get(key(compiled, False))  # the same precision and layout, not compiled
+        if eager is None:
+            continue
+        saved = compiled.batch / eager.residual - compiled.batch / compiled.residual  # seconds per step
+        extra = max(0.0, compiled.warmup_seconds - eager.warmup_seconds)
+        verdict = (f"repays its {extra:.0f} s warm-up after about {math.ceil(extra / saved):,} steps" if saved > 0
+                   else "never repays its warm-up: compiled steps were not faster")
+        lines.append(f"{compiled.workload}: torch.compile {verdict} (compiling is chosen automatically "
+                     f"from {COMPILE_FROM_STEPS:,} steps)")
+    return lines

@@ -233,13 +233,16 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from .bench import CPU_WORKLOADS, SETTINGS, TINY_WORKLOADS, WORKLOADS, bench, bench_table
+    from .bench import CPU_WORKLOADS, SETTINGS, TINY_WORKLOADS, WORKLOADS, bench, bench_table, compile_payback
 
     settings = [s for s in SETTINGS if args.compile or not s.compile]
     workloads = TINY_WORKLOADS if args.tiny else CPU_WORKLOADS if args.cpu_sized else WORKLOADS
-    rows = bench(workloads, settings, args.device, args.steps, args.warmup, augment=args.augment)
+    rows = bench(workloads, settings, args.device, args.steps, args.warmup, augment=args.augment,
+                 compile_mode=args.compile_mode)
     peak = args.peak_tflops or (790.0 if rows and _on_cuda(args.device) else None)
     print(bench_table(rows, peak))
+    for line in compile_payback(rows):
+        print(line)
     if peak is None:
         print("MFU: give --peak-tflops (the device's bf16 matrix rate) to compute it", file=sys.stderr)
     return 0
@@ -715,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_experiment_commands(commands)
 
+    from .train.config import COMPILE_MODES
+
     p = commands.add_parser("bench", help="training and inference images/s: residual's path beside a plain loop")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="small nets, small batches: a few seconds, any device")
@@ -727,6 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="include the torch.compile setting (its warm-up can take minutes)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's bf16 matrix rate for MFU (default on CUDA: 790, an H200 as measured)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile's mode for residual's compiled rows (default: as residual train chooses)")
     p.add_argument("--augment", choices=("auto", "none", "cifar", "standard", "strong"), default="none",
                    help="the training rows' augmentation: none (default) does the peer's work; auto is what "
                         "`residual train` would choose")
