@@ -171,6 +171,34 @@ def test_file_loader_skips_and_counts_bad_files(tmp_path, caplog):
     assert all(str(p) in caplog.text for p in broken)
 
 
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_file_loader_batches_are_page_locked_for_the_gpu(tmp_path, monkeypatch, device):
+    """DataLoader(pin_memory=True) pins tensors and containers and leaves other objects alone, so the batch
+    object pins its images itself; from pageable memory their copy to the GPU would wait for the device.
+    Without a GPU, pinning is stood in for by a marked copy, and the DataLoader's own pinning function runs."""
+    _folder(tmp_path / "d", {"a": 4, "b": 4})
+    split = open_dataset(tmp_path / "d", val_split=0.25).train
+    loader = FileLoader(split, 4, True, 0, torch.device(device), 8, 8, "bilinear", workers=0, bad=BadFileLog())
+    if device == "cuda":
+        assert next(iter(loader.loader)).images.is_pinned()
+        images, labels = next(loader.epoch(0))
+        assert images.is_cuda and labels.is_cuda
+        return
+
+    def marked_copy(tensor):
+        copy = tensor.clone()
+        copy.page_locked = True
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", marked_copy)
+    batch = next(iter(loader.loader))
+    pinned = torch.utils.data._utils.pin_memory.pin_memory(batch)
+    assert pinned.images.page_locked and torch.equal(pinned.images, batch.images)
+    assert (pinned.indices, pinned.failed) == (batch.indices, batch.failed)
+
+
 def test_too_many_bad_files_in_a_row_stop_with_a_clear_error(tmp_path):
     _folder(tmp_path / "d", {"a": 8, "b": 8})
     for path in (tmp_path / "d" / "a").glob("*.png"):

@@ -24,6 +24,7 @@ saying which items it holds and which could not be read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -171,10 +172,11 @@ class FileLoader:
                  balanced: bool = False, rank: int = 0, world: int = 1):
         self.device, self.bad, self.batch_size = device, bad, batch_size
         self.labels = torch.as_tensor(split.labels)
+        self.pinned = device.type == "cuda"  # batches reach the GPU without the host waiting for it
         weights = balanced_weights(torch.as_tensor(split.labels)) if balanced else None
         self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, weights, rank, world)
         self.loader = DataLoader(_InferenceDataset(split.files, resize, crop, interpolation),
-                                 batch_sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                                 batch_sampler=self.sampler, num_workers=workers, pin_memory=self.pinned,
                                  persistent_workers=workers > 0, collate_fn=_collate_inference)
 
     def __len__(self) -> int:
@@ -187,6 +189,7 @@ class FileLoader:
                 self.bad.record(message)
             if batch.images is not None:
                 labels = self.labels[batch.indices]
+                labels = labels.pin_memory() if self.pinned else labels
                 yield batch.images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
@@ -197,6 +200,12 @@ class InferenceBatch:
     indices: list[int]  # positions (in the items given) of the images in this batch
     images: torch.Tensor | None  # uint8 N x 3 x crop x crop, None when none of the batch could be read
     failed: list[tuple[int, str]]  # (position, one-line reason) of each unreadable item
+
+    def pin_memory(self) -> InferenceBatch:
+        """The batch with its images in page-locked memory: a DataLoader with pin_memory=True calls this
+        (it leaves other objects as they are), and only from page-locked memory does a copy to the GPU
+        run in the background instead of waiting for the device's queue."""
+        return dataclasses.replace(self, images=None if self.images is None else self.images.pin_memory())
 
 
 class _InferenceDataset(torch.utils.data.Dataset):
