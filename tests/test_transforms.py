@@ -1,5 +1,6 @@
 """Augmentation presets, batched augmentation, mixup/CutMix and eval resizing."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -130,3 +131,18 @@ def test_resize_center_crop():
     out = resize_center_crop(image, 50, 40)
     assert out.shape == (3, 40, 40) and out.dtype == torch.uint8
     assert out[0, 20, 20] > 200 and out[0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(500, 375), (40, 70)])  # shrunk, and enlarged
+def test_resize_center_crop_is_pillows_resize_to_one_grey_level(interpolation, size):
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    scale = 64 / min(size)
+    filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC}
+    resized = image.resize((round(size[0] * scale), round(size[1] * scale)), filters[interpolation])
+    left, top = (resized.width - 56) // 2, (resized.height - 56) // 2
+    expected = torch.from_numpy(np.asarray(resized.crop((left, top, left + 56, top + 56))).copy()).permute(2, 0, 1)
+    difference = (resize_center_crop(image, 64, 56, interpolation).int() - expected.int()).abs()
+    assert difference.max() <= (0 if interpolation == "nearest" else 1) and difference.float().mean() < 0.01
