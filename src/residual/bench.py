@@ -190,7 +190,8 @@ def residual_train_step(workload: Workload, setting: Setting, device: torch.devi
     config = TrainConfig(data=str(root / "jpegs" if from_files else root), model=workload.arch,
                          model_options={k: v for k, v in workload.options.items() if k != "num_classes"},
                          image_size=workload.image_size, epochs=1, batch_size=workload.batch,
-                         optim=OptimConfig(lr=0.1, schedule="constant"), augment=AugmentConfig(preset=None if augment == "auto" else augment),
+                         optim=OptimConfig(lr=0.1, schedule="constant"),
+                         augment=AugmentConfig(preset=None if augment == "auto" else augment),
                          amp=setting.bf16, channels_last=setting.channels_last, compile=setting.compile,
                          compile_mode=compile_mode,
                          device=str(device), in_memory=not from_files, quiet=True, report=False, out=str(root))
@@ -307,7 +308,6 @@ def bench_table(rows: list[BenchRow], peak_tflops: float | None) -> str:
         lines.append(f"| {r.workload} | {r.setting} | {r.residual:,.0f} | {r.peer_name} | {r.peer:,.0f} | "
                      f"{r.ratio:.2f} | {mfu} | {r.warmup_seconds:.1f} |")
     return "\n".join(lines)
-
 
 
 def compile_payback(rows: list[BenchRow]) -> list[str]:

@@ -7,10 +7,10 @@ last.pt (everything needed to resume) and summary.json.
 The loop is plain: for each batch, augment on the device, forward, backward,
 step. Around it: mixed precision on CUDA, channels_last, optional
 torch.compile, gradient accumulation and clipping, an EMA of the weights
-(ema.py), checkpoints at epoch ends (and every
-N steps if asked), resume with every RNG and the position inside the epoch,
-early stopping, SIGINT/SIGTERM saving a checkpoint before exiting, and a
-non-finite loss stopping the run with the last good checkpoint left intact.
+(ema.py), checkpoints at epoch ends (and every N steps if asked), resume with
+every RNG and the position inside the epoch, early stopping, SIGINT/SIGTERM
+saving a checkpoint before exiting, and a non-finite loss stopping the run
+with the last good checkpoint left intact.
 
 Under torchrun (distributed.py) the same loop runs data-parallel: the model is
 wrapped in DistributedDataParallel, each worker takes its share of every batch,
