@@ -7,7 +7,7 @@ torchvision's model (or ours, where torchvision has no such net) in a plain loop
 MFU uses 790 TFLOP/s, the bf16 matrix rate measured on the project's H200.
 
     PYTHONPATH=src python benchmarks/gpu.py [--steps 30] [--warmup 10] [--no-compile]
-        [--compile-mode MODE] [--augment auto]
+        [--only TEXT] [--compile-mode MODE] [--augment auto]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from datetime import date
 
 import torch
 
-from residual.bench import SETTINGS, WORKLOADS, bench, bench_table, compile_payback
+from residual.bench import SETTINGS, WORKLOADS, bench, bench_table, compile_payback, select_workloads
 from residual.train.config import COMPILE_MODES
 
 PEAK_TFLOPS = 790.0
@@ -30,13 +30,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="only the workloads whose name contains TEXT (repeatable)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES,
                         help="torch.compile's mode for residual's rows (default: as residual train chooses)")
     parser.add_argument("--augment", default="none", choices=("auto", "none", "cifar", "standard", "strong"),
                         help="the training rows' augmentation (none: the peer's work; auto: residual train's)")
     args = parser.parse_args()
     settings = [s for s in SETTINGS if not (args.no_compile and s.compile)]
-    rows = bench(WORKLOADS, settings, args.device, args.steps, args.warmup, augment=args.augment,
+    rows = bench(select_workloads(WORKLOADS, args.only), settings, args.device, args.steps, args.warmup, augment=args.augment,
                  compile_mode=args.compile_mode)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     print(f"{date.today()}, {device}, torch {torch.__version__}")

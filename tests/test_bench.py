@@ -7,7 +7,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from residual.bench import SETTINGS, BenchRow, compile_payback
+from residual.bench import SETTINGS, TINY_WORKLOADS, BenchRow, compile_payback, select_workloads
 from residual.cli import main
 from residual.data.datasets import open_dataset
 from residual.data.shapes import write_shapes
@@ -37,6 +37,15 @@ def test_tiny_bench_prints_both_paths_side_by_side(capsys):
         peers = {"residual, synthetic data"} if "JPEGs" in workload else {"plain loop", "torchvision resnet18"}
         assert peer.strip() in peers
 
+
+
+
+def test_the_bench_runs_the_workloads_asked_for(capsys):
+    assert [w.name for w in select_workloads(TINY_WORKLOADS, ["JPEG", "INFERENCE"])] == [
+        "tiny resnet18 inference, batch 8, 32 px", "tiny resnet20 train from 48x40 JPEGs, batch 8, 32 px"]
+    assert select_workloads(TINY_WORKLOADS, None) == list(TINY_WORKLOADS)
+    assert main(["bench", "--tiny", "--only", "resnet1001"]) == 2
+    assert "--only resnet1001 matches no workload; they are: tiny resnet20 train" in capsys.readouterr().err
 
 
 def test_the_bench_says_after_how_many_steps_compiling_repays_its_warm_up():

@@ -41,6 +41,7 @@ from rich.console import Console
 
 from .data.datasets import Dataset, Split, open_dataset
 from .data.transforms import AugmentConfig
+from .errors import ConfigError
 from .models import build_model, count_macs, prepare_for_inference
 from .predict import class_probabilities
 from .runs import pick_device
@@ -96,6 +97,17 @@ SETTINGS = (
     Setting("bf16 + channels_last", True, True, False),
     Setting("+ torch.compile", True, True, True),
 )
+
+
+def select_workloads(workloads, names: list[str] | None) -> list[Workload]:
+    """The workloads whose name contains any of `names` (all without any), so a run fits a time limit."""
+    if not names:
+        return list(workloads)
+    chosen = [w for w in workloads if any(name.lower() in w.name.lower() for name in names)]
+    if not chosen:
+        raise ConfigError(f"--only {' '.join(names)} matches no workload; they are: "
+                          + "; ".join(w.name for w in workloads))
+    return chosen
 
 
 @dataclass

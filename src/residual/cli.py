@@ -233,10 +233,12 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from .bench import CPU_WORKLOADS, SETTINGS, TINY_WORKLOADS, WORKLOADS, bench, bench_table, compile_payback
+    from .bench import (CPU_WORKLOADS, SETTINGS, TINY_WORKLOADS, WORKLOADS, bench, bench_table, compile_payback,
+                        select_workloads)
 
     settings = [s for s in SETTINGS if args.compile or not s.compile]
-    workloads = TINY_WORKLOADS if args.tiny else CPU_WORKLOADS if args.cpu_sized else WORKLOADS
+    workloads = select_workloads(TINY_WORKLOADS if args.tiny else CPU_WORKLOADS if args.cpu_sized else WORKLOADS,
+                                 args.only)
     rows = bench(workloads, settings, args.device, args.steps, args.warmup, augment=args.augment,
                  compile_mode=args.compile_mode)
     peak = args.peak_tflops or (790.0 if rows and _on_cuda(args.device) else None)
@@ -725,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--tiny", action="store_true", help="small nets, small batches: a few seconds, any device")
     size.add_argument("--cpu-sized", action="store_true",
                       help="resnet20 training at batch 128 and resnet50 inference at batch 32: minutes on a CPU")
+    p.add_argument("--only", action="append", metavar="TEXT",
+                   help="only the workloads whose name contains TEXT (repeatable), e.g. --only resnet56")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
