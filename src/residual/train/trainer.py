@@ -244,7 +244,9 @@ class Trainer:
                                          c.image_size, interpolation, workers, self.bad, **shard)
             mean, std = (source.mean, source.std) if source else (IMAGENET_MEAN, IMAGENET_STD)
         self.model.preprocessing = Preprocessing(c.image_size, resize, mean, std, interpolation)
-        self.augment = build_augment(c.augment, c.image_size, resize).to(self.device)
+        # Not moved to the device: kornia would draw its random parameters there, and read some back every
+        # step (a wait for the GPU each); on the host it draws them and copies them without waiting.
+        self.augment = build_augment(c.augment, c.image_size, resize)
         self.class_weights = (class_weights(data.class_counts(data.train)).to(self.device)
                               if c.class_weights == "auto" else None)
 
@@ -411,6 +413,12 @@ class Trainer:
             self.running["correct"] += correct
             self.running["seen"] += p.images
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision when it is on; no autocast context otherwise (it exists only for some devices)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor, stepping: bool = True):
         """Augment, forward, backward and (when `stepping`) the optimizer step on one batch ->
         (loss, correct predictions) as tensors still on the device: nothing here waits for it."""
@@ -425,8 +433,7 @@ class Trainer:
         # Accumulating micro-batches need no gradient exchange until the one that steps.
         accumulating = self.world.distributed and not stepping
         with self.forward.no_sync() if accumulating else contextlib.nullcontext():
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with self._autocast():
                 logits = self.forward(x)
                 # Hard labels carry their smoothing here; soft (mixed) targets already include it.
                 smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
@@ -455,8 +462,7 @@ class Trainer:
             x = normalize(images.float().div_(255), model.preprocessing)
             if self.config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with self._autocast():
                 logits = model(x).float()
             ranked = logits.topk(k, dim=1).indices
             batch_sums.append(torch.stack((F.cross_entropy(logits, labels, reduction="sum"),
