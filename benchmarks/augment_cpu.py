@@ -2,9 +2,9 @@
 kornia's RandomCrop / RandomResizedCrop + RandomHorizontalFlip, milliseconds per batch on the CPU.
 
 On tiny batches the time is almost all host overhead: Python, parameter sampling, dispatch.
-On a GPU this is what a launch-bound step pays before its kernels run, and kornia also
-draws its parameters on the host, so the step waits for the device when they are copied
-to it. The large batches show the work itself on this CPU. Median over rounds that
+On a GPU this is what a launch-bound step pays before its kernels run (kornia draws its
+parameters on the host and copies them to the device without blocking; ours draws them on
+the device). The large batches show the work itself on this CPU. Median over rounds that
 alternate the two paths.
 
     .venv/bin/python benchmarks/augment_cpu.py [--rounds 5]
