@@ -119,19 +119,21 @@ def test_the_training_step_never_waits_for_the_device(tmp_path, monkeypatch, dev
     assert trainer.step == 2 and 0 < loss.item() < 10 and 0 <= correct.item() <= len(labels)
 
 
-@pytest.mark.parametrize("preset", ["cifar", "standard", "strong"])
-def test_no_training_step_reads_a_value_on_a_stand_in_device(tmp_path, preset):
+@pytest.mark.parametrize(("preset", "in_memory"), [("cifar", True), ("standard", False), ("strong", True)])
+def test_no_training_step_reads_a_value_on_a_stand_in_device(tmp_path, preset, in_memory):
     """PyTorch's meta device stands in for a GPU: its tensors hold no values, so reading one in Python raises,
-    as a read from a GPU would wait, and mixing one with host tensors raises, as on CUDA. Every preset runs,
-    the strong one's kornia ops too, with mixup, CutMix, class weights, clipping and the EMA: kornia draws its
-    random parameters on the host and moves them without waiting (kornia's design). Moving the augmentation
-    to the device, as `.to(device)` did, put kornia's random draws there: on a GPU its colour jitter then read
-    its order and four factors back as Python values every step, five waits; here that move raises."""
+    as a read from a GPU would wait, and mixing one with host tensors raises, as on CUDA. Every preset runs, from
+    memory or through the file loader, the strong one's kornia ops too, with mixup, CutMix, class weights,
+    clipping and the EMA: kornia draws its random parameters on the host and moves them without waiting
+    (kornia's design). Moving the augmentation to the device, as `.to(device)` did, put kornia's random draws
+    there: on a GPU its colour jitter then read its order and four factors back as Python values every step,
+    five waits; here that move raises."""
     data = write_shapes(tmp_path / "s", size=16, per_class=8, seed=0, progress=False)
     dataset = open_dataset(data)
     config = TrainConfig(data=str(data), model="resnet20", batch_size=16, class_weights="auto", grad_clip=1.0,
                          augment=AugmentConfig(preset=preset, mixup=0.2, cutmix=1.0), label_smoothing=0.1, ema=0.9,
-                         amp=False, device="meta", quiet=True, out=str(tmp_path))
+                         amp=False, in_memory=in_memory, workers=0, device="meta", quiet=True,
+                         out=str(tmp_path))
     trainer = Trainer(resolve(config, dataset), dataset, tmp_path, Console(quiet=True))
     trainer.model.train()
     batches = iter(trainer.train_loader.epoch(0))
