@@ -146,16 +146,20 @@ def test_compile_and_cuda_graphs_are_chosen_by_run_length_size_and_processes(tmp
     assert auto_compile("cpu", 10**6)[0] is False
     assert auto_compile("cuda", COMPILE_FROM_STEPS - 1)[0] is False
     assert auto_compile("cuda", COMPILE_FROM_STEPS)[0] is True
-    assert auto_compile_mode(32, processes=1)[0] == "reduce-overhead"  # launch-bound: CUDA graphs
-    assert auto_compile_mode(224, processes=1)[0] == "default"
-    assert auto_compile_mode(32, processes=2)[0] == "default"
+    assert auto_compile_mode("cuda", 32, processes=1)[0] == "reduce-overhead"  # launch-bound: CUDA graphs
+    assert auto_compile_mode("cuda", 224, processes=1)[0] == "default"
+    assert auto_compile_mode("cuda", 32, processes=2)[0] == "default"
+    assert auto_compile_mode("cpu", 32, processes=1)[0] == "default"  # CUDA graphs exist only on CUDA
     data = write_shapes(tmp_path / "s", size=16, per_class=4, seed=0, progress=False)
     dataset = open_dataset(data)
     off = TrainConfig(data=str(data), device="cpu")
     assert (resolve(off, dataset).compile, resolve(off, dataset).compile_mode) == (False, None)
     assert compile_log(off, resolve(off, dataset), len(dataset.train), 1) == \
         "torch.compile: off (chosen automatically only on CUDA; this run is on cpu)"
-    asked = TrainConfig(data=str(data), compile=True)  # as asked, with the mode chosen for 16 px inputs
+    on_cpu = TrainConfig(data=str(data), device="cpu", compile=True)
+    assert resolve(on_cpu, dataset).compile_mode == "default"
+    assert "CUDA graphs exist only on CUDA" in compile_log(on_cpu, resolve(on_cpu, dataset), len(dataset.train), 1)
+    asked = TrainConfig(data=str(data), device="cuda", compile=True)  # as asked; the mode chosen for 16 px
     assert (resolve(asked, dataset).compile, resolve(asked, dataset).compile_mode) == (True, "reduce-overhead")
     assert resolve(asked, dataset, processes=2).compile_mode == "default"
     assert "mode reduce-overhead: CUDA graphs" in compile_log(asked, resolve(asked, dataset), len(dataset.train), 1)

@@ -163,8 +163,10 @@ def auto_compile(device_type: str, steps: int) -> tuple[bool, str]:
     return True, f"on ({steps} steps repay the compilation warm-up)"
 
 
-def auto_compile_mode(image_size: int, processes: int) -> tuple[str, str]:
+def auto_compile_mode(device_type: str, image_size: int, processes: int) -> tuple[str, str]:
     """torch.compile's mode when none is given, and why: CUDA graphs for small inputs in one process."""
+    if device_type != "cuda":
+        return "default", f"mode default (CUDA graphs exist only on CUDA; this run is on {device_type})"
     if image_size > CUDA_GRAPHS_UP_TO:
         return "default", f"mode default ({image_size} px inputs keep the GPU busy between kernel launches)"
     if processes > 1:  # BN + CUDA graphs + DDP is a known slowdown (pytorch/pytorch#139207)
@@ -176,13 +178,13 @@ def auto_compile_mode(image_size: int, processes: int) -> tuple[str, str]:
 def compile_choice(config: TrainConfig, image_size: int, train_images: int,
                    processes: int) -> tuple[bool, str | None, str]:
     """(compile or not, its mode, what the log says about whatever was chosen automatically)."""
-    compile_on, reasons = config.compile, []
+    compile_on, reasons, device_type = config.compile, [], pick_device(config.device).type
     if compile_on is None:
-        compile_on, why = auto_compile(pick_device(config.device).type, optimizer_steps(config, train_images))
+        compile_on, why = auto_compile(device_type, optimizer_steps(config, train_images))
         reasons.append(why)
     mode = config.compile_mode
     if compile_on and mode is None:
-        mode, why = auto_compile_mode(image_size, processes)
+        mode, why = auto_compile_mode(device_type, image_size, processes)
         reasons.append(why)
     return compile_on, mode if compile_on else None, "; ".join(reasons)
 
