@@ -8,7 +8,13 @@ and by a plain PIL loop (open, convert, resize, crop) as the peer. One process, 
 alternating; the first round is warm-up. Also reports how far the reduced decode moves
 the model's input (mean absolute pixel difference, of 255).
 
-    .venv/bin/python benchmarks/decode_cpu.py [--images 100] [--rounds 3]
+Then the training file loader (`FileLoader`: DataLoader workers, batches of 64 stored
+256 x 256 images, as `residual train` stores them for a 224 px model) on the ImageNet-like
+folder with 1 and 2 decoding workers, beside the same read in a plain loop on one core:
+whether N workers deliver N cores' worth of decoding, which is what the JPEG goal's
+estimate for 15 workers on the GPU machine assumes.
+
+    .venv/bin/python benchmarks/decode_cpu.py [--images 100] [--rounds 3] [--loader-images 512]
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import torch
 from PIL import Image
 
 from residual.bench import write_jpegs
+from residual.data.datasets import Split
 from residual.data.decode import read_image
+from residual.data.loaders import BadFileLog, FileLoader
 from residual.data.transforms import resize_center_crop
 
 
@@ -43,10 +51,37 @@ PATHS = {
 }
 
 
+def loader_table(paths: list[Path], rounds: int) -> None:
+    """images/s of the training file loader with 1 and 2 workers against one core's plain loop."""
+    split = Split(files=paths, labels=[0] * len(paths))
+    print("\n| 500x375 JPEGs -> 256 px stored | images/s median | min - max | x one core |")
+    print("|---|---:|---:|---:|")
+    one_core = []
+    for round_index in range(rounds + 1):
+        start = time.perf_counter()
+        for path in paths:
+            resize_center_crop(read_image(path, 256), 256, 256)
+        if round_index:
+            one_core.append(len(paths) / (time.perf_counter() - start))
+    print(f"| {len(paths)} images, plain loop, one core | {statistics.median(one_core):.0f} "
+          f"| {min(one_core):.0f} - {max(one_core):.0f} | 1.00 |")
+    for workers in (1, 2):
+        loader = FileLoader(split, 64, True, 0, torch.device("cpu"), 256, 256, "bilinear", workers, BadFileLog())
+        rates = []
+        for epoch in range(rounds + 1):  # the first epoch starts the workers
+            start = time.perf_counter()
+            count = sum(len(images) for images, _ in loader.epoch(epoch))
+            if epoch:
+                rates.append(count / (time.perf_counter() - start))
+        print(f"| FileLoader, {workers} worker{'s' * (workers > 1)} | {statistics.median(rates):.0f} "
+              f"| {min(rates):.0f} - {max(rates):.0f} | {statistics.median(rates) / statistics.median(one_core):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--loader-images", type=int, default=512)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| images | path | images/s median | min - max | vs full decode |")
@@ -69,6 +104,9 @@ def main() -> None:
             diff = np.mean([(PATHS["read_image (full decode)"](p).int() - PATHS["read_image (draft, min_side 256)"](p)
                              .int()).abs().float().mean().item() for p in paths[:20]])
             print(f"| {label} | mean abs pixel difference, draft vs full | {diff:.2f} | | |")
+        loader_paths = sorted((write_jpegs(Path(root) / "loader", (500, 375), args.loader_images) / "train")
+                              .rglob("*.jpg"))
+        loader_table(loader_paths, args.rounds)
 
 
 if __name__ == "__main__":
