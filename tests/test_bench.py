@@ -142,7 +142,7 @@ def test_no_training_step_reads_a_value_on_a_stand_in_device(tmp_path, preset, i
     assert loss.device.type == correct.device.type == "meta" and trainer.step == 3
 
 
-def test_compile_and_cuda_graphs_are_chosen_by_run_length_size_and_processes(tmp_path):
+def test_compile_and_cuda_graphs_are_chosen_by_run_length_size_and_processes(tmp_path, monkeypatch):
     assert auto_compile("cpu", 10**6)[0] is False
     assert auto_compile("cuda", COMPILE_FROM_STEPS - 1)[0] is False
     assert auto_compile("cuda", COMPILE_FROM_STEPS)[0] is True
@@ -159,6 +159,8 @@ def test_compile_and_cuda_graphs_are_chosen_by_run_length_size_and_processes(tmp
     on_cpu = TrainConfig(data=str(data), device="cpu", compile=True)
     assert resolve(on_cpu, dataset).compile_mode == "default"
     assert "CUDA graphs exist only on CUDA" in compile_log(on_cpu, resolve(on_cpu, dataset), len(dataset.train), 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, as far as resolve asks
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     asked = TrainConfig(data=str(data), device="cuda", compile=True)  # as asked; the mode chosen for 16 px
     assert (resolve(asked, dataset).compile, resolve(asked, dataset).compile_mode) == (True, "reduce-overhead")
     assert resolve(asked, dataset, processes=2).compile_mode == "default"

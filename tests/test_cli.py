@@ -8,6 +8,7 @@ import torch
 
 import residual
 from residual.cli import main
+from residual.data.shapes import write_shapes
 
 
 @pytest.fixture(autouse=True)
@@ -97,3 +98,20 @@ def test_experiment_commands_parse_and_report_errors_in_one_line(tmp_path, capsy
     assert err.startswith("error: --depths needs two or more") and err.count("\n") == 1
     assert main(["experiment", "degradation", "--depths", "20,1202", "--out", str(tmp_path)]) == 2
     assert "plain1202" in capsys.readouterr().err
+
+
+
+def test_a_device_or_epoch_count_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    data = write_shapes(tmp_path / "s", size=8, per_class=2, seed=0, progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    for flags, message in [(["--device", "cuda"], "error: --device cuda: no CUDA GPU is usable here"),
+                           (["--device", "tpu"], "error: --device tpu: not a device"),
+                           (["--epochs", "0"], "error: --epochs must be at least 1, got 0")]:
+        assert main(["train", str(data), "--out", str(tmp_path / "runs"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()  # nothing was started
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, and a run asks for the second
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["bench", "--tiny", "--device", "cuda:1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda:1: this machine has 1 CUDA GPU(s)")

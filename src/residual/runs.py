@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 
 def new_run_dir(out: str, name: str) -> Path:
     """OUT/NAME, or OUT/NAME-2, NAME-3 ... if taken: a new run never overwrites an old one."""
@@ -19,10 +21,28 @@ def new_run_dir(out: str, name: str) -> Path:
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA, then MPS, then the CPU. A device named outright must exist here: asking for a GPU
+    the machine lacks is an error at the start, not a traceback from deep inside torch."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU is usable here (none found, or this PyTorch is built "
+                              f"without CUDA); use --device cpu or auto")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"numbered from 0")
+        if device.type == "mps" and not _mps_available():
+            raise ConfigError(f"--device {name}: MPS (Apple's GPU) is not available here; use --device cpu or auto")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())

@@ -81,6 +81,8 @@ class TrainConfig:
             raise ConfigError(f"--class-weights takes 'auto', got {self.class_weights!r}")
         if self.monitor not in MONITORS:
             raise ConfigError(f"--monitor must be one of {MONITORS}, got {self.monitor!r}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1 or self.accumulate < 1:
             raise ConfigError("--batch-size and --accumulate must be at least 1")
         if self.compile_mode not in (None, *COMPILE_MODES):
