@@ -101,12 +101,18 @@ def test_experiment_commands_parse_and_report_errors_in_one_line(tmp_path, capsy
 
 
 
-def test_a_device_or_epoch_count_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     data = write_shapes(tmp_path / "s", size=8, per_class=2, seed=0, progress=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
     for flags, message in [(["--device", "cuda"], "error: --device cuda: no CUDA GPU is usable here"),
                            (["--device", "tpu"], "error: --device tpu: not a device"),
-                           (["--epochs", "0"], "error: --epochs must be at least 1, got 0")]:
+                           (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+                           (["--image-size", "0"], "error: --image-size must be at least 1"),  # was taken as auto
+                           (["--grad-clip", "-1"], "error: --grad-clip is the largest gradient norm"),
+                           (["--momentum", "2"], "error: --momentum must be in [0, 1)"),
+                           (["--mixup", "-1"], "error: --mixup must be 0 (off) or more"),  # was a traceback
+                           (["--crop-scale", "2"], "error: --crop-scale is a fraction"),
+                           (["--workers", "-2"], "error: --workers must be at least 0")]:  # was a traceback
         assert main(["train", str(data), "--out", str(tmp_path / "runs"), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1

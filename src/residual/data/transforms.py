@@ -52,6 +52,14 @@ class AugmentConfig:
             raise ConfigError(f"--augment must be one of {PRESETS}, got {self.preset!r}")
         if self.auto_augment not in AUTO_AUGMENTS:
             raise ConfigError(f"--auto-augment must be randaugment or trivialaugment, got {self.auto_augment!r}")
+        for flag, value in [("--pad-crop", self.pad_crop), ("--rotation", self.rotation), ("--shift", self.shift),
+                            ("--brightness", self.brightness), ("--contrast", self.contrast),
+                            ("--mixup", self.mixup), ("--cutmix", self.cutmix)]:
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} must be 0 (off) or more, got {value}")
+        for flag, value in [("--crop-scale", self.crop_scale), ("--random-erasing", self.random_erasing)]:
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{flag} is a fraction: in [0, 1], got {value}")
 
     def resolved(self, input_size: int) -> "AugmentConfig":
         """Every None knob filled from the preset (crop scale and padding follow the image size)."""

@@ -81,10 +81,15 @@ class TrainConfig:
             raise ConfigError(f"--class-weights takes 'auto', got {self.class_weights!r}")
         if self.monitor not in MONITORS:
             raise ConfigError(f"--monitor must be one of {MONITORS}, got {self.monitor!r}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1 or self.accumulate < 1:
-            raise ConfigError("--batch-size and --accumulate must be at least 1")
+        for flag, value, least in [("--epochs", self.epochs, 1), ("--image-size", self.image_size, 1),
+                                   ("--batch-size", self.batch_size, 1), ("--accumulate", self.accumulate, 1),
+                                   ("--early-stopping", self.early_stopping, 1), ("--head-epochs", self.head_epochs, 0),
+                                   ("--workers", self.workers, 0), ("--checkpoint-every", self.checkpoint_every, 0),
+                                   ("--max-bad-streak", self.max_bad_streak, 0)]:
+            if value is not None and value < least:
+                raise ConfigError(f"{flag} must be at least {least}, got {value}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"--grad-clip is the largest gradient norm let through: positive, got {self.grad_clip}")
         if self.compile_mode not in (None, *COMPILE_MODES):
             raise ConfigError(f"--compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not 0.0 <= self.label_smoothing < 1.0:

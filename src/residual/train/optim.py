@@ -52,6 +52,20 @@ class OptimConfig:
             raise ConfigError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio is a fraction of --lr, in [0, 1], got {self.min_lr_ratio}")
+        if self.step_size < 1 or self.decay_epochs <= 0:
+            raise ConfigError(f"--step-size must be at least 1 and --decay-epochs positive, got "
+                              f"{self.step_size} and {self.decay_epochs}")
+        if self.gamma <= 0 or self.decay_rate <= 0:
+            raise ConfigError(f"--gamma and --decay-rate are factors on the lr: positive, got "
+                              f"{self.gamma} and {self.decay_rate}")
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
 
 
