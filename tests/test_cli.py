@@ -117,6 +117,18 @@ def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()  # nothing was started
+    model = tmp_path / "model.safetensors"
+    net = residual.create_model("resnet20", num_classes=10)
+    net.class_names = sorted(folder.name for folder in (data / "test").iterdir())
+    residual.save_model(net, model)
+    for verb, flags, message in [("predict", ["--topk", "0"], "error: --topk must be at least 1"),  # was a traceback
+                                 ("predict", ["--batch-size", "0"], "error: --batch-size must be at least 1"),
+                                 ("eval", ["--batch-size", "-1"], "error: --batch-size must be at least 1")]:
+        assert main([verb, str(model), str(data / "test"), *flags]) == 2
+        err = capsys.readouterr().err.strip()  # predict's progress line may leave a blank line first
+        assert err.startswith(message) and "\n" not in err
+    assert main(["lr-find", str(data), "--steps", "1", "--out", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.startswith("error: the range test needs --steps of 2 or more")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, and a run asks for the second
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main(["bench", "--tiny", "--device", "cuda:1"]) == 2

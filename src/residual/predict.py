@@ -99,6 +99,8 @@ def iter_predict(model, items: list, topk: int = 5, batch_size: int = 64, tta: s
                  workers: int | None = None, failed: list[str] | None = None,
                  progress: bool = False) -> Iterator[Prediction]:
     """Predictions for `items` in order, as they are computed; unreadable items go to `failed`."""
+    if topk < 1:
+        raise ConfigError(f"--topk must be at least 1, got {topk}")
     if isinstance(model, torch.nn.Module):
         model.eval()
     pre: Preprocessing = model.preprocessing

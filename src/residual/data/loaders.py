@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..errors import ConfigError
 from ..progress import progress_bar
 from .datasets import DatasetError, Split
 from .decode import BadImageError, as_image, read_image
@@ -244,6 +245,10 @@ def inference_batches(items: list, resize: int, crop: int, interpolation: str = 
 
     workers=None starts `decoding_workers()` processes when there is more than one batch to decode.
     """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers must be at least 0, got {workers}")
     if workers is None:
         workers = decoding_workers() if len(items) > batch_size else 0
     loader = DataLoader(_InferenceDataset(items, resize, crop, interpolation), batch_size=batch_size,

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
+from ..errors import ConfigError  # noqa: E402
 from ..data.datasets import open_dataset  # noqa: E402
 from ..runs import new_run_dir  # noqa: E402
 from .config import TrainConfig, resolve  # noqa: E402
@@ -38,6 +39,9 @@ class LRFindResult:
 
 def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100,
             smoothing: float = 0.9, diverge: float = 4.0, console: Console | None = None) -> LRFindResult:
+    if steps < 2 or not 0 < start_lr < end_lr:
+        raise ConfigError(f"the range test needs --steps of 2 or more and 0 < --start-lr < --end-lr, got "
+                          f"{steps}, {start_lr} and {end_lr}")
     console = console or Console()
     seed_everything(config.seed, config.deterministic)
     dataset = open_dataset(config.data, config.val_split, config.seed)
