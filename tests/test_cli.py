@@ -100,7 +100,6 @@ def test_experiment_commands_parse_and_report_errors_in_one_line(tmp_path, capsy
     assert "plain1202" in capsys.readouterr().err
 
 
-
 def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     data = write_shapes(tmp_path / "s", size=8, per_class=2, seed=0, progress=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU

@@ -286,7 +286,8 @@ def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: i
             macs = count_macs(build_model(workload.arch, **workload.options).eval(), workload.image_size)
             flops = 2 * macs * (3 if workload.train else 1)
             name = f"{workload.name}, augment {augment}" if workload.train and augment != "none" else workload.name
-            mode = compile_mode or (auto_compile_mode(torch_device.type, workload.image_size, 1)[0] if workload.train else "default")
+            auto_mode = auto_compile_mode(torch_device.type, workload.image_size, 1)[0] if workload.train else "default"
+            mode = compile_mode or auto_mode
             for setting in settings:
                 label = f"{setting.name} ({mode})" if setting.compile else setting.name
                 console.print(f"{name}: {label} ...")

@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
-from ..errors import ConfigError  # noqa: E402
 from ..data.datasets import open_dataset  # noqa: E402
+from ..errors import ConfigError  # noqa: E402
 from ..runs import new_run_dir  # noqa: E402
 from .config import TrainConfig, resolve  # noqa: E402
 from .trainer import Trainer, TrainingError, seed_everything  # noqa: E402
