@@ -87,10 +87,12 @@ def test_two_workers_follow_the_single_process_loss_curve(two_workers):
     single, ddp = read_metrics(two_workers["single"]), read_metrics(two_workers["ddp"])
     assert len(single) == len(ddp) == 4
     # The same batches and the same mean gradient, up to float rounding: convolutions over 16 images
-    # instead of 32 sum in another order, and training amplifies that a little with every step.
+    # instead of 32 sum in another order, and training amplifies that a little with every step (by
+    # epoch 3, 0.14% on an Intel Xeon with AVX-512). A 10% larger learning rate moves the loss 0.25% by
+    # epoch 3 and 0.7% by epoch 4, and a wrong mean gradient (a sum: twice the rate) far more.
     assert float(ddp[0]["train_loss"]) == pytest.approx(float(single[0]["train_loss"]), rel=2e-4)
     for one, two in zip(single, ddp):
-        assert float(two["train_loss"]) == pytest.approx(float(one["train_loss"]), rel=1e-3), (one, two)
+        assert float(two["train_loss"]) == pytest.approx(float(one["train_loss"]), rel=2.5e-3), (one, two)
         assert float(two["val_loss"]) == pytest.approx(float(one["val_loss"]), rel=5e-3), (one, two)
         # Accuracy counts argmaxes: float-level differences may flip an image or two sitting on a tie.
         assert float(two["train_acc"]) == pytest.approx(float(one["train_acc"]), abs=0.02)  # 6 of 300 images
