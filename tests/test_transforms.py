@@ -7,7 +7,8 @@ from PIL import Image
 
 import residual
 from residual.data.transforms import (AugmentConfig, RandomCropFlip, RandomResizedCropFlip, build_augment,
-                                      crop_resize, mix_batch, resize_center_crop, soft_targets)
+                                      crop_resize, mix_batch, resize_center_crop, resize_center_crop_pixels,
+                                      resize_in_float, resized_size, soft_targets)
 
 
 def test_presets_resolve_their_knobs_and_explicit_knobs_win():
@@ -146,3 +147,26 @@ def test_resize_center_crop_is_pillows_resize_to_one_grey_level(interpolation, s
     expected = torch.from_numpy(np.asarray(resized.crop((left, top, left + 56, top + 56))).copy()).permute(2, 0, 1)
     difference = (resize_center_crop(image, 64, 56, interpolation).int() - expected.int()).abs()
     assert difference.max() <= (0 if interpolation == "nearest" else 1) and difference.float().mean() < 0.01
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(500, 375), (40, 70)])  # shrunk, and enlarged
+def test_resizing_decoded_tensors_gives_the_pillow_paths_pixels(interpolation, size):
+    """What `--decoder torchvision` resizes: batches of one size as tensors, in float32 off the CPU."""
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(2)]
+    expected = torch.stack([resize_center_crop(image, 64, 56, interpolation) for image in images]).int()
+    pixels = torch.stack([torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1) for image in images])
+    batched = resize_center_crop_pixels(pixels, 64, 56, interpolation).int()
+    if interpolation == "nearest":  # Pillow's pixels, but at some half-way positions (5% of them shrinking here)
+        assert (batched == expected).all(dim=1).float().mean() > (0.9 if size == (500, 375) else 0.999)
+        return
+    assert torch.equal(batched, expected)  # on the CPU: the same uint8 kernel, a batch at a time
+    width, height = resized_size(size[1], size[0], 64, 56)
+    top, left = (height - 56) // 2, (width - 56) // 2
+    in_float = resize_in_float(pixels, height, width, interpolation)[..., top:top + 56, left:left + 56].int()
+    difference = (in_float - expected).abs()
+    if interpolation == "bicubic" and size == (40, 70):  # overshoots clipped once here, between passes there
+        assert difference.float().mean() < 0.5
+    else:
+        assert difference.max() <= 1 and difference.float().mean() < 0.3

@@ -226,20 +226,52 @@ def resize_center_crop(image: Image.Image, resize: int, crop: int, interpolation
     `antialias=True`, what torchvision's tensor transforms use): within one grey level of
     Pillow's filters (tested) and about 3x faster on one core, which counts where decoding
     feeds a GPU (docs/BENCHMARKS.md). Nearest stays with Pillow: torch's nearest modes pick
-    other pixels.
+    other pixels at some half-way positions (Pillow computes them in fixed point).
     """
-    width, height = image.size
-    if min(width, height) != resize:
-        scale = resize / min(width, height)
-        width, height = max(crop, round(width * scale)), max(crop, round(height * scale))
     if interpolation == "nearest":
-        image = image.resize((width, height), Image.Resampling.NEAREST)
+        width, height = resized_size(image.height, image.width, resize, crop)
+        if (width, height) != image.size:
+            image = image.resize((width, height), Image.Resampling.NEAREST)
     # 3 x H x W over the H x W x 3 pixels: the channels-last layout the fast uint8 kernel works in.
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    if pixels.shape[1:] != (height, width):
-        pixels = F.interpolate(pixels[None], size=(height, width), mode=interpolation, antialias=True)[0]
+    return resize_center_crop_pixels(pixels[None], resize, crop, interpolation)[0]
+
+
+def resized_size(height: int, width: int, resize: int, crop: int) -> tuple[int, int]:
+    """(width, height) with the shorter side at `resize`, and neither side under `crop`."""
+    if min(width, height) == resize:
+        return width, height
+    scale = resize / min(width, height)
+    return max(crop, round(width * scale)), max(crop, round(height * scale))
+
+
+def resize_center_crop_pixels(pixels: torch.Tensor, resize: int, crop: int,
+                              interpolation: str = "bilinear") -> torch.Tensor:
+    """`resize_center_crop` of uint8 images of one size, N x 3 x H x W, on any device (what
+    `--decoder torchvision` decodes to).
+
+    On the CPU bilinear and bicubic use PyTorch's antialiased uint8 kernel. CUDA has no such
+    kernel: there the same filter runs in float32 and is rounded back, which is within one grey
+    level of it except where bicubic enlarging overshoots (the uint8 kernel, like Pillow, clips
+    between its horizontal and vertical passes; tested). Nearest is "nearest-exact": Pillow's
+    choice of pixel but at some half-way positions (5% of them in a test that shrinks).
+    """
+    width, height = resized_size(pixels.shape[-2], pixels.shape[-1], resize, crop)
+    if pixels.shape[-2:] != (height, width):
+        if interpolation == "nearest":
+            pixels = F.interpolate(pixels, size=(height, width), mode="nearest-exact")
+        elif pixels.device.type == "cpu":
+            pixels = F.interpolate(pixels, size=(height, width), mode=interpolation, antialias=True)
+        else:
+            pixels = resize_in_float(pixels, height, width, interpolation)
     top, left = (height - crop) // 2, (width - crop) // 2
-    return pixels[:, top:top + crop, left:left + crop]
+    return pixels[..., top:top + crop, left:left + crop]
+
+
+def resize_in_float(pixels: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
+    """The antialiased resize of uint8 N x 3 x H x W pixels computed in float32, rounded and clamped back."""
+    resized = F.interpolate(pixels.float(), size=(height, width), mode=interpolation, antialias=True)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
