@@ -297,11 +297,11 @@ OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "sched
                "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase")
 AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
                  "random_erasing", "auto_augment", "mixup", "cutmix")
-TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay",
-               "model", "image_size", "epochs", "batch_size", "label_smoothing", "grad_clip", "accumulate", "ema",
-               "early_stopping", "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last",
-               "compile", "compile_mode", "workers", "in_memory", "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report",
-               "sync_bn")
+TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs",
+               "unfreeze_stages", "layer_lr_decay", "model", "image_size", "epochs", "batch_size", "label_smoothing",
+               "grad_clip", "accumulate", "ema", "early_stopping", "monitor", "val_split", "seed", "deterministic",
+               "device", "amp", "channels_last", "compile", "compile_mode", "workers", "in_memory", "decoder",
+               "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report", "sync_bn")
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -456,6 +456,7 @@ def _add_experiment_commands(commands) -> None:
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply."""
+    from .data.device_decode import DECODERS
     from .train.config import COMPILE_MODES
 
     p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/) or CIFAR folder")
@@ -529,6 +530,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                           "in one process; otherwise default)")
     run.add_argument("--workers", type=int)
     run.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=None)
+    run.add_argument("--decoder", choices=DECODERS,
+                     help="images streamed from files: pillow (default; decoding workers) or torchvision (the workers "
+                          "read the files, JPEGs are decoded on the device: nvjpeg on CUDA)")
     run.add_argument("--checkpoint-every", type=int, metavar="STEPS")
     run.add_argument("--max-bad-streak", type=int)
     run.add_argument("--out", help="parent of the run directory (default runs/train)")

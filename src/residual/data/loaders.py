@@ -38,6 +38,7 @@ from ..errors import ConfigError
 from ..progress import progress_bar
 from .datasets import DatasetError, Split
 from .decode import BadImageError, as_image, read_image
+from .device_decode import EncodedBatch, check_decoder, collate_encoded, read_encoded
 from .transforms import resize_center_crop
 
 log = logging.getLogger(__name__)
@@ -168,17 +169,24 @@ class _EpochBatchSampler(Sampler[list[int]]):
 
 
 class FileLoader:
+    """`decoder`: 'pillow' decodes in the workers; 'torchvision' has the workers read and check the files
+    and decodes the JPEGs on `device` (nvjpeg on CUDA; data/device_decode.py)."""
+
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, device: torch.device,
                  resize: int, crop: int, interpolation: str, workers: int, bad: BadFileLog, drop_last: bool = False,
-                 balanced: bool = False, rank: int = 0, world: int = 1):
+                 balanced: bool = False, rank: int = 0, world: int = 1, decoder: str = "pillow"):
+        check_decoder(decoder, device)
         self.device, self.bad, self.batch_size = device, bad, batch_size
+        self.resize, self.crop, self.interpolation = resize, crop, interpolation
         self.labels = torch.as_tensor(split.labels)
         self.pinned = device.type == "cuda"  # batches reach the GPU without the host waiting for it
         weights = balanced_weights(torch.as_tensor(split.labels)) if balanced else None
         self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, weights, rank, world)
-        self.loader = DataLoader(_InferenceDataset(split.files, resize, crop, interpolation),
+        dataset_class, collate = ((_InferenceDataset, _collate_inference) if decoder == "pillow" else
+                                  (_EncodedDataset, collate_encoded))
+        self.loader = DataLoader(dataset_class(split.files, resize, crop, interpolation),
                                  batch_sampler=self.sampler, num_workers=workers, pin_memory=self.pinned,
-                                 persistent_workers=workers > 0, collate_fn=_collate_inference)
+                                 persistent_workers=workers > 0, collate_fn=collate)
 
     def __len__(self) -> int:
         return self.sampler.batches()
@@ -186,6 +194,8 @@ class FileLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
         for batch in self.loader:
+            if isinstance(batch, EncodedBatch):
+                batch = InferenceBatch(*batch.decode(self.device, self.resize, self.crop, self.interpolation))
             for message in [message for _, message in batch.failed] + [None] * len(batch.indices):
                 self.bad.record(message)
             if batch.images is not None:
@@ -220,6 +230,16 @@ class _InferenceDataset(torch.utils.data.Dataset):
         try:
             return index, resize_center_crop(as_image(self.items[index], self.resize), self.resize, self.crop,
                                              self.interpolation), None
+        except BadImageError as error:
+            return index, None, str(error)
+
+
+class _EncodedDataset(_InferenceDataset):
+    """`--decoder torchvision`'s workers: a file's JPEG bytes for the device, or Pillow's decoded crop."""
+
+    def __getitem__(self, index: int):
+        try:
+            return index, read_encoded(self.items[index], self.resize, self.crop, self.interpolation), None
         except BadImageError as error:
             return index, None, str(error)
 

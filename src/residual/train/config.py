@@ -17,6 +17,7 @@ import yaml
 from ..atomic import atomic_path
 from ..data.datasets import Dataset
 from ..data.decode import BadImageError, read_image
+from ..data.device_decode import DECODERS, check_decoder
 from ..data.transforms import AugmentConfig
 from ..errors import ConfigError
 from ..runs import pick_device
@@ -63,6 +64,7 @@ class TrainConfig:
     sync_bn: bool = False  # distributed on CUDA: batch norm statistics over the global batch (SyncBatchNorm)
     workers: int | None = None  # decoding processes; auto: this machine's cores less one, shared by its workers
     in_memory: bool | None = None  # auto: when the decoded split fits in 2 GiB
+    decoder: str = "pillow"  # files streamed from disk: 'pillow' in the workers, 'torchvision' on the device
     checkpoint_every: int = 0  # also save last.pt every N optimizer steps (0: at epoch ends only)
     max_bad_streak: int = 20  # unreadable images in a row before training stops
     out: str = "runs/train"
@@ -90,6 +92,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must be at least {least}, got {value}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"--grad-clip is the largest gradient norm let through: positive, got {self.grad_clip}")
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"--decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.compile_mode not in (None, *COMPILE_MODES):
             raise ConfigError(f"--compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -237,6 +241,7 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     augment = config.augment.resolved(image_size)
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
     epochs = config.epochs or 30
+    check_decoder(config.decoder, pick_device(config.device))  # before a run directory is written
     compile_on, compile_mode, _ = compile_choice(dataclasses.replace(config, epochs=epochs), image_size, count,
                                                  processes)
     return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs, optim=optim,

@@ -239,9 +239,10 @@ class Trainer:
         else:
             workers = c.workers if c.workers is not None else decoding_workers(self.world.local_size)
             self.train_loader = FileLoader(data.train, self.worker_batch, True, c.seed, self.device, resize, resize,
-                                           interpolation, workers, self.bad, balanced=c.balanced_sampler, **shard)
+                                           interpolation, workers, self.bad, balanced=c.balanced_sampler,
+                                           decoder=c.decoder, **shard)
             self.val_loader = FileLoader(data.val, 2 * self.worker_batch, False, c.seed, self.device, resize,
-                                         c.image_size, interpolation, workers, self.bad, **shard)
+                                         c.image_size, interpolation, workers, self.bad, decoder=c.decoder, **shard)
             mean, std = (source.mean, source.std) if source else (IMAGENET_MEAN, IMAGENET_STD)
         self.model.preprocessing = Preprocessing(c.image_size, resize, mean, std, interpolation)
         # Not moved to the device: kornia would draw its random parameters there, and read some back every
