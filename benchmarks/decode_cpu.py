@@ -14,6 +14,12 @@ folder with 1 and 2 decoding workers, beside the same read in a plain loop on on
 whether N workers deliver N cores' worth of decoding, which is what the JPEG goal's
 estimate for 15 workers on the GPU machine assumes.
 
+`--decoder torchvision` leaves the workers only reading each file and checking its
+header (`read_encoded`): its row in the first table is that per-image cost on one core,
+and, where torchvision imports, the loader table adds how many images/s 1 and 2 such
+workers hand over (the device decode that follows is left out: on a CPU it is
+libjpeg-turbo in the training process, not the GPU's decoder it stands in for).
+
     .venv/bin/python benchmarks/decode_cpu.py [--images 100] [--rounds 3] [--loader-images 512]
 """
 
@@ -32,7 +38,9 @@ from PIL import Image
 from residual.bench import write_jpegs
 from residual.data.datasets import Split
 from residual.data.decode import read_image
+from residual.data.device_decode import read_encoded
 from residual.data.loaders import BadFileLog, FileLoader
+from residual.errors import ConfigError
 from residual.data.transforms import resize_center_crop
 
 
@@ -48,6 +56,7 @@ PATHS = {
     "plain PIL loop": plain,
     "read_image (full decode)": lambda path: resize_center_crop(read_image(path), 256, 224),
     "read_image (draft, min_side 256)": lambda path: resize_center_crop(read_image(path, 256), 256, 224),
+    "read_encoded (a --decoder torchvision worker)": lambda path: read_encoded(path, 256, 224, "bilinear"),
 }
 
 
@@ -65,16 +74,28 @@ def loader_table(paths: list[Path], rounds: int) -> None:
             one_core.append(len(paths) / (time.perf_counter() - start))
     print(f"| {len(paths)} images, plain loop, one core | {statistics.median(one_core):.0f} "
           f"| {min(one_core):.0f} - {max(one_core):.0f} | 1.00 |")
-    for workers in (1, 2):
-        loader = FileLoader(split, 64, True, 0, torch.device("cpu"), 256, 256, "bilinear", workers, BadFileLog())
-        rates = []
-        for epoch in range(rounds + 1):  # the first epoch starts the workers
-            start = time.perf_counter()
-            count = sum(len(images) for images, _ in loader.epoch(epoch))
-            if epoch:
-                rates.append(count / (time.perf_counter() - start))
-        print(f"| FileLoader, {workers} worker{'s' * (workers > 1)} | {statistics.median(rates):.0f} "
-              f"| {min(rates):.0f} - {max(rates):.0f} | {statistics.median(rates) / statistics.median(one_core):.2f} |")
+    for decoder in ("pillow", "torchvision"):
+        for workers in (1, 2):
+            try:
+                loader = FileLoader(split, 64, True, 0, torch.device("cpu"), 256, 256, "bilinear", workers,
+                                    BadFileLog(), decoder=decoder)
+            except ConfigError as error:
+                print(f"| FileLoader --decoder {decoder}: skipped ({error}) | | | |")
+                break
+            rates = []
+            for epoch in range(rounds + 1):  # the first epoch starts the workers
+                loader.sampler.epoch = epoch
+                start = time.perf_counter()
+                if decoder == "pillow":
+                    count = sum(len(images) for images, _ in loader.epoch(epoch))
+                else:  # what the workers hand over: bytes and header checks, decoding on the device left out
+                    count = sum(len(batch.indices) for batch in loader.loader)
+                if epoch:
+                    rates.append(count / (time.perf_counter() - start))
+            label = "FileLoader" if decoder == "pillow" else "FileLoader --decoder torchvision, workers only"
+            median = statistics.median(rates)
+            print(f"| {label}, {workers} worker{'s' * (workers > 1)} | {median:.0f} | {min(rates):.0f} - "
+                  f"{max(rates):.0f} | {median / statistics.median(one_core):.2f} |")
 
 
 def main() -> None:
