@@ -119,15 +119,19 @@ def test_torchvision_decoder_without_torchvision_says_what_to_do():
 
 
 @needs_torchvision
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
-def test_device_decoding_gives_pillows_pixels(tmp_path, orientation):
+def test_device_decoding_gives_pillows_pixels(tmp_path, orientation, device):
     path = save_jpeg(photo(120, 90), tmp_path / "photo.jpg", orientation)
     batch = collate_encoded([(0, read_encoded(path, 64, 56, "bilinear"), None)])
-    indices, images, failed = batch.decode(CPU, 64, 56, "bilinear")
+    indices, images, failed = batch.decode(torch.device(device), 64, 56, "bilinear")
     expected = resize_center_crop(read_image(path), 64, 56, "bilinear")
-    difference = (images[0].int() - expected.int()).abs()
-    assert indices == [0] and not failed and images.shape == (1, 3, 56, 56)
-    assert difference.float().mean() < 0.5 and difference.max() <= 8  # a wrong turn or crop: tens of levels
+    difference = (images[0].cpu().int() - expected.int()).abs()
+    assert indices == [0] and not failed and images.shape == (1, 3, 56, 56) and images.device.type == device
+    # The same libjpeg-turbo on the CPU; nvjpeg upsamples colour its own way (a bound not yet seen on a GPU).
+    # A wrong turn or crop costs tens of levels.
+    assert difference.float().mean() < (0.5 if device == "cpu" else 1.5)
 
 
 @needs_torchvision
