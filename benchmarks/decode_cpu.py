@@ -26,6 +26,7 @@ libjpeg-turbo in the training process, not the GPU's decoder it stands in for).
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -93,6 +94,8 @@ def loader_table(paths: list[Path], rounds: int) -> None:
                 if epoch:
                     rates.append(count / (time.perf_counter() - start))
             label = "FileLoader" if decoder == "pillow" else "FileLoader --decoder torchvision, workers only"
+            del loader  # its persistent workers end before the next loader's fork
+            gc.collect()
             median = statistics.median(rates)
             print(f"| {label}, {workers} worker{'s' * (workers > 1)} | {median:.0f} | {min(rates):.0f} - "
                   f"{max(rates):.0f} | {median / statistics.median(one_core):.2f} |")
