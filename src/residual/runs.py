@@ -46,3 +46,12 @@ def pick_device(name: str) -> torch.device:
 
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). There bf16 autocast trains
+    1.7-2.6x as fast as fp32 (docs/BENCHMARKS.md); elsewhere bf16 is emulated and slower."""
+    try:  # PyTorch's own feature checks (torch.cpu), private in name only since 2.1
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
