@@ -162,7 +162,7 @@ def test_resizing_decoded_tensors_gives_the_pillow_paths_pixels(interpolation, s
         assert (batched == expected).all(dim=1).float().mean() > (0.9 if size == (500, 375) else 0.999)
         return
     assert torch.equal(batched, expected)  # on the CPU: the same uint8 kernel, a batch at a time
-    width, height = resized_size(size[1], size[0], 64, 56)
+    height, width = resized_size(size[1], size[0], 64, 56)
     top, left = (height - 56) // 2, (width - 56) // 2
     in_float = resize_in_float(pixels, height, width, interpolation)[..., top:top + 56, left:left + 56].int()
     difference = (in_float - expected).abs()

@@ -197,10 +197,9 @@ def write_jpegs(folder: Path, size: tuple[int, int], count: int, classes: int = 
 def residual_train_step(workload: Workload, setting: Setting, device: torch.device, steps: int,
                         root: Path, from_files: bool = False, augment: str = "none",
                         compile_mode: str | None = None) -> Callable[[], None]:
-    """A closure running the engine's training step on its next batch: synthetic and on the device,
-    or with `from_files` read from a folder of JPEGs by the file loader (decoded as the workload's `decoder`
-    says). `augment`: the
-    preset ('none': the peer's work; 'auto': what `residual train` would choose)."""
+    """A closure running the engine's training step on its next batch: synthetic and on the device, or
+    with `from_files` read from a folder of JPEGs by the file loader (decoded as the workload's `decoder`
+    says). `augment`: the preset ('none': the peer's work; 'auto': what `residual train` would choose)."""
     classes = workload.options.get("num_classes", 10 if workload.image_size <= 64 else 1000)
     stored = workload.image_size if workload.image_size <= 64 else round(workload.image_size / 0.875)
     if from_files:

@@ -18,6 +18,7 @@ is then decoded one file at a time, and that file is reported and skipped.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -181,6 +182,7 @@ def oriented(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
     return pixels
 
 
+@functools.cache  # asked by the config and by each loader: the sample decode runs once per device
 def check_decoder(decoder: str, device: torch.device) -> None:
     """Refuse, in one line, a decoder that cannot work here: an unknown name, or `torchvision` where its
     JPEG decoder does not import or cannot decode a JPEG on `device` (e.g. built without nvjpeg)."""

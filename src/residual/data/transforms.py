@@ -229,7 +229,7 @@ def resize_center_crop(image: Image.Image, resize: int, crop: int, interpolation
     other pixels at some half-way positions (Pillow computes them in fixed point).
     """
     if interpolation == "nearest":
-        width, height = resized_size(image.height, image.width, resize, crop)
+        height, width = resized_size(image.height, image.width, resize, crop)
         if (width, height) != image.size:
             image = image.resize((width, height), Image.Resampling.NEAREST)
     # 3 x H x W over the H x W x 3 pixels: the channels-last layout the fast uint8 kernel works in.
@@ -238,11 +238,11 @@ def resize_center_crop(image: Image.Image, resize: int, crop: int, interpolation
 
 
 def resized_size(height: int, width: int, resize: int, crop: int) -> tuple[int, int]:
-    """(width, height) with the shorter side at `resize`, and neither side under `crop`."""
-    if min(width, height) == resize:
-        return width, height
-    scale = resize / min(width, height)
-    return max(crop, round(width * scale)), max(crop, round(height * scale))
+    """(height, width) with the shorter side at `resize`, and neither side under `crop`."""
+    if min(height, width) == resize:
+        return height, width
+    scale = resize / min(height, width)
+    return max(crop, round(height * scale)), max(crop, round(width * scale))
 
 
 def resize_center_crop_pixels(pixels: torch.Tensor, resize: int, crop: int,
@@ -256,7 +256,7 @@ def resize_center_crop_pixels(pixels: torch.Tensor, resize: int, crop: int,
     between its horizontal and vertical passes; tested). Nearest is "nearest-exact": Pillow's
     choice of pixel but at some half-way positions (5% of them in a test that shrinks).
     """
-    width, height = resized_size(pixels.shape[-2], pixels.shape[-1], resize, crop)
+    height, width = resized_size(pixels.shape[-2], pixels.shape[-1], resize, crop)
     if pixels.shape[-2:] != (height, width):
         if interpolation == "nearest":
             pixels = F.interpolate(pixels, size=(height, width), mode="nearest-exact")
