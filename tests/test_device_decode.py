@@ -7,6 +7,7 @@ on the CPU (docs/performance.md says how) and on the GPU machine, where it is nv
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,13 +15,14 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
+import residual
 from residual.bench import write_jpegs
 from residual.cli import main
 from residual.data.datasets import open_dataset
 from residual.data.decode import BadImageError, read_image
 from residual.data.device_decode import (EncodedBatch, EncodedJpeg, check_decoder, collate_encoded, oriented,
                                          read_encoded)
-from residual.data.loaders import BadFileLog, FileLoader
+from residual.data.loaders import BadFileLog, FileLoader, inference_batches
 from residual.data.transforms import resize_center_crop
 from residual.errors import ConfigError
 
@@ -177,3 +179,77 @@ def test_train_decoding_on_the_device_reports_the_files_it_skipped(tmp_path, cap
     bad_files = json.loads((run / "summary.json").read_text())["bad_files"]
     assert list(bad_files) == [str(corrupt)] and "corrupt JPEG data" in bad_files[str(corrupt)]
     assert (run / "model.safetensors").is_file()
+
+
+@needs_torchvision
+@pytest.mark.parametrize("workers", [0, 1])
+def test_inference_stream_decoding_on_the_device_matches_pillow(tmp_path, workers):
+    """evaluate's and predict's stream: files of every kind, and images given in memory, in their order."""
+    folder = write_jpegs(tmp_path / "data", (80, 60), 6, classes=1) / "train" / "class0"
+    items = sorted(folder.iterdir())
+    items.insert(1, save_jpeg(photo(60, 80), tmp_path / "turned.jpg", orientation=6))
+    items.insert(3, corrupt_huffman_table(save_jpeg(photo(60, 40, seed=1), tmp_path / "corrupt.jpg")))
+    items.insert(4, photo(50, 70, seed=4))  # a PIL image
+    items.append(tmp_path / "missing.jpg")
+    items.append(np.asarray(photo(64, 48, seed=5)))  # an array
+    streams = {decoder: list(inference_batches(items, 48, 40, "bilinear", 4, workers, decoder))
+               for decoder in ("pillow", "torchvision")}
+    for ours, pillow in zip(streams["torchvision"], streams["pillow"], strict=True):
+        assert ours.indices == pillow.indices and ours.images.shape == pillow.images.shape
+        assert sorted(ours.failed)[0][0] == sorted(pillow.failed)[0][0] if pillow.failed else not ours.failed
+        assert (ours.images.int() - pillow.images.int()).abs().float().mean() < 0.5
+    failed = [message for batch in streams["torchvision"] for _, message in sorted(batch.failed)]
+    assert [message.split(": ")[0] for message in failed] == [str(tmp_path / "corrupt.jpg"),
+                                                             str(tmp_path / "missing.jpg")]
+    assert "corrupt JPEG data" in failed[0]
+
+
+def jpeg_copies(demo_run, root, per_class: int = 6):
+    """Some of the demo's test images as JPEGs in class folders, one of them stored on its side with an
+    EXIF tag to stand it up, and a corrupt one."""
+    for name in ("star", "ring", "cross", "circle"):
+        (root / name).mkdir(parents=True)
+        for source in sorted((demo_run["data"] / "test" / name).glob("*.png"))[:per_class]:
+            Image.open(source).convert("RGB").save(root / name / f"{source.stem}.jpg", quality=95)
+    upright = Image.open(root / "star" / "00000.jpg")
+    save_jpeg(upright.transpose(Image.Transpose.ROTATE_90), root / "star" / "turned.jpg", orientation=6)
+    shutil.copy(root / "ring" / "00000.jpg", root / "ring" / "corrupt.jpg")
+    corrupt_huffman_table(root / "ring" / "corrupt.jpg")
+    return root
+
+
+@needs_torchvision
+def test_predict_and_eval_decoding_on_the_device_agree_with_pillow(demo_run, tmp_path, capsys):
+    images = jpeg_copies(demo_run, tmp_path / "images")
+    model = str(demo_run["model"])
+    predictions, metrics = {}, {}
+    for decoder in ("pillow", "torchvision"):
+        out = tmp_path / f"{decoder}.json"
+        assert main(["predict", model, str(images), "--decoder", decoder, "--format", "json", "--out", str(out),
+                     "--batch-size", "8", "--workers", "1", "--quiet"]) == 1  # the corrupt file
+        assert "corrupt.jpg" in capsys.readouterr().err
+        predictions[decoder] = {row["image"]: row["top"][0] for row in json.loads(out.read_text())}
+        report = tmp_path / f"eval-{decoder}"
+        assert main(["eval", model, str(images), "--decoder", decoder, "--out", str(report), "--gallery", "2",
+                     "--workers", "0", "--quiet"]) == 0
+        metrics[decoder] = json.loads((report / "metrics.json").read_text())
+    assert predictions["torchvision"].keys() == predictions["pillow"].keys() and len(predictions["pillow"]) == 25
+    for image, top in predictions["torchvision"].items():
+        assert top["class_name"] == predictions["pillow"][image]["class_name"], image
+        assert top["probability"] == pytest.approx(predictions["pillow"][image]["probability"], abs=0.02)
+    assert predictions["torchvision"][str(images / "star" / "turned.jpg")]["class_name"] == "star"
+    assert metrics["torchvision"]["images"] == metrics["pillow"]["images"] == 25
+    assert metrics["torchvision"]["top1"] == pytest.approx(metrics["pillow"]["top1"], abs=1 / 25)
+
+
+@pytest.mark.skipif(TORCHVISION is None, reason="torchvision's decoder works here")
+def test_predict_and_eval_with_the_torchvision_decoder_missing_write_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where eval would make its default runs/eval folder
+    data = write_jpegs(tmp_path / "data", (40, 30), 4)
+    model = residual.save_model(residual.create_model("resnet20", num_classes=2), tmp_path / "model.safetensors")
+    assert main(["predict", str(model), str(data), "--decoder", "torchvision", "--format", "csv"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: --decoder torchvision: torchvision cannot decode JPEGs")
+    assert err.count("\n") == 1
+    assert main(["eval", str(model), str(data), "--decoder", "torchvision"]) == 2
+    assert capsys.readouterr().err == err and not (tmp_path / "runs").exists()

@@ -77,6 +77,17 @@ def test_cli_formats_and_exit_code(model, demo_run, folder, tmp_path, capsys, mo
     assert main(["predict", model_file, str(tmp_path / "empty-dir-that-is-missing")]) == 1
 
 
+def test_bad_arguments_fail_before_any_output(model, demo_run, folder, capsys):
+    files = image_files([folder])
+    for arguments, flag in [({"topk": 0}, "--topk"), ({"tta": "sideways"}, "--tta"),
+                            ({"decoder": "opencv"}, "--decoder")]:
+        with pytest.raises(ConfigError, match=flag):
+            iter_predict(model, files, **arguments)  # at the call, not at the first prediction
+    assert main(["predict", str(demo_run["model"]), str(folder), "--format", "csv", "--topk", "0", "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "error: --topk must be at least 1, got 0\n"
+
+
 def test_predict_takes_pil_images_and_arrays(model, folder):
     path = sorted((folder / "star").iterdir())[0]
     image = read_image(path)

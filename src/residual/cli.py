@@ -90,14 +90,17 @@ def _report_failed(failed: list[str]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from .data.device_decode import check_decoder
     from .evaluate import evaluate
+    from .predict import model_device
     from .runs import new_run_dir
     from .tables import eval_tables
 
     model = _inference_model(args.model, args.device, args.precision)
+    check_decoder(args.decoder, model_device(model))  # before the report folder is made
     out = Path(args.out) if args.out else new_run_dir("runs/eval", f"{Path(args.model).stem}-{Path(args.data).name}")
     result = evaluate(model, args.data, args.split, args.tta, args.batch_size, out, args.gallery,
-                      workers=args.workers, progress=not args.quiet)
+                      workers=args.workers, progress=not args.quiet, decoder=args.decoder)
     console.rule(f"{args.model} on {args.data}, {result.metrics['images']:,} images"
                  + (f", TTA {args.tta}" if args.tta != "none" else "")
                  + (f", {getattr(model, 'inference_precision', 'exported')} weights" if args.precision != "fp32" else ""))
@@ -123,7 +126,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
     failed: list[str] = []
     predictions = iter_predict(model, items, args.topk, args.batch_size, args.tta, args.workers, failed,
-                               progress=not args.quiet)
+                               progress=not args.quiet, decoder=args.decoder)
     if args.format == "table":
         rows = list(predictions)
         console.print(predictions_table(rows, f"{args.model}: top-{args.topk} of {len(rows)} image(s)"))
@@ -552,6 +555,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inference_commands(commands) -> None:
+    from .data.device_decode import DECODERS
     from .explain import METHODS
     from .models import PRECISIONS
     from .predict import TTA_MODES
@@ -561,6 +565,11 @@ def _add_inference_commands(commands) -> None:
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
         p.add_argument("--workers", type=int, help="image decoding processes (default: the cores less one)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def decoder(p) -> None:
+        p.add_argument("--decoder", choices=DECODERS, default="pillow",
+                       help="pillow (decoding workers) or torchvision (the workers read the files, JPEGs are "
+                            "decoded on the model's device: nvjpeg on CUDA)")
 
     p = commands.add_parser("eval", help="accuracy, per-class scores, confusion, calibration and an HTML report")
     p.add_argument("model", help="a model file or a pretrained name")
@@ -573,6 +582,7 @@ def _add_inference_commands(commands) -> None:
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--out", help="report folder (default: a new runs/eval/MODEL-DATA)")
     common(p, 64)
+    decoder(p)
     p.set_defaults(run=cmd_eval)
 
     p = commands.add_parser("predict", help="the top classes of images or folders of images")
@@ -585,6 +595,7 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     common(p, 64)
+    decoder(p)
     p.set_defaults(run=cmd_predict)
 
     p = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, as PNG overlays")

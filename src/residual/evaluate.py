@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .data.datasets import Dataset, DatasetError, Split, concat_splits, open_dataset
+from .data.device_decode import check_decoder
 from .data.loaders import inference_batches
 from .data.transforms import normalize
 from .explain import grad_cam
@@ -68,21 +69,25 @@ def model_labels(dataset: Dataset, split: Split, model) -> np.ndarray:
 
 def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: str = "none",
              batch_size: int = 64, out_dir: str | Path | None = None, gallery_size: int = 16, bins: int = 15,
-             workers: int | None = None, title: str | None = None, progress: bool = False) -> EvalResult:
-    """Metrics of `model` on a split of `data`; with `out_dir`, the full report is written there."""
+             workers: int | None = None, title: str | None = None, progress: bool = False,
+             decoder: str = "pillow") -> EvalResult:
+    """Metrics of `model` on a split of `data`; with `out_dir`, the full report is written there.
+    `decoder`: 'torchvision' decodes JPEG files on the model's device."""
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
     split_name, chosen = pick_split(dataset, split)
     all_labels = model_labels(dataset, chosen, model)
     items = chosen.files if chosen.images is None else list(chosen.images)
     names = class_names_of(model)
     check_tta(tta)  # before any work
+    check_decoder(decoder, model_device(model))
     if isinstance(model, torch.nn.Module):
         model.eval()
     pre = model.preprocessing
     probs, kept, failed = [], [], []
     with progress_bar(f"evaluating {split_name}", progress) as bar:
         task = bar.add_task("eval", total=len(items))
-        for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers):
+        for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
+                                       decoder, model_device(model)):
             failed += [message for _, message in batch.failed]
             if batch.images is not None:
                 probs.append(class_probabilities(model, batch.images, tta).numpy())

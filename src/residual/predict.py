@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.decode import as_image, image_files
+from .data.device_decode import check_decoder
 from .data.loaders import inference_batches
 from .data.transforms import normalize, resize_center_crop
 from .errors import ConfigError
@@ -96,18 +97,30 @@ def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[list[tupl
 
 
 def iter_predict(model, items: list, topk: int = 5, batch_size: int = 64, tta: str = "none",
-                 workers: int | None = None, failed: list[str] | None = None,
-                 progress: bool = False) -> Iterator[Prediction]:
-    """Predictions for `items` in order, as they are computed; unreadable items go to `failed`."""
+                 workers: int | None = None, failed: list[str] | None = None, progress: bool = False,
+                 decoder: str = "pillow") -> Iterator[Prediction]:
+    """Predictions for `items` in order, as they are computed; unreadable items go to `failed`.
+
+    The arguments are checked here, before the first prediction is asked for, so that a writer has
+    written nothing when one is wrong. `decoder`: 'torchvision' decodes JPEG files on the model's device.
+    """
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {topk}")
+    check_tta(tta)
+    check_decoder(decoder, model_device(model))
     if isinstance(model, torch.nn.Module):
         model.eval()
+    return _predictions(model, items, topk, batch_size, tta, workers, failed, progress, decoder)
+
+
+def _predictions(model, items: list, topk: int, batch_size: int, tta: str, workers: int | None,
+                 failed: list[str] | None, progress: bool, decoder: str) -> Iterator[Prediction]:
     pre: Preprocessing = model.preprocessing
     names = class_names_of(model)
     with progress_bar("predicting", progress) as bar:
         task = bar.add_task("predict", total=len(items))
-        for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers):
+        for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
+                                       decoder, model_device(model)):
             if failed is not None:
                 failed += [message for _, message in batch.failed]
             if batch.images is not None:
@@ -118,11 +131,12 @@ def iter_predict(model, items: list, topk: int = 5, batch_size: int = 64, tta: s
 
 
 def predict(model, images, topk: int = 5, batch_size: int = 64, tta: str = "none",
-            progress: bool = False) -> PredictResult:
+            progress: bool = False, decoder: str = "pillow") -> PredictResult:
     """Top-`topk` classes of each image. `images`: a path, a folder, a PIL image, an array, or a list of them."""
     items = image_files(images if isinstance(images, (list, tuple)) else [images])
     failed: list[str] = []
-    predictions = list(iter_predict(model, items, topk, batch_size, tta, failed=failed, progress=progress))
+    predictions = list(iter_predict(model, items, topk, batch_size, tta, failed=failed, progress=progress,
+                                    decoder=decoder))
     return PredictResult(predictions, failed)
 
 

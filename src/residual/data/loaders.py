@@ -19,7 +19,8 @@ workers' batches together are exactly the batches one process would see.
 `inference_batches` is the evaluation-time stream used by evaluate, predict,
 explain and embed: items in their given order, decoded by DataLoader workers a
 few batches ahead (so memory stays bounded on any folder size), each batch
-saying which items it holds and which could not be read.
+saying which items it holds and which could not be read. Both take the same
+`decoder`: Pillow in the workers, or JPEGs decoded on the device.
 """
 
 from __future__ import annotations
@@ -182,8 +183,7 @@ class FileLoader:
         self.pinned = device.type == "cuda"  # batches reach the GPU without the host waiting for it
         weights = balanced_weights(torch.as_tensor(split.labels)) if balanced else None
         self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, weights, rank, world)
-        dataset_class, collate = ((_InferenceDataset, _collate_inference) if decoder == "pillow" else
-                                  (_EncodedDataset, collate_encoded))
+        dataset_class, collate = DECODING[decoder]
         self.loader = DataLoader(dataset_class(split.files, resize, crop, interpolation),
                                  batch_sampler=self.sampler, num_workers=workers, pin_memory=self.pinned,
                                  persistent_workers=workers > 0, collate_fn=collate)
@@ -194,14 +194,13 @@ class FileLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
         for batch in self.loader:
-            if isinstance(batch, EncodedBatch):
-                batch = InferenceBatch(*batch.decode(self.device, self.resize, self.crop, self.interpolation))
+            batch = on_device(batch, self.device, self.resize, self.crop, self.interpolation)
             for message in [message for _, message in batch.failed] + [None] * len(batch.indices):
                 self.bad.record(message)
             if batch.images is not None:
                 labels = self.labels[batch.indices]
                 labels = labels.pin_memory() if self.pinned else labels
-                yield batch.images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                yield batch.images, labels.to(self.device, non_blocking=True)
 
 
 # --- evaluation-time stream ------------------------------------------------------------------------
@@ -235,9 +234,12 @@ class _InferenceDataset(torch.utils.data.Dataset):
 
 
 class _EncodedDataset(_InferenceDataset):
-    """`--decoder torchvision`'s workers: a file's JPEG bytes for the device, or Pillow's decoded crop."""
+    """`--decoder torchvision`'s workers: a file's JPEG bytes for the device, or Pillow's decoded crop
+    (of any other file, and of images given in memory)."""
 
     def __getitem__(self, index: int):
+        if not isinstance(self.items[index], (str, os.PathLike)):
+            return super().__getitem__(index)
         try:
             return index, read_encoded(self.items[index], self.resize, self.crop, self.interpolation), None
         except BadImageError as error:
@@ -251,6 +253,20 @@ def _collate_inference(items) -> InferenceBatch:
     return InferenceBatch([index for index, _ in good], images, failed)
 
 
+# Per decoder: what the workers make of an item, and how their results become one batch.
+DECODING = {"pillow": (_InferenceDataset, _collate_inference), "torchvision": (_EncodedDataset, collate_encoded)}
+
+
+def on_device(batch: InferenceBatch | EncodedBatch, device: torch.device, resize: int, crop: int,
+              interpolation: str) -> InferenceBatch:
+    """A batch from the workers with its images on `device`: JPEGs handed over encoded are decoded there."""
+    if isinstance(batch, EncodedBatch):
+        return InferenceBatch(*batch.decode(device, resize, crop, interpolation))
+    if batch.images is None or batch.images.device == device:
+        return batch
+    return dataclasses.replace(batch, images=batch.images.to(device, non_blocking=batch.images.is_pinned()))
+
+
 def decoding_workers(processes: int = 1) -> int:
     """Decoding processes to start when none are asked for: the cores this process may run on,
     shared by the `processes` training processes on this machine, less one each for its own
@@ -260,17 +276,24 @@ def decoding_workers(processes: int = 1) -> int:
 
 
 def inference_batches(items: list, resize: int, crop: int, interpolation: str = "bilinear", batch_size: int = 64,
-                      workers: int | None = None) -> Iterator[InferenceBatch]:
-    """`items` (paths, PIL images, arrays) resized and center-cropped, in order, `batch_size` at a time.
+                      workers: int | None = None, decoder: str = "pillow",
+                      device: str | torch.device = "cpu") -> Iterator[InferenceBatch]:
+    """`items` (paths, PIL images, arrays) resized and center-cropped, in order, `batch_size` at a time,
+    each batch's images on `device`.
 
     workers=None starts `decoding_workers()` processes when there is more than one batch to decode.
+    `decoder` as FileLoader's: 'torchvision' decodes the JPEG files on `device`.
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if workers is not None and workers < 0:
         raise ConfigError(f"--workers must be at least 0, got {workers}")
+    device = torch.device(device)
+    check_decoder(decoder, device)
     if workers is None:
         workers = decoding_workers() if len(items) > batch_size else 0
-    loader = DataLoader(_InferenceDataset(items, resize, crop, interpolation), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate_inference)
-    yield from loader
+    dataset_class, collate = DECODING[decoder]
+    loader = DataLoader(dataset_class(items, resize, crop, interpolation), batch_size=batch_size,
+                        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate)
+    for batch in loader:
+        yield on_device(batch, device, resize, crop, interpolation)
