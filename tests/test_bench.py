@@ -30,11 +30,12 @@ def test_tiny_bench_prints_both_paths_side_by_side(capsys):
     rows = [line.split("|")[1:-1] for line in printed.out.splitlines() if line.startswith("| tiny")]
     try:  # the JPEGs decoded on the device need torchvision's decoder
         check_decoder("torchvision", torch.device("cpu"))
-        workloads = 4
+        workloads = 6
     except ConfigError:
-        workloads = 3
-        skipped = "skipped tiny resnet20 train from 48x40 JPEGs decoded on the device, batch 8, 32 px: --decoder"
-        assert skipped in " ".join(printed.err.split())
+        workloads = 4
+        for skipped in ("resnet20 train", "resnet18 inference"):
+            assert (f"skipped tiny {skipped} from 48x40 JPEGs decoded on the device, batch 8, 32 px: --decoder"
+                    in " ".join(printed.err.split()))
     assert len(rows) == 2 * workloads  # x (fp32 eager, bf16 + channels_last)
     for workload, setting, ours, peer, theirs, ratio, mfu, _ in rows:
         assert workload.strip().endswith(", augment auto") == (" train" in workload)  # as `residual train` would
@@ -47,12 +48,12 @@ def test_tiny_bench_prints_both_paths_side_by_side(capsys):
         assert peer.strip() in peers
 
 
-
-
 def test_the_bench_runs_the_workloads_asked_for(capsys):
     assert [w.name for w in select_workloads(TINY_WORKLOADS, ["JPEG", "INFERENCE"])] == [
         "tiny resnet18 inference, batch 8, 32 px", "tiny resnet20 train from 48x40 JPEGs, batch 8, 32 px",
-        "tiny resnet20 train from 48x40 JPEGs decoded on the device, batch 8, 32 px"]
+        "tiny resnet20 train from 48x40 JPEGs decoded on the device, batch 8, 32 px",
+        "tiny resnet18 inference from 48x40 JPEGs, batch 8, 32 px",
+        "tiny resnet18 inference from 48x40 JPEGs decoded on the device, batch 8, 32 px"]
     assert select_workloads(TINY_WORKLOADS, None) == list(TINY_WORKLOADS)
     assert main(["bench", "--tiny", "--only", "resnet1001"]) == 2
     assert "--only resnet1001 matches no workload; they are: tiny resnet20 train" in capsys.readouterr().err
