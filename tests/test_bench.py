@@ -7,7 +7,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from residual.bench import SETTINGS, TINY_WORKLOADS, BenchRow, compile_payback, select_workloads
+from residual import bench
+from residual.bench import SETTINGS, TINY_WORKLOADS, BenchRow, compile_payback, jpeg_folder, select_workloads
 from residual.cli import main
 from residual.data.datasets import open_dataset
 from residual.data.device_decode import check_decoder
@@ -57,6 +58,18 @@ def test_the_bench_runs_the_workloads_asked_for(capsys):
     assert select_workloads(TINY_WORKLOADS, None) == list(TINY_WORKLOADS)
     assert main(["bench", "--tiny", "--only", "resnet1001"]) == 2
     assert "--only resnet1001 matches no workload; they are: tiny resnet20 train" in capsys.readouterr().err
+
+
+def test_the_jpegs_are_written_once_per_size_and_count(tmp_path, monkeypatch):
+    """Every setting and workload reading the same JPEGs shares one folder: writing them is slower than
+    measuring."""
+    train, infer = (w for w in TINY_WORKLOADS if "from 48x40 JPEGs, batch" in w.name)
+    folder = jpeg_folder(tmp_path, train, steps=3)
+    assert len(list(folder.glob("train/*/*.jpg"))) == 8 * 3 and len(list(folder.glob("val/*/*.jpg"))) == 2
+    longer = jpeg_folder(tmp_path, train, steps=40)  # 16 batches' worth, a folder of its own
+    assert longer != folder and len(list(longer.glob("train/*/*.jpg"))) == 8 * 16
+    monkeypatch.setattr(bench, "write_jpegs", lambda *args, **kwargs: pytest.fail("written again"))
+    assert jpeg_folder(tmp_path, infer, steps=3) == folder and jpeg_folder(tmp_path, train, steps=20) == longer
 
 
 def test_the_bench_says_after_how_many_steps_compiling_repays_its_warm_up():
