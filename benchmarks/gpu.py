@@ -4,8 +4,8 @@ The four workloads of the speed issue (resnet50 train and inference at 224 px, C
 resnet56 and CIFAR-style resnet18 training at 32 px), each under fp32 eager, bf16 +
 channels_last and + torch.compile, residual's own training step / predict path beside
 torchvision's model (or ours, where torchvision has no such net) in a plain loop; and
-resnet50 training from a folder of JPEGs, decoded by Pillow in the file loader's workers
-or on the GPU (`--decoder torchvision`), beside the same step on synthetic data.
+resnet50 training and prediction from a folder of JPEGs, decoded by Pillow in the
+workers or on the GPU (`--decoder torchvision`), beside the same path on synthetic data.
 MFU uses 790 TFLOP/s, the bf16 matrix rate measured on the project's H200.
 
     PYTHONPATH=src python benchmarks/gpu.py [--steps 30] [--warmup 10] [--no-compile]
