@@ -11,6 +11,18 @@ def isolated_home(tmp_path, monkeypatch):
     return tmp_path / "residual-home"
 
 
+@pytest.fixture
+def stand_in_pinning(monkeypatch):
+    """Page-locking stood in for on a machine without a GPU: `Tensor.pin_memory` returns a copy marked
+    `page_locked`, so the DataLoader's own pinning function can run and be checked."""
+    def marked_copy(tensor):
+        copy = tensor.clone()
+        copy.page_locked = True
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", marked_copy)
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """`residual demo` run once for the session: its console output and run directory.

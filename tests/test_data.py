@@ -174,7 +174,7 @@ def test_file_loader_skips_and_counts_bad_files(tmp_path, caplog):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_file_loader_batches_are_page_locked_for_the_gpu(tmp_path, monkeypatch, device):
+def test_file_loader_batches_are_page_locked_for_the_gpu(tmp_path, request, device):
     """DataLoader(pin_memory=True) pins tensors and containers and leaves other objects alone, so the batch
     object pins its images itself; from pageable memory their copy to the GPU would wait for the device.
     Without a GPU, pinning is stood in for by a marked copy, and the DataLoader's own pinning function runs."""
@@ -186,13 +186,7 @@ def test_file_loader_batches_are_page_locked_for_the_gpu(tmp_path, monkeypatch, 
         images, labels = next(loader.epoch(0))
         assert images.is_cuda and labels.is_cuda
         return
-
-    def marked_copy(tensor):
-        copy = tensor.clone()
-        copy.page_locked = True
-        return copy
-
-    monkeypatch.setattr(torch.Tensor, "pin_memory", marked_copy)
+    request.getfixturevalue("stand_in_pinning")
     batch = next(iter(loader.loader))
     pinned = torch.utils.data._utils.pin_memory.pin_memory(batch)
     assert pinned.images.page_locked and torch.equal(pinned.images, batch.images)

@@ -18,11 +18,11 @@ is then decoded one file at a time, and that file is reported and skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ DECODERS = ("pillow", "torchvision")
 END_OF_IMAGE = b"\xff\xd9"
 
 
-@dataclass
+@dataclasses.dataclass
 class EncodedJpeg:
     """A JPEG file's bytes, checked by its header, for decoding on the device."""
 
@@ -79,7 +79,7 @@ def device_decodable(data: bytes) -> int | None:
     return orientation if orientation in range(1, 9) else None
 
 
-@dataclass
+@dataclasses.dataclass
 class EncodedBatch:
     """A batch as the workers hand it over: JPEG bytes for the device, and what Pillow decoded."""
 
@@ -92,6 +92,12 @@ class EncodedBatch:
     decoded: torch.Tensor | None  # images Pillow decoded in the worker, uint8 N x 3 x crop x crop
     decoded_slots: list[int]  # their places in `indices`
     failed: list[tuple[int, str]]  # (position, one-line reason) of each item no decoder could read
+
+    def pin_memory(self) -> EncodedBatch:
+        """The batch with its tensors page-locked, as `InferenceBatch.pin_memory` (a DataLoader with
+        pin_memory=True calls this): the JPEG bytes go to the GPU's decoder, Pillow's images to the GPU."""
+        return dataclasses.replace(self, jpegs=self.jpegs.pin_memory(),
+                                   decoded=None if self.decoded is None else self.decoded.pin_memory())
 
     def decode(self, device: torch.device, resize: int, crop: int,
                interpolation: str) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
