@@ -20,7 +20,7 @@ from datetime import date
 
 import torch
 
-from residual.bench import SETTINGS, WORKLOADS, bench, bench_table, compile_payback, select_workloads
+from residual.bench import BENCH_HEADER, SETTINGS, WORKLOADS, bench, bench_line, compile_payback, select_workloads
 from residual.train.config import COMPILE_MODES
 
 PEAK_TFLOPS = 790.0
@@ -40,11 +40,14 @@ def main() -> None:
                         help="the training rows' augmentation (none: the peer's work; auto: residual train's)")
     args = parser.parse_args()
     settings = [s for s in SETTINGS if not (args.no_compile and s.compile)]
-    rows = bench(select_workloads(WORKLOADS, args.only), settings, args.device, args.steps, args.warmup, augment=args.augment,
-                 compile_mode=args.compile_mode)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    peak = PEAK_TFLOPS if torch.cuda.is_available() else None
     print(f"{date.today()}, {device}, torch {torch.__version__}")
-    print(bench_table(rows, PEAK_TFLOPS if torch.cuda.is_available() else None))
+    print(BENCH_HEADER, flush=True)
+    # Each row as soon as it is measured: a run stopped by a time limit keeps what it measured.
+    rows = bench(select_workloads(WORKLOADS, args.only), settings, args.device, args.steps, args.warmup,
+                 augment=args.augment, compile_mode=args.compile_mode,
+                 on_row=lambda row: print(bench_line(row, peak), flush=True))
     for line in compile_payback(rows):
         print(line)
 

@@ -60,6 +60,15 @@ def test_the_bench_runs_the_workloads_asked_for(capsys):
     assert "--only resnet1001 matches no workload; they are: tiny resnet20 train" in capsys.readouterr().err
 
 
+def test_each_row_is_handed_over_as_soon_as_it_is_measured():
+    """benchmarks/gpu.py prints rows as they come, so a run stopped by the device's time limit keeps them."""
+    seen = []
+    rows = bench.bench(TINY_WORKLOADS[:2], SETTINGS[:1], "cpu", steps=1, warmup=1, console=Console(quiet=True),
+                       on_row=seen.append)
+    assert seen == rows and len(rows) == 2
+    assert bench.bench_table(rows, None).splitlines()[2:] == [bench.bench_line(row, None) for row in rows]
+
+
 def test_the_jpegs_are_written_once_per_size_and_count(tmp_path, monkeypatch):
     """Every setting and workload reading the same JPEGs shares one folder: writing them is slower than
     measuring."""

@@ -312,8 +312,10 @@ def peer_step(workload: Workload, setting: Setting, device: torch.device) -> tup
 
 
 def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: int = 30, warmup: int = 10,
-          console: Console | None = None, augment: str = "none", compile_mode: str | None = None) -> list[BenchRow]:
-    """Every workload under every setting, residual's path and the peer's, measured in turn.
+          console: Console | None = None, augment: str = "none", compile_mode: str | None = None,
+          on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
+    """Every workload under every setting, residual's path and the peer's, measured in turn; `on_row`
+    is given each row as it is measured (a run cut short by a time limit still reports what it measured).
 
     `augment` is the training rows' augmentation preset: 'none' does the peer's work (a centre
     crop), 'auto' what `residual train` would choose, or a preset by name; it joins the workload's
@@ -362,18 +364,25 @@ def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: i
                                   f"{name}; short runs pay it before they gain anything")
                 rows.append(BenchRow(name, label, ours, theirs, peer_name, flops, warmup_seconds, workload.batch,
                                      workload.train, setting))
+                if on_row:
+                    on_row(rows[-1])
     return rows
 
 
+BENCH_HEADER = ("| workload | setting | residual img/s | peer | peer img/s | ratio | residual MFU | warm-up s |\n"
+                "|---|---|---:|---|---:|---:|---:|---:|")
+
+
+def bench_line(r: BenchRow, peak_tflops: float | None) -> str:
+    """One row of the table: images/s of both paths, their ratio, and MFU where the peak is known."""
+    mfu = f"{r.flops_per_image * r.residual / (peak_tflops * 1e12):.1%}" if peak_tflops else "-"
+    return (f"| {r.workload} | {r.setting} | {r.residual:,.0f} | {r.peer_name} | {r.peer:,.0f} | "
+            f"{r.ratio:.2f} | {mfu} | {r.warmup_seconds:.1f} |")
+
+
 def bench_table(rows: list[BenchRow], peak_tflops: float | None) -> str:
-    """Markdown: images/s of both paths, their ratio, and MFU where the peak is known."""
-    lines = ["| workload | setting | residual img/s | peer | peer img/s | ratio | residual MFU | warm-up s |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
-    for r in rows:
-        mfu = f"{r.flops_per_image * r.residual / (peak_tflops * 1e12):.1%}" if peak_tflops else "-"
-        lines.append(f"| {r.workload} | {r.setting} | {r.residual:,.0f} | {r.peer_name} | {r.peer:,.0f} | "
-                     f"{r.ratio:.2f} | {mfu} | {r.warmup_seconds:.1f} |")
-    return "\n".join(lines)
+    """Markdown: the header and a line per row."""
+    return "\n".join([BENCH_HEADER] + [bench_line(r, peak_tflops) for r in rows])
 
 
 def compile_payback(rows: list[BenchRow]) -> list[str]:

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Everything the speed issue needs from one GPU lease, most important first, in one device call.
+#
+# A task is lent 15 minutes of device time in all, the machine's start included, and one call runs
+# 10 minutes at most: so this is one call. Each stage writes $OUT/NAME.md when it ends; a stage runs
+# for at most its own limit and never past the deadline (BUDGET_S seconds from the start), and what
+# was cut short or skipped is said in $OUT/session.md. Eight files at most come back from $OUT: this
+# writes seven stages and session.md.
+#
+#     BUDGET_S=550 bash benchmarks/gpu_session.sh        # on the GPU machine, from the repo root
+#
+# The machine lacks kornia: carry its wheels in .whl (docs/performance.md says how to fetch them).
+set -u
+OUT=${OUT:-gpu-session}
+mkdir -p "$OUT"
+deadline=$(( $(date +%s) + ${BUDGET_S:-550} ))
+summary="$OUT/session.md"
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "could not install the carried wheels" >> "$summary"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:src
+{
+    echo "# GPU session, $(date -u +%F)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+    echo "cores: $(nproc)"
+} >> "$summary" 2>&1
+
+# stage NAME LIMIT_S COMMAND...: the command's output in $OUT/NAME.md, its fate in session.md.
+stage() {
+    local name=$1 limit=$2 left
+    shift 2
+    left=$(( deadline - $(date +%s) ))
+    if (( left < 20 )); then
+        echo "- $name: skipped, the budget was spent" >> "$summary"
+        return
+    fi
+    (( limit > left )) && limit=$left
+    local start=$(date +%s)
+    timeout "$limit" "$@" > "$OUT/$name.md" 2>&1
+    local code=$? seconds=$(( $(date +%s) - start ))
+    case $code in
+        0) echo "- $name: done in ${seconds} s" >> "$summary" ;;
+        124) echo "- $name: cut short at its ${limit} s limit" >> "$summary" ;;
+        *) echo "- $name: exit code $code after ${seconds} s" >> "$summary" ;;
+    esac
+}
+
+# 1. Is the GPU path right? CUDA tests, torchvision parity, nvjpeg decoding (the demo model trains once).
+stage tests 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or torchvision or device" \
+    tests/test_bench.py tests/test_data.py tests/test_device_decode.py tests/test_torchvision_parity.py
+# 2. Every workload uncompiled: the goals' table without torch.compile, the JPEG rows with both decoders.
+stage eager 150 python3 benchmarks/gpu.py --no-compile
+# 3. The small nets compiled (CUDA graphs, chosen for their 32 px inputs): the 70,000 and 100,000 goals.
+stage compiled-small 120 python3 benchmarks/gpu.py --only "resnet56" --only "CIFAR-style"
+# 4. ResNet-50 compiled: the 8,000 and 32,000 goals, and after how many steps compiling repays itself.
+stage compiled-resnet50 150 python3 benchmarks/gpu.py --only "resnet50 train, batch" --only "resnet50 inference, batch"
+# 5. The same accuracy on shapes: the demo recipe in fp32, bf16 and compiled, two seeds.
+stage accuracy 120 python3 benchmarks/fast_path_accuracy.py --device cuda --data /tmp/shapes-32
+# 6. The waits left in a real run: synchronising calls over one epoch of two presets, and where.
+stage sync 60 python3 benchmarks/sync_waits.py
+# 7. The training rows with the augmentation `residual train` would choose.
+stage augment 90 python3 benchmarks/gpu.py --no-compile --augment auto --only train
+
+cat "$summary"
+for name in eager compiled-small compiled-resnet50; do
+    [[ -f "$OUT/$name.md" ]] && grep -E '^\||repays' "$OUT/$name.md"
+done
