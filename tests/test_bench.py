@@ -16,6 +16,7 @@ from residual.data.shapes import write_shapes
 from residual.data.transforms import AugmentConfig
 from residual.errors import ConfigError
 from residual.models import build_model
+from residual.predict import INFERENCE_COMPILE_FROM_IMAGES
 from residual.train import TrainConfig, train
 from residual.train.config import COMPILE_FROM_STEPS, auto_compile, auto_compile_mode, compile_log, resolve
 from residual.train.optim import OptimConfig, build_optimizer
@@ -89,12 +90,15 @@ def test_the_bench_says_after_how_many_steps_compiling_repays_its_warm_up():
 
     rows = [row("a", eager, 1000, 2), row("a", compiled, 2000, 52),  # 0.05 s saved per step, 50 s to repay
             row("b", eager, 1000, 2), row("b", compiled, 900, 40),  # slower compiled
-            row("c", compiled, 5000, 9, train=False)]  # inference: compile is never chosen automatically
+            row("c", eager, 1000, 1, train=False), row("c", compiled, 2000, 11, train=False),  # 0.5 ms per image
+            row("d", compiled, 5000, 9, train=False)]  # no eager row to compare with
     assert compile_payback(rows) == [
         f"a: torch.compile repays its 50 s warm-up after about 1,000 steps (compiling is chosen automatically "
         f"from {COMPILE_FROM_STEPS:,} steps)",
         f"b: torch.compile never repays its warm-up: compiled steps were not faster (compiling is chosen "
-        f"automatically from {COMPILE_FROM_STEPS:,} steps)"]
+        f"automatically from {COMPILE_FROM_STEPS:,} steps)",
+        f"c: torch.compile repays its 10 s warm-up after about 20,000 images (compiling is chosen automatically "
+        f"from {INFERENCE_COMPILE_FROM_IMAGES:,} images)"]
 
 
 def test_fused_optimizer_makes_the_same_update():

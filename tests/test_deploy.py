@@ -105,13 +105,19 @@ def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, 
     np.testing.assert_allclose(through_onnx.probs, original.probs, atol=1e-5)
     assert main(["eval", str(exported.path), str(demo_run["data"]), "--out", str(tmp_path / "report"),
                  "--quiet"]) == 0
-    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["top1"] >= 0.95
+    document = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert document["top1"] >= 0.95 and document["compile"] == "off (an exported model runs in its own runtime)"
     image = sorted((demo_run["data"] / "test" / "circle").glob("*.png"))[0]
     capsys.readouterr()
     assert main(["predict", str(exported.path), str(image), "--format", "json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"][0]["class_name"] == "circle"
     assert main(["explain", str(exported.path), str(image)]) == 2
     assert "Grad-CAM needs the model's gradients" in capsys.readouterr().err
+    for command in ("predict", "eval"):
+        target = str(image) if command == "predict" else str(demo_run["data"])
+        assert main([command, str(exported.path), target, "--compile", "--out", str(tmp_path / command)]) == 2
+        assert capsys.readouterr().err.startswith("error: --compile: an exported model runs in its own runtime")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_path):

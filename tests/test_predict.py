@@ -16,7 +16,8 @@ from residual.data.decode import image_files, read_image
 from residual.data.transforms import normalize, resize_center_crop
 from residual.errors import ConfigError
 from residual.models import Preprocessing
-from residual.predict import decode_predictions, iter_predict, predict, preprocess_input, tta_views
+from residual.predict import (decode_predictions, inference_compile, iter_predict, predict, preprocess_input,
+                              tta_views)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,25 @@ def test_cli_formats_and_exit_code(model, demo_run, folder, tmp_path, capsys, mo
     assert main(["predict", model_file, str(folder / "cross" / "00000.png")]) == 0
     assert "cross" in capsys.readouterr().out
     assert main(["predict", model_file, str(tmp_path / "empty-dir-that-is-missing")]) == 1
+
+
+def test_compiled_prediction_matches_eager_and_compiles_once(model, folder, capsys):
+    """torch.compile for long jobs: the same predictions, and one graph for the whole stream, the shorter last
+    batch included (it is padded to the batch size rather than compiled again)."""
+    files = [f for f in image_files([folder]) if f.suffix == ".png" and f.name != "truncated.png"][:10]
+    eager = predict(model, files, topk=2, batch_size=4, compile=False).predictions
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = predict(model, files, topk=2, batch_size=4, compile=True).predictions  # batches of 4, 4 and 2
+    assert counters["stats"]["unique_graphs"] == 1
+    assert [p.source for p in compiled] == [p.source for p in eager]
+    for ours, theirs in zip(compiled, eager):
+        assert [c for c, _, _ in ours.top] == [c for c, _, _ in theirs.top]
+        assert [s for _, _, s in ours.top] == pytest.approx([s for _, _, s in theirs.top], abs=1e-4)
+    assert inference_compile(model, None, 10**9) == (False, "off (chosen automatically only on CUDA; this run is "
+                                                            "on cpu)")
+    assert inference_compile(model, True, 3) == (True, "on (as asked)")
 
 
 def test_bad_arguments_fail_before_any_output(model, demo_run, folder, capsys):

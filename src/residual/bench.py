@@ -9,7 +9,8 @@ device:
   schedule; like the peer it never waits for the device, and real training reads the
   loss back twice a second), or for inference the
   predict path (`prepare_for_inference`: BN folded, channels_last, bf16 weights in
-  the bf16 settings; then `class_probabilities`: normalise, forward, softmax, to the host);
+  the bf16 settings; then `class_probabilities`: normalise, forward, softmax, to the host;
+  compiled as `residual predict --compile` compiles it);
 - peer: the loop the issue's reference figures use, on torchvision's model when
   torchvision is importable (our own architecture otherwise): SGD with momentum on
   a float batch, or a forward pass in inference mode.
@@ -47,8 +48,8 @@ from .data.device_decode import check_decoder
 from .data.loaders import inference_batches
 from .data.transforms import AugmentConfig
 from .errors import ConfigError
-from .models import build_model, count_macs, prepare_for_inference
-from .predict import class_probabilities
+from .models import build_model, compile_for_inference, count_macs, prepare_for_inference
+from .predict import INFERENCE_COMPILE_FROM_IMAGES, class_probabilities
 from .runs import pick_device
 from .train.config import COMPILE_FROM_STEPS, TrainConfig, auto_compile_mode, resolve
 from .train.optim import OptimConfig
@@ -267,10 +268,7 @@ def residual_infer_step(workload: Workload, setting: Setting, device: torch.devi
     model = build_model(workload.arch, **workload.options).to(device).eval()
     if setting.channels_last:
         model = prepare_for_inference(model, device, "bf16" if setting.bf16 else "fp32")
-    forward = model
-    if setting.compile:
-        forward = torch.compile(model, mode=compile_mode)
-        forward.preprocessing = model.preprocessing  # what class_probabilities reads
+    forward = compile_for_inference(model, workload.batch, compile_mode) if setting.compile else model  # as predict
     if not jpegs:
         images = torch.randint(0, 256, (workload.batch, 3, workload.image_size, workload.image_size),
                                dtype=torch.uint8, device=device)
@@ -386,21 +384,23 @@ def bench_table(rows: list[BenchRow], peak_tflops: float | None) -> str:
 
 
 def compile_payback(rows: list[BenchRow]) -> list[str]:
-    """For each training workload measured eager and compiled in bf16: after how many optimizer steps
-    torch.compile's extra warm-up is repaid by its faster steps, beside the automatic threshold."""
+    """For each workload measured eager and compiled in bf16: after how many optimizer steps (training)
+    or images (prediction) torch.compile's extra warm-up is repaid, beside the automatic threshold."""
     def key(row: BenchRow, compiled: bool) -> tuple:
         return row.workload, row.options.bf16, row.options.channels_last, compiled
 
     measured = {key(row, row.options.compile): row for row in rows}
     lines = []
-    for compiled in (r for r in rows if r.train and r.options.compile):
+    for compiled in (r for r in rows if r.options.compile):
         eager = measured.get(key(compiled, False))  # the same precision and layout, not compiled
         if eager is None:
             continue
-        saved = compiled.batch / eager.residual - compiled.batch / compiled.residual  # seconds per step
+        per, unit, threshold = ((compiled.batch, "steps", COMPILE_FROM_STEPS) if compiled.train
+                                else (1, "images", INFERENCE_COMPILE_FROM_IMAGES))
+        saved = per / eager.residual - per / compiled.residual  # seconds per step or image
         extra = max(0.0, compiled.warmup_seconds - eager.warmup_seconds)
-        verdict = (f"repays its {extra:.0f} s warm-up after about {math.ceil(extra / saved):,} steps" if saved > 0
-                   else "never repays its warm-up: compiled steps were not faster")
+        verdict = (f"repays its {extra:.0f} s warm-up after about {math.ceil(extra / saved):,} {unit}" if saved > 0
+                   else f"never repays its warm-up: compiled {unit} were not faster")
         lines.append(f"{compiled.workload}: torch.compile {verdict} (compiling is chosen automatically "
-                     f"from {COMPILE_FROM_STEPS:,} steps)")
+                     f"from {threshold:,} {unit})")
     return lines

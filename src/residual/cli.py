@@ -90,17 +90,18 @@ def _report_failed(failed: list[str]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
-    from .data.device_decode import check_decoder
+    from .data.loaders import check_stream
     from .evaluate import evaluate
     from .predict import model_device
     from .runs import new_run_dir
     from .tables import eval_tables
 
     model = _inference_model(args.model, args.device, args.precision)
-    check_decoder(args.decoder, model_device(model))  # before the report folder is made
+    check_stream(args.batch_size, args.workers, args.decoder, model_device(model))  # before the report folder is made
     out = Path(args.out) if args.out else new_run_dir("runs/eval", f"{Path(args.model).stem}-{Path(args.data).name}")
     result = evaluate(model, args.data, args.split, args.tta, args.batch_size, out, args.gallery,
-                      workers=args.workers, progress=not args.quiet, decoder=args.decoder)
+                      workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile)
+    console.print(f"torch.compile: {result.compiled}")
     console.rule(f"{args.model} on {args.data}, {result.metrics['images']:,} images"
                  + (f", TTA {args.tta}" if args.tta != "none" else "")
                  + (f", {getattr(model, 'inference_precision', 'exported')} weights" if args.precision != "fp32" else ""))
@@ -117,16 +118,19 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .atomic import atomic_path
     from .data.decode import image_files
-    from .predict import iter_predict, write_csv, write_json
+    from .predict import inference_compile, iter_predict, write_csv, write_json
     from .tables import predictions_table
 
     model = _inference_model(args.model, args.device, args.precision)
     items = image_files(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
+    compiled, why = inference_compile(model, args.compile, len(items))
     failed: list[str] = []
     predictions = iter_predict(model, items, args.topk, args.batch_size, args.tta, args.workers, failed,
-                               progress=not args.quiet, decoder=args.decoder)
+                               progress=not args.quiet, decoder=args.decoder, compile=compiled)
+    if not args.quiet:  # once the arguments are checked; stderr, as stdout holds the predictions
+        print(f"torch.compile: {why}", file=sys.stderr)
     if args.format == "table":
         rows = list(predictions)
         console.print(predictions_table(rows, f"{args.model}: top-{args.topk} of {len(rows)} image(s)"))
@@ -558,7 +562,7 @@ def _add_inference_commands(commands) -> None:
     from .data.device_decode import DECODERS
     from .explain import METHODS
     from .models import PRECISIONS
-    from .predict import TTA_MODES
+    from .predict import INFERENCE_COMPILE_FROM_IMAGES, TTA_MODES
 
     def common(p, batch_size: int) -> None:
         p.add_argument("--batch-size", type=int, default=batch_size)
@@ -566,10 +570,13 @@ def _add_inference_commands(commands) -> None:
         p.add_argument("--workers", type=int, help="image decoding processes (default: the cores less one)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    def decoder(p) -> None:
+    def decoder_and_compile(p) -> None:
         p.add_argument("--decoder", choices=DECODERS, default="pillow",
                        help="pillow (decoding workers) or torchvision (the workers read the files, JPEGs are "
                             "decoded on the model's device: nvjpeg on CUDA)")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="run the model under torch.compile (default: on CUDA for jobs of "
+                            f"{INFERENCE_COMPILE_FROM_IMAGES:,} images or more, which repay its warm-up)")
 
     p = commands.add_parser("eval", help="accuracy, per-class scores, confusion, calibration and an HTML report")
     p.add_argument("model", help="a model file or a pretrained name")
@@ -582,7 +589,7 @@ def _add_inference_commands(commands) -> None:
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--out", help="report folder (default: a new runs/eval/MODEL-DATA)")
     common(p, 64)
-    decoder(p)
+    decoder_and_compile(p)
     p.set_defaults(run=cmd_eval)
 
     p = commands.add_parser("predict", help="the top classes of images or folders of images")
@@ -595,7 +602,7 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     common(p, 64)
-    decoder(p)
+    decoder_and_compile(p)
     p.set_defaults(run=cmd_predict)
 
     p = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, as PNG overlays")

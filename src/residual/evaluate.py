@@ -16,13 +16,12 @@ import numpy as np
 import torch
 
 from .data.datasets import Dataset, DatasetError, Split, concat_splits, open_dataset
-from .data.device_decode import check_decoder
-from .data.loaders import inference_batches
+from .data.loaders import check_stream, inference_batches
 from .data.transforms import normalize
 from .explain import grad_cam
 from .metrics import classification_metrics
 from .models import ResNet
-from .predict import check_tta, class_names_of, class_probabilities, model_device
+from .predict import check_tta, class_names_of, class_probabilities, inference_compile, inference_forward, model_device
 from .progress import progress_bar
 from .report import GalleryItem, write_report
 
@@ -38,6 +37,7 @@ class EvalResult:
     failed: list[str] = field(default_factory=list)
     gallery: list[GalleryItem] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)  # what was written (metrics, pictures, report)
+    compiled: str = "off"  # whether torch.compile ran, and why
 
 
 def pick_split(dataset: Dataset, split: str | None) -> tuple[str, Split]:
@@ -70,18 +70,21 @@ def model_labels(dataset: Dataset, split: Split, model) -> np.ndarray:
 def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: str = "none",
              batch_size: int = 64, out_dir: str | Path | None = None, gallery_size: int = 16, bins: int = 15,
              workers: int | None = None, title: str | None = None, progress: bool = False,
-             decoder: str = "pillow") -> EvalResult:
+             decoder: str = "pillow", compile: bool | None = None) -> EvalResult:
     """Metrics of `model` on a split of `data`; with `out_dir`, the full report is written there.
-    `decoder`: 'torchvision' decodes JPEG files on the model's device."""
+    `decoder`: 'torchvision' decodes JPEG files on the model's device. `compile`: torch.compile on, off,
+    or None to choose by the split's size (predict.inference_compile)."""
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
     split_name, chosen = pick_split(dataset, split)
     all_labels = model_labels(dataset, chosen, model)
     items = chosen.files if chosen.images is None else list(chosen.images)
     names = class_names_of(model)
     check_tta(tta)  # before any work
-    check_decoder(decoder, model_device(model))
+    check_stream(batch_size, workers, decoder, model_device(model))
     if isinstance(model, torch.nn.Module):
         model.eval()
+    compiled, why = inference_compile(model, compile, len(items))
+    forward = inference_forward(model, compiled, batch_size)
     pre = model.preprocessing
     probs, kept, failed = [], [], []
     with progress_bar(f"evaluating {split_name}", progress) as bar:
@@ -90,7 +93,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
                                        decoder, model_device(model)):
             failed += [message for _, message in batch.failed]
             if batch.images is not None:
-                probs.append(class_probabilities(model, batch.images, tta).numpy())
+                probs.append(class_probabilities(forward, batch.images, tta).numpy())
                 kept += batch.indices
             bar.advance(task, len(batch.indices) + len(batch.failed))
     if not kept:
@@ -100,10 +103,10 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     metrics = classification_metrics(probs_all, labels, names, bins)
     sources = [str(items[i]) if isinstance(items[i], Path) else f"{split_name}#{i}" for i in kept]
     gallery = highest_loss(model, probs_all, labels, [items[i] for i in kept], sources, gallery_size)
-    result = EvalResult(metrics, probs_all, labels, sources, failed, gallery)
+    result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why)
     if out_dir is not None:
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
-                "tta": tta, "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "tta": tta, "compile": why, "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result.files = write_report(out_dir, title or f"{info['model']} on {dataset.root.name} ({split_name})",
                                     metrics, info, gallery, failed)
     return result

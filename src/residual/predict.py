@@ -6,6 +6,10 @@ returns the top-k classes of each. `iter_predict` does the same as a stream, so
 a folder of any size is predicted with bounded memory. An unreadable file gets
 a one-line reason in `failed`; every other file is still predicted.
 
+`compile=True` runs the model under torch.compile (one graph for the whole stream,
+models.compile_for_inference); `compile=None` chooses by the job's size, as training
+does by its length (`inference_compile`).
+
 `preprocess_input` and `decode_predictions` mirror keras.applications: the
 first turns RGB images into model input, the second turns scores into
 (class_id, class_name, score) rows, with the ImageNet names for 1000-class
@@ -26,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from .data.decode import as_image, image_files
-from .data.device_decode import check_decoder
-from .data.loaders import inference_batches
+from .data.loaders import check_stream, inference_batches
 from .data.transforms import normalize, resize_center_crop
 from .errors import ConfigError
-from .models import Preprocessing, ResNet
+from .models import Preprocessing, ResNet, compile_for_inference
 from .progress import progress_bar
+from .runs import compile_repays
 from .weights import imagenet_class_names
 
 TTA_MODES = ("none", "flip", "flip-shift")
@@ -96,24 +100,50 @@ def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[list[tupl
             for row_scores, row_indices in zip(scores, indices)]
 
 
+# torch.compile repays its warm-up from about this many images (an estimate, not yet measured on a GPU):
+# the speed issue's torchvision figures save 1/15,507 - 1/23,992 s per ResNet-50 image compiled in bf16,
+# and compiling it for inference took 53 s on the CPU (docs/BENCHMARKS.md), so about 2.3 million images.
+INFERENCE_COMPILE_FROM_IMAGES = 2_000_000
+
+
+def inference_compile(model, requested: bool | None, images: int) -> tuple[bool, str]:
+    """Whether a job of `images` images runs under torch.compile, and why: as asked, or with None chosen
+    by the job's size on CUDA. An exported model has nothing to compile."""
+    if not isinstance(model, torch.nn.Module):
+        if requested:
+            raise ConfigError("--compile: an exported model runs in its own runtime (ONNX Runtime), which "
+                              "optimises it already; leave --compile out")
+        return False, "off (an exported model runs in its own runtime)"
+    if requested is not None:
+        return requested, "on (as asked)" if requested else "off (as asked)"
+    return compile_repays(model_device(model).type, images, INFERENCE_COMPILE_FROM_IMAGES, "images")
+
+
+def inference_forward(model, compiled: bool, batch_size: int):
+    """What computes the logits: the model, or the model compiled for batches of `batch_size`."""
+    return compile_for_inference(model, batch_size) if compiled else model
+
+
 def iter_predict(model, items: list, topk: int = 5, batch_size: int = 64, tta: str = "none",
                  workers: int | None = None, failed: list[str] | None = None, progress: bool = False,
-                 decoder: str = "pillow") -> Iterator[Prediction]:
+                 decoder: str = "pillow", compile: bool | None = None) -> Iterator[Prediction]:
     """Predictions for `items` in order, as they are computed; unreadable items go to `failed`.
 
     The arguments are checked here, before the first prediction is asked for, so that a writer has
     written nothing when one is wrong. `decoder`: 'torchvision' decodes JPEG files on the model's device.
+    `compile`: torch.compile on, off, or None to choose by the number of items (`inference_compile`).
     """
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {topk}")
     check_tta(tta)
-    check_decoder(decoder, model_device(model))
+    check_stream(batch_size, workers, decoder, model_device(model))
     if isinstance(model, torch.nn.Module):
         model.eval()
-    return _predictions(model, items, topk, batch_size, tta, workers, failed, progress, decoder)
+    forward = inference_forward(model, inference_compile(model, compile, len(items))[0], batch_size)
+    return _predictions(model, forward, items, topk, batch_size, tta, workers, failed, progress, decoder)
 
 
-def _predictions(model, items: list, topk: int, batch_size: int, tta: str, workers: int | None,
+def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: str, workers: int | None,
                  failed: list[str] | None, progress: bool, decoder: str) -> Iterator[Prediction]:
     pre: Preprocessing = model.preprocessing
     names = class_names_of(model)
@@ -124,19 +154,19 @@ def _predictions(model, items: list, topk: int, batch_size: int, tta: str, worke
             if failed is not None:
                 failed += [message for _, message in batch.failed]
             if batch.images is not None:
-                rows = top_classes(class_probabilities(model, batch.images, tta), names, topk)
+                rows = top_classes(class_probabilities(forward, batch.images, tta), names, topk)
                 for index, top in zip(batch.indices, rows):
                     yield Prediction(source_name(items[index], index), top)
             bar.advance(task, len(batch.indices) + len(batch.failed))
 
 
 def predict(model, images, topk: int = 5, batch_size: int = 64, tta: str = "none",
-            progress: bool = False, decoder: str = "pillow") -> PredictResult:
+            progress: bool = False, decoder: str = "pillow", compile: bool | None = None) -> PredictResult:
     """Top-`topk` classes of each image. `images`: a path, a folder, a PIL image, an array, or a list of them."""
     items = image_files(images if isinstance(images, (list, tuple)) else [images])
     failed: list[str] = []
     predictions = list(iter_predict(model, items, topk, batch_size, tta, failed=failed, progress=progress,
-                                    decoder=decoder))
+                                    decoder=decoder, compile=compile))
     return PredictResult(predictions, failed)
 
 

@@ -1,4 +1,5 @@
-"""Where a task runs: a fresh run directory (never over an earlier run) and a device."""
+"""Where a task runs: a fresh run directory (never over an earlier run), a device, and whether to
+compile for it."""
 
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ def pick_device(name: str) -> torch.device:
     if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def compile_repays(device_type: str, work: int, threshold: int, unit: str) -> tuple[bool, str]:
+    """Whether torch.compile pays for its warm-up over `work` `unit`s (steps, images), and why: only on
+    CUDA (on a CPU it was slower or barely faster, docs/BENCHMARKS.md) and from `threshold` on."""
+    if device_type != "cuda":
+        return False, f"off (chosen automatically only on CUDA; this run is on {device_type})"
+    if work < threshold:
+        return False, f"off ({work:,} {unit}: too few to repay compilation, which starts at {threshold:,})"
+    return True, f"on ({work:,} {unit} repay the compilation warm-up)"
 
 
 def _mps_available() -> bool:

@@ -275,6 +275,16 @@ def decoding_workers(processes: int = 1) -> int:
     return max(1, cores // processes - 1)
 
 
+def check_stream(batch_size: int, workers: int | None, decoder: str, device: str | torch.device) -> None:
+    """Refuse, in one line, arguments `inference_batches` cannot work with: callers that write as they go
+    check them before their first line."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers must be at least 0, got {workers}")
+    check_decoder(decoder, torch.device(device))
+
+
 def inference_batches(items: list, resize: int, crop: int, interpolation: str = "bilinear", batch_size: int = 64,
                       workers: int | None = None, decoder: str = "pillow",
                       device: str | torch.device = "cpu") -> Iterator[InferenceBatch]:
@@ -284,12 +294,8 @@ def inference_batches(items: list, resize: int, crop: int, interpolation: str = 
     workers=None starts `decoding_workers()` processes when there is more than one batch to decode.
     `decoder` as FileLoader's: 'torchvision' decodes the JPEG files on `device`.
     """
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers is not None and workers < 0:
-        raise ConfigError(f"--workers must be at least 0, got {workers}")
+    check_stream(batch_size, workers, decoder, device)
     device = torch.device(device)
-    check_decoder(decoder, device)
     if workers is None:
         workers = decoding_workers() if len(items) > batch_size else 0
     dataset_class, collate = DECODING[decoder]

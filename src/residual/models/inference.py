@@ -17,6 +17,11 @@
 
 The module tree keeps its names (a folded BN becomes an Identity), so layer names
 such as `layer4` still work for Grad-CAM and feature hooks.
+
+`compile_for_inference(model, batch_size)` adds torch.compile for long prediction jobs:
+every batch it is given is padded to `batch_size`, so the one compiled graph serves the
+whole stream, the shorter last batch included (a new shape would compile again, as long
+as the first time).
 """
 
 from __future__ import annotations
@@ -90,3 +95,27 @@ def prepare_for_inference(model: nn.Module, device: str | torch.device = "cpu", 
     model.register_forward_hook(float_output)
     model.inference_precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return model
+
+
+class FullBatchCompiled(nn.Module):
+    """`model` under torch.compile, fed only batches of `batch_size` images: a shorter batch is padded
+    with zeros and its padding's outputs dropped. Reads like the model: same parameters (so the same
+    device) and preprocessing."""
+
+    def __init__(self, model: nn.Module, batch_size: int, mode: str | None = None):
+        super().__init__()
+        self.model, self.batch_size = model, batch_size
+        self.compiled = torch.compile(model, mode=mode)
+        self.preprocessing = model.preprocessing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        count = x.shape[0]
+        if count >= self.batch_size:
+            return self.compiled(x)
+        padding = x.new_zeros((self.batch_size - count, *x.shape[1:]))
+        return self.compiled(torch.cat([x, padding]))[:count]
+
+
+def compile_for_inference(model: nn.Module, batch_size: int, mode: str | None = None) -> FullBatchCompiled:
+    """`model` compiled for a stream of batches of at most `batch_size` images (one graph for all)."""
+    return FullBatchCompiled(model.eval(), batch_size, mode)

@@ -20,7 +20,7 @@ from ..data.decode import BadImageError, read_image
 from ..data.device_decode import DECODERS, check_decoder
 from ..data.transforms import AugmentConfig
 from ..errors import ConfigError
-from ..runs import pick_device
+from ..runs import compile_repays, pick_device
 from ..weights import pretrained_source
 from .optim import OptimConfig
 
@@ -167,11 +167,7 @@ def optimizer_steps(config: TrainConfig, train_images: int) -> int:
 
 def auto_compile(device_type: str, steps: int) -> tuple[bool, str]:
     """Whether torch.compile pays for its warm-up in a run of `steps` optimizer steps, and why."""
-    if device_type != "cuda":
-        return False, f"off (chosen automatically only on CUDA; this run is on {device_type})"
-    if steps < COMPILE_FROM_STEPS:
-        return False, f"off ({steps} steps: too short to repay compilation, which starts at {COMPILE_FROM_STEPS})"
-    return True, f"on ({steps} steps repay the compilation warm-up)"
+    return compile_repays(device_type, steps, COMPILE_FROM_STEPS, "steps")
 
 
 def auto_compile_mode(device_type: str, image_size: int, processes: int) -> tuple[str, str]:
