@@ -276,8 +276,9 @@ def residual_infer_step(workload: Workload, setting: Setting, device: torch.devi
     files = sorted(jpegs.glob("train/*/*.jpg"))
     pre = model.preprocessing
     # One stream over the files as often as the steps need: its workers stay up and decode ahead.
-    batches = inference_batches(files * math.ceil(steps * workload.batch / len(files)), pre.resize_size, pre.input_size, pre.interpolation,
-                                workload.batch, decoder=workload.decoder, device=device)
+    repeats = math.ceil(steps * workload.batch / len(files))
+    batches = inference_batches(files * repeats, pre.resize_size, pre.input_size, pre.interpolation, workload.batch,
+                                decoder=workload.decoder, device=device)
     return lambda: class_probabilities(forward, next(batches).images)
 
 
