@@ -174,6 +174,22 @@ def test_early_stopping(shapes16, tmp_path):
     assert json.loads((result.run_dir / "summary.json").read_text())["stopped_early"]
 
 
+def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_interval_and_at_the_end(shapes16, tmp_path,
+                                                                                          monkeypatch):
+    drawn = []
+    real = trainer_module.plot_curves
+
+    def counted(history, path, title):
+        drawn.append(len(history))
+        real(history, path, title)
+
+    monkeypatch.setattr(trainer_module, "plot_curves", counted)
+    monkeypatch.setattr(trainer_module, "CURVES_EVERY_S", 3600.0)
+    train(TrainConfig(data=str(shapes16), epochs=3, out=str(tmp_path), name="curves", **QUICK))
+    assert drawn == [1, 3], "epoch 1, then only the end: the interval has not passed"
+    assert Image.open(tmp_path / "curves" / "curves.png").size[0] > 800
+
+
 def test_ema_model_is_what_gets_saved(shapes16, tmp_path):
     result = train(TrainConfig(data=str(shapes16), epochs=1, ema=0.5, out=str(tmp_path), name="ema", **QUICK))
     state = torch.load(result.run_dir / "last.pt", weights_only=True)

@@ -1,7 +1,7 @@
 """The training engine: `train(config)` turns a dataset folder into a run directory.
 
 A run directory holds config.yaml (resolved, enough to repeat the run),
-metrics.csv and curves.png (per epoch), model.safetensors (the best epoch),
+metrics.csv (per epoch), curves.png (at most every 30 s), model.safetensors (the best epoch),
 last.pt (everything needed to resume) and summary.json.
 
 The loop is plain: for each batch, augment on the device, forward, backward,
@@ -56,6 +56,7 @@ from .optim import build_optimizer, build_scheduler
 
 IN_MEMORY_BUDGET = 2 * 1024**3  # bytes of decoded uint8 images kept in memory (and on the GPU)
 READ_BACK_SECONDS = 0.5  # how often the loop waits for the device to report loss and accuracy (the bar's refresh)
+CURVES_EVERY_S = 30.0  # the least time between two drawings of curves.png during a run
 
 
 class TrainingError(ResidualError):
@@ -188,6 +189,7 @@ class Trainer:
         self.epoch, self.batch, self.step = 0, 0, 0
         self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
         self.history: list[dict] = []
+        self.curves_drawn, self.curves_drawn_at = 0, -math.inf  # epochs in curves.png, and when it was drawn
         self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
         self.stop_signal: str | None = None
         self.frozen: int | None = None  # layer groups frozen in the current epoch
@@ -384,6 +386,7 @@ class Trainer:
                 if checkpoint or stopping:
                     self.save_last()
                 if stopping:
+                    self._draw_curves(final=True)
                     raise TrainingInterrupted(f"stopped by {self.stop_signal} at epoch {self.epoch + 1}, batch "
                                               f"{self.batch}; checkpoint saved. Resume with: residual train "
                                               f"--resume {self.run_dir}")
@@ -482,7 +485,7 @@ class Trainer:
         self.history.append(row)
         if self.world.is_main:
             write_metrics(self.history, self.run_dir / "metrics.csv")
-            plot_curves(self.history, self.run_dir / "curves.png", f"{c.model} on {Path(c.data).name}")
+        self._draw_curves(final=False)
         value = val_stats[c.monitor]
         better = self.best is None or (value > self.best[c.monitor] if c.monitor == "val_top1"
                                        else value < self.best[c.monitor])
@@ -502,12 +505,23 @@ class Trainer:
         self.save_last()
         return bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping
 
+    def _draw_curves(self, final: bool) -> None:
+        """curves.png after the first epoch, then at most every CURVES_EVERY_S seconds, and at the end:
+        a drawing takes 0.25-1 s on a 2-core CPU, which epochs of a few seconds would otherwise spend mostly on."""
+        if not self.world.is_main or self.curves_drawn == len(self.history):
+            return
+        if final or time.monotonic() - self.curves_drawn_at >= CURVES_EVERY_S:
+            c = self.config
+            plot_curves(self.history, self.run_dir / "curves.png", f"{c.model} on {Path(c.data).name}")
+            self.curves_drawn, self.curves_drawn_at = len(self.history), time.monotonic()
+
     def _weights_finite(self) -> bool:
         model = self.ema.module if self.ema else self.model
         return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
 
     def _finish(self, stopped_early: bool) -> TrainResult:
         self.bad.files = self.world.merge(self.bad.files)  # each worker read only its share of the files
+        self._draw_curves(final=True)
         summary = {"best_epoch": self.best_epoch, "best": self.best, "epochs_run": self.epoch,
                    "stopped_early": stopped_early, "workers": self.world.size, "resumes": self.resumes,
                    "bad_files": self.bad.files, "ignored_files": [str(p) for p in self.dataset.ignored]}
