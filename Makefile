@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The suite runs in this many processes; tests that share an expensive fixture stay in one.
+TEST_PROCESSES ?= 2
 
 .PHONY: test demo install clean
 
@@ -13,7 +15,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup
 
 demo: $(BIN)/.installed
 	$(BIN)/residual demo

@@ -1,5 +1,27 @@
+import os
+
 import pytest
 import torch
+
+# `make test` runs the suite in parallel processes (pytest-xdist). Each takes its share of the cores,
+# and so do the processes it starts: two processes of two threads each on two cores wait on each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
+# Tests that share an expensive fixture run in one process, so it is built once (`--dist loadgroup`).
+_SHARED_BY_MODULE = {"test_distributed.py": "two torchrun workers", "test_finetune.py": "the pretrained model"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "demo_run" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("the demo model"))
+        elif item.path.name in _SHARED_BY_MODULE:
+            item.add_marker(pytest.mark.xdist_group(_SHARED_BY_MODULE[item.path.name]))
 
 
 @pytest.fixture(autouse=True)
