@@ -16,7 +16,9 @@ _SHARED_BY_MODULE = {"test_distributed.py": "two torchrun workers", "test_finetu
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):  # its marker is unknown without it (--strict-markers)
+        return
     for item in items:
         if "demo_run" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("the demo model"))
