@@ -70,9 +70,17 @@ def test_a_run_leaves_everything_design_promises(shapes16, tmp_path):
     assert again.run_dir.name == "run-2"
 
 
-def test_config_yaml_repeats_the_run(shapes16, tmp_path):
+def test_config_yaml_repeats_the_run(shapes16, tmp_path, monkeypatch):
+    fit, during = trainer_module.Trainer.fit, []
+    benchmark, workspace = torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    monkeypatch.setattr(trainer_module.Trainer, "fit", lambda self: during.append(
+        (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)) or fit(self))
     first = train(TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="a", deterministic=True,
                               **QUICK))
+    # Deterministic kernels for the run only: whatever the process runs next gets its own choice back.
+    assert during == [(True, False)]
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark == benchmark
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == workspace
     config = load_config(first.run_dir / "config.yaml")
     second = train(TrainConfig.from_dict({**config.to_dict(), "name": "b"}))
     for key, value in _weights(first.run_dir / "last.pt").items():

@@ -26,7 +26,7 @@ from ..data.datasets import open_dataset  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..runs import new_run_dir  # noqa: E402
 from .config import TrainConfig, resolve  # noqa: E402
-from .trainer import Trainer, TrainingError, seed_everything  # noqa: E402
+from .trainer import Trainer, TrainingError, seeded  # noqa: E402
 
 
 @dataclass
@@ -43,37 +43,37 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
         raise ConfigError(f"the range test needs --steps of 2 or more and 0 < --start-lr < --end-lr, got "
                           f"{steps}, {start_lr} and {end_lr}")
     console = console or Console()
-    seed_everything(config.seed, config.deterministic)
-    dataset = open_dataset(config.data, config.val_split, config.seed)
-    config = resolve(config, dataset)
-    run_dir = new_run_dir(str(Path(config.out).parent / "lr-find"), config.name or f"{config.model}")
-    trainer = Trainer(config, dataset, run_dir, console)
-    ratio = end_lr / start_lr
-    base = config.optim.lr  # the optimizer's groups start at base x their layer scale
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        trainer.optimizer, lambda step: start_lr * ratio ** (min(step, steps - 1) / (steps - 1)) / base)
-    trainer.model.train()
-    trainer._apply_freezing()  # the trainable set of the first epoch (head only for two-stage fine-tuning)
-    lrs, losses, average, best = [], [], 0.0, math.inf
-    epoch, batches = 0, iter(trainer.train_loader.epoch(0))
-    for step in range(steps):
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            epoch += 1
-            batches = iter(trainer.train_loader.epoch(epoch))
-            images, labels = next(batches)
-        lr = trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0]["lr_scale"]
-        loss = trainer._train_step(images, labels, stepping=(step + 1) % config.accumulate == 0)[0].item()
-        if not math.isfinite(loss):  # the sweep has gone past any usable rate
-            break
-        average = smoothing * average + (1 - smoothing) * loss
-        smoothed = average / (1 - smoothing ** (step + 1))  # bias-corrected, as in fastai
-        lrs.append(lr)
-        losses.append(smoothed)
-        best = min(best, smoothed)
-        if step > 5 and smoothed > diverge * best:
-            break
+    with seeded(config.seed, config.deterministic):  # the flags it sets end with the sweep
+        dataset = open_dataset(config.data, config.val_split, config.seed)
+        config = resolve(config, dataset)
+        run_dir = new_run_dir(str(Path(config.out).parent / "lr-find"), config.name or f"{config.model}")
+        trainer = Trainer(config, dataset, run_dir, console)
+        ratio = end_lr / start_lr
+        base = config.optim.lr  # the optimizer's groups start at base x their layer scale
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            trainer.optimizer, lambda step: start_lr * ratio ** (min(step, steps - 1) / (steps - 1)) / base)
+        trainer.model.train()
+        trainer._apply_freezing()  # the trainable set of the first epoch (head only for two-stage fine-tuning)
+        lrs, losses, average, best = [], [], 0.0, math.inf
+        epoch, batches = 0, iter(trainer.train_loader.epoch(0))
+        for step in range(steps):
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                epoch += 1
+                batches = iter(trainer.train_loader.epoch(epoch))
+                images, labels = next(batches)
+            lr = trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0]["lr_scale"]
+            loss = trainer._train_step(images, labels, stepping=(step + 1) % config.accumulate == 0)[0].item()
+            if not math.isfinite(loss):  # the sweep has gone past any usable rate
+                break
+            average = smoothing * average + (1 - smoothing) * loss
+            smoothed = average / (1 - smoothing ** (step + 1))  # bias-corrected, as in fastai
+            lrs.append(lr)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            if step > 5 and smoothed > diverge * best:
+                break
     suggestion = suggest(lrs, losses)
     plot = run_dir / "lr_find.png"
     _plot(lrs, losses, suggestion, plot, f"{config.model} on {Path(config.data).name}")

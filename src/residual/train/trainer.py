@@ -90,16 +90,27 @@ class PendingStep:
     correct: torch.Tensor
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+@contextlib.contextmanager
+def seeded(seed: int, deterministic: bool):
+    """Seed every generator, and for the block choose between deterministic kernels and cudnn's
+    autotuning; the process's own choice comes back afterwards (a `--deterministic` run in a notebook
+    must not leave everything after it on slower, deterministic kernels)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not deterministic
+    try:
+        yield
+    finally:
+        enabled, warn_only, torch.backends.cudnn.benchmark, workspace = before
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
@@ -125,17 +136,17 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     try:
         if not world.is_main:
             console = Console(quiet=True)
-        seed_everything(config.seed, config.deterministic)
-        dataset = open_dataset(config.data, config.val_split, config.seed)  # a seeded split: the same on every rank
-        given, config = config, resolve(config, dataset, world.size)
-        if log := compile_log(given, config, len(dataset.train), world.size):
-            console.print(log)
-        if not started:
-            run_dir = world.broadcast(prepare_run_dir(config, run_dir) if world.is_main else None)
-        trainer = Trainer(config, dataset, run_dir, console, world)
-        if (run_dir / "last.pt").is_file():
-            trainer.restore(load_checkpoint(run_dir / "last.pt"))
-        return trainer.fit()
+        with seeded(config.seed, config.deterministic):
+            dataset = open_dataset(config.data, config.val_split, config.seed)  # a seeded split: the same on every rank
+            given, config = config, resolve(config, dataset, world.size)
+            if log := compile_log(given, config, len(dataset.train), world.size):
+                console.print(log)
+            if not started:
+                run_dir = world.broadcast(prepare_run_dir(config, run_dir) if world.is_main else None)
+            trainer = Trainer(config, dataset, run_dir, console, world)
+            if (run_dir / "last.pt").is_file():
+                trainer.restore(load_checkpoint(run_dir / "last.pt"))
+            return trainer.fit()
     finally:
         world.shutdown()
 
