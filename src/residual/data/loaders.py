@@ -81,8 +81,10 @@ def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     return 1.0 / counts[labels].double()
 
 
-def batch_count(count: int, batch_size: int, drop_last: bool) -> int:
-    return count // batch_size if drop_last else math.ceil(count / batch_size)
+def batch_sizes(count: int, batch_size: int, drop_last: bool) -> list[int]:
+    """The size of each batch of an epoch of `count` images (before any unreadable file is skipped)."""
+    batches = count // batch_size if drop_last else math.ceil(count / batch_size)
+    return [min(batch_size, count - index * batch_size) for index in range(batches)]
 
 
 class BadFileLog:
@@ -137,8 +139,11 @@ class InMemoryLoader:
         self.rank, self.world = rank, world
 
     def __len__(self) -> int:
+        return len(self.batch_sizes())
+
+    def batch_sizes(self) -> list[int]:
         count = shard_size(len(self.labels), self.rank, self.world, pad=self.shuffle)
-        return batch_count(count, self.batch_size, self.drop_last)
+        return batch_sizes(count, self.batch_size, self.drop_last)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch, self.weights)
@@ -155,17 +160,17 @@ class _EpochBatchSampler(Sampler[list[int]]):
         self.weights, self.rank, self.world = weights, rank, world
         self.epoch, self.start = 0, 0
 
-    def batches(self) -> int:
-        """Batches in a whole epoch of this worker's share."""
-        return batch_count(shard_size(self.count, self.rank, self.world, self.shuffle), self.batch_size, self.drop_last)
+    def batch_sizes(self) -> list[int]:
+        """The sizes of the batches in a whole epoch of this worker's share."""
+        return batch_sizes(shard_size(self.count, self.rank, self.world, self.shuffle), self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
-        return self.batches() - self.start
+        return len(self.batch_sizes()) - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(self.count, self.shuffle, self.seed, self.epoch, self.weights)
         order = shard(order, self.rank, self.world, pad=self.shuffle)
-        for index in range(self.start, self.batches()):
+        for index in range(self.start, len(self.batch_sizes())):
             yield order[index * self.batch_size:(index + 1) * self.batch_size].tolist()
 
 
@@ -189,7 +194,10 @@ class FileLoader:
                                  persistent_workers=workers > 0, collate_fn=collate)
 
     def __len__(self) -> int:
-        return self.sampler.batches()
+        return len(self.sampler.batch_sizes())
+
+    def batch_sizes(self) -> list[int]:
+        return self.sampler.batch_sizes()
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start

@@ -64,7 +64,8 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
                 batches = iter(trainer.train_loader.epoch(epoch))
                 images, labels = next(batches)
             lr = trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0]["lr_scale"]
-            loss = trainer._train_step(images, labels, stepping=(step + 1) % config.accumulate == 0)[0].item()
+            loss = trainer._train_step(images, labels, 1 / config.accumulate,  # its steps span epochs
+                                       stepping=(step + 1) % config.accumulate == 0)[0].item()
             if not math.isfinite(loss):  # the sweep has gone past any usable rate
                 break
             average = smoothing * average + (1 - smoothing) * loss

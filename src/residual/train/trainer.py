@@ -377,11 +377,12 @@ class Trainer:
             task = bar.add_task("train", total=total, completed=self.batch, loss=0.0, acc=0.0, rate=0.0)
             pending: list[PendingStep] = []
             read_at = started
+            shares = step_shares(self.train_loader.batch_sizes(), c.accumulate)
             for index, (images, labels) in enumerate(self.train_loader.epoch(self.epoch, self.batch), self.batch):
                 last_of_epoch = index + 1 == total
                 stepping = (index + 1) % c.accumulate == 0 or last_of_epoch
                 pending.append(PendingStep(self.epoch, index, self.step + 1, len(labels),
-                                           *self._train_step(images, labels, stepping)))
+                                           *self._train_step(images, labels, shares[index], stepping)))
                 seen_now += len(labels)
                 if stepping:
                     self.batch = index + 1
@@ -434,9 +435,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, stepping: bool = True):
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, share: float = 1.0, stepping: bool = True):
         """Augment, forward, backward and (when `stepping`) the optimizer step on one batch ->
-        (loss, correct predictions) as tensors still on the device: nothing here waits for it."""
+        (loss, correct predictions) as tensors still on the device: nothing here waits for it.
+
+        `share`: the batch's weight in the gradient of its optimizer step (1 without accumulation).
+        """
         c = self.config
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -453,7 +457,7 @@ class Trainer:
                 # Hard labels carry their smoothing here; soft (mixed) targets already include it.
                 smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
                 loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights, label_smoothing=smoothing)
-            self.scaler.scale(loss / c.accumulate).backward()
+            self.scaler.scale(loss * share).backward()
         if stepping:
             if c.grad_clip:
                 self.scaler.unscale_(self.optimizer)
@@ -562,6 +566,17 @@ class Trainer:
                                                  f"report (best epoch {self.best_epoch})", progress=not self.config.quiet)
         self.console.print(f"validation report: {result.files['report']} (top-1 {result.metrics['top1']:.2%}, "
                            f"ECE {result.metrics['ece']:.3f})")
+
+
+def step_shares(batch_sizes: list[int], accumulate: int) -> list[float]:
+    """Each batch's weight in its optimizer step: its share of the images of the `accumulate` batches that
+    step together. So the step's gradient is the mean over all of them, as one batch of them all would give,
+    also for the epoch's last step, which may gather fewer batches or a smaller last one."""
+    shares = []
+    for first in range(0, len(batch_sizes), accumulate):
+        group = batch_sizes[first:first + accumulate]
+        shares += [size / sum(group) for size in group]
+    return shares
 
 
 def class_weights(counts: list[int]) -> torch.Tensor:
