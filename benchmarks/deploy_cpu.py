@@ -45,8 +45,8 @@ def row(workload: str, runtime: str, model, size_mb: float, predictions: list[in
         repeats: int) -> dict:
     speed = measure_speed(model, model.preprocessing.input_size, throughput_repeats=repeats)
     agreement = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
-    return {"workload": workload, "runtime": runtime, "latency_ms": speed.latency_ms, "images_per_s": speed.images_per_s,
-            "size_mb": size_mb, "agreement": agreement}
+    return {"workload": workload, "runtime": runtime, "latency_ms": speed.latency_ms,
+            "images_per_s": speed.images_per_s, "size_mb": size_mb, "agreement": agreement}
 
 
 def workload(name: str, model_path: Path, data: Path, folder: Path, fine_tune_epochs: int, repeats: int) -> list[dict]:

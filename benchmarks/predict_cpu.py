@@ -112,7 +112,8 @@ def measure(name, model, files, batch_size, rounds) -> list[str]:
             if round_index:  # round 0 warms up caches, threads and workers
                 rates[key].append(rate)
     best_peer = max(statistics.median(rates["plain loop"]), statistics.median(rates["plain DataLoader"]))
-    rows = [f"| {name} | {key} | {statistics.median(r):.0f} | {min(r):.0f} - {max(r):.0f} |" for key, r in rates.items()]
+    rows = [f"| {name} | {key} | {statistics.median(r):.0f} | {min(r):.0f} - {max(r):.0f} |"
+            for key, r in rates.items()]
     ratio = statistics.median(rates["residual predict"]) / best_peer
     return rows + [f"| {name} | ratio residual / best plain | {ratio:.3f} | |"]
 

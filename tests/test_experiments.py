@@ -103,4 +103,5 @@ def test_paper_recipe_is_section_4_2(tmp_path):
     assert config.optim.weight_decay == 1e-4 and config.optim.schedule == "multistep"
     assert config.optim.milestones == pytest.approx((32_000 / steps_per_epoch, 48_000 / steps_per_epoch))
     assert config.optim.warmup_epochs == 1.0 and config.augment.preset == "cifar"
-    assert recipe_config("paper", "cifar", "resnet20", 50_000, None, "batch", "he", tmp_path, True).optim.warmup_epochs == 0
+    paper = recipe_config("paper", "cifar", "resnet20", 50_000, None, "batch", "he", tmp_path, True)
+    assert paper.optim.warmup_epochs == 0

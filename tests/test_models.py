@@ -153,7 +153,7 @@ def test_cifar_option_a_pads_and_subsamples_option_b_projects():
     assert isinstance(b.layer2[0].downsample[0], nn.Conv2d)
     assert residual.model_info("resnet20", shortcut="B").params > residual.model_info("resnet20").params
     assert a.conv1.kernel_size == (3, 3) and isinstance(a.maxpool, nn.Identity)
-    assert [a.layer1[0].conv1.out_channels, a.layer2[0].conv1.out_channels, a.layer3[0].conv1.out_channels] == [16, 32, 64]
+    assert [stage[0].conv1.out_channels for stage in (a.layer1, a.layer2, a.layer3)] == [16, 32, 64]
 
 
 @pytest.mark.parametrize("norm, kind", [(None, None), ("group", nn.GroupNorm), ("batch", nn.BatchNorm2d)])

@@ -47,7 +47,8 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> int:
     if class_names and class_names != "imagenet":
         names_file = Path(class_names)
         if not names_file.is_file():
-            raise ResidualError(f"--classes {names_file}: no such file; give 'imagenet' or a file with one name per line")
+            raise ResidualError(f"--classes {names_file}: no such file; give 'imagenet' or a file with one name "
+                                f"per line")
         class_names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     model = load_model(args.checkpoint, arch=args.arch, num_classes=args.num_classes, class_names=class_names)
     out = Path(args.output or Path(args.checkpoint).with_suffix(".safetensors"))
@@ -104,7 +105,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     console.print(f"torch.compile: {result.compiled}")
     console.rule(f"{args.model} on {args.data}, {result.metrics['images']:,} images"
                  + (f", TTA {args.tta}" if args.tta != "none" else "")
-                 + (f", {getattr(model, 'inference_precision', 'exported')} weights" if args.precision != "fp32" else ""))
+                 + (f", {getattr(model, 'inference_precision', 'exported')} weights"
+                    if args.precision != "fp32" else ""))
     for table in eval_tables(result.metrics, "summary"):
         console.print(table)
     _report_failed(result.failed)
@@ -367,7 +369,8 @@ def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
     out = write_shapes(args.out, size=args.size, per_class=args.per_class, seed=args.seed, masks=args.masks)
     sizes = split_sizes(args.per_class)
     console.print(f"wrote {out}: 10 classes, {args.size}px, train/val/test = "
-                  f"{sizes['train']}/{sizes['val']}/{sizes['test']} per class" + (", with masks/" if args.masks else ""))
+                  f"{sizes['train']}/{sizes['val']}/{sizes['test']} per class"
+                  + (", with masks/" if args.masks else ""))
     return 0
 
 

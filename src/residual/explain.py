@@ -119,8 +119,9 @@ def grad_cam(model: ResNet, x: torch.Tensor, targets: list[int] | None = None, l
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, size: int | None = None) -> np.ndarray:
     """The image with the heatmap blended in (jet colours), enlarged to `size` (default: at least 224 px)."""
     size = size or max(DISPLAY_SIZE, image.shape[0])
-    scale = lambda a: F.interpolate(torch.as_tensor(a, dtype=torch.float32).permute(2, 0, 1)[None], size=(size, size),  # noqa: E731
-                                    mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    scale = lambda a: F.interpolate(  # noqa: E731
+        torch.as_tensor(a, dtype=torch.float32).permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
+        align_corners=False)[0].permute(1, 2, 0).numpy()
     base = scale(image.astype(np.float32))
     heat = scale(heatmap[..., None]).clip(0, 1)[..., 0]
     colours = colormaps["jet"](heat)[..., :3] * 255

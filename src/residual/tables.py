@@ -61,8 +61,8 @@ def model_file_table(path: Path) -> Table:
     table.add_column("value")
     table.add_row("architecture", meta["arch"])
     table.add_row("parameters", f"{count_params(model):,}")
-    table.add_row("classes", f"{config['num_classes']}" + (f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
-                                                           if names else " (unnamed)"))
+    listed = f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else " (unnamed)"
+    table.add_row("classes", f"{config['num_classes']}{listed}")
     table.add_row("input", f"{config['in_chans']} channels, resize {pre['resize_size']} -> crop {pre['input_size']}, "
                            f"{pre['interpolation']}")
     table.add_row("mean / std", f"{pre['mean']} / {pre['std']}")

@@ -108,7 +108,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     path = Path(path)
     raw = _safetensors_metadata(path)
     if raw.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path}: a safetensors file, but not a residual model file (no '{MODEL_FORMAT}' metadata)")
+        raise ModelFileError(f"{path}: a safetensors file, but not a residual model file (no '{MODEL_FORMAT}' "
+                             f"metadata)")
     if raw.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: model file format {raw.get('format_version')!r} is not supported by this "
                              f"version (expects {FORMAT_VERSION}); upgrade residual")
@@ -207,7 +208,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                     f".safetensors") from None
             raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (unpickling failed)") from None
         except (RuntimeError, EOFError, ValueError, OSError) as error:
-            raise ModelFileError(f"{path}: not a readable PyTorch checkpoint ({str(error).strip().splitlines()[0]})") from None
+            reason = str(error).strip().splitlines()[0]
+            raise ModelFileError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
         state = _find_state_dict(obj, path)
     return {_strip_prefixes(name): tensor for name, tensor in state.items()}
 
@@ -261,8 +263,9 @@ def load_weights(model: ResNet, state: dict[str, torch.Tensor], source: str) -> 
     wrong = [f"{k} file {list(state[k].shape)} vs model {list(own[k].shape)}"
              for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
+        kinds = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
         parts = [f"{label} ({len(items)}): {', '.join(items[:6])}{', ...' if len(items) > 6 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+                 for label, items in kinds if items]
         raise CheckpointMismatchError(f"{source} does not fit {model.arch}: " + "; ".join(parts))
     model.load_state_dict(state, strict=False)
     for note in notes:

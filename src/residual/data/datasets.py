@@ -168,7 +168,8 @@ def _load_cifar_pickle(path: Path) -> dict:
     try:
         data = _ArraysOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except pickle.UnpicklingError as error:
-        raise DatasetError(f"{path}: refused: not a plain CIFAR batch ({error}); unpickling it could run code") from None
+        raise DatasetError(f"{path}: refused: not a plain CIFAR batch ({error}); unpickling it could run "
+                           f"code") from None
     except (OSError, EOFError, ValueError) as error:
         raise DatasetError(f"{path}: unreadable CIFAR batch ({error})") from None
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in data.items()}
@@ -188,7 +189,8 @@ def concat_splits(splits: list[Split]) -> Split:
 
 def _open_cifar(root: Path) -> Dataset:
     if (root / "batches.meta").is_file():  # CIFAR-10
-        names = [n.decode() if isinstance(n, bytes) else n for n in _load_cifar_pickle(root / "batches.meta")["label_names"]]
+        labels = _load_cifar_pickle(root / "batches.meta")["label_names"]
+        names = [n.decode() if isinstance(n, bytes) else n for n in labels]
         batches = sorted(root.glob("data_batch_*"))
         if not batches or not (root / "test_batch").is_file():
             raise DatasetError(f"{root}: CIFAR-10 layout needs data_batch_1..5 and test_batch")

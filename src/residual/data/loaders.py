@@ -156,8 +156,8 @@ class InMemoryLoader:
 class _EpochBatchSampler(Sampler[list[int]]):
     def __init__(self, count: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
                  weights: torch.Tensor | None = None, rank: int = 0, world: int = 1):
-        self.count, self.batch_size, self.shuffle, self.seed, self.drop_last = count, batch_size, shuffle, seed, drop_last
-        self.weights, self.rank, self.world = weights, rank, world
+        self.count, self.batch_size, self.shuffle, self.seed = count, batch_size, shuffle, seed
+        self.drop_last, self.weights, self.rank, self.world = drop_last, weights, rank, world
         self.epoch, self.start = 0, 0
 
     def batch_sizes(self) -> list[int]:

@@ -121,7 +121,8 @@ def verdict_lines(results: dict[str, NetResult], depths: tuple[int, ...]) -> lis
     lines.append(
         f"Residual nets: resnet-{deep} ended with {'LOWER' if better else 'higher or equal'} training error than "
         f"resnet-{shallow} ({r_deep.final_train_error:.2%} vs {r_shallow.final_train_error:.2%}): "
-        + ("depth helped once shortcuts were added." if better else "the deeper residual net did not train better here."))
+        + ("depth helped once shortcuts were added." if better
+           else "the deeper residual net did not train better here."))
     gap = p_deep.final_train_error - r_deep.final_train_error
     lines.append(f"At depth {deep}, the shortcuts changed the final training error by {-gap:+.2%} "
                  f"(plain {p_deep.final_train_error:.2%}, residual {r_deep.final_train_error:.2%}); "

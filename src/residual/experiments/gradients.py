@@ -133,7 +133,8 @@ def _plot(results: dict, path: Path, subtitle: str) -> None:
             x = [s.layer for s in layers]
             grad_ax.plot(x, [s.grad_norm for s in layers], style, color=colour, label=f"{model}, {phase}")
             std_ax.plot(x, [s.response_std for s in layers], style, color=colour, label=f"{model}, {phase}")
-    grad_ax.set(yscale="log", xlabel="3x3 layer (input side on the left)", title="gradient norm at each layer's response")
+    grad_ax.set(yscale="log", xlabel="3x3 layer (input side on the left)",
+                title="gradient norm at each layer's response")
     std_ax.set(yscale="log", xlabel="3x3 layer", title="std of each layer's response (He et al. Fig. 7)")
     for ax in (grad_ax, std_ax):
         ax.grid(alpha=0.3, which="both")

@@ -59,7 +59,8 @@ class ResNetConfig:
         object.__setattr__(self, "block_widths", tuple(tuple(int(n) for n in w) for w in self.block_widths))
         checks = [
             (self.block in ("basic", "bottleneck"), f"block must be 'basic' or 'bottleneck', got {self.block!r}"),
-            (len(self.layers) >= 1 and all(n >= 1 for n in self.layers), f"layers must be positive counts, got {self.layers}"),
+            (len(self.layers) >= 1 and all(n >= 1 for n in self.layers),
+             f"layers must be positive counts, got {self.layers}"),
             (len(self.widths) == len(self.layers), f"widths {self.widths} and layers {self.layers} differ in length"),
             (self.stem in STEMS, f"stem must be one of {STEMS}, got {self.stem!r}"),
             (self.shortcut in SHORTCUTS, f"shortcut must be one of {SHORTCUTS}, got {self.shortcut!r}"),

@@ -370,7 +370,8 @@ class Trainer:
         started, seen_now = time.perf_counter(), 0
         total = len(self.train_loader)
         columns = (TextColumn(f"epoch {self.epoch + 1}/{c.epochs}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[rate]:.0f} img/s"),
+                   TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  "
+                              "{task.fields[rate]:.0f} img/s"),
                    TimeRemainingColumn())
         with Progress(*columns, console=self.console, disable=c.quiet or not self.world.is_main,
                       transient=True) as bar:
@@ -561,9 +562,10 @@ class Trainer:
     def _write_report(self) -> None:
         """The evaluation report of the best model on the validation split, into the run directory."""
         model = load_model(self.run_dir / "model.safetensors").to(self.device)
-        result = evaluate(model, self.dataset, "val", batch_size=2 * self.config.batch_size, out_dir=self.run_dir,
-                          workers=self.config.workers, title=f"{self.config.model} on {Path(self.config.data).name}: validation "
-                                                 f"report (best epoch {self.best_epoch})", progress=not self.config.quiet)
+        c = self.config
+        result = evaluate(model, self.dataset, "val", batch_size=2 * c.batch_size, out_dir=self.run_dir,
+                          workers=c.workers, progress=not c.quiet,
+                          title=f"{c.model} on {Path(c.data).name}: validation report (best epoch {self.best_epoch})")
         self.console.print(f"validation report: {result.files['report']} (top-1 {result.metrics['top1']:.2%}, "
                            f"ECE {result.metrics['ece']:.3f})")
 
