@@ -161,10 +161,10 @@ def test_no_training_step_reads_a_value_on_a_stand_in_device(tmp_path, preset, i
     """PyTorch's meta device stands in for a GPU: its tensors hold no values, so reading one in Python raises,
     as a read from a GPU would wait, and mixing one with host tensors raises, as on CUDA. Every preset runs, from
     memory or through the file loader, the strong one's kornia ops too, with mixup, CutMix, class weights,
-    clipping and the EMA: kornia draws its random parameters on the host and moves them without waiting
-    (kornia's design). Moving the augmentation to the device, as `.to(device)` did, put kornia's random draws
-    there: on a GPU its colour jitter then read its order and four factors back as Python values every step,
-    five waits; here that move raises."""
+    gradient accumulation, clipping and the EMA: kornia draws its random parameters on the host and moves them
+    without waiting (kornia's design). Moving the augmentation to the device, as `.to(device)` did, put
+    kornia's random draws there: on a GPU its colour jitter then read its order and four factors back as Python
+    values every step, five waits; here that move raises."""
     data = write_shapes(tmp_path / "s", size=16, per_class=8, seed=0, progress=False)
     dataset = open_dataset(data)
     config = TrainConfig(data=str(data), model="resnet20", batch_size=16, class_weights="auto", grad_clip=1.0,
@@ -174,9 +174,9 @@ def test_no_training_step_reads_a_value_on_a_stand_in_device(tmp_path, preset, i
     trainer = Trainer(resolve(config, dataset), dataset, tmp_path, Console(quiet=True))
     trainer.model.train()
     batches = iter(trainer.train_loader.epoch(0))
-    for _ in range(3):
-        loss, correct = trainer._train_step(*next(batches))
-    assert loss.device.type == correct.device.type == "meta" and trainer.step == 3
+    for _ in range(2):  # two steps of two accumulated batches: their class weights are summed on the device
+        (_, _), (loss, correct) = trainer._optimizer_step([next(batches), next(batches)])
+    assert loss.device.type == correct.device.type == "meta" and trainer.step == 2
 
 
 def test_compile_and_cuda_graphs_are_chosen_by_run_length_size_and_processes(tmp_path, monkeypatch):

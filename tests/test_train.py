@@ -13,17 +13,21 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import residual
+from residual.data.datasets import open_dataset
 from residual.data.shapes import write_shapes
-from residual.data.transforms import AugmentConfig
+from residual.data.transforms import AugmentConfig, soft_targets
 from residual.models import build_model
 from residual.train import TrainConfig, TrainingError, load_config, train
 from residual.train.checkpoint import load_checkpoint
+from residual.train.config import resolve
 from residual.train.ema import WeightEMA
 from residual.train.optim import OptimConfig
 from residual.train import trainer as trainer_module
+from residual.train.trainer import Trainer
 
 QUICK = dict(model="resnet20", batch_size=32, optim=OptimConfig(lr=0.05), quiet=True,
              report=False)  # the one test that checks the report turns it on
@@ -229,16 +233,22 @@ def test_ema_follows_pytorchs_averaged_model_and_resumes_its_checkpoints():
     assert torch.equal(resumed.module.fc.weight, theirs.module.fc.weight)
 
 
-@pytest.mark.parametrize("batch_size, accumulate", [(8, 2), (4, 3)])
-def test_gradient_accumulation_matches_the_larger_batch(tmp_path, batch_size, accumulate):
-    # Ten images, one optimizer step: micro-batches of 8 and 2 (or 4, 4 and 2) must make the step one batch of
-    # all ten makes, each image weighing the same. Dividing each micro-batch's loss by `accumulate` instead
-    # left the runs 69% of the distance moved apart. Without batch norm the equality holds to rounding; over
-    # many steps rounding grows chaotically (0.2% after 2 steps, 2.6% after 15 on an AMD EPYC), so one step.
-    data = write_shapes(tmp_path / "data", size=16, per_class=1, seed=1, progress=False)
+@pytest.mark.parametrize("batch_size, accumulate", [(8, 2), (4, 4)])
+@pytest.mark.parametrize("class_weights", [None, "auto"])
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, batch_size, accumulate, class_weights):
+    # Fifteen images, one optimizer step: micro-batches of 8 and 7 (or 4, 4, 4 and 3) must make the step one
+    # batch of all fifteen makes, each image weighing the same (times its class weight). Dividing each
+    # micro-batch's loss by `accumulate` left the runs 69% of the distance moved apart; weighing each batch
+    # by its image count left them apart with class weights, whose sum differs from batch to batch. Without
+    # batch norm the equality holds to rounding; over many steps rounding grows chaotically (0.2% after 2
+    # steps, 2.6% after 15 on an AMD EPYC), so one step.
+    data = write_shapes(tmp_path / "data", size=16, per_class=2, seed=1, progress=False)
+    for shape in sorted(p.name for p in (data / "train").iterdir())[:5]:  # classes of 1 and of 2 images
+        (data / "train" / shape / "00001.png").unlink()
     common = dict(data=str(data), epochs=1, model="resnet20", model_options={"norm": None}, quiet=True,
                   channels_last=False, report=False, augment=AugmentConfig(preset="none"),
-                  optim=OptimConfig(lr=0.01, schedule="constant"), out=str(tmp_path), deterministic=True)
+                  class_weights=class_weights, optim=OptimConfig(lr=0.01, schedule="constant"), out=str(tmp_path),
+                  deterministic=True)
     whole = train(TrainConfig(batch_size=16, name="whole", **common))
     parts = train(TrainConfig(batch_size=batch_size, accumulate=accumulate, name="parts", **common))
     assert load_checkpoint(parts.run_dir / "last.pt")["step"] == 1
@@ -247,8 +257,9 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, batch_size, ac
     end_whole, end_parts = _weights(whole.run_dir / "last.pt"), _weights(parts.run_dir / "last.pt")
     moved, apart = _distance(end_whole, start), _distance(end_whole, end_parts)
     assert apart < 1e-4 * moved, f"the accumulated step ended {apart / moved:.2e} of the distance moved away"
-    # Steps come at each group's end and at the epoch's: five batches of 2 in groups of 2 make three steps.
-    odd = train(TrainConfig(batch_size=2, accumulate=2, name="odd", **common))
+    # Steps come at each group's end and at the epoch's: eight batches of 2 (the last of 1) in groups of 3
+    # make three steps.
+    odd = train(TrainConfig(batch_size=2, accumulate=3, name="odd", **common))
     assert load_checkpoint(odd.run_dir / "last.pt")["step"] == 3
 
 
@@ -261,6 +272,31 @@ def test_mixup_cutmix_clipping_and_strong_augmentation_train(shapes16, tmp_path)
                                label_smoothing=0.1, augment=AugmentConfig(preset="strong", mixup=0.2, cutmix=1.0),
                                **QUICK))
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+
+
+def test_class_weighted_loss_keeps_its_scale_when_targets_are_soft(tmp_path, monkeypatch):
+    # Mixup and CutMix turn labels into soft targets. For those, torch's weighted cross-entropy divides by the
+    # image count, for class indices by the sum of their class weights, so turning mixup on rescaled the loss
+    # (and the step: 1.67 against 2.00 on one batch). The engine divides both by the weights. A "mix" that
+    # keeps every image as it is must leave the loss as it was.
+    data = write_shapes(tmp_path / "d", size=16, per_class=4, seed=3, progress=False)
+    for path in sorted((data / "train" / "star").glob("*.png"))[1:]:
+        path.unlink()
+    dataset = open_dataset(data)
+    config = TrainConfig(data=str(data), model="resnet20", batch_size=64, class_weights="auto", label_smoothing=0.1,
+                         augment=AugmentConfig(preset="none"), device="cpu", quiet=True, out=str(tmp_path))
+    trainer = Trainer(resolve(config, dataset), dataset, tmp_path, Console(quiet=True))
+    trainer.model.train()
+    images, labels = next(iter(trainer.train_loader.epoch(0)))
+    assert trainer.class_weights[labels].std() > 0.1, "the batch mixes light and heavy classes"
+    start = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    hard, _ = trainer._train_step(images, labels)
+    trainer.model.load_state_dict(start)  # the second step starts from the same weights
+    monkeypatch.setattr(trainer_module, "mix_batch",
+                        lambda x, labels, classes, mixup, cutmix, smoothing: (x, soft_targets(labels, classes,
+                                                                                             smoothing)))
+    soft, _ = trainer._train_step(images, labels)
+    assert soft.item() == pytest.approx(hard.item(), rel=1e-5)
 
 
 def test_bad_images_are_skipped_and_reported(tmp_path):

@@ -81,10 +81,8 @@ def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     return 1.0 / counts[labels].double()
 
 
-def batch_sizes(count: int, batch_size: int, drop_last: bool) -> list[int]:
-    """The size of each batch of an epoch of `count` images (before any unreadable file is skipped)."""
-    batches = count // batch_size if drop_last else math.ceil(count / batch_size)
-    return [min(batch_size, count - index * batch_size) for index in range(batches)]
+def batch_count(count: int, batch_size: int, drop_last: bool) -> int:
+    return count // batch_size if drop_last else math.ceil(count / batch_size)
 
 
 class BadFileLog:
@@ -139,11 +137,8 @@ class InMemoryLoader:
         self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return len(self.batch_sizes())
-
-    def batch_sizes(self) -> list[int]:
         count = shard_size(len(self.labels), self.rank, self.world, pad=self.shuffle)
-        return batch_sizes(count, self.batch_size, self.drop_last)
+        return batch_count(count, self.batch_size, self.drop_last)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch, self.weights)
@@ -160,17 +155,17 @@ class _EpochBatchSampler(Sampler[list[int]]):
         self.drop_last, self.weights, self.rank, self.world = drop_last, weights, rank, world
         self.epoch, self.start = 0, 0
 
-    def batch_sizes(self) -> list[int]:
-        """The sizes of the batches in a whole epoch of this worker's share."""
-        return batch_sizes(shard_size(self.count, self.rank, self.world, self.shuffle), self.batch_size, self.drop_last)
+    def batches(self) -> int:
+        """Batches in a whole epoch of this worker's share."""
+        return batch_count(shard_size(self.count, self.rank, self.world, self.shuffle), self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
-        return len(self.batch_sizes()) - self.start
+        return self.batches() - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(self.count, self.shuffle, self.seed, self.epoch, self.weights)
         order = shard(order, self.rank, self.world, pad=self.shuffle)
-        for index in range(self.start, len(self.batch_sizes())):
+        for index in range(self.start, self.batches()):
             yield order[index * self.batch_size:(index + 1) * self.batch_size].tolist()
 
 
@@ -194,10 +189,7 @@ class FileLoader:
                                  persistent_workers=workers > 0, collate_fn=collate)
 
     def __len__(self) -> int:
-        return len(self.sampler.batch_sizes())
-
-    def batch_sizes(self) -> list[int]:
-        return self.sampler.batch_sizes()
+        return self.sampler.batches()
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start

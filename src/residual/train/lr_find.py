@@ -9,7 +9,9 @@ training step, only with this schedule; the model it trains is thrown away.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from ..data.datasets import open_dataset  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..runs import new_run_dir  # noqa: E402
 from .config import TrainConfig, resolve  # noqa: E402
-from .trainer import Trainer, TrainingError, seeded  # noqa: E402
+from .trainer import Trainer, TrainingError, seeded, step_groups  # noqa: E402
 
 
 @dataclass
@@ -55,17 +57,7 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
         trainer.model.train()
         trainer._apply_freezing()  # the trainable set of the first epoch (head only for two-stage fine-tuning)
         lrs, losses, average, best = [], [], 0.0, math.inf
-        epoch, batches = 0, iter(trainer.train_loader.epoch(0))
-        for step in range(steps):
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                epoch += 1
-                batches = iter(trainer.train_loader.epoch(epoch))
-                images, labels = next(batches)
-            lr = trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0]["lr_scale"]
-            loss = trainer._train_step(images, labels, 1 / config.accumulate,  # its steps span epochs
-                                       stepping=(step + 1) % config.accumulate == 0)[0].item()
+        for step, (lr, loss) in enumerate(_sweep(trainer, steps, config.accumulate)):
             if not math.isfinite(loss):  # the sweep has gone past any usable rate
                 break
             average = smoothing * average + (1 - smoothing) * loss
@@ -80,6 +72,15 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
     _plot(lrs, losses, suggestion, plot, f"{config.model} on {Path(config.data).name}")
     console.print(f"suggested learning rate {suggestion:.3g} (a tenth of the rate at the lowest loss); curve: {plot}")
     return LRFindResult(lrs, losses, suggestion, plot)
+
+
+def _sweep(trainer: Trainer, steps: int, accumulate: int) -> Iterator[tuple[float, float]]:
+    """(learning rate, loss) of each of the sweep's `steps` batches; its optimizer steps span epochs."""
+    batches = (batch for epoch in itertools.count() for batch in trainer.train_loader.epoch(epoch))
+    for group in step_groups(itertools.islice(batches, steps), accumulate):
+        lr = trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0]["lr_scale"]
+        for loss, _ in trainer._optimizer_step(group):
+            yield lr, loss.item()
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:

@@ -20,12 +20,14 @@ metrics are summed over workers, and only rank 0 prints and writes files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import random
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -377,23 +379,19 @@ class Trainer:
                       transient=True) as bar:
             task = bar.add_task("train", total=total, completed=self.batch, loss=0.0, acc=0.0, rate=0.0)
             pending: list[PendingStep] = []
-            read_at = started
-            shares = step_shares(self.train_loader.batch_sizes(), c.accumulate)
-            for index, (images, labels) in enumerate(self.train_loader.epoch(self.epoch, self.batch), self.batch):
-                last_of_epoch = index + 1 == total
-                stepping = (index + 1) % c.accumulate == 0 or last_of_epoch
-                pending.append(PendingStep(self.epoch, index, self.step + 1, len(labels),
-                                           *self._train_step(images, labels, shares[index], stepping)))
-                seen_now += len(labels)
-                if stepping:
-                    self.batch = index + 1
-                checkpoint = (stepping and bool(c.checkpoint_every) and self.step % c.checkpoint_every == 0
-                              and not last_of_epoch)
-                stopping = stepping and self.stop_signal is not None
+            read_at, index = started, self.batch
+            for group in step_groups(self.train_loader.epoch(self.epoch, self.batch), c.accumulate):
+                for (images, labels), (loss, correct) in zip(group, self._optimizer_step(group)):
+                    pending.append(PendingStep(self.epoch, index, self.step, len(labels), loss, correct))
+                    seen_now += len(labels)
+                    index += 1
+                self.batch = index
+                checkpoint = bool(c.checkpoint_every) and self.step % c.checkpoint_every == 0 and index < total
+                stopping = self.stop_signal is not None
                 if checkpoint or stopping or time.perf_counter() - read_at >= READ_BACK_SECONDS:
                     self._read_back(pending)  # before anything is saved: a non-finite loss must stop the run first
                     pending, read_at = [], time.perf_counter()
-                    bar.update(task, completed=index + 1, loss=self.running["loss"] / self.running["seen"],
+                    bar.update(task, completed=index, loss=self.running["loss"] / self.running["seen"],
                                acc=self.running["correct"] / self.running["seen"],
                                rate=seen_now / (read_at - started))
                 if checkpoint or stopping:
@@ -436,11 +434,29 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, share: float = 1.0, stepping: bool = True):
+    def _optimizer_step(self, group: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One optimizer step over the (images, labels) batches of `group`, their gradients accumulated -> each batch's
+        (loss, correct predictions), still on the device.
+
+        Every image weighs the same in the step (times its class weight), as in one batch of them all,
+        whatever the sizes of the batches: also the epoch's last group, which may be shorter.
+        """
+        weight = sum(self._loss_weight(labels) for _, labels in group)
+        return [self._train_step(images, labels, weight, stepping=position == len(group) - 1)
+                for position, (images, labels) in enumerate(group)]
+
+    def _loss_weight(self, labels: torch.Tensor) -> torch.Tensor | int:
+        """What the loss of a batch is the mean over: its image count, or the sum of its class weights
+        (a device tensor: nothing waits). Mixing images keeps it: each label is still used once."""
+        return len(labels) if self.class_weights is None else self.class_weights[labels].sum()
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, step_weight: torch.Tensor | int | None = None,
+                    stepping: bool = True):
         """Augment, forward, backward and (when `stepping`) the optimizer step on one batch ->
         (loss, correct predictions) as tensors still on the device: nothing here waits for it.
 
-        `share`: the batch's weight in the gradient of its optimizer step (1 without accumulation).
+        `step_weight`: the `_loss_weight` of all the batches whose gradients this step accumulates
+        (None: this batch alone), so the step's gradient is the mean over all their images.
         """
         c = self.config
         if self.cuda_graphs:
@@ -457,8 +473,12 @@ class Trainer:
                 logits = self.forward(x)
                 # Hard labels carry their smoothing here; soft (mixed) targets already include it.
                 smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
-                loss = F.cross_entropy(logits.float(), targets, weight=self.class_weights, label_smoothing=smoothing)
-            self.scaler.scale(loss * share).backward()
+                # Summed, then divided by the weight: torch's weighted mean divides soft targets by the
+                # image count instead, which would change the loss's scale when mixup is turned on.
+                loss_sum = F.cross_entropy(logits.float(), targets, weight=self.class_weights,
+                                           label_smoothing=smoothing, reduction="sum")
+            batch_weight = self._loss_weight(labels)
+            self.scaler.scale(loss_sum / (batch_weight if step_weight is None else step_weight)).backward()
         if stepping:
             if c.grad_clip:
                 self.scaler.unscale_(self.optimizer)
@@ -470,7 +490,7 @@ class Trainer:
             if self.ema:
                 self.ema.update(self.model)
             self.step += 1
-        return loss.detach(), (logits.argmax(1) == labels).sum()
+        return (loss_sum / batch_weight).detach(), (logits.argmax(1) == labels).sum()
 
     @torch.inference_mode()
     def evaluate(self) -> dict:
@@ -570,15 +590,10 @@ class Trainer:
                            f"ECE {result.metrics['ece']:.3f})")
 
 
-def step_shares(batch_sizes: list[int], accumulate: int) -> list[float]:
-    """Each batch's weight in its optimizer step: its share of the images of the `accumulate` batches that
-    step together. So the step's gradient is the mean over all of them, as one batch of them all would give,
-    also for the epoch's last step, which may gather fewer batches or a smaller last one."""
-    shares = []
-    for first in range(0, len(batch_sizes), accumulate):
-        group = batch_sizes[first:first + accumulate]
-        shares += [size / sum(group) for size in group]
-    return shares
+def step_groups(batches: Iterable, accumulate: int) -> Iterator[list]:
+    """The batches in groups of `accumulate`, each group one optimizer step; the last group takes what is left."""
+    batches = iter(batches)
+    return iter(lambda: list(itertools.islice(batches, accumulate)), [])
 
 
 def class_weights(counts: list[int]) -> torch.Tensor:
