@@ -17,9 +17,11 @@ from residual.cli import main
 from residual.data.loaders import epoch_order, shard
 from residual.data.shapes import write_shapes
 from residual.data.transforms import AugmentConfig
+from residual.models import build_model
 from residual.train import TrainConfig, train
 from residual.train.config import save_config
 from residual.train.optim import OptimConfig
+from steps import distance, imbalanced_shapes
 
 # Installed in every process the test starts (through PYTHONPATH): each torchrun worker records the
 # files it opens for writing, creates or renames, by rank, so the test can see who wrote what.
@@ -104,6 +106,30 @@ def test_two_workers_follow_the_single_process_loss_curve(two_workers):
     # The log is rank 0's alone: one line per epoch, not one per worker; the launcher says what it chose.
     assert two_workers["done"].stdout.count("epoch 1/4") == 1
     assert two_workers["done"].stdout.count("torch.compile: off") == 1
+
+
+def test_a_step_over_two_workers_is_the_single_process_step_with_class_weights_and_a_skipped_image(tmp_path):
+    # DDP averages the workers' gradients. When each worker divided its summed loss by its own weight (its
+    # images' class weights, and a worker met the unreadable image), that average was not the mean over the
+    # global batch; each worker now divides by the global batch's weight over the worker count.
+    data = imbalanced_shapes(tmp_path / "shapes")
+    (data / "train" / "star" / "broken.png").write_bytes(b"not a png")  # 16 files, 15 images
+    config = TrainConfig(data=str(data), model="resnet20", model_options={"norm": None}, epochs=1, batch_size=16,
+                         class_weights="auto", optim=OptimConfig(lr=0.01, schedule="constant"),
+                         augment=AugmentConfig(preset="none"), out=str(tmp_path / "runs"), quiet=True, report=False,
+                         workers=0, channels_last=False, in_memory=False)
+    single = train(TrainConfig.from_dict({**config.to_dict(), "name": "single"}))
+    save_config(TrainConfig.from_dict({**config.to_dict(), "name": "ddp"}), tmp_path / "ddp.yaml")
+    done = subprocess.run([sys.executable, "-m", "residual", "train", "--config", str(tmp_path / "ddp.yaml"),
+                           "--nproc", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = torch.load(single.run_dir / "last.pt", weights_only=True)
+    end_single = checkpoint["model"]
+    end_ddp = torch.load(tmp_path / "runs" / "ddp" / "last.pt", weights_only=True)["model"]
+    torch.manual_seed(0)
+    first = build_model("resnet20", num_classes=10, norm=None).state_dict()  # both runs' first weights (seed 0)
+    moved, apart = distance(end_single, first), distance(end_single, end_ddp)
+    assert checkpoint["step"] == 1 and apart < 1e-4 * moved, f"the two-worker step ended {apart / moved:.2e} away"
 
 
 def test_only_rank_zero_writes_files(two_workers):

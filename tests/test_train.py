@@ -28,6 +28,7 @@ from residual.train.ema import WeightEMA
 from residual.train.optim import OptimConfig
 from residual.train import trainer as trainer_module
 from residual.train.trainer import Trainer
+from steps import distance, imbalanced_shapes
 
 QUICK = dict(model="resnet20", batch_size=32, optim=OptimConfig(lr=0.05), quiet=True,
              report=False)  # the one test that checks the report turns it on
@@ -242,9 +243,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, batch_size, ac
     # by its image count left them apart with class weights, whose sum differs from batch to batch. Without
     # batch norm the equality holds to rounding; over many steps rounding grows chaotically (0.2% after 2
     # steps, 2.6% after 15 on an AMD EPYC), so one step.
-    data = write_shapes(tmp_path / "data", size=16, per_class=2, seed=1, progress=False)
-    for shape in sorted(p.name for p in (data / "train").iterdir())[:5]:  # classes of 1 and of 2 images
-        (data / "train" / shape / "00001.png").unlink()
+    data = imbalanced_shapes(tmp_path / "data")
     common = dict(data=str(data), epochs=1, model="resnet20", model_options={"norm": None}, quiet=True,
                   channels_last=False, report=False, augment=AugmentConfig(preset="none"),
                   class_weights=class_weights, optim=OptimConfig(lr=0.01, schedule="constant"), out=str(tmp_path),
@@ -255,16 +254,12 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, batch_size, ac
     torch.manual_seed(0)
     start = build_model("resnet20", num_classes=10, norm=None).state_dict()  # both runs' first weights (seed 0)
     end_whole, end_parts = _weights(whole.run_dir / "last.pt"), _weights(parts.run_dir / "last.pt")
-    moved, apart = _distance(end_whole, start), _distance(end_whole, end_parts)
+    moved, apart = distance(end_whole, start), distance(end_whole, end_parts)
     assert apart < 1e-4 * moved, f"the accumulated step ended {apart / moved:.2e} of the distance moved away"
     # Steps come at each group's end and at the epoch's: eight batches of 2 (the last of 1) in groups of 3
     # make three steps.
     odd = train(TrainConfig(batch_size=2, accumulate=3, name="odd", **common))
     assert load_checkpoint(odd.run_dir / "last.pt")["step"] == 3
-
-
-def _distance(weights, other):
-    return torch.cat([(weights[k] - other[k]).flatten() for k in weights if weights[k].is_floating_point()]).norm()
 
 
 def test_mixup_cutmix_clipping_and_strong_augmentation_train(shapes16, tmp_path):
@@ -277,11 +272,9 @@ def test_mixup_cutmix_clipping_and_strong_augmentation_train(shapes16, tmp_path)
 def test_class_weighted_loss_keeps_its_scale_when_targets_are_soft(tmp_path, monkeypatch):
     # Mixup and CutMix turn labels into soft targets. For those, torch's weighted cross-entropy divides by the
     # image count, for class indices by the sum of their class weights, so turning mixup on rescaled the loss
-    # (and the step: 1.67 against 2.00 on one batch). The engine divides both by the weights. A "mix" that
+    # (and the step: 2.38 against 2.68 on this batch). The engine divides both by the weights. A "mix" that
     # keeps every image as it is must leave the loss as it was.
-    data = write_shapes(tmp_path / "d", size=16, per_class=4, seed=3, progress=False)
-    for path in sorted((data / "train" / "star").glob("*.png"))[1:]:
-        path.unlink()
+    data = imbalanced_shapes(tmp_path / "d")
     dataset = open_dataset(data)
     config = TrainConfig(data=str(data), model="resnet20", batch_size=64, class_weights="auto", label_smoothing=0.1,
                          augment=AugmentConfig(preset="none"), device="cpu", quiet=True, out=str(tmp_path))

@@ -72,6 +72,14 @@ class World:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def average(self, value: torch.Tensor | int, device: torch.device) -> torch.Tensor | int:
+        """The mean of `value` over all workers, as a tensor on `device`: the host does not wait for it."""
+        if not self.distributed:
+            return value
+        tensor = torch.full((), value, dtype=torch.float32, device=device) if isinstance(value, int) else value
+        dist.all_reduce(tensor)
+        return tensor / self.size
+
     def broadcast(self, value):
         """Rank 0's `value` on every worker."""
         if not self.distributed:

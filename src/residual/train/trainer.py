@@ -439,9 +439,13 @@ class Trainer:
         (loss, correct predictions), still on the device.
 
         Every image weighs the same in the step (times its class weight), as in one batch of them all,
-        whatever the sizes of the batches: also the epoch's last group, which may be shorter.
+        whatever the sizes of the batches (also the epoch's last group, which may be shorter) and of the
+        other workers' batches.
         """
-        weight = sum(self._loss_weight(labels) for _, labels in group)
+        # DDP averages the workers' gradients: each divides by the global batch's weight over the worker
+        # count, so the average is the global batch's mean also when the workers' weights differ (class
+        # weights, a skipped image).
+        weight = self.world.average(sum(self._loss_weight(labels) for _, labels in group), self.device)
         return [self._train_step(images, labels, weight, stepping=position == len(group) - 1)
                 for position, (images, labels) in enumerate(group)]
 
