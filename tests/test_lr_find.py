@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from residual.cli import main
+from residual.errors import ConfigError
 from residual.data.shapes import write_shapes
 from residual.train import TrainConfig
 from residual.train.lr_find import lr_find, suggest
@@ -30,6 +31,19 @@ def test_range_test_sweeps_up_and_stops_when_the_loss_explodes(data, tmp_path):
     assert result.lrs[0] == pytest.approx(1e-5)
     assert 1e-5 <= result.suggestion <= 100.0 and result.plot.is_file()
     assert result.plot.parent.parent == tmp_path / "lr-find"
+
+
+def test_with_accumulation_the_rate_grows_once_per_optimizer_step_over_the_whole_range(data, tmp_path):
+    # Six optimizer steps of four batches. The schedule counted batches while the rate changes per optimizer
+    # step, so with --accumulate 4 the sweep ended at 4.5e-5 instead of 1e-2 (and, on 1e-5 to 100, suggested
+    # 3.5e-6, below the range's start).
+    config = TrainConfig(data=str(data), model="resnet20", batch_size=16, accumulate=4, quiet=True,
+                         out=str(tmp_path / "runs"))
+    result = lr_find(config, start_lr=1e-5, end_lr=1e-2, steps=24)
+    assert len(result.lrs) == 24
+    assert result.lrs[:4] == pytest.approx([1e-5] * 4) and result.lrs[-4:] == pytest.approx([1e-2] * 4)
+    with pytest.raises(ConfigError, match="--steps of 2 x --accumulate or more"):
+        lr_find(config, steps=4)
 
 
 def test_lr_find_command_and_lr_auto(data, tmp_path, capsys):

@@ -41,9 +41,10 @@ class LRFindResult:
 
 def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100,
             smoothing: float = 0.9, diverge: float = 4.0, console: Console | None = None) -> LRFindResult:
-    if steps < 2 or not 0 < start_lr < end_lr:
-        raise ConfigError(f"the range test needs --steps of 2 or more and 0 < --start-lr < --end-lr, got "
-                          f"{steps}, {start_lr} and {end_lr}")
+    sweep = math.ceil(steps / config.accumulate)  # optimizer steps: the rate changes once per step
+    if sweep < 2 or not 0 < start_lr < end_lr:
+        raise ConfigError(f"the range test needs --steps of 2 x --accumulate or more and 0 < --start-lr < --end-lr, "
+                          f"got {steps} (--accumulate {config.accumulate}), {start_lr} and {end_lr}")
     console = console or Console()
     with seeded(config.seed, config.deterministic):  # the flags it sets end with the sweep
         dataset = open_dataset(config.data, config.val_split, config.seed)
@@ -53,7 +54,7 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
         ratio = end_lr / start_lr
         base = config.optim.lr  # the optimizer's groups start at base x their layer scale
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            trainer.optimizer, lambda step: start_lr * ratio ** (min(step, steps - 1) / (steps - 1)) / base)
+            trainer.optimizer, lambda step: start_lr * ratio ** (min(step, sweep - 1) / (sweep - 1)) / base)
         trainer.model.train()
         trainer._apply_freezing()  # the trainable set of the first epoch (head only for two-stage fine-tuning)
         lrs, losses, average, best = [], [], 0.0, math.inf
