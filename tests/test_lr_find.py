@@ -42,7 +42,7 @@ def test_with_accumulation_the_rate_grows_once_per_optimizer_step_over_the_whole
     result = lr_find(config, start_lr=1e-5, end_lr=1e-2, steps=24)
     assert len(result.lrs) == 24
     assert result.lrs[:4] == pytest.approx([1e-5] * 4) and result.lrs[-4:] == pytest.approx([1e-2] * 4)
-    with pytest.raises(ConfigError, match="--steps of 2 x --accumulate or more"):
+    with pytest.raises(ConfigError, match="--steps of 8 or more"):
         lr_find(config, steps=4)
 
 

@@ -43,8 +43,8 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
             smoothing: float = 0.9, diverge: float = 4.0, console: Console | None = None) -> LRFindResult:
     sweep = math.ceil(steps / config.accumulate)  # optimizer steps: the rate changes once per step
     if sweep < 2 or not 0 < start_lr < end_lr:
-        raise ConfigError(f"the range test needs --steps of 2 x --accumulate or more and 0 < --start-lr < --end-lr, "
-                          f"got {steps} (--accumulate {config.accumulate}), {start_lr} and {end_lr}")
+        raise ConfigError(f"the range test needs --steps of {2 * config.accumulate} or more (two optimizer steps) and "
+                          f"0 < --start-lr < --end-lr, got {steps}, {start_lr} and {end_lr}")
     console = console or Console()
     with seeded(config.seed, config.deterministic):  # the flags it sets end with the sweep
         dataset = open_dataset(config.data, config.val_split, config.seed)
