@@ -73,7 +73,8 @@ class World:
         return tensor.tolist()
 
     def average(self, value: torch.Tensor | int, device: torch.device) -> torch.Tensor | int:
-        """The mean of `value` over all workers, as a tensor on `device`: the host does not wait for it."""
+        """The mean of `value` over all workers, as a tensor on `device` that the host does not wait for
+        (in a world of one, `value` as it is)."""
         if not self.distributed:
             return value
         tensor = torch.full((), value, dtype=torch.float32, device=device) if isinstance(value, int) else value

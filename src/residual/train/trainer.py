@@ -381,7 +381,7 @@ class Trainer:
             pending: list[PendingStep] = []
             read_at, index = started, self.batch
             for group in step_groups(self.train_loader.epoch(self.epoch, self.batch), c.accumulate):
-                for (images, labels), (loss, correct) in zip(group, self._optimizer_step(group)):
+                for (_, labels), (loss, correct) in zip(group, self._optimizer_step(group)):
                     pending.append(PendingStep(self.epoch, index, self.step, len(labels), loss, correct))
                     seen_now += len(labels)
                     index += 1
