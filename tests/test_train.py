@@ -305,6 +305,19 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
         assert len(summary["bad_files"]) == 2 and summary["ignored_files"][0].endswith("readme.txt")
 
 
+def test_the_epochs_class_weighted_loss_is_its_weighted_mean_whatever_the_batch_size(tmp_path):
+    # The epoch's train loss averaged each batch's weighted mean by the batch's image count, so with class
+    # weights it changed with the batch size. With weights that do not move (a rate of 1e-12, no batch norm)
+    # every image's loss is the same in both runs, and so must the epoch's be.
+    data = imbalanced_shapes(tmp_path / "data")
+    common = dict(data=str(data), epochs=1, model="resnet20", model_options={"norm": None}, class_weights="auto",
+                  augment=AugmentConfig(preset="none"), optim=OptimConfig(lr=1e-12, schedule="constant"),
+                  channels_last=False, quiet=True, report=False, out=str(tmp_path))
+    whole = train(TrainConfig(batch_size=16, name="whole", **common))
+    parts = train(TrainConfig(batch_size=4, name="parts", **common))
+    assert parts.history[0]["train_loss"] == pytest.approx(whole.history[0]["train_loss"], rel=1e-5)
+
+
 def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     from residual.cli import main
 

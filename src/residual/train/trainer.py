@@ -88,8 +88,15 @@ class PendingStep:
     index: int  # the batch's position in the epoch
     step: int  # the optimizer step it belongs to, counted from 1
     images: int
+    weight: torch.Tensor | int  # what its loss is the mean over (Trainer._loss_weight)
     loss: torch.Tensor
     correct: torch.Tensor
+
+
+def empty_sums() -> dict:
+    """The epoch's running sums: the loss summed over images (times their class weights), its weight,
+    the correct predictions and the images seen."""
+    return {"loss": 0.0, "weight": 0.0, "correct": 0.0, "seen": 0}
 
 
 @contextlib.contextmanager
@@ -200,7 +207,7 @@ class Trainer:
         self.wrapped_for: int | None = None  # the frozen layer groups the DDP wrapper was built for
         # Where training stands; all of it goes into last.pt.
         self.epoch, self.batch, self.step = 0, 0, 0
-        self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
+        self.running = empty_sums()
         self.history: list[dict] = []
         self.curves_drawn, self.curves_drawn_at = 0, -math.inf  # epochs in curves.png, and when it was drawn
         self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
@@ -287,14 +294,15 @@ class Trainer:
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.running = dict(state["running"])
+        # A last.pt from before the loss's weight was summed: without class weights it is the image count.
+        self.running = empty_sums() | {"weight": state["running"]["seen"]} | state["running"]
         self.history = list(state["history"])
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.epochs_since_best = state["epochs_since_best"]
         self.bad.files.update(state["bad_files"])
         set_rng_state(state["rng"])
         if self.world.rank:  # the checkpoint holds global sums (see save_last); rank 0 carries them on
-            self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
+            self.running = empty_sums()
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         self.resumes = list(state.get("resumes", [])) + [
             {"epoch": self.epoch + 1, "batch": self.batch, "step": self.step, "workers": self.world.size,
@@ -306,8 +314,7 @@ class Trainer:
         """last.pt, written by rank 0 alone; every worker calls it (the running sums are collected first)."""
         state = self.state()
         if self.world.distributed:
-            totals = self.world.sum([self.running["loss"], self.running["correct"], self.running["seen"]], self.device)
-            state["running"] = dict(zip(("loss", "correct", "seen"), totals))
+            state["running"] = dict(zip(self.running, self.world.sum(list(self.running.values()), self.device)))
         if self.world.is_main:
             save_checkpoint(state, self.run_dir / "last.pt")
 
@@ -382,7 +389,8 @@ class Trainer:
             read_at, index = started, self.batch
             for group in step_groups(self.train_loader.epoch(self.epoch, self.batch), c.accumulate):
                 for (_, labels), (loss, correct) in zip(group, self._optimizer_step(group)):
-                    pending.append(PendingStep(self.epoch, index, self.step, len(labels), loss, correct))
+                    pending.append(PendingStep(self.epoch, index, self.step, len(labels), self._loss_weight(labels),
+                                               loss, correct))
                     seen_now += len(labels)
                     index += 1
                 self.batch = index
@@ -391,8 +399,8 @@ class Trainer:
                 if checkpoint or stopping or time.perf_counter() - read_at >= READ_BACK_SECONDS:
                     self._read_back(pending)  # before anything is saved: a non-finite loss must stop the run first
                     pending, read_at = [], time.perf_counter()
-                    bar.update(task, completed=index, loss=self.running["loss"] / self.running["seen"],
-                               acc=self.running["correct"] / self.running["seen"],
+                    bar.update(task, completed=index, loss=self.running["loss"] / (self.running["weight"] or 1),
+                               acc=self.running["correct"] / max(1, self.running["seen"]),
                                rate=seen_now / (read_at - started))
                 if checkpoint or stopping:
                     self.save_last()
@@ -403,11 +411,12 @@ class Trainer:
                                               f"--resume {self.run_dir}")
             self._read_back(pending)
         seconds = time.perf_counter() - started
-        loss, correct, seen, seen_now = self.world.sum(
-            [self.running["loss"], self.running["correct"], self.running["seen"], seen_now], self.device)
-        stats = {"train_loss": loss / max(1, seen), "train_acc": correct / max(1, seen),
+        sums = self.running
+        loss, weight, correct, seen, seen_now = self.world.sum(
+            [sums["loss"], sums["weight"], sums["correct"], sums["seen"], seen_now], self.device)
+        stats = {"train_loss": loss / (weight or 1), "train_acc": correct / max(1, seen),
                  "images_per_s": seen_now / seconds if seconds > 0 else 0.0, "epoch_seconds": seconds}
-        self.running = {"loss": 0.0, "correct": 0.0, "seen": 0}
+        self.running = empty_sums()
         return stats
 
     def _read_back(self, pending: list[PendingStep]) -> None:
@@ -418,13 +427,18 @@ class Trainer:
         """
         if not pending:
             return
-        values = torch.stack([p.loss for p in pending] + [p.correct.float() for p in pending]).tolist()
-        for p, loss, correct in zip(pending, values[:len(pending)], values[len(pending):]):
+        on_device = [p.weight for p in pending if torch.is_tensor(p.weight)]  # class weights' sums
+        values = torch.stack([p.loss for p in pending] + [p.correct.float() for p in pending] + on_device).tolist()
+        count = len(pending)
+        read_weights = iter(values[2 * count:])
+        for p, loss, correct in zip(pending, values[:count], values[count:2 * count]):
             if not math.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss}) at epoch {p.epoch + 1}, batch {p.index + 1} (step "
                                     f"{p.step}); nothing was saved from this point. The last good checkpoint is "
                                     f"{self.run_dir / 'last.pt'}; lower --lr or add --grad-clip")
-            self.running["loss"] += loss * p.images
+            weight = next(read_weights) if torch.is_tensor(p.weight) else p.weight
+            self.running["loss"] += loss * weight
+            self.running["weight"] += weight
             self.running["correct"] += correct
             self.running["seen"] += p.images
 
