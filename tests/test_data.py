@@ -168,6 +168,12 @@ def test_file_loader_skips_and_counts_bad_files(tmp_path, caplog):
     broken = [p for p in split.files if p.name in ("0.png", "1.png") and p.stat().st_size < 10]
     assert seen == len(split) - len(broken)
     assert sorted(bad.files) == sorted(str(p) for p in broken)
+    # A batch none of whose files could be read comes empty, in its place: a resume counts positions.
+    single = FileLoader(split, 1, True, 0, torch.device("cpu"), 8, 8, "bilinear", workers=0, bad=bad)
+    batches = list(single.epoch(0))
+    assert len(batches) == len(single) == len(split)
+    empty = [(images.shape, labels.shape) for images, labels in batches if len(labels) == 0]
+    assert empty == [((0, 3, 8, 8), (0,))] * len(broken)
     assert all(str(p) in caplog.text for p in broken)
 
 

@@ -9,6 +9,7 @@ from residual.errors import ConfigError
 from residual.data.shapes import write_shapes
 from residual.train import TrainConfig
 from residual.train.lr_find import lr_find, suggest
+from steps import imbalanced_shapes
 
 
 def test_suggestion_is_a_tenth_of_the_rate_at_the_lowest_loss():
@@ -44,6 +45,17 @@ def test_with_accumulation_the_rate_grows_once_per_optimizer_step_over_the_whole
     assert result.lrs[:4] == pytest.approx([1e-5] * 4) and result.lrs[-4:] == pytest.approx([1e-2] * 4)
     with pytest.raises(ConfigError, match="--steps of 8 or more"):
         lr_find(config, steps=4)
+
+
+def test_a_batch_of_unreadable_files_adds_no_point_to_the_curve(tmp_path):
+    # Batches of one image, one of them unreadable: that batch still steps (empty, so that batches keep their
+    # positions), but its loss of 0 says nothing about the rate and must not pull the curve down.
+    data = imbalanced_shapes(tmp_path / "data")
+    (data / "train" / "star" / "broken.png").write_bytes(b"not a png")  # 16 files, 15 images
+    config = TrainConfig(data=str(data), model="resnet20", batch_size=1, in_memory=False, workers=0, quiet=True,
+                         out=str(tmp_path / "runs"))
+    result = lr_find(config, start_lr=1e-5, end_lr=1e-4, steps=16)
+    assert len(result.lrs) == 15
 
 
 def test_lr_find_command_and_lr_auto(data, tmp_path, capsys):

@@ -18,6 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import residual
 from residual.data.datasets import open_dataset
+from residual.data.loaders import epoch_order
 from residual.data.shapes import write_shapes
 from residual.data.transforms import AugmentConfig, soft_targets
 from residual.models import build_model
@@ -303,6 +304,45 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
         assert sorted(p.rsplit("/", 2)[-2] for p in result.bad_files) == ["ring", "star"]
         summary = json.loads((result.run_dir / "summary.json").read_text())
         assert len(summary["bad_files"]) == 2 and summary["ignored_files"][0].endswith("readme.txt")
+
+
+def test_a_batch_of_unreadable_files_keeps_its_place_so_a_resume_starts_where_the_run_stopped(tmp_path,
+                                                                                              monkeypatch):
+    # The file loader left out a batch none of whose files could be read, and the trainer counted the batches
+    # it got, so a resume after such a batch started one batch early and trained that batch twice (and under
+    # DDP the worker that met it stepped once less than the others). The batch now comes, empty, in its place.
+    data = imbalanced_shapes(tmp_path / "data")
+    broken = data / "train" / "star" / "broken.png"
+    broken.write_bytes(b"not a png")  # 16 files, 15 images
+    common = dict(data=str(data), epochs=1, batch_size=1, in_memory=False, workers=0, model="resnet20",
+                  model_options={"norm": None}, augment=AugmentConfig(preset="none"), channels_last=False,
+                  optim=OptimConfig(lr=0.01, schedule="constant"), deterministic=True, quiet=True, report=False,
+                  out=str(tmp_path))
+    files = open_dataset(data).train.files
+    position = epoch_order(len(files), True, TrainConfig(data=str(data)).seed, 0).tolist().index(files.index(broken))
+    stop = position + 2  # a checkpoint after the empty batch, before the epoch's end
+    assert stop < len(files)
+    whole = train(TrainConfig(name="whole", **common))
+    assert load_checkpoint(whole.run_dir / "last.pt")["step"] == 16, "every batch is a step, the empty one too"
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(state, path, save=trainer_module.save_checkpoint):
+        save(state, path)
+        if state["batch"]:  # killed right after the mid-epoch checkpoint
+            raise Killed
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(TrainConfig(name="killed", checkpoint_every=stop, **common))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["batch"] == stop
+    resumed = train(resume=tmp_path / "killed")
+    end_whole, end_resumed = _weights(whole.run_dir / "last.pt"), _weights(resumed.run_dir / "last.pt")
+    assert all(torch.equal(end_whole[key], end_resumed[key]) for key in end_whole)
+    assert resumed.history[0]["train_loss"] == pytest.approx(whole.history[0]["train_loss"], rel=1e-6)
+    assert resumed.history[0]["train_acc"] == whole.history[0]["train_acc"]
 
 
 def test_the_epochs_class_weighted_loss_is_its_weighted_mean_whatever_the_batch_size(tmp_path):

@@ -40,6 +40,8 @@ def test_every_preset_produces_batches_of_the_input_size(preset, stored, size):
         assert torch.equal(out, images[..., 4:36, 4:36] if stored == 40 else images), "the centre, always"
     if preset in ("cifar", "strong"):
         assert not torch.allclose(out, augment(images)), "random each call"
+    # A batch of files none of which could be read is empty; it still steps (data-parallel workers step together).
+    assert augment(images[:0]).shape == (0, 3, size, size)
 
 
 def test_flip_alone_mirrors_some_images():

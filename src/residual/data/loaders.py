@@ -8,7 +8,8 @@ Two loaders with one interface, `loader.epoch(epoch, start=0)` yielding
   datasets): on a GPU no batch ever round-trips through the CPU.
 - FileLoader: a DataLoader with workers, pinned memory and persistent workers,
   decoding files as it goes. A file that cannot be read is skipped, logged and
-  counted; too many failures in a row stop training with a clear error.
+  counted; too many failures in a row stop training with a clear error. A batch
+  none of whose files could be read still comes, empty, in its place.
 
 The order of each epoch is a permutation seeded by (seed, epoch), and an epoch
 can start at any batch: that is what lets a resumed run continue exactly where
@@ -197,10 +198,15 @@ class FileLoader:
             batch = on_device(batch, self.device, self.resize, self.crop, self.interpolation)
             for message in [message for _, message in batch.failed] + [None] * len(batch.indices):
                 self.bad.record(message)
-            if batch.images is not None:
-                labels = self.labels[batch.indices]
-                labels = labels.pin_memory() if self.pinned else labels
-                yield batch.images, labels.to(self.device, non_blocking=True)
+            if batch.images is None:
+                # Yielded all the same: a batch's position is what a resume starts from, and data-parallel
+                # workers must take their steps together.
+                yield (torch.empty((0, 3, self.crop, self.crop), dtype=torch.uint8, device=self.device),
+                       torch.empty(0, dtype=torch.long, device=self.device))
+                continue
+            labels = self.labels[batch.indices]
+            labels = labels.pin_memory() if self.pinned else labels
+            yield batch.images, labels.to(self.device, non_blocking=True)
 
 
 # --- evaluation-time stream ------------------------------------------------------------------------

@@ -188,6 +188,8 @@ def crop_resize(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: 
     """Each image's box [top, top + h) x [left, left + w) resized bilinearly to size x size, mirrored
     where `mirrored`: one affine grid_sample, equal to cutting the box out and F.interpolate'ing it."""
     n, channels, height, width = images.shape
+    if n == 0:  # affine_grid refuses an empty batch (a batch of unreadable files)
+        return images.new_empty((0, channels, size, size))
     scale_x, scale_y = w / width, h / height
     if mirrored is not None:
         scale_x = torch.where(mirrored, -scale_x, scale_x)

@@ -80,8 +80,9 @@ def _sweep(trainer: Trainer, steps: int, accumulate: int) -> Iterator[tuple[floa
     batches = (batch for epoch in itertools.count() for batch in trainer.train_loader.epoch(epoch))
     for group in step_groups(itertools.islice(batches, steps), accumulate):
         lr = trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0]["lr_scale"]
-        for loss, _ in trainer._optimizer_step(group):
-            yield lr, loss.item()
+        for (_, labels), (loss, _) in zip(group, trainer._optimizer_step(group)):
+            if len(labels):  # a batch none of whose images could be read says nothing about the rate
+                yield lr, loss.item()
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:

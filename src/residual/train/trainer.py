@@ -460,6 +460,10 @@ class Trainer:
         # count, so the average is the global batch's mean also when the workers' weights differ (class
         # weights, a skipped image).
         weight = self.world.average(sum(self._loss_weight(labels) for _, labels in group), self.device)
+        # A group none of whose images could be read has a weight of 0 and a loss of 0: it divides by 1
+        # instead, and steps with a zero gradient, so the workers keep stepping together and the schedule
+        # keeps its length.
+        weight = (weight or 1) if isinstance(weight, int) else torch.where(weight > 0, weight, 1.0)
         return [self._train_step(images, labels, weight, stepping=position == len(group) - 1)
                 for position, (images, labels) in enumerate(group)]
 
@@ -508,7 +512,8 @@ class Trainer:
             if self.ema:
                 self.ema.update(self.model)
             self.step += 1
-        return (loss_sum / batch_weight).detach(), (logits.argmax(1) == labels).sum()
+        loss = loss_sum / batch_weight if len(labels) else loss_sum  # an empty batch's loss is 0 (of weight 0)
+        return loss.detach(), (logits.argmax(1) == labels).sum()
 
     @torch.inference_mode()
     def evaluate(self) -> dict:
