@@ -1,9 +1,11 @@
 """The training engine: what a run leaves, resume after a real kill, signals, NaN, EMA, accumulation."""
 
 import csv
+import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from residual.data.shapes import write_shapes
 from residual.data.transforms import AugmentConfig, soft_targets
 from residual.models import build_model
 from residual.train import TrainConfig, TrainingError, load_config, train
-from residual.train.checkpoint import load_checkpoint
+from residual.train.checkpoint import load_checkpoint, save_checkpoint
 from residual.train.config import resolve
 from residual.train.ema import WeightEMA
 from residual.train.optim import OptimConfig
@@ -186,6 +188,30 @@ def test_early_stopping(shapes16, tmp_path):
                                optim=OptimConfig(lr=1e-12, schedule="constant")))
     assert result.stopped_early and len(result.history) < 8
     assert json.loads((result.run_dir / "summary.json").read_text())["stopped_early"]
+    # A run that stopped early has finished: resuming it trained one more epoch before stopping again.
+    log = io.StringIO()
+    again = train(resume=result.run_dir, console=Console(file=log, width=300))
+    assert again.history == result.history and again.stopped_early
+    assert f"{result.run_dir} has finished (stopped early at epoch {len(result.history)})" in log.getvalue()
+
+
+def test_a_resume_checks_it_has_the_data_the_run_started_with(tmp_path):
+    data = write_shapes(tmp_path / "data", size=16, per_class=8, seed=3, progress=False)
+    run = train(TrainConfig(data=str(data), epochs=2, out=str(tmp_path), name="run", **QUICK)).run_dir
+    state = load_checkpoint(run / "last.pt")
+    state["epoch"] = 1  # as if stopped after the first epoch
+    save_checkpoint(state, run / "last.pt")
+    (data / "train" / "star" / "00000.png").rename(data / "train" / "star" / "renamed.png")
+    log = io.StringIO()
+    train(resume=run, console=Console(file=log, width=300))
+    assert (f"warning: {data}: the training split is not the one {run} started with (80 images then, 80 now)"
+            in log.getvalue()), "another training split can go on, but the log says so"
+    save_checkpoint(state, run / "last.pt")
+    for split in ("train", "val", "test"):
+        shutil.rmtree(data / split / "star")
+    with pytest.raises(TrainingError, match=r"its classes are not the ones .* started with \(missing star\); .* "
+                                            r"residual finetune --from .*model.safetensors"):
+        train(resume=run)  # the head has one output per class: refused before loading the weights
 
 
 def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_interval_and_at_the_end(shapes16, tmp_path,

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,17 @@ class Dataset:
 
     def class_counts(self, split: Split) -> list[int]:
         return np.bincount(np.asarray(split.labels, dtype=np.int64), minlength=len(self.classes)).tolist()
+
+    def fingerprint(self, split: Split) -> str:
+        """A digest of what `split` holds: its files (relative to the root, so the folder may move) and
+        labels. A resumed run compares it with the one it started with."""
+        # The files are root / ...: cutting the root off their names takes 1.8 s for ImageNet's 1.28M,
+        # Path.relative_to 6.3 s.
+        cut = 0 if str(self.root) == "." else len(os.path.join(self.root, ""))
+        names = "\n".join(str(path)[cut:] for path in split.files)
+        digest = hashlib.sha256(names.encode())
+        digest.update(np.asarray(split.labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
 
 def open_dataset(root: str | Path, val_split: float | None = None, seed: int = 0) -> Dataset:

@@ -211,9 +211,11 @@ class Trainer:
         self.history: list[dict] = []
         self.curves_drawn, self.curves_drawn_at = 0, -math.inf  # epochs in curves.png, and when it was drawn
         self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
+        self.stopped_early = False
         self.stop_signal: str | None = None
         self.frozen: int | None = None  # layer groups frozen in the current epoch
         self.resumes: list[dict] = []  # each resume from last.pt (after a kill, or torchrun's restarts)
+        self.train_fingerprint = dataset.fingerprint(dataset.train)  # what a resume checks it still has
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -282,11 +284,15 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "running": dict(self.running),
             "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
-            "epochs_since_best": self.epochs_since_best, "bad_files": dict(self.bad.files), "rng": rng_state(),
+            "epochs_since_best": self.epochs_since_best, "stopped_early": self.stopped_early,
+            "bad_files": dict(self.bad.files), "rng": rng_state(),
             "resumes": list(self.resumes),
+            "data": {"classes": list(self.dataset.classes), "train_images": len(self.dataset.train),
+                     "train_fingerprint": self.train_fingerprint},
         }
 
     def restore(self, state: dict) -> None:
+        self._check_same_data(state.get("data"))  # absent from a last.pt written before 2026-12-03
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -299,6 +305,7 @@ class Trainer:
         self.history = list(state["history"])
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.epochs_since_best = state["epochs_since_best"]
+        self.stopped_early = state.get("stopped_early", False)  # absent from a last.pt before 2026-12-03
         self.bad.files.update(state["bad_files"])
         set_rng_state(state["rng"])
         if self.world.rank:  # the checkpoint holds global sums (see save_last); rank 0 carries them on
@@ -307,8 +314,34 @@ class Trainer:
         self.resumes = list(state.get("resumes", [])) + [
             {"epoch": self.epoch + 1, "batch": self.batch, "step": self.step, "workers": self.world.size,
              "torchrun_restart": restarts, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
-        self.console.print(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.batch} (step {self.step})"
-                           + (f" after torchrun restart {restarts}" if restarts else ""))
+        if self.finished():
+            self.console.print(f"{self.run_dir} has finished ("
+                               + ("stopped early" if self.stopped_early else f"all {self.config.epochs} epochs")
+                               + f" at epoch {self.epoch}): nothing is left to train")
+        else:
+            self.console.print(f"resuming {self.run_dir} at epoch {self.epoch + 1}, batch {self.batch} (step "
+                               f"{self.step})" + (f" after torchrun restart {restarts}" if restarts else ""))
+
+    def _check_same_data(self, started_with: dict | None) -> None:
+        """Other classes cannot resume (the head has one output per class); another training split can,
+        but its epochs are then drawn from the new list, so the log says so."""
+        if started_with is None:
+            return
+        data, classes = self.config.data, list(self.dataset.classes)
+        if started_with["classes"] != classes:
+            gone = sorted(set(started_with["classes"]) - set(classes))
+            new = sorted(set(classes) - set(started_with["classes"]))
+            changes = ([f"missing {', '.join(gone)}"] if gone else []) + ([f"new {', '.join(new)}"] if new else [])
+            raise TrainingError(
+                f"{data}: its classes are not the ones {self.run_dir} started with "
+                f"({'; '.join(changes) or 'the same names in another order'}); resume with the data the run started "
+                f"with, or fine-tune its model on this data: residual finetune --from "
+                f"{self.run_dir / 'model.safetensors'} {data}")
+        if started_with["train_fingerprint"] != self.train_fingerprint:
+            self.console.print(
+                f"warning: {data}: the training split is not the one {self.run_dir} started with "
+                f"({started_with['train_images']} images then, {len(self.dataset.train)} now); the rest of the run "
+                f"draws its batches from the new one")
 
     def save_last(self) -> None:
         """last.pt, written by rank 0 alone; every worker calls it (the running sums are collected first)."""
@@ -321,16 +354,17 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        c = self.config
-        stopped_early = False
         # Under torchrun a signal reaches the workers at different steps, so they cannot stop together
         # cleanly; torchrun ends them and the run resumes from its last checkpoint instead.
         with _stop_on_signals(self) if not self.world.distributed else contextlib.nullcontext():
-            while self.epoch < c.epochs and not stopped_early:
+            while not self.finished():
                 train_stats = self._train_epoch()
                 val_stats = self.evaluate()
-                stopped_early = self._end_epoch(train_stats, val_stats)
-        return self._finish(stopped_early)
+                self._end_epoch(train_stats, val_stats)
+        return self._finish()
+
+    def finished(self) -> bool:
+        return self.epoch >= self.config.epochs or self.stopped_early
 
     def frozen_groups(self) -> int:
         """How many layer groups, counted from the input, are frozen in the current epoch."""
@@ -537,8 +571,8 @@ class Trainer:
         loss_sum, top1, top5, count = self.world.sum([loss_sum, top1, top5, count], self.device)
         return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5 / count}
 
-    def _end_epoch(self, train_stats: dict, val_stats: dict) -> bool:
-        """Record the epoch, keep the best model, save last.pt; True when early stopping says stop."""
+    def _end_epoch(self, train_stats: dict, val_stats: dict) -> None:
+        """Record the epoch, keep the best model, ask early stopping, save last.pt."""
         c = self.config
         row = {"epoch": self.epoch + 1, **train_stats, **val_stats, "lr": self.optimizer.param_groups[0]["lr"]}
         self.history.append(row)
@@ -561,8 +595,8 @@ class Trainer:
             f"lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
             + ("  *best*" if self.best_epoch == self.epoch + 1 else ""))
         self.epoch, self.batch = self.epoch + 1, 0
+        self.stopped_early = bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping
         self.save_last()
-        return bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping
 
     def _draw_curves(self, final: bool) -> None:
         """curves.png after the first epoch, then at most every CURVES_EVERY_S seconds, and at the end:
@@ -578,11 +612,11 @@ class Trainer:
         model = self.ema.module if self.ema else self.model
         return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
 
-    def _finish(self, stopped_early: bool) -> TrainResult:
+    def _finish(self) -> TrainResult:
         self.bad.files = self.world.merge(self.bad.files)  # each worker read only its share of the files
         self._draw_curves(final=True)
         summary = {"best_epoch": self.best_epoch, "best": self.best, "epochs_run": self.epoch,
-                   "stopped_early": stopped_early, "workers": self.world.size, "resumes": self.resumes,
+                   "stopped_early": self.stopped_early, "workers": self.world.size, "resumes": self.resumes,
                    "bad_files": self.bad.files, "ignored_files": [str(p) for p in self.dataset.ignored]}
         if self.world.is_main:
             with atomic_path(self.run_dir / "summary.json") as tmp:
@@ -593,13 +627,13 @@ class Trainer:
         best = self.best or {}
         self.console.print(
             f"\nbest epoch {self.best_epoch}: val top-1 {best.get('val_top1', float('nan')):.2%}"
-            + (" (stopped early)" if stopped_early else "")
+            + (" (stopped early)" if self.stopped_early else "")
             + (f"; {len(self.bad.files)} unreadable image(s) skipped" if self.bad.files else "")
             + (f"; {len(self.dataset.ignored)} non-image file(s) ignored" if self.dataset.ignored else ""))
         self.console.print(f"run directory: {self.run_dir} (model.safetensors, metrics.csv, curves.png, last.pt"
                            + (", report.html)" if self.config.report and self.best is not None else ")"))
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
-                           len(self.dataset.ignored), stopped_early, self.run_dir / "model.safetensors")
+                           len(self.dataset.ignored), self.stopped_early, self.run_dir / "model.safetensors")
 
 
     def _write_report(self) -> None:
