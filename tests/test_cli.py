@@ -126,6 +126,13 @@ def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp
         assert main([verb, str(model), str(data / "test"), *flags]) == 2
         err = capsys.readouterr().err.strip()  # predict's progress line may leave a blank line first
         assert err.startswith(message) and "\n" not in err
+    # A resumed run goes on as its config.yaml says: --epochs here was silently ignored.
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "50", "--augment", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume {tmp_path / 'run'} goes on as its config.yaml says, so --epochs, "
+                          f"--augment would be ignored") and err.count("\n") == 1
+    assert main(["finetune", "--resume", str(tmp_path / "run")]) == 2  # finetune's own default is no setting
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'run'}: no last.pt to resume from")
     assert main(["lr-find", str(data), "--steps", "1", "--out", str(tmp_path / "runs")]) == 2
     assert capsys.readouterr().err.startswith("error: the range test needs --steps of 2 or more")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, and a run asks for the second

@@ -313,10 +313,29 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "f
                "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report", "sync_bn")
 
 
+FINETUNE_DEFAULTS = {"strategy": "two-stage"}
+# The flags that set up a run (every TrainConfig field), and the names they go by where those differ.
+RUN_SETTINGS = ("data", "config", *TRAIN_FLAGS, *OPTIM_FLAGS, *AUGMENT_FLAGS, "drop_rate", "zero_init_residual")
+SETTING_NAMES = {"data": "DATA", "pretrained": "--from", "preset": "--augment"}
+
+
+def _refuse_settings_with_resume(args: argparse.Namespace) -> None:
+    """A resumed run goes on as its config.yaml says: a setting given with --resume would be silently ignored."""
+    finetune = FINETUNE_DEFAULTS if getattr(args, "finetune", False) else {}
+    given = [SETTING_NAMES.get(name, "--" + name.replace("_", "-")) for name in RUN_SETTINGS
+             if getattr(args, name) is not None and finetune.get(name) != getattr(args, name)]
+    if given:
+        raise ResidualError(f"--resume {args.resume} goes on as its config.yaml says, so {', '.join(given)} would be "
+                            f"ignored: drop them, or start a new run from its weights (--from "
+                            f"{Path(args.resume) / 'model.safetensors'})")
+
+
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from .train import TrainingInterrupted, train
     from .train.lr_find import lr_find
 
+    if args.resume:
+        _refuse_settings_with_resume(args)
     if getattr(args, "finetune", False) and not args.pretrained and not args.resume:
         raise ResidualError("residual finetune needs --from NAME|PATH (e.g. resnet50.tv2_in1k, or a model file)")
     if args.nproc:
@@ -701,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("finetune", help="fine-tune pretrained weights on your classes (two-stage by default)")
     _add_train_arguments(p)
-    p.set_defaults(run=cmd_train, strategy="two-stage", finetune=True)
+    p.set_defaults(run=cmd_train, finetune=True, **FINETUNE_DEFAULTS)
 
     p = commands.add_parser("lr-find", help="the learning-rate range test: a plot and a suggested --lr")
     _add_train_arguments(p)
