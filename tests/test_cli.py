@@ -111,7 +111,11 @@ def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp
                            (["--momentum", "2"], "error: --momentum must be in [0, 1)"),
                            (["--mixup", "-1"], "error: --mixup must be 0 (off) or more"),  # was a traceback
                            (["--crop-scale", "2"], "error: --crop-scale is a fraction"),
-                           (["--workers", "-2"], "error: --workers must be at least 0")]:  # was a traceback
+                           (["--workers", "-2"], "error: --workers must be at least 0"),  # was a traceback
+                           # These three left a run directory behind, or (0) were taken as auto:
+                           (["--model", "nonesuch"], "error: unknown model 'nonesuch'"),
+                           (["--drop-rate", "1.5"], "error: drop_rate must be in [0, 1)"),
+                           (["--layer-lr-decay", "0"], "error: --layer-lr-decay is the lr's factor")]:
         assert main(["train", str(data), "--out", str(tmp_path / "runs"), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1

@@ -2,9 +2,10 @@
 
 from .inference import PRECISIONS, compile_for_inference, fold_batchnorm, prepare_for_inference
 from .preprocessing import Preprocessing
-from .registry import ModelInfo, UnknownModelError, build_model, count_macs, count_params, list_models, model_info
+from .registry import (ModelInfo, UnknownModelError, build_model, count_macs, count_params, list_models, model_config,
+                       model_info)
 from .resnet import ResNet, ResNetConfig
 
 __all__ = ["PRECISIONS", "ModelInfo", "Preprocessing", "ResNet", "ResNetConfig", "UnknownModelError", "build_model",
-           "compile_for_inference", "count_macs", "count_params", "fold_batchnorm", "list_models", "model_info",
-           "prepare_for_inference"]
+           "compile_for_inference", "count_macs", "count_params", "fold_batchnorm", "list_models", "model_config",
+           "model_info", "prepare_for_inference"]

@@ -107,14 +107,20 @@ def get_spec(name: str) -> ModelSpec:
         raise UnknownModelError(f"unknown model {name!r}.{hint}") from None
 
 
-def build_model(name: str, **options) -> ResNet:
-    """A freshly initialised model; `options` override any ResNetConfig field."""
+def model_config(name: str, **options) -> ResNetConfig:
+    """The registry's config for `name` with `options` overriding its fields, checked (nothing is built)."""
     spec = get_spec(name)
     fields = {f.name for f in dataclasses.fields(ResNetConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for {name}; valid options: {sorted(fields)}")
-    config = dataclasses.replace(spec.config, **options)
+    return dataclasses.replace(spec.config, **options)
+
+
+def build_model(name: str, **options) -> ResNet:
+    """A freshly initialised model; `options` override any ResNetConfig field."""
+    spec = get_spec(name)
+    config = model_config(name, **options)
     preprocessing = spec.preprocessing
     if config.stem != spec.config.stem:  # e.g. a CIFAR-style resnet18 takes CIFAR-size inputs
         preprocessing = CIFAR_EVAL if config.stem == "cifar" else IMAGENET_EVAL

@@ -20,6 +20,7 @@ from ..data.decode import BadImageError, read_image
 from ..data.device_decode import DECODERS, check_decoder
 from ..data.transforms import AugmentConfig
 from ..errors import ConfigError
+from ..models import model_config
 from ..runs import compile_repays, pick_device
 from ..weights import pretrained_source
 from .optim import OptimConfig
@@ -98,6 +99,9 @@ class TrainConfig:
             raise ConfigError(f"--compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.layer_lr_decay is not None and not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ConfigError(f"--layer-lr-decay is the lr's factor per layer group toward the input: in (0, 1], got "
+                              f"{self.layer_lr_decay}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigError(f"--ema is the average's decay per step, between 0 and 1 (e.g. 0.999), got {self.ema}")
 
@@ -238,6 +242,7 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
     epochs = config.epochs or 30
     check_decoder(config.decoder, pick_device(config.device))  # before a run directory is written
+    model_config(model, **config.model_options)  # likewise: an unknown model or a bad option stops here
     compile_on, compile_mode, _ = compile_choice(dataclasses.replace(config, epochs=epochs), image_size, count,
                                                  processes)
     return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs, optim=optim,
