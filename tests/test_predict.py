@@ -76,6 +76,8 @@ def test_cli_formats_and_exit_code(model, demo_run, folder, tmp_path, capsys, mo
     assert main(["predict", model_file, str(folder / "cross" / "00000.png")]) == 0
     assert "cross" in capsys.readouterr().out
     assert main(["predict", model_file, str(tmp_path / "empty-dir-that-is-missing")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().endswith("empty-dir-that-is-missing: no such file")
 
 
 def test_compiled_prediction_matches_eager_and_compiles_once(model, folder, capsys):

@@ -135,7 +135,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         print(f"torch.compile: {why}", file=sys.stderr)
     if args.format == "table":
         rows = list(predictions)
-        console.print(predictions_table(rows, f"{args.model}: top-{args.topk} of {len(rows)} image(s)"))
+        if rows:  # none at all: the errors below say why, an empty table adds nothing
+            console.print(predictions_table(rows, f"{args.model}: top-{args.topk} of {len(rows)} image(s)"))
     else:
         writer = write_csv if args.format == "csv" else write_json
         if args.out:
