@@ -65,6 +65,11 @@ def test_embed_and_similar_commands(setup, tmp_path, capsys, monkeypatch):
     assert main(["embed", str(model_path), str(tmp_path / "bad.jpg"), str(data / "test" / "star"),
                  "--out", str(out), "--quiet"]) == 1
     assert "bad.jpg: empty file" in capsys.readouterr().err
+    # np.save adds .npy to a name without it: the line says so, and the paths file sits next to it.
+    assert main(["embed", str(model_path), str(data / "test" / "star"), "--out", str(tmp_path / "star")]) == 0
+    assert f"wrote {tmp_path / 'star.npy'} (10 x 64 features) and {tmp_path / 'star.paths.txt'}" in \
+        capsys.readouterr().out
+    assert np.load(tmp_path / "star.npy").shape == (10, 64)
     query = sorted((data / "test" / "arrow").glob("*.png"))[0]
     assert main(["similar", str(model_path), str(query), str(data / "test"), "--topk", "2"]) == 0
     assert str(query) in capsys.readouterr().out

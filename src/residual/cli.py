@@ -430,6 +430,7 @@ def cmd_embed(args: argparse.Namespace, console: Console) -> int:
     model = load_model(args.model)
     result = embed(model, args.images, args.batch_size, progress=not args.quiet)
     out = Path(args.out)
+    out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")  # where np.save writes it
     np.save(out, result.features)
     paths_file = out.with_suffix(".paths.txt")
     paths_file.write_text("".join(f"{p}\n" for p in result.paths))
