@@ -384,6 +384,15 @@ def test_the_epochs_class_weighted_loss_is_its_weighted_mean_whatever_the_batch_
     assert parts.history[0]["train_loss"] == pytest.approx(whole.history[0]["train_loss"], rel=1e-5)
 
 
+def test_a_class_without_training_images_is_named_in_a_warning(tmp_path):
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=4, progress=False)
+    for path in (data / "train" / "ring").iterdir():
+        path.unlink()  # an empty class folder still makes a class (an output of the head)
+    log = io.StringIO()
+    train(TrainConfig(data=str(data), epochs=1, out=str(tmp_path), **QUICK), console=Console(file=log, width=300))
+    assert f"warning: {data}: no training images of ring; the model cannot learn it" in log.getvalue()
+
+
 def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     from residual.cli import main
 

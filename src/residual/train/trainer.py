@@ -239,6 +239,10 @@ class Trainer:
         c, data = self.config, self.dataset
         if len(data.val) == 0:
             raise TrainingError(f"{data.root}: the validation split is empty; add a val/ folder or use --val-split")
+        untaught = [name for name, count in zip(data.classes, data.class_counts(data.train)) if count == 0]
+        if untaught:
+            self.console.print(f"warning: {data.root}: no training images of {', '.join(untaught)}; the model cannot "
+                               f"learn {'them' if len(untaught) > 1 else 'it'} (add images, or remove the folder)")
         small = c.image_size <= 64
         source = self.model.preprocessing if c.pretrained else None  # a pretrained model keeps its own
         crop_pct = source.crop_pct if source else 0.875
