@@ -175,8 +175,8 @@ def test_no_training_step_reads_a_value_on_a_stand_in_device(tmp_path, preset, i
     trainer.model.train()
     batches = iter(trainer.train_loader.epoch(0))
     for _ in range(2):  # two steps of two accumulated batches: their class weights are summed on the device
-        (_, _), (loss, correct) = trainer._optimizer_step([next(batches), next(batches)])
-    assert loss.device.type == correct.device.type == "meta" and trainer.step == 2
+        (_, _, _), (loss, correct, weight) = trainer._optimizer_step([next(batches), next(batches)])
+    assert loss.device.type == correct.device.type == weight.device.type == "meta" and trainer.step == 2
 
 
 def test_compile_and_cuda_graphs_are_chosen_by_run_length_size_and_processes(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ metrics are summed over workers, and only rank 0 prints and writes files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -215,7 +216,6 @@ class Trainer:
         self.stop_signal: str | None = None
         self.frozen: int | None = None  # layer groups frozen in the current epoch
         self.resumes: list[dict] = []  # each resume from last.pt (after a kill, or torchrun's restarts)
-        self.train_fingerprint = dataset.fingerprint(dataset.train)  # what a resume checks it still has
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -347,6 +347,12 @@ class Trainer:
                 f"({started_with['train_images']} images then, {len(self.dataset.train)} now); the rest of the run "
                 f"draws its batches from the new one")
 
+    @functools.cached_property
+    def train_fingerprint(self) -> str:
+        """What a resume checks it still has; made at the first checkpoint or resume, not at start-up
+        (1.8 s for ImageNet's file names, which lr-find and bench never need)."""
+        return self.dataset.fingerprint(self.dataset.train)
+
     def save_last(self) -> None:
         """last.pt, written by rank 0 alone; every worker calls it (the running sums are collected first)."""
         state = self.state()
@@ -426,9 +432,8 @@ class Trainer:
             pending: list[PendingStep] = []
             read_at, index = started, self.batch
             for group in step_groups(self.train_loader.epoch(self.epoch, self.batch), c.accumulate):
-                for (_, labels), (loss, correct) in zip(group, self._optimizer_step(group)):
-                    pending.append(PendingStep(self.epoch, index, self.step, len(labels), self._loss_weight(labels),
-                                               loss, correct))
+                for (_, labels), (loss, correct, weight) in zip(group, self._optimizer_step(group)):
+                    pending.append(PendingStep(self.epoch, index, self.step, len(labels), weight, loss, correct))
                     seen_now += len(labels)
                     index += 1
                 self.batch = index
@@ -486,9 +491,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _optimizer_step(self, group: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _optimizer_step(self, group: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]]:
         """One optimizer step over the (images, labels) batches of `group`, their gradients accumulated -> each batch's
-        (loss, correct predictions), still on the device.
+        (loss, correct predictions, `_loss_weight`), still on the device.
 
         Every image weighs the same in the step (times its class weight), as in one batch of them all,
         whatever the sizes of the batches (also the epoch's last group, which may be shorter) and of the
@@ -497,13 +502,15 @@ class Trainer:
         # DDP averages the workers' gradients: each divides by the global batch's weight over the worker
         # count, so the average is the global batch's mean also when the workers' weights differ (class
         # weights, a skipped image).
-        weight = self.world.average(sum(self._loss_weight(labels) for _, labels in group), self.device)
+        weights = [self._loss_weight(labels) for _, labels in group]
+        weight = self.world.average(sum(weights), self.device)
         # A group none of whose images could be read has a weight of 0 and a loss of 0: it divides by 1
         # instead, and steps with a zero gradient, so the workers keep stepping together and the schedule
         # keeps its length.
         weight = (weight or 1) if isinstance(weight, int) else torch.where(weight > 0, weight, 1.0)
-        return [self._train_step(images, labels, weight, stepping=position == len(group) - 1)
-                for position, (images, labels) in enumerate(group)]
+        return [(*self._train_step(images, labels, weight, stepping=position == len(group) - 1,
+                                   batch_weight=batch_weight), batch_weight)
+                for position, ((images, labels), batch_weight) in enumerate(zip(group, weights))]
 
     def _loss_weight(self, labels: torch.Tensor) -> torch.Tensor | int:
         """What the loss of a batch is the mean over: its image count, or the sum of its class weights
@@ -511,12 +518,13 @@ class Trainer:
         return len(labels) if self.class_weights is None else self.class_weights[labels].sum()
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor, step_weight: torch.Tensor | int | None = None,
-                    stepping: bool = True):
+                    stepping: bool = True, batch_weight: torch.Tensor | int | None = None):
         """Augment, forward, backward and (when `stepping`) the optimizer step on one batch ->
         (loss, correct predictions) as tensors still on the device: nothing here waits for it.
 
         `step_weight`: the `_loss_weight` of all the batches whose gradients this step accumulates
         (None: this batch alone), so the step's gradient is the mean over all their images.
+        `batch_weight`: this batch's `_loss_weight`, when the caller has it already.
         """
         c = self.config
         if self.cuda_graphs:
@@ -537,7 +545,7 @@ class Trainer:
                 # image count instead, which would change the loss's scale when mixup is turned on.
                 loss_sum = F.cross_entropy(logits.float(), targets, weight=self.class_weights,
                                            label_smoothing=smoothing, reduction="sum")
-            batch_weight = self._loss_weight(labels)
+            batch_weight = self._loss_weight(labels) if batch_weight is None else batch_weight
             self.scaler.scale(loss_sum / (batch_weight if step_weight is None else step_weight)).backward()
         if stepping:
             if c.grad_clip:
