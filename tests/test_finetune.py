@@ -108,3 +108,10 @@ def test_finetune_cli_and_its_errors(pretrained, tmp_path, capsys):
     assert "name its architecture with --model" in capsys.readouterr().err
     assert main(["train", str(new), "--strategy", "linear-probe", "--out", str(tmp_path)]) == 2
     assert "give --from" in capsys.readouterr().err
+    assert main(["train", str(new), "--freeze-stages", "2", "--out", str(tmp_path)]) == 2
+    assert "--freeze-stages keeps pretrained stages fixed: give --from" in capsys.readouterr().err
+    assert main(["train", str(new), "--from", str(model_path), "--unfreeze-stages", "1", "--out", str(tmp_path)]) == 2
+    assert "give --strategy two-stage" in capsys.readouterr().err
+    for flag in ("--freeze-stages", "--unfreeze-stages"):
+        assert main(["finetune", str(new), "--from", str(model_path), flag, "5", "--out", str(tmp_path)]) == 2
+        assert f"{flag} 5: resnet20 has 3 stages; give 0 to 3" in capsys.readouterr().err

@@ -80,6 +80,12 @@ class TrainConfig:
             raise ConfigError(f"--strategy {self.strategy} freezes a pretrained backbone: give --from")
         if self.freeze_stages < 0 or (self.unfreeze_stages is not None and self.unfreeze_stages < 0):
             raise ConfigError("--freeze-stages and --unfreeze-stages count stages: 0 or more")
+        if self.freeze_stages and not self.pretrained:
+            raise ConfigError("--freeze-stages keeps pretrained stages fixed: give --from (frozen random weights "
+                              "would stay random)")
+        if self.unfreeze_stages is not None and self.strategy != "two-stage":
+            raise ConfigError("--unfreeze-stages chooses what --strategy two-stage trains after its head epochs: "
+                              "give --strategy two-stage, or --freeze-stages to keep the first stages fixed")
         if self.class_weights not in (None, "auto"):
             raise ConfigError(f"--class-weights takes 'auto', got {self.class_weights!r}")
         if self.monitor not in MONITORS:
@@ -242,7 +248,10 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
     epochs = config.epochs or 30
     check_decoder(config.decoder, pick_device(config.device))  # before a run directory is written
-    model_config(model, **config.model_options)  # likewise: an unknown model or a bad option stops here
+    stages = len(model_config(model, **config.model_options).layers)  # likewise: an unknown model or option stops here
+    for flag, given in [("--freeze-stages", config.freeze_stages), ("--unfreeze-stages", config.unfreeze_stages)]:
+        if given is not None and given > stages:
+            raise ConfigError(f"{flag} {given}: {model} has {stages} stages; give 0 to {stages}")
     compile_on, compile_mode, _ = compile_choice(dataclasses.replace(config, epochs=epochs), image_size, count,
                                                  processes)
     return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs, optim=optim,
