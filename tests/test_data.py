@@ -218,4 +218,17 @@ def test_check_data_reports_bad_files_duplicates_leaks_and_imbalance(tmp_path):
     assert any(any(p.endswith("copy.png") for p in group) for group in report.duplicates)
     # val/a/0.png has the same pixels and bytes as train/a/0.png: leakage.
     assert any(item.endswith("val/a/0.png") for _, item, _ in report.leaks)
-    assert report.imbalance > 10 and not report.ok
+    assert report.imbalance > 10 and not report.ok and report.empty_classes == []
+
+
+def test_check_data_names_a_class_without_training_images(tmp_path, capsys):
+    from residual.cli import main
+
+    _folder(tmp_path / "d" / "train", {"a": 3, "b": 2})
+    _folder(tmp_path / "d" / "val", {"a": 1, "b": 1, "c": 1}, extension=".jpg")  # no leak: other bytes
+    (tmp_path / "d" / "train" / "c").mkdir()
+    report = check_data(tmp_path / "d", progress=False)
+    assert report.empty_classes == ["c"] and report.imbalance == 1.5 and not report.leaks and not report.ok
+    assert main(["check-data", str(tmp_path / "d")]) == 1
+    out = capsys.readouterr().out
+    assert "classes without training images" in out and "class 'c'" in out and "infx" not in out

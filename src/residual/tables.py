@@ -93,13 +93,15 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
     summary.add_row("non-image files (ignored)", str(len(report.dataset.ignored)), "")
     summary.add_row("exact duplicates (groups)", str(len(report.duplicates)), verdict(report.duplicates))
     summary.add_row("train/val/test leakage", str(len(report.leaks)), verdict(report.leaks))
+    summary.add_row("classes without training images", str(len(report.empty_classes)), verdict(report.empty_classes))
     summary.add_row("imbalance (largest/smallest train class)", f"{report.imbalance:.1f}x",
                     verdict(report.imbalance > 10))
 
     details = Table(title="details", show_header=False)
     details.add_column("what")
     details.add_column("file")
-    rows = ([("unreadable", message) for message in report.bad]
+    rows = ([("no training images", f"class {name!r}") for name in report.empty_classes]
+            + [("unreadable", message) for message in report.bad]
             + [("ignored", str(path)) for path in report.dataset.ignored]
             + [("duplicates", " = ".join(group)) for group in report.duplicates]
             + [(f"{split} leaks train", f"{item} = {train_item}") for split, item, train_item in report.leaks])

@@ -28,14 +28,19 @@ class DataReport:
     leaks: list[tuple[str, str, str]] = field(default_factory=list)  # (split, item, the same image in train)
 
     @property
+    def empty_classes(self) -> list[str]:
+        """Classes without a training image: the model cannot learn them."""
+        return [name for name, count in zip(self.dataset.classes, self.counts["train"]) if count == 0]
+
+    @property
     def imbalance(self) -> float:
-        """Largest over smallest training class count (inf when a class is empty)."""
-        train = self.counts["train"]
-        return max(train) / min(train) if min(train) > 0 else float("inf")
+        """Largest over smallest training class count, among the classes that have images."""
+        train = [count for count in self.counts["train"] if count]
+        return max(train) / min(train) if train else 1.0
 
     @property
     def ok(self) -> bool:
-        return not (self.bad or self.leaks or self.duplicates) and self.imbalance <= 10
+        return not (self.bad or self.leaks or self.duplicates or self.empty_classes) and self.imbalance <= 10
 
 
 def _items(split: Split) -> list[tuple[str, bytes | None]]:
