@@ -182,6 +182,9 @@ def test_pruned_model_loads_from_its_file_with_the_macs_it_claims(demo_run, tmp_
     monkeypatch.chdir(tmp_path)
     data = write_shapes(tmp_path / "few", size=32, per_class=10, seed=5, progress=False)  # the demo's classes
     out = tmp_path / "pruned.safetensors"
+    with monkeypatch.context() as patch:  # a bad --amount stops before the first evaluation
+        patch.setattr("residual.deploy.prune.model_stats", lambda *args: pytest.fail("evaluated"))
+        assert main(["prune", str(demo_run["model"]), str(data), "--amount", "1.5", "-o", str(out)]) == 2
     assert main(["prune", str(demo_run["model"]), str(data), "--amount", "0.5", "--epochs", "1", "--workers", "0",
                  "-o", str(out), "--quiet"]) == 0
     report = json.loads(out.with_suffix(".prune.json").read_text())

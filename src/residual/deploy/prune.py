@@ -107,9 +107,9 @@ def prune(model_path: str | Path, data: str | Path, out: str | Path | None = Non
     if list(model.class_names or []) != list(dataset.classes):
         raise PruneError(f"{data}: its classes {dataset.classes[:5]} are not the model's "
                          f"{(model.class_names or [])[:5]} in the same order; prune on the data it was trained on")
+    pruned = prune_channels(model, amount)  # first: a bad --amount stops before any evaluation
     report = {"source": str(model_path), "amount": amount, "epochs": epochs, "split": split,
               "before": model_stats(model, dataset, split, batch_size, progress)}
-    pruned = prune_channels(model, amount)
     report["pruned"] = model_stats(pruned, dataset, split, batch_size, progress)
     run_dir = None
     if epochs > 0:
