@@ -67,11 +67,26 @@ def test_shapes_and_check_data_commands(tmp_path, capsys):
     assert "train/val/test = 10/10/10 per class, with masks/" in capsys.readouterr().out
     assert len(list((tmp_path / "s" / "masks" / "val").rglob("*.png"))) == 100
     assert main(["check-data", str(tmp_path / "s")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "unreadable images" in out and "1.0x" in out
+    assert err == "", "where stderr is not a terminal the progress bar leaves nothing (it left a blank line)"
     (tmp_path / "s" / "train" / "star" / "00001.png").write_bytes(b"broken")
     assert main(["check-data", str(tmp_path / "s")]) == 1
     assert "00001.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_draw_on_a_terminal_only(terminal):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from residual.progress import progress_bar
+
+    stream = StringIO()
+    with progress_bar("checking images", console=Console(file=stream, force_terminal=terminal)) as bar:
+        bar.advance(bar.add_task("check", total=2), 2)
+    assert ("checking images" in stream.getvalue()) == terminal and (stream.getvalue() == "") != terminal
 
 
 def test_demo_trains_to_95_percent_on_the_cpu(demo_run):

@@ -16,8 +16,17 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed:,.0f} {self.unit}" if task.speed else "", style="progress.data.speed")
 
 
+def transient_bar(*columns: ProgressColumn | str, enabled: bool = True, console: Console | None = None) -> Progress:
+    """A rich Progress of `columns` that disappears when done, on stderr unless `console` says otherwise,
+    so results written to stdout stay clean. Off where the output is neither a terminal nor a notebook
+    (a log file, a pipe): rich cannot redraw there and would leave one blank line per bar."""
+    console = console or Console(stderr=True)
+    shown = enabled and (console.is_terminal or console.is_jupyter)
+    return Progress(*columns, console=console, disable=not shown, transient=True)
+
+
 def progress_bar(label: str, enabled: bool = True, unit: str = "img/s", console: Console | None = None) -> Progress:
-    """A transient bar labelled `label`, on stderr unless `console` says otherwise, so results written
-    to stdout stay clean; use as a context manager (`add_task`, `advance`, `track`)."""
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), RateColumn(unit), TimeRemainingColumn(),
-                    console=console or Console(stderr=True), disable=not enabled, transient=True)
+    """The bar of a long loop: `label`, a bar, done/total, items per second, time left; use as a context
+    manager (`add_task`, `advance`, `track`)."""
+    return transient_bar(TextColumn(label), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+                         TimeRemainingColumn(), enabled=enabled, console=console)

@@ -6,11 +6,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .data.check import DataReport
 from .models import ModelInfo, count_params, model_info
+from .progress import transient_bar
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
 
@@ -18,7 +19,7 @@ def collect_model_info(names: list[str], console: Console, input_size: int | Non
     """model_info for each name, with a progress bar: the deepest nets take a second each."""
     infos = []
     columns = (TextColumn("counting {task.fields[name]:<18}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with transient_bar(*columns, console=console) as progress:
         task = progress.add_task("models", total=len(names), name="")
         for name in names:
             progress.update(task, name=name)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -48,6 +48,7 @@ from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate
 from ..models import Preprocessing, ResNet, build_model
 from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from ..progress import transient_bar
 from ..runs import new_run_dir, pick_device
 from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -426,8 +427,7 @@ class Trainer:
                    TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  "
                               "{task.fields[rate]:.0f} img/s"),
                    TimeRemainingColumn())
-        with Progress(*columns, console=self.console, disable=c.quiet or not self.world.is_main,
-                      transient=True) as bar:
+        with transient_bar(*columns, enabled=not c.quiet and self.world.is_main, console=self.console) as bar:
             task = bar.add_task("train", total=total, completed=self.batch, loss=0.0, acc=0.0, rate=0.0)
             pending: list[PendingStep] = []
             read_at, index = started, self.batch
