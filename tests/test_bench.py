@@ -2,13 +2,15 @@
 and CUDA graphs."""
 
 import csv
+import os
 
 import pytest
 import torch
 from rich.console import Console
 
 from residual import bench
-from residual.bench import SETTINGS, TINY_WORKLOADS, BenchRow, compile_payback, jpeg_folder, select_workloads
+from residual.bench import (SETTINGS, TINY_WORKLOADS, BenchRow, compile_payback, fresh_compile_caches, jpeg_folder,
+                            select_workloads)
 from residual.cli import main
 from residual.data.datasets import open_dataset
 from residual.data.device_decode import check_decoder
@@ -99,6 +101,26 @@ def test_the_bench_says_after_how_many_steps_compiling_repays_its_warm_up():
         f"automatically from {COMPILE_FROM_STEPS:,} steps)",
         f"c: torch.compile repays its 10 s warm-up after about 20,000 images (compiling is chosen automatically "
         f"from {INFERENCE_COMPILE_FROM_IMAGES:,} images)"]
+
+
+def test_each_compiled_row_compiles_afresh(tmp_path, monkeypatch):
+    """A compiled row reused the kernels an earlier row of the same net had made and reported a warm-up
+    near 0 s: each now compiles with Dynamo's code dropped and empty cache folders, put back after."""
+    from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "theirs"))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    counter = CompileCounter()
+    traced = torch.compile(lambda x: x.sin() * 2, backend=counter)
+    traced(torch.ones(3)), traced(torch.ones(3))
+    assert counter.frame_count == 1, "compiled once, then reused"
+    with fresh_compile_caches(tmp_path):
+        inductor_dir = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        traced(torch.ones(3))
+        assert counter.frame_count == 2, "compiled again"
+        torch.compile(lambda x: x.cos() + 1)(torch.ones(3))
+    assert any(os.scandir(inductor_dir)), "inductor wrote its kernels to the fresh folder"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "theirs") and "TRITON_CACHE_DIR" not in os.environ
 
 
 def test_fused_optimizer_makes_the_same_update():

@@ -25,12 +25,15 @@ on the device, so the ratio is the share of the synthetic rate that survives dec
 
 Images/s is measured after warm-up steps with the device synchronised; MFU is
 FLOPs per image (2 x MACs, x3 for a training step) x images/s / `peak_tflops`.
+Each compiled row compiles with torch.compile's caches emptied (`fresh_compile_caches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -310,6 +313,28 @@ def peer_step(workload: Workload, setting: Setting, device: torch.device) -> tup
     return (train_step if workload.train else infer_step), name
 
 
+@contextlib.contextmanager
+def fresh_compile_caches(folder: Path):
+    """torch.compile with Dynamo's compiled code dropped and empty inductor and Triton cache folders:
+    without this a row reused the kernels of an earlier row of the same net (the JPEG rows after the
+    synthetic ones) and reported a warm-up near 0 s. The process's in-memory kernel caches and
+    inductor's start-up, paid by its first compile, stay: one workload per process gives first-run
+    warm-ups (benchmarks/gpu_session.sh)."""
+    torch.compiler.reset()
+    names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    saved = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = tempfile.mkdtemp(prefix=name.split("_")[0].lower() + "-", dir=folder)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
 def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: int = 30, warmup: int = 10,
           console: Console | None = None, augment: str = "none", compile_mode: str | None = None,
           on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
@@ -351,8 +376,9 @@ def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: i
                     return residual_infer_step(workload, setting, torch_device, steps + warmup, jpegs, mode)
 
                 jpegs = jpeg_folder(Path(folder), workload, steps + warmup) if workload.jpeg_size else None
-                ours, warmup_seconds = images_per_second(residual_step(jpegs), workload.batch, steps, warmup,
-                                                         torch_device)
+                with fresh_compile_caches(Path(folder)) if setting.compile else contextlib.nullcontext():
+                    ours, warmup_seconds = images_per_second(residual_step(jpegs), workload.batch, steps, warmup,
+                                                             torch_device)
                 if jpegs:
                     peer, peer_name = residual_step(None), "residual, synthetic data"
                 else:
