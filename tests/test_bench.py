@@ -244,6 +244,29 @@ def test_bf16_channels_last_path_follows_the_fp32_loss_curve(tmp_path):
     assert losses["bf16"] != losses["fp32"]  # it did run in bf16
 
 
+def test_a_compiled_run_compiles_the_model_once(tmp_path, monkeypatch):
+    """The epoch's shorter last batch compiled the model again, for any batch size, and later batches ran
+    that graph: compiled runs leave it out (unless it is the only batch)."""
+    from torch._dynamo.testing import CompileCounter
+
+    data = write_shapes(tmp_path / "s", size=16, per_class=3, seed=0, progress=False)
+    dataset = open_dataset(data)
+    assert len(dataset.train) % 8, "a shorter last batch"
+    counter, compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile(model, backend=counter))
+    common = dict(data=str(data), model="resnet20", model_options={"layers": (1, 1, 1)}, epochs=2, device="cpu",
+                  quiet=True, report=False, out=str(tmp_path), ema=None)
+    train(TrainConfig(**common, batch_size=8, compile=True, name="compiled"))
+    assert counter.frame_count == 1
+    for batch_size, compiled, batches in [(8, True, len(dataset.train) // 8), (8, False, len(dataset.train) // 8 + 1),
+                                          (64, True, 1)]:
+        config = resolve(TrainConfig(**common, batch_size=batch_size, compile=compiled), dataset)
+        trainer = Trainer(config, dataset, tmp_path / f"{batch_size}-{compiled}", Console(quiet=True))
+        assert len(trainer.train_loader) == batches and trainer.steps_per_epoch == batches
+        assert sum(len(labels) for _, labels in trainer.train_loader.epoch(0)) == min(batch_size * batches,
+                                                                                       len(dataset.train))
+
+
 def test_the_compiled_step_follows_the_eager_loss_curve(tmp_path):
     """torch.compile (inductor, as chosen automatically on CUDA) changes how the step runs, not what it
     computes: the same first steps give the same losses, so the weights got the same updates."""

@@ -83,7 +83,8 @@ def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
 
 
 def batch_count(count: int, batch_size: int, drop_last: bool) -> int:
-    return count // batch_size if drop_last else math.ceil(count / batch_size)
+    """Batches of `count` items; `drop_last` leaves out a shorter last batch, unless it is the only one."""
+    return count // batch_size if drop_last and count >= batch_size else math.ceil(count / batch_size)
 
 
 class BadFileLog:

@@ -253,6 +253,10 @@ class Trainer:
         in_memory = c.in_memory if c.in_memory is not None else fits
         progress = not c.quiet and self.world.is_main
         shard = {"rank": self.world.rank, "world": self.world.size}
+        # A compiled model is compiled for one batch shape: the epoch's shorter last batch would compile it
+        # again, for any batch size, and Dynamo would then run that dynamic graph for every later batch.
+        # Compiled runs leave it out (other images each epoch, as they are shuffled), as timm does.
+        drop_last = bool(c.compile)
         if in_memory:
             train_images, train_labels = load_into_memory(data.train, resize, resize, interpolation, self.bad,
                                                           "loading train", progress)
@@ -262,13 +266,13 @@ class Trainer:
             if source:
                 mean, std = source.mean, source.std
             self.train_loader = InMemoryLoader(train_images, train_labels, self.worker_batch, True, c.seed, self.device,
-                                               balanced=c.balanced_sampler, **shard)
+                                               drop_last, balanced=c.balanced_sampler, **shard)
             self.val_loader = InMemoryLoader(val_images, val_labels, 2 * self.worker_batch, False, c.seed,
                                              self.device, **shard)
         else:
             workers = c.workers if c.workers is not None else decoding_workers(self.world.local_size)
             self.train_loader = FileLoader(data.train, self.worker_batch, True, c.seed, self.device, resize, resize,
-                                           interpolation, workers, self.bad, balanced=c.balanced_sampler,
+                                           interpolation, workers, self.bad, drop_last, balanced=c.balanced_sampler,
                                            decoder=c.decoder, **shard)
             self.val_loader = FileLoader(data.val, 2 * self.worker_batch, False, c.seed, self.device, resize,
                                          c.image_size, interpolation, workers, self.bad, decoder=c.decoder, **shard)
