@@ -1,6 +1,8 @@
 """Datasets on disk: shapes, ImageFolder layouts, CIFAR pickles, loaders and check-data."""
 
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -206,6 +208,28 @@ def test_too_many_bad_files_in_a_row_stop_with_a_clear_error(tmp_path):
     dataset = open_dataset(tmp_path / "d", val_split=0.1)
     with pytest.raises(DatasetError, match="in a row could not be read"):
         load_into_memory(dataset.train, 8, 8, "bilinear", BadFileLog(max_streak=3), progress=False)
+
+
+def test_the_decoding_workers_also_start_by_forkserver(tmp_path):
+    """Python 3.14 starts processes by forkserver, not fork: the workers' datasets and collate functions
+    then travel pickled, and a lambda or a local function among them would fail there only."""
+    data = write_shapes(tmp_path / "s", size=16, per_class=4, seed=0, progress=False)
+    script = f"""
+import multiprocessing, torch
+from residual.data.datasets import open_dataset
+from residual.data.loaders import BadFileLog, FileLoader, inference_batches
+if __name__ == "__main__":
+    multiprocessing.set_start_method("forkserver")
+    train = open_dataset({str(data)!r}).train
+    loader = FileLoader(train, 16, True, 0, torch.device("cpu"), 16, 16, "bilinear", 2, BadFileLog())
+    trained = sum(len(labels) for _, labels in loader.epoch(0))
+    predicted = sum(len(batch.images) for batch in inference_batches(train.files, 16, 16, batch_size=16, workers=2))
+    print(trained, predicted, len(train))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    trained, predicted, count = map(int, result.stdout.split())
+    assert trained == predicted == count == 40
 
 
 def test_check_data_reports_bad_files_duplicates_leaks_and_imbalance(tmp_path):
