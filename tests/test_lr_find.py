@@ -60,11 +60,15 @@ def test_a_batch_of_unreadable_files_adds_no_point_to_the_curve(tmp_path):
 
 def test_lr_find_command_and_lr_auto(data, tmp_path, capsys):
     common = ["--model", "resnet20", "--batch-size", "16", "--quiet", "--out", str(tmp_path / "runs")]
-    assert main(["lr-find", str(data), "--steps", "30", *common]) == 0
-    assert "suggested learning rate" in capsys.readouterr().out
+    assert main(["lr-find", str(data), "--steps", "30", "--epochs", "40", "--schedule", "step", *common]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: --epochs, --schedule do not apply to the range test" in out
+    assert "suggested learning rate" in out
+    assert f"curve:{tmp_path / 'runs' / 'resnet20' / 'lr_find.png'}" in "".join(out.split())  # rich folds long lines
     assert main(["train", str(data), "--lr", "auto", "--epochs", "1", "--name", "auto", "--no-report",
                  *common]) == 0
     out = capsys.readouterr().out
+    assert f"curve:{tmp_path / 'lr-find' / 'auto' / 'lr_find.png'}" in "".join(out.split())  # beside the runs
     chosen = float(out.split("--lr auto: training at ")[1].split()[0])
     config = yaml.safe_load((tmp_path / "runs" / "auto" / "config.yaml").read_text())
     assert config["optim"]["lr"] == pytest.approx(chosen, rel=1e-2)

@@ -273,10 +273,22 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# Training flags lr-find takes (so a train command line can be reused) but that do not apply to the sweep:
+# it trains no run, on no schedule but its own.
+LR_FIND_IGNORES = ("resume", "run_dir", "nproc", "sync_bn", "epochs", "lr", "schedule", "warmup_epochs",
+                   "min_lr_ratio", "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase",
+                   "early_stopping", "monitor", "ema", "checkpoint_every", "report")
+
+
 def cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
     from .train.lr_find import lr_find
 
-    lr_find(_train_config(args, lr=None), args.start_lr, args.end_lr, args.steps, console=console)
+    ignored = ["--" + name.replace("_", "-") for name in LR_FIND_IGNORES if getattr(args, name) is not None]
+    if ignored:
+        console.print(f"warning: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to the range "
+                      f"test, which raises the rate from --start-lr to --end-lr over --steps batches and trains no run")
+    lr_find(_train_config(args, lr=None), args.start_lr, args.end_lr, args.steps, runs=args.out or "runs/lr-find",
+            console=console)
     return 0
 
 
@@ -485,8 +497,9 @@ def _add_experiment_commands(commands) -> None:
     p.set_defaults(run=cmd_experiment_gradients)
 
 
-def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply."""
+def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -> None:
+    """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply.
+    `runs`: where the command's run directories go by default."""
     from .data.device_decode import DECODERS
     from .train.config import COMPILE_MODES
 
@@ -566,7 +579,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                           "read the files, JPEGs are decoded on the device: nvjpeg on CUDA)")
     run.add_argument("--checkpoint-every", type=int, metavar="STEPS")
     run.add_argument("--max-bad-streak", type=int)
-    run.add_argument("--out", help="parent of the run directory (default runs/train)")
+    run.add_argument("--out", help=f"parent of the run directory (default {runs})")
     run.add_argument("--name")
     run.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=None, help="no progress bar")
     run.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
@@ -725,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train, finetune=True, **FINETUNE_DEFAULTS)
 
     p = commands.add_parser("lr-find", help="the learning-rate range test: a plot and a suggested --lr")
-    _add_train_arguments(p)
+    _add_train_arguments(p, runs="runs/lr-find")
     p.add_argument("--start-lr", type=float, default=1e-6)
     p.add_argument("--end-lr", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=100)

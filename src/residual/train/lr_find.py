@@ -4,7 +4,9 @@ Train from the configured start (fresh or pretrained, same data, augmentation an
 optimizer) while the learning rate grows exponentially from `start_lr` to `end_lr`, and
 record the smoothed loss. The suggestion is a tenth of the rate at the lowest loss
 (fastai's lr_min), a rate still safely on the falling side. It runs the engine's own
-training step, only with this schedule; the model it trains is thrown away.
+training step, only with this schedule; the model it trains is thrown away. The curve
+goes to `runs`/NAME/lr_find.png: by default lr-find beside the training runs (runs/lr-find
+for config.out runs/train).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class LRFindResult:
 
 
 def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100,
-            smoothing: float = 0.9, diverge: float = 4.0, console: Console | None = None) -> LRFindResult:
+            smoothing: float = 0.9, diverge: float = 4.0, runs: str | None = None,
+            console: Console | None = None) -> LRFindResult:
     sweep = math.ceil(steps / config.accumulate)  # optimizer steps: the rate changes once per step
     if sweep < 2 or not 0 < start_lr < end_lr:
         raise ConfigError(f"the range test needs --steps of {2 * config.accumulate} or more (two optimizer steps) and "
@@ -49,7 +52,7 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
     with seeded(config.seed, config.deterministic):  # the flags it sets end with the sweep
         dataset = open_dataset(config.data, config.val_split, config.seed)
         config = resolve(config, dataset)
-        run_dir = new_run_dir(str(Path(config.out).parent / "lr-find"), config.name or f"{config.model}")
+        run_dir = new_run_dir(runs or str(Path(config.out).parent / "lr-find"), config.name or f"{config.model}")
         trainer = Trainer(config, dataset, run_dir, console)
         ratio = end_lr / start_lr
         base = config.optim.lr  # the optimizer's groups start at base x their layer scale
