@@ -195,11 +195,13 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path):
     assert summary["epochs_run"] == 3 and (run / "model.safetensors").is_file()
 
 
-def test_sync_bn_on_cpu_and_uneven_batches_are_refused_before_launch(tmp_path, capsys):
+def test_sync_bn_on_cpu_uneven_batches_and_restarts_without_workers_are_refused_before_launch(tmp_path, capsys):
     data = write_shapes(tmp_path / "shapes", size=16, per_class=5, seed=0, progress=False)
     common = ["train", str(data), "--device", "cpu", "--out", str(tmp_path / "runs"), "--nproc", "2"]
     assert main(common + ["--sync-bn"]) == 2
     assert "--sync-bn needs CUDA workers" in capsys.readouterr().err
     assert main(common + ["--batch-size", "63"]) == 2
     assert "must divide evenly among the 2 workers" in capsys.readouterr().err
+    assert main(common[:-2] + ["--max-restarts", "2"]) == 2  # without --nproc it would be ignored
+    assert "--max-restarts restarts a group of --nproc workers: give --nproc N too" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was prepared

@@ -351,6 +351,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         _refuse_settings_with_resume(args)
     if getattr(args, "finetune", False) and not args.pretrained and not args.resume:
         raise ResidualError("residual finetune needs --from NAME|PATH (e.g. resnet50.tv2_in1k, or a model file)")
+    if args.max_restarts and not args.nproc:
+        raise ResidualError("--max-restarts restarts a group of --nproc workers: give --nproc N too")
     if args.nproc:
         return _launch_workers(args, console)
     try:
