@@ -113,6 +113,12 @@ def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, 
     assert json.loads(capsys.readouterr().out)[0]["top"][0]["class_name"] == "circle"
     assert main(["explain", str(exported.path), str(image)]) == 2
     assert "Grad-CAM needs the model's gradients" in capsys.readouterr().err
+    for command in (["embed", str(exported.path), str(image), "--out", str(tmp_path / "features")],
+                    ["similar", str(exported.path), str(image), str(image.parent)]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (f"error: {exported.path}: the features are the pooled output before the "
+                                           f"classifier, which an exported model does not give; give the "
+                                           f".safetensors model file it was exported from\n")
     for command in ("predict", "eval"):
         target = str(image) if command == "predict" else str(demo_run["data"])
         assert main([command, str(exported.path), target, "--compile", "--out", str(tmp_path / command)]) == 2

@@ -73,6 +73,13 @@ def test_cli_formats_and_exit_code(model, demo_run, folder, tmp_path, capsys, mo
     document = json.loads((tmp_path / "p.json").read_text())
     assert len(document) == 4 and document[0]["top"][0]["class_name"] == "star"
     assert len(document[0]["top"]) == 5
+    capsys.readouterr()
+    assert main(["predict", model_file, str(folder / "star"), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
+    written = list(csv.DictReader(io.StringIO((tmp_path / "p.csv").read_text())))
+    assert capsys.readouterr().out == "" and len(written) == 4 * 5
+    for table in (["--out", str(tmp_path / "p.txt")], ["--format", "table", "--out", str(tmp_path / "p.csv")]):
+        assert main(["predict", model_file, str(folder / "star"), *table]) == 2  # the file would not be written
+        assert "a table is printed, not written; give --format csv or json" in capsys.readouterr().err
     assert main(["predict", model_file, str(folder / "cross" / "00000.png")]) == 0
     assert "cross" in capsys.readouterr().out
     assert main(["predict", model_file, str(tmp_path / "empty-dir-that-is-missing")]) == 1

@@ -123,6 +123,11 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .predict import inference_compile, iter_predict, write_csv, write_json
     from .tables import predictions_table
 
+    by_suffix = {".csv": "csv", ".json": "json"}.get(Path(args.out).suffix.lower()) if args.out else None
+    output_format = args.format or by_suffix or "table"
+    if args.out and output_format == "table":
+        raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
+                            f"--out ending in .csv or .json)")
     model = _inference_model(args.model, args.device, args.precision)
     items = image_files(args.images)
     if not items:
@@ -133,12 +138,12 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
                                progress=not args.quiet, decoder=args.decoder, compile=compiled)
     if not args.quiet:  # once the arguments are checked; stderr, as stdout holds the predictions
         print(f"torch.compile: {why}", file=sys.stderr)
-    if args.format == "table":
+    if output_format == "table":
         rows = list(predictions)
         if rows:  # none at all: the errors below say why, an empty table adds nothing
             console.print(predictions_table(rows, f"{args.model}: top-{args.topk} of {len(rows)} image(s)"))
     else:
-        writer = write_csv if args.format == "csv" else write_json
+        writer = write_csv if output_format == "csv" else write_json
         if args.out:
             with atomic_path(Path(args.out)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
                 count = writer(predictions, stream)
@@ -149,6 +154,12 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     return 1 if failed else 0
 
 
+def _refuse_onnx(model: str, why: str) -> None:
+    """Commands that need the PyTorch model itself say so for an exported .onnx file, and which file to give."""
+    if Path(model).suffix == ".onnx":
+        raise ResidualError(f"{model}: {why}; give the .safetensors model file it was exported from")
+
+
 def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
@@ -156,9 +167,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     from .explain import iter_explain
     from .runs import new_run_dir
 
-    if Path(args.model).suffix == ".onnx":
-        raise ResidualError(f"{args.model}: Grad-CAM needs the model's gradients, which ONNX Runtime does not give; "
-                            f"explain the .safetensors model file it was exported from")
+    _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which ONNX Runtime does not give")
     model = _inference_model(args.model, args.device)
     items = image_files(args.images)
     if not items:
@@ -436,11 +445,15 @@ def cmd_experiment_gradients(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+FEATURES_NOT_IN_ONNX = "the features are the pooled output before the classifier, which an exported model does not give"
+
+
 def cmd_embed(args: argparse.Namespace, console: Console) -> int:
     import numpy as np
 
     from .embed import embed
 
+    _refuse_onnx(args.model, FEATURES_NOT_IN_ONNX)
     model = load_model(args.model)
     result = embed(model, args.images, args.batch_size, progress=not args.quiet)
     out = Path(args.out)
@@ -460,6 +473,7 @@ def cmd_similar(args: argparse.Namespace, console: Console) -> int:
 
     from .embed import similar
 
+    _refuse_onnx(args.model, FEATURES_NOT_IN_ONNX)
     matches, failed = similar(load_model(args.model), args.query, args.gallery, args.topk, args.batch_size)
     table = Table(title=f"most similar to {args.query} (cosine similarity of pooled features)")
     table.add_column("rank", justify="right")
@@ -635,7 +649,8 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("model", help="a model file or a pretrained name")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--format", choices=("table", "json", "csv"),
+                   help="default: csv or json for an --out ending so, otherwise a table")
     p.add_argument("--out", help="write json/csv here instead of standard output")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
