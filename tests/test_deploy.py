@@ -74,6 +74,22 @@ def test_metadata_round_trip(model, exported, tmp_path):
         OnnxModel(tmp_path / "foreign.onnx")
 
 
+def test_info_describes_an_exported_model(model, exported, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["info", str(exported.path)]) == 0
+    lines = [line.strip("│ ").split(" │ ") for line in capsys.readouterr().out.splitlines() if line.count("│") == 3]
+    rows = {field.strip(): value.strip() for field, value in lines}
+    size = model.preprocessing.input_size
+    assert rows["architecture"] == model.arch and rows["precision"] == "fp32" and rows["opset"] == "ai.onnx 18"
+    assert rows["classes"].startswith(f"{model.num_classes}: {model.class_names[0]}, ")
+    assert rows["input"] == f"'input', float32 batch x 3 x {size} x {size} (float32 NCHW normalised)"
+    stored = sum(onnx.numpy_helper.to_array(t).size for t in onnx.load(exported.path).graph.initializer)
+    assert rows["weights"] == f"{stored:,} stored values, file {exported.path.stat().st_size / 1e6:.2f} MB"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), tmp_path / "foreign.onnx")
+    assert main(["info", str(tmp_path / "foreign.onnx")]) == 2
+    assert "an ONNX file, but not one exported by residual" in capsys.readouterr().err
+
+
 def test_fp16_graph_with_preprocessing_takes_pixels(model, demo_run, tmp_path):
     out = tmp_path / "pixels.onnx"
     assert main(["export", str(demo_run["model"]), "--fp16", "--with-preprocessing", "--data", str(demo_run["data"]),

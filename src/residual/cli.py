@@ -60,9 +60,14 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
-    from .tables import model_file_table
+    from .tables import fields_table, model_file_table
 
-    console.print(model_file_table(Path(args.model)))
+    if Path(args.model).suffix == ".onnx":
+        from .deploy.onnx import describe_onnx
+
+        console.print(fields_table(args.model, describe_onnx(args.model)))
+    else:
+        console.print(model_file_table(Path(args.model)))
     return 0
 
 
@@ -743,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     p = commands.add_parser("info", help="what a model file holds: architecture, classes, preprocessing")
-    p.add_argument("model", help="a .safetensors model file")
+    p.add_argument("model", help="a .safetensors model file, or an .onnx file residual exported")
     p.set_defaults(run=cmd_info)
 
     p = commands.add_parser("train", help="train a ResNet on a folder of images (or CIFAR)")

@@ -51,28 +51,35 @@ def pretrained_table(entries: Iterable[PretrainedWeights]) -> Table:
     return table
 
 
+def fields_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    """A two-column table of (field, value) rows, as `residual info` shows a model file."""
+    table = Table(title=title, show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for field, value in rows:
+        table.add_row(field, value)
+    return table
+
+
 def model_file_table(path: Path) -> Table:
     meta = read_metadata(path)
     model = load_model(path)
     config = meta["config"]
     names = meta["class_names"]
     pre = meta["preprocessing"]
-    table = Table(title=str(path), show_header=False)
-    table.add_column("field")
-    table.add_column("value")
-    table.add_row("architecture", meta["arch"])
-    table.add_row("parameters", f"{count_params(model):,}")
     listed = f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else " (unnamed)"
-    table.add_row("classes", f"{config['num_classes']}{listed}")
-    table.add_row("input", f"{config['in_chans']} channels, resize {pre['resize_size']} -> crop {pre['input_size']}, "
-                           f"{pre['interpolation']}")
-    table.add_row("mean / std", f"{pre['mean']} / {pre['std']}")
     options = {k: v for k, v in config.items() if k not in ("num_classes", "in_chans")}
-    table.add_row("config", ", ".join(f"{k}={v}" for k, v in options.items()))
-    table.add_row("written by", f"residual {meta['residual_version']}, torch {meta['torch_version']}")
+    rows = [("architecture", meta["arch"]),
+            ("parameters", f"{count_params(model):,}"),
+            ("classes", f"{config['num_classes']}{listed}"),
+            ("input", f"{config['in_chans']} channels, resize {pre['resize_size']} -> crop {pre['input_size']}, "
+                      f"{pre['interpolation']}"),
+            ("mean / std", f"{pre['mean']} / {pre['std']}"),
+            ("config", ", ".join(f"{k}={v}" for k, v in options.items())),
+            ("written by", f"residual {meta['residual_version']}, torch {meta['torch_version']}")]
     if meta["extra"]:
-        table.add_row("extra", ", ".join(f"{k}={v}" for k, v in meta["extra"].items()))
-    return table
+        rows.append(("extra", ", ".join(f"{k}={v}" for k, v in meta["extra"].items())))
+    return fields_table(str(path), rows)
 
 
 def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:

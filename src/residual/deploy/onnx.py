@@ -162,7 +162,12 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata_props of an ONNX file written by residual (the graph's weights are not loaded)."""
+    """The metadata_props of an ONNX file written by residual (weights in external files are not loaded)."""
+    return _load_residual_onnx(path)[1]
+
+
+def _load_residual_onnx(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """An ONNX file written by residual and its metadata, or a one-line ModelFileError."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
@@ -174,7 +179,41 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     if metadata.get("residual.format") != ONNX_FORMAT:
         raise ModelFileError(f"{path}: an ONNX file, but not one exported by residual (its metadata has no class "
                              f"names or preprocessing); export the model with `residual export`")
-    return metadata
+    return proto, metadata
+
+
+def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(field, value) rows of what `residual info` shows of an exported model: its metadata, the
+    graph's input, opset and stored weights, and the file's size."""
+    path = Path(path)
+    model, meta = _load_residual_onnx(path)
+    graph = model.graph
+    names, pre = json.loads(meta["class_names"]), json.loads(meta["preprocessing"])
+    opsets = ", ".join(f"{entry.domain or 'ai.onnx'} {entry.version}" for entry in model.opset_import
+                       if entry.domain in ("", "com.microsoft"))
+    [graph_input] = graph.input
+    tensor = graph_input.type.tensor_type
+    shape = " x ".join(d.dim_param or str(d.dim_value) for d in tensor.shape.dim)
+    stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    listed = f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else ""
+    rows = [("architecture", meta["arch"]),
+            ("precision", meta["precision"]),
+            ("classes", f"{len(names)}{listed}"),
+            ("input", f"'{graph_input.name}', {onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)} "
+                      f"{shape} ({meta['input']})"),
+            ("preprocessing", f"resize {pre['resize_size']} -> crop {pre['input_size']}, {pre['interpolation']}, "
+                              f"mean {pre['mean']}, std {pre['std']}"),
+            ("weights", f"{stored:,} stored values, file {path.stat().st_size / 1e6:.2f} MB"),
+            ("opset", opsets),
+            ("written by", f"residual {meta['residual_version']}, torch {meta['torch_version']}")]
+    extra = {key: value for key, value in meta.items() if key not in ONNX_KNOWN_METADATA}
+    if extra:
+        rows.append(("extra", ", ".join(f"{key}={value}" for key, value in extra.items())))
+    return rows
+
+
+ONNX_KNOWN_METADATA = ("residual.format", "arch", "class_names", "preprocessing", "input", "precision",
+                       "residual_version", "torch_version")
 
 
 class OnnxModel:
