@@ -115,6 +115,23 @@ def test_experiment_commands_parse_and_report_errors_in_one_line(tmp_path, capsy
     assert "plain1202" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "--tiny", "--steps", "0"], "argument --steps: must be at least 1, got 0"),  # divided by zero
+    (["bench", "--tiny", "--peak-tflops", "-5"], "argument --peak-tflops: must be above 0, got -5"),
+    (["shapes", "out", "--size", "0"], "argument --size: must be at least 1, got 0"),  # Pillow's traceback
+    (["experiment", "degradation", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),  # 30 epochs
+    (["eval", "model", "data", "--gallery", "-1"], "argument --gallery: must be at least 0, got -1"),
+    (["export", "model", "--samples", "0"], "argument --samples: must be at least 1, got 0"),  # a traceback
+    (["quantize", "model", "--calib", "data", "--calib-size", "0"], "argument --calib-size: must be at least 1"),
+    (["similar", "model", "query", "gallery", "--topk", "0"], "argument --topk: must be at least 1, got 0"),
+    (["export", "model", "--samples", "x"], "argument --samples: invalid int value: 'x'"),
+])
+def test_counts_and_rates_out_of_range_are_refused_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     data = write_shapes(tmp_path / "s", size=8, per_class=2, seed=0, progress=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU

@@ -492,6 +492,29 @@ def cmd_similar(args: argparse.Namespace, console: Console) -> int:
     return 1 if failed else 0
 
 
+def at_least(least: int):
+    """An argparse type: a whole number of at least `least` (a count of steps, images, classes...)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    return value
+
+
+positive.__name__ = "float"
+
+
 def _norm(value: str) -> str | None:
     return None if value == "none" else value
 
@@ -503,7 +526,7 @@ def _add_experiment_commands(commands) -> None:
     p.add_argument("--data", default="shapes", help="'shapes' (built-in, 16 px) or a dataset folder (e.g. CIFAR-10)")
     p.add_argument("--depths", type=lambda v: [int(d) for d in v.split(",")], default=[20, 56])
     p.add_argument("--recipe", choices=("quick", "paper"), default="quick")
-    p.add_argument("--epochs", type=int, help="override the recipe's length")
+    p.add_argument("--epochs", type=at_least(1), help="override the recipe's length")
     p.add_argument("--norm", type=_norm, default="batch", choices=("batch", "group", None), metavar="batch|group|none")
     p.add_argument("--init", choices=("he", "xavier"), default="he")
     p.add_argument("--out", default="runs/experiments/degradation")
@@ -513,7 +536,7 @@ def _add_experiment_commands(commands) -> None:
     p.add_argument("--data", default="shapes")
     p.add_argument("--norm", type=_norm, default="batch", choices=("batch", "group", None), metavar="batch|group|none")
     p.add_argument("--init", choices=("he", "xavier"), default="he")
-    p.add_argument("--steps", type=int, default=200, help="SGD steps between the two measurements")
+    p.add_argument("--steps", type=at_least(1), default=200, help="SGD steps between the two measurements")
     p.add_argument("--out", help="default runs/experiments/gradients-NORM-INIT")
     p.set_defaults(run=cmd_experiment_gradients)
 
@@ -642,7 +665,7 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="default: test if present, else val; a flat folder of classes is used whole")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
-    p.add_argument("--gallery", type=int, default=16, help="highest-loss images shown with Grad-CAM (0: none)")
+    p.add_argument("--gallery", type=at_least(0), default=16, help="highest-loss images shown with Grad-CAM (0: none)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--out", help="report folder (default: a new runs/eval/MODEL-DATA)")
@@ -685,7 +708,7 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--with-preprocessing", action="store_true",
                    help="the graph takes uint8 N x H x W x 3 pixels at the input size and normalises them itself")
     p.add_argument("--data", help="images for the parity check (default: the model's training data, if recorded)")
-    p.add_argument("--samples", type=int, default=256, help="images in the parity check")
+    p.add_argument("--samples", type=at_least(1), default=256, help="images in the parity check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write the file even if it fails the parity check")
     p.add_argument("-o", "--output", help="default: MODEL with .onnx")
@@ -698,7 +721,7 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--method", choices=tuple(CALIBRATION_METHODS), default="minmax",
                    help="how activation ranges are calibrated")
-    p.add_argument("--calib-size", type=int, default=256, help="calibration images (a seeded sample)")
+    p.add_argument("--calib-size", type=at_least(1), default=256, help="calibration images (a seeded sample)")
     p.add_argument("--max-drop", type=float, default=1.0, help="largest top-1 loss allowed, in points")
     p.add_argument("--force", action="store_true", help="write the model even if it loses more than --max-drop")
     p.add_argument("--batch-size", type=int, default=64)
@@ -727,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("models", help="table of every ResNet: parameters, MACs, depth, block")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
-    p.add_argument("--input-size", type=int, help="count MACs at this size instead of each model's default")
+    p.add_argument("--input-size", type=at_least(1), help="count MACs at this size instead of each model's default")
     p.set_defaults(run=cmd_models)
 
     p = commands.add_parser("pretrained", help="published weights that create_model/load_model can fetch")
@@ -778,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a model file or a pretrained name")
     p.add_argument("query", help="the query image")
     p.add_argument("gallery", help="a folder of images (searched recursively)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=at_least(1), default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(run=cmd_similar)
 
@@ -787,8 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("shapes", help="write the built-in synthetic dataset as an ImageFolder of PNGs")
     p.add_argument("out", help="folder to write (train/ val/ test/, and masks/ with --masks)")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--per-class", type=int, default=1000, help="training images per class (val/test get a fifth)")
+    p.add_argument("--size", type=at_least(1), default=32)
+    p.add_argument("--per-class", type=at_least(1), default=1000,
+                   help="training images per class (val/test get a fifth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks", action="store_true", help="also write each shape's mask under masks/")
     p.set_defaults(run=cmd_shapes)
@@ -811,11 +835,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="TEXT",
                    help="only the workloads whose name contains TEXT (repeatable), e.g. --only resnet56")
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    p.add_argument("--steps", type=at_least(1), default=30, help="timed steps per measurement")
+    p.add_argument("--warmup", type=at_least(0), default=10, help="untimed steps first (compilation happens here)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="include the torch.compile setting (its warm-up can take minutes)")
-    p.add_argument("--peak-tflops", type=float,
+    p.add_argument("--peak-tflops", type=positive,
                    help="the device's bf16 matrix rate for MFU (default on CUDA: 790, an H200 as measured)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile's mode for residual's compiled rows (default: as residual train chooses)")
