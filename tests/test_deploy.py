@@ -135,9 +135,9 @@ def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, 
         assert capsys.readouterr().err == (f"error: {exported.path}: the features are the pooled output before the "
                                            f"classifier, which an exported model does not give; give the "
                                            f".safetensors model file it was exported from\n")
-    for command in ("predict", "eval"):
+    for command, out in (("predict", "predict.csv"), ("eval", "eval")):
         target = str(image) if command == "predict" else str(demo_run["data"])
-        assert main([command, str(exported.path), target, "--compile", "--out", str(tmp_path / command)]) == 2
+        assert main([command, str(exported.path), target, "--compile", "--out", str(tmp_path / out)]) == 2
         assert capsys.readouterr().err.startswith("error: --compile: an exported model runs in its own runtime")
     assert not (tmp_path / "eval").exists()
 
