@@ -95,6 +95,20 @@ def test_config_yaml_repeats_the_run(shapes16, tmp_path, monkeypatch):
         assert torch.equal(value, _weights(second.run_dir / "last.pt")[key]), key
 
 
+def test_a_config_file_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys):
+    from residual.cli import main
+
+    cases = {"broken.yaml": ("a: [\n", "broken.yaml: not valid YAML at line 2"),  # each was a traceback
+             "list.yaml": ("- 1\n", "list.yaml: a config file maps training options to values"),
+             "options.yaml": ("data: d\noptim:\n  lr_max: 1\n", "unknown optim option(s) ['lr_max']"),
+             "nodata.yaml": ("epochs: 3\n", "give the dataset folder (residual train DATA), or --config with data:")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main(["train", "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
 def _cli(*args):
     return [sys.executable, "-m", "residual", "train", *map(str, args)]
 

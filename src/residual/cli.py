@@ -308,25 +308,21 @@ def cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
 
 def _train_config(args: argparse.Namespace, **overrides):
     """Flags -> TrainConfig; flags left unset keep the config's defaults (auto where it has them)."""
-    from .data.transforms import AugmentConfig
-    from .train import TrainConfig, load_config
-    from .train.optim import OptimConfig
+    from .train import TrainConfig
+    from .train.config import read_config
 
     def given(*names):
         values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
         return {**values, **{k: v for k, v in overrides.items() if k in names}}
 
-    base = load_config(args.config).to_dict() if args.config else {}
+    base = read_config(args.config) if args.config else {}
     if args.data is not None:
         base["data"] = args.data
-    if "data" not in base:
-        raise ResidualError("give the dataset folder (residual train DATA) or --config RUN/config.yaml")
     optim = {**base.get("optim", {}), **given(*OPTIM_FLAGS)}
     augment = {**base.get("augment", {}), **given(*AUGMENT_FLAGS)}
     model_options = {**base.get("model_options", {}), **given("drop_rate", "zero_init_residual")}
     top = given(*TRAIN_FLAGS)
-    return TrainConfig.from_dict({**base, **top, "optim": OptimConfig(**optim), "augment": AugmentConfig(**augment),
-                                  "model_options": model_options})
+    return TrainConfig.from_dict({**base, **top, "optim": optim, "augment": augment, "model_options": model_options})
 
 
 OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "min_lr_ratio",

@@ -117,15 +117,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         data = dict(data)
-        if isinstance(data.get("optim"), dict):
-            data["optim"] = OptimConfig(**data["optim"])
-        if isinstance(data.get("augment"), dict):
-            data["augment"] = AugmentConfig(**data["augment"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}")
-        return cls(**data)
+        for key, part in (("optim", OptimConfig), ("augment", AugmentConfig)):
+            if isinstance(data.get(key), dict):
+                data[key] = part(**_known_options(part, data[key], f"{key} option(s)"))
+        if "data" not in data:
+            raise ConfigError("give the dataset folder (residual train DATA), or --config with data: in it")
+        return cls(**_known_options(cls, data, "training option(s)"))
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
@@ -133,11 +130,32 @@ def save_config(config: TrainConfig, path: Path) -> None:
         tmp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
 
 
-def load_config(path: str | Path) -> TrainConfig:
+def _known_options(cls, options: dict, what: str) -> dict:
+    """`options` if each names a field of the dataclass `cls`, else a ConfigError naming the others."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {what} {unknown}")
+    return options
+
+
+def read_config(path: str | Path) -> dict:
+    """The training options of a YAML file (a run's config.yaml, or one written by hand)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    return TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+    try:
+        options = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(error, 'problem', None) or error})") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{path}: a config file maps training options to values, as a run's config.yaml does")
+    return options
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    return TrainConfig.from_dict(read_config(path))
 
 
 def _plain(value):
