@@ -46,6 +46,29 @@ def test_bad_files_are_skipped_and_reported(setup, tmp_path):
         similar(model, bad, data / "val")
 
 
+def test_nothing_to_embed_or_search_is_one_line_and_writes_nothing(setup, tmp_path, capsys):
+    """Each gave an empty table or an empty .npy: a gallery that is not a folder, a folder without images,
+    one whose images are all unreadable."""
+    data, _, model_path = setup
+    query = sorted((data / "val" / "cross").glob("*.png"))[0]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    for gallery, message in [(tmp_path / "missing", "missing: no such folder; the gallery is a folder of images"),
+                             (query, f"{query}: no such folder"),
+                             (tmp_path / "empty", f"no image files in {tmp_path / 'empty'}"),
+                             (tmp_path / "broken", "broken: none of its 1 image(s) could be read (first: ")]:
+        assert main(["similar", str(model_path), str(query), str(gallery)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and message in captured.err and captured.err.count("\n") == 1
+    out = tmp_path / "features.npy"
+    assert main(["embed", str(model_path), str(tmp_path / "broken"), "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: not one of the 1 image(s) could be read; nothing "
+                                                         "was written")
+    assert main(["embed", str(model_path), str(tmp_path / "empty"), "--out", str(out), "--quiet"]) == 2
+    assert not out.exists()
+
+
 def test_similar_finds_the_query_itself_first(setup):
     data, model, _ = setup
     query = sorted((data / "val" / "cross").glob("*.png"))[1]

@@ -457,13 +457,15 @@ def cmd_embed(args: argparse.Namespace, console: Console) -> int:
     _refuse_onnx(args.model, FEATURES_NOT_IN_ONNX)
     model = load_model(args.model)
     result = embed(model, args.images, args.batch_size, progress=not args.quiet)
+    for message in result.failed:
+        print(f"skipped {message}", file=sys.stderr)
+    if not result.paths:
+        raise ResidualError(f"not one of the {len(result.failed)} image(s) could be read; nothing was written")
     out = Path(args.out)
     out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")  # where np.save writes it
     np.save(out, result.features)
     paths_file = out.with_suffix(".paths.txt")
     paths_file.write_text("".join(f"{p}\n" for p in result.paths))
-    for message in result.failed:
-        print(f"skipped {message}", file=sys.stderr)
     console.print(f"wrote {out} ({result.features.shape[0]} x {result.features.shape[1]} features) and {paths_file}"
                   + (f"; {len(result.failed)} file(s) could not be read" if result.failed else ""))
     return 1 if result.failed else 0

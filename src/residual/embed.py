@@ -16,8 +16,13 @@ import torch
 from .data.decode import BadImageError, image_files
 from .data.loaders import inference_batches
 from .data.transforms import normalize
+from .errors import ResidualError
 from .models import ResNet
 from .progress import progress_bar
+
+
+class EmbedError(ResidualError):
+    """Nothing to compute features of: no image files, or a gallery that is not a folder of them."""
 
 
 @dataclass
@@ -34,6 +39,8 @@ def embed(model: ResNet, sources: list[str | Path], batch_size: int = 64, progre
     device = next(model.parameters()).device
     pre = model.preprocessing
     files = image_files(sources)
+    if not files:
+        raise EmbedError(f"no image files in {' '.join(map(str, sources))}")
     rows, kept, failed = [], [], []
     with progress_bar("embedding", progress) as bar:
         task = bar.add_task("embed", total=len(files))
@@ -60,7 +67,11 @@ def similar(model: ResNet, query: str | Path, gallery: str | Path, topk: int = 5
     found = embed(model, [query], batch_size)
     if not found.paths:
         raise BadImageError(found.failed[0])
+    if not Path(gallery).is_dir():
+        raise EmbedError(f"{gallery}: no such folder; the gallery is a folder of images")
     shelf = embed(model, [gallery], batch_size)
+    if not shelf.paths:
+        raise EmbedError(f"{gallery}: none of its {len(shelf.failed)} image(s) could be read (first: {shelf.failed[0]})")
     scores = cosine_similarity(found.features[0], shelf.features)
     order = np.argsort(-scores, kind="stable")[:topk]
     return [(shelf.paths[i], float(scores[i])) for i in order], shelf.failed
