@@ -71,7 +71,8 @@ def similar(model: ResNet, query: str | Path, gallery: str | Path, topk: int = 5
         raise EmbedError(f"{gallery}: no such folder; the gallery is a folder of images")
     shelf = embed(model, [gallery], batch_size)
     if not shelf.paths:
-        raise EmbedError(f"{gallery}: none of its {len(shelf.failed)} image(s) could be read (first: {shelf.failed[0]})")
+        raise EmbedError(f"{gallery}: none of its {len(shelf.failed)} image(s) could be read "
+                         f"(first: {shelf.failed[0]})")
     scores = cosine_similarity(found.features[0], shelf.features)
     order = np.argsort(-scores, kind="stable")[:topk]
     return [(shelf.paths[i], float(scores[i])) for i in order], shelf.failed
