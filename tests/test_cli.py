@@ -30,10 +30,17 @@ def test_unknown_pattern_is_a_one_line_error(capsys):
     assert err.startswith("error: no model matches 'vgg*'") and err.count("\n") == 1
 
 
-def test_pretrained_lists_torchvision_weights(capsys):
+def test_pretrained_lists_torchvision_weights(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
     assert main(["pretrained", "resnet50*"]) == 0
     out = capsys.readouterr().out
     assert "resnet50.tv_in1k" in out and "resnet50.tv2_in1k" in out and "80.858" in out and "232/224" in out
+    assert main(["pretrained", "resnet50"]) == 0  # an architecture's name lists its weights
+    out = capsys.readouterr().out
+    assert "resnet50.tv_in1k" in out and "resnet50.tv2_in1k" in out and "resnet101" not in out
+    assert main(["pretrained", "vgg*"]) == 2  # it printed an empty table
+    err = capsys.readouterr().err
+    assert err.startswith("error: no pretrained weights match 'vgg*'") and err.count("\n") == 1
 
 
 def test_download_without_network_says_where_to_put_the_file(capsys, monkeypatch):

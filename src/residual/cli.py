@@ -32,7 +32,10 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
 def cmd_pretrained(args: argparse.Namespace, console: Console) -> int:
     from .tables import pretrained_table
 
-    console.print(pretrained_table(list_pretrained(args.pattern)))
+    entries = list_pretrained(args.pattern)
+    if not entries:
+        raise ResidualError(f"no pretrained weights match {args.pattern!r}; try `residual pretrained` for all of them")
+    console.print(pretrained_table(entries))
     return 0
 
 

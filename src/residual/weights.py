@@ -336,7 +336,8 @@ for _name, _file, _top1, _tv_name, _eval in _TORCHVISION_WEIGHTS:
 
 
 def list_pretrained(pattern: str = "*") -> list[PretrainedWeights]:
-    return [w for name, w in _PRETRAINED.items() if fnmatch.fnmatch(name, pattern)]
+    """The entries whose name ("arch.tag") or architecture matches the shell-style `pattern`."""
+    return [w for name, w in _PRETRAINED.items() if fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(w.arch, pattern)]
 
 
 def get_pretrained(name: str) -> PretrainedWeights:
