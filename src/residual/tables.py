@@ -51,6 +51,12 @@ def pretrained_table(entries: Iterable[PretrainedWeights]) -> Table:
     return table
 
 
+def classes_line(count: int, names: list[str] | None) -> str:
+    """A model's classes in one table cell: the count and the first eight names."""
+    listed = f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else " (unnamed)"
+    return f"{count}{listed}"
+
+
 def fields_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
     """A two-column table of (field, value) rows, as `residual info` shows a model file."""
     table = Table(title=title, show_header=False)
@@ -67,11 +73,10 @@ def model_file_table(path: Path) -> Table:
     config = meta["config"]
     names = meta["class_names"]
     pre = meta["preprocessing"]
-    listed = f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else " (unnamed)"
     options = {k: v for k, v in config.items() if k not in ("num_classes", "in_chans")}
     rows = [("architecture", meta["arch"]),
             ("parameters", f"{count_params(model):,}"),
-            ("classes", f"{config['num_classes']}{listed}"),
+            ("classes", classes_line(config["num_classes"], names)),
             ("input", f"{config['in_chans']} channels, resize {pre['resize_size']} -> crop {pre['input_size']}, "
                       f"{pre['interpolation']}"),
             ("mean / std", f"{pre['mean']} / {pre['std']}"),

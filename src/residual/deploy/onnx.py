@@ -37,6 +37,7 @@ from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..models import Preprocessing, ResNet
+from ..tables import classes_line
 from ..weights import ModelFileError, read_metadata
 
 OPSET = 18  # the torch.export-based exporter's own opset; lower ones need a lossy version conversion
@@ -195,10 +196,9 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
     tensor = graph_input.type.tensor_type
     shape = " x ".join(d.dim_param or str(d.dim_value) for d in tensor.shape.dim)
     stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
-    listed = f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else ""
     rows = [("architecture", meta["arch"]),
             ("precision", meta["precision"]),
-            ("classes", f"{len(names)}{listed}"),
+            ("classes", classes_line(len(names), names)),
             ("input", f"'{graph_input.name}', {onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)} "
                       f"{shape} ({meta['input']})"),
             ("preprocessing", f"resize {pre['resize_size']} -> crop {pre['input_size']}, {pre['interpolation']}, "
