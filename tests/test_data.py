@@ -94,6 +94,9 @@ def test_flat_folder_gets_a_seeded_stratified_split(tmp_path):
     other = open_dataset(tmp_path / "d", val_split=0.2, seed=2)
     assert same.val.files == dataset.val.files and other.val.files != dataset.val.files
     assert not set(dataset.val.files) & set(dataset.train.files)
+    for fraction in (0.0, 1.0):  # 0 was read as "not given" and held out the default tenth
+        with pytest.raises(DatasetError, match="--val-split must be between 0 and 1"):
+            open_dataset(tmp_path / "d", val_split=fraction)
 
 
 def test_split_folders_and_clear_errors(tmp_path):

@@ -24,6 +24,7 @@ from ..errors import ResidualError
 from .decode import image_files, is_image_file
 
 VAL_NAMES = ("val", "valid", "validation")
+DEFAULT_VAL_SPLIT = 0.1  # held out per class when the data has no val/ folder
 
 
 class DatasetError(ResidualError):
@@ -128,10 +129,11 @@ def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Datase
                 raise DatasetError(f"{val_dir}: classes {extra} are not in {root / 'train'}")
             val = _scan(val_dir, classes, ignored)
         else:
-            train, val = _stratified_split(train, val_split or 0.1, seed)
+            train, val = _stratified_split(train, DEFAULT_VAL_SPLIT if val_split is None else val_split, seed)
     else:
         classes = _classes_in(root)
-        train, val = _stratified_split(_scan(root, classes, ignored), val_split or 0.1, seed)
+        train, val = _stratified_split(_scan(root, classes, ignored),
+                                       DEFAULT_VAL_SPLIT if val_split is None else val_split, seed)
         test = None
     if len(classes) < 2:
         raise DatasetError(f"{root}: found {len(classes)} class folder(s); need at least 2 "
