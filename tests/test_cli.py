@@ -130,6 +130,7 @@ def test_experiment_commands_parse_and_report_errors_in_one_line(tmp_path, capsy
     (["eval", "model", "data", "--gallery", "-1"], "argument --gallery: must be at least 0, got -1"),
     (["export", "model", "--samples", "0"], "argument --samples: must be at least 1, got 0"),  # a traceback
     (["quantize", "model", "--calib", "data", "--calib-size", "0"], "argument --calib-size: must be at least 1"),
+    (["quantize", "model", "--calib", "data", "--max-drop", "-1"], "argument --max-drop: must be at least 0, got -1"),
     (["similar", "model", "query", "gallery", "--topk", "0"], "argument --topk: must be at least 1, got 0"),
     (["export", "model", "--samples", "x"], "argument --samples: invalid int value: 'x'"),
 ])

@@ -493,15 +493,15 @@ def cmd_similar(args: argparse.Namespace, console: Console) -> int:
     return 1 if failed else 0
 
 
-def at_least(least: int):
-    """An argparse type: a whole number of at least `least` (a count of steps, images, classes...)."""
-    def parse(text: str) -> int:
-        value = int(text)
+def at_least(least: int | float, kind: type = int):
+    """An argparse type: a number of at least `least` (a count of steps, images; a drop in points...)."""
+    def parse(text: str):
+        value = kind(text)
         if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {least:g}, got {value:g}")
         return value
 
-    parse.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
+    parse.__name__ = kind.__name__  # argparse's message for a non-number: "invalid int value"
     return parse
 
 
@@ -723,7 +723,7 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--method", choices=tuple(CALIBRATION_METHODS), default="minmax",
                    help="how activation ranges are calibrated")
     p.add_argument("--calib-size", type=at_least(1), default=256, help="calibration images (a seeded sample)")
-    p.add_argument("--max-drop", type=float, default=1.0, help="largest top-1 loss allowed, in points")
+    p.add_argument("--max-drop", type=at_least(0.0, float), default=1.0, help="largest top-1 loss allowed, in points")
     p.add_argument("--force", action="store_true", help="write the model even if it loses more than --max-drop")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
