@@ -81,6 +81,8 @@ def test_target_layer_and_errors(model, shapes_with_masks):
         explain(model, star, target="dodecagon")
     with pytest.raises(ConfigError, match="--layer 'layer9': no such module"):
         explain(model, star, layer="layer9")
+    with pytest.raises(ConfigError, match="--layer 'fc': its output is not a feature map"):  # was an IndexError
+        explain(model, star, layer="fc")
 
 
 def test_cli_explain_writes_an_overlay_per_image(demo_run, tmp_path, capsys, monkeypatch):
@@ -99,3 +101,16 @@ def test_cli_explain_writes_an_overlay_per_image(demo_run, tmp_path, capsys, mon
         assert picture.width >= 400
     captured = capsys.readouterr()
     assert "bad.png" in captured.err and captured.out.count("gradcam++.png") == 3
+
+
+def test_cli_explain_and_eval_that_write_nothing_leave_no_run_folder(demo_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    assert main(["explain", str(demo_run["model"]), "bad.png", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "bad.png" in captured.err and "overlay" not in captured.out  # no empty table, no "wrote 0"
+    assert main(["explain", str(demo_run["model"]), str(demo_run["data"] / "test"), "--layer", "fc"]) == 2
+    assert main(["eval", str(demo_run["model"]), "absent"]) == 2
+    assert "absent: no such folder" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").glob("*/*"))  # no runs/explain/model, runs/eval/model-absent
+

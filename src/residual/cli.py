@@ -102,14 +102,14 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from .data.loaders import check_stream
     from .evaluate import evaluate
     from .predict import model_device
-    from .runs import new_run_dir
+    from .runs import output_dir
     from .tables import eval_tables
 
     model = _inference_model(args.model, args.device, args.precision)
     check_stream(args.batch_size, args.workers, args.decoder, model_device(model))  # before the report folder is made
-    out = Path(args.out) if args.out else new_run_dir("runs/eval", f"{Path(args.model).stem}-{Path(args.data).name}")
-    result = evaluate(model, args.data, args.split, args.tta, args.batch_size, out, args.gallery,
-                      workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile)
+    with output_dir(args.out, "runs/eval", f"{Path(args.model).stem}-{Path(args.data).name}") as out:
+        result = evaluate(model, args.data, args.split, args.tta, args.batch_size, out, args.gallery,
+                          workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile)
     console.print(f"torch.compile: {result.compiled}")
     console.rule(f"{args.model} on {args.data}, {result.metrics['images']:,} images"
                  + (f", TTA {args.tta}" if args.tta != "none" else "")
@@ -173,24 +173,24 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
 
     from .data.decode import image_files
     from .explain import iter_explain
-    from .runs import new_run_dir
+    from .runs import output_dir
 
     _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which ONNX Runtime does not give")
     model = _inference_model(args.model, args.device)
     items = image_files(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
-    out = Path(args.out) if args.out else new_run_dir("runs/explain", Path(args.model).stem)
     failed: list[str] = []
     table = Table(title=f"{args.method} on {args.layer or 'the last stage'} of {args.model}")
     for column in ("image", "class explained", "probability", "overlay"):
         table.add_column(column, justify="right" if column == "probability" else "left")
-    count = 0
-    for count, item in enumerate(iter_explain(model, items, args.method, args.target, args.layer, out,
-                                              args.batch_size, failed, progress=not args.quiet), 1):
-        table.add_row(item.source, item.class_name, f"{item.probability:.3f}", item.path.name)
-    console.print(table)
-    console.print(f"wrote {count} overlay(s) to {out}")
+    with output_dir(args.out, "runs/explain", Path(args.model).stem) as out:
+        for item in iter_explain(model, items, args.method, args.target, args.layer, out, args.batch_size, failed,
+                                 progress=not args.quiet):
+            table.add_row(item.source, item.class_name, f"{item.probability:.3f}", item.path.name)
+    if table.row_count:  # none at all: the errors below say why, an empty table adds nothing
+        console.print(table)
+        console.print(f"wrote {table.row_count} overlay(s) to {out}")
     _report_failed(failed)
     return 1 if failed else 0
 

@@ -87,6 +87,9 @@ def grad_cam(model: ResNet, x: torch.Tensor, targets: list[int] | None = None, l
     captured = {}
 
     def keep_activation(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:  # e.g. fc: no positions to weigh
+            raise ConfigError(f"--layer {name!r}: its output is not a feature map (channels x height x width); "
+                              f"give a convolutional module such as {default_layer(model)!r}")
         captured["activation"] = output
         return output.clone()  # later in-place ops (ReLU) must not overwrite what we differentiate
 

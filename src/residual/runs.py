@@ -3,6 +3,8 @@ compile for it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +21,21 @@ def new_run_dir(out: str, name: str) -> Path:
         candidate = base.with_name(f"{base.name}-{index}")
     candidate.mkdir(parents=True)
     return candidate
+
+
+@contextmanager
+def output_dir(out: str | None, runs: str, name: str) -> Iterator[Path]:
+    """The folder a command writes into: `out` as given, else a new run folder RUNS/NAME. A new run
+    folder still empty at the end (the command failed, or every image did) is removed again."""
+    if out:
+        yield Path(out)
+        return
+    run_dir = new_run_dir(runs, name)
+    try:
+        yield run_dir
+    finally:
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
 
 def pick_device(name: str) -> torch.device:
