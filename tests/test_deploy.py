@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from residual import load_model
+from residual import load_model, save_model
 from residual.cli import main
 from residual.data.datasets import sample_items
 from residual.data.decode import read_image
@@ -113,6 +113,16 @@ def test_export_that_fails_parity_writes_nothing_unless_forced(demo_run, tmp_pat
     assert "nothing was written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no model, no report, no temporary file
     assert main(args + ["--force"]) == 0 and out.is_file()
+
+
+def test_export_names_a_file_that_is_no_model_before_asking_for_data(tmp_path, capsys):
+    untracked = tmp_path / "fresh.safetensors"
+    save_model(build_model("resnet20", num_classes=3), untracked)  # records no training run
+    assert main(["export", str(untracked)]) == 2
+    assert "fresh.safetensors: give --data DATA" in capsys.readouterr().err
+    (tmp_path / "notes.json").write_text("{}")
+    assert main(["export", str(tmp_path / "notes.json")]) == 2  # it asked for --data first
+    assert "notes.json: not a residual model file" in capsys.readouterr().err
 
 
 def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, tmp_path, capsys):

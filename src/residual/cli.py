@@ -200,11 +200,11 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from .deploy.onnx import export_onnx, training_data
     from .tables import parity_table
 
+    model = load_model(args.model).eval()  # first: a path that is no model file is named as such
     data = args.data or training_data(args.model)
     if data is None:
         raise ResidualError(f"{args.model}: give --data DATA (a dataset or a folder of images): the export is "
                             f"checked against the model on real images, and the model file does not name its data")
-    model = load_model(args.model).eval()
     out = Path(args.output or Path(args.model).with_suffix(".onnx"))
     items = sample_items(data, "val", args.samples, args.seed)
     result = export_onnx(model, out, items, str(data), fp16=args.fp16, with_preprocessing=args.with_preprocessing,

@@ -150,8 +150,9 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
         if not path.is_file():
             raise ModelFileError(f"{path}: no such file, and not a pretrained name (`residual pretrained` lists them)")
         if arch is None:
-            raise ModelFileError(f"{path}: not a residual model file, so its architecture is unknown; "
-                                 f"name it with arch=/--arch (e.g. resnet50)")
+            raise ModelFileError(f"{path}: not a residual model file, so its architecture is unknown; for a "
+                                 f"torchvision/timm checkpoint run `residual convert {path} --arch resnet50` (or "
+                                 f"load_model(..., arch='resnet50')), naming its architecture")
         state = read_state_dict(path)
         file_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 0
         model = build_model(arch, num_classes=file_classes if num_classes is None else num_classes)
