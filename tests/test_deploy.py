@@ -179,6 +179,8 @@ def test_quantize_refuses_a_bad_calibration_and_keeps_nothing(exported, demo_run
     assert code == 1
     assert "more than --max-drop 1.0; nothing was written" in capsys.readouterr().err
     assert list(out_dir.iterdir()) == []
+    assert main(["quantize", str(exported.path), "--calib", str(black), "-o", str(out_dir / "x.onnx")]) == 2
+    assert "images without class folders; give --val DATASET" in capsys.readouterr().err  # was "0 class folder(s)"
 
 
 @pytest.mark.parametrize("name, options", [

@@ -27,7 +27,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..atomic import atomic_path
-from ..data.datasets import open_dataset, sample_items
+from ..data.datasets import DatasetError, open_dataset, sample_items
 from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
@@ -105,7 +105,13 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
     out = Path(out) if out else model_path.with_name(f"{model_path.stem}.int8.onnx")
     if out.suffix != ".onnx":
         raise QuantizeError(f"{out}: ONNX files end in .onnx")
-    val_data = open_dataset(val or calib)
+    try:
+        val_data = open_dataset(val or calib)
+    except DatasetError:
+        if val is None and Path(calib).is_dir():  # a folder of images calibrates, but top-1 needs classes
+            raise QuantizeError(f"--calib {calib}: images without class folders; give --val DATASET to compare "
+                                f"top-1 on") from None
+        raise
     calib_items = sample_items(calib, "train", calib_size, seed)
     with tempfile.TemporaryDirectory(prefix="residual-quantize-") as folder:
         folder = Path(folder)
