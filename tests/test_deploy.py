@@ -125,6 +125,12 @@ def test_export_names_a_file_that_is_no_model_before_asking_for_data(tmp_path, c
     assert "notes.json: not a residual model file" in capsys.readouterr().err
 
 
+def test_commands_that_need_the_pytorch_model_refuse_an_onnx_file(exported, demo_run, capsys):
+    for argv in (["prune", str(exported.path), str(demo_run["data"])], ["export", str(exported.path)]):
+        assert main(argv) == 2  # they told the user to run `residual convert` on it
+        assert "demo.onnx: an exported ONNX model, which runs in ONNX Runtime only" in capsys.readouterr().err
+
+
 def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, tmp_path, capsys):
     original = evaluate(model, demo_run["data"], "val", gallery_size=0)
     through_onnx = evaluate(OnnxModel(exported.path), demo_run["data"], "val", gallery_size=0)

@@ -144,6 +144,9 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
     if not path.exists() and str(source) in _PRETRAINED:
         return create_model(str(source), pretrained=True,
                             **({} if num_classes is None else {"num_classes": num_classes})).to(device)
+    if path.suffix == ".onnx":  # `residual export`'s output: a graph for ONNX Runtime, not weights for PyTorch
+        raise ModelFileError(f"{path}: an exported ONNX model, which runs in ONNX Runtime only; give the "
+                             f".safetensors model file it was exported from")
     if path.suffix == ".safetensors" and _safetensors_metadata(path).get("format") == MODEL_FORMAT:
         model = _load_model_file(path, num_classes)
     else:
