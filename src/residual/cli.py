@@ -859,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    console = Console()
+    console = Console(soft_wrap=True)  # a long line stays one line (in logs, for grep); tables still fit the width
     try:
         return args.run(args, console)
     except ResidualError as error:
