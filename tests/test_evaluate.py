@@ -99,6 +99,8 @@ def test_a_flat_folder_is_renumbered_into_the_models_classes(model, demo_run, tm
     assert set(model.class_names[i] for i in result.labels) == {"star", "circle"}
     assert len(result.failed) == 1 and "broken.png" in result.failed[0]
     assert result.metrics["top1"] >= 0.95
+    with pytest.raises(DatasetError, match="mine: no test split; choose --split from train, val or all"):
+        evaluate(model, tmp_path / "mine", split="test")
     (tmp_path / "mine" / "dodecagon").mkdir()
     shutil.copy(demo_run["data"] / "test" / "star" / "00000.png", tmp_path / "mine" / "dodecagon" / "a.png")
     with pytest.raises(DatasetError, match=r"\['dodecagon'\] are not classes of the model"):

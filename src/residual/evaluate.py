@@ -51,7 +51,8 @@ def pick_split(dataset: Dataset, split: str | None) -> tuple[str, Split]:
         return split, concat_splits([s for s in (dataset.train, dataset.val, dataset.test) if s is not None])
     chosen = getattr(dataset, split)
     if chosen is None or len(chosen) == 0:
-        raise DatasetError(f"{dataset.root}: no {split} split; choose --split from those the folder has")
+        present = [name for name in ("train", "val", "test") if getattr(dataset, name)]
+        raise DatasetError(f"{dataset.root}: no {split} split; choose --split from {', '.join(present)} or all")
     return split, chosen
 
 
