@@ -89,7 +89,8 @@ def run_degradation(data: str = "shapes", depths: tuple[int, ...] = (20, 56), re
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = resolve_data(data, out)
-    train_images = len(open_dataset(folder).train)
+    dataset = open_dataset(folder)
+    train_images = len(dataset.train)
     results: dict[str, NetResult] = {}
     for family in ("plain", "resnet"):
         for depth in depths:
@@ -100,37 +101,54 @@ def run_degradation(data: str = "shapes", depths: tuple[int, ...] = (20, 56), re
             history = train(config, console=console).history
             results[model] = NetResult(model, [1 - r["train_acc"] for r in history],
                                        [1 - r["val_top1"] for r in history])
-    verdict = write_report(results, depths, out, f"{data}, {recipe} recipe, norm={norm or 'none'}, init={init}")
+    verdict = write_report(results, depths, len(dataset.classes), out,
+                           f"{data}, {recipe} recipe, norm={norm or 'none'}, init={init}")
     if console:
         console.print(verdict)
     return {"results": results, "verdict": verdict, "out": out}
 
 
-def verdict_lines(results: dict[str, NetResult], depths: tuple[int, ...]) -> list[str]:
-    """What the numbers say, in words: the two claims of the paper, checked."""
+NEAR_CHANCE_POINTS = 0.10  # a net whose training error is this close to chance has not learned yet
+
+
+def verdict_lines(results: dict[str, NetResult], depths: tuple[int, ...], classes: int) -> list[str]:
+    """What the numbers say, in words: the two claims of the paper, checked. A comparison of two nets
+    that both ended near chance (a run of a few epochs) is said to tell nothing."""
     shallow, deep = depths[0], depths[-1]
-    lines = []
+    chance = 1 - 1 / classes
+
+    too_short = (f"too short to tell: both are within {NEAR_CHANCE_POINTS:.0%} of chance ({chance:.0%} for "
+                 f"{classes} classes); train longer (--epochs, or the recipe's own length).")
+
+    def near_chance(a: NetResult, b: NetResult) -> bool:
+        return min(a.final_train_error, b.final_train_error) > chance - NEAR_CHANCE_POINTS
+
+    def conclusion(a: NetResult, b: NetResult, finding: str) -> str:
+        return too_short if near_chance(a, b) else finding
+
     p_shallow, p_deep = results[f"plain{shallow}"], results[f"plain{deep}"]
     r_shallow, r_deep = results[f"resnet{shallow}"], results[f"resnet{deep}"]
     degraded = p_deep.final_train_error > p_shallow.final_train_error
-    lines.append(
+    better = r_deep.final_train_error < r_shallow.final_train_error
+    gap = p_deep.final_train_error - r_deep.final_train_error
+    return [
         f"Plain nets: plain-{deep} ended with {'HIGHER' if degraded else 'lower or equal'} training error than "
         f"plain-{shallow} ({p_deep.final_train_error:.2%} vs {p_shallow.final_train_error:.2%}): "
-        + ("the degradation problem is visible." if degraded else "no degradation in this run."))
-    better = r_deep.final_train_error < r_shallow.final_train_error
-    lines.append(
+        + conclusion(p_deep, p_shallow, "the degradation problem is visible." if degraded
+                     else "no degradation in this run."),
         f"Residual nets: resnet-{deep} ended with {'LOWER' if better else 'higher or equal'} training error than "
         f"resnet-{shallow} ({r_deep.final_train_error:.2%} vs {r_shallow.final_train_error:.2%}): "
-        + ("depth helped once shortcuts were added." if better
-           else "the deeper residual net did not train better here."))
-    gap = p_deep.final_train_error - r_deep.final_train_error
-    lines.append(f"At depth {deep}, the shortcuts changed the final training error by {-gap:+.2%} "
-                 f"(plain {p_deep.final_train_error:.2%}, residual {r_deep.final_train_error:.2%}); "
-                 f"test error {p_deep.final_test_error:.2%} -> {r_deep.final_test_error:.2%}.")
-    return lines
+        + conclusion(r_deep, r_shallow, "depth helped once shortcuts were added." if better
+                     else "the deeper residual net did not train better here."),
+        f"At depth {deep}, the shortcuts changed the final training error by {-gap:+.2%} "
+        f"(plain {p_deep.final_train_error:.2%}, residual {r_deep.final_train_error:.2%}); "
+        f"test error {p_deep.final_test_error:.2%} -> {r_deep.final_test_error:.2%}"
+        + (f": {too_short}" if near_chance(p_deep, r_deep) else "."),
+    ]
 
 
-def write_report(results: dict[str, NetResult], depths: tuple[int, ...], out: Path, subtitle: str) -> str:
+def write_report(results: dict[str, NetResult], depths: tuple[int, ...], classes: int, out: Path,
+                 subtitle: str) -> str:
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, family, title in zip(axes, ("plain", "resnet"), ("plain", "ResNet")):
@@ -154,7 +172,7 @@ def write_report(results: dict[str, NetResult], depths: tuple[int, ...], out: Pa
              for n in results.values()]
     with atomic_path(out / "results.csv") as tmp:
         tmp.write_text("\n".join(rows) + "\n")
-    verdict = "\n".join(verdict_lines(results, depths))
+    verdict = "\n".join(verdict_lines(results, depths, classes))
     with atomic_path(out / "verdict.txt") as tmp:
         tmp.write_text(verdict + "\n")
     with atomic_path(out / "summary.json") as tmp:
