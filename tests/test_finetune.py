@@ -102,6 +102,13 @@ def test_finetune_cli_and_its_errors(pretrained, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch 1: training head; frozen: stem, layer1, layer2, layer3" in out
     assert "epoch 2: training stem, layer1, layer2, layer3, head; frozen: nothing" in out
+    assert main(["finetune", str(new), "--from", str(model_path), "--epochs", "1", "--head-epochs", "1", "--quiet",
+                 "--drop-rate", "0.3", "--out", str(tmp_path), "--name", "dropout"]) == 0  # it was ignored
+    assert residual.load_model(tmp_path / "dropout" / "model.safetensors").drop.p == 0.3
+    assert main(["finetune", str(new), "--from", str(model_path), "--stem", "imagenet", "--out", str(tmp_path),
+                 "--name", "misfit"]) == 2
+    assert "does not fit resnet20: wrong shape (1): conv1.weight" in capsys.readouterr().err
+    assert not (tmp_path / "misfit").exists()  # it was left holding only config.yaml
     foreign = tmp_path / "weights.pth"
     torch.save(residual.load_model(model_path).state_dict(), foreign)
     assert main(["finetune", str(new), "--from", str(foreign), "--out", str(tmp_path)]) == 2

@@ -425,6 +425,21 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     assert "--ema is the average's decay per step" in capsys.readouterr().err
 
 
+def test_stem_flag_and_the_warning_for_a_net_that_shrinks_small_images_to_one_pixel(shapes16, tmp_path, capsys):
+    from residual.cli import main
+
+    common = ["train", str(shapes16), "--model", "resnet18", "--epochs", "1", "--batch-size", "64", "--quiet",
+              "--no-report", "--out", str(tmp_path)]
+    assert main(common + ["--name", "imagenet-stem"]) == 0
+    assert ("warning: resnet18 shrinks its input 32x, so 16 px images reach the classifier as 1x1 maps; use a "
+            "CIFAR-size net (resnet20, resnet56), --stem cifar, or a larger --image-size") in capsys.readouterr().out
+    assert main(common + ["--name", "cifar-stem", "--stem", "cifar"]) == 0  # 2x2 maps at the last stage
+    assert "warning:" not in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "cifar-stem" / "config.yaml").read_text())["model_options"] == {"stem": "cifar"}
+    model = residual.load_model(tmp_path / "cifar-stem" / "model.safetensors")
+    assert model.config.stem == "cifar" and model.conv1.kernel_size == (3, 3)
+
+
 def test_public_api_trains(shapes16, tmp_path):
     result = residual.train(residual.TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="api", **QUICK))
     assert isinstance(result, residual.TrainResult) and result.model_path.is_file()

@@ -323,7 +323,7 @@ def _train_config(args: argparse.Namespace, **overrides):
         base["data"] = args.data
     optim = {**base.get("optim", {}), **given(*OPTIM_FLAGS)}
     augment = {**base.get("augment", {}), **given(*AUGMENT_FLAGS)}
-    model_options = {**base.get("model_options", {}), **given("drop_rate", "zero_init_residual")}
+    model_options = {**base.get("model_options", {}), **given(*MODEL_FLAGS)}
     top = given(*TRAIN_FLAGS)
     return TrainConfig.from_dict({**base, **top, "optim": optim, "augment": augment, "model_options": model_options})
 
@@ -332,6 +332,7 @@ OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "sched
                "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase")
 AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
                  "random_erasing", "auto_augment", "mixup", "cutmix")
+MODEL_FLAGS = ("stem", "drop_rate", "zero_init_residual")
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs",
                "unfreeze_stages", "layer_lr_decay", "model", "image_size", "epochs", "batch_size", "label_smoothing",
                "grad_clip", "accumulate", "ema", "early_stopping", "monitor", "val_split", "seed", "deterministic",
@@ -341,7 +342,7 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "f
 
 FINETUNE_DEFAULTS = {"strategy": "two-stage"}
 # The flags that set up a run (every TrainConfig field), and the names they go by where those differ.
-RUN_SETTINGS = ("data", "config", *TRAIN_FLAGS, *OPTIM_FLAGS, *AUGMENT_FLAGS, "drop_rate", "zero_init_residual")
+RUN_SETTINGS = ("data", "config", *TRAIN_FLAGS, *OPTIM_FLAGS, *AUGMENT_FLAGS, *MODEL_FLAGS)
 SETTING_NAMES = {"data": "DATA", "pretrained": "--from", "preset": "--augment"}
 
 
@@ -546,12 +547,15 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply.
     `runs`: where the command's run directories go by default."""
     from .data.device_decode import DECODERS
+    from .models.resnet import STEMS
     from .train.config import COMPILE_MODES
 
     p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/) or CIFAR folder")
     p.add_argument("--config", help="start from a run's config.yaml (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     p.add_argument("--model", help="registry name (auto: resnet20/56 for small images, resnet18/50 otherwise)")
+    p.add_argument("--stem", choices=STEMS, help="the model's stem: cifar (one 3x3, no downsampling) makes an "
+                                                 "ImageNet net such as resnet18 fit 32 px images")
     p.add_argument("--image-size", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

@@ -130,7 +130,7 @@ def _safetensors_metadata(path: Path) -> dict:
 
 
 def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
-               class_names: list[str] | str | None = None, device: str | torch.device = "cpu") -> ResNet:
+               class_names: list[str] | str | None = None, device: str | torch.device = "cpu", **options) -> ResNet:
     """A model from a residual model file, a foreign checkpoint, or a pretrained name.
 
     - `model.safetensors` written by save_model: everything comes from the file.
@@ -139,16 +139,18 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
     - A pretrained name such as "resnet50.tv2_in1k": downloaded once, then cached.
     `num_classes` different from the file's keeps the backbone and gives a fresh head.
     `class_names` ("imagenet" or a list) names the outputs of a foreign checkpoint.
+    `options`: ResNetConfig fields that override the file's, e.g. drop_rate=0.2 for fine-tuning.
     """
     path = Path(source)
+    if num_classes is not None:
+        options["num_classes"] = num_classes
     if not path.exists() and str(source) in _PRETRAINED:
-        return create_model(str(source), pretrained=True,
-                            **({} if num_classes is None else {"num_classes": num_classes})).to(device)
+        return create_model(str(source), pretrained=True, **options).to(device)
     if path.suffix == ".onnx":  # `residual export`'s output: a graph for ONNX Runtime, not weights for PyTorch
         raise ModelFileError(f"{path}: an exported ONNX model, which runs in ONNX Runtime only; give the "
                              f".safetensors model file it was exported from")
     if path.suffix == ".safetensors" and _safetensors_metadata(path).get("format") == MODEL_FORMAT:
-        model = _load_model_file(path, num_classes)
+        model = _load_model_file(path, options)
     else:
         if not path.is_file():
             raise ModelFileError(f"{path}: no such file, and not a pretrained name (`residual pretrained` lists them)")
@@ -158,20 +160,17 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
                                  f"load_model(..., arch='resnet50')), naming its architecture")
         state = read_state_dict(path)
         file_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 0
-        model = build_model(arch, num_classes=file_classes if num_classes is None else num_classes)
+        model = build_model(arch, **{"num_classes": file_classes, **options})
         load_weights(model, state, str(path))
     if class_names is not None:
         model.class_names = _resolve_class_names(class_names, model.num_classes, str(path))
     return model.to(device)
 
 
-def _load_model_file(path: Path, num_classes: int | None) -> ResNet:
+def _load_model_file(path: Path, options: dict) -> ResNet:
     meta = read_metadata(path)
-    config = ResNetConfig.from_dict(meta["config"])
-    class_names = meta["class_names"]
-    if num_classes is not None and num_classes != config.num_classes:
-        config = ResNetConfig.from_dict({**meta["config"], "num_classes": num_classes})
-        class_names = None
+    config = ResNetConfig.from_dict({**meta["config"], **options})
+    class_names = meta["class_names"] if config.num_classes == meta["config"]["num_classes"] else None
     model = ResNet(config, arch=meta["arch"], class_names=class_names,
                    preprocessing=Preprocessing(**meta["preprocessing"]))
     load_weights(model, safetensors.torch.load_file(path), str(path))
@@ -469,11 +468,12 @@ def pretrained_source(source: str) -> tuple[str | None, Preprocessing | None]:
     return None, None
 
 
-def load_for_finetuning(source: str, arch: str | None, num_classes: int) -> ResNet:
-    """A pretrained backbone with a fresh head for `num_classes`; keeps the source's preprocessing."""
+def load_for_finetuning(source: str, arch: str | None, num_classes: int, **options) -> ResNet:
+    """A pretrained backbone with a fresh head for `num_classes`; keeps the source's preprocessing.
+    `options`: ResNetConfig fields for the fine-tuned net (drop_rate...)."""
     if not Path(source).exists():
-        return create_model(source, pretrained=True, num_classes=num_classes)
-    return load_model(source, arch=arch, num_classes=num_classes)
+        return create_model(source, pretrained=True, num_classes=num_classes, **options)
+    return load_model(source, arch=arch, num_classes=num_classes, **options)
 
 
 def _adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int) -> None:

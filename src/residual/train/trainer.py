@@ -154,7 +154,12 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                 console.print(log)
             if not started:
                 run_dir = world.broadcast(prepare_run_dir(config, run_dir) if world.is_main else None)
-            trainer = Trainer(config, dataset, run_dir, console, world)
+            try:
+                trainer = Trainer(config, dataset, run_dir, console, world)
+            except Exception:
+                if not started and world.is_main:
+                    discard_run_dir(run_dir)
+                raise
             if (run_dir / "last.pt").is_file():
                 trainer.restore(load_checkpoint(run_dir / "last.pt"))
             return trainer.fit()
@@ -169,6 +174,13 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     return run_dir
+
+
+def discard_run_dir(run_dir: Path) -> None:
+    """Undo `prepare_run_dir` for a run that failed to set up: no folder is left holding only its config."""
+    (run_dir / "config.yaml").unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def prepare_run(config: TrainConfig, processes: int, console: Console) -> Path:
@@ -223,7 +235,8 @@ class Trainer:
     def _build_model(self) -> ResNet:
         c = self.config
         if c.pretrained:
-            model = load_for_finetuning(c.pretrained, c.model, len(self.dataset.classes)).to(self.device)
+            model = load_for_finetuning(c.pretrained, c.model, len(self.dataset.classes),
+                                        **c.model_options).to(self.device)
         else:
             model = build_model(c.model, num_classes=len(self.dataset.classes), **c.model_options).to(self.device)
         if c.channels_last:
@@ -234,6 +247,11 @@ class Trainer:
                                   "the CPU each worker normalises with its own batch statistics")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.class_names = list(self.dataset.classes)
+        reduction = model.feature_info[-1]["reduction"]
+        if c.image_size < 2 * reduction:  # global pooling then averages a single position: little left to learn from
+            self.console.print(f"warning: {c.model} shrinks its input {reduction}x, so {c.image_size} px images "
+                               f"reach the classifier as 1x1 maps; use a CIFAR-size net (resnet20, resnet56), "
+                               f"--stem cifar, or a larger --image-size")
         return model
 
     def _build_loaders(self) -> None:
