@@ -246,6 +246,9 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     model, source_pre = config.model, None
     if config.pretrained:
         source_arch, source_pre = pretrained_source(config.pretrained)
+        if model and source_arch and model != source_arch:  # the source's own architecture would be trained
+            raise ConfigError(f"--model {model}: --from {config.pretrained} holds a {source_arch}; leave --model out "
+                              f"or give {source_arch}")
         model = model or source_arch
         if model is None:
             raise ConfigError(f"--from {config.pretrained}: a foreign checkpoint; name its architecture with --model")

@@ -28,7 +28,7 @@ from rich.console import Console  # noqa: E402
 from ..atomic import atomic_path  # noqa: E402
 from ..data.datasets import open_dataset  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
-from ..runs import new_run_dir  # noqa: E402
+from ..runs import output_dir  # noqa: E402
 from .config import TrainConfig, resolve  # noqa: E402
 from .trainer import Trainer, TrainingError, seeded, step_groups  # noqa: E402
 
@@ -52,30 +52,38 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
     with seeded(config.seed, config.deterministic):  # the flags it sets end with the sweep
         dataset = open_dataset(config.data, config.val_split, config.seed)
         config = resolve(config, dataset)
-        run_dir = new_run_dir(runs or str(Path(config.out).parent / "lr-find"), config.name or f"{config.model}")
-        trainer = Trainer(config, dataset, run_dir, console)
-        ratio = end_lr / start_lr
-        base = config.optim.lr  # the optimizer's groups start at base x their layer scale
-        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            trainer.optimizer, lambda step: start_lr * ratio ** (min(step, sweep - 1) / (sweep - 1)) / base)
-        trainer.model.train()
-        trainer._apply_freezing()  # the trainable set of the first epoch (head only for two-stage fine-tuning)
-        lrs, losses, average, best = [], [], 0.0, math.inf
-        for step, (lr, loss) in enumerate(_sweep(trainer, steps, config.accumulate)):
-            if not math.isfinite(loss):  # the sweep has gone past any usable rate
-                break
-            average = smoothing * average + (1 - smoothing) * loss
-            smoothed = average / (1 - smoothing ** (step + 1))  # bias-corrected, as in fastai
-            lrs.append(lr)
-            losses.append(smoothed)
-            best = min(best, smoothed)
-            if step > 5 and smoothed > diverge * best:
-                break
-    suggestion = suggest(lrs, losses)
-    plot = run_dir / "lr_find.png"
-    _plot(lrs, losses, suggestion, plot, f"{config.model} on {Path(config.data).name}")
+        with output_dir(None, runs or str(Path(config.out).parent / "lr-find"), config.name or config.model) as run_dir:
+            trainer = Trainer(config, dataset, run_dir, console)
+            lrs, losses = _range_test(trainer, start_lr, end_lr, steps, sweep, smoothing, diverge)
+            suggestion = suggest(lrs, losses)
+            plot = run_dir / "lr_find.png"
+            _plot(lrs, losses, suggestion, plot, f"{config.model} on {Path(config.data).name}")
     console.print(f"suggested learning rate {suggestion:.3g} (a tenth of the rate at the lowest loss); curve: {plot}")
     return LRFindResult(lrs, losses, suggestion, plot)
+
+
+def _range_test(trainer: Trainer, start_lr: float, end_lr: float, steps: int, sweep: int, smoothing: float,
+                diverge: float) -> tuple[list[float], list[float]]:
+    """The rate raised exponentially from start_lr to end_lr over `sweep` optimizer steps -> (rates, smoothed
+    losses), stopped where the loss diverges."""
+    ratio = end_lr / start_lr
+    base = trainer.config.optim.lr  # the optimizer's groups start at base x their layer scale
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        trainer.optimizer, lambda step: start_lr * ratio ** (min(step, sweep - 1) / (sweep - 1)) / base)
+    trainer.model.train()
+    trainer._apply_freezing()  # the trainable set of the first epoch (head only for two-stage fine-tuning)
+    lrs, losses, average, best = [], [], 0.0, math.inf
+    for step, (lr, loss) in enumerate(_sweep(trainer, steps, trainer.config.accumulate)):
+        if not math.isfinite(loss):  # the sweep has gone past any usable rate
+            break
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed = average / (1 - smoothing ** (step + 1))  # bias-corrected, as in fastai
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if step > 5 and smoothed > diverge * best:
+            break
+    return lrs, losses
 
 
 def _sweep(trainer: Trainer, steps: int, accumulate: int) -> Iterator[tuple[float, float]]:
