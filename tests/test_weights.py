@@ -9,7 +9,7 @@ import torch
 
 import residual
 from payloads import WritesAMarker
-from residual.weights import CheckpointMismatchError, ModelFileError, UnsafeCheckpointError
+from residual.weights import CheckpointMismatchError, ModelFileError, UnsafeCheckpointError, read_metadata
 
 
 def _trained_looking(name, **options):
@@ -170,6 +170,14 @@ def test_unreadable_and_missing_files_get_one_line_errors(tmp_path):
         residual.load_model(path, arch="resnet18")
     with pytest.raises(ModelFileError, match="end in .safetensors"):
         residual.save_model(residual.create_model("resnet20"), tmp_path / "model.pth")
+    run = tmp_path / "run"  # a training run's folder: its last.pt is for --resume, its model file for everything else
+    residual.save_model(residual.create_model("resnet20"), run / "model.safetensors")
+    (run / "config.yaml").write_text("data: shapes\n")
+    torch.save({"model": residual.create_model("resnet20").state_dict(), "epoch": 1}, run / "last.pt")
+    for read in (residual.load_model, read_metadata):  # predict and eval; info (it tried to read safetensors)
+        with pytest.raises(ModelFileError, match=f"last.pt: a training checkpoint, which --resume continues from; "
+                                                 f"the run's model file is {run / 'model.safetensors'}"):
+            read(run / "last.pt")
 
 
 def test_newer_format_versions_are_refused_clearly(tmp_path):

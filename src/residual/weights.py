@@ -106,6 +106,8 @@ def save_model(model: ResNet, path: str | os.PathLike, *, extra: dict | None = N
 def read_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a model file, JSON fields decoded. Reads the header only."""
     path = Path(path)
+    if path.suffix != ".safetensors" and path.is_file():
+        raise ModelFileError(_not_a_model_file(path))
     raw = _safetensors_metadata(path)
     if raw.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: a safetensors file, but not a residual model file (no '{MODEL_FORMAT}' "
@@ -155,9 +157,7 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
         if not path.is_file():
             raise ModelFileError(f"{path}: no such file, and not a pretrained name (`residual pretrained` lists them)")
         if arch is None:
-            raise ModelFileError(f"{path}: not a residual model file, so its architecture is unknown; for a "
-                                 f"torchvision/timm checkpoint run `residual convert {path} --arch resnet50` (or "
-                                 f"load_model(..., arch='resnet50')), naming its architecture")
+            raise ModelFileError(_not_a_model_file(path))
         state = read_state_dict(path)
         file_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 0
         model = build_model(arch, **{"num_classes": file_classes, **options})
@@ -165,6 +165,16 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
     if class_names is not None:
         model.class_names = _resolve_class_names(class_names, model.num_classes, str(path))
     return model.to(device)
+
+
+def _not_a_model_file(path: Path) -> str:
+    """Why `path`, not a residual model file, names no architecture, and what to give instead."""
+    run_model = path.parent / "model.safetensors"
+    if path.suffix == ".pt" and (path.parent / "config.yaml").is_file() and run_model.is_file():
+        return f"{path}: a training checkpoint, which --resume continues from; the run's model file is {run_model}"
+    return (f"{path}: not a residual model file, so its architecture is unknown; for a torchvision/timm checkpoint "
+            f"run `residual convert {path} --arch resnet50` (or load_model(..., arch='resnet50')), naming its "
+            f"architecture")
 
 
 def _load_model_file(path: Path, options: dict) -> ResNet:
