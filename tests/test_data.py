@@ -12,6 +12,7 @@ from PIL import Image
 from payloads import WritesAMarker
 from residual.data.check import check_data
 from residual.data.datasets import DatasetError, open_dataset
+from residual.data.decode import image_files
 from residual.data.loaders import BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory
 from residual.data.shapes import SHAPE_CLASSES, write_shapes
 
@@ -97,6 +98,27 @@ def test_flat_folder_gets_a_seeded_stratified_split(tmp_path):
     for fraction in (0.0, 1.0):  # 0 was read as "not given" and held out the default tenth
         with pytest.raises(DatasetError, match="--val-split must be between 0 and 1"):
             open_dataset(tmp_path / "d", val_split=fraction)
+
+
+def test_files_systems_leave_beside_images_are_neither_classes_nor_images(tmp_path):
+    """A zip made on a Mac holds __MACOSX/ and an AppleDouble ._NAME.jpg per image: not images, though they carry
+    an image's extension. Counted as unreadable images, 20 in a row (they sort first) stopped training."""
+    _folder(tmp_path / "d", {"cat": 3, "dog": 3})
+    for name in ("cat", "dog"):
+        for index in range(3):
+            (tmp_path / "d" / name / f"._{index}.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    (tmp_path / "d" / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "d" / "__MACOSX" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    (tmp_path / "d" / "cat" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    (tmp_path / "d" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    dataset = open_dataset(tmp_path / "d", val_split=0.34)
+    assert dataset.classes == ["cat", "dog"]
+    assert sorted(p.name for p in dataset.train.files + dataset.val.files) == ["0.png", "0.png", "1.png", "1.png",
+                                                                                "2.png", "2.png"]
+    assert len(dataset.ignored) == 7  # named in check-data and in the run summary, not dropped unseen
+    assert check_data(tmp_path / "d", progress=False).bad == []
+    assert [p.name for p in image_files([tmp_path / "d" / "cat"])] == ["0.png", "1.png", "2.png"]  # predict, eval
 
 
 def test_split_folders_and_clear_errors(tmp_path):

@@ -103,7 +103,7 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
         summary.add_column(column)
     verdict = lambda bad: "[red]problem" if bad else "[green]ok"  # noqa: E731
     summary.add_row("unreadable images", str(len(report.bad)), verdict(report.bad))
-    summary.add_row("non-image files (ignored)", str(len(report.dataset.ignored)), "")
+    summary.add_row("ignored files (not images, or hidden like ._x.jpg)", str(len(report.dataset.ignored)), "")
     summary.add_row("exact duplicates (groups)", str(len(report.duplicates)), verdict(report.duplicates))
     summary.add_row("train/val/test leakage", str(len(report.leaks)), verdict(report.leaks))
     summary.add_row("classes without training images", str(len(report.empty_classes)), verdict(report.empty_classes))

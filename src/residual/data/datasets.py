@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ResidualError
-from .decode import image_files, is_image_file
+from .decode import image_files, is_image_file, is_metadata
 
 VAL_NAMES = ("val", "valid", "validation")
 DEFAULT_VAL_SPLIT = 0.1  # held out per class when the data has no val/ folder
@@ -98,7 +98,7 @@ def sample_items(data: str | Path, split: str, count: int, seed: int = 0) -> lis
 
 
 def _classes_in(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_metadata(Path(p.name)))
 
 
 def _scan(folder: Path, classes: list[str], ignored: list[Path]) -> Split:
@@ -108,7 +108,7 @@ def _scan(folder: Path, classes: list[str], ignored: list[Path]) -> Split:
         if not class_dir.is_dir():
             continue
         for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-            if is_image_file(path):
+            if is_image_file(path) and not is_metadata(path.relative_to(class_dir)):
                 split.files.append(path)
                 split.labels.append(label)
             else:

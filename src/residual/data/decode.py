@@ -31,12 +31,22 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+def is_metadata(relative: Path) -> bool:
+    """A path (relative to the folder searched) that systems and tools leave beside images, never an image:
+    hidden files and folders (.DS_Store, .ipynb_checkpoints, macOS' AppleDouble files ._photo.jpg, which
+    carry an image's extension) and the __MACOSX folder of zip files made on a Mac."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
+
+
 def image_files(sources) -> list:
-    """Inputs as given (paths as Path), with every folder replaced by its image files (recursively, sorted)."""
+    """Inputs as given (paths as Path), with every folder replaced by its image files (recursively, sorted;
+    `is_metadata` files left out)."""
     items: list = []
     for source in sources:
         if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-            items += sorted(p for p in Path(source).rglob("*") if p.is_file() and is_image_file(p))
+            folder = Path(source)
+            items += sorted(p for p in folder.rglob("*")
+                            if p.is_file() and is_image_file(p) and not is_metadata(p.relative_to(folder)))
         else:
             items.append(Path(source) if isinstance(source, (str, os.PathLike)) else source)
     return items
