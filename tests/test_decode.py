@@ -38,6 +38,16 @@ def test_every_mode_becomes_rgb(tmp_path):
         assert read_image(tmp_path / name).mode == "RGB"
 
 
+def test_jfif_and_avif_files_are_images(tmp_path):
+    """Browsers save JPEGs as .jfif; phones and the web use AVIF. Both were left out as non-images."""
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "saved.jfif", "JPEG")
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "photo.avif", quality=95)
+    assert decode.image_files([tmp_path]) == [tmp_path / "photo.avif", tmp_path / "saved.jfif"]
+    for name in ("saved.jfif", "photo.avif"):
+        red, green, _ = _pixel(read_image(tmp_path / name), (8, 8))
+        assert red > 170 and green < 60
+
+
 def test_transparency_is_composited_not_dropped(tmp_path):
     rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
     rgba.putpixel((1, 0), (0, 0, 255, 255))

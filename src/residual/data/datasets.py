@@ -139,7 +139,7 @@ def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Datase
         raise DatasetError(f"{root}: found {len(classes)} class folder(s); need at least 2 "
                            f"(DIR/<class>/image.jpg or DIR/train/<class>/image.jpg)")
     if len(train) == 0:
-        raise DatasetError(f"{root}: no images found (extensions: .jpg .png .bmp .gif .tif .webp ...)")
+        raise DatasetError(f"{root}: no images found (extensions: .jpg .jfif .png .bmp .gif .tif .webp .avif ...)")
     return Dataset(root, "imagefolder", classes, train, val, test, ignored)
 
 
