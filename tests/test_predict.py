@@ -151,6 +151,19 @@ def test_decode_predictions_rows_and_imagenet_names():
         decode_predictions(logits, class_names=["a", "b"])
 
 
+def test_the_documented_keras_style_example_runs_as_written(demo_run, folder):
+    """docs/evaluation.md: load_model, preprocess_input, then decode_predictions(model(x)). model(x) carries a
+    graph (it raised a RuntimeError in numpy()), and a loaded model predicts in eval mode."""
+    model = load_model(demo_run["model"])
+    assert not model.training
+    paths = [sorted((folder / name).iterdir())[0] for name in ("star", "ring")]
+    x = preprocess_input(paths, model)
+    rows = decode_predictions(model(x), top=2, class_names=model)
+    assert [row[0][1] for row in rows] == ["star", "ring"]
+    with torch.no_grad():
+        assert rows == decode_predictions(model(x).numpy(), top=2, class_names=model.class_names)
+
+
 def test_tta_views_are_flips_and_shifts():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
     assert len(tta_views(x, "none")) == 1

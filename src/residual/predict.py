@@ -216,13 +216,20 @@ def preprocess_input(images, preprocessing: Preprocessing | ResNet | None = None
     return normalize(batch.float() / 255, pre)
 
 
-def decode_predictions(preds, top: int = 5, class_names: list[str] | None = None) -> list[list[tuple[int, str, float]]]:
+def decode_predictions(preds, top: int = 5,
+                       class_names: list[str] | ResNet | None = None) -> list[list[tuple[int, str, float]]]:
     """Per image, the `top` (class_id, class_name, score) rows, best first.
 
-    Rows that are not already probability distributions (logits) are soft-maxed first. Without
-    `class_names`, 1000-column scores get the ImageNet names and others their index.
+    `preds`: a model's output (a tensor, also one that requires grad) or an array. Rows that are not
+    already probability distributions (logits) are soft-maxed first. `class_names`: a list, or a model
+    (its own); without them, 1000-column scores get the ImageNet names and others their index.
     """
-    scores = torch.as_tensor(np.asarray(preds, dtype=np.float32))
+    if isinstance(class_names, ResNet):
+        class_names = class_names_of(class_names)
+    if isinstance(preds, torch.Tensor):  # model(x) outside torch.no_grad() carries its graph
+        scores = preds.detach().float().cpu()
+    else:
+        scores = torch.as_tensor(np.asarray(preds, dtype=np.float32))
     scores = scores[None] if scores.ndim == 1 else scores
     is_distribution = bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3)
     probs = scores if is_distribution else scores.softmax(1)

@@ -142,12 +142,14 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
     `num_classes` different from the file's keeps the backbone and gives a fresh head.
     `class_names` ("imagenet" or a list) names the outputs of a foreign checkpoint.
     `options`: ResNetConfig fields that override the file's, e.g. drop_rate=0.2 for fine-tuning.
+    The model comes in eval mode, ready to predict as a loaded Keras model is (`model(x)` in PyTorch's
+    default training mode would normalise with the batch's statistics); `.train()` before training it.
     """
     path = Path(source)
     if num_classes is not None:
         options["num_classes"] = num_classes
     if not path.exists() and str(source) in _PRETRAINED:
-        return create_model(str(source), pretrained=True, **options).to(device)
+        return create_model(str(source), pretrained=True, **options).to(device).eval()
     if path.suffix == ".onnx":  # `residual export`'s output: a graph for ONNX Runtime, not weights for PyTorch
         raise ModelFileError(f"{path}: an exported ONNX model, which runs in ONNX Runtime only; give the "
                              f".safetensors model file it was exported from")
@@ -164,7 +166,7 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
         load_weights(model, state, str(path))
     if class_names is not None:
         model.class_names = _resolve_class_names(class_names, model.num_classes, str(path))
-    return model.to(device)
+    return model.to(device).eval()
 
 
 def _not_a_model_file(path: Path) -> str:
