@@ -16,6 +16,7 @@ from rich.console import Console
 from . import __version__
 from .errors import ResidualError
 from .models import list_models
+from .progress import message_console
 from .weights import fetch_pretrained, list_pretrained, load_model, save_model
 
 
@@ -863,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    console = Console(soft_wrap=True)  # a long line stays one line (in logs, for grep); tables still fit the width
+    console = message_console()
     try:
         return args.run(args, console)
     except ResidualError as error:

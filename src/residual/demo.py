@@ -16,6 +16,7 @@ from .data.shapes import write_shapes
 from .data.transforms import AugmentConfig
 from .evaluate import evaluate
 from .predict import predict
+from .progress import message_console
 from .runs import cpu_has_native_bf16, pick_device
 from .train import TrainConfig, train
 from .train.optim import OptimConfig
@@ -30,7 +31,7 @@ DEMO_RECIPE = dict(model="resnet20", epochs=12, batch_size=128, label_smoothing=
 def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/shapes-32", per_class: int = 600,
              epochs: int | None = None, console: Console | None = None, show: int = 10) -> dict:
     """Run the tour; returns what it made (paths, accuracies) for scripts and tests."""
-    console = console or Console()
+    console = console or message_console()
     console.rule("[bold]residual demo")
     console.print(f"1. The built-in `shapes` dataset: 10 classes of 32 px shapes on noisy backgrounds -> {data_dir}")
     write_shapes(data_dir, size=32, per_class=per_class, seed=0)

@@ -1,10 +1,17 @@
-"""The one progress bar: what is running, a bar, done/total, items per second, time left."""
+"""What long work shows: the one progress bar (what is running, a bar, done/total, items per second,
+time left) and the console its messages go to."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
+
+
+def message_console(**options) -> Console:
+    """The console for a task's messages (an epoch's line, a warning): a long line stays one line, for
+    logs and grep, where rich would break it at the width (80 columns off a terminal); tables still fit."""
+    return Console(soft_wrap=True, **options)
 
 
 class RateColumn(ProgressColumn):

@@ -28,6 +28,7 @@ from rich.console import Console  # noqa: E402
 from ..atomic import atomic_path  # noqa: E402
 from ..data.datasets import open_dataset  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
+from ..progress import message_console  # noqa: E402
 from ..runs import output_dir  # noqa: E402
 from .config import TrainConfig, resolve  # noqa: E402
 from .trainer import Trainer, TrainingError, seeded, step_groups  # noqa: E402
@@ -48,7 +49,7 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
     if sweep < 2 or not 0 < start_lr < end_lr:
         raise ConfigError(f"the range test needs --steps of {2 * config.accumulate} or more (two optimizer steps) and "
                           f"0 < --start-lr < --end-lr, got {steps}, {start_lr} and {end_lr}")
-    console = console or Console()
+    console = console or message_console()
     with seeded(config.seed, config.deterministic):  # the flags it sets end with the sweep
         dataset = open_dataset(config.data, config.val_split, config.seed)
         config = resolve(config, dataset)

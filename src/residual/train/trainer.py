@@ -48,7 +48,7 @@ from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate
 from ..models import Preprocessing, ResNet, build_model
 from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-from ..progress import transient_bar
+from ..progress import message_console, transient_bar
 from ..runs import new_run_dir, pick_device
 from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -132,7 +132,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     config, and its last.pt (if any) is resumed. This is how torchrun's workers start,
     and how a group restarted after a lost worker picks up where it stopped.
     """
-    console = console or Console()
+    console = console or message_console()
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "last.pt").is_file():
