@@ -80,8 +80,9 @@ def test_cli_formats_and_exit_code(model, demo_run, folder, tmp_path, capsys, mo
     for table in (["--out", str(tmp_path / "p.txt")], ["--format", "table", "--out", str(tmp_path / "p.csv")]):
         assert main(["predict", model_file, str(folder / "star"), *table]) == 2  # the file would not be written
         assert "a table is printed, not written; give --format csv or json" in capsys.readouterr().err
-    assert main(["predict", model_file, str(folder / "cross" / "00000.png")]) == 0
-    assert "cross" in capsys.readouterr().out
+    assert main(["predict", model_file, str(folder / "cross" / "00000.png"), "--topk", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "cross" in out and "top-10 of 1 image(s)" in out  # the model has 10 classes (it said top-20)
     assert main(["predict", model_file, str(tmp_path / "empty-dir-that-is-missing")]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.strip().endswith("empty-dir-that-is-missing: no such file")

@@ -150,7 +150,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if output_format == "table":
         rows = list(predictions)
         if rows:  # none at all: the errors below say why, an empty table adds nothing
-            console.print(predictions_table(rows, f"{args.model}: top-{args.topk} of {len(rows)} image(s)"))
+            console.print(predictions_table(rows, f"{args.model}: top-{len(rows[0].top)} of {len(rows)} image(s)"))
     else:
         writer = write_csv if output_format == "csv" else write_json
         if args.out:
