@@ -446,7 +446,7 @@ def cmd_experiment_gradients(args: argparse.Namespace, console: Console) -> int:
     from .experiments.gradients import run_gradients
 
     out = args.out or f"runs/experiments/gradients-{args.norm or 'none'}-{args.init}"
-    run_gradients(args.model, args.data, out, args.norm, args.init, args.steps, console=console)
+    run_gradients(args.model, args.data, out, args.norm, args.init, args.steps, trained=args.trained, console=console)
     console.print(f"figure and table in {out} (gradients.png, gradients.csv)")
     return 0
 
@@ -540,6 +540,8 @@ def _add_experiment_commands(commands) -> None:
     p.add_argument("--norm", type=_norm, default="batch", choices=("batch", "group", None), metavar="batch|group|none")
     p.add_argument("--init", choices=("he", "xavier"), default="he")
     p.add_argument("--steps", type=at_least(1), default=200, help="SGD steps between the two measurements")
+    p.add_argument("--trained", metavar="RUNS", help="also probe the nets a degradation experiment trained, in eval "
+                                                     "mode (e.g. runs/experiments/degradation/runs)")
     p.add_argument("--out", help="default runs/experiments/gradients-NORM-INIT")
     p.set_defaults(run=cmd_experiment_gradients)
 

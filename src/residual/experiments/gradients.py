@@ -6,7 +6,11 @@ For every 3x3 layer of every block the probe records two numbers on one batch:
 - the norm of the gradient of the loss with respect to that response: the
   back-propagated signal, the thing that "vanishes" in deep plain nets.
 It measures each model at initialisation and again after a short SGD run on the
-data, and plots both, layer by layer, on log scales.
+data, and plots both, layer by layer, on log scales. With `trained`, the folder of
+runs the degradation experiment trained (OUT/runs/MODEL/model.safetensors), it also
+measures those fully trained nets in eval mode, with their running BN statistics:
+Fig. 7's setting, where a short run in training mode shows little (batch norm
+scales every response to about 1 there).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from torch import nn  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
 from ..data.transforms import normalize  # noqa: E402
+from ..errors import ConfigError  # noqa: E402
 from ..models import ResNet, build_model  # noqa: E402
 from ..models.preprocessing import Preprocessing  # noqa: E402
 from ..train.trainer import channel_stats  # noqa: E402
+from ..weights import load_model  # noqa: E402
 from .common import training_images  # noqa: E402
 
 
@@ -49,8 +55,9 @@ def response_modules(model: ResNet) -> list[tuple[str, nn.Module]]:
     return modules
 
 
-def probe(model: ResNet, images: torch.Tensor, labels: torch.Tensor) -> list[LayerStats]:
-    """Response std and back-propagated gradient norm of every 3x3 layer, for one batch (train mode)."""
+def probe(model: ResNet, images: torch.Tensor, labels: torch.Tensor, training: bool = True) -> list[LayerStats]:
+    """Response std and back-propagated gradient norm of every 3x3 layer, for one batch; in training mode
+    (batch statistics) or eval mode (running statistics), as `training` says."""
     stds: dict[int, float] = {}
     grads: dict[int, float] = {}
 
@@ -64,7 +71,7 @@ def probe(model: ResNet, images: torch.Tensor, labels: torch.Tensor) -> list[Lay
     modules = response_modules(model)
     handles = [module.register_forward_hook(watch(i)) for i, (_, module) in enumerate(modules)]
     try:
-        model.train()
+        model.train(training)
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
     finally:
@@ -89,13 +96,34 @@ def train_briefly(model: ResNet, images: torch.Tensor, labels: torch.Tensor, ste
         optimizer.step()
 
 
+TRAINED_PHASE = "trained (eval mode)"
+
+
+def trained_models(models: list[str], runs: str | Path) -> dict[str, ResNet]:
+    """The fully trained nets of a degradation experiment: RUNS/MODEL/model.safetensors for each model."""
+    files = {name: Path(runs) / name / "model.safetensors" for name in models}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise ConfigError(f"--trained {runs}: no {', '.join(missing)}; give the runs/ folder of a degradation "
+                          f"experiment that trained {', '.join(models)} (residual experiment degradation --depths ...)")
+    return {name: load_model(path) for name, path in files.items()}
+
+
 def run_gradients(models: list[str], data: str = "shapes", out: str | Path = "runs/experiments/gradients",
                   norm: str | None = "batch", init: str = "he", steps: int = 200, batch_size: int = 64,
-                  lr: float = 0.05, seed: int = 0, console=None) -> dict[str, dict[str, list[LayerStats]]]:
-    """Probe each model at init and after `steps` SGD steps; write gradients.csv and gradients.png."""
+                  lr: float = 0.05, seed: int = 0, trained: str | Path | None = None,
+                  console=None) -> dict[str, dict[str, list[LayerStats]]]:
+    """Probe each model at init and after `steps` SGD steps, and each `trained` one (a degradation experiment's
+    runs folder); write gradients.csv and gradients.png."""
+    finished = trained_models(models, trained) if trained else {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels, classes = training_images(data, out, seed)
+    for name, model in finished.items():
+        if model.preprocessing.input_size != images.shape[-1] or model.num_classes != len(classes):
+            raise ConfigError(f"--trained: {name} was trained on {model.num_classes} classes at "
+                              f"{model.preprocessing.input_size} px, --data {data} has {len(classes)} at "
+                              f"{images.shape[-1]} px; give the data it was trained on")
     preprocessing = Preprocessing(images.shape[-1], images.shape[-1], *channel_stats(images))
     inputs = normalize(images.float() / 255, preprocessing)
     torch.manual_seed(seed)
@@ -107,9 +135,15 @@ def run_gradients(models: list[str], data: str = "shapes", out: str | Path = "ru
         results[name] = {"init": probe(model, inputs[probe_index], labels[probe_index])}
         train_briefly(model, inputs, labels, steps, batch_size, lr, seed)
         results[name][f"after {steps} steps"] = probe(model, inputs[probe_index], labels[probe_index])
+        if name in finished:  # on the data as it was trained on it: its own normalisation
+            own_inputs = normalize(images[probe_index].float() / 255, finished[name].preprocessing)
+            results[name][TRAINED_PHASE] = probe(finished[name], own_inputs, labels[probe_index], training=False)
         if console:
             first, last = results[name]["init"][0], results[name]["init"][-1]
             console.print(f"{name}: at init, first/last layer gradient norm {first.grad_norm / last.grad_norm:.2e}")
+            if name in finished:
+                stds = [layer.response_std for layer in results[name][TRAINED_PHASE]]
+                console.print(f"{name}: trained, mean response std {sum(stds) / len(stds):.3f}")
     _write_csv(results, out / "gradients.csv")
     _plot(results, out / "gradients.png", f"norm={norm or 'none'}, init={init}")
     return results
@@ -129,7 +163,7 @@ def _plot(results: dict, path: Path, subtitle: str) -> None:
     figure, (grad_ax, std_ax) = plt.subplots(1, 2, figsize=(13, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for colour, (model, phases) in zip(colours, results.items()):
-        for (phase, layers), style in zip(phases.items(), ("-", "--")):
+        for (phase, layers), style in zip(phases.items(), ("-", "--", ":")):
             x = [s.layer for s in layers]
             grad_ax.plot(x, [s.grad_norm for s in layers], style, color=colour, label=f"{model}, {phase}")
             std_ax.plot(x, [s.response_std for s in layers], style, color=colour, label=f"{model}, {phase}")
