@@ -80,7 +80,7 @@ def test_degradation_experiment_writes_figure_table_and_verdict(tiny_shapes, tmp
     assert list(gradients["resnet32"]) == ["init", "after 2 steps", "trained (eval mode)"]
     rows = list(csv.DictReader((tmp_path / "gradients" / "gradients.csv").open()))
     assert len(rows) == 3 * (18 + 30)  # three phases of 18 and 30 3x3 layers
-    with pytest.raises(residual.ConfigError, match=r"--trained .*runs: no .*resnet56.*model.safetensors; give the runs"):
+    with pytest.raises(residual.ConfigError, match=r"--trained .*: no .*resnet56.*model.safetensors; give the runs"):
         run_gradients(["resnet56"], str(tiny_shapes), tmp_path / "gradients", trained=tmp_path / "runs")
     with pytest.raises(residual.ConfigError, match="resnet32 was trained on 10 classes at 16 px, --data .* at 32 px"):
         run_gradients(["resnet32"], str(write_shapes(tmp_path / "s32", size=32, per_class=2, progress=False)),
