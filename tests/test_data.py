@@ -126,6 +126,8 @@ def test_split_folders_and_clear_errors(tmp_path):
     _folder(tmp_path / "d" / "val", {"a": 1, "b": 1})
     dataset = open_dataset(tmp_path / "d")
     assert (len(dataset.train), len(dataset.val), dataset.test) == (6, 2, None)
+    with pytest.raises(DatasetError, match="--val-split: .*val is the validation set; drop --val-split"):
+        open_dataset(tmp_path / "d", val_split=0.5)  # it split train and left val/ unused
     _folder(tmp_path / "d" / "val", {"zebra": 1})
     with pytest.raises(DatasetError, match="zebra"):
         open_dataset(tmp_path / "d")
@@ -152,6 +154,8 @@ def test_cifar10_and_cifar100_python_layouts(tmp_path):
     (c10 / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
     dataset = open_dataset(c10)
     assert dataset.kind == "cifar" and dataset.classes[3] == "c3"
+    with pytest.raises(DatasetError, match="is CIFAR, whose test batch is the validation set"):
+        open_dataset(c10, val_split=0.2)  # it was ignored
     assert dataset.train.images.shape == (25, 3, 32, 32) and len(dataset.val) == 4
     assert torch.equal(dataset.train.images[5].flatten(), torch.from_numpy(batches[1][b"data"][0]))
     assert dataset.val.labels == test[b"labels"]

@@ -74,6 +74,9 @@ def open_dataset(root: str | Path, val_split: float | None = None, seed: int = 0
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder; give a folder of class folders, or of train/ val/ test/")
     if (root / "batches.meta").is_file() or ((root / "meta").is_file() and (root / "train").is_file()):
+        if val_split is not None:
+            raise DatasetError(f"--val-split: {root} is CIFAR, whose test batch is the validation set (as in He et "
+                               f"al.); drop --val-split")
         return _open_cifar(root)
     return _open_image_folder(root, val_split, seed)
 
@@ -123,7 +126,10 @@ def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Datase
         train = _scan(root / "train", classes, ignored)
         val_dir = next((root / n for n in VAL_NAMES if (root / n).is_dir()), None)
         test = _scan(root / "test", classes, ignored) if (root / "test").is_dir() else None
-        if val_dir is not None and val_split is None:
+        if val_dir is not None:
+            if val_split is not None:  # val/ would be left unused
+                raise DatasetError(f"--val-split: {val_dir} is the validation set; drop --val-split (it splits a "
+                                   f"folder that has no val/)")
             extra = sorted(set(_classes_in(val_dir)) - set(classes))
             if extra:
                 raise DatasetError(f"{val_dir}: classes {extra} are not in {root / 'train'}")
