@@ -10,11 +10,13 @@ import torch
 
 from residual import load_model
 from residual.cli import main
-from residual.data.datasets import DatasetError
+from residual.data.datasets import DatasetError, open_dataset
 from residual.data.decode import read_image
+from residual.data.shapes import write_shapes
 from residual.data.transforms import normalize, resize_center_crop
-from residual.evaluate import evaluate
+from residual.evaluate import evaluate, split_as_trained
 from residual.predict import class_probabilities
+from residual.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,24 @@ def test_cli_eval_prints_tables_and_writes_the_report(demo_run, tmp_path, capsys
     assert main(["eval", str(demo_run["model"]), str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "nowhere" in err
+
+
+def test_eval_of_the_flat_folder_a_model_trained_on_scores_only_what_training_held_out(tmp_path, capsys):
+    flat = tmp_path / "photos"
+    shutil.copytree(write_shapes(tmp_path / "shapes", size=16, per_class=8, seed=2, progress=False) / "train", flat)
+    result = train(TrainConfig(data=str(flat), model="resnet20", epochs=1, batch_size=32, val_split=0.25, seed=3,
+                               quiet=True, report=False, out=str(tmp_path / "runs"), name="flat"))
+    held_out = split_as_trained(result.model_path, flat)
+    assert held_out.val.files == open_dataset(flat, 0.25, 3).val.files and len(held_out.val) == 20
+    assert main(["eval", str(result.model_path), str(flat), "--gallery", "0", "--quiet",
+                 "--out", str(tmp_path / "eval")]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the folder" in printed and "was trained on, so its 20 images that training held out" in printed
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 20  # it scored all 80
+    assert main(["eval", str(result.model_path), str(flat), "--split", "all", "--gallery", "0", "--quiet",
+                 "--out", str(tmp_path / "all")]) == 0
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["images"] == 80
+    assert split_as_trained(result.model_path, tmp_path / "shapes") is None  # another folder: used as it is
 
 
 def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):

@@ -101,15 +101,20 @@ def _report_failed(failed: list[str]) -> None:
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from .data.loaders import check_stream
-    from .evaluate import evaluate
+    from .evaluate import evaluate, split_as_trained
     from .predict import model_device
     from .runs import output_dir
     from .tables import eval_tables
 
     model = _inference_model(args.model, args.device, args.precision)
     check_stream(args.batch_size, args.workers, args.decoder, model_device(model))  # before the report folder is made
+    as_trained = split_as_trained(args.model, args.data)
+    split = args.split or ("val" if as_trained else None)
+    if as_trained and not args.split:
+        console.print(f"{args.data}: the folder {args.model} was trained on, so its {len(as_trained.val):,} images "
+                      f"that training held out are evaluated (--split all: every image)")
     with output_dir(args.out, "runs/eval", f"{Path(args.model).stem}-{Path(args.data).name}") as out:
-        result = evaluate(model, args.data, args.split, args.tta, args.batch_size, out, args.gallery,
+        result = evaluate(model, as_trained or args.data, split, args.tta, args.batch_size, out, args.gallery,
                           workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile)
     console.print(f"torch.compile: {result.compiled}")
     console.rule(f"{args.model} on {args.data}, {result.metrics['images']:,} images"
@@ -671,7 +676,8 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("model", help="a model file or a pretrained name")
     p.add_argument("data", help="a dataset folder (class folders, or train/ val/ test/) or CIFAR")
     p.add_argument("--split", choices=("train", "val", "test", "all"),
-                   help="default: test if present, else val; a flat folder of classes is used whole")
+                   help="default: test if present, else val; a flat folder of classes is used whole, or only the "
+                        "images training held out if the model was trained on it")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
     p.add_argument("--gallery", type=at_least(0), default=16, help="highest-loss images shown with Grad-CAM (0: none)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",

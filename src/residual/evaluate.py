@@ -24,6 +24,7 @@ from .models import ResNet
 from .predict import check_tta, class_names_of, class_probabilities, inference_compile, inference_forward, model_device
 from .progress import progress_bar
 from .report import GalleryItem, write_report
+from .weights import training_config
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
@@ -66,6 +67,17 @@ def model_labels(dataset: Dataset, split: Split, model) -> np.ndarray:
                            f"named as the model's classes")
     mapping = np.array([names.index(name) for name in dataset.classes], dtype=np.int64)
     return mapping[np.asarray(split.labels, dtype=np.int64)]
+
+
+def split_as_trained(model_file: str | Path, data: str | Path) -> Dataset | None:
+    """`data` split into train and val as the model's training run split it (that run's --val-split and seed),
+    when `data` is the flat class folder the run trained on; None otherwise. Its val split is then the images
+    training held out: evaluated whole, the folder would mostly score images the model learned."""
+    config = training_config(model_file)
+    if not config or not config.get("data") or Path(config["data"]).resolve() != Path(data).resolve():
+        return None
+    dataset = open_dataset(data, config.get("val_split"), config.get("seed", 0))
+    return None if dataset.kind == "cifar" or (dataset.root / "train").is_dir() else dataset
 
 
 def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: str = "none",

@@ -33,6 +33,7 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -119,6 +120,19 @@ def read_metadata(path: str | os.PathLike) -> dict:
     for key in ("config", "class_names", "preprocessing", "extra"):
         decoded[key] = json.loads(raw[key])
     return decoded
+
+
+def training_config(model_path: str | os.PathLike) -> dict | None:
+    """The config.yaml of the run that trained a model file (data, split, seed...), if the file records its
+    run and the run's folder is still there."""
+    path = Path(model_path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    run = read_metadata(path)["extra"].get("run")
+    config = Path(run) / "config.yaml" if run else None
+    if config is None or not config.is_file():
+        return None
+    return yaml.safe_load(config.read_text(encoding="utf-8")) or {}
 
 
 def _safetensors_metadata(path: Path) -> dict:

@@ -29,7 +29,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import yaml
 from torch import nn
 
 from ..atomic import atomic_path
@@ -38,7 +37,7 @@ from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..models import Preprocessing, ResNet
 from ..tables import classes_line
-from ..weights import ModelFileError, read_metadata
+from ..weights import ModelFileError, training_config
 
 OPSET = 18  # the torch.export-based exporter's own opset; lower ones need a lossy version conversion
 INPUT, OUTPUT = "input", "logits"
@@ -344,12 +343,5 @@ def write_json(path: Path, data: dict) -> None:
 
 def training_data(model_path: str | os.PathLike) -> str | None:
     """The dataset a model file was trained on, if its training run is recorded and the data still exists."""
-    path = Path(model_path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    run = read_metadata(path)["extra"].get("run")
-    config = Path(run) / "config.yaml" if run else None
-    if config is None or not config.is_file():
-        return None
-    data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data")
+    data = (training_config(model_path) or {}).get("data")
     return data if data and Path(data).exists() else None
