@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from residual import load_model
 from residual.cli import main
@@ -14,6 +15,7 @@ from residual.data.datasets import DatasetError, open_dataset
 from residual.data.decode import read_image
 from residual.data.shapes import write_shapes
 from residual.data.transforms import normalize, resize_center_crop
+from residual.deploy.prune import prune
 from residual.evaluate import evaluate, split_as_trained
 from residual.predict import class_probabilities
 from residual.train import TrainConfig, train
@@ -125,7 +127,7 @@ def test_cli_eval_prints_tables_and_writes_the_report(demo_run, tmp_path, capsys
     assert "error:" in err and "nowhere" in err
 
 
-def test_eval_of_the_flat_folder_a_model_trained_on_scores_only_what_training_held_out(tmp_path, capsys):
+def test_eval_and_prune_on_the_flat_folder_a_model_trained_on_keep_its_held_out_images(tmp_path, capsys):
     flat = tmp_path / "photos"
     shutil.copytree(write_shapes(tmp_path / "shapes", size=16, per_class=8, seed=2, progress=False) / "train", flat)
     result = train(TrainConfig(data=str(flat), model="resnet20", epochs=1, batch_size=32, val_split=0.25, seed=3,
@@ -141,6 +143,11 @@ def test_eval_of_the_flat_folder_a_model_trained_on_scores_only_what_training_he
                  "--out", str(tmp_path / "all")]) == 0
     assert json.loads((tmp_path / "all" / "metrics.json").read_text())["images"] == 80
     assert split_as_trained(result.model_path, tmp_path / "shapes") is None  # another folder: used as it is
+    # prune fine-tunes on the train split and reports top-1 on val: the run's, not the default tenth with seed 0
+    pruned = prune(result.model_path, flat, tmp_path / "pruned.safetensors", epochs=1, batch_size=32,
+                   runs=str(tmp_path / "prune"))
+    config = yaml.safe_load((pruned.run_dir / "config.yaml").read_text())
+    assert (config["val_split"], config["seed"]) == (0.25, 3)
 
 
 def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):

@@ -69,14 +69,23 @@ def model_labels(dataset: Dataset, split: Split, model) -> np.ndarray:
     return mapping[np.asarray(split.labels, dtype=np.int64)]
 
 
-def split_as_trained(model_file: str | Path, data: str | Path) -> Dataset | None:
-    """`data` split into train and val as the model's training run split it (that run's --val-split and seed),
-    when `data` is the flat class folder the run trained on; None otherwise. Its val split is then the images
-    training held out: evaluated whole, the folder would mostly score images the model learned."""
+def training_split(model_file: str | Path, data: str | Path) -> tuple[float | None, int] | None:
+    """(--val-split, seed) of the model's training run, when `data` is the folder that run trained on (its
+    model file records the run, and the run's config.yaml is still there); None otherwise."""
     config = training_config(model_file)
     if not config or not config.get("data") or Path(config["data"]).resolve() != Path(data).resolve():
         return None
-    dataset = open_dataset(data, config.get("val_split"), config.get("seed", 0))
+    return config.get("val_split"), config.get("seed", 0)
+
+
+def split_as_trained(model_file: str | Path, data: str | Path) -> Dataset | None:
+    """`data` split into train and val as the model's training run split it, when `data` is the flat class
+    folder the run trained on; None otherwise. Its val split is then the images training held out: evaluated
+    whole, the folder would mostly score images the model learned."""
+    split = training_split(model_file, data)
+    if split is None:
+        return None
+    dataset = open_dataset(data, *split)
     return None if dataset.kind == "cifar" or (dataset.root / "train").is_dir() else dataset
 
 

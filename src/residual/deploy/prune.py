@@ -24,7 +24,7 @@ from rich.console import Console
 
 from ..data.datasets import open_dataset
 from ..errors import ConfigError, ResidualError
-from ..evaluate import evaluate
+from ..evaluate import evaluate, training_split
 from ..models import ResNet, count_macs, count_params
 from ..train import TrainConfig, train
 from ..train.optim import OptimConfig
@@ -103,7 +103,10 @@ def prune(model_path: str | Path, data: str | Path, out: str | Path | None = Non
     if epochs < 0:
         raise ConfigError(f"--epochs must be 0 (no fine-tuning) or more, got {epochs}")
     model = load_model(model_path).eval()
-    dataset = open_dataset(data)
+    # A flat folder is split as the model's training split it, so fine-tuning never trains on what the
+    # before/after top-1 is measured on.
+    val_split, seed = training_split(model_path, data) or (None, 0)
+    dataset = open_dataset(data, val_split, seed)
     if list(model.class_names or []) != list(dataset.classes):
         raise PruneError(f"{data}: its classes {dataset.classes[:5]} are not the model's "
                          f"{(model.class_names or [])[:5]} in the same order; prune on the data it was trained on")
@@ -116,7 +119,8 @@ def prune(model_path: str | Path, data: str | Path, out: str | Path | None = Non
         with tempfile.TemporaryDirectory(prefix="residual-prune-") as folder:
             start = save_model(pruned, Path(folder) / "pruned.safetensors")
             config = TrainConfig(data=str(data), pretrained=str(start), strategy="full", epochs=epochs,
-                                 batch_size=batch_size, optim=OptimConfig(lr=lr), device=device, workers=workers,
+                                 val_split=val_split, seed=seed, batch_size=batch_size, optim=OptimConfig(lr=lr),
+                                 device=device, workers=workers,
                                  out=runs, name=f"{model_path.stem}-pruned", quiet=not progress, report=False)
             trained = train(config, console=console or Console(quiet=not progress))
         run_dir = trained.run_dir
