@@ -53,6 +53,7 @@ from .data.transforms import AugmentConfig
 from .errors import ConfigError
 from .models import build_model, compile_for_inference, count_macs, prepare_for_inference
 from .predict import INFERENCE_COMPILE_FROM_IMAGES, class_probabilities
+from .progress import message_console
 from .runs import pick_device
 from .train.config import COMPILE_FROM_STEPS, TrainConfig, auto_compile_mode, resolve
 from .train.optim import OptimConfig
@@ -347,7 +348,7 @@ def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: i
     compiled rows (default: the one `residual train` chooses; plain `default` for inference); the
     peer always compiles in the default mode, as the reference figures do.
     """
-    console = console or Console(stderr=True)
+    console = console or message_console(stderr=True)
     torch_device = pick_device(device)
     if torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True
