@@ -440,6 +440,15 @@ def test_stem_flag_and_the_warning_for_a_net_that_shrinks_small_images_to_one_pi
     assert model.config.stem == "cifar" and model.conv1.kernel_size == (3, 3)
 
 
+def test_an_empty_validation_split_says_how_to_fill_it(tmp_path):
+    data = write_shapes(tmp_path / "data", size=16, per_class=2, seed=4, progress=False)
+    for path in (data / "val").rglob("*.png"):
+        path.unlink()
+    with pytest.raises(TrainingError, match="put images in its val/ folder, or remove the folder so --val-split"):
+        train(TrainConfig(data=str(data), epochs=1, out=str(tmp_path / "runs"), **QUICK))
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())  # no run folder left
+
+
 def test_public_api_trains(shapes16, tmp_path):
     result = residual.train(residual.TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="api", **QUICK))
     assert isinstance(result, residual.TrainResult) and result.model_path.is_file()

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import atomic_path
-from ..data.datasets import Dataset, open_dataset
+from ..data.datasets import VAL_NAMES, Dataset, open_dataset
 from ..data.loaders import BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory
 from ..data.transforms import build_augment, mix_batch, normalize
 from ..errors import ConfigError, ResidualError
@@ -257,7 +257,10 @@ class Trainer:
     def _build_loaders(self) -> None:
         c, data = self.config, self.dataset
         if len(data.val) == 0:
-            raise TrainingError(f"{data.root}: the validation split is empty; add a val/ folder or use --val-split")
+            has_val_folder = any((data.root / name).is_dir() for name in VAL_NAMES)
+            raise TrainingError(f"{data.root}: the validation split is empty; " + (
+                "put images in its val/ folder, or remove the folder so --val-split holds some of train out"
+                if has_val_folder else "--val-split holds images out only of classes with 2 or more"))
         untaught = [name for name, count in zip(data.classes, data.class_counts(data.train)) if count == 0]
         if untaught:
             self.console.print(f"warning: {data.root}: no training images of {', '.join(untaught)}; the model cannot "
