@@ -135,11 +135,10 @@ def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Datase
                 raise DatasetError(f"{val_dir}: classes {extra} are not in {root / 'train'}")
             val = _scan(val_dir, classes, ignored)
         else:
-            train, val = _stratified_split(train, DEFAULT_VAL_SPLIT if val_split is None else val_split, seed)
+            train, val = _stratified_split(train, val_split, seed)
     else:
         classes = _classes_in(root)
-        train, val = _stratified_split(_scan(root, classes, ignored),
-                                       DEFAULT_VAL_SPLIT if val_split is None else val_split, seed)
+        train, val = _stratified_split(_scan(root, classes, ignored), val_split, seed)
         test = None
     if len(classes) < 2:
         raise DatasetError(f"{root}: found {len(classes)} class folder(s); need at least 2 "
@@ -149,8 +148,10 @@ def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Datase
     return Dataset(root, "imagefolder", classes, train, val, test, ignored)
 
 
-def _stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Seeded per-class split: each class gives round(fraction * n) images (at least 1) to val."""
+def _stratified_split(split: Split, fraction: float | None, seed: int) -> tuple[Split, Split]:
+    """Seeded per-class split: each class gives round(fraction * n) images (at least 1) to val.
+    `fraction` None: DEFAULT_VAL_SPLIT (0 is an error, not "not given")."""
+    fraction = DEFAULT_VAL_SPLIT if fraction is None else fraction
     if not 0.0 < fraction < 1.0:
         raise DatasetError(f"--val-split must be between 0 and 1, got {fraction}")
     rng = np.random.default_rng(seed)
