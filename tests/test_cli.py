@@ -176,7 +176,15 @@ def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp
     assert err.startswith(f"error: --resume {tmp_path / 'run'} goes on as its config.yaml says, so --epochs, "
                           f"--augment would be ignored") and err.count("\n") == 1
     assert main(["finetune", "--resume", str(tmp_path / "run")]) == 2  # finetune's own default is no setting
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'run'}: no last.pt to resume from")
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'run'}: no such run directory")  # said "no last.pt"
+    for not_a_run in [model, tmp_path / "s"]:
+        assert main(["train", "--resume", str(not_a_run)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {not_a_run} is not a run directory (it has no config.yaml)")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("data: s\n")  # a run killed before its first checkpoint
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'run'}: no last.pt to resume from") and err.count("\n") == 1
     assert main(["lr-find", str(data), "--steps", "1", "--out", str(tmp_path / "runs")]) == 2
     assert capsys.readouterr().err.startswith("error: the range test needs --steps of 2 or more")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, and a run asks for the second

@@ -397,12 +397,10 @@ def _launch_workers(args: argparse.Namespace, console: Console) -> int:
     """--nproc N: prepare the run directory here, then let torchrun run N workers in it."""
     from .train import load_config
     from .train.distributed import check_launch, launch
-    from .train.trainer import prepare_run
+    from .train.trainer import prepare_run, resumable_run
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "last.pt").is_file():
-            raise ResidualError(f"{run_dir}: no last.pt to resume from")
+        run_dir = resumable_run(args.resume)
         config = load_config(run_dir / "config.yaml")
     else:
         config = _train_config(args)

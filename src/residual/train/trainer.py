@@ -134,9 +134,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     """
     console = console or message_console()
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "last.pt").is_file():
-            raise TrainingError(f"{run_dir}: no last.pt to resume from")
+        run_dir = resumable_run(resume)
     run_dir = Path(run_dir) if run_dir is not None else None
     started = run_dir is not None and (run_dir / "config.yaml").is_file()
     if started:
@@ -181,6 +179,21 @@ def discard_run_dir(run_dir: Path) -> None:
     (run_dir / "config.yaml").unlink(missing_ok=True)
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
+
+
+def resumable_run(path: str | Path) -> Path:
+    """The run directory `path`, checked to hold what a resume needs: its config.yaml and last.pt."""
+    run_dir = Path(path)
+    if not run_dir.exists():
+        raise TrainingError(f"{run_dir}: no such run directory; --resume takes the folder a training run printed "
+                            f"(runs/train/<name>)")
+    if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
+        raise TrainingError(f"{run_dir} is not a run directory (it has no config.yaml); --resume takes the folder a "
+                            f"training run printed (runs/train/<name>)")
+    if not (run_dir / "last.pt").is_file():
+        raise TrainingError(f"{run_dir}: no last.pt to resume from (the run stopped before its first checkpoint); "
+                            f"start it again with residual train")
+    return run_dir
 
 
 def prepare_run(config: TrainConfig, processes: int, console: Console) -> Path:
