@@ -148,6 +148,12 @@ def test_eval_and_prune_on_the_flat_folder_a_model_trained_on_keep_its_held_out_
                    runs=str(tmp_path / "prune"))
     config = yaml.safe_load((pruned.run_dir / "config.yaml").read_text())
     assert (config["val_split"], config["seed"]) == (0.25, 3)
+    # quantize calibrates on the run's 60 training images (the default split has 72) and compares on its 20 held out
+    assert main(["quantize", str(result.model_path), "--calib", str(flat), "--calib-size", "100", "--force",
+                 "-o", str(tmp_path / "int8.onnx"), "--quiet"]) == 0
+    assert "(split as the model was trained)" in " ".join(capsys.readouterr().out.split())
+    report = json.loads((tmp_path / "int8.quantize.json").read_text())
+    assert (report["images"], report["calibration"]["images"], report["split_as_trained"]) == (20, 60, True)
 
 
 def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):

@@ -235,7 +235,8 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
                       batch_size=args.batch_size, progress=not args.quiet)
     report = result.report
     console.print(comparison_table({"float (ONNX Runtime)": report["float"], "int8 (ONNX Runtime)": report["int8"]},
-                                   f"INT8 vs float on {report['images']:,} {report['split']} images; calibrated "
+                                   f"INT8 vs float on {report['images']:,} {report['split']} images"
+                                   f"{' (split as the model was trained)' if report['split_as_trained'] else ''}; calibrated "
                                    f"on {report['calibration']['images']} images ({report['calibration']['method']})"))
     console.print(f"top-1 drop {report['drop_points']:+.2f} points (allowed: {args.max_drop}); "
                   f"top-1 agreement with float {report['top1_agreement']:.2%}")

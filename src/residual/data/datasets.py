@@ -81,12 +81,12 @@ def open_dataset(root: str | Path, val_split: float | None = None, seed: int = 0
     return _open_image_folder(root, val_split, seed)
 
 
-def sample_items(data: str | Path, split: str, count: int, seed: int = 0) -> list:
+def sample_items(data: str | Path | Dataset, split: str, count: int, seed: int = 0) -> list:
     """Up to `count` images (a seeded random sample, in file order) of a dataset's `split`, for checks
     that need images but no labels; a folder of images that is not a dataset is sampled whole."""
-    root = Path(data)
+    root = data.root if isinstance(data, Dataset) else Path(data)
     try:
-        dataset = open_dataset(root)
+        dataset = data if isinstance(data, Dataset) else open_dataset(root)
     except DatasetError:
         items = image_files([root]) if root.is_dir() else []
     else:

@@ -31,7 +31,7 @@ from ..data.datasets import DatasetError, open_dataset, sample_items
 from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
-from ..evaluate import evaluate
+from ..evaluate import evaluate, split_as_trained
 from ..weights import load_model
 from .onnx import ExportError, OnnxModel, export_onnx, read_onnx_metadata, set_metadata, write_json
 from .speed import measure_speed
@@ -105,14 +105,17 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
     out = Path(out) if out else model_path.with_name(f"{model_path.stem}.int8.onnx")
     if out.suffix != ".onnx":
         raise QuantizeError(f"{out}: ONNX files end in .onnx")
+    # The flat folder the model was trained on is split as its run split it: calibration takes training
+    # images, and top-1 is measured on the images training held out, not on the ones the model learned.
     try:
-        val_data = open_dataset(val or calib)
+        as_trained = split_as_trained(model_path, val or calib)
+        val_data = as_trained or open_dataset(val or calib)
     except DatasetError:
         if val is None and Path(calib).is_dir():  # a folder of images calibrates, but top-1 needs classes
             raise QuantizeError(f"--calib {calib}: images without class folders; give --val DATASET to compare "
                                 f"top-1 on") from None
         raise
-    calib_items = sample_items(calib, "train", calib_size, seed)
+    calib_items = sample_items(split_as_trained(model_path, calib) or calib, "train", calib_size, seed)
     with tempfile.TemporaryDirectory(prefix="residual-quantize-") as folder:
         folder = Path(folder)
         source = float_onnx(model_path, folder, sample_items(val_data.root, "val", 128, seed), str(val_data.root))
@@ -131,7 +134,8 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
         _carry_metadata(source, int8_tmp, calibration_info)
         int8_model = OnnxModel(int8_tmp)
         report = _compare(float_model, int8_model, source, int8_tmp, val_data, split, batch_size, progress)
-        report.update(calibration=calibration_info, max_drop=max_drop, forced=force)
+        report.update(calibration=calibration_info, max_drop=max_drop, forced=force,
+                      split_as_trained=as_trained is not None)
         refused = report["drop_points"] > max_drop and not force
         if refused:
             return QuantizeResult(None, None, True, report)
