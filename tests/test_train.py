@@ -346,6 +346,27 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
         assert len(summary["bad_files"]) == 2 and summary["ignored_files"][0].endswith("readme.txt")
 
 
+def test_a_batch_that_unreadable_files_shortened_does_not_compile_the_model_again(tmp_path, monkeypatch):
+    # The compiled forward met the shorter batch, compiled again with a dynamic batch size, and Dynamo then ran
+    # that slower graph for every later batch. It runs eagerly now; the full batches keep their one graph.
+    from torch._dynamo.testing import CompileCounter
+
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)  # 40 training images
+    (data / "train" / "star" / "00001.png").write_bytes(b"not a png")
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend=counter))
+    torch._dynamo.reset()  # nothing compiled earlier in this process is reused
+    try:
+        result = train(TrainConfig(data=str(data), epochs=2, compile=True, in_memory=False, workers=0,
+                                   augment=AugmentConfig(preset="none"), out=str(tmp_path), name="short",
+                                   **(QUICK | {"batch_size": 8, "model_options": {"layers": (1, 1, 1)}})))
+    finally:
+        torch._dynamo.reset()
+    assert [path.rsplit("/", 2)[-2:] for path in result.bad_files] == [["star", "00001.png"]]
+    assert load_checkpoint(result.run_dir / "last.pt")["step"] == 10, "every batch is a step, the short one too"
+    assert counter.frame_count == 1, "the full batches compiled once, and only they"
+
+
 def test_a_batch_of_unreadable_files_keeps_its_place_so_a_resume_starts_where_the_run_stopped(tmp_path,
                                                                                               monkeypatch):
     # The file loader left out a batch none of whose files could be read, and the trainer counted the batches

@@ -42,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import atomic_path
 from ..data.datasets import VAL_NAMES, Dataset, open_dataset
-from ..data.loaders import BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory
+from ..data.loaders import (BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory,
+                            shard_size)
 from ..data.transforms import build_augment, mix_batch, normalize
 from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate
@@ -228,6 +229,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = WeightEMA(self.model, c.ema) if c.ema else None
         self.forward = torch.compile(self.model, mode=c.compile_mode) if c.compile else self.model
+        self.eager_forward: nn.Module = self.model  # for batches that unreadable images shortened (_train_step)
+        self.full_batch = min(self.worker_batch, shard_size(len(self.train_loader.labels), world.rank, world.size,
+                                                            pad=True))
         # CUDA graphs replay into the same output buffers: each step must say where it begins.
         self.cuda_graphs = bool(c.compile) and self.device.type == "cuda" and c.compile_mode in (
             "reduce-overhead", "max-autotune")
@@ -453,6 +457,7 @@ class Trainer:
         ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                       else None)
         self.forward = torch.compile(ddp, mode=self.config.compile_mode) if self.config.compile else ddp
+        self.eager_forward = ddp
         self.wrapped_for = frozen
 
     def _train_epoch(self) -> dict:
@@ -565,7 +570,11 @@ class Trainer:
         `batch_weight`: this batch's `_loss_weight`, when the caller has it already.
         """
         c = self.config
-        if self.cuda_graphs:
+        # The compiled forward is compiled for the full batch. A batch that unreadable images shortened runs
+        # eagerly: compiled, it would compile again for any batch size, and Dynamo would then run that slower
+        # dynamic graph for every later batch.
+        forward = self.forward if len(labels) == self.full_batch else self.eager_forward
+        if self.cuda_graphs and forward is self.forward:
             torch.compiler.cudagraph_mark_step_begin()
         x = normalize(self.augment(images.float().div_(255)), self.model.preprocessing)
         x, targets = mix_batch(x, labels, self.model.num_classes, c.augment.mixup, c.augment.cutmix,
@@ -574,9 +583,9 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         # Accumulating micro-batches need no gradient exchange until the one that steps.
         accumulating = self.world.distributed and not stepping
-        with self.forward.no_sync() if accumulating else contextlib.nullcontext():
+        with forward.no_sync() if accumulating else contextlib.nullcontext():
             with self._autocast():
-                logits = self.forward(x)
+                logits = forward(x)
                 # Hard labels carry their smoothing here; soft (mixed) targets already include it.
                 smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
                 # Summed, then divided by the weight: torch's weighted mean divides soft targets by the
