@@ -8,7 +8,7 @@ import residual
 from residual.cli import main
 from residual.data.decode import BadImageError
 from residual.data.shapes import write_shapes
-from residual.embed import embed, similar
+from residual.embed import cosine_similarity, embed, similar
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,13 @@ def test_embed_and_similar_commands(setup, tmp_path, capsys, monkeypatch):
     query = sorted((data / "test" / "arrow").glob("*.png"))[0]
     assert main(["similar", str(model_path), str(query), str(data / "test"), "--topk", "2"]) == 0
     assert str(query) in capsys.readouterr().out
+
+
+def test_a_trained_models_nearest_neighbours_are_mostly_of_the_querys_class(demo_run):
+    """What retrieval is for. The demo model's features put 98% of test images nearest to one of their own
+    class (2026-12-04); those of a model at 11% top-1 after 3 epochs put 18% (chance: 10%)."""
+    model = residual.load_model(demo_run["model"])
+    found = embed(model, [demo_run["data"] / "test"])
+    classes = np.array([path.parent.name for path in found.paths])
+    nearest = [np.argsort(-cosine_similarity(row, found.features), kind="stable")[1] for row in found.features]
+    assert len(found.paths) == 1200 and np.mean(classes[nearest] == classes) > 0.9
