@@ -65,6 +65,7 @@ def test_convert_then_info(tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "resnet20" in info and "apple, banana, cherry" in info and "269," in info
+    assert "(0.4914, 0.4822, 0.4465) / (0.247, 0.2435, 0.2616)" in info  # CIFAR's statistics, not 16 digits each
     assert main(["convert", str(checkpoint), "--arch", "resnet18"]) == 2
     assert "does not fit resnet18" in capsys.readouterr().err
 

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.table import Table
 
 from .data.check import DataReport
-from .models import ModelInfo, count_params, model_info
+from .models import ModelInfo, Preprocessing, count_params, model_info
 from .progress import transient_bar
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
@@ -79,11 +79,12 @@ def model_file_table(path: Path) -> Table:
             ("classes", classes_line(config["num_classes"], names)),
             ("input", f"{config['in_chans']} channels, resize {pre['resize_size']} -> crop {pre['input_size']}, "
                       f"{pre['interpolation']}"),
-            ("mean / std", f"{pre['mean']} / {pre['std']}"),
+            ("mean / std", Preprocessing(**pre).normalisation()),
             ("config", ", ".join(f"{k}={v}" for k, v in options.items())),
             ("written by", f"residual {meta['residual_version']}, torch {meta['torch_version']}")]
     if meta["extra"]:
-        rows.append(("extra", ", ".join(f"{k}={v}" for k, v in meta["extra"].items())))
+        rows.append(("extra", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in meta["extra"].items())))
     return fields_table(str(path), rows)
 
 

@@ -201,7 +201,7 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
             ("input", f"'{graph_input.name}', {onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)} "
                       f"{shape} ({meta['input']})"),
             ("preprocessing", f"resize {pre['resize_size']} -> crop {pre['input_size']}, {pre['interpolation']}, "
-                              f"mean {pre['mean']}, std {pre['std']}"),
+                              f"mean / std {Preprocessing(**pre).normalisation()}"),
             ("weights", f"{stored:,} stored values, file {path.stat().st_size / 1e6:.2f} MB"),
             ("opset", opsets),
             ("written by", f"residual {meta['residual_version']}, torch {meta['torch_version']}")]

@@ -39,6 +39,10 @@ class Preprocessing:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
+    def normalisation(self) -> str:
+        """The channel statistics to four significant digits, as `residual info` shows them."""
+        return " / ".join("(" + ", ".join(f"{v:.4g}" for v in values) + ")" for values in (self.mean, self.std))
+
     @property
     def crop_pct(self) -> float:
         """timm's name for input_size / resize_size."""
