@@ -272,6 +272,11 @@ def test_check_data_reports_bad_files_duplicates_leaks_and_imbalance(tmp_path):
     # val/a/0.png has the same pixels and bytes as train/a/0.png: leakage.
     assert any(item.endswith("val/a/0.png") for _, item, _ in report.leaks)
     assert report.imbalance > 10 and not report.ok and report.empty_classes == []
+    # The same image in two classes is a labelling error, wherever the copies are; it was only a duplicate.
+    stray = tmp_path / "d" / "val" / "b" / "stray.png"
+    stray.write_bytes((tmp_path / "d" / "train" / "a" / "7.png").read_bytes())
+    assert [f"{tmp_path / 'd' / 'train' / 'a' / '7.png'} (a)", f"{stray} (b)"] in check_data(tmp_path / "d",
+                                                                                             progress=False).conflicts
 
 
 def test_check_data_names_a_class_without_training_images(tmp_path, capsys):

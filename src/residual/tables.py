@@ -107,6 +107,8 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
     summary.add_row("ignored files (not images, or hidden like ._x.jpg)", str(len(report.dataset.ignored)), "")
     summary.add_row("exact duplicates (groups)", str(len(report.duplicates)), verdict(report.duplicates))
     summary.add_row("train/val/test leakage", str(len(report.leaks)), verdict(report.leaks))
+    summary.add_row("same image filed under different classes", str(len(report.conflicts)),
+                    verdict(report.conflicts))
     summary.add_row("classes without training images", str(len(report.empty_classes)), verdict(report.empty_classes))
     summary.add_row("imbalance (largest/smallest train class)", f"{report.imbalance:.1f}x",
                     verdict(report.imbalance > 10))
@@ -118,7 +120,8 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
             + [("unreadable", message) for message in report.bad]
             + [("ignored", str(path)) for path in report.dataset.ignored]
             + [("duplicates", " = ".join(group)) for group in report.duplicates]
-            + [(f"{split} leaks train", f"{item} = {train_item}") for split, item, train_item in report.leaks])
+            + [(f"{split} leaks train", f"{item} = {train_item}") for split, item, train_item in report.leaks]
+            + [("different classes", " = ".join(group)) for group in report.conflicts])
     for what, file in rows[:limit]:
         details.add_row(what, file)
     if len(rows) > limit:

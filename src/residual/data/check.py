@@ -26,6 +26,8 @@ class DataReport:
     bad: list[str] = field(default_factory=list)  # one message per unreadable file
     duplicates: list[list[str]] = field(default_factory=list)  # groups of identical images within a split
     leaks: list[tuple[str, str, str]] = field(default_factory=list)  # (split, item, the same image in train)
+    # groups of identical images, in any splits, filed under different classes: "item (class)" each
+    conflicts: list[list[str]] = field(default_factory=list)
 
     @property
     def empty_classes(self) -> list[str]:
@@ -40,7 +42,8 @@ class DataReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.bad or self.leaks or self.duplicates or self.empty_classes) and self.imbalance <= 10
+        return (not (self.bad or self.leaks or self.duplicates or self.conflicts or self.empty_classes)
+                and self.imbalance <= 10)
 
 
 def _items(split: Split) -> list[tuple[str, bytes | None]]:
@@ -57,11 +60,13 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
         splits["test"] = dataset.test
     report = DataReport(dataset, {name: dataset.class_counts(split) for name, split in splits.items()})
     digests: dict[str, dict[str, list[str]]] = {name: defaultdict(list) for name in splits}
+    classes: dict[str, set[int]] = defaultdict(set)  # digest -> the classes its copies are filed under
+    labelled: dict[str, list[str]] = defaultdict(list)  # digest -> "item (class)" for each copy
     total = sum(len(split) for split in splits.values())
     with progress_bar("checking images", progress) as bar:
         task = bar.add_task("check", total=total)
         for name, split in splits.items():
-            for item, content in _items(split):
+            for (item, content), label in zip(_items(split), split.labels):
                 if content is None:
                     try:
                         read_image(item)
@@ -70,8 +75,12 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
                         report.bad.append(str(error))
                         bar.advance(task)
                         continue
-                digests[name][hashlib.sha256(content).hexdigest()].append(item)
+                digest = hashlib.sha256(content).hexdigest()
+                digests[name][digest].append(item)
+                classes[digest].add(int(label))
+                labelled[digest].append(f"{item} ({dataset.classes[label]})")
                 bar.advance(task)
+    report.conflicts = [labelled[digest] for digest, found in classes.items() if len(found) > 1]
     for name in splits:
         report.duplicates.extend(group for group in digests[name].values() if len(group) > 1)
         if name != "train":
