@@ -234,10 +234,11 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
                       calib_size=args.calib_size, max_drop=args.max_drop, force=args.force,
                       batch_size=args.batch_size, progress=not args.quiet)
     report = result.report
+    as_trained = " (split as the model was trained)" if report["split_as_trained"] else ""
     console.print(comparison_table({"float (ONNX Runtime)": report["float"], "int8 (ONNX Runtime)": report["int8"]},
-                                   f"INT8 vs float on {report['images']:,} {report['split']} images"
-                                   f"{' (split as the model was trained)' if report['split_as_trained'] else ''}; calibrated "
-                                   f"on {report['calibration']['images']} images ({report['calibration']['method']})"))
+                                   f"INT8 vs float on {report['images']:,} {report['split']} images{as_trained}; "
+                                   f"calibrated on {report['calibration']['images']} images "
+                                   f"({report['calibration']['method']})"))
     console.print(f"top-1 drop {report['drop_points']:+.2f} points (allowed: {args.max_drop}); "
                   f"top-1 agreement with float {report['top1_agreement']:.2%}")
     if result.refused:
