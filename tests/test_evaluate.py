@@ -17,6 +17,7 @@ from residual.data.shapes import write_shapes
 from residual.data.transforms import normalize, resize_center_crop
 from residual.deploy.prune import prune
 from residual.evaluate import evaluate, split_as_trained
+from residual.metrics import roc_auc
 from residual.predict import class_probabilities
 from residual.train import TrainConfig, train
 
@@ -49,10 +50,12 @@ def test_eval_metrics_agree_with_the_model_run_directly(model, demo_run, tmp_pat
 
 def test_report_is_self_contained_and_matches_metrics_json(model, demo_run, tmp_path):
     result = evaluate(model, demo_run["data"], split="val", out_dir=tmp_path, gallery_size=4)
-    for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "highest_loss.png", "report.html"):
+    for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "roc_curves.png", "highest_loss.png",
+                 "report.html"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["top1"] == result.metrics["top1"] and saved["split"] == "val"
+    assert saved["per_class"][3]["roc_auc"] == roc_auc(result.probs[:, 3], result.labels == 3) > 0.9
     assert len(saved["highest_loss"]) == 4
     losses = [item["loss"] for item in saved["highest_loss"]]
     assert losses == sorted(losses, reverse=True)
@@ -60,7 +63,7 @@ def test_report_is_self_contained_and_matches_metrics_json(model, demo_run, tmp_
     assert max(losses) == pytest.approx(float((-np.log(true_probs)).max()), rel=1e-4)
     page = (tmp_path / "report.html").read_text()
     sources = re.findall(r"src='([^']*)'", page)
-    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http" not in page.replace("http-equiv", "")  # nothing to fetch: it opens offline
     assert f"{result.metrics['top1']:.2%}" in page
 
@@ -117,9 +120,10 @@ def test_cli_eval_prints_tables_and_writes_the_report(demo_run, tmp_path, capsys
     assert main(["eval", str(demo_run["model"]), str(demo_run["data"]), "--split", "val", "--out", str(out),
                  "--gallery", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    for text in ("top-1", "ECE", "macro avg", "weighted avg", "most confused", "report.html"):
+    for text in ("top-1", "ECE", "macro avg", "weighted avg", "most confused", "report.html", "macro ROC AUC"):
         assert text in printed
-    assert (out / "report.html").is_file()
+    assert (out / "report.html").is_file() and (out / "roc_curves.png").is_file()
+    assert "<h2>ROC curves</h2>" in (out / "report.html").read_text()
     with pytest.raises(SystemExit):
         main(["eval", str(demo_run["model"]), str(demo_run["data"]), "--tta", "sideways"])
     assert main(["eval", str(demo_run["model"]), str(tmp_path / "nowhere"), "--out", str(out)]) == 2

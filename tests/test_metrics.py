@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from residual.metrics import calibration_bins, classification_metrics, confusion_matrix, topk_accuracy
+from residual.metrics import (average_precision, calibration_bins, classification_metrics, confusion_matrix,
+                              roc_auc, roc_curve, topk_accuracy)
 
 NAMES = ["a", "b", "c"]
 # image: probabilities of a, b, c        true  predicted  confidence  correct
@@ -50,6 +51,28 @@ def test_hand_computed_metrics():
     assert [(p["true"], p["predicted"], p["count"]) for p in m["most_confused"]] == [
         ("a", "b", 1), ("b", "c", 1), ("c", "b", 1)]
     assert m["most_confused"][0]["share_of_true"] == 0.5
+    # ROC AUC, each class against the rest: the share of (positive, negative) pairs the class's probability
+    # orders right, a tie counting half. a: 0.70 beats all four negatives; 0.10 beats 0.04, ties 0.10 and
+    # loses to 0.20 and 0.25: 5.5 / 8. b: 0.50 and 0.35 each beat 0.20 and 0.10 only: 4 / 8. c: 0.80 beats
+    # all four, 0.06 none: 4 / 8.
+    assert [per_class[c]["roc_auc"] for c in NAMES] == pytest.approx([5.5 / 8, 0.5, 0.5])
+    assert m["macro"]["roc_auc"] == pytest.approx((5.5 / 8 + 1) / 3) == m["weighted"]["roc_auc"]
+    # Average precision of a: thresholds 0.70 (precision 1, recall 1/2), 0.25, 0.20 (no recall added),
+    # 0.10 (2 of the 5 called are a, recall 1): 1/2 * 1 + 1/2 * 2/5.
+    assert per_class["a"]["average_precision"] == pytest.approx(0.7)
+
+
+def test_roc_auc_and_average_precision_agree_with_their_definitions():
+    scores, positive = np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])
+    assert roc_auc(scores, positive) == 0.75 and average_precision(scores, positive) == pytest.approx(5 / 6)
+    assert roc_curve(scores, positive)[1].tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]  # true positive rate
+    rng = np.random.default_rng(0)
+    scores, positive = rng.integers(0, 5, 200) / 4, rng.random(200) < 0.3  # many ties
+    pairs = scores[positive][:, None] - scores[~positive][None, :]
+    assert roc_auc(scores, positive) == pytest.approx(((pairs > 0) + 0.5 * (pairs == 0)).mean())
+    false_positive, true_positive = roc_curve(scores, positive)
+    assert np.trapezoid(true_positive, false_positive) == pytest.approx(roc_auc(scores, positive))
+    assert roc_auc(scores, np.ones(200, bool)) is None and average_precision(scores, np.zeros(200, bool)) is None
 
 
 def test_weighted_average_weighs_by_support_and_absent_classes_do_not_count():
@@ -59,7 +82,10 @@ def test_weighted_average_weighs_by_support_and_absent_classes_do_not_count():
     # a: P 3/3, R 3/4, F1 6/7; b: P 0, R 0 (no support), F1 0; c: absent from labels and predictions.
     assert m["macro"]["f1"] == pytest.approx((6 / 7 + 0) / 2)
     assert m["weighted"]["f1"] == pytest.approx(6 / 7)
-    assert m["per_class"][2] == {"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert m["per_class"][2] == {"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0,
+                                 "roc_auc": None, "average_precision": None}
+    # Every image is a's: no class has both positives and negatives to rank.
+    assert m["macro"]["roc_auc"] is None and m["weighted"]["average_precision"] is None
 
 
 def test_calibration_bin_edges_are_right_closed():

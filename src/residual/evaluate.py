@@ -19,7 +19,7 @@ from .data.datasets import Dataset, DatasetError, Split, concat_splits, open_dat
 from .data.loaders import check_stream, inference_batches
 from .data.transforms import normalize
 from .explain import grad_cam
-from .metrics import classification_metrics
+from .metrics import classification_metrics, hardest_roc_curves
 from .models import ResNet
 from .predict import check_tta, class_names_of, class_probabilities, inference_compile, inference_forward, model_device
 from .progress import progress_bar
@@ -134,7 +134,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
                 "tta": tta, "compile": why, "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result.files = write_report(out_dir, title or f"{info['model']} on {dataset.root.name} ({split_name})",
-                                    metrics, info, gallery, failed)
+                                    metrics, info, gallery, failed, hardest_roc_curves(probs_all, labels, names))
     return result
 
 

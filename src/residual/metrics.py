@@ -3,7 +3,11 @@
 Conventions, as scikit-learn's: precision, recall and F1 are 0 where undefined
 (no predictions, or no support); the macro average is over the classes that
 occur in the labels or the predictions; the weighted average weighs by support.
-Expected calibration error uses equal-width confidence bins (Guo et al. 2017).
+Expected calibration error uses equal-width confidence bins (Guo et al. 2017). ROC AUC and
+average precision are per class, one against the rest, as scikit-learn's roc_auc_score
+and average_precision_score compute them (ties in the scores count half; written here
+because scikit-learn would be a large dependency for twenty lines), and undefined (None)
+for a class that is absent from the labels or is all of them.
 """
 
 from __future__ import annotations
@@ -56,6 +60,63 @@ def expected_calibration_error(rows: list[dict]) -> float:
     return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(total, 1)
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of `values`, tied values sharing the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return ranks
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative
+    (Mann-Whitney U over the counts); None without both positives and negatives."""
+    positives = int(positive.sum())
+    negatives = len(positive) - positives
+    if not positives or not negatives:
+        return None
+    rank_sum = average_ranks(scores)[positive].sum()
+    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def threshold_counts(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, images called positive) with each distinct score as the threshold, highest first."""
+    order = np.argsort(-scores, kind="stable")
+    ends = np.r_[np.flatnonzero(np.diff(scores[order])), len(scores) - 1]  # the last image of each distinct score
+    return np.cumsum(positive[order])[ends], ends + 1
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) with each distinct score as the threshold, from (0, 0)."""
+    true_positives, called = threshold_counts(scores, positive)
+    false_positives = called - true_positives
+    return (np.r_[0.0, false_positives / max(false_positives[-1], 1)],
+            np.r_[0.0, true_positives / max(true_positives[-1], 1)])
+
+
+def hardest_roc_curves(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
+                       limit: int = 10) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """class name -> (false positive rates, true positive rates, AUC) of the `limit` classes with the lowest
+    ROC AUC, lowest first: the classes hardest to tell from the rest."""
+    curves = {}
+    for c, name in enumerate(class_names):
+        auc = roc_auc(probs[:, c], labels == c)
+        if auc is not None:
+            curves[name] = (*roc_curve(probs[:, c], labels == c), auc)
+    return dict(sorted(curves.items(), key=lambda item: item[1][2])[:limit])
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """The precision with each distinct score as the threshold, weighted by the recall it adds;
+    None without both positives and negatives (as roc_auc)."""
+    if not positive.any() or positive.all():
+        return None
+    true_positives, called = threshold_counts(scores, positive)
+    recall = true_positives / true_positives[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * true_positives / called))
+
+
 def most_confused(matrix: np.ndarray, class_names: list[str], limit: int = 10) -> list[dict]:
     """The largest off-diagonal cells: which true class is most often taken for which other."""
     off_diagonal = matrix.copy()
@@ -70,6 +131,14 @@ def most_confused(matrix: np.ndarray, class_names: list[str], limit: int = 10) -
                       "count": int(matrix[true, predicted]),
                       "share_of_true": float(matrix[true, predicted] / matrix[true].sum())})
     return pairs
+
+
+def mean_where_defined(values: list[float | None], weights: np.ndarray | None = None) -> float | None:
+    """The mean (weighted by `weights`) of the values that are not None; None when none is."""
+    kept = [index for index, value in enumerate(values) if value is not None]
+    if not kept:
+        return None
+    return float(np.average([values[index] for index in kept], weights=None if weights is None else weights[kept]))
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str], bins: int = 15) -> dict:
@@ -89,16 +158,21 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
     confidence = probs.max(1)
     rows = calibration_bins(confidence, predicted == labels, bins)
     true_probs = probs[np.arange(len(labels)), labels]
+    ranking = {"roc_auc": [roc_auc(probs[:, c], labels == c) for c in range(num_classes)],
+               "average_precision": [average_precision(probs[:, c], labels == c) for c in range(num_classes)]}
     return {
         "images": int(len(labels)),
         "top1": float((predicted == labels).mean()),
         "top5": topk_accuracy(probs, labels, 5),
         "loss": float(-np.log(np.clip(true_probs, 1e-12, None)).mean()),
         "ece": expected_calibration_error(rows),
-        "macro": {name: average(name, None) for name in ("precision", "recall", "f1")},
-        "weighted": {name: average(name, support[present]) for name in ("precision", "recall", "f1")},
+        "macro": {**{name: average(name, None) for name in ("precision", "recall", "f1")},
+                  **{name: mean_where_defined(values) for name, values in ranking.items()}},
+        "weighted": {**{name: average(name, support[present]) for name in ("precision", "recall", "f1")},
+                     **{name: mean_where_defined(values, support) for name, values in ranking.items()}},
         "per_class": [{"class": class_names[c], "precision": float(scores["precision"][c]),
-                       "recall": float(scores["recall"][c]), "f1": float(scores["f1"][c]), "support": int(support[c])}
+                       "recall": float(scores["recall"][c]), "f1": float(scores["f1"][c]), "support": int(support[c]),
+                       "roc_auc": ranking["roc_auc"][c], "average_precision": ranking["average_precision"][c]}
                       for c in range(num_classes)],
         "confusion_matrix": matrix.tolist(),
         "most_confused": most_confused(matrix, class_names),

@@ -102,6 +102,26 @@ def plot_reliability(rows: list[dict], ece: float, path: Path) -> None:
     _save(figure, path)
 
 
+def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], ranked: int, path: Path) -> None:
+    """One ROC curve per class (that class against the rest), as metrics.hardest_roc_curves gives them;
+    `ranked`: how many classes have one."""
+    figure = Figure(figsize=(5.5, 5.0))
+    axis = figure.subplots()
+    for name, (false_positive, true_positive, auc) in curves.items():
+        # Straight lines between thresholds: tied scores give a diagonal, as the AUC counts them (half).
+        axis.plot(false_positive, true_positive, linewidth=1.2, label=f"{name} (AUC {auc:.3f})")
+    axis.plot([0, 1], [0, 1], "k--", linewidth=1, label="chance")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.01)
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    shown = "every class" if len(curves) == ranked else f"the {len(curves)} of {ranked} classes with the lowest AUC"
+    axis.set_title(f"ROC, each class against the rest ({shown})", fontsize=10)
+    axis.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    _save(figure, path)
+
+
 def plot_gallery(items: list[GalleryItem], path: Path, per_row: int = 4) -> None:
     """Each item: the image, and Grad-CAM for the predicted and the true class."""
     panels = 3 if items and items[0].cam_predicted is not None else 1
@@ -130,7 +150,7 @@ def _png(path: Path) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else "" if v is None else html.escape(str(v))  # noqa: E731
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -148,8 +168,11 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
     cards = [("top-1", f"{metrics['top1']:.2%}"), ("top-5", f"{metrics['top5']:.2%}"),
              ("loss", f"{metrics['loss']:.4f}"), ("ECE", f"{metrics['ece']:.4f}"),
              ("images", f"{metrics['images']:,}"), ("unreadable", str(len(failed)))]
-    per_class = [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in metrics["per_class"]]
-    per_class += [[f"{name} average", *(metrics[name][k] for k in ("precision", "recall", "f1")), metrics["images"]]
+    if metrics["macro"]["roc_auc"] is not None:
+        cards.insert(4, ("ROC AUC (macro)", f"{metrics['macro']['roc_auc']:.4f}"))
+    scores = ("precision", "recall", "f1", "roc_auc", "average_precision")
+    per_class = [[r["class"], *(r[k] for k in scores), r["support"]] for r in metrics["per_class"]]
+    per_class += [[f"{name} average", *(metrics[name].get(k) for k in scores), metrics["images"]]
                   for name in ("macro", "weighted")]
     confused = [[p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.1%}"] for p in metrics["most_confused"]]
     parts = [
@@ -158,7 +181,10 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
         "<p class='note'>" + " &middot; ".join(f"{html.escape(k)}: {html.escape(str(v))}" for k, v in info.items())
         + "</p>",
         "<div class='cards'>" + "".join(f"<div class='card'>{k}<b>{v}</b></div>" for k, v in cards) + "</div>",
-        "<h2>Per class</h2>", _table(["class", "precision", "recall", "F1", "support"], per_class),
+        "<h2>Per class</h2>", _table(["class", "precision", "recall", "F1", "ROC AUC", "average precision",
+                                      "support"], per_class),
+        "<p class='note'>ROC AUC and average precision rank the images by the class's probability, the class "
+        "against the rest; blank where the class is absent from the images or is all of them.</p>",
         "<h2>Most confused pairs</h2>",
         _table(["true", "predicted as", "images", "share of the true class"], confused) if confused
         else "<p>No confusions.</p>",
@@ -167,6 +193,8 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
         f"averaged over {len(metrics['calibration'])} confidence bins weighted by their image count.</p>"
         f"<img src='{_png(pictures['reliability'])}' alt='reliability diagram'>",
     ]
+    if "roc" in pictures:
+        parts += [f"<h2>ROC curves</h2><img src='{_png(pictures['roc'])}' alt='ROC curves'>"]
     if gallery:
         parts += [f"<h2>Highest-loss images</h2><img src='{_png(pictures['highest_loss'])}' alt='highest-loss images'>",
                   _table(["image", "true", "predicted", "p(true)", "p(predicted)", "loss"],
@@ -180,8 +208,9 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
 
 
 def write_report(out_dir: str | Path, title: str, metrics: dict, info: dict, gallery: list[GalleryItem],
-                 failed: list[str]) -> dict[str, Path]:
-    """Write metrics.json, the pictures and report.html into `out_dir`; returns their paths."""
+                 failed: list[str], roc: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Path]:
+    """Write metrics.json, the pictures and report.html into `out_dir`; returns their paths.
+    `roc`: the ROC curves to draw (metrics.hardest_roc_curves)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "confusion_matrix": out / "confusion_matrix.png",
@@ -189,6 +218,9 @@ def write_report(out_dir: str | Path, title: str, metrics: dict, info: dict, gal
     names = [row["class"] for row in metrics["per_class"]]
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, paths["confusion_matrix"])
     plot_reliability(metrics["calibration"], metrics["ece"], paths["reliability"])
+    if roc:
+        paths["roc"] = out / "roc_curves.png"
+        plot_roc_curves(roc, sum(row["roc_auc"] is not None for row in metrics["per_class"]), paths["roc"])
     if gallery:
         paths["highest_loss"] = out / "highest_loss.png"
         plot_gallery(gallery, paths["highest_loss"])

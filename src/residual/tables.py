@@ -129,6 +129,11 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
     return [counts, summary] + ([details] if rows else [])
 
 
+def _score(value: float | None, digits: int) -> str:
+    """A score to `digits` decimals; '-' where it is undefined (ROC AUC of a class absent from the images)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
     """The headline numbers, per-class scores (the worst `limit` by F1 when there are more), confused pairs."""
     summary = Table(title=title, title_justify="left", show_header=False)
@@ -137,19 +142,20 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
     for name, value in [("images", f"{metrics['images']:,}"), ("top-1", f"{metrics['top1']:.2%}"),
                         ("top-5", f"{metrics['top5']:.2%}"), ("loss", f"{metrics['loss']:.4f}"),
                         ("ECE", f"{metrics['ece']:.4f}"), ("macro F1", f"{metrics['macro']['f1']:.4f}"),
-                        ("weighted F1", f"{metrics['weighted']['f1']:.4f}")]:
+                        ("weighted F1", f"{metrics['weighted']['f1']:.4f}"),
+                        ("macro ROC AUC", _score(metrics["macro"]["roc_auc"], 4))]:
         summary.add_row(name, value)
     rows = metrics["per_class"]
     shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: r["f1"])[:limit]
     per_class = Table(title="per class" if shown is rows else f"the {limit} classes with the lowest F1")
-    for column in ("class", "precision", "recall", "F1", "support"):
+    for column in ("class", "precision", "recall", "F1", "ROC AUC", "AP", "support"):
         per_class.add_column(column, justify="left" if column == "class" else "right")
+    scores = ("precision", "recall", "f1", "roc_auc", "average_precision")
     for row in shown:
-        per_class.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
-                          str(row["support"]))
+        per_class.add_row(row["class"], *(_score(row[k], 3) for k in scores), str(row["support"]))
     for name in ("macro", "weighted"):
         averages = metrics[name]
-        per_class.add_row(f"[bold]{name} avg", *(f"[bold]{averages[k]:.3f}" for k in ("precision", "recall", "f1")),
+        per_class.add_row(f"[bold]{name} avg", *(f"[bold]{_score(averages.get(k), 3)}" for k in scores),
                           f"[bold]{metrics['images']}")
     tables = [summary, per_class]
     if metrics["most_confused"]:
