@@ -196,6 +196,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(shapes16, tmp_path,
     assert residual.read_metadata(run / "model.safetensors")["extra"]["epoch"] == 1
 
 
+def test_at_an_equal_top1_the_lower_val_loss_is_kept_but_only_a_higher_top1_resets_early_stopping(tmp_path):
+    # A fine-tuning run on three classes reached 100% validation top-1 in its first epoch, at val loss 0.73,
+    # and kept that epoch's model over the last one's at 0.27.
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)
+    dataset = open_dataset(data)
+    config = TrainConfig(data=str(data), early_stopping=2, out=str(tmp_path), **QUICK)
+    trainer = Trainer(resolve(config, dataset), dataset, tmp_path / "run", Console(quiet=True))
+    (tmp_path / "run").mkdir()
+    trained = {"train_loss": 1.0, "train_acc": 0.5, "images_per_s": 1.0, "epoch_seconds": 1.0}
+    kept = []
+    for top1, loss in [(1.0, 0.73), (1.0, 0.27), (1.0, 0.5), (0.9, 0.1)]:
+        trainer._end_epoch(trained, {"val_loss": loss, "val_top1": top1, "val_top5": 1.0})
+        kept.append((trainer.best_epoch, trainer.epochs_since_best, trainer.stopped_early))
+    assert kept == [(1, 0, False), (2, 1, False), (2, 2, True), (2, 3, True)]
+    assert residual.read_metadata(tmp_path / "run" / "model.safetensors")["extra"]["val_loss"] == 0.27
+
+
 def test_early_stopping(shapes16, tmp_path):
     result = train(TrainConfig(data=str(shapes16), epochs=8, early_stopping=2, monitor="val_loss", out=str(tmp_path),
                                name="es", model="resnet20", batch_size=32, quiet=True,

@@ -241,6 +241,7 @@ class Trainer:
         self.running = empty_sums()
         self.history: list[dict] = []
         self.curves_drawn, self.curves_drawn_at = 0, -math.inf  # epochs in curves.png, and when it was drawn
+        # The kept epoch, and the epochs since `monitor` last improved (what early stopping counts).
         self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
         self.stopped_early = False
         self.stop_signal: str | None = None
@@ -639,15 +640,19 @@ class Trainer:
             write_metrics(self.history, self.run_dir / "metrics.csv")
         self._draw_curves(final=False)
         value = val_stats[c.monitor]
-        better = self.best is None or (value > self.best[c.monitor] if c.monitor == "val_top1"
-                                       else value < self.best[c.monitor])
-        if better and math.isfinite(value) and self._weights_finite():
-            self.best, self.best_epoch, self.epochs_since_best = dict(row), self.epoch + 1, 0
+        improved = self.best is None or (value > self.best[c.monitor] if c.monitor == "val_top1"
+                                         else value < self.best[c.monitor])
+        # A small validation set saturates (100% top-1 from the first epoch): at an equal top-1 the lower
+        # val loss is the better model to keep. Only an improvement of `monitor` resets early stopping.
+        tie_won = (not improved and c.monitor == "val_top1" and value == self.best["val_top1"]
+                   and val_stats["val_loss"] < self.best["val_loss"])
+        keep = (improved or tie_won) and math.isfinite(value) and self._weights_finite()
+        self.epochs_since_best = 0 if keep and improved else self.epochs_since_best + 1
+        if keep:
+            self.best, self.best_epoch = dict(row), self.epoch + 1
             if self.world.is_main:
                 save_model(self.ema.module if self.ema else self.model, self.run_dir / "model.safetensors",
                            extra={"run": str(self.run_dir), "epoch": self.epoch + 1, **val_stats})
-        else:
-            self.epochs_since_best += 1
         self.console.print(  # one line per epoch, also in quiet mode (which only drops the bar)
             f"epoch {self.epoch + 1}/{c.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
             f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}  "
