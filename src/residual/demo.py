@@ -69,7 +69,7 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
                        ("metrics.csv", "loss, accuracy, learning rate and speed per epoch"),
                        ("curves.png", "the training curves"),
                        ("report.html", "the validation report: per-class scores, confusion matrix, calibration, "
-                                       "the highest-loss images with Grad-CAM"),
+                                       "ROC curves, the highest-loss images with Grad-CAM"),
                        ("test-report/", "the same report on the test split"),
                        ("config.yaml", "the resolved recipe, to repeat the run"),
                        ("last.pt", "the checkpoint to resume from")]:
