@@ -445,6 +445,20 @@ def test_a_class_without_training_images_is_named_in_a_warning(tmp_path):
     assert f"warning: {data}: no training images of ring; the model cannot learn it" in log.getvalue()
 
 
+def test_a_class_the_validation_split_lacks_and_a_small_validation_split_are_named_in_warnings(tmp_path):
+    # Seven images, one of them class a's: the split held out one b image, and the run reported 100% top-1.
+    data = tmp_path / "two"
+    for name, count in (("a", 1), ("b", 6)):
+        (data / name).mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", (16, 16), (40 * index, 200 if name == "a" else 0, 90)).save(data / name / f"{index}.png")
+    log = io.StringIO()
+    train(TrainConfig(data=str(data), epochs=1, out=str(tmp_path), **QUICK), console=Console(file=log, width=300))
+    assert f"warning: {data}: no validation images of a; validation top-1 does not measure it" in log.getvalue()
+    assert (f"warning: {data}: the validation split has 1 image(s), so its top-1 moves in steps of 100 points"
+            in log.getvalue())
+
+
 def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     from residual.cli import main
 

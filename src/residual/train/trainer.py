@@ -64,6 +64,9 @@ READ_BACK_SECONDS = 0.5  # how often the loop waits for the device to report los
 CURVES_EVERY_S = 30.0  # the least time between two drawings of curves.png during a run
 
 
+SMALL_VALIDATION = 50  # fewer validation images than this, and training warns that its top-1 is coarse
+
+
 class TrainingError(ResidualError):
     """Training cannot go on (a non-finite loss, unusable data)."""
 
@@ -283,6 +286,14 @@ class Trainer:
         if untaught:
             self.console.print(f"warning: {data.root}: no training images of {', '.join(untaught)}; the model cannot "
                                f"learn {'them' if len(untaught) > 1 else 'it'} (add images, or remove the folder)")
+        unmeasured = [name for name, count in zip(data.classes, data.class_counts(data.val)) if count == 0]
+        if unmeasured:  # e.g. a class of one image: the split holds out only of classes with two or more
+            self.console.print(f"warning: {data.root}: no validation images of {', '.join(unmeasured)}; validation "
+                               f"top-1 does not measure {'them' if len(unmeasured) > 1 else 'it'}")
+        if len(data.val) < SMALL_VALIDATION:
+            self.console.print(f"warning: {data.root}: the validation split has {len(data.val)} image(s), so its "
+                               f"top-1 moves in steps of {100 / len(data.val):.3g} points; the best epoch and "
+                               f"early stopping go by it")
         small = c.image_size <= 64
         source = self.model.preprocessing if c.pretrained else None  # a pretrained model keeps its own
         crop_pct = source.crop_pct if source else 0.875
