@@ -126,8 +126,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     _report_failed(result.failed)
     if result.failed:
         console.print(f"[yellow]{len(result.failed)} unreadable image(s) skipped (listed above and in the report)")
-    console.print(f"report: {result.files['report']}  (metrics.json, confusion_matrix.png, reliability.png"
-                  f"{', highest_loss.png' if result.gallery else ''} in {out})")
+    written = ", ".join(path.name for name, path in result.files.items() if name != "report")
+    console.print(f"report: {result.files['report']}  ({written} in {out})")
     return 0
 
 
