@@ -9,6 +9,7 @@ left as it was.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +34,12 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(destination.parent)
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """`data` as indented JSON, written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _umask() -> int:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json
 from .explain import overlay
 
 ANNOTATE_UP_TO = 20  # classes; beyond this the matrix cells are too small for numbers
@@ -225,7 +224,6 @@ def write_report(out_dir: str | Path, title: str, metrics: dict, info: dict, gal
         paths["highest_loss"] = out / "highest_loss.png"
         plot_gallery(gallery, paths["highest_loss"])
     document = {**info, **metrics, "highest_loss": [item.summary() for item in gallery], "unreadable": failed}
-    with atomic_path(paths["metrics"]) as tmp:
-        tmp.write_text(json.dumps(document, indent=2))
+    write_json(paths["metrics"], document)
     write_html(paths["report"], title, metrics, info, paths, gallery, failed)
     return paths

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..atomic import atomic_path
+from ..atomic import write_json
 from ..progress import progress_bar
 
 SHAPE_CLASSES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "ring", "crescent", "arrow")
@@ -152,6 +152,5 @@ def write_shapes(out_dir: str | Path, size: int = 32, per_class: int = 1000, see
                 mask.save(out_dir / "masks" / split / shape / name)
             bar.advance(task)
     # The manifest is written last: its presence means the dataset is complete.
-    with atomic_path(manifest_path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2))
+    write_json(manifest_path, manifest)
     return out_dir

@@ -31,7 +31,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json
 from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
@@ -334,11 +334,6 @@ class _Refused(Exception):
     def __init__(self, parity_result: Parity):
         super().__init__("parity check failed")
         self.parity = parity_result
-
-
-def write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def training_data(model_path: str | os.PathLike) -> str | None:

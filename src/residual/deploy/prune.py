@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from ..atomic import write_json
 from ..data.datasets import open_dataset
 from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate, training_split
@@ -29,7 +30,6 @@ from ..models import ResNet, count_macs, count_params
 from ..train import TrainConfig, train
 from ..train.optim import OptimConfig
 from ..weights import load_model, save_model
-from .onnx import write_json
 from .speed import measure_speed
 
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")

@@ -26,14 +26,14 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json
 from ..data.datasets import DatasetError, open_dataset, sample_items
 from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..evaluate import evaluate, split_as_trained
 from ..weights import load_model
-from .onnx import ExportError, OnnxModel, export_onnx, read_onnx_metadata, set_metadata, write_json
+from .onnx import ExportError, OnnxModel, export_onnx, read_onnx_metadata, set_metadata
 from .speed import measure_speed
 
 CALIBRATION_METHODS = {
