@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from residual import load_model
+from residual.calibrate import calibrate
 from residual.cli import main
 from residual.data.datasets import DatasetError, open_dataset
 from residual.data.decode import read_image
@@ -159,6 +160,9 @@ def test_eval_and_prune_on_the_flat_folder_a_model_trained_on_keep_its_held_out_
     assert "(split as the model was trained)" in " ".join(capsys.readouterr().out.split())
     report = json.loads((tmp_path / "int8.quantize.json").read_text())
     assert (report["images"], report["calibration"]["images"], report["split_as_trained"]) == (20, 60, True)
+    # calibrate fits its temperature on those 20 held-out images too
+    calibrated = calibrate(result.model_path, flat, tmp_path / "calibrated.safetensors")
+    assert calibrated.report["split_as_trained"] and calibrated.report["splits"]["val"]["images"] == 20
 
 
 def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):

@@ -8,6 +8,7 @@
     fast = residual.prepare_for_inference(model, "cuda")            # BN folded, channels_last, bf16
     result = residual.train(residual.TrainConfig(data="photos/", epochs=30))
     report = residual.evaluate(model, "photos/", out_dir="report/")   # metrics + report.html
+    result = residual.calibrate("model.safetensors", "photos/")      # temperature scaling -> a new model file
     result = residual.predict(model, ["cat.jpg", "photos/"], topk=3)
     cams = residual.explain(model, "cat.jpg", method="gradcam++")
 """
@@ -23,6 +24,7 @@ from .embed import Embeddings, embed, similar
 from .predict import PredictResult, decode_predictions, predict, preprocess_input
 from .explain import ExplainResult, explain
 from .evaluate import EvalResult, evaluate
+from .calibrate import CalibrationResult, calibrate
 from .train.lr_find import LRFindResult, lr_find
 
 __all__ = [
@@ -31,5 +33,5 @@ __all__ = [
     "model_info", "prepare_for_inference", "read_metadata", "read_state_dict", "register_pretrained", "save_model",
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
     "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
-    "ExplainResult", "explain", "EvalResult", "evaluate",
+    "ExplainResult", "explain", "EvalResult", "evaluate", "CalibrationResult", "calibrate",
 ]

@@ -250,6 +250,22 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
+    from .calibrate import calibrate
+    from .runs import output_dir
+    from .tables import calibration_table
+
+    with output_dir(args.out, "runs/calibrate", f"{Path(args.model).stem}-{Path(args.data).name}") as out:
+        result = calibrate(args.model, args.data, args.output, split=args.split, report_dir=out,
+                           batch_size=args.batch_size, workers=args.workers, device=args.device,
+                           progress=not args.quiet)
+    console.print(calibration_table(result.report))
+    sharpens = "under-confident: T < 1 sharpens" if result.temperature < 1 else "over-confident: T > 1 softens"
+    console.print(f"temperature {result.temperature:.4g} (the model was {sharpens} its probabilities; top-1 "
+                  f"unchanged); wrote {result.path}, report in {out}")
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     from .deploy.prune import prune
     from .tables import comparison_table
@@ -686,6 +702,15 @@ def _add_inference_commands(commands) -> None:
     common(p, 64)
     decoder_and_compile(p)
     p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("calibrate", help="temperature scaling: probabilities that match accuracy (ECE)")
+    p.add_argument("model", help="a .safetensors model file")
+    p.add_argument("data", help="the dataset: T is fitted on its validation split and checked on its test split")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="the held-out split to fit T on")
+    p.add_argument("--out", help="report folder (default: a new runs/calibrate/MODEL-DATA)")
+    p.add_argument("-o", "--output", help="the calibrated model file (default: MODEL.calibrated.safetensors)")
+    common(p, 64)
+    p.set_defaults(run=cmd_calibrate)
 
     p = commands.add_parser("predict", help="the top classes of images or folders of images")
     p.add_argument("model", help="a model file or a pretrained name")

@@ -75,7 +75,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
     _save(figure, path)
 
 
-def plot_reliability(rows: list[dict], ece: float, path: Path) -> None:
+def plot_reliability(rows: list[dict], ece: float, path: Path, title: str = "reliability diagram") -> None:
     figure = Figure(figsize=(5.5, 6.0))
     top, bottom = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     centres = [(r["lower"] + r["upper"]) / 2 for r in rows]
@@ -92,7 +92,7 @@ def plot_reliability(rows: list[dict], ece: float, path: Path) -> None:
     top.set_ylabel("accuracy")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
-    top.set_title(f"reliability diagram (ECE {ece:.3f})", fontsize=10)
+    top.set_title(f"{title} (ECE {ece:.3f})", fontsize=10)
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(centres, [r["count"] for r in rows], width=width, edgecolor="black", color="grey")
     bottom.set_xlabel("confidence (probability of the predicted class)")

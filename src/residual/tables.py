@@ -168,6 +168,18 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
     return tables
 
 
+def calibration_table(report: dict) -> Table:
+    """Temperature scaling's effect on each split checked: ECE and negative log-likelihood before and after."""
+    table = Table(title=f"temperature scaling, T = {report['temperature']:.4g} fitted on {report['fitted_on']}")
+    for column in ("split", "images", "top-1", "ECE before", "ECE after", "NLL before", "NLL after"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, scores in report["splits"].items():
+        table.add_row(name, f"{scores['images']:,}",
+                      f"{scores['top1']:.2%}", f"{scores['before']['ece']:.4f}", f"{scores['after']['ece']:.4f}",
+                      f"{scores['before']['nll']:.4f}", f"{scores['after']['nll']:.4f}")
+    return table
+
+
 def predictions_table(predictions: list, title: str) -> Table:
     table = Table(title=title)
     for column in ("image", "class", "probability", "next"):
