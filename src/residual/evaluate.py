@@ -133,8 +133,9 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     if out_dir is not None:
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
                 "tta": tta, "compile": why, "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        roc = hardest_roc_curves(probs_all, labels, metrics["per_class"])
         result.files = write_report(out_dir, title or f"{info['model']} on {dataset.root.name} ({split_name})",
-                                    metrics, info, gallery, failed, hardest_roc_curves(probs_all, labels, names))
+                                    metrics, info, gallery, failed, roc)
     return result
 
 

@@ -95,16 +95,12 @@ def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.
             np.r_[0.0, true_positives / max(true_positives[-1], 1)])
 
 
-def hardest_roc_curves(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
+def hardest_roc_curves(probs: np.ndarray, labels: np.ndarray, per_class: list[dict],
                        limit: int = 10) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """class name -> (false positive rates, true positive rates, AUC) of the `limit` classes with the lowest
-    ROC AUC, lowest first: the classes hardest to tell from the rest."""
-    curves = {}
-    for c, name in enumerate(class_names):
-        auc = roc_auc(probs[:, c], labels == c)
-        if auc is not None:
-            curves[name] = (*roc_curve(probs[:, c], labels == c), auc)
-    return dict(sorted(curves.items(), key=lambda item: item[1][2])[:limit])
+    ROC AUC (`per_class`: classification_metrics' rows), lowest first: the classes hardest to tell apart."""
+    ranked = sorted((row["roc_auc"], c) for c, row in enumerate(per_class) if row["roc_auc"] is not None)
+    return {per_class[c]["class"]: (*roc_curve(probs[:, c], labels == c), auc) for auc, c in ranked[:limit]}
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
