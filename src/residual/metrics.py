@@ -5,9 +5,8 @@ Conventions, as scikit-learn's: precision, recall and F1 are 0 where undefined
 occur in the labels or the predictions; the weighted average weighs by support.
 Expected calibration error uses equal-width confidence bins (Guo et al. 2017). ROC AUC and
 average precision are per class, one against the rest, as scikit-learn's roc_auc_score
-and average_precision_score compute them (ties in the scores count half; written here
-because scikit-learn would be a large dependency for twenty lines), and undefined (None)
-for a class that is absent from the labels or is all of them.
+and average_precision_score compute them (ties in the scores count half), and undefined
+(None) for a class that is absent from the labels or is all of them.
 """
 
 from __future__ import annotations
@@ -60,26 +59,6 @@ def expected_calibration_error(rows: list[dict]) -> float:
     return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(total, 1)
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of `values`, tied values sharing the mean of their ranks."""
-    order = np.argsort(values, kind="stable")
-    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(values))
-    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
-    return ranks
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """Area under the ROC curve: the chance that a random positive scores above a random negative
-    (Mann-Whitney U over the counts); None without both positives and negatives."""
-    positives = int(positive.sum())
-    negatives = len(positive) - positives
-    if not positives or not negatives:
-        return None
-    rank_sum = average_ranks(scores)[positive].sum()
-    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 def threshold_counts(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(true positives, images called positive) with each distinct score as the threshold, highest first."""
     order = np.argsort(-scores, kind="stable")
@@ -87,12 +66,32 @@ def threshold_counts(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarr
     return np.cumsum(positive[order])[ends], ends + 1
 
 
-def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) with each distinct score as the threshold, from (0, 0)."""
-    true_positives, called = threshold_counts(scores, positive)
+def _rates(true_positives: np.ndarray, called: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """threshold_counts as (false positive rate, true positive rate), from (0, 0)."""
     false_positives = called - true_positives
     return (np.r_[0.0, false_positives / max(false_positives[-1], 1)],
             np.r_[0.0, true_positives / max(true_positives[-1], 1)])
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) with each distinct score as the threshold, from (0, 0)."""
+    return _rates(*threshold_counts(scores, positive))
+
+
+def ranking_scores(scores: np.ndarray, positive: np.ndarray) -> tuple[float | None, float | None]:
+    """(ROC AUC, average precision) of ranking the `positive` images first by `scores`; (None, None) without
+    both positives and negatives.
+
+    AUC is the area under the ROC curve, straight lines between thresholds: the chance that a random positive
+    scores above a random negative, a tie counting half. AP is the precision with each distinct score as the
+    threshold, weighted by the recall it adds.
+    """
+    if not positive.any() or positive.all():
+        return None, None
+    true_positives, called = threshold_counts(scores, positive)  # one sort for both
+    false_positive_rate, recall = _rates(true_positives, called)
+    auc = np.sum(np.diff(false_positive_rate) * (recall[1:] + recall[:-1]) / 2)
+    return float(auc), float(np.sum(np.diff(recall) * true_positives / called))
 
 
 def hardest_roc_curves(probs: np.ndarray, labels: np.ndarray, per_class: list[dict],
@@ -101,16 +100,6 @@ def hardest_roc_curves(probs: np.ndarray, labels: np.ndarray, per_class: list[di
     ROC AUC (`per_class`: classification_metrics' rows), lowest first: the classes hardest to tell apart."""
     ranked = sorted((row["roc_auc"], c) for c, row in enumerate(per_class) if row["roc_auc"] is not None)
     return {per_class[c]["class"]: (*roc_curve(probs[:, c], labels == c), auc) for auc, c in ranked[:limit]}
-
-
-def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """The precision with each distinct score as the threshold, weighted by the recall it adds;
-    None without both positives and negatives (as roc_auc)."""
-    if not positive.any() or positive.all():
-        return None
-    true_positives, called = threshold_counts(scores, positive)
-    recall = true_positives / true_positives[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * true_positives / called))
 
 
 def most_confused(matrix: np.ndarray, class_names: list[str], limit: int = 10) -> list[dict]:
@@ -154,8 +143,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
     confidence = probs.max(1)
     rows = calibration_bins(confidence, predicted == labels, bins)
     true_probs = probs[np.arange(len(labels)), labels]
-    ranking = {"roc_auc": [roc_auc(probs[:, c], labels == c) for c in range(num_classes)],
-               "average_precision": [average_precision(probs[:, c], labels == c) for c in range(num_classes)]}
+    ranked = [ranking_scores(probs[:, c], labels == c) for c in range(num_classes)]
+    ranking = {"roc_auc": [auc for auc, _ in ranked], "average_precision": [ap for _, ap in ranked]}
     return {
         "images": int(len(labels)),
         "top1": float((predicted == labels).mean()),
