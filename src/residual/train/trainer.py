@@ -154,6 +154,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             given, config = config, resolve(config, dataset, world.size)
             if log := compile_log(given, config, len(dataset.train), world.size):
                 console.print(log)
+            for warning in validation_warnings(dataset):
+                console.print(warning)
             if not started:
                 run_dir = world.broadcast(prepare_run_dir(config, run_dir) if world.is_main else None)
             try:
@@ -183,6 +185,23 @@ def discard_run_dir(run_dir: Path) -> None:
     (run_dir / "config.yaml").unlink(missing_ok=True)
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
+
+
+def validation_warnings(data: Dataset) -> list[str]:
+    """What a training run's validation cannot tell: classes it has no images of, and a top-1 too coarse to
+    pick the best epoch by."""
+    if not len(data.val):
+        return []  # an empty split is an error, raised when the loaders are built
+    warnings = []
+    unmeasured = [name for name, count in zip(data.classes, data.class_counts(data.val)) if count == 0]
+    if unmeasured:  # e.g. a class of one image: the split holds out only of classes with two or more
+        warnings.append(f"warning: {data.root}: no validation images of {', '.join(unmeasured)}; validation top-1 "
+                        f"does not measure {'them' if len(unmeasured) > 1 else 'it'}")
+    if len(data.val) < SMALL_VALIDATION:
+        warnings.append(f"warning: {data.root}: the validation split has {len(data.val)} image(s), so its top-1 "
+                        f"moves in steps of {100 / len(data.val):.3g} points; the best epoch and early stopping go "
+                        f"by it")
+    return warnings
 
 
 def resumable_run(path: str | Path) -> Path:
@@ -286,14 +305,6 @@ class Trainer:
         if untaught:
             self.console.print(f"warning: {data.root}: no training images of {', '.join(untaught)}; the model cannot "
                                f"learn {'them' if len(untaught) > 1 else 'it'} (add images, or remove the folder)")
-        unmeasured = [name for name, count in zip(data.classes, data.class_counts(data.val)) if count == 0]
-        if unmeasured:  # e.g. a class of one image: the split holds out only of classes with two or more
-            self.console.print(f"warning: {data.root}: no validation images of {', '.join(unmeasured)}; validation "
-                               f"top-1 does not measure {'them' if len(unmeasured) > 1 else 'it'}")
-        if len(data.val) < SMALL_VALIDATION:
-            self.console.print(f"warning: {data.root}: the validation split has {len(data.val)} image(s), so its "
-                               f"top-1 moves in steps of {100 / len(data.val):.3g} points; the best epoch and "
-                               f"early stopping go by it")
         small = c.image_size <= 64
         source = self.model.preprocessing if c.pretrained else None  # a pretrained model keeps its own
         crop_pct = source.crop_pct if source else 0.875
