@@ -9,6 +9,7 @@ import torch
 import residual
 from residual.calibrate import CalibrationError, calibrate, fit_temperature
 from residual.cli import main
+from residual.data.shapes import write_shapes
 from residual.evaluate import evaluate
 
 
@@ -62,3 +63,20 @@ def test_what_calibration_cannot_use_is_a_one_line_error(tmp_path, capsys, monke
     with pytest.raises(CalibrationError, match="fitted on images training did not learn from"):
         calibrate(path, data, split="train")  # the CLI offers only val and test
     assert not list((tmp_path / "runs").glob("*/*"))  # no runs/calibrate/model-nowhere left behind
+
+
+def test_an_unreadable_image_is_named_and_an_uninformative_fit_is_flagged(tmp_path, capsys):
+    data = write_shapes(tmp_path / "shapes", size=16, per_class=3, seed=0, progress=False)
+    (data / "val" / "star" / "broken.png").write_bytes(b"not a png")
+    model = residual.create_model("resnet20", num_classes=10)
+    model.class_names = sorted(folder.name for folder in (data / "train").iterdir())
+    path = residual.save_model(model, tmp_path / "model.safetensors")
+    assert main(["calibrate", str(path), str(data), "--out", str(tmp_path / "report"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "1 unreadable image(s) skipped" in " ".join(captured.out.split())
+    report = json.loads((tmp_path / "report" / "calibration.json").read_text())
+    readable = len(list((data / "val").glob("*/*.png"))) - 1
+    assert len(report["splits"]["val"]["unreadable"]) == 1 and report["splits"]["val"]["images"] == readable
+    # An untrained model is right by chance whatever it says: the best T makes it say almost nothing.
+    assert report["temperature"] > 10 and "say little about whether it is right" in report["warning"]
+    assert "warning: T = " in " ".join(captured.out.split())

@@ -259,7 +259,13 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
         result = calibrate(args.model, args.data, args.output, split=args.split, report_dir=out,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
                            progress=not args.quiet)
+    unreadable = [message for scores in result.report["splits"].values() for message in scores["unreadable"]]
+    _report_failed(unreadable)
     console.print(calibration_table(result.report))
+    if unreadable:
+        console.print(f"[yellow]{len(unreadable)} unreadable image(s) skipped (listed above and in calibration.json)")
+    if "warning" in result.report:
+        console.print(f"[yellow]warning: {result.report['warning']}")
     sharpens = "under-confident: T < 1 sharpens" if result.temperature < 1 else "over-confident: T > 1 softens"
     console.print(f"temperature {result.temperature:.4g} (the model was {sharpens} its probabilities; top-1 "
                   f"unchanged); wrote {result.path}, report in {out}")
