@@ -94,6 +94,9 @@ def _inference_model(name: str, device: str, precision: str | None = None):
     return prepare_for_inference(model, pick_device(device), precision) if precision else model
 
 
+CALIBRATION_HINT_ECE = 0.05  # above this, eval suggests `residual calibrate`
+
+
 def _report_failed(failed: list[str]) -> None:
     for message in failed:
         print(f"error: {message}", file=sys.stderr)
@@ -128,6 +131,9 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]{len(result.failed)} unreadable image(s) skipped (listed above and in the report)")
     written = ", ".join(path.name for name, path in result.files.items() if name != "report")
     console.print(f"report: {result.files['report']}  ({written} in {out})")
+    if result.metrics["ece"] > CALIBRATION_HINT_ECE and Path(args.model).suffix == ".safetensors":
+        console.print(f"ECE {result.metrics['ece']:.3f}: the probabilities are off from the accuracy; "
+                      f"`residual calibrate {args.model} {args.data}` fits temperature scaling on the validation split")
     return 0
 
 
