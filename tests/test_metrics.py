@@ -71,6 +71,8 @@ def test_roc_auc_and_average_precision_agree_with_their_definitions():
     pairs = scores[positive][:, None] - scores[~positive][None, :]
     assert ranking_scores(scores, positive)[0] == pytest.approx(((pairs > 0) + 0.5 * (pairs == 0)).mean())
     assert ranking_scores(scores, np.ones(200, bool)) == ranking_scores(scores, np.zeros(200, bool)) == (None, None)
+
+
 def test_weighted_average_weighs_by_support_and_absent_classes_do_not_count():
     probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.7, 0.3, 0.0], [0.4, 0.6, 0.0]])
     labels = np.array([0, 0, 0, 0])  # class b is predicted once but has no support; c never appears

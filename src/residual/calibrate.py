@@ -154,8 +154,9 @@ def write_calibration_report(folder: Path, report: dict) -> dict[str, Path]:
     for stage in ("before", "after"):
         files[stage] = folder / f"reliability-{shown}-{stage}.png"
         scores = report["splits"][shown]
-        title = (f"{shown}, {stage} temperature scaling" + (f" (T = {report['temperature']:.3g})"
-                                                             if stage == "after" else ""))
+        title = f"{shown}, {stage} temperature scaling"
+        if stage == "after":
+            title += f" (T = {report['temperature']:.3g})"
         plot_reliability(scores["calibration"][stage], scores[stage]["ece"], files[stage], title)
     write_json(files["report"], report)
     return files

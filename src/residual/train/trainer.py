@@ -721,7 +721,6 @@ class Trainer:
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
                            len(self.dataset.ignored), self.stopped_early, self.run_dir / "model.safetensors")
 
-
     def _write_report(self) -> None:
         """The evaluation report of the best model on the validation split, into the run directory."""
         model = load_model(self.run_dir / "model.safetensors").to(self.device)
