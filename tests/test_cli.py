@@ -103,11 +103,11 @@ def test_demo_trains_to_95_percent_on_the_cpu(demo_run):
     out, run = demo_run["out"], demo_run["run"]
     for name in ("model.safetensors", "metrics.csv", "curves.png", "config.yaml", "last.pt", "report.html"):
         assert (run / name).is_file() and name in out
-    for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "highest_loss.png"):
+    for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "roc_curves.png", "highest_loss.png"):
         assert (run / name).is_file() and (run / "test-report" / name).is_file()
     best = residual.read_metadata(run / "model.safetensors")["extra"]
     assert best["val_top1"] >= 0.95, best
-    assert "test top-1" in out and "Next:" in out
+    assert "test top-1" in out and "Next:" in out and f"residual calibrate {run / 'model.safetensors'}" in out
 
 
 def test_console_script_entry_point():

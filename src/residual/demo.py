@@ -76,5 +76,6 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
         console.print(f"  {name:<18} {what}")
     console.print("\nNext: `residual train YOUR_IMAGES/` (a folder per class), `residual check-data YOUR_IMAGES/`, "
                   f"`residual predict {result.model_path} IMAGES`, `residual explain {result.model_path} IMAGES`, "
-                  f"`residual eval {result.model_path} DATA`, `residual models`.")
+                  f"`residual eval {result.model_path} DATA`, `residual calibrate {result.model_path} {data_dir}` "
+                  f"(fits its confidence to its accuracy), `residual models`.")
     return {"run_dir": result.run_dir, "model_path": result.model_path, "val_top1": val_top1, "test_top1": test_top1}
