@@ -122,7 +122,7 @@ def test_cli_eval_prints_tables_and_writes_the_report(demo_run, tmp_path, capsys
                  "--gallery", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     for text in ("top-1", "ECE", "macro avg", "weighted avg", "most confused", "report.html", "macro ROC AUC",
-                 "roc_curves.png"):
+                 "roc_curves.png", "accepting only predictions at least this sure"):
         assert text in printed
     assert (out / "report.html").is_file() and (out / "roc_curves.png").is_file()
     assert "<h2>ROC curves</h2>" in (out / "report.html").read_text()

@@ -48,6 +48,11 @@ def test_hand_computed_metrics():
     # (.8,1] holds 0.9 (wrong): gap .9. ECE = (0.4 + 2 * 0.05 + 2 * 0.25 + 0.9) / 6.
     assert m["ece"] == pytest.approx(1.9 / 6)
     assert [r["count"] for r in m["calibration"]] == [0, 1, 2, 2, 1]
+    # Kept at 0.5: 0.7, 0.6, 0.5, 0.8, 0.9, of which 0.7, 0.5 and 0.8 are right; at 0.8: 0.8 (right) and 0.9;
+    # at 0.9: 0.9 (wrong); nothing reaches 0.95.
+    kept = [(r["threshold"], r["coverage"], r["accuracy"]) for r in m["selective"]]
+    assert kept[:3] == pytest.approx([(0.5, 5 / 6, 3 / 5), (0.8, 2 / 6, 1 / 2), (0.9, 1 / 6, 0.0)])
+    assert kept[3:] == [(0.95, 0.0, None), (0.99, 0.0, None)]
     assert [(p["true"], p["predicted"], p["count"]) for p in m["most_confused"]] == [
         ("a", "b", 1), ("b", "c", 1), ("c", "b", 1)]
     assert m["most_confused"][0]["share_of_true"] == 0.5

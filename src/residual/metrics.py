@@ -14,6 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 
+CONFIDENCE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)  # where eval reports the accuracy of the predictions kept
+
+
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts, rows = true class, columns = predicted class."""
     return np.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, num_classes)
@@ -51,6 +54,18 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
         rows.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": count,
                      "confidence": float(confidence[members].mean()) if count else 0.0,
                      "accuracy": float(correct[members].mean()) if count else 0.0})
+    return rows
+
+
+def selective_accuracy(confidence: np.ndarray, correct: np.ndarray,
+                       thresholds: tuple[float, ...] = CONFIDENCE_THRESHOLDS) -> list[dict]:
+    """Accepting only predictions whose probability reaches each threshold: the share of images kept
+    (coverage) and the top-1 among them (None when none is kept)."""
+    rows = []
+    for threshold in thresholds:
+        kept = confidence >= threshold
+        rows.append({"threshold": threshold, "coverage": float(kept.mean()),
+                     "accuracy": float(correct[kept].mean()) if kept.any() else None})
     return rows
 
 
@@ -162,4 +177,5 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
         "confusion_matrix": matrix.tolist(),
         "most_confused": most_confused(matrix, class_names),
         "calibration": rows,
+        "selective": selective_accuracy(confidence, predicted == labels),
     }

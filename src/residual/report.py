@@ -191,6 +191,12 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
         "<h2>Calibration</h2><p class='note'>Expected calibration error: the gap between confidence and accuracy, "
         f"averaged over {len(metrics['calibration'])} confidence bins weighted by their image count.</p>"
         f"<img src='{_png(pictures['reliability'])}' alt='reliability diagram'>",
+        "<h3>Accepting only sure predictions</h3><p class='note'>The share of images whose predicted class "
+        "has at least this probability, and the top-1 among them: what a threshold in an application would "
+        "keep, and how often it would then be right.</p>",
+        _table(["probability at least", "images kept", "their top-1"],
+               [[f"{row['threshold']:g}", f"{row['coverage']:.1%}",
+                 None if row["accuracy"] is None else f"{row['accuracy']:.2%}"] for row in metrics["selective"]]),
     ]
     if "roc" in pictures:
         parts += [f"<h2>ROC curves</h2><img src='{_png(pictures['roc'])}' alt='ROC curves'>"]

@@ -157,7 +157,13 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
         averages = metrics[name]
         per_class.add_row(f"[bold]{name} avg", *(f"[bold]{_score(averages.get(k), 3)}" for k in scores),
                           f"[bold]{metrics['images']}")
-    tables = [summary, per_class]
+    selective = Table(title="accepting only predictions at least this sure")
+    for column in ("probability >=", "images kept", "their top-1"):
+        selective.add_column(column, justify="right")
+    for row in metrics["selective"]:
+        selective.add_row(f"{row['threshold']:g}", f"{row['coverage']:.1%}",
+                          "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}")
+    tables = [summary, per_class, selective]
     if metrics["most_confused"]:
         confused = Table(title="most confused (true -> predicted)")
         for column in ("true", "predicted", "images", "share of true"):
