@@ -135,10 +135,9 @@ def calibrate(model_path: str | Path, data: str | Path, out: str | Path | None =
                                   "before": {k: before[k] for k in ("ece", "nll")},
                                   "after": {k: after[k] for k in ("ece", "nll")},
                                   "calibration": {"before": before["calibration"], "after": after["calibration"]}}
-    calibrated = load_model(model_path)
-    scale_classifier(calibrated, temperature)
+    scale_classifier(model, temperature)  # evaluated already: it becomes the calibrated model
     extra = metadata["extra"]
-    save_model(calibrated, out, extra={**extra, "temperature": extra.get("temperature", 1.0) * temperature,
+    save_model(model, out, extra={**extra, "temperature": extra.get("temperature", 1.0) * temperature,
                                        "calibrated_on": f"{dataset.root} ({split})"})
     result = CalibrationResult(out, temperature, report)
     if report_dir is not None:

@@ -171,7 +171,7 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
         cards.insert(4, ("ROC AUC (macro)", f"{metrics['macro']['roc_auc']:.4f}"))
     scores = ("precision", "recall", "f1", "roc_auc", "average_precision")
     per_class = [[r["class"], *(r[k] for k in scores), r["support"]] for r in metrics["per_class"]]
-    per_class += [[f"{name} average", *(metrics[name].get(k) for k in scores), metrics["images"]]
+    per_class += [[f"{name} average", *(metrics[name][k] for k in scores), metrics["images"]]
                   for name in ("macro", "weighted")]
     confused = [[p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.1%}"] for p in metrics["most_confused"]]
     parts = [

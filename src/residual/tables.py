@@ -155,7 +155,7 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
         per_class.add_row(row["class"], *(_score(row[k], 3) for k in scores), str(row["support"]))
     for name in ("macro", "weighted"):
         averages = metrics[name]
-        per_class.add_row(f"[bold]{name} avg", *(f"[bold]{_score(averages.get(k), 3)}" for k in scores),
+        per_class.add_row(f"[bold]{name} avg", *(f"[bold]{_score(averages[k], 3)}" for k in scores),
                           f"[bold]{metrics['images']}")
     selective = Table(title="accepting only predictions at least this sure")
     for column in ("probability >=", "images kept", "their top-1"):

@@ -60,8 +60,7 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
         splits["test"] = dataset.test
     report = DataReport(dataset, {name: dataset.class_counts(split) for name, split in splits.items()})
     digests: dict[str, dict[str, list[str]]] = {name: defaultdict(list) for name in splits}
-    classes: dict[str, set[int]] = defaultdict(set)  # digest -> the classes its copies are filed under
-    labelled: dict[str, list[str]] = defaultdict(list)  # digest -> "item (class)" for each copy
+    copies: dict[str, list[tuple[str, int]]] = defaultdict(list)  # digest -> (item, label) in every split
     total = sum(len(split) for split in splits.values())
     with progress_bar("checking images", progress) as bar:
         task = bar.add_task("check", total=total)
@@ -77,10 +76,10 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
                         continue
                 digest = hashlib.sha256(content).hexdigest()
                 digests[name][digest].append(item)
-                classes[digest].add(int(label))
-                labelled[digest].append(f"{item} ({dataset.classes[label]})")
+                copies[digest].append((item, label))
                 bar.advance(task)
-    report.conflicts = [labelled[digest] for digest, found in classes.items() if len(found) > 1]
+    report.conflicts = [[f"{item} ({dataset.classes[label]})" for item, label in group]
+                        for group in copies.values() if len({label for _, label in group}) > 1]
     for name in splits:
         report.duplicates.extend(group for group in digests[name].values() if len(group) > 1)
         if name != "train":

@@ -115,7 +115,8 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
             raise QuantizeError(f"--calib {calib}: images without class folders; give --val DATASET to compare "
                                 f"top-1 on") from None
         raise
-    calib_items = sample_items(split_as_trained(model_path, calib) or calib, "train", calib_size, seed)
+    calib_data = as_trained if val is None else split_as_trained(model_path, calib)
+    calib_items = sample_items(calib_data or calib, "train", calib_size, seed)
     with tempfile.TemporaryDirectory(prefix="residual-quantize-") as folder:
         folder = Path(folder)
         source = float_onnx(model_path, folder, sample_items(val_data.root, "val", 128, seed), str(val_data.root))
