@@ -1,14 +1,20 @@
 """The command line: each verb end to end, errors as one line."""
 
+import io
 import subprocess
 import sys
 
 import pytest
 import torch
+from rich.console import Console
 
 import residual
 from residual.cli import main
 from residual.data.shapes import write_shapes
+from residual.models import model_info
+from residual.predict import Prediction
+from residual.progress import LOG_WIDTH
+from residual.tables import models_table, predictions_table
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +28,30 @@ def test_models_table_lists_counts(capsys):
     for row in ["resnet18", "11.690", "1.814", "resnet101", "44.549", "7.801", "resnet110", "1.728"]:
         assert row in out
     assert "resnet50" not in out
+
+
+def test_a_narrow_console_folds_long_paths_and_keeps_model_names_whole():
+    # Off a terminal rich renders 80 columns, and cut what did not fit to "/photos/field_cam…": which image
+    # was which could not be read.
+    paths = [f"/photos/{'field_camera_number_seven_' * 3}{i:05d}.png" for i in range(2)]
+    table = predictions_table([Prediction(path, [(0, "hexagon", 0.9), (1, "circle", 0.1)]) for path in paths], "t")
+    out = io.StringIO()
+    Console(file=out, width=60).print(table)
+    image_cells = [line.split("│")[1].strip() for line in out.getvalue().splitlines() if line.startswith("│")]
+    assert "".join(image_cells) == "".join(paths)
+    out = io.StringIO()
+    Console(file=out, width=80).print(models_table([model_info("resnet110"), model_info("resnet20")]))
+    assert "resnet110 " in out.getvalue() and "…" not in out.getvalue()
+
+
+def test_off_a_terminal_tables_keep_their_natural_width_unless_columns_says(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS")
+    assert main(["models", "preact_resnet152"]) == 0
+    [row] = [line for line in capsys.readouterr().out.splitlines() if "preact_resnet152" in line]
+    assert "pre-activation ResNet-152 (He et al. 2016)" in row and 120 < len(row) <= LOG_WIDTH
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["models", "preact_resnet152"]) == 0
+    assert max(len(line) for line in capsys.readouterr().out.splitlines()) == 100
 
 
 def test_unknown_pattern_is_a_one_line_error(capsys):

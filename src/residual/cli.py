@@ -181,11 +181,10 @@ def _refuse_onnx(model: str, why: str) -> None:
 
 
 def cmd_explain(args: argparse.Namespace, console: Console) -> int:
-    from rich.table import Table
-
     from .data.decode import image_files
     from .explain import iter_explain
     from .runs import output_dir
+    from .tables import new_table
 
     _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which ONNX Runtime does not give")
     model = _inference_model(args.model, args.device)
@@ -193,9 +192,8 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
     failed: list[str] = []
-    table = Table(title=f"{args.method} on {args.layer or 'the last stage'} of {args.model}")
-    for column in ("image", "class explained", "probability", "overlay"):
-        table.add_column(column, justify="right" if column == "probability" else "left")
+    table = new_table(f"{args.method} on {args.layer or 'the last stage'} of {args.model}",
+                      ("image", "class explained", "probability", "overlay"), right=("probability",))
     with output_dir(args.out, "runs/explain", Path(args.model).stem) as out:
         for item in iter_explain(model, items, args.method, args.target, args.layer, out, args.batch_size, failed,
                                  progress=not args.quiet):
@@ -510,16 +508,13 @@ def cmd_embed(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_similar(args: argparse.Namespace, console: Console) -> int:
-    from rich.table import Table
-
     from .embed import similar
+    from .tables import new_table
 
     _refuse_onnx(args.model, FEATURES_NOT_IN_ONNX)
     matches, failed = similar(load_model(args.model), args.query, args.gallery, args.topk, args.batch_size)
-    table = Table(title=f"most similar to {args.query} (cosine similarity of pooled features)")
-    table.add_column("rank", justify="right")
-    table.add_column("image")
-    table.add_column("similarity", justify="right")
+    table = new_table(f"most similar to {args.query} (cosine similarity of pooled features)",
+                      ("rank", "image", "similarity"), right=("rank", "similarity"))
     for rank, (path, score) in enumerate(matches, 1):
         table.add_row(str(rank), str(path), f"{score:.4f}")
     console.print(table)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from .data.shapes import write_shapes
 from .data.transforms import AugmentConfig
@@ -18,6 +17,7 @@ from .evaluate import evaluate
 from .predict import predict
 from .progress import message_console
 from .runs import cpu_has_native_bf16, pick_device
+from .tables import new_table
 from .train import TrainConfig, train
 from .train.optim import OptimConfig
 from .weights import load_model
@@ -50,9 +50,8 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
     test = evaluate(model, data_dir, "test", out_dir=result.run_dir / "test-report")
     step = max(1, len(test.sources) // show)
     sample = predict(model, test.sources[::step][:show], topk=1).predictions
-    table = Table(title=f"{len(sample)} of {len(test.sources)} test images")
-    for column in ("image", "true", "predicted", "probability"):
-        table.add_column(column)
+    table = new_table(f"{len(sample)} of {len(test.sources)} test images",
+                      ("image", "true", "predicted", "probability"), right=("probability",))
     for prediction in sample:
         path = Path(prediction.source)
         [(_, name, probability)] = prediction.top

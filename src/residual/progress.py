@@ -3,15 +3,26 @@ time left) and the console its messages go to."""
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 
+# Off a terminal (a log, a pipe) no window sets the width, and rich's 80 columns squeeze the wider tables
+# (`residual models`, predict's paths) into folded cells; up to this many they keep their natural width.
+LOG_WIDTH = 160
+
+
 def message_console(**options) -> Console:
     """The console for a task's messages (an epoch's line, a warning): a long line stays one line, for
-    logs and grep, where rich would break it at the width (80 columns off a terminal); tables still fit."""
-    return Console(soft_wrap=True, **options)
+    logs and grep, where rich would break it at the width; tables fit the terminal, or LOG_WIDTH off one
+    (COLUMNS, where set, rules both)."""
+    console = Console(soft_wrap=True, **options)
+    if not (console.is_terminal or console.is_jupyter or "width" in options or "COLUMNS" in os.environ):
+        console.width = LOG_WIDTH
+    return console
 
 
 class RateColumn(ProgressColumn):

@@ -28,11 +28,22 @@ def collect_model_info(names: list[str], console: Console, input_size: int | Non
     return infos
 
 
+def new_table(title: str, columns: Iterable[str], right: Iterable[str] = (), **options) -> Table:
+    """A rich Table with these column headers (left-justified, except those in `right`) whose cells wrap,
+    and fold what is longer than a line, instead of cutting it short: rich's default cuts a long path or
+    name to "very_long_dire…" when the table is wider than the console (80 columns off a terminal), and
+    that is what tells the rows apart."""
+    table = Table(title=title, **options)
+    right = set(right)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left", overflow="fold")
+    return table
+
+
 def models_table(infos: Iterable[ModelInfo]) -> Table:
-    table = Table(title="ResNets (parameters with the default head; MACs for one image)")
-    for column, justify in [("name", "left"), ("family", "left"), ("block", "left"), ("depth", "right"),
-                            ("params (M)", "right"), ("MACs (G)", "right"), ("input", "right"), ("about", "left")]:
-        table.add_column(column, justify=justify)
+    table = new_table("ResNets (parameters with the default head; MACs for one image)",
+                      ("name", "family", "block", "depth", "params (M)", "MACs (G)", "input", "about"),
+                      right=("depth", "params (M)", "MACs (G)", "input"))
     for i in infos:
         table.add_row(i.name, i.family, i.block, str(i.depth), f"{i.params / 1e6:.3f}", f"{i.macs / 1e9:.3f}",
                       f"{i.input_size}px", i.description)
@@ -40,10 +51,9 @@ def models_table(infos: Iterable[ModelInfo]) -> Table:
 
 
 def pretrained_table(entries: Iterable[PretrainedWeights]) -> Table:
-    table = Table(title=f"Pretrained weights (cache: {cache_dir()})")
-    for column, justify in [("name", "left"), ("ImageNet top-1", "right"), ("eval resize/crop", "right"),
-                            ("source", "left"), ("cached", "center")]:
-        table.add_column(column, justify=justify)
+    table = new_table(f"Pretrained weights (cache: {cache_dir()})",
+                      ("name", "ImageNet top-1", "eval resize/crop", "source", "cached"),
+                      right=("ImageNet top-1", "eval resize/crop"))
     for w in entries:
         cached = "yes" if (cache_dir() / w.filename).is_file() else ""
         table.add_row(w.name, f"{w.top1:.3f}" if w.top1 else "", f"{w.preprocessing.resize_size}/"
@@ -59,9 +69,7 @@ def classes_line(count: int, names: list[str] | None) -> str:
 
 def fields_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
     """A two-column table of (field, value) rows, as `residual info` shows a model file."""
-    table = Table(title=title, show_header=False)
-    table.add_column("field")
-    table.add_column("value")
+    table = new_table(title, ("field", "value"), show_header=False)
     for field, value in rows:
         table.add_row(field, value)
     return table
@@ -91,17 +99,13 @@ def model_file_table(path: Path) -> Table:
 def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
     """Class counts, a summary with a verdict per check, and the offending files."""
     splits = list(report.counts)
-    counts = Table(title=f"{report.dataset.root} ({report.dataset.kind}, {len(report.dataset.classes)} classes)")
-    counts.add_column("class")
-    for split in splits:
-        counts.add_column(split, justify="right")
+    counts = new_table(f"{report.dataset.root} ({report.dataset.kind}, {len(report.dataset.classes)} classes)",
+                       ["class", *splits], right=splits)
     for index, name in enumerate(report.dataset.classes):
         counts.add_row(name, *(str(report.counts[split][index]) for split in splits))
     counts.add_row("[bold]total", *(f"[bold]{sum(report.counts[split])}" for split in splits))
 
-    summary = Table(title="checks")
-    for column in ("check", "result", ""):
-        summary.add_column(column)
+    summary = new_table("checks", ("check", "result", ""))
     verdict = lambda bad: "[red]problem" if bad else "[green]ok"  # noqa: E731
     summary.add_row("unreadable images", str(len(report.bad)), verdict(report.bad))
     summary.add_row("ignored files (not images, or hidden like ._x.jpg)", str(len(report.dataset.ignored)), "")
@@ -113,9 +117,7 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
     summary.add_row("imbalance (largest/smallest train class)", f"{report.imbalance:.1f}x",
                     verdict(report.imbalance > 10))
 
-    details = Table(title="details", show_header=False)
-    details.add_column("what")
-    details.add_column("file")
+    details = new_table("details", ("what", "file"), show_header=False)
     rows = ([("no training images", f"class {name!r}") for name in report.empty_classes]
             + [("unreadable", message) for message in report.bad]
             + [("ignored", str(path)) for path in report.dataset.ignored]
@@ -136,9 +138,7 @@ def _score(value: float | None, digits: int) -> str:
 
 def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
     """The headline numbers, per-class scores (the worst `limit` by F1 when there are more), confused pairs."""
-    summary = Table(title=title, title_justify="left", show_header=False)
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
+    summary = new_table(title, ("metric", "value"), right=("value",), title_justify="left", show_header=False)
     for name, value in [("images", f"{metrics['images']:,}"), ("top-1", f"{metrics['top1']:.2%}"),
                         ("top-5", f"{metrics['top5']:.2%}"), ("loss", f"{metrics['loss']:.4f}"),
                         ("ECE", f"{metrics['ece']:.4f}"), ("macro F1", f"{metrics['macro']['f1']:.4f}"),
@@ -147,9 +147,9 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
         summary.add_row(name, value)
     rows = metrics["per_class"]
     shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: r["f1"])[:limit]
-    per_class = Table(title="per class" if shown is rows else f"the {limit} classes with the lowest F1")
-    for column in ("class", "precision", "recall", "F1", "ROC AUC", "AP", "support"):
-        per_class.add_column(column, justify="left" if column == "class" else "right")
+    score_columns = ("precision", "recall", "F1", "ROC AUC", "AP", "support")
+    per_class = new_table("per class" if shown is rows else f"the {limit} classes with the lowest F1",
+                          ("class", *score_columns), right=score_columns)
     scores = ("precision", "recall", "f1", "roc_auc", "average_precision")
     for row in shown:
         per_class.add_row(row["class"], *(_score(row[k], 3) for k in scores), str(row["support"]))
@@ -157,17 +157,16 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
         averages = metrics[name]
         per_class.add_row(f"[bold]{name} avg", *(f"[bold]{_score(averages[k], 3)}" for k in scores),
                           f"[bold]{metrics['images']}")
-    selective = Table(title="accepting only predictions at least this sure")
-    for column in ("probability >=", "images kept", "their top-1"):
-        selective.add_column(column, justify="right")
+    selective_columns = ("probability >=", "images kept", "their top-1")
+    selective = new_table("accepting only predictions at least this sure", selective_columns,
+                          right=selective_columns)
     for row in metrics["selective"]:
         selective.add_row(f"{row['threshold']:g}", f"{row['coverage']:.1%}",
                           "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}")
     tables = [summary, per_class, selective]
     if metrics["most_confused"]:
-        confused = Table(title="most confused (true -> predicted)")
-        for column in ("true", "predicted", "images", "share of true"):
-            confused.add_column(column, justify="right" if column in ("images", "share of true") else "left")
+        confused = new_table("most confused (true -> predicted)", ("true", "predicted", "images", "share of true"),
+                             right=("images", "share of true"))
         for pair in metrics["most_confused"]:
             confused.add_row(pair["true"], pair["predicted"], str(pair["count"]), f"{pair['share_of_true']:.1%}")
         tables.append(confused)
@@ -176,9 +175,9 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
 
 def calibration_table(report: dict) -> Table:
     """Temperature scaling's effect on each split checked: ECE and negative log-likelihood before and after."""
-    table = Table(title=f"temperature scaling, T = {report['temperature']:.4g} fitted on {report['fitted_on']}")
-    for column in ("split", "images", "top-1", "ECE before", "ECE after", "NLL before", "NLL after"):
-        table.add_column(column, justify="left" if column == "split" else "right")
+    scores = ("images", "top-1", "ECE before", "ECE after", "NLL before", "NLL after")
+    table = new_table(f"temperature scaling, T = {report['temperature']:.4g} fitted on {report['fitted_on']}",
+                      ("split", *scores), right=scores)
     for name, scores in report["splits"].items():
         table.add_row(name, f"{scores['images']:,}",
                       f"{scores['top1']:.2%}", f"{scores['before']['ece']:.4f}", f"{scores['after']['ece']:.4f}",
@@ -187,9 +186,7 @@ def calibration_table(report: dict) -> Table:
 
 
 def predictions_table(predictions: list, title: str) -> Table:
-    table = Table(title=title)
-    for column in ("image", "class", "probability", "next"):
-        table.add_column(column, justify="right" if column == "probability" else "left")
+    table = new_table(title, ("image", "class", "probability", "next"), right=("probability",))
     for prediction in predictions:
         (_, name, probability), *others = prediction.top
         table.add_row(prediction.source, name, f"{probability:.3f}", ", ".join(f"{n} {p:.3f}" for _, n, p in others))
@@ -198,9 +195,8 @@ def predictions_table(predictions: list, title: str) -> Table:
 
 def parity_table(parity: dict, title: str) -> Table:
     """An export's parity check against the original: logits and top-1 on the sample."""
-    table = Table(title=title)
-    for column in ("images", "sample from", "max |logit diff|", "tolerance", "top-1 agreement", "verdict"):
-        table.add_column(column, justify="left" if column == "sample from" else "right")
+    table = new_table(title, ("images", "sample from", "max |logit diff|", "tolerance", "top-1 agreement", "verdict"),
+                      right=("images", "max |logit diff|", "tolerance", "top-1 agreement", "verdict"))
     table.add_row(str(parity["images"]), parity["source"], f"{parity['max_abs_diff']:.3g}",
                   f"{parity['tolerance']:.3g}", f"{parity['top1_agreement']:.2%}",
                   "[green]pass" if parity["passed"] else "[red]FAIL")
@@ -215,10 +211,8 @@ def comparison_table(rows: dict[str, dict], title: str) -> Table:
                ("top1", "top-1", "{:.2%}")]
     scale = {"params": 1e-6, "macs": 1e-6}
     present = [c for c in columns if any(c[0] in row for row in rows.values())]
-    table = Table(title=title)
-    table.add_column("model")
-    for _, header, _ in present:
-        table.add_column(header, justify="right")
+    headers = [header for _, header, _ in present]
+    table = new_table(title, ["model", *headers], right=headers)
     for name, row in rows.items():
         table.add_row(name, *(fmt.format(row[key] * scale.get(key, 1)) if key in row else ""
                               for key, _, fmt in present))
