@@ -138,6 +138,67 @@ def test_split_folders_and_clear_errors(tmp_path):
         open_dataset(tmp_path / "absent")
 
 
+def _csv_dataset(root, text: str, images: int = 12):
+    """images/0.png ... in `root` and the CSV `text` beside them as labels.csv."""
+    _folder(root, {"images": images})
+    (root / "labels.csv").write_text(text, encoding="utf-8")
+    return root / "labels.csv"
+
+
+def test_a_csv_of_labels_with_a_split_column(tmp_path):
+    # As a spreadsheet saves it: a byte-order mark, semicolons, its own header spelling; one path absolute.
+    rows = ([f"images/{i}.png;{2 if i % 2 else 10};train" for i in range(8)]
+            + [f"images/{i}.png;{2 if i % 2 else 10};Valid" for i in (8, 9)]
+            + [f"{tmp_path / 'd' / 'images' / '10.png'};10;test", "images/notes.txt;2;train"])
+    labels = _csv_dataset(tmp_path / "d", "\ufeffFile ; Class;Split\n" + "\n".join(rows) + "\n")
+    (tmp_path / "d" / "images" / "notes.txt").write_text("hello")
+    dataset = open_dataset(labels)
+    assert (dataset.kind, dataset.classes, dataset.flat) == ("csv", ["2", "10"], False)  # numbers in number order
+    assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (8, 2, 1)
+    assert dataset.val.files == [tmp_path / "d" / "images" / "8.png", tmp_path / "d" / "images" / "9.png"]
+    assert dataset.val.labels == [1, 0] and dataset.class_counts(dataset.train) == [4, 4]
+    assert [p.name for p in dataset.ignored] == ["notes.txt"]
+    with pytest.raises(DatasetError, match="has val rows, which are the validation set; drop --val-split"):
+        open_dataset(labels, val_split=0.5)
+    # The folder moved elsewhere is the same data: a resumed run compares this digest.
+    (tmp_path / "d").rename(tmp_path / "moved")
+    labels = tmp_path / "moved" / "labels.csv"
+    labels.write_text(labels.read_text().replace(str(tmp_path / "d"), str(tmp_path / "moved")))
+    assert open_dataset(labels).fingerprint(open_dataset(labels).train) == dataset.fingerprint(dataset.train)
+
+
+def test_a_csv_of_labels_without_a_split_column_is_split_as_a_class_folder_would_be(tmp_path):
+    labels = _csv_dataset(tmp_path / "d", "image,label\n" + "".join(f"images/{i}.png,{'cat' if i < 8 else 'dog'}\n"
+                                                                      for i in range(12)))
+    dataset = open_dataset(labels, val_split=0.25, seed=1)
+    assert dataset.flat and dataset.test is None and dataset.classes == ["cat", "dog"]
+    assert dataset.class_counts(dataset.val) == [2, 1] and dataset.class_counts(dataset.train) == [6, 3]
+    assert open_dataset(labels, val_split=0.25, seed=1).val.files == dataset.val.files
+    assert open_dataset(labels, val_split=0.25, seed=2).val.files != dataset.val.files
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty file; the first line must name the columns"),
+    ("image,label\n", "no rows under the header"),
+    ("id,breed\nimages/0.png,cat\n", "no image column; the header must name one of image, file, filename, path "
+                                      "\\(it has: id, breed\\)"),
+    ("path\nimages/0.png\n", "no label column"),
+    ("image,label\nimages/0.png,cat\nimages/1.png,\n", "line 3 has no label"),
+    ("image,label\nimages/0.png,cat\nimages/a.png,dog\nimages/b.png,dog\n",
+     "2 listed image\\(s\\) do not exist, the first on line 3: .*a.png \\(image paths are relative to the CSV's"),
+    ("image,label,split\nimages/0.png,cat,train\nimages/1.png,dog,holdout\n", "line 3: split 'holdout' is not"),
+    ("image,label,split\nimages/0.png,cat,train\nimages/1.png,dog,train\nimages/1.png,eel,val\n",
+     "classes \\['eel'\\] of the val or test rows have no training rows"),
+    ("image,label\nimages/0.png,cat\nimages/1.png,cat\n", "name 1 class\\(es\\); need at least 2"),
+])
+def test_a_csv_of_labels_that_cannot_be_used_is_a_one_line_error(tmp_path, text, message):
+    with pytest.raises(DatasetError, match=message) as error:
+        open_dataset(_csv_dataset(tmp_path / "d", text, images=2))
+    assert "\n" not in str(error.value) and str(tmp_path / "d" / "labels.csv") in str(error.value)
+    with pytest.raises(DatasetError, match="no such file; give a CSV file of image,label rows, or a folder"):
+        open_dataset(tmp_path / "absent.csv")
+
+
 def _cifar_batch(path, count, label_key, seed):
     rng = np.random.default_rng(seed)
     batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),

@@ -12,6 +12,7 @@ import yaml
 from residual import load_model
 from residual.calibrate import calibrate
 from residual.cli import main
+from residual.data.check import check_data
 from residual.data.datasets import DatasetError, open_dataset
 from residual.data.decode import read_image
 from residual.data.shapes import write_shapes
@@ -145,7 +146,7 @@ def test_eval_and_prune_on_the_flat_folder_a_model_trained_on_keep_its_held_out_
     assert main(["eval", str(result.model_path), str(flat), "--gallery", "0", "--quiet",
                  "--out", str(tmp_path / "eval")]) == 0
     printed = " ".join(capsys.readouterr().out.split())
-    assert "the folder" in printed and "was trained on, so its 20 images that training held out" in printed
+    assert "the data" in printed and "was trained on, so its 20 images that training held out" in printed
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 20  # it scored all 80
     assert main(["eval", str(result.model_path), str(flat), "--split", "all", "--gallery", "0", "--quiet",
                  "--out", str(tmp_path / "all")]) == 0
@@ -165,6 +166,29 @@ def test_eval_and_prune_on_the_flat_folder_a_model_trained_on_keep_its_held_out_
     # calibrate fits its temperature on those 20 held-out images too
     calibrated = calibrate(result.model_path, flat, tmp_path / "calibrated.safetensors")
     assert calibrated.report["split_as_trained"] and calibrated.report["splits"]["val"]["images"] == 20
+
+
+def test_a_csv_of_labels_trains_evaluates_and_is_checked_like_a_folder(tmp_path, capsys):
+    shapes = write_shapes(tmp_path / "shapes", size=16, per_class=8, seed=2, progress=False)
+    images = sorted((shapes / "train").glob("*/*.png"))  # 80: 8 of each of 10 classes
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,label\n" + "".join(f"{path.relative_to(tmp_path)},{path.parent.name}\n"
+                                                 for path in images))
+    assert main(["train", str(labels), "--model", "resnet20", "--epochs", "1", "--batch-size", "32",
+                 "--val-split", "0.5", "--quiet", "--no-report", "--out", str(tmp_path / "runs")]) == 0
+    model_file = tmp_path / "runs" / "resnet20-labels" / "model.safetensors"
+    assert load_model(model_file).class_names == sorted(path.name for path in (shapes / "train").iterdir())
+    # No split column: like a flat folder, eval scores the 40 images training held out, not the 80.
+    assert main(["eval", str(model_file), str(labels), "--gallery", "0", "--quiet", "--out", str(tmp_path / "eval")]) == 0
+    assert "was trained on, so its 40 images that training held out" in " ".join(capsys.readouterr().out.split())
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 40
+    # One image listed under a second class: check-data names the labelling error.
+    with labels.open("a") as f:
+        f.write(f"{images[0].relative_to(tmp_path)},star\n")
+    assert main(["check-data", str(labels)]) == 1
+    assert f"{labels} (csv, 10 classes)" in capsys.readouterr().out
+    assert check_data(labels, progress=False).conflicts == [[f"{images[0]} ({images[0].parent.name})",
+                                                             f"{images[0]} (star)"]]
 
 
 def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):

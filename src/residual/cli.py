@@ -103,6 +103,7 @@ def _report_failed(failed: list[str]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from .data.datasets import data_name
     from .data.loaders import check_stream
     from .evaluate import evaluate, split_as_trained
     from .predict import model_device
@@ -114,9 +115,9 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     as_trained = split_as_trained(args.model, args.data)
     split = args.split or ("val" if as_trained else None)
     if as_trained and not args.split:
-        console.print(f"{args.data}: the folder {args.model} was trained on, so its {len(as_trained.val):,} images "
+        console.print(f"{args.data}: the data {args.model} was trained on, so its {len(as_trained.val):,} images "
                       f"that training held out are evaluated (--split all: every image)")
-    with output_dir(args.out, "runs/eval", f"{Path(args.model).stem}-{Path(args.data).name}") as out:
+    with output_dir(args.out, "runs/eval", f"{Path(args.model).stem}-{data_name(args.data)}") as out:
         result = evaluate(model, as_trained or args.data, split, args.tta, args.batch_size, out, args.gallery,
                           workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile)
     console.print(f"torch.compile: {result.compiled}")
@@ -581,7 +582,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     from .models.resnet import STEMS
     from .train.config import COMPILE_MODES
 
-    p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/) or CIFAR folder")
+    p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/), a CSV of "
+                                           "image,label[,split] rows, or a CIFAR folder")
     p.add_argument("--config", help="start from a run's config.yaml (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     p.add_argument("--model", help="registry name (auto: resnet20/56 for small images, resnet18/50 otherwise)")
@@ -697,7 +699,7 @@ def _add_inference_commands(commands) -> None:
 
     p = commands.add_parser("eval", help="accuracy, per-class scores, confusion, calibration and an HTML report")
     p.add_argument("model", help="a model file or a pretrained name")
-    p.add_argument("data", help="a dataset folder (class folders, or train/ val/ test/) or CIFAR")
+    p.add_argument("data", help="a dataset folder (class folders, or train/ val/ test/), a CSV of labels, or CIFAR")
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="default: test if present, else val; a flat folder of classes is used whole, or only the "
                         "images training held out if the model was trained on it")
@@ -864,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_shapes)
 
     p = commands.add_parser("check-data", help="bad files, class balance, duplicates and train/val leakage")
-    p.add_argument("data")
+    p.add_argument("data", help="a dataset folder, a CSV of labels, or CIFAR")
     p.add_argument("--val-split", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_check_data)

@@ -41,15 +41,12 @@ class EvalResult:
     compiled: str = "off"  # whether torch.compile ran, and why
 
 
-def is_flat(dataset: Dataset) -> bool:
-    """A folder of class folders, with no train/ val/ test/ split of its own (nor CIFAR's)."""
-    return dataset.kind != "cifar" and not (dataset.root / "train").is_dir()
 
 
 def pick_split(dataset: Dataset, split: str | None) -> tuple[str, Split]:
     """The split to evaluate: as asked, or test if there is one, else val; a flat class folder is used whole."""
     if split is None:
-        split = "test" if dataset.test is not None else "all" if is_flat(dataset) else "val"
+        split = "test" if dataset.test is not None else "all" if dataset.flat else "val"
     if split not in SPLIT_CHOICES:
         raise DatasetError(f"--split must be one of {SPLIT_CHOICES}, got {split!r}")
     if split == "all":
@@ -90,7 +87,7 @@ def split_as_trained(model_file: str | Path, data: str | Path) -> Dataset | None
     if split is None:
         return None
     dataset = open_dataset(data, *split)
-    return dataset if is_flat(dataset) else None
+    return dataset if dataset.flat else None
 
 
 def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: str = "none",

@@ -1,8 +1,12 @@
-"""Finding the images of a dataset and its splits: ImageFolder and CIFAR-10/100.
+"""Finding the images of a dataset and its splits: ImageFolder, a CSV of labels, and CIFAR-10/100.
 
 - ImageFolder: DIR/{train,val,test}/<class>/*.jpg, or DIR/<class>/*.jpg split into
   train/val by a seeded, stratified split. Files without an image extension are
   listed as ignored (reported, never silently dropped).
+- A CSV file with a header naming an image column (image, file, filename or path:
+  relative to the CSV's folder, or absolute), a label column (label or class) and,
+  optionally, a split column (train, val, test); without one, val is a seeded,
+  stratified share as for a folder of class folders.
 - CIFAR-10/100 in the python-pickle layout of cifar-{10,100}-python.tar.gz. Those
   files are pickles, so they are read with an unpickler that admits only NumPy
   arrays and plain containers: a tampered file cannot run code.
@@ -10,6 +14,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import os
@@ -24,6 +29,9 @@ from ..errors import ResidualError
 from .decode import image_files, is_image_file, is_metadata
 
 VAL_NAMES = ("val", "valid", "validation")
+# The header names a CSV's columns may have (in any case): the first of each list found is used.
+CSV_IMAGE_COLUMNS = ("image", "file", "filename", "path")
+CSV_LABEL_COLUMNS = ("label", "class")
 DEFAULT_VAL_SPLIT = 0.1  # held out per class when the data has no val/ folder
 
 
@@ -45,13 +53,14 @@ class Split:
 
 @dataclass
 class Dataset:
-    root: Path
-    kind: str  # "imagefolder" or "cifar"
+    root: Path  # the folder, or the CSV file
+    kind: str  # "imagefolder", "csv" or "cifar"
     classes: list[str]
     train: Split
     val: Split
     test: Split | None = None
     ignored: list[Path] = field(default_factory=list)  # files without an image extension
+    flat: bool = False  # no split of its own: one pool of labelled images, of which val is a seeded share
 
     def class_counts(self, split: Split) -> list[int]:
         return np.bincount(np.asarray(split.labels, dtype=np.int64), minlength=len(self.classes)).tolist()
@@ -61,7 +70,8 @@ class Dataset:
         labels. A resumed run compares it with the one it started with."""
         # The files are root / ...: cutting the root off their names takes 1.8 s for ImageNet's 1.28M,
         # Path.relative_to 6.3 s.
-        cut = 0 if str(self.root) == "." else len(os.path.join(self.root, ""))
+        base = self.root.parent if self.kind == "csv" else self.root
+        cut = 0 if str(base) == "." else len(os.path.join(base, ""))
         names = "\n".join(str(path)[cut:] for path in split.files)
         digest = hashlib.sha256(names.encode())
         digest.update(np.asarray(split.labels, dtype=np.int64).tobytes())
@@ -71,14 +81,23 @@ class Dataset:
 def open_dataset(root: str | Path, val_split: float | None = None, seed: int = 0) -> Dataset:
     """The dataset at `root`, whichever layout it has."""
     root = Path(root)
+    if root.suffix.lower() == ".csv":
+        return _open_csv(root, val_split, seed)
     if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder; give a folder of class folders, or of train/ val/ test/")
+        raise DatasetError(f"{root}: no such folder; give a folder of class folders, or of train/ val/ test/, "
+                           f"or a CSV file of image,label rows")
     if (root / "batches.meta").is_file() or ((root / "meta").is_file() and (root / "train").is_file()):
         if val_split is not None:
             raise DatasetError(f"--val-split: {root} is CIFAR, whose test batch is the validation set (as in He et "
                                f"al.); drop --val-split")
         return _open_cifar(root)
     return _open_image_folder(root, val_split, seed)
+
+
+def data_name(data: str | Path) -> str:
+    """A dataset's short name, for run folders: the folder's name, or the CSV file's without .csv."""
+    path = Path(data).resolve()
+    return path.stem if path.suffix.lower() == ".csv" else path.name
 
 
 def sample_items(data: str | Path | Dataset, split: str, count: int, seed: int = 0) -> list:
@@ -145,7 +164,91 @@ def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Datase
                            f"(DIR/<class>/image.jpg or DIR/train/<class>/image.jpg)")
     if len(train) == 0:
         raise DatasetError(f"{root}: no images found (extensions: .jpg .jfif .png .bmp .gif .tif .webp .avif ...)")
-    return Dataset(root, "imagefolder", classes, train, val, test, ignored)
+    return Dataset(root, "imagefolder", classes, train, val, test, ignored, flat=not (root / "train").is_dir())
+
+
+def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows of a CSV file, whose delimiter may be a comma, a semicolon (spreadsheets in
+    many locales) or a tab; a UTF-8 byte-order mark (Excel's) is dropped."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file; give a CSV file of image,label rows, or a folder") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: cannot be read as a UTF-8 CSV file ({error})") from None
+    lines = text.splitlines()
+    if not lines:
+        raise DatasetError(f"{path}: empty file; the first line must name the columns, e.g. image,label")
+    try:
+        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
+    except csv.Error:  # one column, or no delimiter the sniffer trusts: the columns check says what is missing
+        dialect = csv.excel
+    reader = csv.DictReader(lines, dialect=dialect)
+    header = [name.strip() for name in reader.fieldnames or []]
+    reader.fieldnames = header
+    return header, list(reader)
+
+
+def _csv_column(path: Path, header: list[str], names: tuple[str, ...], what: str) -> str:
+    found = next((column for name in names for column in header if column.lower() == name), None)
+    if found is None:
+        raise DatasetError(f"{path}: no {what} column; the header must name one of {', '.join(names)} "
+                           f"(it has: {', '.join(header) or 'nothing'})")
+    return found
+
+
+def _class_order(labels: set[str]) -> list[str]:
+    """Class names sorted, as numbers where they all are (so 2 comes before 10)."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def _open_csv(path: Path, val_split: float | None, seed: int) -> Dataset:
+    header, rows = _read_csv_rows(path)
+    if not rows:
+        raise DatasetError(f"{path}: no rows under the header; list one image,label per line")
+    image_column = _csv_column(path, header, CSV_IMAGE_COLUMNS, "image")
+    label_column = _csv_column(path, header, CSV_LABEL_COLUMNS, "label")
+    split_column = next((column for column in header if column.lower() == "split"), None)
+    split_names = {"train": "train", "test": "test", **{name: "val" for name in VAL_NAMES}}
+    folder = path.parent
+    listed: dict[str, list[tuple[Path, str]]] = {"train": [], "val": [], "test": []}
+    missing: list[tuple[int, Path]] = []
+    ignored: list[Path] = []
+    for number, row in enumerate(rows, start=2):  # the header is line 1
+        image, label = (row.get(image_column) or "").strip(), (row.get(label_column) or "").strip()
+        split = (row.get(split_column) or "").strip().lower() if split_column else "train"
+        if not image or not label:
+            raise DatasetError(f"{path}: line {number} has no {image_column if not image else label_column}; "
+                               f"every row needs an image and a label")
+        if split not in split_names:
+            raise DatasetError(f"{path}: line {number}: split {split!r} is not train, val or test")
+        file = folder / image  # an absolute path stays itself
+        if not is_image_file(file):
+            ignored.append(file)
+        elif not file.is_file():
+            missing.append((number, file))
+        else:
+            listed[split_names[split]].append((file, label))
+    if missing:
+        number, file = missing[0]
+        raise DatasetError(f"{path}: {len(missing)} listed image(s) do not exist, the first on line {number}: "
+                           f"{file} (image paths are relative to the CSV's folder, {folder})")
+    classes = _class_order({label for _, label in listed["train"]})
+    if len(classes) < 2:
+        raise DatasetError(f"{path}: the training rows name {len(classes)} class(es); need at least 2")
+    unknown = sorted({label for split in ("val", "test") for _, label in listed[split]} - set(classes))
+    if unknown:
+        raise DatasetError(f"{path}: classes {unknown[:5]} of the val or test rows have no training rows")
+    index = {name: label for label, name in enumerate(classes)}
+    train, val, test = (Split([file for file, _ in listed[name]], [index[label] for _, label in listed[name]])
+                        for name in ("train", "val", "test"))
+    if len(val) and val_split is not None:
+        raise DatasetError(f"--val-split: {path} has val rows, which are the validation set; drop --val-split")
+    if not len(val):
+        train, val = _stratified_split(train, val_split, seed)
+    return Dataset(path, "csv", classes, train, val, test if len(test) else None, ignored, flat=not split_column)
 
 
 def _stratified_split(split: Split, fraction: float | None, seed: int) -> tuple[Split, Split]:

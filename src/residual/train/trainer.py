@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import atomic_path
-from ..data.datasets import VAL_NAMES, Dataset, open_dataset
+from ..data.datasets import VAL_NAMES, Dataset, data_name, open_dataset
 from ..data.loaders import (BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory,
                             shard_size)
 from ..data.transforms import build_augment, mix_batch, normalize
@@ -174,7 +174,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
 def prepare_run_dir(config: TrainConfig, run_dir: Path | None = None) -> Path:
     """The run directory with the resolved config.yaml: `run_dir`, or a new one under config.out."""
     if run_dir is None:
-        run_dir = new_run_dir(config.out, config.name or f"{config.model}-{Path(config.data).resolve().name}")
+        run_dir = new_run_dir(config.out, config.name or f"{config.model}-{data_name(config.data)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     return run_dir
