@@ -9,7 +9,10 @@ import torch
 import residual
 from residual.calibrate import CalibrationError, calibrate, fit_temperature
 from residual.cli import main
+from residual.data.datasets import sample_items
 from residual.data.shapes import write_shapes
+from residual.deploy.onnx import read_onnx_metadata
+from residual.deploy.quantize import float_onnx
 from residual.evaluate import evaluate
 
 
@@ -44,6 +47,13 @@ def test_calibrating_the_demo_model_fixes_its_confidence_and_keeps_its_predictio
     assert checked.metrics["loss"] == pytest.approx(test["after"]["nll"], rel=1e-3)
     original = evaluate(residual.load_model(demo_run["model"]), demo_run["data"], "test", gallery_size=0, workers=0)
     assert np.array_equal(checked.probs.argmax(1), original.probs.argmax(1))
+    # Its ONNX export, and the float export quantize starts from, say they are calibrated as the file does.
+    assert main(["export", str(out), "--data", str(demo_run["data"]), "--samples", "8"]) == 0
+    items = sample_items(demo_run["data"], "val", 8)
+    for onnx_file in (out.with_suffix(".onnx"), float_onnx(out, tmp_path, items, str(demo_run["data"]))):
+        metadata = read_onnx_metadata(onnx_file)
+        assert float(metadata["temperature"]) == pytest.approx(report["temperature"])
+        assert json.loads(metadata["calibrated_on"]) == f"{demo_run['data']} (val)"
 
 
 def test_what_calibration_cannot_use_is_a_one_line_error(tmp_path, capsys, monkeypatch):

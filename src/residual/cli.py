@@ -208,7 +208,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from .data.datasets import sample_items
-    from .deploy.onnx import export_onnx, training_data
+    from .deploy.onnx import export_metadata, export_onnx, training_data
     from .tables import parity_table
 
     model = load_model(args.model).eval()  # first: a path that is no model file is named as such
@@ -219,7 +219,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.output or Path(args.model).with_suffix(".onnx"))
     items = sample_items(data, "val", args.samples, args.seed)
     result = export_onnx(model, out, items, str(data), fp16=args.fp16, with_preprocessing=args.with_preprocessing,
-                         force=args.force, extra={"source": Path(args.model).name})
+                         force=args.force, extra=export_metadata(args.model))
     console.print(parity_table(result.parity.to_dict(), f"ONNX Runtime vs PyTorch: {args.model}"
                                + (" (fp16)" if args.fp16 else "")))
     if result.path is None:

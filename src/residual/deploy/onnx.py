@@ -37,7 +37,7 @@ from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..models import Preprocessing, ResNet
 from ..tables import classes_line
-from ..weights import ModelFileError, training_config
+from ..weights import ModelFileError, read_metadata, training_config
 
 OPSET = 18  # the torch.export-based exporter's own opset; lower ones need a lossy version conversion
 INPUT, OUTPUT = "input", "logits"
@@ -334,6 +334,17 @@ class _Refused(Exception):
     def __init__(self, parity_result: Parity):
         super().__init__("parity check failed")
         self.parity = parity_result
+
+
+# What a model file's metadata says about its outputs, which an export of it keeps: a calibrated model's
+# temperature is already in its classifier, and the ONNX file should say so as the model file does.
+CARRIED_METADATA = ("temperature", "calibrated_on")
+
+
+def export_metadata(model_path: str | os.PathLike) -> dict:
+    """The `extra` metadata of an export of the model file at `model_path`: its name, and CARRIED_METADATA."""
+    extra = read_metadata(model_path)["extra"]
+    return {"source": Path(model_path).name, **{key: extra[key] for key in CARRIED_METADATA if key in extra}}
 
 
 def training_data(model_path: str | os.PathLike) -> str | None:

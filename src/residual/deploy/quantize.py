@@ -33,7 +33,7 @@ from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..evaluate import evaluate, split_as_trained
 from ..weights import load_model
-from .onnx import ExportError, OnnxModel, export_onnx, read_onnx_metadata, set_metadata
+from .onnx import ExportError, OnnxModel, export_metadata, export_onnx, read_onnx_metadata, set_metadata
 from .speed import measure_speed
 
 CALIBRATION_METHODS = {
@@ -86,7 +86,8 @@ def float_onnx(model_path: Path, folder: Path, parity_items: list, source: str) 
         if precision != "fp32":
             raise QuantizeError(f"{model_path}: a {precision} model; quantize the fp32 export or the model file")
         return model_path
-    exported = export_onnx(load_model(model_path), folder / "float.onnx", parity_items, source)
+    exported = export_onnx(load_model(model_path), folder / "float.onnx", parity_items, source,
+                           extra=export_metadata(model_path))
     if exported.path is None:
         raise ExportError(f"{model_path}: its float ONNX export does not match it (max logit difference "
                           f"{exported.parity.max_abs_diff:.3g}); nothing was quantized")
