@@ -178,6 +178,31 @@ def test_dropout_before_the_classifier():
     assert torch.equal(with_drop(x), with_drop(x))
 
 
+def test_stochastic_depth_skips_branches_in_training_only_more_often_deeper():
+    model = residual.create_model("resnet56", drop_path_rate=0.2)
+    assert [block.drop_path_rate for block in model.blocks()] == pytest.approx([0.2 * l / 27 for l in range(1, 28)])
+    # No parameters of its own: the same state dict as the model without it, the same outputs in evaluation.
+    plain = residual.create_model("resnet56")
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    assert list(plain.state_dict()) == list(model.state_dict())
+    assert torch.equal(model.eval()(x), plain.eval()(x))
+    # In training a skipped sample leaves the block its shortcut: for an identity block fed x >= 0, relu(x) = x.
+    block = residual.create_model("resnet20").layer1[1].train()
+    block.drop_path_rate = 0.5
+    x = torch.rand(400, 16, 4, 4)
+    kept = block(x)
+    skipped = (kept == x).flatten(1).all(1)
+    assert 150 < skipped.sum() < 250  # 200 expected; the odds of leaving this range are under 1e-6
+    block.drop_path_rate = 0.0
+    # Kept branches are scaled by 1 / (1 - 0.5), so the sum's expectation is the model evaluation runs.
+    assert torch.allclose(kept[~skipped], torch.relu(2 * (block(x) - x) + x)[~skipped], atol=1e-5)
+    with pytest.raises(residual.ConfigError, match="drop_path_rate needs shortcuts"):
+        residual.create_model("plain20", drop_path_rate=0.1)
+    with pytest.raises(residual.ConfigError, match="drop_path_rate must be in"):
+        residual.create_model("resnet20", drop_path_rate=1.0)
+
+
 def test_bad_options_fail_with_a_clear_message():
     with pytest.raises(residual.ConfigError, match="BasicBlock supports only groups=1"):
         residual.create_model("resnet18", groups=32)

@@ -367,7 +367,7 @@ OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "sched
                "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase")
 AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
                  "random_erasing", "auto_augment", "mixup", "cutmix")
-MODEL_FLAGS = ("stem", "drop_rate", "zero_init_residual")
+MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs",
                "unfreeze_stages", "layer_lr_decay", "model", "image_size", "epochs", "batch_size", "label_smoothing",
                "grad_clip", "accumulate", "ema", "early_stopping", "monitor", "val_split", "seed", "deterministic",
@@ -378,7 +378,7 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "f
 FINETUNE_DEFAULTS = {"strategy": "two-stage"}
 # The flags that set up a run (every TrainConfig field), and the names they go by where those differ.
 RUN_SETTINGS = ("data", "config", *TRAIN_FLAGS, *OPTIM_FLAGS, *AUGMENT_FLAGS, *MODEL_FLAGS)
-SETTING_NAMES = {"data": "DATA", "pretrained": "--from", "preset": "--augment"}
+SETTING_NAMES = {"data": "DATA", "pretrained": "--from", "preset": "--augment", "drop_path_rate": "--drop-path"}
 
 
 def _refuse_settings_with_resume(args: argparse.Namespace) -> None:
@@ -625,6 +625,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     reg.add_argument("--balanced-sampler", action=argparse.BooleanOptionalAction, default=None,
                      help="draw every class equally often (with replacement)")
     reg.add_argument("--drop-rate", type=float, help="dropout before the classifier")
+    reg.add_argument("--drop-path", dest="drop_path_rate", type=float, metavar="RATE",
+                     help="stochastic depth: training skips the last block's branch with this chance per image, "
+                          "earlier blocks' less (linearly), e.g. 0.1; evaluation runs every block")
     reg.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None)
     reg.add_argument("--grad-clip", type=float, help="max global gradient norm")
     reg.add_argument("--accumulate", type=int, help="micro-batches per optimizer step")

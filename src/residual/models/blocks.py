@@ -83,8 +83,16 @@ def make_shortcut(kind: str, in_ch: int, out_ch: int, stride: int, norm: str | N
     return nn.Sequential(pool, conv1x1(in_ch, out_ch), *tail)
 
 
+def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016) for one batch: each sample's residual branch is zeroed with
+    probability `rate`, and the rest are scaled by 1 / (1 - rate), so the expected sum is unchanged and
+    evaluation, which keeps every branch, needs no rescaling (as timm and torchvision do it, per sample)."""
+    keep = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(1.0 - rate)
+    return branch * keep.div_(1.0 - rate)
+
+
 class ResidualBlock(nn.Module):
-    """What every block shares: adding its shortcut (unless plain) and zeroing its last layer.
+    """What every block shares: adding its shortcut (unless plain), stochastic depth, zeroing its last layer.
 
     Subclasses build their layers in torchvision's order (convs and norms, then relu,
     then downsample), which is the order of their state-dict keys. `inner_widths`
@@ -93,6 +101,7 @@ class ResidualBlock(nn.Module):
     """
 
     last_layer = ""  # the layer zero_init_last zeroes
+    drop_path_rate = 0.0  # the chance that training skips this block's branch for a sample (set by ResNet)
     # (producer conv, the norm of its output, consumer conv) for each inner width: the channels
     # structured pruning may remove, because no shortcut or other block sees them.
     inner_layers: tuple[tuple[str, str, str], ...] = ()
@@ -108,6 +117,8 @@ class ResidualBlock(nn.Module):
 
     def add_shortcut(self, out: torch.Tensor, x: torch.Tensor, projection_input: torch.Tensor) -> torch.Tensor:
         if self.residual:
+            if self.training and self.drop_path_rate:
+                out = drop_path(out, self.drop_path_rate)
             out += x if self.downsample is None else self.downsample(projection_input)
         return out
 

@@ -46,6 +46,9 @@ class ResNetConfig:
     num_classes: int = 1000  # 0: no classifier, forward returns pooled features
     global_pool: str = "avg"
     drop_rate: float = 0.0  # dropout before the classifier
+    # Stochastic depth: training skips block l of L's residual branch, per sample, with probability
+    # drop_path_rate * l / L (the linear rule of Huang et al. 2016); evaluation runs every block.
+    drop_path_rate: float = 0.0
     zero_init_residual: bool = False  # zero each block's last layer so it starts as identity
     init: str = "he"  # conv/linear init: 'he' (torchvision: normal, fan-out) or 'xavier' (Glorot; Keras' default)
     features_only: bool = False  # forward returns the stage maps
@@ -68,6 +71,9 @@ class ResNetConfig:
             (self.global_pool in POOLS, f"global_pool must be one of {POOLS}, got {self.global_pool!r}"),
             (self.in_chans >= 1 and self.num_classes >= 0, "in_chans must be >= 1 and num_classes >= 0"),
             (0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), got {self.drop_rate}"),
+            (0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}"),
+            (not (self.drop_path_rate and self.shortcut == "none"),
+             "drop_path_rate needs shortcuts: skipping a plain net's block cuts the signal off"),
             (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
             (not self.block_widths or len(self.block_widths) == sum(self.layers),
              f"block_widths gives {len(self.block_widths)} blocks for a net of {sum(self.layers)}"),
@@ -131,6 +137,9 @@ class ResNet(nn.Module):
         self.global_pool = self._make_pool(config.global_pool)
         self.drop = nn.Dropout(config.drop_rate)
         self.fc = self._make_classifier(config)
+        blocks = self.blocks()
+        for depth, block in enumerate(blocks, start=1):
+            block.drop_path_rate = config.drop_path_rate * depth / len(blocks)
         self._init_weights()
 
     @staticmethod
