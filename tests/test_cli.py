@@ -54,6 +54,25 @@ def test_off_a_terminal_tables_keep_their_natural_width_unless_columns_says(caps
     assert max(len(line) for line in capsys.readouterr().out.splitlines()) == 100
 
 
+def test_summary_of_a_model_name_and_of_a_model_file(tmp_path, capsys):
+    assert main(["summary", "resnet20", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet20 layer by layer, for one 32 px image" in out
+    rows = {line.split("│")[1].strip(): line.split("│")[3].strip() for line in out.splitlines() if line.count("│") > 3}
+    assert rows["layer3"] == "64 x 8 x 8" and rows["fc"] == "10" and "layer1.0" not in rows
+    assert "269,722" in out and "40.6" in out  # the parameters and MACs (M) `residual models` gives
+    model = residual.create_model("resnet20", num_classes=3)
+    residual.save_model(model, tmp_path / "three.safetensors")
+    assert main(["summary", str(tmp_path / "three.safetensors"), "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line.split("│")[3].strip() for line in out.splitlines() if line.count("│") > 3}
+    assert rows["layer3"] == "64 x 16 x 16" and rows["fc"] == "3" and rows["layer1.0"] == "16 x 64 x 64"
+    assert main(["summary", "vgg16"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["summary", str(tmp_path / "three.onnx")]) == 2
+    assert "give the .safetensors model file" in capsys.readouterr().err
+
+
 def test_unknown_pattern_is_a_one_line_error(capsys):
     assert main(["models", "vgg*"]) == 2
     err = capsys.readouterr().err

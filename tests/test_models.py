@@ -5,7 +5,10 @@ import torch
 from torch import nn
 
 import residual
+from residual.models import model_info
 from residual.models.blocks import ZeroPadShortcut
+from residual.models.registry import empty_model
+from residual.models.summary import layer_summary
 
 
 @pytest.mark.parametrize("name", residual.list_models())
@@ -201,6 +204,30 @@ def test_stochastic_depth_skips_branches_in_training_only_more_often_deeper():
         residual.create_model("plain20", drop_path_rate=0.1)
     with pytest.raises(residual.ConfigError, match="drop_path_rate must be in"):
         residual.create_model("resnet20", drop_path_rate=1.0)
+
+
+def test_the_layer_summary_adds_up_to_the_model_and_follows_its_strides():
+    model = empty_model("resnet50")
+    summary = layer_summary(model, 224, depth=1)
+    assert [row.name for row in summary.rows] == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3",
+                                                  "layer4", "global_pool", "fc"]  # no Identity, no Dropout(0)
+    info = model_info("resnet50")
+    assert (summary.params, summary.macs) == (info.params, info.macs) == (25_557_032, 4_089_184_256)
+    assert sum(row.params for row in summary.rows) == summary.params
+    assert sum(row.macs for row in summary.rows) == summary.macs
+    stages = {row.name: row for row in summary.rows}
+    for stage in model.feature_info:
+        assert stages[stage["module"]].output == (stage["num_chs"], 224 // stage["reduction"], 224 // stage["reduction"])
+    assert stages["fc"].output == (1000,) and stages["fc"].macs == 2048 * 1000
+    # One level down each stage's blocks add up to it; the first block of a stage carries the projection.
+    blocks = layer_summary(model, 224, depth=2).rows
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        inside = [row for row in blocks if row.name.startswith(stage + ".")]
+        assert [row.kind for row in inside] == ["Bottleneck"] * model.config.layers[int(stage[-1]) - 1]
+        assert sum(row.macs for row in inside) == stages[stage].macs
+        assert inside[0].params > inside[1].params
+    cifar = layer_summary(residual.create_model("resnet20"), 32, depth=3)
+    assert {row.depth for row in cifar.rows} == {1, 2, 3} and cifar.macs == model_info("resnet20").macs
 
 
 def test_bad_options_fail_with_a_clear_message():

@@ -30,6 +30,19 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace, console: Console) -> int:
+    from .models.registry import empty_model
+    from .models.summary import layer_summary
+    from .tables import layer_summary_table
+
+    _refuse_onnx(args.model, "the summary walks the PyTorch model's layers")
+    model = load_model(args.model).eval() if Path(args.model).suffix == ".safetensors" else empty_model(args.model)
+    size = args.image_size or model.preprocessing.input_size
+    summary = layer_summary(model, size, args.depth, model.config.in_chans)
+    console.print(layer_summary_table(summary, f"{args.model} layer by layer, for one {size} px image"))
+    return 0
+
+
 def cmd_pretrained(args: argparse.Namespace, console: Console) -> int:
     from .tables import pretrained_table
 
@@ -804,6 +817,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=at_least(1), help="count MACs at this size instead of each model's default")
     p.set_defaults(run=cmd_models)
 
+    p = commands.add_parser("summary", help="a model layer by layer: output shapes, parameters, MACs")
+    p.add_argument("model", help="a registry name (resnet50) or a .safetensors model file")
+    p.add_argument("--image-size", type=at_least(1), help="the input's side (default: the model's own)")
+    p.add_argument("--depth", type=int, choices=(1, 2, 3), default=2,
+                   help="1: stem, stages, head; 2: also each block; 3: also the layers inside blocks")
+    p.set_defaults(run=cmd_summary)
+
     p = commands.add_parser("pretrained", help="published weights that create_model/load_model can fetch")
     p.add_argument("pattern", nargs="?", default="*")
     p.set_defaults(run=cmd_pretrained)
@@ -825,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a .safetensors model file, or an .onnx file residual exported")
     p.set_defaults(run=cmd_info)
 
-    p = commands.add_parser("train", help="train a ResNet on a folder of images (or CIFAR)")
+    p = commands.add_parser("train", help="train a ResNet on a folder of images, a CSV of labels, or CIFAR")
     _add_train_arguments(p)
     p.set_defaults(run=cmd_train)
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .data.check import DataReport
 from .models import ModelInfo, Preprocessing, count_params, model_info
+from .models.summary import LayerSummary
 from .progress import transient_bar
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
@@ -47,6 +48,19 @@ def models_table(infos: Iterable[ModelInfo]) -> Table:
     for i in infos:
         table.add_row(i.name, i.family, i.block, str(i.depth), f"{i.params / 1e6:.3f}", f"{i.macs / 1e9:.3f}",
                       f"{i.input_size}px", i.description)
+    return table
+
+
+def layer_summary_table(summary: LayerSummary, title: str) -> Table:
+    """A model layer by layer (Keras' model.summary()): output shape, parameters, MACs and their share."""
+    columns = ("layer", "type", "output", "params", "MACs (M)", "share of MACs")
+    table = new_table(title, columns, right=columns[2:])
+    for row in summary.rows:
+        table.add_row("  " * (row.depth - 1) + row.name, row.kind, " x ".join(map(str, row.output)) or "-",
+                      f"{row.params:,}", f"{row.macs / 1e6:,.1f}" if row.macs else "0",
+                      f"{row.macs / summary.macs:.1%}" if row.macs else "")
+    table.add_row("[bold]total", "", "input " + " x ".join(map(str, summary.input_shape)),
+                  f"[bold]{summary.params:,}", f"[bold]{summary.macs / 1e6:,.1f}", "")
     return table
 
 

@@ -162,16 +162,18 @@ class ModelInfo:
     description: str
 
 
-def model_info(name: str, input_size: int | None = None, **options) -> ModelInfo:
-    """Parameters and MACs of a registered model.
-
-    The model is laid out on the meta device and given uninitialised CPU memory:
-    counting needs shapes, not values, and this skips initialisation entirely
-    (a forward pass on meta tensors would be several times slower).
-    """
+def empty_model(name: str, **options) -> ResNet:
+    """A registered model in uninitialised CPU memory, in eval mode, for counting: that needs shapes, not
+    values. It is laid out on the meta device, which skips initialisation entirely (and a forward pass
+    on meta tensors would be several times slower than on empty CPU memory)."""
     with torch.device("meta"):
         model = build_model(name, **options)
-    model = model.to_empty(device="cpu").eval()
+    return model.to_empty(device="cpu").eval()
+
+
+def model_info(name: str, input_size: int | None = None, **options) -> ModelInfo:
+    """Parameters and MACs of a registered model."""
+    model = empty_model(name, **options)
     size = input_size or model.preprocessing.input_size
     spec = get_spec(name)
     block = ("pre-act " if model.config.preact else "") + model.config.block
