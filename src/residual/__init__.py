@@ -6,6 +6,7 @@
     residual.save_model(model, "model.safetensors")
     model = residual.load_model("model.safetensors")
     fast = residual.prepare_for_inference(model, "cuda")            # BN folded, channels_last, bf16
+    print(residual.layer_summary(model, 224).rows)                 # output shape, params, MACs per layer
     result = residual.train(residual.TrainConfig(data="photos/", epochs=30))
     report = residual.evaluate(model, "photos/", out_dir="report/")   # metrics + report.html
     result = residual.calibrate("model.safetensors", "photos/")      # temperature scaling -> a new model file
@@ -16,7 +17,8 @@
 __version__ = "0.1.0"
 
 from .errors import ConfigError, ResidualError
-from .models import ModelInfo, Preprocessing, ResNet, ResNetConfig, list_models, model_info, prepare_for_inference
+from .models import (LayerSummary, ModelInfo, Preprocessing, ResNet, ResNetConfig, layer_summary, list_models,
+                     model_info, prepare_for_inference)
 from .weights import (PretrainedWeights, create_model, imagenet_class_names, list_pretrained, load_model,
                       load_weights, read_metadata, read_state_dict, register_pretrained, save_model)
 from .train import TrainConfig, TrainResult, train
@@ -28,9 +30,9 @@ from .calibrate import CalibrationResult, calibrate
 from .train.lr_find import LRFindResult, lr_find
 
 __all__ = [
-    "ConfigError", "ModelInfo", "Preprocessing", "PretrainedWeights", "ResNet", "ResNetConfig", "ResidualError",
-    "create_model", "imagenet_class_names", "list_models", "list_pretrained", "load_model", "load_weights",
-    "model_info", "prepare_for_inference", "read_metadata", "read_state_dict", "register_pretrained", "save_model",
+    "ConfigError", "LayerSummary", "ModelInfo", "Preprocessing", "PretrainedWeights", "ResNet", "ResNetConfig",
+    "ResidualError", "create_model", "imagenet_class_names", "layer_summary", "list_models", "list_pretrained",
+    "load_model", "load_weights", "model_info", "prepare_for_inference", "read_metadata", "read_state_dict", "register_pretrained", "save_model",
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
     "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
     "ExplainResult", "explain", "EvalResult", "evaluate", "CalibrationResult", "calibrate",
