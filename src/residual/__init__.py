@@ -32,7 +32,8 @@ from .train.lr_find import LRFindResult, lr_find
 __all__ = [
     "ConfigError", "LayerSummary", "ModelInfo", "Preprocessing", "PretrainedWeights", "ResNet", "ResNetConfig",
     "ResidualError", "create_model", "imagenet_class_names", "layer_summary", "list_models", "list_pretrained",
-    "load_model", "load_weights", "model_info", "prepare_for_inference", "read_metadata", "read_state_dict", "register_pretrained", "save_model",
+    "load_model", "load_weights", "model_info", "prepare_for_inference", "read_metadata", "read_state_dict",
+    "register_pretrained", "save_model",
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
     "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
     "ExplainResult", "explain", "EvalResult", "evaluate", "CalibrationResult", "calibrate",
