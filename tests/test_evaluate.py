@@ -1,5 +1,6 @@
 """`residual eval`: metrics that agree with a direct computation, and a report that stands alone."""
 
+import csv
 import json
 import re
 import shutil
@@ -68,6 +69,18 @@ def test_report_is_self_contained_and_matches_metrics_json(model, demo_run, tmp_
     assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http" not in page.replace("http-equiv", "")  # nothing to fetch: it opens offline
     assert f"{result.metrics['top1']:.2%}" in page
+    # predictions.csv: every image of the split, in its order, agreeing with the probabilities and metrics.json.
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["image"] for row in rows] == result.sources and len(rows) == saved["images"]
+    names = model.class_names
+    assert [row["true"] for row in rows] == [names[label] for label in result.labels]
+    assert [row["predicted"] for row in rows] == [names[i] for i in result.probs.argmax(1)]
+    assert [float(row["true_probability"]) for row in rows] == pytest.approx(true_probs.tolist(), abs=1e-6)
+    assert np.mean([int(row["correct"]) for row in rows]) == pytest.approx(saved["top1"])
+    assert np.mean([float(row["loss"]) for row in rows]) == pytest.approx(saved["loss"], rel=1e-4)
+    worst = max(rows, key=lambda row: float(row["loss"]))
+    assert worst["image"] == saved["highest_loss"][0]["source"]
 
 
 def test_gallery_explains_the_predicted_and_the_true_class(model, demo_run):

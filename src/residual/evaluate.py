@@ -19,11 +19,11 @@ from .data.datasets import Dataset, DatasetError, Split, concat_splits, open_dat
 from .data.loaders import check_stream, inference_batches
 from .data.transforms import normalize
 from .explain import grad_cam
-from .metrics import classification_metrics, hardest_roc_curves
+from .metrics import classification_metrics, hardest_roc_curves, image_losses
 from .models import ResNet
 from .predict import check_tta, class_names_of, class_probabilities, inference_compile, inference_forward, model_device
 from .progress import progress_bar
-from .report import GalleryItem, write_report
+from .report import GalleryItem, write_predictions, write_report
 from .weights import training_config
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
@@ -133,6 +133,8 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
         roc = hardest_roc_curves(probs_all, labels, metrics["per_class"])
         result.files = write_report(out_dir, title or f"{info['model']} on {dataset.root.name} ({split_name})",
                                     metrics, info, gallery, failed, roc)
+        result.files["predictions"] = write_predictions(Path(out_dir) / "predictions.csv", sources, labels,
+                                                        probs_all, names)
     return result
 
 
@@ -141,7 +143,7 @@ def highest_loss(model, probs: np.ndarray, labels: np.ndarray, items: list, sour
     """The `count` images with the highest loss, with Grad-CAM for the predicted and the true class."""
     if count <= 0:
         return []
-    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    losses = image_losses(probs, labels)
     order = np.argsort(-losses, kind="stable")[:count]
     names = class_names_of(model)
     pre = model.preprocessing

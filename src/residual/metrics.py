@@ -141,6 +141,11 @@ def mean_where_defined(values: list[float | None], weights: np.ndarray | None = 
     return float(np.average([values[index] for index in kept], weights=None if weights is None else weights[kept]))
 
 
+def image_losses(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each image's cross-entropy: minus the log of its true class's probability (clipped at 1e-12)."""
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str], bins: int = 15) -> dict:
     """Everything `residual eval` reports, as plain JSON-ready values.
 
@@ -157,14 +162,13 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
     average = lambda name, weights: float(np.average(scores[name][present], weights=weights))  # noqa: E731
     confidence = probs.max(1)
     rows = calibration_bins(confidence, predicted == labels, bins)
-    true_probs = probs[np.arange(len(labels)), labels]
     ranked = [ranking_scores(probs[:, c], labels == c) for c in range(num_classes)]
     ranking = {"roc_auc": [auc for auc, _ in ranked], "average_precision": [ap for _, ap in ranked]}
     return {
         "images": int(len(labels)),
         "top1": float((predicted == labels).mean()),
         "top5": topk_accuracy(probs, labels, 5),
-        "loss": float(-np.log(np.clip(true_probs, 1e-12, None)).mean()),
+        "loss": float(image_losses(probs, labels).mean()),
         "ece": expected_calibration_error(rows),
         "macro": {**{name: average(name, None) for name in ("precision", "recall", "f1")},
                   **{name: mean_where_defined(values) for name, values in ranking.items()}},

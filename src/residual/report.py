@@ -1,8 +1,9 @@
-"""The evaluation report: metrics.json, three pictures and one self-contained report.html.
+"""The evaluation report: metrics.json, predictions.csv (one row per image), four pictures and one
+self-contained report.html.
 
 Pictures: confusion_matrix.png (counts and row-normalised side by side),
-reliability.png (accuracy against confidence, with the count per bin) and
-highest_loss.png (the images the model got most wrong, each with Grad-CAM for
+reliability.png (accuracy against confidence, with the count per bin), roc_curves.png (the classes
+with the lowest ROC AUC) and highest_loss.png (the images the model got most wrong, each with Grad-CAM for
 the class it predicted and for the true class). report.html embeds all of them
 as data URIs, so it is one file that opens offline in any browser.
 """
@@ -10,6 +11,7 @@ as data URIs, so it is one file that opens offline in any browser.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from matplotlib.figure import Figure
 
 from .atomic import atomic_path, write_json
 from .explain import overlay
+from .metrics import image_losses
 
 ANNOTATE_UP_TO = 20  # classes; beyond this the matrix cells are too small for numbers
 LABEL_UP_TO = 60  # classes; beyond this tick labels overlap
@@ -210,6 +213,23 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
     parts.append("</body></html>")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(parts), encoding="utf-8")
+
+
+def write_predictions(path: Path, sources: list[str], labels: np.ndarray, probs: np.ndarray,
+                      class_names: list[str]) -> Path:
+    """predictions.csv: one row per image evaluated, in the split's order, with its true and predicted class,
+    the probability of each and its loss, to sort and filter beyond the gallery's few (the images most
+    likely mislabelled are the confident mistakes)."""
+    predicted = probs.argmax(1)
+    rows = np.arange(len(labels))
+    losses = image_losses(probs, labels)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["image", "true", "predicted", "probability", "true_probability", "loss", "correct"])
+        writer.writerows([source, class_names[true], class_names[guess], f"{probs[row, guess]:.6f}",
+                          f"{probs[row, true]:.6f}", f"{loss:.6f}", int(true == guess)]
+                         for source, row, true, guess, loss in zip(sources, rows, labels, predicted, losses))
+    return path
 
 
 def write_report(out_dir: str | Path, title: str, metrics: dict, info: dict, gallery: list[GalleryItem],
