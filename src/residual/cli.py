@@ -30,6 +30,23 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    from .runs import output_dir
+    from .tables import runs_table
+    from .train.compare import compare_runs
+    from .train.history import plot_runs
+
+    records, differing = compare_runs(args.runs)
+    console.print(runs_table(records, differing))
+    if not differing:
+        console.print("their recipes are the same (apart from where they were written)")
+    with output_dir(args.out, "runs/compare", records[0].name) as out:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_runs([(record.name, record.history) for record in records], out / "compare.png")
+    console.print(f"validation curves: {out / 'compare.png'}")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace, console: Console) -> int:
     from .models.registry import empty_model
     from .models.summary import layer_summary
@@ -816,6 +833,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
     p.add_argument("--input-size", type=at_least(1), help="count MACs at this size instead of each model's default")
     p.set_defaults(run=cmd_models)
+
+    p = commands.add_parser("compare", help="training runs side by side: best scores, curves, what differs")
+    p.add_argument("runs", nargs="+", help="run folders (runs/train/NAME), or folders of them (runs/train)")
+    p.add_argument("--out", help="folder for compare.png (default: a new runs/compare/NAME)")
+    p.set_defaults(run=cmd_compare)
 
     p = commands.add_parser("summary", help="a model layer by layer: output shapes, parameters, MACs")
     p.add_argument("model", help="a registry name (resnet50) or a .safetensors model file")

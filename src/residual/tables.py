@@ -12,6 +12,7 @@ from rich.table import Table
 from .data.check import DataReport
 from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
+from .train.compare import RunRecord, recipe_differences
 from .progress import transient_bar
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
@@ -214,6 +215,21 @@ def parity_table(parity: dict, title: str) -> Table:
     table.add_row(str(parity["images"]), parity["source"], f"{parity['max_abs_diff']:.3g}",
                   f"{parity['tolerance']:.3g}", f"{parity['top1_agreement']:.2%}",
                   "[green]pass" if parity["passed"] else "[red]FAIL")
+    return table
+
+
+def runs_table(records: list[RunRecord], differing: list[str]) -> Table:
+    """Training runs, best first: their best validation scores, how far they got, and a column for each
+    setting that differs between them."""
+    scores = ("val top-1", "val loss", "best epoch", "epochs", "time")
+    table = new_table(f"{len(records)} training runs, best validation top-1 first",
+                      ("run", *scores, "what differs"), right=scores)
+    for record in records:
+        best = record.best or {}
+        kept = (f"{best['val_top1']:.2%}", f"{best['val_loss']:.4f}", str(best["epoch"])) if best else ("-",) * 3
+        minutes, seconds = divmod(round(record.seconds), 60)
+        table.add_row(record.name, *kept, record.state, f"{minutes}:{seconds:02d}",
+                      recipe_differences(record, differing))
     return table
 
 

@@ -1,4 +1,4 @@
-"""What a run records per epoch: metrics.csv, and curves.png drawn from it."""
+"""What a run records per epoch: metrics.csv, and curves.png drawn from it (and several runs' curves together)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,19 @@ def write_metrics(history: list[dict], path: Path) -> None:
         tmp.write_text(buffer.getvalue())
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv's rows, with numbers as numbers (the epoch an int)."""
+    with open(path, newline="") as f:
+        return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def _save(figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+
+
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     """Loss, accuracy and learning rate per epoch: train thin, validation bold."""
     epochs = [row["epoch"] for row in history]
@@ -45,6 +58,20 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    _save(figure, path)
+
+
+def plot_runs(runs: list[tuple[str, list[dict]]], path: Path) -> None:
+    """Validation top-1 and loss per epoch of several runs ((name, metrics.csv rows) each), one line per run."""
+    figure, (top1_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    for name, history in runs:
+        epochs = [row["epoch"] for row in history]
+        line, = top1_ax.plot(epochs, [100 * row["val_top1"] for row in history], lw=1.8, label=name)
+        loss_ax.plot(epochs, [row["val_loss"] for row in history], lw=1.8, color=line.get_color())
+    top1_ax.set(title="validation top-1 (%)", xlabel="epoch")
+    loss_ax.set(title="validation loss", xlabel="epoch")
+    for ax in (top1_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    top1_ax.legend(fontsize="small")
+    figure.tight_layout()
+    _save(figure, path)
