@@ -400,9 +400,10 @@ AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift
 MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs",
                "unfreeze_stages", "layer_lr_decay", "model", "image_size", "epochs", "batch_size", "label_smoothing",
-               "grad_clip", "accumulate", "ema", "early_stopping", "monitor", "val_split", "seed", "deterministic",
-               "device", "amp", "channels_last", "compile", "compile_mode", "workers", "in_memory", "decoder",
-               "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report", "sync_bn")
+               "grad_clip", "accumulate", "ema", "teacher", "distill_weight", "distill_temperature", "early_stopping",
+               "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last", "compile",
+               "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak", "out", "name",
+               "quiet", "report", "sync_bn")
 
 
 FINETUNE_DEFAULTS = {"strategy": "two-stage"}
@@ -662,6 +663,12 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     reg.add_argument("--grad-clip", type=float, help="max global gradient norm")
     reg.add_argument("--accumulate", type=int, help="micro-batches per optimizer step")
     reg.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999")
+    reg.add_argument("--teacher", metavar="MODEL_FILE",
+                     help="knowledge distillation: also learn this trained model's softened predictions (same classes)")
+    reg.add_argument("--distill-weight", type=float, help="with --teacher: the distillation term's share of the loss "
+                                                           "(default 0.5)")
+    reg.add_argument("--distill-temperature", type=float, help="with --teacher: how much both models' probabilities "
+                                                                "are softened (default 4)")
     reg.add_argument("--early-stopping", type=int, metavar="PATIENCE")
     reg.add_argument("--monitor", choices=("val_top1", "val_loss"))
     aug = p.add_argument_group("augmentation")

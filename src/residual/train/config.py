@@ -52,6 +52,9 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm
     accumulate: int = 1  # micro-batches per optimizer step
     ema: float | None = None  # decay of an exponential moving average of the weights, e.g. 0.999
+    teacher: str | None = None  # knowledge distillation: a trained model file whose softened predictions it learns
+    distill_weight: float = 0.5  # with a teacher: the distillation term's share of the loss (the labels' the rest)
+    distill_temperature: float = 4.0  # with a teacher: how much both models' probabilities are softened
     early_stopping: int | None = None  # patience in epochs without improvement of `monitor`
     monitor: str = "val_top1"
     val_split: float | None = None  # fraction of train held out when the data has no val/ folder
@@ -108,6 +111,11 @@ class TrainConfig:
         if self.layer_lr_decay is not None and not 0.0 < self.layer_lr_decay <= 1.0:
             raise ConfigError(f"--layer-lr-decay is the lr's factor per layer group toward the input: in (0, 1], got "
                               f"{self.layer_lr_decay}")
+        if not 0.0 < self.distill_weight <= 1.0:
+            raise ConfigError(f"--distill-weight is the distillation term's share of the loss: in (0, 1], got "
+                              f"{self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigError(f"--ema is the average's decay per step, between 0 and 1 (e.g. 0.999), got {self.ema}")
 

@@ -54,6 +54,7 @@ from ..runs import new_run_dir, pick_device
 from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, compile_log, load_config, resolve, save_config
+from .distill import Teacher, distillation_sum
 from .distributed import World, per_worker_batch
 from .ema import WeightEMA
 from .history import plot_curves, write_metrics
@@ -238,6 +239,8 @@ class Trainer:
         self.worker_batch = per_worker_batch(config.batch_size, world)
         self.bad = BadFileLog(config.max_bad_streak)
         self.model = self._build_model()
+        self.teacher = (Teacher(config.teacher, dataset.classes, self.model.preprocessing, self.device)
+                        if config.teacher else None)
         self._build_loaders()
         c = config
         self.steps_per_epoch = math.ceil(len(self.train_loader) / c.accumulate)
@@ -615,6 +618,10 @@ class Trainer:
                 # image count instead, which would change the loss's scale when mixup is turned on.
                 loss_sum = F.cross_entropy(logits.float(), targets, weight=self.class_weights,
                                            label_smoothing=smoothing, reduction="sum")
+            if self.teacher is not None:  # it sees the same augmented, mixed images
+                image_weights = None if self.class_weights is None else self.class_weights[labels]
+                loss_sum = ((1 - c.distill_weight) * loss_sum + c.distill_weight
+                            * distillation_sum(logits, self.teacher(x), c.distill_temperature, image_weights))
             batch_weight = self._loss_weight(labels) if batch_weight is None else batch_weight
             self.scaler.scale(loss_sum / (batch_weight if step_weight is None else step_weight)).backward()
         if stepping:
