@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ResidualError
 from ..weights import read_metadata
-from .config import read_config
+from .config import load_config
 from .history import read_metrics
 
 # Settings that say where a run went or how it talked, not how it trained: never a difference worth naming.
@@ -23,7 +23,7 @@ BOOKKEEPING = ("name", "out", "quiet", "report", "checkpoint_every")
 @dataclass
 class RunRecord:
     path: Path
-    config: dict  # config.yaml, flattened: {"optim.lr": 0.1, ...}
+    config: dict  # config.yaml as a TrainConfig, flattened: {"optim.lr": 0.1, ...}
     history: list[dict]  # metrics.csv's rows
     best: dict | None  # the kept model's epoch and validation scores; None before the first epoch ends
     summary: dict | None  # summary.json, written when the run ended (all its epochs, or early stopping)
@@ -74,7 +74,7 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
 
 
 def read_run(path: Path) -> RunRecord:
-    config = flatten(read_config(path / "config.yaml"))
+    config = flatten(load_config(path / "config.yaml").to_dict())  # with today's defaults for what it lacks
     history = read_metrics(path / "metrics.csv") if (path / "metrics.csv").is_file() else []
     best = None
     if (path / "model.safetensors").is_file():
