@@ -11,9 +11,7 @@ from residual.data.shapes import write_shapes
 from residual.data.transforms import normalize
 from residual.evaluate import evaluate
 from residual.models.preprocessing import CIFAR_EVAL, IMAGENET_EVAL
-from residual.train import TrainConfig, train
 from residual.train.distill import Teacher, distillation_sum
-from residual.train.optim import OptimConfig
 
 
 def test_the_distillation_term_is_the_softened_kl_divergence_times_t_squared():
@@ -46,30 +44,23 @@ def test_the_teacher_takes_the_student_batch_in_its_own_normalisation(tmp_path):
         Teacher(str(tmp_path / "teacher.safetensors"), ["a", "c", "b"], CIFAR_EVAL, torch.device("cpu"))
 
 
-def agreement(model_file, other, data) -> float:
-    """The share of val images on which two models predict the same class."""
-    ours = evaluate(residual.load_model(model_file), data, "val", gallery_size=0, workers=0).probs.argmax(1)
-    theirs = evaluate(other, data, "val", gallery_size=0, workers=0).probs.argmax(1)
-    return float(np.mean(ours == theirs))
-
-
-def test_a_student_of_a_teacher_alone_learns_the_teachers_answers(tmp_path, capsys):
+def test_a_student_of_a_teacher_alone_learns_the_teachers_answers_not_the_labels(tmp_path, capsys):
     data = write_shapes(tmp_path / "shapes", size=16, per_class=24, seed=1, progress=False)
-    common = dict(data=str(data), model="resnet20", batch_size=32, quiet=True, report=False, out=str(tmp_path / "runs"),
-                  optim=OptimConfig(lr=0.1))
-    trained = train(TrainConfig(name="teacher", epochs=6, **common))
-    # A teacher that is wrong on purpose: its outputs shifted by one class, so where it sees a circle it says
-    # crescent. Learning from it alone, a student must say crescent too; learning from the labels, circle.
-    teacher = residual.load_model(trained.model_path).eval()
-    teacher.fc.weight.data, teacher.fc.bias.data = teacher.fc.weight.data.roll(1, 0), teacher.fc.bias.data.roll(1, 0)
-    residual.save_model(teacher, tmp_path / "shifted.safetensors")
-    assert main(["train", str(data), "--model", "resnet20", "--epochs", "6", "--batch-size", "32", "--lr", "0.1",
-                 "--teacher", str(tmp_path / "shifted.safetensors"), "--distill-weight", "1", "--distill-temperature",
-                 "1", "--quiet", "--no-report", "--out", str(tmp_path / "runs"), "--name", "student"]) == 0
-    labels_only = train(TrainConfig(name="labels", epochs=6, **common))
-    student = tmp_path / "runs" / "student" / "model.safetensors"
-    taught, untaught = agreement(student, teacher, data), agreement(labels_only.model_path, teacher, data)
-    assert taught > 0.3 and untaught < 0.1, (taught, untaught)  # 0.49 and 0.0 on an Intel Xeon, 2026-12-04
+    # A teacher that is wrong on purpose: whatever the image, it says "hexagon". Learning from it alone, a
+    # student must say hexagon too, though a tenth of the images are hexagons.
+    teacher = residual.create_model("resnet20", num_classes=10).eval()
+    teacher.class_names = sorted(path.name for path in (data / "train").iterdir())
+    hexagon = teacher.class_names.index("hexagon")
+    teacher.fc.weight.data.zero_()
+    teacher.fc.bias.data = torch.nn.functional.one_hot(torch.tensor(hexagon), 10).float() * 5
+    residual.save_model(teacher, tmp_path / "hexagon.safetensors")
+    assert main(["train", str(data), "--model", "resnet20", "--epochs", "4", "--batch-size", "32", "--lr", "0.1",
+                 "--teacher", str(tmp_path / "hexagon.safetensors"), "--distill-weight", "1", "--quiet", "--no-report",
+                 "--out", str(tmp_path / "runs"), "--name", "student"]) == 0
+    result = evaluate(residual.load_model(tmp_path / "runs" / "student" / "model.safetensors"), data, "val",
+                      gallery_size=0, workers=0)
+    assert np.mean(result.labels == hexagon) == pytest.approx(0.1)  # what the labels would have taught
+    assert np.mean(result.probs.argmax(1) == hexagon) > 0.9  # 1.0 on an Intel Xeon, 2026-12-04
     capsys.readouterr()
-    assert main(["train", str(data), "--teacher", str(tmp_path / "shifted.safetensors"), "--distill-weight", "0"]) == 2
+    assert main(["train", str(data), "--teacher", str(tmp_path / "hexagon.safetensors"), "--distill-weight", "0"]) == 2
     assert "--distill-weight is the distillation term's share of the loss: in (0, 1], got 0" in capsys.readouterr().err
