@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+import residual
 from residual import load_model
 from residual.calibrate import calibrate
 from residual.cli import main
@@ -202,6 +203,32 @@ def test_a_csv_of_labels_trains_evaluates_and_is_checked_like_a_folder(tmp_path,
     assert f"{labels} (csv, 10 classes)" in capsys.readouterr().out
     assert check_data(labels, progress=False).conflicts == [[f"{images[0]} ({images[0].parent.name})",
                                                              f"{images[0]} (star)"]]
+
+
+def test_eval_and_predict_at_another_image_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # the title line names long paths
+    data = write_shapes(tmp_path / "shapes", size=32, per_class=5, seed=2, progress=False)
+    model = residual.create_model("resnet20", num_classes=10).eval()
+    model.class_names = sorted(path.name for path in (data / "train").iterdir())
+    model.preprocessing = residual.Preprocessing(input_size=32, resize_size=36)
+    residual.save_model(model, tmp_path / "model.safetensors")
+    assert main(["eval", str(tmp_path / "model.safetensors"), str(data), "--split", "val", "--image-size", "48",
+                 "--gallery", "0", "--quiet", "--out", str(tmp_path / "eval")]) == 0
+    assert re.search(r"[0-9] images, 48 px", capsys.readouterr().out)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (saved["input_size"], saved["resize_size"]) == (48, 54)  # the resize keeps its ratio to the crop
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as f:
+        first = next(csv.DictReader(f))
+    pixels = resize_center_crop(read_image(first["image"]), 54, 48)
+    with torch.inference_mode():
+        direct = model(normalize(pixels[None].float() / 255, residual.Preprocessing(48, 54))).softmax(1)[0]
+    assert float(first["probability"]) == pytest.approx(direct.max().item(), abs=1e-5)
+    assert main(["predict", str(tmp_path / "model.safetensors"), first["image"], "--image-size", "48", "--format",
+                 "csv", "--topk", "1", "--quiet"]) == 0
+    assert f"{direct.max().item():.6f}" in capsys.readouterr().out
+    (tmp_path / "model.onnx").write_bytes(b"")
+    assert main(["predict", str(tmp_path / "model.onnx"), first["image"], "--image-size", "48"]) == 2
+    assert "was exported for one input size" in capsys.readouterr().err
 
 
 def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):

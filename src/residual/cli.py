@@ -105,10 +105,11 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _inference_model(name: str, device: str, precision: str | None = None):
+def _inference_model(name: str, device: str, precision: str | None = None, image_size: int | None = None):
     """A model file, pretrained name or exported .onnx (run by ONNX Runtime), ready for inference.
 
     With `precision` a PyTorch model takes the fast path (BN folded, channels_last, that precision).
+    With `image_size` it is fed images of that size (its preprocessing's resize scaled alike).
     """
     from .models import prepare_for_inference
     from .runs import pick_device
@@ -119,8 +120,13 @@ def _inference_model(name: str, device: str, precision: str | None = None):
         if precision in ("bf16", "fp16"):  # eval's fp32 default and predict's auto take the file as it is
             raise ResidualError(f"--precision {precision}: {name} runs in the precision it was exported with "
                                 f"(residual export --fp16 for float16)")
+        if image_size:
+            raise ResidualError(f"--image-size: {name} was exported for one input size; give the .safetensors "
+                                f"model file to run it at another")
         return OnnxModel(name, pick_device(device))
     model = load_model(name).to(pick_device(device)).eval()
+    if image_size:
+        model.preprocessing = model.preprocessing.at_size(image_size)
     return prepare_for_inference(model, pick_device(device), precision) if precision else model
 
 
@@ -140,7 +146,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from .runs import output_dir
     from .tables import eval_tables
 
-    model = _inference_model(args.model, args.device, args.precision)
+    model = _inference_model(args.model, args.device, args.precision, args.image_size)
     check_stream(args.batch_size, args.workers, args.decoder, model_device(model))  # before the report folder is made
     as_trained = split_as_trained(args.model, args.data)
     split = args.split or ("val" if as_trained else None)
@@ -153,6 +159,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     console.print(f"torch.compile: {result.compiled}")
     console.rule(f"{args.model} on {args.data}, {result.metrics['images']:,} images"
                  + (f", TTA {args.tta}" if args.tta != "none" else "")
+                 + (f", {args.image_size} px" if args.image_size else "")
                  + (f", {getattr(model, 'inference_precision', 'exported')} weights"
                     if args.precision != "fp32" else ""))
     for table in eval_tables(result.metrics, "summary"):
@@ -179,7 +186,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if args.out and output_format == "table":
         raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
                             f"--out ending in .csv or .json)")
-    model = _inference_model(args.model, args.device, args.precision)
+    model = _inference_model(args.model, args.device, args.precision, args.image_size)
     items = image_files(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
@@ -218,7 +225,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     from .tables import new_table
 
     _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which ONNX Runtime does not give")
-    model = _inference_model(args.model, args.device)
+    model = _inference_model(args.model, args.device, image_size=args.image_size)
     items = image_files(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
@@ -724,6 +731,9 @@ def _add_inference_commands(commands) -> None:
     from .predict import INFERENCE_COMPILE_FROM_IMAGES, TTA_MODES
 
     def common(p, batch_size: int) -> None:
+        p.add_argument("--image-size", type=at_least(1),
+                       help="feed images of this size instead of the model's own (its resize scaled alike): "
+                            "ResNets take any size; eval tells which scores best")
         p.add_argument("--batch-size", type=int, default=batch_size)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
         p.add_argument("--workers", type=int, help="image decoding processes (default: the cores less one)")

@@ -129,7 +129,8 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why)
     if out_dir is not None:
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
-                "tta": tta, "compile": why, "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "tta": tta, "resize_size": pre.resize_size, "input_size": pre.input_size, "compile": why,
+                "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         roc = hardest_roc_curves(probs_all, labels, metrics["per_class"])
         result.files = write_report(out_dir, title or f"{info['model']} on {dataset.root.name} ({split_name})",
                                     metrics, info, gallery, failed, roc)

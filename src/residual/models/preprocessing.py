@@ -6,7 +6,7 @@ evaluation, prediction and export all prepare images the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
 
@@ -47,6 +47,11 @@ class Preprocessing:
     def crop_pct(self) -> float:
         """timm's name for input_size / resize_size."""
         return self.input_size / self.resize_size
+
+    def at_size(self, input_size: int) -> "Preprocessing":
+        """The same preprocessing for another input size: the resize keeps its ratio to the crop
+        (224 from 256 becomes 288 from 329), as test-time resolution changes do (Touvron et al. 2019)."""
+        return replace(self, input_size=input_size, resize_size=round(input_size / self.crop_pct))
 
 
 IMAGENET_EVAL = Preprocessing()
