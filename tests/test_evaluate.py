@@ -193,7 +193,8 @@ def test_a_csv_of_labels_trains_evaluates_and_is_checked_like_a_folder(tmp_path,
     model_file = tmp_path / "runs" / "resnet20-labels" / "model.safetensors"
     assert load_model(model_file).class_names == sorted(path.name for path in (shapes / "train").iterdir())
     # No split column: like a flat folder, eval scores the 40 images training held out, not the 80.
-    assert main(["eval", str(model_file), str(labels), "--gallery", "0", "--quiet", "--out", str(tmp_path / "eval")]) == 0
+    assert main(["eval", str(model_file), str(labels), "--gallery", "0", "--quiet",
+                 "--out", str(tmp_path / "eval")]) == 0
     assert "was trained on, so its 40 images that training held out" in " ".join(capsys.readouterr().out.split())
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 40
     # One image listed under a second class: check-data names the labelling error.
