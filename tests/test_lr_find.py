@@ -75,6 +75,7 @@ def test_lr_find_command_and_lr_auto(data, tmp_path, capsys):
     source = tmp_path / "runs" / "auto" / "model.safetensors"
     assert main(["lr-find", str(data), "--from", str(source), "--model", "resnet56", "--out", str(tmp_path)]) == 2
     assert f"--model resnet56: --from {source} holds a resnet20" in capsys.readouterr().err  # resnet20 was swept
-    assert main(["lr-find", str(data), "--from", str(source), "--stem", "imagenet", "--out", str(tmp_path / "misfit")]) == 2
+    assert main(["lr-find", str(data), "--from", str(source), "--stem", "imagenet",
+                 "--out", str(tmp_path / "misfit")]) == 2
     assert "does not fit resnet20" in capsys.readouterr().err
     assert not list((tmp_path / "misfit").iterdir())  # no run folder left empty

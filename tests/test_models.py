@@ -217,7 +217,8 @@ def test_the_layer_summary_adds_up_to_the_model_and_follows_its_strides():
     assert sum(row.macs for row in summary.rows) == summary.macs
     stages = {row.name: row for row in summary.rows}
     for stage in model.feature_info:
-        assert stages[stage["module"]].output == (stage["num_chs"], 224 // stage["reduction"], 224 // stage["reduction"])
+        side = 224 // stage["reduction"]
+        assert stages[stage["module"]].output == (stage["num_chs"], side, side)
     assert stages["fc"].output == (1000,) and stages["fc"].macs == 2048 * 1000
     # One level down each stage's blocks add up to it; the first block of a stage carries the projection.
     blocks = layer_summary(model, 224, depth=2).rows

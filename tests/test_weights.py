@@ -103,7 +103,8 @@ def test_foreign_safetensors_and_convert_to_model_file(tmp_path):
     source = _trained_looking("resnet20")
     foreign = tmp_path / "timm_model.safetensors"
     safetensors.torch.save_file(source.state_dict(), foreign)  # no residual metadata, like timm's files
-    with pytest.raises(ModelFileError, match=r"timm_model.safetensors: not a residual model file.*residual convert .* --arch resnet50"):
+    with pytest.raises(ModelFileError,
+                       match=r"timm_model.safetensors: not a residual model file.*residual convert .* --arch resnet50"):
         residual.load_model(foreign)
     model = residual.load_model(foreign, arch="resnet20")
     out = residual.save_model(model, tmp_path / "converted.safetensors")
