@@ -197,11 +197,13 @@ def test_a_csv_of_labels_trains_evaluates_and_is_checked_like_a_folder(tmp_path,
                  "--out", str(tmp_path / "eval")]) == 0
     assert "was trained on, so its 40 images that training held out" in " ".join(capsys.readouterr().out.split())
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 40
-    # One image listed under a second class: check-data names the labelling error.
+    # One image listed under a second class: check-data names the labelling error; one listed twice, the repeat.
     with labels.open("a") as f:
-        f.write(f"{images[0].relative_to(tmp_path)},star\n")
+        f.write(f"{images[0].relative_to(tmp_path)},star\n{images[1].relative_to(tmp_path)},{images[1].parent.name}\n")
     assert main(["check-data", str(labels)]) == 1
-    assert f"{labels} (csv, 10 classes)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{labels} (csv, 10 classes)" in out
+    assert "listed 2 times" in out and f"{images[1].name} = " not in out
     assert check_data(labels, progress=False).conflicts == [[f"{images[0]} ({images[0].parent.name})",
                                                              f"{images[0]} (star)"]]
 

@@ -136,7 +136,8 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
     rows = ([("no training images", f"class {name!r}") for name in report.empty_classes]
             + [("unreadable", message) for message in report.bad]
             + [("ignored", str(path)) for path in report.dataset.ignored]
-            + [("duplicates", " = ".join(group)) for group in report.duplicates]
+            + [("duplicates", " = ".join(group)) if len(set(group)) > 1
+               else (f"listed {len(group)} times", group[0]) for group in report.duplicates]  # a CSV's rows
             + [(f"{split} leaks train", f"{item} = {train_item}") for split, item, train_item in report.leaks]
             + [("different classes", " = ".join(group)) for group in report.conflicts])
     for what, file in rows[:limit]:
