@@ -39,9 +39,12 @@ def test_the_teacher_takes_the_student_batch_in_its_own_normalisation(tmp_path):
         expected = teacher(normalize(pixels, IMAGENET_EVAL))
     torch.testing.assert_close(frozen(normalize(pixels, CIFAR_EVAL)), expected, atol=1e-4, rtol=1e-4)
     assert not any(p.requires_grad for p in frozen.model.parameters())
-    with pytest.raises(residual.ConfigError, match=r"--teacher .*teacher.safetensors: its classes \(a, b, c, ...\) "
-                                                   r"are not the data's \(a, c, b, ...\)"):
-        Teacher(str(tmp_path / "teacher.safetensors"), ["a", "c", "b"], CIFAR_EVAL, torch.device("cpu"))
+    # Classes are matched by name, whatever their order in the data.
+    reordered = Teacher(str(tmp_path / "teacher.safetensors"), ["c", "a", "b"], CIFAR_EVAL, torch.device("cpu"))
+    torch.testing.assert_close(reordered(normalize(pixels, CIFAR_EVAL)), expected[:, [2, 0, 1]], atol=1e-4, rtol=1e-4)
+    with pytest.raises(residual.ConfigError, match=r"--teacher .*teacher.safetensors: its classes are not the "
+                                                   r"data's \(differing: d\)"):
+        Teacher(str(tmp_path / "teacher.safetensors"), ["a", "b", "c", "d"], CIFAR_EVAL, torch.device("cpu"))
 
 
 def test_a_student_of_a_teacher_alone_learns_the_teachers_answers_not_the_labels(tmp_path, capsys):

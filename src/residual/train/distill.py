@@ -26,15 +26,18 @@ def distillation_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 
 class Teacher:
     """A trained model file, frozen, on the training device (BN folded; bf16 on CUDA), that takes the
-    student's normalised batch: it is renormalised first where the two models' mean and std differ."""
+    student's normalised batch (renormalised first where the two models' mean and std differ) and gives
+    logits in the data's class order."""
 
     def __init__(self, path: str, classes: list[str], student: Preprocessing, device: torch.device):
         model = load_model(path)
-        if model.class_names != classes:
-            shown = ", ".join((model.class_names or ["(unnamed)"])[:5])
-            raise ConfigError(f"--teacher {path}: its classes ({shown}, ...) are not the data's "
-                              f"({', '.join(classes[:5])}, ...) in the same order; distil from a model trained on "
-                              f"these classes")
+        names = model.class_names or []
+        if sorted(names) != sorted(classes):
+            missing = sorted(set(classes) - set(names)) or sorted(set(names) - set(classes)) or ["(unnamed)"]
+            raise ConfigError(f"--teacher {path}: its classes are not the data's (differing: {', '.join(missing[:5])}"
+                              f"{', ...' if len(missing) > 5 else ''}); distil from a model trained on these classes")
+        # Matched by name: a folder sorts "10" before "2", a CSV of numbers after it.
+        self.order = torch.tensor([names.index(name) for name in classes], device=device)
         self.model = prepare_for_inference(model, device)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -50,4 +53,4 @@ class Teacher:
         """The teacher's logits (float32) for a batch normalised as the student's input."""
         if not self.same_normalisation:
             x = x * self.scale + self.shift
-        return self.model(x)
+        return self.model(x)[:, self.order]
