@@ -183,7 +183,7 @@ def test_a_csv_of_labels_without_a_split_column_is_split_as_a_class_folder_would
     ("id,breed\nimages/0.png,cat\n", "no image column; the header must name one of image, file, filename, path "
                                       "\\(it has: id, breed\\)"),
     ("path\nimages/0.png\n", "no label column"),
-    ("image,label\nimages/0.png,cat\nimages/1.png,\n", "line 3 has no label"),
+    ("image,label\nimages/0.png,cat\n\nimages/1.png,\n", "line 4 has no label"),  # blank lines count
     ("image,label\nimages/0.png,cat\nimages/a.png,dog\nimages/b.png,dog\n",
      "2 listed image\\(s\\) do not exist, the first on line 3: .*a.png \\(image paths are relative to the CSV's"),
     ("image,label,split\nimages/0.png,cat,train\nimages/1.png,dog,holdout\n", "line 3: split 'holdout' is not"),

@@ -167,9 +167,10 @@ def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Datase
     return Dataset(root, "imagefolder", classes, train, val, test, ignored, flat=not (root / "train").is_dir())
 
 
-def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """The header and the rows of a CSV file, whose delimiter may be a comma, a semicolon (spreadsheets in
-    many locales) or a tab; a UTF-8 byte-order mark (Excel's) is dropped."""
+def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and the rows of a CSV file, each with the number of its (last) line, whose delimiter may
+    be a comma, a semicolon (spreadsheets in many locales) or a tab; a UTF-8 byte-order mark (Excel's) is
+    dropped, blank lines are skipped."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -186,7 +187,7 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     reader = csv.DictReader(lines, dialect=dialect)
     header = [name.strip() for name in reader.fieldnames or []]
     reader.fieldnames = header
-    return header, list(reader)
+    return header, [(reader.line_num, row) for row in reader]
 
 
 def _csv_column(path: Path, header: list[str], names: tuple[str, ...], what: str) -> str:
@@ -216,7 +217,7 @@ def _open_csv(path: Path, val_split: float | None, seed: int) -> Dataset:
     listed: dict[str, list[tuple[Path, str]]] = {"train": [], "val": [], "test": []}
     missing: list[tuple[int, Path]] = []
     ignored: list[Path] = []
-    for number, row in enumerate(rows, start=2):  # the header is line 1
+    for number, row in rows:
         image, label = (row.get(image_column) or "").strip(), (row.get(label_column) or "").strip()
         split = (row.get(split_column) or "").strip().lower() if split_column else "train"
         if not image or not label:
