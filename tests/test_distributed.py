@@ -21,6 +21,7 @@ from residual.models import build_model
 from residual.train import TrainConfig, train
 from residual.train.config import save_config
 from residual.train.optim import OptimConfig
+from residual.weights import save_model
 from steps import distance, imbalanced_shapes
 
 # Installed in every process the test starts (through PYTHONPATH): each torchrun worker records the
@@ -109,8 +110,8 @@ def test_two_workers_follow_the_single_process_loss_curve(two_workers):
 
 
 @pytest.mark.parametrize("batch_size", [16, 2])
-def test_steps_over_two_workers_are_the_single_process_steps_with_class_weights_and_a_skipped_image(tmp_path,
-                                                                                                    batch_size):
+def test_steps_over_two_workers_are_the_single_process_steps_with_class_weights_a_teacher_and_a_skipped_image(
+        tmp_path, batch_size):
     # DDP averages the workers' gradients. When each worker divided its summed loss by its own weight (its
     # images' class weights, and a worker met the unreadable image), that average was not the mean over the
     # global batch; each worker now divides by the global batch's weight over the worker count.
@@ -118,8 +119,12 @@ def test_steps_over_two_workers_are_the_single_process_steps_with_class_weights_
     # that worker left it out and took one step less than the other. It now steps with an empty batch.
     data = imbalanced_shapes(tmp_path / "shapes")
     (data / "train" / "star" / "broken.png").write_bytes(b"not a png")  # 16 files, 15 images
+    # With a teacher too: its term is weighted per image as the cross-entropy is.
+    teacher = build_model("resnet20", num_classes=10, norm=None).eval()
+    teacher.class_names = sorted(path.name for path in (data / "train").iterdir())
+    save_model(teacher, tmp_path / "teacher.safetensors")
     config = TrainConfig(data=str(data), model="resnet20", model_options={"norm": None}, epochs=1,
-                         batch_size=batch_size,
+                         batch_size=batch_size, teacher=str(tmp_path / "teacher.safetensors"), distill_temperature=2.0,
                          class_weights="auto", optim=OptimConfig(lr=0.01, schedule="constant"),
                          augment=AugmentConfig(preset="none"), out=str(tmp_path / "runs"), quiet=True, report=False,
                          workers=0, channels_last=False, in_memory=False)
