@@ -8,6 +8,7 @@
     fast = residual.prepare_for_inference(model, "cuda")            # BN folded, channels_last, bf16
     print(residual.layer_summary(model, 224).rows)                 # output shape, params, MACs per layer
     result = residual.train(residual.TrainConfig(data="photos/", epochs=30))
+    runs, differing = residual.compare_runs(["runs/train"])         # best first, and what differs
     report = residual.evaluate(model, "photos/", out_dir="report/")   # metrics + report.html
     result = residual.calibrate("model.safetensors", "photos/")      # temperature scaling -> a new model file
     result = residual.predict(model, ["cat.jpg", "photos/"], topk=3)
@@ -28,6 +29,7 @@ from .explain import ExplainResult, explain
 from .evaluate import EvalResult, evaluate
 from .calibrate import CalibrationResult, calibrate
 from .train.lr_find import LRFindResult, lr_find
+from .train.compare import RunRecord, compare_runs
 
 __all__ = [
     "ConfigError", "LayerSummary", "ModelInfo", "Preprocessing", "PretrainedWeights", "ResNet", "ResNetConfig",
@@ -36,5 +38,5 @@ __all__ = [
     "register_pretrained", "save_model",
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
     "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
-    "ExplainResult", "explain", "EvalResult", "evaluate", "CalibrationResult", "calibrate",
+    "ExplainResult", "explain", "EvalResult", "evaluate", "CalibrationResult", "calibrate", "RunRecord", "compare_runs",
 ]
