@@ -129,7 +129,8 @@ def _wait_for_checkpoint(path, process, condition, timeout=120):
 def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
     data = write_shapes(tmp_path / "data", size=16, per_class=40, seed=2, progress=False)
     common = ["--model", "resnet20", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "3",
-              "--deterministic", "--quiet", "--augment", "cifar", "--ema", "0.9", "--no-report", "--out", tmp_path]
+              "--deterministic", "--quiet", "--augment", "cifar", "--ema", "0.9", "--drop-path", "0.2", "--no-report",
+              "--out", tmp_path]  # every source of randomness a step draws from
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = subprocess.run(_cli(data, *common, "--name", "straight"), env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
