@@ -67,6 +67,9 @@ def test_summary_of_a_model_name_and_of_a_model_file(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = {line.split("│")[1].strip(): line.split("│")[3].strip() for line in out.splitlines() if line.count("│") > 3}
     assert rows["layer3"] == "64 x 16 x 16" and rows["fc"] == "3" and rows["layer1.0"] == "16 x 64 x 64"
+    assert main(["summary", "resnet50.tv2_in1k", "--depth", "1"]) == 0  # published weights: their architecture
+    out = capsys.readouterr().out
+    assert "for one 224 px image" in out and "25,557,032" in out
     assert main(["summary", "vgg16"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["summary", str(tmp_path / "three.onnx")]) == 2

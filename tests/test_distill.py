@@ -45,6 +45,8 @@ def test_the_teacher_takes_the_student_batch_in_its_own_normalisation(tmp_path):
     with pytest.raises(residual.ConfigError, match=r"--teacher .*teacher.safetensors: its classes are not the "
                                                    r"data's \(differing: d\)"):
         Teacher(str(tmp_path / "teacher.safetensors"), ["a", "b", "c", "d"], CIFAR_EVAL, torch.device("cpu"))
+    with pytest.raises(residual.ConfigError, match=r"^--teacher .*absent.safetensors: no such file"):
+        Teacher(str(tmp_path / "absent.safetensors"), names, CIFAR_EVAL, torch.device("cpu"))
 
 
 def test_a_student_of_a_teacher_alone_learns_the_teachers_answers_not_the_labels(tmp_path, capsys):

@@ -53,7 +53,14 @@ def cmd_summary(args: argparse.Namespace, console: Console) -> int:
     from .tables import layer_summary_table
 
     _refuse_onnx(args.model, "the summary walks the PyTorch model's layers")
-    model = load_model(args.model).eval() if Path(args.model).suffix == ".safetensors" else empty_model(args.model)
+    if Path(args.model).suffix == ".safetensors":
+        model = load_model(args.model).eval()
+    elif args.model in {weights.name for weights in list_pretrained()}:  # their architecture, at their input size
+        weights = list_pretrained(args.model)[0]
+        model = empty_model(weights.arch)
+        model.preprocessing = weights.preprocessing
+    else:
+        model = empty_model(args.model)
     size = args.image_size or model.preprocessing.input_size
     summary = layer_summary(model, size, args.depth, model.config.in_chans)
     console.print(layer_summary_table(summary, f"{args.model} layer by layer, for one {size} px image"))
@@ -857,7 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_compare)
 
     p = commands.add_parser("summary", help="a model layer by layer: output shapes, parameters, MACs")
-    p.add_argument("model", help="a registry name (resnet50) or a .safetensors model file")
+    p.add_argument("model", help="a registry name (resnet50), pretrained weights (resnet50.tv2_in1k) or a "
+                                 ".safetensors model file")
     p.add_argument("--image-size", type=at_least(1), help="the input's side (default: the model's own)")
     p.add_argument("--depth", type=int, choices=(1, 2, 3), default=2,
                    help="1: stem, stages, head; 2: also each block; 3: also the layers inside blocks")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models import Preprocessing, prepare_for_inference
-from ..weights import load_model
+from ..weights import ModelFileError, load_model
 
 
 def distillation_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -30,7 +30,10 @@ class Teacher:
     logits in the data's class order."""
 
     def __init__(self, path: str, classes: list[str], student: Preprocessing, device: torch.device):
-        model = load_model(path)
+        try:
+            model = load_model(path)
+        except ModelFileError as error:  # which flag named the file, as well as what is wrong with it
+            raise ConfigError(f"--teacher {error}") from None
         names = model.class_names or []
         if sorted(names) != sorted(classes):
             missing = sorted(set(classes) - set(names)) or sorted(set(names) - set(classes)) or ["(unnamed)"]
