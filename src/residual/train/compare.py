@@ -34,7 +34,7 @@ class RunRecord:
 
     @property
     def seconds(self) -> float:
-        return sum(row["epoch_seconds"] for row in self.history)
+        return sum(row.get("epoch_seconds", 0.0) for row in self.history)  # a column older runs may lack
 
     @property
     def state(self) -> str:
