@@ -47,9 +47,11 @@ def test_an_unfinished_or_older_run_counts_with_what_it_kept(runs, tmp_path):
     (tmp_path / "killed" / "config.yaml").write_text("\n".join(line for line in config
                                                                if not line.startswith(("teacher:", "distill_"))))
     lines = (runs / "fast" / "metrics.csv").read_text().splitlines()
-    (tmp_path / "killed" / "metrics.csv").write_text("\n".join(lines[:3]) + "\n")
+    assert lines[0].endswith(",epoch_seconds")  # left out, as a much older run would have it
+    (tmp_path / "killed" / "metrics.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines[:3]) + "\n")
     records, differing = compare_runs([runs / "fast", tmp_path / "killed"])
     assert differing == [] and [record.state for record in records] == ["3/3", "2/3 unfinished"]
+    assert records[0].seconds > 0 and records[1].seconds == 0
 
 
 def test_compare_command_prints_the_table_draws_the_curves_and_refuses_what_is_no_run(runs, tmp_path, capsys,
