@@ -168,8 +168,8 @@ def test_a_csv_of_labels_with_a_split_column(tmp_path):
 
 
 def test_a_csv_of_labels_without_a_split_column_is_split_as_a_class_folder_would_be(tmp_path):
-    labels = _csv_dataset(tmp_path / "d", "image,label\n" + "".join(f"images/{i}.png,{'cat' if i < 8 else 'dog'}\n"
-                                                                      for i in range(12)))
+    rows = "".join(f"images/{i}.png,{'cat' if i < 8 else 'dog'}\n" for i in range(12))
+    labels = _csv_dataset(tmp_path / "d", "filepath,Category\n" + rows)  # other names a header may use
     dataset = open_dataset(labels, val_split=0.25, seed=1)
     assert dataset.flat and dataset.test is None and dataset.classes == ["cat", "dog"]
     assert dataset.class_counts(dataset.val) == [2, 1] and dataset.class_counts(dataset.train) == [6, 3]
@@ -180,8 +180,8 @@ def test_a_csv_of_labels_without_a_split_column_is_split_as_a_class_folder_would
 @pytest.mark.parametrize("text, message", [
     ("", "empty file; the first line must name the columns"),
     ("image,label\n", "no rows under the header"),
-    ("id,breed\nimages/0.png,cat\n", "no image column; the header must name one of image, file, filename, path "
-                                      "\\(it has: id, breed\\)"),
+    ("id,breed\nimages/0.png,cat\n", "no image column; the header must name one of image, file, filename, filepath, "
+                                      "path \\(it has: id, breed\\)"),
     ("path\nimages/0.png\n", "no label column"),
     ("image,label\nimages/0.png,cat\n\nimages/1.png,\n", "line 4 has no label"),  # blank lines count
     ("image,label\nimages/0.png,cat\nimages/a.png,dog\nimages/b.png,dog\n",

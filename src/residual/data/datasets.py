@@ -3,8 +3,9 @@
 - ImageFolder: DIR/{train,val,test}/<class>/*.jpg, or DIR/<class>/*.jpg split into
   train/val by a seeded, stratified split. Files without an image extension are
   listed as ignored (reported, never silently dropped).
-- A CSV file with a header naming an image column (image, file, filename or path:
-  relative to the CSV's folder, or absolute), a label column (label or class) and,
+- A CSV file with a header naming an image column (image, file, filename, filepath or
+  path: relative to the CSV's folder, or absolute), a label column (label, class,
+  category or target) and,
   optionally, a split column (train, val, test); without one, val is a seeded,
   stratified share as for a folder of class folders.
 - CIFAR-10/100 in the python-pickle layout of cifar-{10,100}-python.tar.gz. Those
@@ -30,8 +31,8 @@ from .decode import image_files, is_image_file, is_metadata
 
 VAL_NAMES = ("val", "valid", "validation")
 # The header names a CSV's columns may have (in any case): the first of each list found is used.
-CSV_IMAGE_COLUMNS = ("image", "file", "filename", "path")
-CSV_LABEL_COLUMNS = ("label", "class")
+CSV_IMAGE_COLUMNS = ("image", "file", "filename", "filepath", "path")
+CSV_LABEL_COLUMNS = ("label", "class", "category", "target")
 DEFAULT_VAL_SPLIT = 0.1  # held out per class when the data has no val/ folder
 
 
