@@ -197,6 +197,8 @@ def test_a_csv_of_labels_trains_evaluates_and_is_checked_like_a_folder(tmp_path,
                  "--out", str(tmp_path / "eval")]) == 0
     assert "was trained on, so its 40 images that training held out" in " ".join(capsys.readouterr().out.split())
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 40
+    calibrated = calibrate(model_file, labels, tmp_path / "calibrated.safetensors")  # fitted on those 40 too
+    assert calibrated.report["split_as_trained"] and calibrated.report["splits"]["val"]["images"] == 40
     # One image listed under a second class: check-data names the labelling error; one listed twice, the repeat.
     with labels.open("a") as f:
         f.write(f"{images[0].relative_to(tmp_path)},star\n{images[1].relative_to(tmp_path)},{images[1].parent.name}\n")
