@@ -43,6 +43,17 @@ if "RANK" in os.environ:
 '''
 
 
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment for `residual train --nproc`: a worker that aborts prints every thread's Python stack
+    (faulthandler). A worker once died of SIGABRT at the end of a finished run, which left no trace to go by."""
+    return {**os.environ, "PYTHONFAULTHANDLER": "1", **extra}
+
+
+def outcome(done: subprocess.CompletedProcess) -> str:
+    """What a failed launch printed: the end of its log, then of its errors (with any stacks)."""
+    return f"{done.stdout[-1500:]}\n--- stderr ---\n{done.stderr[-8000:]}"
+
+
 def read_metrics(run: Path) -> list[dict]:
     with open(run / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -78,15 +89,15 @@ def two_workers(tmp_path_factory):
     audit.mkdir()
     (root / "hook").mkdir()
     (root / "hook" / "sitecustomize.py").write_text(AUDIT_HOOK)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "hook"), os.environ.get("PYTHONPATH", "")]),
-           "RESIDUAL_TEST_AUDIT": str(audit)}
+    env = worker_env(PYTHONPATH=os.pathsep.join([str(root / "hook"), os.environ.get("PYTHONPATH", "")]),
+                     RESIDUAL_TEST_AUDIT=str(audit))
     done = subprocess.run([sys.executable, "-m", "residual", "train", "--config", str(root / "ddp.yaml"),
                            "--nproc", "2"], env=env, capture_output=True, text=True, timeout=300)
     return {"single": single.run_dir, "ddp": root / "runs" / "ddp", "done": done, "audit": audit, "broken": broken}
 
 
 def test_two_workers_follow_the_single_process_loss_curve(two_workers):
-    assert two_workers["done"].returncode == 0, two_workers["done"].stderr[-3000:]
+    assert two_workers["done"].returncode == 0, outcome(two_workers["done"])
     single, ddp = read_metrics(two_workers["single"]), read_metrics(two_workers["ddp"])
     assert len(single) == len(ddp) == 4
     # The same batches and the same mean gradient, up to float rounding: convolutions over 16 images
@@ -131,8 +142,8 @@ def test_steps_over_two_workers_are_the_single_process_steps_with_class_weights_
     single = train(TrainConfig.from_dict({**config.to_dict(), "name": "single"}))
     save_config(TrainConfig.from_dict({**config.to_dict(), "name": "ddp"}), tmp_path / "ddp.yaml")
     done = subprocess.run([sys.executable, "-m", "residual", "train", "--config", str(tmp_path / "ddp.yaml"),
-                           "--nproc", "2"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+                           "--nproc", "2"], env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, outcome(done)
     checkpoint = torch.load(single.run_dir / "last.pt", weights_only=True)
     end_single = checkpoint["model"]
     end_ddp = torch.load(tmp_path / "runs" / "ddp" / "last.pt", weights_only=True)["model"]
@@ -144,7 +155,7 @@ def test_steps_over_two_workers_are_the_single_process_steps_with_class_weights_
 
 
 def test_only_rank_zero_writes_files(two_workers):
-    assert two_workers["done"].returncode == 0, two_workers["done"].stderr[-3000:]
+    assert two_workers["done"].returncode == 0, outcome(two_workers["done"])
     run = str(two_workers["ddp"])
     written = {rank: {line for line in (two_workers["audit"] / f"writes-rank{rank}.txt").read_text().splitlines()
                       if line.startswith(run)} if (two_workers["audit"] / f"writes-rank{rank}.txt").exists() else set()
@@ -185,7 +196,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path):
     job = subprocess.Popen([sys.executable, "-m", "residual", "train", str(data), "--model", "resnet20",
                             "--epochs", "3", "--batch-size", "64", "--workers", "0", "--out", str(tmp_path / "runs"),
                             "--name", "kill", "--no-report", "--quiet", "--nproc", "2", "--max-restarts", "1"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (run / "last.pt").is_file():  # the first epoch has been checkpointed
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
