@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compiled-only", action="store_true", help="only the torch.compile rows (the eager rows "
+                                                                     "were measured on 2026-12-04)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", action="append", metavar="TEXT",
                         help="only the workloads whose name contains TEXT (repeatable)")
@@ -39,7 +41,8 @@ def main() -> None:
     parser.add_argument("--augment", default="none", choices=("auto", "none", "cifar", "standard", "strong"),
                         help="the training rows' augmentation (none: the peer's work; auto: residual train's)")
     args = parser.parse_args()
-    settings = [s for s in SETTINGS if not (args.no_compile and s.compile)]
+    settings = [s for s in SETTINGS
+                if not (args.no_compile and s.compile) and not (args.compiled_only and not s.compile)]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     peak = PEAK_TFLOPS if torch.cuda.is_available() else None
     print(f"{date.today()}, {device}, torch {torch.__version__}")
