@@ -54,8 +54,8 @@ def test_an_unfinished_or_older_run_counts_with_what_it_kept(runs, tmp_path):
     assert records[0].seconds > 0 and records[1].seconds == 0
 
 
-def test_compare_command_prints_the_table_draws_the_curves_and_refuses_what_is_no_run(runs, tmp_path, capsys,
-                                                                                     monkeypatch):
+def test_compare_command_prints_the_table_draws_the_curves_and_refuses_what_is_no_run(
+        runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["compare", str(runs / "slow"), str(runs / "fast"), "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out

@@ -269,7 +269,6 @@ def test_file_loader_skips_and_counts_bad_files(tmp_path, caplog):
     assert all(str(p) in caplog.text for p in broken)
 
 
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_file_loader_batches_are_page_locked_for_the_gpu(tmp_path, request, device):

@@ -55,9 +55,8 @@ def cmd_summary(args: argparse.Namespace, console: Console) -> int:
     _refuse_onnx(args.model, "the summary walks the PyTorch model's layers")
     if Path(args.model).suffix == ".safetensors":
         model = load_model(args.model).eval()
-    elif args.model in {weights.name for weights in list_pretrained()}:  # their architecture, at their input size
-        weights = list_pretrained(args.model)[0]
-        model = empty_model(weights.arch)
+    elif weights := {entry.name: entry for entry in list_pretrained()}.get(args.model):
+        model = empty_model(weights.arch)  # published weights: their architecture, at their input size
         model.preprocessing = weights.preprocessing
     else:
         model = empty_model(args.model)
@@ -679,10 +678,10 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     reg.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999")
     reg.add_argument("--teacher", metavar="MODEL_FILE",
                      help="knowledge distillation: also learn this trained model's softened predictions (same classes)")
-    reg.add_argument("--distill-weight", type=float, help="with --teacher: the distillation term's share of the loss "
-                                                           "(default 0.5)")
-    reg.add_argument("--distill-temperature", type=float, help="with --teacher: how much both models' probabilities "
-                                                                "are softened (default 4)")
+    reg.add_argument("--distill-weight", type=float,
+                     help="with --teacher: the distillation term's share of the loss (default 0.5)")
+    reg.add_argument("--distill-temperature", type=float,
+                     help="with --teacher: how much both models' probabilities are softened (default 4)")
     reg.add_argument("--early-stopping", type=int, metavar="PATIENCE")
     reg.add_argument("--monitor", choices=("val_top1", "val_loss"))
     aug = p.add_argument_group("augmentation")

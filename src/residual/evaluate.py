@@ -41,8 +41,6 @@ class EvalResult:
     compiled: str = "off"  # whether torch.compile ran, and why
 
 
-
-
 def pick_split(dataset: Dataset, split: str | None) -> tuple[str, Split]:
     """The split to evaluate: as asked, or test if there is one, else val; a flat class folder is used whole."""
     if split is None:

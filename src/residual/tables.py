@@ -33,8 +33,8 @@ def collect_model_info(names: list[str], console: Console, input_size: int | Non
 def new_table(title: str, columns: Iterable[str], right: Iterable[str] = (), **options) -> Table:
     """A rich Table with these column headers (left-justified, except those in `right`) whose cells wrap,
     and fold what is longer than a line, instead of cutting it short: rich's default cuts a long path or
-    name to "very_long_dire…" when the table is wider than the console (80 columns off a terminal), and
-    that is what tells the rows apart."""
+    name to "very_long_dire…" when the table is wider than the console, and that is what tells the rows
+    apart."""
     table = Table(title=title, **options)
     right = set(right)
     for column in columns:

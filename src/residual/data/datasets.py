@@ -5,9 +5,8 @@
   listed as ignored (reported, never silently dropped).
 - A CSV file with a header naming an image column (image, file, filename, filepath or
   path: relative to the CSV's folder, or absolute), a label column (label, class,
-  category or target) and,
-  optionally, a split column (train, val, test); without one, val is a seeded,
-  stratified share as for a folder of class folders.
+  category or target) and, optionally, a split column (train, val, test); without one,
+  val is a seeded, stratified share as for a folder of class folders.
 - CIFAR-10/100 in the python-pickle layout of cifar-{10,100}-python.tar.gz. Those
   files are pickles, so they are read with an unpickler that admits only NumPy
   arrays and plain containers: a tampered file cannot run code.
@@ -178,14 +177,13 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str
         raise DatasetError(f"{path}: no such file; give a CSV file of image,label rows, or a folder") from None
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: cannot be read as a UTF-8 CSV file ({error})") from None
-    lines = text.splitlines()
-    if not lines:
+    if not text.strip():
         raise DatasetError(f"{path}: empty file; the first line must name the columns, e.g. image,label")
     try:
-        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
+        dialect = csv.Sniffer().sniff(text.splitlines()[0], delimiters=",;\t")
     except csv.Error:  # one column, or no delimiter the sniffer trusts: the columns check says what is missing
         dialect = csv.excel
-    reader = csv.DictReader(lines, dialect=dialect)
+    reader = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)
     header = [name.strip() for name in reader.fieldnames or []]
     reader.fieldnames = header
     return header, [(reader.line_num, row) for row in reader]

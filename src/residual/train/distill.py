@@ -49,7 +49,7 @@ class Teacher:
         teacher = model.preprocessing
         self.scale = to_tensor(student.std) / to_tensor(teacher.std)
         self.shift = (to_tensor(student.mean) - to_tensor(teacher.mean)) / to_tensor(teacher.std)
-        self.same_normalisation = (tuple(student.mean), tuple(student.std)) == (tuple(teacher.mean), tuple(teacher.std))
+        self.same_normalisation = (student.mean, student.std) == (teacher.mean, teacher.std)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

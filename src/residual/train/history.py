@@ -1,4 +1,5 @@
-"""What a run records per epoch: metrics.csv, and curves.png drawn from it (and several runs' curves together)."""
+"""What a run records per epoch: metrics.csv, and curves.png drawn from it (and several runs' curves
+together, for `residual compare`)."""
 
 from __future__ import annotations
 
