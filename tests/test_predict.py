@@ -13,11 +13,12 @@ from PIL import Image
 from residual import load_model
 from residual.cli import main
 from residual.data.decode import image_files, read_image
+from residual.data.loaders import InferenceBatch
 from residual.data.transforms import normalize, resize_center_crop
 from residual.errors import ConfigError
-from residual.models import Preprocessing
-from residual.predict import (decode_predictions, inference_compile, iter_predict, predict, preprocess_input,
-                              tta_views)
+from residual.models import Preprocessing, build_model
+from residual.predict import (class_probabilities, decode_predictions, inference_compile, iter_predict, predict,
+                              preprocess_input, probabilities_in_flight, tta_views)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,29 @@ def test_predict_names_bad_files_and_predicts_the_rest(model, folder):
         probabilities = [p for _, _, p in prediction.top]
         assert probabilities == sorted(probabilities, reverse=True) and probabilities[0] > 0.5
         assert prediction.top[0][1] == prediction.source.split("/")[-2]  # the right shape, by its folder
+
+
+def test_answers_reach_the_host_one_batch_behind_the_device():
+    """The host waits for a batch's answers only once the next batch is queued, so a GPU is never left idle
+    between batches; a batch with no readable image passes through with no answers."""
+    model = build_model("resnet20", num_classes=3).eval()
+    asked = []
+    model.register_forward_pre_hook(lambda _module, args: asked.append(len(args[0])))
+    images = [torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8) for count in (4, 2, 3)]
+    batches = [InferenceBatch([0, 1, 2, 3], images[0], []), InferenceBatch([], None, [(4, "bad")]),
+               InferenceBatch([5, 6], images[1], []), InferenceBatch([7, 8, 9], images[2], [])]
+    seen = []
+    for batch, probabilities in probabilities_in_flight(model, iter(batches)):
+        seen.append((batch, list(asked)))
+        if batch.images is None:
+            assert probabilities is None
+        else:
+            assert probabilities.device.type == "cpu"
+            torch.testing.assert_close(probabilities, class_probabilities(model, batch.images))
+            asked.pop()  # that check's own forward
+    assert [batch for batch, _ in seen] == batches
+    # When each batch reached the host, the forwards asked for so far (the batch after it already queued):
+    assert [forwards for _, forwards in seen] == [[4], [4, 2], [4, 2, 3], [4, 2, 3]]
 
 
 def test_worker_streaming_keeps_order_and_numbers(model, folder):

@@ -9,8 +9,8 @@ device:
   schedule; like the peer it never waits for the device, and real training reads the
   loss back twice a second), or for inference the
   predict path (`prepare_for_inference`: BN folded, channels_last, bf16 weights in
-  the bf16 settings; then `class_probabilities`: normalise, forward, softmax, to the host;
-  compiled as `residual predict --compile` compiles it);
+  the bf16 settings; then `probabilities_in_flight`: normalise, forward, softmax, to the
+  host one batch behind the device; compiled as `residual predict --compile` compiles it);
 - peer: the loop the issue's reference figures use, on torchvision's model when
   torchvision is importable (our own architecture otherwise): SGD with momentum on
   a float batch, or a forward pass in inference mode.
@@ -48,11 +48,11 @@ from rich.console import Console
 
 from .data.datasets import Dataset, Split, open_dataset
 from .data.device_decode import check_decoder
-from .data.loaders import inference_batches
+from .data.loaders import InferenceBatch, inference_batches
 from .data.transforms import AugmentConfig
 from .errors import ConfigError
 from .models import build_model, compile_for_inference, count_macs, prepare_for_inference
-from .predict import INFERENCE_COMPILE_FROM_IMAGES, class_probabilities
+from .predict import INFERENCE_COMPILE_FROM_IMAGES, probabilities_in_flight
 from .progress import message_console
 from .runs import pick_device
 from .train.config import COMPILE_FROM_STEPS, TrainConfig, auto_compile_mode, resolve
@@ -266,24 +266,28 @@ def residual_train_step(workload: Workload, setting: Setting, device: torch.devi
 def residual_infer_step(workload: Workload, setting: Setting, device: torch.device, steps: int,
                         jpegs: Path | None = None, compile_mode: str | None = None) -> Callable[[], None]:
     """`residual predict`'s path: the model prepared for inference (BN folded, channels_last; bf16 weights
-    in the bf16 settings), then `class_probabilities` on its next uint8 batch: synthetic and on the device,
+    in the bf16 settings), then `probabilities_in_flight` over uint8 batches: synthetic and on the device,
     or from `inference_batches` over the training files of the ImageFolder `jpegs` (decoded as the
-    workload's `decoder` says, resized and centre-cropped as the model's preprocessing says)."""
+    workload's `decoder` says, resized and centre-cropped as the model's preprocessing says). A step is
+    one batch's probabilities reaching the host."""
     model = build_model(workload.arch, **workload.options).to(device).eval()
     if setting.channels_last:
         model = prepare_for_inference(model, device, "bf16" if setting.bf16 else "fp32")
     forward = compile_for_inference(model, workload.batch, compile_mode) if setting.compile else model  # as predict
-    if not jpegs:
+    if jpegs:
+        files = sorted(jpegs.glob("train/*/*.jpg"))
+        pre = model.preprocessing
+        # One stream over the files as often as the steps need: its workers stay up and decode ahead.
+        repeats = math.ceil((steps + 1) * workload.batch / len(files))
+        batches = inference_batches(files * repeats, pre.resize_size, pre.input_size, pre.interpolation,
+                                    workload.batch, decoder=workload.decoder, device=device)
+    else:
         images = torch.randint(0, 256, (workload.batch, 3, workload.image_size, workload.image_size),
                                dtype=torch.uint8, device=device)
-        return lambda: class_probabilities(forward, images)
-    files = sorted(jpegs.glob("train/*/*.jpg"))
-    pre = model.preprocessing
-    # One stream over the files as often as the steps need: its workers stay up and decode ahead.
-    repeats = math.ceil(steps * workload.batch / len(files))
-    batches = inference_batches(files * repeats, pre.resize_size, pre.input_size, pre.interpolation, workload.batch,
-                                decoder=workload.decoder, device=device)
-    return lambda: class_probabilities(forward, next(batches).images)
+        batch = InferenceBatch(list(range(workload.batch)), images, [])
+        batches = (batch for _ in range(steps + 1))  # the stream runs one batch ahead of the answers
+    answers = probabilities_in_flight(forward, batches)
+    return lambda: next(answers)
 
 
 def peer_step(workload: Workload, setting: Setting, device: torch.device) -> tuple[Callable[[], None], str]:

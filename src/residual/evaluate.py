@@ -21,7 +21,8 @@ from .data.transforms import normalize
 from .explain import grad_cam
 from .metrics import classification_metrics, hardest_roc_curves, image_losses
 from .models import ResNet
-from .predict import check_tta, class_names_of, class_probabilities, inference_compile, inference_forward, model_device
+from .predict import (check_tta, class_names_of, inference_compile, inference_forward, model_device,
+                      probabilities_in_flight)
 from .progress import progress_bar
 from .report import GalleryItem, write_predictions, write_report
 from .weights import training_config
@@ -110,11 +111,12 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     probs, kept, failed = [], [], []
     with progress_bar(f"evaluating {split_name}", progress) as bar:
         task = bar.add_task("eval", total=len(items))
-        for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
-                                       decoder, model_device(model)):
+        batches = inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
+                                    decoder, model_device(model))
+        for batch, probabilities in probabilities_in_flight(forward, batches, tta):
             failed += [message for _, message in batch.failed]
-            if batch.images is not None:
-                probs.append(class_probabilities(forward, batch.images, tta).numpy())
+            if probabilities is not None:
+                probs.append(probabilities.numpy())
                 kept += batch.indices
             bar.advance(task, len(batch.indices) + len(batch.failed))
     if not kept:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.decode import as_image, image_files
-from .data.loaders import check_stream, inference_batches
+from .data.loaders import InferenceBatch, check_stream, inference_batches
 from .data.transforms import normalize, resize_center_crop
 from .errors import ConfigError
 from .models import Preprocessing, ResNet, compile_for_inference
@@ -88,10 +88,30 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def class_probabilities(model, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """uint8 N x 3 x H x W images -> N x classes probabilities, averaged over the TTA views."""
+    """uint8 N x 3 x H x W images -> N x classes probabilities, averaged over the TTA views, on the model's
+    device (asking for them does not wait for a GPU to compute them)."""
     x = normalize(images.to(model_device(model)).float() / 255, model.preprocessing)
     views = tta_views(x, tta)
-    return torch.stack([model(view).float().softmax(1) for view in views]).mean(0).cpu()
+    return torch.stack([model(view).float().softmax(1) for view in views]).mean(0)
+
+
+def probabilities_in_flight(model, batches: Iterable[InferenceBatch],
+                            tta: str = "none") -> Iterator[tuple[InferenceBatch, torch.Tensor | None]]:
+    """Each batch with its class probabilities on the host (None where none of its images could be read),
+    one batch behind the device: the next batch is queued on the device before the host waits for this
+    one's answers, so a GPU does not sit idle while the host copies them back and writes their rows."""
+    pending = None
+    for batch in batches:
+        probabilities = None if batch.images is None else class_probabilities(model, batch.images, tta)
+        if pending is not None:
+            yield on_host(*pending)
+        pending = batch, probabilities
+    if pending is not None:
+        yield on_host(*pending)
+
+
+def on_host(batch: InferenceBatch, probabilities: torch.Tensor | None) -> tuple[InferenceBatch, torch.Tensor | None]:
+    return batch, None if probabilities is None else probabilities.cpu()
 
 
 def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[list[tuple[int, str, float]]]:
@@ -149,13 +169,13 @@ def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: s
     names = class_names_of(model)
     with progress_bar("predicting", progress) as bar:
         task = bar.add_task("predict", total=len(items))
-        for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
-                                       decoder, model_device(model)):
+        batches = inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
+                                    decoder, model_device(model))
+        for batch, probabilities in probabilities_in_flight(forward, batches, tta):
             if failed is not None:
                 failed += [message for _, message in batch.failed]
-            if batch.images is not None:
-                rows = top_classes(class_probabilities(forward, batch.images, tta), names, topk)
-                for index, top in zip(batch.indices, rows):
+            if probabilities is not None:
+                for index, top in zip(batch.indices, top_classes(probabilities, names, topk)):
                     yield Prediction(source_name(items[index], index), top)
             bar.advance(task, len(batch.indices) + len(batch.failed))
 
