@@ -41,8 +41,11 @@ def test_tiny_bench_prints_both_paths_side_by_side(capsys):
             assert (f"skipped tiny {skipped} from 48x40 JPEGs decoded on the device, batch 8, 32 px: --decoder"
                     in " ".join(printed.err.split()))
     assert len(rows) == 2 * workloads  # x (fp32 eager, bf16 + channels_last)
+    said = " ".join(printed.err.split())
     for workload, setting, ours, peer, theirs, ratio, mfu, _ in rows:
         assert workload.strip().endswith(", augment auto") == (" train" in workload)  # as `residual train` would
+        # residual's figure is said before the peer runs, so a row cut short while the peer compiles keeps it.
+        assert f"{workload.strip()}: {setting.strip()}: residual {ours.strip()} images/s after a" in said
         ours, theirs = float(ours.replace(",", "")), float(theirs.replace(",", ""))
         # The table rounds images/s to integers and the ratio to two decimals.
         rounding = 0.005 + ours / theirs * (0.5 / ours + 0.5 / theirs)

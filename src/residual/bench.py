@@ -384,6 +384,8 @@ def bench(workloads=WORKLOADS, settings=SETTINGS, device: str = "auto", steps: i
                 with fresh_compile_caches(Path(folder)) if setting.compile else contextlib.nullcontext():
                     ours, warmup_seconds = images_per_second(residual_step(jpegs), workload.batch, steps, warmup,
                                                              torch_device)
+                # Said before the peer runs: a run cut short while the peer compiles keeps residual's figure.
+                console.print(f"{name}: {label}: residual {ours:,.0f} images/s after a {warmup_seconds:.1f} s warm-up")
                 if jpegs:
                     peer, peer_name = residual_step(None), "residual, synthetic data"
                 else:
