@@ -2,8 +2,10 @@
 
 `--decoder torchvision` decodes on the model's device (nvjpeg on CUDA). On the CPU, torchvision decodes
 with libjpeg-turbo, as Pillow does, and the two paths agree; nvjpeg may upsample chroma and round its
-IDCT differently. This prints, for small (32 px shapes) and photo-sized (500x375) JPEGs, the mean and the
-largest absolute difference per image, in grey levels, so tests and docs can use measured tolerances.
+IDCT differently. And a JPEG at least twice the size it is resized to is decoded by Pillow at a reduced
+size (draft mode: libjpeg scales in the DCT), by the device at full size: the two differ there on the CPU
+too. This prints, for small (32 px shapes), photo-sized (500x375) and large (1024x768) JPEGs, the mean and
+the largest absolute difference per image, in grey levels, so tests and docs can use measured tolerances.
 
     PYTHONPATH=src python3 benchmarks/decoder_agreement.py --device cuda
 """
@@ -39,9 +41,12 @@ def main() -> None:
             small.append(root / f"{path.parent.name}-{path.stem}.jpg")
             Image.open(path).convert("RGB").save(small[-1], quality=95)
         photos = sorted((write_jpegs(root / "photos", (500, 375), 40) / "train").glob("*/*.jpg"))
+        large = sorted((write_jpegs(root / "large", (1024, 768), 40) / "train").glob("*/*.jpg"))
         print("| JPEGs | size | images | mean |diff| (levels) | worst image's mean | largest |diff| |")
         print("|---|---:|---:|---:|---:|---:|")
-        for name, files, size in [("shapes, quality 95", small, 32), ("photo-like 500x375", photos, 224)]:
+        rows = [("shapes, quality 95", small, 32), ("photo-like 500x375", photos, 224),
+                ("photo-like 1024x768 (Pillow decodes at half size: draft mode)", large, 224)]
+        for name, files, size in rows:
             pillow = decoded(files, size, "pillow", args.device)
             device = decoded(files, size, "torchvision", args.device)
             diff = np.abs(pillow - device)

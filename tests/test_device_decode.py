@@ -9,6 +9,7 @@ on the CPU (docs/performance.md says how) and on the GPU machine, where it is nv
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,9 @@ from residual.data.device_decode import (EncodedBatch, EncodedJpeg, check_decode
 from residual.data.loaders import BadFileLog, FileLoader, inference_batches
 from residual.data.transforms import resize_center_crop
 from residual.errors import ConfigError
+from residual.models import prepare_for_inference
+from residual.predict import probabilities_in_flight
+from residual.runs import pick_device
 
 try:
     check_decoder("torchvision", torch.device("cpu"))
@@ -257,20 +261,39 @@ def test_predict_and_eval_decoding_on_the_device_agree_with_pillow(demo_run, tmp
                      "--workers", "0", "--quiet"]) == 0
         metrics[decoder] = json.loads((report / "metrics.json").read_text())
     assert predictions["torchvision"].keys() == predictions["pillow"].keys() and len(predictions["pillow"]) == 27
+    assert metrics["torchvision"]["images"] == metrics["pillow"]["images"] == 27
+    device = pick_device("auto")
+    # Each file's answer is the model's on that file's pixels as the device decoded them (predict's precision).
+    network = prepare_for_inference(residual.load_model(model).to(device), device, "auto")
+    files = [Path(name) for name in predictions["torchvision"]]
+    pre = network.preprocessing
+    batches = inference_batches(files, pre.resize_size, pre.input_size, pre.interpolation, 8, 0, "torchvision", device)
+    for batch, probabilities in probabilities_in_flight(network, batches):
+        for index, row in zip(batch.indices, probabilities):
+            top = predictions["torchvision"][str(files[index])]
+            assert top["class_id"] == int(row.argmax()) and top["probability"] == pytest.approx(float(row.max()),
+                                                                                                abs=0.01)
+    # Against Pillow's decoding. On the CPU torchvision decodes with libjpeg-turbo as Pillow does: the same
+    # answers. nvjpeg upsamples colour differently, which moves these 32 px JPEGs by 4.4 grey levels on average
+    # (benchmarks/decoder_agreement.py; 0.5 on photo-sized ones) and a hesitant answer with them: on CUDA the
+    # confident answers must agree.
+    on_cpu = device.type == "cpu"
+    tolerance, confident = (1e-4, 0.0) if on_cpu else (1.0, 0.9)
+
+    def agree(ours: dict, theirs: dict, name: str):
+        assert ours["probability"] == pytest.approx(theirs["probability"], abs=tolerance), name
+        assert ours["class_name"] == theirs["class_name"] or theirs["probability"] < confident, name
+
     for image, top in predictions["torchvision"].items():
-        assert top["class_name"] == predictions["pillow"][image]["class_name"], image
-        assert top["probability"] == pytest.approx(predictions["pillow"][image]["probability"], abs=0.02)
-    # The JPEG stored on its side is read upright on the device: the answer its upright pixels get, not the one
-    # its sideways pixels get. (Not necessarily "star": a demo model trained under torch 2.11 called this
-    # star's upright pixels an arrow, at 0.41, and its sideways ones a star.)
+        agree(top, predictions["pillow"][image], image)
+    assert metrics["torchvision"]["top1"] == pytest.approx(metrics["pillow"]["top1"], abs=0 if on_cpu else 2 / 27)
+    # The JPEG stored on its side is read upright on the device: the answer its upright pixels get. (The pixels
+    # themselves are checked in every orientation by test_device_decoding_gives_pillows_pixels.)
     turned, upright, sideways = (predictions["torchvision"][str(images / "star" / name)]
                                  for name in ("turned.jpg", "upright.png", "sideways.png"))
-    assert turned["class_name"] == upright["class_name"]
-    assert turned["probability"] == pytest.approx(upright["probability"], abs=0.02)
-    assert (sideways["class_name"] != upright["class_name"]
-            or sideways["probability"] != pytest.approx(upright["probability"], abs=0.05))  # so this can tell
-    assert metrics["torchvision"]["images"] == metrics["pillow"]["images"] == 27
-    assert metrics["torchvision"]["top1"] == pytest.approx(metrics["pillow"]["top1"], abs=1 / 27)
+    agree(turned, upright, "turned.jpg")
+    if on_cpu:  # where the answers are exact, the sideways pixels' answer differs: the check above can tell
+        assert (sideways["class_name"], sideways["probability"]) != (upright["class_name"], upright["probability"])
 
 
 @pytest.mark.skipif(TORCHVISION is None, reason="torchvision's decoder works here")
