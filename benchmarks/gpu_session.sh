@@ -2,18 +2,19 @@
 # Everything the speed issue needs from one GPU lease, most important first, in one device call.
 #
 # A task is lent 15 minutes of device time in all, the machine's start included, and one call runs
-# 10 minutes at most: so this is one call. Each stage writes $OUT/NAME.md when it ends; a stage runs
+# 10 minutes at most: so this is one call. Each stage adds its output to $OUT/FILE.md; a stage runs
 # for at most its own limit and never past the deadline (BUDGET_S seconds from the start), and what
 # was cut short or skipped is said in $OUT/session.md. Eight files at most come back from $OUT: this
-# writes seven stages and session.md.
+# writes seven (the compiled stages share one) and session.md.
 #
-#     BUDGET_S=550 bash benchmarks/gpu_session.sh        # on the GPU machine, from the repo root
+#     BUDGET_S=540 bash benchmarks/gpu_session.sh        # on the GPU machine, from the repo root
+#     STAGES="tests jpeg" BUDGET_S=200 bash benchmarks/gpu_session.sh   # a second call, for what was left
 #
 # The machine lacks kornia: carry its wheels in .whl (docs/performance.md says how to fetch them).
 set -u
 OUT=${OUT:-gpu-session}
 mkdir -p "$OUT"
-deadline=$(( $(date +%s) + ${BUDGET_S:-550} ))
+deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 summary="$OUT/session.md"
 export PYTHONUNBUFFERED=1
 
@@ -29,10 +30,14 @@ export PYTHONPATH=/tmp/site:src
     echo "cores: $(nproc)"
 } >> "$summary" 2>&1
 
-# stage NAME LIMIT_S COMMAND...: the command's output in $OUT/NAME.md, its fate in session.md.
+# stage NAME FILE LIMIT_S COMMAND...: the command's output added to $OUT/FILE.md, its fate in session.md.
+# STAGES="tests jpeg" runs only the stages named (a second call, when the first left some undone).
 stage() {
-    local name=$1 limit=$2 left
-    shift 2
+    local name=$1 file=$2 limit=$3 left
+    shift 3
+    if [[ -n "${STAGES:-}" && " $STAGES " != *" $name "* ]]; then
+        return
+    fi
     left=$(( deadline - $(date +%s) ))
     if (( left < 20 )); then
         echo "- $name: skipped, the budget was spent" >> "$summary"
@@ -40,7 +45,8 @@ stage() {
     fi
     (( limit > left )) && limit=$left
     local start=$(date +%s)
-    timeout "$limit" "$@" > "$OUT/$name.md" 2>&1
+    echo "## $name" >> "$OUT/$file.md"
+    timeout "$limit" "$@" >> "$OUT/$file.md" 2>&1
     local code=$? seconds=$(( $(date +%s) - start ))
     case $code in
         0) echo "- $name: done in ${seconds} s" >> "$summary" ;;
@@ -50,27 +56,28 @@ stage() {
 }
 
 # The first session (2026-12-04) measured every workload uncompiled and ran the tests; its compiled stages ran
-# out of time while compiling. So the compiled rows come first now, alone and with room for their warm-ups.
-# 1. The small nets compiled (CUDA graphs, chosen for their 32 px inputs): the 70,000 and 100,000 goals.
-#    One process per workload, so each compiled row's warm-up is a fresh `residual train`'s, start-up included.
-stage compiled-small 200 bash -c 'python3 benchmarks/gpu.py --compiled-only --only "resnet56";
-    python3 benchmarks/gpu.py --compiled-only --only "CIFAR-style"'
-# 2. ResNet-50 compiled: the 8,000 and 32,000 goals, and after how many steps compiling repays itself.
-stage compiled-resnet50 220 bash -c 'python3 benchmarks/gpu.py --compiled-only --only "resnet50 train, batch";
-    python3 benchmarks/gpu.py --compiled-only --only "resnet50 inference, batch"'
-# 3. The JPEG rows, with both decoders (cut short in the first session).
-stage jpeg 100 python3 benchmarks/gpu.py --no-compile --only "JPEG"
-# 4. Is the GPU path right? CUDA tests, torchvision parity, nvjpeg decoding (the demo model trains once).
-stage tests 110 python3 -m pytest -q -p no:cacheprovider -k "cuda or torchvision or device" \
+# out of time while compiling. So the compiled rows come first now, one process and one limit per workload (a
+# fresh `residual train`'s warm-up, start-up included), and each prints residual's figure before the peer
+# compiles, so a row cut short still has it. First, a minute that answers why bf16 inference ran at 0.83x.
+stage breakdown breakdown 60 python3 benchmarks/inference_breakdown.py --device cuda
+# The small nets compiled (CUDA graphs, chosen for their 32 px inputs): the 70,000 and 100,000 goals.
+stage compiled-resnet56 compiled 110 python3 benchmarks/gpu.py --compiled-only --only "resnet56"
+stage compiled-resnet18 compiled 100 python3 benchmarks/gpu.py --compiled-only --only "CIFAR-style"
+# ResNet-50 compiled: the 8,000 and 32,000 goals, and after how many steps compiling repays itself.
+stage compiled-resnet50-train compiled 140 python3 benchmarks/gpu.py --compiled-only --only "resnet50 train, batch"
+stage compiled-resnet50-inference compiled 120 \
+    python3 benchmarks/gpu.py --compiled-only --only "resnet50 inference, batch"
+# Is the GPU path right? CUDA tests, torchvision parity, nvjpeg decoding (the demo model trains once).
+stage tests tests 110 python3 -m pytest -q -p no:cacheprovider -k "cuda or torchvision or device" \
     tests/test_bench.py tests/test_data.py tests/test_device_decode.py tests/test_torchvision_parity.py
-# 5. The same accuracy on shapes: the demo recipe in fp32, bf16 and compiled, two seeds.
-stage accuracy 120 python3 benchmarks/fast_path_accuracy.py --device cuda --data /tmp/shapes-32
-# 6. The waits left in a real run: synchronising calls over one epoch of two presets, and where.
-stage sync 60 python3 benchmarks/sync_waits.py
-# 7. The training rows with the augmentation `residual train` would choose.
-stage augment 90 python3 benchmarks/gpu.py --no-compile --augment auto --only train
+# The JPEG rows, with both decoders (cut short in the first session).
+stage jpeg jpeg 100 python3 benchmarks/gpu.py --no-compile --only "JPEG"
+# The same accuracy on shapes: the demo recipe in fp32, bf16 and compiled, two seeds.
+stage accuracy accuracy 120 python3 benchmarks/fast_path_accuracy.py --device cuda --data /tmp/shapes-32
+# The waits left in a real run: synchronising calls over one epoch of two presets, and where.
+stage sync sync 60 python3 benchmarks/sync_waits.py
+# The training rows with the augmentation `residual train` would choose.
+stage augment augment 90 python3 benchmarks/gpu.py --no-compile --augment auto --only train
 
 cat "$summary"
-for name in compiled-small compiled-resnet50 jpeg; do
-    [[ -f "$OUT/$name.md" ]] && grep -E '^\||repays' "$OUT/$name.md"
-done
+grep -hE '^\||repays|: residual [0-9,]+ images/s' "$OUT/breakdown.md" "$OUT/compiled.md" "$OUT/jpeg.md" 2>/dev/null
