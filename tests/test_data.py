@@ -11,7 +11,7 @@ from PIL import Image
 
 from payloads import WritesAMarker
 from residual.data.check import check_data
-from residual.data.datasets import DatasetError, open_dataset
+from residual.data.datasets import DatasetError, input_images, open_dataset
 from residual.data.decode import image_files
 from residual.data.loaders import BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory
 from residual.data.shapes import SHAPE_CLASSES, write_shapes
@@ -197,6 +197,16 @@ def test_a_csv_of_labels_that_cannot_be_used_is_a_one_line_error(tmp_path, text,
     assert "\n" not in str(error.value) and str(tmp_path / "d" / "labels.csv") in str(error.value)
     with pytest.raises(DatasetError, match="no such file; give a CSV file of image,label rows, or a folder"):
         open_dataset(tmp_path / "absent.csv")
+
+
+def test_the_images_a_user_names_are_files_folders_and_csv_lists_in_order(tmp_path):
+    listing = _csv_dataset(tmp_path / "d", "path\nimages/3.png\nimages/1.png\nnot/there.png\n", images=4)
+    folder = tmp_path / "d" / "images"
+    assert input_images([folder / "2.png", listing, folder]) == [
+        folder / "2.png", folder / "3.png", folder / "1.png", tmp_path / "d" / "not/there.png",
+        *(folder / f"{i}.png" for i in range(4))]
+    with pytest.raises(DatasetError, match="labels.csv: no image column; the header must name one of image"):
+        input_images([_csv_dataset(tmp_path / "e", "name\nimages/0.png\n", images=1)])
 
 
 def _cifar_batch(path, count, label_key, seed):

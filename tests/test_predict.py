@@ -51,6 +51,30 @@ def test_predict_names_bad_files_and_predicts_the_rest(model, folder):
         assert prediction.top[0][1] == prediction.source.split("/")[-2]  # the right shape, by its folder
 
 
+def test_a_csv_of_images_is_predicted_in_its_order_and_its_bad_rows_reported(model, demo_run, folder, tmp_path,
+                                                                             capsys):
+    """A CSV with an image column (labels and other columns ignored), relative to its folder or absolute: its
+    files are predicted in the CSV's order; a listed file that is missing or unreadable is reported."""
+    listed = ["star/00001.png", str(folder / "ring" / "00000.png"), "missing.png", "ring/truncated.png",
+              "cross/00002.png"]
+    rows = "".join(f"{index};{name};x\n" for index, name in enumerate(listed))
+    (folder / "list.csv").write_text("id;filepath;label\n" + rows)
+    expected = [str(folder / name) for name in ("star/00001.png", "ring/00000.png", "cross/00002.png")]
+    result = predict(model, folder / "list.csv", topk=1)
+    assert [p.source for p in result.predictions] == expected
+    assert [p.top[0][1] for p in result.predictions] == ["star", "ring", "cross"]
+    assert len(result.failed) == 2 and "missing.png" in result.failed[0] and "truncated.png" in result.failed[1]
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(demo_run["model"]), str(folder / "list.csv"), "--out", str(out), "--topk", "1",
+                 "--quiet"]) == 1
+    assert [row["image"] for row in csv.DictReader(io.StringIO(out.read_text()))] == expected
+    assert capsys.readouterr().err.count("error: ") == 2
+    (tmp_path / "empty.csv").write_text("filepath,label\nstar/00001.png,star\n,star\n")
+    assert main(["predict", str(demo_run["model"]), str(tmp_path / "empty.csv")]) == 2
+    error = f"error: {tmp_path / 'empty.csv'}: line 3 has no filepath; every row needs an image\n"
+    assert capsys.readouterr().err == error
+
+
 def test_answers_reach_the_host_one_batch_behind_the_device():
     """The host waits for a batch's answers only once the next batch is queued, so a GPU is never left idle
     between batches; a batch with no readable image passes through with no answers."""

@@ -183,7 +183,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .atomic import atomic_path
-    from .data.decode import image_files
+    from .data.datasets import input_images
     from .predict import inference_compile, iter_predict, write_csv, write_json
     from .tables import predictions_table
 
@@ -193,7 +193,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
                             f"--out ending in .csv or .json)")
     model = _inference_model(args.model, args.device, args.precision, args.image_size)
-    items = image_files(args.images)
+    items = input_images(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
     compiled, why = inference_compile(model, args.compile, len(items))
@@ -225,14 +225,14 @@ def _refuse_onnx(model: str, why: str) -> None:
 
 
 def cmd_explain(args: argparse.Namespace, console: Console) -> int:
-    from .data.decode import image_files
+    from .data.datasets import input_images
     from .explain import iter_explain
     from .runs import output_dir
     from .tables import new_table
 
     _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which ONNX Runtime does not give")
     model = _inference_model(args.model, args.device, image_size=args.image_size)
-    items = image_files(args.images)
+    items = input_images(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
     failed: list[str] = []
@@ -779,7 +779,8 @@ def _add_inference_commands(commands) -> None:
 
     p = commands.add_parser("predict", help="the top classes of images or folders of images")
     p.add_argument("model", help="a model file or a pretrained name")
-    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
+                                             "of images (an image column, as for train)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--format", choices=("table", "json", "csv"),
                    help="default: csv or json for an --out ending so, otherwise a table")
@@ -793,7 +794,8 @@ def _add_inference_commands(commands) -> None:
 
     p = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, as PNG overlays")
     p.add_argument("model", help="a model file or a pretrained name")
-    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
+                                             "of images (an image column, as for train)")
     p.add_argument("--method", choices=METHODS, default="gradcam")
     p.add_argument("--target", help="class name or index to explain (default: the predicted class)")
     p.add_argument("--layer", help="module to explain at, e.g. layer3 or layer4.1.conv2 (default: last stage)")
@@ -908,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("embed", help="pooled features of images (include_top=False) -> a .npy file")
     p.add_argument("model", help="a model file or a pretrained name")
-    p.add_argument("images", nargs="+", help="image files and/or folders")
+    p.add_argument("images", nargs="+", help="image files, folders and/or CSV files of images")
     p.add_argument("--out", default="features.npy", help="features, one row per image; paths go to OUT.paths.txt")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .data.decode import BadImageError, image_files
+from .data.datasets import input_images
+from .data.decode import BadImageError
 from .data.loaders import inference_batches
 from .data.transforms import normalize
 from .errors import ResidualError
@@ -38,7 +39,7 @@ def embed(model: ResNet, sources: list[str | Path], batch_size: int = 64, progre
     model.eval()
     device = next(model.parameters()).device
     pre = model.preprocessing
-    files = image_files(sources)
+    files = input_images(sources)
     if not files:
         raise EmbedError(f"no image files in {' '.join(map(str, sources))}")
     rows, kept, failed = [], [], []

@@ -22,7 +22,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from .atomic import atomic_path
-from .data.decode import image_files
+from .data.datasets import input_images
 from .data.loaders import inference_batches
 from .data.transforms import normalize
 from .errors import ConfigError
@@ -196,7 +196,7 @@ def explain(model: ResNet, images, method: str = "gradcam", target: int | str | 
             layer: str | None = None, out_dir: str | Path | None = None, batch_size: int = 16,
             progress: bool = False) -> ExplainResult:
     """Heatmaps for images (paths, folders, PIL images, arrays); overlays written to `out_dir` if given."""
-    items = image_files(images if isinstance(images, (list, tuple)) else [images])
+    items = input_images(images if isinstance(images, (list, tuple)) else [images])
     failed: list[str] = []
     explanations = list(iter_explain(model, items, method, target, layer, out_dir, batch_size, failed, progress))
     return ExplainResult(explanations, failed)

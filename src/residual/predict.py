@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.decode import as_image, image_files
+from .data.datasets import input_images
+from .data.decode import as_image
 from .data.loaders import InferenceBatch, check_stream, inference_batches
 from .data.transforms import normalize, resize_center_crop
 from .errors import ConfigError
@@ -183,7 +184,7 @@ def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: s
 def predict(model, images, topk: int = 5, batch_size: int = 64, tta: str = "none",
             progress: bool = False, decoder: str = "pillow", compile: bool | None = None) -> PredictResult:
     """Top-`topk` classes of each image. `images`: a path, a folder, a PIL image, an array, or a list of them."""
-    items = image_files(images if isinstance(images, (list, tuple)) else [images])
+    items = input_images(images if isinstance(images, (list, tuple)) else [images])
     failed: list[str] = []
     predictions = list(iter_predict(model, items, topk, batch_size, tta, failed=failed, progress=progress,
                                     decoder=decoder, compile=compile))

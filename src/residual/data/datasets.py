@@ -197,6 +197,35 @@ def _csv_column(path: Path, header: list[str], names: tuple[str, ...], what: str
     return found
 
 
+def input_images(sources) -> list:
+    """The images a user names, in order: images as given (paths as Path), every folder's image files, and
+    the files each CSV (a .csv file with an image column, as for training) lists."""
+    items: list = []
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".csv" and Path(source).is_file():
+            items += listed_images(Path(source))
+        else:
+            items += image_files([source])
+    return items
+
+
+def listed_images(path: Path) -> list[Path]:
+    """The files a CSV lists in its image column, in its order (relative to its folder, or absolute): a list
+    of images to predict. Other columns are ignored; a listed file that is missing or no image is left for
+    the reader to report."""
+    header, rows = _read_csv_rows(path)
+    if not rows:
+        raise DatasetError(f"{path}: no rows under the header; list one image per line")
+    column = _csv_column(path, header, CSV_IMAGE_COLUMNS, "image")
+    files = []
+    for number, row in rows:
+        image = (row.get(column) or "").strip()
+        if not image:
+            raise DatasetError(f"{path}: line {number} has no {column}; every row needs an image")
+        files.append(path.parent / image)  # an absolute path stays itself
+    return files
+
+
 def _class_order(labels: set[str]) -> list[str]:
     """Class names sorted, as numbers where they all are (so 2 comes before 10)."""
     if all(label.lstrip("-").isdigit() for label in labels):
