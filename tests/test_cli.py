@@ -153,7 +153,8 @@ def test_demo_trains_to_95_percent_on_the_cpu(demo_run):
     """The real `make demo` recipe (about 2.5 minutes on 2 cores), with its reports."""
     assert demo_run["code"] == 0
     out, run = demo_run["out"], demo_run["run"]
-    for name in ("model.safetensors", "metrics.csv", "curves.png", "config.yaml", "last.pt", "report.html"):
+    for name in ("model.safetensors", "metrics.csv", "curves.png", "config.yaml", "last.pt", "train_batch.png",
+                 "report.html"):
         assert (run / name).is_file() and name in out
     for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "roc_curves.png", "highest_loss.png"):
         assert (run / name).is_file() and (run / "test-report" / name).is_file()

@@ -22,13 +22,14 @@ import residual
 from residual.data.datasets import open_dataset
 from residual.data.loaders import epoch_order
 from residual.data.shapes import write_shapes
-from residual.data.transforms import AugmentConfig, soft_targets
+from residual.data.transforms import AugmentConfig, build_augment, soft_targets
 from residual.models import build_model
 from residual.train import TrainConfig, TrainingError, load_config, train
 from residual.train.checkpoint import load_checkpoint, save_checkpoint
 from residual.train.config import resolve
 from residual.train.ema import WeightEMA
 from residual.train.optim import OptimConfig
+from residual.train.preview import target_title, write_batch_preview
 from residual.train import trainer as trainer_module
 from residual.train.trainer import Trainer
 from steps import distance, imbalanced_shapes
@@ -58,6 +59,7 @@ def test_a_run_leaves_everything_design_promises(shapes16, tmp_path):
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr",
                             "images_per_s", "epoch_seconds"}
     assert Image.open(run / "curves.png").size[0] > 800
+    assert Image.open(run / "train_batch.png").size[0] > 600  # 16 of the first batch's augmented images
     config = load_config(run / "config.yaml")
     assert config.image_size == 16 and config.optim.lr == 0.05 and config.augment.preset == "cifar"
     assert config.augment.pad_crop == 2, "config.yaml holds the resolved knobs"
@@ -76,6 +78,20 @@ def test_a_run_leaves_everything_design_promises(shapes16, tmp_path):
     # A second run never overwrites the first.
     again = train(TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="run", **QUICK))
     assert again.run_dir.name == "run-2"
+
+
+def test_the_first_batch_preview_shows_the_augmented_mixed_images_and_draws_no_random_number(tmp_path):
+    """train_batch.png is drawn with random streams of its own: the run's draws are the ones it makes without it."""
+    images = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(20) % 4
+    augment = build_augment(AugmentConfig(preset="strong"), 16, 16)
+    state = torch.get_rng_state()
+    write_batch_preview(images, labels, augment, 0.4, 0.0, ["a", "b", "c", "d"], tmp_path / "train_batch.png")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert Image.open(tmp_path / "train_batch.png").size[0] > 600
+    assert target_title(torch.tensor(2), ["a", "b", "c"]) == "c"
+    assert target_title(torch.tensor([0.7, 0.0, 0.3]), ["a", "b", "c"]) == "a 0.70 + c 0.30"
+    assert target_title(soft_targets(torch.tensor([1]), 3, 0.0)[0], ["a", "b", "c"]) == "b 1.00"
 
 
 def test_config_yaml_repeats_the_run(shapes16, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 A run directory holds config.yaml (resolved, enough to repeat the run),
 metrics.csv (per epoch), curves.png (at most every 30 s), model.safetensors (the best epoch),
-last.pt (everything needed to resume) and summary.json.
+last.pt (everything needed to resume), summary.json and, with the report, train_batch.png (the
+first batch as the model sees it: preview.py) and report.html.
 
 The loop is plain: for each batch, augment on the device, forward, backward,
 step. Around it: mixed precision on CUDA, channels_last, optional
@@ -59,6 +60,7 @@ from .distributed import World, per_worker_batch
 from .ema import WeightEMA
 from .history import plot_curves, write_metrics
 from .optim import build_optimizer, build_scheduler
+from .preview import write_batch_preview
 
 IN_MEMORY_BUDGET = 2 * 1024**3  # bytes of decoded uint8 images kept in memory (and on the GPU)
 READ_BACK_SECONDS = 0.5  # how often the loop waits for the device to report loss and accuracy (the bar's refresh)
@@ -500,7 +502,10 @@ class Trainer:
             task = bar.add_task("train", total=total, completed=self.batch, loss=0.0, acc=0.0, rate=0.0)
             pending: list[PendingStep] = []
             read_at, index = started, self.batch
-            for group in step_groups(self.train_loader.epoch(self.epoch, self.batch), c.accumulate):
+            batches = self.train_loader.epoch(self.epoch, self.batch)
+            if self.step == 0 and self.world.is_main and c.report:  # a fresh run: what its first batch looks like
+                batches = self._previewed(batches)
+            for group in step_groups(batches, c.accumulate):
                 for (_, labels), (loss, correct, weight) in zip(group, self._optimizer_step(group)):
                     pending.append(PendingStep(self.epoch, index, self.step, len(labels), weight, loss, correct))
                     seen_now += len(labels)
@@ -530,6 +535,19 @@ class Trainer:
                  "images_per_s": seen_now / seconds if seconds > 0 else 0.0, "epoch_seconds": seconds}
         self.running = empty_sums()
         return stats
+
+    def _previewed(self, batches: Iterator) -> Iterator:
+        """`batches` as they are, with train_batch.png drawn from the first (train/preview.py)."""
+        first = next(batches, None)
+        if first is None:
+            return
+        images, labels = first
+        if len(labels):  # not a batch whose every image was unreadable
+            c = self.config
+            write_batch_preview(images, labels, self.augment, c.augment.mixup, c.augment.cutmix,
+                                self.model.class_names, self.run_dir / "train_batch.png")
+        yield first
+        yield from batches
 
     def _read_back(self, pending: list[PendingStep]) -> None:
         """One wait for the device: the pending steps' losses and hits go into the running sums, in order.
@@ -724,7 +742,8 @@ class Trainer:
             + (f"; {len(self.bad.files)} unreadable image(s) skipped" if self.bad.files else "")
             + (f"; {len(self.dataset.ignored)} non-image file(s) ignored" if self.dataset.ignored else ""))
         self.console.print(f"run directory: {self.run_dir} (model.safetensors, metrics.csv, curves.png, last.pt"
-                           + (", report.html)" if self.config.report and self.best is not None else ")"))
+                           + (", train_batch.png, report.html)" if self.config.report and self.best is not None
+                              else ")"))
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
                            len(self.dataset.ignored), self.stopped_early, self.run_dir / "model.safetensors")
 
