@@ -172,7 +172,7 @@ def test_the_training_step_never_waits_for_the_device(tmp_path, monkeypatch, dev
         for function in ("tensor", "as_tensor"):
             monkeypatch.setattr(torch, function, copy_in)
     try:
-        loss, correct = trainer._train_step(images, labels)
+        loss, correct, _ = trainer._train_step(images, labels)
     finally:
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("default")
@@ -200,7 +200,7 @@ def test_no_training_step_reads_a_value_on_a_stand_in_device(tmp_path, preset, i
     trainer.model.train()
     batches = iter(trainer.train_loader.epoch(0))
     for _ in range(2):  # two steps of two accumulated batches: their class weights are summed on the device
-        (_, _, _), (loss, correct, weight) = trainer._optimizer_step([next(batches), next(batches)])
+        (_, _, _, _), (loss, correct, _, weight) = trainer._optimizer_step([next(batches), next(batches)])
     assert loss.device.type == correct.device.type == weight.device.type == "meta" and trainer.step == 2
 
 

@@ -12,6 +12,7 @@ from residual.data.transforms import normalize
 from residual.evaluate import evaluate
 from residual.models.preprocessing import CIFAR_EVAL, IMAGENET_EVAL
 from residual.train.distill import Teacher, distillation_sum
+from residual.train.history import plot_curves, read_metrics, write_metrics
 
 
 def test_the_distillation_term_is_the_softened_kl_divergence_times_t_squared():
@@ -66,6 +67,45 @@ def test_a_student_of_a_teacher_alone_learns_the_teachers_answers_not_the_labels
                       gallery_size=0, workers=0)
     assert np.mean(result.labels == hexagon) == pytest.approx(0.1)  # what the labels would have taught
     assert np.mean(result.probs.argmax(1) == hexagon) > 0.9  # 1.0 on an Intel Xeon, 2026-12-04
+    # The log keeps the loss's two terms apart: the teacher's alone is minimised, so the labels' grows apart
+    # from it, and the train loss is the teacher's term (its weight is 1).
+    history = read_metrics(tmp_path / "runs" / "student" / "metrics.csv")
+    assert [row["train_loss"] for row in history] == pytest.approx([row["train_distill_loss"] for row in history],
+                                                                   rel=1e-5)
+    assert history[-1]["train_label_loss"] > 1.0 > history[-1]["train_distill_loss"]
+    assert history[-1]["train_distill_loss"] < history[0]["train_distill_loss"]
     capsys.readouterr()
     assert main(["train", str(data), "--teacher", str(tmp_path / "hexagon.safetensors"), "--distill-weight", "0"]) == 2
     assert "--distill-weight is the distillation term's share of the loss: in (0, 1], got 0" in capsys.readouterr().err
+
+
+def test_with_a_teacher_the_train_loss_is_the_weighted_sum_of_its_terms_and_both_are_logged(tmp_path, capsys):
+    data = write_shapes(tmp_path / "shapes", size=16, per_class=12, seed=2, progress=False)
+    teacher = residual.create_model("resnet20", num_classes=10).eval()
+    teacher.class_names = sorted(path.name for path in (data / "train").iterdir())
+    residual.save_model(teacher, tmp_path / "teacher.safetensors")
+    assert main(["train", str(data), "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--mixup", "0.2",
+                 "--teacher", str(tmp_path / "teacher.safetensors"), "--distill-weight", "0.3", "--quiet",
+                 "--no-report", "--out", str(tmp_path / "runs"), "--name", "student"]) == 0
+    (row,) = read_metrics(tmp_path / "runs" / "student" / "metrics.csv")
+    assert row["train_loss"] == pytest.approx(0.7 * row["train_label_loss"] + 0.3 * row["train_distill_loss"],
+                                              rel=1e-5)
+    assert min(row["train_label_loss"], row["train_distill_loss"]) > 0
+    epoch_line = f"train loss {row['train_loss']:.4f} (labels {row['train_label_loss']:.4f}, teacher "
+    assert epoch_line in capsys.readouterr().out
+    # Without a teacher there are no such columns.
+    assert main(["train", str(data), "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--quiet",
+                 "--no-report", "--out", str(tmp_path / "runs"), "--name", "alone"]) == 0
+    assert "train_label_loss" not in (tmp_path / "runs" / "alone" / "metrics.csv").read_text()
+
+
+def test_a_run_resumed_from_before_the_terms_were_logged_keeps_its_metrics_readable(tmp_path):
+    # Its first epochs have no terms: their cells stay empty, and are left out when read back.
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.5, "val_top1": 0.4, "lr": 0.1},
+               {"epoch": 2, "train_loss": 0.8, "val_loss": 1.0, "train_acc": 0.6, "val_top1": 0.5, "lr": 0.1,
+                "train_label_loss": 0.9, "train_distill_loss": 0.7}]
+    write_metrics(history, tmp_path / "metrics.csv")
+    first, second = read_metrics(tmp_path / "metrics.csv")
+    assert "train_label_loss" not in first and second["train_distill_loss"] == 0.7
+    plot_curves([first, second], tmp_path / "curves.png", "resumed")
+    assert (tmp_path / "curves.png").stat().st_size > 0

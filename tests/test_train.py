@@ -358,12 +358,12 @@ def test_class_weighted_loss_keeps_its_scale_when_targets_are_soft(tmp_path, mon
     images, labels = next(iter(trainer.train_loader.epoch(0)))
     assert trainer.class_weights[labels].std() > 0.1, "the batch mixes light and heavy classes"
     start = {name: value.clone() for name, value in trainer.model.state_dict().items()}
-    hard, _ = trainer._train_step(images, labels)
+    hard, _, _ = trainer._train_step(images, labels)
     trainer.model.load_state_dict(start)  # the second step starts from the same weights
     monkeypatch.setattr(trainer_module, "mix_batch",
                         lambda x, labels, classes, mixup, cutmix, smoothing: (x, soft_targets(labels, classes,
                                                                                              smoothing)))
-    soft, _ = trainer._train_step(images, labels)
+    soft, _, _ = trainer._train_step(images, labels)
     assert soft.item() == pytest.approx(hard.item(), rel=1e-5)
 
 

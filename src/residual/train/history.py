@@ -16,12 +16,15 @@ from ..atomic import atomic_path  # noqa: E402
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
            "epoch_seconds")
+DISTILL_COLUMNS = ("train_label_loss", "train_distill_loss")  # with a teacher: train_loss's two terms
 
 
 def write_metrics(history: list[dict], path: Path) -> None:
     """Rewrite metrics.csv from the whole history (atomic, so a kill never leaves half a row)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    distilled = any(column in row for row in history for column in DISTILL_COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS + (DISTILL_COLUMNS if distilled else ()),
+                            extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -30,9 +33,10 @@ def write_metrics(history: list[dict], path: Path) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.csv's rows, with numbers as numbers (the epoch an int)."""
+    """metrics.csv's rows, with numbers as numbers (the epoch an int); an empty cell (a column that later
+    epochs added, such as a resumed run's teacher terms) is left out of its row."""
     with open(path, newline="") as f:
-        return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items()}
+        return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items() if value != ""}
                 for row in csv.DictReader(f)]
 
 
@@ -47,7 +51,10 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     epochs = [row["epoch"] for row in history]
     figure, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.8))
     loss_ax.plot(epochs, [r["train_loss"] for r in history], lw=1, label="train")
-    loss_ax.plot(epochs, [r["val_loss"] for r in history], lw=2.2, label="validation")
+    if all(column in history[0] for column in DISTILL_COLUMNS):  # a teacher's: the train loss is their weighted sum
+        loss_ax.plot(epochs, [r["train_label_loss"] for r in history], "C2--", lw=1, label="train, labels' term")
+        loss_ax.plot(epochs, [r["train_distill_loss"] for r in history], "C3:", lw=1, label="train, teacher's term")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], "C1", lw=2.2, label="validation")
     loss_ax.set(title="loss", xlabel="epoch")
     acc_ax.plot(epochs, [100 * r["train_acc"] for r in history], lw=1, label="train")
     acc_ax.plot(epochs, [100 * r["val_top1"] for r in history], lw=2.2, label="validation top-1")

@@ -92,7 +92,7 @@ def _sweep(trainer: Trainer, steps: int, accumulate: int) -> Iterator[tuple[floa
     batches = (batch for epoch in itertools.count() for batch in trainer.train_loader.epoch(epoch))
     for group in step_groups(itertools.islice(batches, steps), accumulate):
         lr = trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0]["lr_scale"]
-        for (_, labels), (loss, _, _) in zip(group, trainer._optimizer_step(group)):
+        for (_, labels), (loss, _, _, _) in zip(group, trainer._optimizer_step(group)):
             if len(labels):  # a batch none of whose images could be read says nothing about the rate
                 yield lr, loss.item()
 

@@ -100,12 +100,13 @@ class PendingStep:
     weight: torch.Tensor | int  # what its loss is the mean over (Trainer._loss_weight)
     loss: torch.Tensor
     correct: torch.Tensor
+    parts: torch.Tensor | None = None  # with a teacher: the labels' and the distillation term's loss
 
 
 def empty_sums() -> dict:
     """The epoch's running sums: the loss summed over images (times their class weights), its weight,
-    the correct predictions and the images seen."""
-    return {"loss": 0.0, "weight": 0.0, "correct": 0.0, "seen": 0}
+    the correct predictions and the images seen; with a teacher, the loss's two terms summed alike."""
+    return {"loss": 0.0, "weight": 0.0, "correct": 0.0, "seen": 0, "label_loss": 0.0, "distill_loss": 0.0}
 
 
 @contextlib.contextmanager
@@ -506,8 +507,9 @@ class Trainer:
             if self.step == 0 and self.world.is_main and c.report:  # a fresh run: what its first batch looks like
                 batches = self._previewed(batches)
             for group in step_groups(batches, c.accumulate):
-                for (_, labels), (loss, correct, weight) in zip(group, self._optimizer_step(group)):
-                    pending.append(PendingStep(self.epoch, index, self.step, len(labels), weight, loss, correct))
+                for (_, labels), (loss, correct, parts, weight) in zip(group, self._optimizer_step(group)):
+                    pending.append(PendingStep(self.epoch, index, self.step, len(labels), weight, loss, correct,
+                                               parts))
                     seen_now += len(labels)
                     index += 1
                 self.batch = index
@@ -529,10 +531,14 @@ class Trainer:
             self._read_back(pending)
         seconds = time.perf_counter() - started
         sums = self.running
-        loss, weight, correct, seen, seen_now = self.world.sum(
-            [sums["loss"], sums["weight"], sums["correct"], sums["seen"], seen_now], self.device)
+        loss, weight, correct, seen, seen_now, label_loss, distill_loss = self.world.sum(
+            [sums["loss"], sums["weight"], sums["correct"], sums["seen"], seen_now, sums["label_loss"],
+             sums["distill_loss"]], self.device)
         stats = {"train_loss": loss / (weight or 1), "train_acc": correct / max(1, seen),
                  "images_per_s": seen_now / seconds if seconds > 0 else 0.0, "epoch_seconds": seconds}
+        if self.teacher is not None:  # train_loss is their weighted sum, which the step minimises
+            stats |= {"train_label_loss": label_loss / (weight or 1),
+                      "train_distill_loss": distill_loss / (weight or 1)}
         self.running = empty_sums()
         return stats
 
@@ -558,9 +564,12 @@ class Trainer:
         if not pending:
             return
         on_device = [p.weight for p in pending if torch.is_tensor(p.weight)]  # class weights' sums
-        values = torch.stack([p.loss for p in pending] + [p.correct.float() for p in pending] + on_device).tolist()
+        parts = [part for p in pending if p.parts is not None for part in p.parts]
+        values = torch.stack([p.loss for p in pending] + [p.correct.float() for p in pending] + on_device
+                             + parts).tolist()
         count = len(pending)
-        read_weights = iter(values[2 * count:])
+        read_weights = iter(values[2 * count:2 * count + len(on_device)])
+        read_parts = iter(values[2 * count + len(on_device):])
         for p, loss, correct in zip(pending, values[:count], values[count:2 * count]):
             if not math.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss}) at epoch {p.epoch + 1}, batch {p.index + 1} (step "
@@ -571,6 +580,9 @@ class Trainer:
             self.running["weight"] += weight
             self.running["correct"] += correct
             self.running["seen"] += p.images
+            if p.parts is not None:
+                self.running["label_loss"] += next(read_parts) * weight
+                self.running["distill_loss"] += next(read_parts) * weight
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision when it is on; no autocast context otherwise (it exists only for some devices)."""
@@ -578,9 +590,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _optimizer_step(self, group: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]]:
+    def _optimizer_step(self, group: list) -> list[tuple]:
         """One optimizer step over the (images, labels) batches of `group`, their gradients accumulated -> each batch's
-        (loss, correct predictions, `_loss_weight`), still on the device.
+        (loss, correct predictions, loss terms or None, `_loss_weight`), still on the device.
 
         Every image weighs the same in the step (times its class weight), as in one batch of them all,
         whatever the sizes of the batches (also the epoch's last group, which may be shorter) and of the
@@ -607,7 +619,8 @@ class Trainer:
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor, step_weight: torch.Tensor | int | None = None,
                     stepping: bool = True, batch_weight: torch.Tensor | int | None = None):
         """Augment, forward, backward and (when `stepping`) the optimizer step on one batch ->
-        (loss, correct predictions) as tensors still on the device: nothing here waits for it.
+        (loss, correct predictions, with a teacher the labels' and the distillation term's loss, else None) as
+        tensors still on the device: nothing here waits for it.
 
         `step_weight`: the `_loss_weight` of all the batches whose gradients this step accumulates
         (None: this batch alone), so the step's gradient is the mean over all their images.
@@ -636,10 +649,12 @@ class Trainer:
                 # image count instead, which would change the loss's scale when mixup is turned on.
                 loss_sum = F.cross_entropy(logits.float(), targets, weight=self.class_weights,
                                            label_smoothing=smoothing, reduction="sum")
+            parts = None
             if self.teacher is not None:  # it sees the same augmented, mixed images
                 image_weights = None if self.class_weights is None else self.class_weights[labels]
-                loss_sum = ((1 - c.distill_weight) * loss_sum + c.distill_weight
-                            * distillation_sum(logits, self.teacher(x), c.distill_temperature, image_weights))
+                parts = torch.stack((loss_sum, distillation_sum(logits, self.teacher(x), c.distill_temperature,
+                                                                image_weights)))
+                loss_sum = (1 - c.distill_weight) * parts[0] + c.distill_weight * parts[1]
             batch_weight = self._loss_weight(labels) if batch_weight is None else batch_weight
             self.scaler.scale(loss_sum / (batch_weight if step_weight is None else step_weight)).backward()
         if stepping:
@@ -653,8 +668,9 @@ class Trainer:
             if self.ema:
                 self.ema.update(self.model)
             self.step += 1
-        loss = loss_sum / batch_weight if len(labels) else loss_sum  # an empty batch's loss is 0 (of weight 0)
-        return loss.detach(), (logits.argmax(1) == labels).sum()
+        divisor = batch_weight if len(labels) else 1  # an empty batch's loss is 0 (of weight 0)
+        return (loss_sum.detach() / divisor, (logits.argmax(1) == labels).sum(),
+                None if parts is None else parts.detach() / divisor)
 
     @torch.inference_mode()
     def evaluate(self) -> dict:
@@ -701,7 +717,10 @@ class Trainer:
                 save_model(self.ema.module if self.ema else self.model, self.run_dir / "model.safetensors",
                            extra={"run": str(self.run_dir), "epoch": self.epoch + 1, **val_stats})
         self.console.print(  # one line per epoch, also in quiet mode (which only drops the bar)
-            f"epoch {self.epoch + 1}/{c.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
+            f"epoch {self.epoch + 1}/{c.epochs}  train loss {row['train_loss']:.4f} "
+            + (f"(labels {row['train_label_loss']:.4f}, teacher {row['train_distill_loss']:.4f}) "
+               if self.teacher is not None else "")
+            + f"acc {row['train_acc']:.2%}  "
             f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}  "
             f"lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
             + ("  *best*" if self.best_epoch == self.epoch + 1 else ""))
