@@ -11,7 +11,7 @@ from PIL import Image
 
 from payloads import WritesAMarker
 from residual.data.check import check_data
-from residual.data.datasets import DatasetError, input_images, open_dataset
+from residual.data.datasets import DatasetError, data_name, input_images, open_dataset
 from residual.data.decode import image_files
 from residual.data.loaders import BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory
 from residual.data.shapes import SHAPE_CLASSES, write_shapes
@@ -207,6 +207,64 @@ def test_the_images_a_user_names_are_files_folders_and_csv_lists_in_order(tmp_pa
         *(folder / f"{i}.png" for i in range(4))]
     with pytest.raises(DatasetError, match="labels.csv: no image column; the header must name one of image"):
         input_images([_csv_dataset(tmp_path / "e", "name\nimages/0.png\n", images=1)])
+
+
+def _kaggle_style(root, dataset_file: str):
+    """Kaggle's layout: train/0.jpg ... named by id in labels.csv (id,breed,fold), and a dataset file."""
+    _folder(root, {"train": 12}, extension=".jpg")
+    (root / "labels.csv").write_text("id,breed,fold\n" + "".join(
+        f"{i},{'husky' if i % 3 else 'pug'},{'holdout' if i >= 10 else 'fit'}\n" for i in range(12)))
+    (root / "dogs.yaml").write_text(dataset_file)
+    return root / "dogs.yaml"
+
+
+def test_a_dataset_file_reads_a_csv_of_another_layout(tmp_path):
+    described = _kaggle_style(tmp_path / "d", "# Kaggle's dog breeds\ncsv: labels.csv\nimage_column: id\n"
+                                              "label_column: Breed\nimages: train\nsuffix: .jpg\n")
+    dataset = open_dataset(described, val_split=0.25, seed=1)
+    assert (dataset.kind, dataset.root, dataset.classes, dataset.flat) == ("csv", described, ["husky", "pug"], True)
+    assert sorted(dataset.train.files + dataset.val.files) == sorted((tmp_path / "d" / "train").glob("*.jpg"))
+    assert dataset.class_counts(dataset.val) == [2, 1] and data_name(described) == "dogs"
+    # The folder moved elsewhere is the same data: the digest is of the names under the images' folder.
+    (tmp_path / "d").rename(tmp_path / "moved")
+    moved = open_dataset(tmp_path / "moved" / "dogs.yaml", val_split=0.25, seed=1)
+    assert moved.fingerprint(moved.train) == dataset.fingerprint(dataset.train)
+    # A split column of another name; its values are still train, val or test.
+    labels = tmp_path / "moved" / "labels.csv"
+    labels.write_text(labels.read_text().replace(",fit", ",train").replace(",holdout", ",val"))
+    (tmp_path / "moved" / "split.yaml").write_text("csv: labels.csv\nimage_column: id\nlabel_column: breed\n"
+                                                   "split_column: fold\nimages: train\nsuffix: .jpg\n")
+    dataset = open_dataset(tmp_path / "moved" / "split.yaml")
+    assert (len(dataset.train), [p.name for p in dataset.val.files], dataset.flat) == (10, ["10.jpg", "11.jpg"], False)
+    # Images to predict: a listing without labels, in its order.
+    (tmp_path / "moved" / "test.csv").write_text("id\n3\n1\n")
+    (tmp_path / "moved" / "test.yaml").write_text("csv: test.csv\nimage_column: id\nimages: train\nsuffix: .jpg\n")
+    assert input_images([tmp_path / "moved" / "test.yaml"]) == [tmp_path / "moved" / "train" / "3.jpg",
+                                                                tmp_path / "moved" / "train" / "1.jpg"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("csv: [labels.csv\n", "dogs.yaml: cannot be read as a YAML dataset file \\(while parsing"),
+    ("image_column: id\n", "dogs.yaml: a dataset file needs a csv: key naming the CSV \\(relative to the file\\), "
+                           "and may say image_column, label_column, split_column, images, suffix"),
+    ("csv: labels.csv\nimage_col: id\n", "dogs.yaml: unknown key\\(s\\) image_col; a dataset file may say csv, "),
+    ("csv: labels.csv\nimage_column: 3\n", "dogs.yaml: image_column must be a name \\(text\\), got 3"),
+    ("csv: labels.csv\nimage_column: name\nlabel_column: breed\n",
+     "dogs.yaml: image_column 'name' is not a column of .*labels.csv \\(it has: id, breed, fold\\)"),
+    ("csv: labels.csv\nimage_column: id\n", "labels.csv: no label column; the header must name one of label, class, "
+                                             "category, target \\(it has: id, breed, fold\\), or name its "
+                                             "label_column in a dataset file"),
+    ("csv: labels.csv\nimage_column: id\nlabel_column: breed\nsuffix: .jpg\n",
+     "labels.csv: 12 listed image\\(s\\) do not exist, the first on line 2: .*d/0.jpg \\(image paths are relative "
+     "to .*d, as .*dogs.yaml says\\)"),
+    ("csv: absent.csv\n", "absent.csv: no such file"),
+])
+def test_a_dataset_file_that_cannot_be_used_is_a_one_line_error(tmp_path, text, message):
+    with pytest.raises(DatasetError, match=message) as error:
+        open_dataset(_kaggle_style(tmp_path / "d", text))
+    assert "\n" not in str(error.value)
+    with pytest.raises(DatasetError, match="absent.yaml: no such file; give a dataset file \\(.yaml\\), a CSV or"):
+        open_dataset(tmp_path / "absent.yaml")
 
 
 def _cifar_batch(path, count, label_key, seed):

@@ -182,21 +182,28 @@ def test_eval_and_prune_on_the_flat_folder_a_model_trained_on_keep_its_held_out_
     assert calibrated.report["split_as_trained"] and calibrated.report["splits"]["val"]["images"] == 20
 
 
+def _trained_and_evaluated(data, shapes, tmp_path):
+    """A resnet20 trained one epoch on `data` (80 shapes, no split column) -> its model file, evaluated:
+    like a flat folder, eval scores the 40 images training held out, not the 80."""
+    assert main(["train", str(data), "--model", "resnet20", "--epochs", "1", "--batch-size", "32",
+                 "--val-split", "0.5", "--quiet", "--no-report", "--out", str(tmp_path / "runs")]) == 0
+    (model_file,) = (tmp_path / "runs").glob("*/model.safetensors")
+    assert load_model(model_file).class_names == sorted(path.name for path in (shapes / "train").iterdir())
+    assert main(["eval", str(model_file), str(data), "--gallery", "0", "--quiet",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 40
+    return model_file
+
+
 def test_a_csv_of_labels_trains_evaluates_and_is_checked_like_a_folder(tmp_path, capsys):
     shapes = write_shapes(tmp_path / "shapes", size=16, per_class=8, seed=2, progress=False)
     images = sorted((shapes / "train").glob("*/*.png"))  # 80: 8 of each of 10 classes
     labels = tmp_path / "labels.csv"
     labels.write_text("image,label\n" + "".join(f"{path.relative_to(tmp_path)},{path.parent.name}\n"
                                                  for path in images))
-    assert main(["train", str(labels), "--model", "resnet20", "--epochs", "1", "--batch-size", "32",
-                 "--val-split", "0.5", "--quiet", "--no-report", "--out", str(tmp_path / "runs")]) == 0
-    model_file = tmp_path / "runs" / "resnet20-labels" / "model.safetensors"
-    assert load_model(model_file).class_names == sorted(path.name for path in (shapes / "train").iterdir())
-    # No split column: like a flat folder, eval scores the 40 images training held out, not the 80.
-    assert main(["eval", str(model_file), str(labels), "--gallery", "0", "--quiet",
-                 "--out", str(tmp_path / "eval")]) == 0
+    model_file = _trained_and_evaluated(labels, shapes, tmp_path)
+    assert model_file == tmp_path / "runs" / "resnet20-labels" / "model.safetensors"
     assert "was trained on, so its 40 images that training held out" in " ".join(capsys.readouterr().out.split())
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 40
     calibrated = calibrate(model_file, labels, tmp_path / "calibrated.safetensors")  # fitted on those 40 too
     assert calibrated.report["split_as_trained"] and calibrated.report["splits"]["val"]["images"] == 40
     # One image listed under a second class: check-data names the labelling error; one listed twice, the repeat.
@@ -208,6 +215,31 @@ def test_a_csv_of_labels_trains_evaluates_and_is_checked_like_a_folder(tmp_path,
     assert "listed 2 times" in out and f"{images[1].name} = " not in out
     assert check_data(labels, progress=False).conflicts == [[f"{images[0]} ({images[0].parent.name})",
                                                              f"{images[0]} (star)"]]
+
+
+def test_a_dataset_file_trains_evaluates_and_predicts_a_kaggle_style_csv(tmp_path, capsys):
+    # Kaggle's layout: images named by id in one folder, their classes in labels.csv (id,breed), and the
+    # images to predict in sample_submission.csv (id and a column per class, here ignored).
+    shapes = write_shapes(tmp_path / "shapes", size=16, per_class=8, seed=2, progress=False)
+    images = sorted((shapes / "train").glob("*/*.png"))
+    (tmp_path / "kaggle" / "train").mkdir(parents=True)
+    for number, path in enumerate(images):
+        shutil.copy(path, tmp_path / "kaggle" / "train" / f"{number:04d}.png")
+    (tmp_path / "kaggle" / "labels.csv").write_text(
+        "id,breed\n" + "".join(f"{number:04d},{path.parent.name}\n" for number, path in enumerate(images)))
+    (tmp_path / "kaggle" / "sample_submission.csv").write_text("id,circle,star\n0007,0.5,0.5\n0003,0.5,0.5\n")
+    described = tmp_path / "kaggle" / "shapes.yaml"
+    described.write_text("csv: labels.csv\nimage_column: id\nlabel_column: breed\nimages: train\nsuffix: .png\n")
+    (tmp_path / "kaggle" / "test.yaml").write_text(
+        "csv: sample_submission.csv\nimage_column: id\nimages: train\nsuffix: .png\n")
+    model_file = _trained_and_evaluated(described, shapes, tmp_path)
+    assert model_file == tmp_path / "runs" / "resnet20-shapes" / "model.safetensors"  # named after the file
+    capsys.readouterr()
+    assert main(["predict", str(model_file), str(tmp_path / "kaggle" / "test.yaml"), "--topk", "1",
+                 "--format", "csv", "--quiet"]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [row["image"] for row in rows] == [str(tmp_path / "kaggle" / "train" / name) for name in ("0007.png",
+                                                                                                "0003.png")]
 
 
 def test_eval_and_predict_at_another_image_size(tmp_path, capsys, monkeypatch):

@@ -627,7 +627,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     from .train.config import COMPILE_MODES
 
     p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/), a CSV of "
-                                           "image,label[,split] rows, or a CIFAR folder")
+                                           "image,label[,split] rows, a dataset file (.yaml) describing a CSV of "
+                                           "other columns, or a CIFAR folder")
     p.add_argument("--config", help="start from a run's config.yaml (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     p.add_argument("--model", help="registry name (auto: resnet20/56 for small images, resnet18/50 otherwise)")
@@ -755,7 +756,8 @@ def _add_inference_commands(commands) -> None:
 
     p = commands.add_parser("eval", help="accuracy, per-class scores, confusion, calibration and an HTML report")
     p.add_argument("model", help="a model file or a pretrained name")
-    p.add_argument("data", help="a dataset folder (class folders, or train/ val/ test/), a CSV of labels, or CIFAR")
+    p.add_argument("data", help="a dataset folder (class folders, or train/ val/ test/), a CSV of labels, a dataset "
+                                "file (.yaml), or CIFAR")
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="default: test if present, else val; a flat folder of classes is used whole, or only the "
                         "images training held out if the model was trained on it")
@@ -780,7 +782,7 @@ def _add_inference_commands(commands) -> None:
     p = commands.add_parser("predict", help="the top classes of images or folders of images")
     p.add_argument("model", help="a model file or a pretrained name")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
-                                             "of images (an image column, as for train)")
+                                             "of images (an image column, as for train; or a dataset file)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--format", choices=("table", "json", "csv"),
                    help="default: csv or json for an --out ending so, otherwise a table")
@@ -795,7 +797,7 @@ def _add_inference_commands(commands) -> None:
     p = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, as PNG overlays")
     p.add_argument("model", help="a model file or a pretrained name")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
-                                             "of images (an image column, as for train)")
+                                             "of images (an image column, as for train; or a dataset file)")
     p.add_argument("--method", choices=METHODS, default="gradcam")
     p.add_argument("--target", help="class name or index to explain (default: the predicted class)")
     p.add_argument("--layer", help="module to explain at, e.g. layer3 or layer4.1.conv2 (default: last stage)")
@@ -910,7 +912,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("embed", help="pooled features of images (include_top=False) -> a .npy file")
     p.add_argument("model", help="a model file or a pretrained name")
-    p.add_argument("images", nargs="+", help="image files, folders and/or CSV files of images")
+    p.add_argument("images", nargs="+", help="image files, folders and/or CSV files of images (or dataset files "
+                                             "describing them)")
     p.add_argument("--out", default="features.npy", help="features, one row per image; paths go to OUT.paths.txt")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true")
@@ -937,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_shapes)
 
     p = commands.add_parser("check-data", help="bad files, class balance, duplicates and train/val leakage")
-    p.add_argument("data", help="a dataset folder, a CSV of labels, or CIFAR")
+    p.add_argument("data", help="a dataset folder, a CSV of labels, a dataset file (.yaml), or CIFAR")
     p.add_argument("--val-split", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_check_data)

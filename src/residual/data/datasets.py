@@ -7,6 +7,8 @@
   path: relative to the CSV's folder, or absolute), a label column (label, class,
   category or target) and, optionally, a split column (train, val, test); without one,
   val is a seeded, stratified share as for a folder of class folders.
+- A dataset file (.yaml) naming a CSV of another layout: its columns, the folder its image
+  names are relative to, and a suffix they lack (Kaggle's id,breed with train/<id>.jpg).
 - CIFAR-10/100 in the python-pickle layout of cifar-{10,100}-python.tar.gz. Those
   files are pickles, so they are read with an unpickler that admits only NumPy
   arrays and plain containers: a tampered file cannot run code.
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from ..errors import ResidualError
 from .decode import image_files, is_image_file, is_metadata
@@ -37,6 +40,58 @@ DEFAULT_VAL_SPLIT = 0.1  # held out per class when the data has no val/ folder
 
 class DatasetError(ResidualError):
     """A dataset folder that cannot be used as it is; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """Where a CSV's images and labels are. A CSV alone has the default: the standard column names
+    (None), image names relative to its folder, as they are. A dataset file describes another."""
+
+    csv: Path
+    image_column: str | None = None
+    label_column: str | None = None
+    split_column: str | None = None
+    images: Path | None = None  # the folder image names are relative to (None: the CSV's)
+    suffix: str = ""  # appended to every image name, e.g. .jpg for ids without an extension
+    described_in: Path | None = None  # the dataset file, named in errors about what it says
+
+    @property
+    def folder(self) -> Path:
+        return self.csv.parent if self.images is None else self.images
+
+
+DATASET_FILE_KEYS = ("csv", "image_column", "label_column", "split_column", "images", "suffix")
+DATASET_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+def read_dataset_file(path: Path) -> CsvLayout:
+    """A dataset file: YAML naming a CSV (relative to the file) and how to read it, e.g.
+    `csv: labels.csv`, `image_column: id`, `label_column: breed`, `images: train`, `suffix: .jpg`."""
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file; give a dataset file (.yaml), a CSV or a folder") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0]
+        raise DatasetError(f"{path}: cannot be read as a YAML dataset file ({reason})") from None
+    if not isinstance(spec, dict) or "csv" not in spec:
+        raise DatasetError(f"{path}: a dataset file needs a csv: key naming the CSV (relative to the file), and "
+                           f"may say {', '.join(DATASET_FILE_KEYS[1:])}")
+    unknown = sorted(str(key) for key in spec if key not in DATASET_FILE_KEYS)
+    if unknown:
+        raise DatasetError(f"{path}: unknown key(s) {', '.join(unknown)}; a dataset file may say "
+                           f"{', '.join(DATASET_FILE_KEYS)}")
+    not_text = [key for key, value in spec.items() if not isinstance(value, str) or not value.strip()]
+    if not_text:
+        raise DatasetError(f"{path}: {not_text[0]} must be a name (text), got {spec[not_text[0]]!r}")
+    folder = path.parent
+    return CsvLayout(folder / spec["csv"], spec.get("image_column"), spec.get("label_column"),
+                     spec.get("split_column"), folder / spec["images"] if "images" in spec else None,
+                     spec.get("suffix", ""), described_in=path)
+
+
+def _is_dataset_file(path: Path) -> bool:
+    return path.suffix.lower() in DATASET_FILE_SUFFIXES
 
 
 @dataclass
@@ -53,7 +108,7 @@ class Split:
 
 @dataclass
 class Dataset:
-    root: Path  # the folder, or the CSV file
+    root: Path  # the folder, the CSV file or the dataset file
     kind: str  # "imagefolder", "csv" or "cifar"
     classes: list[str]
     train: Split
@@ -61,6 +116,7 @@ class Dataset:
     test: Split | None = None
     ignored: list[Path] = field(default_factory=list)  # files without an image extension
     flat: bool = False  # no split of its own: one pool of labelled images, of which val is a seeded share
+    files_under: Path | None = None  # the folder the files' names are relative to (None: root)
 
     def class_counts(self, split: Split) -> list[int]:
         return np.bincount(np.asarray(split.labels, dtype=np.int64), minlength=len(self.classes)).tolist()
@@ -70,7 +126,7 @@ class Dataset:
         labels. A resumed run compares it with the one it started with."""
         # The files are root / ...: cutting the root off their names takes 1.8 s for ImageNet's 1.28M,
         # Path.relative_to 6.3 s.
-        base = self.root.parent if self.kind == "csv" else self.root
+        base = self.root if self.files_under is None else self.files_under
         cut = 0 if str(base) == "." else len(os.path.join(base, ""))
         names = "\n".join(str(path)[cut:] for path in split.files)
         digest = hashlib.sha256(names.encode())
@@ -82,10 +138,12 @@ def open_dataset(root: str | Path, val_split: float | None = None, seed: int = 0
     """The dataset at `root`, whichever layout it has."""
     root = Path(root)
     if root.suffix.lower() == ".csv":
-        return _open_csv(root, val_split, seed)
+        return _open_csv(root, CsvLayout(root), val_split, seed)
+    if _is_dataset_file(root):
+        return _open_csv(root, read_dataset_file(root), val_split, seed)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder; give a folder of class folders, or of train/ val/ test/, "
-                           f"or a CSV file of image,label rows")
+                           f"a CSV file of image,label rows, or a dataset file (.yaml)")
     if (root / "batches.meta").is_file() or ((root / "meta").is_file() and (root / "train").is_file()):
         if val_split is not None:
             raise DatasetError(f"--val-split: {root} is CIFAR, whose test batch is the validation set (as in He et "
@@ -95,9 +153,10 @@ def open_dataset(root: str | Path, val_split: float | None = None, seed: int = 0
 
 
 def data_name(data: str | Path) -> str:
-    """A dataset's short name, for run folders: the folder's name, or the CSV file's without .csv."""
+    """A dataset's short name, for run folders: the folder's name, or the CSV's or dataset file's without
+    its suffix."""
     path = Path(data).resolve()
-    return path.stem if path.suffix.lower() == ".csv" else path.name
+    return path.stem if path.suffix.lower() == ".csv" or _is_dataset_file(path) else path.name
 
 
 def sample_items(data: str | Path | Dataset, split: str, count: int, seed: int = 0) -> list:
@@ -189,40 +248,56 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str
     return header, [(reader.line_num, row) for row in reader]
 
 
-def _csv_column(path: Path, header: list[str], names: tuple[str, ...], what: str) -> str:
+def _csv_column(layout: CsvLayout, header: list[str], names: tuple[str, ...], what: str) -> str:
+    """The header's `what` column: the one the dataset file names, else the first of `names` found (any case)."""
+    named = getattr(layout, f"{what}_column")
+    if named is not None:
+        found = next((column for column in header if column.lower() == named.strip().lower()), None)
+        if found is None:
+            raise DatasetError(f"{layout.described_in}: {what}_column {named!r} is not a column of {layout.csv} "
+                               f"(it has: {', '.join(header) or 'nothing'})")
+        return found
     found = next((column for name in names for column in header if column.lower() == name), None)
     if found is None:
-        raise DatasetError(f"{path}: no {what} column; the header must name one of {', '.join(names)} "
-                           f"(it has: {', '.join(header) or 'nothing'})")
+        raise DatasetError(f"{layout.csv}: no {what} column; the header must name one of {', '.join(names)} "
+                           f"(it has: {', '.join(header) or 'nothing'}), or name its {what}_column in a dataset "
+                           f"file (.yaml)")
     return found
+
+
+def _image_path(layout: CsvLayout, cell: str) -> Path:
+    """The file a CSV cell names: relative to the layout's folder (an absolute path stays itself)."""
+    return layout.folder / (cell + layout.suffix)
 
 
 def input_images(sources) -> list:
     """The images a user names, in order: images as given (paths as Path), every folder's image files, and
-    the files each CSV (a .csv file with an image column, as for training) lists."""
+    the files each CSV (a .csv file with an image column, as for training) or dataset file (.yaml) lists."""
     items: list = []
     for source in sources:
-        if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".csv" and Path(source).is_file():
-            items += listed_images(Path(source))
+        path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+        if path is not None and path.suffix.lower() == ".csv" and path.is_file():
+            items += listed_images(CsvLayout(path))
+        elif path is not None and _is_dataset_file(path) and path.is_file():
+            items += listed_images(read_dataset_file(path))
         else:
             items += image_files([source])
     return items
 
 
-def listed_images(path: Path) -> list[Path]:
-    """The files a CSV lists in its image column, in its order (relative to its folder, or absolute): a list
-    of images to predict. Other columns are ignored; a listed file that is missing or no image is left for
-    the reader to report."""
-    header, rows = _read_csv_rows(path)
+def listed_images(layout: CsvLayout) -> list[Path]:
+    """The files a CSV lists in its image column, in its order: a list of images to predict. Other
+    columns are ignored; a listed file that is missing or no image is left for the reader to report."""
+    header, rows = _read_csv_rows(layout.csv)
     if not rows:
-        raise DatasetError(f"{path}: no rows under the header; list one image per line")
-    column = _csv_column(path, header, CSV_IMAGE_COLUMNS, "image")
+        raise DatasetError(f"{layout.csv}: no rows under the header; list one image per line")
+    column = _csv_column(layout, header, CSV_IMAGE_COLUMNS, "image")
     files = []
     for number, row in rows:
         image = (row.get(column) or "").strip()
         if not image:
-            raise DatasetError(f"{path}: line {number} has no {column}; every row needs an image")
-        files.append(path.parent / image)  # an absolute path stays itself
+            raise DatasetError(f"{layout.csv}: line {number} has no {column}; every row needs an image")
+        files.append(_image_path(layout, image))
     return files
 
 
@@ -233,15 +308,18 @@ def _class_order(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def _open_csv(path: Path, val_split: float | None, seed: int) -> Dataset:
+def _open_csv(root: Path, layout: CsvLayout, val_split: float | None, seed: int) -> Dataset:
+    """The dataset a CSV lists; `root` is what the user named: the CSV, or the dataset file describing it."""
+    path = layout.csv
     header, rows = _read_csv_rows(path)
     if not rows:
         raise DatasetError(f"{path}: no rows under the header; list one image,label per line")
-    image_column = _csv_column(path, header, CSV_IMAGE_COLUMNS, "image")
-    label_column = _csv_column(path, header, CSV_LABEL_COLUMNS, "label")
-    split_column = next((column for column in header if column.lower() == "split"), None)
+    image_column = _csv_column(layout, header, CSV_IMAGE_COLUMNS, "image")
+    label_column = _csv_column(layout, header, CSV_LABEL_COLUMNS, "label")
+    split_column = (_csv_column(layout, header, (), "split") if layout.split_column is not None
+                    else next((column for column in header if column.lower() == "split"), None))
     split_names = {"train": "train", "test": "test", **{name: "val" for name in VAL_NAMES}}
-    folder = path.parent
+    folder = layout.folder
     listed: dict[str, list[tuple[Path, str]]] = {"train": [], "val": [], "test": []}
     missing: list[tuple[int, Path]] = []
     ignored: list[Path] = []
@@ -253,7 +331,7 @@ def _open_csv(path: Path, val_split: float | None, seed: int) -> Dataset:
                                f"every row needs an image and a label")
         if split not in split_names:
             raise DatasetError(f"{path}: line {number}: split {split!r} is not train, val or test")
-        file = folder / image  # an absolute path stays itself
+        file = _image_path(layout, image)
         if not is_image_file(file):
             ignored.append(file)
         elif not file.is_file():
@@ -263,7 +341,9 @@ def _open_csv(path: Path, val_split: float | None, seed: int) -> Dataset:
     if missing:
         number, file = missing[0]
         raise DatasetError(f"{path}: {len(missing)} listed image(s) do not exist, the first on line {number}: "
-                           f"{file} (image paths are relative to the CSV's folder, {folder})")
+                           f"{file} (image paths are relative to " + (
+                               f"the CSV's folder, {folder}; a dataset file (.yaml) can name another and a suffix)"
+                               if layout.described_in is None else f"{folder}, as {layout.described_in} says)"))
     classes = _class_order({label for _, label in listed["train"]})
     if len(classes) < 2:
         raise DatasetError(f"{path}: the training rows name {len(classes)} class(es); need at least 2")
@@ -277,7 +357,8 @@ def _open_csv(path: Path, val_split: float | None, seed: int) -> Dataset:
         raise DatasetError(f"--val-split: {path} has val rows, which are the validation set; drop --val-split")
     if not len(val):
         train, val = _stratified_split(train, val_split, seed)
-    return Dataset(path, "csv", classes, train, val, test if len(test) else None, ignored, flat=not split_column)
+    return Dataset(root, "csv", classes, train, val, test if len(test) else None, ignored, flat=not split_column,
+                   files_under=folder)
 
 
 def _stratified_split(split: Split, fraction: float | None, seed: int) -> tuple[Split, Split]:
