@@ -136,6 +136,24 @@ def test_cli_formats_and_exit_code(model, demo_run, folder, tmp_path, capsys, mo
     assert captured.out == "" and captured.err.strip().endswith("empty-dir-that-is-missing: no such file")
 
 
+def test_every_class_probability_in_a_column_of_its_own(model, demo_run, folder, tmp_path, capsys):
+    """--format probabilities: a row per image, a column per class in the model's order (a Kaggle
+    submission's shape; several models' files average into an ensemble), equal to the model's answers."""
+    assert main(["predict", str(demo_run["model"]), str(folder / "star"), str(folder / "ring"), "--format",
+                 "probabilities", "--out", str(tmp_path / "p.csv"), "--topk", "2", "--quiet"]) == 1  # truncated.png
+    assert "truncated.png" in capsys.readouterr().err
+    with open(tmp_path / "p.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert header == ["image", *model.class_names]
+    expected = {p.source: dict((name, probability) for _, name, probability in p.top)
+                for p in predict(model, [folder / "star", folder / "ring"], topk=10).predictions}
+    assert [row[0] for row in rows] == list(expected) and len(rows) == 8
+    for image, *values in rows:
+        assert [float(value) for value in values] == pytest.approx([expected[image][name]
+                                                                    for name in model.class_names], abs=1e-6)
+        assert sum(float(value) for value in values) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_compiled_prediction_matches_eager_and_compiles_once(model, folder, capsys):
     """torch.compile for long jobs: the same predictions, and one graph for the whole stream, the shorter last
     batch included (it is padded to the batch size rather than compiled again)."""

@@ -184,7 +184,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .atomic import atomic_path
     from .data.datasets import input_images
-    from .predict import inference_compile, iter_predict, write_csv, write_json
+    from .predict import class_names_of, inference_compile, iter_predict, write_csv, write_json, write_probabilities
     from .tables import predictions_table
 
     by_suffix = {".csv": "csv", ".json": "json"}.get(Path(args.out).suffix.lower()) if args.out else None
@@ -198,7 +198,9 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
     compiled, why = inference_compile(model, args.compile, len(items))
     failed: list[str] = []
-    predictions = iter_predict(model, items, args.topk, args.batch_size, args.tta, args.workers, failed,
+    names = class_names_of(model)
+    topk = len(names) if output_format == "probabilities" else args.topk  # every class has a column
+    predictions = iter_predict(model, items, topk, args.batch_size, args.tta, args.workers, failed,
                                progress=not args.quiet, decoder=args.decoder, compile=compiled)
     if not args.quiet:  # once the arguments are checked; stderr, as stdout holds the predictions
         print(f"torch.compile: {why}", file=sys.stderr)
@@ -207,7 +209,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         if rows:  # none at all: the errors below say why, an empty table adds nothing
             console.print(predictions_table(rows, f"{args.model}: top-{len(rows[0].top)} of {len(rows)} image(s)"))
     else:
-        writer = write_csv if output_format == "csv" else write_json
+        writer = {"csv": write_csv, "json": write_json,
+                  "probabilities": lambda rows, stream: write_probabilities(rows, stream, names)}[output_format]
         if args.out:
             with atomic_path(Path(args.out)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
                 count = writer(predictions, stream)
@@ -784,8 +787,9 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
                                              "of images (an image column, as for train; or a dataset file)")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--format", choices=("table", "json", "csv"),
-                   help="default: csv or json for an --out ending so, otherwise a table")
+    p.add_argument("--format", choices=("table", "json", "csv", "probabilities"),
+                   help="default: csv or json for an --out ending so, otherwise a table; probabilities: a CSV "
+                        "with a row per image and every class's probability in a column of its own (--topk unused)")
     p.add_argument("--out", help="write json/csv here instead of standard output")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -207,6 +207,18 @@ def write_csv(predictions: Iterator[Prediction], stream: TextIO) -> int:
     return count
 
 
+def write_probabilities(predictions: Iterator[Prediction], stream: TextIO, names: list[str]) -> int:
+    """One row per image (image, then each class's probability in a column named after it, in the model's
+    class order), written as they come: the predictions must hold every class (topk = the class count)."""
+    writer = csv.writer(stream)
+    writer.writerow(["image", *names])
+    count = 0
+    for count, prediction in enumerate(predictions, 1):
+        by_class = {class_id: probability for class_id, _, probability in prediction.top}
+        writer.writerow([prediction.source, *(f"{by_class[class_id]:.6f}" for class_id in range(len(names)))])
+    return count
+
+
 def write_json(predictions: Iterator[Prediction], stream: TextIO) -> int:
     """A JSON array of {"image", "top": [{"class_id", "class_name", "probability"}]}, written as it comes."""
     stream.write("[")
