@@ -217,7 +217,7 @@ def test_a_csv_of_labels_trains_evaluates_and_is_checked_like_a_folder(tmp_path,
                                                              f"{images[0]} (star)"]]
 
 
-def test_a_dataset_file_trains_evaluates_and_predicts_a_kaggle_style_csv(tmp_path, capsys):
+def test_a_dataset_file_trains_evaluates_and_predicts_a_kaggle_style_csv(tmp_path, capsys, monkeypatch):
     # Kaggle's layout: images named by id in one folder, their classes in labels.csv (id,breed), and the
     # images to predict in sample_submission.csv (id and a column per class, here ignored).
     shapes = write_shapes(tmp_path / "shapes", size=16, per_class=8, seed=2, progress=False)
@@ -234,6 +234,9 @@ def test_a_dataset_file_trains_evaluates_and_predicts_a_kaggle_style_csv(tmp_pat
         "csv: sample_submission.csv\nimage_column: id\nimages: train\nsuffix: .png\n")
     model_file = _trained_and_evaluated(described, shapes, tmp_path)
     assert model_file == tmp_path / "runs" / "resnet20-shapes" / "model.safetensors"  # named after the file
+    monkeypatch.chdir(tmp_path)  # where calibrate's default runs/calibrate/MODEL-DATA is made
+    assert main(["calibrate", str(model_file), str(described), "--quiet"]) == 0
+    assert (tmp_path / "runs" / "calibrate" / "model-shapes" / "calibration.json").is_file()
     capsys.readouterr()
     assert main(["predict", str(model_file), str(tmp_path / "kaggle" / "test.yaml"), "--topk", "1",
                  "--format", "csv", "--quiet"]) == 0

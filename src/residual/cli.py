@@ -303,10 +303,11 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     from .calibrate import calibrate
+    from .data.datasets import data_name
     from .runs import output_dir
     from .tables import calibration_table
 
-    with output_dir(args.out, "runs/calibrate", f"{Path(args.model).stem}-{Path(args.data).name}") as out:
+    with output_dir(args.out, "runs/calibrate", f"{Path(args.model).stem}-{data_name(args.data)}") as out:
         result = calibrate(args.model, args.data, args.output, split=args.split, report_dir=out,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
                            progress=not args.quiet)
