@@ -144,8 +144,12 @@ def _wait_for_checkpoint(path, process, condition, timeout=120):
 
 def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
     data = write_shapes(tmp_path / "data", size=16, per_class=40, seed=2, progress=False)
+    teacher = residual.create_model("resnet20", num_classes=10)
+    teacher.class_names = sorted(path.name for path in (data / "train").iterdir())
+    residual.save_model(teacher, tmp_path / "teacher.safetensors")  # its terms are summed across the kill too
     common = ["--model", "resnet20", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "3",
               "--deterministic", "--quiet", "--augment", "cifar", "--ema", "0.9", "--drop-path", "0.2", "--no-report",
+              "--teacher", tmp_path / "teacher.safetensors",
               "--out", tmp_path]  # every source of randomness a step draws from
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = subprocess.run(_cli(data, *common, "--name", "straight"), env=env, capture_output=True, text=True)
@@ -169,6 +173,9 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
     for key in straight["ema"]:
         assert torch.equal(straight["ema"][key], again["ema"][key]), key
     assert [r["val_top1"] for r in straight["history"]] == [r["val_top1"] for r in again["history"]]
+    for column in ("train_loss", "train_label_loss", "train_distill_loss"):  # the killed epoch's sums carried on
+        assert [r[column] for r in straight["history"]] == pytest.approx([r[column] for r in again["history"]],
+                                                                         rel=1e-6), column
     best_straight = residual.load_model(tmp_path / "straight" / "model.safetensors").state_dict()
     best_resumed = residual.load_model(last.with_name("model.safetensors")).state_dict()
     assert all(torch.equal(best_straight[k], best_resumed[k]) for k in best_straight)
