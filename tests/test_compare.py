@@ -1,9 +1,14 @@
 """`residual compare`: runs side by side, best first, with what differs between their recipes."""
 
+import json
+
 import pytest
 
+import residual
 from residual.cli import main
 from residual.data.shapes import write_shapes
+from residual.evaluate import evaluate
+from residual.metrics import mcnemar_exact, wilson_interval
 from residual.train import TrainConfig, train
 from residual.train.compare import compare_runs, recipe_differences
 from residual.train.optim import OptimConfig
@@ -65,3 +70,49 @@ def test_compare_command_prints_the_table_draws_the_curves_and_refuses_what_is_n
     assert "neither a training run (no config.yaml) nor a folder of runs" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "absent")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_compare_on_data_pairs_every_runs_answers_on_the_same_images(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    data = runs.parent / "shapes"
+    (tmp_path / "fresh").mkdir()  # a run that has not finished an epoch: no model to score
+    (tmp_path / "fresh" / "config.yaml").write_text((runs / "slow" / "config.yaml").read_text())
+    assert main(["compare", str(runs), str(tmp_path / "fresh"), "--data", str(data), "--quiet",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"on {data} (test): 100 images, the same for every run" in out
+    assert "not scored (no model.safetensors yet): fresh" in out
+    scores = json.loads((tmp_path / "cmp" / "scores.json").read_text())
+    assert scores["split"] == "test" and [run["images"] for run in scores["runs"]] == [100] * 3
+    correct = {}
+    for run in scores["runs"]:  # each model's own answers, image by image
+        result = evaluate(residual.load_model(f"{run['run']}/model.safetensors"), data, "test", gallery_size=0,
+                          workers=0)
+        correct[run["run"]] = result.probs.argmax(1) == result.labels
+        assert run["top1"] == pytest.approx(correct[run["run"]].mean())
+        assert run["top1_ci95"] == pytest.approx(list(wilson_interval(int(correct[run["run"]].sum()), 100)))
+    best, *others = scores["runs"]
+    assert best["versus_best"] is None and best["top1"] >= max(run["top1"] for run in others)
+    for run in others:
+        only_best = int((correct[best["run"]] & ~correct[run["run"]]).sum())
+        only_it = int((correct[run["run"]] & ~correct[best["run"]]).sum())
+        assert run["versus_best"] == {"images": 100, "only_first": only_best, "only_second": only_it,
+                                      "p_value": pytest.approx(mcnemar_exact(only_best, only_it))}
+        assert only_best - only_it == round(100 * (best["top1"] - run["top1"]))  # the gap is the discordant split's
+
+
+def test_runs_that_held_out_other_images_of_a_flat_folder_are_not_paired(tmp_path, capsys):
+    flat = write_shapes(tmp_path / "shapes", size=16, per_class=8, seed=5, progress=False) / "train"
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert main(["train", str(flat), "--model", "resnet20", "--epochs", "1", "--seed", str(seed), "--quiet",
+                     "--no-report", "--out", str(tmp_path / "runs"), "--name", name]) == 0
+    # The same seed holds out the same images: they are what is scored, not the ones the runs learned.
+    assert main(["compare", str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b"), "--data", str(flat),
+                 "--quiet", "--out", str(tmp_path / "ab")]) == 0
+    scores = json.loads((tmp_path / "ab" / "scores.json").read_text())
+    assert scores["split"] == "val" and scores["runs"][0]["images"] == 10  # one of each class's 8
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "c"), "--data", str(flat),
+                 "--quiet"]) == 2
+    assert "so their answers cannot be paired (runs trained on this flat folder with another --val-split or seed" \
+        in capsys.readouterr().err

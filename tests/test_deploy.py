@@ -158,12 +158,17 @@ def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, 
     assert not (tmp_path / "eval").exists()
 
 
-def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_path):
+def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_path, capsys):
     out = tmp_path / "demo.int8.onnx"
     assert main(["quantize", str(exported.path), "--calib", str(demo_run["data"]), "--calib-size", "64",
                  "--method", "minmax", "-o", str(out), "--quiet"]) == 0
     report = json.loads(out.with_suffix(".quantize.json").read_text())
     assert report["drop_points"] <= 1.0 and report["top1_agreement"] >= 0.97
+    # The drop is the images only float got right less those only INT8 did; McNemar's test says if it is chance.
+    versus = report["versus_float"]
+    assert versus["only_first"] - versus["only_second"] == round(report["drop_points"] * report["images"] / 100)
+    assert versus["images"] == report["images"] and 0 < versus["p_value"] <= 1
+    assert f"only INT8: McNemar p = {versus['p_value']:.3g}" in " ".join(capsys.readouterr().out.split())
     assert report["int8"]["size_mb"] < report["float"]["size_mb"] / 2.5  # int8 weights
     assert report["calibration"] == {"images": 64, "source": str(demo_run["data"]), "method": "minmax",
                                      "unreadable": 0}

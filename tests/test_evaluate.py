@@ -141,6 +141,8 @@ def test_cli_eval_prints_tables_and_writes_the_report(demo_run, tmp_path, capsys
         assert text in printed
     assert (out / "report.html").is_file() and (out / "roc_curves.png").is_file()
     assert "<h2>ROC curves</h2>" in (out / "report.html").read_text()
+    low, high = json.loads((out / "metrics.json").read_text())["top1_ci95"]  # how sure the top-1 is
+    assert f"{low:.2%} - {high:.2%}" in printed and f"{low:.2%} - {high:.2%}" in (out / "report.html").read_text()
     # The demo model's label smoothing leaves it under-confident (ECE 0.10): eval points to the remedy.
     assert f"`residual calibrate {demo_run['model']} {demo_run['data']}` fits temperature scaling" in printed
     with pytest.raises(SystemExit):

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from residual.metrics import (calibration_bins, classification_metrics, confusion_matrix, ranking_scores, roc_curve,
-                              topk_accuracy)
+from residual.metrics import (calibration_bins, classification_metrics, confusion_matrix, mcnemar_exact,
+                              paired_comparison, ranking_scores, roc_curve, topk_accuracy, wilson_interval)
 
 NAMES = ["a", "b", "c"]
 # image: probabilities of a, b, c        true  predicted  confidence  correct
@@ -94,3 +94,28 @@ def test_weighted_average_weighs_by_support_and_absent_classes_do_not_count():
 def test_calibration_bin_edges_are_right_closed():
     rows = calibration_bins(np.array([0.0, 0.2, 0.2001, 1.0]), np.array([1, 1, 0, 1]), bins=5)
     assert [r["count"] for r in rows] == [2, 1, 0, 0, 1]
+
+
+def test_the_wilson_interval_of_a_top1():
+    # statsmodels.stats.proportion.proportion_confint(95, 100, method="wilson") = (0.888250, 0.978456); at 0 of
+    # 10 it is (0, 0.277533): not the empty interval p +- z*se would give.
+    assert wilson_interval(95, 100) == pytest.approx((0.888250, 0.978456), abs=1e-6)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6) and wilson_interval(0, 10)[0] == 0.0
+    assert wilson_interval(10, 10)[1] == 1.0
+    # By hand: z = 1.959964, p = 3/6: centre 0.5, half-width z * sqrt(1/24 + z^2/144) / (1 + z^2/6).
+    z = 1.959964
+    half = z * math.sqrt(0.25 / 6 + z * z / 144) / (1 + z * z / 6)
+    assert classification_metrics(PROBS, LABELS, NAMES)["top1_ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+
+
+def test_mcnemars_exact_test_is_the_binomial_tail_of_the_images_only_one_model_gets_right():
+    # 10 against 2: 2 * P(X <= 2), X ~ Binomial(12, 1/2) = 2 * (1 + 12 + 66) / 4096.
+    assert mcnemar_exact(10, 2) == pytest.approx(158 / 4096) and mcnemar_exact(2, 10) == mcnemar_exact(10, 2)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    # Thousands of images, where 0.5 ** n underflows a float: against exact integer arithmetic.
+    exact = 2 * sum(math.comb(10300, k) for k in range(5001)) / 2 ** 10300
+    assert mcnemar_exact(5000, 5300) == pytest.approx(exact, rel=1e-9) and 0.003 < exact < 0.004
+    first = np.array([1, 1, 1, 0, 0, 1], bool)
+    second = np.array([1, 0, 0, 0, 1, 1], bool)
+    assert paired_comparison(first, second) == {"images": 6, "only_first": 2, "only_second": 1,
+                                                "p_value": pytest.approx(1.0)}

@@ -31,19 +31,33 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    from .atomic import write_json
     from .runs import output_dir
-    from .tables import runs_table
-    from .train.compare import compare_runs
+    from .tables import data_scores_table, runs_table
+    from .train.compare import compare_runs, score_on_data
     from .train.history import plot_runs
 
     records, differing = compare_runs(args.runs)
     console.print(runs_table(records, differing))
     if not differing:
         console.print("their recipes are the same (apart from where they were written)")
+    scores = (score_on_data(records, args.data, args.split, args.device, args.batch_size, args.workers,
+                            progress=not args.quiet) if args.data else [])
     with output_dir(args.out, "runs/compare", records[0].name) as out:
         out.mkdir(parents=True, exist_ok=True)
         plot_runs([(record.name, record.history) for record in records], out / "compare.png")
-    console.print(f"validation curves: {out / 'compare.png'}")
+        if scores:
+            write_json(out / "scores.json", {"data": str(args.data), "split": scores[0].split, "runs": [
+                {"run": str(score.record.path), "images": len(score.correct), "top1": score.top1,
+                 "top1_ci95": list(score.top1_ci95), "versus_best": score.versus_best} for score in scores]})
+    if scores:
+        console.print(data_scores_table(scores, f"on {args.data} ({scores[0].split}): {len(scores[0].correct):,} "
+                                                f"images, the same for every run; the gap to the best by McNemar's "
+                                                f"exact test"))
+        left_out = [record.name for record in records if record not in [score.record for score in scores]]
+        if left_out:
+            console.print(f"not scored (no model.safetensors yet): {', '.join(left_out)}")
+    console.print(f"validation curves: {out / 'compare.png'}" + (f", scores: {out / 'scores.json'}" if scores else ""))
     return 0
 
 
@@ -290,8 +304,10 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
                                    f"INT8 vs float on {report['images']:,} {report['split']} images{as_trained}; "
                                    f"calibrated on {report['calibration']['images']} images "
                                    f"({report['calibration']['method']})"))
+    versus = report["versus_float"]
     console.print(f"top-1 drop {report['drop_points']:+.2f} points (allowed: {args.max_drop}); "
-                  f"top-1 agreement with float {report['top1_agreement']:.2%}")
+                  f"top-1 agreement with float {report['top1_agreement']:.2%}; {versus['only_first']} image(s) only "
+                  f"float got right, {versus['only_second']} only INT8: McNemar p = {versus['p_value']:.3g}")
     if result.refused:
         print(f"error: INT8 loses {report['drop_points']:.2f} top-1 points, more than --max-drop {args.max_drop}; "
               f"nothing was written. Calibrate on more or more typical images, try --method entropy or "
@@ -869,6 +885,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("compare", help="training runs side by side: best scores, curves, what differs")
     p.add_argument("runs", nargs="+", help="run folders (runs/train/NAME), or folders of them (runs/train)")
     p.add_argument("--out", help="folder for compare.png (default: a new runs/compare/NAME)")
+    p.add_argument("--data", help="also score every run's model on the same images of this dataset, with a 95%% "
+                                  "interval on each top-1 and McNemar's test of each gap to the best")
+    p.add_argument("--split", choices=("train", "val", "test", "all"),
+                   help="with --data: the split scored (default: as eval chooses)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--workers", type=at_least(0), help="decoding processes (default: the cores less one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_compare)
 
     p = commands.add_parser("summary", help="a model layer by layer: output shapes, parameters, MACs")

@@ -40,6 +40,7 @@ class EvalResult:
     gallery: list[GalleryItem] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)  # what was written (metrics, pictures, report)
     compiled: str = "off"  # whether torch.compile ran, and why
+    split: str = ""  # the split evaluated (train, val, test or all)
 
 
 def pick_split(dataset: Dataset, split: str | None) -> tuple[str, Split]:
@@ -126,7 +127,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     metrics = classification_metrics(probs_all, labels, names, bins)
     sources = [str(items[i]) if isinstance(items[i], Path) else f"{split_name}#{i}" for i in kept]
     gallery = highest_loss(model, probs_all, labels, [items[i] for i in kept], sources, gallery_size)
-    result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why)
+    result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why, split=split_name)
     if out_dir is not None:
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
                 "tta": tta, "resize_size": pre.resize_size, "input_size": pre.input_size, "compile": why,

@@ -7,9 +7,17 @@ Expected calibration error uses equal-width confidence bins (Guo et al. 2017). R
 average precision are per class, one against the rest, as scikit-learn's roc_auc_score
 and average_precision_score compute them (ties in the scores count half), and undefined
 (None) for a class that is absent from the labels or is all of them.
+
+How sure a top-1 is: its Wilson score interval (as statsmodels' proportion_confint with
+method="wilson"); whether two models' top-1 on the same images differ by more than chance:
+McNemar's exact test on the images only one of them gets right (statsmodels' mcnemar with
+exact=True).
 """
 
 from __future__ import annotations
+
+import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -146,6 +154,43 @@ def image_losses(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
 
 
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion: where the true rate lies at `confidence`, given
+    `successes` of `trials`. Unlike p +- z*se it stays inside [0, 1] and is not empty at 0% or 100%."""
+    if trials == 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    rate, spread = successes / trials, z * z / trials
+    centre = (rate + spread / 2) / (1 + spread)
+    half = z * math.sqrt(rate * (1 - rate) / trials + spread / (4 * trials)) / (1 + spread)
+    # At 0% and 100% the bound is exactly 0 or 1; computed, it is off by a rounding error.
+    return (0.0 if successes == 0 else centre - half), (1.0 if successes == trials else centre + half)
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """McNemar's exact test, two-sided: the chance of a split at least this uneven of the images only one
+    of two models gets right, were both equally good (each such image then a fair coin's toss)."""
+    discordant = only_first + only_second
+    if discordant == 0:
+        return 1.0
+    fewer = min(only_first, only_second)
+    # The binomial tail in logarithms: 0.5 ** n underflows for the thousands of images a large test set splits.
+    terms = [math.lgamma(discordant + 1) - math.lgamma(k + 1) - math.lgamma(discordant - k + 1)
+             - discordant * math.log(2) for k in range(fewer + 1)]
+    top = max(terms)
+    return min(1.0, 2 * math.exp(top) * sum(math.exp(term - top) for term in terms))
+
+
+def paired_comparison(first_correct: np.ndarray, second_correct: np.ndarray) -> dict:
+    """Two models' answers on the same images (True where right): how many only each got right, and
+    McNemar's p-value for a difference that large arising by chance."""
+    first_correct, second_correct = np.asarray(first_correct, bool), np.asarray(second_correct, bool)
+    only_first = int((first_correct & ~second_correct).sum())
+    only_second = int((second_correct & ~first_correct).sum())
+    return {"images": int(len(first_correct)), "only_first": only_first, "only_second": only_second,
+            "p_value": mcnemar_exact(only_first, only_second)}
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str], bins: int = 15) -> dict:
     """Everything `residual eval` reports, as plain JSON-ready values.
 
@@ -167,6 +212,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
     return {
         "images": int(len(labels)),
         "top1": float((predicted == labels).mean()),
+        "top1_ci95": list(wilson_interval(int((predicted == labels).sum()), len(labels))),
         "top5": topk_accuracy(probs, labels, 5),
         "loss": float(image_losses(probs, labels).mean()),
         "ece": expected_calibration_error(rows),

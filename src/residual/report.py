@@ -167,7 +167,9 @@ th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-widt
 
 def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict[str, Path],
                gallery: list[GalleryItem], failed: list[str]) -> None:
-    cards = [("top-1", f"{metrics['top1']:.2%}"), ("top-5", f"{metrics['top5']:.2%}"),
+    low, high = metrics["top1_ci95"]
+    cards = [("top-1", f"{metrics['top1']:.2%}"), ("top-1, 95% interval", f"{low:.2%} - {high:.2%}"),
+             ("top-5", f"{metrics['top5']:.2%}"),
              ("loss", f"{metrics['loss']:.4f}"), ("ECE", f"{metrics['ece']:.4f}"),
              ("images", f"{metrics['images']:,}"), ("unreadable", str(len(failed)))]
     if metrics["macro"]["roc_auc"] is not None:

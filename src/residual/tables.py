@@ -12,7 +12,7 @@ from rich.table import Table
 from .data.check import DataReport
 from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
-from .train.compare import RunRecord, recipe_differences
+from .train.compare import DataScore, RunRecord, recipe_differences
 from .progress import transient_bar
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
@@ -155,7 +155,9 @@ def _score(value: float | None, digits: int) -> str:
 def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
     """The headline numbers, per-class scores (the worst `limit` by F1 when there are more), confused pairs."""
     summary = new_table(title, ("metric", "value"), right=("value",), title_justify="left", show_header=False)
+    low, high = metrics["top1_ci95"]
     for name, value in [("images", f"{metrics['images']:,}"), ("top-1", f"{metrics['top1']:.2%}"),
+                        ("top-1, 95% interval", f"{low:.2%} - {high:.2%}"),
                         ("top-5", f"{metrics['top5']:.2%}"), ("loss", f"{metrics['loss']:.4f}"),
                         ("ECE", f"{metrics['ece']:.4f}"), ("macro F1", f"{metrics['macro']['f1']:.4f}"),
                         ("weighted F1", f"{metrics['weighted']['f1']:.4f}"),
@@ -231,6 +233,26 @@ def runs_table(records: list[RunRecord], differing: list[str]) -> Table:
         minutes, seconds = divmod(round(record.seconds), 60)
         table.add_row(record.name, *kept, record.state, f"{minutes}:{seconds:02d}",
                       recipe_differences(record, differing))
+    return table
+
+
+SIGNIFICANCE = 0.05  # a gap in top-1 whose McNemar p-value is below this is called more than chance
+
+
+def data_scores_table(scores: list[DataScore], title: str) -> Table:
+    """Runs on the same images, best top-1 first: each one's top-1 with its 95% interval, and against the best,
+    the images only one of the two got right and McNemar's p-value for such a split arising by chance."""
+    columns = ("top-1", "95% interval", "only best right", "only it right", "p (vs best)")
+    table = new_table(title, ("run", *columns, "the gap"), right=columns)
+    for score in scores:
+        low, high = score.top1_ci95
+        versus = score.versus_best
+        if versus is None:
+            cells = ("-", "-", "-", "best")
+        else:
+            cells = (str(versus["only_first"]), str(versus["only_second"]), f"{versus['p_value']:.3g}",
+                     "more than chance" if versus["p_value"] < SIGNIFICANCE else "could be chance")
+        table.add_row(score.record.name, f"{score.top1:.2%}", f"{low:.2%} - {high:.2%}", *cells)
     return table
 
 

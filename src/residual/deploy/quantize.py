@@ -32,6 +32,7 @@ from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..evaluate import evaluate, split_as_trained
+from ..metrics import paired_comparison
 from ..weights import load_model
 from .onnx import ExportError, OnnxModel, export_metadata, export_onnx, read_onnx_metadata, set_metadata
 from .speed import measure_speed
@@ -159,13 +160,15 @@ def _carry_metadata(float_path: Path, int8_path: Path, calibration: dict) -> Non
 def _compare(float_model: OnnxModel, int8_model: OnnxModel, float_path: Path, int8_path: Path, data, split: str,
              batch_size: int, progress: bool) -> dict:
     """Size, validation top-1 and CPU speed of both models, the top-1 drop and their agreement."""
-    results = {}
+    results, answers = {}, {}
     for name, model, path in (("float", float_model, float_path), ("int8", int8_model, int8_path)):
         evaluated = evaluate(model, data, split, batch_size=batch_size, gallery_size=0, workers=0, progress=progress)
         speed = measure_speed(model, model.preprocessing.input_size)
         results[name] = {"size_mb": round(path.stat().st_size / 2**20, 3), "top1": evaluated.metrics["top1"],
-                         **speed.to_dict(), "predicted": evaluated.probs.argmax(1)}
-    agreement = float(np.mean(results["float"].pop("predicted") == results["int8"].pop("predicted")))
+                         **speed.to_dict()}
+        answers[name] = evaluated.probs.argmax(1)
+    labels = evaluated.labels  # the same images for both: the same split, read the same way
     drop = round(100 * (results["float"]["top1"] - results["int8"]["top1"]), 3)
     return {**results, "split": split, "images": int(evaluated.metrics["images"]), "drop_points": drop,
-            "top1_agreement": agreement}
+            "top1_agreement": float(np.mean(answers["float"] == answers["int8"])),
+            "versus_float": paired_comparison(answers["float"] == labels, answers["int8"] == labels)}

@@ -3,6 +3,9 @@
 Each run is read from what training left in its folder: config.yaml (the recipe), metrics.csv (the
 curves), model.safetensors (whose metadata records the best epoch and its validation scores, so a run
 that is still going or was interrupted counts too) and summary.json (whether it finished).
+
+With data to score them on (`score_on_data`), each run's model answers the same images, and each is
+set against the best there by McNemar's exact test: whether the gap in top-1 is more than chance.
 """
 
 from __future__ import annotations
@@ -11,8 +14,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ResidualError
-from ..weights import read_metadata
+from ..evaluate import evaluate, split_as_trained
+from ..metrics import paired_comparison
+from ..runs import pick_device
+from ..weights import load_model, read_metadata
 from .config import load_config
 from .history import read_metrics
 
@@ -105,3 +113,44 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[RunRecord], list[str]]:
     records = [read_run(path) for path in run_folders(paths)]
     records.sort(key=lambda record: -(record.best or {}).get("val_top1", -1.0))  # runs without a model last
     return records, differing_settings(records)
+
+
+@dataclass
+class DataScore:
+    """A run's kept model on the images runs are compared on."""
+    record: RunRecord
+    split: str  # the split of the data scored
+    top1: float
+    top1_ci95: tuple[float, float]
+    correct: np.ndarray  # per image, whether its top-1 was right
+    versus_best: dict | None = None  # metrics.paired_comparison(best run, this run); None for the best
+
+
+def score_on_data(records: list[RunRecord], data: str | Path, split: str | None = None, device: str = "auto",
+                  batch_size: int = 64, workers: int | None = None, progress: bool = False) -> list[DataScore]:
+    """Each run's model.safetensors evaluated on the same images of `data` (`split` chosen as eval chooses;
+    the flat folder a run trained on is split as it was, so its held-out images are scored), best top-1
+    first, each compared with the best by McNemar's test. Runs without a model yet are left out."""
+    scores, sources = [], None
+    for record in records:
+        model_file = record.path / "model.safetensors"
+        if not model_file.is_file():
+            continue
+        as_trained = split_as_trained(model_file, data)
+        model = load_model(model_file).to(pick_device(device))
+        result = evaluate(model, as_trained or data, split or ("val" if as_trained else None), batch_size=batch_size,
+                          gallery_size=0, workers=workers, progress=progress)
+        if sources is not None and result.sources != sources:
+            raise ResidualError(f"{data}: {record.name} was scored on other images than {scores[0].record.name}, "
+                                f"so their answers cannot be paired (runs trained on this flat folder with another "
+                                f"--val-split or seed hold out other images); give data with a test split, or --split")
+        sources = result.sources
+        correct = result.probs.argmax(1) == result.labels
+        scores.append(DataScore(record, result.split, result.metrics["top1"], tuple(result.metrics["top1_ci95"]),
+                                correct))
+    if not scores:
+        raise ResidualError("none of the runs has a model.safetensors yet: nothing to score")
+    scores.sort(key=lambda score: -score.top1)
+    for score in scores[1:]:
+        score.versus_best = paired_comparison(scores[0].correct, score.correct)
+    return scores
