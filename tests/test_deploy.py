@@ -240,6 +240,10 @@ def test_pruned_model_loads_from_its_file_with_the_macs_it_claims(demo_run, tmp_
     assert report["after"]["macs"] < 0.6 * report["before"]["macs"]
     assert alone.config.block_widths == ((8,),) * 3 + ((16,),) * 3 + ((32,),) * 3
     assert set(report) >= {"before", "pruned", "after"}
+    versus = report["versus_before"]  # the change in top-1, image by image, and whether it is chance
+    assert versus["only_first"] - versus["only_second"] == round((report["before"]["top1"] - report["after"]["top1"])
+                                                                 * versus["images"])
+    assert versus["images"] == 100 and 0 < versus["p_value"] <= 1  # the val split: 10 of each class
     run = read_metadata(out)["extra"]["run"]
     assert (tmp_path / run / "metrics.csv").is_file()  # the fine-tuning run, in runs/prune of the working folder
     # The pruned model exports like any other.

@@ -352,6 +352,9 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     if report["epochs"]:
         rows[f"+ fine-tuned {report['epochs']} epoch(s)"] = report["after"]
     console.print(comparison_table(rows, f"channel pruning of {args.model} (top-1 on {report['split']})"))
+    versus = report["versus_before"]
+    console.print(f"{versus['only_first']} image(s) only the model before got right, {versus['only_second']} only "
+                  f"the pruned one: McNemar p = {versus['p_value']:.3g}")
     console.print(f"wrote {result.path} and {result.report_path}"
                   + (f"; fine-tuning run in {result.run_dir}" if result.run_dir else ""))
     return 0

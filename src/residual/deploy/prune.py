@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -26,6 +27,7 @@ from ..atomic import write_json
 from ..data.datasets import open_dataset
 from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate, training_split
+from ..metrics import paired_comparison
 from ..models import ResNet, count_macs, count_params
 from ..train import TrainConfig, train
 from ..train.optim import OptimConfig
@@ -81,14 +83,14 @@ class PruneResult:
     report: dict  # before, pruned (not yet fine-tuned), after: params, MACs, speed, top-1
 
 
-def model_stats(model: ResNet, dataset, split: str, batch_size: int, progress: bool) -> dict:
-    """Parameters, MACs per image, CPU speed and top-1 on `split`."""
+def model_stats(model: ResNet, dataset, split: str, batch_size: int, progress: bool) -> tuple[dict, np.ndarray]:
+    """Parameters, MACs per image, CPU speed and top-1 on `split`; and per image, whether its top-1 was right."""
     cpu_model = copy.deepcopy(model).float().cpu().eval()
     size = model.preprocessing.input_size
-    top1 = evaluate(model, dataset, split, batch_size=batch_size, gallery_size=0, workers=0,
-                    progress=progress).metrics["top1"]
-    return {"params": count_params(cpu_model), "macs": count_macs(cpu_model, size, model.config.in_chans),
-            **measure_speed(cpu_model, size, model.config.in_chans).to_dict(), "top1": top1}
+    evaluated = evaluate(model, dataset, split, batch_size=batch_size, gallery_size=0, workers=0, progress=progress)
+    return ({"params": count_params(cpu_model), "macs": count_macs(cpu_model, size, model.config.in_chans),
+             **measure_speed(cpu_model, size, model.config.in_chans).to_dict(), "top1": evaluated.metrics["top1"]},
+            evaluated.probs.argmax(1) == evaluated.labels)
 
 
 def prune(model_path: str | Path, data: str | Path, out: str | Path | None = None, *, amount: float = 0.3,
@@ -111,9 +113,9 @@ def prune(model_path: str | Path, data: str | Path, out: str | Path | None = Non
         raise PruneError(f"{data}: its classes {dataset.classes[:5]} are not the model's "
                          f"{(model.class_names or [])[:5]} in the same order; prune on the data it was trained on")
     pruned = prune_channels(model, amount)  # first: a bad --amount stops before any evaluation
-    report = {"source": str(model_path), "amount": amount, "epochs": epochs, "split": split,
-              "before": model_stats(model, dataset, split, batch_size, progress)}
-    report["pruned"] = model_stats(pruned, dataset, split, batch_size, progress)
+    report = {"source": str(model_path), "amount": amount, "epochs": epochs, "split": split}
+    report["before"], correct_before = model_stats(model, dataset, split, batch_size, progress)
+    report["pruned"], _ = model_stats(pruned, dataset, split, batch_size, progress)
     run_dir = None
     if epochs > 0:
         with tempfile.TemporaryDirectory(prefix="residual-prune-") as folder:
@@ -125,7 +127,8 @@ def prune(model_path: str | Path, data: str | Path, out: str | Path | None = Non
             trained = train(config, console=console or Console(quiet=not progress))
         run_dir = trained.run_dir
         pruned = load_model(trained.model_path).eval()
-    report["after"] = model_stats(pruned, dataset, split, batch_size, progress)
+    report["after"], correct_after = model_stats(pruned, dataset, split, batch_size, progress)
+    report["versus_before"] = paired_comparison(correct_before, correct_after)  # is the change in top-1 chance?
     report["block_widths"] = [list(w) for w in pruned.config.block_widths]
     claims = {key: report["after"][key] for key in ("params", "macs")}
     save_model(pruned, out, extra={"pruned_from": model_path.name, "pruning": {"amount": amount, **claims},
