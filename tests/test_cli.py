@@ -160,7 +160,8 @@ def test_demo_trains_to_95_percent_on_the_cpu(demo_run):
         assert (run / name).is_file() and (run / "test-report" / name).is_file()
     best = residual.read_metadata(run / "model.safetensors")["extra"]
     assert best["val_top1"] >= 0.95, best
-    assert "test top-1" in out and "Next:" in out and f"residual calibrate {run / 'model.safetensors'}" in out
+    assert "test top-1" in out and "95% interval" in out and "Next:" in out
+    assert f"residual calibrate {run / 'model.safetensors'}" in out
 
 
 def test_console_script_entry_point():

@@ -60,8 +60,9 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
     console.print(table)
     test_top1 = test.metrics["top1"]
     val_top1 = result.best.get("val_top1", float("nan"))
+    low, high = test.metrics["top1_ci95"]
     console.print(f"validation top-1 {val_top1:.2%} (best epoch {result.best_epoch}), "
-                  f"test top-1 {test_top1:.2%} over {len(test.sources)} images.")
+                  f"test top-1 {test_top1:.2%} over {len(test.sources)} images (95% interval {low:.2%} - {high:.2%}).")
 
     console.print(f"\nEverything is in {result.run_dir}:")
     for name, what in [("model.safetensors", "the best model: weights, classes and preprocessing in one file"),
