@@ -47,14 +47,14 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         out.mkdir(parents=True, exist_ok=True)
         plot_runs([(record.name, record.history) for record in records], out / "compare.png")
         if scores:
-            write_json(out / "scores.json", {"data": str(args.data), "split": scores[0].split, "runs": [
-                {"run": str(score.record.path), "images": len(score.correct), "top1": score.top1,
-                 "top1_ci95": list(score.top1_ci95), "versus_best": score.versus_best} for score in scores]})
+            write_json(out / "scores.json", {"data": str(args.data), "split": scores[0].split,
+                                             "runs": [score.to_dict() for score in scores]})
     if scores:
         console.print(data_scores_table(scores, f"on {args.data} ({scores[0].split}): {len(scores[0].correct):,} "
                                                 f"images, the same for every run; the gap to the best by McNemar's "
                                                 f"exact test"))
-        left_out = [record.name for record in records if record not in [score.record for score in scores]]
+        scored = {score.record.path for score in scores}
+        left_out = [record.name for record in records if record.path not in scored]
         if left_out:
             console.print(f"not scored (no model.safetensors yet): {', '.join(left_out)}")
     console.print(f"validation curves: {out / 'compare.png'}" + (f", scores: {out / 'scores.json'}" if scores else ""))

@@ -125,6 +125,10 @@ class DataScore:
     correct: np.ndarray  # per image, whether its top-1 was right
     versus_best: dict | None = None  # metrics.paired_comparison(best run, this run); None for the best
 
+    def to_dict(self) -> dict:
+        return {"run": str(self.record.path), "split": self.split, "images": len(self.correct), "top1": self.top1,
+                "top1_ci95": list(self.top1_ci95), "versus_best": self.versus_best}
+
 
 def score_on_data(records: list[RunRecord], data: str | Path, split: str | None = None, device: str = "auto",
                   batch_size: int = 64, workers: int | None = None, progress: bool = False) -> list[DataScore]:
