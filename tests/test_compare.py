@@ -82,6 +82,7 @@ def test_compare_on_data_pairs_every_runs_answers_on_the_same_images(runs, tmp_p
     out = " ".join(capsys.readouterr().out.split())
     assert f"on {data} (test): 100 images, the same for every run" in out
     assert "not scored (no model.safetensors yet): fresh" in out
+    assert (tmp_path / "cmp" / "scores.png").stat().st_size > 10_000  # each top-1 with its interval
     scores = json.loads((tmp_path / "cmp" / "scores.json").read_text())
     assert scores["split"] == "test" and [run["images"] for run in scores["runs"]] == [100] * 3
     correct = {}

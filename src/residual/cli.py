@@ -32,10 +32,11 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from .atomic import write_json
+    from .data.datasets import data_name
     from .runs import output_dir
     from .tables import data_scores_table, runs_table
     from .train.compare import compare_runs, score_on_data
-    from .train.history import plot_runs
+    from .train.history import plot_runs, plot_scores
 
     records, differing = compare_runs(args.runs)
     console.print(runs_table(records, differing))
@@ -49,6 +50,10 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         if scores:
             write_json(out / "scores.json", {"data": str(args.data), "split": scores[0].split,
                                              "runs": [score.to_dict() for score in scores]})
+            plot_scores([(score.record.name, score.top1, score.top1_ci95,
+                          score.versus_best["p_value"] if score.versus_best else None) for score in scores],
+                        out / "scores.png", f"{data_name(args.data)} ({scores[0].split}, {len(scores[0].correct):,} "
+                                            f"images)")
     if scores:
         console.print(data_scores_table(scores, f"on {args.data} ({scores[0].split}): {len(scores[0].correct):,} "
                                                 f"images, the same for every run; the gap to the best by McNemar's "
@@ -57,7 +62,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         left_out = [record.name for record in records if record.path not in scored]
         if left_out:
             console.print(f"not scored (no model.safetensors yet): {', '.join(left_out)}")
-    console.print(f"validation curves: {out / 'compare.png'}" + (f", scores: {out / 'scores.json'}" if scores else ""))
+    console.print(f"validation curves: {out / 'compare.png'}"
+                  + (f", scores: {out / 'scores.json'} and {out / 'scores.png'}" if scores else ""))
     return 0
 
 

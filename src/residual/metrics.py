@@ -23,6 +23,7 @@ import numpy as np
 
 
 CONFIDENCE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)  # where eval reports the accuracy of the predictions kept
+SIGNIFICANCE = 0.05  # a gap in top-1 whose McNemar p-value is below this is called more than chance
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.table import Table
 
 from .data.check import DataReport
+from .metrics import SIGNIFICANCE
 from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
@@ -234,9 +235,6 @@ def runs_table(records: list[RunRecord], differing: list[str]) -> Table:
         table.add_row(record.name, *kept, record.state, f"{minutes}:{seconds:02d}",
                       recipe_differences(record, differing))
     return table
-
-
-SIGNIFICANCE = 0.05  # a gap in top-1 whose McNemar p-value is below this is called more than chance
 
 
 def data_scores_table(scores: list[DataScore], title: str) -> Table:

@@ -1,5 +1,5 @@
-"""What a run records per epoch: metrics.csv, and curves.png drawn from it (and several runs' curves
-together, for `residual compare`)."""
+"""What a run records per epoch: metrics.csv, and curves.png drawn from it (and, for `residual compare`,
+several runs' curves together and their scores on the same images)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
+from ..metrics import SIGNIFICANCE  # noqa: E402
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
            "epoch_seconds")
@@ -81,5 +82,24 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path) -> None:
     for ax in (top1_ax, loss_ax):
         ax.grid(alpha=0.3)
     top1_ax.legend(fontsize="small")
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_scores(runs: list[tuple[str, float, tuple[float, float], float | None]], path: Path, title: str) -> None:
+    """Each run's top-1 (name, top-1, its 95% interval, McNemar's p against the best or None for the best) as a
+    dot with its interval, best at the top; runs whose gap to the best could be chance are drawn grey."""
+    figure, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(runs)))
+    labels = []
+    for row, (name, top1, (low, high), p_value) in enumerate(runs):
+        colour = "C0" if p_value is None else "C3" if p_value < SIGNIFICANCE else "0.55"
+        ax.errorbar(100 * top1, row, xerr=[[100 * (top1 - low)], [100 * (high - top1)]], fmt="o", color=colour,
+                    capsize=4)
+        labels.append(f"{name} (best)" if p_value is None else f"{name} (p = {p_value:.2g})")
+    ax.set_yticks(range(len(runs)), labels)
+    ax.invert_yaxis()
+    ax.margins(y=0.3)
+    ax.set(xlabel="top-1 (%) with its 95% interval; red: worse than the best by more than chance", title=title)
+    ax.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     _save(figure, path)
