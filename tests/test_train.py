@@ -351,7 +351,8 @@ def test_mixup_cutmix_clipping_and_strong_augmentation_train(shapes16, tmp_path)
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
 
-def test_class_weighted_loss_keeps_its_scale_when_targets_are_soft(tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_class_weighted_loss_keeps_its_scale_when_targets_are_soft(tmp_path, monkeypatch, loss):
     # Mixup and CutMix turn labels into soft targets. For those, torch's weighted cross-entropy divides by the
     # image count, for class indices by the sum of their class weights, so turning mixup on rescaled the loss
     # (and the step: 2.38 against 2.68 on this batch). The engine divides both by the weights. A "mix" that
@@ -359,7 +360,7 @@ def test_class_weighted_loss_keeps_its_scale_when_targets_are_soft(tmp_path, mon
     data = imbalanced_shapes(tmp_path / "d")
     dataset = open_dataset(data)
     config = TrainConfig(data=str(data), model="resnet20", batch_size=64, class_weights="auto", label_smoothing=0.1,
-                         augment=AugmentConfig(preset="none"), device="cpu", quiet=True, out=str(tmp_path))
+                         loss=loss, augment=AugmentConfig(preset="none"), device="cpu", quiet=True, out=str(tmp_path))
     trainer = Trainer(resolve(config, dataset), dataset, tmp_path, Console(quiet=True))
     trainer.model.train()
     images, labels = next(iter(trainer.train_loader.epoch(0)))
@@ -488,7 +489,8 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
 
     code = main(["train", str(shapes16), "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--lr", "0.03",
                  "--schedule", "multistep", "--milestones", "1,2", "--augment", "strong", "--no-hflip", "--mixup",
-                 "0.2", "--drop-rate", "0.1", "--drop-path", "0.05", "--label-smoothing", "0.05", "--quiet",
+                 "0.2", "--drop-rate", "0.1", "--drop-path", "0.05", "--label-smoothing", "0.05", "--loss", "bce",
+                 "--bce-target-threshold", "0.2", "--quiet",
                  "--no-report", "--out",
                  str(tmp_path), "--name", "cli"])
     assert code == 0
@@ -496,10 +498,13 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     assert config["optim"]["lr"] == 0.03 and config["optim"]["milestones"] == [1, 2]
     assert config["augment"]["preset"] == "strong" and config["augment"]["hflip"] is False
     assert config["augment"]["mixup"] == 0.2 and config["model_options"] == {"drop_rate": 0.1, "drop_path_rate": 0.05}
+    assert (config["loss"], config["bce_target_threshold"]) == ("bce", 0.2)
     assert "epoch 1/1" in capsys.readouterr().out
     assert main(["train", str(tmp_path / "nowhere")]) == 2
     assert main(["train", str(shapes16), "--ema", "1.5"]) == 2
     assert "--ema is the average's decay per step" in capsys.readouterr().err
+    assert main(["train", str(shapes16), "--bce-target-threshold", "0.2"]) == 2
+    assert "--bce-target-threshold goes with --loss bce" in capsys.readouterr().err
 
 
 def test_stem_flag_and_the_warning_for_a_net_that_shrinks_small_images_to_one_pixel(shapes16, tmp_path, capsys):

@@ -442,7 +442,8 @@ AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift
 MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs",
                "unfreeze_stages", "layer_lr_decay", "model", "image_size", "epochs", "batch_size", "label_smoothing",
-               "grad_clip", "accumulate", "ema", "teacher", "distill_weight", "distill_temperature", "early_stopping",
+               "loss", "bce_target_threshold", "grad_clip", "accumulate", "ema", "teacher", "distill_weight",
+               "distill_temperature", "early_stopping",
                "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last", "compile",
                "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak", "out", "name",
                "quiet", "report", "sync_bn")
@@ -695,6 +696,10 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     opt.add_argument("--staircase", action=argparse.BooleanOptionalAction, default=None)
     reg = p.add_argument_group("regularisation")
     reg.add_argument("--label-smoothing", type=float)
+    reg.add_argument("--loss", choices=("ce", "bce"),
+                     help="ce: softmax cross-entropy (default); bce: one sigmoid per class, as in ResNet strikes back")
+    reg.add_argument("--bce-target-threshold", type=float, metavar="T",
+                     help="with --loss bce: mixed targets above T become 1, the rest 0 (ResNet strikes back: 0.2)")
     reg.add_argument("--class-weights", choices=("auto",), help="weight the loss by inverse class frequency")
     reg.add_argument("--balanced-sampler", action=argparse.BooleanOptionalAction, default=None,
                      help="draw every class equally often (with replacement)")

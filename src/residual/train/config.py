@@ -27,6 +27,7 @@ from .optim import OptimConfig
 
 MONITORS = ("val_top1", "val_loss")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+LOSSES = ("ce", "bce")
 STRATEGIES = ("full", "linear-probe", "two-stage")
 
 
@@ -47,6 +48,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and weight decay auto unless given
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # preset auto unless given
     label_smoothing: float = 0.0
+    loss: str = "ce"  # 'ce' (softmax cross-entropy) or 'bce' (one sigmoid per class, as "ResNet strikes back")
+    bce_target_threshold: float | None = None  # with bce: mixed targets above it become 1, the rest 0 (RSB: 0.2)
     class_weights: str | None = None  # 'auto': loss weights inversely proportional to class frequency
     balanced_sampler: bool = False  # draw each epoch with replacement so every class is equally likely
     grad_clip: float | None = None  # max gradient norm
@@ -108,6 +111,11 @@ class TrainConfig:
             raise ConfigError(f"--compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.bce_target_threshold is not None and (self.loss != "bce" or not 0.0 <= self.bce_target_threshold < 1):
+            raise ConfigError(f"--bce-target-threshold goes with --loss bce and is in [0, 1), got "
+                              f"{self.bce_target_threshold} with --loss {self.loss}")
         if self.layer_lr_decay is not None and not 0.0 < self.layer_lr_decay <= 1.0:
             raise ConfigError(f"--layer-lr-decay is the lr's factor per layer group toward the input: in (0, 1], got "
                               f"{self.layer_lr_decay}")

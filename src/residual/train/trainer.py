@@ -56,6 +56,7 @@ from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, compile_log, load_config, resolve, save_config
 from .distill import Teacher, distillation_sum
+from .loss import label_loss_sum
 from .distributed import World, per_worker_batch
 from .ema import WeightEMA
 from .history import plot_curves, write_metrics
@@ -643,12 +644,8 @@ class Trainer:
         with forward.no_sync() if accumulating else contextlib.nullcontext():
             with self._autocast():
                 logits = forward(x)
-                # Hard labels carry their smoothing here; soft (mixed) targets already include it.
-                smoothing = c.label_smoothing if targets.dtype == torch.long else 0.0
-                # Summed, then divided by the weight: torch's weighted mean divides soft targets by the
-                # image count instead, which would change the loss's scale when mixup is turned on.
-                loss_sum = F.cross_entropy(logits.float(), targets, weight=self.class_weights,
-                                           label_smoothing=smoothing, reduction="sum")
+                loss_sum = label_loss_sum(logits, targets, labels, c.loss, c.label_smoothing, c.bce_target_threshold,
+                                          self.class_weights)
             parts = None
             if self.teacher is not None:  # it sees the same augmented, mixed images
                 image_weights = None if self.class_weights is None else self.class_weights[labels]
