@@ -678,10 +678,11 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     fine.add_argument("--layer-lr-decay", type=float,
                       help="lr factor per layer group toward the input (discriminative lr; two-stage: 0.5)")
     opt = p.add_argument_group("optimizer and schedule")
-    opt.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "rmsprop"))
+    opt.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "rmsprop", "lamb"),
+                     help="lamb: LAMB, as ResNet strikes back trains ResNet-50 (with --loss bce)")
     opt.add_argument("--lr", type=lambda v: v if v == "auto" else float(v),
-                     help="default 0.1 per 128 images (small) or per 256 (large), 0.001 for adam, adamw and rmsprop; "
-                          "'auto': run the range test first")
+                     help="default 0.1 per 128 images (small) or per 256 (large), 0.001 for adam, adamw and "
+                          "rmsprop; 0.008 for lamb; 'auto': run the range test first")
     opt.add_argument("--momentum", type=float)
     opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     opt.add_argument("--weight-decay", type=float, help="L2 on conv/linear weights only (never BN or bias)")

@@ -32,6 +32,9 @@ LOSSES = ("ce", "bce")
 # al.'s; the adaptive optimizers divide each step by a gradient scale, so theirs is the usual 1e-3 (at 0.1
 # a resnet20 on shapes stayed at chance with Adam, AdamW and RMSprop).
 BASE_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
+# LAMB's rate is relative to each layer's size (the trust ratio), and is not scaled with the batch: RSB's A3
+# uses it at 2048 images, and on shapes at 128 it did best between 5e-3 and 2e-2 (docs/training.md).
+LAMB_LR = 8e-3
 STRATEGIES = ("full", "linear-probe", "two-stage")
 
 
@@ -258,7 +261,8 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     CIFAR recipe (SGD lr 0.1 per 128 images, weight decay 5e-4, pad-crop + flip);
     larger ones an ImageNet-style net at 224 px (128 px under 160 px) with
     random-resized crops, lr 0.1 per 256 images and weight decay 1e-4. Adam, AdamW and
-    RMSprop start from 0.001 instead of 0.1 (BASE_LR), and AdamW's decoupled weight decay is 0.01.
+    RMSprop start from 0.001 instead of 0.1 (BASE_LR), LAMB from 0.008 whatever the batch
+    (LAMB_LR), and AdamW's and LAMB's decoupled weight decay is 0.01.
     Fine-tuning (`pretrained`) keeps the source's architecture and input size; the
     new head trains at the usual rate, and the backbone at half the rate per layer
     group toward the input ('two-stage') or at a tenth of it ('full').
@@ -281,11 +285,14 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
                       ("resnet18" if count < 50_000 else "resnet50"))
     # A new head learns at the from-scratch rate; the pretrained backbone gets less: per layer group
     # (layer_lr_decay) in 'two-stage', or ten times less overall when 'full' fine-tuning trains it all alike.
-    base_lr = BASE_LR[config.optim.optimizer] * (0.1 if config.pretrained and config.strategy == "full" else 1.0)
-    decay = 0.01 if config.optim.optimizer == "adamw" else 5e-4 if small else 1e-4  # AdamW's: PyTorch's default
+    fine_tuning_all = 0.1 if config.pretrained and config.strategy == "full" else 1.0
+    scaled = (LAMB_LR if config.optim.optimizer == "lamb" else
+              BASE_LR[config.optim.optimizer] * config.batch_size * config.accumulate / (128 if small else 256))
+    # Decoupled weight decay (AdamW, LAMB): PyTorch's AdamW default, RSB's A1 LAMB value.
+    decay = 0.01 if config.optim.optimizer in ("adamw", "lamb") else 5e-4 if small else 1e-4
     optim = dataclasses.replace(
         config.optim,
-        lr=config.optim.lr or base_lr * config.batch_size * config.accumulate / (128 if small else 256),
+        lr=config.optim.lr or scaled * fine_tuning_all,
         weight_decay=config.optim.weight_decay if config.optim.weight_decay is not None else decay)
     augment = config.augment.resolved(image_size)
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)

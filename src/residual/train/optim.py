@@ -4,6 +4,10 @@ Weight decay applies to convolution and linear weights only: normalisation
 scales/shifts and biases (every parameter with fewer than 2 dimensions) are
 exempt, the usual practice since Goyal et al. 2017.
 
+LAMB (You et al. 2019), which "ResNet strikes back" trains ResNet-50 with, is not in PyTorch:
+`Lamb` below is Adam's step with decoupled weight decay, scaled per tensor by the trust
+ratio |weights| / |step|, as timm and NVIDIA's apex compute it.
+
 Every schedule is a pure function `lr_factor(step)` of the optimizer step,
 wrapped in a LambdaLR, so its values are testable and its state is one
 integer in the checkpoint. Epoch-based schedules (step, multistep,
@@ -21,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
 SCHEDULES = ("cosine", "step", "multistep", "exponential", "onecycle", "constant")
 
 
@@ -103,7 +107,50 @@ def build_optimizer(model: nn.Module, config: OptimConfig, layer_lr_decay: float
         return torch.optim.Adam(groups, lr=config.lr, **speed)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, **speed)
+    if config.optimizer == "lamb":
+        return Lamb(groups, lr=config.lr)
     return torch.optim.RMSprop(groups, lr=config.lr, momentum=config.momentum, alpha=0.9, eps=1e-3)
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB: per tensor, the bias-corrected Adam direction plus weight decay times the weights, scaled by
+    the trust ratio |weights| / |that step| so every layer moves by the same fraction of its size
+    (1 where either norm is 0). Tensors without weight decay (norms and biases) take the Adam step
+    unscaled, as timm's Lamb does by default."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # the step count is a Python number: reading a tensor's would wait for the GPU
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (state["exp_avg"] / (1 - beta1 ** t)) / (
+                    (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                    weight_norm, update_norm = p.norm(), update.norm()
+                    trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
+                    update.mul_(trust)
+                p.add_(update, alpha=-group["lr"])
+        return loss
 
 
 def lr_factor(step: int, config: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
