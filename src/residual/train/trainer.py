@@ -56,10 +56,10 @@ from ..weights import load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, compile_log, load_config, resolve, save_config
 from .distill import Teacher, distillation_sum
-from .loss import label_loss_sum
 from .distributed import World, per_worker_batch
 from .ema import WeightEMA
 from .history import plot_curves, write_metrics
+from .loss import label_loss_sum
 from .optim import build_optimizer, build_scheduler
 from .preview import write_batch_preview
 
