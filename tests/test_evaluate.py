@@ -229,7 +229,8 @@ def test_a_dataset_file_trains_evaluates_and_predicts_a_kaggle_style_csv(tmp_pat
         shutil.copy(path, tmp_path / "kaggle" / "train" / f"{number:04d}.png")
     (tmp_path / "kaggle" / "labels.csv").write_text(
         "id,breed\n" + "".join(f"{number:04d},{path.parent.name}\n" for number, path in enumerate(images)))
-    (tmp_path / "kaggle" / "sample_submission.csv").write_text("id,circle,star\n0007,0.5,0.5\n0003,0.5,0.5\n")
+    classes = ",".join(sorted(folder.name for folder in (shapes / "train").iterdir()))
+    (tmp_path / "kaggle" / "sample_submission.csv").write_text(f"id,{classes}\n0007{',0.1' * 10}\n0003{',0.1' * 10}\n")
     described = tmp_path / "kaggle" / "shapes.yaml"
     described.write_text("csv: labels.csv\nimage_column: id\nlabel_column: breed\nimages: train\nsuffix: .png\n")
     (tmp_path / "kaggle" / "test.yaml").write_text(
@@ -240,11 +241,19 @@ def test_a_dataset_file_trains_evaluates_and_predicts_a_kaggle_style_csv(tmp_pat
     assert main(["calibrate", str(model_file), str(described), "--quiet"]) == 0
     assert (tmp_path / "runs" / "calibrate" / "model-shapes" / "calibration.json").is_file()
     capsys.readouterr()
-    assert main(["predict", str(model_file), str(tmp_path / "kaggle" / "test.yaml"), "--topk", "1",
-                 "--format", "csv", "--quiet"]) == 0
+    # The test set's predictions are a submission: its ids, under its id column, in its order.
+    test = str(tmp_path / "kaggle" / "test.yaml")
+    assert main(["predict", str(model_file), test, "--topk", "1", "--format", "csv", "--quiet"]) == 0
     rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
-    assert [row["image"] for row in rows] == [str(tmp_path / "kaggle" / "train" / name) for name in ("0007.png",
-                                                                                                "0003.png")]
+    assert [row["id"] for row in rows] == ["0007", "0003"]
+    assert main(["predict", str(model_file), test, "--format", "labels", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["id,label", *(f"{row['id']},{row['class_name']}" for row in rows)]
+    assert main(["predict", str(model_file), test, "--format", "probabilities", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"id,{classes}"  # the sample submission's header
+    (tmp_path / "kaggle" / "test.yaml").write_text(
+        "csv: sample_submission.csv\nimage_column: id\nlabel_column: breed\nimages: train\nsuffix: .png\n")
+    assert main(["predict", str(model_file), test, "--format", "labels", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "id,breed"  # the label column it names
 
 
 def test_eval_and_predict_at_another_image_size(tmp_path, capsys, monkeypatch):

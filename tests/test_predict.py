@@ -54,21 +54,30 @@ def test_predict_names_bad_files_and_predicts_the_rest(model, folder):
 def test_a_csv_of_images_is_predicted_in_its_order_and_its_bad_rows_reported(model, demo_run, folder, tmp_path,
                                                                              capsys):
     """A CSV with an image column (labels and other columns ignored), relative to its folder or absolute: its
-    files are predicted in the CSV's order; a listed file that is missing or unreadable is reported."""
+    files are predicted in the CSV's order, each named as the CSV names it, under the CSV's column name; a
+    listed file that is missing or unreadable is reported by its path."""
     listed = ["star/00001.png", str(folder / "ring" / "00000.png"), "missing.png", "ring/truncated.png",
               "cross/00002.png"]
     rows = "".join(f"{index};{name};x\n" for index, name in enumerate(listed))
     (folder / "list.csv").write_text("id;filepath;label\n" + rows)
-    expected = [str(folder / name) for name in ("star/00001.png", "ring/00000.png", "cross/00002.png")]
+    expected = [listed[0], listed[1], listed[4]]
     result = predict(model, folder / "list.csv", topk=1)
     assert [p.source for p in result.predictions] == expected
     assert [p.top[0][1] for p in result.predictions] == ["star", "ring", "cross"]
-    assert len(result.failed) == 2 and "missing.png" in result.failed[0] and "truncated.png" in result.failed[1]
+    assert len(result.failed) == 2 and f"{folder / 'missing.png'}: " in result.failed[0]
+    assert f"{folder / 'ring' / 'truncated.png'}: " in result.failed[1]
     out = tmp_path / "p.csv"
     assert main(["predict", str(demo_run["model"]), str(folder / "list.csv"), "--out", str(out), "--topk", "1",
                  "--quiet"]) == 1
-    assert [row["image"] for row in csv.DictReader(io.StringIO(out.read_text()))] == expected
+    assert [row["filepath"] for row in csv.DictReader(io.StringIO(out.read_text()))] == expected
     assert capsys.readouterr().err.count("error: ") == 2
+    # A folder beside the CSV: no one listing names every image, so the column is "image", with paths.
+    assert main(["predict", str(demo_run["model"]), str(folder / "list.csv"), str(folder / "cross"), "--format",
+                 "labels", "--out", str(out), "--quiet"]) == 1
+    header, *rows = csv.reader(io.StringIO(out.read_text()))
+    assert header == ["image", "label"] and [row[0] for row in rows[:3]] == expected
+    assert rows[3:] == [[str(path), "cross"] for path in sorted((folder / "cross").glob("*.png"))]
+    capsys.readouterr()
     (tmp_path / "empty.csv").write_text("filepath,label\nstar/00001.png,star\n,star\n")
     assert main(["predict", str(demo_run["model"]), str(tmp_path / "empty.csv")]) == 2
     error = f"error: {tmp_path / 'empty.csv'}: line 3 has no filepath; every row needs an image\n"

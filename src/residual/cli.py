@@ -204,7 +204,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .atomic import atomic_path
     from .data.datasets import input_images
-    from .predict import class_names_of, inference_compile, iter_predict, write_csv, write_json, write_probabilities
+    from .predict import (class_names_of, inference_compile, iter_predict, output_columns, write_csv, write_json,
+                          write_labels, write_probabilities)
     from .tables import predictions_table
 
     by_suffix = {".csv": "csv", ".json": "json"}.get(Path(args.out).suffix.lower()) if args.out else None
@@ -219,7 +220,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     compiled, why = inference_compile(model, args.compile, len(items))
     failed: list[str] = []
     names = class_names_of(model)
-    topk = len(names) if output_format == "probabilities" else args.topk  # every class has a column
+    topk = {"probabilities": len(names), "labels": 1}.get(output_format, args.topk)  # probabilities: every class
     predictions = iter_predict(model, items, topk, args.batch_size, args.tta, args.workers, failed,
                                progress=not args.quiet, decoder=args.decoder, compile=compiled)
     if not args.quiet:  # once the arguments are checked; stderr, as stdout holds the predictions
@@ -229,8 +230,11 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         if rows:  # none at all: the errors below say why, an empty table adds nothing
             console.print(predictions_table(rows, f"{args.model}: top-{len(rows[0].top)} of {len(rows)} image(s)"))
     else:
-        writer = {"csv": write_csv, "json": write_json,
-                  "probabilities": lambda rows, stream: write_probabilities(rows, stream, names)}[output_format]
+        columns = output_columns(items)  # a listing's own headers: a test set's sample submission gives its shape
+        writer = {"csv": lambda rows, stream: write_csv(rows, stream, columns[0]), "json": write_json,
+                  "labels": lambda rows, stream: write_labels(rows, stream, columns),
+                  "probabilities": lambda rows, stream: write_probabilities(rows, stream, names, columns[0])
+                  }[output_format]
         if args.out:
             with atomic_path(Path(args.out)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
                 count = writer(predictions, stream)
@@ -820,9 +824,11 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
                                              "of images (an image column, as for train; or a dataset file)")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--format", choices=("table", "json", "csv", "probabilities"),
-                   help="default: csv or json for an --out ending so, otherwise a table; probabilities: a CSV "
-                        "with a row per image and every class's probability in a column of its own (--topk unused)")
+    p.add_argument("--format", choices=("table", "json", "csv", "labels", "probabilities"),
+                   help="default: csv or json for an --out ending so, otherwise a table; labels: a CSV with a row "
+                        "per image and its most likely class; probabilities: a CSV with a row per image and every "
+                        "class's probability in a column of its own (both: --topk unused; images a CSV lists are "
+                        "named by its cells, under its column's name)")
     p.add_argument("--out", help="write json/csv here instead of standard output")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.datasets import input_images
+from .data.datasets import ListedImage, input_images
 from .data.decode import as_image
 from .data.loaders import InferenceBatch, check_stream, inference_batches
 from .data.transforms import normalize, resize_center_crop
@@ -192,14 +192,26 @@ def predict(model, images, topk: int = 5, batch_size: int = 64, tta: str = "none
 
 
 def source_name(item, index: int) -> str:
-    """How results name an input: its path, or "#N" for the N-th in-memory image."""
+    """How results name an input: as the CSV listing it names it (its cell), by its path, or "#N" for the
+    N-th in-memory image."""
+    if isinstance(item, ListedImage) and item.listed_as is not None:
+        return item.listed_as
     return str(item) if isinstance(item, Path) else f"#{index}"
 
 
-def write_csv(predictions: Iterator[Prediction], stream: TextIO) -> int:
+def output_columns(items: list) -> tuple[str, str]:
+    """The headers of the image and the class column of a CSV of predictions: the listing's own where every
+    image came from listings with the same columns (so predicting a Kaggle test set's sample submission
+    writes a submission), else image and label."""
+    columns = {(item.image_column, item.label_column or "label") if isinstance(item, ListedImage)
+               else ("image", "label") for item in items}
+    return columns.pop() if len(columns) == 1 else ("image", "label")
+
+
+def write_csv(predictions: Iterator[Prediction], stream: TextIO, image_column: str = "image") -> int:
     """One row per image and rank (image, rank, class_id, class_name, probability), written as they come."""
     writer = csv.writer(stream)
-    writer.writerow(["image", "rank", "class_id", "class_name", "probability"])
+    writer.writerow([image_column, "rank", "class_id", "class_name", "probability"])
     count = 0
     for count, prediction in enumerate(predictions, 1):
         writer.writerows([prediction.source, rank, *row[:2], f"{row[2]:.6f}"]
@@ -207,11 +219,23 @@ def write_csv(predictions: Iterator[Prediction], stream: TextIO) -> int:
     return count
 
 
-def write_probabilities(predictions: Iterator[Prediction], stream: TextIO, names: list[str]) -> int:
+def write_labels(predictions: Iterator[Prediction], stream: TextIO,
+                 columns: tuple[str, str] = ("image", "label")) -> int:
+    """One row per image: the image and the name of its most likely class, under the `columns` headers."""
+    writer = csv.writer(stream)
+    writer.writerow(columns)
+    count = 0
+    for count, prediction in enumerate(predictions, 1):
+        writer.writerow([prediction.source, prediction.top[0][1]])
+    return count
+
+
+def write_probabilities(predictions: Iterator[Prediction], stream: TextIO, names: list[str],
+                        image_column: str = "image") -> int:
     """One row per image (image, then each class's probability in a column named after it, in the model's
     class order), written as they come: the predictions must hold every class (topk = the class count)."""
     writer = csv.writer(stream)
-    writer.writerow(["image", *names])
+    writer.writerow([image_column, *names])
     count = 0
     for count, prediction in enumerate(predictions, 1):
         by_class = {class_id: probability for class_id, _, probability in prediction.top}

@@ -60,6 +60,25 @@ class CsvLayout:
         return self.csv.parent if self.images is None else self.images
 
 
+class ListedImage(type(Path())):
+    """An image file a CSV lists, with the cell that names it (`listed_as`) and the listing's image and label
+    columns: predictions name the image as its listing does (a Kaggle test set's ids), not by the path.
+
+    A Path, so every reader takes it as it takes a file. Its attributes are set by `listed_image` (pathlib's
+    classes take no extra constructor arguments before Python 3.12); a path derived from it (its parent, say)
+    keeps the class but not them."""
+
+    listed_as: str | None = None
+    image_column: str = "image"
+    label_column: str | None = None
+
+
+def listed_image(path: Path, cell: str, image_column: str, label_column: str | None) -> ListedImage:
+    image = ListedImage(path)
+    image.listed_as, image.image_column, image.label_column = cell, image_column, label_column
+    return image
+
+
 DATASET_FILE_KEYS = ("csv", "image_column", "label_column", "split_column", "images", "suffix")
 DATASET_FILE_SUFFIXES = (".yaml", ".yml")
 
@@ -285,7 +304,7 @@ def input_images(sources) -> list:
     return items
 
 
-def listed_images(layout: CsvLayout) -> list[Path]:
+def listed_images(layout: CsvLayout) -> list[ListedImage]:
     """The files a CSV lists in its image column, in its order: a list of images to predict. Other
     columns are ignored; a listed file that is missing or no image is left for the reader to report."""
     header, rows = _read_csv_rows(layout.csv)
@@ -297,7 +316,7 @@ def listed_images(layout: CsvLayout) -> list[Path]:
         image = (row.get(column) or "").strip()
         if not image:
             raise DatasetError(f"{layout.csv}: line {number} has no {column}; every row needs an image")
-        files.append(_image_path(layout, image))
+        files.append(listed_image(_image_path(layout, image), image, column, layout.label_column))
     return files
 
 
