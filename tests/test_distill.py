@@ -50,6 +50,34 @@ def test_the_teacher_takes_the_student_batch_in_its_own_normalisation(tmp_path):
         Teacher(str(tmp_path / "absent.safetensors"), names, CIFAR_EVAL, torch.device("cpu"))
 
 
+def test_in_training_the_teacher_converts_from_the_normalisation_the_student_is_given(tmp_path):
+    """The trainer gives the student the data's mean and std when it builds the loaders; the teacher must
+    convert from those, not from the new model's defaults (until 2026-12-04 it did: a teacher trained on
+    the same data saw its input shifted by up to 0.2 standard deviations)."""
+    from rich.console import Console
+
+    from residual.data.datasets import open_dataset
+    from residual.train.config import TrainConfig, resolve
+    from residual.train.trainer import Trainer
+
+    data = write_shapes(tmp_path / "shapes", size=16, per_class=4, seed=1, progress=False)
+    dataset = open_dataset(data)
+    config = resolve(TrainConfig(data=str(data), model="resnet20", quiet=True), dataset)
+    first = Trainer(config, dataset, tmp_path / "first", Console(quiet=True))
+    teacher = first.model.eval()
+    teacher.class_names = list(dataset.classes)
+    residual.save_model(teacher, tmp_path / "teacher.safetensors")
+    config = resolve(TrainConfig(data=str(data), model="resnet20", quiet=True,
+                                 teacher=str(tmp_path / "teacher.safetensors")), dataset)
+    student = Trainer(config, dataset, tmp_path / "student", Console(quiet=True))
+    assert student.model.preprocessing == teacher.preprocessing and student.model.preprocessing != CIFAR_EVAL
+    assert student.teacher.same_normalisation
+    images, _ = next(student.val_loader.epoch(0))
+    x = normalize(images.float() / 255, student.model.preprocessing)
+    with torch.no_grad():
+        torch.testing.assert_close(student.teacher(x), teacher(x), atol=1e-4, rtol=1e-4)
+
+
 def test_a_student_of_a_teacher_alone_learns_the_teachers_answers_not_the_labels(tmp_path, capsys):
     data = write_shapes(tmp_path / "shapes", size=16, per_class=24, seed=1, progress=False)
     # A teacher that is wrong on purpose: whatever the image, it says "hexagon". Learning from it alone, a

@@ -243,9 +243,11 @@ class Trainer:
         self.worker_batch = per_worker_batch(config.batch_size, world)
         self.bad = BadFileLog(config.max_bad_streak)
         self.model = self._build_model()
+        self._build_loaders()
+        # After the loaders: they give the model its normalisation (the data's statistics), which the teacher's
+        # input is converted from.
         self.teacher = (Teacher(config.teacher, dataset.classes, self.model.preprocessing, self.device)
                         if config.teacher else None)
-        self._build_loaders()
         c = config
         self.steps_per_epoch = math.ceil(len(self.train_loader) / c.accumulate)
         # One fused kernel for the whole update on CUDA, where small nets are launch-bound.
