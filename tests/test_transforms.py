@@ -44,6 +44,23 @@ def test_every_preset_produces_batches_of_the_input_size(preset, stored, size):
     assert augment(images[:0]).shape == (0, 3, size, size)
 
 
+@pytest.mark.parametrize("size, policy", [(32, "cifar10"), (64, "cifar10"), (96, "imagenet")])
+def test_autoaugment_uses_the_policy_searched_for_images_of_that_size(size, policy):
+    import kornia.augmentation as K
+
+    torch.manual_seed(2)
+    augment = build_augment(AugmentConfig(preset="none", auto_augment="autoaugment"), size, size)
+    found = [module for module in augment.modules() if isinstance(module, K.auto.AutoAugment)]
+    assert len(found) == 1
+    first_ops = [[type(op).__name__ for op in sub_policy] for sub_policy in found[0]]
+    assert first_ops == [[type(op).__name__ for op in sub_policy] for sub_policy in K.auto.AutoAugment(policy)]
+    images = torch.rand(16, 3, size, size)
+    out = augment(images)
+    assert out.shape == images.shape and not torch.allclose(out, images)
+    with pytest.raises(residual.ConfigError, match="--auto-augment must be one of autoaugment, randaugment"):
+        AugmentConfig(auto_augment="augmix")
+
+
 def test_flip_alone_mirrors_some_images():
     torch.manual_seed(1)
     augment = build_augment(AugmentConfig(preset="none", hflip=True), 8, 8)

@@ -735,7 +735,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     aug.add_argument("--brightness", type=float)
     aug.add_argument("--contrast", type=float)
     aug.add_argument("--random-erasing", type=float, help="probability (cutout)")
-    aug.add_argument("--auto-augment", choices=("randaugment", "trivialaugment"))
+    aug.add_argument("--auto-augment", choices=("autoaugment", "randaugment", "trivialaugment"),
+                     help="autoaugment: AutoAugment's policy for CIFAR-10 up to 64 px, for ImageNet above")
     aug.add_argument("--mixup", type=float, help="Beta alpha, e.g. 0.2")
     aug.add_argument("--cutmix", type=float, help="Beta alpha, e.g. 1.0")
     run = p.add_argument_group("run")

@@ -3,7 +3,7 @@
 Loaders hand the trainer uint8 batches of one fixed size; augmentation then runs
 on the whole batch, on the training device: random crops (padded, or resized) and flips
 here, drawn on the device so a step never waits for it (`RandomCropFlip`,
-`RandomResizedCropFlip`); affine, colour, RandAugment/TrivialAugment and random erasing
+`RandomResizedCropFlip`); affine, colour, AutoAugment/RandAugment/TrivialAugment and random erasing
 through kornia.augmentation.
 Mixup and CutMix are a few lines here: they act on a batch and its labels
 together, which the per-image kornia ops do not.
@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..models.preprocessing import Preprocessing
 
 PRESETS = ("none", "cifar", "standard", "strong")
-AUTO_AUGMENTS = (None, "randaugment", "trivialaugment")
+AUTO_AUGMENTS = (None, "autoaugment", "randaugment", "trivialaugment")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class AugmentConfig:
     brightness: float | None = None  # +- fraction
     contrast: float | None = None  # +- fraction
     random_erasing: float | None = None  # probability of erasing a patch (cutout)
-    auto_augment: str | None = None  # 'randaugment' or 'trivialaugment'
+    auto_augment: str | None = None  # 'autoaugment', 'randaugment' or 'trivialaugment'
     mixup: float = 0.0  # Beta(alpha, alpha) for mixup; 0 disables
     cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 disables
 
@@ -51,7 +51,8 @@ class AugmentConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"--augment must be one of {PRESETS}, got {self.preset!r}")
         if self.auto_augment not in AUTO_AUGMENTS:
-            raise ConfigError(f"--auto-augment must be randaugment or trivialaugment, got {self.auto_augment!r}")
+            raise ConfigError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS[1:])}, got "
+                              f"{self.auto_augment!r}")
         for flag, value in [("--pad-crop", self.pad_crop), ("--rotation", self.rotation), ("--shift", self.shift),
                             ("--brightness", self.brightness), ("--contrast", self.contrast),
                             ("--mixup", self.mixup), ("--cutmix", self.cutmix)]:
@@ -91,7 +92,9 @@ def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> n
     ops: list[nn.Module] = []
     if c.rotation or c.shift:
         ops.append(K.RandomAffine(degrees=c.rotation, translate=(c.shift, c.shift) if c.shift else None))
-    if c.auto_augment == "randaugment":
+    if c.auto_augment == "autoaugment":  # Cubuk et al. 2019's policies, searched on CIFAR-10 and on ImageNet
+        ops.append(K.auto.AutoAugment(policy="cifar10" if input_size <= 64 else "imagenet"))
+    elif c.auto_augment == "randaugment":
         ops.append(K.auto.RandAugment(n=2, m=9))
     elif c.auto_augment == "trivialaugment":
         ops.append(K.auto.TrivialAugment())
