@@ -13,7 +13,8 @@ from payloads import WritesAMarker
 from residual.data.check import check_data
 from residual.data.datasets import DatasetError, data_name, input_images, open_dataset
 from residual.data.decode import image_files
-from residual.data.loaders import BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory
+from residual.data.loaders import (BadFileLog, FileLoader, InMemoryLoader, balanced_weights, decoding_workers,
+                                   epoch_order, load_into_memory, shard)
 from residual.data.shapes import SHAPE_CLASSES, write_shapes
 
 
@@ -314,6 +315,45 @@ def test_in_memory_loader_order_is_seeded_and_resumable():
     assert len(full) == len(loader) == 4 and sorted(sum(full, [])) == list(range(10))
     assert [labels.tolist() for _, labels in loader.epoch(2, start=2)] == full[2:]
     assert [labels.tolist() for _, labels in loader.epoch(3)] != full
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_repeated_augmentation_draws_a_share_of_the_images_and_takes_each_in_a_row(weighted):
+    """--aug-repeats N: an epoch of the same length, made of count/N images drawn as without it, each N times
+    in a row; dealt to N workers, each worker gets one copy of each (its own augmentation of it)."""
+    labels = torch.tensor([0] * 70 + [1] * 30)
+    weights = balanced_weights(labels) if weighted else None
+    plain = epoch_order(100, True, seed=4, epoch=2, weights=weights)
+    for repeats, drawn in [(3, 34), (4, 25)]:
+        order = epoch_order(100, True, seed=4, epoch=2, weights=weights, repeats=repeats)
+        assert len(order) == 100
+        firsts = order[::repeats]
+        assert len(firsts) == drawn and torch.equal(order, firsts.repeat_interleave(repeats)[:100])
+        if not weighted:  # the permutation's first images (a draw with replacement: its first draws)
+            assert firsts.tolist() == plain[:drawn].tolist() and len(set(firsts.tolist())) == drawn
+        shares = [shard(order, rank, repeats, pad=True) for rank in range(repeats)]
+        assert all(torch.equal(share[:drawn - 1], firsts[:drawn - 1]) for share in shares)
+    assert torch.equal(epoch_order(100, True, 4, 2, weights, repeats=1), plain)
+    assert not torch.equal(epoch_order(100, True, 4, 3, weights, repeats=3)[::3],
+                           epoch_order(100, True, 4, 2, weights, repeats=3)[::3]), "other images each epoch"
+    assert torch.equal(epoch_order(10, False, 4, 2, repeats=3), torch.arange(10)), "evaluation: each image once"
+
+
+def test_both_loaders_repeat_images_within_a_batch_and_resume_mid_epoch(tmp_path):
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    in_memory = InMemoryLoader(images, torch.arange(10), 4, True, 5, torch.device("cpu"), repeats=2)
+    batches = [labels.tolist() for _, labels in in_memory.epoch(1)]
+    assert [len(batch) for batch in batches] == [4, 4, 2]
+    assert all(batch[0::2] == batch[1::2] for batch in batches) and len(set(sum(batches, []))) == 5
+    assert [labels.tolist() for _, labels in in_memory.epoch(1, start=1)] == batches[1:]
+    _folder(tmp_path / "d", {"a": 5, "b": 5})
+    split = open_dataset(tmp_path / "d", val_split=0.2).train  # 8 images
+    files = FileLoader(split, 3, True, 5, torch.device("cpu"), 8, 8, "bilinear", workers=0, bad=BadFileLog(),
+                       repeats=2)
+    batches = [(images, labels) for images, labels in files.epoch(1)]
+    assert [len(labels) for _, labels in batches] == [3, 3, 2]
+    together = torch.cat([images for images, _ in batches])
+    assert torch.equal(together[0::2], together[1::2]) and not torch.equal(together[0], together[2])
 
 
 def test_file_loader_skips_and_counts_bad_files(tmp_path, caplog):

@@ -237,6 +237,20 @@ def test_at_an_equal_top1_the_lower_val_loss_is_kept_but_only_a_higher_top1_rese
     assert residual.read_metadata(tmp_path / "run" / "model.safetensors")["extra"]["val_loss"] == 0.27
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_repeated_augmentation_trains_each_drawn_image_several_times_per_batch_augmented_anew(tmp_path, in_memory):
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)
+    dataset = open_dataset(data)
+    config = TrainConfig(data=str(data), aug_repeats=3, in_memory=in_memory, workers=0, out=str(tmp_path), **QUICK)
+    trainer = Trainer(resolve(config, dataset), dataset, tmp_path / "run", Console(quiet=True))
+    images, labels = next(trainer.train_loader.epoch(0))
+    assert len(labels) == 32 and torch.equal(labels[0:30:3], labels[1:30:3]) and torch.equal(images[0::3][:10],
+                                                                                               images[2::3][:10])
+    augmented = trainer.augment(images.float() / 255)
+    differ = [not torch.equal(augmented[first], augmented[first + 1]) for first in range(0, 30, 3)]
+    assert sum(differ) >= 5, "each copy gets its own crop and flip (one in 50 pairs draws the same)"
+
+
 def test_early_stopping(shapes16, tmp_path):
     result = train(TrainConfig(data=str(shapes16), epochs=8, early_stopping=2, monitor="val_loss", out=str(tmp_path),
                                name="es", model="resnet20", batch_size=32, quiet=True,
@@ -490,7 +504,7 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     code = main(["train", str(shapes16), "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--lr", "0.03",
                  "--schedule", "multistep", "--milestones", "1,2", "--augment", "strong", "--no-hflip", "--mixup",
                  "0.2", "--drop-rate", "0.1", "--drop-path", "0.05", "--label-smoothing", "0.05", "--loss", "bce",
-                 "--bce-target-threshold", "0.2", "--quiet",
+                 "--bce-target-threshold", "0.2", "--aug-repeats", "3", "--quiet",
                  "--no-report", "--out",
                  str(tmp_path), "--name", "cli"])
     assert code == 0
@@ -498,8 +512,10 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     assert config["optim"]["lr"] == 0.03 and config["optim"]["milestones"] == [1, 2]
     assert config["augment"]["preset"] == "strong" and config["augment"]["hflip"] is False
     assert config["augment"]["mixup"] == 0.2 and config["model_options"] == {"drop_rate": 0.1, "drop_path_rate": 0.05}
-    assert (config["loss"], config["bce_target_threshold"]) == ("bce", 0.2)
+    assert (config["loss"], config["bce_target_threshold"]) == ("bce", 0.2) and config["aug_repeats"] == 3
     assert "epoch 1/1" in capsys.readouterr().out
+    assert main(["train", str(shapes16), "--aug-repeats", "0"]) == 2
+    assert "--aug-repeats must be at least 1, got 0" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "nowhere")]) == 2
     assert main(["train", str(shapes16), "--ema", "1.5"]) == 2
     assert "--ema is the average's decay per step" in capsys.readouterr().err

@@ -444,10 +444,10 @@ OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "sched
 AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
                  "random_erasing", "auto_augment", "mixup", "cutmix")
 MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
-TRAIN_FLAGS = ("class_weights", "balanced_sampler", "pretrained", "strategy", "freeze_stages", "head_epochs",
-               "unfreeze_stages", "layer_lr_decay", "model", "image_size", "epochs", "batch_size", "label_smoothing",
-               "loss", "bce_target_threshold", "grad_clip", "accumulate", "ema", "teacher", "distill_weight",
-               "distill_temperature", "early_stopping",
+TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "pretrained", "strategy", "freeze_stages",
+               "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size", "epochs",
+               "batch_size", "label_smoothing", "loss", "bce_target_threshold", "grad_clip", "accumulate", "ema",
+               "teacher", "distill_weight", "distill_temperature", "early_stopping",
                "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last", "compile",
                "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak", "out", "name",
                "quiet", "report", "sync_bn")
@@ -739,6 +739,10 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
                      help="autoaugment: AutoAugment's policy for CIFAR-10 up to 64 px, for ImageNet above")
     aug.add_argument("--mixup", type=float, help="Beta alpha, e.g. 0.2")
     aug.add_argument("--cutmix", type=float, help="Beta alpha, e.g. 1.0")
+    aug.add_argument("--aug-repeats", type=int, metavar="N",
+                     help="repeated augmentation: each epoch draws 1/N of the images and trains on each N times, "
+                          "augmented anew (on other workers when distributed); for long schedules (ResNet strikes "
+                          "back: 3 over 300+ epochs): on short ones it costs accuracy (docs/training.md)")
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int)
     run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None)

@@ -46,14 +46,24 @@ from .transforms import resize_center_crop
 log = logging.getLogger(__name__)
 
 
-def epoch_order(count: int, shuffle: bool, seed: int, epoch: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The epoch's sample order: a seeded permutation, or with `weights` a seeded draw with replacement."""
+def epoch_order(count: int, shuffle: bool, seed: int, epoch: int, weights: torch.Tensor | None = None,
+                repeats: int = 1) -> torch.Tensor:
+    """The epoch's sample order: a seeded permutation, or with `weights` a seeded draw with replacement.
+
+    `repeats` > 1 is repeated augmentation (Hoffer et al. 2020; DeiT, ResNet strikes back): the epoch
+    draws count / repeats images and takes each `repeats` times in a row, so it keeps its length and each
+    copy is augmented differently. Next to each other, the copies go to different workers under `shard`
+    (each sees its own view of the image, as timm's RepeatAugSampler deals them), or to one batch.
+    """
     if not shuffle:
         return torch.arange(count)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    drawn = math.ceil(count / repeats)
     if weights is not None:
-        return torch.multinomial(weights, count, replacement=True, generator=generator)
-    return torch.randperm(count, generator=generator)
+        order = torch.multinomial(weights, drawn, replacement=True, generator=generator)
+    else:
+        order = torch.randperm(count, generator=generator)[:drawn]
+    return order.repeat_interleave(repeats)[:count]
 
 
 def shard(order: torch.Tensor, rank: int, world: int, pad: bool) -> torch.Tensor:
@@ -131,8 +141,9 @@ def load_into_memory(split: Split, resize: int, crop: int, interpolation: str, b
 class InMemoryLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
                  device: torch.device, drop_last: bool = False, balanced: bool = False, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, repeats: int = 1):
         self.weights = balanced_weights(labels) if balanced else None
+        self.repeats = repeats
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
@@ -143,7 +154,7 @@ class InMemoryLoader:
         return batch_count(count, self.batch_size, self.drop_last)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch, self.weights)
+        order = epoch_order(len(self.labels), self.shuffle, self.seed, epoch, self.weights, self.repeats)
         order = shard(order, self.rank, self.world, pad=self.shuffle).to(self.images.device)
         for index in range(start, len(self)):
             batch = order[index * self.batch_size:(index + 1) * self.batch_size]
@@ -152,9 +163,9 @@ class InMemoryLoader:
 
 class _EpochBatchSampler(Sampler[list[int]]):
     def __init__(self, count: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 weights: torch.Tensor | None = None, rank: int = 0, world: int = 1):
+                 weights: torch.Tensor | None = None, rank: int = 0, world: int = 1, repeats: int = 1):
         self.count, self.batch_size, self.shuffle, self.seed = count, batch_size, shuffle, seed
-        self.drop_last, self.weights, self.rank, self.world = drop_last, weights, rank, world
+        self.drop_last, self.weights, self.rank, self.world, self.repeats = drop_last, weights, rank, world, repeats
         self.epoch, self.start = 0, 0
 
     def batches(self) -> int:
@@ -165,7 +176,7 @@ class _EpochBatchSampler(Sampler[list[int]]):
         return self.batches() - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_order(self.count, self.shuffle, self.seed, self.epoch, self.weights)
+        order = epoch_order(self.count, self.shuffle, self.seed, self.epoch, self.weights, self.repeats)
         order = shard(order, self.rank, self.world, pad=self.shuffle)
         for index in range(self.start, self.batches()):
             yield order[index * self.batch_size:(index + 1) * self.batch_size].tolist()
@@ -177,14 +188,15 @@ class FileLoader:
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, device: torch.device,
                  resize: int, crop: int, interpolation: str, workers: int, bad: BadFileLog, drop_last: bool = False,
-                 balanced: bool = False, rank: int = 0, world: int = 1, decoder: str = "pillow"):
+                 balanced: bool = False, rank: int = 0, world: int = 1, decoder: str = "pillow", repeats: int = 1):
         check_decoder(decoder, device)
         self.device, self.bad, self.batch_size = device, bad, batch_size
         self.resize, self.crop, self.interpolation = resize, crop, interpolation
         self.labels = torch.as_tensor(split.labels)
         self.pinned = device.type == "cuda"  # batches reach the GPU without the host waiting for it
         weights = balanced_weights(torch.as_tensor(split.labels)) if balanced else None
-        self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, weights, rank, world)
+        self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, weights, rank, world,
+                                          repeats)
         dataset_class, collate = DECODING[decoder]
         self.loader = DataLoader(dataset_class(split.files, resize, crop, interpolation),
                                  batch_sampler=self.sampler, num_workers=workers, pin_memory=self.pinned,

@@ -59,6 +59,7 @@ class TrainConfig:
     bce_target_threshold: float | None = None  # with bce: mixed targets above it become 1, the rest 0 (RSB: 0.2)
     class_weights: str | None = None  # 'auto': loss weights inversely proportional to class frequency
     balanced_sampler: bool = False  # draw each epoch with replacement so every class is equally likely
+    aug_repeats: int = 1  # repeated augmentation: each drawn image this many times per epoch, augmented anew
     grad_clip: float | None = None  # max gradient norm
     accumulate: int = 1  # micro-batches per optimizer step
     ema: float | None = None  # decay of an exponential moving average of the weights, e.g. 0.999
@@ -107,7 +108,8 @@ class TrainConfig:
                                    ("--batch-size", self.batch_size, 1), ("--accumulate", self.accumulate, 1),
                                    ("--early-stopping", self.early_stopping, 1), ("--head-epochs", self.head_epochs, 0),
                                    ("--workers", self.workers, 0), ("--checkpoint-every", self.checkpoint_every, 0),
-                                   ("--max-bad-streak", self.max_bad_streak, 0)]:
+                                   ("--max-bad-streak", self.max_bad_streak, 0),
+                                   ("--aug-repeats", self.aug_repeats, 1)]:
             if value is not None and value < least:
                 raise ConfigError(f"{flag} must be at least {least}, got {value}")
         if self.grad_clip is not None and self.grad_clip <= 0:

@@ -336,14 +336,14 @@ class Trainer:
             if source:
                 mean, std = source.mean, source.std
             self.train_loader = InMemoryLoader(train_images, train_labels, self.worker_batch, True, c.seed, self.device,
-                                               drop_last, balanced=c.balanced_sampler, **shard)
+                                               drop_last, balanced=c.balanced_sampler, repeats=c.aug_repeats, **shard)
             self.val_loader = InMemoryLoader(val_images, val_labels, 2 * self.worker_batch, False, c.seed,
                                              self.device, **shard)
         else:
             workers = c.workers if c.workers is not None else decoding_workers(self.world.local_size)
             self.train_loader = FileLoader(data.train, self.worker_batch, True, c.seed, self.device, resize, resize,
                                            interpolation, workers, self.bad, drop_last, balanced=c.balanced_sampler,
-                                           decoder=c.decoder, **shard)
+                                           decoder=c.decoder, repeats=c.aug_repeats, **shard)
             self.val_loader = FileLoader(data.val, 2 * self.worker_batch, False, c.seed, self.device, resize,
                                          c.image_size, interpolation, workers, self.bad, decoder=c.decoder, **shard)
             mean, std = (source.mean, source.std) if source else (IMAGENET_MEAN, IMAGENET_STD)
