@@ -251,6 +251,37 @@ def test_repeated_augmentation_trains_each_drawn_image_several_times_per_batch_a
     assert sum(differ) >= 5, "each copy gets its own crop and flip (one in 50 pairs draws the same)"
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_validation_and_the_saved_model_take_the_eval_image_size_while_training_crops_the_image_size(tmp_path,
+                                                                                                   in_memory):
+    """--eval-image-size (FixRes; torchvision's --val-crop-size): training's random crops stay at --image-size,
+    validation and the model file's preprocessing take the larger size, its resize in the same ratio."""
+    data = write_shapes(tmp_path / "data", size=96, per_class=2, seed=0, progress=False)
+    dataset = open_dataset(data)
+    config = TrainConfig(data=str(data), model="resnet18", image_size=72, eval_image_size=96, in_memory=in_memory,
+                         workers=0, batch_size=4, quiet=True, out=str(tmp_path))
+    trainer = Trainer(resolve(config, dataset), dataset, tmp_path / "run", Console(quiet=True))
+    assert trainer.model.preprocessing.input_size == 96
+    assert trainer.model.preprocessing.resize_size == round(96 / 0.875) == 110
+    images, _ = next(trainer.train_loader.epoch(0))
+    assert images.shape[-1] == round(72 / 0.875) and trainer.augment(images.float() / 255).shape[-1] == 72
+    images, _ = next(trainer.val_loader.epoch(0))
+    assert images.shape[-1] == 96
+
+
+def test_a_run_at_another_eval_image_size_saves_a_model_that_takes_it(tmp_path, capsys):
+    from residual.cli import main
+
+    data = write_shapes(tmp_path / "data", size=24, per_class=6, seed=0, progress=False)
+    assert main(["train", str(data), "--model", "resnet20", "--image-size", "16", "--eval-image-size", "24",
+                 "--epochs", "1", "--batch-size", "32", "--quiet", "--out", str(tmp_path), "--name", "fixres"]) == 0
+    model = residual.load_model(tmp_path / "fixres" / "model.safetensors")
+    assert (model.preprocessing.input_size, model.preprocessing.resize_size) == (24, 24)
+    assert yaml.safe_load((tmp_path / "fixres" / "config.yaml").read_text())["eval_image_size"] == 24
+    assert main(["train", str(data), "--eval-image-size", "0"]) == 2
+    assert "--eval-image-size must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_early_stopping(shapes16, tmp_path):
     result = train(TrainConfig(data=str(shapes16), epochs=8, early_stopping=2, monitor="val_loss", out=str(tmp_path),
                                name="es", model="resnet20", batch_size=32, quiet=True,

@@ -445,7 +445,7 @@ AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift
                  "random_erasing", "auto_augment", "mixup", "cutmix")
 MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "pretrained", "strategy", "freeze_stages",
-               "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size", "epochs",
+               "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size", "eval_image_size", "epochs",
                "batch_size", "label_smoothing", "loss", "bce_target_threshold", "grad_clip", "accumulate", "ema",
                "teacher", "distill_weight", "distill_temperature", "early_stopping",
                "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last", "compile",
@@ -668,7 +668,11 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     p.add_argument("--model", help="registry name (auto: resnet20/56 for small images, resnet18/50 otherwise)")
     p.add_argument("--stem", choices=STEMS, help="the model's stem: cifar (one 3x3, no downsampling) makes an "
                                                  "ImageNet net such as resnet18 fit 32 px images")
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--image-size", type=int, help="the side of the training crops (auto: from the images)")
+    p.add_argument("--eval-image-size", type=int, metavar="N",
+                   help="validation, and the model saved, take N px images (default: --image-size): training at "
+                        "less than the model is tested at (Touvron et al. 2019), as torchvision's recipes train at "
+                        "176 and test at 224")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--val-split", type=float, help="fraction held out per class when there is no val/ folder")
@@ -741,8 +745,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     aug.add_argument("--cutmix", type=float, help="Beta alpha, e.g. 1.0")
     aug.add_argument("--aug-repeats", type=int, metavar="N",
                      help="repeated augmentation: each epoch draws 1/N of the images and trains on each N times, "
-                          "augmented anew (on other workers when distributed); for long schedules (ResNet strikes "
-                          "back: 3 over 300+ epochs): on short ones it costs accuracy (docs/training.md)")
+                          "augmented anew (on other workers when distributed); e.g. 3, for long schedules (hundreds "
+                          "of epochs): on short ones it costs accuracy (docs/training.md)")
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int)
     run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None)

@@ -50,6 +50,7 @@ class TrainConfig:
     unfreeze_stages: int | None = None  # two-stage: stages (from the top) trained after that; None = all
     layer_lr_decay: float | None = None  # lr factor per layer group toward the input; auto: 0.5 two-stage, else 1
     image_size: int | None = None  # auto: from the images
+    eval_image_size: int | None = None  # what validation and the saved model take; None: image_size (FixRes: more)
     epochs: int | None = None  # auto: 30
     batch_size: int = 128  # the global batch: split among distributed workers, and what the lr is scaled by
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and weight decay auto unless given
@@ -105,6 +106,7 @@ class TrainConfig:
         if self.monitor not in MONITORS:
             raise ConfigError(f"--monitor must be one of {MONITORS}, got {self.monitor!r}")
         for flag, value, least in [("--epochs", self.epochs, 1), ("--image-size", self.image_size, 1),
+                                   ("--eval-image-size", self.eval_image_size, 1),
                                    ("--batch-size", self.batch_size, 1), ("--accumulate", self.accumulate, 1),
                                    ("--early-stopping", self.early_stopping, 1), ("--head-epochs", self.head_epochs, 0),
                                    ("--workers", self.workers, 0), ("--checkpoint-every", self.checkpoint_every, 0),

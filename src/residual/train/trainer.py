@@ -318,6 +318,10 @@ class Trainer:
         source = self.model.preprocessing if c.pretrained else None  # a pretrained model keeps its own
         crop_pct = source.crop_pct if source else 0.875
         resize = c.image_size if small else round(c.image_size / crop_pct)
+        # Validation, and the model saved, may take larger images than training's random crops (Touvron et al.
+        # 2019): its resize keeps the crop's ratio to it, as Preprocessing.at_size does.
+        eval_size = c.eval_image_size or c.image_size
+        eval_resize = eval_size if small else round(eval_size / crop_pct)
         interpolation = source.interpolation if source else "bilinear"
         fits = len(data.train) * 3 * resize * resize <= IN_MEMORY_BUDGET
         in_memory = c.in_memory if c.in_memory is not None else fits
@@ -330,7 +334,7 @@ class Trainer:
         if in_memory:
             train_images, train_labels = load_into_memory(data.train, resize, resize, interpolation, self.bad,
                                                           "loading train", progress)
-            val_images, val_labels = load_into_memory(data.val, resize, c.image_size, interpolation, self.bad,
+            val_images, val_labels = load_into_memory(data.val, eval_resize, eval_size, interpolation, self.bad,
                                                       "loading val", progress)
             mean, std = (channel_stats(train_images) if small else (IMAGENET_MEAN, IMAGENET_STD))
             if source:
@@ -344,10 +348,10 @@ class Trainer:
             self.train_loader = FileLoader(data.train, self.worker_batch, True, c.seed, self.device, resize, resize,
                                            interpolation, workers, self.bad, drop_last, balanced=c.balanced_sampler,
                                            decoder=c.decoder, repeats=c.aug_repeats, **shard)
-            self.val_loader = FileLoader(data.val, 2 * self.worker_batch, False, c.seed, self.device, resize,
-                                         c.image_size, interpolation, workers, self.bad, decoder=c.decoder, **shard)
+            self.val_loader = FileLoader(data.val, 2 * self.worker_batch, False, c.seed, self.device, eval_resize,
+                                         eval_size, interpolation, workers, self.bad, decoder=c.decoder, **shard)
             mean, std = (source.mean, source.std) if source else (IMAGENET_MEAN, IMAGENET_STD)
-        self.model.preprocessing = Preprocessing(c.image_size, resize, mean, std, interpolation)
+        self.model.preprocessing = Preprocessing(eval_size, eval_resize, mean, std, interpolation)
         # Not moved to the device: kornia would draw its random parameters there, and read some back every
         # step (a wait for the GPU each); on the host it draws them and copies them without waiting.
         self.augment = build_augment(c.augment, c.image_size, resize)
