@@ -128,3 +128,107 @@ def test_paper_recipe_is_section_4_2(tmp_path):
     assert config.optim.warmup_epochs == 1.0 and config.augment.preset == "cifar"
     paper = recipe_config("paper", "cifar", "resnet20", 50_000, None, "batch", "he", tmp_path, True)
     assert paper.optim.warmup_epochs == 0
+
+
+# --- the loss landscape -------------------------------------------------------------------------------
+
+def _model_for(data, name):
+    """A fresh net that takes `data` as a trained one would: its classes, its size, its statistics."""
+    torch.manual_seed(1)
+    model = residual.create_model(name, num_classes=10)
+    model.class_names = sorted(path.name for path in (data / "train").iterdir())
+    model.preprocessing = residual.Preprocessing(input_size=16, resize_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    return model
+
+
+def test_each_filter_of_a_direction_has_the_norm_of_the_filter_it_moves():
+    from residual.experiments.landscape import filter_normalized_direction
+
+    model = residual.create_model("resnet20", num_classes=10)
+    directions = filter_normalized_direction(model, torch.Generator().manual_seed(3))
+    for (name, parameter), direction in zip(model.named_parameters(), directions):
+        assert direction.shape == parameter.shape
+        if parameter.dim() == 1:  # biases and batch norm's scales and shifts stay where they are
+            assert not direction.any(), name
+        else:
+            torch.testing.assert_close(direction.flatten(1).norm(dim=1), parameter.detach().flatten(1).norm(dim=1))
+            assert not torch.allclose(direction, parameter.detach())  # random, not the weights themselves
+    again = filter_normalized_direction(model, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(directions, again))
+
+
+def test_the_surface_is_the_loss_at_each_point_of_the_plane_and_the_weights_are_put_back(tiny_shapes):
+    from residual.experiments.landscape import filter_normalized_direction, loss_and_accuracy, loss_surface
+
+    model = _model_for(tiny_shapes, "resnet20").eval()
+    trained = {name: value.clone() for name, value in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    directions = (filter_normalized_direction(model, generator), filter_normalized_direction(model, generator))
+    torch.manual_seed(2)
+    inputs, labels = torch.randn(12, 3, 16, 16), torch.randint(0, 10, (12,))
+    loss, accuracy = loss_surface(model, inputs, labels, [-0.5, 0.0, 1.0], directions)
+    assert loss.shape == accuracy.shape == (3, 3)
+    assert all(torch.equal(value, trained[name]) for name, value in model.state_dict().items())
+    assert (loss[1, 1], accuracy[1, 1]) == pytest.approx(loss_and_accuracy(model, inputs, labels))
+    moved = _model_for(tiny_shapes, "resnet20").eval()
+    with torch.no_grad():
+        for parameter, first, second in zip(moved.parameters(), *directions):
+            parameter.add_(1.0 * first - 0.5 * second)  # a = 1 (column 2), b = -0.5 (row 0)
+    assert (loss[0, 2], accuracy[0, 2]) == pytest.approx(loss_and_accuracy(moved, inputs, labels), rel=1e-5)
+    assert loss[0, 2] != pytest.approx(loss[1, 1])
+
+    calls = []
+
+    def interrupt(module, args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        loss_surface(model, inputs, labels, [-0.5, 0.0, 1.0], directions)
+    handle.remove()
+    assert all(torch.equal(value, trained[name]) for name, value in model.state_dict().items())
+
+
+def test_local_minima_are_counted_away_from_the_edge():
+    from residual.experiments.landscape import local_minima
+
+    grid = torch.linspace(-1, 1, 21)
+    bowl = (grid[None] ** 2 + grid[:, None] ** 2).numpy()
+    assert local_minima(bowl) == 1
+    egg_crate = (torch.cos(3 * torch.pi * grid[None]) * torch.cos(3 * torch.pi * grid[:, None])).numpy()
+    # cos(3 pi x) cos(3 pi y) on [-1, 1]^2 is lowest where one factor is 1 and the other -1: x at -2/3, 0, 2/3
+    # with y at +-1/3, and the other way round, away from the border.
+    assert local_minima(egg_crate) == 12
+    assert local_minima(torch.zeros(5, 5).numpy()) == 0, "a plateau has no point strictly lower than its neighbours"
+
+
+def test_landscape_experiment_writes_figure_table_and_summary(tiny_shapes, tmp_path, capsys):
+    import json
+
+    from residual.cli import main
+
+    for name in ("plain20", "resnet20"):
+        residual.save_model(_model_for(tiny_shapes, name), tmp_path / f"{name}.safetensors")
+    models = [str(tmp_path / f"{name}.safetensors") for name in ("plain20", "resnet20")]
+    out = tmp_path / "landscape"
+    assert main(["experiment", "landscape", *models, "--data", str(tiny_shapes), "--resolution", "3",
+                 "--images", "20", "--out", str(out), "--quiet"]) == 0
+    assert "plain20: loss " in capsys.readouterr().out
+    assert (out / "landscape.png").stat().st_size > 10_000
+    rows = list(csv.DictReader(open(out / "landscape.csv")))
+    assert len(rows) == 2 * 9 and {row["model"] for row in rows} == {"plain20", "resnet20"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert [entry["name"] for entry in summary] == ["plain20", "resnet20"]
+    centre = next(row for row in rows if row["model"] == "resnet20" and row["alpha"] == row["beta"] == "0.0")
+    assert summary[1]["centre_loss"] == pytest.approx(float(centre["loss"]), abs=1e-6)
+    assert summary[1]["chance_loss"] == pytest.approx(2.302585) and 0 <= summary[1]["basin_share"] <= 1
+    wrong = _model_for(tiny_shapes, "resnet20")
+    wrong.preprocessing = residual.Preprocessing(input_size=32, resize_size=32)
+    residual.save_model(wrong, tmp_path / "wrong.safetensors")
+    assert main(["experiment", "landscape", str(tmp_path / "wrong.safetensors"), "--data", str(tiny_shapes),
+                 "--out", str(out)]) == 2
+    assert "was trained on 10 classes at 32 px, --data" in capsys.readouterr().err
+    assert main(["experiment", "landscape", str(tmp_path / "absent.safetensors"), "--out", str(out)]) == 2
+    assert "absent.safetensors: no such model file" in capsys.readouterr().err

@@ -561,6 +561,15 @@ def cmd_experiment_gradients(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_experiment_landscape(args: argparse.Namespace, console: Console) -> int:
+    from .experiments.landscape import run_landscape
+
+    run_landscape(args.models, args.data, args.out, args.resolution, args.span, args.images, args.seed,
+                  args.device, console=console, progress=not args.quiet)
+    console.print(f"figure and numbers in {args.out} (landscape.png, landscape.csv, summary.json)")
+    return 0
+
+
 FEATURES_NOT_IN_ONNX = "the features are the pooled output before the classifier, which an exported model does not give"
 
 
@@ -630,7 +639,8 @@ def _norm(value: str) -> str | None:
 
 
 def _add_experiment_commands(commands) -> None:
-    parser = commands.add_parser("experiment", help="residual learning made visible: degradation, gradients")
+    parser = commands.add_parser("experiment", help="residual learning made visible: degradation, gradients, "
+                                                   "landscape")
     experiments = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     p = experiments.add_parser("degradation", help="plain vs residual nets at two depths (He et al. Fig. 6)")
     p.add_argument("--data", default="shapes", help="'shapes' (built-in, 16 px) or a dataset folder (e.g. CIFAR-10)")
@@ -651,6 +661,22 @@ def _add_experiment_commands(commands) -> None:
                                                      "mode (e.g. runs/experiments/degradation/runs)")
     p.add_argument("--out", help="default runs/experiments/gradients-NORM-INIT")
     p.set_defaults(run=cmd_experiment_gradients)
+    p = experiments.add_parser("landscape", help="the loss surface around trained nets, plain vs residual "
+                                                 "(Li et al. 2018, Fig. 5)")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="trained model files, e.g. runs/experiments/degradation/runs/{plain56,resnet56}/"
+                        "model.safetensors")
+    p.add_argument("--data", default="shapes", help="the data they were trained on ('shapes': the experiments' "
+                                                    "built-in data, as degradation writes it)")
+    p.add_argument("--resolution", type=at_least(3), default=21, help="grid points per side")
+    p.add_argument("--span", type=positive, default=1.0,
+                   help="the grid covers [-SPAN, SPAN] in both directions (1: each filter moved by its own norm)")
+    p.add_argument("--images", type=at_least(1), default=1000, help="training images the loss is computed on")
+    p.add_argument("--seed", type=int, default=0, help="the directions' and the images' seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--out", default="runs/experiments/landscape")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_experiment_landscape)
 
 
 def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -> None:

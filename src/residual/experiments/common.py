@@ -10,6 +10,8 @@ from PIL import Image
 from ..data.datasets import open_dataset
 from ..data.loaders import BadFileLog, load_into_memory
 from ..data.shapes import write_shapes
+from ..errors import ConfigError
+from ..models import ResNet
 
 SHAPES_SIZE = 16  # small images keep the default experiments within minutes on two CPU cores
 SHAPES_PER_CLASS = 400
@@ -34,3 +36,14 @@ def training_images(data: str, out: Path, seed: int = 0) -> tuple[torch.Tensor, 
     size = min(Image.open(dataset.train.files[0]).size)
     images, labels = load_into_memory(dataset.train, size, size, "bilinear", BadFileLog(), progress=False)
     return images, labels, dataset.classes
+
+
+def check_trained_on(models: dict[str, ResNet], images: torch.Tensor, classes: list[str], data: str,
+                     named_by: str = "") -> None:
+    """Refuse, naming it, a trained model that does not take `data`'s images: another size or class count.
+    `named_by`: the flag that gave the models, to start the message with."""
+    for name, model in models.items():
+        if model.preprocessing.input_size != images.shape[-1] or model.num_classes != len(classes):
+            raise ConfigError(f"{named_by}{name} was trained on {model.num_classes} classes at "
+                              f"{model.preprocessing.input_size} px, --data {data} has {len(classes)} at "
+                              f"{images.shape[-1]} px; give the data it was trained on")

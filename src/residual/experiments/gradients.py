@@ -34,7 +34,7 @@ from ..models import ResNet, build_model  # noqa: E402
 from ..models.preprocessing import Preprocessing  # noqa: E402
 from ..train.trainer import channel_stats  # noqa: E402
 from ..weights import load_model  # noqa: E402
-from .common import training_images  # noqa: E402
+from .common import check_trained_on, training_images  # noqa: E402
 
 
 @dataclass
@@ -119,11 +119,7 @@ def run_gradients(models: list[str], data: str = "shapes", out: str | Path = "ru
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels, classes = training_images(data, out, seed)
-    for name, model in finished.items():
-        if model.preprocessing.input_size != images.shape[-1] or model.num_classes != len(classes):
-            raise ConfigError(f"--trained: {name} was trained on {model.num_classes} classes at "
-                              f"{model.preprocessing.input_size} px, --data {data} has {len(classes)} at "
-                              f"{images.shape[-1]} px; give the data it was trained on")
+    check_trained_on(finished, images, classes, data, named_by="--trained: ")
     preprocessing = Preprocessing(images.shape[-1], images.shape[-1], *channel_stats(images))
     inputs = normalize(images.float() / 255, preprocessing)
     torch.manual_seed(seed)
