@@ -350,6 +350,30 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_soup(args: argparse.Namespace, console: Console) -> int:
+    from .soup import soup
+    from .tables import new_table
+
+    result = soup(args.models, args.data, args.out, args.recipe, args.split, args.batch_size, args.workers,
+                  args.device, progress=not args.quiet)
+    columns = ["model", f"{result.split} top-1", "in the soup"] + (["test top-1", "p (vs best model)"]
+                                                                   if result.test else [])
+    table = new_table(f"{result.recipe} soup of {len(result.ingredients)} models", columns,
+                      right=[column for column in columns if column not in ("model", "in the soup")])
+    for name, top1 in result.held_out.items():
+        test = result.test.get(name, {})
+        versus = test.get("versus_best_model")
+        row = [name, f"{top1:.2%}", "yes" if name in result.kept else "-" if name in result.ingredients else ""]
+        if result.test:
+            row += [f"{test['top1']:.2%}" if test else "", f"{versus['p_value']:.3g}" if versus else ""]
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {result.path} ({len(result.kept)} of {len(result.ingredients)} models); its "
+                  f"{result.split} top-1 chose it, so `residual eval {result.path} {args.data}` on the test split "
+                  f"is the number to trust")
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     from .deploy.prune import prune
     from .tables import comparison_table
@@ -853,6 +877,21 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("-o", "--output", help="the calibrated model file (default: MODEL.calibrated.safetensors)")
     common(p, 64)
     p.set_defaults(run=cmd_calibrate)
+
+    p = commands.add_parser("soup", help="average fine-tuned models' weights into one (model soups)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="two or more .safetensors models fine-tuned from the "
+                                                               "same weights to the same classes")
+    p.add_argument("--data", required=True, help="the dataset: its held-out split chooses, its test split checks")
+    p.add_argument("--recipe", choices=("greedy", "uniform"), default="greedy",
+                   help="greedy: best first, each model kept only if the held-out top-1 does not drop; "
+                        "uniform: all of them")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="the held-out split that chooses")
+    p.add_argument("--out", default="soup.safetensors", help="the soup's model file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: the cores less one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_soup)
 
     p = commands.add_parser("predict", help="the top classes of images or folders of images")
     p.add_argument("model", help="a model file or a pretrained name")
