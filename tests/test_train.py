@@ -535,13 +535,15 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     code = main(["train", str(shapes16), "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--lr", "0.03",
                  "--schedule", "multistep", "--milestones", "1,2", "--augment", "strong", "--no-hflip", "--mixup",
                  "0.2", "--drop-rate", "0.1", "--drop-path", "0.05", "--label-smoothing", "0.05", "--loss", "bce",
-                 "--bce-target-threshold", "0.2", "--aug-repeats", "3", "--quiet",
+                 "--bce-target-threshold", "0.2", "--aug-repeats", "3", "--auto-augment", "randaugment",
+                 "--randaugment-magnitude", "21", "--quiet",
                  "--no-report", "--out",
                  str(tmp_path), "--name", "cli"])
     assert code == 0
     config = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert config["optim"]["lr"] == 0.03 and config["optim"]["milestones"] == [1, 2]
     assert config["augment"]["preset"] == "strong" and config["augment"]["hflip"] is False
+    assert (config["augment"]["randaugment_ops"], config["augment"]["randaugment_magnitude"]) == (None, 21)
     assert config["augment"]["mixup"] == 0.2 and config["model_options"] == {"drop_rate": 0.1, "drop_path_rate": 0.05}
     assert (config["loss"], config["bce_target_threshold"]) == ("bce", 0.2) and config["aug_repeats"] == 3
     assert "epoch 1/1" in capsys.readouterr().out

@@ -61,6 +61,23 @@ def test_autoaugment_uses_the_policy_searched_for_images_of_that_size(size, poli
         AugmentConfig(auto_augment="augmix")
 
 
+def test_randaugment_takes_its_count_and_strength_and_refuses_them_alone():
+    import kornia.augmentation as K
+
+    (default,) = [m for m in build_augment(AugmentConfig(preset="none", auto_augment="randaugment"), 32, 32).modules()
+                  if isinstance(m, K.auto.RandAugment)]
+    assert (default.n, default.m) == (2, 9)  # the paper's ResNet-50 setting
+    config = AugmentConfig(preset="none", auto_augment="randaugment", randaugment_ops=3, randaugment_magnitude=21)
+    (found,) = [m for m in build_augment(config, 32, 32).modules() if isinstance(m, K.auto.RandAugment)]
+    assert (found.n, found.m) == (3, 21)
+    for options, message in [({"randaugment_magnitude": 7}, "--randaugment-magnitude sets RandAugment: give "
+                                                             "--auto-augment randaugment"),
+                             ({"auto_augment": "randaugment", "randaugment_magnitude": 30}, "1 to 29, got 30"),
+                             ({"auto_augment": "randaugment", "randaugment_ops": 0}, "1 to 15, got 0")]:
+        with pytest.raises(residual.ConfigError, match=message):
+            AugmentConfig(**options)
+
+
 def test_flip_alone_mirrors_some_images():
     torch.manual_seed(1)
     augment = build_augment(AugmentConfig(preset="none", hflip=True), 8, 8)

@@ -466,7 +466,7 @@ def _train_config(args: argparse.Namespace, **overrides):
 OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "min_lr_ratio",
                "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase")
 AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
-                 "random_erasing", "auto_augment", "mixup", "cutmix")
+                 "random_erasing", "auto_augment", "randaugment_ops", "randaugment_magnitude", "mixup", "cutmix")
 MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "pretrained", "strategy", "freeze_stages",
                "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size", "eval_image_size", "epochs",
@@ -791,6 +791,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     aug.add_argument("--random-erasing", type=float, help="probability (cutout)")
     aug.add_argument("--auto-augment", choices=("autoaugment", "randaugment", "trivialaugment"),
                      help="autoaugment: AutoAugment's policy for CIFAR-10 up to 64 px, for ImageNet above")
+    aug.add_argument("--randaugment-ops", type=int, metavar="N", help="RandAugment: operations per image (2)")
+    aug.add_argument("--randaugment-magnitude", type=int, metavar="M",
+                     help="RandAugment: their strength, 1-29 of 30 as torchvision counts (9); timm's m7 of 10 is 21")
     aug.add_argument("--mixup", type=float, help="Beta alpha, e.g. 0.2")
     aug.add_argument("--cutmix", type=float, help="Beta alpha, e.g. 1.0")
     aug.add_argument("--aug-repeats", type=int, metavar="N",

@@ -28,6 +28,11 @@ from ..models.preprocessing import Preprocessing
 
 PRESETS = ("none", "cifar", "standard", "strong")
 AUTO_AUGMENTS = (None, "autoaugment", "randaugment", "trivialaugment")
+RANDAUGMENT_OPERATIONS = 15  # kornia's default policy: the paper's 14 and SolarizeAdd
+# RandAugment's N and M where none are given: the paper's ResNet-50 setting. Left None in the config (not
+# filled in as the other knobs are), so that a run repeated with --config and another --auto-augment is
+# not refused for RandAugment settings it was never given.
+RANDAUGMENT_OPS, RANDAUGMENT_MAGNITUDE = 2, 9
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class AugmentConfig:
     contrast: float | None = None  # +- fraction
     random_erasing: float | None = None  # probability of erasing a patch (cutout)
     auto_augment: str | None = None  # 'autoaugment', 'randaugment' or 'trivialaugment'
+    randaugment_ops: int | None = None  # RandAugment's N, operations per image; None: RANDAUGMENT_OPS
+    randaugment_magnitude: int | None = None  # its M, 1-29 of 30 (torchvision's scale); None: RANDAUGMENT_MAGNITUDE
     mixup: float = 0.0  # Beta(alpha, alpha) for mixup; 0 disables
     cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 disables
 
@@ -58,6 +65,17 @@ class AugmentConfig:
                             ("--mixup", self.mixup), ("--cutmix", self.cutmix)]:
             if value is not None and value < 0:
                 raise ConfigError(f"{flag} must be 0 (off) or more, got {value}")
+        given = [flag for flag, value in [("--randaugment-ops", self.randaugment_ops),
+                                          ("--randaugment-magnitude", self.randaugment_magnitude)] if value is not None]
+        if given and self.auto_augment != "randaugment":
+            raise ConfigError(f"{given[0]} sets RandAugment: give --auto-augment randaugment with it (or leave it out; "
+                              f"a --config file says it as {given[0][2:].replace('-', '_')})")
+        if self.randaugment_ops is not None and not 1 <= self.randaugment_ops <= RANDAUGMENT_OPERATIONS:
+            raise ConfigError(f"--randaugment-ops is how many of RandAugment's {RANDAUGMENT_OPERATIONS} operations "
+                              f"each image gets: 1 to {RANDAUGMENT_OPERATIONS}, got {self.randaugment_ops}")
+        if self.randaugment_magnitude is not None and not 0 < self.randaugment_magnitude < 30:
+            raise ConfigError(f"--randaugment-magnitude is out of 30 (torchvision's scale): 1 to 29, got "
+                              f"{self.randaugment_magnitude}")
         for flag, value in [("--crop-scale", self.crop_scale), ("--random-erasing", self.random_erasing)]:
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{flag} is a fraction: in [0, 1], got {value}")
@@ -95,7 +113,8 @@ def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> n
     if c.auto_augment == "autoaugment":  # Cubuk et al. 2019's policies, searched on CIFAR-10 and on ImageNet
         ops.append(K.auto.AutoAugment(policy="cifar10" if input_size <= 64 else "imagenet"))
     elif c.auto_augment == "randaugment":
-        ops.append(K.auto.RandAugment(n=2, m=9))
+        ops.append(K.auto.RandAugment(n=c.randaugment_ops or RANDAUGMENT_OPS,
+                                      m=c.randaugment_magnitude or RANDAUGMENT_MAGNITUDE))
     elif c.auto_augment == "trivialaugment":
         ops.append(K.auto.TrivialAugment())
     if c.brightness or c.contrast:
