@@ -444,6 +444,36 @@ def cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+LABEL_ERRORS_IGNORES = ("resume", "run_dir", "nproc", "max_restarts", "name", "report")
+
+
+def cmd_label_errors(args: argparse.Namespace, console: Console) -> int:
+    from .data.datasets import data_name
+    from .label_errors import find_label_errors
+    from .runs import output_dir
+    from .tables import new_table
+
+    ignored = ["--" + name.replace("_", "-") for name in LABEL_ERRORS_IGNORES if getattr(args, name)]
+    if ignored:
+        console.print(f"warning: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply: every fold "
+                      f"is a new run of its own under the output folder")
+    config = _train_config(args)
+    with output_dir(None, args.out or "runs/label-errors", data_name(config.data)) as out:  # --out: their parent
+        result = find_label_errors(config.data, out, args.folds, config, console=console)
+    _report_failed(result.unreadable)
+    table = new_table(f"probably mislabelled: {len(result.issues)} of {result.images} images (worst first)",
+                      ("image", "given", "p", "suggested", "p "), right=("p", "p "))
+    for issue in result.issues[:args.show]:
+        table.add_row(issue.image, issue.given, f"{issue.p_given:.2f}", issue.suggested, f"{issue.p_suggested:.2f}")
+    if result.issues:
+        console.print(table)
+    folds = ", ".join(f"{top1:.1%}" for top1 in result.fold_top1)
+    console.print(f"each image judged by the model that did not train on it (fold models' top-1: {folds}); all "
+                  f"{len(result.issues)} in {result.files['table']}, the worst as pictures in "
+                  f"{result.files['picture']}")
+    return 1 if result.unreadable else 0
+
+
 def _train_config(args: argparse.Namespace, **overrides):
     """Flags -> TrainConfig; flags left unset keep the config's defaults (auto where it has them)."""
     from .train import TrainConfig
@@ -1037,6 +1067,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-lr", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=100)
     p.set_defaults(run=cmd_lr_find)
+
+    p = commands.add_parser("label-errors", help="images probably labelled wrong, found by k-fold models that "
+                                                 "never trained on them")
+    _add_train_arguments(p, runs="runs/label-errors")
+    p.add_argument("--folds", type=at_least(2), default=3, help="models trained, each judging the images it left out")
+    p.add_argument("--show", type=at_least(0), default=20, help="suspects listed here (all go to the CSV)")
+    p.set_defaults(run=cmd_label_errors)
 
     p = commands.add_parser("embed", help="pooled features of images (include_top=False) -> a .npy file")
     p.add_argument("model", help="a model file or a pretrained name")

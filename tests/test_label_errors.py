@@ -1,0 +1,89 @@
+"""Finding mislabelled images: folds are stratified, each image is judged only by a model that did not
+train on it, and the confident-learning rule flags what it should."""
+
+import csv
+
+import numpy as np
+import pytest
+
+import residual
+from residual.cli import main
+from residual.data.shapes import write_shapes
+from residual.label_errors import class_thresholds, find_label_errors, stratified_folds, suspects
+from residual.train import TrainConfig
+
+
+def test_folds_spread_every_class_evenly_and_follow_the_seed():
+    labels = np.array([0] * 10 + [1] * 7 + [2] * 3)
+    fold = stratified_folds(labels, 3, seed=4)
+    for label in range(3):
+        counts = np.bincount(fold[labels == label], minlength=3)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == (labels == label).sum()
+    assert np.array_equal(fold, stratified_folds(labels, 3, seed=4))
+    assert not np.array_equal(fold, stratified_folds(labels, 3, seed=5))
+
+
+def test_suspects_are_the_off_diagonal_of_the_confident_joint():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9],  # image 2: labelled 0, its model says 1
+                      [0.7, 0.3],
+                      [0.2, 0.8], [0.1, 0.9], [0.3, 0.7],
+                      [0.45, 0.55]])  # image 7: no class reaches its threshold: not counted
+    thresholds = class_thresholds(probs, labels)
+    assert thresholds == pytest.approx([(0.9 + 0.8 + 0.1 + 0.7) / 4, (0.8 + 0.9 + 0.7 + 0.55) / 4])
+    assert suspects(probs, labels) == [(2, 1)]
+    # Ranked by the given label's probability, lowest first; a class without images has no threshold.
+    three = np.array([[0.1, 0.86, 0.04], [0.05, 0.9, 0.05], [0.9, 0.05, 0.05], [0.1, 0.85, 0.05]])
+    assert suspects(three, np.array([0, 0, 0, 1])) == [(1, 1), (0, 1)]
+    # Its own class reaching its threshold does not clear an image another class beats there.
+    beaten = np.array([[0.35, 0.6, 0.05], [0.2, 0.1, 0.7], [0.2, 0.1, 0.7], [0.3, 0.5, 0.2], [0.3, 0.5, 0.2]])
+    assert class_thresholds(beaten, np.array([0, 0, 0, 1, 1]))[:2] == pytest.approx([0.25, 0.5])
+    assert suspects(beaten, np.array([0, 0, 0, 1, 1])) == [(0, 1)]
+
+
+def test_suspects_are_the_ones_cleanlab_finds_by_the_confident_learning_filter():
+    """tests/fixtures/cleanlab_confident_learning.npz: two draws of 300 images, 5 classes, a tenth of the
+    labels flipped, and cleanlab 2.9.0's find_label_issues(labels, pred_probs, filter_by="confident_learning")
+    on them (made once in an environment with cleanlab; 20 such draws all agreed, 2026-12-04)."""
+    from pathlib import Path
+
+    reference = np.load(Path(__file__).parent / "fixtures" / "cleanlab_confident_learning.npz")
+    for labels, probs, mask in zip(reference["labels"], reference["probs"], reference["mask"]):
+        assert mask.sum() > 10
+        assert sorted(index for index, _ in suspects(probs, labels.astype(np.int64))) == np.flatnonzero(mask).tolist()
+
+
+def test_every_image_is_judged_once_by_a_model_that_left_it_out(tmp_path, capsys):
+    data = write_shapes(tmp_path / "shapes", size=16, per_class=6, seed=0, progress=False)
+    config = TrainConfig(data=str(data), model="resnet20", epochs=1, batch_size=32, quiet=True, workers=0)
+    result = find_label_errors(data, tmp_path / "audit", folds=2, config=config)
+    images = sorted(str(path.resolve()) for path in data.glob("*/*/*.png"))
+    assert result.images == len(images) and len(result.fold_top1) == 2 and not result.unreadable
+    judged_by = {}
+    for fold in (1, 2):
+        rows = list(csv.DictReader(open(tmp_path / "audit" / "folds" / f"fold-{fold}.csv")))
+        assert sorted(row["image"] for row in rows) == images  # every image, once per listing
+        for row in rows:
+            if row["split"] == "val":
+                judged_by.setdefault(row["image"], []).append(fold)
+        run = residual.read_metadata(tmp_path / "audit" / "runs" / f"fold-{fold}" / "model.safetensors")
+        assert run["extra"]["epoch"] == 1
+    assert sorted(judged_by) == images and all(len(folds) == 1 for folds in judged_by.values())
+    with open(result.files["table"]) as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["image"] for row in rows] == [issue.image for issue in result.issues]
+    assert all(row["given"] != row["suggested"] for row in rows)
+    assert result.files["picture"].stat().st_size > 1000
+    with pytest.raises(residual.ConfigError, match="fewer images than --folds 50"):
+        find_label_errors(data, tmp_path / "audit2", folds=50, config=config)
+
+
+def test_label_errors_cli(tmp_path, capsys):
+    data = write_shapes(tmp_path / "shapes", size=16, per_class=4, seed=1, progress=False)
+    assert main(["label-errors", str(data), "--model", "resnet20", "--epochs", "1", "--batch-size", "32", "--folds",
+                 "2", "--workers", "0", "--quiet", "--out", str(tmp_path / "runs")]) == 0
+    printed = capsys.readouterr().out
+    assert "each image judged by the model that did not train on it" in printed and "warning" not in printed
+    assert (tmp_path / "runs" / "shapes" / "label_issues.csv").is_file()
+    with pytest.raises(SystemExit):
+        main(["label-errors", str(data), "--folds", "1"])
