@@ -74,6 +74,11 @@ def test_every_image_is_judged_once_by_a_model_that_left_it_out(tmp_path, capsys
     assert [row["image"] for row in rows] == [issue.image for issue in result.issues]
     assert all(row["given"] != row["suggested"] for row in rows)
     assert result.files["picture"].stat().st_size > 1000
+    with open(result.files["probabilities"]) as stream:
+        table = list(csv.DictReader(stream))
+    assert sorted(row["image"] for row in table) == images
+    assert all(sum(float(row[name]) for name in sorted(path.name for path in (data / "train").iterdir()))
+               == pytest.approx(1.0, abs=1e-4) for row in table)
     with pytest.raises(residual.ConfigError, match="fewer images than --folds 50"):
         find_label_errors(data, tmp_path / "audit2", folds=50, config=config)
 

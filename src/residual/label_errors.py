@@ -81,7 +81,8 @@ class LabelErrorResult:
 
     @property
     def files(self) -> dict[str, Path]:
-        return {"table": self.out / "label_issues.csv", "picture": self.out / "label_issues.png"}
+        return {"table": self.out / "label_issues.csv", "picture": self.out / "label_issues.png",
+                "probabilities": self.out / "probabilities.csv"}
 
 
 def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config: TrainConfig | None = None,
@@ -137,6 +138,8 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
               for index, suggested in suspects(probs[kept], labels[kept])]
     result = LabelErrorResult(len(kept), issues, out, fold_top1, unreadable)
     _write_table(issues, result.files["table"])
+    _write_probabilities([files[index] for index in kept], [dataset.classes[label] for label in labels[kept]],
+                         probs[kept], dataset.classes, result.files["probabilities"])
     _draw(issues[:show], len(issues), result.files["picture"], len(kept))
     return result
 
@@ -147,6 +150,15 @@ def _write_table(issues: list[LabelIssue], path: Path) -> None:
         writer.writerow(["image", "given", "suggested", "p_given", "p_suggested"])
         writer.writerows([issue.image, issue.given, issue.suggested, f"{issue.p_given:.4f}", f"{issue.p_suggested:.4f}"]
                          for issue in issues)
+
+
+def _write_probabilities(files: list[Path], given: list[str], probs: np.ndarray, classes: list[str],
+                         path: Path) -> None:
+    """Every judged image's out-of-fold probabilities: what the rule saw, for another rule or a closer look."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["image", "given", *classes])
+        writer.writerows([file, label, *(f"{p:.6f}" for p in row)] for file, label, row in zip(files, given, probs))
 
 
 def _draw(issues: list[LabelIssue], total: int, path: Path, audited: int) -> None:
