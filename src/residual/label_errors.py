@@ -3,7 +3,7 @@
 Every labelled image of the dataset gets class probabilities from a model trained on the other folds
 (k-fold cross-validation, stratified by class): out-of-fold answers, so a model cannot simply have
 memorised a wrong label. Suspects are then the off-diagonal of the confident joint (Northcutt et al.
-2021, "Confident learning", Eq. 1): each class's threshold t_j is the mean probability that images
+2021, "Confident learning"): each class's threshold t_j is the mean probability that images
 labelled j give j; an image belongs to the most probable of the classes whose probability reaches their
 threshold, and is a suspect when that class is not its label. Suspects are ranked by the probability of
 their given label, lowest first (cleanlab's "self-confidence" ranking).
