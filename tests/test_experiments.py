@@ -232,3 +232,11 @@ def test_landscape_experiment_writes_figure_table_and_summary(tiny_shapes, tmp_p
     assert "was trained on 10 classes at 32 px, --data" in capsys.readouterr().err
     assert main(["experiment", "landscape", str(tmp_path / "absent.safetensors"), "--out", str(out)]) == 2
     assert "absent.safetensors: no such model file" in capsys.readouterr().err
+    assert main(["experiment", "landscape", *models, "--resolution", "4", "--out", str(out)]) == 2
+    assert "--resolution must be odd and at least 3" in capsys.readouterr().err
+    (tmp_path / "again").mkdir()
+    residual.save_model(_model_for(tiny_shapes, "resnet20"), tmp_path / "again" / "model.safetensors")
+    assert main(["experiment", "landscape", models[1], str(tmp_path / "again" / "model.safetensors"), "--data",
+                 str(tiny_shapes), "--resolution", "3", "--images", "4", "--out", str(out), "--quiet"]) == 0
+    names = [entry["name"] for entry in json.loads((out / "summary.json").read_text())]
+    assert names == [f"resnet20 ({tmp_path.name})", "resnet20 (again)"]

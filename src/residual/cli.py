@@ -462,7 +462,7 @@ def cmd_label_errors(args: argparse.Namespace, console: Console) -> int:
         result = find_label_errors(config.data, out, args.folds, config, console=console)
     _report_failed(result.unreadable)
     table = new_table(f"probably mislabelled: {len(result.issues)} of {result.images} images (worst first)",
-                      ("image", "given", "p", "suggested", "p "), right=("p", "p "))
+                      ("image", "given", "p(given)", "suggested", "p(suggested)"), right=("p(given)", "p(suggested)"))
     for issue in result.issues[:args.show]:
         table.add_row(issue.image, issue.given, f"{issue.p_given:.2f}", issue.suggested, f"{issue.p_suggested:.2f}")
     if result.issues:
@@ -722,7 +722,7 @@ def _add_experiment_commands(commands) -> None:
                         "model.safetensors")
     p.add_argument("--data", default="shapes", help="the data they were trained on ('shapes': the experiments' "
                                                     "built-in data, as degradation writes it)")
-    p.add_argument("--resolution", type=at_least(3), default=21, help="grid points per side")
+    p.add_argument("--resolution", type=int, default=21, help="grid points per side, odd (the weights at the centre)")
     p.add_argument("--span", type=positive, default=1.0,
                    help="the grid covers [-SPAN, SPAN] in both directions (1: each filter moved by its own norm)")
     p.add_argument("--images", type=at_least(1), default=1000, help="training images the loss is computed on")

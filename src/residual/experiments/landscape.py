@@ -125,8 +125,9 @@ def run_landscape(models: list[str], data: str = "shapes", out: str | Path = "ru
     """The loss on a `resolution` x `resolution` grid over [-span, span]^2 of a random filter-normalised plane
     through each model; the same directions' seed and the same images for every model. Writes
     landscape.png, landscape.csv and summary.json to `out`."""
-    if resolution < 3:
-        raise ConfigError(f"--resolution must be at least 3 (points per side), got {resolution}")
+    if resolution < 3 or resolution % 2 == 0:
+        raise ConfigError(f"--resolution must be odd and at least 3 (points per side; odd, so the trained weights "
+                          f"are the grid's centre), got {resolution}")
     if span <= 0:
         raise ConfigError(f"--span must be positive, got {span}")
     if images < 1:
@@ -145,8 +146,10 @@ def run_landscape(models: list[str], data: str = "shapes", out: str | Path = "ru
     sample = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:images]
     coordinates = np.linspace(-span, span, resolution).round(6).tolist()
     results = []
+    archs = [model.arch for model in loaded.values()]
     for path, model in loaded.items():
-        name = model.arch or Path(path).parent.name
+        # Named by architecture; by its folder too where two models share one (two runs of resnet56, say).
+        name = model.arch if archs.count(model.arch) == 1 else f"{model.arch} ({Path(path).parent.name})"
         inputs = normalize(pixels[sample].to(device).float() / 255, model.preprocessing)
         generator = torch.Generator().manual_seed(seed)  # on the host: the same directions on every device
         directions = (filter_normalized_direction(model, generator), filter_normalized_direction(model, generator))
