@@ -111,6 +111,52 @@ def test_config_yaml_repeats_the_run(shapes16, tmp_path, monkeypatch):
         assert torch.equal(value, _weights(second.run_dir / "last.pt")[key]), key
 
 
+def test_a_run_config_chooses_again_what_its_run_chose_automatically(shapes16, tmp_path, capsys):
+    from residual.cli import _train_config, build_parser, main
+    from residual.train.trainer import prepare_run
+
+    dataset = open_dataset(str(shapes16), None, 0)
+    given = TrainConfig(data=str(shapes16), epochs=1, batch_size=32, out=str(tmp_path), name="sgd")
+    path = prepare_run(given, 1, Console(quiet=True)) / "config.yaml"
+    ran = resolve(given, dataset)
+    assert load_config(path) == ran  # the run as it ran
+    assert yaml.safe_load(path.read_text())["auto"] == {
+        "model": "resnet20", "layer_lr_decay": 1.0, "image_size": 16, "optim.lr": 0.025, "optim.weight_decay": 5e-4,
+        "augment.preset": "cifar", "augment.hflip": True, "augment.pad_crop": 2, "augment.crop_scale": 0.0,
+        "augment.rotation": 0.0, "augment.shift": 0.0, "augment.brightness": 0.0, "augment.contrast": 0.0,
+        "augment.random_erasing": 0.0, "compile": False}
+
+    def from_config(*flags):
+        return resolve(_train_config(build_parser().parse_args(["train", "--config", str(path), *flags])), dataset)
+
+    assert from_config() == ran  # chosen again from the same data and flags: the same run
+    # A changed flag gets what it would have got from scratch, not the first run's choices for SGD and cifar.
+    adam = from_config("--optimizer", "adam")
+    assert (adam.optim.lr, adam.optim.weight_decay) == (1e-3 * 32 / 128, 5e-4)
+    assert from_config("--batch-size", "64").optim.lr == 0.05
+    assert from_config("--augment", "strong").augment == AugmentConfig(preset="strong").resolved(16)
+    assert from_config("--auto-augment", "randaugment").augment.randaugment_ops == 2
+    # What the user set stays set, whether by a flag or by editing the file.
+    assert from_config("--optimizer", "adam", "--lr", "0.3").optim.lr == 0.3
+    options = yaml.safe_load(path.read_text())
+    options["optim"]["lr"] = 0.07
+    path.write_text(yaml.safe_dump(options))
+    assert from_config("--optimizer", "adam").optim.lr == 0.07
+    # A file without the record is taken as it stands.
+    del options["auto"]
+    path.write_text(yaml.safe_dump(options))
+    assert from_config("--augment", "strong").augment.rotation == 0.0
+
+    # A clash with a setting the file gave is named as coming from it.
+    given = TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="bce", loss="bce",
+                        bce_target_threshold=0.2)
+    path = prepare_run(given, 1, Console(quiet=True)) / "config.yaml"
+    assert main(["train", "--config", str(path), "--loss", "ce"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --bce-target-threshold goes with --loss bce") and err.count("\n") == 1
+    assert f"(settings in --config {path} count as given: edit it there, or give the flag another value)" in err
+
+
 def test_a_config_file_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys):
     from residual.cli import main
 
@@ -543,7 +589,8 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     config = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert config["optim"]["lr"] == 0.03 and config["optim"]["milestones"] == [1, 2]
     assert config["augment"]["preset"] == "strong" and config["augment"]["hflip"] is False
-    assert (config["augment"]["randaugment_ops"], config["augment"]["randaugment_magnitude"]) == (None, 21)
+    assert (config["augment"]["randaugment_ops"], config["augment"]["randaugment_magnitude"]) == (2, 21)
+    assert config["auto"]["augment.randaugment_ops"] == 2 and "augment.randaugment_magnitude" not in config["auto"]
     assert config["augment"]["mixup"] == 0.2 and config["model_options"] == {"drop_rate": 0.1, "drop_path_rate": 0.05}
     assert (config["loss"], config["bce_target_threshold"]) == ("bce", 0.2) and config["aug_repeats"] == 3
     assert "epoch 1/1" in capsys.readouterr().out

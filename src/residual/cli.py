@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import __version__
-from .errors import ResidualError
+from .errors import ConfigError, ResidualError
 from .models import list_models
 from .progress import message_console
 from .weights import fetch_pretrained, list_pretrained, load_model, save_model
@@ -477,20 +477,28 @@ def cmd_label_errors(args: argparse.Namespace, console: Console) -> int:
 def _train_config(args: argparse.Namespace, **overrides):
     """Flags -> TrainConfig; flags left unset keep the config's defaults (auto where it has them)."""
     from .train import TrainConfig
-    from .train.config import read_config
+    from .train.config import options_as_asked
 
     def given(*names):
         values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
         return {**values, **{k: v for k, v in overrides.items() if k in names}}
 
-    base = read_config(args.config) if args.config else {}
+    base = options_as_asked(args.config) if args.config else {}
     if args.data is not None:
         base["data"] = args.data
     optim = {**base.get("optim", {}), **given(*OPTIM_FLAGS)}
     augment = {**base.get("augment", {}), **given(*AUGMENT_FLAGS)}
     model_options = {**base.get("model_options", {}), **given(*MODEL_FLAGS)}
     top = given(*TRAIN_FLAGS)
-    return TrainConfig.from_dict({**base, **top, "optim": optim, "augment": augment, "model_options": model_options})
+    try:
+        return TrainConfig.from_dict({**base, **top, "optim": optim, "augment": augment,
+                                      "model_options": model_options})
+    except ConfigError as error:
+        if not args.config:
+            raise
+        # The clash may be with a setting the user never typed: say where it came from.
+        raise ConfigError(f"{error} (settings in --config {args.config} count as given: edit it there, or give the "
+                          f"flag another value)") from None
 
 
 OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "min_lr_ratio",

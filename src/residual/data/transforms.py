@@ -29,9 +29,7 @@ from ..models.preprocessing import Preprocessing
 PRESETS = ("none", "cifar", "standard", "strong")
 AUTO_AUGMENTS = (None, "autoaugment", "randaugment", "trivialaugment")
 RANDAUGMENT_OPERATIONS = 15  # kornia's default policy: the paper's 14 and SolarizeAdd
-# RandAugment's N and M where none are given: the paper's ResNet-50 setting. Left None in the config (not
-# filled in as the other knobs are), so that a run repeated with --config and another --auto-augment is
-# not refused for RandAugment settings it was never given.
+# RandAugment's N and M where none are given: the paper's ResNet-50 setting.
 RANDAUGMENT_OPS, RANDAUGMENT_MAGNITUDE = 2, 9
 
 
@@ -49,8 +47,8 @@ class AugmentConfig:
     contrast: float | None = None  # +- fraction
     random_erasing: float | None = None  # probability of erasing a patch (cutout)
     auto_augment: str | None = None  # 'autoaugment', 'randaugment' or 'trivialaugment'
-    randaugment_ops: int | None = None  # RandAugment's N, operations per image; None: RANDAUGMENT_OPS
-    randaugment_magnitude: int | None = None  # its M, 1-29 of 30 (torchvision's scale); None: RANDAUGMENT_MAGNITUDE
+    randaugment_ops: int | None = None  # RandAugment's N, operations per image; auto: RANDAUGMENT_OPS
+    randaugment_magnitude: int | None = None  # its M, 1-29 of 30 (torchvision's scale); auto: RANDAUGMENT_MAGNITUDE
     mixup: float = 0.0  # Beta(alpha, alpha) for mixup; 0 disables
     cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 disables
 
@@ -95,7 +93,11 @@ class AugmentConfig:
                      "auto_augment": "trivialaugment"}
         given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                  if f.name in base and getattr(self, f.name) is not None}
-        return dataclasses.replace(self, preset=preset, **(base | given))
+        knobs = base | given
+        if knobs["auto_augment"] == "randaugment":
+            knobs |= {"randaugment_ops": self.randaugment_ops or RANDAUGMENT_OPS,
+                      "randaugment_magnitude": self.randaugment_magnitude or RANDAUGMENT_MAGNITUDE}
+        return dataclasses.replace(self, preset=preset, **knobs)
 
 
 def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> nn.Module:
@@ -113,8 +115,7 @@ def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> n
     if c.auto_augment == "autoaugment":  # Cubuk et al. 2019's policies, searched on CIFAR-10 and on ImageNet
         ops.append(K.auto.AutoAugment(policy="cifar10" if input_size <= 64 else "imagenet"))
     elif c.auto_augment == "randaugment":
-        ops.append(K.auto.RandAugment(n=c.randaugment_ops or RANDAUGMENT_OPS,
-                                      m=c.randaugment_magnitude or RANDAUGMENT_MAGNITUDE))
+        ops.append(K.auto.RandAugment(n=c.randaugment_ops, m=c.randaugment_magnitude))
     elif c.auto_augment == "trivialaugment":
         ops.append(K.auto.TrivialAugment())
     if c.brightness or c.contrast:

@@ -21,7 +21,7 @@ from ..evaluate import evaluate, split_as_trained
 from ..metrics import paired_comparison
 from ..runs import pick_device
 from ..weights import load_model, read_metadata
-from .config import load_config
+from .config import flatten, load_config
 from .history import read_metrics
 
 # Settings that say where a run went or how it talked, not how it trained: never a difference worth naming.
@@ -51,17 +51,6 @@ class RunRecord:
         if self.summary is None:
             return f"{done} unfinished"
         return f"{done} stopped early" if self.summary["stopped_early"] else done
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Nested settings as one level: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1} (an empty one sets nothing)."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def run_folders(paths: list[str | Path]) -> list[Path]:

@@ -1,8 +1,9 @@
 """The training configuration: one dataclass, saved whole as the run's config.yaml.
 
 Fields left as None ("auto") are resolved from the data before training, and
-the resolved values are what config.yaml records, so `residual train --config
-RUN/config.yaml` repeats the run exactly.
+the resolved values are what config.yaml records, with a record of which were
+chosen automatically: `residual train --config RUN/config.yaml` repeats the run
+exactly, and with a flag changed it chooses those again for the new flags.
 """
 
 from __future__ import annotations
@@ -152,9 +153,35 @@ class TrainConfig:
         return cls(**_known_options(cls, data, "training option(s)"))
 
 
-def save_config(config: TrainConfig, path: Path) -> None:
+# The key under which config.yaml records what `resolve` chose for the settings left automatic.
+AUTO_RECORD = "auto"
+
+
+def save_config(config: TrainConfig, path: Path, given: TrainConfig | None = None) -> None:
+    """`config` as YAML; with `given` (what was asked, before `resolve`), also a record of what was chosen
+    automatically, so that `--config` chooses those again (see `options_as_asked`)."""
+    options = _plain(config.to_dict())
+    if given is not None:
+        options[AUTO_RECORD] = _plain(chosen_automatically(given, config))
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(options, sort_keys=False))
+
+
+def chosen_automatically(given: TrainConfig, resolved: TrainConfig) -> dict:
+    """Every setting `given` left automatic (None) and `resolved` filled in, by dotted name ('optim.lr')."""
+    asked, chosen = flatten(given.to_dict()), flatten(resolved.to_dict())
+    return {name: value for name, value in chosen.items() if asked.get(name) is None and value is not None}
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested settings as one level: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1} (an empty one sets nothing)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _known_options(cls, options: dict, what: str) -> dict:
@@ -182,7 +209,35 @@ def read_config(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    return TrainConfig.from_dict(read_config(path))
+    """The run as it ran: every setting as resolved."""
+    options = read_config(path)
+    options.pop(AUTO_RECORD, None)
+    return TrainConfig.from_dict(options)
+
+
+def options_as_asked(path: str | Path) -> dict:
+    """A config file's options with the settings that were chosen automatically left automatic again.
+
+    A run's config.yaml holds resolved values: the learning rate for its optimizer and batch, the preset's
+    augmentation knobs, compile for its device and length. Given as they stand to a new run that changes a
+    flag, they would be stale (`--optimizer adam` at SGD's 0.1, `--augment strong` with the cifar preset's
+    knobs). So a setting still at the value its `auto` record says was chosen is chosen again for the new
+    run; with the same data and flags that is the same value, so the run repeats. A value edited by hand
+    differs from the record and is kept; a file without the record (written by hand, or by residual before
+    it kept one) is taken as it stands.
+    """
+    options = read_config(path)
+    record = options.pop(AUTO_RECORD, None) or {}
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: '{AUTO_RECORD}:' records the settings chosen automatically, as a mapping of "
+                          f"names to values; delete it to keep every value as it stands")
+    for name, value in record.items():
+        key, _, nested = name.partition(".")
+        part = options.get(key) if nested else options
+        field_name = nested or key
+        if isinstance(part, dict) and field_name in part and _plain(part[field_name]) == value:
+            part[field_name] = None
+    return options
 
 
 def _plain(value):

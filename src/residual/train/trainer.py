@@ -162,7 +162,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             for warning in validation_warnings(dataset):
                 console.print(warning)
             if not started:
-                run_dir = world.broadcast(prepare_run_dir(config, run_dir) if world.is_main else None)
+                run_dir = world.broadcast(prepare_run_dir(config, given, run_dir) if world.is_main else None)
             try:
                 trainer = Trainer(config, dataset, run_dir, console, world)
             except Exception:
@@ -176,12 +176,13 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         world.shutdown()
 
 
-def prepare_run_dir(config: TrainConfig, run_dir: Path | None = None) -> Path:
-    """The run directory with the resolved config.yaml: `run_dir`, or a new one under config.out."""
+def prepare_run_dir(config: TrainConfig, given: TrainConfig, run_dir: Path | None = None) -> Path:
+    """The run directory with the resolved config.yaml (and what `given` left automatic): `run_dir`, or a new
+    one under config.out."""
     if run_dir is None:
         run_dir = new_run_dir(config.out, config.name or f"{config.model}-{data_name(config.data)}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    save_config(config, run_dir / "config.yaml", given)
     return run_dir
 
 
@@ -231,7 +232,7 @@ def prepare_run(config: TrainConfig, processes: int, console: Console) -> Path:
     resolved = resolve(config, dataset, processes)
     if log := compile_log(config, resolved, len(dataset.train), processes):
         console.print(log)
-    return prepare_run_dir(resolved)
+    return prepare_run_dir(resolved, config)
 
 
 class Trainer:
