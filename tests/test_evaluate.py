@@ -24,6 +24,7 @@ from residual.evaluate import evaluate, split_as_trained
 from residual.metrics import ranking_scores
 from residual.predict import class_probabilities
 from residual.train import TrainConfig, train
+from cifar_files import write_cifar10
 
 
 @pytest.fixture(scope="module")
@@ -288,14 +289,7 @@ def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):
     from residual import create_model
     from residual.models.preprocessing import CIFAR_EVAL
 
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, count in [("data_batch_1", 4), ("test_batch", 6)]:
-        batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, count).tolist()}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    folder = write_cifar10(tmp_path / "cifar-10-batches-py", train=4, test=6)
     model = create_model("resnet20", num_classes=10).eval()
     model.class_names, model.preprocessing = [f"c{i}" for i in range(10)], CIFAR_EVAL
     result = evaluate(model, folder, out_dir=tmp_path / "report", gallery_size=2)

@@ -2,6 +2,7 @@
 train on it, and the confident-learning rule flags what it should."""
 
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -9,8 +10,9 @@ import pytest
 import residual
 from residual.cli import main
 from residual.data.shapes import write_shapes
-from residual.label_errors import class_thresholds, find_label_errors, stratified_folds, suspects
+from residual.label_errors import class_thresholds, copies_together, find_label_errors, stratified_folds, suspects
 from residual.train import TrainConfig
+from cifar_files import write_cifar10
 
 
 def test_folds_spread_every_class_evenly_and_follow_the_seed():
@@ -21,6 +23,14 @@ def test_folds_spread_every_class_evenly_and_follow_the_seed():
         assert counts.max() - counts.min() <= 1 and counts.sum() == (labels == label).sum()
     assert np.array_equal(fold, stratified_folds(labels, 3, seed=4))
     assert not np.array_equal(fold, stratified_folds(labels, 3, seed=5))
+
+
+def test_exact_copies_of_an_image_share_its_fold(tmp_path):
+    for name, content in {"a": b"one", "b": b"one", "c": b"two", "d": b"one", "e": b"two"}.items():
+        (tmp_path / name).write_bytes(content)
+    files = [tmp_path / name for name in "abcde"] + [tmp_path / "missing"]
+    fold, moved = copies_together(np.array([0, 1, 2, 1, 0, 2]), files)
+    assert fold.tolist() == [0, 0, 2, 0, 2, 2] and moved == 3
 
 
 def test_suspects_are_the_off_diagonal_of_the_confident_joint():
@@ -58,6 +68,9 @@ def test_suspects_are_the_ones_cleanlab_finds_by_the_confident_learning_filter()
 
 def test_every_image_is_judged_once_by_a_model_that_left_it_out(tmp_path, capsys):
     data = write_shapes(tmp_path / "shapes", size=16, per_class=6, seed=0, progress=False)
+    copied = sorted((data / "train").glob("*/*.png"))[:2]  # one image filed again under another class
+    shutil.copy(copied[0], copied[-1].parent / "copy.png")
+    shutil.copy(copied[0], copied[0].parent / "copy-too.png")
     config = TrainConfig(data=str(data), model="resnet20", epochs=1, batch_size=32, quiet=True, workers=0)
     result = find_label_errors(data, tmp_path / "audit", folds=2, config=config)
     images = sorted(str(path.resolve()) for path in data.glob("*/*/*.png"))
@@ -72,6 +85,8 @@ def test_every_image_is_judged_once_by_a_model_that_left_it_out(tmp_path, capsys
         run = residual.read_metadata(tmp_path / "audit" / "runs" / f"fold-{fold}" / "model.safetensors")
         assert run["extra"]["epoch"] == 1
     assert sorted(judged_by) == images and all(len(folds) == 1 for folds in judged_by.values())
+    copies = [copied[0], copied[-1].parent / "copy.png", copied[0].parent / "copy-too.png"]
+    assert len({tuple(judged_by[str(path.resolve())]) for path in copies}) == 1  # judged together
     with open(result.files["table"]) as stream:
         rows = list(csv.DictReader(stream))
     assert [row["image"] for row in rows] == [issue.image for issue in result.issues]
@@ -84,6 +99,9 @@ def test_every_image_is_judged_once_by_a_model_that_left_it_out(tmp_path, capsys
                == pytest.approx(1.0, abs=1e-4) for row in table)
     with pytest.raises(residual.ConfigError, match="fewer images than --folds 50"):
         find_label_errors(data, tmp_path / "audit2", folds=50, config=config)
+    cifar = write_cifar10(tmp_path / "cifar-10-batches-py", train=30, test=30)
+    with pytest.raises(residual.ConfigError, match="CIFAR's batches hold no image files to list per fold"):
+        find_label_errors(cifar, tmp_path / "audit3", folds=2, config=config)
 
 
 def test_label_errors_cli(tmp_path, capsys):

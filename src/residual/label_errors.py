@@ -1,12 +1,13 @@
 """Images that are probably labelled wrong, found by models that never trained on them.
 
 Every labelled image of the dataset gets class probabilities from a model trained on the other folds
-(k-fold cross-validation, stratified by class): out-of-fold answers, so a model cannot simply have
-memorised a wrong label. Suspects are then the off-diagonal of the confident joint (Northcutt et al.
-2021, "Confident learning"): each class's threshold t_j is the mean probability that images
-labelled j give j; an image belongs to the most probable of the classes whose probability reaches their
-threshold, and is a suspect when that class is not its label. Suspects are ranked by the probability of
-their given label, lowest first (cleanlab's "self-confidence" ranking).
+(k-fold cross-validation, stratified by class, with byte-identical copies of an image in one fold):
+out-of-fold answers, so a model cannot simply have memorised a wrong label. Suspects are then the
+off-diagonal of the confident joint (Northcutt et al. 2021, "Confident learning"): each class's threshold
+t_j is the mean probability that images labelled j give j; an image belongs to the most probable of the
+classes whose probability reaches their threshold, and is a suspect when that class is not its label.
+Suspects are ranked by the probability of their given label, lowest first (cleanlab's "self-confidence"
+ranking).
 
 Each fold is an ordinary training run (its CSV of image,label,split rows, its run directory under OUT/runs),
 so every training option applies.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from .atomic import atomic_path  # noqa: E402
 from .data.datasets import open_dataset  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
+from .progress import progress_bar  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
 from .weights import load_model  # noqa: E402
 
@@ -42,6 +45,23 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
         members = rng.permutation(np.flatnonzero(labels == label))
         fold[members] = (np.arange(len(members)) + rng.integers(folds)) % folds
     return fold
+
+
+def copies_together(fold_of: np.ndarray, files: list[Path], progress: bool = False) -> tuple[np.ndarray, int]:
+    """`fold_of` with every byte-identical copy of a file moved into the fold of its first copy, and how many
+    moved: a copy left in another fold's training set would teach that model the label it is to judge."""
+    first_of: dict[str, int] = {}
+    together, moved = fold_of.copy(), 0
+    with progress_bar("finding exact copies", progress) as bar:
+        for index, file in enumerate(bar.track(files)):
+            try:
+                digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+            except OSError:
+                continue  # unreadable: training names it
+            first = first_of.setdefault(digest, index)
+            if together[first] != together[index]:
+                together[index], moved = together[first], moved + 1
+    return together, moved
 
 
 def class_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -107,7 +127,10 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = config or TrainConfig(data=str(data))
-    fold_of = stratified_folds(labels, folds, config.seed)
+    fold_of, moved = copies_together(stratified_folds(labels, folds, config.seed), files, progress=bool(console))
+    if console and moved:
+        console.print(f"{moved} exact copies of other images moved into their fold, so no model trains on a copy of "
+                      f"an image it judges")
     probs = np.zeros((len(files), len(dataset.classes)))
     judged = np.zeros(len(files), dtype=bool)
     fold_top1, unreadable = [], []
