@@ -327,6 +327,34 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_robustness(args: argparse.Namespace, console: Console) -> int:
+    from .data.datasets import data_name
+    from .evaluate import split_as_trained
+    from .robustness import robustness
+    from .runs import output_dir
+    from .tables import robustness_table, score_text
+
+    model = _inference_model(args.model, args.device, args.precision, args.image_size)
+    baseline = _inference_model(args.baseline, args.device, args.precision, args.image_size) if args.baseline else None
+    as_trained = split_as_trained(args.model, args.data)  # as eval: only the images its training held out
+    with output_dir(args.out, "runs/robustness", f"{Path(args.model).stem}-{data_name(args.data)}") as out:
+        result = robustness(model, as_trained or args.data, args.split or ("val" if as_trained else None),
+                            args.corruptions, args.severities, args.images, args.seed, args.batch_size, args.workers,
+                            baseline, out, progress=not args.quiet)
+    console.print(robustness_table(result))
+    _report_failed(result.failed)
+    summary = result.summary()
+    line = f"clean top-1 {result.model.clean:.2%}; under corruption {result.model.mean:.2%} on average"
+    if summary["share_of_clean"] is not None:
+        line += f" ({summary['share_of_clean']:.0%} of clean)"
+    if result.baseline is not None:
+        line += (f"; against {args.baseline}: mCE {score_text(summary['mce'], 3)}, relative mCE "
+                 f"{score_text(summary['relative_mce'], 3)} (below 1: more robust than it)")
+    console.print(line)
+    console.print(f"wrote {', '.join(path.name for path in result.files.values())} in {out}")
+    return 1 if result.failed else 0
+
+
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     from .calibrate import calibrate
     from .data.datasets import data_name
@@ -874,8 +902,10 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
 def _add_inference_commands(commands) -> None:
     from .data.device_decode import DECODERS
     from .explain import METHODS
+    from .data.corruptions import CORRUPTIONS
     from .models import PRECISIONS
     from .predict import INFERENCE_COMPILE_FROM_IMAGES, TTA_MODES
+    from .robustness import DEFAULT_IMAGES
 
     def common(p, batch_size: int) -> None:
         p.add_argument("--image-size", type=at_least(1),
@@ -909,6 +939,24 @@ def _add_inference_commands(commands) -> None:
     common(p, 64)
     decoder_and_compile(p)
     p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("robustness", help="top-1 under noise, blur, light and JPEG corruptions at five "
+                                               "severities (ImageNet-C's protocol on your test images)")
+    p.add_argument("model", help="a model file, a pretrained name or an exported .onnx")
+    p.add_argument("data", help="the dataset, as for eval")
+    p.add_argument("--split", choices=("train", "val", "test", "all"), help="as for eval")
+    p.add_argument("--corruptions", type=lambda v: v.split(","),
+                   help=f"comma-separated, of {', '.join(CORRUPTIONS)} (default: all)")
+    p.add_argument("--severities", type=lambda v: [int(s) for s in v.split(",")], help="e.g. 1,3,5 (default: 1-5)")
+    p.add_argument("--images", type=at_least(1), default=DEFAULT_IMAGES,
+                   help="a seeded sample of this many images of the split (default: %(default)s)")
+    p.add_argument("--baseline", help="a second model scored on the same corrupted images: CE and mCE against it")
+    p.add_argument("--seed", type=int, default=0, help="the sample and the noise")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
+    p.add_argument("--out", help="report folder (default: a new runs/robustness/MODEL-DATA)")
+    common(p, 64)
+    p.set_defaults(run=cmd_robustness)
 
     p = commands.add_parser("calibrate", help="temperature scaling: probabilities that match accuracy (ECE)")
     p.add_argument("model", help="a .safetensors model file")

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .data.check import DataReport
+from .data.corruptions import CORRUPTIONS
 from .metrics import SIGNIFICANCE
 from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
 from .progress import transient_bar
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
+
+if TYPE_CHECKING:  # robustness draws with matplotlib: not imported for a table's annotation
+    from .robustness import RobustnessResult
 
 
 def collect_model_info(names: list[str], console: Console, input_size: int | None = None) -> list[ModelInfo]:
@@ -148,7 +153,7 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
     return [counts, summary] + ([details] if rows else [])
 
 
-def _score(value: float | None, digits: int) -> str:
+def score_text(value: float | None, digits: int) -> str:
     """A score to `digits` decimals; '-' where it is undefined (ROC AUC of a class absent from the images)."""
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -162,7 +167,7 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
                         ("top-5", f"{metrics['top5']:.2%}"), ("loss", f"{metrics['loss']:.4f}"),
                         ("ECE", f"{metrics['ece']:.4f}"), ("macro F1", f"{metrics['macro']['f1']:.4f}"),
                         ("weighted F1", f"{metrics['weighted']['f1']:.4f}"),
-                        ("macro ROC AUC", _score(metrics["macro"]["roc_auc"], 4))]:
+                        ("macro ROC AUC", score_text(metrics["macro"]["roc_auc"], 4))]:
         summary.add_row(name, value)
     rows = metrics["per_class"]
     shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: r["f1"])[:limit]
@@ -171,10 +176,10 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
                           ("class", *score_columns), right=score_columns)
     scores = ("precision", "recall", "f1", "roc_auc", "average_precision")
     for row in shown:
-        per_class.add_row(row["class"], *(_score(row[k], 3) for k in scores), str(row["support"]))
+        per_class.add_row(row["class"], *(score_text(row[k], 3) for k in scores), str(row["support"]))
     for name in ("macro", "weighted"):
         averages = metrics[name]
-        per_class.add_row(f"[bold]{name} avg", *(f"[bold]{_score(averages[k], 3)}" for k in scores),
+        per_class.add_row(f"[bold]{name} avg", *(f"[bold]{score_text(averages[k], 3)}" for k in scores),
                           f"[bold]{metrics['images']}")
     selective_columns = ("probability >=", "images kept", "their top-1")
     selective = new_table("accepting only predictions at least this sure", selective_columns,
@@ -267,4 +272,20 @@ def comparison_table(rows: dict[str, dict], title: str) -> Table:
     for name, row in rows.items():
         table.add_row(name, *(fmt.format(row[key] * scale.get(key, 1)) if key in row else ""
                               for key, _, fmt in present))
+    return table
+
+
+def robustness_table(result: RobustnessResult) -> Table:
+    """Top-1 per corruption and severity, its mean, and with a baseline the corruption errors against it."""
+    with_baseline = result.baseline is not None
+    severities = [f"severity {s}" for s in result.severities]
+    columns = ["corruption", "kind", *severities, "mean"] + (["CE", "relative CE"] if with_baseline else [])
+    table = new_table(f"{result.model.name}: top-1 on {result.images:,} {result.split} images, clean "
+                      f"{result.model.clean:.2%}", columns, right=columns[2:])
+    errors, relative = result.corruption_errors(), result.corruption_errors(relative=True)
+    for name, values in result.model.top1.items():
+        row = [name, CORRUPTIONS[name][0], *(f"{value:.1%}" for value in values), f"{sum(values) / len(values):.1%}"]
+        if with_baseline:
+            row += [score_text(errors[name], 3), score_text(relative[name], 3)]
+        table.add_row(*row)
     return table

@@ -1,0 +1,254 @@
+"""How well a model holds up when its images are corrupted: ImageNet-C's protocol on your own test images.
+
+Each of a sample of test images is corrupted on the fly (data/corruptions.py: noise, blur, light and digital
+artefacts, five severities each), as the model sees it after its resize and crop, and top-1 is measured at
+every corruption and severity. The summary is the mean top-1 over all of them and its share of the clean
+top-1. Against a baseline model (Hendrycks & Dietterich 2019 use AlexNet): each corruption's error summed
+over the severities, divided by the baseline's (CE), their mean (mCE), and the same for the error added by
+the corruption over each model's clean error (relative CE and mCE). Below 1 is more robust than the baseline.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .atomic import atomic_path  # noqa: E402
+from .data.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt  # noqa: E402
+from .data.datasets import Dataset, DatasetError, open_dataset  # noqa: E402
+from .data.loaders import inference_batches  # noqa: E402
+from .errors import ConfigError  # noqa: E402
+from .evaluate import model_labels, pick_split  # noqa: E402
+from .predict import class_probabilities, model_device  # noqa: E402
+from .progress import progress_bar  # noqa: E402
+
+DEFAULT_IMAGES = 1000  # a top-1 over 1,000 images is within about 3 points at 95%
+
+
+@dataclass
+class ModelRobustness:
+    name: str
+    clean: float  # top-1 on the images uncorrupted
+    top1: dict[str, list[float]]  # corruption -> top-1 at each severity measured
+
+    @property
+    def mean(self) -> float:
+        """Top-1 averaged over every corruption and severity measured."""
+        return float(np.mean([value for values in self.top1.values() for value in values]))
+
+
+@dataclass
+class RobustnessResult:
+    model: ModelRobustness
+    baseline: ModelRobustness | None
+    severities: list[int]
+    images: int  # scored (the sample less the unreadable)
+    split: str
+    failed: list[str]  # one line per unreadable image
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def corruption_errors(self, relative: bool = False) -> dict[str, float | None]:
+        """Per corruption, the model's error summed over the severities over the baseline's (with `relative`:
+        the error each adds to its clean error); None where the baseline's sum is not positive (a corruption
+        that did not cost the baseline anything, or even helped it, gives no scale to compare with)."""
+        if self.baseline is None:
+            return {}
+        errors = {}
+        for name, top1 in self.model.top1.items():
+            mine = sum(1 - value - (1 - self.model.clean if relative else 0) for value in top1)
+            theirs = sum(1 - value - (1 - self.baseline.clean if relative else 0) for value in self.baseline.top1[name])
+            errors[name] = mine / theirs if theirs > 0 else None
+        return errors
+
+    def summary(self) -> dict:
+        summary = {"split": self.split, "images": self.images, "severities": self.severities,
+                   "clean_top1": self.model.clean, "mean_corrupted_top1": self.model.mean,
+                   "share_of_clean": self.model.mean / self.model.clean if self.model.clean else None,
+                   "top1": self.model.top1}
+        if self.baseline is not None:
+            ce, relative = self.corruption_errors(), self.corruption_errors(relative=True)
+            summary["baseline"] = {"name": self.baseline.name, "clean_top1": self.baseline.clean,
+                                   "mean_corrupted_top1": self.baseline.mean, "top1": self.baseline.top1}
+            summary |= {"corruption_error": ce, "mce": _mean(ce.values()), "relative_corruption_error": relative,
+                        "relative_mce": _mean(relative.values())}
+        return summary
+
+
+def _mean(values) -> float | None:
+    """The mean of the values that are defined (not None); None when none are."""
+    values = [value for value in values if value is not None]
+    return float(np.mean(values)) if values else None
+
+
+def robustness(model, data: str | Path | Dataset, split: str | None = None, corruptions: list[str] | None = None,
+               severities: list[int] | None = None, images: int = DEFAULT_IMAGES, seed: int = 0,
+               batch_size: int = 64, workers: int | None = None, baseline=None, out_dir: str | Path | None = None,
+               progress: bool = False) -> RobustnessResult:
+    """Top-1 of `model` (and `baseline`) on up to `images` images of `data`'s split (a seeded sample), clean and
+    under each corruption at each severity. The noise and motion angles are seeded, so two models on the same
+    images at the same size see the same corrupted pixels. With `out_dir`: a CSV, a JSON summary and pictures."""
+    corruptions = list(CORRUPTIONS) if corruptions is None else corruptions
+    severities = list(SEVERITIES) if severities is None else sorted(set(severities))
+    check_corruptions(corruptions, severities)
+    if images < 1:
+        raise ConfigError(f"--images must be at least 1, got {images}")
+    dataset = data if isinstance(data, Dataset) else open_dataset(data)
+    split_name, chosen = pick_split(dataset, split)
+    items = chosen.files if chosen.images is None else list(chosen.images)
+    sample = np.arange(len(items))
+    if len(items) > images:
+        sample = np.sort(np.random.default_rng(seed).choice(len(items), images, replace=False))
+    models = [("model", model)] + ([("baseline", baseline)] if baseline is not None else [])
+    scored, failed, kept_by_model = {}, [], []
+    with progress_bar("corrupting and scoring", progress) as bar:
+        task = bar.add_task("robustness", total=len(models) * len(sample) * (1 + len(corruptions) * len(severities)))
+        for role, each in models:
+            labels = model_labels(dataset, chosen, each)[sample]
+            pixels, kept, unreadable = _decode(each, [items[i] for i in sample], batch_size, workers)
+            if role == "model":  # the baseline reads the same files
+                failed = unreadable
+            kept_by_model.append(kept)
+            if not kept:
+                raise DatasetError(f"{dataset.root}: none of the {len(sample)} sampled images of the {split_name} "
+                                   f"split could be read")
+            bar.advance(task, len(unreadable) * (1 + len(corruptions) * len(severities)))
+            scored[role] = _score(each, pixels, labels[kept], corruptions, severities, seed, batch_size,
+                                  lambda done: bar.advance(task, done))
+    result = RobustnessResult(scored["model"], scored.get("baseline"), severities, len(kept_by_model[0]),
+                              split_name, failed)
+    if out_dir is not None:
+        result.files = _write(result, Path(out_dir), pixels_of_first(model, items[sample[kept_by_model[0][0]]]),
+                              corruptions, seed)
+    return result
+
+
+def _decode(model, items: list, batch_size: int, workers: int | None) -> tuple[torch.Tensor, list[int], list[str]]:
+    """The items as uint8 images at the model's input (its resize and crop), on the host; the positions of
+    those read, and a line for each that could not be."""
+    pre = model.preprocessing
+    images, kept, failed = [], [], []
+    for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers):
+        failed += [message for _, message in batch.failed]
+        if batch.images is not None:
+            images.append(batch.images)
+            kept += batch.indices
+    return (torch.cat(images) if images else torch.empty(0)), kept, failed
+
+
+def pixels_of_first(model, item) -> torch.Tensor:
+    """One image as the model takes it, for the picture of what each corruption does."""
+    return _decode(model, [item], 1, 0)[0]
+
+
+def _score(model, pixels: torch.Tensor, labels: np.ndarray, corruptions: list[str], severities: list[int],
+           seed: int, batch_size: int, advance) -> ModelRobustness:
+    device = model_device(model)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    labels = torch.from_numpy(labels)
+
+    def top1(name: str | None, severity: int) -> float:
+        generator = torch.Generator(device).manual_seed(_seed(seed, name, severity))
+        correct = 0
+        for start in range(0, len(pixels), batch_size):
+            batch = pixels[start:start + batch_size].to(device)
+            if name is not None:
+                batch = corrupt(batch, name, severity, generator)
+            predicted = class_probabilities(model, batch).argmax(1).cpu()
+            correct += int((predicted == labels[start:start + batch_size]).sum())
+            advance(len(batch))
+        return correct / len(pixels)
+
+    clean = top1(None, 0)
+    return ModelRobustness(getattr(model, "arch", type(model).__name__), clean,
+                           {name: [top1(name, severity) for severity in severities] for name in corruptions})
+
+
+def _seed(seed: int, name: str | None, severity: int) -> int:
+    """One stream of random numbers per corruption and severity, the same for every model and run."""
+    index = -1 if name is None else list(CORRUPTIONS).index(name)
+    return seed * 1_000 + (index + 1) * 10 + severity
+
+
+def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptions: list[str],
+           seed: int) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"table": out / "robustness.csv", "summary": out / "robustness.json", "picture": out / "robustness.png",
+             "examples": out / "corruptions.png"}
+    with atomic_path(files["table"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["model", "corruption", "kind", "severity", "top1"])
+        for role, scores in (("model", result.model), ("baseline", result.baseline)):
+            if scores is None:
+                continue
+            writer.writerow([role, "none", "clean", 0, f"{scores.clean:.4f}"])
+            writer.writerows([role, name, CORRUPTIONS[name][0], severity, f"{value:.4f}"]
+                             for name, values in scores.top1.items() for severity, value in zip(result.severities,
+                                                                                                values))
+    with atomic_path(files["summary"]) as tmp:
+        tmp.write_text(json.dumps(result.summary(), indent=2, allow_nan=False))
+    _draw(result, files["picture"])
+    _draw_examples(example, corruptions, seed, files["examples"])
+    return files
+
+
+def _draw(result: RobustnessResult, path: Path) -> None:
+    """Left: top-1 at each corruption and severity; right: the mean over corruptions by severity, clean at 0."""
+    names = list(result.model.top1)
+    grid = np.array([result.model.top1[name] for name in names])
+    figure, (heat, curve) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2.2),
+                                         gridspec_kw={"width_ratios": [1.2, 1]})
+    heat.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    heat.set_xticks(range(len(result.severities)), [str(s) for s in result.severities])
+    heat.set_yticks(range(len(names)), names)
+    heat.set_xlabel("severity")
+    for (row, column), value in np.ndenumerate(grid):
+        heat.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=8)
+    heat.set_title(f"{result.model.name}: top-1 under each corruption (clean {result.model.clean:.1%})")
+    for scores, style in ((result.model, "o-"), (result.baseline, "s--")):
+        if scores is None:
+            continue
+        means = [np.mean([scores.top1[name][i] for name in names]) for i in range(len(result.severities))]
+        label = scores.name if scores is result.model else f"baseline: {scores.name}"
+        curve.plot([0, *result.severities], [scores.clean, *means], style, label=label)
+    curve.set_xlabel("severity (0: clean)")
+    curve.set_ylabel("top-1, mean over corruptions")
+    curve.set_ylim(0, 1)
+    curve.grid(alpha=0.3)
+    curve.legend()
+    curve.set_title(f"{result.images:,} {result.split} images")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+
+
+def _draw_examples(example: torch.Tensor, corruptions: list[str], seed: int, path: Path) -> None:
+    """One image under each corruption at severities 1, 3 and 5, beside the clean image."""
+    shown = (1, 3, 5)
+    figure, axes = plt.subplots(len(corruptions), 1 + len(shown), figsize=(1.6 * (1 + len(shown)),
+                                                                             1.6 * len(corruptions)), squeeze=False)
+    for row, name in zip(axes, corruptions):
+        views = [example] + [corrupt(example, name, severity, torch.Generator().manual_seed(_seed(seed, name,
+                                                                                                  severity)))
+                             for severity in shown]
+        for ax, view, title in zip(row, views, ["clean", *(f"severity {s}" for s in shown)]):
+            ax.imshow(view[0].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if name == corruptions[0]:
+                ax.set_title(title, fontsize=8)
+        row[0].set_ylabel(name, fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)

@@ -1,0 +1,146 @@
+"""Corrupted images and the robustness report: each corruption does what ImageNet-C's does, harder at each
+severity, the same for the same seed; the report's clean top-1 is eval's, and a model against itself has
+corruption errors of exactly 1."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import residual
+from residual.cli import main
+from residual.data.corruptions import (CORRUPTIONS, brightness, contrast, corrupt, defocus_blur, gaussian_noise,
+                                       impulse_noise, motion_blur, pixelate, zoom_blur)
+from residual.data.shapes import SHAPE_CLASSES, render_shape
+from residual.evaluate import evaluate
+from residual.robustness import ModelRobustness, RobustnessResult, robustness
+
+
+@pytest.fixture(scope="module")
+def shapes64():
+    """Eight generated shapes at 64 px: uint8, N x 3 x 64 x 64."""
+    rng = np.random.default_rng(0)
+    images = [np.asarray(render_shape(SHAPE_CLASSES[i], 64, rng)[0]) for i in range(8)]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_each_corruption_damages_more_at_each_severity_and_repeats_with_its_seed(shapes64, name):
+    damage = []
+    for severity in range(1, 6):
+        corrupted = corrupt(shapes64, name, severity, torch.Generator().manual_seed(severity))
+        assert corrupted.dtype == torch.uint8 and corrupted.shape == shapes64.shape
+        again = corrupt(shapes64, name, severity, torch.Generator().manual_seed(severity))
+        assert torch.equal(corrupted, again)
+        damage.append((corrupted.float() - shapes64.float()).abs().mean().item())
+    assert damage[0] > 0.5
+    if name == "pixelate":  # blocks that divide the image evenly can lose less than a finer, uneven grid
+        assert damage[4] > damage[0]
+    else:
+        assert all(later > earlier for earlier, later in zip(damage, damage[1:])), damage
+
+
+def test_noise_has_the_strength_its_severity_names():
+    grey = torch.full((4, 3, 64, 64), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    assert (gaussian_noise(grey, 0.08, generator) - grey).std().item() == pytest.approx(0.08, rel=0.02)
+    hit = impulse_noise(grey, 0.17, generator) != grey
+    assert hit.float().mean().item() == pytest.approx(0.17, abs=0.01)  # each value alone: salt or pepper
+
+
+def test_light_corruptions_keep_what_they_should():
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5
+    flat = contrast(x, 0.3)
+    torch.testing.assert_close(flat.mean((2, 3)), x.mean((2, 3)))
+    torch.testing.assert_close(flat.std((2, 3)), 0.3 * x.std((2, 3)))
+    lifted = residual_hsv(brightness(x, 0.2))
+    torch.testing.assert_close(lifted[:, 2], residual_hsv(x)[:, 2] + 0.2, atol=1e-5, rtol=0)  # value up, below 1
+    torch.testing.assert_close(lifted[:, 1], residual_hsv(x)[:, 1], atol=1e-4, rtol=0)  # saturation kept
+
+
+def residual_hsv(x):
+    import kornia
+
+    return kornia.color.rgb_to_hsv(x)
+
+
+def test_blurs_keep_a_flat_image_and_their_kernels_spread_with_the_radius():
+    flat = torch.full((2, 3, 32, 32), 0.4)
+    generator = torch.Generator().manual_seed(0)
+    for blurred in (defocus_blur(flat, 2.5, 0.5), motion_blur(flat, 3, 2, generator), zoom_blur(flat, (1.0, 1.1))):
+        torch.testing.assert_close(blurred, flat)
+    dot = torch.zeros(1, 1, 21, 21)
+    dot[..., 10, 10] = 1
+    spread = [(defocus_blur(dot, radius, 0.5) > 1e-3).sum().item() for radius in (0.4, 0.8, 2, 5)]
+    assert spread == sorted(spread) and len(set(spread)) == 4  # sub-pixel radii too: small images need them
+    assert defocus_blur(dot, 5, 0.5).sum().item() == pytest.approx(1.0)
+
+
+def test_pixelate_makes_blocks_and_jpeg_is_pillows_round_trip(shapes64):
+    blocks = pixelate(shapes64.float() / 255, 0.25)  # 64 -> 16 -> 64: 4 x 4 blocks of one colour
+    assert torch.equal(blocks, blocks[..., ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2))
+    buffer = io.BytesIO()
+    Image.fromarray(shapes64[0].permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=15)
+    expected = np.asarray(Image.open(buffer).convert("RGB"))
+    assert np.array_equal(corrupt(shapes64[:1], "jpeg_compression", 3, torch.Generator())[0].permute(1, 2, 0).numpy(),
+                          expected)
+
+
+def test_unknown_corruptions_and_severities_are_refused():
+    with pytest.raises(residual.ConfigError, match="--corruptions: unknown fog; choose from gaussian_noise"):
+        corrupt(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "fog", 1, torch.Generator())
+    with pytest.raises(residual.ConfigError, match="--severities are 1 .mild. to 5 .severe., got 6"):
+        corrupt(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "contrast", 6, torch.Generator())
+
+
+def test_corruption_errors_are_imagenet_cs_and_skip_a_corruption_that_cost_the_baseline_nothing():
+    model = ModelRobustness("a", 0.9, {"blur": [0.8, 0.6], "noise": [0.5, 0.3]})
+    baseline = ModelRobustness("b", 0.8, {"blur": [0.8, 0.9], "noise": [0.4, 0.2]})
+    result = RobustnessResult(model, baseline, [1, 5], 100, "test", [])
+    errors = result.corruption_errors()
+    assert errors["blur"] == pytest.approx((0.2 + 0.4) / (0.2 + 0.1))
+    assert errors["noise"] == pytest.approx((0.5 + 0.7) / (0.6 + 0.8))
+    # Blur cost the baseline nothing over its clean error (it even helped): no scale for a relative CE.
+    relative = result.corruption_errors(relative=True)
+    assert relative["blur"] is None and relative["noise"] == pytest.approx((0.4 + 0.6) / (0.4 + 0.6))
+    summary = json.loads(json.dumps(result.summary(), allow_nan=False))
+    assert summary["mce"] == pytest.approx((2.0 + 1.2 / 1.4) / 2) and summary["relative_mce"] == pytest.approx(1.0)
+    assert summary["mean_corrupted_top1"] == pytest.approx(0.55)
+    assert summary["share_of_clean"] == pytest.approx(0.55 / 0.9)
+
+
+def test_the_report_starts_from_evals_top1_and_a_model_against_itself_scores_one(demo_run, tmp_path):
+    model = residual.load_model(demo_run["model"]).eval()
+    clean = evaluate(model, demo_run["data"], gallery_size=0).metrics["top1"]
+    result = robustness(model, demo_run["data"], corruptions=["gaussian_noise", "contrast"], severities=[5, 1],
+                        images=100_000, baseline=model, out_dir=tmp_path)
+    assert result.split == "test" and result.severities == [1, 5] and not result.failed
+    assert result.model.clean == pytest.approx(clean, abs=1e-12)  # every test image, as eval saw it
+    assert result.model.top1["gaussian_noise"][1] < result.model.top1["gaussian_noise"][0] < result.model.clean
+    summary = json.loads(result.files["summary"].read_text())
+    assert summary["mce"] == 1.0 and summary["relative_mce"] == 1.0  # the same pixels, the same answers
+    assert summary["corruption_error"] == {"gaussian_noise": 1.0, "contrast": 1.0}
+    measured = [value for values in result.model.top1.values() for value in values]
+    assert summary["mean_corrupted_top1"] == pytest.approx(np.mean(measured))
+    with open(result.files["table"]) as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 2 * (1 + 2 * 2) and rows[0] == {"model": "model", "corruption": "none", "kind": "clean",
+                                                        "severity": "0", "top1": f"{clean:.4f}"}
+    for picture in ("picture", "examples"):
+        assert Image.open(result.files[picture]).size[0] > 300
+
+
+def test_robustness_cli(demo_run, tmp_path, capsys):
+    assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--images", "40", "--corruptions",
+                 "pixelate,jpeg_compression", "--severities", "2", "--quiet", "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr().out
+    assert "pixelate" in printed and "jpeg_compression" in printed and "of clean" in printed
+    rows = list(csv.DictReader(open(tmp_path / "r" / "robustness.csv")))
+    assert [(row["corruption"], row["severity"]) for row in rows] == [("none", "0"), ("pixelate", "2"),
+                                                                       ("jpeg_compression", "2")]
+    assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--corruptions", "frost"]) == 2
+    assert "--corruptions: unknown frost" in capsys.readouterr().err
