@@ -435,10 +435,11 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, batch_size, ac
     assert load_checkpoint(odd.run_dir / "last.pt")["step"] == 3
 
 
-def test_mixup_cutmix_clipping_and_strong_augmentation_train(shapes16, tmp_path):
+@pytest.mark.parametrize("auto_augment", [None, "augmix"])  # the strong preset's TrivialAugment, or AugMix
+def test_mixup_cutmix_clipping_and_strong_augmentation_train(shapes16, tmp_path, auto_augment):
+    augment = AugmentConfig(preset="strong", auto_augment=auto_augment, mixup=0.2, cutmix=1.0)
     result = train(TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="mix", grad_clip=1.0,
-                               label_smoothing=0.1, augment=AugmentConfig(preset="strong", mixup=0.2, cutmix=1.0),
-                               **QUICK))
+                               label_smoothing=0.1, augment=augment, **QUICK))
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
 

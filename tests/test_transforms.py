@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import residual
+from residual.data import augmix
 from residual.data.transforms import (AugmentConfig, RandomCropFlip, RandomResizedCropFlip, build_augment,
                                       crop_resize, mix_batch, resize_center_crop, resize_center_crop_pixels,
                                       resize_in_float, resized_size, soft_targets)
@@ -58,7 +59,42 @@ def test_autoaugment_uses_the_policy_searched_for_images_of_that_size(size, poli
     out = augment(images)
     assert out.shape == images.shape and not torch.allclose(out, images)
     with pytest.raises(residual.ConfigError, match="--auto-augment must be one of autoaugment, randaugment"):
-        AugmentConfig(auto_augment="augmix")
+        AugmentConfig(auto_augment="augmax")
+
+
+def test_augmix_operations_do_what_the_paper_defines():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 30, 30) * 0.5 + 0.25
+    level = torch.full((6,), 3.0)
+    stretched = augmix.autocontrast(x, level)
+    assert torch.allclose(stretched.amin((2, 3)), torch.zeros(6, 3)) and torch.allclose(stretched.amax((2, 3)),
+                                                                                         torch.ones(6, 3))
+    flat = torch.full((1, 3, 4, 4), 0.3)
+    assert torch.equal(augmix.autocontrast(flat, level[:1]), flat)
+    poster = (augmix.posterize(x, level) * 255).round()  # level 3: 4 - int(1.2) = 3 bits kept
+    assert torch.equal(poster % 32, torch.zeros_like(poster))
+    solar = augmix.solarize(x, torch.full((6,), 5.0))  # threshold 1 - 128/256: the upper half inverted
+    torch.testing.assert_close(solar, torch.where(x >= 0.5, 1 - x, x))
+    shifted = augmix.translate_x(x, torch.full((6,), 10.0))  # a third of 30 px: 10 px, either way
+    for image, moved in zip(x, shifted):
+        assert torch.allclose(moved[..., 10:], image[..., :-10], atol=1e-5) or torch.allclose(
+            moved[..., :-10], image[..., 10:], atol=1e-5)
+    torch.testing.assert_close(augmix.rotate(x, torch.full((6,), 0.2)), x)  # int(0.6) = 0 degrees
+
+
+def test_augmix_mixes_each_image_with_its_own_chains(monkeypatch):
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    out = augmix.AugMix()(x)
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1 and not torch.allclose(out, x)
+    torch.manual_seed(1)
+    assert torch.equal(augmix.AugMix()(x), out)
+    # Chains of operations that change nothing: a convex mixture of the image with itself is the image.
+    monkeypatch.setattr(augmix, "OPERATIONS", (lambda images, level: images,) * 3)
+    torch.testing.assert_close(augmix.AugMix()(x), x)
+    found = build_augment(AugmentConfig(preset="cifar", auto_augment="augmix"), 16, 16)
+    assert [type(stage).__name__ for stage in found] == ["RandomCropFlip", "AugMix"]
+    assert found(x[:0]).shape == (0, 3, 16, 16)
 
 
 def test_randaugment_takes_its_count_and_strength_and_refuses_them_alone():

@@ -773,6 +773,7 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply.
     `runs`: where the command's run directories go by default."""
     from .data.device_decode import DECODERS
+    from .data.transforms import AUTO_AUGMENTS
     from .models.resnet import STEMS
     from .train.config import COMPILE_MODES
 
@@ -855,8 +856,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     aug.add_argument("--brightness", type=float)
     aug.add_argument("--contrast", type=float)
     aug.add_argument("--random-erasing", type=float, help="probability (cutout)")
-    aug.add_argument("--auto-augment", choices=("autoaugment", "randaugment", "trivialaugment"),
-                     help="autoaugment: AutoAugment's policy for CIFAR-10 up to 64 px, for ImageNet above")
+    aug.add_argument("--auto-augment", choices=AUTO_AUGMENTS[1:],
+                     help="autoaugment: AutoAugment's policy for CIFAR-10 up to 64 px, for ImageNet above; augmix: "
+                          "mixed chains of operations, for robustness to corruptions (residual robustness)")
     aug.add_argument("--randaugment-ops", type=int, metavar="N", help="RandAugment: operations per image (2)")
     aug.add_argument("--randaugment-magnitude", type=int, metavar="M",
                      help="RandAugment: their strength, 1-29 of 30 as torchvision counts (9); timm's m7 of 10 is 21")

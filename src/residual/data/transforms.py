@@ -4,7 +4,7 @@ Loaders hand the trainer uint8 batches of one fixed size; augmentation then runs
 on the whole batch, on the training device: random crops (padded, or resized) and flips
 here, drawn on the device so a step never waits for it (`RandomCropFlip`,
 `RandomResizedCropFlip`); affine, colour, AutoAugment/RandAugment/TrivialAugment and random erasing
-through kornia.augmentation.
+through kornia.augmentation; AugMix in augmix.py.
 Mixup and CutMix are a few lines here: they act on a batch and its labels
 together, which the per-image kornia ops do not.
 """
@@ -25,9 +25,10 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..models.preprocessing import Preprocessing
+from .augmix import AugMix
 
 PRESETS = ("none", "cifar", "standard", "strong")
-AUTO_AUGMENTS = (None, "autoaugment", "randaugment", "trivialaugment")
+AUTO_AUGMENTS = (None, "autoaugment", "randaugment", "trivialaugment", "augmix")
 RANDAUGMENT_OPERATIONS = 15  # kornia's default policy: the paper's 14 and SolarizeAdd
 # RandAugment's N and M where none are given: the paper's ResNet-50 setting.
 RANDAUGMENT_OPS, RANDAUGMENT_MAGNITUDE = 2, 9
@@ -46,7 +47,7 @@ class AugmentConfig:
     brightness: float | None = None  # +- fraction
     contrast: float | None = None  # +- fraction
     random_erasing: float | None = None  # probability of erasing a patch (cutout)
-    auto_augment: str | None = None  # 'autoaugment', 'randaugment' or 'trivialaugment'
+    auto_augment: str | None = None  # 'autoaugment', 'randaugment', 'trivialaugment' or 'augmix'
     randaugment_ops: int | None = None  # RandAugment's N, operations per image; auto: RANDAUGMENT_OPS
     randaugment_magnitude: int | None = None  # its M, 1-29 of 30 (torchvision's scale); auto: RANDAUGMENT_MAGNITUDE
     mixup: float = 0.0  # Beta(alpha, alpha) for mixup; 0 disables
@@ -109,6 +110,8 @@ def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> n
     elif c.pad_crop or c.hflip or stored_size != input_size:
         # `none` keeps the centre of a larger stored image; the other presets crop it at random.
         stages.append(RandomCropFlip(input_size, c.pad_crop, c.hflip, centred=c.preset == "none" and not c.pad_crop))
+    if c.auto_augment == "augmix":  # its own stage: it mixes whole chains of operations, not one kornia op
+        stages.append(AugMix())
     ops: list[nn.Module] = []
     if c.rotation or c.shift:
         ops.append(K.RandomAffine(degrees=c.rotation, translate=(c.shift, c.shift) if c.shift else None))
