@@ -17,6 +17,7 @@ from residual.data.corruptions import (CORRUPTIONS, brightness, contrast, corrup
                                        impulse_noise, motion_blur, pixelate, zoom_blur)
 from residual.data.shapes import SHAPE_CLASSES, render_shape
 from residual.evaluate import evaluate
+from residual import robustness as robustness_module
 from residual.robustness import ModelRobustness, RobustnessResult, robustness
 
 
@@ -134,7 +135,7 @@ def test_the_report_starts_from_evals_top1_and_a_model_against_itself_scores_one
         assert Image.open(result.files[picture]).size[0] > 300
 
 
-def test_robustness_cli(demo_run, tmp_path, capsys):
+def test_robustness_cli(demo_run, tmp_path, capsys, monkeypatch):
     assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--images", "40", "--corruptions",
                  "pixelate,jpeg_compression", "--severities", "2", "--quiet", "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr().out
@@ -144,3 +145,6 @@ def test_robustness_cli(demo_run, tmp_path, capsys):
                                                                        ("jpeg_compression", "2")]
     assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--corruptions", "frost"]) == 2
     assert "--corruptions: unknown frost" in capsys.readouterr().err
+    monkeypatch.setattr(robustness_module, "MEMORY_BUDGET", 3 * 32 * 32 * 10)  # ten 32 px images
+    assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--images", "11"]) == 2
+    assert "--images 11 at 32 px would hold 0.0 GiB of decoded images; give at most 10" in capsys.readouterr().err
