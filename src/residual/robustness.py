@@ -110,8 +110,8 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
     if len(items) > images:
         sample = np.sort(np.random.default_rng(seed).choice(len(items), images, replace=False))
     models = [("model", model)] + ([("baseline", baseline)] if baseline is not None else [])
-    for each in models:
-        size = each[1].preprocessing.input_size
+    for _, each in models:
+        size = each.preprocessing.input_size
         held = len(sample) * 3 * size * size
         if held > MEMORY_BUDGET:
             raise ConfigError(f"--images {len(sample):,} at {size} px would hold {held / 1024**3:.1f} GiB of decoded "
@@ -134,7 +134,7 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
     result = RobustnessResult(scored["model"], scored.get("baseline"), severities, len(kept_by_model[0]),
                               split_name, failed)
     if out_dir is not None:
-        result.files = _write(result, Path(out_dir), pixels_of_first(model, items[sample[kept_by_model[0][0]]]),
+        result.files = _write(result, Path(out_dir), _pixels_of_first(model, items[sample[kept_by_model[0][0]]]),
                               corruptions, seed)
     return result
 
@@ -152,7 +152,7 @@ def _decode(model, items: list, batch_size: int, workers: int | None) -> tuple[t
     return (torch.cat(images) if images else torch.empty(0)), kept, failed
 
 
-def pixels_of_first(model, item) -> torch.Tensor:
+def _pixels_of_first(model, item) -> torch.Tensor:
     """One image as the model takes it, for the picture of what each corruption does."""
     return _decode(model, [item], 1, 0)[0]
 
