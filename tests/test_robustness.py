@@ -140,6 +140,7 @@ def test_robustness_cli(demo_run, tmp_path, capsys, monkeypatch):
                  "pixelate,jpeg_compression", "--severities", "2", "--quiet", "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr().out
     assert "pixelate" in printed and "jpeg_compression" in printed and "of clean" in printed
+    assert "model.safetensors: top-1 on 40 test images" in printed  # named by its file
     rows = list(csv.DictReader(open(tmp_path / "r" / "robustness.csv")))
     assert [(row["corruption"], row["severity"]) for row in rows] == [("none", "0"), ("pixelate", "2"),
                                                                        ("jpeg_compression", "2")]

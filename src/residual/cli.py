@@ -340,7 +340,8 @@ def cmd_robustness(args: argparse.Namespace, console: Console) -> int:
     with output_dir(args.out, "runs/robustness", f"{Path(args.model).stem}-{data_name(args.data)}") as out:
         result = robustness(model, as_trained or args.data, args.split or ("val" if as_trained else None),
                             args.corruptions, args.severities, args.images, args.seed, args.batch_size, args.workers,
-                            baseline, out, progress=not args.quiet)
+                            baseline, out, progress=not args.quiet,
+                            names=(Path(args.model).name, args.baseline and Path(args.baseline).name))
     console.print(robustness_table(result))
     _report_failed(result.failed)
     summary = result.summary()

@@ -94,10 +94,11 @@ def _mean(values) -> float | None:
 def robustness(model, data: str | Path | Dataset, split: str | None = None, corruptions: list[str] | None = None,
                severities: list[int] | None = None, images: int = DEFAULT_IMAGES, seed: int = 0,
                batch_size: int = 64, workers: int | None = None, baseline=None, out_dir: str | Path | None = None,
-               progress: bool = False) -> RobustnessResult:
+               progress: bool = False, names: tuple[str | None, str | None] = (None, None)) -> RobustnessResult:
     """Top-1 of `model` (and `baseline`) on up to `images` images of `data`'s split (a seeded sample), clean and
     under each corruption at each severity. The noise and motion angles are seeded, so two models on the same
-    images at the same size see the same corrupted pixels. With `out_dir`: a CSV, a JSON summary and pictures."""
+    images at the same size see the same corrupted pixels. With `out_dir`: a CSV, a JSON summary and pictures.
+    `names`: what the tables and pictures call the model and the baseline (default: their architectures)."""
     corruptions = list(CORRUPTIONS) if corruptions is None else corruptions
     severities = list(SEVERITIES) if severities is None else sorted(set(severities))
     check_corruptions(corruptions, severities)
@@ -109,8 +110,8 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
     sample = np.arange(len(items))
     if len(items) > images:
         sample = np.sort(np.random.default_rng(seed).choice(len(items), images, replace=False))
-    models = [("model", model)] + ([("baseline", baseline)] if baseline is not None else [])
-    for _, each in models:
+    models = [("model", model, names[0])] + ([("baseline", baseline, names[1])] if baseline is not None else [])
+    for _, each, _ in models:
         size = each.preprocessing.input_size
         held = len(sample) * 3 * size * size
         if held > MEMORY_BUDGET:
@@ -119,7 +120,7 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
     scored, failed, kept_by_model = {}, [], []
     with progress_bar("corrupting and scoring", progress) as bar:
         task = bar.add_task("robustness", total=len(models) * len(sample) * (1 + len(corruptions) * len(severities)))
-        for role, each in models:
+        for role, each, name in models:
             labels = model_labels(dataset, chosen, each)[sample]
             pixels, kept, unreadable = _decode(each, [items[i] for i in sample], batch_size, workers)
             if role == "model":  # the baseline reads the same files
@@ -129,8 +130,8 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
                 raise DatasetError(f"{dataset.root}: none of the {len(sample)} sampled images of the {split_name} "
                                    f"split could be read")
             bar.advance(task, len(unreadable) * (1 + len(corruptions) * len(severities)))
-            scored[role] = _score(each, pixels, labels[kept], corruptions, severities, seed, batch_size,
-                                  lambda done: bar.advance(task, done))
+            scored[role] = _score(each, name or getattr(each, "arch", type(each).__name__), pixels, labels[kept],
+                                  corruptions, severities, seed, batch_size, lambda done: bar.advance(task, done))
     result = RobustnessResult(scored["model"], scored.get("baseline"), severities, len(kept_by_model[0]),
                               split_name, failed)
     if out_dir is not None:
@@ -157,28 +158,28 @@ def _pixels_of_first(model, item) -> torch.Tensor:
     return _decode(model, [item], 1, 0)[0]
 
 
-def _score(model, pixels: torch.Tensor, labels: np.ndarray, corruptions: list[str], severities: list[int],
-           seed: int, batch_size: int, advance) -> ModelRobustness:
+def _score(model, name: str, pixels: torch.Tensor, labels: np.ndarray, corruptions: list[str],
+           severities: list[int], seed: int, batch_size: int, advance) -> ModelRobustness:
     device = model_device(model)
     if isinstance(model, torch.nn.Module):
         model.eval()
     labels = torch.from_numpy(labels)
 
-    def top1(name: str | None, severity: int) -> float:
-        generator = torch.Generator(device).manual_seed(_seed(seed, name, severity))
+    def top1(corruption: str | None, severity: int) -> float:
+        generator = torch.Generator(device).manual_seed(_seed(seed, corruption, severity))
         correct = 0
         for start in range(0, len(pixels), batch_size):
             batch = pixels[start:start + batch_size].to(device)
-            if name is not None:
-                batch = corrupt(batch, name, severity, generator)
+            if corruption is not None:
+                batch = corrupt(batch, corruption, severity, generator)
             predicted = class_probabilities(model, batch).argmax(1).cpu()
             correct += int((predicted == labels[start:start + batch_size]).sum())
             advance(len(batch))
         return correct / len(pixels)
 
     clean = top1(None, 0)
-    return ModelRobustness(getattr(model, "arch", type(model).__name__), clean,
-                           {name: [top1(name, severity) for severity in severities] for name in corruptions})
+    return ModelRobustness(name, clean, {corruption: [top1(corruption, severity) for severity in severities]
+                                         for corruption in corruptions})
 
 
 def _seed(seed: int, name: str | None, severity: int) -> int:
