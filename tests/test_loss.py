@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from residual.train.loss import label_loss_sum
+from residual.train.loss import consistency_sum, label_loss_sum
 
 LOGITS = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.5, -2.0]])
 LABELS = torch.tensor([0, 1])
@@ -46,3 +46,15 @@ def test_a_target_threshold_makes_a_mixed_image_ask_for_both_its_classes():
     assert label_loss_sum(LOGITS, mixed, LABELS, "bce", 0.0, threshold=0.2).item() == pytest.approx(by_hand)
     unthresholded = sum(_bce(LOGITS[i, c].item(), mixed[i, c].item()) for i in range(2) for c in range(3))
     assert label_loss_sum(LOGITS, mixed, LABELS, "bce", 0.0).item() == pytest.approx(unthresholded)
+
+
+def test_augmix_consistency_is_the_mean_kl_of_each_view_to_their_mixture():
+    logits = torch.randn(3 * 4, 5, generator=torch.Generator().manual_seed(0))
+    probs = logits.softmax(1).view(3, 4, 5)
+    mixture = probs.mean(0)
+    expected = sum((p * (p.log() - mixture.log())).sum(1) for p in probs) / 3  # per image
+    torch.testing.assert_close(consistency_sum(logits, 3), expected.sum())
+    weights = torch.tensor([1.0, 2.0, 0.5, 0.0])
+    torch.testing.assert_close(consistency_sum(logits, 3, weights), (expected * weights).sum())
+    same = logits[:4].repeat(3, 1)  # views that agree: nothing to be consistent about
+    assert consistency_sum(same, 3).item() == pytest.approx(0.0, abs=1e-6)

@@ -1,10 +1,12 @@
 """The training engine: what a run leaves, resume after a real kill, signals, NaN, EMA, accumulation."""
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,18 +18,20 @@ import torch
 import yaml
 from PIL import Image
 from rich.console import Console
+from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import residual
 from residual.data.datasets import open_dataset
 from residual.data.loaders import epoch_order
 from residual.data.shapes import write_shapes
-from residual.data.transforms import AugmentConfig, build_augment, soft_targets
+from residual.data.transforms import AugmentConfig, build_augment, normalize, soft_targets
 from residual.models import build_model
 from residual.train import TrainConfig, TrainingError, load_config, train
 from residual.train.checkpoint import load_checkpoint, save_checkpoint
 from residual.train.config import resolve
 from residual.train.ema import WeightEMA
+from residual.train.loss import consistency_sum
 from residual.train.optim import OptimConfig
 from residual.train.preview import target_title, write_batch_preview
 from residual.train import trainer as trainer_module
@@ -465,6 +469,42 @@ def test_class_weighted_loss_keeps_its_scale_when_targets_are_soft(tmp_path, mon
                                                                                              smoothing)))
     soft, _, _ = trainer._train_step(images, labels)
     assert soft.item() == pytest.approx(hard.item(), rel=1e-5)
+
+
+def test_the_augmix_consistency_step_sees_three_views_and_adds_their_jsd_to_the_clean_views_loss(shapes16, tmp_path):
+    dataset = open_dataset(shapes16)
+    config = TrainConfig(data=str(shapes16), model="resnet20", batch_size=16, augmix_jsd=12.0, device="cpu",
+                         augment=AugmentConfig(preset="none", auto_augment="augmix"), quiet=True, out=str(tmp_path))
+    trainer = Trainer(resolve(config, dataset), dataset, tmp_path, Console(quiet=True))
+    trainer.model.train()
+    seen = []
+    trainer.model.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output.detach())))
+    images, labels = next(iter(trainer.train_loader.epoch(0)))
+    loss, correct, _ = trainer._train_step(images, labels)
+    (x, logits), = seen
+    assert len(x) == 3 * len(labels)  # the image, then two AugMix views of it
+    torch.testing.assert_close(x[:len(labels)], normalize(images.float() / 255, trainer.model.preprocessing))
+    clean = logits[:len(labels)]
+    expected = (F.cross_entropy(clean, labels, reduction="sum") + 12.0 * consistency_sum(logits, 3)) / len(labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert correct.item() == (clean.argmax(1) == labels).sum().item()  # top-1 on the clean view
+
+
+def test_augmix_consistency_needs_augmix_and_unmixed_images():
+    augmix = AugmentConfig(auto_augment="augmix")
+    for options, message in [({"augment": AugmentConfig()}, "give --auto-augment augmix with it"),
+                             ({"augment": dataclasses.replace(augmix, mixup=0.2), "loss": "bce"},
+                              "unmixed images, with no teacher: drop --mixup, --loss bce"),
+                             ({"augment": augmix, "augmix_jsd": 0.0}, "positive (the paper: 12), got 0.0")]:
+        with pytest.raises(residual.ConfigError, match=re.escape(message)):
+            TrainConfig(data="d", **{"augmix_jsd": 12.0, **options})
+    from residual.cli import _train_config, build_parser
+
+    def flags(*given):
+        return _train_config(build_parser().parse_args(["train", "d", "--auto-augment", "augmix", *given]))
+
+    assert flags("--augmix-jsd").augmix_jsd == 12.0 and flags("--augmix-jsd", "6").augmix_jsd == 6.0  # the paper's 12
+    assert flags().augmix_jsd is None
 
 
 def test_bad_images_are_skipped_and_reported(tmp_path):

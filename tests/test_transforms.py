@@ -97,6 +97,25 @@ def test_augmix_mixes_each_image_with_its_own_chains(monkeypatch):
     assert found(x[:0]).shape == (0, 3, 16, 16)
 
 
+def test_augmix_views_are_the_clean_crop_and_two_augmixed_copies_of_it(monkeypatch):
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    alone = build_augment(AugmentConfig(preset="none", auto_augment="augmix", random_erasing=1.0), 16, 16)
+    torch.manual_seed(0)
+    views = augmix.augmix_views(alone, x)
+    assert views.shape == (12, 3, 16, 16) and torch.equal(views[:4], x)  # no crop here: the first view is x
+    assert not torch.allclose(views[4:8], views[8:]) and not torch.allclose(views[4:8], x)
+    # With a crop, all three views are of the same crop: AugMix chains of identities leave them equal,
+    # and only the AugMix views go through the stages after it (random erasing here).
+    monkeypatch.setattr(augmix, "OPERATIONS", (lambda images, level: images,))
+    cropped = build_augment(AugmentConfig(preset="cifar", auto_augment="augmix"), 16, 16)
+    views = augmix.augmix_views(cropped, x)
+    torch.testing.assert_close(views[4:8], views[:4])
+    torch.testing.assert_close(views[8:], views[:4])
+    assert not torch.equal(views[:4], x)
+    views = augmix.augmix_views(alone, x)
+    assert torch.equal(views[:4], x) and (views[4:] == 0).any()
+
+
 def test_randaugment_takes_its_count_and_strength_and_refuses_them_alone():
     import kornia.augmentation as K
 

@@ -535,10 +535,10 @@ OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "sched
 AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
                  "random_erasing", "auto_augment", "randaugment_ops", "randaugment_magnitude", "mixup", "cutmix")
 MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
-TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "pretrained", "strategy", "freeze_stages",
-               "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size", "eval_image_size", "epochs",
-               "batch_size", "label_smoothing", "loss", "bce_target_threshold", "grad_clip", "accumulate", "ema",
-               "teacher", "distill_weight", "distill_temperature", "early_stopping",
+TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd", "pretrained", "strategy",
+               "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size",
+               "eval_image_size", "epochs", "batch_size", "label_smoothing", "loss", "bce_target_threshold",
+               "grad_clip", "accumulate", "ema", "teacher", "distill_weight", "distill_temperature", "early_stopping",
                "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last", "compile",
                "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak", "out", "name",
                "quiet", "report", "sync_bn")
@@ -869,6 +869,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
                      help="repeated augmentation: each epoch draws 1/N of the images and trains on each N times, "
                           "augmented anew (on other workers when distributed); e.g. 3, for long schedules (hundreds "
                           "of epochs): on short ones it costs accuracy (docs/training.md)")
+    aug.add_argument("--augmix-jsd", type=float, nargs="?", const=12.0, metavar="WEIGHT",
+                     help="with --auto-augment augmix: the paper's Jensen-Shannon consistency loss between each image "
+                          "and two AugMix views of it, at this weight (alone: 12, the paper's); 3x the compute")
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int)
     run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None)

@@ -6,8 +6,8 @@ with Dirichlet(alpha) weights, and the mixture with the image itself by Beta(alp
 are the paper's default set: autocontrast, equalize, posterize, rotate, solarize, shear and translate, each
 at a strength drawn per image up to `severity` (of 10). Brightness, contrast, colour and sharpness are left
 out, as in the paper's default, because they overlap ImageNet-C's test corruptions (`residual robustness`
-measures brightness and contrast). The paper's Jensen-Shannon consistency loss over two AugMix views is not
-built: this is AugMix as torchvision's reference recipe (`--auto-augment augmix`) uses it.
+measures brightness and contrast). The paper's Jensen-Shannon consistency loss (`--augmix-jsd`) asks for
+three views of each image: `augmix_views` makes them, and train/loss.py has the term.
 """
 
 from __future__ import annotations
@@ -106,3 +106,17 @@ class AugMix(nn.Module):
             if len(members):
                 out[members] = operation(x[members], level[members]).clamp(0, 1)
         return out
+
+
+JSD_VIEWS = 3  # the paper's: the image, and two AugMix views of it
+
+
+def augmix_views(augment: nn.Sequential, images: torch.Tensor) -> torch.Tensor:
+    """The three views AugMix's consistency loss compares, stacked view by view (3N images): each image
+    through the stages before the AugMix stage of `augment` (its crop and flip), then that twice more
+    through AugMix and the stages after it (the clean view gets none of those, as in the paper and timm)."""
+    stages = list(augment)
+    at = next(index for index, stage in enumerate(stages) if isinstance(stage, AugMix))
+    base = nn.Sequential(*stages[:at])(images)
+    rest = nn.Sequential(*stages[at + 1:])
+    return torch.cat([base, *(rest(stages[at](base)) for _ in range(JSD_VIEWS - 1))])

@@ -62,6 +62,7 @@ class TrainConfig:
     class_weights: str | None = None  # 'auto': loss weights inversely proportional to class frequency
     balanced_sampler: bool = False  # draw each epoch with replacement so every class is equally likely
     aug_repeats: int = 1  # repeated augmentation: each drawn image this many times per epoch, augmented anew
+    augmix_jsd: float | None = None  # AugMix's consistency loss: the Jensen-Shannon term's weight (the paper: 12)
     grad_clip: float | None = None  # max gradient norm
     accumulate: int = 1  # micro-batches per optimizer step
     ema: float | None = None  # decay of an exponential moving average of the weights, e.g. 0.999
@@ -136,8 +137,23 @@ class TrainConfig:
                               f"{self.distill_weight}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if self.augmix_jsd is not None:
+            self._check_augmix_jsd()
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigError(f"--ema is the average's decay per step, between 0 and 1 (e.g. 0.999), got {self.ema}")
+
+    def _check_augmix_jsd(self) -> None:
+        """The consistency loss compares AugMix views of unmixed images through softmax, with no teacher."""
+        if self.augmix_jsd <= 0:
+            raise ConfigError(f"--augmix-jsd is the consistency term's weight: positive (the paper: 12), got "
+                              f"{self.augmix_jsd}")
+        if self.augment.auto_augment != "augmix":
+            raise ConfigError("--augmix-jsd compares AugMix views of each image: give --auto-augment augmix with it")
+        clashes = [flag for flag, on in [("--mixup", self.augment.mixup), ("--cutmix", self.augment.cutmix),
+                                         ("--teacher", self.teacher), ("--loss bce", self.loss == "bce")] if on]
+        if clashes:
+            raise ConfigError(f"--augmix-jsd compares the softmax of AugMix views of unmixed images, with no "
+                              f"teacher: drop {', '.join(clashes)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

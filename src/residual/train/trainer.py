@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import atomic_path
+from ..data.augmix import JSD_VIEWS, augmix_views
 from ..data.datasets import VAL_NAMES, Dataset, data_name, open_dataset
 from ..data.loaders import (BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory,
                             shard_size)
@@ -59,7 +60,7 @@ from .distill import Teacher, distillation_sum
 from .distributed import World, per_worker_batch
 from .ema import WeightEMA
 from .history import plot_curves, write_metrics
-from .loss import label_loss_sum
+from .loss import consistency_sum, label_loss_sum
 from .optim import build_optimizer, build_scheduler
 from .preview import write_batch_preview
 
@@ -641,18 +642,26 @@ class Trainer:
         forward = self.forward if len(labels) == self.full_batch else self.eager_forward
         if self.cuda_graphs and forward is self.forward:
             torch.compiler.cudagraph_mark_step_begin()
-        x = normalize(self.augment(images.float().div_(255)), self.model.preprocessing)
-        x, targets = mix_batch(x, labels, self.model.num_classes, c.augment.mixup, c.augment.cutmix,
-                               c.label_smoothing)
+        pixels = images.float().div_(255)
+        if c.augmix_jsd:  # the consistency loss sees each image three times: clean, and two AugMix views
+            x, targets = normalize(augmix_views(self.augment, pixels), self.model.preprocessing), labels
+        else:
+            x, targets = mix_batch(normalize(self.augment(pixels), self.model.preprocessing), labels,
+                                   self.model.num_classes, c.augment.mixup, c.augment.cutmix, c.label_smoothing)
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # Accumulating micro-batches need no gradient exchange until the one that steps.
         accumulating = self.world.distributed and not stepping
         with forward.no_sync() if accumulating else contextlib.nullcontext():
             with self._autocast():
-                logits = forward(x)
+                logits = views = forward(x)
+                if c.augmix_jsd:
+                    logits = views[:len(labels)]  # the clean view: what the labels' term and top-1 see
                 loss_sum = label_loss_sum(logits, targets, labels, c.loss, c.label_smoothing, c.bce_target_threshold,
                                           self.class_weights)
+                if c.augmix_jsd:
+                    image_weights = None if self.class_weights is None else self.class_weights[labels]
+                    loss_sum = loss_sum + c.augmix_jsd * consistency_sum(views, JSD_VIEWS, image_weights)
             parts = None
             if self.teacher is not None:  # it sees the same augmented, mixed images
                 image_weights = None if self.class_weights is None else self.class_weights[labels]
