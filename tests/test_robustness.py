@@ -99,8 +99,9 @@ def test_unknown_corruptions_and_severities_are_refused():
 
 
 def test_corruption_errors_are_imagenet_cs_and_skip_a_corruption_that_cost_the_baseline_nothing():
-    model = ModelRobustness("a", 0.9, {"blur": [0.8, 0.6], "noise": [0.5, 0.3]})
-    baseline = ModelRobustness("b", 0.8, {"blur": [0.8, 0.9], "noise": [0.4, 0.2]})
+    ece = {"blur": [0.1, 0.2], "noise": [0.3, 0.4]}
+    model = ModelRobustness("a", 0.9, {"blur": [0.8, 0.6], "noise": [0.5, 0.3]}, 0.05, ece)
+    baseline = ModelRobustness("b", 0.8, {"blur": [0.8, 0.9], "noise": [0.4, 0.2]}, 0.05, ece)
     result = RobustnessResult(model, baseline, [1, 5], 100, "test", [])
     errors = result.corruption_errors()
     assert errors["blur"] == pytest.approx((0.2 + 0.4) / (0.2 + 0.1))
@@ -111,16 +112,20 @@ def test_corruption_errors_are_imagenet_cs_and_skip_a_corruption_that_cost_the_b
     summary = json.loads(json.dumps(result.summary(), allow_nan=False))
     assert summary["mce"] == pytest.approx((2.0 + 1.2 / 1.4) / 2) and summary["relative_mce"] == pytest.approx(1.0)
     assert summary["mean_corrupted_top1"] == pytest.approx(0.55)
+    assert summary["mean_corrupted_ece"] == pytest.approx(0.25)
     assert summary["share_of_clean"] == pytest.approx(0.55 / 0.9)
 
 
 def test_the_report_starts_from_evals_top1_and_a_model_against_itself_scores_one(demo_run, tmp_path):
     model = residual.load_model(demo_run["model"]).eval()
-    clean = evaluate(model, demo_run["data"], gallery_size=0).metrics["top1"]
+    metrics = evaluate(model, demo_run["data"], gallery_size=0).metrics
+    clean = metrics["top1"]
     result = robustness(model, demo_run["data"], corruptions=["gaussian_noise", "contrast"], severities=[5, 1],
                         images=100_000, baseline=model, out_dir=tmp_path)
     assert result.split == "test" and result.severities == [1, 5] and not result.failed
     assert result.model.clean == pytest.approx(clean, abs=1e-12)  # every test image, as eval saw it
+    assert result.model.clean_ece == pytest.approx(metrics["ece"], abs=1e-6)  # and eval's calibration error
+    assert result.model.ece["gaussian_noise"][1] > result.model.clean_ece  # noise throws its probabilities off
     assert result.model.top1["gaussian_noise"][1] < result.model.top1["gaussian_noise"][0] < result.model.clean
     summary = json.loads(result.files["summary"].read_text())
     assert summary["mce"] == 1.0 and summary["relative_mce"] == 1.0  # the same pixels, the same answers
@@ -130,7 +135,8 @@ def test_the_report_starts_from_evals_top1_and_a_model_against_itself_scores_one
     with open(result.files["table"]) as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 2 * (1 + 2 * 2) and rows[0] == {"model": "model", "corruption": "none", "kind": "clean",
-                                                        "severity": "0", "top1": f"{clean:.4f}"}
+                                                        "severity": "0", "top1": f"{clean:.4f}",
+                                                        "ece": f"{metrics['ece']:.4f}"}
     for picture in ("picture", "examples"):
         assert Image.open(result.files[picture]).size[0] > 300
 

@@ -348,6 +348,7 @@ def cmd_robustness(args: argparse.Namespace, console: Console) -> int:
     line = f"clean top-1 {result.model.clean:.2%}; under corruption {result.model.mean:.2%} on average"
     if summary["share_of_clean"] is not None:
         line += f" ({summary['share_of_clean']:.0%} of clean)"
+    line += f"; calibration error (ECE) {result.model.clean_ece:.3f} clean, {result.model.mean_ece:.3f} corrupted"
     if result.baseline is not None:
         line += (f"; against {args.baseline}: mCE {score_text(summary['mce'], 3)}, relative mCE "
                  f"{score_text(summary['relative_mce'], 3)} (below 1: more robust than it)")

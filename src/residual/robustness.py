@@ -2,10 +2,12 @@
 
 Each of a sample of test images is corrupted on the fly (data/corruptions.py: noise, blur, light and digital
 artefacts, five severities each), as the model sees it after its resize and crop, and top-1 is measured at
-every corruption and severity. The summary is the mean top-1 over all of them and its share of the clean
-top-1. Against a baseline model (Hendrycks & Dietterich 2019 use AlexNet): each corruption's error summed
-over the severities, divided by the baseline's (CE), their mean (mCE), and the same for the error added by
-the corruption over each model's clean error (relative CE and mCE). Below 1 is more robust than the baseline.
+every corruption and severity, with the expected calibration error (do the probabilities still match the
+accuracy when the images get worse? Ovadia et al. 2019 found they drift). The summary is the mean top-1
+over all of them and its share of the clean top-1. Against a baseline model (Hendrycks & Dietterich 2019
+use AlexNet): each corruption's error summed over the severities, divided by the baseline's (CE), their
+mean (mCE), and the same for the error added by the corruption over each model's clean error (relative CE
+and mCE). Below 1 is more robust than the baseline.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .data.datasets import Dataset, DatasetError, open_dataset  # noqa: E402
 from .data.loaders import inference_batches  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .evaluate import model_labels, pick_split  # noqa: E402
+from .metrics import calibration_bins, expected_calibration_error, mean_where_defined  # noqa: E402
 from .predict import class_probabilities, model_device  # noqa: E402
 from .progress import progress_bar  # noqa: E402
 
@@ -41,11 +44,17 @@ class ModelRobustness:
     name: str
     clean: float  # top-1 on the images uncorrupted
     top1: dict[str, list[float]]  # corruption -> top-1 at each severity measured
+    clean_ece: float  # expected calibration error (15 bins, as eval's) on the images uncorrupted
+    ece: dict[str, list[float]]  # corruption -> ECE at each severity
 
     @property
     def mean(self) -> float:
         """Top-1 averaged over every corruption and severity measured."""
         return float(np.mean([value for values in self.top1.values() for value in values]))
+
+    @property
+    def mean_ece(self) -> float:
+        return float(np.mean([value for values in self.ece.values() for value in values]))
 
 
 @dataclass
@@ -75,20 +84,18 @@ class RobustnessResult:
         summary = {"split": self.split, "images": self.images, "severities": self.severities,
                    "clean_top1": self.model.clean, "mean_corrupted_top1": self.model.mean,
                    "share_of_clean": self.model.mean / self.model.clean if self.model.clean else None,
-                   "top1": self.model.top1}
+                   "top1": self.model.top1, "clean_ece": self.model.clean_ece,
+                   "mean_corrupted_ece": self.model.mean_ece, "ece": self.model.ece}
         if self.baseline is not None:
             ce, relative = self.corruption_errors(), self.corruption_errors(relative=True)
             summary["baseline"] = {"name": self.baseline.name, "clean_top1": self.baseline.clean,
-                                   "mean_corrupted_top1": self.baseline.mean, "top1": self.baseline.top1}
-            summary |= {"corruption_error": ce, "mce": _mean(ce.values()), "relative_corruption_error": relative,
-                        "relative_mce": _mean(relative.values())}
+                                   "mean_corrupted_top1": self.baseline.mean, "top1": self.baseline.top1,
+                                   "clean_ece": self.baseline.clean_ece, "mean_corrupted_ece": self.baseline.mean_ece,
+                                   "ece": self.baseline.ece}
+            summary |= {"corruption_error": ce, "mce": mean_where_defined(list(ce.values())),
+                        "relative_corruption_error": relative,
+                        "relative_mce": mean_where_defined(list(relative.values()))}
         return summary
-
-
-def _mean(values) -> float | None:
-    """The mean of the values that are defined (not None); None when none are."""
-    values = [value for value in values if value is not None]
-    return float(np.mean(values)) if values else None
 
 
 def robustness(model, data: str | Path | Dataset, split: str | None = None, corruptions: list[str] | None = None,
@@ -165,21 +172,25 @@ def _score(model, name: str, pixels: torch.Tensor, labels: np.ndarray, corruptio
         model.eval()
     labels = torch.from_numpy(labels)
 
-    def top1(corruption: str | None, severity: int) -> float:
+    def scores(corruption: str | None, severity: int) -> tuple[float, float]:
+        """(top-1, ECE) on the images with `corruption` at `severity` (None: clean)."""
         generator = torch.Generator(device).manual_seed(_seed(seed, corruption, severity))
-        correct = 0
+        probs = []
         for start in range(0, len(pixels), batch_size):
             batch = pixels[start:start + batch_size].to(device)
             if corruption is not None:
                 batch = corrupt(batch, corruption, severity, generator)
-            predicted = class_probabilities(model, batch).argmax(1).cpu()
-            correct += int((predicted == labels[start:start + batch_size]).sum())
+            probs.append(class_probabilities(model, batch).float().cpu())
             advance(len(batch))
-        return correct / len(pixels)
+        confidence, predicted = torch.cat(probs).max(1)
+        correct = (predicted == labels).numpy()
+        return float(correct.mean()), expected_calibration_error(calibration_bins(confidence.numpy(), correct))
 
-    clean = top1(None, 0)
-    return ModelRobustness(name, clean, {corruption: [top1(corruption, severity) for severity in severities]
-                                         for corruption in corruptions})
+    clean, clean_ece = scores(None, 0)
+    measured = {corruption: [scores(corruption, severity) for severity in severities] for corruption in corruptions}
+    return ModelRobustness(name, clean, {corruption: [top1 for top1, _ in pairs] for corruption, pairs in
+                                         measured.items()},
+                           clean_ece, {corruption: [ece for _, ece in pairs] for corruption, pairs in measured.items()})
 
 
 def _seed(seed: int, name: str | None, severity: int) -> int:
@@ -195,14 +206,14 @@ def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptio
              "examples": out / "corruptions.png"}
     with atomic_path(files["table"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["model", "corruption", "kind", "severity", "top1"])
+        writer.writerow(["model", "corruption", "kind", "severity", "top1", "ece"])
         for role, scores in (("model", result.model), ("baseline", result.baseline)):
             if scores is None:
                 continue
-            writer.writerow([role, "none", "clean", 0, f"{scores.clean:.4f}"])
-            writer.writerows([role, name, CORRUPTIONS[name][0], severity, f"{value:.4f}"]
-                             for name, values in scores.top1.items() for severity, value in zip(result.severities,
-                                                                                                values))
+            writer.writerow([role, "none", "clean", 0, f"{scores.clean:.4f}", f"{scores.clean_ece:.4f}"])
+            writer.writerows([role, name, CORRUPTIONS[name][0], severity, f"{top1:.4f}", f"{ece:.4f}"]
+                             for name in scores.top1
+                             for severity, top1, ece in zip(result.severities, scores.top1[name], scores.ece[name]))
     with atomic_path(files["summary"]) as tmp:
         tmp.write_text(json.dumps(result.summary(), indent=2, allow_nan=False))
     _draw(result, files["picture"])
@@ -211,30 +222,35 @@ def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptio
 
 
 def _draw(result: RobustnessResult, path: Path) -> None:
-    """Left: top-1 at each corruption and severity; right: the mean over corruptions by severity, clean at 0."""
+    """Left: top-1 at each corruption and severity; then, by severity (clean at 0), the mean over corruptions
+    of top-1 and of the calibration error."""
     names = list(result.model.top1)
     grid = np.array([result.model.top1[name] for name in names])
-    figure, (heat, curve) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2.2),
-                                         gridspec_kw={"width_ratios": [1.2, 1]})
+    figure, (heat, accuracy, calibration) = plt.subplots(1, 3, figsize=(16, 0.45 * len(names) + 2.2),
+                                                         gridspec_kw={"width_ratios": [1.2, 1, 1]})
     heat.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     heat.set_xticks(range(len(result.severities)), [str(s) for s in result.severities])
     heat.set_yticks(range(len(names)), names)
     heat.set_xlabel("severity")
     for (row, column), value in np.ndenumerate(grid):
         heat.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=8)
-    heat.set_title(f"{result.model.name}: top-1 under each corruption (clean {result.model.clean:.1%})")
+    heat.set_title(f"{result.model.name}: top-1 (clean {result.model.clean:.1%})")
     for scores, style in ((result.model, "o-"), (result.baseline, "s--")):
         if scores is None:
             continue
-        means = [np.mean([scores.top1[name][i] for name in names]) for i in range(len(result.severities))]
         label = scores.name if scores is result.model else f"baseline: {scores.name}"
-        curve.plot([0, *result.severities], [scores.clean, *means], style, label=label)
-    curve.set_xlabel("severity (0: clean)")
-    curve.set_ylabel("top-1, mean over corruptions")
-    curve.set_ylim(0, 1)
-    curve.grid(alpha=0.3)
-    curve.legend()
-    curve.set_title(f"{result.images:,} {result.split} images")
+        for ax, clean, by_corruption in ((accuracy, scores.clean, scores.top1),
+                                         (calibration, scores.clean_ece, scores.ece)):
+            means = [np.mean([by_corruption[name][i] for name in names]) for i in range(len(result.severities))]
+            ax.plot([0, *result.severities], [clean, *means], style, label=label)
+    for ax, what in ((accuracy, "top-1"), (calibration, "expected calibration error")):
+        ax.set_xlabel("severity (0: clean)")
+        ax.set_ylabel(f"{what}, mean over corruptions")
+        ax.set_ylim(0, 1 if ax is accuracy else max(0.05, ax.get_ylim()[1]))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    accuracy.set_title(f"{result.images:,} {result.split} images")
+    calibration.set_title("do its probabilities still match its accuracy?")
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
