@@ -947,7 +947,7 @@ def _add_inference_commands(commands) -> None:
     decoder_and_compile(p)
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("robustness", help="top-1 under noise, blur, light and JPEG corruptions at five "
+    p = commands.add_parser("robustness", help="top-1 under noise, blur, weather and digital corruptions at five "
                                                "severities (ImageNet-C's protocol on your test images)")
     p.add_argument("model", help="a model file, a pretrained name or an exported .onnx")
     p.add_argument("data", help="the dataset, as for eval")

@@ -1,6 +1,6 @@
 """How well a model holds up when its images are corrupted: ImageNet-C's protocol on your own test images.
 
-Each of a sample of test images is corrupted on the fly (data/corruptions.py: noise, blur, light and digital
+Each of a sample of test images is corrupted on the fly (data/corruptions.py: noise, blur, weather and digital
 artefacts, five severities each), as the model sees it after its resize and crop, and top-1 is measured at
 every corruption and severity, with the expected calibration error (do the probabilities still match the
 accuracy when the images get worse? Ovadia et al. 2019 found they drift). The summary is the mean top-1
