@@ -341,7 +341,8 @@ def cmd_robustness(args: argparse.Namespace, console: Console) -> int:
         result = robustness(model, as_trained or args.data, args.split or ("val" if as_trained else None),
                             args.corruptions, args.severities, args.images, args.seed, args.batch_size, args.workers,
                             baseline, out, progress=not args.quiet,
-                            names=(Path(args.model).name, args.baseline and Path(args.baseline).name))
+                            names=(Path(args.model).name, args.baseline and Path(args.baseline).name),
+                            protocol=args.protocol)
     console.print(robustness_table(result))
     _report_failed(result.failed)
     summary = result.summary()
@@ -909,7 +910,7 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
 def _add_inference_commands(commands) -> None:
     from .data.device_decode import DECODERS
     from .explain import METHODS
-    from .data.corruptions import CORRUPTIONS
+    from .data.corruptions import CORRUPTIONS, PROTOCOLS, SMALL_IMAGES
     from .models import PRECISIONS
     from .predict import INFERENCE_COMPILE_FROM_IMAGES, TTA_MODES
     from .robustness import DEFAULT_IMAGES
@@ -958,6 +959,9 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--images", type=at_least(1), default=DEFAULT_IMAGES,
                    help="a seeded sample of this many images of the split (default: %(default)s)")
     p.add_argument("--baseline", help="a second model scored on the same corrupted images: CE and mCE against it")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS),
+                   help=f"whose severity parameters: ImageNet-C's (for 224 px) or CIFAR-10-C's (for 32 px); "
+                        f"default: cifar-10-c for inputs up to {SMALL_IMAGES} px, imagenet-c above")
     p.add_argument("--seed", type=int, default=0, help="the sample and the noise")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")

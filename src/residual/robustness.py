@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
-from .data.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt  # noqa: E402
+from .data.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt, protocol_for  # noqa: E402
 from .data.datasets import Dataset, DatasetError, open_dataset  # noqa: E402
 from .data.loaders import inference_batches  # noqa: E402
 from .errors import ConfigError  # noqa: E402
@@ -61,6 +61,7 @@ class ModelRobustness:
 class RobustnessResult:
     model: ModelRobustness
     baseline: ModelRobustness | None
+    protocol: str  # whose severity parameters: 'imagenet-c' or 'cifar-10-c'
     severities: list[int]
     images: int  # scored (the sample less the unreadable)
     split: str
@@ -81,7 +82,8 @@ class RobustnessResult:
         return errors
 
     def summary(self) -> dict:
-        summary = {"split": self.split, "images": self.images, "severities": self.severities,
+        summary = {"protocol": self.protocol, "split": self.split, "images": self.images,
+                   "severities": self.severities,
                    "clean_top1": self.model.clean, "mean_corrupted_top1": self.model.mean,
                    "share_of_clean": self.model.mean / self.model.clean if self.model.clean else None,
                    "top1": self.model.top1, "clean_ece": self.model.clean_ece,
@@ -101,14 +103,18 @@ class RobustnessResult:
 def robustness(model, data: str | Path | Dataset, split: str | None = None, corruptions: list[str] | None = None,
                severities: list[int] | None = None, images: int = DEFAULT_IMAGES, seed: int = 0,
                batch_size: int = 64, workers: int | None = None, baseline=None, out_dir: str | Path | None = None,
-               progress: bool = False, names: tuple[str | None, str | None] = (None, None)) -> RobustnessResult:
+               progress: bool = False, names: tuple[str | None, str | None] = (None, None),
+               protocol: str | None = None) -> RobustnessResult:
     """Top-1 of `model` (and `baseline`) on up to `images` images of `data`'s split (a seeded sample), clean and
     under each corruption at each severity. The noise and motion angles are seeded, so two models on the same
     images at the same size see the same corrupted pixels. With `out_dir`: a CSV, a JSON summary and pictures.
-    `names`: what the tables and pictures call the model and the baseline (default: their architectures)."""
+    `names`: what the tables and pictures call the model and the baseline (default: their architectures).
+    `protocol`: whose severity parameters, 'imagenet-c' or 'cifar-10-c'; default: by the model's input size
+    (data.corruptions.protocol_for), the same for the baseline."""
     corruptions = list(CORRUPTIONS) if corruptions is None else corruptions
     severities = list(SEVERITIES) if severities is None else sorted(set(severities))
-    check_corruptions(corruptions, severities)
+    protocol = protocol or protocol_for(model.preprocessing.input_size)
+    check_corruptions(corruptions, severities, protocol)
     if images < 1:
         raise ConfigError(f"--images must be at least 1, got {images}")
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
@@ -138,8 +144,9 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
                                    f"split could be read")
             bar.advance(task, len(unreadable) * (1 + len(corruptions) * len(severities)))
             scored[role] = _score(each, name or getattr(each, "arch", type(each).__name__), pixels, labels[kept],
-                                  corruptions, severities, seed, batch_size, lambda done: bar.advance(task, done))
-    result = RobustnessResult(scored["model"], scored.get("baseline"), severities, len(kept_by_model[0]),
+                                  corruptions, severities, protocol, seed, batch_size,
+                                  lambda done: bar.advance(task, done))
+    result = RobustnessResult(scored["model"], scored.get("baseline"), protocol, severities, len(kept_by_model[0]),
                               split_name, failed)
     if out_dir is not None:
         result.files = _write(result, Path(out_dir), _pixels_of_first(model, items[sample[kept_by_model[0][0]]]),
@@ -166,7 +173,7 @@ def _pixels_of_first(model, item) -> torch.Tensor:
 
 
 def _score(model, name: str, pixels: torch.Tensor, labels: np.ndarray, corruptions: list[str],
-           severities: list[int], seed: int, batch_size: int, advance) -> ModelRobustness:
+           severities: list[int], protocol: str, seed: int, batch_size: int, advance) -> ModelRobustness:
     device = model_device(model)
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -174,12 +181,12 @@ def _score(model, name: str, pixels: torch.Tensor, labels: np.ndarray, corruptio
 
     def scores(corruption: str | None, severity: int) -> tuple[float, float]:
         """(top-1, ECE) on the images with `corruption` at `severity` (None: clean)."""
-        generator = torch.Generator(device).manual_seed(_seed(seed, corruption, severity))
+        generator = _generator(seed, corruption, severity, device)
         probs = []
         for start in range(0, len(pixels), batch_size):
             batch = pixels[start:start + batch_size].to(device)
             if corruption is not None:
-                batch = corrupt(batch, corruption, severity, generator)
+                batch = corrupt(batch, corruption, severity, generator, protocol)
             probs.append(class_probabilities(model, batch).float().cpu())
             advance(len(batch))
         confidence, predicted = torch.cat(probs).max(1)
@@ -193,10 +200,10 @@ def _score(model, name: str, pixels: torch.Tensor, labels: np.ndarray, corruptio
                            clean_ece, {corruption: [ece for _, ece in pairs] for corruption, pairs in measured.items()})
 
 
-def _seed(seed: int, name: str | None, severity: int) -> int:
+def _generator(seed: int, name: str | None, severity: int, device: torch.device | str = "cpu") -> torch.Generator:
     """One stream of random numbers per corruption and severity, the same for every model and run."""
     index = -1 if name is None else list(CORRUPTIONS).index(name)
-    return seed * 1_000 + (index + 1) * 10 + severity
+    return torch.Generator(device).manual_seed(seed * 1_000 + (index + 1) * 10 + severity)
 
 
 def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptions: list[str],
@@ -211,13 +218,13 @@ def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptio
             if scores is None:
                 continue
             writer.writerow([role, "none", "clean", 0, f"{scores.clean:.4f}", f"{scores.clean_ece:.4f}"])
-            writer.writerows([role, name, CORRUPTIONS[name][0], severity, f"{top1:.4f}", f"{ece:.4f}"]
+            writer.writerows([role, name, CORRUPTIONS[name], severity, f"{top1:.4f}", f"{ece:.4f}"]
                              for name in scores.top1
                              for severity, top1, ece in zip(result.severities, scores.top1[name], scores.ece[name]))
     with atomic_path(files["summary"]) as tmp:
         tmp.write_text(json.dumps(result.summary(), indent=2, allow_nan=False))
     _draw(result, files["picture"])
-    _draw_examples(example, corruptions, seed, files["examples"])
+    _draw_examples(example, corruptions, result.protocol, seed, files["examples"])
     return files
 
 
@@ -249,7 +256,7 @@ def _draw(result: RobustnessResult, path: Path) -> None:
         ax.set_ylim(0, 1 if ax is accuracy else max(0.05, ax.get_ylim()[1]))
         ax.grid(alpha=0.3)
         ax.legend()
-    accuracy.set_title(f"{result.images:,} {result.split} images")
+    accuracy.set_title(f"{result.images:,} {result.split} images, {result.protocol}'s severities")
     calibration.set_title("do its probabilities still match its accuracy?")
     figure.tight_layout()
     with atomic_path(path) as tmp:
@@ -257,14 +264,13 @@ def _draw(result: RobustnessResult, path: Path) -> None:
     plt.close(figure)
 
 
-def _draw_examples(example: torch.Tensor, corruptions: list[str], seed: int, path: Path) -> None:
+def _draw_examples(example: torch.Tensor, corruptions: list[str], protocol: str, seed: int, path: Path) -> None:
     """One image under each corruption at severities 1, 3 and 5, beside the clean image."""
     shown = (1, 3, 5)
     figure, axes = plt.subplots(len(corruptions), 1 + len(shown), figsize=(1.6 * (1 + len(shown)),
                                                                              1.6 * len(corruptions)), squeeze=False)
     for row, name in zip(axes, corruptions):
-        views = [example] + [corrupt(example, name, severity, torch.Generator().manual_seed(_seed(seed, name,
-                                                                                                  severity)))
+        views = [example] + [corrupt(example, name, severity, _generator(seed, name, severity), protocol)
                              for severity in shown]
         for ax, view, title in zip(row, views, ["clean", *(f"severity {s}" for s in shown)]):
             ax.imshow(view[0].permute(1, 2, 0).numpy(), interpolation="nearest")

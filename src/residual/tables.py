@@ -281,10 +281,10 @@ def robustness_table(result: RobustnessResult) -> Table:
     severities = [f"severity {s}" for s in result.severities]
     columns = ["corruption", "kind", *severities, "mean"] + (["CE", "relative CE"] if with_baseline else [])
     table = new_table(f"{result.model.name}: top-1 on {result.images:,} {result.split} images, clean "
-                      f"{result.model.clean:.2%}", columns, right=columns[2:])
+                      f"{result.model.clean:.2%}; {result.protocol}'s severities", columns, right=columns[2:])
     errors, relative = result.corruption_errors(), result.corruption_errors(relative=True)
     for name, values in result.model.top1.items():
-        row = [name, CORRUPTIONS[name][0], *(f"{value:.1%}" for value in values), f"{sum(values) / len(values):.1%}"]
+        row = [name, CORRUPTIONS[name], *(f"{value:.1%}" for value in values), f"{sum(values) / len(values):.1%}"]
         if with_baseline:
             row += [score_text(errors[name], 3), score_text(relative[name], 3)]
         table.add_row(*row)

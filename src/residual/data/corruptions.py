@@ -1,12 +1,13 @@
 """Common corruptions of images, at five severities: noise, blur, weather and digital artefacts.
 
 Twelve of the fifteen corruptions of ImageNet-C (Hendrycks & Dietterich 2019, "Benchmarking neural network
-robustness to common corruptions and perturbations"), with its severity parameters and its four kinds. They
-work on batches of images as the model takes them (after its resize and crop), so any dataset can be
-corrupted on the fly. ImageNet-C's parameters are for 224 px images; lengths in pixels (blur radii, motion
-length, snow's flakes) are scaled to the batch's size, as the CIFAR-10-C and Tiny-ImageNet-C variants scale
-theirs by hand. Left out: glass blur (a sequential loop of pixel swaps, slow, and beyond what a batched
-version would repeat), frost (built from ImageNet-C's own frost photographs) and elastic transform.
+robustness to common corruptions and perturbations"), in its four kinds, with the severity parameters of
+one of two protocols: ImageNet-C's, given for 224 px images, or CIFAR-10-C's, which the same authors tuned
+by hand for 32 px. They work on batches of images as the model takes them (after its resize and crop), so
+any dataset can be corrupted on the fly; lengths in pixels (blur radii, motion length, snow's flakes) are
+scaled from the protocol's image size to the batch's. Left out: glass blur (a sequential loop of pixel
+swaps, slow, and beyond what a batched version would repeat), frost (built from ImageNet-C's own frost
+photographs) and elastic transform.
 
 Each corruption takes float images in [0, 1] (N x 3 x H x W), a severity's parameter and a torch.Generator
 for the random ones, and returns images in [0, 1]; `corrupt` is the entry point on uint8 batches.
@@ -25,7 +26,6 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 
-REFERENCE_SIZE = 224  # the image size ImageNet-C's pixel lengths are given for
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
@@ -61,12 +61,11 @@ def defocus_blur(x: torch.Tensor, radius: float, alias_blur: float) -> torch.Ten
 def motion_blur(x: torch.Tensor, radius: float, sigma: float, generator: torch.Generator,
                 degrees: tuple[float, float] = (-45, 45)) -> torch.Tensor:
     """A camera moving while it exposes: each pixel the Gaussian-weighted (sigma px) average of the pixels
-    behind it along a line of 2 x `radius` px (cut at 3 sigma, beyond which the weights vanish), at an
-    angle drawn per image from `degrees`; each step along the line is rounded to whole pixels, as
-    ImageMagick's motion blur (ImageNet-C's) rounds it."""
+    behind it along a line of 2 x `radius` px, at an angle drawn per image from `degrees`; each step along
+    the line is rounded to whole pixels, as ImageMagick's motion blur (ImageNet-C's) rounds it."""
     low, high = (math.radians(d) for d in degrees)
     angle = torch.empty(len(x), device=x.device).uniform_(low, high, generator=generator)
-    taps = torch.arange(math.ceil(min(2 * radius, 3 * sigma)) + 1, dtype=x.dtype, device=x.device)
+    taps = torch.arange(math.ceil(2 * radius) + 1, dtype=x.dtype, device=x.device)
     weights = torch.exp(-taps ** 2 / (2 * sigma ** 2))
     weights = weights / weights.sum()
     out = torch.zeros_like(x)
@@ -197,43 +196,79 @@ def _zooms(stop: float, step: float) -> tuple[float, ...]:
     return tuple(float(z) for z in np.arange(1, stop, step))
 
 
-# name -> (kind, the parameter at each severity 1-5). ImageNet-C's values; lengths in px for 224 px images.
-CORRUPTIONS = {
-    "gaussian_noise": ("noise", (0.08, 0.12, 0.18, 0.26, 0.38)),
-    "shot_noise": ("noise", (60, 25, 12, 5, 3)),
-    "impulse_noise": ("noise", (0.03, 0.06, 0.09, 0.17, 0.27)),
-    "defocus_blur": ("blur", ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5))),
-    "motion_blur": ("blur", ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))),
-    "zoom_blur": ("blur", (_zooms(1.11, 0.01), _zooms(1.16, 0.01), _zooms(1.21, 0.02), _zooms(1.26, 0.02),
-                           _zooms(1.31, 0.03))),
-    "snow": ("weather", ((0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
-                         (0.55, 0.3, 4, 0.9, 12, 8, 0.7), (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
-                         (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))),
-    "fog": ("weather", ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))),
-    "brightness": ("weather", (0.1, 0.2, 0.3, 0.4, 0.5)),
-    "contrast": ("digital", (0.4, 0.3, 0.2, 0.1, 0.05)),
-    "pixelate": ("digital", (0.6, 0.5, 0.4, 0.3, 0.25)),
-    "jpeg_compression": ("digital", (25, 18, 15, 10, 7)),
+# Each corruption's kind, as ImageNet-C groups them.
+CORRUPTIONS = {"gaussian_noise": "noise", "shot_noise": "noise", "impulse_noise": "noise", "defocus_blur": "blur",
+               "motion_blur": "blur", "zoom_blur": "blur", "snow": "weather", "fog": "weather",
+               "brightness": "weather", "contrast": "digital", "pixelate": "digital", "jpeg_compression": "digital"}
+
+# Per protocol: the image size its lengths in pixels are given for, and each corruption's parameter at
+# severities 1-5. ImageNet-C's for 224 px images; CIFAR-10-C's, which its authors tuned by hand for 32 px
+# (make_cifar_c.py), milder throughout.
+PROTOCOLS = {
+    "imagenet-c": (224, {
+        "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
+        "shot_noise": (60, 25, 12, 5, 3),
+        "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),
+        "defocus_blur": ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)),
+        "motion_blur": ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)),
+        "zoom_blur": (_zooms(1.11, 0.01), _zooms(1.16, 0.01), _zooms(1.21, 0.02), _zooms(1.26, 0.02),
+                      _zooms(1.31, 0.03)),
+        "snow": ((0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
+                 (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)),
+        "fog": ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)),
+        "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
+        "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
+        "pixelate": (0.6, 0.5, 0.4, 0.3, 0.25),
+        "jpeg_compression": (25, 18, 15, 10, 7),
+    }),
+    "cifar-10-c": (32, {
+        "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+        "shot_noise": (500, 250, 100, 75, 50),
+        "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+        "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
+        "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
+        "zoom_blur": (_zooms(1.06, 0.01), _zooms(1.11, 0.01), _zooms(1.16, 0.01), _zooms(1.21, 0.01),
+                      _zooms(1.26, 0.01)),
+        "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+                 (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
+        "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
+        "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
+        "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+        "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
+        "jpeg_compression": (80, 65, 58, 50, 40),
+    }),
 }
+SMALL_IMAGES = 64  # up to this size, `protocol_for` picks CIFAR-10-C's parameters
 
 
-def check_corruptions(names: list[str], severities: list[int]) -> None:
+def protocol_for(image_size: int) -> str:
+    """CIFAR-10-C's parameters for small images, ImageNet-C's for the rest: each set's lengths were chosen for
+    its own image size, and scaled far from it they misjudge (ImageNet-C's snow at 32 px is mostly white)."""
+    return "cifar-10-c" if image_size <= SMALL_IMAGES else "imagenet-c"
+
+
+def check_corruptions(names: list[str], severities: list[int], protocol: str = "imagenet-c") -> None:
     unknown = [name for name in names if name not in CORRUPTIONS]
     if unknown:
         raise ConfigError(f"--corruptions: unknown {', '.join(unknown)}; choose from {', '.join(CORRUPTIONS)}")
     wrong = [s for s in severities if s not in SEVERITIES]
     if wrong or not severities:
         raise ConfigError(f"--severities are 1 (mild) to 5 (severe), got {', '.join(map(str, severities)) or 'none'}")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
 
 
-def corrupt(images: torch.Tensor, name: str, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """uint8 N x 3 x H x W images with corruption `name` at `severity` (1-5), as uint8 again."""
-    check_corruptions([name], [severity])
-    parameter = CORRUPTIONS[name][1][severity - 1]
+def corrupt(images: torch.Tensor, name: str, severity: int, generator: torch.Generator,
+            protocol: str = "imagenet-c") -> torch.Tensor:
+    """uint8 N x 3 x H x W images with corruption `name` at `severity` (1-5) of `protocol`'s parameters, as
+    uint8 again."""
+    check_corruptions([name], [severity], protocol)
+    reference_size, parameters = PROTOCOLS[protocol]
+    parameter = parameters[name][severity - 1]
     if name == "jpeg_compression":
         return jpeg_compression(images, parameter)
     x = images.float() / 255
-    scale = x.shape[-1] / REFERENCE_SIZE  # pixel lengths are ImageNet-C's at 224 px
+    scale = x.shape[-1] / reference_size  # the protocol's lengths in pixels are for its own image size
     if name == "gaussian_noise":
         x = gaussian_noise(x, parameter, generator)
     elif name == "shot_noise":
