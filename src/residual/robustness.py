@@ -13,7 +13,6 @@ and mCE). Below 1 is more robust than the baseline.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .atomic import atomic_path  # noqa: E402
+from .atomic import atomic_path, write_json  # noqa: E402
 from .data.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt, protocol_for  # noqa: E402
 from .data.datasets import Dataset, DatasetError, open_dataset  # noqa: E402
 from .data.loaders import inference_batches  # noqa: E402
@@ -130,34 +129,35 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
         if held > MEMORY_BUDGET:
             raise ConfigError(f"--images {len(sample):,} at {size} px would hold {held / 1024**3:.1f} GiB of decoded "
                               f"images; give at most {MEMORY_BUDGET // (3 * size * size):,}")
-    scored, failed, kept_by_model = {}, [], []
+    scored, decoded = {}, {}  # decoded: per preprocessing, (pixels, positions read, unreadable), read once
     with progress_bar("corrupting and scoring", progress) as bar:
         task = bar.add_task("robustness", total=len(models) * len(sample) * (1 + len(corruptions) * len(severities)))
         for role, each, name in models:
             labels = model_labels(dataset, chosen, each)[sample]
-            pixels, kept, unreadable = _decode(each, [items[i] for i in sample], batch_size, workers)
-            if role == "model":  # the baseline reads the same files
-                failed = unreadable
-            kept_by_model.append(kept)
+            pre = each.preprocessing
+            key = (pre.resize_size, pre.input_size, pre.interpolation)
+            if key not in decoded:
+                decoded[key] = _decode(pre, [items[i] for i in sample], batch_size, workers)
+            pixels, kept, unreadable = decoded[key]
             if not kept:
                 raise DatasetError(f"{dataset.root}: none of the {len(sample)} sampled images of the {split_name} "
                                    f"split could be read")
             bar.advance(task, len(unreadable) * (1 + len(corruptions) * len(severities)))
+            if role == "model":  # what the report counts and shows; the baseline read the same files
+                scored_images, example, failed = len(pixels), pixels[:1], unreadable
             scored[role] = _score(each, name or getattr(each, "arch", type(each).__name__), pixels, labels[kept],
                                   corruptions, severities, protocol, seed, batch_size,
                                   lambda done: bar.advance(task, done))
-    result = RobustnessResult(scored["model"], scored.get("baseline"), protocol, severities, len(kept_by_model[0]),
+    result = RobustnessResult(scored["model"], scored.get("baseline"), protocol, severities, scored_images,
                               split_name, failed)
     if out_dir is not None:
-        result.files = _write(result, Path(out_dir), _pixels_of_first(model, items[sample[kept_by_model[0][0]]]),
-                              corruptions, seed)
+        result.files = _write(result, Path(out_dir), example, corruptions, seed)
     return result
 
 
-def _decode(model, items: list, batch_size: int, workers: int | None) -> tuple[torch.Tensor, list[int], list[str]]:
-    """The items as uint8 images at the model's input (its resize and crop), on the host; the positions of
-    those read, and a line for each that could not be."""
-    pre = model.preprocessing
+def _decode(pre, items: list, batch_size: int, workers: int | None) -> tuple[torch.Tensor, list[int], list[str]]:
+    """The items as uint8 images at a model's input (its resize and crop, `pre`), on the host; the positions
+    of those read, and a line for each that could not be."""
     images, kept, failed = [], [], []
     for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers):
         failed += [message for _, message in batch.failed]
@@ -165,11 +165,6 @@ def _decode(model, items: list, batch_size: int, workers: int | None) -> tuple[t
             images.append(batch.images)
             kept += batch.indices
     return (torch.cat(images) if images else torch.empty(0)), kept, failed
-
-
-def _pixels_of_first(model, item) -> torch.Tensor:
-    """One image as the model takes it, for the picture of what each corruption does."""
-    return _decode(model, [item], 1, 0)[0]
 
 
 def _score(model, name: str, pixels: torch.Tensor, labels: np.ndarray, corruptions: list[str],
@@ -221,8 +216,7 @@ def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptio
             writer.writerows([role, name, CORRUPTIONS[name], severity, f"{top1:.4f}", f"{ece:.4f}"]
                              for name in scores.top1
                              for severity, top1, ece in zip(result.severities, scores.top1[name], scores.ece[name]))
-    with atomic_path(files["summary"]) as tmp:
-        tmp.write_text(json.dumps(result.summary(), indent=2, allow_nan=False))
+    write_json(files["summary"], result.summary())
     _draw(result, files["picture"])
     _draw_examples(example, corruptions, result.protocol, seed, files["examples"])
     return files

@@ -118,7 +118,7 @@ def snow(x: torch.Tensor, flakes: tuple[float, ...], scale: float, generator: to
     """Snow: a layer of Gaussian noise (mean, spread) enlarged by a zoom, kept above a threshold, streaked
     by motion blur (radius, sigma) falling at -135 to -45 degrees, added twice (the second turned upside
     down) to the image, first brightened towards its grey level by the blend's complement (ImageNet-C's
-    parameters in that order). `scale`: the image's size over 224 px, for the zoom and the streaks."""
+    parameters in that order). `scale`: the image's size over the protocol's, for the zoom and the streaks."""
     mean, spread, zoom, threshold, radius, sigma, blend = flakes
     layer = mean + spread * torch.randn((len(x), 1, *x.shape[-2:]), generator=generator, device=x.device)
     layer = clipped_zoom(layer, max(1.0, zoom * scale))
