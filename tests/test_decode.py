@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from residual.data import decode
-from residual.data.decode import BadImageError, read_image
+from residual.data.decode import BadImageError, decode_bytes, read_image
 from residual.data.transforms import resize_center_crop
 
 
@@ -121,3 +121,14 @@ def test_large_jpegs_decode_at_a_reduced_scale_that_still_covers_the_target(tmp_
     assert (a - b).abs().float().mean() < 2.0  # of 255
     Image.fromarray(pixels).save(tmp_path / "photo.png")  # other formats decode in full
     assert read_image(tmp_path / "photo.png", min_side=256).size == (1600, 1200)
+
+
+def test_images_in_memory_are_read_as_files_are(tmp_path):
+    """An upload (`residual serve`) goes through the same checks, its errors named as the caller says."""
+    Image.new("RGB", (60, 45), (200, 30, 30)).save(tmp_path / "b.jpg")
+    data = (tmp_path / "b.jpg").read_bytes()
+    assert decode_bytes(data, "b.jpg").size == (60, 45)
+    with pytest.raises(BadImageError, match=r"^upload: corrupt or truncated image"):
+        decode_bytes(data[:200], "upload")
+    with pytest.raises(BadImageError, match=r"^upload: empty \(0 bytes\)"):
+        decode_bytes(b"", "upload")

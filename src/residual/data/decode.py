@@ -10,6 +10,7 @@ truncated, not an image) into one `BadImageError` naming the file.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -64,11 +65,26 @@ def read_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
     try:
         if path.stat().st_size == 0:
             raise BadImageError(f"{path}: empty file (0 bytes)")
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: no such file") from None
+    return _decoded(path, str(path), min_side)
+
+
+def decode_bytes(data: bytes, name: str, min_side: int | None = None) -> Image.Image:
+    """`read_image` of an encoded image held in memory (an upload); errors name it `name`."""
+    if not data:
+        raise BadImageError(f"{name}: empty (0 bytes)")
+    return _decoded(io.BytesIO(data), name, min_side)
+
+
+def _decoded(source, name: str, min_side: int | None) -> Image.Image:
+    """The image in `source` (a path or a file object) decoded to RGB, every failure a BadImageError naming `name`."""
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if image.width * image.height > MAX_PIXELS:
-                    raise BadImageError(f"{path}: {image.width}x{image.height} pixels is over the "
+                    raise BadImageError(f"{name}: {image.width}x{image.height} pixels is over the "
                                         f"{MAX_PIXELS:,} limit (possible decompression bomb)")
                 if min_side:
                     image.draft("RGB", (min_side, min_side))
@@ -78,13 +94,13 @@ def read_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
     except BadImageError:
         raise
     except FileNotFoundError:
-        raise BadImageError(f"{path}: no such file") from None
+        raise BadImageError(f"{name}: no such file") from None
     except UnidentifiedImageError:
-        raise BadImageError(f"{path}: not an image Pillow can read") from None
+        raise BadImageError(f"{name}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise BadImageError(f"{path}: refused as a possible decompression bomb ({error})") from None
+        raise BadImageError(f"{name}: refused as a possible decompression bomb ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
-        raise BadImageError(f"{path}: corrupt or truncated image ({error})") from None
+        raise BadImageError(f"{name}: corrupt or truncated image ({error})") from None
 
 
 def as_image(item, min_side: int | None = None) -> Image.Image:
