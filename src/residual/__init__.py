@@ -13,6 +13,7 @@
     result = residual.calibrate("model.safetensors", "photos/")      # temperature scaling -> a new model file
     result = residual.predict(model, ["cat.jpg", "photos/"], topk=3)
     cams = residual.explain(model, "cat.jpg", method="gradcam++")
+    residual.serve(model, residual.ServeConfig(port=8000))          # POST /predict: top classes as JSON
 """
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ from .predict import PredictResult, decode_predictions, predict, preprocess_inpu
 from .explain import ExplainResult, explain
 from .evaluate import EvalResult, evaluate
 from .calibrate import CalibrationResult, calibrate
+from .serve import ModelServer, ServeConfig, serve
 from .train.lr_find import LRFindResult, lr_find
 from .train.compare import RunRecord, compare_runs
 
@@ -39,4 +41,5 @@ __all__ = [
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
     "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
     "ExplainResult", "explain", "EvalResult", "evaluate", "CalibrationResult", "calibrate", "RunRecord", "compare_runs",
+    "ModelServer", "ServeConfig", "serve",
 ]

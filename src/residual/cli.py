@@ -425,6 +425,30 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    from .serve import ModelServer, ServeConfig
+
+    config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_pending=args.max_pending, max_image_mb=args.max_image_mb, topk=args.topk, tta=args.tta,
+                         compile=args.compile, timeout_s=args.timeout, access_log=not args.quiet)
+    config.check()  # before the model is loaded
+    if args.compile:
+        _refuse_onnx(args.model, "--compile: an exported model runs in ONNX Runtime, which optimises it already")
+    server = ModelServer(_inference_model(args.model, args.device, args.precision, args.image_size), config,
+                         name=Path(args.model).name)
+    info = server.describe()
+    console.print(f"serving {args.model} ({info['arch']}, {len(info['classes'])} classes, {info['runtime']} on "
+                  f"{info['device']}, {info['precision']}; warm-up {server.warmup_s:.1f} s) at {server.url}")
+    console.print(f"  curl --data-binary @photo.jpg {server.url}/predict    (also GET /health, /info, /metrics; "
+                  f"Ctrl-C stops)")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {args.host}: anyone who can reach this machine can use the "
+                      f"model (no TLS or authentication; put a reverse proxy in front)")
+    server.serve_forever()
+    console.print("stopped: every request in flight was answered")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from .bench import (CPU_WORKLOADS, SETTINGS, TINY_WORKLOADS, WORKLOADS, bench, bench_table, compile_payback,
                         select_workloads)
@@ -1025,6 +1049,8 @@ def _add_inference_commands(commands) -> None:
 
 def _add_deploy_commands(commands) -> None:
     from .deploy.quantize import CALIBRATION_METHODS
+    from .models import PRECISIONS
+    from .predict import TTA_MODES
 
     p = commands.add_parser("export", help="ONNX export, checked against the model in ONNX Runtime")
     p.add_argument("model", help="a .safetensors model file or a pretrained name")
@@ -1066,6 +1092,28 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", help="default: MODEL-pruned.safetensors")
     p.set_defaults(run=cmd_prune)
+
+    p = commands.add_parser("serve", help="an HTTP server for a model: POST an image, get its top classes as JSON")
+    p.add_argument("model", help="a model file, a pretrained name or an exported .onnx")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    p.add_argument("--max-batch", type=int, default=32, help="most images in one run of the model")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="how long a batch's first image waits for others to join it (0: never)")
+    p.add_argument("--max-pending", type=int, default=128,
+                   help="requests in flight before new ones are answered 503 (busy, retry)")
+    p.add_argument("--max-image-mb", type=float, default=16.0, help="the largest request body taken (413 above)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image, unless a request asks ?topk=N")
+    p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
+    p.add_argument("--image-size", type=at_least(1), help="feed images of this size instead of the model's own")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile, each batch padded to --max-batch (one graph; worth it on CUDA)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a silent connection is kept open")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
+    p.set_defaults(run=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,499 @@
+"""`residual serve`: a model behind HTTP, with the requests that arrive together run as one batch.
+
+    POST /predict   an image's bytes as the body (curl --data-binary @cat.jpg), or a multipart form
+                    with one or more files (curl -F image=@cat.jpg); ?topk=N -> JSON, each image's
+                    top classes
+    GET  /health    {"status": "ok"} while it serves
+    GET  /info      the model: architecture, classes, input size, device, precision, batching
+    GET  /metrics   requests, images, batches and time in Prometheus' text format
+
+Each connection has a thread that reads and decodes its images (read_image's checks: bombs
+refused, EXIF applied, every mode to RGB) and crops them as `residual predict` does. One batching
+thread runs the model (`Batcher`): it takes every image waiting, up to `max_batch`, and while
+other requests are still being read or decoded waits for them too, up to `max_wait_ms`; then it
+answers them together. Under load a batch gathers while the one before it runs, so the model
+sees full batches without any client sending them; a lone request waits for nothing.
+
+The answers are `predict`'s: the same preprocessing, the same model path (`residual predict`'s
+precision, torch.compile on request, or an exported .onnx in ONNX Runtime), so a served image
+gets the probabilities `residual predict` prints for it.
+
+Limits that keep a server up: a body over `max_image_mb` is refused before it is read (413);
+beyond `max_pending` requests in flight new ones are turned away (503, Retry-After) instead of
+queueing without bound; a connection idle for `timeout_s` is closed. A bad image is answered
+with its reason (400), and the rest of a form is still predicted. It listens on 127.0.0.1 unless
+told otherwise, and has no TLS or authentication of its own: put it behind a reverse proxy to
+expose it.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import torch
+
+from .data.decode import BadImageError, decode_bytes
+from .data.transforms import resize_center_crop
+from .errors import ConfigError, ResidualError
+from .predict import check_tta, class_names_of, class_probabilities, inference_forward, model_device, top_classes
+
+MEGABYTE = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
+    port: int = 8000  # 0: any free port (ModelServer.port says which)
+    max_batch: int = 32  # images in one run of the model
+    max_wait_ms: float = 2.0  # how long the first image of a batch waits for others
+    max_pending: int = 128  # requests in flight (reading, decoding, waiting) before new ones get 503
+    max_image_mb: float = 16.0  # the largest request body taken
+    topk: int = 5  # classes per image, unless a request asks ?topk=N
+    tta: str = "none"
+    compile: bool = False  # torch.compile, every batch padded to max_batch (one graph)
+    timeout_s: float = 30.0  # a connection silent this long is closed
+    access_log: bool = True  # a line per request on stderr
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_pending", "topk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_image_mb", "timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be above 0, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        check_tta(self.tta)
+
+
+@dataclass
+class Request:
+    """A predict request in flight."""
+    started: float  # time.perf_counter() at its arrival
+    arrived: bool = False  # its images are with the batcher (or it will send none)
+
+
+class ServerBusy(ResidualError):
+    """The server takes no more work now (too many requests in flight, or it is stopping)."""
+
+
+class Batcher:
+    """One thread that runs the model on the images `submit` hands it, several at a time.
+
+    It takes every image waiting, up to `max_batch`. While `arriving()` says more requests are on
+    their way (read and decoded by their threads), it waits for them, up to `max_wait_s` after the
+    batch's first image; with none on the way it runs at once, so a lone request waits for nothing.
+    It sets each image's future to its class probabilities (a CPU tensor). A batch that fails sets
+    the error on each of its futures; the thread carries on.
+    """
+
+    def __init__(self, forward, max_batch: int, max_wait_s: float, tta: str = "none", arriving=lambda: 0):
+        self.forward, self.max_batch, self.max_wait_s, self.tta = forward, max_batch, max_wait_s, tta
+        self.arriving = arriving
+        self.batches = self.images = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="residual-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, images: list[torch.Tensor]) -> list[Future]:
+        """A future per uint8 3 x H x W image; ServerBusy once `stop` has been called."""
+        futures = [Future() for _ in images]
+        with self._lock:
+            if self._stopped:
+                raise ServerBusy("the server is stopping")
+            for image, future in zip(images, futures):
+                self._queue.put((image, future))
+        return futures
+
+    def stop(self) -> None:
+        """Answer what was submitted, then end the thread."""
+        with self._lock:
+            self._stopped = True
+            self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (batch := self._collect()) is not None:
+            self._answer(batch)
+
+    def _collect(self) -> list | None:
+        """The next batch; None once `stop` was called and everything before it answered."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                wait = deadline - time.monotonic()
+                if wait <= 0 or not self.arriving():
+                    break
+                try:
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    break
+            if item is None:
+                self._queue.put(None)  # answer this batch first, then stop
+                break
+            batch.append(item)
+        return batch
+
+    def _answer(self, batch: list) -> None:
+        futures = [future for _, future in batch]
+        try:
+            probabilities = class_probabilities(self.forward, torch.stack([image for image, _ in batch]), self.tta)
+            probabilities = probabilities.cpu()
+        except Exception as error:  # a server answers each request of a failed batch with 500, and lives on
+            for future in futures:
+                future.set_exception(error)
+            return
+        with self._lock:
+            self.batches += 1
+            self.images += len(batch)
+        for future, row in zip(futures, probabilities):
+            future.set_result(row)
+
+
+class ModelServer:
+    """`model` (a residual model or an OnnxModel, ready for inference) served over HTTP.
+
+    `serve_forever()` blocks until SIGINT/SIGTERM (or `stop()` from another thread), then lets the
+    requests in flight finish. `start()` serves from a background thread instead (tests, notebooks).
+    """
+
+    def __init__(self, model, config: ServeConfig | None = None, name: str = "model"):
+        self.config = config or ServeConfig()
+        self.config.check()
+        self.model, self.name = model, name
+        self.names = class_names_of(model)
+        self.preprocessing = model.preprocessing
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+        elif self.config.compile:
+            raise ConfigError("--compile: an exported model runs in its own runtime (ONNX Runtime), which "
+                              "optimises it already; leave --compile out")
+        forward = inference_forward(model, self.config.compile, self.config.max_batch)
+        self.batcher = Batcher(forward, self.config.max_batch, self.config.max_wait_ms / 1000, self.config.tta,
+                               arriving=lambda: self.arriving)
+        self.warmup_s = self._warm_up(forward)
+        self.counts: dict[int, int] = {}
+        self.request_seconds = 0.0
+        self.in_flight = 0
+        self.arriving = 0  # requests in flight whose images are not with the batcher yet
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._serving = threading.Event()
+        try:
+            self.httpd = _HTTPServer((self.config.host, self.config.port), _handler_for(self))
+        except OSError as error:
+            raise ConfigError(f"--host {self.config.host} --port {self.config.port}: cannot listen there "
+                              f"({error.strerror or error}); choose another --port, or 0 for any free one") from None
+        self.port = self.httpd.server_address[1]
+        self.batcher.start()
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if self.config.host not in ("0.0.0.0", "") else "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+    def _warm_up(self, forward) -> float:
+        """Run a full batch once before listening, so the first requests do not pay for the backend's
+        set-up (cuDNN's algorithm search, oneDNN's kernels, and with compile the compilation)."""
+        started = time.perf_counter()
+        size = self.preprocessing.input_size
+        blank = torch.zeros(self.config.max_batch, 3, size, size, dtype=torch.uint8)
+        class_probabilities(forward, blank, self.config.tta).cpu()
+        return time.perf_counter() - started
+
+    def describe(self) -> dict:
+        """What GET /info answers."""
+        model = self.model
+        precision = (getattr(model, "precision", None) if not isinstance(model, torch.nn.Module)
+                     else str(next(model.parameters()).dtype).removeprefix("torch."))
+        return {"model": self.name, "arch": getattr(model, "arch", None), "classes": self.names,
+                "preprocessing": asdict(self.preprocessing),
+                "runtime": "pytorch" if isinstance(model, torch.nn.Module) else "onnxruntime",
+                "device": str(model_device(model)), "precision": precision,
+                "serving": {key: value for key, value in asdict(self.config).items()
+                            if key not in ("host", "port", "access_log")}}
+
+    def metrics(self) -> str:
+        """GET /metrics: Prometheus' text exposition format."""
+        with self._lock:
+            counts, seconds, in_flight = dict(self.counts), self.request_seconds, self.in_flight
+        predicted = sum(counts.values())
+        lines = ["# HELP residual_requests_total Predict requests answered, by HTTP status.",
+                 "# TYPE residual_requests_total counter"]
+        lines += [f'residual_requests_total{{code="{code}"}} {count}' for code, count in sorted(counts.items())]
+        lines += ["# HELP residual_request_seconds Time from a predict request's arrival to its answer.",
+                  "# TYPE residual_request_seconds summary",
+                  f"residual_request_seconds_sum {seconds:.6f}", f"residual_request_seconds_count {predicted}",
+                  "# HELP residual_images_total Images the model has answered.",
+                  "# TYPE residual_images_total counter", f"residual_images_total {self.batcher.images}",
+                  "# HELP residual_batches_total Batches the model has run (images / batches: the mean batch).",
+                  "# TYPE residual_batches_total counter", f"residual_batches_total {self.batcher.batches}",
+                  "# HELP residual_requests_in_flight Predict requests being read, decoded or waiting for the model.",
+                  "# TYPE residual_requests_in_flight gauge", f"residual_requests_in_flight {in_flight}"]
+        return "\n".join(lines) + "\n"
+
+    def admit(self) -> Request:
+        """Count a predict request in, or ServerBusy when `max_pending` are in flight."""
+        with self._lock:
+            if self.in_flight >= self.config.max_pending:
+                raise ServerBusy(f"busy: {self.in_flight} requests in flight (--max-pending); retry shortly")
+            self.in_flight += 1
+            self.arriving += 1
+        return Request(time.perf_counter())
+
+    def arrived(self, request: Request) -> None:
+        """`request` has nothing more for the batcher (its images are submitted, or it failed first)."""
+        with self._lock:
+            if not request.arrived:
+                request.arrived = True
+                self.arriving -= 1
+
+    def release(self, request: Request, status: int) -> None:
+        self.arrived(request)
+        with self._lock:
+            self.in_flight -= 1
+            self.counts[status] = self.counts.get(status, 0) + 1
+            self.request_seconds += time.perf_counter() - request.started
+            self._lock.notify_all()
+
+    def predict(self, uploads: list[tuple[str, bytes]], topk: int, request: Request) -> tuple[int, dict]:
+        """(status, JSON body) for images given as (name, encoded bytes)."""
+        pre = self.preprocessing
+        answers: list[dict] = []
+        crops, slots = [], []
+        for name, data in uploads:
+            try:
+                image = decode_bytes(data, name, pre.resize_size)
+                crops.append(resize_center_crop(image, pre.resize_size, pre.input_size, pre.interpolation))
+                slots.append(len(answers))
+                answers.append({"image": name})
+            except BadImageError as error:
+                answers.append({"image": name, "error": str(error)})
+        futures = self.batcher.submit(crops) if crops else []
+        self.arrived(request)
+        for slot, future in zip(slots, futures):
+            probabilities = future.result()
+            answers[slot]["top"] = [{"class_id": index, "class": label, "probability": round(probability, 6)}
+                                    for index, label, probability in top_classes(probabilities[None], self.names,
+                                                                                 topk)[0]]
+        body = {"model": self.name, "predictions": answers}
+        if not slots:
+            return 400, {"error": answers[0]["error"] if len(answers) == 1 else
+                         f"none of the {len(answers)} images could be read", **body}
+        return 200, body
+
+    def serve_forever(self) -> None:
+        """Serve until SIGINT/SIGTERM or `stop()`, then finish the requests in flight and close."""
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                handlers[signum] = signal.signal(signum, self._on_signal)
+        self._serving.set()
+        try:
+            self.httpd.serve_forever(poll_interval=0.2)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            self._close()
+
+    def _on_signal(self, signum, frame) -> None:
+        # shutdown() waits for serve_forever's loop, which runs in this (the main) thread: ask from another.
+        threading.Thread(target=self.httpd.shutdown, daemon=True).start()
+
+    def start(self) -> ModelServer:
+        """Serve from a background thread; `stop()` ends it."""
+        self._thread = threading.Thread(target=self.serve_forever, name="residual-server", daemon=True)
+        self._thread.start()
+        self._serving.wait()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (as SIGTERM does) and wait until it has; a server never started just closes."""
+        if not self._serving.is_set():
+            self._close()
+            return
+        self.httpd.shutdown()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _close(self, grace_s: float = 30.0) -> None:
+        """No new connections; the requests in flight get their answers (for up to `grace_s`); then stop."""
+        with self._lock:
+            self._lock.wait_for(lambda: self.in_flight == 0, timeout=grace_s)
+        self.batcher.stop()
+        self.httpd.server_close()
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def read_uploads(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """The images in a request body: the body itself, or each file of a multipart form (by its file name)."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        return [("the request body", body)]
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body)
+    files = [(part.get_filename(), part.get_payload(decode=True) or b"")
+             for part in (message.iter_parts() if message.is_multipart() else []) if part.get_filename()]
+    if not files:
+        raise ConfigError("the form has no file in it; send each image as a file field (curl -F image=@photo.jpg)")
+    return files
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 1024  # connections waiting to be accepted: socketserver's 5 resets a burst of clients
+
+
+def _handler_for(server: ModelServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        app = server
+        timeout = server.config.timeout_s
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a client's connection serves its next request
+    # The headers and the body go out in two writes; with Nagle's algorithm the second waits for the
+    # client's delayed ACK: about 50 ms a request to a 32 px model from one client, 9 ms with it off.
+    disable_nagle_algorithm = True
+    server_version, sys_version = "residual", ""  # the Server header names no Python version
+    app: ModelServer
+
+    def do_GET(self) -> None:
+        route = urlsplit(self.path).path
+        if route == "/health":
+            self._send(200, {"status": "ok"})
+        elif route == "/info":
+            self._send(200, self.app.describe())
+        elif route == "/metrics":
+            self._send_bytes(200, self.app.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        elif route == "/predict":
+            self._send(405, {"error": "POST an image to /predict (curl --data-binary @photo.jpg URL/predict)"},
+                       {"Allow": "POST"})
+        else:
+            self._not_found(route)
+
+    def do_POST(self) -> None:
+        route = urlsplit(self.path).path
+        if route != "/predict":
+            self._not_found(route)
+            return
+        try:
+            request = self.app.admit()
+        except ServerBusy as error:
+            self._refuse_body(503, str(error), {"Retry-After": "1"})
+            return
+        status = 500
+        try:
+            status, body, body_read = self._answer(request)
+            if body_read:
+                self._send(status, body)
+            else:
+                self._refuse_body(status, body["error"], {"Retry-After": "1"} if status == 503 else None)
+        finally:
+            self.app.release(request, status)
+
+    def _answer(self, request: Request) -> tuple[int, dict, bool]:
+        """(status, JSON body, whether the request's body was read) for this predict request."""
+        try:
+            return *self._predict(request), True
+        except _Refused as refusal:
+            return refusal.status, {"error": str(refusal)}, False
+        except ServerBusy as error:
+            return 503, {"error": str(error)}, True
+        except Exception as error:  # the model failed: this request gets 500, the server carries on
+            self.log_error("predict failed: %r", error)
+            return 500, {"error": f"the model failed on this request ({type(error).__name__}: {error})"}, True
+
+    def _predict(self, request: Request) -> tuple[int, dict]:
+        config = self.app.config
+        try:
+            topk = int(parse_qs(urlsplit(self.path).query).get("topk", [config.topk])[0])
+        except ValueError:
+            topk = 0
+        if topk < 1:
+            raise _Refused(400, "topk must be a whole number of 1 or more (/predict?topk=3)")
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or self.headers["Content-Length"] is None:
+            raise _Refused(411, "send the body with a Content-Length (chunked uploads are not taken)")
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            raise _Refused(400, f"Content-Length {self.headers['Content-Length']!r} is not a number") from None
+        if length > config.max_image_mb * MEGABYTE:
+            raise _Refused(413, f"the body is {length / MEGABYTE:.1f} MB, over this server's limit of "
+                                f"{config.max_image_mb:g} MB (--max-image-mb)")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise _Refused(400, f"the body ended after {len(body)} of its {length} bytes")
+        try:
+            uploads = read_uploads(self.headers.get("Content-Type", ""), body)
+        except ConfigError as error:
+            return 400, {"error": str(error)}
+        return self.app.predict(uploads, topk, request)
+
+    def _not_found(self, route: str) -> None:
+        self._refuse_body(404, f"{route}: no such endpoint; POST /predict, GET /health, /info or /metrics")
+
+    def _refuse_body(self, status: int, message: str, headers: dict | None = None) -> None:
+        """An error answered without reading the request's body: the connection closes after it, as the
+        unread body would otherwise be taken for the next request."""
+        self.close_connection = True
+        self._send(status, {"error": message}, {"Connection": "close", **(headers or {})})
+
+    def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
+        self._send_bytes(status, json.dumps(body).encode(), "application/json", headers)
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_request(self, code="-", size="-") -> None:
+        if self.app.config.access_log:  # errors (log_error) are written either way
+            super().log_request(code, size)
+
+    def log_message(self, format: str, *args) -> None:
+        sys.stderr.write(f"{self.log_date_time_string()} {self.address_string()} {format % args}\n")
+
+
+class _Refused(Exception):
+    """A request refused with `status` before its images were looked at."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def serve(model, config: ServeConfig | None = None, name: str = "model") -> None:
+    """Serve `model` (loaded, ready for inference) over HTTP until SIGINT/SIGTERM: `residual serve`."""
+    ModelServer(model, config, name).serve_forever()

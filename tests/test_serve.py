@@ -1,0 +1,332 @@
+"""`residual serve`: predict's answers over HTTP, requests batched together, bad requests refused in one line."""
+
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import residual
+from residual.cli import main
+from residual.data import decode
+from residual.predict import class_probabilities
+from residual.serve import Batcher, ModelServer, ServeConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = residual.create_model("resnet20", num_classes=3).eval()
+    model.class_names = ["circle", "square", "star"]
+    return model
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    """Encoded images of several sizes and formats (bytes by name)."""
+    generator = np.random.default_rng(0)
+    encoded = {}
+    for name, size, fmt in (("a.png", (32, 32), "PNG"), ("b.jpg", (60, 45), "JPEG"), ("c.png", (20, 50), "PNG")):
+        buffer = io.BytesIO()
+        Image.fromarray(generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, fmt)
+        encoded[name] = buffer.getvalue()
+    return encoded
+
+
+def serve(model, **options) -> ModelServer:
+    return ModelServer(model, ServeConfig(port=0, access_log=False, **options), name="tiny")
+
+
+def request(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of a request, error statuses included."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers or {})) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+def form(files: dict[str, bytes]) -> tuple[bytes, dict]:
+    """A multipart/form-data body with each file in a field of its own, as curl -F sends it."""
+    boundary = "residual-test-boundary"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="image{i}"; filename="{name}"\r\n'
+                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+                    for i, (name, data) in enumerate(files.items()))
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def expected(model, data: bytes) -> torch.Tensor:
+    """The probabilities `residual predict` gives the image."""
+    return torch.tensor([p for _, _, p in sorted(residual.predict(model, Image.open(io.BytesIO(data)),
+                                                                  topk=3).predictions[0].top)])
+
+
+def test_served_probabilities_are_predicts(model, pictures):
+    with serve(model) as server:
+        for name, data in pictures.items():
+            status, body, _ = request(f"{server.url}/predict", data)
+            assert status == 200 and body["model"] == "tiny"
+            (answer,) = body["predictions"]
+            assert answer["image"] == "the request body" and len(answer["top"]) == 3  # topk 5 of 3 classes
+            got = torch.tensor([row["probability"] for row in sorted(answer["top"], key=lambda r: r["class_id"])])
+            torch.testing.assert_close(got, expected(model, data), atol=2e-6, rtol=0)
+            assert [row["class"] for row in answer["top"]][0] == model.class_names[int(expected(model, data).argmax())]
+        status, body, _ = request(f"{server.url}/predict?topk=1", pictures["a.png"])
+        assert status == 200 and len(body["predictions"][0]["top"]) == 1
+
+
+def test_a_form_of_several_files_answers_each_and_names_the_bad_one(model, pictures):
+    with serve(model) as server:
+        body, headers = form({"a.png": pictures["a.png"], "notes.jpg": b"not an image", "b.jpg": pictures["b.jpg"]})
+        status, answer, _ = request(f"{server.url}/predict?topk=2", body, headers)
+        assert status == 200
+        assert [p["image"] for p in answer["predictions"]] == ["a.png", "notes.jpg", "b.jpg"]
+        assert answer["predictions"][1] == {"image": "notes.jpg", "error": "notes.jpg: not an image Pillow can read"}
+        assert all(len(answer["predictions"][i]["top"]) == 2 for i in (0, 2))
+        body, headers = form({"x.png": b"", "y.png": b"\x89PNG"})
+        status, answer, _ = request(f"{server.url}/predict", body, headers)
+        assert status == 400 and answer["error"] == "none of the 2 images could be read"
+
+
+def test_bad_requests_get_a_one_line_reason_and_the_server_carries_on(model, pictures, monkeypatch):
+    with serve(model, max_image_mb=0.01) as server:
+        url = f"{server.url}/predict"
+        checks = [
+            (request(url, b"junk"), 400, "the request body: not an image Pillow can read"),
+            (request(url, b""), 400, "the request body: empty (0 bytes)"),
+            (request(url, bytes(20000)), 413, "the body is 0.0 MB, over this server's limit of 0.01 MB "
+                                             "(--max-image-mb)"),
+            (request(f"{url}?topk=0", pictures["a.png"]), 400, "topk must be a whole number of 1 or more"),
+            (request(f"{url}?topk=two", pictures["a.png"]), 400, "topk must be a whole number of 1 or more"),
+            (request(url, *form({})), 400, "the form has no file in it"),
+            (request(url), 405, "POST an image to /predict"),
+            (request(f"{server.url}/nope"), 404, "/nope: no such endpoint"),
+            (request(f"{server.url}/health", b"x"), 404, "/health: no such endpoint"),
+        ]
+        for (status, body, _), want_status, want_message in checks:
+            assert status == want_status and body["error"].startswith(want_message), body
+            assert "\n" not in body["error"]
+        assert request(url)[2]["Allow"] == "POST"
+        connection = http.client.HTTPConnection("127.0.0.1", server.port)
+        connection.putrequest("POST", "/predict")
+        connection.endheaders()  # no Content-Length, no body
+        response = connection.getresponse()
+        assert response.status == 411 and b"Content-Length" in response.read()
+        monkeypatch.setattr(decode, "MAX_PIXELS", 100)
+        status, body, _ = request(url, pictures["a.png"])
+        assert status == 400 and "possible decompression bomb" in body["error"]
+        assert request(f"{server.url}/health")[:2] == (200, {"status": "ok"})
+        metrics = urllib.request.urlopen(f"{server.url}/metrics").read().decode()
+        assert 'residual_requests_total{code="400"} 6' in metrics and 'residual_requests_total{code="413"} 1' in metrics
+        assert 'residual_requests_total{code="411"} 1' in metrics and "residual_images_total 0" in metrics
+
+
+class CountingForward:
+    """The model, counting the batches it is given; `gate` (when set) holds each batch until it opens."""
+
+    def __init__(self, model, gate: threading.Event | None = None):
+        self.model, self.gate, self.sizes = model, gate, []
+        self.preprocessing = model.preprocessing
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, x):
+        self.sizes.append(len(x))
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        return self.model(x)
+
+
+class OutOfMemory(CountingForward):
+    def __call__(self, x):
+        raise RuntimeError("CUDA out of memory")
+
+
+@pytest.mark.parametrize("max_batch, sizes", [(8, [5]), (2, [2, 2, 1])])
+def test_waiting_images_run_as_one_batch_up_to_max_batch(model, max_batch, sizes):
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    forward = CountingForward(model)
+    batcher = Batcher(forward, max_batch, max_wait_s=0.0)
+    futures = batcher.submit(list(images))  # all waiting before the thread starts
+    batcher.start()
+    got = torch.stack([future.result(timeout=30) for future in futures])
+    batcher.stop()
+    assert forward.sizes == sizes and (batcher.batches, batcher.images) == (len(sizes), 5)
+    torch.testing.assert_close(got, class_probabilities(model, images), atol=1e-6, rtol=0)
+    with pytest.raises(residual.ResidualError, match="the server is stopping"):
+        batcher.submit(list(images))
+
+
+def test_the_batcher_waits_only_while_more_images_are_on_their_way(model):
+    images = list(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    on_the_way = [1]
+    forward = CountingForward(model)
+    batcher = Batcher(forward, 8, max_wait_s=30.0, arriving=lambda: on_the_way[0])
+    batcher.start()
+    first = batcher.submit(images[:1])
+    threading.Event().wait(0.2)
+    assert not first[0].done()  # one more request is being decoded: it waits for it
+    on_the_way[0] = 0  # the second request's images are submitted next
+    second = batcher.submit(images[1:])
+    assert first[0].result(timeout=30) is not None and second[0].result(timeout=30) is not None
+    assert forward.sizes == [2]
+    started = time.monotonic()
+    batcher.submit(images[:1])[0].result(timeout=30)  # nothing on the way: no wait for the 30 s
+    assert forward.sizes == [2, 1] and time.monotonic() - started < 10
+    batcher.stop()
+
+
+def test_requests_that_arrive_together_share_a_batch(model, pictures):
+    with serve(model, max_wait_ms=1000, max_batch=8) as server:
+        start = threading.Barrier(8)
+        statuses = []
+
+        def client():
+            start.wait()
+            statuses.append(request(f"{server.url}/predict", pictures["a.png"])[0])
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200] * 8
+        assert server.batcher.images == 8 and server.batcher.batches < 8
+
+
+def held_request(server: ModelServer, model, data: bytes) -> tuple[threading.Event, threading.Thread, list]:
+    """A request sent from a thread and held inside the model until the returned gate opens: (gate, the
+    thread, the list its answer goes to)."""
+    gate, answers = threading.Event(), []
+    server.batcher.forward = CountingForward(model, gate)
+    client = threading.Thread(target=lambda: answers.append(request(f"{server.url}/predict", data)))
+    client.start()
+    while server.in_flight == 0:
+        threading.Event().wait(0.01)
+    return gate, client, answers
+
+
+def test_a_full_server_turns_requests_away_and_a_failed_batch_is_a_500(model, pictures):
+    with serve(model, max_pending=1) as server:
+        gate, holder, first = held_request(server, model, pictures["a.png"])
+        status, body, headers = request(f"{server.url}/predict", pictures["a.png"])
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert body["error"] == "busy: 1 requests in flight (--max-pending); retry shortly"
+        gate.set()
+        holder.join()
+        assert first[0][0] == 200
+
+        server.batcher.forward = OutOfMemory(model)
+        status, body, _ = request(f"{server.url}/predict", pictures["a.png"])
+        assert status == 500 and body["error"] == "the model failed on this request (RuntimeError: CUDA out of memory)"
+        server.batcher.forward = model
+        assert request(f"{server.url}/predict", pictures["a.png"])[0] == 200
+
+
+def test_stopping_answers_the_requests_in_flight_first(model, pictures):
+    server = serve(model).start()
+    gate, client, answers = held_request(server, model, pictures["a.png"])
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    threading.Event().wait(0.3)
+    assert stopper.is_alive()  # waiting for the request in flight
+    gate.set()
+    stopper.join(30)
+    client.join(30)
+    assert answers[0][0] == 200 and not stopper.is_alive()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{server.url}/health", timeout=5)
+    never_started = serve(model)
+    never_started.stop()  # closes at once (shutting down a loop that never ran would wait for ever)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{never_started.url}/health", timeout=5)
+
+
+def test_an_exported_onnx_model_is_served_with_the_same_answers(model, pictures, tmp_path):
+    from residual.deploy.onnx import OnnxModel, write_onnx
+
+    write_onnx(model, tmp_path / "tiny.onnx")
+    with ModelServer(OnnxModel(tmp_path / "tiny.onnx"), ServeConfig(port=0, access_log=False)) as server:
+        status, body, _ = request(f"{server.url}/predict", pictures["b.jpg"])
+        info = request(f"{server.url}/info")[1]
+    got = torch.tensor([row["probability"] for row in sorted(body["predictions"][0]["top"],
+                                                             key=lambda r: r["class_id"])])
+    torch.testing.assert_close(got, expected(model, pictures["b.jpg"]), atol=1e-4, rtol=0)
+    assert info["runtime"] == "onnxruntime" and info["classes"] == model.class_names and info["precision"] == "fp32"
+
+
+def test_info_describes_the_model_and_the_serving(model):
+    with serve(model, max_batch=4, topk=2) as server:
+        info = request(f"{server.url}/info")[1]
+    assert info["arch"] == "resnet20" and info["classes"] == ["circle", "square", "star"]
+    assert info["preprocessing"]["input_size"] == 32 and info["device"] == "cpu" and info["precision"] == "float32"
+    assert info["serving"]["max_batch"] == 4 and info["serving"]["topk"] == 2 and info["runtime"] == "pytorch"
+
+
+def test_cli_refuses_bad_settings_in_one_line(model, tmp_path, capsys):
+    path = tmp_path / "tiny.safetensors"
+    residual.save_model(model, path)
+    for argv, message in (
+            ([str(tmp_path / "missing.safetensors")], "missing.safetensors: no such file"),
+            ([str(path), "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+            ([str(path), "--port", "70000"], "--port must be between 0 and 65535, got 70000"),
+            ([str(path), "--max-wait-ms", "-1"], "--max-wait-ms must be 0 or more"),
+            ([str(tmp_path / "m.onnx"), "--compile"], "--compile: an exported model runs in ONNX Runtime")):
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    with serve(model) as busy:
+        assert main(["serve", str(path), "--port", str(busy.port)]) == 2
+        err = capsys.readouterr().err
+        assert f"--port {busy.port}: cannot listen there" in err and "choose another --port" in err
+
+
+def test_the_command_serves_until_sigterm_then_exits_cleanly(model, pictures, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    residual.save_model(model, path)
+    process = subprocess.Popen([sys.executable, "-m", "residual", "serve", str(path), "--port", "0", "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "COLUMNS": "300"})
+    try:
+        url = next(match.group(0) for line in process.stdout
+                   if (match := re.search(r"http://127\.0\.0\.1:\d+", line)))
+        status, body, _ = request(f"{url}/predict", pictures["a.png"])
+        assert status == 200 and body["model"] == "tiny.safetensors"
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "stopped: every request in flight was answered" in out
+    assert '"POST /predict HTTP/1.1" 200' in err  # the access log
+
+
+def test_compiled_serving_answers_as_eager_with_one_graph(model, pictures):
+    """--compile pads each batch to --max-batch, so batches of any size share the one graph compiled at warm-up."""
+    body, headers = form(pictures)  # three images, then one: batches of 3 and 1
+    with serve(model) as eager:
+        want = request(f"{eager.url}/predict", body, headers)[1]["predictions"]
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with serve(model, compile=True, max_batch=4) as server:
+        got = request(f"{server.url}/predict", body, headers)[1]["predictions"]
+        lone = request(f"{server.url}/predict", pictures["c.png"])[1]["predictions"][0]
+    assert counters["stats"]["unique_graphs"] == 1
+    for ours, theirs in zip(got + [lone], want + [want[2]]):
+        assert [row["class_id"] for row in ours["top"]] == [row["class_id"] for row in theirs["top"]]
+        assert [row["probability"] for row in ours["top"]] == pytest.approx(
+            [row["probability"] for row in theirs["top"]], abs=1e-4)
