@@ -458,3 +458,42 @@ def test_check_data_names_a_class_without_training_images(tmp_path, capsys):
     assert main(["check-data", str(tmp_path / "d")]) == 1
     out = capsys.readouterr().out
     assert "classes without training images" in out and "class 'c'" in out and "infx" not in out
+
+
+def test_check_data_finds_near_identical_copies_and_the_leaks_they_make(tmp_path, capsys):
+    from residual.cli import main
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "d"
+    for split, count in (("train", 6), ("val", 2)):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for index in range(count):  # pictures of their own: smooth random colour fields
+                Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize(
+                    (40, 40), Image.Resampling.BICUBIC).save(root / split / name / f"{index}.png")
+    train_a = root / "train" / "a"
+    Image.open(train_a / "0.png").save(train_a / "0-again.jpg", quality=80)  # the same picture, other bytes
+    leak = root / "val" / "b" / "from-train.png"  # enlarged, in val, and under another class
+    Image.open(train_a / "1.png").resize((80, 80), Image.Resampling.BICUBIC).save(leak)
+    report = check_data(root, progress=False)
+    assert report.near_duplicates == [[str(train_a / "0-again.jpg"), str(train_a / "0.png")]]
+    assert report.near_leaks == [("val", str(leak), str(train_a / "1.png"))]
+    assert report.conflicts == [[f"{train_a / '1.png'} (a)", f"{leak} (b)"]]
+    assert not (report.duplicates or report.leaks) and not report.ok
+    assert main(["check-data", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "val near-copy of train" in out and "near-identical" in out
+
+
+def test_check_data_finds_a_cifar_test_image_that_is_a_training_image_with_noise(tmp_path):
+    """CIFAR's own test set has such near-copies of training images (Barz and Denzler 2020, "ciFAIR")."""
+    from cifar_files import write_cifar10
+
+    folder = write_cifar10(tmp_path / "cifar-10-batches-py", train=20, test=20)
+    train = pickle.loads((folder / "data_batch_1").read_bytes())
+    test = pickle.loads((folder / "test_batch").read_bytes())
+    noise = np.random.default_rng(1).integers(-3, 4, 3072)
+    test[b"data"][5] = np.clip(train[b"data"][2].astype(int) + noise, 0, 255).astype(np.uint8)
+    (folder / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
+    report = check_data(folder, progress=False)
+    assert report.near_leaks == [("val", "#5", "#2")] and not report.leaks  # CIFAR's test batch is its val split

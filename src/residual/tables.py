@@ -131,8 +131,12 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
     summary.add_row("unreadable images", str(len(report.bad)), verdict(report.bad))
     summary.add_row("ignored files (not images, or hidden like ._x.jpg)", str(len(report.dataset.ignored)), "")
     summary.add_row("exact duplicates (groups)", str(len(report.duplicates)), verdict(report.duplicates))
+    summary.add_row("near-identical copies: re-encoded or resized (groups)", str(len(report.near_duplicates)),
+                    verdict(report.near_duplicates))
     summary.add_row("train/val/test leakage", str(len(report.leaks)), verdict(report.leaks))
-    summary.add_row("same image filed under different classes", str(len(report.conflicts)),
+    summary.add_row("train/val/test leakage through near-identical copies", str(len(report.near_leaks)),
+                    verdict(report.near_leaks))
+    summary.add_row("same or near-identical image filed under different classes", str(len(report.conflicts)),
                     verdict(report.conflicts))
     summary.add_row("classes without training images", str(len(report.empty_classes)), verdict(report.empty_classes))
     summary.add_row("imbalance (largest/smallest train class)", f"{report.imbalance:.1f}x",
@@ -144,7 +148,10 @@ def data_report_tables(report: DataReport, limit: int = 15) -> list[Table]:
             + [("ignored", str(path)) for path in report.dataset.ignored]
             + [("duplicates", " = ".join(group)) if len(set(group)) > 1
                else (f"listed {len(group)} times", group[0]) for group in report.duplicates]  # a CSV's rows
+            + [("near-identical", " ~ ".join(group)) for group in report.near_duplicates]
             + [(f"{split} leaks train", f"{item} = {train_item}") for split, item, train_item in report.leaks]
+            + [(f"{split} near-copy of train", f"{item} ~ {train_item}")
+               for split, item, train_item in report.near_leaks]
             + [("different classes", " = ".join(group)) for group in report.conflicts])
     for what, file in rows[:limit]:
         details.add_row(what, file)

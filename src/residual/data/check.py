@@ -2,8 +2,9 @@
 
 Reads every image once with the same reader training uses, and reports
 unreadable files, non-image files, class counts and imbalance, exact duplicate
-images (same bytes, by SHA-256) and leakage: the same image in train and in
-val or test.
+images (same bytes, by SHA-256), near-identical copies (re-encoded or resized:
+data/fingerprint.py), leakage (the same or a near-identical image in train and in
+val or test) and images filed under two classes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from PIL import Image
+
 from ..progress import progress_bar
 from .datasets import Dataset, Split, open_dataset
 from .decode import BadImageError, read_image
+from .fingerprint import connected_groups, fingerprint, near_duplicate_pairs
 
 
 @dataclass
@@ -26,8 +30,10 @@ class DataReport:
     bad: list[str] = field(default_factory=list)  # one message per unreadable file
     duplicates: list[list[str]] = field(default_factory=list)  # groups of identical images within a split
     leaks: list[tuple[str, str, str]] = field(default_factory=list)  # (split, item, the same image in train)
-    # groups of identical images, in any splits, filed under different classes: "item (class)" each
+    # groups of identical or near-identical images, in any splits, filed under different classes: "item (class)" each
     conflicts: list[list[str]] = field(default_factory=list)
+    near_duplicates: list[list[str]] = field(default_factory=list)  # near-identical, other bytes, within a split
+    near_leaks: list[tuple[str, str, str]] = field(default_factory=list)  # (split, item, its near-copy in train)
 
     @property
     def empty_classes(self) -> list[str]:
@@ -42,15 +48,25 @@ class DataReport:
 
     @property
     def ok(self) -> bool:
-        return (not (self.bad or self.leaks or self.duplicates or self.conflicts or self.empty_classes)
-                and self.imbalance <= 10)
+        return (not (self.bad or self.leaks or self.duplicates or self.conflicts or self.empty_classes
+                     or self.near_duplicates or self.near_leaks) and self.imbalance <= 10)
 
 
-def _items(split: Split) -> list[tuple[str, bytes | None]]:
-    """(name, content) per image; content None for files (read later)."""
+@dataclass
+class _Checked:
+    """An image read by check_data."""
+    split: str
+    item: str
+    label: int
+    digest: str
+
+
+def _items(split: Split) -> list[tuple[str, bytes | None, Image.Image | None]]:
+    """(name, content, image) per image; content and image None for files (read later)."""
     if split.images is not None:
-        return [(f"#{i}", image.numpy().tobytes()) for i, image in enumerate(split.images)]
-    return [(str(path), None) for path in split.files]
+        return [(f"#{i}", image.numpy().tobytes(), Image.fromarray(image.permute(1, 2, 0).numpy()))
+                for i, image in enumerate(split.images)]
+    return [(str(path), None, None) for path in split.files]
 
 
 def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, progress: bool = True) -> DataReport:
@@ -61,14 +77,15 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
     report = DataReport(dataset, {name: dataset.class_counts(split) for name, split in splits.items()})
     digests: dict[str, dict[str, list[str]]] = {name: defaultdict(list) for name in splits}
     copies: dict[str, list[tuple[str, int]]] = defaultdict(list)  # digest -> (item, label) in every split
+    checked, fingerprints = [], []
     total = sum(len(split) for split in splits.values())
     with progress_bar("checking images", progress) as bar:
         task = bar.add_task("check", total=total)
         for name, split in splits.items():
-            for (item, content), label in zip(_items(split), split.labels):
+            for (item, content, image), label in zip(_items(split), split.labels):
                 if content is None:
                     try:
-                        read_image(item)
+                        image = read_image(item)
                         content = Path(item).read_bytes()
                     except BadImageError as error:
                         report.bad.append(str(error))
@@ -77,6 +94,8 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
                 digest = hashlib.sha256(content).hexdigest()
                 digests[name][digest].append(item)
                 copies[digest].append((item, label))
+                checked.append(_Checked(name, item, int(label), digest))
+                fingerprints.append(fingerprint(image))
                 bar.advance(task)
     report.conflicts = [[f"{item} ({dataset.classes[label]})" for item, label in group]
                         for group in copies.values() if len({label for _, label in group}) > 1]
@@ -86,4 +105,25 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
             for digest, items in digests[name].items():
                 if digest in digests["train"]:
                     report.leaks.extend((name, item, digests["train"][digest][0]) for item in items)
+    _report_near_copies(report, checked, fingerprints)
     return report
+
+
+def _report_near_copies(report: DataReport, checked: list[_Checked], fingerprints: list) -> None:
+    """Near-identical images with other bytes (exact copies are reported already): within a split, across
+    train and val/test, and under different classes."""
+    near = [(a, b) for a, b in near_duplicate_pairs(fingerprints) if checked[a].digest != checked[b].digest]
+    classes = report.dataset.classes
+    for group in connected_groups(len(checked), near):
+        members = [checked[index] for index in group]
+        for split in report.counts:
+            inside = [member for member in members if member.split == split]
+            if len({member.digest for member in inside}) > 1:
+                report.near_duplicates.append([member.item for member in inside])
+        train = [member for member in members if member.split == "train"]
+        if train:
+            train_digests = {member.digest for member in train}
+            report.near_leaks.extend((member.split, member.item, train[0].item) for member in members
+                                     if member.split != "train" and member.digest not in train_digests)
+        if any(a.digest != b.digest and a.label != b.label for a in members for b in members):
+            report.conflicts.append([f"{member.item} ({classes[member.label]})" for member in members])
