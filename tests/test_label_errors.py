@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import residual
 from residual.cli import main
@@ -25,12 +26,17 @@ def test_folds_spread_every_class_evenly_and_follow_the_seed():
     assert not np.array_equal(fold, stratified_folds(labels, 3, seed=5))
 
 
-def test_exact_copies_of_an_image_share_its_fold(tmp_path):
-    for name, content in {"a": b"one", "b": b"one", "c": b"two", "d": b"one", "e": b"two"}.items():
-        (tmp_path / name).write_bytes(content)
-    files = [tmp_path / name for name in "abcde"] + [tmp_path / "missing"]
-    fold, moved = copies_together(np.array([0, 1, 2, 1, 0, 2]), files)
-    assert fold.tolist() == [0, 0, 2, 0, 2, 2] and moved == 3
+def test_exact_and_near_identical_copies_of_an_image_share_its_fold(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("one", "two", "three"):  # pictures of their own: smooth random colour fields
+        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize(
+            (40, 40), Image.Resampling.BICUBIC).save(tmp_path / f"{name}.png")
+    (tmp_path / "one-copy.png").write_bytes((tmp_path / "one.png").read_bytes())
+    Image.open(tmp_path / "two.png").save(tmp_path / "two-again.jpg", quality=80)  # other bytes, same picture
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    names = ["one.png", "one-copy.png", "two.png", "two-again.jpg", "three.png", "broken.png", "missing.png"]
+    fold, moved = copies_together(np.array([0, 1, 2, 0, 1, 2, 0]), [tmp_path / name for name in names])
+    assert fold.tolist() == [0, 0, 2, 2, 1, 2, 0] and moved == 2
 
 
 def test_suspects_are_the_off_diagonal_of_the_confident_joint():

@@ -1,7 +1,7 @@
 """Images that are probably labelled wrong, found by models that never trained on them.
 
 Every labelled image of the dataset gets class probabilities from a model trained on the other folds
-(k-fold cross-validation, stratified by class, with byte-identical copies of an image in one fold):
+(k-fold cross-validation, stratified by class, with exact and near-identical copies of an image in one fold):
 out-of-fold answers, so a model cannot simply have memorised a wrong label. Suspects are then the
 off-diagonal of the confident joint (Northcutt et al. 2021, "Confident learning"): each class's threshold
 t_j is the mean probability that images labelled j give j; an image belongs to the most probable of the
@@ -30,6 +30,8 @@ from PIL import Image  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
 from .data.datasets import open_dataset  # noqa: E402
+from .data.decode import BadImageError, read_image  # noqa: E402
+from .data.fingerprint import connected_groups, fingerprint, near_duplicate_pairs  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .progress import progress_bar  # noqa: E402
@@ -48,20 +50,26 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def copies_together(fold_of: np.ndarray, files: list[Path], progress: bool = False) -> tuple[np.ndarray, int]:
-    """`fold_of` with every byte-identical copy of a file moved into the fold of its first copy, and how many
-    moved: a copy left in another fold's training set would teach that model the label it is to judge."""
+    """`fold_of` with every copy of an image, byte-identical or near-identical (re-encoded or resized,
+    data/fingerprint.py), moved into the fold of the group's first image, and how many moved: a copy left in
+    another fold's training set would teach that model the label it is to judge."""
     first_of: dict[str, int] = {}
-    together, moved = fold_of.copy(), 0
-    with progress_bar("finding exact copies", progress) as bar:
+    pairs, readable, fingerprints = [], [], []
+    with progress_bar("finding copies", progress) as bar:
         for index, file in enumerate(bar.track(files)):
             try:
+                image = read_image(file)
                 digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
-            except OSError:
+            except (BadImageError, OSError):
                 continue  # unreadable: training names it
-            first = first_of.setdefault(digest, index)
-            if together[first] != together[index]:
-                together[index], moved = together[first], moved + 1
-    return together, moved
+            pairs.append((first_of.setdefault(digest, index), index))
+            readable.append(index)
+            fingerprints.append(fingerprint(image))
+    pairs += [(readable[a], readable[b]) for a, b in near_duplicate_pairs(fingerprints)]
+    together = fold_of.copy()
+    for group in connected_groups(len(files), pairs):
+        together[group] = fold_of[group[0]]
+    return together, int((together != fold_of).sum())
 
 
 def class_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -129,8 +137,8 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
     config = config or TrainConfig(data=str(data))
     fold_of, moved = copies_together(stratified_folds(labels, folds, config.seed), files, progress=bool(console))
     if console and moved:
-        console.print(f"{moved} exact copies of other images moved into their fold, so no model trains on a copy of "
-                      f"an image it judges")
+        console.print(f"{moved} copies of other images (exact or near-identical) moved into their fold, so no model "
+                      f"trains on a copy of an image it judges")
     probs = np.zeros((len(files), len(dataset.classes)))
     judged = np.zeros(len(files), dtype=bool)
     fold_top1, unreadable = [], []
