@@ -2,8 +2,9 @@
 dependency: the test is skipped without it; `pip install imagecorruptions` to run it). At 224 px, the size
 ImageNet-C's parameters are given for, the deterministic corruptions must give the reference's pixels to
 about a grey level, and the random ones must change an image as much as the reference's do. Not the elastic
-transform: the package rewrote it (no affine step, other parameters); ours is the authors' own, checked
-against their code with the same random draws (docs/evaluation.md)."""
+transform: the package rewrote it (no affine step, other parameters); ours is the authors' own. Nor glass
+blur: the package's no longer runs on current scikit-image (`multichannel=`). Both were checked against
+the authors' code with the same random draws (docs/evaluation.md)."""
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def images():
             for i in range(16)]
 
 
-@pytest.mark.parametrize("name", [name for name in CORRUPTIONS if name != "elastic_transform"])
+@pytest.mark.parametrize("name", [name for name in CORRUPTIONS if name not in ("elastic_transform", "glass_blur")])
 @pytest.mark.parametrize("severity", [1, 3, 5])
 def test_each_corruption_matches_imagenet_cs_reference(images, name, severity, monkeypatch):
     monkeypatch.setattr(np, "float_", np.float64, raising=False)  # the reference's fog predates NumPy 2
