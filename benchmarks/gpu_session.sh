@@ -69,7 +69,8 @@ stage compiled-resnet50-inference compiled 120 \
     python3 benchmarks/gpu.py --compiled-only --only "resnet50 inference, batch"
 # Is the GPU path right? CUDA tests, torchvision parity, nvjpeg decoding (the demo model trains once).
 stage tests tests 110 python3 -m pytest -q -p no:cacheprovider -k "cuda or torchvision or device" \
-    tests/test_bench.py tests/test_data.py tests/test_device_decode.py tests/test_torchvision_parity.py
+    tests/test_bench.py tests/test_data.py tests/test_device_decode.py tests/test_torchvision_parity.py \
+    tests/test_serve.py
 # The JPEG rows, with both decoders (cut short in the first session).
 stage jpeg jpeg 100 python3 benchmarks/gpu.py --no-compile --only "JPEG"
 # The same accuracy on shapes: the demo recipe in fp32, bf16 and compiled, two seeds.

@@ -221,3 +221,17 @@ def test_sync_bn_on_cpu_uneven_batches_and_restarts_without_workers_are_refused_
     assert main(common[:-2] + ["--max-restarts", "2"]) == 2  # without --nproc it would be ignored
     assert "--max-restarts restarts a group of --nproc workers: give --nproc N too" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was prepared
+
+
+def test_a_finished_worker_skips_the_teardown_and_a_failed_one_does_not(monkeypatch):
+    from residual.train import distributed
+
+    ended = []
+    monkeypatch.setattr(distributed.os, "_exit", ended.append)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    distributed.end_worker(0)  # not under torchrun: returns, and the interpreter exits as usual
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    distributed.end_worker(2)  # failed: the usual exit, so torchrun's error report is complete
+    assert ended == []
+    distributed.end_worker(0)
+    assert ended == [0]

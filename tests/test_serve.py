@@ -1,5 +1,6 @@
 """`residual serve`: predict's answers over HTTP, requests batched together, bad requests refused in one line."""
 
+import copy
 import http.client
 import io
 import json
@@ -330,3 +331,18 @@ def test_compiled_serving_answers_as_eager_with_one_graph(model, pictures):
         assert [row["class_id"] for row in ours["top"]] == [row["class_id"] for row in theirs["top"]]
         assert [row["probability"] for row in ours["top"]] == pytest.approx(
             [row["probability"] for row in theirs["top"]], abs=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU session runs it)")
+def test_served_on_cuda_in_bf16_answers_as_on_the_cpu(model, pictures):
+    """The default on a GPU: predict's fast path (BN folded, channels_last, bf16), the batcher thread
+    running it on the device."""
+    fast = residual.prepare_for_inference(copy.deepcopy(model), "cuda", "auto")
+    body, headers = form(pictures)
+    with serve(fast, max_batch=4) as server:
+        got = request(f"{server.url}/predict", body, headers)[1]["predictions"]
+        info = request(f"{server.url}/info")[1]
+    assert info["device"].startswith("cuda") and info["precision"] in ("bfloat16", "float16")
+    for answer, data in zip(got, pictures.values()):
+        probabilities = torch.tensor([row["probability"] for row in sorted(answer["top"], key=lambda r: r["class_id"])])
+        torch.testing.assert_close(probabilities, expected(model, data), atol=0.03, rtol=0)

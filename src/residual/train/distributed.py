@@ -14,6 +14,7 @@ The process group uses nccl on CUDA and gloo on the CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -104,6 +105,21 @@ class World:
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def end_worker(code: int) -> None:
+    """Leave a torchrun worker whose command succeeded without the interpreter's teardown (returns otherwise).
+
+    In the test suite a worker died of SIGABRT after its run had finished and its process group was
+    destroyed ("terminate called without an active exception", no Python frame left on any thread): a C++
+    thread torn down while the interpreter finalised, so torchrun reported a failed group for a finished
+    run. A finished worker has nothing left to do at exit (its files are written and closed), so it flushes
+    its output and ends with os._exit. A failing worker exits as usual, so torchrun's error reports stay."""
+    if code == 0 and "TORCHELASTIC_RUN_ID" in os.environ:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def per_worker_batch(global_batch: int, world: World) -> int:
