@@ -5,7 +5,7 @@
 # 10 minutes at most: so this is one call. Each stage adds its output to $OUT/FILE.md; a stage runs
 # for at most its own limit and never past the deadline (BUDGET_S seconds from the start), and what
 # was cut short or skipped is said in $OUT/session.md. Eight files at most come back from $OUT: this
-# writes seven (the compiled stages share one) and session.md.
+# writes seven (the compiled stages share one, and so do the last two) and session.md.
 #
 #     BUDGET_S=540 bash benchmarks/gpu_session.sh        # on the GPU machine, from the repo root
 #     STAGES="tests jpeg" BUDGET_S=200 bash benchmarks/gpu_session.sh   # a second call, for what was left
@@ -78,7 +78,9 @@ stage accuracy accuracy 120 python3 benchmarks/fast_path_accuracy.py --device cu
 # The waits left in a real run: synchronising calls over one epoch of two presets, and where.
 stage sync sync 60 python3 benchmarks/sync_waits.py
 # The training rows with the augmentation `residual train` would choose.
-stage augment augment 90 python3 benchmarks/gpu.py --no-compile --augment auto --only train
+stage augment last 90 python3 benchmarks/gpu.py --no-compile --augment auto --only train
+# `residual serve` under load on the GPU: dynamic batching against a batch-of-one loop (never measured there).
+stage serve last 120 python3 benchmarks/serve_load.py --device cuda --rounds 1
 
 cat "$summary"
 grep -hE '^\||repays|: residual [0-9,]+ images/s' "$OUT/breakdown.md" "$OUT/compiled.md" "$OUT/jpeg.md" 2>/dev/null

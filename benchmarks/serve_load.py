@@ -8,7 +8,10 @@ classes, in one thread of this process. Settings compared: no batching (--max-ba
 dynamic batching with several --max-wait-ms, at 1 and at many concurrent clients. Rounds
 alternate so the machine's drift hits every setting alike; the first round is warm-up.
 
-    python benchmarks/serve_cpu.py [--rounds 3] [--clients 16]
+    python benchmarks/serve_load.py [--rounds 3] [--clients 16] [--device cuda]
+
+On a GPU (`--device cuda`) the server runs its default there (bf16, BN folded) and the plain loop
+runs the fp32 model on the GPU, a batch of one at a time.
 """
 
 from __future__ import annotations
@@ -53,24 +56,26 @@ def encoded_images(count: int, size: tuple[int, int], fmt: str, seed: int = 0) -
 
 
 @torch.inference_mode()
-def plain_loop(model, images: list[bytes]) -> float:
+def plain_loop(model, images: list[bytes], device: str) -> float:
     """Images/s of decode, crop, normalise and a batch-of-one forward, one image after another."""
     pre = model.preprocessing
-    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
     start = time.perf_counter()
     for data in images:
         with Image.open(io.BytesIO(data)) as image:
             pixels = prepare(image, pre.resize_size, pre.input_size)
-        model(((pixels[None].float() / 255) - mean) / std).softmax(1).topk(5)
+        top = model(((pixels[None].to(device).float() / 255) - mean) / std).softmax(1).topk(5)
+        top.values.cpu()  # the answer on the host, as a handler would send it
     return len(images) / (time.perf_counter() - start)
 
 
 class Server:
     """`residual serve` in a process of its own, on a free port."""
 
-    def __init__(self, model_file: Path, max_batch: int, max_wait_ms: float):
+    def __init__(self, model_file: Path, max_batch: int, max_wait_ms: float, device: str):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "residual", "serve", str(model_file), "--port", "0", "--quiet", "--device", "cpu",
+            [sys.executable, "-m", "residual", "serve", str(model_file), "--port", "0", "--quiet", "--device", device,
              "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "500"})
         for line in self.process.stdout:
@@ -118,24 +123,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up round")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where the server and the plain loop run the model")
     args = parser.parse_args()
     torch.manual_seed(0)
     settings = [("no batching (--max-batch 1)", 1, 0.0, 1), ("no batching (--max-batch 1)", 1, 0.0, args.clients)]
     settings += [(f"batching, --max-wait-ms {wait:g}", 32, wait, clients)
                  for wait in (0.0, 2.0, 10.0) for clients in (1, args.clients)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.clients} clients; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}; {args.clients} clients; "
           f"{args.rounds} timed rounds")
     with tempfile.TemporaryDirectory() as tmp:
         for workload, (arch, count, size, fmt, per_client) in WORKLOADS.items():
             model = residual.create_model(arch, num_classes=10).eval()
+            peer_model = residual.create_model(arch, num_classes=10).eval().to(args.device)
+            peer_model.load_state_dict(model.state_dict())
             model_file = Path(tmp) / f"{arch}.safetensors"
             residual.save_model(model, model_file)
             images = encoded_images(count, size, fmt)
             results: dict = {}
             for round_index in range(args.rounds + 1):
-                peer = plain_loop(model, images)
+                peer = plain_loop(peer_model, images, args.device)
                 for name, batch, wait, clients in settings:
-                    server = Server(model_file, batch, wait)
+                    server = Server(model_file, batch, wait, args.device)
                     try:
                         rate, latencies = load(server.port, images, clients, per_client * max(1, 16 // clients))
                     finally:
