@@ -1,5 +1,6 @@
 """Datasets on disk: shapes, ImageFolder layouts, CIFAR pickles, loaders and check-data."""
 
+import json
 import pickle
 import subprocess
 import sys
@@ -480,9 +481,15 @@ def test_check_data_finds_near_identical_copies_and_the_leaks_they_make(tmp_path
     assert report.near_leaks == [("val", str(leak), str(train_a / "1.png"))]
     assert report.conflicts == [[f"{train_a / '1.png'} (a)", f"{leak} (b)"]]
     assert not (report.duplicates or report.leaks) and not report.ok
-    assert main(["check-data", str(root)]) == 1
+    assert main(["check-data", str(root), "--out", str(tmp_path / "report")]) == 1
     out = capsys.readouterr().out
     assert "val near-copy of train" in out and "near-identical" in out
+    assert "wrote check-data.json, copies.png in" in out
+    saved = json.loads((tmp_path / "report" / "check-data.json").read_text())
+    assert saved["near_leaks"] == [{"split": "val", "image": str(leak), "train_image": str(train_a / "1.png")}]
+    assert saved["near_duplicates"] == report.near_duplicates and saved["ok"] is False
+    assert saved["counts"]["train"] == [7, 6]
+    assert Image.open(tmp_path / "report" / "copies.png").size[1] > 300  # three rows: the group, the leak, the conflict
 
 
 def test_check_data_finds_a_cifar_test_image_that_is_a_training_image_with_noise(tmp_path):
@@ -496,4 +503,5 @@ def test_check_data_finds_a_cifar_test_image_that_is_a_training_image_with_noise
     test[b"data"][5] = np.clip(train[b"data"][2].astype(int) + noise, 0, 255).astype(np.uint8)
     (folder / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
     report = check_data(folder, progress=False)
-    assert report.near_leaks == [("val", "#5", "#2")] and not report.leaks  # CIFAR's test batch is its val split
+    assert report.near_leaks == [("val", "val#5", "train#2")] and not report.leaks  # CIFAR's test batch: val
+    assert report.image("val#5").size == (32, 32)

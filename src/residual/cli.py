@@ -652,11 +652,15 @@ def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_check_data(args: argparse.Namespace, console: Console) -> int:
     from .data.check import check_data
+    from .report import write_check_files
     from .tables import data_report_tables
 
     report = check_data(args.data, args.val_split, args.seed)
     for table in data_report_tables(report):
         console.print(table)
+    if args.out:
+        written = write_check_files(report, Path(args.out))
+        console.print(f"wrote {', '.join(path.name for path in written)} in {args.out}")
     return 0 if report.ok else 1
 
 
@@ -1223,6 +1227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="a dataset folder, a CSV of labels, a dataset file (.yaml), or CIFAR")
     p.add_argument("--val-split", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write check-data.json and copies.png (each group of copies, to look at) here")
     p.set_defaults(run=cmd_check_data)
 
     _add_experiment_commands(commands)

@@ -147,6 +147,46 @@ def plot_gallery(items: list[GalleryItem], path: Path, per_row: int = 4) -> None
     _save(figure, path, dpi=90)  # noisy photos compress badly; this keeps report.html near 1 MB
 
 
+def plot_copies(rows: list[tuple[str, list[tuple[str, object]]]], path: Path, per_row: int = 4) -> None:
+    """check-data's copies: a row per group (its title, then up to `per_row` (caption, PIL image) pairs), so
+    a reader can see whether they are the same picture."""
+    figure = Figure(figsize=(per_row * 1.8, len(rows) * 2.0))
+    axes = np.asarray(figure.subplots(len(rows), per_row, squeeze=False))
+    for axis in axes.flat:
+        axis.axis("off")
+    for cells, (title, images) in zip(axes, rows):
+        for axis, (caption, image) in zip(cells, images[:per_row]):
+            axis.imshow(image)
+            axis.set_title(caption, fontsize=6)
+        cells[0].text(-0.08, 0.5, title, transform=cells[0].transAxes, rotation=90, va="center", ha="right",
+                      fontsize=7)
+    figure.tight_layout()
+    _save(figure, path, dpi=90)
+
+
+COPY_ROWS_SHOWN = 12  # groups of copies in copies.png
+
+
+def write_check_files(report, out: Path) -> list[Path]:
+    """check-data.json, and copies.png when there are copies to look at: each group, leak and conflict a row."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "check-data.json", report.to_dict())
+    written = [out / "check-data.json"]
+    named = lambda items: [(item, Path(item).name) for item in items]  # noqa: E731
+    groups = ([("same bytes", named(group)) for group in report.duplicates if len(set(group)) > 1]
+              + [("near-identical", named(group)) for group in report.near_duplicates]
+              + [(f"{split} = train", named([item, train])) for split, item, train in report.leaks]
+              + [(f"{split} ~ train", named([item, train])) for split, item, train in report.near_leaks]
+              + [("two classes", [(entry.rsplit(" (", 1)[0], Path(entry).name) for entry in group])
+                 for group in report.conflicts])  # each entry "item (class)": the caption keeps the class
+    if groups:
+        rows = [(title, [(caption, report.image(item)) for item, caption in group])
+                for title, group in groups[:COPY_ROWS_SHOWN]]
+        plot_copies(rows, out / "copies.png")
+        written.append(out / "copies.png")
+    return written
+
+
 def _png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 

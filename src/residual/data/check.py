@@ -51,6 +51,23 @@ class DataReport:
         return (not (self.bad or self.leaks or self.duplicates or self.conflicts or self.empty_classes
                      or self.near_duplicates or self.near_leaks) and self.imbalance <= 10)
 
+    def to_dict(self) -> dict:
+        """The report as plain data (check-data.json)."""
+        return {"data": str(self.dataset.root), "kind": self.dataset.kind, "classes": self.dataset.classes,
+                "counts": self.counts, "ok": self.ok, "unreadable": self.bad,
+                "ignored": [str(path) for path in self.dataset.ignored], "empty_classes": self.empty_classes,
+                "imbalance": self.imbalance, "duplicates": self.duplicates, "near_duplicates": self.near_duplicates,
+                "leaks": [dict(zip(("split", "image", "train_image"), leak)) for leak in self.leaks],
+                "near_leaks": [dict(zip(("split", "image", "train_image"), leak)) for leak in self.near_leaks],
+                "conflicts": self.conflicts}
+
+    def image(self, item: str) -> Image.Image:
+        """The image a report line names: a file, or SPLIT#N for the N-th of an in-memory split (CIFAR)."""
+        split, _, index = item.rpartition("#")
+        if split in ("train", "val", "test") and index.isdigit():
+            return Image.fromarray(getattr(self.dataset, split).images[int(index)].permute(1, 2, 0).numpy())
+        return read_image(item)
+
 
 @dataclass
 class _Checked:
@@ -61,10 +78,11 @@ class _Checked:
     digest: str
 
 
-def _items(split: Split) -> list[tuple[str, bytes | None, Image.Image | None]]:
-    """(name, content, image) per image; content and image None for files (read later)."""
+def _items(split: Split, name: str) -> list[tuple[str, bytes | None, Image.Image | None]]:
+    """(name, content, image) per image; content and image None for files (read later). In-memory images
+    are named SPLIT#N (CIFAR's have no file names)."""
     if split.images is not None:
-        return [(f"#{i}", image.numpy().tobytes(), Image.fromarray(image.permute(1, 2, 0).numpy()))
+        return [(f"{name}#{i}", image.numpy().tobytes(), Image.fromarray(image.permute(1, 2, 0).numpy()))
                 for i, image in enumerate(split.images)]
     return [(str(path), None, None) for path in split.files]
 
@@ -82,7 +100,7 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
     with progress_bar("checking images", progress) as bar:
         task = bar.add_task("check", total=total)
         for name, split in splits.items():
-            for (item, content, image), label in zip(_items(split), split.labels):
+            for (item, content, image), label in zip(_items(split, name), split.labels):
                 if content is None:
                     try:
                         image = read_image(item)
