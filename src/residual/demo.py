@@ -78,6 +78,7 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = "data/sha
                   "`residual check-data YOUR_IMAGES/`, "
                   f"`residual predict {result.model_path} IMAGES`, `residual explain {result.model_path} IMAGES`, "
                   f"`residual eval {result.model_path} DATA`, `residual calibrate {result.model_path} {data_dir}` "
-                  f"(fits its confidence to its accuracy), `residual summary {DEMO_RECIPE['model']}` (the network "
+                  f"(fits its confidence to its accuracy), `residual serve {result.model_path}` (the model behind "
+                  f"HTTP), `residual summary {DEMO_RECIPE['model']}` (the network "
                   f"layer by layer), `residual compare runs/train` (runs side by side), `residual models`.")
     return {"run_dir": result.run_dir, "model_path": result.model_path, "val_top1": val_top1, "test_top1": test_top1}
