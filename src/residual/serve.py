@@ -198,8 +198,9 @@ class ModelServer:
         self.warmup_s = self._warm_up(forward)
         self.counts: dict[int, int] = {}
         self.request_seconds = 0.0
-        self.in_flight = 0
+        self.in_flight = 0  # predict requests admitted and not yet answered (what --max-pending bounds)
         self.arriving = 0  # requests in flight whose images are not with the batcher yet
+        self.unsent = 0  # admitted requests whose answer is not yet written (what a graceful stop waits for)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
@@ -263,6 +264,7 @@ class ModelServer:
                 raise ServerBusy(f"busy: {self.in_flight} requests in flight (--max-pending); retry shortly")
             self.in_flight += 1
             self.arriving += 1
+            self.unsent += 1
         return Request(time.perf_counter())
 
     def arrived(self, request: Request) -> None:
@@ -273,11 +275,18 @@ class ModelServer:
                 self.arriving -= 1
 
     def release(self, request: Request, status: int) -> None:
+        """`request` has its answer: its place is free before the answer is written, so a client that sends
+        its next request as soon as it reads this answer is not turned away for its own last one."""
         self.arrived(request)
         with self._lock:
             self.in_flight -= 1
             self.counts[status] = self.counts.get(status, 0) + 1
             self.request_seconds += time.perf_counter() - request.started
+
+    def sent(self) -> None:
+        """An admitted request's answer is written (or could not be)."""
+        with self._lock:
+            self.unsent -= 1
             self._lock.notify_all()
 
     def predict(self, uploads: list[tuple[str, bytes]], topk: int, request: Request) -> tuple[int, dict]:
@@ -343,7 +352,7 @@ class ModelServer:
     def _close(self, grace_s: float = 30.0) -> None:
         """No new connections; the requests in flight get their answers (for up to `grace_s`); then stop."""
         with self._lock:
-            self._lock.wait_for(lambda: self.in_flight == 0, timeout=grace_s)
+            self._lock.wait_for(lambda: self.unsent == 0, timeout=grace_s)
         self.batcher.stop()
         self.httpd.server_close()
 
@@ -409,15 +418,18 @@ class _Handler(BaseHTTPRequestHandler):
         except ServerBusy as error:
             self._refuse_body(503, str(error), {"Retry-After": "1"})
             return
-        status = 500
         try:
-            status, body, body_read = self._answer(request)
+            status = 500
+            try:
+                status, body, body_read = self._answer(request)
+            finally:
+                self.app.release(request, status)
             if body_read:
                 self._send(status, body)
             else:
                 self._refuse_body(status, body["error"], {"Retry-After": "1"} if status == 503 else None)
         finally:
-            self.app.release(request, status)
+            self.app.sent()
 
     def _answer(self, request: Request) -> tuple[int, dict, bool]:
         """(status, JSON body, whether the request's body was read) for this predict request."""
