@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
 from .data.datasets import open_dataset  # noqa: E402
-from .data.decode import BadImageError, read_image  # noqa: E402
+from .data.decode import BadImageError, decode_bytes  # noqa: E402
 from .data.fingerprint import connected_groups, fingerprint, near_duplicate_pairs  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
@@ -58,11 +58,11 @@ def copies_together(fold_of: np.ndarray, files: list[Path], progress: bool = Fal
     with progress_bar("finding copies", progress) as bar:
         for index, file in enumerate(bar.track(files)):
             try:
-                image = read_image(file)
-                digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+                content = Path(file).read_bytes()  # read once: hashed, then decoded
+                image = decode_bytes(content, str(file))
             except (BadImageError, OSError):
                 continue  # unreadable: training names it
-            pairs.append((first_of.setdefault(digest, index), index))
+            pairs.append((first_of.setdefault(hashlib.sha256(content).hexdigest(), index), index))
             readable.append(index)
             fingerprints.append(fingerprint(image))
     pairs += [(readable[a], readable[b]) for a, b in near_duplicate_pairs(fingerprints)]

@@ -46,7 +46,8 @@ import torch
 from .data.decode import BadImageError, decode_bytes
 from .data.transforms import resize_center_crop
 from .errors import ConfigError, ResidualError
-from .predict import check_tta, class_names_of, class_probabilities, inference_forward, model_device, top_classes
+from .predict import (check_tta, class_names_of, class_probabilities, inference_compile, inference_forward,
+                      model_device, top_classes)
 
 MEGABYTE = 1 << 20
 
@@ -189,10 +190,8 @@ class ModelServer:
         self.preprocessing = model.preprocessing
         if isinstance(model, torch.nn.Module):
             model.eval()
-        elif self.config.compile:
-            raise ConfigError("--compile: an exported model runs in its own runtime (ONNX Runtime), which "
-                              "optimises it already; leave --compile out")
-        forward = inference_forward(model, self.config.compile, self.config.max_batch)
+        compiled, _ = inference_compile(model, self.config.compile, 0)  # refuses --compile for an exported model
+        forward = inference_forward(model, compiled, self.config.max_batch)
         self.batcher = Batcher(forward, self.config.max_batch, self.config.max_wait_ms / 1000, self.config.tta,
                                arriving=lambda: self.arriving)
         self.warmup_s = self._warm_up(forward)
