@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -119,7 +120,7 @@ def test_bad_requests_get_a_one_line_reason_and_the_server_carries_on(model, pic
         for (status, body, _), want_status, want_message in checks:
             assert status == want_status and body["error"].startswith(want_message), body
             assert "\n" not in body["error"]
-        assert request(url)[2]["Allow"] == "POST"
+        assert request(url)[2]["Allow"] == "POST, OPTIONS"
         connection = http.client.HTTPConnection("127.0.0.1", server.port)
         connection.putrequest("POST", "/predict")
         connection.endheaders()  # no Content-Length, no body
@@ -132,6 +133,46 @@ def test_bad_requests_get_a_one_line_reason_and_the_server_carries_on(model, pic
         metrics = urllib.request.urlopen(f"{server.url}/metrics").read().decode()
         assert 'residual_requests_total{code="400"} 6' in metrics and 'residual_requests_total{code="413"} 1' in metrics
         assert 'residual_requests_total{code="411"} 1' in metrics and "residual_images_total 0" in metrics
+
+
+def test_head_options_and_the_http_servers_own_refusals_answer_in_json(model):
+    with serve(model) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port)
+
+        def ask(method: str, path: str) -> tuple[http.client.HTTPResponse, bytes]:
+            connection.request(method, path)
+            response = connection.getresponse()
+            return response, response.read()
+
+        # HEAD: GET's headers without a body, and the connection serves the next request.
+        head, body = ask("HEAD", "/health")
+        assert head.status == 200 and body == b"" and head.headers["Content-Length"] == "16"
+        get, body = ask("GET", "/health")
+        assert get.status == 200 and json.loads(body) == {"status": "ok"}
+        options, body = ask("OPTIONS", "/predict")
+        assert options.status == 204 and options.headers["Allow"] == "POST, OPTIONS" and body == b""
+        options, _ = ask("OPTIONS", "/metrics")
+        assert options.headers["Allow"] == "GET, HEAD, OPTIONS"
+        assert ask("OPTIONS", "/nope")[0].status == 404
+        connection.close()
+        for method in ("PUT", "DELETE"):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port)
+            connection.request(method, "/predict")
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+            assert response.status == 501 and response.headers["Content-Type"] == "application/json"
+            assert answer["error"] == f"Unsupported method ('{method}'); POST /predict, GET /health, /info or /metrics"
+            connection.close()
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            raw.sendall(b"GET /health HTTP/1.1\r\nX-Long: " + b"x" * 70000 + b"\r\n\r\n")
+            reply = raw.makefile("rb").read()
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431") and b"Content-Type: application/json" in head
+        assert json.loads(body) == {"error": "Line too long (got more than 65536 bytes when reading header line)"}
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:  # no HTTP version: a bare answer
+            raw.sendall(b"HELLO\r\n\r\n")
+            assert json.loads(raw.makefile("rb").read()) == {"error": "Bad request syntax ('HELLO')"}
+        assert request(f"{server.url}/health")[:2] == (200, {"status": "ok"})
 
 
 class CountingForward:

@@ -50,6 +50,9 @@ from .predict import (check_tta, class_names_of, class_probabilities, inference_
                       model_device, top_classes)
 
 MEGABYTE = 1 << 20
+ENDPOINTS = "POST /predict, GET /health, /info or /metrics"
+ALLOWED_METHODS = {"/predict": "POST, OPTIONS", "/health": "GET, HEAD, OPTIONS", "/info": "GET, HEAD, OPTIONS",
+                   "/metrics": "GET, HEAD, OPTIONS", "*": "GET, HEAD, POST, OPTIONS"}
 
 
 @dataclass
@@ -403,7 +406,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_bytes(200, self.app.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif route == "/predict":
             self._send(405, {"error": "POST an image to /predict (curl --data-binary @photo.jpg URL/predict)"},
-                       {"Allow": "POST"})
+                       {"Allow": ALLOWED_METHODS["/predict"]})
+        else:
+            self._not_found(route)
+
+    def do_HEAD(self) -> None:  # GET's status and headers without its body: how some uptime checks probe
+        self.do_GET()
+
+    def do_OPTIONS(self) -> None:
+        route = urlsplit(self.path).path
+        if route in ALLOWED_METHODS:
+            self._send_bytes(204, b"", None, {"Allow": ALLOWED_METHODS[route]})
         else:
             self._not_found(route)
 
@@ -469,7 +482,14 @@ class _Handler(BaseHTTPRequestHandler):
         return self.app.predict(uploads, topk, request)
 
     def _not_found(self, route: str) -> None:
-        self._refuse_body(404, f"{route}: no such endpoint; POST /predict, GET /health, /info or /metrics")
+        self._refuse_body(404, f"{route}: no such endpoint; {ENDPOINTS}")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The HTTP server's own refusals (a malformed request line, headers too long, a method such as PUT)
+        as JSON like every other answer, instead of its HTML page."""
+        message = (message or self.responses.get(code, ("error",))[0]) + (f" ({explain})" if explain else "")
+        self.log_error("code %d, message %s", code, message)
+        self._refuse_body(code, f"{message}; {ENDPOINTS}" if code == 501 else message)
 
     def _refuse_body(self, status: int, message: str, headers: dict | None = None) -> None:
         """An error answered without reading the request's body: the connection closes after it, as the
@@ -480,14 +500,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
         self._send_bytes(status, json.dumps(body).encode(), "application/json", headers)
 
-    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
+    def _send_bytes(self, status: int, data: bytes, content_type: str | None, headers: dict | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        if status != 204:
+            self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def log_request(self, code="-", size="-") -> None:
         if self.app.config.access_log:  # errors (log_error) are written either way
