@@ -448,6 +448,25 @@ def test_check_data_reports_bad_files_duplicates_leaks_and_imbalance(tmp_path):
                                                                                              progress=False).conflicts
 
 
+def test_copies_under_two_classes_are_one_conflict_however_they_are_joined(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "d"
+    for split, name in (("train", "a"), ("train", "b"), ("val", "a"), ("val", "b")):
+        (root / split / name).mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize(
+                (40, 40), Image.Resampling.BICUBIC).save(root / split / name / f"{index}.png")
+    original = root / "train" / "a" / "0.png"
+    exact = root / "val" / "b" / "copy.png"  # the same bytes under another class
+    exact.write_bytes(original.read_bytes())
+    near = root / "train" / "a" / "0-again.jpg"  # the same picture re-encoded, same class as the original
+    Image.open(original).save(near, quality=80)
+    report = check_data(root, progress=False)
+    assert report.conflicts == [[f"{near} (a)", f"{original} (a)", f"{exact} (b)"]]
+    assert report.leaks == [("val", str(exact), str(original))]
+    assert report.near_duplicates == [[str(near), str(original)]] and not report.near_leaks
+
+
 def test_check_data_names_a_class_without_training_images(tmp_path, capsys):
     from residual.cli import main
 

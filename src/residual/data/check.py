@@ -94,7 +94,6 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
         splits["test"] = dataset.test
     report = DataReport(dataset, {name: dataset.class_counts(split) for name, split in splits.items()})
     digests: dict[str, dict[str, list[str]]] = {name: defaultdict(list) for name in splits}
-    copies: dict[str, list[tuple[str, int]]] = defaultdict(list)  # digest -> (item, label) in every split
     checked, fingerprints = [], []
     total = sum(len(split) for split in splits.values())
     with progress_bar("checking images", progress) as bar:
@@ -111,29 +110,31 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
                         continue
                 digest = hashlib.sha256(content).hexdigest()
                 digests[name][digest].append(item)
-                copies[digest].append((item, label))
                 checked.append(_Checked(name, item, int(label), digest))
                 fingerprints.append(fingerprint(image))
                 bar.advance(task)
-    report.conflicts = [[f"{item} ({dataset.classes[label]})" for item, label in group]
-                        for group in copies.values() if len({label for _, label in group}) > 1]
     for name in splits:
         report.duplicates.extend(group for group in digests[name].values() if len(group) > 1)
         if name != "train":
             for digest, items in digests[name].items():
                 if digest in digests["train"]:
                     report.leaks.extend((name, item, digests["train"][digest][0]) for item in items)
-    _report_near_copies(report, checked, fingerprints)
+    _report_copies(report, checked, fingerprints)
     return report
 
 
-def _report_near_copies(report: DataReport, checked: list[_Checked], fingerprints: list) -> None:
-    """Near-identical images with other bytes (exact copies are reported already): within a split, across
-    train and val/test, and under different classes."""
+def _report_copies(report: DataReport, checked: list[_Checked], fingerprints: list) -> None:
+    """Near-identical images with other bytes (exact copies within and across splits are reported already),
+    and every group of copies, exact or near, filed under different classes: one entry a group, however
+    its members are joined."""
     near = [(a, b) for a, b in near_duplicate_pairs(fingerprints) if checked[a].digest != checked[b].digest]
+    first_with_digest: dict[str, int] = {}
+    exact = [(first_with_digest.setdefault(member.digest, index), index) for index, member in enumerate(checked)]
     classes = report.dataset.classes
-    for group in connected_groups(len(checked), near):
+    for group in connected_groups(len(checked), near + exact):
         members = [checked[index] for index in group]
+        if len({member.label for member in members}) > 1:
+            report.conflicts.append([f"{member.item} ({classes[member.label]})" for member in members])
         for split in report.counts:
             inside = [member for member in members if member.split == split]
             if len({member.digest for member in inside}) > 1:
@@ -143,5 +144,3 @@ def _report_near_copies(report: DataReport, checked: list[_Checked], fingerprint
             train_digests = {member.digest for member in train}
             report.near_leaks.extend((member.split, member.item, train[0].item) for member in members
                                      if member.split != "train" and member.digest not in train_digests)
-        if any(a.digest != b.digest and a.label != b.label for a in members for b in members):
-            report.conflicts.append([f"{member.item} ({classes[member.label]})" for member in members])
