@@ -2,6 +2,7 @@
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +241,91 @@ def test_landscape_experiment_writes_figure_table_and_summary(tiny_shapes, tmp_p
                  str(tiny_shapes), "--resolution", "3", "--images", "4", "--out", str(out), "--quiet"]) == 0
     names = [entry["name"] for entry in json.loads((out / "summary.json").read_text())]
     assert names == [f"resnet20 ({tmp_path.name})", "resnet20 (again)"]
+
+
+# --- deleting blocks (Veit et al. 2016) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "resnet50", "preact_resnet50"])
+def test_a_deleted_block_passes_on_its_shortcut(name):
+    """A block whose branch is zero at its last scale computes its shortcut alone: deleting every block of
+    such a net leaves its output as it was (identity, zero-padding and projection shortcuts; post- and
+    pre-activation)."""
+    from residual.experiments.lesion import blocks, deleted
+
+    torch.manual_seed(0)
+    model = residual.create_model(name, num_classes=10, zero_init_residual=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        whole = model(x)
+        names = {block for block, _, _ in blocks(model)}
+        with deleted(model, names) as lesioned:
+            assert all(type(parent[index]).__name__ == "ShortcutOnly" for _, parent, index in blocks(lesioned))
+            torch.testing.assert_close(lesioned(x), whole)
+        trained = residual.create_model(name, num_classes=10).eval()  # a branch that is not zero does count
+        with deleted(trained, {"layer1.0"}):
+            assert not torch.allclose(trained(x), model(x))
+
+
+def test_deleting_blocks_puts_them_back_and_a_plain_net_keeps_the_ones_that_change_shape(tiny_shapes):
+    from residual.experiments.lesion import blocks, deleted, error_rate, lesion
+
+    model = _model_for(tiny_shapes, "plain20").eval()
+    torch.manual_seed(3)
+    inputs, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    before = [parent[index] for _, parent, index in blocks(model)]
+    with pytest.raises(KeyboardInterrupt), deleted(model, {"layer1.1", "layer2.2"}):
+        raise KeyboardInterrupt
+    assert [parent[index] for _, parent, index in blocks(model)] == before
+    result = lesion(model, "plain20", "p", inputs, labels, draws=3, seed=0)
+    assert [name for name, error in result.single.items() if error is None] == ["layer2.0", "layer3.0"]
+    assert result.downsampling == ["layer2.0", "layer3.0"] and result.error == error_rate(model, inputs, labels)
+    with deleted(model, {"layer1.1"}):
+        assert result.single["layer1.1"] == error_rate(model, inputs, labels)
+    assert result.deleted_counts == [1, 2, 3, 4, 5, 6, 7]  # seven blocks keep their shape
+    assert len(result.mean_error) == len(result.std_error) == 7
+    assert result.mean_error[0] == pytest.approx(np.mean([e for e in result.single.values() if e is not None]))
+    assert result.std_error[-1] == 0  # all seven deleted: one way to do it
+    with deleted(model, set(result.single) - {"layer2.0", "layer3.0"}):
+        assert result.mean_error[-1] == error_rate(model, inputs, labels)
+    assert [parent[index] for _, parent, index in blocks(model)] == before
+
+
+def test_random_deletions_are_distinct_sets_of_the_asked_size():
+    from residual.experiments.lesion import random_deletions
+
+    names = [f"b{i}" for i in range(6)]
+    generator = torch.Generator().manual_seed(0)
+    draws = random_deletions(names, 2, 5, generator)
+    assert len(draws) == 5 and all(len(chosen) == 2 for chosen in draws)
+    assert len({frozenset(chosen) for chosen in draws}) == 5
+    assert len(random_deletions(names, 5, 10, generator)) == 6  # only six ways to choose five of six
+
+
+def test_lesion_experiment_writes_figure_table_and_summary(tiny_shapes, tmp_path, capsys):
+    import json
+
+    from residual.cli import main
+
+    for name in ("plain20", "resnet20"):
+        residual.save_model(_model_for(tiny_shapes, name), tmp_path / f"{name}.safetensors")
+    models = [str(tmp_path / f"{name}.safetensors") for name in ("plain20", "resnet20")]
+    out = tmp_path / "lesion"
+    assert main(["experiment", "lesion", *models, "--data", str(tiny_shapes), "--draws", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "plain20: test error" in printed and "2 block(s) change the shape" in printed
+    assert (out / "lesion.png").stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    assert [entry["name"] for entry in summary] == ["plain20", "resnet20"]
+    assert summary[1]["single"]["layer2.0"] is not None and summary[1]["downsampling"] == ["layer2.0", "layer3.0"]
+    rows = list(csv.DictReader(open(out / "lesion.csv")))
+    whole = next(row for row in rows if row["model"] == "resnet20" and row["count"] == "0")
+    assert float(whole["error"]) == pytest.approx(summary[1]["error"], abs=1e-6)
+    assert sum(row["model"] == "resnet20" and row["count"] == "1" and row["deleted"] != "random" for row in rows) == 9
+    test_images = sum(1 for _ in (tiny_shapes / "test").rglob("*.png"))
+    assert summary[1]["error"] * test_images == pytest.approx(round(summary[1]["error"] * test_images))
+    with pytest.raises(SystemExit):
+        main(["experiment", "lesion", *models, "--data", str(tiny_shapes), "--draws", "0"])
+    assert "argument --draws: must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["experiment", "lesion", str(tmp_path / "absent.safetensors"), "--out", str(out)]) == 2
+    assert "absent.safetensors: no such model file" in capsys.readouterr().err

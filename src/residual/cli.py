@@ -691,6 +691,15 @@ def cmd_experiment_landscape(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_experiment_lesion(args: argparse.Namespace, console: Console) -> int:
+    from .experiments.lesion import run_lesion
+
+    run_lesion(args.models, args.data, args.out, args.images, args.draws, args.seed, args.device, console=console,
+               progress=not args.quiet)
+    console.print(f"figure and numbers in {args.out} (lesion.png, lesion.csv, summary.json)")
+    return 0
+
+
 FEATURES_NOT_IN_ONNX = "the features are the pooled output before the classifier, which an exported model does not give"
 
 
@@ -761,7 +770,7 @@ def _norm(value: str) -> str | None:
 
 def _add_experiment_commands(commands) -> None:
     parser = commands.add_parser("experiment", help="residual learning made visible: degradation, gradients, "
-                                                   "landscape")
+                                                   "landscape, lesion")
     experiments = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     p = experiments.add_parser("degradation", help="plain vs residual nets at two depths (He et al. Fig. 6)")
     p.add_argument("--data", default="shapes", help="'shapes' (built-in, 16 px) or a dataset folder (e.g. CIFAR-10)")
@@ -798,6 +807,20 @@ def _add_experiment_commands(commands) -> None:
     p.add_argument("--out", default="runs/experiments/landscape")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_experiment_landscape)
+    p = experiments.add_parser("lesion", help="delete blocks from trained nets at test time: residual nets survive it, "
+                                              "plain nets do not (Veit et al. 2016)")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="trained model files, e.g. runs/experiments/degradation/runs/*/model.safetensors")
+    p.add_argument("--data", default="shapes", help="the data they were trained on ('shapes': the experiments' "
+                                                    "built-in data, as degradation writes it); its test split is used")
+    p.add_argument("--images", type=at_least(1), help="held-out images to score on (default: all of them)")
+    p.add_argument("--draws", type=at_least(1), default=10,
+                   help="random sets of blocks deleted for each number of blocks")
+    p.add_argument("--seed", type=int, default=0, help="the random sets' and the images' seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--out", default="runs/experiments/lesion")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_experiment_lesion)
 
 
 def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -> None:

@@ -12,6 +12,7 @@ from ..data.loaders import BadFileLog, load_into_memory
 from ..data.shapes import write_shapes
 from ..errors import ConfigError
 from ..models import ResNet
+from ..weights import load_model
 
 SHAPES_SIZE = 16  # small images keep the default experiments within minutes on two CPU cores
 SHAPES_PER_CLASS = 400
@@ -28,13 +29,16 @@ def resolve_data(data: str, out: Path, seed: int = 0) -> Path:
     return shapes_folder(out, seed) if data == "shapes" else Path(data)
 
 
-def training_images(data: str, out: Path, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The training split as (uint8 images, labels, classes), decoded at its own (square) size."""
+def dataset_images(data: str, out: Path, seed: int = 0,
+                   held_out: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The training split, or with `held_out` the test split (the validation split where there is no test
+    split), as (uint8 images, labels, classes), decoded at the images' own (square) size."""
     dataset = open_dataset(resolve_data(data, out, seed), seed=seed)
-    if dataset.train.images is not None:
-        return dataset.train.images, torch.as_tensor(dataset.train.labels), dataset.classes
-    size = min(Image.open(dataset.train.files[0]).size)
-    images, labels = load_into_memory(dataset.train, size, size, "bilinear", BadFileLog(), progress=False)
+    split = (dataset.test or dataset.val) if held_out else dataset.train
+    if split.images is not None:
+        return split.images, torch.as_tensor(split.labels), dataset.classes
+    size = min(Image.open(split.files[0]).size)
+    images, labels = load_into_memory(split, size, size, "bilinear", BadFileLog(), progress=False)
     return images, labels, dataset.classes
 
 
@@ -47,3 +51,22 @@ def check_trained_on(models: dict[str, ResNet], images: torch.Tensor, classes: l
             raise ConfigError(f"{named_by}{name} was trained on {model.num_classes} classes at "
                               f"{model.preprocessing.input_size} px, --data {data} has {len(classes)} at "
                               f"{images.shape[-1]} px; give the data it was trained on")
+
+
+def load_trained(paths: list[str], device: torch.device) -> dict[str, ResNet]:
+    """The trained model files an experiment looks at, by path, on `device`."""
+    loaded = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: no such model file; give trained models, e.g. the runs of `residual "
+                              f"experiment degradation` (runs/experiments/degradation/runs/*/model.safetensors)")
+        loaded[path] = load_model(path).to(device)
+    return loaded
+
+
+def display_names(models: dict[str, ResNet]) -> dict[str, str]:
+    """What a figure calls each model: its architecture; with its folder too where two models share one
+    (two runs of resnet56, say)."""
+    archs = [model.arch for model in models.values()]
+    return {path: model.arch if archs.count(model.arch) == 1 else f"{model.arch} ({Path(path).parent.name})"
+            for path, model in models.items()}

@@ -34,7 +34,7 @@ from ..models import ResNet, build_model  # noqa: E402
 from ..models.preprocessing import Preprocessing  # noqa: E402
 from ..train.trainer import channel_stats  # noqa: E402
 from ..weights import load_model  # noqa: E402
-from .common import check_trained_on, training_images  # noqa: E402
+from .common import check_trained_on, dataset_images  # noqa: E402
 
 
 @dataclass
@@ -118,7 +118,7 @@ def run_gradients(models: list[str], data: str = "shapes", out: str | Path = "ru
     finished = trained_models(models, trained) if trained else {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images, labels, classes = training_images(data, out, seed)
+    images, labels, classes = dataset_images(data, out, seed)
     check_trained_on(finished, images, classes, data, named_by="--trained: ")
     preprocessing = Preprocessing(images.shape[-1], images.shape[-1], *channel_stats(images))
     inputs = normalize(images.float() / 255, preprocessing)

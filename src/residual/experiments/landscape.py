@@ -35,8 +35,7 @@ from ..errors import ConfigError  # noqa: E402
 from ..models import ResNet  # noqa: E402
 from ..progress import progress_bar  # noqa: E402
 from ..runs import pick_device  # noqa: E402
-from ..weights import load_model  # noqa: E402
-from .common import check_trained_on, training_images  # noqa: E402
+from .common import check_trained_on, dataset_images, display_names, load_trained  # noqa: E402
 
 
 def filter_normalized_direction(model: ResNet, generator: torch.Generator) -> list[torch.Tensor]:
@@ -135,21 +134,13 @@ def run_landscape(models: list[str], data: str = "shapes", out: str | Path = "ru
     device = pick_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = {}
-    for path in models:
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: no such model file; give trained models, e.g. the runs of `residual "
-                              f"experiment degradation` (runs/experiments/degradation/runs/*/model.safetensors)")
-        loaded[path] = load_model(path).to(device)
-    pixels, labels, classes = training_images(data, out, seed)
+    loaded = load_trained(models, device)
+    pixels, labels, classes = dataset_images(data, out, seed)
     check_trained_on(loaded, pixels, classes, data)
     sample = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:images]
     coordinates = np.linspace(-span, span, resolution).round(6).tolist()
     results = []
-    archs = [model.arch for model in loaded.values()]
-    for path, model in loaded.items():
-        # Named by architecture; by its folder too where two models share one (two runs of resnet56, say).
-        name = model.arch if archs.count(model.arch) == 1 else f"{model.arch} ({Path(path).parent.name})"
+    for (path, model), name in zip(loaded.items(), display_names(loaded).values()):
         inputs = normalize(pixels[sample].to(device).float() / 255, model.preprocessing)
         generator = torch.Generator().manual_seed(seed)  # on the host: the same directions on every device
         directions = (filter_normalized_direction(model, generator), filter_normalized_direction(model, generator))

@@ -101,6 +101,7 @@ class ResidualBlock(nn.Module):
     """
 
     last_layer = ""  # the layer zero_init_last zeroes
+    preactivated = False  # BN-ReLU before the convolutions, the sum not activated (He et al. 2016)
     drop_path_rate = 0.0  # the chance that training skips this block's branch for a sample (set by ResNet)
     # (producer conv, the norm of its output, consumer conv) for each inner width: the channels
     # structured pruning may remove, because no shortcut or other block sees them.
@@ -121,6 +122,18 @@ class ResidualBlock(nn.Module):
                 out = drop_path(out, self.drop_path_rate)
             out += x if self.downsample is None else self.downsample(projection_input)
         return out
+
+    def shortcut_only(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output with its residual branch deleted (Veit et al. 2016's lesion): its shortcut, through
+        the ReLU that follows the sum where there is one. A plain block has no shortcut: deleting it leaves
+        its input, which only blocks whose input and output shapes match allow."""
+        if not self.residual:
+            return x
+        if self.downsample is None:
+            shortcut = x
+        else:
+            shortcut = self.downsample(F.relu(self.bn1(x)) if self.preactivated else x)
+        return shortcut if self.preactivated else F.relu(shortcut)
 
     def zero_init_last(self) -> None:
         """Zero the branch's last scale (pre-activation: last conv): the block starts as its shortcut."""
@@ -197,6 +210,7 @@ class PreActBasicBlock(ResidualBlock):
     expansion = 1
     last_layer = "conv2"
     inner_layers = (("conv1", "bn2", "conv2"),)
+    preactivated = True
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, width_per_group: int = 64,
@@ -227,6 +241,7 @@ class PreActBottleneck(ResidualBlock):
 
     expansion = 4
     last_layer = "conv3"
+    preactivated = True
     inner_layers = (("conv1", "bn2", "conv2"), ("conv2", "bn3", "conv3"))
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
