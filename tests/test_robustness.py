@@ -3,12 +3,14 @@ severity, the same for the same seed; the report's clean top-1 is eval's, and a 
 corruption errors of exactly 1."""
 
 import csv
+import hashlib
 import io
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import residual
@@ -19,7 +21,7 @@ from residual.data.corruptions import (CORRUPTIONS, PROTOCOLS, brightness, contr
 from residual.data.shapes import SHAPE_CLASSES, render_shape
 from residual.evaluate import evaluate
 from residual import robustness as robustness_module
-from residual.robustness import ModelRobustness, RobustnessResult, robustness
+from residual.robustness import FROST_PHOTOS, ModelRobustness, RobustnessResult, frost_photographs, robustness
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +32,36 @@ def shapes64():
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
+def write_frost_folder(folder):
+    """Six stand-in frost photographs in ImageNet-C's names and formats (PNGs with alpha, JPEGs), big enough
+    for 64 px images under both protocols: smooth random colour fields, and frost6 pure red."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    for index, name in enumerate(FROST_PHOTOS):
+        if index == 5:
+            image = Image.new("RGB", (480, 340), (255, 0, 0))
+        else:
+            image = Image.fromarray(rng.integers(0, 256, (6, 9, 4 if name.endswith(".png") else 3),
+                                                 dtype=np.uint8)).resize((480 + 20 * index, 340), Image.BICUBIC)
+        image.save(folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def frost_photos(tmp_path_factory):
+    return frost_photographs(write_frost_folder(tmp_path_factory.mktemp("frost")))
+
+
 @pytest.mark.parametrize("protocol", list(PROTOCOLS))
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
-def test_each_corruption_damages_more_at_each_severity_and_repeats_with_its_seed(shapes64, name, protocol):
+def test_each_corruption_damages_more_at_each_severity_and_repeats_with_its_seed(shapes64, name, protocol,
+                                                                                 frost_photos):
     damage = []
     for severity in range(1, 6):
         # The same draws at every severity, so that only the strength changes.
-        corrupted = corrupt(shapes64, name, severity, torch.Generator().manual_seed(0), protocol)
+        corrupted = corrupt(shapes64, name, severity, torch.Generator().manual_seed(0), protocol, frost_photos)
         assert corrupted.dtype == torch.uint8 and corrupted.shape == shapes64.shape
-        again = corrupt(shapes64, name, severity, torch.Generator().manual_seed(0), protocol)
+        again = corrupt(shapes64, name, severity, torch.Generator().manual_seed(0), protocol, frost_photos)
         assert torch.equal(corrupted, again)
         damage.append((corrupted.float() - shapes64.float()).abs().mean().item())
     assert damage[0] > 0.5
@@ -54,7 +77,9 @@ def test_each_corruption_damages_more_at_each_severity_and_repeats_with_its_seed
     assert damage[4] > damage[0]
     if (name, protocol) == ("motion_blur", "cifar-10-c"):
         assert all(later >= earlier for earlier, later in zip(damage, damage[1:])), damage
-    elif name not in ("pixelate", "snow"):
+    # Frost's severities trade the image's weight for the frost's: ImageNet-C's 4 dims the image more than 3
+    # with the same frost, and on bright pictures that changes the pixels less.
+    elif name not in ("pixelate", "snow", "frost"):
         assert all(later > earlier for earlier, later in zip(damage, damage[1:])), damage
 
 
@@ -160,9 +185,79 @@ def test_pixelate_makes_blocks_and_jpeg_is_pillows_round_trip(shapes64):
                           expected)
 
 
-def test_unknown_corruptions_and_severities_are_refused():
-    with pytest.raises(residual.ConfigError, match="--corruptions: unknown frost; choose from gaussian_noise"):
+def test_frost_lays_a_crop_of_one_of_the_first_five_photographs_over_the_image(frost_photos):
+    flat = [torch.full((3, 400, 600), 10 * (index + 1), dtype=torch.uint8) for index in range(6)]
+    images = torch.full((64, 3, 32, 32), 100, dtype=torch.uint8)
+    frosted = corrupt(images, "frost", 3, torch.Generator().manual_seed(0), "cifar-10-c", flat)
+    # Severity 3 of CIFAR-10-C: 0.9 x the image + 0.4 x the photograph, the sixth never drawn (randint(5)).
+    levels = {int(value) for value in frosted[:, 0, 0, 0]}
+    assert levels == {round(0.9 * 100 + 0.4 * 10 * (index + 1)) for index in range(5)}
+    assert all(torch.equal(image, image[:, :1, :1].expand_as(image)) for image in frosted)
+    # A crop of the photograph shrunk as the protocol says: one photograph's pixels, shifted where it was cut.
+    gradient = torch.arange(600).div(600 / 255).to(torch.uint8).expand(3, 400, 600).contiguous()
+    crop = corrupt(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "frost", 1, torch.Generator().manual_seed(1),
+                   "cifar-10-c", [gradient] * 6)  # 0.2 x the photograph, shrunk to 120 x 80
+    shrunk = F.interpolate(gradient[None].float(), scale_factor=0.2, mode="bilinear", align_corners=False,
+                           recompute_scale_factor=False).round()[0, 0, 0]
+    assert len(shrunk) == 120
+    windows = (0.2 * shrunk).unfold(0, 32, 1).round()  # every crop of a row the draws could give
+    for row in crop[:, 0, 0].float():
+        assert ((windows - row).abs().max(1).values <= 1).any(), "32 consecutive columns of the shrunk photograph"
+
+
+def test_frost_photographs_come_from_a_folder_or_the_sha_checked_wheel(tmp_path, monkeypatch, frost_photos):
+    import functools
+    import http.server
+    import threading
+    import zipfile
+
+    from residual.weights import DownloadError
+
+    with pytest.raises(residual.ConfigError, match="frost needs ImageNet-C's frost photographs: `residual download "
+                                                   "frost` fetches them"):
         corrupt(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "frost", 1, torch.Generator())
+    partial = write_frost_folder(tmp_path / "partial")
+    (partial / "frost4.jpg").unlink()
+    with pytest.raises(residual.ConfigError, match=r"--frost-dir .*partial: no frost4.jpg there"):
+        frost_photographs(partial)
+    # The wheel, served on 127.0.0.1 in place of PyPI: the photographs at the package's own paths.
+    served = tmp_path / "served"
+    served.mkdir()
+    folder = write_frost_folder(tmp_path / "folder")
+    with zipfile.ZipFile(served / "imagecorruptions.whl", "w") as wheel:
+        for name in FROST_PHOTOS:
+            wheel.write(folder / name, f"imagecorruptions/frost/{name}")
+    digest = hashlib.sha256((served / "imagecorruptions.whl").read_bytes()).hexdigest()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RESIDUAL_HOME", str(tmp_path / "home"))
+        monkeypatch.setattr(robustness_module, "FROST_WHEEL",
+                            (f"http://127.0.0.1:{httpd.server_address[1]}/imagecorruptions.whl", digest))
+        assert frost_photographs() is None  # not fetched unless asked
+        assert main(["download", "frost", "--quiet"]) == 0
+        fetched = frost_photographs()
+        assert len(requests) == 1 and all(torch.equal(a, b) for a, b in zip(fetched, frost_photos))
+        assert fetched[0].shape == (3, 340, 480)  # the PNG's alpha dropped, as OpenCV reads it
+        monkeypatch.setattr(robustness_module, "FROST_WHEEL", (robustness_module.FROST_WHEEL[0], "0" * 64))
+        (tmp_path / "home" / "weights" / "imagecorruptions.whl").unlink()
+        with pytest.raises(DownloadError, match="does not match the published"):
+            frost_photographs(fetch=True, progress=False)
+        assert not (tmp_path / "home" / "weights" / "imagecorruptions.whl").exists()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_unknown_corruptions_and_severities_are_refused():
+    with pytest.raises(residual.ConfigError, match="--corruptions: unknown fros; choose from gaussian_noise"):
+        corrupt(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "fros", 1, torch.Generator())
     with pytest.raises(residual.ConfigError, match="--severities are 1 .mild. to 5 .severe., got 6"):
         corrupt(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "contrast", 6, torch.Generator())
     with pytest.raises(residual.ConfigError, match="--protocol must be one of imagenet-c, cifar-10-c, got 'tiny'"):
@@ -222,8 +317,22 @@ def test_robustness_cli(demo_run, tmp_path, capsys, monkeypatch):
     rows = list(csv.DictReader(open(tmp_path / "r" / "robustness.csv")))
     assert [(row["corruption"], row["severity"]) for row in rows] == [("none", "0"), ("pixelate", "2"),
                                                                        ("jpeg_compression", "2")]
-    assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--corruptions", "frost"]) == 2
-    assert "--corruptions: unknown frost" in capsys.readouterr().err
+    assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--corruptions", "fog,frosty"]) == 2
+    assert "--corruptions: unknown frosty" in capsys.readouterr().err
+    # All corruptions by default: frost only with its photographs, and a line says so when they are not here.
+    monkeypatch.setenv("RESIDUAL_HOME", str(tmp_path / "empty-home"))
+    assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--images", "8", "--severities", "1",
+                 "--quiet", "--out", str(tmp_path / "without")]) == 0
+    assert "frost left out: its photographs are not here; `residual download frost` fetches them" in \
+        capsys.readouterr().out.replace("\n", " ")
+    ran = {row["corruption"] for row in csv.DictReader(open(tmp_path / "without" / "robustness.csv"))}
+    assert ran == {"none", *CORRUPTIONS} - {"frost"}
+    assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--images", "8", "--severities", "1",
+                 "--quiet", "--frost-dir", str(write_frost_folder(tmp_path / "frost")), "--out",
+                 str(tmp_path / "with")]) == 0
+    assert "left out" not in capsys.readouterr().out
+    ran = {row["corruption"] for row in csv.DictReader(open(tmp_path / "with" / "robustness.csv"))}
+    assert ran == {"none", *CORRUPTIONS}
     monkeypatch.setattr(robustness_module, "MEMORY_BUDGET", 3 * 32 * 32 * 10)  # ten 32 px images
     assert main(["robustness", str(demo_run["model"]), str(demo_run["data"]), "--images", "11"]) == 2
     assert "--images 11 at 32 px would hold 0.0 GiB of decoded images; give at most 10" in capsys.readouterr().err

@@ -98,6 +98,12 @@ def cmd_pretrained(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_download(args: argparse.Namespace, console: Console) -> int:
     for name in args.names:
+        if name == "frost":  # not weights: the photographs robustness's frost corruption lays over images
+            from .robustness import frost_photographs, frost_wheel
+
+            frost_photographs(fetch=True, progress=False if args.quiet else None)
+            console.print(f"frost: {frost_wheel()} (ImageNet-C's six frost photographs)")
+            continue
         console.print(f"{name}: {fetch_pretrained(name, progress=False if args.quiet else None)}")
     return 0
 
@@ -342,8 +348,10 @@ def cmd_robustness(args: argparse.Namespace, console: Console) -> int:
                             args.corruptions, args.severities, args.images, args.seed, args.batch_size, args.workers,
                             baseline, out, progress=not args.quiet,
                             names=(Path(args.model).name, args.baseline and Path(args.baseline).name),
-                            protocol=args.protocol)
+                            protocol=args.protocol, frost_dir=args.frost_dir)
     console.print(robustness_table(result))
+    for name, why in result.left_out.items():
+        console.print(f"[yellow]{name} left out: {why}[/]")
     _report_failed(result.failed)
     summary = result.summary()
     line = f"clean top-1 {result.model.clean:.2%}; under corruption {result.model.mean:.2%} on average"
@@ -1013,6 +1021,8 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--protocol", choices=tuple(PROTOCOLS),
                    help=f"whose severity parameters: ImageNet-C's (for 224 px) or CIFAR-10-C's (for 32 px); "
                         f"default: cifar-10-c for inputs up to {SMALL_IMAGES} px, imagenet-c above")
+    p.add_argument("--frost-dir", help="ImageNet-C's frost photographs (frost1.png ... frost6.jpg) for frost; "
+                                       "default: those `residual download frost` fetched")
     p.add_argument("--seed", type=int, default=0, help="the sample and the noise")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
@@ -1179,7 +1189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_pretrained)
 
     p = commands.add_parser("download", help="fetch pretrained weights into the cache (sha256-checked)")
-    p.add_argument("names", nargs="+", metavar="NAME", help="e.g. resnet50.tv2_in1k")
+    p.add_argument("names", nargs="+", metavar="NAME",
+                   help="e.g. resnet50.tv2_in1k; 'frost': ImageNet-C's frost photographs, for robustness")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_download)
 

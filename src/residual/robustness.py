@@ -13,6 +13,8 @@ and mCE). Below 1 is more robust than the baseline.
 from __future__ import annotations
 
 import csv
+import io
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from .atomic import atomic_path, write_json  # noqa: E402
 from .data.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt, protocol_for  # noqa: E402
@@ -32,10 +35,51 @@ from .evaluate import model_labels, pick_split  # noqa: E402
 from .metrics import calibration_bins, expected_calibration_error, mean_where_defined  # noqa: E402
 from .predict import class_probabilities, model_device  # noqa: E402
 from .progress import progress_bar  # noqa: E402
+from .weights import cache_dir, download  # noqa: E402
 
 DEFAULT_IMAGES = 1000  # a top-1 over 1,000 images is within about 3 points at 95%
 # The sample is decoded once and kept, as uint8 at the model's input size: 150 MB for 1,000 images at 224 px.
 MEMORY_BUDGET = 4 * 1024**3
+
+# ImageNet-C's six frost photographs, which frost lays over the images. The `imagecorruptions` package ships
+# them in its wheel on PyPI, an address with a published sha256; the wheel is fetched whole (2.1 MB) and the
+# photographs read from it.
+FROST_PHOTOS = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
+FROST_WHEEL = ("https://files.pythonhosted.org/packages/3e/40/ff4a79ad7ab6463fe2fde7912b71084a6606e33676078a50b40a"
+               "3377112b/imagecorruptions-1.1.2-py3-none-any.whl",
+               "d0e4bf529ba6fbb27d8aba1bde7c5db43bf2b969b2c767c11419e939e3e365b8")
+FROST_GET = ("`residual download frost` fetches them, or --frost-dir names a folder of frost1.png ... "
+             "frost6.jpg (ImageNet-C's create_c folder has them)")
+
+
+def frost_wheel() -> Path:
+    """Where the wheel holding the frost photographs is cached."""
+    return cache_dir() / FROST_WHEEL[0].rsplit("/", 1)[1]
+
+
+def frost_photographs(folder: str | Path | None = None, fetch: bool = False,
+                      progress: bool | None = None) -> list[torch.Tensor] | None:
+    """ImageNet-C's frost photographs, uint8 3 x H x W each (their alpha dropped, as OpenCV reads them): from
+    `folder`, else from the cached wheel, fetched first with `fetch` (sha256-checked); None when `fetch` is
+    off and it is not cached."""
+    if folder is not None:
+        folder = Path(folder)
+        missing = [name for name in FROST_PHOTOS if not (folder / name).is_file()]
+        if missing:
+            raise ConfigError(f"--frost-dir {folder}: no {', '.join(missing)} there; give the folder of "
+                              f"ImageNet-C's frost photographs (frost1.png ... frost6.jpg)")
+        return [_photo((folder / name).read_bytes()) for name in FROST_PHOTOS]
+    wheel = frost_wheel()
+    if not fetch and not wheel.is_file():
+        return None
+    download(FROST_WHEEL[0], wheel, FROST_WHEEL[1], progress)  # a cached wheel is only checked
+    with zipfile.ZipFile(wheel) as archive:
+        return [_photo(archive.read(f"imagecorruptions/frost/{name}")) for name in FROST_PHOTOS]
+
+
+def _photo(content: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(content)) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
 @dataclass
@@ -66,6 +110,7 @@ class RobustnessResult:
     split: str
     failed: list[str]  # one line per unreadable image
     files: dict[str, Path] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)  # corruption -> why the default set did not run it
 
     def corruption_errors(self, relative: bool = False) -> dict[str, float | None]:
         """Per corruption, the model's error summed over the severities over the baseline's (with `relative`:
@@ -82,7 +127,7 @@ class RobustnessResult:
 
     def summary(self) -> dict:
         summary = {"protocol": self.protocol, "split": self.split, "images": self.images,
-                   "severities": self.severities,
+                   "severities": self.severities, "left_out": self.left_out,
                    "clean_top1": self.model.clean, "mean_corrupted_top1": self.model.mean,
                    "share_of_clean": self.model.mean / self.model.clean if self.model.clean else None,
                    "top1": self.model.top1, "clean_ece": self.model.clean_ece,
@@ -103,17 +148,26 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
                severities: list[int] | None = None, images: int = DEFAULT_IMAGES, seed: int = 0,
                batch_size: int = 64, workers: int | None = None, baseline=None, out_dir: str | Path | None = None,
                progress: bool = False, names: tuple[str | None, str | None] = (None, None),
-               protocol: str | None = None) -> RobustnessResult:
+               protocol: str | None = None, frost_dir: str | Path | None = None) -> RobustnessResult:
     """Top-1 of `model` (and `baseline`) on up to `images` images of `data`'s split (a seeded sample), clean and
     under each corruption at each severity. The noise and motion angles are seeded, so two models on the same
     images at the same size see the same corrupted pixels. With `out_dir`: a CSV, a JSON summary and pictures.
     `names`: what the tables and pictures call the model and the baseline (default: their architectures).
     `protocol`: whose severity parameters, 'imagenet-c' or 'cifar-10-c'; default: by the model's input size
-    (data.corruptions.protocol_for), the same for the baseline."""
-    corruptions = list(CORRUPTIONS) if corruptions is None else corruptions
+    (data.corruptions.protocol_for), the same for the baseline. Frost needs ImageNet-C's frost photographs
+    (`frost_dir`, or the cached download): all corruptions by default leaves it out, saying so, when they
+    are not at hand; asked for by name, it fetches them."""
     severities = list(SEVERITIES) if severities is None else sorted(set(severities))
     protocol = protocol or protocol_for(model.preprocessing.input_size)
-    check_corruptions(corruptions, severities, protocol)
+    check_corruptions(list(CORRUPTIONS) if corruptions is None else corruptions, severities, protocol)
+    left_out = {}
+    if corruptions is None:
+        frost_photos = frost_photographs(frost_dir)
+        corruptions = [name for name in CORRUPTIONS if name != "frost" or frost_photos is not None]
+        if frost_photos is None:
+            left_out["frost"] = f"its photographs are not here; {FROST_GET}"
+    else:
+        frost_photos = frost_photographs(frost_dir, fetch=True, progress=progress) if "frost" in corruptions else None
     if images < 1:
         raise ConfigError(f"--images must be at least 1, got {images}")
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
@@ -147,11 +201,11 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
                 scored_images, example, failed = len(pixels), pixels[:1], unreadable
             scored[role] = _score(each, name or getattr(each, "arch", type(each).__name__), pixels, labels[kept],
                                   corruptions, severities, protocol, seed, batch_size,
-                                  lambda done: bar.advance(task, done))
+                                  lambda done: bar.advance(task, done), frost_photos)
     result = RobustnessResult(scored["model"], scored.get("baseline"), protocol, severities, scored_images,
-                              split_name, failed)
+                              split_name, failed, left_out=left_out)
     if out_dir is not None:
-        result.files = _write(result, Path(out_dir), example, corruptions, seed)
+        result.files = _write(result, Path(out_dir), example, corruptions, seed, frost_photos)
     return result
 
 
@@ -168,7 +222,8 @@ def _decode(pre, items: list, batch_size: int, workers: int | None) -> tuple[tor
 
 
 def _score(model, name: str, pixels: torch.Tensor, labels: np.ndarray, corruptions: list[str],
-           severities: list[int], protocol: str, seed: int, batch_size: int, advance) -> ModelRobustness:
+           severities: list[int], protocol: str, seed: int, batch_size: int, advance,
+           frost_photos: list[torch.Tensor] | None) -> ModelRobustness:
     device = model_device(model)
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -181,7 +236,7 @@ def _score(model, name: str, pixels: torch.Tensor, labels: np.ndarray, corruptio
         for start in range(0, len(pixels), batch_size):
             batch = pixels[start:start + batch_size].to(device)
             if corruption is not None:
-                batch = corrupt(batch, corruption, severity, generator, protocol)
+                batch = corrupt(batch, corruption, severity, generator, protocol, frost_photos)
             probs.append(class_probabilities(model, batch).float().cpu())
             advance(len(batch))
         confidence, predicted = torch.cat(probs).max(1)
@@ -202,7 +257,7 @@ def _generator(seed: int, name: str | None, severity: int, device: torch.device 
 
 
 def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptions: list[str],
-           seed: int) -> dict[str, Path]:
+           seed: int, frost_photos: list[torch.Tensor] | None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"table": out / "robustness.csv", "summary": out / "robustness.json", "picture": out / "robustness.png",
              "examples": out / "corruptions.png"}
@@ -218,7 +273,7 @@ def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptio
                              for severity, top1, ece in zip(result.severities, scores.top1[name], scores.ece[name]))
     write_json(files["summary"], result.summary())
     _draw(result, files["picture"])
-    _draw_examples(example, corruptions, result.protocol, seed, files["examples"])
+    _draw_examples(example, corruptions, result.protocol, seed, files["examples"], frost_photos)
     return files
 
 
@@ -258,14 +313,15 @@ def _draw(result: RobustnessResult, path: Path) -> None:
     plt.close(figure)
 
 
-def _draw_examples(example: torch.Tensor, corruptions: list[str], protocol: str, seed: int, path: Path) -> None:
+def _draw_examples(example: torch.Tensor, corruptions: list[str], protocol: str, seed: int, path: Path,
+                   frost_photos: list[torch.Tensor] | None) -> None:
     """One image under each corruption at severities 1, 3 and 5, beside the clean image."""
     shown = (1, 3, 5)
     figure, axes = plt.subplots(len(corruptions), 1 + len(shown), figsize=(1.6 * (1 + len(shown)),
                                                                              1.6 * len(corruptions)), squeeze=False)
     for row, name in zip(axes, corruptions):
-        views = [example] + [corrupt(example, name, severity, _generator(seed, name, severity), protocol)
-                             for severity in shown]
+        views = [example] + [corrupt(example, name, severity, _generator(seed, name, severity), protocol,
+                                     frost_photos) for severity in shown]
         for ax, view, title in zip(row, views, ["clean", *(f"severity {s}" for s in shown)]):
             ax.imshow(view[0].permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_xticks([])

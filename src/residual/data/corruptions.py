@@ -1,14 +1,15 @@
 """Common corruptions of images, at five severities: noise, blur, weather and digital artefacts.
 
-Fourteen of the fifteen corruptions of ImageNet-C (Hendrycks & Dietterich 2019, "Benchmarking neural network
+The fifteen corruptions of ImageNet-C (Hendrycks & Dietterich 2019, "Benchmarking neural network
 robustness to common corruptions and perturbations"), in its four kinds, with the severity parameters of
 one of two protocols: ImageNet-C's, given for 224 px images, or CIFAR-10-C's, which the same authors tuned
 by hand for 32 px. They work on batches of images as the model takes them (after its resize and crop), so
 any dataset can be corrupted on the fly; lengths in pixels (blur radii, motion length, snow's flakes) are
-scaled from the protocol's image size to the batch's. Left out: frost (built from ImageNet-C's own frost
-photographs). Glass blur keeps the sequential order of its pixel copies (on the host, vectorised over the
-batch). Elastic transform is the authors' own (make_imagenet_c.py, make_cifar_c.py: an affine warp,
-then a smooth displacement), not the `imagecorruptions` package's rewrite, which drops the affine step.
+scaled from the protocol's image size to the batch's. Frost overlays ImageNet-C's six frost photographs,
+which the caller gives (robustness.frost_photographs fetches them). Glass blur keeps the sequential order
+of its pixel copies (on the host, vectorised over the batch). Elastic transform is the authors' own
+(make_imagenet_c.py, make_cifar_c.py: an affine warp, then a smooth displacement), not the
+`imagecorruptions` package's rewrite, which drops the affine step.
 
 Each corruption takes float images in [0, 1] (N x 3 x H x W), a severity's parameter and a torch.Generator
 for the random ones, and returns images in [0, 1]; `corrupt` is the entry point on uint8 batches.
@@ -129,6 +130,30 @@ def snow(x: torch.Tensor, flakes: tuple[float, ...], scale: float, generator: to
     grey = kornia.color.rgb_to_grayscale(x)
     x = blend * x + (1 - blend) * torch.maximum(x, grey * 1.5 + 0.5)
     return x + layer + layer.flip(-2, -1)
+
+
+def frost(x: torch.Tensor, mix: tuple[float, float], photos: list[torch.Tensor], shrink: float,
+          generator: torch.Generator) -> torch.Tensor:
+    """Frost on a window: the image times mix[0] plus a crop of a frost photograph times mix[1]. Per image,
+    one of the first five of the six photographs (the authors' randint(5) never draws the sixth), resized by
+    `shrink` as OpenCV's bilinear resize does it (no antialiasing, whole grey levels), at a random offset.
+    `photos`: uint8 3 x H x W each, in ImageNet-C's order."""
+    n, _, height, width = x.shape
+    resized = [F.interpolate(photo[None].float(), scale_factor=shrink, mode="bilinear", align_corners=False,
+                             recompute_scale_factor=False).round().clamp(0, 255)[0].to(x) / 255
+               if shrink != 1 else photo.to(x) / 255 for photo in photos[:5]]
+    for photo in resized:
+        if photo.shape[1] <= height or photo.shape[2] <= width:
+            raise ConfigError(f"a frost photograph of {photo.shape[2]} x {photo.shape[1]} px is too small to crop "
+                              f"{width} x {height} px from; give ImageNet-C's own photographs")
+    # Drawn on the host, image by image in the authors' order: photograph, then row and column offsets.
+    out = torch.empty_like(x)
+    for i in range(n):
+        photo = resized[int(torch.randint(len(resized), (), generator=generator))]
+        top = int(torch.randint(photo.shape[1] - height, (), generator=generator))
+        left = int(torch.randint(photo.shape[2] - width, (), generator=generator))
+        out[i] = mix[0] * x[i] + mix[1] * photo[:, top:top + height, left:left + width]
+    return out
 
 
 def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
@@ -306,11 +331,12 @@ def _zooms(stop: float, step: float) -> tuple[float, ...]:
     return tuple(float(z) for z in np.arange(1, stop, step))
 
 
-# Each corruption's kind, as ImageNet-C groups them.
+# Each corruption's kind, as ImageNet-C groups them. Frost came last, after the others: each corruption's
+# random numbers are seeded by its place here, and the fourteen kept theirs.
 CORRUPTIONS = {"gaussian_noise": "noise", "shot_noise": "noise", "impulse_noise": "noise", "defocus_blur": "blur",
                "glass_blur": "blur", "motion_blur": "blur", "zoom_blur": "blur", "snow": "weather", "fog": "weather",
                "brightness": "weather", "contrast": "digital", "elastic_transform": "digital", "pixelate": "digital",
-               "jpeg_compression": "digital"}
+               "jpeg_compression": "digital", "frost": "weather"}
 
 # Per protocol: the image size its lengths in pixels are given for, and each corruption's parameter at
 # severities 1-5. ImageNet-C's for 224 px images; CIFAR-10-C's, which its authors tuned by hand for 32 px
@@ -327,6 +353,8 @@ PROTOCOLS = {
                       _zooms(1.31, 0.03)),
         "snow": ((0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
                  (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)),
+        # (image's weight, frost's weight); the photographs cropped at their own size
+        "frost": ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)),
         "fog": ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)),
         "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
         "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
@@ -348,6 +376,8 @@ PROTOCOLS = {
                       _zooms(1.26, 0.01)),
         "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
                  (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
+        # the photographs shrunk to a fifth first (FROST_SHRINK)
+        "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
         "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
         "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
         "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
@@ -358,6 +388,7 @@ PROTOCOLS = {
         "jpeg_compression": (80, 65, 58, 50, 40),
     }),
 }
+FROST_SHRINK = {"imagenet-c": 1.0, "cifar-10-c": 0.2}  # the frost photographs' scale at the protocol's size
 SMALL_IMAGES = 64  # up to this size, `protocol_for` picks CIFAR-10-C's parameters
 
 
@@ -379,10 +410,13 @@ def check_corruptions(names: list[str], severities: list[int], protocol: str = "
 
 
 def corrupt(images: torch.Tensor, name: str, severity: int, generator: torch.Generator,
-            protocol: str = "imagenet-c") -> torch.Tensor:
+            protocol: str = "imagenet-c", frost_photos: list[torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 N x 3 x H x W images with corruption `name` at `severity` (1-5) of `protocol`'s parameters, as
-    uint8 again."""
+    uint8 again. Frost needs `frost_photos`: ImageNet-C's six photographs (robustness.frost_photographs)."""
     check_corruptions([name], [severity], protocol)
+    if name == "frost" and not frost_photos:
+        raise ConfigError("frost needs ImageNet-C's frost photographs: `residual download frost` fetches them, or "
+                          "--frost-dir names a folder of frost1.png ... frost6.jpg")
     reference_size, parameters = PROTOCOLS[protocol]
     parameter = parameters[name][severity - 1]
     if name == "jpeg_compression":
@@ -406,6 +440,8 @@ def corrupt(images: torch.Tensor, name: str, severity: int, generator: torch.Gen
         x = zoom_blur(x, parameter)
     elif name == "snow":
         x = snow(x, parameter, scale, generator)
+    elif name == "frost":
+        x = frost(x, parameter, frost_photos, FROST_SHRINK[protocol] * scale, generator)
     elif name == "fog":
         x = fog(x, parameter[0], parameter[1], generator)
     elif name == "brightness":
