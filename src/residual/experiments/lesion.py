@@ -138,7 +138,8 @@ def random_deletions(names: list[str], count: int, draws: int, generator: torch.
 
 def lesion(model: ResNet, name: str, path: str, inputs: torch.Tensor, labels: torch.Tensor, draws: int,
            seed: int, progress: bool = False) -> Lesion:
-    """Delete each block alone, then `draws` random sets of each number of deletable blocks."""
+    """Delete each block alone, then `draws` random sets of blocks for up to MAX_COUNTS numbers of them,
+    from one to every deletable block."""
     shapes = block_shapes(model, inputs[:1])
     order = [block for block, _, _ in blocks(model)]
     downsampling = [block for block in order if shapes[block][0] != shapes[block][1]]
