@@ -128,7 +128,8 @@ def test_paper_recipe_is_section_4_2(tmp_path):
     assert config.optim.milestones == pytest.approx((32_000 / steps_per_epoch, 48_000 / steps_per_epoch))
     assert config.optim.warmup_epochs == 1.0 and config.augment.preset == "cifar"
     paper = recipe_config("paper", "cifar", "resnet20", 50_000, None, "batch", "he", tmp_path, True)
-    assert paper.optim.warmup_epochs == 0
+    assert paper.optim.warmup_epochs == 0 and paper.seed == 0
+    assert recipe_config("quick", "shapes", "resnet56", 4_000, None, "batch", "he", tmp_path, True, seed=2).seed == 2
 
 
 # --- the loss landscape -------------------------------------------------------------------------------

@@ -676,7 +676,7 @@ def cmd_experiment_degradation(args: argparse.Namespace, console: Console) -> in
     from .experiments.degradation import run_degradation
 
     result = run_degradation(args.data, tuple(args.depths), args.recipe, args.epochs, args.norm, args.init, args.out,
-                             console=console)
+                             console=console, seed=args.seed)
     console.print(f"figure, table and verdict in {result['out']} (degradation.png, results.csv, verdict.txt)")
     return 0
 
@@ -787,6 +787,7 @@ def _add_experiment_commands(commands) -> None:
     p.add_argument("--epochs", type=at_least(1), help="override the recipe's length")
     p.add_argument("--norm", type=_norm, default="batch", choices=("batch", "group", None), metavar="batch|group|none")
     p.add_argument("--init", choices=("he", "xavier"), default="he")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (the data stays the same)")
     p.add_argument("--out", default="runs/experiments/degradation")
     p.set_defaults(run=cmd_experiment_degradation)
     p = experiments.add_parser("gradients", help="per-layer gradient norms and response stds, init vs trained")

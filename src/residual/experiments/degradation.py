@@ -59,9 +59,9 @@ class NetResult:
 
 
 def recipe_config(recipe: str, data: str, model: str, train_images: int, epochs: int | None, norm, init,
-                  out: Path, quiet: bool) -> TrainConfig:
+                  out: Path, quiet: bool, seed: int = 0) -> TrainConfig:
     common = dict(data=data, model=model, model_options={"norm": norm, "init": init}, out=str(out), name=model,
-                  quiet=quiet, report=False, augment=AugmentConfig(preset="cifar"), monitor="val_top1")
+                  quiet=quiet, report=False, augment=AugmentConfig(preset="cifar"), monitor="val_top1", seed=seed)
     if recipe == "quick":
         # 4,000 images make 125 steps an epoch at batch 32, against 31 at the paper's 128: at 128 and lr 0.1,
         # resnet56 spent its first epochs near chance and ended behind resnet20 (49% training error
@@ -79,8 +79,10 @@ def recipe_config(recipe: str, data: str, model: str, train_images: int, epochs:
 
 def run_degradation(data: str = "shapes", depths: tuple[int, ...] = (20, 56), recipe: str = "quick",
                     epochs: int | None = None, norm: str | None = "batch", init: str = "he",
-                    out: str | Path = "runs/experiments/degradation", console=None, quiet: bool = True) -> dict:
-    """Train plain-N and resnet-N for every depth; write degradation.png, results.csv, verdict.txt."""
+                    out: str | Path = "runs/experiments/degradation", console=None, quiet: bool = True,
+                    seed: int = 0) -> dict:
+    """Train plain-N and resnet-N for every depth (training seed `seed`; the data stays the same); write
+    degradation.png, results.csv, verdict.txt."""
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe must be one of {RECIPES}, got {recipe!r}")
     depths = tuple(sorted(depths))
@@ -99,12 +101,13 @@ def run_degradation(data: str = "shapes", depths: tuple[int, ...] = (20, 56), re
             model = f"{family}{depth}"
             if console:
                 console.print(f"training {model} ({recipe} recipe)")
-            config = recipe_config(recipe, str(folder), model, train_images, epochs, norm, init, out / "runs", quiet)
+            config = recipe_config(recipe, str(folder), model, train_images, epochs, norm, init, out / "runs", quiet,
+                                   seed)
             history = train(config, console=console).history
             results[model] = NetResult(model, [1 - r["train_acc"] for r in history],
                                        [1 - r["val_top1"] for r in history])
     verdict = write_report(results, depths, len(dataset.classes), out,
-                           f"{data}, {recipe} recipe, norm={norm or 'none'}, init={init}")
+                           f"{data}, {recipe} recipe, norm={norm or 'none'}, init={init}, seed {seed}")
     if console:
         console.print(verdict)
     return {"results": results, "verdict": verdict, "out": out}
