@@ -139,9 +139,8 @@ def frost(x: torch.Tensor, mix: tuple[float, float], photos: list[torch.Tensor],
     `shrink` as OpenCV's bilinear resize does it (no antialiasing, whole grey levels), at a random offset.
     `photos`: uint8 3 x H x W each, in ImageNet-C's order."""
     n, _, height, width = x.shape
-    resized = [F.interpolate(photo[None].float(), scale_factor=shrink, mode="bilinear", align_corners=False,
-                             recompute_scale_factor=False).round().clamp(0, 255)[0].to(x) / 255
-               if shrink != 1 else photo.to(x) / 255 for photo in photos[:5]]
+    resized = [F.interpolate(photo[None].to(x), scale_factor=shrink, mode="bilinear", align_corners=False,
+                             recompute_scale_factor=False).round().clamp(0, 255)[0] / 255 for photo in photos[:5]]
     for photo in resized:
         if photo.shape[1] <= height or photo.shape[2] <= width:
             raise ConfigError(f"a frost photograph of {photo.shape[2]} x {photo.shape[1]} px is too small to crop "
