@@ -254,8 +254,8 @@ def test_a_dataset_file_reads_a_csv_of_another_layout(tmp_path):
     ("csv: labels.csv\nimage_column: name\nlabel_column: breed\n",
      "dogs.yaml: image_column 'name' is not a column of .*labels.csv \\(it has: id, breed, fold\\)"),
     ("csv: labels.csv\nimage_column: id\n", "labels.csv: no label column; the header must name one of label, class, "
-                                             "category, target \\(it has: id, breed, fold\\), or name its "
-                                             "label_column in a dataset file"),
+                                             "category, target, labels, tags \\(it has: id, breed, fold\\), or name "
+                                             "its label_column in a dataset file"),
     ("csv: labels.csv\nimage_column: id\nlabel_column: breed\nsuffix: .jpg\n",
      "labels.csv: 12 listed image\\(s\\) do not exist, the first on line 2: .*d/0.jpg \\(image paths are relative "
      "to .*d, as .*dogs.yaml says\\)"),

@@ -648,8 +648,18 @@ def _launch_workers(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
-    from .data.shapes import split_sizes, write_shapes
+    from .data.shapes import (MULTI_LABEL_CSV, multi_label_split_sizes, split_sizes, write_multi_label_shapes,
+                              write_shapes)
 
+    if args.multi_label:
+        if args.masks:
+            raise ResidualError("--masks: the multi-label images are drawn without masks; drop --masks")
+        out = write_multi_label_shapes(args.out, size=args.size, train_images=args.per_class * 10, seed=args.seed)
+        sizes = multi_label_split_sizes(args.per_class * 10)
+        console.print(f"wrote {out}: 10 classes, 0-3 shapes per image, {args.size}px, train/val/test = "
+                      f"{sizes['train']}/{sizes['val']}/{sizes['test']} images; labels in {out / MULTI_LABEL_CSV} "
+                      f"(residual train {out / MULTI_LABEL_CSV})")
+        return 0
     out = write_shapes(args.out, size=args.size, per_class=args.per_class, seed=args.seed, masks=args.masks)
     sizes = split_sizes(args.per_class)
     console.print(f"wrote {out}: 10 classes, {args.size}px, train/val/test = "
@@ -1256,6 +1266,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images per class (val/test get a fifth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks", action="store_true", help="also write each shape's mask under masks/")
+    p.add_argument("--multi-label", action="store_true",
+                   help="0-3 different shapes per image, listed in labels.csv (10 x --per-class training images)")
     p.set_defaults(run=cmd_shapes)
 
     p = commands.add_parser("check-data", help="bad files, class balance, duplicates and train/val leakage")

@@ -30,7 +30,8 @@ class DataReport:
     bad: list[str] = field(default_factory=list)  # one message per unreadable file
     duplicates: list[list[str]] = field(default_factory=list)  # groups of identical images within a split
     leaks: list[tuple[str, str, str]] = field(default_factory=list)  # (split, item, the same image in train)
-    # groups of identical or near-identical images, in any splits, filed under different classes: "item (class)" each
+    # groups of identical or near-identical images, in any splits, filed under different classes (or, multi-label,
+    # different sets of them): "item (class)" each
     conflicts: list[list[str]] = field(default_factory=list)
     near_duplicates: list[list[str]] = field(default_factory=list)  # near-identical, other bytes, within a split
     near_leaks: list[tuple[str, str, str]] = field(default_factory=list)  # (split, item, its near-copy in train)
@@ -74,7 +75,7 @@ class _Checked:
     """An image read by check_data."""
     split: str
     item: str
-    label: int
+    label: tuple[int, ...]  # its class, or a multi-label image's classes (maybe none)
     digest: str
 
 
@@ -110,7 +111,8 @@ def check_data(root: str | Path, val_split: float | None = None, seed: int = 0, 
                         continue
                 digest = hashlib.sha256(content).hexdigest()
                 digests[name][digest].append(item)
-                checked.append(_Checked(name, item, int(label), digest))
+                classes = tuple(i for i, on in enumerate(label) if on) if dataset.multi_label else (int(label),)
+                checked.append(_Checked(name, item, classes, digest))
                 fingerprints.append(fingerprint(image))
                 bar.advance(task)
     for name in splits:
@@ -134,7 +136,8 @@ def _report_copies(report: DataReport, checked: list[_Checked], fingerprints: li
     for group in connected_groups(len(checked), near + exact):
         members = [checked[index] for index in group]
         if len({member.label for member in members}) > 1:
-            report.conflicts.append([f"{member.item} ({classes[member.label]})" for member in members])
+            report.conflicts.append([f"{member.item} ({' '.join(classes[c] for c in member.label) or 'no labels'})"
+                                     for member in members])
         for split in report.counts:
             inside = [member for member in members if member.split == split]
             if len({member.digest for member in inside}) > 1:

@@ -7,8 +7,12 @@
   path: relative to the CSV's folder, or absolute), a label column (label, class,
   category or target) and, optionally, a split column (train, val, test); without one,
   val is a seeded, stratified share as for a folder of class folders.
+- Multi-label: a CSV whose label column is named labels or tags lists any number of labels per
+  image, separated by spaces (Kaggle's Planet: `image_name,tags` with "clear primary water"); a
+  row may list none. Its val share is seeded but not stratified (an image has several labels).
 - A dataset file (.yaml) naming a CSV of another layout: its columns, the folder its image
-  names are relative to, and a suffix they lack (Kaggle's id,breed with train/<id>.jpg).
+  names are relative to, a suffix they lack (Kaggle's id,breed with train/<id>.jpg), and for
+  multi-label data the separator between labels (label_separator).
 - CIFAR-10/100 in the python-pickle layout of cifar-{10,100}-python.tar.gz. Those
   files are pickles, so they are read with an unpickler that admits only NumPy
   arrays and plain containers: a tampered file cannot run code.
@@ -35,6 +39,7 @@ VAL_NAMES = ("val", "valid", "validation")
 # The header names a CSV's columns may have (in any case): the first of each list found is used.
 CSV_IMAGE_COLUMNS = ("image", "file", "filename", "filepath", "path")
 CSV_LABEL_COLUMNS = ("label", "class", "category", "target")
+CSV_MULTI_LABEL_COLUMNS = ("labels", "tags")  # any number of labels per image, separated by spaces
 DEFAULT_VAL_SPLIT = 0.1  # held out per class when the data has no val/ folder
 
 
@@ -53,6 +58,7 @@ class CsvLayout:
     split_column: str | None = None
     images: Path | None = None  # the folder image names are relative to (None: the CSV's)
     suffix: str = ""  # appended to every image name, e.g. .jpg for ids without an extension
+    label_separator: str | None = None  # multi-label: what separates an image's labels (" ": any whitespace)
     described_in: Path | None = None  # the dataset file, named in errors about what it says
 
     @property
@@ -79,13 +85,14 @@ def listed_image(path: Path, cell: str, image_column: str, label_column: str | N
     return image
 
 
-DATASET_FILE_KEYS = ("csv", "image_column", "label_column", "split_column", "images", "suffix")
+DATASET_FILE_KEYS = ("csv", "image_column", "label_column", "split_column", "images", "suffix", "label_separator")
 DATASET_FILE_SUFFIXES = (".yaml", ".yml")
 
 
 def read_dataset_file(path: Path) -> CsvLayout:
     """A dataset file: YAML naming a CSV (relative to the file) and how to read it, e.g.
-    `csv: labels.csv`, `image_column: id`, `label_column: breed`, `images: train`, `suffix: .jpg`."""
+    `csv: labels.csv`, `image_column: id`, `label_column: breed`, `images: train`, `suffix: .jpg`;
+    `label_separator: " "` makes it multi-label (each cell lists an image's labels)."""
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -100,13 +107,15 @@ def read_dataset_file(path: Path) -> CsvLayout:
     if unknown:
         raise DatasetError(f"{path}: unknown key(s) {', '.join(unknown)}; a dataset file may say "
                            f"{', '.join(DATASET_FILE_KEYS)}")
-    not_text = [key for key, value in spec.items() if not isinstance(value, str) or not value.strip()]
+    # A separator may be a space, which is not blank here.
+    not_text = [key for key, value in spec.items()
+                if not isinstance(value, str) or not (value if key == "label_separator" else value.strip())]
     if not_text:
         raise DatasetError(f"{path}: {not_text[0]} must be a name (text), got {spec[not_text[0]]!r}")
     folder = path.parent
     return CsvLayout(folder / spec["csv"], spec.get("image_column"), spec.get("label_column"),
                      spec.get("split_column"), folder / spec["images"] if "images" in spec else None,
-                     spec.get("suffix", ""), described_in=path)
+                     spec.get("suffix", ""), spec.get("label_separator"), described_in=path)
 
 
 def _is_dataset_file(path: Path) -> bool:
@@ -115,10 +124,11 @@ def _is_dataset_file(path: Path) -> bool:
 
 @dataclass
 class Split:
-    """One split: image files with labels, or images already in memory (CIFAR)."""
+    """One split: image files with labels, or images already in memory (CIFAR). A label is a class index,
+    or in multi-label data a row of 0/1 per class (multi-hot)."""
 
     files: list[Path] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
+    labels: list[int] | list[list[int]] = field(default_factory=list)
     images: torch.Tensor | None = None  # uint8 N x 3 x H x W, for in-memory sources
 
     def __len__(self) -> int:
@@ -136,9 +146,14 @@ class Dataset:
     ignored: list[Path] = field(default_factory=list)  # files without an image extension
     flat: bool = False  # no split of its own: one pool of labelled images, of which val is a seeded share
     files_under: Path | None = None  # the folder the files' names are relative to (None: root)
+    multi_label: bool = False  # each image has any number of the classes (labels are multi-hot rows)
 
     def class_counts(self, split: Split) -> list[int]:
-        return np.bincount(np.asarray(split.labels, dtype=np.int64), minlength=len(self.classes)).tolist()
+        """Images of each class (in multi-label data: images that have the label)."""
+        labels = np.asarray(split.labels, dtype=np.int64)
+        if self.multi_label:
+            return labels.reshape(-1, len(self.classes)).sum(0).tolist()
+        return np.bincount(labels, minlength=len(self.classes)).tolist()
 
     def fingerprint(self, split: Split) -> str:
         """A digest of what `split` holds: its files (relative to the root, so the folder may move) and
@@ -334,18 +349,20 @@ def _open_csv(root: Path, layout: CsvLayout, val_split: float | None, seed: int)
     if not rows:
         raise DatasetError(f"{path}: no rows under the header; list one image,label per line")
     image_column = _csv_column(layout, header, CSV_IMAGE_COLUMNS, "image")
-    label_column = _csv_column(layout, header, CSV_LABEL_COLUMNS, "label")
+    label_column = _csv_column(layout, header, CSV_LABEL_COLUMNS + CSV_MULTI_LABEL_COLUMNS, "label")
+    multi_label = layout.label_separator is not None or label_column.lower() in CSV_MULTI_LABEL_COLUMNS
+    separator = layout.label_separator or " "
     split_column = (_csv_column(layout, header, (), "split") if layout.split_column is not None
                     else next((column for column in header if column.lower() == "split"), None))
     split_names = {"train": "train", "test": "test", **{name: "val" for name in VAL_NAMES}}
     folder = layout.folder
-    listed: dict[str, list[tuple[Path, str]]] = {"train": [], "val": [], "test": []}
+    listed: dict[str, list[tuple[Path, tuple[str, ...]]]] = {"train": [], "val": [], "test": []}
     missing: list[tuple[int, Path]] = []
     ignored: list[Path] = []
     for number, row in rows:
-        image, label = (row.get(image_column) or "").strip(), (row.get(label_column) or "").strip()
+        image, cell = (row.get(image_column) or "").strip(), (row.get(label_column) or "").strip()
         split = (row.get(split_column) or "").strip().lower() if split_column else "train"
-        if not image or not label:
+        if not image or not (cell or multi_label):  # a multi-label image may have none of the labels
             raise DatasetError(f"{path}: line {number} has no {image_column if not image else label_column}; "
                                f"every row needs an image and a label")
         if split not in split_names:
@@ -356,36 +373,66 @@ def _open_csv(root: Path, layout: CsvLayout, val_split: float | None, seed: int)
         elif not file.is_file():
             missing.append((number, file))
         else:
-            listed[split_names[split]].append((file, label))
+            listed[split_names[split]].append((file, split_labels(cell, separator) if multi_label else (cell,)))
     if missing:
         number, file = missing[0]
         raise DatasetError(f"{path}: {len(missing)} listed image(s) do not exist, the first on line {number}: "
                            f"{file} (image paths are relative to " + (
                                f"the CSV's folder, {folder}; a dataset file (.yaml) can name another and a suffix)"
                                if layout.described_in is None else f"{folder}, as {layout.described_in} says)"))
-    classes = _class_order({label for _, label in listed["train"]})
+    classes = _class_order({label for _, labels in listed["train"] for label in labels})
     if len(classes) < 2:
         raise DatasetError(f"{path}: the training rows name {len(classes)} class(es); need at least 2")
-    unknown = sorted({label for split in ("val", "test") for _, label in listed[split]} - set(classes))
+    unknown = sorted({label for split in ("val", "test") for _, labels in listed[split] for label in labels}
+                     - set(classes))
     if unknown:
         raise DatasetError(f"{path}: classes {unknown[:5]} of the val or test rows have no training rows")
     index = {name: label for label, name in enumerate(classes)}
-    train, val, test = (Split([file for file, _ in listed[name]], [index[label] for _, label in listed[name]])
+
+    def encoded(labels: tuple[str, ...]) -> int | list[int]:
+        if not multi_label:
+            return index[labels[0]]
+        row = [0] * len(classes)
+        for label in labels:
+            row[index[label]] = 1
+        return row
+
+    train, val, test = (Split([file for file, _ in listed[name]], [encoded(labels) for _, labels in listed[name]])
                         for name in ("train", "val", "test"))
     if len(val) and val_split is not None:
         raise DatasetError(f"--val-split: {path} has val rows, which are the validation set; drop --val-split")
     if not len(val):
-        train, val = _stratified_split(train, val_split, seed)
+        train, val = (_random_split if multi_label else _stratified_split)(train, val_split, seed)
     return Dataset(root, "csv", classes, train, val, test if len(test) else None, ignored, flat=not split_column,
-                   files_under=folder)
+                   files_under=folder, multi_label=multi_label)
 
 
-def _stratified_split(split: Split, fraction: float | None, seed: int) -> tuple[Split, Split]:
-    """Seeded per-class split: each class gives round(fraction * n) images (at least 1) to val.
-    `fraction` None: DEFAULT_VAL_SPLIT (0 is an error, not "not given")."""
+def split_labels(cell: str, separator: str = " ") -> tuple[str, ...]:
+    """The labels a multi-label cell lists, in order, each once; a blank separator splits at any whitespace."""
+    parts = cell.split() if not separator.strip() else (part.strip() for part in cell.split(separator))
+    return tuple(dict.fromkeys(part for part in parts if part))
+
+
+def _val_fraction(fraction: float | None) -> float:
+    """--val-split as given, or DEFAULT_VAL_SPLIT (0 is an error, not "not given")."""
     fraction = DEFAULT_VAL_SPLIT if fraction is None else fraction
     if not 0.0 < fraction < 1.0:
         raise DatasetError(f"--val-split must be between 0 and 1, got {fraction}")
+    return fraction
+
+
+def _split_off(split: Split, val_index) -> tuple[Split, Split]:
+    """(the images not in `val_index`, those in it), each in file order."""
+    in_val = np.zeros(len(split), dtype=bool)
+    in_val[list(val_index)] = True
+    labels = np.asarray(split.labels)
+    pick = lambda keep: Split([f for f, k in zip(split.files, keep) if k], labels[keep].tolist())  # noqa: E731
+    return pick(~in_val), pick(in_val)
+
+
+def _stratified_split(split: Split, fraction: float | None, seed: int) -> tuple[Split, Split]:
+    """Seeded per-class split: each class gives round(fraction * n) images (at least 1) to val."""
+    fraction = _val_fraction(fraction)
     rng = np.random.default_rng(seed)
     labels = np.asarray(split.labels)
     val_index = []
@@ -395,10 +442,15 @@ def _stratified_split(split: Split, fraction: float | None, seed: int) -> tuple[
             continue  # a class with one image stays in train
         count = min(len(members) - 1, max(1, round(fraction * len(members))))
         val_index.extend(rng.permutation(members)[:count].tolist())
-    in_val = np.zeros(len(labels), dtype=bool)
-    in_val[val_index] = True
-    pick = lambda keep: Split([f for f, k in zip(split.files, keep) if k], labels[keep].tolist())  # noqa: E731
-    return pick(~in_val), pick(in_val)
+    return _split_off(split, val_index)
+
+
+def _random_split(split: Split, fraction: float | None, seed: int) -> tuple[Split, Split]:
+    """Seeded split of multi-label images: round(fraction * n) of them (at least 1) to val, drawn at random.
+    Stratifying by class does not apply where an image has several classes."""
+    fraction = _val_fraction(fraction)
+    count = min(len(split) - 1, max(1, round(fraction * len(split))))
+    return _split_off(split, np.random.default_rng(seed).permutation(len(split))[:count])
 
 
 # --- CIFAR ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The built-in synthetic images: one filled shape on a noisy, textured background.
+"""The built-in synthetic images: one filled shape on a noisy, textured background, or for
+multi-label training none to three different shapes on one background (`write_multi_label_shapes`).
 
 Each of the ten classes is distinguishable under any rotation (no square vs
 diamond). Position, size, rotation and colours are random; the background is a
@@ -11,6 +12,7 @@ random generator.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..atomic import write_json
+from ..atomic import atomic_path, write_json
 from ..progress import progress_bar
 
 SHAPE_CLASSES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "ring", "crescent", "arrow")
@@ -92,6 +94,18 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return image + rng.normal(0, 10, image.shape)
 
 
+def _paint(background: np.ndarray, mask: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    """`background` with the mask's shape painted on in a colour far from the background's mean (so the
+    shape is always visible), shaded with noise."""
+    mean = background.reshape(-1, 3).mean(0)
+    colour = rng.uniform(0, 255, 3)
+    while np.linalg.norm(colour - mean) < 110:
+        colour = rng.uniform(0, 255, 3)
+    shaded = colour + rng.normal(0, 12, background.shape)
+    alpha = np.asarray(mask, dtype=np.float64)[..., None] / 255.0
+    return background * (1 - alpha) + shaded * alpha
+
+
 def render_shape(shape: str, size: int, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
     """One RGB image of `shape` and its L-mode mask (255 on the shape), both `size` x `size`."""
     if shape not in SHAPE_CLASSES:
@@ -100,15 +114,36 @@ def render_shape(shape: str, size: int, rng: np.random.Generator) -> tuple[Image
     radius = rng.uniform(0.22, 0.42) * size
     center = tuple(rng.uniform(radius, size - radius, 2))
     mask = _draw_mask(shape, size, center, radius, rng.uniform(0, 2 * math.pi))
-    # A shape colour far from the background's mean, so the shape is always visible.
-    mean = background.reshape(-1, 3).mean(0)
-    colour = rng.uniform(0, 255, 3)
-    while np.linalg.norm(colour - mean) < 110:
-        colour = rng.uniform(0, 255, 3)
-    shaded = colour + rng.normal(0, 12, background.shape)
-    alpha = np.asarray(mask, dtype=np.float64)[..., None] / 255.0
-    image = np.clip(background * (1 - alpha) + shaded * alpha, 0, 255).astype(np.uint8)
+    image = np.clip(_paint(background, mask, rng), 0, 255).astype(np.uint8)
     return Image.fromarray(image, "RGB"), mask
+
+
+def render_shapes(shapes: list[str], size: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB image holding each of `shapes` (any number, none included) side by side, none overlapping:
+    each in a disc of its own."""
+    unknown = [shape for shape in shapes if shape not in SHAPE_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown shape {unknown[0]!r}; classes are {SHAPE_CLASSES}")
+    image = _background(size, rng)
+    for shape, (x, y, radius) in zip(shapes, _disc_layout(len(shapes), size, rng)):
+        image = _paint(image, _draw_mask(shape, size, (x, y), radius, rng.uniform(0, 2 * math.pi)), rng)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+
+
+def _disc_layout(count: int, size: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
+    """`count` discs (x, y, radius) inside the image, none overlapping, by rejection sampling. A first disc
+    in the middle can leave no room for a third, so a layout that fails 20 draws in a row starts over."""
+    while True:
+        placed: list[tuple[float, float, float]] = []
+        for _ in range(20 * count):
+            if len(placed) == count:
+                break
+            radius = rng.uniform(0.15, 0.22) * size
+            x, y = rng.uniform(radius, size - radius, 2)
+            if all(math.dist((x, y), (px, py)) > radius + pr for px, py, pr in placed):
+                placed.append((float(x), float(y), float(radius)))
+        if len(placed) == count:
+            return placed
 
 
 SPLITS = ("train", "val", "test")
@@ -153,4 +188,51 @@ def write_shapes(out_dir: str | Path, size: int = 32, per_class: int = 1000, see
             bar.advance(task)
     # The manifest is written last: its presence means the dataset is complete.
     write_json(manifest_path, manifest)
+    return out_dir
+
+
+MULTI_LABEL_CSV = "labels.csv"
+# How many shapes a multi-label image holds: 0 to 3, a tenth of the images none (a picture can have no label).
+SHAPES_PER_IMAGE = {0: 0.1, 1: 0.3, 2: 0.3, 3: 0.3}
+
+
+def multi_label_split_sizes(train_images: int) -> dict[str, int]:
+    """Images in each split of the multi-label set: `train_images` to train, a fifth of it (at least 10) each to
+    val and test."""
+    held_out = max(10, train_images // 5)
+    return {"train": train_images, "val": held_out, "test": held_out}
+
+
+def write_multi_label_shapes(out_dir: str | Path, size: int = 48, train_images: int = 4000, seed: int = 0,
+                             progress: bool = True) -> Path:
+    """Write the multi-label `shapes` dataset: OUT/{train,val,test}/NNNNN.png, and OUT/labels.csv with one
+    image,labels,split row per image, its labels the shapes it holds separated by spaces (what `residual
+    train OUT/labels.csv` reads as multi-label); split sizes as `multi_label_split_sizes`. Seeded per image,
+    as `write_shapes`; an OUT holding this exact dataset is left as it is."""
+    out_dir = Path(out_dir)
+    sizes = multi_label_split_sizes(train_images)
+    manifest = {"dataset": "shapes-multi-label", "size": size, "train_images": train_images, "seed": seed,
+                "classes": list(SHAPE_CLASSES), "shapes_per_image": SHAPES_PER_IMAGE, "splits": sizes, "format": 1}
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
+        return out_dir
+    counts, shares = list(SHAPES_PER_IMAGE), list(SHAPES_PER_IMAGE.values())
+    rows = []
+    with progress_bar("drawing shapes", progress) as bar:
+        task = bar.add_task("shapes", total=sum(sizes.values()))
+        for split in SPLITS:
+            (out_dir / split).mkdir(parents=True, exist_ok=True)
+            for index in range(sizes[split]):
+                rng = np.random.default_rng([seed, SPLITS.index(split), index, len(SHAPE_CLASSES)])
+                chosen = rng.choice(len(SHAPE_CLASSES), rng.choice(counts, p=shares), replace=False)
+                shapes = [SHAPE_CLASSES[c] for c in chosen]
+                name = f"{split}/{index:05d}.png"
+                render_shapes(shapes, size, rng).save(out_dir / name)
+                rows.append((name, " ".join(sorted(shapes)), split))
+                bar.advance(task)
+    with atomic_path(out_dir / MULTI_LABEL_CSV) as tmp, open(tmp, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(("image", "labels", "split"))
+        writer.writerows(rows)
+    write_json(manifest_path, manifest)  # last: its presence means the dataset is complete
     return out_dir
