@@ -235,3 +235,22 @@ def test_a_finished_worker_skips_the_teardown_and_a_failed_one_does_not(monkeypa
     assert ended == []
     distributed.end_worker(0)
     assert ended == [0]
+
+
+def test_two_workers_gather_a_multi_label_validation_for_its_map(tmp_path):
+    # mAP ranks every validation image by each class, so it is not a sum of the workers' shares: each worker's
+    # probabilities are gathered whole. Half of them alone would give another mAP.
+    from residual.data.shapes import MULTI_LABEL_CSV, write_multi_label_shapes
+    data = write_multi_label_shapes(tmp_path / "tags", size=16, train_images=64, progress=False)
+    config = TrainConfig(data=str(data / MULTI_LABEL_CSV), model="resnet20", model_options={"norm": "group"},
+                         epochs=1, batch_size=16, optim=OptimConfig(lr=0.01, schedule="constant"),
+                         augment=AugmentConfig(preset="none"), out=str(tmp_path / "runs"), quiet=True, report=False,
+                         workers=0, channels_last=False)
+    single = read_metrics(train(TrainConfig.from_dict({**config.to_dict(), "name": "single"})).run_dir)
+    save_config(TrainConfig.from_dict({**config.to_dict(), "name": "ddp"}), tmp_path / "ddp.yaml")
+    done = subprocess.run([sys.executable, "-m", "residual", "train", "--config", str(tmp_path / "ddp.yaml"),
+                           "--nproc", "2"], env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, outcome(done)
+    ddp = read_metrics(tmp_path / "runs" / "ddp")
+    for column in ("val_loss", "val_map", "val_f1", "val_exact_match"):
+        assert float(ddp[0][column]) == pytest.approx(float(single[0][column]), rel=1e-2, abs=1e-3), column

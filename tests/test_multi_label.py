@@ -2,19 +2,50 @@
 class, evaluated by mAP and F1, predicted and served as the classes over the model's threshold."""
 
 import csv
+import io
+import json
+import urllib.request
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import residual
+from residual.cli import main
+from residual.deploy.prune import prune
+from residual.label_errors import find_label_errors
+from residual.robustness import robustness
 from residual.data.datasets import DatasetError, open_dataset, split_labels
 from residual.data.shapes import MULTI_LABEL_CSV, render_shapes, write_multi_label_shapes
+from residual.data.transforms import mix_batch, soft_targets
+from residual.errors import ConfigError
+from residual.evaluate import evaluate, model_labels
+from residual.metrics import label_losses, multi_label_metrics
+from residual.predict import Prediction, predict, single_label_only, write_csv, write_json, write_labels
+from residual.serve import ModelServer, ServeConfig
+from residual.train import TrainConfig, load_config, train
+from residual.train.config import resolve
+from residual.train.loss import label_loss_sum
+from residual.train.optim import OptimConfig
+from residual.train.preview import target_title
+from residual.weights import load_model, read_metadata, save_model
+
+QUICK = dict(model="resnet20", batch_size=16, optim=OptimConfig(lr=0.05), quiet=True, report=False)
 
 
 @pytest.fixture(scope="module")
 def tagged(tmp_path_factory):
     """The multi-label shapes at 32 px: 60 training images, 12 each for val and test."""
     return write_multi_label_shapes(tmp_path_factory.mktemp("tagged"), size=32, train_images=60, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tagged_run(tagged, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return train(TrainConfig(data=str(tagged / MULTI_LABEL_CSV), epochs=2, out=str(out), name="tagged",
+                             **(QUICK | {"report": True})))
 
 
 def write_rows(folder, header, rows, name="labels.csv"):
@@ -27,6 +58,8 @@ def write_rows(folder, header, rows, name="labels.csv"):
         csv.writer(stream).writerows([header, *rows])
     return folder / name
 
+
+# --- data ---------------------------------------------------------------------------------------------
 
 def test_a_labels_column_lists_any_number_of_classes_per_image_none_included(tmp_path):
     path = write_rows(tmp_path, ("file", "tags", "split"), [
@@ -85,6 +118,237 @@ def test_multi_label_shapes_list_the_shapes_each_image_holds(tagged):
     assert not np.array_equal(np.asarray(blank), np.asarray(painted))
     with pytest.raises(ValueError, match="unknown shape 'blob'"):
         render_shapes(["blob"], 32, rng)
+
+
+# --- loss, targets and metrics ------------------------------------------------------------------------
+
+def test_multi_hot_targets_are_smoothed_mixed_and_scored_with_one_sigmoid_per_class():
+    labels = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]])
+    assert torch.allclose(soft_targets(labels, 4, 0.2), torch.tensor([[0.85, 0.05, 0.85, 0.05], [0.05] * 4]))
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0], [-3.0, 1.0, 0.0, 2.0]])
+    expected = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum")
+    assert torch.allclose(label_loss_sum(logits, labels, labels, "bce", 0.0), expected)
+    images = torch.rand(2, 3, 4, 4)
+    torch.manual_seed(0)
+    mixed, targets = mix_batch(images, labels, 4, mixup=1.0, cutmix=0.0)
+    lam = float((mixed[0] - images[1]).flatten()[0] / (images[0] - images[1]).flatten()[0])
+    assert torch.allclose(targets[0], lam * labels[0].float() + (1 - lam) * labels[1].float(), atol=1e-5)
+
+
+def test_multi_label_metrics_match_their_definitions():
+    targets = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    probs = np.array([[0.9, 0.2, 0.6], [0.3, 0.8, 0.4], [0.4, 0.7, 0.1], [0.1, 0.6, 0.2]])
+    metrics = multi_label_metrics(probs, targets, ["a", "b", "c"], threshold=0.5)
+    a, b, c = metrics["per_class"]
+    # Class a: positives score 0.9 and 0.4, negatives 0.3 and 0.1: ranked 1st and 2nd, so AP 1, AUC 1.
+    assert a["average_precision"] == pytest.approx(1.0) and a["roc_auc"] == pytest.approx(1.0)
+    # Class b: positives 0.8, 0.7; negatives 0.6, 0.2: also ranked first. Class c: one positive, ranked first.
+    assert b["average_precision"] == pytest.approx(1.0) and c["average_precision"] == pytest.approx(1.0)
+    # At 0.5: a predicts image 0 only (recall 1/2), b predicts 1, 2 and 3 (precision 2/3), c image 0 (right).
+    assert (a["precision"], a["recall"]) == (1.0, 0.5)
+    assert (b["precision"], b["recall"]) == pytest.approx((2 / 3, 1.0))
+    assert (c["precision"], c["recall"], c["f1"]) == (1.0, 1.0, 1.0)
+    assert metrics["map"] == pytest.approx(1.0)
+    tp, called, support = 1 + 2 + 1, 1 + 3 + 1, 2 + 2 + 1
+    assert metrics["micro"]["precision"] == pytest.approx(tp / called)
+    assert metrics["micro"]["recall"] == pytest.approx(tp / support)
+    assert metrics["exact_match"] == pytest.approx(2 / 4)  # images 0 and 1; 2 misses a, 3 calls b
+    assert metrics["hamming_loss"] == pytest.approx(2 / 12)
+    expected_loss = -np.mean([sum(np.log(p) if t else np.log(1 - p) for p, t in zip(row, truth))
+                              for row, truth in zip(probs, targets)])
+    assert metrics["loss"] == pytest.approx(expected_loss)
+    assert metrics["labels_per_image"] == {"true": pytest.approx(5 / 4), "predicted": pytest.approx(5 / 4)}
+    # A wrong ranking lowers AP: class a's positive at 0.4 now below a negative at 0.5.
+    worse = probs.copy()
+    worse[1, 0] = 0.5
+    assert multi_label_metrics(worse, targets, ["a", "b", "c"])["per_class"][0]["average_precision"] == \
+        pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_label_losses_sum_each_classes_binary_cross_entropy():
+    probs, targets = np.array([[0.8, 0.1]]), np.array([[1, 0]])
+    assert label_losses(probs, targets)[0] == pytest.approx(-np.log(0.8) - np.log(0.9))
+
+
+def test_a_preview_title_lists_every_class_an_image_has():
+    names = ["circle", "ring", "star"]
+    assert target_title(torch.tensor([1.0, 0.0, 1.0]), names, multi_label=True) == "circle + star"
+    assert target_title(torch.tensor([0.7, 0.3, 1.0]), names, multi_label=True) == "circle 0.70 + ring 0.30 + star"
+    assert target_title(torch.zeros(3), names, multi_label=True) == "(no labels)"
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+def test_a_multi_label_run_trains_sigmoids_and_keeps_the_best_map(tagged_run, tagged):
+    run = tagged_run.run_dir
+    config = load_config(run / "config.yaml")
+    assert (config.loss, config.monitor) == ("bce", "val_map")
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert list(rows[0])[:7] == ["epoch", "train_loss", "train_acc", "val_loss", "val_map", "val_f1",
+                                 "val_exact_match"]
+    best = max(rows, key=lambda row: float(row["val_map"]))
+    assert tagged_run.best_epoch == int(best["epoch"])
+    meta = read_metadata(run / "model.safetensors")
+    assert meta["multi_label"] is True and meta["threshold"] == 0.5
+    for name in ("report.html", "pr_curves.png", "reliability.png", "highest_loss.png", "predictions.csv"):
+        assert (run / name).is_file(), name
+    assert not (run / "confusion_matrix.png").exists()
+    # What training recorded for the kept epoch is what evaluating the saved model on val gives.
+    model = load_model(run / "model.safetensors")
+    result = evaluate(model, open_dataset(tagged / MULTI_LABEL_CSV), "val", gallery_size=0)
+    assert result.metrics["map"] == pytest.approx(meta["extra"]["val_map"], abs=1e-5)
+    assert result.metrics["loss"] == pytest.approx(meta["extra"]["val_loss"], rel=1e-4)
+    assert result.metrics["exact_match"] == pytest.approx(meta["extra"]["val_exact_match"])
+    assert result.probs.shape == result.labels.shape == (12, 10)
+
+
+def test_a_multi_label_model_file_and_onnx_export_say_so(tagged_run, tmp_path):
+    model = load_model(tagged_run.model_path)
+    assert model.multi_label and model.threshold == 0.5
+    model.threshold = 0.3
+    again = load_model(save_model(model, tmp_path / "m.safetensors"))
+    assert again.multi_label and again.threshold == 0.3
+    assert not load_model(save_model(residual.create_model("resnet20", num_classes=3),
+                                     tmp_path / "single.safetensors")).multi_label
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (dict(loss="ce"), "--loss ce"), (dict(class_weights="auto"), "--class-weights"),
+    (dict(monitor="val_top1"), "--monitor val_top1"), (dict(balanced_sampler=True), "--balanced-sampler")])
+def test_options_built_on_one_class_per_image_are_refused_for_multi_label_data(tagged, flags, refused):
+    with pytest.raises(ConfigError, match=f"is multi-label .*drop {refused}"):
+        resolve(TrainConfig(data=str(tagged / MULTI_LABEL_CSV), **flags), open_dataset(tagged / MULTI_LABEL_CSV))
+
+
+def test_val_map_is_refused_for_single_label_data(tmp_path):
+    from residual.data.shapes import write_shapes
+    data = write_shapes(tmp_path / "s", size=8, per_class=3, progress=False)
+    with pytest.raises(ConfigError, match="--monitor val_map: .* one class per image"):
+        resolve(TrainConfig(data=str(data), monitor="val_map"), open_dataset(data))
+
+
+# --- evaluate, predict, serve -------------------------------------------------------------------------
+
+def test_eval_renumbers_labels_into_the_models_classes_and_refuses_a_single_label_model(tagged_run, tagged):
+    model = load_model(tagged_run.model_path)
+    data = open_dataset(tagged / MULTI_LABEL_CSV)
+    model.class_names = list(reversed(model.class_names))  # the model's own order differs from the data's
+    targets = model_labels(data, data.val, model)
+    assert np.array_equal(targets, np.asarray(data.val.labels)[:, ::-1])
+    single = residual.create_model("resnet20", num_classes=10)
+    single.class_names = list(data.classes)
+    with pytest.raises(DatasetError, match="multi-label .* the model predicts one class per image"):
+        model_labels(data, data.val, single)
+
+
+def test_a_prediction_is_every_class_over_the_threshold(tagged_run, tagged, tmp_path):
+    model = load_model(tagged_run.model_path)
+    images = sorted((tagged / "test").glob("*.png"))[:4]
+    logits = model(residual.preprocess_input(images, model)).detach()
+    probs = logits.sigmoid()
+    for threshold in (0.5, 0.2):
+        model.threshold = threshold
+        for prediction, row in zip(predict(model, images, topk=3).predictions, probs):
+            expected = [model.class_names[c] for c in torch.argsort(row, descending=True).tolist()
+                        if row[c] >= threshold]
+            assert prediction.answer() == expected
+            assert [p for _, _, p in prediction.top] == pytest.approx(row.sort(descending=True).values[:3].tolist(),
+                                                                      abs=1e-5)
+
+
+def test_multi_label_predictions_are_written_as_their_classes():
+    rows = [Prediction("a.png", [(2, "star", 0.9), (0, "ring", 0.6), (1, "cross", 0.1)],
+                       [(2, "star", 0.9), (0, "ring", 0.6)]),
+            Prediction("b.png", [(1, "cross", 0.3), (0, "ring", 0.2), (2, "star", 0.1)], [])]
+    labels, as_json, as_csv = io.StringIO(), io.StringIO(), io.StringIO()
+    write_labels(iter(rows), labels, ("image", "tags"))
+    assert labels.getvalue().splitlines() == ["image,tags", "a.png,star ring", "b.png,"]
+    write_json(iter(rows), as_json)
+    assert [row["labels"] for row in json.loads(as_json.getvalue())] == [["star", "ring"], []]
+    write_csv(iter(rows), as_csv, multi_label=True)
+    lines = as_csv.getvalue().splitlines()
+    assert lines[0].endswith(",present") and lines[1].endswith(",1") and lines[3].endswith(",0")
+
+
+def test_the_cli_trains_predicts_and_evaluates_multi_label_shapes(tmp_path, capsys):
+    assert main(["shapes", str(tmp_path / "tags"), "--multi-label", "--size", "24", "--per-class", "3"]) == 0
+    assert "0-3 shapes per image" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "tags" / MULTI_LABEL_CSV), "--model", "resnet20", "--epochs", "1",
+                 "--batch-size", "8", "--out", str(tmp_path / "runs"), "--name", "t", "--no-report", "--quiet"]) == 0
+    assert "mAP" in capsys.readouterr().out
+    model_file = str(tmp_path / "runs" / "t" / "model.safetensors")
+    out = tmp_path / "predicted.csv"
+    assert main(["predict", model_file, str(tmp_path / "tags" / "test"), "--format", "labels", "--out", str(out),
+                 "--quiet"]) == 0
+    assert open(out).readline().strip() == "image,label"
+    assert main(["eval", model_file, str(tmp_path / "tags" / MULTI_LABEL_CSV), "--out", str(tmp_path / "eval")]) == 0
+    assert "mAP" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 10
+    assert main(["info", model_file]) == 0
+    assert "multi-label: one sigmoid per class" in capsys.readouterr().out
+    assert main(["predict", model_file, str(tmp_path / "tags" / "test"), "--threshold", "0.2", "--format", "json",
+                 "--topk", "10", "--quiet"]) == 0
+    for row in json.loads(capsys.readouterr().out):
+        assert row["labels"] == [top["class_name"] for top in row["top"] if top["probability"] >= 0.2]
+    single = save_model(residual.create_model("resnet20", num_classes=3), tmp_path / "single.safetensors")
+    assert main(["predict", str(single), str(tmp_path / "tags" / "test"), "--threshold", "0.3"]) == 2
+    assert "--threshold: " in capsys.readouterr().err
+
+
+def test_a_served_multi_label_model_answers_the_classes_present(tagged_run, tagged):
+    model = load_model(tagged_run.model_path)
+    model.threshold = 0.3
+    image = sorted((tagged / "test").glob("*.png"))[0]
+    with ModelServer(model, ServeConfig(port=0, access_log=False), name="tags") as server:
+        body = urllib.request.urlopen(urllib.request.Request(f"{server.url}/predict?topk=2",
+                                                             data=image.read_bytes())).read()
+        info = json.loads(urllib.request.urlopen(f"{server.url}/info").read())
+    [answer] = json.loads(body)["predictions"]
+    assert answer["labels"] == predict(model, image).predictions[0].answer()
+    assert len(answer["top"]) == 2
+    assert info["multi_label"] is True and info["threshold"] == 0.3
+
+
+def test_commands_built_on_top1_refuse_a_multi_label_model_in_one_line(tagged_run, tagged, tmp_path):
+    model = load_model(tagged_run.model_path)
+    with pytest.raises(ConfigError, match="^calibrate measures one class per image .* the model is multi-label"):
+        single_label_only("calibrate", model)
+    with pytest.raises(ConfigError, match=f"label-errors .* {tagged / MULTI_LABEL_CSV} is multi-label"):
+        find_label_errors(tagged / MULTI_LABEL_CSV, tmp_path / "audit")
+    with pytest.raises(ConfigError, match="^robustness measures one class per image"):
+        robustness(model, tagged / MULTI_LABEL_CSV)
+    with pytest.raises(ConfigError, match="^calibrate measures"):
+        residual.calibrate(tagged_run.model_path, tagged / MULTI_LABEL_CSV)
+    with pytest.raises(ConfigError, match="^prune measures"):
+        prune(tagged_run.model_path, tagged / MULTI_LABEL_CSV)
+    single_label_only("calibrate", residual.create_model("resnet20", num_classes=3))  # a single-label model passes
+
+
+def test_explain_gives_each_class_a_multi_label_model_predicts_its_own_heatmap(tagged_run, tagged, tmp_path):
+    model = load_model(tagged_run.model_path)
+    model.threshold = 0.3
+    images = sorted((tagged / "test").glob("*.png"))[:3]
+    x = residual.preprocess_input(images, model)
+    probs = model(x).detach().sigmoid()
+    result = residual.explain(model, images, out_dir=tmp_path)
+    expected = [(str(image), c) for image, row in zip(images, probs)
+                for c in (torch.argsort(row, descending=True)[(row.sort(descending=True).values >= 0.3)].tolist()
+                          or [int(row.argmax())])]
+    assert [(e.source, e.class_id) for e in result.explanations] == expected
+    first = result.explanations[0]
+    assert first.path == tmp_path / f"{images[0].stem}.{first.class_name}.gradcam.png" and first.path.is_file()
+    assert first.probability == pytest.approx(float(probs[0, first.class_id]), abs=1e-5)
+    assert first.predicted == (first.probability >= 0.3)
+    alone = residual.explain(model, images[0], target=first.class_name).explanations[0]
+    assert np.allclose(alone.heatmap, first.heatmap, atol=1e-5)  # the heatmap of that class, as asked for alone
+
+
+def test_decode_predictions_takes_a_multi_label_models_logits_through_each_sigmoid(tagged_run):
+    model = load_model(tagged_run.model_path)
+    logits = torch.tensor([[2.0, -1.0] + [-5.0] * 8])
+    top = residual.decode_predictions(logits, top=2, class_names=model)[0]
+    assert [p for _, _, p in top] == pytest.approx([torch.sigmoid(torch.tensor(2.0)).item(),
+                                                    torch.sigmoid(torch.tensor(-1.0)).item()])
 
 
 def test_check_data_counts_labels_and_finds_one_picture_listed_with_two_label_sets(tmp_path):

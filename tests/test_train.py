@@ -128,7 +128,7 @@ def test_a_run_config_chooses_again_what_its_run_chose_automatically(shapes16, t
         "model": "resnet20", "layer_lr_decay": 1.0, "image_size": 16, "optim.lr": 0.025, "optim.weight_decay": 5e-4,
         "augment.preset": "cifar", "augment.hflip": True, "augment.pad_crop": 2, "augment.crop_scale": 0.0,
         "augment.rotation": 0.0, "augment.shift": 0.0, "augment.brightness": 0.0, "augment.contrast": 0.0,
-        "augment.random_erasing": 0.0, "compile": False}
+        "augment.random_erasing": 0.0, "compile": False, "loss": "ce", "monitor": "val_top1"}
 
     def from_config(*flags):
         return resolve(_train_config(build_parser().parse_args(["train", "--config", str(path), *flags])), dataset)

@@ -137,12 +137,24 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _inference_model(name: str, device: str, precision: str | None = None, image_size: int | None = None):
+def _inference_model(name: str, device: str, precision: str | None = None, image_size: int | None = None,
+                     threshold: float | None = None):
     """A model file, pretrained name or exported .onnx (run by ONNX Runtime), ready for inference.
 
     With `precision` a PyTorch model takes the fast path (BN folded, channels_last, that precision).
     With `image_size` it is fed images of that size (its preprocessing's resize scaled alike).
+    With `threshold`, a multi-label model predicts the classes whose probability reaches it.
     """
+    model = _loaded_for_inference(name, device, precision, image_size)
+    if threshold is not None:
+        if not getattr(model, "multi_label", False):
+            raise ResidualError(f"--threshold: {name} predicts one class per image (its most likely); the threshold "
+                                f"is for multi-label models")
+        model.threshold = threshold
+    return model
+
+
+def _loaded_for_inference(name: str, device: str, precision: str | None, image_size: int | None):
     from .models import prepare_for_inference
     from .runs import pick_device
 
@@ -176,9 +188,9 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from .evaluate import evaluate, split_as_trained
     from .predict import model_device
     from .runs import output_dir
-    from .tables import eval_tables
+    from .tables import eval_tables, multi_label_eval_tables
 
-    model = _inference_model(args.model, args.device, args.precision, args.image_size)
+    model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold)
     check_stream(args.batch_size, args.workers, args.decoder, model_device(model))  # before the report folder is made
     as_trained = split_as_trained(args.model, args.data)
     split = args.split or ("val" if as_trained else None)
@@ -194,14 +206,16 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
                  + (f", {args.image_size} px" if args.image_size else "")
                  + (f", {getattr(model, 'inference_precision', 'exported')} weights"
                     if args.precision != "fp32" else ""))
-    for table in eval_tables(result.metrics, "summary"):
+    multi_label = "map" in result.metrics
+    for table in (multi_label_eval_tables if multi_label else eval_tables)(result.metrics, "summary"):
         console.print(table)
     _report_failed(result.failed)
     if result.failed:
         console.print(f"[yellow]{len(result.failed)} unreadable image(s) skipped (listed above and in the report)")
     written = ", ".join(path.name for name, path in result.files.items() if name != "report")
     console.print(f"report: {result.files['report']}  ({written} in {out})")
-    if result.metrics["ece"] > CALIBRATION_HINT_ECE and Path(args.model).suffix == ".safetensors":
+    # Temperature scaling is fitted to a softmax; a multi-label model's sigmoids are not calibrated by it.
+    if result.metrics["ece"] > CALIBRATION_HINT_ECE and Path(args.model).suffix == ".safetensors" and not multi_label:
         console.print(f"ECE {result.metrics['ece']:.3f}: the probabilities are off from the accuracy; "
                       f"`residual calibrate {args.model} {args.data}` fits temperature scaling on the validation split")
     return 0
@@ -210,8 +224,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .atomic import atomic_path
     from .data.datasets import input_images
-    from .predict import (class_names_of, inference_compile, iter_predict, output_columns, write_csv, write_json,
-                          write_labels, write_probabilities)
+    from .predict import (class_names_of, inference_compile, is_multi_label, iter_predict, output_columns, write_csv,
+                          write_json, write_labels, write_probabilities)
     from .tables import predictions_table
 
     by_suffix = {".csv": "csv", ".json": "json"}.get(Path(args.out).suffix.lower()) if args.out else None
@@ -219,7 +233,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if args.out and output_format == "table":
         raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
                             f"--out ending in .csv or .json)")
-    model = _inference_model(args.model, args.device, args.precision, args.image_size)
+    model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold)
     items = input_images(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
@@ -237,7 +251,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
             console.print(predictions_table(rows, f"{args.model}: top-{len(rows[0].top)} of {len(rows)} image(s)"))
     else:
         columns = output_columns(items)  # a listing's own headers: a test set's sample submission gives its shape
-        writer = {"csv": lambda rows, stream: write_csv(rows, stream, columns[0]), "json": write_json,
+        writer = {"csv": lambda rows, stream: write_csv(rows, stream, columns[0], is_multi_label(model)),
+                  "json": write_json,
                   "labels": lambda rows, stream: write_labels(rows, stream, columns),
                   "probabilities": lambda rows, stream: write_probabilities(rows, stream, names, columns[0])
                   }[output_format]
@@ -264,7 +279,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     from .tables import new_table
 
     _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which ONNX Runtime does not give")
-    model = _inference_model(args.model, args.device, image_size=args.image_size)
+    model = _inference_model(args.model, args.device, image_size=args.image_size, threshold=args.threshold)
     items = input_images(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
@@ -442,7 +457,8 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     config.check()  # before the model is loaded
     if args.compile:
         _refuse_onnx(args.model, "--compile: an exported model runs in ONNX Runtime, which optimises it already")
-    server = ModelServer(_inference_model(args.model, args.device, args.precision, args.image_size), config,
+    server = ModelServer(_inference_model(args.model, args.device, args.precision, args.image_size, args.threshold),
+                         config,
                          name=Path(args.model).name)
     info = server.describe()
     console.print(f"serving {args.model} ({info['arch']}, {len(info['classes'])} classes, {info['runtime']} on "
@@ -782,6 +798,23 @@ def positive(text: str) -> float:
 positive.__name__ = "float"
 
 
+def probability(text: str) -> float:
+    """An argparse type: a probability strictly between 0 and 1."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+probability.__name__ = "float"
+
+
+def threshold_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=probability, metavar="P",
+                   help="multi-label models: a class is predicted where its probability reaches P (default: the "
+                        "model file's, 0.5 unless it was saved with another)")
+
+
 def _norm(value: str) -> str | None:
     return None if value == "none" else value
 
@@ -897,7 +930,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     reg = p.add_argument_group("regularisation")
     reg.add_argument("--label-smoothing", type=float)
     reg.add_argument("--loss", choices=("ce", "bce"),
-                     help="ce: softmax cross-entropy (default); bce: one sigmoid per class, as in ResNet strikes back")
+                     help="ce: softmax cross-entropy (default); bce: one sigmoid per class, as in ResNet strikes back "
+                          "(the default, and the only choice, for multi-label data)")
     reg.add_argument("--bce-target-threshold", type=float, metavar="T",
                      help="with --loss bce: mixed targets above T become 1, the rest 0 (ResNet strikes back: 0.2)")
     reg.add_argument("--class-weights", choices=("auto",), help="weight the loss by inverse class frequency")
@@ -918,7 +952,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     reg.add_argument("--distill-temperature", type=float,
                      help="with --teacher: how much both models' probabilities are softened (default 4)")
     reg.add_argument("--early-stopping", type=int, metavar="PATIENCE")
-    reg.add_argument("--monitor", choices=("val_top1", "val_loss"))
+    reg.add_argument("--monitor", choices=("val_top1", "val_loss", "val_map"),
+                     help="what picks the best epoch (default val_top1; val_map, mean average precision, for "
+                          "multi-label data)")
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--augment", dest="preset", choices=("none", "cifar", "standard", "strong"))
     aug.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None)
@@ -1011,6 +1047,7 @@ def _add_inference_commands(commands) -> None:
                         "images training held out if the model was trained on it")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
     p.add_argument("--gallery", type=at_least(0), default=16, help="highest-loss images shown with Grad-CAM (0: none)")
+    threshold_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--out", help="report folder (default: a new runs/eval/MODEL-DATA)")
@@ -1077,6 +1114,7 @@ def _add_inference_commands(commands) -> None:
                         "named by its cells, under its column's name)")
     p.add_argument("--out", help="write json/csv here instead of standard output")
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
+    threshold_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     common(p, 64)
@@ -1090,6 +1128,7 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--method", choices=METHODS, default="gradcam")
     p.add_argument("--target", help="class name or index to explain (default: the predicted class)")
     p.add_argument("--layer", help="module to explain at, e.g. layer3 or layer4.1.conv2 (default: last stage)")
+    threshold_flag(p)
     p.add_argument("--out", help="folder for the overlays (default: a new runs/explain/MODEL)")
     common(p, 16)
     p.set_defaults(run=cmd_explain)
@@ -1152,6 +1191,7 @@ def _add_deploy_commands(commands) -> None:
                    help="requests in flight before new ones are answered 503 (busy, retry)")
     p.add_argument("--max-image-mb", type=float, default=16.0, help="the largest request body taken (413 above)")
     p.add_argument("--topk", type=int, default=5, help="classes per image, unless a request asks ?topk=N")
+    threshold_flag(p)
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")

@@ -19,12 +19,14 @@ from .data.datasets import Dataset, DatasetError, Split, concat_splits, open_dat
 from .data.loaders import check_stream, inference_batches
 from .data.transforms import normalize
 from .explain import grad_cam
-from .metrics import classification_metrics, hardest_roc_curves, image_losses
+from .metrics import (classification_metrics, hardest_pr_curves, hardest_roc_curves, image_losses, label_losses,
+                      multi_label_metrics)
 from .models import ResNet
-from .predict import (check_tta, class_names_of, inference_compile, inference_forward, model_device,
+from .predict import (check_tta, class_names_of, inference_compile, inference_forward, is_multi_label, model_device,
                       probabilities_in_flight)
 from .progress import progress_bar
-from .report import GalleryItem, write_predictions, write_report
+from .report import (GalleryItem, write_multi_label_predictions, write_multi_label_report, write_predictions,
+                     write_report)
 from .weights import training_config
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
@@ -33,8 +35,8 @@ SPLIT_CHOICES = ("train", "val", "test", "all")
 @dataclass
 class EvalResult:
     metrics: dict
-    probs: np.ndarray  # N x classes, one row per readable image
-    labels: np.ndarray  # N true class indices (the model's numbering)
+    probs: np.ndarray  # N x classes, one row per readable image (a multi-label model's: each class's own)
+    labels: np.ndarray  # N true class indices (the model's numbering), or N x classes 0/1 for multi-label
     sources: list[str]  # the image of each row
     failed: list[str] = field(default_factory=list)
     gallery: list[GalleryItem] = field(default_factory=list)
@@ -59,15 +61,27 @@ def pick_split(dataset: Dataset, split: str | None) -> tuple[str, Split]:
 
 
 def model_labels(dataset: Dataset, split: Split, model) -> np.ndarray:
-    """The split's labels renumbered into the model's classes, matched by name."""
+    """The split's labels renumbered into the model's classes, matched by name: class indices, or for a
+    multi-label model rows of 0/1 per class of the model (single-label data then has one class per row)."""
     names = class_names_of(model)
     unknown = [name for name in dataset.classes if name not in names]
     if unknown:
         raise DatasetError(f"{dataset.root}: classes {unknown[:5]} are not classes of the model "
                            f"(it knows {len(names)}: {', '.join(names[:5])}, ...); the class folders must be "
                            f"named as the model's classes")
+    if dataset.multi_label and not is_multi_label(model):
+        raise DatasetError(f"{dataset.root} is multi-label (any number of classes per image), and the model "
+                           f"predicts one class per image; evaluate a model trained on multi-label data")
     mapping = np.array([names.index(name) for name in dataset.classes], dtype=np.int64)
-    return mapping[np.asarray(split.labels, dtype=np.int64)]
+    labels = np.asarray(split.labels, dtype=np.int64)
+    if not is_multi_label(model):
+        return mapping[labels]
+    targets = np.zeros((len(labels), len(names)), dtype=np.int64)
+    if dataset.multi_label:
+        targets[:, mapping] = labels.reshape(len(labels), len(dataset.classes))
+    else:
+        targets[np.arange(len(labels)), mapping[labels]] = 1
+    return targets
 
 
 def training_split(model_file: str | Path, data: str | Path) -> tuple[float | None, int] | None:
@@ -109,12 +123,13 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     compiled, why = inference_compile(model, compile, len(items))
     forward = inference_forward(model, compiled, batch_size)
     pre = model.preprocessing
+    multi_label = is_multi_label(model)
     probs, kept, failed = [], [], []
     with progress_bar(f"evaluating {split_name}", progress) as bar:
         task = bar.add_task("eval", total=len(items))
         batches = inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
                                     decoder, model_device(model))
-        for batch, probabilities in probabilities_in_flight(forward, batches, tta):
+        for batch, probabilities in probabilities_in_flight(forward, batches, tta, multi_label):
             failed += [message for _, message in batch.failed]
             if probabilities is not None:
                 probs.append(probabilities.numpy())
@@ -124,7 +139,8 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
         raise DatasetError(f"{dataset.root}: none of the {len(items)} images of the {split_name} split could be read")
     probs_all = np.concatenate(probs)
     labels = all_labels[kept]
-    metrics = classification_metrics(probs_all, labels, names, bins)
+    metrics = (multi_label_metrics(probs_all, labels, names, model.threshold, bins) if multi_label
+               else classification_metrics(probs_all, labels, names, bins))
     sources = [str(items[i]) if isinstance(items[i], Path) else f"{split_name}#{i}" for i in kept]
     gallery = highest_loss(model, probs_all, labels, [items[i] for i in kept], sources, gallery_size)
     result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why, split=split_name)
@@ -132,32 +148,51 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
                 "tta": tta, "resize_size": pre.resize_size, "input_size": pre.input_size, "compile": why,
                 "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        roc = hardest_roc_curves(probs_all, labels, metrics["per_class"])
-        result.files = write_report(out_dir, title or f"{info['model']} on {dataset.root.name} ({split_name})",
-                                    metrics, info, gallery, failed, roc)
-        result.files["predictions"] = write_predictions(Path(out_dir) / "predictions.csv", sources, labels,
-                                                        probs_all, names)
+        title = title or f"{info['model']} on {dataset.root.name} ({split_name})"
+        predictions = Path(out_dir) / "predictions.csv"
+        if multi_label:
+            pr = hardest_pr_curves(probs_all, labels, metrics["per_class"])
+            result.files = write_multi_label_report(out_dir, title, metrics, info, gallery, failed, pr)
+            result.files["predictions"] = write_multi_label_predictions(predictions, sources, labels, probs_all,
+                                                                        names, model.threshold)
+        else:
+            roc = hardest_roc_curves(probs_all, labels, metrics["per_class"])
+            result.files = write_report(out_dir, title, metrics, info, gallery, failed, roc)
+            result.files["predictions"] = write_predictions(predictions, sources, labels, probs_all, names)
     return result
 
 
 def highest_loss(model, probs: np.ndarray, labels: np.ndarray, items: list, sources: list[str],
                  count: int) -> list[GalleryItem]:
-    """The `count` images with the highest loss, with Grad-CAM for the predicted and the true class."""
+    """The `count` images with the highest loss, with Grad-CAM for the predicted and the true class; for a
+    multi-label model for the absent class it is surest of and the present class it is least sure of."""
     if count <= 0:
         return []
-    losses = image_losses(probs, labels)
+    multi_label = is_multi_label(model)
+    losses = label_losses(probs, labels) if multi_label else image_losses(probs, labels)
     order = np.argsort(-losses, kind="stable")[:count]
     names = class_names_of(model)
     pre = model.preprocessing
     (batch,) = inference_batches([items[i] for i in order], pre.resize_size, pre.input_size, pre.interpolation,
                                  batch_size=len(order), workers=0)
     order = order[batch.indices]  # in case a file became unreadable since it was evaluated
-    predicted, true = probs[order].argmax(1), labels[order]
+    if multi_label:
+        # Each image's worst mistakes: the absent class with the highest probability, the present one with the
+        # lowest (an image with none of the classes, or all of them, has only one kind: the top class stands in).
+        present = labels[order].astype(bool)
+        predicted = np.where(present, -1.0, probs[order]).argmax(1)
+        predicted = np.where(present.all(1), probs[order].argmax(1), predicted)
+        true = np.where(present, probs[order], 2.0).argmin(1)
+        true = np.where(present.any(1), true, probs[order].argmax(1))
+    else:
+        predicted, true = probs[order].argmax(1), labels[order]
     cam_predicted = cam_true = [None] * len(order)
     if isinstance(model, ResNet):
         x = normalize(batch.images.to(model_device(model)).float() / 255, pre)
         cam_predicted = grad_cam(model, x, predicted.tolist())[0].numpy()
         cam_true = grad_cam(model, x, true.tolist())[0].numpy()
+    joined = lambda row: " ".join(name for name, on in zip(names, row) if on)  # noqa: E731
     return [GalleryItem(sources[i], names[t], names[p], float(probs[i, t]), float(probs[i, p]), float(losses[i]),
-                        batch.images[row].permute(1, 2, 0).numpy(), cam_predicted[row], cam_true[row])
+                        batch.images[row].permute(1, 2, 0).numpy(), cam_predicted[row], cam_true[row],
+                        *((joined(labels[i]), joined(probs[i] >= model.threshold)) if multi_label else ()))
             for row, (i, t, p) in enumerate(zip(order, true, predicted))]

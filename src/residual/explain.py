@@ -27,7 +27,7 @@ from .data.loaders import inference_batches
 from .data.transforms import normalize
 from .errors import ConfigError
 from .models import ResNet
-from .predict import class_names_of, model_device, source_name
+from .predict import class_names_of, is_multi_label, model_device, output_probabilities, source_name
 from .progress import progress_bar
 
 METHODS = ("gradcam", "gradcam++")
@@ -40,10 +40,11 @@ class Explanation:
     class_id: int  # the class explained (predicted, or the one asked for)
     class_name: str
     probability: float  # the model's probability for that class
-    predicted_id: int
+    predicted_id: int  # the most likely class
     heatmap: np.ndarray  # H x W in [0, 1], at the model's input size
     image: np.ndarray  # H x W x 3 uint8, the model's input before normalisation
     path: Path | None = None  # where the overlay was written
+    predicted: bool = True  # whether the model predicts the class explained (a multi-label model may predict several)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def grad_cam(model: ResNet, x: torch.Tensor, targets: list[int] | None = None, l
     cam = (weights * activation).sum(1, keepdim=True).clamp_min(0)
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    return (cam / peak).cpu(), logits.detach().float().softmax(1).cpu()
+    return (cam / peak).cpu(), output_probabilities(logits.detach(), is_multi_label(model)).cpu()
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, size: int | None = None) -> np.ndarray:
@@ -138,7 +139,7 @@ def save_explanation(explanation: Explanation, path: Path, method: str) -> None:
     axes[0].imshow(explanation.image)
     axes[0].set_title(Path(explanation.source).name, fontsize=9)
     axes[1].imshow(overlay(explanation.image, explanation.heatmap))
-    predicted = "" if explanation.class_id == explanation.predicted_id else " (not the predicted class)"
+    predicted = "" if explanation.predicted else " (not predicted)"
     axes[1].set_title(f"{method}: {explanation.class_name} p={explanation.probability:.3f}{predicted}", fontsize=9)
     for axis in axes:
         axis.axis("off")
@@ -161,10 +162,14 @@ def output_names(items: list, method: str) -> list[str]:
 def iter_explain(model: ResNet, items: list, method: str = "gradcam", target: int | str | None = None,
                  layer: str | None = None, out_dir: str | Path | None = None, batch_size: int = 16,
                  failed: list[str] | None = None, progress: bool = False) -> Iterator[Explanation]:
-    """Explanations of `items` in order; with `out_dir`, each overlay is written as NAME.METHOD.png."""
+    """Explanations of `items` in order; with `out_dir`, each overlay is written as NAME.METHOD.png.
+
+    Without `target` the predicted class is explained; for a multi-label model every class it predicts (at
+    its threshold; the most likely one where it predicts none), each written as NAME.CLASS.METHOD.png."""
     pre = model.preprocessing
     names = class_names_of(model)
     target_id = resolve_target(model, target)
+    each_present = is_multi_label(model) and target_id is None
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -179,17 +184,32 @@ def iter_explain(model: ResNet, items: list, method: str = "gradcam", target: in
                 x = normalize(batch.images.to(device).float() / 255, pre)
                 targets = None if target_id is None else [target_id] * len(x)
                 heatmaps, probs = grad_cam(model, x, targets, layer, method)
-                for row, index in enumerate(batch.indices):
-                    class_id = int(probs[row].argmax()) if target_id is None else target_id
-                    source = source_name(items[index], index)
-                    explanation = Explanation(source, class_id, names[class_id], float(probs[row, class_id]),
-                                              int(probs[row].argmax()), heatmaps[row].numpy(),
-                                              batch.images[row].permute(1, 2, 0).numpy())
+                rows = [(row, int(probs[row].argmax()) if target_id is None else target_id) for row in range(len(x))]
+                if each_present:  # one heatmap per class present, in one more pass over those images
+                    rows = [(row, class_id) for row in range(len(x))
+                            for class_id in present_ids(probs[row], model.threshold)]
+                    heatmaps, _ = grad_cam(model, x[[row for row, _ in rows]], [c for _, c in rows], layer, method)
+                for heatmap, (row, class_id) in zip(heatmaps, rows):
+                    index = batch.indices[row]
+                    probability = float(probs[row, class_id])
+                    explanation = Explanation(source_name(items[index], index), class_id, names[class_id], probability,
+                                              int(probs[row].argmax()), heatmap.numpy(),
+                                              batch.images[row].permute(1, 2, 0).numpy(),
+                                              predicted=(probability >= model.threshold if is_multi_label(model)
+                                                         else class_id == int(probs[row].argmax())))
                     if out is not None:
-                        explanation.path = out / file_names[index]
+                        name = file_names[index]
+                        explanation.path = out / (name.replace(f".{method}.png", f".{names[class_id]}.{method}.png")
+                                                  if each_present else name)
                         save_explanation(explanation, explanation.path, method)
                     yield explanation
             bar.advance(task, len(batch.indices) + len(batch.failed))
+
+
+def present_ids(probs: torch.Tensor, threshold: float) -> list[int]:
+    """A multi-label image's classes at or above `threshold`, most likely first; the most likely alone if none."""
+    ranked = torch.argsort(probs, descending=True).tolist()
+    return [c for c in ranked if probs[c] >= threshold] or ranked[:1]
 
 
 def explain(model: ResNet, images, method: str = "gradcam", target: int | str | None = None,

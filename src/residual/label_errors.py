@@ -34,6 +34,7 @@ from .data.decode import BadImageError, decode_bytes  # noqa: E402
 from .data.fingerprint import connected_groups, fingerprint, near_duplicate_pairs  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
+from .predict import single_label_only  # noqa: E402
 from .progress import progress_bar  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
 from .weights import load_model  # noqa: E402
@@ -122,6 +123,7 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
         raise ConfigError(f"--folds must be at least 2 (each image is judged by a model trained on the others), "
                           f"got {folds}")
     dataset = open_dataset(data)
+    single_label_only("label-errors", dataset=dataset)  # a label error here is a class other than the given one
     if dataset.kind == "cifar":
         raise ConfigError(f"{data}: CIFAR's batches hold no image files to list per fold; audit a folder or a CSV")
     splits = [split for split in (dataset.train, dataset.val, dataset.test) if split is not None]

@@ -230,3 +230,75 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
         "calibration": rows,
         "selective": selective_accuracy(confidence, predicted == labels),
     }
+
+
+# --- multi-label ---------------------------------------------------------------------------------
+
+def label_losses(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each image's binary cross-entropy summed over the classes (a multi-label model's training loss),
+    probabilities clipped at 1e-12 from 0 and 1."""
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
+    targets = np.asarray(targets, dtype=bool)
+    return -np.where(targets, np.log(probs), np.log1p(-probs)).sum(1)
+
+
+def multi_label_metrics(probs: np.ndarray, targets: np.ndarray, class_names: list[str], threshold: float = 0.5,
+                        bins: int = 15) -> dict:
+    """Everything `residual eval` reports of a multi-label model, as plain JSON-ready values.
+
+    probs: N x C probabilities, each class's own; targets: N x C, 1 where the image has the class. A class is
+    predicted where its probability reaches `threshold`. Mean average precision (mAP, the ranking of the
+    images by each class's probability, averaged over the classes that have both positives and negatives)
+    does not depend on the threshold; precision, recall and F1 do: micro-averaged over every (image, class)
+    decision, and macro-averaged over the classes that occur in the targets or the predictions. Exact match
+    is the share of images whose every label is right; calibration bins every (image, class) probability.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets, dtype=bool)
+    predicted = probs >= threshold
+    true_positives = (predicted & targets).sum(0).astype(np.float64)
+    support, called = targets.sum(0), predicted.sum(0)
+    precision, recall = _ratio(true_positives, called), _ratio(true_positives, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    present = (support > 0) | (called > 0)
+    ranked = [ranking_scores(probs[:, c], targets[:, c]) for c in range(probs.shape[1])]
+    average_precision = [ap for _, ap in ranked]
+    micro_precision = float(true_positives.sum() / max(called.sum(), 1))
+    micro_recall = float(true_positives.sum() / max(support.sum(), 1))
+    exact = (predicted == targets).all(1)
+    rows = calibration_bins(probs.ravel(), targets.ravel(), bins)
+    macro = lambda values: float(values[present].mean()) if present.any() else 0.0  # noqa: E731
+    return {
+        "images": int(len(probs)),
+        "threshold": float(threshold),
+        "map": mean_where_defined(average_precision),
+        "exact_match": float(exact.mean()),
+        "exact_match_ci95": list(wilson_interval(int(exact.sum()), len(exact))),
+        "hamming_loss": float((predicted != targets).mean()),
+        "loss": float(label_losses(probs, targets).mean()),
+        "ece": expected_calibration_error(rows),
+        "labels_per_image": {"true": float(targets.sum(1).mean()), "predicted": float(predicted.sum(1).mean())},
+        "micro": {"precision": micro_precision, "recall": micro_recall,
+                  "f1": float(_ratio(np.array([2 * micro_precision * micro_recall]),
+                                     np.array([micro_precision + micro_recall]))[0])},
+        "macro": {"precision": macro(precision), "recall": macro(recall), "f1": macro(f1),
+                  "roc_auc": mean_where_defined([auc for auc, _ in ranked])},
+        "per_class": [{"class": class_names[c], "average_precision": average_precision[c],
+                       "roc_auc": ranked[c][0], "precision": float(precision[c]), "recall": float(recall[c]),
+                       "f1": float(f1[c]), "support": int(support[c]), "predicted": int(called[c])}
+                      for c in range(probs.shape[1])],
+        "calibration": rows,
+    }
+
+
+def hardest_pr_curves(probs: np.ndarray, targets: np.ndarray, per_class: list[dict],
+                      limit: int = 10) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """class name -> (recall, precision, average precision) of the `limit` classes with the lowest average
+    precision (`per_class`: multi_label_metrics' rows), lowest first."""
+    ranked = sorted((row["average_precision"], c) for c, row in enumerate(per_class)
+                    if row["average_precision"] is not None)
+    curves = {}
+    for ap, c in ranked[:limit]:
+        true_positives, called = threshold_counts(probs[:, c], np.asarray(targets[:, c], dtype=bool))
+        curves[per_class[c]["class"]] = (true_positives / true_positives[-1], true_positives / called, ap)
+    return curves

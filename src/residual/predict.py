@@ -10,6 +10,10 @@ a one-line reason in `failed`; every other file is still predicted.
 models.compile_for_inference); `compile=None` chooses by the job's size, as training
 does by its length (`inference_compile`).
 
+A multi-label model (one sigmoid per class) gives each class its own probability; its
+prediction is every class whose probability reaches the model's threshold (`present`),
+possibly none, beside the top-k.
+
 `preprocess_input` and `decode_predictions` mirror keras.applications: the
 first turns RGB images into model input, the second turns scores into
 (class_id, class_name, score) rows, with the ImageNet names for 1000-class
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.datasets import ListedImage, input_images
+from .data.datasets import Dataset, ListedImage, input_images
 from .data.decode import as_image
 from .data.loaders import InferenceBatch, check_stream, inference_batches
 from .data.transforms import normalize, resize_center_crop
@@ -46,6 +50,13 @@ TTA_MODES = ("none", "flip", "flip-shift")
 class Prediction:
     source: str  # the file, or "#N" for the N-th in-memory image
     top: list[tuple[int, str, float]]  # (class_id, class_name, probability), most likely first
+    # A multi-label model's answer: the classes whose probability reaches its threshold, most likely first
+    # (None for a single-label model, whose answer is top[0]).
+    present: list[tuple[int, str, float]] | None = None
+
+    def answer(self) -> list[str]:
+        """The predicted class names: the top-1, or a multi-label model's present classes (maybe none)."""
+        return [self.top[0][1]] if self.present is None else [name for _, name, _ in self.present]
 
 
 @dataclass
@@ -61,6 +72,25 @@ def class_names_of(model) -> list[str]:
     if model.num_classes == 1000:
         return imagenet_class_names()
     return [str(index) for index in range(model.num_classes)]
+
+
+def is_multi_label(model) -> bool:
+    """Whether `model` scores each class on its own (one sigmoid per class) instead of one softmax over them."""
+    return bool(getattr(model, "multi_label", False))
+
+
+def single_label_only(command: str, model=None, dataset: Dataset | None = None) -> None:
+    """Refuse, in one line, a multi-label model or dataset for a command built on one class per image (top-1)."""
+    multi_label = ("the model is" if model is not None and is_multi_label(model)
+                   else f"{dataset.root} is" if dataset is not None and dataset.multi_label else None)
+    if multi_label:
+        raise ConfigError(f"{command} measures one class per image (top-1), and {multi_label} multi-label (any number "
+                          f"of classes per image); residual eval reports a multi-label model (mAP, F1, per class)")
+
+
+def output_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Logits -> probabilities: one sigmoid per class for a multi-label model, else the softmax over classes."""
+    return logits.float().sigmoid() if multi_label else logits.float().softmax(1)
 
 
 def model_device(model) -> torch.device:
@@ -88,22 +118,24 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def class_probabilities(model, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """uint8 N x 3 x H x W images -> N x classes probabilities, averaged over the TTA views, on the model's
-    device (asking for them does not wait for a GPU to compute them)."""
+def class_probabilities(model, images: torch.Tensor, tta: str = "none", multi_label: bool = False) -> torch.Tensor:
+    """uint8 N x 3 x H x W images -> N x classes probabilities (`multi_label`: each class's own sigmoid),
+    averaged over the TTA views, on the model's device (asking for them does not wait for a GPU to compute
+    them)."""
     x = normalize(images.to(model_device(model)).float() / 255, model.preprocessing)
     views = tta_views(x, tta)
-    return torch.stack([model(view).float().softmax(1) for view in views]).mean(0)
+    return torch.stack([output_probabilities(model(view), multi_label) for view in views]).mean(0)
 
 
-def probabilities_in_flight(model, batches: Iterable[InferenceBatch],
-                            tta: str = "none") -> Iterator[tuple[InferenceBatch, torch.Tensor | None]]:
+def probabilities_in_flight(model, batches: Iterable[InferenceBatch], tta: str = "none",
+                            multi_label: bool = False) -> Iterator[tuple[InferenceBatch, torch.Tensor | None]]:
     """Each batch with its class probabilities on the host (None where none of its images could be read),
     one batch behind the device: the next batch is queued on the device before the host waits for this
     one's answers, so a GPU does not sit idle while the host copies them back and writes their rows."""
     pending = None
     for batch in batches:
-        probabilities = None if batch.images is None else class_probabilities(model, batch.images, tta)
+        probabilities = (None if batch.images is None
+                         else class_probabilities(model, batch.images, tta, multi_label))
         if pending is not None:
             yield on_host(*pending)
         pending = batch, probabilities
@@ -119,6 +151,11 @@ def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[list[tupl
     scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
     return [[(int(i), names[int(i)], float(s)) for s, i in zip(row_scores, row_indices)]
             for row_scores, row_indices in zip(scores, indices)]
+
+
+def present_classes(probs: torch.Tensor, names: list[str], threshold: float) -> list[list[tuple[int, str, float]]]:
+    """Per image, every class whose (multi-label) probability reaches `threshold`, most likely first."""
+    return [[row for row in ranked if row[2] >= threshold] for ranked in top_classes(probs, names, len(names))]
 
 
 # torch.compile repays its warm-up from about this many images (an estimate, not yet measured on a GPU):
@@ -168,16 +205,19 @@ def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: s
                  failed: list[str] | None, progress: bool, decoder: str) -> Iterator[Prediction]:
     pre: Preprocessing = model.preprocessing
     names = class_names_of(model)
+    multi_label = is_multi_label(model)
     with progress_bar("predicting", progress) as bar:
         task = bar.add_task("predict", total=len(items))
         batches = inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
                                     decoder, model_device(model))
-        for batch, probabilities in probabilities_in_flight(forward, batches, tta):
+        for batch, probabilities in probabilities_in_flight(forward, batches, tta, multi_label):
             if failed is not None:
                 failed += [message for _, message in batch.failed]
             if probabilities is not None:
-                for index, top in zip(batch.indices, top_classes(probabilities, names, topk)):
-                    yield Prediction(source_name(items[index], index), top)
+                present = (present_classes(probabilities, names, model.threshold) if multi_label
+                           else [None] * len(batch.indices))
+                for index, top, labels in zip(batch.indices, top_classes(probabilities, names, topk), present):
+                    yield Prediction(source_name(items[index], index), top, labels)
             bar.advance(task, len(batch.indices) + len(batch.failed))
 
 
@@ -208,25 +248,30 @@ def output_columns(items: list) -> tuple[str, str]:
     return columns.pop() if len(columns) == 1 else ("image", "label")
 
 
-def write_csv(predictions: Iterator[Prediction], stream: TextIO, image_column: str = "image") -> int:
-    """One row per image and rank (image, rank, class_id, class_name, probability), written as they come."""
+def write_csv(predictions: Iterator[Prediction], stream: TextIO, image_column: str = "image",
+              multi_label: bool = False) -> int:
+    """One row per image and rank (image, rank, class_id, class_name, probability), written as they come;
+    `multi_label`: and whether the class is present (its probability reaches the model's threshold)."""
     writer = csv.writer(stream)
-    writer.writerow([image_column, "rank", "class_id", "class_name", "probability"])
+    writer.writerow([image_column, "rank", "class_id", "class_name", "probability"] + ["present"] * multi_label)
     count = 0
     for count, prediction in enumerate(predictions, 1):
+        present = {class_id for class_id, _, _ in prediction.present or ()}
         writer.writerows([prediction.source, rank, *row[:2], f"{row[2]:.6f}"]
+                         + [int(row[0] in present)] * multi_label
                          for rank, row in enumerate(prediction.top, 1))
     return count
 
 
 def write_labels(predictions: Iterator[Prediction], stream: TextIO,
                  columns: tuple[str, str] = ("image", "label")) -> int:
-    """One row per image: the image and the name of its most likely class, under the `columns` headers."""
+    """One row per image: the image and the name of its most likely class, or a multi-label model's present
+    classes separated by spaces (as a multi-label CSV lists them), under the `columns` headers."""
     writer = csv.writer(stream)
     writer.writerow(columns)
     count = 0
     for count, prediction in enumerate(predictions, 1):
-        writer.writerow([prediction.source, prediction.top[0][1]])
+        writer.writerow([prediction.source, " ".join(prediction.answer())])
     return count
 
 
@@ -244,12 +289,16 @@ def write_probabilities(predictions: Iterator[Prediction], stream: TextIO, names
 
 
 def write_json(predictions: Iterator[Prediction], stream: TextIO) -> int:
-    """A JSON array of {"image", "top": [{"class_id", "class_name", "probability"}]}, written as it comes."""
+    """A JSON array of {"image", "top": [{"class_id", "class_name", "probability"}]}, written as it comes; a
+    multi-label model's also have "labels": the present classes' names."""
     stream.write("[")
     count = 0
     for count, prediction in enumerate(predictions, 1):
         top = [{"class_id": i, "class_name": name, "probability": round(p, 6)} for i, name, p in prediction.top]
-        stream.write(("\n  " if count == 1 else ",\n  ") + json.dumps({"image": prediction.source, "top": top}))
+        row = {"image": prediction.source, "top": top}
+        if prediction.present is not None:
+            row["labels"] = prediction.answer()
+        stream.write(("\n  " if count == 1 else ",\n  ") + json.dumps(row))
     stream.write("\n]\n")
     return count
 
@@ -278,9 +327,11 @@ def decode_predictions(preds, top: int = 5,
     """Per image, the `top` (class_id, class_name, score) rows, best first.
 
     `preds`: a model's output (a tensor, also one that requires grad) or an array. Rows that are not
-    already probability distributions (logits) are soft-maxed first. `class_names`: a list, or a model
-    (its own); without them, 1000-column scores get the ImageNet names and others their index.
+    already probability distributions (logits) are soft-maxed first; with a multi-label model as
+    `class_names`, they are its logits, each through its class's sigmoid. `class_names`: a list, or a
+    model (its own); without them, 1000-column scores get the ImageNet names and others their index.
     """
+    multi_label = is_multi_label(class_names)  # a multi-label model's scores are each class's own sigmoid
     if isinstance(class_names, ResNet):
         class_names = class_names_of(class_names)
     if isinstance(preds, torch.Tensor):  # model(x) outside torch.no_grad() carries its graph
@@ -289,7 +340,7 @@ def decode_predictions(preds, top: int = 5,
         scores = torch.as_tensor(np.asarray(preds, dtype=np.float32))
     scores = scores[None] if scores.ndim == 1 else scores
     is_distribution = bool((scores >= 0).all()) and torch.allclose(scores.sum(1), torch.ones(len(scores)), atol=1e-3)
-    probs = scores if is_distribution else scores.softmax(1)
+    probs = output_probabilities(scores, multi_label) if multi_label or not is_distribution else scores
     if class_names is None:
         class_names = imagenet_class_names() if scores.shape[1] == 1000 else [str(i) for i in range(scores.shape[1])]
     if len(class_names) != scores.shape[1]:

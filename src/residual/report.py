@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from .atomic import atomic_path, write_json
 from .explain import overlay
-from .metrics import image_losses
+from .metrics import image_losses, label_losses
 
 ANNOTATE_UP_TO = 20  # classes; beyond this the matrix cells are too small for numbers
 LABEL_UP_TO = 60  # classes; beyond this tick labels overlap
@@ -41,10 +41,16 @@ class GalleryItem:
     image: np.ndarray  # H x W x 3 uint8 model input
     cam_predicted: np.ndarray | None  # Grad-CAM for the predicted class (None for models without gradients)
     cam_true: np.ndarray | None
+    # Multi-label: every class the image has and every class predicted; `true` is then the one of its classes
+    # the model is least sure of, and `predicted` the absent class it is surest of (the worst mistakes).
+    true_labels: str | None = None
+    predicted_labels: str | None = None
 
     def summary(self) -> dict:
+        labels = ({} if self.true_labels is None else
+                  {"true_labels": self.true_labels, "predicted_labels": self.predicted_labels})
         return {"source": self.source, "true": self.true, "predicted": self.predicted, "p_true": self.p_true,
-                "p_predicted": self.p_predicted, "loss": self.loss}
+                "p_predicted": self.p_predicted, "loss": self.loss, **labels}
 
 
 def _save(figure: Figure, path: Path, dpi: int = 110) -> None:
@@ -78,7 +84,10 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
     _save(figure, path)
 
 
-def plot_reliability(rows: list[dict], ece: float, path: Path, title: str = "reliability diagram") -> None:
+def plot_reliability(rows: list[dict], ece: float, path: Path, title: str = "reliability diagram",
+                     measured: str = "accuracy",
+                     confidence: str = "confidence (probability of the predicted class)") -> None:
+    """Per confidence bin, how often the prediction was right (`measured`) against the probability given."""
     figure = Figure(figsize=(5.5, 6.0))
     top, bottom = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     centres = [(r["lower"] + r["upper"]) / 2 for r in rows]
@@ -86,20 +95,20 @@ def plot_reliability(rows: list[dict], ece: float, path: Path, title: str = "rel
     filled = [r for r in rows if r["count"]]
     filled_centres = [(r["lower"] + r["upper"]) / 2 for r in filled]
     top.bar(filled_centres, [r["accuracy"] for r in filled], width=width, edgecolor="black", color="#4c72b0",
-            label="accuracy")
+            label=measured)
     # The gap spans accuracy to mean confidence: above the bar when over-confident, inside it when under.
     top.bar(filled_centres, [abs(r["confidence"] - r["accuracy"]) for r in filled],
             bottom=[min(r["confidence"], r["accuracy"]) for r in filled], width=width, facecolor="none",
             edgecolor="red", hatch="//", linewidth=0.8, label="gap to mean confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    top.set_ylabel("accuracy")
+    top.set_ylabel(measured)
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_title(f"{title} (ECE {ece:.3f})", fontsize=10)
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(centres, [r["count"] for r in rows], width=width, edgecolor="black", color="grey")
-    bottom.set_xlabel("confidence (probability of the predicted class)")
-    bottom.set_ylabel("images")
+    bottom.set_xlabel(confidence)
+    bottom.set_ylabel("images" if measured == "accuracy" else "decisions")
     figure.tight_layout()
     _save(figure, path)
 
@@ -107,19 +116,34 @@ def plot_reliability(rows: list[dict], ece: float, path: Path, title: str = "rel
 def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], ranked: int, path: Path) -> None:
     """One ROC curve per class (that class against the rest), as metrics.hardest_roc_curves gives them;
     `ranked`: how many classes have one."""
+    # Straight lines between thresholds: tied scores give a diagonal, as the AUC counts them (half).
+    _plot_class_curves(curves, ranked, path, "AUC", ("false positive rate", "true positive rate"),
+                       "ROC, each class against the rest", "lowest AUC", chance=([0, 1], [0, 1]))
+
+
+def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], ranked: int, path: Path) -> None:
+    """One precision-recall curve per class of a multi-label model, as metrics.hardest_pr_curves gives them;
+    `ranked`: how many classes have one."""
+    _plot_class_curves(curves, ranked, path, "AP", ("recall", "precision"), "precision against recall",
+                       "lowest average precision")
+
+
+def _plot_class_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], ranked: int, path: Path,
+                       score: str, axes: tuple[str, str], title: str, chosen_by: str,
+                       chance: tuple[list, list] | None = None) -> None:
     figure = Figure(figsize=(5.5, 5.0))
     axis = figure.subplots()
-    for name, (false_positive, true_positive, auc) in curves.items():
-        # Straight lines between thresholds: tied scores give a diagonal, as the AUC counts them (half).
-        axis.plot(false_positive, true_positive, linewidth=1.2, label=f"{name} (AUC {auc:.3f})")
-    axis.plot([0, 1], [0, 1], "k--", linewidth=1, label="chance")
+    for name, (x, y, value) in curves.items():
+        axis.plot(x, y, linewidth=1.2, label=f"{name} ({score} {value:.3f})")
+    if chance is not None:
+        axis.plot(*chance, "k--", linewidth=1, label="chance")
     axis.set_xlim(0, 1)
     axis.set_ylim(0, 1.01)
-    axis.set_xlabel("false positive rate")
-    axis.set_ylabel("true positive rate")
-    shown = "every class" if len(curves) == ranked else f"the {len(curves)} of {ranked} classes with the lowest AUC"
-    axis.set_title(f"ROC, each class against the rest ({shown})", fontsize=10)
-    axis.legend(loc="lower right", fontsize=7)
+    axis.set_xlabel(axes[0])
+    axis.set_ylabel(axes[1])
+    shown = "every class" if len(curves) == ranked else f"the {len(curves)} of {ranked} classes with the {chosen_by}"
+    axis.set_title(f"{title} ({shown})", fontsize=10)
+    axis.legend(loc="lower right" if chance is not None else "lower left", fontsize=7)
     figure.tight_layout()
     _save(figure, path)
 
@@ -136,12 +160,17 @@ def plot_gallery(items: list[GalleryItem], path: Path, per_row: int = 4) -> None
         row, column = divmod(number, per_row)
         cells = axes[row, column * panels:(column + 1) * panels]
         cells[0].imshow(item.image)
-        cells[0].set_title(f"{Path(item.source).name}\ntrue {item.true} ({item.p_true:.2f})", fontsize=7)
+        if item.true_labels is None:
+            cells[0].set_title(f"{Path(item.source).name}\ntrue {item.true} ({item.p_true:.2f})", fontsize=7)
+        else:
+            cells[0].set_title(f"{Path(item.source).name}\ntrue: {item.true_labels or '(none)'}\npredicted: "
+                               f"{item.predicted_labels or '(none)'}", fontsize=6)
         if panels == 3:
             cells[1].imshow(overlay(item.image, item.cam_predicted, size=GALLERY_SIZE))
             cells[1].set_title(f"why {item.predicted}\n(p {item.p_predicted:.2f})", fontsize=7, color="firebrick")
             cells[2].imshow(overlay(item.image, item.cam_true, size=GALLERY_SIZE))
-            cells[2].set_title(f"evidence for {item.true}", fontsize=7, color="darkgreen")
+            cells[2].set_title(f"evidence for {item.true}" + (f"\n(p {item.p_true:.2f})" if item.true_labels
+                                                              is not None else ""), fontsize=7, color="darkgreen")
     figure.suptitle("highest-loss images" + (" with Grad-CAM" if panels == 3 else ""), fontsize=10)
     figure.tight_layout()
     _save(figure, path, dpi=90)  # noisy photos compress badly; this keeps report.html near 1 MB
@@ -219,12 +248,7 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
     per_class += [[f"{name} average", *(metrics[name][k] for k in scores), metrics["images"]]
                   for name in ("macro", "weighted")]
     confused = [[p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.1%}"] for p in metrics["most_confused"]]
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-        "<p class='note'>" + " &middot; ".join(f"{html.escape(k)}: {html.escape(str(v))}" for k, v in info.items())
-        + "</p>",
-        "<div class='cards'>" + "".join(f"<div class='card'>{k}<b>{v}</b></div>" for k, v in cards) + "</div>",
+    sections = [
         "<h2>Per class</h2>", _table(["class", "precision", "recall", "F1", "ROC AUC", "average precision",
                                       "support"], per_class),
         "<p class='note'>ROC AUC and average precision rank the images by the class's probability, the class "
@@ -244,11 +268,71 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
                  None if row["accuracy"] is None else f"{row['accuracy']:.2%}"] for row in metrics["selective"]]),
     ]
     if "roc" in pictures:
-        parts += [f"<h2>ROC curves</h2><img src='{_png(pictures['roc'])}' alt='ROC curves'>"]
+        sections += [f"<h2>ROC curves</h2><img src='{_png(pictures['roc'])}' alt='ROC curves'>"]
     if gallery:
-        parts += [f"<h2>Highest-loss images</h2><img src='{_png(pictures['highest_loss'])}' alt='highest-loss images'>",
-                  _table(["image", "true", "predicted", "p(true)", "p(predicted)", "loss"],
-                         [[g.source, g.true, g.predicted, g.p_true, g.p_predicted, g.loss] for g in gallery])]
+        sections += [_gallery_section(pictures, _table(
+            ["image", "true", "predicted", "p(true)", "p(predicted)", "loss"],
+            [[g.source, g.true, g.predicted, g.p_true, g.p_predicted, g.loss] for g in gallery]))]
+    _write_page(path, title, info, cards, sections, failed)
+
+
+def write_multi_label_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict[str, Path],
+                           gallery: list[GalleryItem], failed: list[str]) -> None:
+    """report.html of a multi-label model: mAP and the threshold's scores, per class, PR curves, calibration
+    of every (image, class) probability, and the highest-loss images."""
+    low, high = metrics["exact_match_ci95"]
+    cards = [("mAP", f"{metrics['map']:.2%}" if metrics["map"] is not None else "undefined"),
+             ("F1 (micro)", f"{metrics['micro']['f1']:.2%}"), ("F1 (macro)", f"{metrics['macro']['f1']:.2%}"),
+             ("exact match", f"{metrics['exact_match']:.2%}"), ("exact match, 95% interval", f"{low:.2%} - {high:.2%}"),
+             ("Hamming loss", f"{metrics['hamming_loss']:.4f}"), ("loss", f"{metrics['loss']:.4f}"),
+             ("ECE", f"{metrics['ece']:.4f}"), ("images", f"{metrics['images']:,}"), ("unreadable", str(len(failed)))]
+    scores = ("average_precision", "roc_auc", "precision", "recall", "f1")
+    per_class = [[r["class"], *(r[k] for k in scores), r["support"], r["predicted"]] for r in metrics["per_class"]]
+    per_class.append(["micro average", None, None, *(metrics["micro"][k] for k in ("precision", "recall", "f1")),
+                      sum(r["support"] for r in metrics["per_class"]),
+                      sum(r["predicted"] for r in metrics["per_class"])])
+    labels = metrics["labels_per_image"]
+    sections = [
+        f"<p class='note'>A class is predicted where its probability reaches {metrics['threshold']:g} (the model's "
+        f"threshold). Images have {labels['true']:.2f} labels on average; the model predicts "
+        f"{labels['predicted']:.2f}. Exact match: the share of images with every label right.</p>",
+        "<h2>Per class</h2>",
+        _table(["class", "average precision", "ROC AUC", "precision", "recall", "F1", "images with it",
+                "predicted"], per_class),
+        "<p class='note'>Average precision and ROC AUC rank the images by the class's probability and do not "
+        "depend on the threshold (mAP is their mean over the classes); blank where no image, or every image, "
+        "has the class.</p>",
+    ]
+    if "pr" in pictures:
+        sections += [f"<h2>Precision-recall curves</h2><img src='{_png(pictures['pr'])}' alt='precision-recall'>"]
+    sections += [
+        "<h2>Calibration</h2><p class='note'>Every (image, class) probability, binned: how often the class is "
+        f"there against the probability given. ECE averages the gap over {len(metrics['calibration'])} bins.</p>"
+        f"<img src='{_png(pictures['reliability'])}' alt='reliability diagram'>"]
+    if gallery:
+        sections += [_gallery_section(pictures, _table(
+            ["image", "true", "predicted", "surest absent class", "p", "least sure true class", "p", "loss"],
+            [[g.source, g.true_labels, g.predicted_labels, g.predicted, g.p_predicted, g.true, g.p_true, g.loss]
+             for g in gallery]))]
+    _write_page(path, title, info, cards, sections, failed)
+
+
+def _gallery_section(pictures: dict[str, Path], table: str) -> str:
+    return (f"<h2>Highest-loss images</h2><img src='{_png(pictures['highest_loss'])}' alt='highest-loss images'>"
+            + table)
+
+
+def _write_page(path: Path, title: str, info: dict, cards: list[tuple[str, str]], sections: list[str],
+                failed: list[str]) -> None:
+    """One self-contained HTML page: the title, the run's facts, the headline cards, the sections, and the
+    images that could not be read."""
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+        "<p class='note'>" + " &middot; ".join(f"{html.escape(k)}: {html.escape(str(v))}" for k, v in info.items())
+        + "</p>",
+        "<div class='cards'>" + "".join(f"<div class='card'>{k}<b>{v}</b></div>" for k, v in cards) + "</div>",
+        *sections]
     if failed:
         parts += [f"<h2>Unreadable images ({len(failed)}, skipped)</h2><ul>"
                   + "".join(f"<li>{html.escape(message)}</li>" for message in failed) + "</ul>"]
@@ -288,10 +372,51 @@ def write_report(out_dir: str | Path, title: str, metrics: dict, info: dict, gal
     if roc:
         paths["roc"] = out / "roc_curves.png"
         plot_roc_curves(roc, sum(row["roc_auc"] is not None for row in metrics["per_class"]), paths["roc"])
+    _write_gallery_and_metrics(out, paths, metrics, info, gallery, failed)
+    write_html(paths["report"], title, metrics, info, paths, gallery, failed)
+    return paths
+
+
+def _write_gallery_and_metrics(out: Path, paths: dict[str, Path], metrics: dict, info: dict,
+                               gallery: list[GalleryItem], failed: list[str]) -> None:
+    """highest_loss.png (when there is a gallery, added to `paths`) and metrics.json: every number, what was
+    evaluated, the gallery's images and the unreadable files."""
     if gallery:
         paths["highest_loss"] = out / "highest_loss.png"
         plot_gallery(gallery, paths["highest_loss"])
     document = {**info, **metrics, "highest_loss": [item.summary() for item in gallery], "unreadable": failed}
     write_json(paths["metrics"], document)
-    write_html(paths["report"], title, metrics, info, paths, gallery, failed)
+
+
+def write_multi_label_predictions(path: Path, sources: list[str], targets: np.ndarray, probs: np.ndarray,
+                                  class_names: list[str], threshold: float) -> Path:
+    """predictions.csv of a multi-label model: per image its true and predicted classes (space-separated, as a
+    multi-label CSV lists them), its loss, whether every label is right, and each class's probability."""
+    targets = np.asarray(targets, dtype=bool)
+    predicted = probs >= threshold
+    losses = label_losses(probs, targets)
+    joined = lambda row: " ".join(name for name, on in zip(class_names, row) if on)  # noqa: E731
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["image", "true", "predicted", "loss", "exact", *class_names])
+        writer.writerows([source, joined(true), joined(guess), f"{loss:.6f}", int((true == guess).all()),
+                          *(f"{p:.6f}" for p in row)]
+                         for source, true, guess, loss, row in zip(sources, targets, predicted, losses, probs))
+    return path
+
+
+def write_multi_label_report(out_dir: str | Path, title: str, metrics: dict, info: dict, gallery: list[GalleryItem],
+                             failed: list[str], pr: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Path]:
+    """A multi-label model's metrics.json, pictures (reliability, precision-recall curves, highest-loss images)
+    and report.html in `out_dir`; returns their paths. `pr`: the curves to draw (metrics.hardest_pr_curves)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": out / "metrics.json", "reliability": out / "reliability.png", "report": out / "report.html"}
+    plot_reliability(metrics["calibration"], metrics["ece"], paths["reliability"], "reliability of each class's "
+                     "probability", measured="share present", confidence="probability of the class")
+    if pr:
+        paths["pr"] = out / "pr_curves.png"
+        plot_pr_curves(pr, sum(row["average_precision"] is not None for row in metrics["per_class"]), paths["pr"])
+    _write_gallery_and_metrics(out, paths, metrics, info, gallery, failed)
+    write_multi_label_html(paths["report"], title, metrics, info, paths, gallery, failed)
     return paths

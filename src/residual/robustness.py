@@ -33,7 +33,7 @@ from .data.loaders import inference_batches  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .evaluate import model_labels, pick_split  # noqa: E402
 from .metrics import calibration_bins, expected_calibration_error, mean_where_defined  # noqa: E402
-from .predict import class_probabilities, model_device  # noqa: E402
+from .predict import class_probabilities, model_device, single_label_only  # noqa: E402
 from .progress import progress_bar  # noqa: E402
 from .weights import cache_dir, download  # noqa: E402
 
@@ -171,6 +171,8 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
     if images < 1:
         raise ConfigError(f"--images must be at least 1, got {images}")
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
+    for each in (model, baseline):
+        single_label_only("robustness", each, dataset)
     split_name, chosen = pick_split(dataset, split)
     items = chosen.files if chosen.images is None else list(chosen.images)
     sample = np.arange(len(items))

@@ -47,7 +47,7 @@ from .data.decode import BadImageError, decode_bytes
 from .data.transforms import resize_center_crop
 from .errors import ConfigError, ResidualError
 from .predict import (check_tta, class_names_of, class_probabilities, inference_compile, inference_forward,
-                      model_device, top_classes)
+                      is_multi_label, model_device, present_classes, top_classes)
 
 MEGABYTE = 1 << 20
 ENDPOINTS = "POST /predict, GET /health, /info or /metrics"
@@ -104,8 +104,10 @@ class Batcher:
     the error on each of its futures; the thread carries on.
     """
 
-    def __init__(self, forward, max_batch: int, max_wait_s: float, tta: str = "none", arriving=lambda: 0):
+    def __init__(self, forward, max_batch: int, max_wait_s: float, tta: str = "none", arriving=lambda: 0,
+                 multi_label: bool = False):
         self.forward, self.max_batch, self.max_wait_s, self.tta = forward, max_batch, max_wait_s, tta
+        self.multi_label = multi_label
         self.arriving = arriving
         self.batches = self.images = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -165,7 +167,8 @@ class Batcher:
     def _answer(self, batch: list) -> None:
         futures = [future for _, future in batch]
         try:
-            probabilities = class_probabilities(self.forward, torch.stack([image for image, _ in batch]), self.tta)
+            probabilities = class_probabilities(self.forward, torch.stack([image for image, _ in batch]), self.tta,
+                                                self.multi_label)
             probabilities = probabilities.cpu()
         except Exception as error:  # a server answers each request of a failed batch with 500, and lives on
             for future in futures:
@@ -191,12 +194,13 @@ class ModelServer:
         self.model, self.name = model, name
         self.names = class_names_of(model)
         self.preprocessing = model.preprocessing
+        self.multi_label = is_multi_label(model)
         if isinstance(model, torch.nn.Module):
             model.eval()
         compiled, _ = inference_compile(model, self.config.compile, 0)  # refuses --compile for an exported model
         forward = inference_forward(model, compiled, self.config.max_batch)
         self.batcher = Batcher(forward, self.config.max_batch, self.config.max_wait_ms / 1000, self.config.tta,
-                               arriving=lambda: self.arriving)
+                               arriving=lambda: self.arriving, multi_label=self.multi_label)
         self.warmup_s = self._warm_up(forward)
         self.counts: dict[int, int] = {}
         self.request_seconds = 0.0
@@ -234,6 +238,8 @@ class ModelServer:
         precision = (getattr(model, "precision", None) if not isinstance(model, torch.nn.Module)
                      else str(next(model.parameters()).dtype).removeprefix("torch."))
         return {"model": self.name, "arch": getattr(model, "arch", None), "classes": self.names,
+                "multi_label": self.multi_label,
+                **({"threshold": model.threshold} if self.multi_label else {}),
                 "preprocessing": asdict(self.preprocessing),
                 "runtime": "pytorch" if isinstance(model, torch.nn.Module) else "onnxruntime",
                 "device": str(model_device(model)), "precision": precision,
@@ -311,6 +317,9 @@ class ModelServer:
             answers[slot]["top"] = [{"class_id": index, "class": label, "probability": round(probability, 6)}
                                     for index, label, probability in top_classes(probabilities[None], self.names,
                                                                                  topk)[0]]
+            if self.multi_label:  # every class present, whatever topk shows
+                answers[slot]["labels"] = [label for _, label, _ in present_classes(
+                    probabilities[None], self.names, self.model.threshold)[0]]
         body = {"model": self.name, "predictions": answers}
         if not slots:
             return 400, {"error": answers[0]["error"] if len(answers) == 1 else

@@ -29,6 +29,7 @@ import torch
 from .data.datasets import open_dataset
 from .errors import ConfigError
 from .evaluate import evaluate, split_as_trained, training_split
+from .predict import single_label_only
 from .metrics import paired_comparison
 from .models import ResNet
 from .runs import pick_device
@@ -116,6 +117,8 @@ def soup(model_paths: list[str | Path], data: str | Path, out: str | Path, recip
     device = pick_device(device)
     dataset = held_out_dataset(paths, data)
     models = {path: load_model(path).to(device).eval() for path in paths}
+    for model in models.values():  # the greedy recipe keeps what raises top-1
+        single_label_only("soup", model, dataset)
     check_compatible(models)
 
     def score(model: ResNet, on: str) -> Score:

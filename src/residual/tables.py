@@ -106,6 +106,8 @@ def model_file_table(path: Path) -> Table:
     rows = [("architecture", meta["arch"]),
             ("parameters", f"{count_params(model):,}"),
             ("classes", classes_line(config["num_classes"], names)),
+            ("outputs", f"multi-label: one sigmoid per class, present from probability {meta['threshold']:.3g}"
+                        if meta["multi_label"] else "single-label: softmax over the classes"),
             ("input", f"{config['in_chans']} channels, resize {pre['resize_size']} -> crop {pre['input_size']}, "
                       f"{pre['interpolation']}"),
             ("mean / std", Preprocessing(**pre).normalisation()),
@@ -204,6 +206,35 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
     return tables
 
 
+def multi_label_eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
+    """A multi-label model's headline numbers, and per-class scores (the worst `limit` by average precision when
+    there are more)."""
+    summary = new_table(title, ("metric", "value"), right=("value",), title_justify="left", show_header=False)
+    low, high = metrics["exact_match_ci95"]
+    labels = metrics["labels_per_image"]
+    for name, value in [("images", f"{metrics['images']:,}"),
+                        ("mAP", "-" if metrics["map"] is None else f"{metrics['map']:.2%}"),
+                        (f"F1 micro (at {metrics['threshold']:g})", f"{metrics['micro']['f1']:.4f}"),
+                        ("F1 macro", f"{metrics['macro']['f1']:.4f}"),
+                        ("exact match", f"{metrics['exact_match']:.2%}"),
+                        ("exact match, 95% interval", f"{low:.2%} - {high:.2%}"),
+                        ("Hamming loss", f"{metrics['hamming_loss']:.4f}"), ("loss", f"{metrics['loss']:.4f}"),
+                        ("ECE (every class's probability)", f"{metrics['ece']:.4f}"),
+                        ("labels per image, true / predicted", f"{labels['true']:.2f} / {labels['predicted']:.2f}")]:
+        summary.add_row(name, value)
+    rows = metrics["per_class"]
+    ranked = lambda row: -1.0 if row["average_precision"] is None else row["average_precision"]  # noqa: E731
+    shown = rows if len(rows) <= limit else sorted(rows, key=ranked)[:limit]
+    columns = ("AP", "ROC AUC", "precision", "recall", "F1", "images with it", "predicted")
+    per_class = new_table("per class" if shown is rows else f"the {limit} classes with the lowest AP",
+                          ("class", *columns), right=columns)
+    for row in shown:
+        per_class.add_row(row["class"], *(score_text(row[k], 3) for k in ("average_precision", "roc_auc", "precision",
+                                                                           "recall", "f1")),
+                          str(row["support"]), str(row["predicted"]))
+    return [summary, per_class]
+
+
 def calibration_table(report: dict) -> Table:
     """Temperature scaling's effect on each split checked: ECE and negative log-likelihood before and after."""
     scores = ("images", "top-1", "ECE before", "ECE after", "NLL before", "NLL after")
@@ -217,6 +248,12 @@ def calibration_table(report: dict) -> Table:
 
 
 def predictions_table(predictions: list, title: str) -> Table:
+    if predictions and predictions[0].present is not None:  # a multi-label model's: what is present, then the top
+        table = new_table(title, ("image", "labels", "top"))
+        for prediction in predictions:
+            table.add_row(prediction.source, " ".join(prediction.answer()) or "(none)",
+                          ", ".join(f"{n} {p:.3f}" for _, n, p in prediction.top))
+        return table
     table = new_table(title, ("image", "class", "probability", "next"), right=("probability",))
     for prediction in predictions:
         (_, name, probability), *others = prediction.top

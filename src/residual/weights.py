@@ -41,6 +41,7 @@ from .atomic import atomic_path
 from .errors import ResidualError
 from .models import Preprocessing, ResNet, ResNetConfig, build_model
 from .models.preprocessing import IMAGENET_EVAL
+from .models.resnet import MULTI_LABEL_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ def save_model(model: ResNet, path: str | os.PathLike, *, extra: dict | None = N
         "config": json.dumps(model.config.to_dict()),
         "class_names": json.dumps(model.class_names),
         "preprocessing": json.dumps(asdict(model.preprocessing)),
+        "multi_label": json.dumps(bool(model.multi_label)),
+        "threshold": json.dumps(model.threshold),
         "extra": json.dumps(extra or {}),
         "residual_version": __version__,
         "torch_version": torch.__version__,
@@ -116,9 +119,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if raw.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: model file format {raw.get('format_version')!r} is not supported by this "
                              f"version (expects {FORMAT_VERSION}); upgrade residual")
-    decoded = dict(raw)
-    for key in ("config", "class_names", "preprocessing", "extra"):
-        decoded[key] = json.loads(raw[key])
+    # A file written before multi-label models existed holds a single-label model.
+    decoded = {"multi_label": "false", "threshold": json.dumps(MULTI_LABEL_THRESHOLD), **raw}
+    for key in ("config", "class_names", "preprocessing", "extra", "multi_label", "threshold"):
+        decoded[key] = json.loads(decoded[key])
     return decoded
 
 
@@ -199,6 +203,7 @@ def _load_model_file(path: Path, options: dict) -> ResNet:
     class_names = meta["class_names"] if config.num_classes == meta["config"]["num_classes"] else None
     model = ResNet(config, arch=meta["arch"], class_names=class_names,
                    preprocessing=Preprocessing(**meta["preprocessing"]))
+    model.multi_label, model.threshold = meta["multi_label"], meta["threshold"]
     load_weights(model, safetensors.torch.load_file(path), str(path))
     return model
 

@@ -303,6 +303,10 @@ def resize_in_float(pixels: torch.Tensor, height: int, width: int, interpolation
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Class indices, or multi-hot rows (multi-label), as float targets with `smoothing`: each class gets
+    smoothing / num_classes, and a present class 1 - smoothing on top."""
+    if labels.dim() == 2:
+        return labels.float() * (1.0 - smoothing) + smoothing / num_classes
     targets = torch.full((len(labels), num_classes), smoothing / num_classes, device=labels.device)
     targets.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + smoothing / num_classes)
     return targets

@@ -36,6 +36,7 @@ from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..models import Preprocessing, ResNet
+from ..models.resnet import MULTI_LABEL_THRESHOLD
 from ..tables import classes_line
 from ..weights import ModelFileError, read_metadata, training_config
 
@@ -143,6 +144,8 @@ def write_onnx(model: ResNet, path: Path, fp16: bool = False, with_preprocessing
         "arch": model.arch,
         "class_names": json.dumps(model.class_names),
         "preprocessing": json.dumps(asdict(model.preprocessing)),
+        "multi_label": json.dumps(bool(model.multi_label)),
+        "threshold": json.dumps(model.threshold),
         "input": INPUT_UINT8 if with_preprocessing else INPUT_FLOAT,
         "precision": "fp16" if fp16 else "fp32",
         "residual_version": __version__,
@@ -198,6 +201,8 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
     rows = [("architecture", meta["arch"]),
             ("precision", meta["precision"]),
             ("classes", classes_line(len(names), names)),
+            ("outputs", "multi-label: one sigmoid per class" if json.loads(meta.get("multi_label", "false"))
+             else "single-label: softmax over the classes"),
             ("input", f"'{graph_input.name}', {onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)} "
                       f"{shape} ({meta['input']})"),
             ("preprocessing", f"resize {pre['resize_size']} -> crop {pre['input_size']}, {pre['interpolation']}, "
@@ -212,7 +217,7 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 ONNX_KNOWN_METADATA = ("residual.format", "arch", "class_names", "preprocessing", "input", "precision",
-                       "residual_version", "torch_version")
+                       "residual_version", "torch_version", "multi_label", "threshold")
 
 
 class OnnxModel:
@@ -225,6 +230,9 @@ class OnnxModel:
         self.arch = meta["arch"]
         self.class_names = json.loads(meta["class_names"])
         self.preprocessing = Preprocessing(**json.loads(meta["preprocessing"]))
+        # Absent from files exported before multi-label models existed: those are single-label.
+        self.multi_label = json.loads(meta.get("multi_label", "false"))
+        self.threshold = json.loads(meta.get("threshold", json.dumps(MULTI_LABEL_THRESHOLD)))
         self.input_format = meta["input"]
         self.precision = meta["precision"]
         options = ort.SessionOptions()

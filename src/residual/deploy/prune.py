@@ -27,6 +27,7 @@ from ..atomic import write_json
 from ..data.datasets import open_dataset
 from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate, training_split
+from ..predict import single_label_only
 from ..metrics import paired_comparison
 from ..models import ResNet, count_macs, count_params
 from ..train import TrainConfig, train
@@ -105,6 +106,7 @@ def prune(model_path: str | Path, data: str | Path, out: str | Path | None = Non
     if epochs < 0:
         raise ConfigError(f"--epochs must be 0 (no fine-tuning) or more, got {epochs}")
     model = load_model(model_path).eval()
+    single_label_only("prune", model)  # the pruned model is judged by its top-1
     # A flat folder is split as the model's training split it, so fine-tuning never trains on what the
     # before/after top-1 is measured on.
     val_split, seed = training_split(model_path, data) or (None, 0)

@@ -32,6 +32,7 @@ from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..evaluate import evaluate, split_as_trained
+from ..predict import single_label_only
 from ..metrics import paired_comparison
 from ..weights import load_model
 from .onnx import ExportError, OnnxModel, export_metadata, export_onnx, read_onnx_metadata, set_metadata
@@ -117,12 +118,14 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
             raise QuantizeError(f"--calib {calib}: images without class folders; give --val DATASET to compare "
                                 f"top-1 on") from None
         raise
+    single_label_only("quantize", dataset=val_data)  # the INT8 model is refused by its drop in top-1
     calib_data = as_trained if val is None else split_as_trained(model_path, calib)
     calib_items = sample_items(calib_data or calib, "train", calib_size, seed)
     with tempfile.TemporaryDirectory(prefix="residual-quantize-") as folder:
         folder = Path(folder)
         source = float_onnx(model_path, folder, sample_items(val_data.root, "val", 128, seed), str(val_data.root))
         float_model = OnnxModel(source)
+        single_label_only("quantize", float_model)
         prepared = folder / "prepared.onnx"
         quant_pre_process(str(source), str(prepared))
         calibration = ImageCalibration(float_model, calib_items)

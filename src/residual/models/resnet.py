@@ -22,6 +22,8 @@ from ..errors import ConfigError
 from .blocks import BLOCKS, NORMS, SHORTCUTS, conv3x3, make_norm, make_shortcut
 from .preprocessing import IMAGENET_EVAL, Preprocessing
 
+MULTI_LABEL_THRESHOLD = 0.5  # a multi-label model's default: a label is present where its probability reaches it
+
 STEMS = ("imagenet", "deep", "cifar")
 POOLS = ("avg", "max")
 INITS = ("he", "xavier")
@@ -94,7 +96,9 @@ class ResNet(nn.Module):
     """A ResNet built from a ResNetConfig.
 
     `arch` names the registry entry it came from; `class_names` and
-    `preprocessing` describe what it was trained on and how to feed it.
+    `preprocessing` describe what it was trained on and how to feed it. `multi_label`: its
+    outputs are one sigmoid per class (any number of them present, each where its probability
+    reaches `threshold`), not a softmax over classes that exclude each other.
     """
 
     def __init__(self, config: ResNetConfig, *, arch: str = "resnet",
@@ -104,6 +108,8 @@ class ResNet(nn.Module):
         self.arch = arch
         self.class_names = class_names
         self.preprocessing = preprocessing
+        self.multi_label = False
+        self.threshold = MULTI_LABEL_THRESHOLD
         block = BLOCKS[(config.block, config.preact)]
         stem_ch = config.widths[0]
 

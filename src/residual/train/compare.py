@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import ResidualError
 from ..evaluate import evaluate, split_as_trained
+from ..predict import single_label_only
 from ..metrics import paired_comparison
 from ..runs import pick_device
 from ..weights import load_model, read_metadata
@@ -75,7 +76,11 @@ def read_run(path: Path) -> RunRecord:
     history = read_metrics(path / "metrics.csv") if (path / "metrics.csv").is_file() else []
     best = None
     if (path / "model.safetensors").is_file():
-        extra = read_metadata(path / "model.safetensors")["extra"]
+        metadata = read_metadata(path / "model.safetensors")
+        if metadata["multi_label"]:
+            raise ResidualError(f"{path}: a multi-label run; compare ranks runs by validation top-1, which it does "
+                                f"not have (its metrics.csv and report.html give its mAP)")
+        extra = metadata["extra"]
         best = {key: extra[key] for key in ("epoch", "val_top1", "val_loss") if key in extra}
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
     return RunRecord(path, config, history, best, summary)
@@ -131,6 +136,7 @@ def score_on_data(records: list[RunRecord], data: str | Path, split: str | None 
             continue
         as_trained = split_as_trained(model_file, data)
         model = load_model(model_file).to(pick_device(device))
+        single_label_only("compare --data", model)
         result = evaluate(model, as_trained or data, split or ("val" if as_trained else None), batch_size=batch_size,
                           gallery_size=0, workers=workers, progress=progress)
         if sources is not None and result.sources != sources:

@@ -26,7 +26,7 @@ from ..runs import compile_repays, pick_device
 from ..weights import pretrained_source
 from .optim import OptimConfig
 
-MONITORS = ("val_top1", "val_loss")
+MONITORS = ("val_top1", "val_loss", "val_map")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSSES = ("ce", "bce")
 # The automatic learning rate per 128 images (small images) or 256 (large), by optimizer: SGD's is Goyal et
@@ -57,7 +57,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and weight decay auto unless given
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # preset auto unless given
     label_smoothing: float = 0.0
-    loss: str = "ce"  # 'ce' (softmax cross-entropy) or 'bce' (one sigmoid per class, as "ResNet strikes back")
+    # 'ce' (softmax cross-entropy) or 'bce' (one sigmoid per class, as "ResNet strikes back"); auto: ce, and bce
+    # for multi-label data (which it must be)
+    loss: str | None = None
     bce_target_threshold: float | None = None  # with bce: mixed targets above it become 1, the rest 0 (RSB: 0.2)
     class_weights: str | None = None  # 'auto': loss weights inversely proportional to class frequency
     balanced_sampler: bool = False  # draw each epoch with replacement so every class is equally likely
@@ -70,7 +72,7 @@ class TrainConfig:
     distill_weight: float = 0.5  # with a teacher: the distillation term's share of the loss (the labels' the rest)
     distill_temperature: float = 4.0  # with a teacher: how much both models' probabilities are softened
     early_stopping: int | None = None  # patience in epochs without improvement of `monitor`
-    monitor: str = "val_top1"
+    monitor: str | None = None  # what picks the best epoch; auto: val_top1, and val_map for multi-label data
     val_split: float | None = None  # fraction of train held out when the data has no val/ folder
     seed: int = 0
     deterministic: bool = False
@@ -105,7 +107,7 @@ class TrainConfig:
                               "give --strategy two-stage, or --freeze-stages to keep the first stages fixed")
         if self.class_weights not in (None, "auto"):
             raise ConfigError(f"--class-weights takes 'auto', got {self.class_weights!r}")
-        if self.monitor not in MONITORS:
+        if self.monitor not in (None, *MONITORS):
             raise ConfigError(f"--monitor must be one of {MONITORS}, got {self.monitor!r}")
         for flag, value, least in [("--epochs", self.epochs, 1), ("--image-size", self.image_size, 1),
                                    ("--eval-image-size", self.eval_image_size, 1),
@@ -124,9 +126,10 @@ class TrainConfig:
             raise ConfigError(f"--compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.loss not in LOSSES:
+        if self.loss not in (None, *LOSSES):
             raise ConfigError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.bce_target_threshold is not None and (self.loss != "bce" or not 0.0 <= self.bce_target_threshold < 1):
+        if self.bce_target_threshold is not None and (self.loss not in (None, "bce")  # None: bce if multi-label
+                                                      or not 0.0 <= self.bce_target_threshold < 1):
             raise ConfigError(f"--bce-target-threshold goes with --loss bce and is in [0, 1), got "
                               f"{self.bce_target_threshold} with --loss {self.loss}")
         if self.layer_lr_decay is not None and not 0.0 < self.layer_lr_decay <= 1.0:
@@ -379,6 +382,26 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
             raise ConfigError(f"{flag} {given}: {model} has {stages} stages; give 0 to {stages}")
     compile_on, compile_mode, _ = compile_choice(dataclasses.replace(config, epochs=epochs), image_size, count,
                                                  processes)
+    if dataset.multi_label:
+        check_multi_label(config, dataset)
+    elif config.monitor == "val_map":
+        raise ConfigError(f"--monitor val_map: {dataset.root} has one class per image, which val_top1 measures; "
+                          f"mean average precision is for multi-label data")
     return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs, optim=optim,
                                augment=augment, layer_lr_decay=layer_lr_decay, compile=compile_on,
-                               compile_mode=compile_mode)
+                               compile_mode=compile_mode,
+                               loss=config.loss or ("bce" if dataset.multi_label else "ce"),
+                               monitor=config.monitor or ("val_map" if dataset.multi_label else "val_top1"))
+
+
+def check_multi_label(config: TrainConfig, dataset: Dataset) -> None:
+    """What multi-label data (any number of classes per image) cannot train with: the softmax's loss and top-1,
+    and the options built on one class per image."""
+    single = [flag for flag, on in [
+        ("--loss ce (each class is a sigmoid of its own: bce)", config.loss == "ce"),
+        ("--monitor val_top1 (use val_map or val_loss)", config.monitor == "val_top1"),
+        ("--class-weights", config.class_weights), ("--balanced-sampler", config.balanced_sampler),
+        ("--augmix-jsd", config.augmix_jsd), ("--teacher", config.teacher)] if on]
+    if single:
+        raise ConfigError(f"{dataset.root} is multi-label (any number of classes per image); these options need "
+                          f"one class per image: drop {'; '.join(single)}")

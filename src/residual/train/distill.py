@@ -34,6 +34,9 @@ class Teacher:
             model = load_model(path)
         except ModelFileError as error:  # which flag named the file, as well as what is wrong with it
             raise ConfigError(f"--teacher {error}") from None
+        if model.multi_label:
+            raise ConfigError(f"--teacher {path}: a multi-label model; distillation learns a softmax over classes "
+                              f"that exclude each other")
         names = model.class_names or []
         if sorted(names) != sorted(classes):
             missing = sorted(set(classes) - set(names)) or sorted(set(names) - set(classes)) or ["(unnamed)"]

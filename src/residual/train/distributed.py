@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -97,6 +98,14 @@ class World:
         gathered = [None] * self.size
         dist.all_gather_object(gathered, mapping)
         return {key: value for part in gathered for key, value in part.items()}
+
+    def gather(self, array: np.ndarray) -> np.ndarray:
+        """Every worker's rows of `array`, rank by rank (e.g. each one's share of the validation probabilities)."""
+        if not self.distributed:
+            return array
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, array)
+        return np.concatenate(gathered)
 
     def barrier(self) -> None:
         if self.distributed:

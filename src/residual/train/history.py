@@ -18,13 +18,19 @@ from ..metrics import SIGNIFICANCE  # noqa: E402
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
            "epoch_seconds")
 DISTILL_COLUMNS = ("train_label_loss", "train_distill_loss")  # with a teacher: train_loss's two terms
+# A multi-label run's validation scores, in place of top-1 and top-5.
+MULTI_LABEL_COLUMNS = ("val_map", "val_f1", "val_exact_match")
 
 
 def write_metrics(history: list[dict], path: Path) -> None:
     """Rewrite metrics.csv from the whole history (atomic, so a kill never leaves half a row)."""
     buffer = io.StringIO()
     distilled = any(column in row for row in history for column in DISTILL_COLUMNS)
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS + (DISTILL_COLUMNS if distilled else ()),
+    columns = COLUMNS
+    if history and "val_map" in history[0]:
+        columns = tuple(c for c in COLUMNS if c not in ("val_top1", "val_top5"))
+        columns = columns[:4] + MULTI_LABEL_COLUMNS + columns[4:]
+    writer = csv.DictWriter(buffer, fieldnames=columns + (DISTILL_COLUMNS if distilled else ()),
                             extrasaction="ignore")
     writer.writeheader()
     for row in history:
@@ -57,9 +63,15 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         loss_ax.plot(epochs, [r["train_distill_loss"] for r in history], "C3:", lw=1, label="train, teacher's term")
     loss_ax.plot(epochs, [r["val_loss"] for r in history], "C1", lw=2.2, label="validation")
     loss_ax.set(title="loss", xlabel="epoch")
-    acc_ax.plot(epochs, [100 * r["train_acc"] for r in history], lw=1, label="train")
-    acc_ax.plot(epochs, [100 * r["val_top1"] for r in history], lw=2.2, label="validation top-1")
-    acc_ax.set(title="accuracy (%)", xlabel="epoch")
+    multi_label = "val_map" in history[0]
+    acc_ax.plot(epochs, [100 * r["train_acc"] for r in history], lw=1,
+                label="train, labels right" if multi_label else "train")
+    if multi_label:
+        acc_ax.plot(epochs, [100 * r["val_map"] for r in history], lw=2.2, label="validation mAP")
+        acc_ax.plot(epochs, [100 * r["val_f1"] for r in history], "C2", lw=1.5, label="validation F1 (micro)")
+    else:
+        acc_ax.plot(epochs, [100 * r["val_top1"] for r in history], lw=2.2, label="validation top-1")
+    acc_ax.set(title="scores (%)" if multi_label else "accuracy (%)", xlabel="epoch")
     lr_ax.plot(epochs, [r["lr"] for r in history], color="gray")
     lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
     for ax in (loss_ax, acc_ax):

@@ -22,8 +22,13 @@ from ..data.transforms import mix_batch
 PREVIEW_IMAGES = 16  # a 4 x 4 grid: enough to judge an augmentation, small enough to read
 
 
-def target_title(target: torch.Tensor, class_names: list[str]) -> str:
-    """A hard label's class name; for a mixed (soft) target the two largest shares, e.g. 'cat 0.70 + dog 0.30'."""
+def target_title(target: torch.Tensor, class_names: list[str], multi_label: bool = False) -> str:
+    """A hard label's class name; for a mixed (soft) target the two largest shares, e.g. 'cat 0.70 + dog 0.30';
+    for a multi-label target every class it has, with its share where mixing made that less than 1."""
+    if multi_label:
+        parts = [class_names[int(i)] + ("" if target[i] > 0.99 else f" {float(target[i]):.2f}")
+                 for i in torch.nonzero(target >= 0.01).flatten()]
+        return " + ".join(parts) or "(no labels)"
     if target.dim() == 0:
         return class_names[int(target)]
     shares, indices = target.topk(min(2, len(target)))
@@ -49,7 +54,7 @@ def write_batch_preview(images: torch.Tensor, labels: torch.Tensor, augment: Cal
         axis.axis("off")
     for axis, image, target in zip(axes.flat, pixels, targets.cpu()):
         axis.imshow(image)
-        axis.set_title(target_title(target, class_names), fontsize=8)
+        axis.set_title(target_title(target, class_names, multi_label=labels.dim() == 2), fontsize=8)
     figure.suptitle("the first training batch, as the model sees it (augmented and mixed)", fontsize=10)
     figure.tight_layout()
     with atomic_path(path) as tmp:

@@ -49,6 +49,7 @@ from ..data.loaders import (BadFileLog, FileLoader, InMemoryLoader, decoding_wor
 from ..data.transforms import build_augment, mix_batch, normalize
 from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate
+from ..metrics import multi_label_metrics
 from ..models import Preprocessing, ResNet, build_model
 from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from ..progress import message_console, transient_bar
@@ -201,13 +202,15 @@ def validation_warnings(data: Dataset) -> list[str]:
         return []  # an empty split is an error, raised when the loaders are built
     warnings = []
     unmeasured = [name for name, count in zip(data.classes, data.class_counts(data.val)) if count == 0]
+    score = "mAP" if data.multi_label else "top-1"
     if unmeasured:  # e.g. a class of one image: the split holds out only of classes with two or more
-        warnings.append(f"warning: {data.root}: no validation images of {', '.join(unmeasured)}; validation top-1 "
+        warnings.append(f"warning: {data.root}: no validation images of {', '.join(unmeasured)}; validation {score} "
                         f"does not measure {'them' if len(unmeasured) > 1 else 'it'}")
     if len(data.val) < SMALL_VALIDATION:
-        warnings.append(f"warning: {data.root}: the validation split has {len(data.val)} image(s), so its top-1 "
-                        f"moves in steps of {100 / len(data.val):.3g} points; the best epoch and early stopping go "
-                        f"by it")
+        coarse = ("too few for a steady mAP" if data.multi_label
+                  else f"so its top-1 moves in steps of {100 / len(data.val):.3g} points")
+        warnings.append(f"warning: {data.root}: the validation split has {len(data.val)} image(s), {coarse}; the best "
+                        f"epoch and early stopping go by it")
     return warnings
 
 
@@ -298,6 +301,7 @@ class Trainer:
                                   "the CPU each worker normalises with its own batch statistics")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.class_names = list(self.dataset.classes)
+        model.multi_label = self.dataset.multi_label
         reduction = model.feature_info[-1]["reduction"]
         if c.image_size < 2 * reduction:  # global pooling then averages a single position: little left to learn from
             self.console.print(f"warning: {c.model} shrinks its input {reduction}x, so {c.image_size} px images "
@@ -682,21 +686,18 @@ class Trainer:
                 self.ema.update(self.model)
             self.step += 1
         divisor = batch_weight if len(labels) else 1  # an empty batch's loss is 0 (of weight 0)
-        return (loss_sum.detach() / divisor, (logits.argmax(1) == labels).sum(),
+        return (loss_sum.detach() / divisor, correct_predictions(logits.detach(), labels),
                 None if parts is None else parts.detach() / divisor)
 
     @torch.inference_mode()
     def evaluate(self) -> dict:
-        model = self.ema.module if self.ema else self.model
-        model.eval()
+        """The validation split's loss and scores: top-1 and top-5, or for multi-label data mean average
+        precision (val_map), micro F1 and exact match at the model's threshold."""
+        if self.dataset.multi_label:
+            return self._evaluate_multi_label()
         batch_sums, count = [], 0  # per batch: loss, top-1 and top-5 hits, read back once at the end
-        k = min(5, model.num_classes)
-        for images, labels in self.val_loader.epoch(0):
-            x = normalize(images.float().div_(255), model.preprocessing)
-            if self.config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                logits = model(x).float()
+        k = min(5, len(self.dataset.classes))
+        for logits, labels in self._validation_logits():
             ranked = logits.topk(k, dim=1).indices
             batch_sums.append(torch.stack((F.cross_entropy(logits, labels, reduction="sum"),
                                            (ranked[:, 0] == labels).sum().float(),
@@ -707,6 +708,35 @@ class Trainer:
         loss_sum, top1, top5, count = self.world.sum([loss_sum, top1, top5, count], self.device)
         return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5 / count}
 
+    def _evaluate_multi_label(self) -> dict:
+        """mAP ranks every validation image by each class, so the probabilities are gathered whole (on the
+        host, from every worker) rather than summed batch by batch."""
+        probs, targets = [], []
+        for logits, labels in self._validation_logits():
+            probs.append(logits.sigmoid())
+            targets.append(labels)
+        classes = len(self.dataset.classes)  # a worker's share may be empty: (0, classes) still joins the others'
+        probs_all = self.world.gather(torch.cat(probs).cpu().numpy() if probs else np.zeros((0, classes)))
+        targets_all = self.world.gather(torch.cat(targets).cpu().numpy() if targets else np.zeros((0, classes)))
+        model = self.ema.module if self.ema else self.model
+        scores = multi_label_metrics(probs_all, targets_all, list(self.dataset.classes), model.threshold)
+        # mAP is undefined where no class has both positive and negative validation images: 0, not NaN, so that
+        # an epoch is still kept (validation_warnings says how little such a split measures).
+        return {"val_loss": scores["loss"], "val_map": scores["map"] or 0.0, "val_f1": scores["micro"]["f1"],
+                "val_exact_match": scores["exact_match"]}
+
+    def _validation_logits(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(float32 logits, labels) of each validation batch, still on the device, from the EMA weights if any."""
+        model = self.ema.module if self.ema else self.model
+        model.eval()
+        for images, labels in self.val_loader.epoch(0):
+            x = normalize(images.float().div_(255), model.preprocessing)
+            if self.config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                logits = model(x).float()
+            yield logits, labels
+
     def _end_epoch(self, train_stats: dict, val_stats: dict) -> None:
         """Record the epoch, keep the best model, ask early stopping, save last.pt."""
         c = self.config
@@ -716,11 +746,12 @@ class Trainer:
             write_metrics(self.history, self.run_dir / "metrics.csv")
         self._draw_curves(final=False)
         value = val_stats[c.monitor]
-        improved = self.best is None or (value > self.best[c.monitor] if c.monitor == "val_top1"
+        higher_is_better = c.monitor != "val_loss"
+        improved = self.best is None or (value > self.best[c.monitor] if higher_is_better
                                          else value < self.best[c.monitor])
-        # A small validation set saturates (100% top-1 from the first epoch): at an equal top-1 the lower
+        # A small validation set saturates (100% top-1 from the first epoch): at an equal score the lower
         # val loss is the better model to keep. Only an improvement of `monitor` resets early stopping.
-        tie_won = (not improved and c.monitor == "val_top1" and value == self.best["val_top1"]
+        tie_won = (not improved and higher_is_better and value == self.best[c.monitor]
                    and val_stats["val_loss"] < self.best["val_loss"])
         keep = (improved or tie_won) and math.isfinite(value) and self._weights_finite()
         self.epochs_since_best = 0 if keep and improved else self.epochs_since_best + 1
@@ -733,9 +764,10 @@ class Trainer:
             f"epoch {self.epoch + 1}/{c.epochs}  train loss {row['train_loss']:.4f} "
             + (f"(labels {row['train_label_loss']:.4f}, teacher {row['train_distill_loss']:.4f}) "
                if self.teacher is not None else "")
-            + f"acc {row['train_acc']:.2%}  "
-            f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}  "
-            f"lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
+            + f"acc {row['train_acc']:.2%}  val loss {row['val_loss']:.4f} "
+            + (f"mAP {row['val_map']:.2%} F1 {row['val_f1']:.2%} exact {row['val_exact_match']:.2%}  "
+               if self.dataset.multi_label else f"top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}  ")
+            + f"lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
             + ("  *best*" if self.best_epoch == self.epoch + 1 else ""))
         self.epoch, self.batch = self.epoch + 1, 0
         self.stopped_early = bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping
@@ -768,8 +800,9 @@ class Trainer:
                 self._write_report()
         self.world.barrier()  # the other workers wait, so the group ends together
         best = self.best or {}
+        score = "val_map" if self.dataset.multi_label else "val_top1"
         self.console.print(
-            f"\nbest epoch {self.best_epoch}: val top-1 {best.get('val_top1', float('nan')):.2%}"
+            f"\nbest epoch {self.best_epoch}: {VAL_SCORE_NAMES[score]} {best.get(score, float('nan')):.2%}"
             + (" (stopped early)" if self.stopped_early else "")
             + (f"; {len(self.bad.files)} unreadable image(s) skipped" if self.bad.files else "")
             + (f"; {len(self.dataset.ignored)} non-image file(s) ignored" if self.dataset.ignored else ""))
@@ -786,8 +819,20 @@ class Trainer:
         result = evaluate(model, self.dataset, "val", batch_size=2 * c.batch_size, out_dir=self.run_dir,
                           workers=c.workers, progress=not c.quiet,
                           title=f"{c.model} on {Path(c.data).name}: validation report (best epoch {self.best_epoch})")
-        self.console.print(f"validation report: {result.files['report']} (top-1 {result.metrics['top1']:.2%}, "
-                           f"ECE {result.metrics['ece']:.3f})")
+        score = "map" if self.dataset.multi_label else "top1"
+        self.console.print(f"validation report: {result.files['report']} ({VAL_SCORE_NAMES['val_' + score]} "
+                           f"{result.metrics[score]:.2%}, ECE {result.metrics['ece']:.3f})")
+
+
+VAL_SCORE_NAMES = {"val_top1": "val top-1", "val_map": "val mAP"}
+
+
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A batch's right answers, on the device: images whose top-1 is their class, or for multi-label
+    (multi-hot) labels each image's share of classes called right at probability 0.5 (logit 0)."""
+    if labels.dim() == 2:
+        return ((logits > 0) == labels.bool()).float().mean(1).sum()
+    return (logits.argmax(1) == labels).sum()
 
 
 def step_groups(batches: Iterable, accumulate: int) -> Iterator[list]:
