@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import residual
+from residual.calibrate import CalibrationError
 from residual.cli import main
 from residual.deploy.prune import prune
 from residual.label_errors import find_label_errors
@@ -30,6 +31,7 @@ from residual.train.config import resolve
 from residual.train.loss import label_loss_sum
 from residual.train.optim import OptimConfig
 from residual.train.preview import target_title
+from residual.thresholds import best_f1_threshold, tune_thresholds
 from residual.weights import load_model, read_metadata, save_model
 
 QUICK = dict(model="resnet20", batch_size=16, optim=OptimConfig(lr=0.05), quiet=True, report=False)
@@ -202,7 +204,7 @@ def test_a_multi_label_run_trains_sigmoids_and_keeps_the_best_map(tagged_run, ta
     assert result.probs.shape == result.labels.shape == (12, 10)
 
 
-def test_a_multi_label_model_file_and_onnx_export_say_so(tagged_run, tmp_path):
+def test_a_multi_label_model_file_keeps_it_and_its_threshold(tagged_run, tmp_path):
     model = load_model(tagged_run.model_path)
     assert model.multi_label and model.threshold == 0.5
     model.threshold = 0.3
@@ -317,7 +319,7 @@ def test_commands_built_on_top1_refuse_a_multi_label_model_in_one_line(tagged_ru
         find_label_errors(tagged / MULTI_LABEL_CSV, tmp_path / "audit")
     with pytest.raises(ConfigError, match="^robustness measures one class per image"):
         robustness(model, tagged / MULTI_LABEL_CSV)
-    with pytest.raises(ConfigError, match="^calibrate measures"):
+    with pytest.raises(CalibrationError, match="a multi-label model .* residual thresholds chooses"):
         residual.calibrate(tagged_run.model_path, tagged / MULTI_LABEL_CSV)
     with pytest.raises(ConfigError, match="^prune measures"):
         prune(tagged_run.model_path, tagged / MULTI_LABEL_CSV)
@@ -360,3 +362,60 @@ def test_check_data_counts_labels_and_finds_one_picture_listed_with_two_label_se
     report = check_data(path, progress=False)
     assert [sum(counts) for counts in zip(*report.counts.values())] == [7, 2]  # cat 7 images, dog 2
     assert report.conflicts == [[f"{tmp_path / 'a.png'} (cat dog)", f"{tmp_path / 'b.png'} (dog)"]]
+
+
+# --- per-class thresholds -----------------------------------------------------------------------------
+
+def test_the_best_f1_threshold_sits_midway_below_the_lowest_score_it_calls():
+    scores, positive = np.array([0.9, 0.8, 0.4, 0.3, 0.2]), np.array([1, 0, 1, 1, 0])
+    # Calling the top 1, 2, 3, 4, 5 gives F1 2/4, 2/5, 4/6, 6/7, 6/8: the best calls down to 0.3.
+    assert best_f1_threshold(scores, positive) == pytest.approx(0.25)
+    assert best_f1_threshold(np.array([0.7, 0.2]), np.array([1, 0])) == pytest.approx(0.45)
+    assert best_f1_threshold(scores, np.ones(5)) is None and best_f1_threshold(scores, np.zeros(5)) is None
+
+
+def test_per_class_thresholds_are_fitted_on_val_saved_and_used_by_predict(tagged_run, tagged, tmp_path):
+    result = tune_thresholds(tagged_run.model_path, tagged / MULTI_LABEL_CSV, tmp_path / "tuned.safetensors",
+                             report_dir=tmp_path / "report")
+    val = result.report["splits"]["val"]
+    # Each class's F1 on val can only rise (what 0.5 predicts is one of the choices), so their mean does.
+    assert val["after"]["f1_macro"] >= val["before"]["f1_macro"]
+    assert list(result.report["splits"]) == ["val", "test"]
+    assert json.loads((tmp_path / "report" / "thresholds.json").read_text())["thresholds"] == \
+        dict(zip(load_model(tagged_run.model_path).class_names, result.thresholds))
+    tuned = load_model(result.path)
+    assert tuned.threshold == result.thresholds and len(set(result.thresholds)) > 1
+    data = open_dataset(tagged / MULTI_LABEL_CSV)
+    evaluated = evaluate(tuned, data, "val", gallery_size=0)
+    assert evaluated.metrics["macro"]["f1"] == pytest.approx(val["after"]["f1_macro"])
+    images = sorted((tagged / "test").glob("*.png"))[:4]
+    probs = tuned(residual.preprocess_input(images, tuned)).detach().sigmoid()
+    for prediction, row in zip(predict(tuned, images).predictions, probs):
+        assert {name for name in prediction.answer()} == {tuned.class_names[c] for c in range(10)
+                                                          if row[c] >= result.thresholds[c]}
+    # A new head (other classes) starts from the one default threshold.
+    assert load_model(result.path, num_classes=4).threshold == 0.5
+    with pytest.raises(ConfigError, match="one class per image .* residual calibrate"):
+        tune_thresholds(save_model(residual.create_model("resnet20", num_classes=3), tmp_path / "s.safetensors"),
+                        tagged / MULTI_LABEL_CSV)
+
+
+def test_the_thresholds_command_prints_their_effect_and_writes_the_model(tagged_run, tagged, tmp_path, capsys):
+    assert main(["thresholds", str(tagged_run.model_path), str(tagged / MULTI_LABEL_CSV), "--out",
+                 str(tmp_path / "report"), "-o", str(tmp_path / "tuned.safetensors"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "per-class thresholds fitted on val" in out and "mAP unchanged" in out
+    assert isinstance(read_metadata(tmp_path / "tuned.safetensors")["threshold"], list)
+    assert main(["info", str(tmp_path / "tuned.safetensors")]) == 0
+    assert "(per class " in capsys.readouterr().out
+
+
+def test_an_onnx_export_carries_the_per_class_thresholds_and_answers_the_same(tagged_run, tagged, tmp_path):
+    from residual.deploy.onnx import OnnxModel, export_onnx
+    model = load_model(tagged_run.model_path)
+    model.threshold = [0.2 + 0.05 * c for c in range(10)]
+    images = sorted((tagged / "test").glob("*.png"))[:6]
+    exported = OnnxModel(export_onnx(model, tmp_path / "tags.onnx", images, "test").path)
+    assert exported.multi_label and exported.threshold == model.threshold
+    onnx_answers = [p.answer() for p in predict(exported, images).predictions]
+    assert onnx_answers == [p.answer() for p in predict(model, images).predictions]

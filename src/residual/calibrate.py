@@ -27,7 +27,6 @@ from .atomic import write_json
 from .data.datasets import open_dataset
 from .errors import ResidualError
 from .evaluate import evaluate, split_as_trained
-from .predict import single_label_only
 from .metrics import calibration_bins, expected_calibration_error
 from .models import ResNet
 from .report import plot_reliability
@@ -114,8 +113,10 @@ def calibrate(model_path: str | Path, data: str | Path, out: str | Path | None =
         raise CalibrationError(f"{out}: model files end in .safetensors")
     if out.resolve() == model_path.resolve():
         raise CalibrationError(f"{out}: the calibrated model would replace the original; give another -o")
+    if metadata["multi_label"]:  # temperature scaling here is the softmax's
+        raise CalibrationError(f"{model_path}: a multi-label model (one sigmoid per class); residual thresholds "
+                               f"chooses its per-class thresholds on held-out images")
     model = load_model(model_path).to(pick_device(device))
-    single_label_only("calibrate", model)  # temperature scaling here is the softmax's
     classifier(model)  # a model without one stops before any evaluation
     as_trained = split_as_trained(model_path, data)
     dataset = as_trained or open_dataset(data)

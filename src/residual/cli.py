@@ -381,26 +381,44 @@ def cmd_robustness(args: argparse.Namespace, console: Console) -> int:
     return 1 if result.failed else 0
 
 
-def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
-    from .calibrate import calibrate
+def _fit_on_held_out(fit, args: argparse.Namespace, runs: str, report_name: str, console: Console):
+    """Run `fit` (calibrate or tune_thresholds) as their commands do: the report folder under `runs`, each
+    unreadable image named on one line -> (its result, the report folder)."""
     from .data.datasets import data_name
     from .runs import output_dir
-    from .tables import calibration_table
 
-    with output_dir(args.out, "runs/calibrate", f"{Path(args.model).stem}-{data_name(args.data)}") as out:
-        result = calibrate(args.model, args.data, args.output, split=args.split, report_dir=out,
-                           batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           progress=not args.quiet)
+    with output_dir(args.out, runs, f"{Path(args.model).stem}-{data_name(args.data)}") as out:
+        result = fit(args.model, args.data, args.output, split=args.split, report_dir=out, batch_size=args.batch_size,
+                     workers=args.workers, device=args.device, progress=not args.quiet)
     unreadable = [message for scores in result.report["splits"].values() for message in scores["unreadable"]]
     _report_failed(unreadable)
-    console.print(calibration_table(result.report))
     if unreadable:
-        console.print(f"[yellow]{len(unreadable)} unreadable image(s) skipped (listed above and in calibration.json)")
+        console.print(f"[yellow]{len(unreadable)} unreadable image(s) skipped (listed above and in {report_name})")
+    return result, out
+
+
+def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
+    from .calibrate import calibrate
+    from .tables import calibration_table
+
+    result, out = _fit_on_held_out(calibrate, args, "runs/calibrate", "calibration.json", console)
+    console.print(calibration_table(result.report))
     if "warning" in result.report:
         console.print(f"[yellow]warning: {result.report['warning']}")
     sharpens = "under-confident: T < 1 sharpens" if result.temperature < 1 else "over-confident: T > 1 softens"
     console.print(f"temperature {result.temperature:.4g} (the model was {sharpens} its probabilities; top-1 "
                   f"unchanged); wrote {result.path}, report in {out}")
+    return 0
+
+
+def cmd_thresholds(args: argparse.Namespace, console: Console) -> int:
+    from .tables import thresholds_table
+    from .thresholds import tune_thresholds
+
+    result, out = _fit_on_held_out(tune_thresholds, args, "runs/thresholds", "thresholds.json", console)
+    for table in thresholds_table(result.report):
+        console.print(table)
+    console.print(f"wrote {result.path} (mAP unchanged: the thresholds do not reorder the images), report in {out}")
     return 0
 
 
@@ -1086,6 +1104,17 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("-o", "--output", help="the calibrated model file (default: MODEL.calibrated.safetensors)")
     common(p, 64)
     p.set_defaults(run=cmd_calibrate)
+
+    p = commands.add_parser("thresholds", help="a multi-label model's per-class thresholds, each class's best F1 on "
+                                               "held-out images")
+    p.add_argument("model", help="a multi-label .safetensors model file")
+    p.add_argument("data", help="the dataset: the thresholds are fitted on its validation split and checked on its "
+                                "test split")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="the held-out split to fit them on")
+    p.add_argument("--out", help="report folder (default: a new runs/thresholds/MODEL-DATA)")
+    p.add_argument("-o", "--output", help="the model file with them (default: MODEL.thresholds.safetensors)")
+    common(p, 64)
+    p.set_defaults(run=cmd_thresholds)
 
     p = commands.add_parser("soup", help="average fine-tuned models' weights into one (model soups)")
     p.add_argument("models", nargs="+", metavar="MODEL", help="two or more .safetensors models fine-tuned from the "

@@ -22,8 +22,8 @@ from .explain import grad_cam
 from .metrics import (classification_metrics, hardest_pr_curves, hardest_roc_curves, image_losses, label_losses,
                       multi_label_metrics)
 from .models import ResNet
-from .predict import (check_tta, class_names_of, inference_compile, inference_forward, is_multi_label, model_device,
-                      probabilities_in_flight)
+from .predict import (check_tta, class_names_of, class_thresholds, inference_compile, inference_forward,
+                      is_multi_label, model_device, probabilities_in_flight)
 from .progress import progress_bar
 from .report import (GalleryItem, write_multi_label_predictions, write_multi_label_report, write_predictions,
                      write_report)
@@ -194,5 +194,5 @@ def highest_loss(model, probs: np.ndarray, labels: np.ndarray, items: list, sour
     joined = lambda row: " ".join(name for name, on in zip(names, row) if on)  # noqa: E731
     return [GalleryItem(sources[i], names[t], names[p], float(probs[i, t]), float(probs[i, p]), float(losses[i]),
                         batch.images[row].permute(1, 2, 0).numpy(), cam_predicted[row], cam_true[row],
-                        *((joined(labels[i]), joined(probs[i] >= model.threshold)) if multi_label else ()))
+                        *((joined(labels[i]), joined(probs[i] >= class_thresholds(model))) if multi_label else ()))
             for row, (i, t, p) in enumerate(zip(order, true, predicted))]

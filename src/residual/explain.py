@@ -27,7 +27,8 @@ from .data.loaders import inference_batches
 from .data.transforms import normalize
 from .errors import ConfigError
 from .models import ResNet
-from .predict import class_names_of, is_multi_label, model_device, output_probabilities, source_name
+from .predict import (class_names_of, class_thresholds, is_multi_label, model_device, output_probabilities,
+                      source_name)
 from .progress import progress_bar
 
 METHODS = ("gradcam", "gradcam++")
@@ -169,7 +170,8 @@ def iter_explain(model: ResNet, items: list, method: str = "gradcam", target: in
     pre = model.preprocessing
     names = class_names_of(model)
     target_id = resolve_target(model, target)
-    each_present = is_multi_label(model) and target_id is None
+    thresholds = class_thresholds(model) if is_multi_label(model) else None
+    each_present = thresholds is not None and target_id is None
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +189,7 @@ def iter_explain(model: ResNet, items: list, method: str = "gradcam", target: in
                 rows = [(row, int(probs[row].argmax()) if target_id is None else target_id) for row in range(len(x))]
                 if each_present:  # one heatmap per class present, in one more pass over those images
                     rows = [(row, class_id) for row in range(len(x))
-                            for class_id in present_ids(probs[row], model.threshold)]
+                            for class_id in present_ids(probs[row], thresholds)]
                     heatmaps, _ = grad_cam(model, x[[row for row, _ in rows]], [c for _, c in rows], layer, method)
                 for heatmap, (row, class_id) in zip(heatmaps, rows):
                     index = batch.indices[row]
@@ -195,7 +197,7 @@ def iter_explain(model: ResNet, items: list, method: str = "gradcam", target: in
                     explanation = Explanation(source_name(items[index], index), class_id, names[class_id], probability,
                                               int(probs[row].argmax()), heatmap.numpy(),
                                               batch.images[row].permute(1, 2, 0).numpy(),
-                                              predicted=(probability >= model.threshold if is_multi_label(model)
+                                              predicted=(probability >= thresholds[class_id] if thresholds is not None
                                                          else class_id == int(probs[row].argmax())))
                     if out is not None:
                         name = file_names[index]
@@ -206,10 +208,10 @@ def iter_explain(model: ResNet, items: list, method: str = "gradcam", target: in
             bar.advance(task, len(batch.indices) + len(batch.failed))
 
 
-def present_ids(probs: torch.Tensor, threshold: float) -> list[int]:
-    """A multi-label image's classes at or above `threshold`, most likely first; the most likely alone if none."""
+def present_ids(probs: torch.Tensor, thresholds: np.ndarray) -> list[int]:
+    """A multi-label image's classes at or above their thresholds, most likely first; the most likely alone if none."""
     ranked = torch.argsort(probs, descending=True).tolist()
-    return [c for c in ranked if probs[c] >= threshold] or ranked[:1]
+    return [c for c in ranked if probs[c] >= thresholds[c]] or ranked[:1]
 
 
 def explain(model: ResNet, images, method: str = "gradcam", target: int | str | None = None,

@@ -242,20 +242,22 @@ def label_losses(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return -np.where(targets, np.log(probs), np.log1p(-probs)).sum(1)
 
 
-def multi_label_metrics(probs: np.ndarray, targets: np.ndarray, class_names: list[str], threshold: float = 0.5,
-                        bins: int = 15) -> dict:
+def multi_label_metrics(probs: np.ndarray, targets: np.ndarray, class_names: list[str],
+                        threshold: float | list[float] = 0.5, bins: int = 15) -> dict:
     """Everything `residual eval` reports of a multi-label model, as plain JSON-ready values.
 
     probs: N x C probabilities, each class's own; targets: N x C, 1 where the image has the class. A class is
-    predicted where its probability reaches `threshold`. Mean average precision (mAP, the ranking of the
-    images by each class's probability, averaged over the classes that have both positives and negatives)
-    does not depend on the threshold; precision, recall and F1 do: micro-averaged over every (image, class)
-    decision, and macro-averaged over the classes that occur in the targets or the predictions. Exact match
-    is the share of images whose every label is right; calibration bins every (image, class) probability.
+    predicted where its probability reaches `threshold` (one for every class, or one per class). Mean average
+    precision (mAP, the ranking of the images by each class's probability, averaged over the classes that have
+    both positives and negatives) does not depend on the threshold; precision, recall and F1 do:
+    micro-averaged over every (image, class) decision, and macro-averaged over the classes that occur in the
+    targets or the predictions. Exact match is the share of images whose every label is right; calibration
+    bins every (image, class) probability.
     """
     probs = np.asarray(probs, dtype=np.float64)
     targets = np.asarray(targets, dtype=bool)
-    predicted = probs >= threshold
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (probs.shape[1],))
+    predicted = probs >= thresholds
     true_positives = (predicted & targets).sum(0).astype(np.float64)
     support, called = targets.sum(0), predicted.sum(0)
     precision, recall = _ratio(true_positives, called), _ratio(true_positives, support)
@@ -270,7 +272,9 @@ def multi_label_metrics(probs: np.ndarray, targets: np.ndarray, class_names: lis
     macro = lambda values: float(values[present].mean()) if present.any() else 0.0  # noqa: E731
     return {
         "images": int(len(probs)),
-        "threshold": float(threshold),
+        # The one threshold, or None where each class has its own (then in `thresholds` and each class's row).
+        "threshold": float(thresholds[0]) if len(set(thresholds.tolist())) <= 1 else None,
+        "thresholds": thresholds.tolist(),
         "map": mean_where_defined(average_precision),
         "exact_match": float(exact.mean()),
         "exact_match_ci95": list(wilson_interval(int(exact.sum()), len(exact))),
@@ -285,7 +289,8 @@ def multi_label_metrics(probs: np.ndarray, targets: np.ndarray, class_names: lis
                   "roc_auc": mean_where_defined([auc for auc, _ in ranked])},
         "per_class": [{"class": class_names[c], "average_precision": average_precision[c],
                        "roc_auc": ranked[c][0], "precision": float(precision[c]), "recall": float(recall[c]),
-                       "f1": float(f1[c]), "support": int(support[c]), "predicted": int(called[c])}
+                       "f1": float(f1[c]), "support": int(support[c]), "predicted": int(called[c]),
+                       "threshold": float(thresholds[c])}
                       for c in range(probs.shape[1])],
         "calibration": rows,
     }

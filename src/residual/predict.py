@@ -153,9 +153,18 @@ def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[list[tupl
             for row_scores, row_indices in zip(scores, indices)]
 
 
-def present_classes(probs: torch.Tensor, names: list[str], threshold: float) -> list[list[tuple[int, str, float]]]:
-    """Per image, every class whose (multi-label) probability reaches `threshold`, most likely first."""
-    return [[row for row in ranked if row[2] >= threshold] for ranked in top_classes(probs, names, len(names))]
+def present_classes(probs: torch.Tensor, names: list[str],
+                    threshold: float | list[float] | np.ndarray) -> list[list[tuple[int, str, float]]]:
+    """Per image, every class whose (multi-label) probability reaches `threshold` (one for all, or each class's
+    own), most likely first."""
+    limits = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(names),))
+    return [[row for row in ranked if row[2] >= limits[row[0]]] for ranked in top_classes(probs, names, len(names))]
+
+
+def class_thresholds(model) -> np.ndarray:
+    """A multi-label model's threshold for each class: its one threshold, or the per-class ones `residual
+    thresholds` chose."""
+    return np.broadcast_to(np.asarray(model.threshold, dtype=np.float64), (model.num_classes,))
 
 
 # torch.compile repays its warm-up from about this many images (an estimate, not yet measured on a GPU):

@@ -53,6 +53,12 @@ class GalleryItem:
                 "p_predicted": self.p_predicted, "loss": self.loss, **labels}
 
 
+def threshold_text(threshold: float | list[float]) -> str:
+    """A multi-label model's threshold in words: '0.5', or the range of its per-class thresholds."""
+    values = sorted(set(threshold)) if isinstance(threshold, list) else [threshold]
+    return f"{values[0]:.3g}" if len(values) == 1 else f"per class {values[0]:.3g}-{values[-1]:.3g}"
+
+
 def _save(figure: Figure, path: Path, dpi: int = 110) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
@@ -287,18 +293,20 @@ def write_multi_label_html(path: Path, title: str, metrics: dict, info: dict, pi
              ("Hamming loss", f"{metrics['hamming_loss']:.4f}"), ("loss", f"{metrics['loss']:.4f}"),
              ("ECE", f"{metrics['ece']:.4f}"), ("images", f"{metrics['images']:,}"), ("unreadable", str(len(failed)))]
     scores = ("average_precision", "roc_auc", "precision", "recall", "f1")
-    per_class = [[r["class"], *(r[k] for k in scores), r["support"], r["predicted"]] for r in metrics["per_class"]]
+    per_class = [[r["class"], *(r[k] for k in scores), r["support"], r["predicted"], r["threshold"]]
+                 for r in metrics["per_class"]]
     per_class.append(["micro average", None, None, *(metrics["micro"][k] for k in ("precision", "recall", "f1")),
                       sum(r["support"] for r in metrics["per_class"]),
-                      sum(r["predicted"] for r in metrics["per_class"])])
+                      sum(r["predicted"] for r in metrics["per_class"]), None])
     labels = metrics["labels_per_image"]
     sections = [
-        f"<p class='note'>A class is predicted where its probability reaches {metrics['threshold']:g} (the model's "
-        f"threshold). Images have {labels['true']:.2f} labels on average; the model predicts "
-        f"{labels['predicted']:.2f}. Exact match: the share of images with every label right.</p>",
+        f"<p class='note'>A class is predicted where its probability reaches the model's threshold "
+        f"({threshold_text(metrics['thresholds'])}; each class's is in the table below). Images have "
+        f"{labels['true']:.2f} labels on average; the model predicts {labels['predicted']:.2f}. Exact match: the "
+        "share of images with every label right.</p>",
         "<h2>Per class</h2>",
         _table(["class", "average precision", "ROC AUC", "precision", "recall", "F1", "images with it",
-                "predicted"], per_class),
+                "predicted", "threshold"], per_class),
         "<p class='note'>Average precision and ROC AUC rank the images by the class's probability and do not "
         "depend on the threshold (mAP is their mean over the classes); blank where no image, or every image, "
         "has the class.</p>",
@@ -389,7 +397,7 @@ def _write_gallery_and_metrics(out: Path, paths: dict[str, Path], metrics: dict,
 
 
 def write_multi_label_predictions(path: Path, sources: list[str], targets: np.ndarray, probs: np.ndarray,
-                                  class_names: list[str], threshold: float) -> Path:
+                                  class_names: list[str], threshold: float | np.ndarray) -> Path:
     """predictions.csv of a multi-label model: per image its true and predicted classes (space-separated, as a
     multi-label CSV lists them), its loss, whether every label is right, and each class's probability."""
     targets = np.asarray(targets, dtype=bool)

@@ -17,6 +17,7 @@ from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
 from .progress import transient_bar
+from .report import threshold_text
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
 if TYPE_CHECKING:  # robustness draws with matplotlib: not imported for a table's annotation
@@ -106,8 +107,9 @@ def model_file_table(path: Path) -> Table:
     rows = [("architecture", meta["arch"]),
             ("parameters", f"{count_params(model):,}"),
             ("classes", classes_line(config["num_classes"], names)),
-            ("outputs", f"multi-label: one sigmoid per class, present from probability {meta['threshold']:.3g}"
-                        if meta["multi_label"] else "single-label: softmax over the classes"),
+            ("outputs", "multi-label: one sigmoid per class, a class present where it reaches the threshold "
+                        f"({threshold_text(meta['threshold'])})" if meta["multi_label"]
+             else "single-label: softmax over the classes"),
             ("input", f"{config['in_chans']} channels, resize {pre['resize_size']} -> crop {pre['input_size']}, "
                       f"{pre['interpolation']}"),
             ("mean / std", Preprocessing(**pre).normalisation()),
@@ -214,7 +216,8 @@ def multi_label_eval_tables(metrics: dict, title: str, limit: int = 30) -> list[
     labels = metrics["labels_per_image"]
     for name, value in [("images", f"{metrics['images']:,}"),
                         ("mAP", "-" if metrics["map"] is None else f"{metrics['map']:.2%}"),
-                        (f"F1 micro (at {metrics['threshold']:g})", f"{metrics['micro']['f1']:.4f}"),
+                        (f"F1 micro (threshold {threshold_text(metrics['thresholds'])})",
+                         f"{metrics['micro']['f1']:.4f}"),
                         ("F1 macro", f"{metrics['macro']['f1']:.4f}"),
                         ("exact match", f"{metrics['exact_match']:.2%}"),
                         ("exact match, 95% interval", f"{low:.2%} - {high:.2%}"),
@@ -233,6 +236,23 @@ def multi_label_eval_tables(metrics: dict, title: str, limit: int = 30) -> list[
                                                                            "recall", "f1")),
                           str(row["support"]), str(row["predicted"]))
     return [summary, per_class]
+
+
+def thresholds_table(report: dict) -> list[Table]:
+    """Per-class thresholds' effect on each split checked (F1 and exact match before and after), and the
+    thresholds themselves."""
+    scores = ("images", "mAP", "F1 micro", "F1 macro", "exact match")
+    effect = new_table(f"per-class thresholds fitted on {report['fitted_on']}", ("split", "thresholds", *scores),
+                       right=scores)
+    for name, split in report["splits"].items():
+        for stage, label in (("before", "the model's"), ("after", "per class")):
+            effect.add_row(name, label, f"{split['images']:,}", "-" if split["map"] is None else f"{split['map']:.2%}",
+                           f"{split[stage]['f1_micro']:.4f}", f"{split[stage]['f1_macro']:.4f}",
+                           f"{split[stage]['exact_match']:.2%}")
+    chosen = new_table("thresholds", ("class", "threshold"), right=("threshold",))
+    for name, value in report["thresholds"].items():
+        chosen.add_row(name, f"{value:.3f}")
+    return [effect, chosen]
 
 
 def calibration_table(report: dict) -> Table:

@@ -203,7 +203,10 @@ def _load_model_file(path: Path, options: dict) -> ResNet:
     class_names = meta["class_names"] if config.num_classes == meta["config"]["num_classes"] else None
     model = ResNet(config, arch=meta["arch"], class_names=class_names,
                    preprocessing=Preprocessing(**meta["preprocessing"]))
-    model.multi_label, model.threshold = meta["multi_label"], meta["threshold"]
+    # Per-class thresholds belong to the file's classes: a new head starts from the default.
+    per_class = isinstance(meta["threshold"], list)
+    model.multi_label = meta["multi_label"]
+    model.threshold = MULTI_LABEL_THRESHOLD if per_class and class_names is None else meta["threshold"]
     load_weights(model, safetensors.torch.load_file(path), str(path))
     return model
 
