@@ -321,8 +321,6 @@ def test_commands_built_on_top1_refuse_a_multi_label_model_in_one_line(tagged_ru
         robustness(model, tagged / MULTI_LABEL_CSV)
     with pytest.raises(CalibrationError, match="a multi-label model .* residual thresholds chooses"):
         residual.calibrate(tagged_run.model_path, tagged / MULTI_LABEL_CSV)
-    with pytest.raises(ConfigError, match="^prune measures"):
-        prune(tagged_run.model_path, tagged / MULTI_LABEL_CSV)
     single_label_only("calibrate", residual.create_model("resnet20", num_classes=3))  # a single-label model passes
 
 
@@ -419,3 +417,54 @@ def test_an_onnx_export_carries_the_per_class_thresholds_and_answers_the_same(ta
     assert exported.multi_label and exported.threshold == model.threshold
     onnx_answers = [p.answer() for p in predict(exported, images).predictions]
     assert onnx_answers == [p.answer() for p in predict(model, images).predictions]
+
+
+def test_quantize_and_prune_judge_a_multi_label_model_by_its_map(tagged_run, tagged, tmp_path):
+    from residual.deploy.onnx import OnnxModel
+    from residual.deploy.quantize import quantize
+    data = open_dataset(tagged / MULTI_LABEL_CSV)
+    result = quantize(tagged_run.model_path, tagged / MULTI_LABEL_CSV, tmp_path / "tags.int8.onnx", max_drop=100)
+    report = result.report
+    assert report["metric"] == "map" and "top1" not in report["float"] and "top1_agreement" not in report
+    assert report["drop_points"] == pytest.approx(100 * (report["float"]["map"] - report["int8"]["map"]), abs=1e-3)
+    int8 = OnnxModel(result.path)
+    assert int8.multi_label and int8.threshold == 0.5
+    assert report["int8"]["map"] == pytest.approx(evaluate(int8, data, "val", gallery_size=0).metrics["map"])
+    versus = report["versus_float"]
+    assert versus["images"] == 12 and 0.0 <= report["agreement"] <= 1.0
+    model = load_model(tagged_run.model_path)
+    model.threshold = [0.3] * 10
+    save_model(model, tmp_path / "tuned.safetensors")
+    pruned = prune(tmp_path / "tuned.safetensors", tagged / MULTI_LABEL_CSV, tmp_path / "pruned.safetensors",
+                   amount=0.25, epochs=0)
+    assert pruned.report["metric"] == "map"
+    assert pruned.report["before"]["map"] == pytest.approx(evaluate(model, data, "val", gallery_size=0).metrics["map"])
+    kept = load_model(pruned.path)
+    assert kept.multi_label and kept.threshold == [0.3] * 10  # pruned, not retrained: its thresholds still hold
+
+
+def test_training_from_a_model_with_per_class_thresholds_starts_again_from_one(tagged_run, tagged, tmp_path):
+    model = load_model(tagged_run.model_path)
+    model.threshold = [0.3] * 10
+    start = save_model(model, tmp_path / "tuned.safetensors")
+    result = train(TrainConfig(data=str(tagged / MULTI_LABEL_CSV), pretrained=str(start), epochs=1,
+                               out=str(tmp_path), name="again", **QUICK))
+    assert load_model(result.model_path).threshold == 0.5  # fitted to the old weights, not to the new ones
+
+
+def test_a_soup_of_multi_label_models_is_chosen_by_map(tagged_run, tagged, tmp_path):
+    from residual.soup import soup
+    again = train(TrainConfig(data=str(tagged / MULTI_LABEL_CSV), pretrained=str(tagged_run.model_path), epochs=1,
+                              out=str(tmp_path), name="again", **QUICK))
+    result = soup([tagged_run.model_path, again.model_path], tagged / MULTI_LABEL_CSV, tmp_path / "soup.safetensors")
+    data = open_dataset(tagged / MULTI_LABEL_CSV)
+    assert result.metric == "map" and set(result.test[result.ingredients[0]]) == {"map"}
+    for path in (tagged_run.model_path, again.model_path):
+        assert result.held_out[str(path)] == pytest.approx(
+            evaluate(load_model(path), data, "val", gallery_size=0).metrics["map"])
+    assert load_model(result.path).multi_label
+    single = residual.create_model("resnet20", num_classes=10)
+    single.class_names = list(data.classes)
+    with pytest.raises(ConfigError, match="output \\(single- or multi-label\\) differs"):
+        soup([tagged_run.model_path, save_model(single, tmp_path / "single.safetensors")], tagged / MULTI_LABEL_CSV,
+             tmp_path / "mixed.safetensors")

@@ -68,7 +68,7 @@ def test_greedy_keeps_a_model_only_if_the_soup_with_it_does_not_score_lower():
         return Score(soups[tuple(names)], np.ones(1, bool))
 
     kept, best = greedy_choice(["a", "b", "c", "d"], Score(0.80, np.ones(1, bool)), score_of)
-    assert kept == ["a", "b", "d"] and best.top1 == 0.82
+    assert kept == ["a", "b", "d"] and best.value == 0.82
     assert tried == [("a", "b"), ("a", "b", "c"), ("a", "b", "d")]
 
 

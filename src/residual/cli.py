@@ -324,7 +324,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
     from .deploy.quantize import quantize
-    from .tables import comparison_table
+    from .tables import SCORE_NAMES, comparison_table
 
     result = quantize(args.model, args.calib, args.output, val=args.val, split=args.split, method=args.method,
                       calib_size=args.calib_size, max_drop=args.max_drop, force=args.force,
@@ -336,11 +336,14 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
                                    f"calibrated on {report['calibration']['images']} images "
                                    f"({report['calibration']['method']})"))
     versus = report["versus_float"]
-    console.print(f"top-1 drop {report['drop_points']:+.2f} points (allowed: {args.max_drop}); "
-                  f"top-1 agreement with float {report['top1_agreement']:.2%}; {versus['only_first']} image(s) only "
-                  f"float got right, {versus['only_second']} only INT8: McNemar p = {versus['p_value']:.3g}")
+    score = SCORE_NAMES[report["metric"]]
+    agreement = (f"top-1 agreement with float {report['top1_agreement']:.2%}" if "top1_agreement" in report
+                 else f"the same labels as float on {report['agreement']:.2%} of the images")
+    console.print(f"{score} drop {report['drop_points']:+.2f} points (allowed: {args.max_drop}); {agreement}; "
+                  f"{versus['only_first']} image(s) only float got right, {versus['only_second']} only INT8: McNemar "
+                  f"p = {versus['p_value']:.3g}")
     if result.refused:
-        print(f"error: INT8 loses {report['drop_points']:.2f} top-1 points, more than --max-drop {args.max_drop}; "
+        print(f"error: INT8 loses {report['drop_points']:.2f} {score} points, more than --max-drop {args.max_drop}; "
               f"nothing was written. Calibrate on more or more typical images, try --method entropy or "
               f"percentile, or --force", file=sys.stderr)
         return 1
@@ -424,31 +427,32 @@ def cmd_thresholds(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_soup(args: argparse.Namespace, console: Console) -> int:
     from .soup import soup
-    from .tables import new_table
+    from .tables import SCORE_NAMES, new_table
 
     result = soup(args.models, args.data, args.out, args.recipe, args.split, args.batch_size, args.workers,
                   args.device, progress=not args.quiet)
-    columns = ["model", f"{result.split} top-1", "in the soup"] + (["test top-1", "p (vs best model)"]
-                                                                   if result.test else [])
+    score = SCORE_NAMES[result.metric]
+    columns = ["model", f"{result.split} {score}", "in the soup"] + ([f"test {score}", "p (vs best model)"]
+                                                                     if result.test else [])
     table = new_table(f"{result.recipe} soup of {len(result.ingredients)} models", columns,
                       right=[column for column in columns if column not in ("model", "in the soup")])
-    for name, top1 in result.held_out.items():
+    for name, value in result.held_out.items():
         test = result.test.get(name, {})
         versus = test.get("versus_best_model")
-        row = [name, f"{top1:.2%}", "yes" if name in result.kept else "-" if name in result.ingredients else ""]
+        row = [name, f"{value:.2%}", "yes" if name in result.kept else "-" if name in result.ingredients else ""]
         if result.test:
-            row += [f"{test['top1']:.2%}" if test else "", f"{versus['p_value']:.3g}" if versus else ""]
+            row += [f"{test[result.metric]:.2%}" if test else "", f"{versus['p_value']:.3g}" if versus else ""]
         table.add_row(*row)
     console.print(table)
     console.print(f"wrote {result.path} ({len(result.kept)} of {len(result.ingredients)} models); its "
-                  f"{result.split} top-1 chose it, so `residual eval {result.path} {args.data}` on the test split "
+                  f"{result.split} {score} chose it, so `residual eval {result.path} {args.data}` on the test split "
                   f"is the number to trust")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     from .deploy.prune import prune
-    from .tables import comparison_table
+    from .tables import SCORE_NAMES, comparison_table
 
     result = prune(args.model, args.data, args.output, amount=args.amount, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, device=args.device, workers=args.workers, progress=not args.quiet,
@@ -457,7 +461,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> int:
     rows = {"before": report["before"], f"pruned {report['amount']:.0%}": report["pruned"]}
     if report["epochs"]:
         rows[f"+ fine-tuned {report['epochs']} epoch(s)"] = report["after"]
-    console.print(comparison_table(rows, f"channel pruning of {args.model} (top-1 on {report['split']})"))
+    console.print(comparison_table(rows, f"channel pruning of {args.model} ({SCORE_NAMES[report['metric']]} on "
+                                         f"{report['split']})"))
     versus = report["versus_before"]
     console.print(f"{versus['only_first']} image(s) only the model before got right, {versus['only_second']} only "
                   f"the pruned one: McNemar p = {versus['p_value']:.3g}")
@@ -1189,7 +1194,8 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--method", choices=tuple(CALIBRATION_METHODS), default="minmax",
                    help="how activation ranges are calibrated")
     p.add_argument("--calib-size", type=at_least(1), default=256, help="calibration images (a seeded sample)")
-    p.add_argument("--max-drop", type=at_least(0.0, float), default=1.0, help="largest top-1 loss allowed, in points")
+    p.add_argument("--max-drop", type=at_least(0.0, float), default=1.0,
+                   help="largest top-1 loss allowed, in points (a multi-label model's: mAP points)")
     p.add_argument("--force", action="store_true", help="write the model even if it loses more than --max-drop")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

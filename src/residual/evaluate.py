@@ -43,6 +43,25 @@ class EvalResult:
     files: dict[str, Path] = field(default_factory=dict)  # what was written (metrics, pictures, report)
     compiled: str = "off"  # whether torch.compile ran, and why
     split: str = ""  # the split evaluated (train, val, test or all)
+    thresholds: np.ndarray | None = None  # a multi-label model's per class (None: single-label)
+
+    @property
+    def score_name(self) -> str:
+        """What a model is judged by on these images: its top-1, or a multi-label model's mAP."""
+        return "top1" if self.thresholds is None else "map"
+
+    def score(self) -> float:
+        """Top-1, or mAP (0 where undefined: no class has both positive and negative images)."""
+        return self.metrics[self.score_name] or 0.0
+
+    def answers(self) -> np.ndarray:
+        """Each image's answer: its top class, or a multi-label model's 0/1 row of the classes it predicts."""
+        return self.probs.argmax(1) if self.thresholds is None else self.probs >= self.thresholds
+
+    def right(self) -> np.ndarray:
+        """Per image, whether the answer was right: its top-1, or every one of its labels (exact match)."""
+        answers = self.answers()
+        return answers == self.labels if self.thresholds is None else (answers == self.labels.astype(bool)).all(1)
 
 
 def pick_split(dataset: Dataset, split: str | None) -> tuple[str, Split]:
@@ -143,7 +162,8 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
                else classification_metrics(probs_all, labels, names, bins))
     sources = [str(items[i]) if isinstance(items[i], Path) else f"{split_name}#{i}" for i in kept]
     gallery = highest_loss(model, probs_all, labels, [items[i] for i in kept], sources, gallery_size)
-    result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why, split=split_name)
+    result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why, split=split_name,
+                        thresholds=class_thresholds(model).copy() if multi_label else None)
     if out_dir is not None:
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
                 "tta": tta, "resize_size": pre.resize_size, "input_size": pre.input_size, "compile": why,

@@ -4,8 +4,8 @@ Models fine-tuned from the same pretrained weights (other seeds, learning rates,
 end in one basin of the loss, where the average of their weights scores as well as the best of them or
 better, at the cost of one model at inference (an ensemble costs all of them). Two recipes:
 - uniform: every model, averaged;
-- greedy (the paper's): the models best-first by held-out top-1, each kept only if the soup with it
-  scores at least as well on the held-out split as the soup without it.
+- greedy (the paper's): the models best-first by held-out top-1 (multi-label models: mAP), each kept only
+  if the soup with it scores at least as well on the held-out split as the soup without it.
 
 Models trained from different random starts lie in different basins and their average is broken; the
 greedy recipe then keeps the best model alone. Every float tensor of the state is averaged, batch norm's
@@ -29,7 +29,6 @@ import torch
 from .data.datasets import open_dataset
 from .errors import ConfigError
 from .evaluate import evaluate, split_as_trained, training_split
-from .predict import single_label_only
 from .metrics import paired_comparison
 from .models import ResNet
 from .runs import pick_device
@@ -47,6 +46,7 @@ def check_compatible(models: dict[str, ResNet]) -> None:
         differs = ("architecture" if model.arch != first.arch or
                    {name: tensor.shape for name, tensor in model.state_dict().items()} != shapes else
                    "classes" if list(model.class_names) != list(first.class_names) else
+                   "output (single- or multi-label)" if model.multi_label != first.multi_label else
                    "preprocessing" if model.preprocessing != first.preprocessing else None)
         if differs:
             raise ConfigError(f"{path}: its {differs} differs from {first_path}'s; a soup averages models "
@@ -67,17 +67,17 @@ def average_weights(models: list[ResNet]) -> ResNet:
 
 @dataclass
 class Score:
-    top1: float
-    correct: np.ndarray = field(repr=False)  # per image, whether the top-1 was right
+    value: float  # top-1, or a multi-label model's mAP
+    correct: np.ndarray = field(repr=False)  # per image, whether the answer was right (top-1; every label)
 
 
 def greedy_choice(ranked: list[str], first: Score, score_of: Callable[[list[str]], Score]) -> tuple[list[str], Score]:
     """The greedy recipe: start from the best model (`first`, its score), try each next one (`ranked` is
-    best-first), keep it if the soup's held-out top-1 (`score_of` a list of models) does not drop."""
+    best-first), keep it if the soup's held-out score (`score_of` a list of models) does not drop."""
     kept, best = [ranked[0]], first
     for name in ranked[1:]:
         candidate = score_of(kept + [name])
-        if candidate.top1 >= best.top1:
+        if candidate.value >= best.value:
             kept, best = kept + [name], candidate
     return kept, best
 
@@ -87,14 +87,15 @@ class SoupResult:
     path: Path  # the soup written
     recipe: str
     split: str  # the held-out split that chose it
-    ingredients: list[str]  # the model files, best held-out top-1 first
+    ingredients: list[str]  # the model files, best held-out score first
     kept: list[str]  # the ones in the soup
-    held_out: dict[str, float]  # top-1 on `split`: each model's, and "uniform soup" / "greedy soup"
-    test: dict[str, dict] = field(default_factory=dict)  # top-1 and McNemar against the best model, if a test split
+    held_out: dict[str, float]  # the score on `split`: each model's, and "uniform soup" / "greedy soup"
+    test: dict[str, dict] = field(default_factory=dict)  # the score and McNemar against the best model, if a test split
+    metric: str = "top1"  # the score: top-1, or for multi-label models mAP ("map")
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "recipe": self.recipe, "split": self.split, "ingredients": self.ingredients,
-                "kept": self.kept, "held_out": self.held_out, "test": self.test}
+        return {"path": str(self.path), "recipe": self.recipe, "split": self.split, "metric": self.metric,
+                "ingredients": self.ingredients, "kept": self.kept, "held_out": self.held_out, "test": self.test}
 
 
 def soup(model_paths: list[str | Path], data: str | Path, out: str | Path, recipe: str = "greedy",
@@ -117,38 +118,37 @@ def soup(model_paths: list[str | Path], data: str | Path, out: str | Path, recip
     device = pick_device(device)
     dataset = held_out_dataset(paths, data)
     models = {path: load_model(path).to(device).eval() for path in paths}
-    for model in models.values():  # the greedy recipe keeps what raises top-1
-        single_label_only("soup", model, dataset)
     check_compatible(models)
+    metric = "map" if models[paths[0]].multi_label else "top1"
 
     def score(model: ResNet, on: str) -> Score:
         result = evaluate(model, dataset, on, batch_size=batch_size, gallery_size=0, workers=workers,
                           progress=progress)
-        return Score(result.metrics["top1"], result.probs.argmax(1) == result.labels)
+        return Score(result.score(), result.right())
 
     held_out = {path: score(model, split) for path, model in models.items()}
-    ranked = sorted(paths, key=lambda path: -held_out[path].top1)
+    ranked = sorted(paths, key=lambda path: -held_out[path].value)
     uniform = average_weights([models[path] for path in ranked])
     soups = {"uniform soup": (uniform, ranked, score(uniform, split))}  # name: (model, its models, its score)
     if recipe == "greedy":
         kept, best = greedy_choice(ranked, held_out[ranked[0]],
                                    lambda names: score(average_weights([models[name] for name in names]), split))
         soups["greedy soup"] = (average_weights([models[name] for name in kept]), kept, best)
-    scores = {name: held_out[name].top1 for name in ranked}
-    scores |= {name: soup_score.top1 for name, (_, _, soup_score) in soups.items()}
+    scores = {name: held_out[name].value for name in ranked}
+    scores |= {name: soup_score.value for name, (_, _, soup_score) in soups.items()}
     chosen, kept, _ = soups[f"{recipe} soup"]
     test = {}
     if split != "test" and dataset.test is not None:
         best_model = score(models[ranked[0]], "test")
-        test[ranked[0]] = {"top1": best_model.top1}
+        test[ranked[0]] = {metric: best_model.value}
         for name, (model, _, _) in soups.items():
             on_test = score(model, "test")
             versus = paired_comparison(best_model.correct, on_test.correct)
-            test[name] = {"top1": on_test.top1, "versus_best_model": versus}
+            test[name] = {metric: on_test.value, "versus_best_model": versus}
     extra = read_metadata(ranked[0])["extra"]
     save_model(chosen.cpu(), out, extra={**extra, "soup": {"recipe": recipe, "chosen_on": f"{dataset.root} ({split})",
                                                            "models": kept}})
-    return SoupResult(out, recipe, split, ranked, kept, scores, test)
+    return SoupResult(out, recipe, split, ranked, kept, scores, test, metric)
 
 
 def held_out_dataset(paths: list[str], data: str | Path):

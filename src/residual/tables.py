@@ -323,12 +323,15 @@ def data_scores_table(scores: list[DataScore], title: str) -> Table:
     return table
 
 
+SCORE_NAMES = {"top1": "top-1", "map": "mAP"}  # what a model is judged by: its top-1, or a multi-label model's mAP
+
+
 def comparison_table(rows: dict[str, dict], title: str) -> Table:
     """Models side by side (float vs int8, before vs after pruning): whichever of size, parameters, MACs,
-    latency, throughput and top-1 the rows have."""
+    latency, throughput and top-1 (or mAP) the rows have."""
     columns = [("size_mb", "size (MB)", "{:.2f}"), ("params", "params (M)", "{:.3f}"), ("macs", "MACs (M)", "{:.1f}"),
                ("latency_ms_b1", "latency b1 (ms)", "{:.2f}"), ("images_per_s_b32", "img/s b32", "{:,.0f}"),
-               ("top1", "top-1", "{:.2%}")]
+               *((key, name, "{:.2%}") for key, name in SCORE_NAMES.items())]
     scale = {"params": 1e-6, "macs": 1e-6}
     present = [c for c in columns if any(c[0] in row for row in rows.values())]
     headers = [header for _, header, _ in present]

@@ -27,7 +27,6 @@ from ..atomic import write_json
 from ..data.datasets import open_dataset
 from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate, training_split
-from ..predict import single_label_only
 from ..metrics import paired_comparison
 from ..models import ResNet, count_macs, count_params
 from ..train import TrainConfig, train
@@ -72,6 +71,7 @@ def prune_channels(model: ResNet, amount: float) -> ResNet:
             block_widths.append(tuple(widths))
     config = dataclasses.replace(model.config, block_widths=tuple(block_widths))
     pruned = ResNet(config, arch=model.arch, class_names=model.class_names, preprocessing=model.preprocessing)
+    pruned.multi_label, pruned.threshold = model.multi_label, model.threshold
     pruned.load_state_dict(state)
     return pruned.to(next(model.parameters()).device).eval()
 
@@ -85,13 +85,15 @@ class PruneResult:
 
 
 def model_stats(model: ResNet, dataset, split: str, batch_size: int, progress: bool) -> tuple[dict, np.ndarray]:
-    """Parameters, MACs per image, CPU speed and top-1 on `split`; and per image, whether its top-1 was right."""
+    """Parameters, MACs per image, CPU speed and top-1 (a multi-label model's mAP) on `split`; and per image,
+    whether its answer was right (its top-1; every label)."""
     cpu_model = copy.deepcopy(model).float().cpu().eval()
     size = model.preprocessing.input_size
     evaluated = evaluate(model, dataset, split, batch_size=batch_size, gallery_size=0, workers=0, progress=progress)
     return ({"params": count_params(cpu_model), "macs": count_macs(cpu_model, size, model.config.in_chans),
-             **measure_speed(cpu_model, size, model.config.in_chans).to_dict(), "top1": evaluated.metrics["top1"]},
-            evaluated.probs.argmax(1) == evaluated.labels)
+             **measure_speed(cpu_model, size, model.config.in_chans).to_dict(),
+             evaluated.score_name: evaluated.score()},
+            evaluated.right())
 
 
 def prune(model_path: str | Path, data: str | Path, out: str | Path | None = None, *, amount: float = 0.3,
@@ -106,7 +108,6 @@ def prune(model_path: str | Path, data: str | Path, out: str | Path | None = Non
     if epochs < 0:
         raise ConfigError(f"--epochs must be 0 (no fine-tuning) or more, got {epochs}")
     model = load_model(model_path).eval()
-    single_label_only("prune", model)  # the pruned model is judged by its top-1
     # A flat folder is split as the model's training split it, so fine-tuning never trains on what the
     # before/after top-1 is measured on.
     val_split, seed = training_split(model_path, data) or (None, 0)
@@ -115,7 +116,8 @@ def prune(model_path: str | Path, data: str | Path, out: str | Path | None = Non
         raise PruneError(f"{data}: its classes {dataset.classes[:5]} are not the model's "
                          f"{(model.class_names or [])[:5]} in the same order; prune on the data it was trained on")
     pruned = prune_channels(model, amount)  # first: a bad --amount stops before any evaluation
-    report = {"source": str(model_path), "amount": amount, "epochs": epochs, "split": split}
+    report = {"source": str(model_path), "amount": amount, "epochs": epochs, "split": split,
+              "metric": "map" if model.multi_label else "top1"}
     report["before"], correct_before = model_stats(model, dataset, split, batch_size, progress)
     report["pruned"], _ = model_stats(pruned, dataset, split, batch_size, progress)
     run_dir = None
@@ -130,7 +132,7 @@ def prune(model_path: str | Path, data: str | Path, out: str | Path | None = Non
         run_dir = trained.run_dir
         pruned = load_model(trained.model_path).eval()
     report["after"], correct_after = model_stats(pruned, dataset, split, batch_size, progress)
-    report["versus_before"] = paired_comparison(correct_before, correct_after)  # is the change in top-1 chance?
+    report["versus_before"] = paired_comparison(correct_before, correct_after)  # is the change in answers chance?
     report["block_widths"] = [list(w) for w in pruned.config.block_widths]
     claims = {key: report["after"][key] for key in ("params", "macs")}
     save_model(pruned, out, extra={"pruned_from": model_path.name, "pruning": {"amount": amount, **claims},

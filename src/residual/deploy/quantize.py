@@ -9,7 +9,7 @@ The graph uses ONNX Runtime's integer operators (QLinearConv, QLinearAdd: the
 float ones ("QDQ"): on our CPU it ran ResNet-50 at 3.4x the float graph's
 images/s against 2.8x for QDQ (docs/deploy.md). Both models are then evaluated on the validation split through
 `evaluate`, timed, and compared. A model that loses more than `max_drop` top-1
-points is refused: nothing is written unless `force` is given.
+points (a multi-label model's: mAP points) is refused: nothing is written unless `force` is given.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..evaluate import evaluate, split_as_trained
-from ..predict import single_label_only
 from ..metrics import paired_comparison
 from ..weights import load_model
 from .onnx import ExportError, OnnxModel, export_metadata, export_onnx, read_onnx_metadata, set_metadata
@@ -118,14 +117,12 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
             raise QuantizeError(f"--calib {calib}: images without class folders; give --val DATASET to compare "
                                 f"top-1 on") from None
         raise
-    single_label_only("quantize", dataset=val_data)  # the INT8 model is refused by its drop in top-1
     calib_data = as_trained if val is None else split_as_trained(model_path, calib)
     calib_items = sample_items(calib_data or calib, "train", calib_size, seed)
     with tempfile.TemporaryDirectory(prefix="residual-quantize-") as folder:
         folder = Path(folder)
         source = float_onnx(model_path, folder, sample_items(val_data.root, "val", 128, seed), str(val_data.root))
         float_model = OnnxModel(source)
-        single_label_only("quantize", float_model)
         prepared = folder / "prepared.onnx"
         quant_pre_process(str(source), str(prepared))
         calibration = ImageCalibration(float_model, calib_items)
@@ -162,16 +159,19 @@ def _carry_metadata(float_path: Path, int8_path: Path, calibration: dict) -> Non
 
 def _compare(float_model: OnnxModel, int8_model: OnnxModel, float_path: Path, int8_path: Path, data, split: str,
              batch_size: int, progress: bool) -> dict:
-    """Size, validation top-1 and CPU speed of both models, the top-1 drop and their agreement."""
-    results, answers = {}, {}
+    """Size, validation score (top-1, or a multi-label model's mAP) and CPU speed of both models, the score's drop
+    and their agreement (the same top class; for multi-label, the same set of classes)."""
+    results, evaluated = {}, {}
     for name, model, path in (("float", float_model, float_path), ("int8", int8_model, int8_path)):
-        evaluated = evaluate(model, data, split, batch_size=batch_size, gallery_size=0, workers=0, progress=progress)
+        evaluated[name] = evaluate(model, data, split, batch_size=batch_size, gallery_size=0, workers=0,
+                                   progress=progress)
         speed = measure_speed(model, model.preprocessing.input_size)
-        results[name] = {"size_mb": round(path.stat().st_size / 2**20, 3), "top1": evaluated.metrics["top1"],
-                         **speed.to_dict()}
-        answers[name] = evaluated.probs.argmax(1)
-    labels = evaluated.labels  # the same images for both: the same split, read the same way
-    drop = round(100 * (results["float"]["top1"] - results["int8"]["top1"]), 3)
-    return {**results, "split": split, "images": int(evaluated.metrics["images"]), "drop_points": drop,
-            "top1_agreement": float(np.mean(answers["float"] == answers["int8"])),
-            "versus_float": paired_comparison(answers["float"] == labels, answers["int8"] == labels)}
+        results[name] = {"size_mb": round(path.stat().st_size / 2**20, 3),
+                         evaluated[name].score_name: evaluated[name].score(), **speed.to_dict()}
+    first, second = evaluated["float"], evaluated["int8"]  # the same images: the same split, read the same way
+    same = first.answers() == second.answers()
+    agreement = "top1_agreement" if first.thresholds is None else "agreement"
+    return {**results, "split": split, "images": int(first.metrics["images"]), "metric": first.score_name,
+            "drop_points": round(100 * (first.score() - second.score()), 3),
+            agreement: float(np.mean(same if same.ndim == 1 else same.all(1))),
+            "versus_float": paired_comparison(first.right(), second.right())}

@@ -263,3 +263,5 @@ class ResNet(nn.Module):
         device = next(self.parameters()).device
         self.fc = self._make_classifier(self.config).to(device)
         self.class_names = class_names
+        if isinstance(self.threshold, list):  # per-class thresholds belonged to the old classes
+            self.threshold = MULTI_LABEL_THRESHOLD

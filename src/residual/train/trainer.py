@@ -52,6 +52,7 @@ from ..evaluate import evaluate
 from ..metrics import multi_label_metrics
 from ..models import Preprocessing, ResNet, build_model
 from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from ..models.resnet import MULTI_LABEL_THRESHOLD
 from ..progress import message_console, transient_bar
 from ..runs import new_run_dir, pick_device
 from ..weights import load_for_finetuning, load_model, save_model
@@ -301,7 +302,8 @@ class Trainer:
                                   "the CPU each worker normalises with its own batch statistics")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.class_names = list(self.dataset.classes)
-        model.multi_label = self.dataset.multi_label
+        # Thresholds fitted to the weights it starts from (residual thresholds) do not fit the weights it ends with.
+        model.multi_label, model.threshold = self.dataset.multi_label, MULTI_LABEL_THRESHOLD
         reduction = model.feature_info[-1]["reduction"]
         if c.image_size < 2 * reduction:  # global pooling then averages a single position: little left to learn from
             self.console.print(f"warning: {c.model} shrinks its input {reduction}x, so {c.image_size} px images "
