@@ -21,7 +21,7 @@ from residual.robustness import robustness
 from residual.data.datasets import DatasetError, open_dataset, split_labels
 from residual.data.shapes import MULTI_LABEL_CSV, render_shapes, write_multi_label_shapes
 from residual.data.transforms import mix_batch, soft_targets
-from residual.errors import ConfigError
+from residual.errors import ConfigError, ResidualError
 from residual.evaluate import evaluate, model_labels
 from residual.metrics import label_losses, multi_label_metrics
 from residual.predict import Prediction, predict, single_label_only, write_csv, write_json, write_labels
@@ -468,3 +468,23 @@ def test_a_soup_of_multi_label_models_is_chosen_by_map(tagged_run, tagged, tmp_p
     with pytest.raises(ConfigError, match="output \\(single- or multi-label\\) differs"):
         soup([tagged_run.model_path, save_model(single, tmp_path / "single.safetensors")], tagged / MULTI_LABEL_CSV,
              tmp_path / "mixed.safetensors")
+
+
+def test_compare_ranks_multi_label_runs_by_map_and_keeps_them_apart_from_single_label_ones(tagged_run, tagged,
+                                                                                            tmp_path):
+    from residual.data.shapes import write_shapes
+    from residual.tables import runs_table
+    from residual.train.compare import compare_runs
+    from residual.train.history import plot_runs
+    shorter = train(TrainConfig(data=str(tagged / MULTI_LABEL_CSV), epochs=1, out=str(tmp_path), name="shorter",
+                                **QUICK))
+    records, differing = compare_runs([tagged_run.run_dir, shorter.run_dir])
+    maps = [read_metadata(record.path / "model.safetensors")["extra"]["val_map"] for record in records]
+    assert maps == sorted(maps, reverse=True) and [record.score for record in records] == ["val_map"] * 2
+    assert "epochs" in differing
+    assert runs_table(records, differing).columns[1].header == "val mAP"
+    plot_runs([(record.name, record.history) for record in records], tmp_path / "compare.png")
+    single = train(TrainConfig(data=str(write_shapes(tmp_path / "s", size=8, per_class=3, progress=False)), epochs=1,
+                               out=str(tmp_path), name="single", **QUICK))
+    with pytest.raises(ResidualError, match="shorter: multi-label, ranked by validation mAP"):
+        compare_runs([single.run_dir, shorter.run_dir])

@@ -294,12 +294,13 @@ def parity_table(parity: dict, title: str) -> Table:
 def runs_table(records: list[RunRecord], differing: list[str]) -> Table:
     """Training runs, best first: their best validation scores, how far they got, and a column for each
     setting that differs between them."""
-    scores = ("val top-1", "val loss", "best epoch", "epochs", "time")
-    table = new_table(f"{len(records)} training runs, best validation top-1 first",
+    score = "val mAP" if records and records[0].score == "val_map" else "val top-1"
+    scores = (score, "val loss", "best epoch", "epochs", "time")
+    table = new_table(f"{len(records)} training runs, best {score.replace('val', 'validation')} first",
                       ("run", *scores, "what differs"), right=scores)
     for record in records:
         best = record.best or {}
-        kept = (f"{best['val_top1']:.2%}", f"{best['val_loss']:.4f}", str(best["epoch"])) if best else ("-",) * 3
+        kept = (f"{best[record.score]:.2%}", f"{best['val_loss']:.4f}", str(best["epoch"])) if best else ("-",) * 3
         minutes, seconds = divmod(round(record.seconds), 60)
         table.add_row(record.name, *kept, record.state, f"{minutes}:{seconds:02d}",
                       recipe_differences(record, differing))

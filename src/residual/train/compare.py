@@ -36,6 +36,7 @@ class RunRecord:
     history: list[dict]  # metrics.csv's rows
     best: dict | None  # the kept model's epoch and validation scores; None before the first epoch ends
     summary: dict | None  # summary.json, written when the run ended (all its epochs, or early stopping)
+    score: str = "val_top1"  # what ranks it: validation top-1, or a multi-label run's mAP ("val_map")
 
     @property
     def name(self) -> str:
@@ -75,15 +76,14 @@ def read_run(path: Path) -> RunRecord:
     config = flatten(load_config(path / "config.yaml").to_dict())  # with today's defaults for what it lacks
     history = read_metrics(path / "metrics.csv") if (path / "metrics.csv").is_file() else []
     best = None
+    # A multi-label run records mAP where others record top-1: in metrics.csv, and in its model's metadata.
+    score = "val_map" if any("val_map" in row for row in history) else "val_top1"
     if (path / "model.safetensors").is_file():
         metadata = read_metadata(path / "model.safetensors")
-        if metadata["multi_label"]:
-            raise ResidualError(f"{path}: a multi-label run; compare ranks runs by validation top-1, which it does "
-                                f"not have (its metrics.csv and report.html give its mAP)")
-        extra = metadata["extra"]
-        best = {key: extra[key] for key in ("epoch", "val_top1", "val_loss") if key in extra}
+        score = "val_map" if metadata["multi_label"] else "val_top1"
+        best = {key: metadata["extra"][key] for key in ("epoch", score, "val_loss") if key in metadata["extra"]}
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
-    return RunRecord(path, config, history, best, summary)
+    return RunRecord(path, config, history, best, summary, score)
 
 
 def differing_settings(records: list[RunRecord]) -> list[str]:
@@ -102,10 +102,14 @@ def recipe_differences(record: RunRecord, differing: list[str]) -> str:
 
 
 def compare_runs(paths: list[str | Path]) -> tuple[list[RunRecord], list[str]]:
-    """The runs at `paths` (run folders, or folders of them), best validation top-1 first, and the
-    settings that differ between them."""
+    """The runs at `paths` (run folders, or folders of them), best validation top-1 (multi-label runs: mAP)
+    first, and the settings that differ between them."""
     records = [read_run(path) for path in run_folders(paths)]
-    records.sort(key=lambda record: -(record.best or {}).get("val_top1", -1.0))  # runs without a model last
+    if len({record.score for record in records}) > 1:
+        multi = [record.name for record in records if record.score == "val_map"]
+        raise ResidualError(f"{', '.join(multi)}: multi-label, ranked by validation mAP, and the others by top-1; "
+                            f"compare single-label runs and multi-label runs apart")
+    records.sort(key=lambda record: -(record.best or {}).get(record.score, -1.0))  # runs without a model last
     return records, differing_settings(records)
 
 

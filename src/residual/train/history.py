@@ -83,13 +83,15 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
 
 def plot_runs(runs: list[tuple[str, list[dict]]], path: Path) -> None:
-    """Validation top-1 and loss per epoch of several runs ((name, metrics.csv rows) each), one line per run."""
+    """Validation top-1 (multi-label runs: mAP) and loss per epoch of several runs ((name, metrics.csv rows)
+    each), one line per run."""
     figure, (top1_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    score = "val_map" if any("val_map" in row for _, history in runs for row in history) else "val_top1"
     for name, history in runs:
         epochs = [row["epoch"] for row in history]
-        line, = top1_ax.plot(epochs, [100 * row["val_top1"] for row in history], lw=1.8, label=name)
+        line, = top1_ax.plot(epochs, [100 * row[score] for row in history], lw=1.8, label=name)
         loss_ax.plot(epochs, [row["val_loss"] for row in history], lw=1.8, color=line.get_color())
-    top1_ax.set(title="validation top-1 (%)", xlabel="epoch")
+    top1_ax.set(title=f"validation {'mAP' if score == 'val_map' else 'top-1'} (%)", xlabel="epoch")
     loss_ax.set(title="validation loss", xlabel="epoch")
     for ax in (top1_ax, loss_ax):
         ax.grid(alpha=0.3)
