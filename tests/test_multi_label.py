@@ -90,6 +90,32 @@ def test_a_dataset_file_names_the_separator_and_val_is_a_seeded_share_of_the_ima
     assert by_file[tmp_path / "2.png"] == [1, 0, 1]  # "smile ; glasses": spaces around a name are not part of it
 
 
+def test_a_column_per_class_of_1_and_0_or_minus_1_is_multi_label_too(tmp_path):
+    write_rows(tmp_path, ("image_id", "Smiling", "Eyeglasses", "Male", "partition"), [
+        ("a.png", "1", "-1", "1", "train"), ("b.png", "-1", "-1", "-1", "train"), ("c.png", "1", "1", "-1", "train"),
+        ("d.png", "-1", "1", "1", "val")], name="attributes.csv")
+    (tmp_path / "all.yaml").write_text('csv: attributes.csv\nimage_column: image_id\nsplit_column: partition\n'
+                                       'label_columns: "*"\n')
+    data = open_dataset(tmp_path / "all.yaml")
+    assert data.multi_label and data.classes == ["Smiling", "Eyeglasses", "Male"]  # the file's order
+    assert data.train.labels == [[1, 0, 1], [0, 0, 0], [1, 1, 0]] and data.val.labels == [[0, 1, 1]]
+    (tmp_path / "two.yaml").write_text("csv: attributes.csv\nimage_column: image_id\nsplit_column: partition\n"
+                                       "label_columns: [male, smiling]\n")
+    two = open_dataset(tmp_path / "two.yaml")
+    assert two.classes == ["Male", "Smiling"] and two.train.labels == [[1, 1], [0, 0], [0, 1]]
+    for spec, error in [("label_columns: [Age]\n", r"label_columns \['Age'\] are not columns of .*attributes.csv"),
+                        ("label_columns: []\n", "label_columns must list the class columns"),
+                        ("label_columns: '*'\nlabel_column: Male\n", "drop label_column and label_separator")]:
+        (tmp_path / "bad.yaml").write_text("csv: attributes.csv\nimage_column: image_id\n" + spec)
+        with pytest.raises(DatasetError, match=error):
+            open_dataset(tmp_path / "bad.yaml")
+    write_rows(tmp_path, ("image_id", "Smiling", "Male"), [("a.png", "1", "maybe"), ("b.png", "0", "1")],
+               name="odd.csv")
+    (tmp_path / "odd.yaml").write_text('csv: odd.csv\nimage_column: image_id\nlabel_columns: "*"\n')
+    with pytest.raises(DatasetError, match="odd.csv: line 2: Male is 'maybe'; a class column holds 1"):
+        open_dataset(tmp_path / "odd.yaml")
+
+
 def test_split_labels_keeps_the_order_and_drops_repeats_and_blanks():
     assert split_labels("b a  b\tc") == ("b", "a", "c")
     assert split_labels("x|y||x", "|") == ("x", "y")

@@ -12,7 +12,9 @@
   row may list none. Its val share is seeded but not stratified (an image has several labels).
 - A dataset file (.yaml) naming a CSV of another layout: its columns, the folder its image
   names are relative to, a suffix they lack (Kaggle's id,breed with train/<id>.jpg), and for
-  multi-label data the separator between labels (label_separator).
+  multi-label data the separator between labels (label_separator), or a column per class holding
+  1 or 0 (-1, as CelebA's attributes, counts as 0): label_columns, a list or "*" for every
+  column but the image and split ones.
 - CIFAR-10/100 in the python-pickle layout of cifar-{10,100}-python.tar.gz. Those
   files are pickles, so they are read with an unpickler that admits only NumPy
   arrays and plain containers: a tampered file cannot run code.
@@ -59,6 +61,7 @@ class CsvLayout:
     images: Path | None = None  # the folder image names are relative to (None: the CSV's)
     suffix: str = ""  # appended to every image name, e.g. .jpg for ids without an extension
     label_separator: str | None = None  # multi-label: what separates an image's labels (" ": any whitespace)
+    label_columns: tuple[str, ...] | str | None = None  # multi-label: a 1/0 column per class, or "*": all others
     described_in: Path | None = None  # the dataset file, named in errors about what it says
 
     @property
@@ -85,14 +88,19 @@ def listed_image(path: Path, cell: str, image_column: str, label_column: str | N
     return image
 
 
-DATASET_FILE_KEYS = ("csv", "image_column", "label_column", "split_column", "images", "suffix", "label_separator")
+DATASET_FILE_KEYS = ("csv", "image_column", "label_column", "split_column", "images", "suffix", "label_separator",
+                     "label_columns")
+# A label column's cells (label_columns), in any case: these mean the image has the class; those, that it has not.
+PRESENT_CELLS = ("1", "true", "yes", "y")
+ABSENT_CELLS = ("0", "-1", "false", "no", "n", "")
 DATASET_FILE_SUFFIXES = (".yaml", ".yml")
 
 
 def read_dataset_file(path: Path) -> CsvLayout:
     """A dataset file: YAML naming a CSV (relative to the file) and how to read it, e.g.
     `csv: labels.csv`, `image_column: id`, `label_column: breed`, `images: train`, `suffix: .jpg`;
-    `label_separator: " "` makes it multi-label (each cell lists an image's labels)."""
+    `label_separator: " "` makes it multi-label (each cell lists an image's labels), as does
+    `label_columns: [smiling, eyeglasses]` or `label_columns: "*"` (a 1/0 column per class)."""
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -107,6 +115,14 @@ def read_dataset_file(path: Path) -> CsvLayout:
     if unknown:
         raise DatasetError(f"{path}: unknown key(s) {', '.join(unknown)}; a dataset file may say "
                            f"{', '.join(DATASET_FILE_KEYS)}")
+    columns = spec.pop("label_columns", None)
+    if columns is not None and columns != "*" and not (
+            isinstance(columns, list) and columns and all(isinstance(c, str) and c.strip() for c in columns)):
+        raise DatasetError(f"{path}: label_columns must list the class columns ([smiling, eyeglasses]) or be \"*\" "
+                           f"for every column but the image and split ones, got {columns!r}")
+    if columns is not None and ("label_column" in spec or "label_separator" in spec):
+        raise DatasetError(f"{path}: label_columns names a column per class; drop label_column and label_separator, "
+                           f"which are for one column listing the labels")
     # A separator may be a space, which is not blank here.
     not_text = [key for key, value in spec.items()
                 if not isinstance(value, str) or not (value if key == "label_separator" else value.strip())]
@@ -115,7 +131,8 @@ def read_dataset_file(path: Path) -> CsvLayout:
     folder = path.parent
     return CsvLayout(folder / spec["csv"], spec.get("image_column"), spec.get("label_column"),
                      spec.get("split_column"), folder / spec["images"] if "images" in spec else None,
-                     spec.get("suffix", ""), spec.get("label_separator"), described_in=path)
+                     spec.get("suffix", ""), spec.get("label_separator"),
+                     columns if columns in (None, "*") else tuple(columns), described_in=path)
 
 
 def _is_dataset_file(path: Path) -> bool:
@@ -349,11 +366,15 @@ def _open_csv(root: Path, layout: CsvLayout, val_split: float | None, seed: int)
     if not rows:
         raise DatasetError(f"{path}: no rows under the header; list one image,label per line")
     image_column = _csv_column(layout, header, CSV_IMAGE_COLUMNS, "image")
-    label_column = _csv_column(layout, header, CSV_LABEL_COLUMNS + CSV_MULTI_LABEL_COLUMNS, "label")
-    multi_label = layout.label_separator is not None or label_column.lower() in CSV_MULTI_LABEL_COLUMNS
-    separator = layout.label_separator or " "
     split_column = (_csv_column(layout, header, (), "split") if layout.split_column is not None
                     else next((column for column in header if column.lower() == "split"), None))
+    class_columns = (_class_columns(layout, header, (image_column, split_column))
+                     if layout.label_columns is not None else None)
+    label_column = None if class_columns else _csv_column(layout, header, CSV_LABEL_COLUMNS + CSV_MULTI_LABEL_COLUMNS,
+                                                          "label")
+    multi_label = (class_columns is not None or layout.label_separator is not None
+                   or label_column.lower() in CSV_MULTI_LABEL_COLUMNS)
+    separator = layout.label_separator or " "
     split_names = {"train": "train", "test": "test", **{name: "val" for name in VAL_NAMES}}
     folder = layout.folder
     listed: dict[str, list[tuple[Path, tuple[str, ...]]]] = {"train": [], "val": [], "test": []}
@@ -373,14 +394,17 @@ def _open_csv(root: Path, layout: CsvLayout, val_split: float | None, seed: int)
         elif not file.is_file():
             missing.append((number, file))
         else:
-            listed[split_names[split]].append((file, split_labels(cell, separator) if multi_label else (cell,)))
+            labels = (_flagged(row, class_columns, path, number) if class_columns
+                      else split_labels(cell, separator) if multi_label else (cell,))
+            listed[split_names[split]].append((file, labels))
     if missing:
         number, file = missing[0]
         raise DatasetError(f"{path}: {len(missing)} listed image(s) do not exist, the first on line {number}: "
                            f"{file} (image paths are relative to " + (
                                f"the CSV's folder, {folder}; a dataset file (.yaml) can name another and a suffix)"
                                if layout.described_in is None else f"{folder}, as {layout.described_in} says)"))
-    classes = _class_order({label for _, labels in listed["train"] for label in labels})
+    classes = (list(class_columns) if class_columns  # every column a class, in the file's order
+               else _class_order({label for _, labels in listed["train"] for label in labels}))
     if len(classes) < 2:
         raise DatasetError(f"{path}: the training rows name {len(classes)} class(es); need at least 2")
     unknown = sorted({label for split in ("val", "test") for _, labels in listed[split] for label in labels}
@@ -405,6 +429,33 @@ def _open_csv(root: Path, layout: CsvLayout, val_split: float | None, seed: int)
         train, val = (_random_split if multi_label else _stratified_split)(train, val_split, seed)
     return Dataset(root, "csv", classes, train, val, test if len(test) else None, ignored, flat=not split_column,
                    files_under=folder, multi_label=multi_label)
+
+
+def _class_columns(layout: CsvLayout, header: list[str], other: tuple[str | None, ...]) -> list[str]:
+    """The header's columns a dataset file's label_columns names (any case), or with "*" every column but the
+    image and split ones."""
+    if layout.label_columns == "*":
+        return [column for column in header if column not in other]
+    by_name = {column.lower(): column for column in header}
+    unknown = [name for name in layout.label_columns if name.strip().lower() not in by_name]
+    if unknown:
+        raise DatasetError(f"{layout.described_in}: label_columns {unknown[:5]} are not columns of {layout.csv} "
+                           f"(it has: {', '.join(header)})")
+    return [by_name[name.strip().lower()] for name in layout.label_columns]
+
+
+def _flagged(row: dict[str, str], columns: list[str], path: Path, number: int) -> tuple[str, ...]:
+    """The class columns whose cell in `row` says the image has the class (1, true, yes; 0, -1, false, no or
+    empty say it has not)."""
+    present = []
+    for column in columns:
+        cell = (row.get(column) or "").strip().lower()
+        if cell not in PRESENT_CELLS + ABSENT_CELLS:
+            raise DatasetError(f"{path}: line {number}: {column} is {row.get(column)!r}; a class column holds 1 if "
+                               f"the image has the class and 0 (or -1) if not")
+        if cell in PRESENT_CELLS:
+            present.append(column)
+    return tuple(present)
 
 
 def split_labels(cell: str, separator: str = " ") -> tuple[str, ...]:
