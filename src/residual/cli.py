@@ -206,7 +206,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
                  + (f", {args.image_size} px" if args.image_size else "")
                  + (f", {getattr(model, 'inference_precision', 'exported')} weights"
                     if args.precision != "fp32" else ""))
-    multi_label = "map" in result.metrics
+    multi_label = result.thresholds is not None
     for table in (multi_label_eval_tables if multi_label else eval_tables)(result.metrics, "summary"):
         console.print(table)
     _report_failed(result.failed)

@@ -143,6 +143,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     forward = inference_forward(model, compiled, batch_size)
     pre = model.preprocessing
     multi_label = is_multi_label(model)
+    thresholds = class_thresholds(model).copy() if multi_label else None
     probs, kept, failed = [], [], []
     with progress_bar(f"evaluating {split_name}", progress) as bar:
         task = bar.add_task("eval", total=len(items))
@@ -158,12 +159,12 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
         raise DatasetError(f"{dataset.root}: none of the {len(items)} images of the {split_name} split could be read")
     probs_all = np.concatenate(probs)
     labels = all_labels[kept]
-    metrics = (multi_label_metrics(probs_all, labels, names, model.threshold, bins) if multi_label
+    metrics = (multi_label_metrics(probs_all, labels, names, thresholds, bins) if multi_label
                else classification_metrics(probs_all, labels, names, bins))
     sources = [str(items[i]) if isinstance(items[i], Path) else f"{split_name}#{i}" for i in kept]
     gallery = highest_loss(model, probs_all, labels, [items[i] for i in kept], sources, gallery_size)
     result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why, split=split_name,
-                        thresholds=class_thresholds(model).copy() if multi_label else None)
+                        thresholds=thresholds)
     if out_dir is not None:
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
                 "tta": tta, "resize_size": pre.resize_size, "input_size": pre.input_size, "compile": why,
@@ -174,7 +175,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
             pr = hardest_pr_curves(probs_all, labels, metrics["per_class"])
             result.files = write_multi_label_report(out_dir, title, metrics, info, gallery, failed, pr)
             result.files["predictions"] = write_multi_label_predictions(predictions, sources, labels, probs_all,
-                                                                        names, model.threshold)
+                                                                        names, thresholds)
         else:
             roc = hardest_roc_curves(probs_all, labels, metrics["per_class"])
             result.files = write_report(out_dir, title, metrics, info, gallery, failed, roc)
@@ -212,7 +213,8 @@ def highest_loss(model, probs: np.ndarray, labels: np.ndarray, items: list, sour
         cam_predicted = grad_cam(model, x, predicted.tolist())[0].numpy()
         cam_true = grad_cam(model, x, true.tolist())[0].numpy()
     joined = lambda row: " ".join(name for name, on in zip(names, row) if on)  # noqa: E731
+    thresholds = class_thresholds(model) if multi_label else None
     return [GalleryItem(sources[i], names[t], names[p], float(probs[i, t]), float(probs[i, p]), float(losses[i]),
                         batch.images[row].permute(1, 2, 0).numpy(), cam_predicted[row], cam_true[row],
-                        *((joined(labels[i]), joined(probs[i] >= class_thresholds(model))) if multi_label else ()))
+                        *((joined(labels[i]), joined(probs[i] >= thresholds)) if multi_label else ()))
             for row, (i, t, p) in enumerate(zip(order, true, predicted))]

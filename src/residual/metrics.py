@@ -272,8 +272,6 @@ def multi_label_metrics(probs: np.ndarray, targets: np.ndarray, class_names: lis
     macro = lambda values: float(values[present].mean()) if present.any() else 0.0  # noqa: E731
     return {
         "images": int(len(probs)),
-        # The one threshold, or None where each class has its own (then in `thresholds` and each class's row).
-        "threshold": float(thresholds[0]) if len(set(thresholds.tolist())) <= 1 else None,
         "thresholds": thresholds.tolist(),
         "map": mean_where_defined(average_precision),
         "exact_match": float(exact.mean()),
@@ -283,8 +281,8 @@ def multi_label_metrics(probs: np.ndarray, targets: np.ndarray, class_names: lis
         "ece": expected_calibration_error(rows),
         "labels_per_image": {"true": float(targets.sum(1).mean()), "predicted": float(predicted.sum(1).mean())},
         "micro": {"precision": micro_precision, "recall": micro_recall,
-                  "f1": float(_ratio(np.array([2 * micro_precision * micro_recall]),
-                                     np.array([micro_precision + micro_recall]))[0])},
+                  "f1": 2 * micro_precision * micro_recall / (micro_precision + micro_recall)
+                  if micro_precision + micro_recall else 0.0},
         "macro": {"precision": macro(precision), "recall": macro(recall), "f1": macro(f1),
                   "roc_auc": mean_where_defined([auc for auc, _ in ranked])},
         "per_class": [{"class": class_names[c], "average_precision": average_precision[c],

@@ -200,13 +200,12 @@ def _not_a_model_file(path: Path) -> str:
 def _load_model_file(path: Path, options: dict) -> ResNet:
     meta = read_metadata(path)
     config = ResNetConfig.from_dict({**meta["config"], **options})
-    class_names = meta["class_names"] if config.num_classes == meta["config"]["num_classes"] else None
-    model = ResNet(config, arch=meta["arch"], class_names=class_names,
+    new_head = config.num_classes != meta["config"]["num_classes"]
+    model = ResNet(config, arch=meta["arch"], class_names=None if new_head else meta["class_names"],
                    preprocessing=Preprocessing(**meta["preprocessing"]))
     # Per-class thresholds belong to the file's classes: a new head starts from the default.
-    per_class = isinstance(meta["threshold"], list)
     model.multi_label = meta["multi_label"]
-    model.threshold = MULTI_LABEL_THRESHOLD if per_class and class_names is None else meta["threshold"]
+    model.threshold = MULTI_LABEL_THRESHOLD if new_head and isinstance(meta["threshold"], list) else meta["threshold"]
     load_weights(model, safetensors.torch.load_file(path), str(path))
     return model
 

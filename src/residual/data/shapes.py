@@ -132,7 +132,7 @@ def render_shapes(shapes: list[str], size: int, rng: np.random.Generator) -> Ima
 
 def _disc_layout(count: int, size: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
     """`count` discs (x, y, radius) inside the image, none overlapping, by rejection sampling. A first disc
-    in the middle can leave no room for a third, so a layout that fails 20 draws in a row starts over."""
+    in the middle can leave no room for a third, so a layout not complete after 20 draws per disc starts over."""
     while True:
         placed: list[tuple[float, float, float]] = []
         for _ in range(20 * count):

@@ -18,18 +18,16 @@ from ..metrics import SIGNIFICANCE  # noqa: E402
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
            "epoch_seconds")
 DISTILL_COLUMNS = ("train_label_loss", "train_distill_loss")  # with a teacher: train_loss's two terms
-# A multi-label run's validation scores, in place of top-1 and top-5.
-MULTI_LABEL_COLUMNS = ("val_map", "val_f1", "val_exact_match")
+# A multi-label run's: its validation scores in place of top-1 and top-5.
+MULTI_LABEL_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_map", "val_f1", "val_exact_match", "lr",
+                       "images_per_s", "epoch_seconds")
 
 
 def write_metrics(history: list[dict], path: Path) -> None:
     """Rewrite metrics.csv from the whole history (atomic, so a kill never leaves half a row)."""
     buffer = io.StringIO()
     distilled = any(column in row for row in history for column in DISTILL_COLUMNS)
-    columns = COLUMNS
-    if history and "val_map" in history[0]:
-        columns = tuple(c for c in COLUMNS if c not in ("val_top1", "val_top5"))
-        columns = columns[:4] + MULTI_LABEL_COLUMNS + columns[4:]
+    columns = MULTI_LABEL_COLUMNS if history and "val_map" in history[0] else COLUMNS
     writer = csv.DictWriter(buffer, fieldnames=columns + (DISTILL_COLUMNS if distilled else ()),
                             extrasaction="ignore")
     writer.writeheader()
