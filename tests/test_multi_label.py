@@ -343,11 +343,32 @@ def test_commands_built_on_top1_refuse_a_multi_label_model_in_one_line(tagged_ru
         single_label_only("calibrate", model)
     with pytest.raises(ConfigError, match=f"label-errors .* {tagged / MULTI_LABEL_CSV} is multi-label"):
         find_label_errors(tagged / MULTI_LABEL_CSV, tmp_path / "audit")
-    with pytest.raises(ConfigError, match="^robustness measures one class per image"):
-        robustness(model, tagged / MULTI_LABEL_CSV)
     with pytest.raises(CalibrationError, match="a multi-label model .* residual thresholds chooses"):
         residual.calibrate(tagged_run.model_path, tagged / MULTI_LABEL_CSV)
     single_label_only("calibrate", residual.create_model("resnet20", num_classes=3))  # a single-label model passes
+
+
+def test_robustness_measures_a_multi_label_model_by_map_from_evals_clean_figures(tagged_run, tagged, tmp_path,
+                                                                                capsys):
+    model = load_model(tagged_run.model_path).eval()
+    metrics = evaluate(model, tagged / MULTI_LABEL_CSV, gallery_size=0).metrics
+    result = robustness(model, tagged / MULTI_LABEL_CSV, corruptions=["gaussian_noise", "contrast"],
+                        severities=[1, 5], baseline=model, out_dir=tmp_path / "r")
+    assert result.metric == "map" and result.images == 12
+    assert result.model.clean == pytest.approx(metrics["map"], abs=1e-6)  # every test image, as eval saw it
+    assert result.model.clean_ece == pytest.approx(metrics["ece"], abs=1e-6)  # over every (image, class)
+    assert result.model.scores["contrast"] != result.model.scores["gaussian_noise"]
+    summary = json.loads(result.files["summary"].read_text())
+    assert summary["metric"] == "map" and summary["clean_map"] == result.model.clean and "clean_top1" not in summary
+    assert summary["mce"] == 1.0  # against itself: the same pixels, the same answers
+    assert list(csv.DictReader(open(result.files["table"])))[0]["map"] == f"{metrics['map']:.4f}"
+    single = residual.create_model("resnet20", num_classes=len(model.class_names)).eval()
+    with pytest.raises(ConfigError, match="^--baseline: a single-label model, and the model is not"):
+        robustness(model, tagged / MULTI_LABEL_CSV, corruptions=["contrast"], baseline=single)
+    assert main(["robustness", str(tagged_run.model_path), str(tagged / MULTI_LABEL_CSV), "--corruptions", "contrast",
+                 "--severities", "3", "--quiet", "--out", str(tmp_path / "cli")]) == 0
+    printed = capsys.readouterr().out.replace("\n", " ")
+    assert "mAP on 12 test images" in printed and f"clean mAP {metrics['map']:.2%}" in printed
 
 
 def test_explain_gives_each_class_a_multi_label_model_predicts_its_own_heatmap(tagged_run, tagged, tmp_path):

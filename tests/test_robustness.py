@@ -293,11 +293,11 @@ def test_the_report_starts_from_evals_top1_and_a_model_against_itself_scores_one
     assert result.model.clean == pytest.approx(clean, abs=1e-12)  # every test image, as eval saw it
     assert result.model.clean_ece == pytest.approx(metrics["ece"], abs=1e-6)  # and eval's calibration error
     assert result.model.ece["contrast"][1] > 2 * result.model.clean_ece  # flat images throw its probabilities off
-    assert result.model.top1["gaussian_noise"][1] < result.model.top1["gaussian_noise"][0] < result.model.clean
+    assert result.model.scores["gaussian_noise"][1] < result.model.scores["gaussian_noise"][0] < result.model.clean
     summary = json.loads(result.files["summary"].read_text())
     assert summary["mce"] == 1.0 and summary["relative_mce"] == 1.0  # the same pixels, the same answers
     assert summary["corruption_error"] == {"gaussian_noise": 1.0, "contrast": 1.0}
-    measured = [value for values in result.model.top1.values() for value in values]
+    measured = [value for values in result.model.scores.values() for value in values]
     assert summary["mean_corrupted_top1"] == pytest.approx(np.mean(measured))
     with open(result.files["table"]) as stream:
         rows = list(csv.DictReader(stream))

@@ -356,7 +356,7 @@ def cmd_robustness(args: argparse.Namespace, console: Console) -> int:
     from .evaluate import split_as_trained
     from .robustness import robustness
     from .runs import output_dir
-    from .tables import robustness_table, score_text
+    from .tables import SCORE_NAMES, robustness_table, score_text
 
     model = _inference_model(args.model, args.device, args.precision, args.image_size)
     baseline = _inference_model(args.baseline, args.device, args.precision, args.image_size) if args.baseline else None
@@ -372,7 +372,8 @@ def cmd_robustness(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]{name} left out: {why}[/]")
     _report_failed(result.failed)
     summary = result.summary()
-    line = f"clean top-1 {result.model.clean:.2%}; under corruption {result.model.mean:.2%} on average"
+    line = (f"clean {SCORE_NAMES[result.metric]} {result.model.clean:.2%}; under corruption {result.model.mean:.2%} "
+            f"on average")
     if summary["share_of_clean"] is not None:
         line += f" ({summary['share_of_clean']:.0%} of clean)"
     line += f"; calibration error (ECE) {result.model.clean_ece:.3f} clean, {result.model.mean_ece:.3f} corrupted"
@@ -1078,7 +1079,7 @@ def _add_inference_commands(commands) -> None:
     decoder_and_compile(p)
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("robustness", help="top-1 under noise, blur, weather and digital corruptions at five "
+    p = commands.add_parser("robustness", help="top-1 (mAP) under noise, blur, weather and digital corruptions at five "
                                                "severities (ImageNet-C's protocol on your test images)")
     p.add_argument("model", help="a model file, a pretrained name or an exported .onnx")
     p.add_argument("data", help="the dataset, as for eval")

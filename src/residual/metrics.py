@@ -23,6 +23,7 @@ import numpy as np
 
 
 CONFIDENCE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)  # where eval reports the accuracy of the predictions kept
+SCORE_NAMES = {"top1": "top-1", "map": "mAP"}  # what a model is judged by: its top-1, or a multi-label model's mAP
 SIGNIFICANCE = 0.05  # a gap in top-1 whose McNemar p-value is below this is called more than chance
 
 
@@ -140,6 +141,13 @@ def most_confused(matrix: np.ndarray, class_names: list[str], limit: int = 10) -
                       "count": int(matrix[true, predicted]),
                       "share_of_true": float(matrix[true, predicted] / matrix[true].sum())})
     return pairs
+
+
+def mean_average_precision(probs: np.ndarray, targets: np.ndarray) -> float | None:
+    """mAP: each class's average precision (images ranked by its probability), averaged over the classes
+    that have both positive and negative images; None when none has."""
+    targets = np.asarray(targets, dtype=bool)
+    return mean_where_defined([ranking_scores(probs[:, c], targets[:, c])[1] for c in range(probs.shape[1])])
 
 
 def mean_where_defined(values: list[float | None], weights: np.ndarray | None = None) -> float | None:

@@ -8,6 +8,9 @@ over all of them and its share of the clean top-1. Against a baseline model (Hen
 use AlexNet): each corruption's error summed over the severities, divided by the baseline's (CE), their
 mean (mCE), and the same for the error added by the corruption over each model's clean error (relative CE
 and mCE). Below 1 is more robust than the baseline.
+
+A multi-label model (one sigmoid per class) is measured by mAP where others are by top-1, its error being
+1 - mAP, and its calibration over every (image, class) probability, as `residual eval` measures it.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from .data.datasets import Dataset, DatasetError, open_dataset  # noqa: E402
 from .data.loaders import inference_batches  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .evaluate import model_labels, pick_split  # noqa: E402
-from .metrics import calibration_bins, expected_calibration_error, mean_where_defined  # noqa: E402
-from .predict import class_probabilities, model_device, single_label_only  # noqa: E402
+from .metrics import (SCORE_NAMES, calibration_bins, expected_calibration_error, mean_average_precision,  # noqa: E402
+                      mean_where_defined)
+from .predict import class_probabilities, is_multi_label, model_device  # noqa: E402
 from .progress import progress_bar  # noqa: E402
 from .weights import cache_dir, download  # noqa: E402
 
@@ -85,15 +89,16 @@ def _photo(content: bytes) -> torch.Tensor:
 @dataclass
 class ModelRobustness:
     name: str
-    clean: float  # top-1 on the images uncorrupted
-    top1: dict[str, list[float]]  # corruption -> top-1 at each severity measured
+    clean: float  # top-1 (a multi-label model: mAP) on the images uncorrupted
+    scores: dict[str, list[float]]  # corruption -> top-1 (mAP) at each severity measured
     clean_ece: float  # expected calibration error (15 bins, as eval's) on the images uncorrupted
     ece: dict[str, list[float]]  # corruption -> ECE at each severity
+    metric: str = "top1"  # what `clean` and `scores` are: "top1", or a multi-label model's "map"
 
     @property
     def mean(self) -> float:
-        """Top-1 averaged over every corruption and severity measured."""
-        return float(np.mean([value for values in self.top1.values() for value in values]))
+        """Top-1 (mAP) averaged over every corruption and severity measured."""
+        return float(np.mean([value for values in self.scores.values() for value in values]))
 
     @property
     def mean_ece(self) -> float:
@@ -112,32 +117,39 @@ class RobustnessResult:
     files: dict[str, Path] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)  # corruption -> why the default set did not run it
 
+    @property
+    def metric(self) -> str:
+        return self.model.metric
+
     def corruption_errors(self, relative: bool = False) -> dict[str, float | None]:
-        """Per corruption, the model's error summed over the severities over the baseline's (with `relative`:
+        """Per corruption, the model's error (1 - top-1, or 1 - mAP) summed over the severities over the
+        baseline's (with `relative`:
         the error each adds to its clean error); None where the baseline's sum is not positive (a corruption
         that did not cost the baseline anything, or even helped it, gives no scale to compare with)."""
         if self.baseline is None:
             return {}
         errors = {}
-        for name, top1 in self.model.top1.items():
-            mine = sum(1 - value - (1 - self.model.clean if relative else 0) for value in top1)
-            theirs = sum(1 - value - (1 - self.baseline.clean if relative else 0) for value in self.baseline.top1[name])
+        for name, scores in self.model.scores.items():
+            mine = sum(1 - value - (1 - self.model.clean if relative else 0) for value in scores)
+            theirs = sum(1 - value - (1 - self.baseline.clean if relative else 0)
+                         for value in self.baseline.scores[name])
             errors[name] = mine / theirs if theirs > 0 else None
         return errors
 
     def summary(self) -> dict:
-        summary = {"protocol": self.protocol, "split": self.split, "images": self.images,
-                   "severities": self.severities, "left_out": self.left_out,
-                   "clean_top1": self.model.clean, "mean_corrupted_top1": self.model.mean,
-                   "share_of_clean": self.model.mean / self.model.clean if self.model.clean else None,
-                   "top1": self.model.top1, "clean_ece": self.model.clean_ece,
-                   "mean_corrupted_ece": self.model.mean_ece, "ece": self.model.ece}
+        """The figures as JSON; the score keys are named by the metric: clean_top1, mean_corrupted_top1 and
+        top1, or for a multi-label model clean_map, mean_corrupted_map and map."""
+        def scores(model: ModelRobustness) -> dict:
+            return {f"clean_{self.metric}": model.clean, f"mean_corrupted_{self.metric}": model.mean,
+                    self.metric: model.scores, "clean_ece": model.clean_ece, "mean_corrupted_ece": model.mean_ece,
+                    "ece": model.ece}
+
+        summary = {"protocol": self.protocol, "split": self.split, "images": self.images, "metric": self.metric,
+                   "severities": self.severities, "left_out": self.left_out, **scores(self.model),
+                   "share_of_clean": self.model.mean / self.model.clean if self.model.clean else None}
         if self.baseline is not None:
             ce, relative = self.corruption_errors(), self.corruption_errors(relative=True)
-            summary["baseline"] = {"name": self.baseline.name, "clean_top1": self.baseline.clean,
-                                   "mean_corrupted_top1": self.baseline.mean, "top1": self.baseline.top1,
-                                   "clean_ece": self.baseline.clean_ece, "mean_corrupted_ece": self.baseline.mean_ece,
-                                   "ece": self.baseline.ece}
+            summary["baseline"] = {"name": self.baseline.name, **scores(self.baseline)}
             summary |= {"corruption_error": ce, "mce": mean_where_defined(list(ce.values())),
                         "relative_corruption_error": relative,
                         "relative_mce": mean_where_defined(list(relative.values()))}
@@ -149,9 +161,10 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
                batch_size: int = 64, workers: int | None = None, baseline=None, out_dir: str | Path | None = None,
                progress: bool = False, names: tuple[str | None, str | None] = (None, None),
                protocol: str | None = None, frost_dir: str | Path | None = None) -> RobustnessResult:
-    """Top-1 of `model` (and `baseline`) on up to `images` images of `data`'s split (a seeded sample), clean and
-    under each corruption at each severity. The noise and motion angles are seeded, so two models on the same
-    images at the same size see the same corrupted pixels. With `out_dir`: a CSV, a JSON summary and pictures.
+    """Top-1 (a multi-label model: mAP) of `model` (and `baseline`) on up to `images` images of `data`'s split
+    (a seeded sample), clean and under each corruption at each severity. The noise and motion angles are
+    seeded, so two models on the same images at the same size see the same corrupted pixels. With `out_dir`:
+    a CSV, a JSON summary and pictures.
     `names`: what the tables and pictures call the model and the baseline (default: their architectures).
     `protocol`: whose severity parameters, 'imagenet-c' or 'cifar-10-c'; default: by the model's input size
     (data.corruptions.protocol_for), the same for the baseline. Frost needs ImageNet-C's frost photographs
@@ -171,8 +184,10 @@ def robustness(model, data: str | Path | Dataset, split: str | None = None, corr
     if images < 1:
         raise ConfigError(f"--images must be at least 1, got {images}")
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
-    for each in (model, baseline):
-        single_label_only("robustness", each, dataset)
+    if baseline is not None and is_multi_label(baseline) != is_multi_label(model):
+        raise ConfigError(f"--baseline: {'a multi-label' if is_multi_label(baseline) else 'a single-label'} model, "
+                          f"and the model is not; a baseline is scored as the model is (top-1 or mAP), so give one "
+                          f"of the same kind")
     split_name, chosen = pick_split(dataset, split)
     items = chosen.files if chosen.images is None else list(chosen.images)
     sample = np.arange(len(items))
@@ -229,27 +244,31 @@ def _score(model, name: str, pixels: torch.Tensor, labels: np.ndarray, corruptio
     device = model_device(model)
     if isinstance(model, torch.nn.Module):
         model.eval()
-    labels = torch.from_numpy(labels)
+    multi_label = is_multi_label(model)
 
     def scores(corruption: str | None, severity: int) -> tuple[float, float]:
-        """(top-1, ECE) on the images with `corruption` at `severity` (None: clean)."""
+        """(top-1 or mAP, ECE) on the images with `corruption` at `severity` (None: clean)."""
         generator = _generator(seed, corruption, severity, device)
         probs = []
         for start in range(0, len(pixels), batch_size):
             batch = pixels[start:start + batch_size].to(device)
             if corruption is not None:
                 batch = corrupt(batch, corruption, severity, generator, protocol, frost_photos)
-            probs.append(class_probabilities(model, batch).float().cpu())
+            probs.append(class_probabilities(model, batch, multi_label=multi_label).float().cpu())
             advance(len(batch))
-        confidence, predicted = torch.cat(probs).max(1)
-        correct = (predicted == labels).numpy()
-        return float(correct.mean()), expected_calibration_error(calibration_bins(confidence.numpy(), correct))
+        probs = torch.cat(probs).double().numpy()
+        if multi_label:  # labels: 0/1 rows; calibration over every (image, class) probability, as eval's
+            rows = calibration_bins(probs.ravel(), labels.ravel().astype(bool))
+            return mean_average_precision(probs, labels) or 0.0, expected_calibration_error(rows)
+        correct = probs.argmax(1) == labels
+        return float(correct.mean()), expected_calibration_error(calibration_bins(probs.max(1), correct))
 
     clean, clean_ece = scores(None, 0)
     measured = {corruption: [scores(corruption, severity) for severity in severities] for corruption in corruptions}
-    return ModelRobustness(name, clean, {corruption: [top1 for top1, _ in pairs] for corruption, pairs in
+    return ModelRobustness(name, clean, {corruption: [score for score, _ in pairs] for corruption, pairs in
                                          measured.items()},
-                           clean_ece, {corruption: [ece for _, ece in pairs] for corruption, pairs in measured.items()})
+                           clean_ece, {corruption: [ece for _, ece in pairs] for corruption, pairs in measured.items()},
+                           "map" if multi_label else "top1")
 
 
 def _generator(seed: int, name: str | None, severity: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -265,14 +284,14 @@ def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptio
              "examples": out / "corruptions.png"}
     with atomic_path(files["table"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["model", "corruption", "kind", "severity", "top1", "ece"])
+        writer.writerow(["model", "corruption", "kind", "severity", result.metric, "ece"])
         for role, scores in (("model", result.model), ("baseline", result.baseline)):
             if scores is None:
                 continue
             writer.writerow([role, "none", "clean", 0, f"{scores.clean:.4f}", f"{scores.clean_ece:.4f}"])
-            writer.writerows([role, name, CORRUPTIONS[name], severity, f"{top1:.4f}", f"{ece:.4f}"]
-                             for name in scores.top1
-                             for severity, top1, ece in zip(result.severities, scores.top1[name], scores.ece[name]))
+            writer.writerows([role, name, CORRUPTIONS[name], severity, f"{score:.4f}", f"{ece:.4f}"]
+                             for name in scores.scores
+                             for severity, score, ece in zip(result.severities, scores.scores[name], scores.ece[name]))
     write_json(files["summary"], result.summary())
     _draw(result, files["picture"])
     _draw_examples(example, corruptions, result.protocol, seed, files["examples"], frost_photos)
@@ -280,10 +299,11 @@ def _write(result: RobustnessResult, out: Path, example: torch.Tensor, corruptio
 
 
 def _draw(result: RobustnessResult, path: Path) -> None:
-    """Left: top-1 at each corruption and severity; then, by severity (clean at 0), the mean over corruptions
-    of top-1 and of the calibration error."""
-    names = list(result.model.top1)
-    grid = np.array([result.model.top1[name] for name in names])
+    """Left: top-1 (mAP) at each corruption and severity; then, by severity (clean at 0), the mean over
+    corruptions of top-1 (mAP) and of the calibration error."""
+    score_name = SCORE_NAMES[result.metric]
+    names = list(result.model.scores)
+    grid = np.array([result.model.scores[name] for name in names])
     figure, (heat, accuracy, calibration) = plt.subplots(1, 3, figsize=(16, 0.45 * len(names) + 2.2),
                                                          gridspec_kw={"width_ratios": [1.2, 1, 1]})
     heat.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
@@ -292,23 +312,23 @@ def _draw(result: RobustnessResult, path: Path) -> None:
     heat.set_xlabel("severity")
     for (row, column), value in np.ndenumerate(grid):
         heat.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=8)
-    heat.set_title(f"{result.model.name}: top-1 (clean {result.model.clean:.1%})")
+    heat.set_title(f"{result.model.name}: {score_name} (clean {result.model.clean:.1%})")
     for scores, style in ((result.model, "o-"), (result.baseline, "s--")):
         if scores is None:
             continue
         label = scores.name if scores is result.model else f"baseline: {scores.name}"
-        for ax, clean, by_corruption in ((accuracy, scores.clean, scores.top1),
+        for ax, clean, by_corruption in ((accuracy, scores.clean, scores.scores),
                                          (calibration, scores.clean_ece, scores.ece)):
             means = [np.mean([by_corruption[name][i] for name in names]) for i in range(len(result.severities))]
             ax.plot([0, *result.severities], [clean, *means], style, label=label)
-    for ax, what in ((accuracy, "top-1"), (calibration, "expected calibration error")):
+    for ax, what in ((accuracy, score_name), (calibration, "expected calibration error")):
         ax.set_xlabel("severity (0: clean)")
         ax.set_ylabel(f"{what}, mean over corruptions")
         ax.set_ylim(0, 1 if ax is accuracy else max(0.05, ax.get_ylim()[1]))
         ax.grid(alpha=0.3)
         ax.legend()
     accuracy.set_title(f"{result.images:,} {result.split} images, {result.protocol}'s severities")
-    calibration.set_title("do its probabilities still match its accuracy?")
+    calibration.set_title("do its probabilities still match how often it is right?")
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)

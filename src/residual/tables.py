@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .data.check import DataReport
 from .data.corruptions import CORRUPTIONS
-from .metrics import SIGNIFICANCE
+from .metrics import SCORE_NAMES, SIGNIFICANCE
 from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
@@ -324,9 +324,6 @@ def data_scores_table(scores: list[DataScore], title: str) -> Table:
     return table
 
 
-SCORE_NAMES = {"top1": "top-1", "map": "mAP"}  # what a model is judged by: its top-1, or a multi-label model's mAP
-
-
 def comparison_table(rows: dict[str, dict], title: str) -> Table:
     """Models side by side (float vs int8, before vs after pruning): whichever of size, parameters, MACs,
     latency, throughput and top-1 (or mAP) the rows have."""
@@ -344,14 +341,15 @@ def comparison_table(rows: dict[str, dict], title: str) -> Table:
 
 
 def robustness_table(result: RobustnessResult) -> Table:
-    """Top-1 per corruption and severity, its mean, and with a baseline the corruption errors against it."""
+    """Top-1 (mAP) per corruption and severity, its mean, and with a baseline the corruption errors against it."""
     with_baseline = result.baseline is not None
     severities = [f"severity {s}" for s in result.severities]
     columns = ["corruption", "kind", *severities, "mean"] + (["CE", "relative CE"] if with_baseline else [])
-    table = new_table(f"{result.model.name}: top-1 on {result.images:,} {result.split} images, clean "
-                      f"{result.model.clean:.2%}; {result.protocol}'s severities", columns, right=columns[2:])
+    table = new_table(f"{result.model.name}: {SCORE_NAMES[result.metric]} on {result.images:,} {result.split} "
+                      f"images, clean {result.model.clean:.2%}; {result.protocol}'s severities", columns,
+                      right=columns[2:])
     errors, relative = result.corruption_errors(), result.corruption_errors(relative=True)
-    for name, values in result.model.top1.items():
+    for name, values in result.model.scores.items():
         row = [name, CORRUPTIONS[name], *(f"{value:.1%}" for value in values), f"{sum(values) / len(values):.1%}"]
         if with_baseline:
             row += [score_text(errors[name], 3), score_text(relative[name], 3)]
