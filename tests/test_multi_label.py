@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import residual
-from residual.calibrate import CalibrationError
+from residual.calibrate import fit_class_temperatures
 from residual.cli import main
 from residual.deploy.prune import prune
 from residual.label_errors import find_label_errors
@@ -343,8 +343,6 @@ def test_commands_built_on_top1_refuse_a_multi_label_model_in_one_line(tagged_ru
         single_label_only("calibrate", model)
     with pytest.raises(ConfigError, match=f"label-errors .* {tagged / MULTI_LABEL_CSV} is multi-label"):
         find_label_errors(tagged / MULTI_LABEL_CSV, tmp_path / "audit")
-    with pytest.raises(CalibrationError, match="a multi-label model .* residual thresholds chooses"):
-        residual.calibrate(tagged_run.model_path, tagged / MULTI_LABEL_CSV)
     single_label_only("calibrate", residual.create_model("resnet20", num_classes=3))  # a single-label model passes
 
 
@@ -369,6 +367,44 @@ def test_robustness_measures_a_multi_label_model_by_map_from_evals_clean_figures
                  "--severities", "3", "--quiet", "--out", str(tmp_path / "cli")]) == 0
     printed = capsys.readouterr().out.replace("\n", " ")
     assert "mAP on 12 test images" in printed and f"clean mAP {metrics['map']:.2%}" in printed
+
+
+def test_each_class_temperature_is_the_one_its_labels_were_drawn_with():
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(20000, 3, generator=generator, dtype=torch.float64)
+    drawn_with = torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    targets = torch.bernoulli(torch.sigmoid(logits / drawn_with), generator=generator)
+    assert fit_class_temperatures(logits.numpy(), targets.numpy()) == pytest.approx([2.0, 0.5, 1.0], rel=0.05)
+    targets[:, 1] = 0  # a class never present: nothing to fit, it keeps T = 1
+    assert fit_class_temperatures(logits.numpy(), targets.numpy())[1] == 1.0
+
+
+def test_calibrating_a_multi_label_model_keeps_its_map_and_every_images_labels(tagged_run, tagged, tmp_path,
+                                                                               capsys):
+    model = load_model(tagged_run.model_path)
+    model.threshold = [0.3, 0.4, 0.5, 0.6, 0.7, 0.35, 0.45, 0.55, 0.65, 0.75][:model.num_classes]
+    source = save_model(model, tmp_path / "tuned.safetensors")
+    out = tmp_path / "calibrated.safetensors"
+    assert main(["calibrate", str(source), str(tagged / MULTI_LABEL_CSV), "-o", str(out),
+                 "--out", str(tmp_path / "report"), "--quiet"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "per-class temperatures" in printed and "every image's labels unchanged" in printed
+    report = json.loads((tmp_path / "report" / "calibration.json").read_text())
+    assert report["metric"] == "map" and len(report["temperature"]) == model.num_classes
+    assert any(t != 1.0 for t in report["temperature"])
+    val = report["splits"]["val"]
+    assert val["after"]["nll"] <= val["before"]["nll"] + 1e-9  # T = 1 was one of the choices the fit had
+    calibrated = load_model(out)
+    assert read_metadata(out)["extra"]["temperature"] == pytest.approx(report["temperature"])
+    for split in ("val", "test"):
+        before = evaluate(load_model(source), tagged / MULTI_LABEL_CSV, split, gallery_size=0)
+        after = evaluate(calibrated, tagged / MULTI_LABEL_CSV, split, gallery_size=0)
+        assert after.metrics["map"] == pytest.approx(before.metrics["map"], abs=1e-9)
+        assert after.metrics["map"] == pytest.approx(report["splits"][split]["map"], abs=1e-9)
+        assert after.metrics["ece"] == pytest.approx(report["splits"][split]["after"]["ece"], abs=1e-4)
+        assert after.metrics["loss"] == pytest.approx(report["splits"][split]["after"]["nll"], rel=1e-3)
+        assert np.array_equal(after.answers(), before.answers())  # the thresholds moved with the probabilities
+    assert calibrated.threshold != model.threshold
 
 
 def test_explain_gives_each_class_a_multi_label_model_predicts_its_own_heatmap(tagged_run, tagged, tmp_path):

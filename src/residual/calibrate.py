@@ -11,6 +11,12 @@ one: predict, eval, explain, export and quantize use it as it is, with nothing t
 T is fitted on the validation split (training never learned from it) and checked on the
 test split when the data has one; the flat folder a model was trained on is split as its
 training run split it (evaluate.split_as_trained).
+
+A multi-label model (one sigmoid per class) gets one temperature per class, each fitted to
+its class's binary cross-entropy: sigmoid(z_c / T_c) keeps the order of the images within a
+class, so mAP does not change. Its thresholds are moved with the probabilities (t_c becomes
+sigmoid(logit(t_c) / T_c)), so every image keeps its labels. A class whose held-out images
+are all positive or all negative has nothing to fit T to, and keeps T = 1.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from .atomic import write_json
 from .data.datasets import open_dataset
 from .errors import ResidualError
 from .evaluate import evaluate, split_as_trained
-from .metrics import calibration_bins, expected_calibration_error
+from .metrics import SCORE_NAMES, calibration_bins, expected_calibration_error, label_losses, mean_average_precision
 from .models import ResNet
+from .predict import class_thresholds
 from .report import plot_reliability
 from .runs import pick_device
 from .weights import load_model, read_metadata, save_model
@@ -36,6 +43,9 @@ from .weights import load_model, read_metadata, save_model
 # Trained networks fit T between about 0.3 and 3 (Guo et al. 2017 report up to 2.5); above this, softening
 # the logits tenfold is the best the fit found: the probabilities say little about being right.
 UNINFORMATIVE_TEMPERATURE = 10.0
+# A class whose probabilities rank its held-out images no better than chance (or worse) is best fitted by
+# T -> infinity: every probability 0.5, ties that would change its AP. Its T stops at this bound instead.
+CLASS_TEMPERATURE_BOUND = 100.0
 FIT_SPLITS = ("val", "test")  # held-out images only: fitted on training images, T would make the model surer
 
 
@@ -46,7 +56,8 @@ class CalibrationError(ResidualError):
 @dataclass
 class CalibrationResult:
     path: Path  # the calibrated model file
-    temperature: float  # this fit's T (the file records the product with any earlier one)
+    temperature: float | list[float]  # this fit's T, per class for a multi-label model (the file records the
+    # product with any earlier one)
     report: dict  # per split: images, top-1, ECE and negative log-likelihood before and after
     files: dict[str, Path] = field(default_factory=dict)  # calibration.json and the reliability diagrams
 
@@ -71,6 +82,32 @@ def fit_temperature(log_probs: np.ndarray, labels: np.ndarray) -> float:
     return float(log_t.detach().exp())
 
 
+def fit_class_temperatures(logits: np.ndarray, targets: np.ndarray) -> list[float]:
+    """Per class, the T_c that minimises the binary cross-entropy of sigmoid(logits[:, c] / T_c) against
+    targets[:, c] (0/1), within 1/CLASS_TEMPERATURE_BOUND and CLASS_TEMPERATURE_BOUND; 1.0 for a class whose
+    targets are all 0 or all 1 (nothing to tell T apart: the fit would sharpen without end)."""
+    scores = torch.from_numpy(logits).double()
+    labels = torch.from_numpy(np.asarray(targets)).double()
+    fitted = (labels.min(0).values == 0) & (labels.max(0).values == 1)
+    unbounded = torch.zeros(scores.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([unbounded], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def temperatures() -> torch.Tensor:  # log T = log(bound) tanh(u): any T inside the bounds, smoothly
+        return (np.log(CLASS_TEMPERATURE_BOUND) * unbounded.tanh()).exp()
+
+    def closure() -> torch.Tensor:  # the classes are independent: one sum fits them all at once
+        optimizer.zero_grad()
+        losses = F.binary_cross_entropy_with_logits(scores / temperatures(), labels, reduction="none")
+        loss = losses[:, fitted].sum() / len(scores)
+        loss.backward()
+        return loss
+
+    if fitted.any():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return torch.where(fitted, temperatures(), torch.ones_like(unbounded)).tolist()
+
+
 def classifier(model: ResNet) -> nn.Linear:
     """The layer whose outputs are the logits: where T is folded in."""
     head = getattr(model, "fc", None)
@@ -79,13 +116,23 @@ def classifier(model: ResNet) -> nn.Linear:
     return head
 
 
-def scale_classifier(model: ResNet, temperature: float) -> None:
-    """Divide the classifier's weight and bias by `temperature`: its logits become z / T."""
+def scale_classifier(model: ResNet, temperature: float | list[float]) -> None:
+    """Divide the classifier's weight and bias by `temperature` (one, or one per class): its logits become z / T."""
     head = classifier(model)
+    divisor = torch.as_tensor(temperature, dtype=head.weight.dtype, device=head.weight.device)
     with torch.no_grad():
-        head.weight.div_(temperature)
+        head.weight.div_(divisor.reshape(-1, 1) if divisor.dim() else divisor)
         if head.bias is not None:
-            head.bias.div_(temperature)
+            head.bias.div_(divisor)
+
+
+def moved_thresholds(model: ResNet, temperatures: list[float]) -> float | list[float]:
+    """A multi-label model's thresholds at which sigmoid(z / T_c) decides as its thresholds t_c did on
+    sigmoid(z): sigmoid(logit(t_c) / T_c). One threshold of 0.5 (logit 0) stays where it is, for every T."""
+    if model.threshold == 0.5:
+        return model.threshold
+    thresholds = torch.from_numpy(class_thresholds(model).copy())
+    return (torch.logit(thresholds) / torch.tensor(temperatures, dtype=torch.float64)).sigmoid().tolist()
 
 
 def calibration_scores(log_probs: np.ndarray, labels: np.ndarray, temperature: float, bins: int = 15) -> dict:
@@ -95,6 +142,25 @@ def calibration_scores(log_probs: np.ndarray, labels: np.ndarray, temperature: f
     rows = calibration_bins(probs.max(1), probs.argmax(1) == labels, bins)
     return {"ece": expected_calibration_error(rows), "nll": float(F.cross_entropy(scaled, torch.from_numpy(labels))),
             "top1": float((probs.argmax(1) == labels).mean()), "calibration": rows}
+
+
+def label_calibration_scores(logits: np.ndarray, targets: np.ndarray, temperatures: list[float] | float,
+                             bins: int = 15) -> dict:
+    """ECE over every (image, class) probability of sigmoid(logits / T_c), the mean negative log-likelihood of
+    an image's labels (binary cross-entropy summed over the classes, as eval's loss), and mAP (which T does
+    not change)."""
+    probs = torch.sigmoid(torch.from_numpy(logits) / torch.as_tensor(temperatures, dtype=torch.float64)).numpy()
+    rows = calibration_bins(probs.ravel(), np.asarray(targets, dtype=bool).ravel(), bins)
+    return {"ece": expected_calibration_error(rows), "nll": float(label_losses(probs, targets).mean()),
+            "map": mean_average_precision(probs, targets), "calibration": rows}
+
+
+def sigmoid_logits(probs: np.ndarray) -> np.ndarray:
+    """Sigmoid probabilities back to logits, in float64; float32 probabilities of exactly 0 or 1 are held at
+    the nearest float32 values inside (a logit of about +-17), since what lay beyond was rounded away."""
+    tiny = np.finfo(np.float32)
+    clipped = np.clip(np.asarray(probs, dtype=np.float64), tiny.tiny, 1 - tiny.epsneg)
+    return np.log(clipped) - np.log1p(-clipped)
 
 
 def calibrate(model_path: str | Path, data: str | Path, out: str | Path | None = None, *, split: str = "val",
@@ -113,9 +179,6 @@ def calibrate(model_path: str | Path, data: str | Path, out: str | Path | None =
         raise CalibrationError(f"{out}: model files end in .safetensors")
     if out.resolve() == model_path.resolve():
         raise CalibrationError(f"{out}: the calibrated model would replace the original; give another -o")
-    if metadata["multi_label"]:  # temperature scaling here is the softmax's
-        raise CalibrationError(f"{model_path}: a multi-label model (one sigmoid per class); residual thresholds "
-                               f"chooses its per-class thresholds on held-out images")
     model = load_model(model_path).to(pick_device(device))
     classifier(model)  # a model without one stops before any evaluation
     as_trained = split_as_trained(model_path, data)
@@ -123,25 +186,41 @@ def calibrate(model_path: str | Path, data: str | Path, out: str | Path | None =
     checked = [split] + (["test"] if split == "val" and dataset.test is not None else [])
     evaluated = {name: evaluate(model, dataset, name, batch_size=batch_size, gallery_size=0, workers=workers,
                                 progress=progress) for name in checked}
-    log_probs = {name: np.log(np.maximum(result.probs, np.finfo(np.float32).tiny)).astype(np.float64)
-                 for name, result in evaluated.items()}
-    temperature = fit_temperature(log_probs[split], evaluated[split].labels)
-    report = {"model": str(model_path), "data": str(dataset.root), "fitted_on": split,
+    multi_label = metadata["multi_label"]
+    if multi_label:  # sigmoids: logits back from each class's own probability; one T per class
+        scores = {name: sigmoid_logits(result.probs) for name, result in evaluated.items()}
+        temperature = fit_class_temperatures(scores[split], evaluated[split].labels)
+        score_of, metric, uninformative = label_calibration_scores, "map", max(temperature)
+    else:  # log-probabilities stand in for the logits (fit_temperature)
+        scores = {name: np.log(np.maximum(result.probs, np.finfo(np.float32).tiny)).astype(np.float64)
+                  for name, result in evaluated.items()}
+        temperature = fit_temperature(scores[split], evaluated[split].labels)
+        score_of, metric, uninformative = calibration_scores, "top1", temperature
+    report = {"model": str(model_path), "data": str(dataset.root), "fitted_on": split, "metric": metric,
               "split_as_trained": as_trained is not None, "temperature": temperature, "splits": {}}
-    if temperature > UNINFORMATIVE_TEMPERATURE:
-        report["warning"] = (f"T = {temperature:.3g}: the model's probabilities say little about whether it is "
-                             f"right on these images (top-1 {evaluated[split].metrics['top1']:.2%}), so the "
-                             f"calibrated model's are close to uniform; train it further first")
+    if multi_label:
+        report["classes"] = list(model.class_names)
+    if uninformative > UNINFORMATIVE_TEMPERATURE:
+        which = (f"T = {temperature:.3g}" if not multi_label else "T above " + ", ".join(
+            f"{name} {t:.3g}" for name, t in zip(model.class_names, temperature) if t > UNINFORMATIVE_TEMPERATURE))
+        report["warning"] = (f"{which}: the model's probabilities say little about whether it is right on these "
+                             f"images ({SCORE_NAMES[metric]} {evaluated[split].metrics[metric]:.2%}), so the "
+                             f"calibrated model's are close to {'0.5 there' if multi_label else 'uniform'}; train it "
+                             f"further first")
+    unchanged = 1.0 if not multi_label else [1.0] * len(temperature)
     for name, result in evaluated.items():
-        before, after = (calibration_scores(log_probs[name], result.labels, t) for t in (1.0, temperature))
-        report["splits"][name] = {"images": len(result.labels), "unreadable": result.failed, "top1": before["top1"],
+        before, after = (score_of(scores[name], result.labels, t) for t in (unchanged, temperature))
+        report["splits"][name] = {"images": len(result.labels), "unreadable": result.failed, metric: before[metric],
                                   "before": {k: before[k] for k in ("ece", "nll")},
                                   "after": {k: after[k] for k in ("ece", "nll")},
                                   "calibration": {"before": before["calibration"], "after": after["calibration"]}}
     scale_classifier(model, temperature)  # evaluated already: it becomes the calibrated model
+    if multi_label:
+        model.threshold = moved_thresholds(model, temperature)  # every image keeps its labels
     extra = metadata["extra"]
-    save_model(model, out, extra={**extra, "temperature": extra.get("temperature", 1.0) * temperature,
-                                       "calibrated_on": f"{dataset.root} ({split})"})
+    earlier = np.asarray(extra.get("temperature", 1.0), dtype=np.float64)
+    save_model(model, out, extra={**extra, "temperature": (earlier * np.asarray(temperature)).tolist(),
+                                  "calibrated_on": f"{dataset.root} ({split})"})
     result = CalibrationResult(out, temperature, report)
     if report_dir is not None:
         result.files = write_calibration_report(Path(report_dir), report)
@@ -158,7 +237,14 @@ def write_calibration_report(folder: Path, report: dict) -> dict[str, Path]:
         scores = report["splits"][shown]
         title = f"{shown}, {stage} temperature scaling"
         if stage == "after":
-            title += f" (T = {report['temperature']:.3g})"
+            title += f" (T = {temperature_text(report['temperature'])})"
         plot_reliability(scores["calibration"][stage], scores[stage]["ece"], files[stage], title)
     write_json(files["report"], report)
     return files
+
+
+def temperature_text(temperature: float | list[float]) -> str:
+    """T, or the range of a multi-label model's per-class temperatures: "1.34", or "0.81-2.6 per class"."""
+    if isinstance(temperature, list):
+        return f"{min(temperature):.3g}-{max(temperature):.3g} per class"
+    return f"{temperature:.4g}"

@@ -214,9 +214,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]{len(result.failed)} unreadable image(s) skipped (listed above and in the report)")
     written = ", ".join(path.name for name, path in result.files.items() if name != "report")
     console.print(f"report: {result.files['report']}  ({written} in {out})")
-    # Temperature scaling is fitted to a softmax; a multi-label model's sigmoids are not calibrated by it.
-    if result.metrics["ece"] > CALIBRATION_HINT_ECE and Path(args.model).suffix == ".safetensors" and not multi_label:
-        console.print(f"ECE {result.metrics['ece']:.3f}: the probabilities are off from the accuracy; "
+    if result.metrics["ece"] > CALIBRATION_HINT_ECE and Path(args.model).suffix == ".safetensors":
+        console.print(f"ECE {result.metrics['ece']:.3f}: the probabilities are off from how often they are right; "
                       f"`residual calibrate {args.model} {args.data}` fits temperature scaling on the validation split")
     return 0
 
@@ -403,12 +402,19 @@ def _fit_on_held_out(fit, args: argparse.Namespace, runs: str, report_name: str,
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     from .calibrate import calibrate
-    from .tables import calibration_table
+    from .tables import calibration_table, temperatures_table
 
     result, out = _fit_on_held_out(calibrate, args, "runs/calibrate", "calibration.json", console)
+    multi_label = isinstance(result.temperature, list)
+    if multi_label:
+        console.print(temperatures_table(result.report))
     console.print(calibration_table(result.report))
     if "warning" in result.report:
         console.print(f"[yellow]warning: {result.report['warning']}")
+    if multi_label:
+        console.print(f"a temperature per class, its threshold moved with it (mAP and every image's labels "
+                      f"unchanged); wrote {result.path}, report in {out}")
+        return 0
     sharpens = "under-confident: T < 1 sharpens" if result.temperature < 1 else "over-confident: T > 1 softens"
     console.print(f"temperature {result.temperature:.4g} (the model was {sharpens} its probabilities; top-1 "
                   f"unchanged); wrote {result.path}, report in {out}")
@@ -1102,7 +1108,8 @@ def _add_inference_commands(commands) -> None:
     common(p, 64)
     p.set_defaults(run=cmd_robustness)
 
-    p = commands.add_parser("calibrate", help="temperature scaling: probabilities that match accuracy (ECE)")
+    p = commands.add_parser("calibrate", help="temperature scaling (per class for a multi-label model): "
+                                              "probabilities that match accuracy (ECE)")
     p.add_argument("model", help="a .safetensors model file")
     p.add_argument("data", help="the dataset: T is fitted on its validation split and checked on its test split")
     p.add_argument("--split", choices=("val", "test"), default="val", help="the held-out split to fit T on")

@@ -17,6 +17,7 @@ from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
 from .progress import transient_bar
+from .calibrate import temperature_text
 from .report import threshold_text
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
@@ -257,13 +258,23 @@ def thresholds_table(report: dict) -> list[Table]:
 
 def calibration_table(report: dict) -> Table:
     """Temperature scaling's effect on each split checked: ECE and negative log-likelihood before and after."""
-    scores = ("images", "top-1", "ECE before", "ECE after", "NLL before", "NLL after")
-    table = new_table(f"temperature scaling, T = {report['temperature']:.4g} fitted on {report['fitted_on']}",
-                      ("split", *scores), right=scores)
+    metric = report.get("metric", "top1")  # reports before multi-label calibration lack it
+    scores = ("images", SCORE_NAMES[metric], "ECE before", "ECE after", "NLL before", "NLL after")
+    table = new_table(f"temperature scaling, T = {temperature_text(report['temperature'])} fitted on "
+                      f"{report['fitted_on']}", ("split", *scores), right=scores)
     for name, scores in report["splits"].items():
         table.add_row(name, f"{scores['images']:,}",
-                      f"{scores['top1']:.2%}", f"{scores['before']['ece']:.4f}", f"{scores['after']['ece']:.4f}",
+                      f"{scores[metric]:.2%}", f"{scores['before']['ece']:.4f}", f"{scores['after']['ece']:.4f}",
                       f"{scores['before']['nll']:.4f}", f"{scores['after']['nll']:.4f}")
+    return table
+
+
+def temperatures_table(report: dict) -> Table:
+    """A multi-label model's temperature per class: T > 1 softened its probabilities, T < 1 sharpened them."""
+    table = new_table("per-class temperatures", ("class", "T", "its probabilities were"), right=("T",))
+    for name, value in zip(report["classes"], report["temperature"]):
+        table.add_row(name, f"{value:.3g}", "over-confident" if value > 1 else "under-confident" if value < 1
+                      else "kept (all held-out images alike)" if value == 1 else "")
     return table
 
 
