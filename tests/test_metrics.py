@@ -5,8 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from residual.metrics import (calibration_bins, classification_metrics, confusion_matrix, mcnemar_exact,
-                              paired_comparison, ranking_scores, roc_curve, topk_accuracy, wilson_interval)
+from residual.metrics import (bootstrap_indices, bootstrap_maps, calibration_bins, classification_metrics,
+                              confusion_matrix, mcnemar_exact, multi_label_metrics, paired_bootstrap,
+                              paired_comparison, percentile_interval, ranking_scores, roc_curve, topk_accuracy,
+                              wilson_interval)
 
 NAMES = ["a", "b", "c"]
 # image: probabilities of a, b, c        true  predicted  confidence  correct
@@ -119,3 +121,21 @@ def test_mcnemars_exact_test_is_the_binomial_tail_of_the_images_only_one_model_g
     second = np.array([1, 0, 0, 0, 1, 1], bool)
     assert paired_comparison(first, second) == {"images": 6, "only_first": 2, "only_second": 1,
                                                 "p_value": pytest.approx(1.0)}
+
+
+def test_a_paired_bootstrap_of_map_tells_a_real_gap_from_none():
+    rng = np.random.default_rng(0)
+    targets = rng.random((300, 4)) < 0.3
+    sharp = np.where(targets, 0.6, 0.4) + 0.35 * rng.random((300, 4))  # ranks nearly every image right
+    vague = rng.random((300, 4))  # ranks them by chance
+    indices = bootstrap_indices(300, resamples=400, seed=1)
+    assert indices.shape == (400, 300) and np.array_equal(indices, bootstrap_indices(300, resamples=400, seed=1))
+    whole = bootstrap_maps(sharp, targets, np.arange(300)[None])
+    assert whole[0] == pytest.approx(multi_label_metrics(sharp, targets, list("abcd"))["map"])
+    sharp_maps, vague_maps = bootstrap_maps(sharp, targets, indices), bootstrap_maps(vague, targets, indices)
+    low, high = percentile_interval(sharp_maps)
+    assert low < whole[0] < high and high - low < 0.1
+    gap = paired_bootstrap(sharp_maps, vague_maps)
+    assert gap["p_value"] == pytest.approx(2 / 400) and gap["difference_ci95"][0] > 0.3  # at most 2 / resamples
+    same = paired_bootstrap(sharp_maps, sharp_maps)
+    assert same["p_value"] == 1.0 and same["difference_ci95"] == [0.0, 0.0]

@@ -23,7 +23,8 @@ from residual.data.shapes import MULTI_LABEL_CSV, render_shapes, write_multi_lab
 from residual.data.transforms import mix_batch, soft_targets
 from residual.errors import ConfigError, ResidualError
 from residual.evaluate import evaluate, model_labels
-from residual.metrics import label_losses, multi_label_metrics
+from residual.metrics import (bootstrap_indices, bootstrap_maps, label_losses, multi_label_metrics, paired_bootstrap,
+                              percentile_interval)
 from residual.predict import Prediction, predict, single_label_only, write_csv, write_json, write_labels
 from residual.serve import ModelServer, ServeConfig
 from residual.train import TrainConfig, load_config, train
@@ -554,7 +555,7 @@ def test_a_soup_of_multi_label_models_is_chosen_by_map(tagged_run, tagged, tmp_p
 
 
 def test_compare_ranks_multi_label_runs_by_map_and_keeps_them_apart_from_single_label_ones(tagged_run, tagged,
-                                                                                            tmp_path):
+                                                                                            tmp_path, capsys):
     from residual.data.shapes import write_shapes
     from residual.tables import runs_table
     from residual.train.compare import compare_runs
@@ -567,6 +568,24 @@ def test_compare_ranks_multi_label_runs_by_map_and_keeps_them_apart_from_single_
     assert "epochs" in differing
     assert runs_table(records, differing).columns[1].header == "val mAP"
     plot_runs([(record.name, record.history) for record in records], tmp_path / "compare.png")
+    # On data: each run's mAP with a bootstrap interval, the gap to the best tested on the same resamples.
+    assert main(["compare", str(tagged_run.run_dir), str(shorter.run_dir), "--data", str(tagged / MULTI_LABEL_CSV),
+                 "--quiet", "--out", str(tmp_path / "cmp")]) == 0
+    assert "the gap to the best by a paired bootstrap of mAP" in " ".join(capsys.readouterr().out.split())
+    scored = json.loads((tmp_path / "cmp" / "scores.json").read_text())["runs"]
+    results = [evaluate(load_model(f"{run['run']}/model.safetensors"), tagged / MULTI_LABEL_CSV, "test",
+                        gallery_size=0) for run in scored]
+    resamples = bootstrap_indices(12)
+    replicates = [bootstrap_maps(result.probs, result.labels, resamples) for result in results]
+    for run, result, maps in zip(scored, results, replicates):
+        assert run["map"] == pytest.approx(result.metrics["map"]) and run["images"] == 12
+        assert run["map_ci95"] == pytest.approx(list(percentile_interval(maps)))
+    assert scored[0]["versus_best"] is None and scored[0]["map"] >= scored[1]["map"]
+    versus = scored[1]["versus_best"]
+    assert versus["difference"] == pytest.approx(scored[0]["map"] - scored[1]["map"])
+    assert versus["p_value"] == pytest.approx(paired_bootstrap(*replicates)["p_value"])
+    assert versus["only_first"] == int((results[0].right() & ~results[1].right()).sum())  # exact matches
+    assert (tmp_path / "cmp" / "scores.png").stat().st_size > 0
     single = train(TrainConfig(data=str(write_shapes(tmp_path / "s", size=8, per_class=3, progress=False)), epochs=1,
                                out=str(tmp_path), name="single", **QUICK))
     with pytest.raises(ResidualError, match="shorter: multi-label, ranked by validation mAP"):

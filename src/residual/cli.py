@@ -34,7 +34,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from .atomic import write_json
     from .data.datasets import data_name
     from .runs import output_dir
-    from .tables import data_scores_table, runs_table
+    from .tables import SCORE_NAMES, data_scores_table, runs_table
     from .train.compare import compare_runs, score_on_data
     from .train.history import plot_runs, plot_scores
 
@@ -50,14 +50,15 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         if scores:
             write_json(out / "scores.json", {"data": str(args.data), "split": scores[0].split,
                                              "runs": [score.to_dict() for score in scores]})
-            plot_scores([(score.record.name, score.top1, score.top1_ci95,
+            plot_scores([(score.record.name, score.score, score.score_ci95,
                           score.versus_best["p_value"] if score.versus_best else None) for score in scores],
                         out / "scores.png", f"{data_name(args.data)} ({scores[0].split}, {len(scores[0].correct):,} "
-                                            f"images)")
+                                            f"images)", SCORE_NAMES[scores[0].metric])
     if scores:
+        test = ("McNemar's exact test" if scores[0].metric == "top1" else
+                "a paired bootstrap of mAP (right: every label of the image right)")
         console.print(data_scores_table(scores, f"on {args.data} ({scores[0].split}): {len(scores[0].correct):,} "
-                                                f"images, the same for every run; the gap to the best by McNemar's "
-                                                f"exact test"))
+                                                f"images, the same for every run; the gap to the best by {test}"))
         scored = {score.record.path for score in scores}
         left_out = [record.name for record in records if record.path not in scored]
         if left_out:

@@ -320,18 +320,20 @@ def runs_table(records: list[RunRecord], differing: list[str]) -> Table:
 
 def data_scores_table(scores: list[DataScore], title: str) -> Table:
     """Runs on the same images, best top-1 first: each one's top-1 with its 95% interval, and against the best,
-    the images only one of the two got right and McNemar's p-value for such a split arising by chance."""
-    columns = ("top-1", "95% interval", "only best right", "only it right", "p (vs best)")
+    the images only one of the two got right and McNemar's p-value for such a split arising by chance.
+    Multi-label runs: mAP with its bootstrap interval, the images with every label right, and the paired
+    bootstrap's p-value for the gap in mAP."""
+    columns = (SCORE_NAMES[scores[0].metric], "95% interval", "only best right", "only it right", "p (vs best)")
     table = new_table(title, ("run", *columns, "the gap"), right=columns)
     for score in scores:
-        low, high = score.top1_ci95
+        low, high = score.score_ci95
         versus = score.versus_best
         if versus is None:
             cells = ("-", "-", "-", "best")
         else:
             cells = (str(versus["only_first"]), str(versus["only_second"]), f"{versus['p_value']:.3g}",
                      "more than chance" if versus["p_value"] < SIGNIFICANCE else "could be chance")
-        table.add_row(score.record.name, f"{score.top1:.2%}", f"{low:.2%} - {high:.2%}", *cells)
+        table.add_row(score.record.name, f"{score.score:.2%}", f"{low:.2%} - {high:.2%}", *cells)
     return table
 
 

@@ -6,6 +6,8 @@ that is still going or was interrupted counts too) and summary.json (whether it 
 
 With data to score them on (`score_on_data`), each run's model answers the same images, and each is
 set against the best there by McNemar's exact test: whether the gap in top-1 is more than chance.
+Multi-label runs are scored by mAP, which is no count of images right: its interval and the test of a gap
+are a paired bootstrap (every run's mAP on the same resamples of the images).
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import numpy as np
 
 from ..errors import ResidualError
 from ..evaluate import evaluate, split_as_trained
-from ..predict import single_label_only
-from ..metrics import paired_comparison
+from ..metrics import bootstrap_indices, bootstrap_maps, paired_bootstrap, paired_comparison, percentile_interval
 from ..runs import pick_device
 from ..weights import load_model, read_metadata
 from .config import flatten, load_config
@@ -118,29 +119,33 @@ class DataScore:
     """A run's kept model on the images runs are compared on."""
     record: RunRecord
     split: str  # the split of the data scored
-    top1: float
-    top1_ci95: tuple[float, float]
-    correct: np.ndarray  # per image, whether its top-1 was right
-    versus_best: dict | None = None  # metrics.paired_comparison(best run, this run); None for the best
+    metric: str  # what `score` is: "top1", or a multi-label run's "map"
+    score: float
+    score_ci95: tuple[float, float]  # top-1's Wilson interval; mAP's bootstrap percentile interval
+    correct: np.ndarray  # per image, whether its answer was right (multi-label: every one of its labels)
+    versus_best: dict | None = None  # against the best run (None for the best): metrics.paired_comparison, and
+    # for mAP the paired bootstrap's gap, interval and p-value
+    replicates: np.ndarray | None = None  # mAP on each bootstrap resample, paired across the runs
 
     def to_dict(self) -> dict:
-        return {"run": str(self.record.path), "split": self.split, "images": len(self.correct), "top1": self.top1,
-                "top1_ci95": list(self.top1_ci95), "versus_best": self.versus_best}
+        return {"run": str(self.record.path), "split": self.split, "images": len(self.correct),
+                self.metric: self.score, f"{self.metric}_ci95": list(self.score_ci95),
+                "versus_best": self.versus_best}
 
 
 def score_on_data(records: list[RunRecord], data: str | Path, split: str | None = None, device: str = "auto",
                   batch_size: int = 64, workers: int | None = None, progress: bool = False) -> list[DataScore]:
     """Each run's model.safetensors evaluated on the same images of `data` (`split` chosen as eval chooses;
     the flat folder a run trained on is split as it was, so its held-out images are scored), best top-1
-    first, each compared with the best by McNemar's test. Runs without a model yet are left out."""
-    scores, sources = [], None
+    (multi-label: mAP) first, each compared with the best by McNemar's test (mAP: a paired bootstrap). Runs
+    without a model yet are left out."""
+    scores, sources, resamples = [], None, None
     for record in records:
         model_file = record.path / "model.safetensors"
         if not model_file.is_file():
             continue
         as_trained = split_as_trained(model_file, data)
         model = load_model(model_file).to(pick_device(device))
-        single_label_only("compare --data", model)
         result = evaluate(model, as_trained or data, split or ("val" if as_trained else None), batch_size=batch_size,
                           gallery_size=0, workers=workers, progress=progress)
         if sources is not None and result.sources != sources:
@@ -148,12 +153,22 @@ def score_on_data(records: list[RunRecord], data: str | Path, split: str | None 
                                 f"so their answers cannot be paired (runs trained on this flat folder with another "
                                 f"--val-split or seed hold out other images); give data with a test split, or --split")
         sources = result.sources
-        correct = result.probs.argmax(1) == result.labels
-        scores.append(DataScore(record, result.split, result.metrics["top1"], tuple(result.metrics["top1_ci95"]),
-                                correct))
+        if result.score_name == "top1":
+            scores.append(DataScore(record, result.split, "top1", result.score(), tuple(result.metrics["top1_ci95"]),
+                                    result.right()))
+            continue
+        if resamples is None:
+            resamples = bootstrap_indices(len(result.labels))
+        replicates = bootstrap_maps(result.probs, result.labels, resamples)
+        scores.append(DataScore(record, result.split, "map", result.score(), percentile_interval(replicates),
+                                result.right(), replicates=replicates))
     if not scores:
         raise ResidualError("none of the runs has a model.safetensors yet: nothing to score")
-    scores.sort(key=lambda score: -score.top1)
+    scores.sort(key=lambda score: -score.score)
+    best = scores[0]
     for score in scores[1:]:
-        score.versus_best = paired_comparison(scores[0].correct, score.correct)
+        score.versus_best = paired_comparison(best.correct, score.correct)
+        if score.metric == "map":  # McNemar counts exact matches; the gap in mAP is the bootstrap's to judge
+            score.versus_best |= {"difference": best.score - score.score, "test": "paired bootstrap",
+                                  **paired_bootstrap(best.replicates, score.replicates)}
     return scores

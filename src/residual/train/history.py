@@ -98,20 +98,23 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path) -> None:
     _save(figure, path)
 
 
-def plot_scores(runs: list[tuple[str, float, tuple[float, float], float | None]], path: Path, title: str) -> None:
-    """Each run's top-1 (name, top-1, its 95% interval, McNemar's p against the best or None for the best) as a
-    dot with its interval, best at the top; runs whose gap to the best could be chance are drawn grey."""
+def plot_scores(runs: list[tuple[str, float, tuple[float, float], float | None]], path: Path, title: str,
+                score_name: str = "top-1") -> None:
+    """Each run's top-1 or mAP (name, score, its 95% interval, the p-value of its gap to the best or None for
+    the best) as a dot with its interval, best at the top; runs whose gap to the best could be chance are
+    drawn grey."""
     figure, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(runs)))
     labels = []
-    for row, (name, top1, (low, high), p_value) in enumerate(runs):
+    for row, (name, score, (low, high), p_value) in enumerate(runs):
         colour = "C0" if p_value is None else "C3" if p_value < SIGNIFICANCE else "0.55"
-        ax.errorbar(100 * top1, row, xerr=[[100 * (top1 - low)], [100 * (high - top1)]], fmt="o", color=colour,
+        ax.errorbar(100 * score, row, xerr=[[100 * (score - low)], [100 * (high - score)]], fmt="o", color=colour,
                     capsize=4)
         labels.append(f"{name} (best)" if p_value is None else f"{name} (p = {p_value:.2g})")
     ax.set_yticks(range(len(runs)), labels)
     ax.invert_yaxis()
     ax.margins(y=0.3)
-    ax.set(xlabel="top-1 (%) with its 95% interval; red: worse than the best by more than chance", title=title)
+    ax.set(xlabel=f"{score_name} (%) with its 95% interval; red: worse than the best by more than chance",
+           title=title)
     ax.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     _save(figure, path)
