@@ -80,7 +80,7 @@ def test_every_image_is_judged_once_by_a_model_that_left_it_out(tmp_path, capsys
     config = TrainConfig(data=str(data), model="resnet20", epochs=1, batch_size=32, quiet=True, workers=0)
     result = find_label_errors(data, tmp_path / "audit", folds=2, config=config)
     images = sorted(str(path.resolve()) for path in data.glob("*/*/*.png"))
-    assert result.images == len(images) and len(result.fold_top1) == 2 and not result.unreadable
+    assert result.images == len(images) and len(result.fold_scores) == 2 and not result.unreadable
     judged_by = {}
     for fold in (1, 2):
         rows = list(csv.DictReader(open(tmp_path / "audit" / "folds" / f"fold-{fold}.csv")))

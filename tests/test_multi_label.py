@@ -16,7 +16,7 @@ import residual
 from residual.calibrate import fit_class_temperatures
 from residual.cli import main
 from residual.deploy.prune import prune
-from residual.label_errors import find_label_errors
+from residual.label_errors import find_label_errors, label_suspects
 from residual.robustness import robustness
 from residual.data.datasets import DatasetError, open_dataset, split_labels
 from residual.data.shapes import MULTI_LABEL_CSV, render_shapes, write_multi_label_shapes
@@ -25,7 +25,7 @@ from residual.errors import ConfigError, ResidualError
 from residual.evaluate import evaluate, model_labels
 from residual.metrics import (bootstrap_indices, bootstrap_maps, label_losses, multi_label_metrics, paired_bootstrap,
                               percentile_interval)
-from residual.predict import Prediction, predict, single_label_only, write_csv, write_json, write_labels
+from residual.predict import Prediction, predict, write_csv, write_json, write_labels
 from residual.serve import ModelServer, ServeConfig
 from residual.train import TrainConfig, load_config, train
 from residual.train.config import resolve
@@ -338,13 +338,47 @@ def test_a_served_multi_label_model_answers_the_classes_present(tagged_run, tagg
     assert info["multi_label"] is True and info["threshold"] == 0.3
 
 
-def test_commands_built_on_top1_refuse_a_multi_label_model_in_one_line(tagged_run, tagged, tmp_path):
-    model = load_model(tagged_run.model_path)
-    with pytest.raises(ConfigError, match="^calibrate measures one class per image .* the model is multi-label"):
-        single_label_only("calibrate", model)
-    with pytest.raises(ConfigError, match=f"label-errors .* {tagged / MULTI_LABEL_CSV} is multi-label"):
-        find_label_errors(tagged / MULTI_LABEL_CSV, tmp_path / "audit")
-    single_label_only("calibrate", residual.create_model("resnet20", num_classes=3))  # a single-label model passes
+def test_label_suspects_are_each_classs_two_way_confident_joint_worst_first():
+    targets = np.array([[1, 0], [1, 1], [1, 0], [0, 1], [0, 0], [0, 1]])
+    probs = np.array([[0.9, 0.1], [0.8, 0.9], [0.1, 0.2], [0.2, 0.8], [0.1, 0.1], [0.85, 0.7]])
+    # Class 0: present ones give it 0.6 on average, absent ones 1 - p = 0.6167: image 2 is surely without it
+    # (labelled with it), image 5 surely has it (labelled without). Class 1's answers all stand.
+    found = label_suspects(probs, targets)
+    assert [image for image, _ in found] == [2, 5]  # its label's probability: 0.1, then 1 - 0.85
+    assert [flagged.tolist() for _, flagged in found] == [[True, False], [True, False]]
+
+
+def test_label_errors_judges_multi_label_data_class_by_class_with_models_that_left_each_image_out(tagged, tmp_path,
+                                                                                                    capsys):
+    config = TrainConfig(data=str(tagged / MULTI_LABEL_CSV), epochs=1, workers=0, **QUICK)
+    result = find_label_errors(tagged / MULTI_LABEL_CSV, tmp_path / "audit", folds=2, config=config)
+    data = open_dataset(tagged / MULTI_LABEL_CSV)
+    given = {str(file.resolve()): [name for name, flag in zip(data.classes, row) if flag]
+             for split in (data.train, data.val, data.test) for file, row in zip(split.files, split.labels)}
+    assert result.multi_label and result.images == len(given) == 84 and len(result.fold_scores) == 2
+    judged_by = {}
+    for fold in (1, 2):  # each fold's listing is a multi-label dataset of every image, as labelled
+        listing = open_dataset(tmp_path / "audit" / "folds" / f"fold-{fold}.yaml")
+        assert listing.multi_label and listing.classes == data.classes
+        for split in (listing.train, listing.val):
+            assert all([name for name, flag in zip(data.classes, row) if flag] == given[str(file)]
+                       for file, row in zip(split.files, split.labels))
+        judged_by.update({str(file): fold for file in listing.val.files})
+    assert sorted(judged_by) == sorted(given)
+    rows = list(csv.DictReader(open(result.files["table"])))
+    assert [row["image"] for row in rows] == [issue.image for issue in result.issues]
+    for row in rows:  # the suggestion is the given labels with the edits made
+        labels = set(row["given"].split())
+        assert labels.isdisjoint(row["missing"].split()) and set(row["wrong"].split()) <= labels
+        assert set(row["suggested"].split()) == (labels - set(row["wrong"].split())) | set(row["missing"].split())
+        assert row["given"].split() == given[row["image"]]
+    probabilities = list(csv.DictReader(open(result.files["probabilities"])))
+    assert all(row["given"].split() == given[row["image"]] for row in probabilities)
+    assert result.files["picture"].stat().st_size > 1000
+    assert main(["label-errors", str(tagged / MULTI_LABEL_CSV), "--model", "resnet20", "--epochs", "1", "--folds",
+                 "2", "--batch-size", "16", "--workers", "0", "--quiet", "--out", str(tmp_path / "cli")]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "fold models' mAP: " in printed
 
 
 def test_robustness_measures_a_multi_label_model_by_map_from_evals_clean_figures(tagged_run, tagged, tmp_path,

@@ -561,7 +561,7 @@ def cmd_label_errors(args: argparse.Namespace, console: Console) -> int:
     from .data.datasets import data_name
     from .label_errors import find_label_errors
     from .runs import output_dir
-    from .tables import new_table
+    from .tables import SCORE_NAMES, new_table
 
     ignored = ["--" + name.replace("_", "-") for name in LABEL_ERRORS_IGNORES if getattr(args, name)]
     if ignored:
@@ -571,14 +571,22 @@ def cmd_label_errors(args: argparse.Namespace, console: Console) -> int:
     with output_dir(None, args.out or "runs/label-errors", data_name(config.data)) as out:  # --out: their parent
         result = find_label_errors(config.data, out, args.folds, config, console=console)
     _report_failed(result.unreadable)
-    table = new_table(f"probably mislabelled: {len(result.issues)} of {result.images} images (worst first)",
-                      ("image", "given", "p(given)", "suggested", "p(suggested)"), right=("p(given)", "p(suggested)"))
-    for issue in result.issues[:args.show]:
-        table.add_row(issue.image, issue.given, f"{issue.p_given:.2f}", issue.suggested, f"{issue.p_suggested:.2f}")
+    title = f"probably mislabelled: {len(result.issues)} of {result.images} images (worst first)"
+    if result.multi_label:  # + a label probably missing, - one probably wrong; p: how sure of the surest edit
+        table = new_table(title, ("image", "given", "suggested edit", "p(edit)"), right=("p(edit)",))
+        for issue in result.issues[:args.show]:
+            table.add_row(issue.image, issue.given or "(none)", issue.change, f"{issue.p_suggested:.2f}")
+    else:
+        table = new_table(title, ("image", "given", "p(given)", "suggested", "p(suggested)"),
+                          right=("p(given)", "p(suggested)"))
+        for issue in result.issues[:args.show]:
+            table.add_row(issue.image, issue.given, f"{issue.p_given:.2f}", issue.suggested,
+                          f"{issue.p_suggested:.2f}")
     if result.issues:
         console.print(table)
-    folds = ", ".join(f"{top1:.1%}" for top1 in result.fold_top1)
-    console.print(f"each image judged by the model that did not train on it (fold models' top-1: {folds}); all "
+    folds = ", ".join(f"{score:.1%}" for score in result.fold_scores)
+    console.print(f"each image judged by the model that did not train on it (fold models' "
+                  f"{SCORE_NAMES['map' if result.multi_label else 'top1']}: {folds}); all "
                   f"{len(result.issues)} in {result.files['table']}, the worst as pictures in "
                   f"{result.files['picture']}")
     return 1 if result.unreadable else 0

@@ -9,6 +9,11 @@ classes whose probability reaches their threshold, and is a suspect when that cl
 Suspects are ranked by the probability of their given label, lowest first (cleanlab's "self-confidence"
 ranking).
 
+Multi-label data (any number of classes per image) is judged class by class, as cleanlab's multi-label
+issues are: each class is a two-way question (present or absent) with its own confident joint, and an
+image is a suspect when any of its answers is put off the given one: a label probably missing, or one
+probably wrong. Its folds are a seeded deal of the images, not stratified (an image has several classes).
+
 Each fold is an ordinary training run (its CSV of image,label,split rows, its run directory under OUT/runs),
 so every training option applies.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,23 +35,24 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
-from .data.datasets import open_dataset  # noqa: E402
+from .data.datasets import Dataset, open_dataset  # noqa: E402
 from .data.decode import BadImageError, decode_bytes  # noqa: E402
 from .data.fingerprint import connected_groups, fingerprint, near_duplicate_pairs  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
-from .predict import single_label_only  # noqa: E402
 from .progress import progress_bar  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
 from .weights import load_model  # noqa: E402
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Each image's fold, 0 to folds-1: every class dealt round-robin over the folds in a seeded order."""
+    """Each image's fold, 0 to folds-1: every class dealt round-robin over the folds in a seeded order.
+    Multi-label rows (N x classes) are dealt as one group: an image of several classes has no one class."""
     rng = np.random.default_rng(seed)
     fold = np.empty(len(labels), dtype=np.int64)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
+    groups = np.zeros(len(labels), dtype=np.int64) if labels.ndim == 2 else labels
+    for label in np.unique(groups):
+        members = rng.permutation(np.flatnonzero(groups == label))
         fold[members] = (np.arange(len(members)) + rng.integers(folds)) % folds
     return fold
 
@@ -91,13 +98,34 @@ def suspects(probs: np.ndarray, labels: np.ndarray) -> list[tuple[int, int]]:
     return [(int(flagged[i]), int(belongs[flagged[i]])) for i in order]
 
 
+def label_suspects(probs: np.ndarray, targets: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Multi-label: (image, the classes whose given answer the per-class confident joint puts off) of each
+    suspect, worst first: by the lowest probability the model gives to one of those answers as given."""
+    targets = np.asarray(targets, dtype=np.int64)
+    flagged = np.zeros(targets.shape, dtype=bool)
+    for c in range(probs.shape[1]):  # present or absent: suspects() on two classes, 0 absent and 1 present
+        two_way = np.stack([1 - probs[:, c], probs[:, c]], 1)
+        flagged[[image for image, _ in suspects(two_way, targets[:, c])], c] = True
+    given_probability = np.where(targets == 1, probs, 1 - probs)
+    worst = np.where(flagged, given_probability, np.inf).min(1)
+    images = np.flatnonzero(flagged.any(1))
+    return [(int(image), flagged[image]) for image in images[np.argsort(worst[images], kind="stable")]]
+
+
 @dataclass
 class LabelIssue:
     image: str
-    given: str
+    given: str  # its class; multi-label: its classes, separated by spaces
     suggested: str
-    p_given: float
-    p_suggested: float
+    p_given: float  # multi-label: the lowest probability of a flagged answer as given (present or absent)
+    p_suggested: float  # multi-label: of that answer flipped (1 - p_given)
+    missing: list[str] = dataclasses.field(default_factory=list)  # multi-label: probably present, not given
+    wrong: list[str] = dataclasses.field(default_factory=list)  # multi-label: given, probably absent
+
+    @property
+    def change(self) -> str:
+        """A multi-label suspect's suggested edit: "+star -square"."""
+        return " ".join([f"+{name}" for name in self.missing] + [f"-{name}" for name in self.wrong])
 
 
 @dataclass
@@ -105,8 +133,9 @@ class LabelErrorResult:
     images: int  # judged
     issues: list[LabelIssue]  # worst first
     out: Path
-    fold_top1: list[float]  # each fold model's top-1 on its held-out fold
+    fold_scores: list[float]  # each fold model's top-1 (multi-label: mAP) on its held-out fold
     unreadable: list[str]  # one line per image that could not be read, so was not judged
+    multi_label: bool = False
 
     @property
     def files(self) -> dict[str, Path]:
@@ -123,14 +152,14 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
         raise ConfigError(f"--folds must be at least 2 (each image is judged by a model trained on the others), "
                           f"got {folds}")
     dataset = open_dataset(data)
-    single_label_only("label-errors", dataset=dataset)  # a label error here is a class other than the given one
     if dataset.kind == "cifar":
         raise ConfigError(f"{data}: CIFAR's batches hold no image files to list per fold; audit a folder or a CSV")
     splits = [split for split in (dataset.train, dataset.val, dataset.test) if split is not None]
     files = [Path(file).resolve() for split in splits for file in split.files]
-    labels = np.concatenate([np.asarray(split.labels, dtype=np.int64) for split in splits])
-    too_few = [name for name, count in zip(dataset.classes, np.bincount(labels, minlength=len(dataset.classes)))
-               if count < folds]
+    labels = np.concatenate([np.asarray(split.labels, dtype=np.int64).reshape(len(split.labels), -1)
+                             if dataset.multi_label else np.asarray(split.labels, dtype=np.int64) for split in splits])
+    counts = labels.sum(0) if dataset.multi_label else np.bincount(labels, minlength=len(dataset.classes))
+    too_few = [name for name, count in zip(dataset.classes, counts) if count < folds]
     if too_few:
         raise ConfigError(f"{data}: {', '.join(too_few[:5])} {'has' if len(too_few) == 1 else 'have'} fewer images "
                           f"than --folds {folds}; every fold needs an image of every class")
@@ -143,15 +172,10 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
                       f"trains on a copy of an image it judges")
     probs = np.zeros((len(files), len(dataset.classes)))
     judged = np.zeros(len(files), dtype=bool)
-    fold_top1, unreadable = [], []
+    fold_scores, unreadable = [], []
     for fold in range(folds):
-        listing = out / "folds" / f"fold-{fold + 1}.csv"
-        listing.parent.mkdir(exist_ok=True)
-        with atomic_path(listing) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(["image", "label", "split"])
-            writer.writerows([file, dataset.classes[label], "val" if fold_of[index] == fold else "train"]
-                             for index, (file, label) in enumerate(zip(files, labels)))
+        listing = _write_listing(out / "folds", f"fold-{fold + 1}", files, labels,
+                                 ["val" if this == fold else "train" for this in fold_of], dataset)
         if console:
             console.print(f"fold {fold + 1}/{folds}: training on {int((fold_of != fold).sum())} images, judging "
                           f"{int((fold_of == fold).sum())}")
@@ -164,22 +188,71 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
         probs[judged_now] = result.probs[:, [list(model.class_names).index(name) for name in dataset.classes]]
         judged[judged_now] = True
         unreadable += result.failed
-        fold_top1.append(float(result.metrics["top1"]))
+        fold_scores.append(result.score())
     kept = np.flatnonzero(judged)  # an unreadable image has no answer to judge it by; it is reported instead
-    issues = [LabelIssue(str(files[kept[index]]), dataset.classes[labels[kept[index]]], dataset.classes[suggested],
-                         float(probs[kept[index], labels[kept[index]]]), float(probs[kept[index], suggested]))
-              for index, suggested in suspects(probs[kept], labels[kept])]
-    result = LabelErrorResult(len(kept), issues, out, fold_top1, unreadable)
-    _write_table(issues, result.files["table"])
-    _write_probabilities([files[index] for index in kept], [dataset.classes[label] for label in labels[kept]],
+    find_issues = _multi_label_issues if dataset.multi_label else _issues
+    issues = find_issues(probs[kept], labels[kept], [files[index] for index in kept], dataset.classes)
+    result = LabelErrorResult(len(kept), issues, out, fold_scores, unreadable, dataset.multi_label)
+    _write_table(issues, result.files["table"], dataset.multi_label)
+    _write_probabilities([files[index] for index in kept], [_label_text(label, dataset) for label in labels[kept]],
                          probs[kept], dataset.classes, result.files["probabilities"])
-    _draw(issues[:show], len(issues), result.files["picture"], len(kept))
+    _draw(issues[:show], len(issues), result.files["picture"], len(kept), dataset.multi_label)
     return result
 
 
-def _write_table(issues: list[LabelIssue], path: Path) -> None:
+def _label_text(label: np.ndarray, dataset: Dataset) -> str:
+    """An image's class, or its classes (multi-label) separated by spaces."""
+    if dataset.multi_label:
+        return " ".join(dataset.classes[c] for c in np.flatnonzero(label))
+    return dataset.classes[label]
+
+
+def _write_listing(folder: Path, name: str, files: list[Path], labels: np.ndarray, splits: list[str],
+                   dataset: Dataset) -> Path:
+    """A fold's data: a CSV of image,label,split rows; multi-label, a 1/0 column per class and a dataset file
+    naming them (class names may hold spaces, which a list of labels in one cell could not)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / f"{name}.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        if not dataset.multi_label:
+            writer.writerow(["image", "label", "split"])
+            writer.writerows([file, dataset.classes[label], split] for file, label, split in zip(files, labels, splits))
+            return folder / f"{name}.csv"
+        writer.writerow(["image", "split", *dataset.classes])
+        writer.writerows([file, split, *row] for file, row, split in zip(files, labels.tolist(), splits))
+    with atomic_path(folder / f"{name}.yaml") as tmp:  # JSON is YAML: the class names quoted whatever they hold
+        Path(tmp).write_text(json.dumps({"csv": f"{name}.csv", "image_column": "image", "split_column": "split",
+                                         "label_columns": list(dataset.classes)}), encoding="utf-8")
+    return folder / f"{name}.yaml"
+
+
+def _issues(probs: np.ndarray, labels: np.ndarray, files: list[Path], classes: list[str]) -> list[LabelIssue]:
+    return [LabelIssue(str(files[index]), classes[labels[index]], classes[suggested],
+                       float(probs[index, labels[index]]), float(probs[index, suggested]))
+            for index, suggested in suspects(probs, labels)]
+
+
+def _multi_label_issues(probs: np.ndarray, labels: np.ndarray, files: list[Path],
+                        classes: list[str]) -> list[LabelIssue]:
+    issues = []
+    for index, flagged in label_suspects(probs, labels):
+        suggested = np.where(flagged, 1 - labels[index], labels[index])
+        p_given = float(np.where(labels[index] == 1, probs[index], 1 - probs[index])[flagged].min())
+        issues.append(LabelIssue(str(files[index]), " ".join(classes[c] for c in np.flatnonzero(labels[index])),
+                                 " ".join(classes[c] for c in np.flatnonzero(suggested)), p_given, 1 - p_given,
+                                 [classes[c] for c in np.flatnonzero(flagged & (labels[index] == 0))],
+                                 [classes[c] for c in np.flatnonzero(flagged & (labels[index] == 1))]))
+    return issues
+
+
+def _write_table(issues: list[LabelIssue], path: Path, multi_label: bool) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
+        if multi_label:  # what to add and remove, and how sure the model is of the surest of those edits
+            writer.writerow(["image", "given", "suggested", "missing", "wrong", "p_given"])
+            writer.writerows([issue.image, issue.given, issue.suggested, " ".join(issue.missing),
+                              " ".join(issue.wrong), f"{issue.p_given:.4f}"] for issue in issues)
+            return
         writer.writerow(["image", "given", "suggested", "p_given", "p_suggested"])
         writer.writerows([issue.image, issue.given, issue.suggested, f"{issue.p_given:.4f}", f"{issue.p_suggested:.4f}"]
                          for issue in issues)
@@ -194,8 +267,9 @@ def _write_probabilities(files: list[Path], given: list[str], probs: np.ndarray,
         writer.writerows([file, label, *(f"{p:.6f}" for p in row)] for file, label, row in zip(files, given, probs))
 
 
-def _draw(issues: list[LabelIssue], total: int, path: Path, audited: int) -> None:
-    """The worst suspects as a grid of thumbnails, each titled with its given and suggested class."""
+def _draw(issues: list[LabelIssue], total: int, path: Path, audited: int, multi_label: bool = False) -> None:
+    """The worst suspects as a grid of thumbnails, each titled with its given and suggested class (multi-label:
+    its given classes and the edit suggested)."""
     columns = 6
     rows = max(1, -(-len(issues) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
@@ -204,10 +278,13 @@ def _draw(issues: list[LabelIssue], total: int, path: Path, audited: int) -> Non
     for ax, issue in zip(axes.flat, issues):
         with Image.open(issue.image) as image:
             ax.imshow(image.convert("RGB"))
-        ax.set_title(f"{issue.given} ({issue.p_given:.2f})\n-> {issue.suggested} ({issue.p_suggested:.2f})",
-                     fontsize=8)
+        title = (f"{issue.given or '(none)'}\n{issue.change} ({issue.p_suggested:.2f})" if multi_label else
+                 f"{issue.given} ({issue.p_given:.2f})\n-> {issue.suggested} ({issue.p_suggested:.2f})")
+        ax.set_title(title, fontsize=8)
+    shown = ("given labels, then + a label probably missing, - one probably wrong, with the out-of-fold "
+             "probability of the surest edit" if multi_label else "given label -> suggested, out-of-fold probabilities")
     figure.suptitle(f"Probably mislabelled: the worst {len(issues)} of {total} suspects among {audited} images "
-                    f"(given label -> suggested, out-of-fold probabilities)")
+                    f"({shown})")
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.datasets import Dataset, ListedImage, input_images
+from .data.datasets import ListedImage, input_images
 from .data.decode import as_image
 from .data.loaders import InferenceBatch, check_stream, inference_batches
 from .data.transforms import normalize, resize_center_crop
@@ -77,15 +77,6 @@ def class_names_of(model) -> list[str]:
 def is_multi_label(model) -> bool:
     """Whether `model` scores each class on its own (one sigmoid per class) instead of one softmax over them."""
     return bool(getattr(model, "multi_label", False))
-
-
-def single_label_only(command: str, model=None, dataset: Dataset | None = None) -> None:
-    """Refuse, in one line, a multi-label model or dataset for a command built on one class per image (top-1)."""
-    multi_label = ("the model is" if model is not None and is_multi_label(model)
-                   else f"{dataset.root} is" if dataset is not None and dataset.multi_label else None)
-    if multi_label:
-        raise ConfigError(f"{command} measures one class per image (top-1), and {multi_label} multi-label (any number "
-                          f"of classes per image); residual eval reports a multi-label model (mAP, F1, per class)")
 
 
 def output_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
