@@ -156,7 +156,7 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
         raise ConfigError(f"{data}: CIFAR's batches hold no image files to list per fold; audit a folder or a CSV")
     splits = [split for split in (dataset.train, dataset.val, dataset.test) if split is not None]
     files = [Path(file).resolve() for split in splits for file in split.files]
-    labels = np.concatenate([np.asarray(split.labels, dtype=np.int64).reshape(len(split.labels), -1)
+    labels = np.concatenate([np.asarray(split.labels, dtype=np.int64).reshape(len(split.labels), len(dataset.classes))
                              if dataset.multi_label else np.asarray(split.labels, dtype=np.int64) for split in splits])
     counts = labels.sum(0) if dataset.multi_label else np.bincount(labels, minlength=len(dataset.classes))
     too_few = [name for name, count in zip(dataset.classes, counts) if count < folds]
@@ -283,7 +283,7 @@ def _draw(issues: list[LabelIssue], total: int, path: Path, audited: int, multi_
         ax.set_title(title, fontsize=8)
     shown = ("given labels, then + a label probably missing, - one probably wrong, with the out-of-fold "
              "probability of the surest edit" if multi_label else "given label -> suggested, out-of-fold probabilities")
-    figure.suptitle(f"Probably mislabelled: the worst {len(issues)} of {total} suspects among {audited} images "
+    figure.suptitle(f"Probably mislabelled: the worst {len(issues)} of {total} suspects among {audited} images\n"
                     f"({shown})")
     figure.tight_layout()
     with atomic_path(path) as tmp:
