@@ -6,8 +6,10 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -318,6 +320,79 @@ def test_info_describes_the_model_and_the_serving(model):
     assert info["arch"] == "resnet20" and info["classes"] == ["circle", "square", "star"]
     assert info["preprocessing"]["input_size"] == 32 and info["device"] == "cpu" and info["precision"] == "float32"
     assert info["serving"]["max_batch"] == 4 and info["serving"]["topk"] == 2 and info["runtime"] == "pytorch"
+
+
+TOKEN = "a-test-token-of-enough-length"
+
+
+def test_with_a_token_every_endpoint_but_health_asks_for_it(model, pictures):
+    with serve(model, token=TOKEN) as server:
+        for route, body in (("/predict", pictures["a.png"]), ("/info", None), ("/metrics", None)):
+            for headers in ({}, {"Authorization": "Bearer wrong-token-of-enough-length"},
+                            {"Authorization": f"Basic {TOKEN}"}):
+                status, answer, sent = request(f"{server.url}{route}", body, headers)
+                assert status == 401 and "Authorization: Bearer TOKEN" in answer["error"]
+                assert sent["WWW-Authenticate"] == 'Bearer realm="residual"'
+        assert request(f"{server.url}/health")[0] == 200  # load balancers probe it without credentials
+        status, answer, _ = request(f"{server.url}/predict", pictures["a.png"], {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and len(answer["predictions"]) == 1
+        info = request(f"{server.url}/info", headers={"Authorization": f"bearer {TOKEN}"})[1]
+        assert info["serving"]["token"] is True and TOKEN not in json.dumps(info)  # never answered back
+    with pytest.raises(residual.ConfigError, match="the token must be at least 16 characters"):
+        serve(model, token="short")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the test certificate, and it is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(folder / "key.pem"),
+                    "-out", str(folder / "cert.pem")], check=True, capture_output=True)
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_with_a_certificate_it_serves_https_and_a_failed_handshake_stops_no_one(model, pictures, certificate):
+    cert, key = certificate
+    client = ssl.create_default_context(cafile=str(cert))
+    with serve(model, tls_cert=str(cert), tls_key=str(key), token=TOKEN) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        stalled = socket.create_connection(("127.0.0.1", server.port))  # connects, never says hello
+        plain = socket.create_connection(("127.0.0.1", server.port))
+        plain.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # HTTP where TLS is expected
+        assert b"200" not in plain.recv(1024)
+        plain.close()
+        answer = urllib.request.urlopen(urllib.request.Request(
+            f"{server.url}/predict", data=pictures["b.jpg"], headers={"Authorization": f"Bearer {TOKEN}"}),
+            context=client)
+        assert answer.status == 200 and len(json.loads(answer.read())["predictions"]) == 1
+        stalled.close()
+    with pytest.raises(residual.ConfigError, match="^--tls-cert and --tls-key go together"):
+        serve(model, tls_cert=str(cert))
+    with pytest.raises(residual.ConfigError, match=f"^--tls-cert {cert} --tls-key {cert}: not a PEM certificate"):
+        serve(model, tls_cert=str(cert), tls_key=str(cert))
+
+
+def test_the_command_takes_its_token_from_a_file_or_the_environment(model, tmp_path, capsys, monkeypatch):
+    from residual.cli import _serve_token
+    (tmp_path / "token").write_text(f"{TOKEN}\n")
+    assert _serve_token(str(tmp_path / "token")) == TOKEN
+    monkeypatch.setenv("RESIDUAL_SERVE_TOKEN", "from-the-environment-1234")
+    assert _serve_token(None) == "from-the-environment-1234"
+    monkeypatch.delenv("RESIDUAL_SERVE_TOKEN")
+    assert _serve_token(None) is None
+    path = tmp_path / "tiny.safetensors"
+    residual.save_model(model, path)
+    (tmp_path / "empty").write_text("\n")
+    for argv, message in (([str(path), "--token-file", str(tmp_path / "empty")], "its first line is empty"),
+                          ([str(path), "--token-file", str(tmp_path / "none")], "cannot read it"),
+                          ([str(path), "--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(tmp_path / "k")],
+                           "--tls-cert/--tls-key: no such file")):
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_cli_refuses_bad_settings_in_one_line(model, tmp_path, capsys):

@@ -175,6 +175,7 @@ def _loaded_for_inference(name: str, device: str, precision: str | None, image_s
     return prepare_for_inference(model, pick_device(device), precision) if precision else model
 
 
+SERVE_TOKEN_VARIABLE = "RESIDUAL_SERVE_TOKEN"  # where serve finds its token without --token-file
 CALIBRATION_HINT_ECE = 0.05  # above this, eval suggests `residual calibrate`
 
 
@@ -484,8 +485,10 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_pending=args.max_pending, max_image_mb=args.max_image_mb, topk=args.topk, tta=args.tta,
-                         compile=args.compile, timeout_s=args.timeout, access_log=not args.quiet)
+                         compile=args.compile, timeout_s=args.timeout, access_log=not args.quiet,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, token=_serve_token(args.token_file))
     config.check()  # before the model is loaded
+    config.tls_context()  # a bad certificate too
     if args.compile:
         _refuse_onnx(args.model, "--compile: an exported model runs in ONNX Runtime, which optimises it already")
     server = ModelServer(_inference_model(args.model, args.device, args.precision, args.image_size, args.threshold),
@@ -494,14 +497,33 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     info = server.describe()
     console.print(f"serving {args.model} ({info['arch']}, {len(info['classes'])} classes, {info['runtime']} on "
                   f"{info['device']}, {info['precision']}; warm-up {server.warmup_s:.1f} s) at {server.url}")
-    console.print(f"  curl --data-binary @photo.jpg {server.url}/predict    (also GET /health, /info, /metrics; "
-                  f"Ctrl-C stops)")
+    token = ' -H "Authorization: Bearer $TOKEN"' if config.token else ""
+    console.print(f"  curl{token} --data-binary @photo.jpg {server.url}/predict    (also GET /health, /info, "
+                  f"/metrics; Ctrl-C stops)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/] listening on {args.host}: anyone who can reach this machine can use the "
-                      f"model (no TLS or authentication; put a reverse proxy in front)")
+        if config.token is None:
+            console.print(f"[yellow]warning:[/] listening on {args.host} without --token-file: anyone who can reach "
+                          f"this machine can use the model")
+        if config.tls_cert is None:
+            console.print(f"[yellow]warning:[/] listening on {args.host} without --tls-cert: images, answers"
+                          + (" and the token" if config.token else "") + " cross the network unencrypted")
     server.serve_forever()
     console.print("stopped: every request in flight was answered")
     return 0
+
+
+def _serve_token(token_file: str | None) -> str | None:
+    """The bearer token serve asks for: the first line of --token-file, else $RESIDUAL_SERVE_TOKEN, else none.
+    Not a flag's value, which any user of the machine could read in the process list."""
+    if token_file is None:
+        return os.environ.get(SERVE_TOKEN_VARIABLE) or None
+    try:
+        lines = Path(token_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--token-file {token_file}: cannot read it ({getattr(error, 'strerror', None) or error})")
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"--token-file {token_file}: its first line is empty; write the token there")
+    return lines[0].strip()
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
@@ -1253,6 +1275,10 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a silent connection is kept open")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
+    p.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS, with --tls-key")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--token-file", help=f"a file whose first line is the token every request but /health must send "
+                                        f"(Authorization: Bearer TOKEN); default: ${SERVE_TOKEN_VARIABLE} if set")
     p.set_defaults(run=cmd_serve)
 
 

@@ -22,15 +22,21 @@ Limits that keep a server up: a body over `max_image_mb` is refused before it is
 beyond `max_pending` requests in flight new ones are turned away (503, Retry-After) instead of
 queueing without bound; a connection idle for `timeout_s` is closed. A bad image is answered
 with its reason (400), and the rest of a form is still predicted. It listens on 127.0.0.1 unless
-told otherwise, and has no TLS or authentication of its own: put it behind a reverse proxy to
-expose it.
+told otherwise.
+
+To expose it: `tls_cert`/`tls_key` serve HTTPS (the handshake runs in the connection's own thread, so a
+slow or broken client holds up no one else), and `token` requires `Authorization: Bearer TOKEN` on every
+endpoint but /health (load balancers probe it without credentials) and OPTIONS; a request without it, or
+with another, gets 401. The token is compared in constant time.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import queue
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -50,6 +56,7 @@ from .predict import (check_tta, class_names_of, class_probabilities, inference_
                       is_multi_label, model_device, present_classes, top_classes)
 
 MEGABYTE = 1 << 20
+MIN_TOKEN_LENGTH = 16  # shorter is guessable; secrets.token_urlsafe() gives 43
 ENDPOINTS = "POST /predict, GET /health, /info or /metrics"
 ALLOWED_METHODS = {"/predict": "POST, OPTIONS", "/health": "GET, HEAD, OPTIONS", "/info": "GET, HEAD, OPTIONS",
                    "/metrics": "GET, HEAD, OPTIONS", "*": "GET, HEAD, POST, OPTIONS"}
@@ -68,6 +75,9 @@ class ServeConfig:
     compile: bool = False  # torch.compile, every batch padded to max_batch (one graph)
     timeout_s: float = 30.0  # a connection silent this long is closed
     access_log: bool = True  # a line per request on stderr
+    tls_cert: str | None = None  # PEM certificate (chain) file: serve HTTPS; with tls_key
+    tls_key: str | None = None  # PEM private key file of tls_cert
+    token: str | None = None  # every endpoint but /health asks for "Authorization: Bearer <token>"
 
     def check(self) -> None:
         for name in ("max_batch", "max_pending", "topk"):
@@ -80,7 +90,28 @@ class ServeConfig:
             raise ConfigError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give the certificate and its private key")
+        if self.token is not None and (len(self.token) < MIN_TOKEN_LENGTH or self.token != self.token.strip()):
+            raise ConfigError(f"--token-file: the token must be at least {MIN_TOKEN_LENGTH} characters with no "
+                              f"leading or trailing spaces (python -c 'import secrets; print(secrets.token_urlsafe())' "
+                              f"makes one)")
         check_tta(self.tta)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context from tls_cert and tls_key; None without them."""
+        if self.tls_cert is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except FileNotFoundError as error:
+            raise ConfigError(f"--tls-cert/--tls-key: no such file {error.filename or ''}".rstrip()) from None
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(f"--tls-cert {self.tls_cert} --tls-key {self.tls_key}: not a PEM certificate and its "
+                              f"private key ({getattr(error, 'reason', None) or error})") from None
+        return context
 
 
 @dataclass
@@ -210,18 +241,22 @@ class ModelServer:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
+        tls = self.config.tls_context()
         try:
             self.httpd = _HTTPServer((self.config.host, self.config.port), _handler_for(self))
         except OSError as error:
             raise ConfigError(f"--host {self.config.host} --port {self.config.port}: cannot listen there "
                               f"({error.strerror or error}); choose another --port, or 0 for any free one") from None
         self.port = self.httpd.server_address[1]
+        if tls is not None:  # accept() hands over the connection; its thread does the handshake (_HTTPServer)
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+            self.httpd.handshake_timeout = self.config.timeout_s
         self.batcher.start()
 
     @property
     def url(self) -> str:
         host = self.config.host if self.config.host not in ("0.0.0.0", "") else "127.0.0.1"
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.config.tls_cert else 'http'}://{host}:{self.port}"
 
     def _warm_up(self, forward) -> float:
         """Run a full batch once before listening, so the first requests do not pay for the backend's
@@ -243,8 +278,9 @@ class ModelServer:
                 "preprocessing": asdict(self.preprocessing),
                 "runtime": "pytorch" if isinstance(model, torch.nn.Module) else "onnxruntime",
                 "device": str(model_device(model)), "precision": precision,
-                "serving": {key: value for key, value in asdict(self.config).items()
-                            if key not in ("host", "port", "access_log")}}
+                "serving": {**{key: value for key, value in asdict(self.config).items()
+                               if key not in ("host", "port", "access_log", "tls_cert", "tls_key", "token")},
+                            "tls": self.config.tls_cert is not None, "token": self.config.token is not None}}
 
     def metrics(self) -> str:
         """GET /metrics: Prometheus' text exposition format."""
@@ -388,6 +424,19 @@ def read_uploads(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
 
 class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 1024  # connections waiting to be accepted: socketserver's 5 resets a burst of clients
+    handshake_timeout: float | None = None  # set when serving TLS
+
+    def finish_request(self, request, client_address) -> None:
+        """In the connection's thread: the TLS handshake first (a client that fails it is logged and closed),
+        then the request."""
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(self.handshake_timeout)
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as error:
+                sys.stderr.write(f"{client_address[0]} TLS handshake failed: {error}\n")
+                return
+        super().finish_request(request, client_address)
 
 
 def _handler_for(server: ModelServer) -> type[BaseHTTPRequestHandler]:
@@ -405,8 +454,23 @@ class _Handler(BaseHTTPRequestHandler):
     server_version, sys_version = "residual", ""  # the Server header names no Python version
     app: ModelServer
 
+    def _authorized(self, route: str) -> bool:
+        """Whether the request may go on: no token set, /health, or the token given; else it is refused
+        with 401 here."""
+        token = self.app.config.token
+        if token is None or route == "/health":
+            return True
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+            return True
+        self._refuse_body(401, "this server needs its token: send the header \"Authorization: Bearer TOKEN\"",
+                          {"WWW-Authenticate": 'Bearer realm="residual"'})
+        return False
+
     def do_GET(self) -> None:
         route = urlsplit(self.path).path
+        if not self._authorized(route):
+            return
         if route == "/health":
             self._send(200, {"status": "ok"})
         elif route == "/info":
@@ -431,6 +495,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         route = urlsplit(self.path).path
+        if not self._authorized(route):
+            return
         if route != "/predict":
             self._not_found(route)
             return
