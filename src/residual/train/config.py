@@ -52,6 +52,9 @@ class TrainConfig:
     layer_lr_decay: float | None = None  # lr factor per layer group toward the input; auto: 0.5 two-stage, else 1
     image_size: int | None = None  # auto: from the images
     eval_image_size: int | None = None  # what validation and the saved model take; None: image_size (FixRes: more)
+    # Above 64 px: the share of the resized image the centre crop keeps (eval_image_size / resize); None: a
+    # pretrained source's own, else 0.875 (256 for 224). RSB tests at 0.95, torchvision's newer weights 224/232.
+    crop_pct: float | None = None
     epochs: int | None = None  # auto: 30
     batch_size: int = 128  # the global batch: split among distributed workers, and what the lr is scaled by
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and weight decay auto unless given
@@ -124,6 +127,9 @@ class TrainConfig:
             raise ConfigError(f"--decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.compile_mode not in (None, *COMPILE_MODES):
             raise ConfigError(f"--compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"--crop-pct is the share of the resized image the centre crop keeps: in (0, 1], got "
+                              f"{self.crop_pct}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.loss not in (None, *LOSSES):

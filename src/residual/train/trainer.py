@@ -324,7 +324,7 @@ class Trainer:
                                f"learn {'them' if len(untaught) > 1 else 'it'} (add images, or remove the folder)")
         small = c.image_size <= 64
         source = self.model.preprocessing if c.pretrained else None  # a pretrained model keeps its own
-        crop_pct = source.crop_pct if source else 0.875
+        crop_pct = c.crop_pct or (source.crop_pct if source else 0.875)
         resize = c.image_size if small else round(c.image_size / crop_pct)
         # Validation, and the model saved, may take larger images than training's random crops (Touvron et al.
         # 2019): its resize keeps the crop's ratio to it, as Preprocessing.at_size does.
