@@ -623,7 +623,12 @@ def _train_config(args: argparse.Namespace, **overrides):
         values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
         return {**values, **{k: v for k, v in overrides.items() if k in names}}
 
-    base = options_as_asked(args.config) if args.config else {}
+    from .train.recipes import recipe_options
+
+    if args.config and args.recipe:
+        raise ConfigError(f"--config {args.config} and --recipe {args.recipe}: give one starting point (a run's "
+                          f"config.yaml holds the recipe it ran)")
+    base = options_as_asked(args.config) if args.config else recipe_options(args.recipe) if args.recipe else {}
     if args.data is not None:
         base["data"] = args.data
     optim = {**base.get("optim", {}), **given(*OPTIM_FLAGS)}
@@ -634,11 +639,12 @@ def _train_config(args: argparse.Namespace, **overrides):
         return TrainConfig.from_dict({**base, **top, "optim": optim, "augment": augment,
                                       "model_options": model_options})
     except ConfigError as error:
-        if not args.config:
+        if not args.config and not args.recipe:
             raise
         # The clash may be with a setting the user never typed: say where it came from.
-        raise ConfigError(f"{error} (settings in --config {args.config} count as given: edit it there, or give the "
-                          f"flag another value)") from None
+        source = f"--config {args.config}" if args.config else f"--recipe {args.recipe}"
+        raise ConfigError(f"{error} (settings in {source} count as given: give the flag another value"
+                          f"{', or edit the file' if args.config else ''})") from None
 
 
 OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "min_lr_ratio",
@@ -648,7 +654,7 @@ AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift
 MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd", "pretrained", "strategy",
                "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size",
-               "eval_image_size", "epochs", "batch_size", "label_smoothing", "loss", "bce_target_threshold",
+               "eval_image_size", "crop_pct", "epochs", "batch_size", "label_smoothing", "loss", "bce_target_threshold",
                "grad_clip", "accumulate", "ema", "teacher", "distill_weight", "distill_temperature", "early_stopping",
                "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last", "compile",
                "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak", "out", "name",
@@ -657,7 +663,7 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd",
 
 FINETUNE_DEFAULTS = {"strategy": "two-stage"}
 # The flags that set up a run (every TrainConfig field), and the names they go by where those differ.
-RUN_SETTINGS = ("data", "config", *TRAIN_FLAGS, *OPTIM_FLAGS, *AUGMENT_FLAGS, *MODEL_FLAGS)
+RUN_SETTINGS = ("data", "config", "recipe", *TRAIN_FLAGS, *OPTIM_FLAGS, *AUGMENT_FLAGS, *MODEL_FLAGS)
 SETTING_NAMES = {"data": "DATA", "pretrained": "--from", "preset": "--augment", "drop_path_rate": "--drop-path"}
 
 
@@ -943,11 +949,16 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     from .data.transforms import AUTO_AUGMENTS
     from .models.resnet import STEMS
     from .train.config import COMPILE_MODES
+    from .train.recipes import RECIPES
 
     p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/), a CSV of "
                                            "image,label[,split] rows, a dataset file (.yaml) describing a CSV of "
                                            "other columns, or a CIFAR folder")
     p.add_argument("--config", help="start from a run's config.yaml (flags override it)")
+    p.add_argument("--recipe", choices=RECIPES,
+                   help="start from a published recipe (flags override it): He et al. 2015's CIFAR ResNets, "
+                        "torchvision's original ImageNet reference, ResNet strikes back's A1, A2 or A3 "
+                        "(docs/training.md#recipes)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     p.add_argument("--model", help="registry name (auto: resnet20/56 for small images, resnet18/50 otherwise)")
     p.add_argument("--stem", choices=STEMS, help="the model's stem: cifar (one 3x3, no downsampling) makes an "
@@ -957,6 +968,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
                    help="validation, and the model saved, take N px images (default: --image-size): training at "
                         "less than the model is tested at (Touvron et al. 2019), as torchvision's recipes train at "
                         "176 and test at 224")
+    p.add_argument("--crop-pct", type=float, metavar="F",
+                   help="above 64 px, the share of the resized image the centre crop keeps (default: a pretrained "
+                        "model's own, else 0.875: 224 of 256)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--val-split", type=float, help="fraction held out per class when there is no val/ folder")
