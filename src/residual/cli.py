@@ -642,9 +642,9 @@ def _train_config(args: argparse.Namespace, **overrides):
         if not args.config and not args.recipe:
             raise
         # The clash may be with a setting the user never typed: say where it came from.
-        source = f"--config {args.config}" if args.config else f"--recipe {args.recipe}"
-        raise ConfigError(f"{error} (settings in {source} count as given: give the flag another value"
-                          f"{', or edit the file' if args.config else ''})") from None
+        source, remedy = ((f"--config {args.config}", "edit it there, or give the flag another value") if args.config
+                          else (f"--recipe {args.recipe}", "give the flag another value"))
+        raise ConfigError(f"{error} (settings in {source} count as given: {remedy})") from None
 
 
 OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "min_lr_ratio",
