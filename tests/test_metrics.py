@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from residual.metrics import (bootstrap_indices, bootstrap_maps, calibration_bins, classification_metrics,
-                              confusion_matrix, mcnemar_exact, multi_label_metrics, paired_bootstrap,
+                              confusion_matrix, mcnemar_exact, multi_label_metrics, p_value_text, paired_bootstrap,
                               paired_comparison, percentile_interval, ranking_scores, roc_curve, topk_accuracy,
                               wilson_interval)
 
@@ -137,5 +137,6 @@ def test_a_paired_bootstrap_of_map_tells_a_real_gap_from_none():
     assert low < whole[0] < high and high - low < 0.1
     gap = paired_bootstrap(sharp_maps, vague_maps)
     assert gap["p_value"] == pytest.approx(2 / 400) and gap["difference_ci95"][0] > 0.3  # at most 2 / resamples
+    assert p_value_text(gap) == "<= 0.005" and p_value_text({"p_value": 0.04}) == "0.04"  # said as a bound
     same = paired_bootstrap(sharp_maps, sharp_maps)
-    assert same["p_value"] == 1.0 and same["difference_ci95"] == [0.0, 0.0]
+    assert same["p_value"] == 1.0 and same["difference_ci95"] == [0.0, 0.0] and p_value_text(same) == "1"

@@ -50,8 +50,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         if scores:
             write_json(out / "scores.json", {"data": str(args.data), "split": scores[0].split,
                                              "runs": [score.to_dict() for score in scores]})
-            plot_scores([(score.record.name, score.score, score.score_ci95,
-                          score.versus_best["p_value"] if score.versus_best else None) for score in scores],
+            plot_scores([(score.record.name, score.score, score.score_ci95, score.versus_best) for score in scores],
                         out / "scores.png", f"{data_name(args.data)} ({scores[0].split}, {len(scores[0].correct):,} "
                                             f"images)", SCORE_NAMES[scores[0].metric])
     if scores:

@@ -226,8 +226,16 @@ def paired_bootstrap(first: np.ndarray, second: np.ndarray) -> dict:
     worth: 1,000 resamples cannot tell p below 0.002)."""
     difference = np.asarray(first) - np.asarray(second)
     far_side = min((difference <= 0).mean(), (difference >= 0).mean())
+    floor = 2 / len(difference)  # the p-value when no resample falls on the far side
     return {"difference_ci95": list(percentile_interval(difference)),
-            "p_value": float(min(1.0, 2 * max(far_side, 1 / len(difference))))}
+            "p_value": float(min(1.0, max(2 * far_side, floor))), "p_value_floor": floor}
+
+
+def p_value_text(comparison: dict, digits: int = 3) -> str:
+    """A comparison's p-value as text: "0.04", or "<= 0.002" where a bootstrap could show no smaller."""
+    p_value = comparison["p_value"]
+    at_floor = p_value <= comparison.get("p_value_floor", 0.0)
+    return f"{'<= ' if at_floor else ''}{p_value:.{digits}g}"
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str], bins: int = 15) -> dict:

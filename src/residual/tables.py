@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .data.check import DataReport
 from .data.corruptions import CORRUPTIONS
-from .metrics import SCORE_NAMES, SIGNIFICANCE
+from .metrics import SCORE_NAMES, SIGNIFICANCE, p_value_text
 from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
@@ -331,7 +331,7 @@ def data_scores_table(scores: list[DataScore], title: str) -> Table:
         if versus is None:
             cells = ("-", "-", "-", "best")
         else:
-            cells = (str(versus["only_first"]), str(versus["only_second"]), f"{versus['p_value']:.3g}",
+            cells = (str(versus["only_first"]), str(versus["only_second"]), p_value_text(versus),
                      "more than chance" if versus["p_value"] < SIGNIFICANCE else "could be chance")
         table.add_row(score.record.name, f"{score.score:.2%}", f"{low:.2%} - {high:.2%}", *cells)
     return table

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
-from ..metrics import SIGNIFICANCE  # noqa: E402
+from ..metrics import SIGNIFICANCE, p_value_text  # noqa: E402
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
            "epoch_seconds")
@@ -98,18 +98,20 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path) -> None:
     _save(figure, path)
 
 
-def plot_scores(runs: list[tuple[str, float, tuple[float, float], float | None]], path: Path, title: str,
+def plot_scores(runs: list[tuple[str, float, tuple[float, float], dict | None]], path: Path, title: str,
                 score_name: str = "top-1") -> None:
-    """Each run's top-1 or mAP (name, score, its 95% interval, the p-value of its gap to the best or None for
-    the best) as a dot with its interval, best at the top; runs whose gap to the best could be chance are
-    drawn grey."""
+    """Each run's top-1 or mAP (name, score, its 95% interval, the test of its gap to the best, with its
+    p_value, or None for the best) as a dot with its interval, best at the top; runs whose gap to the best
+    could be chance are drawn grey."""
     figure, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(runs)))
     labels = []
-    for row, (name, score, (low, high), p_value) in enumerate(runs):
-        colour = "C0" if p_value is None else "C3" if p_value < SIGNIFICANCE else "0.55"
+    for row, (name, score, (low, high), versus) in enumerate(runs):
+        colour = "C0" if versus is None else "C3" if versus["p_value"] < SIGNIFICANCE else "0.55"
         ax.errorbar(100 * score, row, xerr=[[100 * (score - low)], [100 * (high - score)]], fmt="o", color=colour,
                     capsize=4)
-        labels.append(f"{name} (best)" if p_value is None else f"{name} (p = {p_value:.2g})")
+        p_value = None if versus is None else p_value_text(versus, 2)
+        labels.append(f"{name} (best)" if versus is None else
+                      f"{name} (p {p_value if p_value.startswith('<=') else '= ' + p_value})")
     ax.set_yticks(range(len(runs)), labels)
     ax.invert_yaxis()
     ax.margins(y=0.3)
