@@ -526,7 +526,8 @@ def test_the_thresholds_command_prints_their_effect_and_writes_the_model(tagged_
     assert "(per class " in capsys.readouterr().out
 
 
-def test_an_onnx_export_carries_the_per_class_thresholds_and_answers_the_same(tagged_run, tagged, tmp_path):
+def test_an_onnx_export_carries_the_per_class_thresholds_and_answers_the_same(tagged_run, tagged, tmp_path,
+                                                                               capsys):
     from residual.deploy.onnx import OnnxModel, export_onnx
     model = load_model(tagged_run.model_path)
     model.threshold = [0.2 + 0.05 * c for c in range(10)]
@@ -535,6 +536,8 @@ def test_an_onnx_export_carries_the_per_class_thresholds_and_answers_the_same(ta
     assert exported.multi_label and exported.threshold == model.threshold
     onnx_answers = [p.answer() for p in predict(exported, images).predictions]
     assert onnx_answers == [p.answer() for p in predict(model, images).predictions]
+    assert main(["info", str(tmp_path / "tags.onnx")]) == 0  # says its thresholds, as the model file's info does
+    assert "reaches the threshold (per class 0.2-0.65)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_quantize_and_prune_judge_a_multi_label_model_by_its_map(tagged_run, tagged, tmp_path):

@@ -84,6 +84,14 @@ def pretrained_table(entries: Iterable[PretrainedWeights]) -> Table:
     return table
 
 
+def outputs_line(multi_label: bool, threshold: float | list[float]) -> str:
+    """What a model's outputs are, for `residual info`: a softmax, or sigmoids with their threshold."""
+    if not multi_label:
+        return "single-label: softmax over the classes"
+    return f"multi-label: one sigmoid per class, a class present where it reaches the threshold " \
+           f"({threshold_text(threshold)})"
+
+
 def classes_line(count: int, names: list[str] | None) -> str:
     """A model's classes in one table cell: the count and the first eight names."""
     listed = f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else " (unnamed)"
@@ -108,9 +116,7 @@ def model_file_table(path: Path) -> Table:
     rows = [("architecture", meta["arch"]),
             ("parameters", f"{count_params(model):,}"),
             ("classes", classes_line(config["num_classes"], names)),
-            ("outputs", "multi-label: one sigmoid per class, a class present where it reaches the threshold "
-                        f"({threshold_text(meta['threshold'])})" if meta["multi_label"]
-             else "single-label: softmax over the classes"),
+            ("outputs", outputs_line(meta["multi_label"], meta["threshold"])),
             ("input", f"{config['in_chans']} channels, resize {pre['resize_size']} -> crop {pre['input_size']}, "
                       f"{pre['interpolation']}"),
             ("mean / std", Preprocessing(**pre).normalisation()),

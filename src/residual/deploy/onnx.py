@@ -37,7 +37,7 @@ from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..models import Preprocessing, ResNet
 from ..models.resnet import MULTI_LABEL_THRESHOLD
-from ..tables import classes_line
+from ..tables import classes_line, outputs_line
 from ..weights import ModelFileError, read_metadata, training_config
 
 OPSET = 18  # the torch.export-based exporter's own opset; lower ones need a lossy version conversion
@@ -201,8 +201,8 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
     rows = [("architecture", meta["arch"]),
             ("precision", meta["precision"]),
             ("classes", classes_line(len(names), names)),
-            ("outputs", "multi-label: one sigmoid per class" if json.loads(meta.get("multi_label", "false"))
-             else "single-label: softmax over the classes"),
+            ("outputs", outputs_line(json.loads(meta.get("multi_label", "false")),
+                                     json.loads(meta.get("threshold", json.dumps(MULTI_LABEL_THRESHOLD))))),
             ("input", f"'{graph_input.name}', {onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)} "
                       f"{shape} ({meta['input']})"),
             ("preprocessing", f"resize {pre['resize_size']} -> crop {pre['input_size']}, {pre['interpolation']}, "
