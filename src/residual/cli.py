@@ -657,7 +657,7 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd",
                "grad_clip", "accumulate", "ema", "teacher", "distill_weight", "distill_temperature", "early_stopping",
                "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last", "compile",
                "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak", "out", "name",
-               "quiet", "report", "sync_bn")
+               "quiet", "report", "sync_bn", "tensorboard")
 
 
 FINETUNE_DEFAULTS = {"strategy": "two-stage"}
@@ -1076,6 +1076,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     run.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=None, help="no progress bar")
     run.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
                      help="evaluate the best model on val at the end and write report.html (default: on)")
+    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                     help="also write each epoch's numbers for TensorBoard to RUN/tensorboard/ (needs the "
+                          "tensorboard package)")
     scale = p.add_argument_group("data-parallel (docs/distributed.md)")
     scale.add_argument("--nproc", type=int, metavar="N",
                        help="train on N local workers through torchrun (one per GPU; gloo on the CPU)")

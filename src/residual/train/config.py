@@ -94,6 +94,7 @@ class TrainConfig:
     name: str | None = None
     quiet: bool = False
     report: bool = True  # at the end, evaluate the best model on val: metrics.json, pictures, report.html
+    tensorboard: bool = False  # each epoch's numbers also as TensorBoard scalars in RUN/tensorboard/
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

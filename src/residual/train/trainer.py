@@ -62,6 +62,7 @@ from .distill import Teacher, distillation_sum
 from .distributed import World, per_worker_batch
 from .ema import WeightEMA
 from .history import plot_curves, write_metrics
+from .tensorboard import TensorBoardLog
 from .loss import consistency_sum, label_loss_sum
 from .optim import build_optimizer, build_scheduler
 from .preview import write_batch_preview
@@ -284,6 +285,7 @@ class Trainer:
         self.stop_signal: str | None = None
         self.frozen: int | None = None  # layer groups frozen in the current epoch
         self.resumes: list[dict] = []  # each resume from last.pt (after a kill, or torchrun's restarts)
+        self.tensorboard = (TensorBoardLog(run_dir / "tensorboard") if c.tensorboard and world.is_main else None)
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -746,6 +748,8 @@ class Trainer:
         self.history.append(row)
         if self.world.is_main:
             write_metrics(self.history, self.run_dir / "metrics.csv")
+        if self.tensorboard is not None:
+            self.tensorboard.add_epoch(row)
         self._draw_curves(final=False)
         value = val_stats[c.monitor]
         higher_is_better = c.monitor != "val_loss"
@@ -792,6 +796,8 @@ class Trainer:
     def _finish(self) -> TrainResult:
         self.bad.files = self.world.merge(self.bad.files)  # each worker read only its share of the files
         self._draw_curves(final=True)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         summary = {"best_epoch": self.best_epoch, "best": self.best, "epochs_run": self.epoch,
                    "stopped_early": self.stopped_early, "workers": self.world.size, "resumes": self.resumes,
                    "bad_files": self.bad.files, "ignored_files": [str(p) for p in self.dataset.ignored]}
@@ -809,8 +815,8 @@ class Trainer:
             + (f"; {len(self.bad.files)} unreadable image(s) skipped" if self.bad.files else "")
             + (f"; {len(self.dataset.ignored)} non-image file(s) ignored" if self.dataset.ignored else ""))
         self.console.print(f"run directory: {self.run_dir} (model.safetensors, metrics.csv, curves.png, last.pt"
-                           + (", train_batch.png, report.html)" if self.config.report and self.best is not None
-                              else ")"))
+                           + (", train_batch.png, report.html" if self.config.report and self.best is not None
+                              else "") + (", tensorboard/" if self.config.tensorboard else "") + ")")
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
                            len(self.dataset.ignored), self.stopped_early, self.run_dir / "model.safetensors")
 
