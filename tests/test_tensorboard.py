@@ -30,7 +30,7 @@ def test_a_run_writes_every_epochs_numbers_as_scalars(tmp_path, capsys):
     for column in ("train_loss", "val_top1", "lr"):
         assert [step for step, _ in logged[scalar_tag(column)]] == [1, 2]
         assert [value for _, value in logged[scalar_tag(column)]] == pytest.approx(
-            [float(row[column]) for row in rows], rel=1e-6)
+            [float(row[column]) for row in rows], rel=1e-5)  # metrics.csv keeps 6 significant digits
 
 
 def test_an_epoch_written_again_after_a_resume_replaces_the_earlier_one(tmp_path):
