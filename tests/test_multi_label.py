@@ -536,8 +536,25 @@ def test_an_onnx_export_carries_the_per_class_thresholds_and_answers_the_same(ta
     assert exported.multi_label and exported.threshold == model.threshold
     onnx_answers = [p.answer() for p in predict(exported, images).predictions]
     assert onnx_answers == [p.answer() for p in predict(model, images).predictions]
+    parity = json.loads((tmp_path / "tags.parity.json").read_text())  # agreement of the label sets, not top-1
+    assert parity["answers"] == "labels" and parity["agreement"] == 1.0 and "top1_agreement" not in parity
     assert main(["info", str(tmp_path / "tags.onnx")]) == 0  # says its thresholds, as the model file's info does
     assert "reaches the threshold (per class 0.2-0.65)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_exports_parity_compares_a_multi_label_models_label_sets_not_its_top_class(tagged_run, tagged):
+    from residual.deploy.onnx import parity
+    model = load_model(tagged_run.model_path).eval()
+    images = sorted((tagged / "test").glob("*.png"))
+
+    def one_more_label(x):  # the top class kept, and the least likely class put just over 0.5 everywhere
+        logits = model(x).detach().clone()
+        rows = torch.arange(len(logits))
+        logits[rows, logits.argmin(1)] = torch.minimum(logits.max(1).values - 1e-3, torch.full((len(x),), 0.01))
+        return logits
+
+    checked = parity(model, one_more_label, images, "test", tolerance=100.0)
+    assert checked.answers == "labels" and checked.agreement < 0.5 and not checked.passed
 
 
 def test_quantize_and_prune_judge_a_multi_label_model_by_its_map(tagged_run, tagged, tmp_path):

@@ -299,11 +299,13 @@ def predictions_table(predictions: list, title: str) -> Table:
 
 
 def parity_table(parity: dict, title: str) -> Table:
-    """An export's parity check against the original: logits and top-1 on the sample."""
-    table = new_table(title, ("images", "sample from", "max |logit diff|", "tolerance", "top-1 agreement", "verdict"),
-                      right=("images", "max |logit diff|", "tolerance", "top-1 agreement", "verdict"))
+    """An export's parity check against the original: logits, and the answers (top-1, or a multi-label model's
+    labels) on the sample."""
+    agreement = f"{parity['answers']} agreement"
+    table = new_table(title, ("images", "sample from", "max |logit diff|", "tolerance", agreement, "verdict"),
+                      right=("images", "max |logit diff|", "tolerance", agreement, "verdict"))
     table.add_row(str(parity["images"]), parity["source"], f"{parity['max_abs_diff']:.3g}",
-                  f"{parity['tolerance']:.3g}", f"{parity['top1_agreement']:.2%}",
+                  f"{parity['tolerance']:.3g}", f"{parity['agreement']:.2%}",
                   "[green]pass" if parity["passed"] else "[red]FAIL")
     return table
 

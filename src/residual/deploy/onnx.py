@@ -37,6 +37,7 @@ from ..data.transforms import normalize
 from ..errors import ResidualError
 from ..models import Preprocessing, ResNet
 from ..models.resnet import MULTI_LABEL_THRESHOLD
+from ..predict import class_thresholds, is_multi_label
 from ..tables import classes_line, outputs_line
 from ..weights import ModelFileError, read_metadata, training_config
 
@@ -63,11 +64,12 @@ class Parity:
     source: str  # where the sample came from
     max_abs_diff: float  # largest |logit difference| over the sample
     tolerance: float
-    top1_agreement: float  # fraction of images with the same top class
+    agreement: float  # fraction of images given the same answer: the top class, or a multi-label model's labels
+    answers: str = "top-1"  # what agreement compares: "top-1", or "labels" (every class over its threshold)
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.top1_agreement >= MIN_AGREEMENT
+        return self.max_abs_diff <= self.tolerance and self.agreement >= MIN_AGREEMENT
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed, "min_agreement": MIN_AGREEMENT}
@@ -270,10 +272,14 @@ class OnnxModel:
 
 def parity(reference: nn.Module, candidate, items: list, source: str, tolerance: float,
            batch_size: int = 32) -> Parity:
-    """Logits of `candidate` against `reference` on `items` (paths or arrays), prepared as `reference` says."""
+    """Logits of `candidate` against `reference` on `items` (paths or arrays), prepared as `reference` says, and
+    how often both give the same answer: the top class, or for a multi-label model the same set of classes
+    over its thresholds."""
     pre = reference.preprocessing
     reference = reference.eval()
     device = next(reference.parameters()).device
+    multi_label = is_multi_label(reference)
+    thresholds = torch.from_numpy(class_thresholds(reference).copy()).float() if multi_label else None
     max_diff, agree, count = 0.0, 0, 0
     for batch in inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers=0):
         if batch.images is None:
@@ -283,11 +289,14 @@ def parity(reference: nn.Module, candidate, items: list, source: str, tolerance:
             expected = reference(x.to(device)).float().cpu()
         got = candidate(x).float()
         max_diff = max(max_diff, float((got - expected).abs().max()))
-        agree += int((got.argmax(1) == expected.argmax(1)).sum())
+        if multi_label:
+            agree += int(((got.sigmoid() >= thresholds) == (expected.sigmoid() >= thresholds)).all(1).sum())
+        else:
+            agree += int((got.argmax(1) == expected.argmax(1)).sum())
         count += len(x)
     if count == 0:
         raise ExportError(f"{source}: none of the parity images could be read")
-    return Parity(count, source, max_diff, tolerance, agree / count)
+    return Parity(count, source, max_diff, tolerance, agree / count, "labels" if multi_label else "top-1")
 
 
 def logit_tolerance(reference: nn.Module, items: list, precision: str) -> float:
