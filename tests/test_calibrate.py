@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import residual
-from residual.calibrate import CalibrationError, calibrate, fit_temperature
+from residual.calibrate import CalibrationError, calibrate, carried_over_warnings, fit_temperature
 from residual.cli import main
 from residual.data.datasets import sample_items
 from residual.data.shapes import write_shapes
@@ -37,7 +37,7 @@ def test_calibrating_the_demo_model_fixes_its_confidence_and_keeps_its_predictio
     test = report["splits"]["test"]  # checked on images the fit never saw
     # The demo recipe's label smoothing leaves it under-confident (T 0.378, test ECE 0.097 -> 0.007, 2026-12-04).
     assert report["temperature"] < 1 and test["after"]["ece"] < test["before"]["ece"] / 3
-    assert test["after"]["nll"] < test["before"]["nll"]
+    assert test["after"]["nll"] < test["before"]["nll"] and report["warnings"] == []  # it carried over
     assert (tmp_path / "report" / "reliability-test-after.png").stat().st_size > 0
     # T is folded into the classifier: the file alone gives the calibrated probabilities, same top-1.
     calibrated = residual.load_model(out)
@@ -88,5 +88,13 @@ def test_an_unreadable_image_is_named_and_an_uninformative_fit_is_flagged(tmp_pa
     readable = len(list((data / "val").glob("*/*.png"))) - 1
     assert len(report["splits"]["val"]["unreadable"]) == 1 and report["splits"]["val"]["images"] == readable
     # An untrained model is right by chance whatever it says: the best T makes it say almost nothing.
-    assert report["temperature"] > 10 and "say little about whether it is right" in report["warning"]
+    assert report["temperature"] > 10 and "say little about whether it is right" in report["warnings"][0]
     assert "warning: T = " in " ".join(captured.out.split())
+
+
+def test_a_temperature_that_makes_the_test_split_worse_is_warned_about():
+    rose = {"before": {"nll": 1.5002, "ece": 0.02}, "after": {"nll": 1.5283, "ece": 0.01}}  # the multi-label shapes'
+    [warning] = carried_over_warnings(rose, multi_label=True)
+    assert "negative log-likelihood rose (1.5002 -> 1.5283): the temperatures did not carry over" in warning
+    fell = {"before": {"nll": 0.125, "ece": 0.097}, "after": {"nll": 0.024, "ece": 0.007}}  # the demo model's
+    assert carried_over_warnings(fell, multi_label=False) == []

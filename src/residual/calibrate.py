@@ -197,16 +197,16 @@ def calibrate(model_path: str | Path, data: str | Path, out: str | Path | None =
         temperature = fit_temperature(scores[split], evaluated[split].labels)
         score_of, metric, uninformative = calibration_scores, "top1", temperature
     report = {"model": str(model_path), "data": str(dataset.root), "fitted_on": split, "metric": metric,
-              "split_as_trained": as_trained is not None, "temperature": temperature, "splits": {}}
+              "split_as_trained": as_trained is not None, "temperature": temperature, "splits": {}, "warnings": []}
     if multi_label:
         report["classes"] = list(model.class_names)
     if uninformative > UNINFORMATIVE_TEMPERATURE:
         which = (f"T = {temperature:.3g}" if not multi_label else "T above " + ", ".join(
             f"{name} {t:.3g}" for name, t in zip(model.class_names, temperature) if t > UNINFORMATIVE_TEMPERATURE))
-        report["warning"] = (f"{which}: the model's probabilities say little about whether it is right on these "
-                             f"images ({SCORE_NAMES[metric]} {evaluated[split].metrics[metric]:.2%}), so the "
-                             f"calibrated model's are close to {'0.5 there' if multi_label else 'uniform'}; train it "
-                             f"further first")
+        report["warnings"].append(
+            f"{which}: the model's probabilities say little about whether it is right on these images "
+            f"({SCORE_NAMES[metric]} {evaluated[split].metrics[metric]:.2%}), so the calibrated model's are close to "
+            f"{'0.5 there' if multi_label else 'uniform'}; train it further first")
     unchanged = 1.0 if not multi_label else [1.0] * len(temperature)
     for name, result in evaluated.items():
         before, after = (score_of(scores[name], result.labels, t) for t in (unchanged, temperature))
@@ -214,6 +214,8 @@ def calibrate(model_path: str | Path, data: str | Path, out: str | Path | None =
                                   "before": {k: before[k] for k in ("ece", "nll")},
                                   "after": {k: after[k] for k in ("ece", "nll")},
                                   "calibration": {"before": before["calibration"], "after": after["calibration"]}}
+    if split != "test" and "test" in report["splits"]:
+        report["warnings"] += carried_over_warnings(report["splits"]["test"], multi_label)
     scale_classifier(model, temperature)  # evaluated already: it becomes the calibrated model
     if multi_label:
         model.threshold = moved_thresholds(model, temperature)  # every image keeps its labels
@@ -241,6 +243,16 @@ def write_calibration_report(folder: Path, report: dict) -> dict[str, Path]:
         plot_reliability(scores["calibration"][stage], scores[stage]["ece"], files[stage], title)
     write_json(files["report"], report)
     return files
+
+
+def carried_over_warnings(test: dict, multi_label: bool) -> list[str]:
+    """A warning when the temperature (or the per-class ones) made the test split's negative log-likelihood
+    worse: fitted to the noise of the images it was fitted on, it does not carry over."""
+    if test["after"]["nll"] <= test["before"]["nll"]:
+        return []
+    return [f"on the test split, which the fit did not see, the negative log-likelihood rose "
+            f"({test['before']['nll']:.4f} -> {test['after']['nll']:.4f}): the temperature{'s' if multi_label else ''} "
+            f"did not carry over; keep the original model, or fit on more images"]
 
 
 def temperature_text(temperature: float | list[float]) -> str:

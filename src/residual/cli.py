@@ -410,8 +410,8 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     if multi_label:
         console.print(temperatures_table(result.report))
     console.print(calibration_table(result.report))
-    if "warning" in result.report:
-        console.print(f"[yellow]warning: {result.report['warning']}")
+    for warning in result.report["warnings"]:
+        console.print(f"[yellow]warning: {warning}")
     if multi_label:
         console.print(f"a temperature per class, its threshold moved with it (mAP and every image's labels "
                       f"unchanged); wrote {result.path}, report in {out}")
