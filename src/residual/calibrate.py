@@ -36,7 +36,7 @@ from .evaluate import evaluate, split_as_trained
 from .metrics import SCORE_NAMES, calibration_bins, expected_calibration_error, label_losses, mean_average_precision
 from .models import ResNet
 from .predict import class_thresholds
-from .report import plot_reliability
+from .report import plot_reliability, temperature_text
 from .runs import pick_device
 from .weights import load_model, read_metadata, save_model
 
@@ -253,10 +253,3 @@ def carried_over_warnings(test: dict, multi_label: bool) -> list[str]:
     return [f"on the test split, which the fit did not see, the negative log-likelihood rose "
             f"({test['before']['nll']:.4f} -> {test['after']['nll']:.4f}): the temperature{'s' if multi_label else ''} "
             f"did not carry over; keep the original model, or fit on more images"]
-
-
-def temperature_text(temperature: float | list[float]) -> str:
-    """T, or the range of a multi-label model's per-class temperatures: "1.34", or "0.81-2.6 per class"."""
-    if isinstance(temperature, list):
-        return f"{min(temperature):.3g}-{max(temperature):.3g} per class"
-    return f"{temperature:.4g}"

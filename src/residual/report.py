@@ -59,6 +59,13 @@ def threshold_text(threshold: float | list[float]) -> str:
     return f"{values[0]:.3g}" if len(values) == 1 else f"per class {values[0]:.3g}-{values[-1]:.3g}"
 
 
+def temperature_text(temperature: float | list[float]) -> str:
+    """T, or the range of a multi-label model's per-class temperatures: "1.34", or "0.81-2.6 per class"."""
+    if isinstance(temperature, list):
+        return f"{min(temperature):.3g}-{max(temperature):.3g} per class"
+    return f"{temperature:.4g}"
+
+
 def _save(figure: Figure, path: Path, dpi: int = 110) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)

@@ -17,8 +17,7 @@ from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
 from .progress import transient_bar
-from .calibrate import temperature_text
-from .report import threshold_text
+from .report import temperature_text, threshold_text
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
 if TYPE_CHECKING:  # robustness draws with matplotlib: not imported for a table's annotation
@@ -264,7 +263,7 @@ def thresholds_table(report: dict) -> list[Table]:
 
 def calibration_table(report: dict) -> Table:
     """Temperature scaling's effect on each split checked: ECE and negative log-likelihood before and after."""
-    metric = report.get("metric", "top1")  # reports before multi-label calibration lack it
+    metric = report["metric"]
     scores = ("images", SCORE_NAMES[metric], "ECE before", "ECE after", "NLL before", "NLL after")
     table = new_table(f"temperature scaling, T = {temperature_text(report['temperature'])} fitted on "
                       f"{report['fitted_on']}", ("split", *scores), right=scores)
@@ -280,7 +279,7 @@ def temperatures_table(report: dict) -> Table:
     table = new_table("per-class temperatures", ("class", "T", "its probabilities were"), right=("T",))
     for name, value in zip(report["classes"], report["temperature"]):
         table.add_row(name, f"{value:.3g}", "over-confident" if value > 1 else "under-confident" if value < 1
-                      else "kept (all held-out images alike)" if value == 1 else "")
+                      else "kept (all held-out images alike)")
     return table
 
 

@@ -109,9 +109,9 @@ def plot_scores(runs: list[tuple[str, float, tuple[float, float], dict | None]],
         colour = "C0" if versus is None else "C3" if versus["p_value"] < SIGNIFICANCE else "0.55"
         ax.errorbar(100 * score, row, xerr=[[100 * (score - low)], [100 * (high - score)]], fmt="o", color=colour,
                     capsize=4)
-        p_value = None if versus is None else p_value_text(versus, 2)
+        p_value = "" if versus is None else p_value_text(versus, 2)
         labels.append(f"{name} (best)" if versus is None else
-                      f"{name} (p {p_value if p_value.startswith('<=') else '= ' + p_value})")
+                      f"{name} (p {'' if p_value.startswith('<=') else '= '}{p_value})")
     ax.set_yticks(range(len(runs)), labels)
     ax.invert_yaxis()
     ax.margins(y=0.3)

@@ -246,6 +246,9 @@ class Trainer:
                  world: World = World()):
         self.config, self.dataset, self.run_dir, self.console = config, dataset, run_dir, console
         self.world = world
+        # First: without the tensorboard package, --tensorboard stops here, before the data is loaded.
+        self.tensorboard = (TensorBoardLog(run_dir / "tensorboard") if config.tensorboard and world.is_main
+                            else None)
         self.device = world.device(pick_device(config.device))
         self.worker_batch = per_worker_batch(config.batch_size, world)
         self.bad = BadFileLog(config.max_bad_streak)
@@ -285,7 +288,6 @@ class Trainer:
         self.stop_signal: str | None = None
         self.frozen: int | None = None  # layer groups frozen in the current epoch
         self.resumes: list[dict] = []  # each resume from last.pt (after a kill, or torchrun's restarts)
-        self.tensorboard = (TensorBoardLog(run_dir / "tensorboard") if c.tensorboard and world.is_main else None)
 
     # --- setup -------------------------------------------------------------------------------
 
