@@ -11,7 +11,8 @@ from PIL import Image
 import residual
 from residual.cli import main
 from residual.data.shapes import write_shapes
-from residual.label_errors import class_thresholds, copies_together, find_label_errors, stratified_folds, suspects
+from residual.label_errors import (class_thresholds, copies_together, find_label_errors, label_suspects,
+                                    stratified_folds, suspects)
 from residual.train import TrainConfig
 from cifar_files import write_cifar10
 
@@ -70,6 +71,26 @@ def test_suspects_are_the_ones_cleanlab_finds_by_the_confident_learning_filter()
         [0.04, 0.23, 0.73], [0.36, 0.02, 0.62], [0.33, 0.51, 0.16], [0.09, 0.2, 0.71], [0.27, 0.02, 0.71],
         [0.03, 0.31, 0.66], [0.01, 0.0, 0.99], [0.07, 0.07, 0.86], [0.24, 0.09, 0.67], [0.07, 0.61, 0.32]])
     assert sorted(index for index, _ in suspects(probs, labels)) == [1, 19]
+
+
+def test_suspects_follow_cleanlabs_refinements_where_a_weak_model_ranks_classes_below_their_thresholds():
+    """cleanlab 2.9.0's confident-learning filter, run on these two cases (2026-12-05): an image whose label is
+    its most probable class is never flagged, though its label is below threshold and another class reaches
+    its own (image 2 of the first); with several classes confident the image belongs to its most probable
+    class, confident or not (image 6 of the second: labelled 1, confident for 1 and 2, most probable 0).
+    300 random draws of weak to strong models, single- and multi-label, all agreed with cleanlab that day."""
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.45, 0.35, 0.2], [0.3, 0.4, 0.3], [0.5, 0.3, 0.2],
+                      [0.1, 0.35, 0.55]])
+    assert suspects(probs, labels) == []
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    probs = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7],
+                      [0.2, 0.3, 0.5], [0.5, 0.3, 0.2], [0.3, 0.6, 0.1], [0.2, 0.5, 0.3], [0.1, 0.7, 0.2]])
+    assert sorted(suspects(probs, labels)) == [(4, 2), (5, 2), (6, 0), (7, 1), (8, 1), (9, 1)]
+    # multi-label, one class judged as present/absent: image 5 is labelled without it and "absent" is the more
+    # probable answer (0.7), though "present" (0.3) reaches that answer's low threshold (0.25)
+    present = np.array([[0.3], [0.25], [0.2], [0.1], [0.05], [0.3]])
+    assert label_suspects(present, np.array([[1], [1], [1], [0], [0], [0]])) == []
 
 
 def test_every_image_is_judged_once_by_a_model_that_left_it_out(tmp_path, capsys):

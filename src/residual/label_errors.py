@@ -4,8 +4,9 @@ Every labelled image of the dataset gets class probabilities from a model traine
 (k-fold cross-validation, stratified by class, with exact and near-identical copies of an image in one fold):
 out-of-fold answers, so a model cannot simply have memorised a wrong label. Suspects are then the
 off-diagonal of the confident joint (Northcutt et al. 2021, "Confident learning"): each class's threshold
-t_j is the mean probability that images labelled j give j; an image belongs to the most probable of the
-classes whose probability reaches their threshold, and is a suspect when that class is not its label.
+t_j is the mean probability that images labelled j give j; an image belongs to the class whose probability
+reaches its threshold (to its most probable class when several do), and is a suspect when that class is not
+its label and the model does not rank its label first: cleanlab's confident-learning filter, exactly.
 Suspects are ranked by the probability of their given label, lowest first (cleanlab's "self-confidence"
 ranking).
 
@@ -88,12 +89,20 @@ def class_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def suspects(probs: np.ndarray, labels: np.ndarray) -> list[tuple[int, int]]:
     """(image, suggested class) of each image the confident joint puts off its given label, lowest
-    probability of the given label first: of the classes at or above their threshold, the image belongs to
-    the most probable; it is a suspect when that is not its label (no class above: not counted)."""
+    probability of the given label first, as cleanlab 2.9.0's filter_by="confident_learning" flags them: a class
+    is confident for an image when its probability reaches the class's threshold (within 1e-6); the image
+    belongs to its one confident class or, when several are, to its most probable class; it is a suspect when
+    that is not its label (no class confident: not counted), unless its label is its most probable class
+    (within 1e-6), so a weak model that still ranks the label first does not flag it."""
     thresholds = np.nan_to_num(class_thresholds(probs, labels), nan=np.inf)
-    confident = np.where(probs >= thresholds[None, :], probs, -1.0)
-    belongs = confident.argmax(1)
-    flagged = np.flatnonzero((confident.max(1) >= 0) & (belongs != labels))
+    confident = probs >= thresholds[None, :] - 1e-6
+    several = confident.sum(1) > 1
+    belongs = np.where(several, probs.argmax(1), confident.argmax(1))
+    rows = np.arange(len(labels))
+    label_lifted = probs.copy()
+    label_lifted[rows, labels] += 1e-6
+    agrees = label_lifted.argmax(1) == labels
+    flagged = np.flatnonzero(confident.any(1) & (belongs != labels) & ~agrees)
     order = np.argsort(probs[flagged, labels[flagged]], kind="stable")
     return [(int(flagged[i]), int(belongs[flagged[i]])) for i in order]
 
