@@ -26,11 +26,13 @@ def data(tmp_path_factory):
 
 
 def test_range_test_sweeps_up_and_stops_when_the_loss_explodes(data, tmp_path):
-    config = TrainConfig(data=str(data), model="resnet20", batch_size=16, quiet=True, out=str(tmp_path / "runs"))
+    config = TrainConfig(data=str(data), model="resnet20", batch_size=16, quiet=True, out=str(tmp_path / "runs"),
+                         tensorboard=True)  # as `train --lr auto --tensorboard` asks for it: the sweep is no run
     result = lr_find(config, start_lr=1e-5, end_lr=100.0, steps=60)
     assert 3 <= len(result.lrs) <= 60 and result.lrs == sorted(result.lrs)
     assert result.lrs[0] == pytest.approx(1e-5)
     assert 1e-5 <= result.suggestion <= 100.0 and result.plot.is_file()
+    assert sorted(path.name for path in result.plot.parent.iterdir()) == ["lr_find.png"]
     assert result.plot.parent.parent == tmp_path / "lr-find"
 
 

@@ -247,8 +247,8 @@ class Trainer:
         self.config, self.dataset, self.run_dir, self.console = config, dataset, run_dir, console
         self.world = world
         # First: without the tensorboard package, --tensorboard stops here, before the data is loaded.
-        self.tensorboard = (TensorBoardLog(run_dir / "tensorboard") if config.tensorboard and world.is_main
-                            else None)
+        self.tensorboard = (TensorBoardLog(run_dir / "tensorboard", (run_dir / "config.yaml").read_text())
+                            if config.tensorboard and world.is_main else None)
         self.device = world.device(pick_device(config.device))
         self.worker_batch = per_worker_batch(config.batch_size, world)
         self.bad = BadFileLog(config.max_bad_streak)
@@ -798,8 +798,6 @@ class Trainer:
     def _finish(self) -> TrainResult:
         self.bad.files = self.world.merge(self.bad.files)  # each worker read only its share of the files
         self._draw_curves(final=True)
-        if self.tensorboard is not None:
-            self.tensorboard.close()
         summary = {"best_epoch": self.best_epoch, "best": self.best, "epochs_run": self.epoch,
                    "stopped_early": self.stopped_early, "workers": self.world.size, "resumes": self.resumes,
                    "bad_files": self.bad.files, "ignored_files": [str(p) for p in self.dataset.ignored]}
@@ -808,6 +806,10 @@ class Trainer:
                 tmp.write_text(json.dumps(summary, indent=2))
             if self.config.report and self.best is not None:
                 self._write_report()
+        if self.tensorboard is not None:  # the pictures but curves.png, whose numbers are already scalars
+            pictures = sorted(path for path in self.run_dir.glob("*.png") if path.name != "curves.png")
+            self.tensorboard.finish(self.config.to_dict(), self.best or {}, self.best_epoch, pictures, self.epoch)
+            self.tensorboard.close()
         self.world.barrier()  # the other workers wait, so the group ends together
         best = self.best or {}
         score = "val_map" if self.dataset.multi_label else "val_top1"
