@@ -1,6 +1,6 @@
-"""Our perceptual hash against the `imagehash` package's pHash (not a dependency: the test is skipped
-without it; `pip install imagehash` to run it). The bits must be the same for images that are not
-shrunk first (shorter side under 192 px), and within 4 of 64 for larger ones."""
+"""Our perceptual hash against the `imagehash` package's pHash (a test dependency, in the dev extra; the package
+never imports it, and the test is skipped where it is missing). The bits must be the same for images that are
+not shrunk first (shorter side under 192 px), and within 4 of 64 for larger ones."""
 
 import numpy as np
 import pytest
