@@ -1,11 +1,11 @@
-"""Our corruptions against the ImageNet-C reference functions, packaged as `imagecorruptions` (not a
-dependency: the test is skipped without it; `pip install imagecorruptions` to run it). At 224 px, the size
-ImageNet-C's parameters are given for, the deterministic corruptions must give the reference's pixels to
+"""Our corruptions against the ImageNet-C reference functions, packaged as `imagecorruptions` (a test dependency,
+in the dev extra; the package never imports it, and the test is skipped where it is missing). At 224 px, the
+size ImageNet-C's parameters are given for, the deterministic corruptions must give the reference's pixels to
 about a grey level, and the random ones must change an image as much as the reference's do. Not the elastic
-transform: the package rewrote it (no affine step, other parameters); ours is the authors' own. Nor glass
-blur: the package's no longer runs on current scikit-image (`multichannel=`). Nor frost: the package
-rescales the photographs (by 1.1, bicubic) where the authors crop them. All three were checked against
-the authors' code with the same random draws (docs/evaluation.md)."""
+transform: the package rewrote it (no affine step, other parameters); ours is the authors' own. Nor glass blur:
+the package's no longer runs on current scikit-image (`multichannel=`). Nor frost: the package rescales the
+photographs (by 1.1, bicubic) where the authors crop them. All three were checked against the authors' code with
+the same random draws (docs/evaluation.md)."""
 
 import numpy as np
 import pytest
