@@ -11,8 +11,8 @@ from PIL import Image
 import residual
 from residual.cli import main
 from residual.data.shapes import write_shapes
-from residual.label_errors import (class_thresholds, copies_together, find_label_errors, label_suspects,
-                                    stratified_folds, suspects)
+from residual.label_errors import (class_thresholds, copies_together, find_label_errors, judge_probabilities,
+                                    label_suspects, stratified_folds, suspects)
 from residual.train import TrainConfig
 from cifar_files import write_cifar10
 
@@ -124,11 +124,53 @@ def test_every_image_is_judged_once_by_a_model_that_left_it_out(tmp_path, capsys
     assert sorted(row["image"] for row in table) == images
     assert all(sum(float(row[name]) for name in sorted(path.name for path in (data / "train").iterdir()))
                == pytest.approx(1.0, abs=1e-4) for row in table)
+    # judged again from its own probabilities.csv (6 significant digits), no model trained: the same suspects
+    again = judge_probabilities(data, result.files["probabilities"], tmp_path / "again")
+    assert again.images == result.images and not again.fold_scores and result.issues
+    assert [(issue.image, issue.suggested) for issue in again.issues] == [(issue.image, issue.suggested)
+                                                                          for issue in result.issues]
+    assert [issue.p_given for issue in again.issues] == pytest.approx([issue.p_given for issue in result.issues],
+                                                                      abs=1e-6)
     with pytest.raises(residual.ConfigError, match="fewer images than --folds 50"):
         find_label_errors(data, tmp_path / "audit2", folds=50, config=config)
     cifar = write_cifar10(tmp_path / "cifar-10-batches-py", train=30, test=30)
     with pytest.raises(residual.ConfigError, match="CIFAR's batches hold no image files to list per fold"):
         find_label_errors(cifar, tmp_path / "audit3", folds=2, config=config)
+
+
+def test_probabilities_from_elsewhere_are_judged_without_training(tmp_path, capsys):
+    data = write_shapes(tmp_path / "shapes", size=16, per_class=3, seed=2, progress=False)
+    images = sorted((data / "train").glob("*/*.png"))  # 30 images of 10 classes; val and test left unjudged
+    classes = sorted(path.name for path in (data / "train").iterdir())
+    labels = np.array([classes.index(path.parent.name) for path in images])
+    probs = np.full((len(images), len(classes)), 0.02)
+    probs[np.arange(len(images)), labels] = 0.82
+    probs[4], probs[4, 7] = 0.02, 0.82  # a model sure that image 4 (labelled 1) is of class 7
+    listing = tmp_path / "probabilities.csv"
+    with open(listing, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["image", *classes, "comment"])  # other columns are allowed and ignored
+        writer.writerows([str(image), *row, "-"] for image, row in zip(images, probs.tolist()))
+    result = judge_probabilities(data, listing, tmp_path / "audit")
+    assert result.images == 30 and [(issue.image, issue.given, issue.suggested) for issue in result.issues] == [
+        (str(images[4].resolve()), classes[1], classes[7])]
+    assert main(["label-errors", str(data), "--probabilities", str(listing), "--out", str(tmp_path / "runs")]) == 0
+    assert f"each image judged by the probabilities in {listing}" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "shapes" / "label_issues.csv")))
+    assert [row["suggested"] for row in rows] == [classes[7]]
+
+    def refused(text, match):
+        listing.write_text(text)
+        with pytest.raises(residual.ConfigError, match=match):
+            judge_probabilities(data, listing, tmp_path / "refused")
+
+    header = ",".join(["image", *classes])
+    refused("image,circle\n", r"no column 'arrow', 'crescent'")
+    refused(header + "\n", "no rows")
+    refused(header + "\n" + ",".join([str(tmp_path / "other.png")] + ["0.1"] * 10) + "\n",
+            "line 2: .*other.png is not a labelled image of the data")
+    refused(header + "\n" + ",".join([str(images[0])] + ["x"] * 10) + "\n", "line 2: a probability that is not")
+    refused(header + "\n" + ",".join([str(images[0])] + ["1.5"] * 10) + "\n", "line 2: a probability outside 0..1")
 
 
 def test_label_errors_cli(tmp_path, capsys):

@@ -16,7 +16,7 @@ import residual
 from residual.calibrate import fit_class_temperatures
 from residual.cli import main
 from residual.deploy.prune import prune
-from residual.label_errors import find_label_errors, label_suspects
+from residual.label_errors import find_label_errors, judge_probabilities, label_suspects
 from residual.robustness import robustness
 from residual.data.datasets import DatasetError, open_dataset, split_labels
 from residual.data.shapes import MULTI_LABEL_CSV, render_shapes, write_multi_label_shapes
@@ -375,6 +375,10 @@ def test_label_errors_judges_multi_label_data_class_by_class_with_models_that_le
     probabilities = list(csv.DictReader(open(result.files["probabilities"])))
     assert all(row["given"].split() == given[row["image"]] for row in probabilities)
     assert result.files["picture"].stat().st_size > 1000
+    # judged again from its probabilities.csv (6 significant digits): the same suspects and edits
+    again = judge_probabilities(tagged / MULTI_LABEL_CSV, result.files["probabilities"], tmp_path / "again")
+    assert again.multi_label and sorted((issue.image, issue.change) for issue in again.issues) == sorted(
+        (issue.image, issue.change) for issue in result.issues)
     assert main(["label-errors", str(tagged / MULTI_LABEL_CSV), "--model", "resnet20", "--epochs", "1", "--folds",
                  "2", "--batch-size", "16", "--workers", "0", "--quiet", "--out", str(tmp_path / "cli")]) == 0
     printed = " ".join(capsys.readouterr().out.split())

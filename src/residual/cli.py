@@ -580,7 +580,7 @@ LABEL_ERRORS_IGNORES = ("resume", "run_dir", "nproc", "max_restarts", "name", "r
 
 def cmd_label_errors(args: argparse.Namespace, console: Console) -> int:
     from .data.datasets import data_name
-    from .label_errors import find_label_errors
+    from .label_errors import find_label_errors, judge_probabilities
     from .runs import output_dir
     from .tables import SCORE_NAMES, new_table
 
@@ -590,7 +590,10 @@ def cmd_label_errors(args: argparse.Namespace, console: Console) -> int:
                       f"is a new run of its own under the output folder")
     config = _train_config(args)
     with output_dir(None, args.out or "runs/label-errors", data_name(config.data)) as out:  # --out: their parent
-        result = find_label_errors(config.data, out, args.folds, config, console=console)
+        if args.probabilities:  # judged again, or by probabilities from elsewhere: no fold models
+            result = judge_probabilities(config.data, args.probabilities, out)
+        else:
+            result = find_label_errors(config.data, out, args.folds, config, console=console)
     _report_failed(result.unreadable)
     title = f"probably mislabelled: {len(result.issues)} of {result.images} images (worst first)"
     if result.multi_label:  # + a label probably missing, - one probably wrong; p: how sure of the surest edit
@@ -606,10 +609,11 @@ def cmd_label_errors(args: argparse.Namespace, console: Console) -> int:
     if result.issues:
         console.print(table)
     folds = ", ".join(f"{score:.1%}" for score in result.fold_scores)
-    console.print(f"each image judged by the model that did not train on it (fold models' "
-                  f"{SCORE_NAMES['map' if result.multi_label else 'top1']}: {folds}); all "
-                  f"{len(result.issues)} in {result.files['table']}, the worst as pictures in "
-                  f"{result.files['picture']}")
+    judged_by = (f"the probabilities in {args.probabilities}" if args.probabilities else
+                 f"the model that did not train on it (fold models' "
+                 f"{SCORE_NAMES['map' if result.multi_label else 'top1']}: {folds})")
+    console.print(f"each image judged by {judged_by}; all {len(result.issues)} in {result.files['table']}, the "
+                  f"worst as pictures in {result.files['picture']}")
     return 1 if result.unreadable else 0
 
 
@@ -1371,6 +1375,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(p, runs="runs/label-errors")
     p.add_argument("--folds", type=at_least(2), default=3, help="models trained, each judging the images it left out")
     p.add_argument("--show", type=at_least(0), default=20, help="suspects listed here (all go to the CSV)")
+    p.add_argument("--probabilities", metavar="CSV",
+                   help="judge by these out-of-fold probabilities instead of training fold models: an earlier "
+                        "audit's probabilities.csv, or any CSV with an image column and one per class")
     p.set_defaults(run=cmd_label_errors)
 
     p = commands.add_parser("embed", help="pooled features of images (include_top=False) -> a .npy file")

@@ -16,7 +16,8 @@ image is a suspect when any of its answers is put off the given one: a label pro
 probably wrong. Its folds are a seeded deal of the images, not stratified (an image has several classes).
 
 Each fold is an ordinary training run (its CSV of image,label,split rows, its run directory under OUT/runs),
-so every training option applies.
+so every training option applies. Or the probabilities come from a CSV (`judge_probabilities`,
+`--probabilities`): an earlier audit's probabilities.csv, or out-of-fold probabilities made elsewhere.
 """
 
 from __future__ import annotations
@@ -160,13 +161,7 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2 (each image is judged by a model trained on the others), "
                           f"got {folds}")
-    dataset = open_dataset(data)
-    if dataset.kind == "cifar":
-        raise ConfigError(f"{data}: CIFAR's batches hold no image files to list per fold; audit a folder or a CSV")
-    splits = [split for split in (dataset.train, dataset.val, dataset.test) if split is not None]
-    files = [Path(file).resolve() for split in splits for file in split.files]
-    labels = np.concatenate([np.asarray(split.labels, dtype=np.int64).reshape(len(split.labels), len(dataset.classes))
-                             if dataset.multi_label else np.asarray(split.labels, dtype=np.int64) for split in splits])
+    dataset, files, labels = _labelled_images(data)
     counts = labels.sum(0) if dataset.multi_label else np.bincount(labels, minlength=len(dataset.classes))
     too_few = [name for name, count in zip(dataset.classes, counts) if count < folds]
     if too_few:
@@ -198,7 +193,73 @@ def find_label_errors(data: str | Path, out: str | Path, folds: int = 3, config:
         judged[judged_now] = True
         unreadable += result.failed
         fold_scores.append(result.score())
-    kept = np.flatnonzero(judged)  # an unreadable image has no answer to judge it by; it is reported instead
+    # an unreadable image has no answer to judge it by; it is reported instead
+    return _judge(dataset, files, labels, probs, judged, out, show, fold_scores, unreadable)
+
+
+def judge_probabilities(data: str | Path, probabilities: str | Path, out: str | Path,
+                        show: int = 24) -> LabelErrorResult:
+    """Flag `data`'s labelled images by probabilities given in a CSV (`--probabilities`) instead of fold models
+    trained here: a probabilities.csv of an earlier audit (judged again, say, after the rule changed), or
+    out-of-fold probabilities from anywhere, as an `image` column and one column per class of `data`, named
+    as its classes. The labels are `data`'s; an image of `data` the file lacks is not judged (counted in
+    `LabelErrorResult.images`), and rows for images `data` does not label are refused."""
+    dataset, files, labels = _labelled_images(data)
+    probs, judged = _read_probabilities(Path(probabilities), files, dataset.classes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return _judge(dataset, files, labels, probs, judged, out, show, [], [])
+
+
+def _labelled_images(data: str | Path) -> tuple[Dataset, list[Path], np.ndarray]:
+    """`data`'s labelled images (train, val and test splits together) and their labels (multi-label: N x C)."""
+    dataset = open_dataset(data)
+    if dataset.kind == "cifar":
+        raise ConfigError(f"{data}: CIFAR's batches hold no image files to list per fold; audit a folder or a CSV")
+    splits = [split for split in (dataset.train, dataset.val, dataset.test) if split is not None]
+    files = [Path(file).resolve() for split in splits for file in split.files]
+    labels = np.concatenate([np.asarray(split.labels, dtype=np.int64).reshape(len(split.labels), len(dataset.classes))
+                             if dataset.multi_label else np.asarray(split.labels, dtype=np.int64) for split in splits])
+    return dataset, files, labels
+
+
+def _read_probabilities(path: Path, files: list[Path], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(N x C probabilities in `files`' order and `classes`' columns, which of `files` the CSV gives) from a CSV
+    with an image column and a column per class; anything else in it is a one-line ConfigError."""
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            reader = csv.DictReader(stream)
+            columns, rows = reader.fieldnames or [], list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConfigError(f"--probabilities {path}: cannot read it as a CSV ({error})") from None
+    missing = [name for name in ["image", *classes] if name not in columns]
+    if missing:
+        raise ConfigError(f"--probabilities {path}: no column {', '.join(repr(name) for name in missing[:5])}; it "
+                          f"needs an image column and one per class of the data, as label-errors' probabilities.csv")
+    index_of = {str(file): index for index, file in enumerate(files)}
+    probs = np.zeros((len(files), len(classes)))
+    judged = np.zeros(len(files), dtype=bool)
+    for line, row in enumerate(rows, start=2):
+        index = index_of.get(str(Path(row["image"]).resolve()))
+        if index is None:
+            raise ConfigError(f"--probabilities {path}, line {line}: {row['image']} is not a labelled image of the "
+                              f"data; give the data the probabilities were made for")
+        try:
+            values = [float(row[name]) for name in classes]
+        except (TypeError, ValueError):
+            raise ConfigError(f"--probabilities {path}, line {line}: a probability that is not a number") from None
+        if not all(0.0 <= value <= 1.0 for value in values):
+            raise ConfigError(f"--probabilities {path}, line {line}: a probability outside 0..1")
+        probs[index], judged[index] = values, True
+    if not judged.any():
+        raise ConfigError(f"--probabilities {path}: no rows; it needs a row of probabilities per image to judge")
+    return probs, judged
+
+
+def _judge(dataset: Dataset, files: list[Path], labels: np.ndarray, probs: np.ndarray, judged: np.ndarray,
+           out: Path, show: int, fold_scores: list[float], unreadable: list[str]) -> LabelErrorResult:
+    """The suspects among the judged images, written as label_issues.csv, probabilities.csv and a picture."""
+    kept = np.flatnonzero(judged)
     find_issues = _multi_label_issues if dataset.multi_label else _issues
     issues = find_issues(probs[kept], labels[kept], [files[index] for index in kept], dataset.classes)
     result = LabelErrorResult(len(kept), issues, out, fold_scores, unreadable, dataset.multi_label)
@@ -273,7 +334,7 @@ def _write_probabilities(files: list[Path], given: list[str], probs: np.ndarray,
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["image", "given", *classes])
-        writer.writerows([file, label, *(f"{p:.6f}" for p in row)] for file, label, row in zip(files, given, probs))
+        writer.writerows([file, label, *(f"{p:.6g}" for p in row)] for file, label, row in zip(files, given, probs))
 
 
 def _draw(issues: list[LabelIssue], total: int, path: Path, audited: int, multi_label: bool = False) -> None:
