@@ -11,7 +11,7 @@ from residual.data.datasets import open_dataset
 from residual.data.shapes import write_shapes
 from residual.train import TrainConfig
 from residual.train.config import resolve
-from residual.train.optim import Lamb, OptimConfig, build_optimizer, build_scheduler, lr_factor
+from residual.train.optim import Lamb, OptimConfig, PlateauDecay, build_optimizer, build_scheduler, lr_factor
 
 SPE = 10  # steps per epoch
 
@@ -75,6 +75,54 @@ def test_scheduler_steps_the_optimizer_lr():
     assert lrs[0] == pytest.approx(0.2) and lrs[SPE] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("mode, scores", [
+    ("max", [0.5, 0.6, 0.6, 0.60005, 0.59, 0.7, 0.7, 0.7, float("nan"), 0.7, 0.71, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]),
+    ("min", [float("nan"), 2.0, 1.5, 1.6, 1.49995, 1.5, 1.0, 1.2, 1.1, 1.1, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])])
+def test_plateau_cuts_the_rate_when_torchs_reduce_lr_on_plateau_does(mode, scores):
+    """The same scores to ours and to torch's scheduler (patience 2, factor 0.5, floor 0.2 of the rate): the same
+    rate after every epoch. Gains under 1e-4 of the best are no improvement, and a NaN is none either."""
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode, factor=0.5, patience=2, min_lr=0.02)
+    ours = PlateauDecay(0.5, 2, 0.2, higher_is_better=mode == "max")
+    rates, cuts = [], []
+    for score in scores:
+        reference.step(score)
+        cuts.append(ours.update(score))
+        rates.append(0.1 * ours.scale)
+        assert rates[-1] == pytest.approx(optimizer.param_groups[0]["lr"])
+    assert sum(cuts) == 3 and rates[-1] == pytest.approx(0.02)  # two halvings, then the floor
+
+
+def test_the_plateau_schedule_in_training_waits_out_the_warmup_and_survives_a_resume(tmp_path):
+    from rich.console import Console
+
+    from residual.train.checkpoint import load_checkpoint
+    from residual.train.trainer import Trainer
+
+    data = write_shapes(tmp_path / "s", size=16, per_class=4, seed=0, progress=False)
+    dataset = open_dataset(data)
+    config = resolve(TrainConfig(data=str(data), model="resnet20", batch_size=8, quiet=True, workers=0, epochs=9,
+                                 optim=OptimConfig(lr=0.1, schedule="plateau", plateau_patience=1, gamma=0.5,
+                                                   warmup_epochs=2)), dataset)
+    trainer = Trainer(config, dataset, tmp_path / "run", Console(quiet=True))
+    train_stats = {"train_loss": 1.0, "train_acc": 0.5, "images_per_s": 1.0, "epoch_seconds": 1.0}
+    rates = []
+    for top1 in (0.1, 0.1, 0.5, 0.5, 0.5, 0.5):  # two warmup epochs, which do not count, then a plateau
+        for _ in range(trainer.steps_per_epoch):
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+        trainer._end_epoch(train_stats, {"val_loss": 1.0, "val_top1": top1, "val_top5": 1.0})
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    assert rates[0] < 0.1 and rates[1:] == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05])  # cut after 2 more at the best
+    resumed = Trainer(config, dataset, tmp_path / "run", Console(quiet=True))
+    resumed.restore(load_checkpoint(tmp_path / "run" / "last.pt"))
+    assert resumed.plateau.state_dict() == trainer.plateau.state_dict() == {"scale": 0.5, "best": 0.5,
+                                                                           "bad_epochs": 1}
+    resumed.optimizer.step()
+    resumed.scheduler.step()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 @pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
                                         ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop),
                                         ("lamb", Lamb)])
@@ -96,6 +144,8 @@ def test_bad_optimizer_options():
         OptimConfig(optimizer="lars")
     with pytest.raises(residual.ConfigError, match="--schedule"):
         OptimConfig(schedule="poly")
+    with pytest.raises(residual.ConfigError, match="--schedule plateau cuts the lr by --gamma below 1"):
+        OptimConfig(schedule="plateau", gamma=2.0)
 
 
 def test_layer_lr_decay_gives_discriminative_learning_rates():

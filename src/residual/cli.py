@@ -560,7 +560,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 # it trains no run, on no schedule but its own.
 LR_FIND_IGNORES = ("resume", "run_dir", "nproc", "sync_bn", "epochs", "lr", "schedule", "warmup_epochs",
                    "min_lr_ratio", "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase",
-                   "early_stopping", "monitor", "ema", "checkpoint_every", "report")
+                   "plateau_patience", "early_stopping", "monitor", "ema", "checkpoint_every", "report")
 
 
 def cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
@@ -651,7 +651,7 @@ def _train_config(args: argparse.Namespace, **overrides):
 
 
 OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "min_lr_ratio",
-               "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase")
+               "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase", "plateau_patience")
 AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
                  "random_erasing", "auto_augment", "randaugment_ops", "randaugment_magnitude", "mixup", "cutmix")
 MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
@@ -995,13 +995,18 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
     opt.add_argument("--momentum", type=float)
     opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     opt.add_argument("--weight-decay", type=float, help="L2 on conv/linear weights only (never BN or bias)")
-    opt.add_argument("--schedule", choices=("cosine", "step", "multistep", "exponential", "onecycle", "constant"))
+    opt.add_argument("--schedule", choices=("cosine", "step", "multistep", "exponential", "onecycle", "constant",
+                                            "plateau"),
+                     help="plateau: the lr cut by --gamma when --monitor stops improving")
     opt.add_argument("--warmup-epochs", type=float)
-    opt.add_argument("--min-lr-ratio", type=float)
+    opt.add_argument("--min-lr-ratio", type=float,
+                     help="cosine: the final lr, plateau: the lowest, as a fraction of --lr")
     opt.add_argument("--step-size", type=int, help="step schedule: epochs between decays")
     opt.add_argument("--milestones", type=lambda v: tuple(float(x) for x in v.split(",")),
                      help="multistep: epochs, e.g. 30,60,80")
-    opt.add_argument("--gamma", type=float)
+    opt.add_argument("--gamma", type=float, help="step, multistep and plateau: the factor on the lr at each cut")
+    opt.add_argument("--plateau-patience", type=int,
+                     help="plateau: epochs without improvement of --monitor before the lr is cut (default 10)")
     opt.add_argument("--decay-rate", type=float, help="exponential: factor per --decay-epochs")
     opt.add_argument("--decay-epochs", type=float)
     opt.add_argument("--staircase", action=argparse.BooleanOptionalAction, default=None)

@@ -12,7 +12,9 @@ Every schedule is a pure function `lr_factor(step)` of the optimizer step,
 wrapped in a LambdaLR, so its values are testable and its state is one
 integer in the checkpoint. Epoch-based schedules (step, multistep,
 exponential with staircase) are converted to steps. A linear warmup can
-precede any schedule except one-cycle, which has its own.
+precede any schedule except one-cycle, which has its own. The one schedule
+that depends on more than the step, `plateau` (the rate cut when validation
+stops improving), multiplies that function by the scale `PlateauDecay` keeps.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lamb")
-SCHEDULES = ("cosine", "step", "multistep", "exponential", "onecycle", "constant")
+SCHEDULES = ("cosine", "step", "multistep", "exponential", "onecycle", "constant", "plateau")
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,11 @@ class OptimConfig:
     weight_decay: float | None = None  # auto: set by the training config from the image size
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of lr
+    min_lr_ratio: float = 0.0  # cosine: the final lr, plateau: the lowest, as a fraction of lr
     step_size: int = 30  # step: epochs between decays
     milestones: tuple[float, ...] = field(default=(30, 60, 80))  # multistep: epochs (may be fractional)
-    gamma: float = 0.1  # step/multistep decay factor
+    gamma: float = 0.1  # step/multistep/plateau decay factor
+    plateau_patience: int = 10  # plateau: epochs without improvement tolerated before the rate is cut
     decay_rate: float = 0.96  # exponential: factor per decay_epochs (Keras ExponentialDecay)
     decay_epochs: float = 1.0
     staircase: bool = False
@@ -70,6 +73,9 @@ class OptimConfig:
         if self.gamma <= 0 or self.decay_rate <= 0:
             raise ConfigError(f"--gamma and --decay-rate are factors on the lr: positive, got "
                               f"{self.gamma} and {self.decay_rate}")
+        if self.schedule == "plateau" and not (self.gamma < 1 and self.plateau_patience >= 0):
+            raise ConfigError(f"--schedule plateau cuts the lr by --gamma below 1 after --plateau-patience epochs "
+                              f"(0 or more) without improvement, got {self.gamma} and {self.plateau_patience}")
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
 
 
@@ -186,7 +192,45 @@ def _one_cycle(step: int, config: OptimConfig, total_steps: int) -> float:
     return high + (low - high) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class PlateauDecay:
+    """`--schedule plateau`: a scale on the rate, cut by `gamma` when the monitored validation score has not
+    improved for more than `patience` epochs, as torch's ReduceLROnPlateau decides (an improvement beats the
+    best by more than 1e-4 of it; no cooldown) and never below `min_scale`. Ours keeps a scale rather than
+    using ReduceLROnPlateau, which sets the optimizer's rates itself and so cannot follow the LambdaLR that
+    runs every other schedule and the warmup."""
+
+    THRESHOLD = 1e-4  # ReduceLROnPlateau's default, relative
+
+    def __init__(self, gamma: float, patience: int, min_scale: float, higher_is_better: bool):
+        self.gamma, self.patience, self.min_scale, self.higher_is_better = gamma, patience, min_scale, higher_is_better
+        self.scale, self.best, self.bad_epochs = 1.0, -math.inf if higher_is_better else math.inf, 0
+
+    def update(self, value: float) -> bool:
+        """One epoch's score; True when it cut the rate. A NaN never improves."""
+        improved = (value > self.best * (1 + self.THRESHOLD) if self.higher_is_better else
+                    value < self.best * (1 - self.THRESHOLD))
+        if improved:
+            self.best, self.bad_epochs = value, 0
+            return False
+        self.bad_epochs += 1
+        if self.bad_epochs <= self.patience:
+            return False
+        self.bad_epochs = 0
+        scale = max(self.scale * self.gamma, self.min_scale)
+        if self.scale - scale <= 1e-8:  # already at the floor
+            return False
+        self.scale = scale
+        return True
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.best, self.bad_epochs = state["scale"], state["best"], state["bad_epochs"]
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, steps_per_epoch: int,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+                    total_steps: int, plateau: PlateauDecay | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config, steps_per_epoch, total_steps))
+        optimizer, lambda step: lr_factor(step, config, steps_per_epoch, total_steps) * (plateau.scale if plateau
+                                                                                          else 1.0))

@@ -64,7 +64,7 @@ from .ema import WeightEMA
 from .history import plot_curves, write_metrics
 from .tensorboard import TensorBoardLog
 from .loss import consistency_sum, label_loss_sum
-from .optim import build_optimizer, build_scheduler
+from .optim import PlateauDecay, build_optimizer, build_scheduler
 from .preview import write_batch_preview
 
 IN_MEMORY_BUDGET = 2 * 1024**3  # bytes of decoded uint8 images kept in memory (and on the GPU)
@@ -263,7 +263,11 @@ class Trainer:
         # One fused kernel for the whole update on CUDA, where small nets are launch-bound.
         self.optimizer = build_optimizer(self.model, c.optim, c.layer_lr_decay or 1.0,
                                          fused=self.device.type == "cuda")
-        self.scheduler = build_scheduler(self.optimizer, c.optim, self.steps_per_epoch, self.steps_per_epoch * c.epochs)
+        self.plateau = (PlateauDecay(c.optim.gamma, c.optim.plateau_patience, c.optim.min_lr_ratio,
+                                     higher_is_better=c.monitor != "val_loss")
+                        if c.optim.schedule == "plateau" else None)
+        self.scheduler = build_scheduler(self.optimizer, c.optim, self.steps_per_epoch, self.steps_per_epoch * c.epochs,
+                                         self.plateau)
         use_amp = c.amp if c.amp is not None else self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported()
                           else torch.float16) if use_amp else None
@@ -376,6 +380,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "running": dict(self.running),
             "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
@@ -391,6 +396,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.plateau and state.get("plateau"):  # absent from a last.pt written before 2026-12-05
+            self.plateau.load_state_dict(state["plateau"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
@@ -777,9 +784,20 @@ class Trainer:
                if self.dataset.multi_label else f"top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}  ")
             + f"lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
             + ("  *best*" if self.best_epoch == self.epoch + 1 else ""))
+        if self.plateau is not None and self.epoch + 1 > c.optim.warmup_epochs and self.plateau.update(value):
+            self._cut_learning_rate()
         self.epoch, self.batch = self.epoch + 1, 0
         self.stopped_early = bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping
         self.save_last()
+
+    def _cut_learning_rate(self) -> None:
+        """--schedule plateau cut the rate: the next step takes it (the scheduler sets rates after each step)."""
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
+        c = self.config
+        self.console.print(f"learning rate cut to {self.optimizer.param_groups[0]['lr']:.3g}: {c.monitor} has not "
+                           f"improved for {c.optim.plateau_patience + 1} epochs")
 
     def _draw_curves(self, final: bool) -> None:
         """curves.png after the first epoch, then at most every CURVES_EVERY_S seconds, and at the end:
