@@ -6,8 +6,8 @@ scores (probabilities to two decimals), and a class that no image has or none is
 import numpy as np
 import pytest
 
-from residual.metrics import (calibration_bins, classification_metrics, mcnemar_exact, multi_label_metrics,
-                              wilson_interval)
+from residual.metrics import (calibration_bins, classification_metrics, hardest_pr_curves, mcnemar_exact,
+                              multi_label_metrics, roc_curve, wilson_interval)
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 calibration_curve = pytest.importorskip("sklearn.calibration").calibration_curve
@@ -59,6 +59,10 @@ def test_single_label_metrics_are_scikit_learns(seed):
             np.eye(CLASSES)[labels][:, present], kept, average=average))
         assert ours[average]["average_precision"] == pytest.approx(sklearn_metrics.average_precision_score(
             np.eye(CLASSES)[labels][:, present], kept, average=average))
+    for c in present:  # the curves report.html draws: every threshold, as scikit-learn's without dropping any
+        false_positive_rate, true_positive_rate = roc_curve(probs[:, c], labels == c)
+        expected = sklearn_metrics.roc_curve(labels == c, probs[:, c], drop_intermediate=False)
+        assert np.allclose(false_positive_rate, expected[0]) and np.allclose(true_positive_rate, expected[1])
     confidence, correct = probs.max(1), predicted == labels
     rows = [row for row in calibration_bins(confidence, correct) if row["count"]]
     accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=15)
@@ -94,6 +98,12 @@ def test_multi_label_metrics_are_scikit_learns(seed):
                                                                                    probs[:, present], average="macro"))
     assert ours["loss"] == pytest.approx(np.mean([sklearn_metrics.log_loss(targets[:, c], probs[:, c], labels=[0, 1])
                                                   for c in range(CLASSES)]) * CLASSES, rel=1e-6)
+    curves = hardest_pr_curves(probs, targets, ours["per_class"])
+    assert len(curves) == CLASSES - 1  # every class but the one no image has
+    for name, (recall, precision, _) in curves.items():
+        c = int(name[1:])  # scikit-learn's curve runs from the highest threshold's end, ours from its start
+        expected_precision, expected_recall, _ = sklearn_metrics.precision_recall_curve(targets[:, c], probs[:, c])
+        assert np.allclose(precision, expected_precision[-2::-1]) and np.allclose(recall, expected_recall[-2::-1])
     rows = [row for row in ours["calibration"] if row["count"]]
     fraction, mean_probability = calibration_curve(targets.ravel(), probs.ravel(), n_bins=15)
     assert [row["accuracy"] for row in rows] == pytest.approx(fraction)
