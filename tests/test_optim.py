@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import residual
+import residual.cli
 from residual.data.datasets import open_dataset
 from residual.data.shapes import write_shapes
 from residual.train import TrainConfig
@@ -91,6 +92,17 @@ def test_plateau_cuts_the_rate_when_torchs_reduce_lr_on_plateau_does(mode, score
         rates.append(0.1 * ours.scale)
         assert rates[-1] == pytest.approx(optimizer.param_groups[0]["lr"])
     assert sum(cuts) == 3 and rates[-1] == pytest.approx(0.02)  # two halvings, then the floor
+
+
+def test_early_stopping_that_would_end_the_run_before_the_plateau_cut_is_warned_of(tmp_path, capsys):
+    data = write_shapes(tmp_path / "s", size=16, per_class=2, seed=0, progress=False)
+    for patience, warned in (("3", True), ("5", False)):
+        assert residual.cli.main(["train", str(data), "--model", "resnet20", "--epochs", "1", "--workers", "0",
+                                  "--schedule", "plateau", "--plateau-patience", "3", "--early-stopping", patience,
+                                  "--no-report", "--quiet", "--out", str(tmp_path / "runs")]) == 0
+        printed = " ".join(capsys.readouterr().out.split())
+        assert ("--early-stopping 3 ends the run before --schedule plateau could train at the rate it cuts after 4 "
+                "epochs without improvement" in printed) == warned
 
 
 def test_the_plateau_schedule_in_training_waits_out_the_warmup_and_survives_a_resume(tmp_path):

@@ -163,7 +163,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             given, config = config, resolve(config, dataset, world.size)
             if log := compile_log(given, config, len(dataset.train), world.size):
                 console.print(log)
-            for warning in validation_warnings(dataset):
+            for warning in validation_warnings(dataset) + schedule_warnings(config):
                 console.print(warning)
             if not started:
                 run_dir = world.broadcast(prepare_run_dir(config, given, run_dir) if world.is_main else None)
@@ -195,6 +195,17 @@ def discard_run_dir(run_dir: Path) -> None:
     (run_dir / "config.yaml").unlink(missing_ok=True)
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
+
+
+def schedule_warnings(config: TrainConfig) -> list[str]:
+    """Settings that work against each other: early stopping that ends the run before the plateau schedule's cut
+    (both count the epochs since `monitor` last improved)."""
+    optim = config.optim
+    if optim.schedule == "plateau" and config.early_stopping and config.early_stopping <= optim.plateau_patience + 1:
+        return [f"warning: --early-stopping {config.early_stopping} ends the run before --schedule plateau could "
+                f"train at the rate it cuts after {optim.plateau_patience + 1} epochs without improvement; give "
+                f"early stopping the longer patience"]
+    return []
 
 
 def validation_warnings(data: Dataset) -> list[str]:
