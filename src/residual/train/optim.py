@@ -231,6 +231,7 @@ class PlateauDecay:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, steps_per_epoch: int,
                     total_steps: int, plateau: PlateauDecay | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config, steps_per_epoch, total_steps) * (plateau.scale if plateau
-                                                                                          else 1.0))
+    def factor(step: int) -> float:  # the plateau's scale as it stands when the step is taken
+        return lr_factor(step, config, steps_per_epoch, total_steps) * (plateau.scale if plateau else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
