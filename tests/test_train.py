@@ -332,6 +332,20 @@ def test_a_run_at_another_eval_image_size_saves_a_model_that_takes_it(tmp_path, 
     assert "--eval-image-size must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_epoch_end_ends_a_run_after_its_checkpoint_and_says_why(shapes16, tmp_path):
+    seen = []
+
+    def epoch_end(row):
+        seen.append(row["epoch"])
+        return "enough" if row["epoch"] == 2 else None
+
+    result = train(TrainConfig(data=str(shapes16), epochs=5, out=str(tmp_path), name="run", **QUICK),
+                   epoch_end=epoch_end)  # how residual tune prunes a trial
+    assert seen == [1, 2] and len(result.history) == 2 and result.stopped_by == "enough"
+    assert json.loads((result.run_dir / "summary.json").read_text())["stopped_by"] == "enough"
+    assert (result.run_dir / "metrics.csv").read_text().count("\n") == 3  # header and two epochs
+
+
 def test_early_stopping(shapes16, tmp_path):
     result = train(TrainConfig(data=str(shapes16), epochs=8, early_stopping=2, monitor="val_loss", out=str(tmp_path),
                                name="es", model="resnet20", batch_size=32, quiet=True,

@@ -29,7 +29,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,10 @@ class TrainingError(ResidualError):
     """Training cannot go on (a non-finite loss, unusable data)."""
 
 
+class TrainingDiverged(TrainingError):
+    """The loss became NaN or infinite: the settings (often the learning rate) do not train."""
+
+
 class TrainingInterrupted(ResidualError):
     """Stopped by SIGINT/SIGTERM after saving a checkpoint."""
 
@@ -93,6 +97,7 @@ class TrainResult:
     ignored_files: int
     stopped_early: bool
     model_path: Path
+    stopped_by: str | None = None  # why `epoch_end` ended the run (a hyperparameter search's pruner)
 
 
 @dataclass
@@ -138,12 +143,15 @@ def seeded(seed: int, deterministic: bool):
 
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
-          run_dir: str | Path | None = None, console: Console | None = None) -> TrainResult:
+          run_dir: str | Path | None = None, console: Console | None = None,
+          epoch_end: Callable[[dict], str | None] | None = None) -> TrainResult:
     """Train a ResNet as `config` says, or resume the run in directory `resume`.
 
     `run_dir`: run in this directory; if it already holds a config.yaml, that is the
     config, and its last.pt (if any) is resumed. This is how torchrun's workers start,
     and how a group restarted after a lost worker picks up where it stopped.
+    `epoch_end`: called with each epoch's row of metrics.csv once last.pt holds the epoch; a text it returns
+    ends the run there, as the reason (how `residual tune` prunes a trial that falls behind).
     """
     console = console or message_console()
     if resume is not None:
@@ -168,7 +176,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             if not started:
                 run_dir = world.broadcast(prepare_run_dir(config, given, run_dir) if world.is_main else None)
             try:
-                trainer = Trainer(config, dataset, run_dir, console, world)
+                trainer = Trainer(config, dataset, run_dir, console, world, epoch_end)
             except Exception:
                 if not started and world.is_main:
                     discard_run_dir(run_dir)
@@ -254,9 +262,9 @@ def prepare_run(config: TrainConfig, processes: int, console: Console) -> Path:
 
 class Trainer:
     def __init__(self, config: TrainConfig, dataset: Dataset, run_dir: Path, console: Console,
-                 world: World = World()):
+                 world: World = World(), epoch_end: Callable[[dict], str | None] | None = None):
         self.config, self.dataset, self.run_dir, self.console = config, dataset, run_dir, console
-        self.world = world
+        self.world, self.epoch_end = world, epoch_end
         # First: without the tensorboard package, --tensorboard stops here, before the data is loaded.
         self.tensorboard = (TensorBoardLog(run_dir / "tensorboard", (run_dir / "config.yaml").read_text())
                             if config.tensorboard and world.is_main else None)
@@ -300,6 +308,7 @@ class Trainer:
         # The kept epoch, and the epochs since `monitor` last improved (what early stopping counts).
         self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
         self.stopped_early = False
+        self.stopped_by: str | None = None  # what epoch_end said when it ended the run
         self.stop_signal: str | None = None
         self.frozen: int | None = None  # layer groups frozen in the current epoch
         self.resumes: list[dict] = []  # each resume from last.pt (after a kill, or torchrun's restarts)
@@ -483,7 +492,7 @@ class Trainer:
         return self._finish()
 
     def finished(self) -> bool:
-        return self.epoch >= self.config.epochs or self.stopped_early
+        return self.epoch >= self.config.epochs or self.stopped_early or self.stopped_by is not None
 
     def frozen_groups(self) -> int:
         """How many layer groups, counted from the input, are frozen in the current epoch."""
@@ -609,9 +618,9 @@ class Trainer:
         read_parts = iter(values[2 * count + len(on_device):])
         for p, loss, correct in zip(pending, values[:count], values[count:2 * count]):
             if not math.isfinite(loss):
-                raise TrainingError(f"non-finite loss ({loss}) at epoch {p.epoch + 1}, batch {p.index + 1} (step "
-                                    f"{p.step}); nothing was saved from this point. The last good checkpoint is "
-                                    f"{self.run_dir / 'last.pt'}; lower --lr or add --grad-clip")
+                raise TrainingDiverged(f"non-finite loss ({loss}) at epoch {p.epoch + 1}, batch {p.index + 1} (step "
+                                       f"{p.step}); nothing was saved from this point. The last good checkpoint "
+                                       f"is {self.run_dir / 'last.pt'}; lower --lr or add --grad-clip")
             weight = next(read_weights) if torch.is_tensor(p.weight) else p.weight
             self.running["loss"] += loss * weight
             self.running["weight"] += weight
@@ -800,6 +809,9 @@ class Trainer:
         self.epoch, self.batch = self.epoch + 1, 0
         self.stopped_early = bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping
         self.save_last()
+        if self.epoch_end is not None and (reason := self.epoch_end(row)):
+            self.stopped_by = reason
+            self.console.print(f"stopped: {reason}")
 
     def _cut_learning_rate(self) -> None:
         """--schedule plateau cut the rate: the next step takes it (the scheduler sets rates after each step)."""
@@ -828,7 +840,8 @@ class Trainer:
         self.bad.files = self.world.merge(self.bad.files)  # each worker read only its share of the files
         self._draw_curves(final=True)
         summary = {"best_epoch": self.best_epoch, "best": self.best, "epochs_run": self.epoch,
-                   "stopped_early": self.stopped_early, "workers": self.world.size, "resumes": self.resumes,
+                   "stopped_early": self.stopped_early, "stopped_by": self.stopped_by, "workers": self.world.size,
+                   "resumes": self.resumes,
                    "bad_files": self.bad.files, "ignored_files": [str(p) for p in self.dataset.ignored]}
         if self.world.is_main:
             with atomic_path(self.run_dir / "summary.json") as tmp:
@@ -851,7 +864,8 @@ class Trainer:
                            + (", train_batch.png, report.html" if self.config.report and self.best is not None
                               else "") + (", tensorboard/" if self.config.tensorboard else "") + ")")
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
-                           len(self.dataset.ignored), self.stopped_early, self.run_dir / "model.safetensors")
+                           len(self.dataset.ignored), self.stopped_early, self.run_dir / "model.safetensors",
+                           self.stopped_by)
 
     def _write_report(self) -> None:
         """The evaluation report of the best model on the validation split, into the run directory."""
