@@ -8,6 +8,7 @@
     fast = residual.prepare_for_inference(model, "cuda")            # BN folded, channels_last, bf16
     print(residual.layer_summary(model, 224).rows)                 # output shape, params, MACs per layer
     result = residual.train(residual.TrainConfig(data="photos/", epochs=30))
+    search = residual.tune(residual.TrainConfig(data="photos/", epochs=10), ["lr=0.01..0.3:log"], trials=20)
     runs, differing = residual.compare_runs(["runs/train"])         # best first, and what differs
     report = residual.evaluate(model, "photos/", out_dir="report/")   # metrics + report.html
     result = residual.calibrate("model.safetensors", "photos/")      # temperature scaling -> a new model file
@@ -32,6 +33,7 @@ from .calibrate import CalibrationResult, calibrate
 from .serve import ModelServer, ServeConfig, serve
 from .train.lr_find import LRFindResult, lr_find
 from .train.compare import RunRecord, compare_runs
+from .train.tune import TuneResult, tune
 
 __all__ = [
     "ConfigError", "LayerSummary", "ModelInfo", "Preprocessing", "PretrainedWeights", "ResNet", "ResNetConfig",
@@ -41,5 +43,5 @@ __all__ = [
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
     "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
     "ExplainResult", "explain", "EvalResult", "evaluate", "CalibrationResult", "calibrate", "RunRecord", "compare_runs",
-    "ModelServer", "ServeConfig", "serve",
+    "ModelServer", "ServeConfig", "serve", "TuneResult", "tune",
 ]

@@ -575,6 +575,43 @@ def cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace, console: Console) -> int:
+    from .train import TrainingInterrupted
+    from .train.tune import searchable_settings, tune
+
+    refused = [flag for flag, given in [("--nproc", args.nproc), ("--max-restarts", args.max_restarts),
+                                        ("--run-dir", args.run_dir), ("--lr auto", args.lr == "auto")] if given]
+    if refused:
+        raise ResidualError(f"residual tune trains one trial at a time in this process, each in its own folder, "
+                            f"and searches the learning rate itself: drop {', '.join(refused)}")
+    try:
+        if args.resume:
+            if given := _settings_given(args) + [flag for flag, on in [("--search", args.search),
+                                                                       ("--pruner", args.pruner)] if on]:
+                raise ResidualError(f"--resume {args.resume} goes on with the search as its tune.yaml says, so "
+                                    f"{', '.join(given)} would be ignored: drop them, or start a new search")
+            result = tune(trials=args.trials, time_limit=args.time_limit, resume=args.resume, console=console)
+        else:
+            settings = searchable_settings()
+            searched = {text.partition("=")[0].strip().removeprefix("--") for text in args.search or ()}
+            fixed = [f"--{name}" for name in sorted(searched & set(settings))
+                     if getattr(args, settings[name][0].rpartition(".")[2]) is not None]
+            if fixed:
+                raise ResidualError(f"{', '.join(fixed)} given both as a flag and in --search: a setting is either "
+                                    f"fixed or searched")
+            config = _train_config(args)
+            result = tune(config, args.search or (), trials=args.trials, pruner=args.pruner or "median",
+                          time_limit=args.time_limit, out=args.out or "runs/tune", console=console)
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return 130
+    if result.importance:
+        console.print("importance of each setting for the score (PED-ANOVA): " + ", ".join(
+            f"{name} {share:.2f}" for name, share in result.importance.items()))
+    console.print(f"all trials: {result.files['trials.csv']}; pictures: {result.files['search.png']}")
+    return 0 if result.best is not None else 1
+
+
 LABEL_ERRORS_IGNORES = ("resume", "run_dir", "nproc", "max_restarts", "name", "report")
 
 
@@ -670,12 +707,16 @@ RUN_SETTINGS = ("data", "config", "recipe", *TRAIN_FLAGS, *OPTIM_FLAGS, *AUGMENT
 SETTING_NAMES = {"data": "DATA", "pretrained": "--from", "preset": "--augment", "drop_path_rate": "--drop-path"}
 
 
+def _settings_given(args: argparse.Namespace) -> list[str]:
+    """The flags (and DATA) that set up a run given on this command line, as the user typed them."""
+    finetune = FINETUNE_DEFAULTS if getattr(args, "finetune", False) else {}
+    return [SETTING_NAMES.get(name, "--" + name.replace("_", "-")) for name in RUN_SETTINGS
+            if getattr(args, name) is not None and finetune.get(name) != getattr(args, name)]
+
+
 def _refuse_settings_with_resume(args: argparse.Namespace) -> None:
     """A resumed run goes on as its config.yaml says: a setting given with --resume would be silently ignored."""
-    finetune = FINETUNE_DEFAULTS if getattr(args, "finetune", False) else {}
-    given = [SETTING_NAMES.get(name, "--" + name.replace("_", "-")) for name in RUN_SETTINGS
-             if getattr(args, name) is not None and finetune.get(name) != getattr(args, name)]
-    if given:
+    if given := _settings_given(args):
         raise ResidualError(f"--resume {args.resume} goes on as its config.yaml says, so {', '.join(given)} would be "
                             f"ignored: drop them, or start a new run from its weights (--from "
                             f"{Path(args.resume) / 'model.safetensors'})")
@@ -945,9 +986,10 @@ def _add_experiment_commands(commands) -> None:
     p.set_defaults(run=cmd_experiment_lesion)
 
 
-def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -> None:
+def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
+                         resume: tuple[str, str] = ("RUN_DIR", "continue an interrupted run from its last.pt")) -> None:
     """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply.
-    `runs`: where the command's run directories go by default."""
+    `runs`: where the command's run directories go by default; `resume`: --resume's metavar and help."""
     from .data.device_decode import DECODERS
     from .data.transforms import AUTO_AUGMENTS
     from .models.resnet import STEMS
@@ -962,7 +1004,7 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train") -
                    help="start from a published recipe (flags override it): He et al. 2015's CIFAR ResNets, "
                         "torchvision's original ImageNet reference, ResNet strikes back's A1, A2 or A3 "
                         "(docs/training.md#recipes)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    p.add_argument("--resume", metavar=resume[0], help=resume[1])
     p.add_argument("--model", help="registry name (auto: resnet20/56 for small images, resnet18/50 otherwise)")
     p.add_argument("--stem", choices=STEMS, help="the model's stem: cifar (one 3x3, no downsampling) makes an "
                                                  "ImageNet net such as resnet18 fit 32 px images")
@@ -1374,6 +1416,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-lr", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=100)
     p.set_defaults(run=cmd_lr_find)
+
+    from .train.tune import PRUNERS
+
+    p = commands.add_parser("tune", help="hyperparameter search: training runs whose settings Optuna proposes, "
+                                         "the poor ones pruned early")
+    _add_train_arguments(p, runs="runs/tune", resume=("TUNE_DIR", "go on with the search in this folder"))
+    p.add_argument("--search", action="append", metavar="NAME=RANGE",
+                   help="a setting to search (repeatable): lr=0.01..0.3:log, label-smoothing=0..0.2, "
+                        "optimizer=sgd,adamw; default: lr, weight-decay and label-smoothing around residual "
+                        "train's choice (docs/tuning.md)")
+    p.add_argument("--trials", type=at_least(1), help="training runs in all (default 20; with --resume: as before)")
+    p.add_argument("--pruner", choices=PRUNERS, default=None,
+                   help="what stops a trial that falls behind: median (default), hyperband, none")
+    p.add_argument("--time-limit", type=positive, metavar="MINUTES", help="no new trial starts after this")
+    p.set_defaults(run=cmd_tune)
 
     p = commands.add_parser("label-errors", help="images probably labelled wrong, found by k-fold models that "
                                                  "never trained on them")

@@ -49,10 +49,14 @@ class RunRecord:
 
     @property
     def state(self) -> str:
-        """How far it got: "12/12", "7/30 stopped early", or "3/12 unfinished" (interrupted, or still going)."""
+        """How far it got: "12/12", "7/30 stopped early", "2/3 trial 4 pruned at epoch 2" (what ended it before
+        its epochs, the part before a colon: residual tune's pruner), or "3/12 unfinished" (interrupted, or still
+        going)."""
         done = f"{len(self.history)}/{self.config['epochs']}"
         if self.summary is None:
             return f"{done} unfinished"
+        if self.summary.get("stopped_by"):  # summaries from before 2026-12-05 lack it
+            return f"{done} {self.summary['stopped_by'].split(':')[0]}"
         return f"{done} stopped early" if self.summary["stopped_early"] else done
 
 

@@ -186,9 +186,9 @@ AUTO_RECORD = "auto"
 def save_config(config: TrainConfig, path: Path, given: TrainConfig | None = None) -> None:
     """`config` as YAML; with `given` (what was asked, before `resolve`), also a record of what was chosen
     automatically, so that `--config` chooses those again (see `options_as_asked`)."""
-    options = _plain(config.to_dict())
+    options = plain_yaml(config.to_dict())
     if given is not None:
-        options[AUTO_RECORD] = _plain(chosen_automatically(given, config))
+        options[AUTO_RECORD] = plain_yaml(chosen_automatically(given, config))
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(options, sort_keys=False))
 
@@ -261,17 +261,17 @@ def options_as_asked(path: str | Path) -> dict:
         key, _, nested = name.partition(".")
         part = options.get(key) if nested else options
         field_name = nested or key
-        if isinstance(part, dict) and field_name in part and _plain(part[field_name]) == value:
+        if isinstance(part, dict) and field_name in part and plain_yaml(part[field_name]) == value:
             part[field_name] = None
     return options
 
 
-def _plain(value):
+def plain_yaml(value):
     """Tuples -> lists, recursively, so safe_dump writes plain YAML."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_yaml(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_yaml(v) for v in value]
     return value
 
 

@@ -1,0 +1,193 @@
+"""residual tune: a hyperparameter search whose trials are real training runs, pruned, resumable after a kill."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from residual.cli import main
+from residual.data.shapes import write_shapes
+from residual.errors import ConfigError
+from residual.train import TrainConfig
+from residual.train.compare import compare_runs
+from residual.train.config import options_as_asked
+from residual.train.tune import Searched, tune
+
+pytest.importorskip("optuna")
+
+QUICK = dict(model="resnet20", batch_size=32, quiet=True, report=False)
+
+
+@pytest.fixture(scope="module")
+def shapes16(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("shapes16"), size=16, per_class=24, seed=1, progress=False)
+
+
+def _trials(tune_dir):
+    with (tune_dir / "trials.csv").open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_search_prunes_the_trials_that_fall_behind_and_writes_the_best_recipe(shapes16, tmp_path):
+    # residual train's own rate at batch 32 (0.1 per 128) is trial 0; far lower rates hardly learn, so the trials
+    # that draw them are behind the median of the trials before them at epoch 2 and are stopped there. (The val
+    # loss tells: on so few images three epochs leave the top-1 near chance.)
+    result = tune(TrainConfig(data=str(shapes16), epochs=3, monitor="val_loss", **QUICK), ["lr=0.0000001..0.025:log"],
+                  trials=6, out=str(tmp_path), pruner="median")
+    rows = {int(row["trial"]): row for row in _trials(result.tune_dir)}
+    assert len(rows) == 6 and rows[0]["note"] == "residual train's own settings" and float(rows[0]["lr"]) == 0.025
+    pruned = [row for row in rows.values() if row["state"] == "pruned"]
+    complete = [row for row in rows.values() if row["state"] == "complete"]
+    assert pruned and len(pruned) + len(complete) == 6
+    for row in pruned:
+        assert int(row["trial"]) >= 2 and row["epochs"] == "2" and row["note"] == "at epoch 2"
+        run = result.tune_dir / "trials" / f"trial-{int(row['trial']):03d}"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["stopped_by"].startswith(f"trial {row['trial']} pruned at epoch 2: val loss")
+        assert float(row["lr"]) < max(float(other["lr"]) for other in complete)
+    assert all(row["epochs"] == "3" for row in complete)
+    assert result.best.score == pytest.approx(min(float(row["score"]) for row in complete), rel=1e-5)
+    for row in rows.values():  # finished trials keep their model, not their checkpoint
+        run = result.tune_dir / "trials" / f"trial-{int(row['trial']):03d}"
+        assert (run / "model.safetensors").is_file() and not (run / "last.pt").exists()
+    best = options_as_asked(result.files["best.yaml"])  # what residual train --config TUNE/best.yaml starts from
+    again = TrainConfig.from_dict(best)
+    assert again.optim.lr == pytest.approx(result.best.values["lr"], rel=1e-12)
+    assert again.out == "runs/train" and again.name is None and again.report is False  # the base recipe's
+    assert again.epochs == 3 and again.model == "resnet20" and again.batch_size == 32
+    assert result.files["search.png"].stat().st_size > 10_000
+    runs, _ = compare_runs([result.tune_dir / "trials"])  # the trials side by side, pruned ones said to be
+    states = {run.name: run.state for run in runs}
+    for row in pruned:
+        assert states[f"trial-{int(row['trial']):03d}"] == f"2/3 trial {row['trial']} pruned at epoch 2"
+
+
+def test_settings_drawn_again_are_not_trained_again(shapes16, tmp_path):
+    result = tune(TrainConfig(data=str(shapes16), epochs=2, monitor="val_loss", **QUICK), ["lr=0.025,0.0000001"],
+                  trials=4, out=str(tmp_path), pruner="none")
+    rows = _trials(result.tune_dir)
+    first = {}
+    for row in rows:
+        if row["lr"] in first:
+            assert row["note"] == f"the settings of trial {first[row['lr']]['trial']}, not trained again"
+            assert (row["state"], row["score"], row["run_dir"]) == tuple(first[row["lr"]][key]
+                                                                         for key in ("state", "score", "run_dir"))
+        else:
+            first[row["lr"]] = row
+    assert len(first) == 2 and len(rows) == 4
+    assert sorted(path.name for path in (result.tune_dir / "trials").iterdir()) == sorted(
+        f"trial-{int(row['trial']):03d}" for row in first.values())
+
+
+def test_settings_that_clash_refuse_their_trial_alone(shapes16, tmp_path):
+    result = tune(TrainConfig(data=str(shapes16), epochs=1, **QUICK),
+                  ["loss=ce,bce", "bce-target-threshold=0.1..0.3"], trials=4, out=str(tmp_path))
+    rows = _trials(result.tune_dir)
+    assert {row["loss"] for row in rows} == {"ce", "bce"}, "the seed draws both"
+    for row in rows:
+        if row["loss"] == "ce":
+            assert row["state"] == "refused" and "--bce-target-threshold goes with --loss bce" in row["note"]
+            assert not (tmp_path / row["run_dir"]).exists()
+        else:
+            assert row["state"] == "complete"
+
+
+def test_a_diverging_trial_counts_as_pruned_and_the_search_goes_on(shapes16, tmp_path):
+    result = tune(TrainConfig(data=str(shapes16), epochs=2, **QUICK), ["lr=10000..100000:log"], trials=1,
+                  out=str(tmp_path))
+    (row,) = _trials(result.tune_dir)
+    assert row["state"] == "diverged" and row["note"].startswith("non-finite loss") and result.best is None
+    assert not (result.tune_dir / "best.yaml").exists()
+    # A kill in the middle of writing the journal leaves half a line; a resume drops it, and the next event
+    # written is read back (appended to the half line, it would have made the journal unreadable).
+    journal = result.tune_dir / "study.log"
+    with journal.open("ab") as file:
+        file.write(b'{"op_code": 5, "worker_id": "x", "trial_id": 0, "ste')
+    again = tune(resume=result.tune_dir, trials=2)
+    assert [trial.state for trial in again.trials] == ["diverged", "diverged"]
+    assert journal.read_bytes().endswith(b"\n")
+    assert yaml.safe_load((result.tune_dir / "tune.yaml").read_text())["trials"] == 2  # the next resume's budget
+
+
+def _tune_cli(*args):
+    return [sys.executable, "-m", "residual", "tune", *map(str, args)]
+
+
+def test_a_search_killed_mid_trial_resumes_that_trial_from_its_checkpoint(shapes16, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(_tune_cli(shapes16, "--model", "resnet20", "--epochs", "4", "--batch-size", "32",
+                                         "--quiet", "--no-report", "--trials", "2", "--search", "lr=0.01..0.1:log",
+                                         "--out", tmp_path, "--name", "search"),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "search" / "trials" / "trial-001" / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 3:  # trial 1 has finished two epochs
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, f"the search ended before it could be killed: {process.stderr.read()}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    resumed = subprocess.run(_tune_cli("--resume", tmp_path / "search"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing trial 1 in" in resumed.stdout and "resuming" in resumed.stdout
+    rows = {int(row["trial"]): row for row in _trials(tmp_path / "search")}
+    assert [rows[n]["state"] for n in sorted(rows)] == ["complete", "cut short", "complete"]
+    assert rows[1]["note"] == "continued by trial 2" and rows[1]["lr"] == rows[2]["lr"]
+    assert rows[2]["run_dir"] == rows[1]["run_dir"] and rows[2]["epochs"] == "4"  # its epochs before the kill too
+    history = (tmp_path / "search" / "trials" / "trial-001" / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr", "give NAME=LOW..HIGH"),
+    ("learning-rate=0.01..0.1", "'learning-rate' is not a setting a search can vary; those are: "),
+    ("seed=0..9", "'seed' is not a setting"),
+    ("lr=0.1..0.01", "the range needs LOW < HIGH"),
+    ("lr=0..0.1:log", "both above 0 on a log scale"),
+    ("lr=0.01..0.1:ln", "a range ends with :log"),
+    ("optimizer=0..1", "--optimizer is not a number; give its choices"),
+    ("warmup-epochs=a..b", "the range's ends must be numbers"),
+    ("plateau-patience=1.5..4", "--plateau-patience counts whole numbers"),
+    ("optimizer=sgd", "two or more different choices"),
+])
+def test_a_search_that_cannot_be_drawn_is_refused_in_one_line(text, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Searched.parse(text)
+
+
+def test_search_texts_parse_to_ranges_and_choices_and_back():
+    assert Searched.parse("--lr=0.01..0.3:log") == Searched("lr", 0.01, 0.3, log=True)
+    assert Searched.parse("plateau-patience=2..6") == Searched("plateau-patience", 2, 6, integer=True)
+    assert Searched.parse("hflip=true,false").choices == (True, False)
+    for text in ("lr=0.01..0.3:log", "plateau-patience=2..6", "optimizer=sgd,adamw", "drop-path=0..0.2",
+                 "augment=cifar,none"):
+        assert Searched.parse(text).text() == text
+
+
+def test_settings_that_cannot_go_together_are_refused_before_a_trial_runs(shapes16, tmp_path):
+    with pytest.raises(ConfigError, match="--layer-lr-decay is the lr's factor"):
+        tune(TrainConfig(data=str(shapes16), **QUICK), ["layer-lr-decay=0.5..2"], out=str(tmp_path))
+    assert not any(tmp_path.iterdir())  # no search folder is left for a search refused before it began
+    with pytest.raises(ConfigError, match="unknown model 'resnet9000'"):
+        tune(TrainConfig(data=str(shapes16), **QUICK), ["model=resnet20,resnet9000"], out=str(tmp_path))
+    with pytest.raises(ConfigError, match="--search names a setting twice: lr"):
+        tune(TrainConfig(data=str(shapes16), **QUICK), ["lr=0.01..0.1", "lr=0.1,0.2"], out=str(tmp_path))
+
+
+def test_the_cli_refuses_a_setting_both_fixed_and_searched_and_settings_with_resume(shapes16, tmp_path, capsys):
+    assert main(["tune", str(shapes16), "--lr", "0.1", "--search", "lr=0.01..0.1"]) == 2
+    assert "--lr given both as a flag and in --search" in capsys.readouterr().err
+    assert main(["tune", str(shapes16), "--nproc", "2"]) == 2
+    assert "drop --nproc" in capsys.readouterr().err
+    assert main(["tune", "--resume", str(tmp_path), "--epochs", "3", "--pruner", "none"]) == 2
+    assert "would be ignored: drop them" in capsys.readouterr().err
+    assert main(["tune", "--resume", str(tmp_path)]) == 2
+    assert "not a search folder" in capsys.readouterr().err
