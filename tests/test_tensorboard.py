@@ -4,6 +4,7 @@ resume replacing the one an earlier process wrote."""
 import csv
 import json
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -56,6 +57,37 @@ def test_a_run_writes_every_epochs_numbers_its_recipe_pictures_and_hyperparamete
     assert best["best/epoch"][0][1] == summary["best_epoch"]
 
 
+def test_every_optimizer_step_writes_its_loss_and_rate(tmp_path):
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)  # 40 training images
+    common = ["train", str(data), "--model", "resnet20", "--epochs", "3", "--workers", "0", "--lr", "0.05",
+              "--tensorboard", "--quiet", "--no-report", "--out", str(tmp_path / "runs")]
+    # One step an epoch: the step's loss is the epoch's.
+    assert main(common + ["--batch-size", "64", "--name", "one"]) == 0
+    run = tmp_path / "runs" / "one"
+    epochs, steps = scalars(run / "tensorboard"), scalars(run / "tensorboard" / "steps")
+    assert set(steps) == {"step/train_loss", "step/lr"}
+    assert steps["step/train_loss"] == [(step, pytest.approx(value, rel=1e-5))
+                                        for step, value in epochs["train/loss"]]
+    assert [lr for _, lr in steps["step/lr"]] == pytest.approx([0.05, 0.0375, 0.0125])  # cosine, at each step
+    # Four micro-batches of 8 (and 8) to a step: 40 images -> steps of 32 and 8, two an epoch, each written once.
+    assert main(common + ["--batch-size", "8", "--accumulate", "4", "--name", "accumulated"]) == 0
+    steps = scalars(tmp_path / "runs" / "accumulated" / "tensorboard" / "steps")
+    assert [step for step, _ in steps["step/train_loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_steps_written_again_after_a_resume_replace_the_earlier_ones(tmp_path):
+    killed = TensorBoardLog(tmp_path)  # wrote steps 1-5, but its last.pt holds step 3
+    killed.add_steps([(step, 1.0, 0.1) for step in range(1, 6)])
+    killed.close()
+    a_later_process()
+    resumed = TensorBoardLog(tmp_path)
+    resumed.add_steps([(4, 2.0, 0.05), (5, 2.0, 0.05)])
+    resumed.add_steps([(6, 2.0, 0.05)])
+    resumed.close()
+    assert scalars(tmp_path / "steps")["step/train_loss"] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0),
+                                                             (6, 2.0)]
+
+
 def hparams_session(folder) -> dict:
     """The hyperparameters a run gave the HParams dashboard: name -> protobuf Value."""
     events = EventAccumulator(str(folder))
@@ -64,16 +96,25 @@ def hparams_session(folder) -> dict:
     return dict(HParamsPluginData.FromString(content).session_start_info.hparams)
 
 
+def a_later_process():
+    """Event files are read in the order of their names: the second, then a counter of the process's writers.
+    Two made in one second by one process sort wrongly once the counter passes 9 (...123.10 before ...123.9);
+    a resumed run is a later process."""
+    time.sleep(1.1)
+
+
 def test_an_epoch_written_again_after_a_resume_replaces_the_earlier_one(tmp_path):
     killed = TensorBoardLog(tmp_path)  # wrote epochs 1-3, but its last.pt holds epoch 2 only
     for epoch in (1, 2, 3):
         killed.add_epoch({"epoch": epoch, "val_top1": epoch / 10, "name": "not a number"})
     killed.close()
+    a_later_process()
     resumed = TensorBoardLog(tmp_path)  # runs epoch 3 again, then 4
     for epoch in (3, 4):
         resumed.add_epoch({"epoch": epoch, "val_top1": 0.5 + epoch / 100})
     resumed.finish({"optim": {"lr": 0.1}}, {"val_top1": 0.54}, 4, [], 4)
     resumed.close()
+    a_later_process()
     again = TensorBoardLog(tmp_path, "model: resnet20")  # resumed once more, at its end: a new last epoch
     again.add_epoch({"epoch": 5, "val_top1": 0.6})
     again.finish({"optim": {"lr": 0.2}}, {"val_top1": 0.6}, 5, [], 5)

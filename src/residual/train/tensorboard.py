@@ -2,9 +2,12 @@
 
 torch.utils.tensorboard writes the event files; it needs the tensorboard package, an optional dependency
 (`pip install residual[tensorboard]`). Each epoch's row of metrics.csv becomes scalars at step = the epoch:
-train/loss, val/top1 (val/map for multi-label), lr, run/images_per_s and so on. A resumed run drops what an
-earlier process wrote from the first epoch it writes again (SummaryWriter's purge_step), so an epoch cut
-short by a kill is not shown twice.
+train/loss, val/top1 (val/map for multi-label), lr, run/images_per_s and so on. Each optimizer step's loss
+and learning rate go to the sub-run tensorboard/steps as step/train_loss and step/lr, at step = the
+optimizer step (under torchrun: the main worker's share of each batch), as the trainer reads them back
+(twice a second; no extra wait for the device). A resumed run drops what an earlier process wrote from the
+first epoch (or step) it writes again (SummaryWriter's purge_step), so an epoch cut short by a kill is not
+shown twice.
 
 The recipe (config.yaml) is the text "config" at step 0. At the end the run's pictures (train_batch.png, the
 report's confusion matrix and the rest) become images at the last epoch, and the recipe's settings with the
@@ -32,6 +35,7 @@ class TensorBoardLog:
             raise ConfigError("--tensorboard: TensorBoard's event files are written by the tensorboard package, "
                               "which is not installed: pip install tensorboard (or residual[tensorboard])") from None
         self.folder, self.recipe, self.writer_class, self.writer = folder, recipe, SummaryWriter, None
+        self.step_writer = None  # the sub-run tensorboard/steps: its x axis counts optimizer steps, not epochs
 
     def add_epoch(self, row: dict) -> None:
         """One epoch's numbers (a metrics.csv row) as scalars, written through at once."""
@@ -43,6 +47,19 @@ class TensorBoardLog:
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(scalar_tag(key), value, row["epoch"])
         self.writer.flush()
+        if self.step_writer is not None:
+            self.step_writer.flush()
+
+    def add_steps(self, steps: list[tuple[int, float, float]]) -> None:
+        """Optimizer steps' (number, loss, learning rate) as step/train_loss and step/lr, at step = the number.
+        A writer of their own, so each purges what an earlier process wrote past its own resume point."""
+        if not steps:
+            return
+        if self.step_writer is None:
+            self.step_writer = self.writer_class(str(self.folder / "steps"), purge_step=steps[0][0])
+        for number, loss, lr in steps:
+            self.step_writer.add_scalar("step/train_loss", loss, number)
+            self.step_writer.add_scalar("step/lr", lr, number)
 
     def finish(self, config: dict, best: dict, best_epoch: int, pictures: list[Path], step: int) -> None:
         """The run's pictures as images at `step`, and its settings (`config`, TrainConfig.to_dict()) beside
@@ -62,8 +79,9 @@ class TensorBoardLog:
                                     run_name="hparams")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in (self.writer, self.step_writer):
+            if writer is not None:
+                writer.close()
 
 
 def scalar_tag(column: str) -> str:

@@ -111,6 +111,7 @@ class PendingStep:
     loss: torch.Tensor
     correct: torch.Tensor
     parts: torch.Tensor | None = None  # with a teacher: the labels' and the distillation term's loss
+    lr: float = 0.0  # the rate its optimizer step took (the first parameter group's)
 
 
 def empty_sums() -> dict:
@@ -553,9 +554,10 @@ class Trainer:
             if self.step == 0 and self.world.is_main and c.report:  # a fresh run: what its first batch looks like
                 batches = self._previewed(batches)
             for group in step_groups(batches, c.accumulate):
+                lr = self.optimizer.param_groups[0]["lr"]  # what this step takes; the schedule moves it after
                 for (_, labels), (loss, correct, parts, weight) in zip(group, self._optimizer_step(group)):
                     pending.append(PendingStep(self.epoch, index, self.step, len(labels), weight, loss, correct,
-                                               parts))
+                                               parts, lr))
                     seen_now += len(labels)
                     index += 1
                 self.batch = index
@@ -616,6 +618,7 @@ class Trainer:
         count = len(pending)
         read_weights = iter(values[2 * count:2 * count + len(on_device)])
         read_parts = iter(values[2 * count + len(on_device):])
+        steps: dict[int, list] = {}  # optimizer step -> [its loss summed over images, their weight, its lr]
         for p, loss, correct in zip(pending, values[:count], values[count:2 * count]):
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"non-finite loss ({loss}) at epoch {p.epoch + 1}, batch {p.index + 1} (step "
@@ -629,6 +632,12 @@ class Trainer:
             if p.parts is not None:
                 self.running["label_loss"] += next(read_parts) * weight
                 self.running["distill_loss"] += next(read_parts) * weight
+            step = steps.setdefault(p.step, [0.0, 0.0, p.lr])
+            step[0] += loss * weight
+            step[1] += weight
+        if self.tensorboard is not None:  # each step's loss (its micro-batches' together) and rate
+            self.tensorboard.add_steps([(number, total / weight, lr) for number, (total, weight, lr) in steps.items()
+                                        if weight])
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision when it is on; no autocast context otherwise (it exists only for some devices)."""
