@@ -1,6 +1,7 @@
 """residual tune: a hyperparameter search whose trials are real training runs, pruned, resumable after a kill."""
 
 import csv
+import io
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 
 import pytest
 import yaml
+from rich.console import Console
 
 from residual.cli import main
 from residual.data.shapes import write_shapes
@@ -17,6 +19,7 @@ from residual.errors import ConfigError
 from residual.train import TrainConfig
 from residual.train.compare import compare_runs
 from residual.train.config import options_as_asked
+from residual.train import tune as tune_module
 from residual.train.tune import Searched, tune
 
 pytest.importorskip("optuna")
@@ -113,6 +116,15 @@ def test_a_diverging_trial_counts_as_pruned_and_the_search_goes_on(shapes16, tmp
     assert [trial.state for trial in again.trials] == ["diverged", "diverged"]
     assert journal.read_bytes().endswith(b"\n")
     assert yaml.safe_load((result.tune_dir / "tune.yaml").read_text())["trials"] == 2  # the next resume's budget
+
+
+def test_no_trial_starts_after_the_time_limit(shapes16, tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 45))  # every look at the clock: 45 s later
+    monkeypatch.setattr(tune_module.time, "monotonic", lambda: next(clock))
+    log = io.StringIO()
+    result = tune(TrainConfig(data=str(shapes16), epochs=1, **QUICK), ["lr=10000..100000:log"], trials=20,
+                  time_limit=1, out=str(tmp_path), console=Console(file=log, width=300))
+    assert 1 <= len(result.trials) < 20 and "minutes spent; no new trial starts" in log.getvalue()
 
 
 def _tune_cli(*args):
