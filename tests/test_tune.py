@@ -179,9 +179,12 @@ def test_search_texts_parse_to_ranges_and_choices_and_back():
     assert Searched.parse("--lr=0.01..0.3:log") == Searched("lr", 0.01, 0.3, log=True)
     assert Searched.parse("plateau-patience=2..6") == Searched("plateau-patience", 2, 6, integer=True)
     assert Searched.parse("hflip=true,false").choices == (True, False)
+    assert Searched.parse("lr=1e-3,0.01,1").choices == (0.001, 0.01, 1)  # YAML would read 1e-3 as text
     for text in ("lr=0.01..0.3:log", "plateau-patience=2..6", "optimizer=sgd,adamw", "drop-path=0..0.2",
-                 "augment=cifar,none"):
+                 "augment=cifar,none", "hflip=true,false", "batch-size=64,128"):
         assert Searched.parse(text).text() == text
+    for searched in (Searched("lr", 0.05 / 10, 0.05 * 3, log=True), Searched("lr", choices=(1e-3, 0.5))):
+        assert Searched.parse(searched.text()) == searched  # tune.yaml keeps the ranges exactly
 
 
 def test_settings_that_cannot_go_together_are_refused_before_a_trial_runs(shapes16, tmp_path):

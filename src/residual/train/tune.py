@@ -101,7 +101,7 @@ class Searched:
                               f"{', '.join(sorted(settings))}")
         kinds = {part.strip() for part in settings[name][1].split("|")} - {"None"}
         if ".." not in values:
-            choices = tuple(yaml.safe_load(value.strip()) for value in values.split(","))
+            choices = tuple(_choice(value.strip()) for value in values.split(","))
             if len(set(map(repr, choices))) < 2:
                 raise ConfigError(f"--search {text}: give two or more different choices, separated by commas")
             return cls(name, choices=choices)
@@ -124,10 +124,10 @@ class Searched:
         return cls(name, int(low) if integer else low, int(high) if integer else high, log, integer)
 
     def text(self) -> str:
-        """Back to --search's syntax (how tune.yaml records it)."""
+        """Back to --search's syntax (how tune.yaml records it, so exactly)."""
         if self.choices:
             return f"{self.name}={','.join(yaml.safe_dump(choice).splitlines()[0] for choice in self.choices)}"
-        return f"{self.name}={self.low:g}..{self.high:g}" + (":log" if self.log else "")
+        return f"{self.name}={_exact(self.low)}..{_exact(self.high)}" + (":log" if self.log else "")
 
     def distribution(self, optuna):
         if self.choices:
@@ -137,15 +137,35 @@ class Searched:
         return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
 
 
+def _choice(text: str):
+    """A choice as the value it names: a number (1e-3 too, which YAML reads as text), true/false, or text."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def _round(number: float) -> float:
+    """To 3 significant digits: a range's ends as people write them (0.15, not 0.15000000000000002)."""
+    return float(f"{number:.3g}")
+
+
+def _exact(number: float) -> str:
+    """The number as short as it reads back the same: 0.01, not 0.010000000000000002 unless it is that."""
+    short = f"{number:g}"
+    return short if float(short) == number else repr(number)
+
+
 def default_search(given: TrainConfig, resolved: TrainConfig) -> list[Searched]:
     """What `residual tune` searches when no --search is given: the learning rate, the weight decay and
     label smoothing around what `residual train` would choose, each unless the recipe fixes it."""
-    searched = []
+    searched, lr, decay = [], resolved.optim.lr, resolved.optim.weight_decay
     if given.optim.lr is None:
-        searched.append(Searched("lr", resolved.optim.lr / 10, resolved.optim.lr * 3, log=True))
+        searched.append(Searched("lr", _round(lr / 10), _round(lr * 3), log=True))
     if given.optim.weight_decay is None:
-        decay = resolved.optim.weight_decay
-        searched.append(Searched("weight-decay", decay / 10, decay * 10, log=True))
+        searched.append(Searched("weight-decay", _round(decay / 10), _round(decay * 10), log=True))
     if given.label_smoothing == 0 and resolved.loss == "ce":
         searched.append(Searched("label-smoothing", 0.0, 0.2))
     return searched
