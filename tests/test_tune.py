@@ -20,7 +20,7 @@ from residual.train import TrainConfig
 from residual.train.compare import compare_runs
 from residual.train.config import options_as_asked
 from residual.train import tune as tune_module
-from residual.train.tune import Searched, tune
+from residual.train.tune import Search, Searched, tune
 
 pytest.importorskip("optuna")
 
@@ -73,7 +73,7 @@ def test_a_search_prunes_the_trials_that_fall_behind_and_writes_the_best_recipe(
 
 def test_settings_drawn_again_are_not_trained_again(shapes16, tmp_path):
     result = tune(TrainConfig(data=str(shapes16), epochs=2, monitor="val_loss", **QUICK), ["lr=0.025,0.0000001"],
-                  trials=4, out=str(tmp_path), pruner="none")
+                  trials=4, out=str(tmp_path), pruner="none")  # two choices, four trials: two drawn again at least
     rows = _trials(result.tune_dir)
     first = {}
     for row in rows:
@@ -101,6 +101,23 @@ def test_settings_that_clash_refuse_their_trial_alone(shapes16, tmp_path):
             assert row["state"] == "complete"
 
 
+def test_a_pruned_trial_drawn_again_is_pruned_again_at_its_score(shapes16, tmp_path):
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    lr = {"lr": optuna.distributions.FloatDistribution(0.01, 1.0, log=True)}
+    pruned = study.ask(lr)  # as a search's trial is pruned: its scores reported, then told
+    pruned.report(0.3, 1)
+    pruned.report(0.4, 2)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    search = Search(study, optuna, tmp_path, TrainConfig(data=str(shapes16), epochs=3, **QUICK),
+                    [Searched("lr", 0.01, 1.0, log=True)], "val_top1", 3, Console(file=io.StringIO()))
+    study.enqueue_trial(pruned.params)
+    search.run_trial(study.ask(lr), 1, 2, time.monotonic())
+    assert [(row["state"], row["score"], row["epochs"]) for row in _trials(tmp_path)] == [("pruned", "0.4", "2")] * 2
+    assert _trials(tmp_path)[1]["note"].startswith("the settings of trial 0, not trained again")
+
+
 def test_a_diverging_trial_counts_as_pruned_and_the_search_goes_on(shapes16, tmp_path):
     result = tune(TrainConfig(data=str(shapes16), epochs=2, **QUICK), ["lr=10000..100000:log"], trials=1,
                   out=str(tmp_path))
@@ -116,6 +133,12 @@ def test_a_diverging_trial_counts_as_pruned_and_the_search_goes_on(shapes16, tmp
     assert [trial.state for trial in again.trials] == ["diverged", "diverged"]
     assert journal.read_bytes().endswith(b"\n")
     assert yaml.safe_load((result.tune_dir / "tune.yaml").read_text())["trials"] == 2  # the next resume's budget
+    # Two rates that both diverge, three trials: one is drawn again, and takes the diverged (pruned) outcome.
+    result = tune(TrainConfig(data=str(shapes16), epochs=2, **QUICK), ["lr=10000,100000"], trials=3,
+                  out=str(tmp_path))
+    rows = _trials(result.tune_dir)
+    assert [row["state"] for row in rows] == ["diverged"] * 3
+    assert sum("not trained again" in row["note"] for row in rows) >= 1
 
 
 def test_no_trial_starts_after_the_time_limit(shapes16, tmp_path, monkeypatch):
