@@ -71,6 +71,17 @@ def test_a_search_prunes_the_trials_that_fall_behind_and_writes_the_best_recipe(
         assert states[f"trial-{int(row['trial']):03d}"] == f"2/3 trial {row['trial']} pruned at epoch 2"
 
 
+def test_no_trial_is_pruned_before_prune_from(shapes16, tmp_path):
+    # The search above, judged from epoch 3 of 3: the last epoch, where no trial is stopped.
+    result = tune(TrainConfig(data=str(shapes16), epochs=3, monitor="val_loss", **QUICK), ["lr=0.0000001..0.025:log"],
+                  trials=6, out=str(tmp_path), pruner="median", prune_from=3)
+    assert [trial.state for trial in result.trials] == ["complete"] * 6
+    assert yaml.safe_load((result.tune_dir / "tune.yaml").read_text())["prune_from"] == 3
+    with pytest.raises(ConfigError, match=r"--prune-from is the first epoch a trial can be stopped at: 1 to --epochs "
+                                          r"\(3\), got 4"):
+        tune(TrainConfig(data=str(shapes16), epochs=3, **QUICK), ["lr=0.01..0.1"], out=str(tmp_path), prune_from=4)
+
+
 def test_settings_drawn_again_are_not_trained_again(shapes16, tmp_path):
     result = tune(TrainConfig(data=str(shapes16), epochs=2, monitor="val_loss", **QUICK), ["lr=0.025,0.0000001"],
                   trials=4, out=str(tmp_path), pruner="none")  # two choices, four trials: two drawn again at least

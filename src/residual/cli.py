@@ -587,7 +587,8 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
     try:
         if args.resume:
             if given := _settings_given(args) + [flag for flag, on in [("--search", args.search),
-                                                                       ("--pruner", args.pruner)] if on]:
+                                                                       ("--pruner", args.pruner),
+                                                                       ("--prune-from", args.prune_from)] if on]:
                 raise ResidualError(f"--resume {args.resume} goes on with the search as its tune.yaml says, so "
                                     f"{', '.join(given)} would be ignored: drop them, or start a new search")
             result = tune(trials=args.trials, time_limit=args.time_limit, resume=args.resume, console=console)
@@ -601,7 +602,8 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
                                     f"fixed or searched")
             config = _train_config(args)
             result = tune(config, args.search or (), trials=args.trials, pruner=args.pruner or "median",
-                          time_limit=args.time_limit, out=args.out or "runs/tune", console=console)
+                          prune_from=args.prune_from, time_limit=args.time_limit, out=args.out or "runs/tune",
+                          console=console)
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         return 130
@@ -1429,6 +1431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=at_least(1), help="training runs in all (default 20; with --resume: as before)")
     p.add_argument("--pruner", choices=PRUNERS, default=None,
                    help="what stops a trial that falls behind: median (default), hyperband, none")
+    p.add_argument("--prune-from", type=at_least(1), metavar="EPOCH",
+                   help="no trial is stopped before this epoch (default: a third of --epochs, 2 at least); later "
+                        "for data whose runs start slowly")
     p.add_argument("--time-limit", type=positive, metavar="MINUTES", help="no new trial starts after this")
     p.set_defaults(run=cmd_tune)
 

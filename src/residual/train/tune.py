@@ -221,11 +221,12 @@ class TuneResult:
 
 
 def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (), *, trials: int | None = None,
-         pruner: str = "median", time_limit: float | None = None, out: str = "runs/tune",
-         resume: str | Path | None = None, console: Console | None = None) -> TuneResult:
+         pruner: str = "median", prune_from: int | None = None, time_limit: float | None = None,
+         out: str = "runs/tune", resume: str | Path | None = None, console: Console | None = None) -> TuneResult:
     """Search settings of `config` (`search`: --search texts or Searched; none: `default_search`) over
-    `trials` training runs (default 20), pruned by `pruner`; or go on with the search in folder `resume`.
-    `time_limit`: minutes after which no new trial starts."""
+    `trials` training runs (default 20), pruned by `pruner` from epoch `prune_from` on (default: a third of the
+    epochs, 2 at least); or go on with the search in folder `resume`. `time_limit`: minutes after which no
+    new trial starts."""
     console = console or message_console()
     optuna = _optuna()
     if trials is not None and trials < 1:
@@ -235,7 +236,7 @@ def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (
         recorded = _read_record(tune_dir)
         config, pruner = TrainConfig.from_dict(recorded["config"]), recorded["pruner"]
         space = [Searched.parse(text) for text in recorded["search"]]
-        monitor, epochs = recorded["monitor"], recorded["epochs"]
+        monitor, epochs, prune_from = recorded["monitor"], recorded["epochs"], recorded["prune_from"]
         if trials is not None and trials != recorded["trials"]:  # a new budget, kept for the next resume
             _write_record(tune_dir, {**recorded, "trials": trials})
         trials = trials or recorded["trials"]
@@ -251,11 +252,17 @@ def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (
         space = space or default_search(config, resolved)
         _check_space(space, config, dataset)
         trials, monitor, epochs = trials or 20, resolved.monitor, resolved.epochs
+        # The first epochs' scores sit near chance and say little (docs/tuning.md, Measured).
+        prune_from = prune_from or min(epochs, max(2, epochs // 3))
+        if not 1 <= prune_from <= epochs:
+            raise ConfigError(f"--prune-from is the first epoch a trial can be stopped at: 1 to --epochs "
+                              f"({epochs}), got {prune_from}")
         tune_dir = new_run_dir(out, config.name or f"{resolved.model}-{data_name(config.data)}")
         _write_record(tune_dir, {"config": config.to_dict(), "search": [item.text() for item in space],
-                                 "trials": trials, "pruner": pruner, "monitor": monitor, "epochs": epochs})
+                                 "trials": trials, "pruner": pruner, "prune_from": prune_from, "monitor": monitor,
+                                 "epochs": epochs})
         baseline = own_settings(space, resolved)
-    study = _open_study(optuna, tune_dir, monitor, pruner, config.seed, epochs, trials)
+    study = _open_study(optuna, tune_dir, monitor, pruner, prune_from, config.seed, epochs, trials)
     distributions = {item.name: item.distribution(optuna) for item in space}
     if baseline:  # first, what residual train would do: the search's yardstick
         study.enqueue_trial(baseline, user_attrs={"baseline": True})
@@ -467,17 +474,17 @@ def _optuna():
     return optuna
 
 
-def _open_study(optuna, tune_dir: Path, monitor: str, pruner: str, seed: int, epochs: int, trials: int):
+def _open_study(optuna, tune_dir: Path, monitor: str, pruner: str, prune_from: int, seed: int, epochs: int,
+                trials: int):
     """The study in TUNE/study.log: made the first time, loaded on a resume."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    # The median rule waits for a quarter of the budget (2 to 5 trials) to finish, and judges from a third of
-    # the epochs (epoch 2 at least): the first epochs' scores are near chance and say little (docs/tuning.md:
-    # judged at epoch 2, a trial was stopped at 18% that would have ended at 93%, second of sixteen).
+    # The median rule waits for a quarter of the budget (2 to 5 trials) to finish; both rules judge a trial
+    # from epoch `prune_from` on (Hyperband's first rung).
     pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 4)),
-                                                             n_warmup_steps=max(2, epochs // 3)),
-               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs),
+                                                             n_warmup_steps=prune_from),
+               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=prune_from, max_resource=epochs),
                "none": lambda: optuna.pruners.NopPruner()}
     # TPE proposes from the trials so far once a third of the budget (3 to 10 trials) has been drawn at random.
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True,
