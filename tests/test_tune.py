@@ -185,19 +185,37 @@ def _tune_cli(*args):
     return [sys.executable, "-m", "residual", "tune", *map(str, args)]
 
 
-def test_a_search_killed_mid_trial_resumes_that_trial_from_its_checkpoint(shapes16, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(_tune_cli(shapes16, "--model", "resnet20", "--epochs", "4", "--batch-size", "32",
-                                         "--quiet", "--no-report", "--trials", "2", "--search", "lr=0.01..0.1:log",
-                                         "--out", tmp_path, "--name", "search"),
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "search" / "trials" / "trial-001" / "metrics.csv"
+def _start_and_wait(args, metrics, epochs_done, env):
+    """`residual tune ARGS` in a process, returned once `metrics` (a trial's metrics.csv) has `epochs_done` rows."""
+    process = subprocess.Popen(_tune_cli(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and metrics.read_text().count("\n") >= 3:  # trial 1 has finished two epochs
+        if metrics.is_file() and metrics.read_text().count("\n") > epochs_done:
             break
         time.sleep(0.05)
-    assert process.poll() is None, f"the search ended before it could be killed: {process.stderr.read()}"
+    assert process.poll() is None, f"the search ended before it could be stopped: {process.stderr.read()}"
+    return process
+
+
+def test_ctrl_c_stops_a_search_after_a_checkpoint_and_says_how_to_go_on(shapes16, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = _start_and_wait([shapes16, "--model", "resnet20", "--epochs", "6", "--batch-size", "32", "--quiet",
+                               "--no-report", "--trials", "1", "--search", "lr=0.01..0.1:log", "--out", tmp_path,
+                               "--name", "search"], tmp_path / "search" / "trials" / "trial-000" / "metrics.csv", 1,
+                              env)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    err = process.stderr.read()
+    assert "checkpoint saved" in err and f"the search goes on with: residual tune --resume {tmp_path / 'search'}" in err
+    assert err.count("\n") == 1
+
+
+def test_a_search_killed_mid_trial_resumes_that_trial_from_its_checkpoint(shapes16, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = _start_and_wait([shapes16, "--model", "resnet20", "--epochs", "4", "--batch-size", "32", "--quiet",
+                               "--no-report", "--trials", "2", "--search", "lr=0.01..0.1:log", "--out", tmp_path,
+                               "--name", "search"], tmp_path / "search" / "trials" / "trial-001" / "metrics.csv", 2,
+                              env)  # trial 1 has finished two epochs
     process.send_signal(signal.SIGKILL)
     process.wait()
 
