@@ -733,3 +733,29 @@ def test_class_weights_and_balanced_sampler_for_imbalanced_data(tmp_path):
                                out=str(tmp_path), name="imbalanced", **QUICK))
     assert math.isfinite(result.history[0]["train_loss"])
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["class_weights"] == "auto"
+
+
+def test_keep_best_keeps_the_model_files_of_the_best_epochs(shapes16, tmp_path):
+    result = train(TrainConfig(data=str(shapes16), epochs=4, keep_best=2, monitor="val_loss", out=str(tmp_path),
+                               name="run", **QUICK))
+    losses = {row["epoch"]: row["val_loss"] for row in result.history}
+    best_two = sorted(losses, key=losses.get)[:2]
+    files = sorted(path.name for path in result.run_dir.glob("epoch-*.safetensors"))
+    assert files == [f"epoch-{epoch:03d}.safetensors" for epoch in sorted(best_two)]
+    for epoch in best_two:  # each file is that epoch's model
+        metadata = residual.read_metadata(result.run_dir / f"epoch-{epoch:03d}.safetensors")["extra"]
+        assert metadata["epoch"] == epoch and metadata["val_loss"] == pytest.approx(losses[epoch])
+    assert [epoch for _, _, epoch in load_checkpoint(result.run_dir / "last.pt")["kept"]] == best_two
+
+
+def test_a_resumed_run_ranks_its_epochs_against_those_it_kept_before(shapes16, tmp_path):
+    run = train(TrainConfig(data=str(shapes16), epochs=2, keep_best=1, monitor="val_loss", out=str(tmp_path),
+                            name="run", **QUICK)).run_dir
+    state = load_checkpoint(run / "last.pt")
+    state["kept"] = [(0.0, 0.0, 1)]  # as if epoch 1 had scored a val loss of 0: no later epoch can push it out
+    save_checkpoint(state, run / "last.pt")
+    shutil.copy(run / "model.safetensors", run / "epoch-001.safetensors")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("epochs: 2", "epochs: 4"))
+    train(resume=run)
+    assert [path.name for path in run.glob("epoch-*.safetensors")] == ["epoch-001.safetensors"]
+    assert load_checkpoint(run / "last.pt")["kept"] == [(0.0, 0.0, 1)]

@@ -560,7 +560,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 # it trains no run, on no schedule but its own.
 LR_FIND_IGNORES = ("resume", "run_dir", "nproc", "sync_bn", "epochs", "lr", "schedule", "warmup_epochs",
                    "min_lr_ratio", "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase",
-                   "plateau_patience", "early_stopping", "monitor", "ema", "checkpoint_every", "report")
+                   "plateau_patience", "early_stopping", "keep_best", "monitor", "ema", "checkpoint_every", "report")
 
 
 def cmd_lr_find(args: argparse.Namespace, console: Console) -> int:
@@ -698,9 +698,9 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd",
                "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size",
                "eval_image_size", "crop_pct", "epochs", "batch_size", "label_smoothing", "loss", "bce_target_threshold",
                "grad_clip", "accumulate", "ema", "teacher", "distill_weight", "distill_temperature", "early_stopping",
-               "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last", "compile",
-               "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak", "out", "name",
-               "quiet", "report", "sync_bn", "tensorboard")
+               "keep_best", "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last",
+               "compile", "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak",
+               "out", "name", "quiet", "report", "sync_bn", "tensorboard")
 
 
 FINETUNE_DEFAULTS = {"strategy": "two-stage"}
@@ -1079,6 +1079,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     reg.add_argument("--distill-temperature", type=float,
                      help="with --teacher: how much both models' probabilities are softened (default 4)")
     reg.add_argument("--early-stopping", type=int, metavar="PATIENCE")
+    reg.add_argument("--keep-best", type=int, metavar="K",
+                     help="also keep the model files of the K best epochs (by --monitor) as RUN/epoch-NNN.safetensors, "
+                          "for checkpoint averaging: residual soup RUN/epoch-*.safetensors --recipe uniform")
     reg.add_argument("--monitor", choices=("val_top1", "val_loss", "val_map"),
                      help="what picks the best epoch (default val_top1; val_map, mean average precision, for "
                           "multi-label data)")

@@ -75,6 +75,7 @@ class TrainConfig:
     distill_weight: float = 0.5  # with a teacher: the distillation term's share of the loss (the labels' the rest)
     distill_temperature: float = 4.0  # with a teacher: how much both models' probabilities are softened
     early_stopping: int | None = None  # patience in epochs without improvement of `monitor`
+    keep_best: int = 0  # also keep the K best epochs' model files, RUN/epoch-NNN.safetensors (for residual soup)
     monitor: str | None = None  # what picks the best epoch; auto: val_top1, and val_map for multi-label data
     val_split: float | None = None  # fraction of train held out when the data has no val/ folder
     seed: int = 0
@@ -117,6 +118,7 @@ class TrainConfig:
                                    ("--eval-image-size", self.eval_image_size, 1),
                                    ("--batch-size", self.batch_size, 1), ("--accumulate", self.accumulate, 1),
                                    ("--early-stopping", self.early_stopping, 1), ("--head-epochs", self.head_epochs, 0),
+                                   ("--keep-best", self.keep_best, 0),
                                    ("--workers", self.workers, 0), ("--checkpoint-every", self.checkpoint_every, 0),
                                    ("--max-bad-streak", self.max_bad_streak, 0),
                                    ("--aug-repeats", self.aug_repeats, 1)]:

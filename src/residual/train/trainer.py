@@ -308,6 +308,7 @@ class Trainer:
         self.curves_drawn, self.curves_drawn_at = 0, -math.inf  # epochs in curves.png, and when it was drawn
         # The kept epoch, and the epochs since `monitor` last improved (what early stopping counts).
         self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
+        self.kept: list[tuple] = []  # --keep-best: the best epochs' (monitor, val loss, epoch), best first
         self.stopped_early = False
         self.stopped_by: str | None = None  # what epoch_end said when it ended the run
         self.stop_signal: str | None = None
@@ -404,7 +405,7 @@ class Trainer:
             "plateau": self.plateau.state_dict() if self.plateau else None,
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "running": dict(self.running),
-            "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
+            "history": self.history, "best": self.best, "best_epoch": self.best_epoch, "kept": list(self.kept),
             "epochs_since_best": self.epochs_since_best, "stopped_early": self.stopped_early,
             "bad_files": dict(self.bad.files), "rng": rng_state(),
             "resumes": list(self.resumes),
@@ -427,6 +428,7 @@ class Trainer:
         self.running = empty_sums() | {"weight": state["running"]["seen"]} | state["running"]
         self.history = list(state["history"])
         self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.kept = [tuple(entry) for entry in state.get("kept", [])]  # absent from a last.pt before 2026-12-05
         self.epochs_since_best = state["epochs_since_best"]
         self.stopped_early = state.get("stopped_early", False)  # absent from a last.pt before 2026-12-03
         self.bad.files.update(state["bad_files"])
@@ -801,9 +803,9 @@ class Trainer:
         self.epochs_since_best = 0 if keep and improved else self.epochs_since_best + 1
         if keep:
             self.best, self.best_epoch = dict(row), self.epoch + 1
-            if self.world.is_main:
-                save_model(self.ema.module if self.ema else self.model, self.run_dir / "model.safetensors",
-                           extra={"run": str(self.run_dir), "epoch": self.epoch + 1, **val_stats})
+            self._save_model(self.run_dir / "model.safetensors", val_stats)
+        if c.keep_best:
+            self._keep_among_best(value, val_stats)
         self.console.print(  # one line per epoch, also in quiet mode (which only drops the bar)
             f"epoch {self.epoch + 1}/{c.epochs}  train loss {row['train_loss']:.4f} "
             + (f"(labels {row['train_label_loss']:.4f}, teacher {row['train_distill_loss']:.4f}) "
@@ -818,9 +820,34 @@ class Trainer:
         self.epoch, self.batch = self.epoch + 1, 0
         self.stopped_early = bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping
         self.save_last()
+        if c.keep_best and self.world.is_main:  # once last.pt no longer lists them
+            kept = {f"epoch-{epoch:03d}.safetensors" for _, _, epoch in self.kept}
+            for path in self.run_dir.glob("epoch-*.safetensors"):
+                if path.name not in kept:
+                    path.unlink()
         if self.epoch_end is not None and (reason := self.epoch_end(row)):
             self.stopped_by = reason
             self.console.print(f"stopped: {reason}")
+
+    def _save_model(self, path: Path, val_stats: dict) -> None:
+        """The model as it is now (its EMA, with --ema) to `path`, with the epoch and its validation numbers."""
+        if self.world.is_main:
+            save_model(self.ema.module if self.ema else self.model, path,
+                       extra={"run": str(self.run_dir), "epoch": self.epoch + 1, **val_stats})
+
+    def _keep_among_best(self, value: float, val_stats: dict) -> None:
+        """--keep-best K: this epoch's model file joins the K best epochs' if it ranks among them (by `monitor`,
+        then the lower val loss, then the earlier epoch, as the best epoch is chosen); the file of the epoch it
+        pushes out is deleted once last.pt is saved."""
+        if not math.isfinite(value):
+            return
+        higher_is_better = self.config.monitor != "val_loss"
+        entry = (value, val_stats["val_loss"], self.epoch + 1)
+        ranked = sorted(self.kept + [entry], key=lambda e: (-e[0] if higher_is_better else e[0], e[1], e[2]))
+        kept = ranked[:self.config.keep_best]
+        if entry in kept and self._weights_finite():
+            self.kept = kept
+            self._save_model(self.run_dir / f"epoch-{self.epoch + 1:03d}.safetensors", val_stats)
 
     def _cut_learning_rate(self) -> None:
         """--schedule plateau cut the rate: the next step takes it (the scheduler sets rates after each step)."""
@@ -871,7 +898,8 @@ class Trainer:
             + (f"; {len(self.dataset.ignored)} non-image file(s) ignored" if self.dataset.ignored else ""))
         self.console.print(f"run directory: {self.run_dir} (model.safetensors, metrics.csv, curves.png, last.pt"
                            + (", train_batch.png, report.html" if self.config.report and self.best is not None
-                              else "") + (", tensorboard/" if self.config.tensorboard else "") + ")")
+                              else "") + (", tensorboard/" if self.config.tensorboard else "")
+                           + (f", the {len(self.kept)} best epochs' epoch-NNN.safetensors" if self.kept else "") + ")")
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
                            len(self.dataset.ignored), self.stopped_early, self.run_dir / "model.safetensors",
                            self.stopped_by)

@@ -60,7 +60,7 @@ IMPORTANCE_FROM = 10
 # scores compare.
 NOT_SEARCHED = ("data", "model_options", "optim", "augment", "seed", "deterministic", "device", "amp",
                 "channels_last", "compile", "compile_mode", "sync_bn", "workers", "in_memory", "decoder",
-                "checkpoint_every", "max_bad_streak", "out", "name", "quiet", "report", "tensorboard",
+                "checkpoint_every", "keep_best", "max_bad_streak", "out", "name", "quiet", "report", "tensorboard",
                 "monitor", "val_split", "epochs")
 # The settings inside model_options a search can vary, and the flags that name settings otherwise.
 MODEL_OPTIONS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
