@@ -152,7 +152,9 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     config, and its last.pt (if any) is resumed. This is how torchrun's workers start,
     and how a group restarted after a lost worker picks up where it stopped.
     `epoch_end`: called with each epoch's row of metrics.csv once last.pt holds the epoch; a text it returns
-    ends the run there, as the reason (how `residual tune` prunes a trial that falls behind).
+    ends the run there, as the reason (how `residual tune` prunes a trial that falls behind). The decision is
+    this call's: last.pt does not keep it, so a resume trains on. Distributed, every worker calls it, and
+    they must agree.
     """
     console = console or message_console()
     if resume is not None:
