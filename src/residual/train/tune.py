@@ -413,20 +413,21 @@ class Search:
                                 attrs.get("run_dir", ""), note, bool(attrs.get("baseline"))))
         return listed
 
-    def best(self, trials: list[Trial] | None = None) -> Trial | None:
-        complete = [t for t in (trials or self.trials()) if t.state == "complete"]
+    def best(self, trials: list[Trial]) -> Trial | None:
+        complete = [t for t in trials if t.state == "complete"]
         if not complete:
             return None
         return (max if self.maximize else min)(complete, key=lambda t: t.score)
 
-    def _write(self) -> None:
-        """trials.csv, best.yaml and search.png as the study now stands."""
+    def _write(self) -> list[Trial]:
+        """trials.csv, best.yaml and search.png as the study now stands; its trials."""
         listed = self.trials()
         best = self.best(listed)
         write_trials(listed, self.tune_dir / "trials.csv")
         if best is not None:
             self._write_best(best)
         draw_search(listed, self.study, self.space, self.monitor, self.tune_dir / "search.png")
+        return listed
 
     def _write_best(self, best: Trial) -> None:
         """The best trial's config.yaml, with the outputs back where a new training run puts them."""
@@ -439,9 +440,8 @@ class Search:
                            + yaml.safe_dump(options, sort_keys=False))
 
     def finish(self) -> TuneResult:
-        self._write()
-        listed = self.trials()
-        best, importance = self.best(listed), self._importance()
+        listed = self._write()
+        best, importance = self.best(listed), self._importance(listed)
         if best is None:
             self.console.print(f"\nno trial completed; {self.tune_dir / 'trials.csv'} says how each ended")
         else:
@@ -454,10 +454,10 @@ class Search:
                                f"residual train --config {self.tune_dir / 'best.yaml'}")
         return TuneResult(self.tune_dir, self.monitor, best, listed, importance)
 
-    def _importance(self) -> dict[str, float]:
+    def _importance(self, trials: list[Trial]) -> dict[str, float]:
         """PED-ANOVA's importance of each searched setting (Optuna's, which needs no scikit-learn), once enough
         trials are complete to tell; {} before that."""
-        complete = [t for t in self.trials() if t.state == "complete"]
+        complete = [t for t in trials if t.state == "complete"]
         if len(complete) < IMPORTANCE_FROM or len(complete[0].values) < 2:
             return {}
         evaluator = self.optuna.importance.PedAnovaImportanceEvaluator()
