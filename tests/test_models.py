@@ -113,6 +113,115 @@ def test_preact_blocks_normalise_first_and_leave_the_sum_unactivated():
     assert isinstance(cifar.bn1, nn.Identity) and isinstance(cifar.bn_final, nn.BatchNorm2d)
 
 
+def wide_resnet_reference(params: dict, x: torch.Tensor, blocks_per_stage: int, dropout: float = 0.0,
+                          training: bool = False) -> torch.Tensor:
+    """WRN-d-k's forward, laid out as the authors' functional PyTorch code is (Zagoruyko & Komodakis 2016):
+    a bare 3x3 stem conv; blocks of BN-ReLU-conv3x3, BN-ReLU-dropout-conv3x3 whose sum is not activated, a
+    1x1 projection of the pre-activated input where the width changes; BN-ReLU, 8x8 average pool, linear.
+    Written from the paper, apart from blocks.py; `params` are named as ours are. `training`: batch
+    statistics and dropout, as a training step sees the net."""
+    def norm(x, name):
+        mean, var = (None, None) if training else (params[f"{name}.running_mean"], params[f"{name}.running_var"])
+        return torch.relu(torch.nn.functional.batch_norm(x, mean, var, params[f"{name}.weight"],
+                                                         params[f"{name}.bias"], training=training))
+
+    x = torch.nn.functional.conv2d(x, params["conv1.weight"], padding=1)
+    for stage in (1, 2, 3):
+        for index in range(blocks_per_stage):
+            name, stride = f"layer{stage}.{index}", 2 if stage > 1 and index == 0 else 1
+            activated = norm(x, f"{name}.bn1")
+            branch = torch.nn.functional.conv2d(activated, params[f"{name}.conv1.weight"], stride=stride, padding=1)
+            branch = torch.nn.functional.dropout(norm(branch, f"{name}.bn2"), dropout, training)
+            branch = torch.nn.functional.conv2d(branch, params[f"{name}.conv2.weight"], padding=1)
+            projection = params.get(f"{name}.downsample.0.weight")
+            x = branch + (x if projection is None else torch.nn.functional.conv2d(activated, projection, stride=stride))
+    x = torch.nn.functional.avg_pool2d(norm(x, "bn_final"), 8).flatten(1)
+    return torch.nn.functional.linear(x, params["fc.weight"], params["fc.bias"])
+
+
+def test_wide_resnets_are_the_authors_nets():
+    torch.manual_seed(7)
+    model = residual.create_model("wrn16_8", block_drop_rate=0.3).eval()
+    for module in model.modules():  # statistics a trained net might have, so that every BN matters
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    params = dict(model.state_dict())
+    assert params["conv1.weight"].shape == (16, 3, 3, 3) and isinstance(model.bn1, nn.Identity)
+    assert params["layer1.0.downsample.0.weight"].shape == (128, 16, 1, 1)  # 16 -> 16k: a projection, no BN
+    assert [model.config.widths, model.config.layers] == [(128, 256, 512), (2, 2, 2)]
+    assert {name for name in params if "downsample" in name} == {
+        f"layer{stage}.0.downsample.0.weight" for stage in (1, 2, 3)}
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), wide_resnet_reference(params, x, 2), atol=1e-4)
+        # A training step's forward too: the same dropout masks drawn in the same order give the same output.
+        torch.manual_seed(9)
+        trained = model.train()(x)
+        torch.manual_seed(9)
+        assert torch.allclose(trained, wide_resnet_reference(params, x, 2, dropout=0.3, training=True), atol=1e-4)
+        torch.manual_seed(9)
+        assert not torch.allclose(trained, wide_resnet_reference(params, x, 2, training=True), atol=1e-2)
+
+
+def test_squeeze_and_excitation_gates_the_branch_before_the_sum_in_timms_layout():
+    torch.manual_seed(8)
+    model = residual.create_model("seresnet50").eval()
+    block = model.layer2[0]
+    for module in block.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    names = [name for name in model.state_dict() if name.startswith("layer2.0.")]
+    # timm's order, so its checkpoints map one to one: the gate between bn3 and the shortcut.
+    assert names[names.index("layer2.0.bn3.num_batches_tracked") + 1:][:5] == [
+        "layer2.0.se.fc1.weight", "layer2.0.se.fc1.bias", "layer2.0.se.fc2.weight", "layer2.0.se.fc2.bias",
+        "layer2.0.downsample.0.weight"]
+    assert (block.se.fc1.in_channels, block.se.fc1.out_channels) == (512, 32)
+    x = torch.randn(2, 256, 16, 16)
+    with torch.no_grad():
+        branch = block.bn3(block.conv3(block.relu(block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x))))))))
+        squeezed = branch.mean((2, 3))  # Hu et al.'s squeeze, then excitation: FC-ReLU-FC-sigmoid
+        gate = torch.sigmoid(torch.relu(squeezed @ block.se.fc1.weight.flatten(1).T + block.se.fc1.bias)
+                             @ block.se.fc2.weight.flatten(1).T + block.se.fc2.bias)
+        expected = torch.relu(branch * gate[:, :, None, None] + block.downsample(x))
+        assert torch.allclose(block(x), expected, atol=1e-5)
+    # Narrow blocks keep 8 channels in the gate's bottleneck (timm's rounding), never fewer.
+    assert residual.create_model("resnet20", se_ratio=1 / 16).layer1[0].se.fc1.out_channels == 8
+
+
+@pytest.mark.parametrize("name, last_conv", [("resnet20", "conv2"), ("preact_resnet110", "conv2"),
+                                              ("resnet50", "conv3"), ("preact_resnet164", "conv3")])
+def test_block_dropout_drops_what_the_last_conv_sees_in_training_only(name, last_conv):
+    model = residual.create_model(name, block_drop_rate=0.5)
+    block = model.layer1[1]
+    assert block.dropout_rate == 0.5
+    # The norm before the last conv gives exactly 1 everywhere, so what that conv sees is dropout's doing alone.
+    before_last = {"conv2": "bn1" if not block.preactivated else "bn2",
+                   "conv3": "bn2" if not block.preactivated else "bn3"}[last_conv]
+    nn.init.zeros_(getattr(block, before_last).weight)
+    nn.init.ones_(getattr(block, before_last).bias)
+    seen = []
+    getattr(block, last_conv).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.rand(8, block.conv1.in_channels, 8, 8)
+    block.train()(x)
+    block.eval()(x)
+    training, evaluation = seen
+    assert set(training.unique().tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1 / (1 - 0.5)
+    assert 0.45 < (training == 0).float().mean() < 0.55
+    assert torch.equal(evaluation, torch.ones_like(evaluation))
+    # No parameters of its own: the same weights without it give the same evaluation.
+    plain = residual.create_model(name)
+    plain.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), plain.eval()(images))
+    with pytest.raises(residual.ConfigError, match="block_drop_rate must be in"):
+        residual.create_model(name, block_drop_rate=1.0)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "preact_resnet50"])
 def test_zero_init_residual_makes_identity_blocks_start_as_identity(name):
     model = residual.create_model(name, zero_init_residual=True).eval()

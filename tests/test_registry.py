@@ -51,6 +51,44 @@ def test_preact_cifar_nets_match_he_2016():
     assert model_info("preact_resnet1001").depth == 1001
 
 
+# CIFAR Wide ResNets (Zagoruyko & Komodakis 2016, Table 4; WRN-28-2 as FixMatch reports it) and ResNeXt-29
+# (Xie et al. 2017, Table 7), in millions for 10 classes; the depth is the number in the name.
+WIDE_AND_RESNEXT_PAPERS = {"wrn16_8": 11.0, "wrn16_10": 17.1, "wrn22_8": 17.2, "wrn28_2": 1.5, "wrn28_10": 36.5,
+                           "wrn40_2": 2.2, "wrn40_4": 8.9, "wrn40_8": 35.7, "resnext29_8x64d": 34.4,
+                           "resnext29_16x64d": 68.1}
+# Exact counts published with trained CIFAR-10 weights (osmr's imgclsmob tables).
+WIDE_AND_RESNEXT_EXACT = {"wrn16_10": 17_116_634, "wrn28_10": 36_479_194, "wrn40_8": 35_748_314,
+                          "resnext29_16x64d": 68_155_210}
+
+
+@pytest.mark.parametrize("name", WIDE_AND_RESNEXT_PAPERS)
+def test_wide_resnets_and_resnext29_match_their_papers(name):
+    info = model_info(name)
+    assert info.params / 1e6 == pytest.approx(WIDE_AND_RESNEXT_PAPERS[name], abs=0.06), info.params
+    if name in WIDE_AND_RESNEXT_EXACT:
+        assert info.params == WIDE_AND_RESNEXT_EXACT[name]
+    assert info.depth == int(name.removeprefix("resnext").removeprefix("wrn").split("_")[0])
+    assert (info.family, info.input_size) == ("cifar", 32)
+    # A net with other stages than its name's is counted, not named.
+    assert model_info("wrn28_10", layers=(2, 2, 2)).depth == 1 + 2 * 6 + 1
+
+
+# timm's counts for its seresnet* / seresnext* (reduction 16, bottleneck widths rounded to multiples of 8).
+SQUEEZE_EXCITE_TIMM = {"seresnet50": 28_088_024, "seresnext50_32x4d": 27_559_896, "seresnext101_32x4d": 48_955_416}
+
+
+@pytest.mark.parametrize("name", SQUEEZE_EXCITE_TIMM)
+def test_se_resnets_match_timm_and_add_what_hu_et_al_say(name):
+    info = model_info(name)
+    assert info.params == SQUEEZE_EXCITE_TIMM[name]
+    assert info.block == "bottleneck + SE"
+    plain = model_info(name, se_ratio=0.0)
+    assert plain.block == "bottleneck"
+    if "50" in name:  # Hu et al. 2018: "~2.5 million additional parameters" over ResNet-50's ~25 million
+        assert 2.5e6 < info.params - plain.params < 2.55e6
+    assert 0 < info.macs - plain.macs < 0.002 * plain.macs  # the gates work on 1x1 maps: nearly free
+
+
 def test_resnet_d_counts_match_timm():
     # timm resnet50d: deep stem (32, 32, 64) adds 19,232 parameters to resnet50.
     assert model_info("resnet50d").params == 25_576_264

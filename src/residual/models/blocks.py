@@ -83,6 +83,27 @@ def make_shortcut(kind: str, in_ch: int, out_ch: int, stride: int, norm: str | N
     return nn.Sequential(pool, conv1x1(in_ch, out_ch), *tail)
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): every channel scaled by a gate in (0, 1) that a 1x1
+    bottleneck computes from all channels' means. timm's layout (fc1, fc2: 1x1 convs with biases; the
+    bottleneck's width channels x ratio rounded to a multiple of 8, 8 at least), so its SE-ResNets load."""
+
+    def __init__(self, channels: int, ratio: float):
+        super().__init__()
+        reduced = max(8, int(channels * ratio + 4) // 8 * 8)
+        self.fc1 = nn.Conv2d(channels, reduced, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.fc2(self.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * gate.sigmoid()
+
+
+def make_squeeze_excite(channels: int, ratio: float) -> SqueezeExcite | None:
+    return SqueezeExcite(channels, ratio) if ratio else None
+
+
 def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
     """Stochastic depth (Huang et al. 2016) for one batch: each sample's residual branch is zeroed with
     probability `rate`, and the rest are scaled by 1 / (1 - rate), so the expected sum is unchanged and
@@ -103,6 +124,7 @@ class ResidualBlock(nn.Module):
     last_layer = ""  # the layer zero_init_last zeroes
     preactivated = False  # BN-ReLU before the convolutions, the sum not activated (He et al. 2016)
     drop_path_rate = 0.0  # the chance that training skips this block's branch for a sample (set by ResNet)
+    dropout_rate = 0.0  # dropout before the branch's last convolution (set by ResNet; Wide ResNets use it)
     # (producer conv, the norm of its output, consumer conv) for each inner width: the channels
     # structured pruning may remove, because no shortcut or other block sees them.
     inner_layers: tuple[tuple[str, str, str], ...] = ()
@@ -116,7 +138,14 @@ class ResidualBlock(nn.Module):
                               f"got {tuple(inner_widths)}")
         return tuple(inner_widths)
 
-    def add_shortcut(self, out: torch.Tensor, x: torch.Tensor, projection_input: torch.Tensor) -> torch.Tensor:
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout_rate, self.training) if self.dropout_rate else x
+
+    def merge_branch(self, out: torch.Tensor, x: torch.Tensor, projection_input: torch.Tensor) -> torch.Tensor:
+        """The residual branch's output `out`, gated by squeeze-and-excitation where there is one, plus the
+        shortcut of `x` (a projection sees `projection_input`) unless the block is plain."""
+        if self.se is not None:
+            out = self.se(out)
         if self.residual:
             if self.training and self.drop_path_rate:
                 out = drop_path(out, self.drop_path_rate)
@@ -151,7 +180,8 @@ class BasicBlock(ResidualBlock):
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, width_per_group: int = 64,
-                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = ()):
+                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = (),
+                 se_ratio: float = 0.0):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ConfigError("BasicBlock supports only groups=1 and width_per_group=64")
@@ -161,13 +191,14 @@ class BasicBlock(ResidualBlock):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(mid, planes)
         self.bn2 = make_norm(norm, planes)
+        self.se = make_squeeze_excite(planes, se_ratio)
         self.downsample = downsample
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.dropout(self.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
-        return self.relu(self.add_shortcut(out, x, x))
+        return self.relu(self.merge_branch(out, x, x))
 
 
 class Bottleneck(ResidualBlock):
@@ -183,7 +214,8 @@ class Bottleneck(ResidualBlock):
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, width_per_group: int = 64,
-                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = ()):
+                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = (),
+                 se_ratio: float = 0.0):
         super().__init__()
         reduce, middle = self.resolve_inner_widths(inner_widths, int(planes * (width_per_group / 64.0)) * groups)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -193,15 +225,16 @@ class Bottleneck(ResidualBlock):
         self.bn2 = make_norm(norm, middle)
         self.conv3 = conv1x1(middle, planes * self.expansion)
         self.bn3 = make_norm(norm, planes * self.expansion)
+        self.se = make_squeeze_excite(planes * self.expansion, se_ratio)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.dropout(self.relu(self.bn2(self.conv2(out))))
         out = self.bn3(self.conv3(out))
-        return self.relu(self.add_shortcut(out, x, x))
+        return self.relu(self.merge_branch(out, x, x))
 
 
 class PreActBasicBlock(ResidualBlock):
@@ -214,7 +247,8 @@ class PreActBasicBlock(ResidualBlock):
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, width_per_group: int = 64,
-                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = ()):
+                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = (),
+                 se_ratio: float = 0.0):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ConfigError("PreActBasicBlock supports only groups=1 and width_per_group=64")
@@ -223,6 +257,7 @@ class PreActBasicBlock(ResidualBlock):
         self.conv1 = conv3x3(in_ch, mid, stride)
         self.bn2 = make_norm(norm, mid)
         self.conv2 = conv3x3(mid, planes)
+        self.se = make_squeeze_excite(planes, se_ratio)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.residual = residual
@@ -231,9 +266,9 @@ class PreActBasicBlock(ResidualBlock):
         # relu is not in-place here: x itself is the identity shortcut.
         preact = F.relu(self.bn1(x))
         out = self.conv1(preact)
-        out = self.conv2(self.relu(self.bn2(out)))
+        out = self.conv2(self.dropout(self.relu(self.bn2(out))))
         # A projection sees the pre-activated input, as in the authors' code.
-        return self.add_shortcut(out, x, preact)
+        return self.merge_branch(out, x, preact)
 
 
 class PreActBottleneck(ResidualBlock):
@@ -246,7 +281,8 @@ class PreActBottleneck(ResidualBlock):
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, groups: int = 1, width_per_group: int = 64,
-                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = ()):
+                 norm: str | None = "batch", stride_in_1x1: bool = False, inner_widths: tuple[int, ...] = (),
+                 se_ratio: float = 0.0):
         super().__init__()
         reduce, middle = self.resolve_inner_widths(inner_widths, int(planes * (width_per_group / 64.0)) * groups)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -256,6 +292,7 @@ class PreActBottleneck(ResidualBlock):
         self.conv2 = conv3x3(reduce, middle, stride_3x3, groups)
         self.bn3 = make_norm(norm, middle)
         self.conv3 = conv1x1(middle, planes * self.expansion)
+        self.se = make_squeeze_excite(planes * self.expansion, se_ratio)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.residual = residual
@@ -264,8 +301,8 @@ class PreActBottleneck(ResidualBlock):
         preact = F.relu(self.bn1(x))
         out = self.conv1(preact)
         out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
-        return self.add_shortcut(out, x, preact)
+        out = self.conv3(self.dropout(self.relu(self.bn3(out))))
+        return self.merge_branch(out, x, preact)
 
 
 BLOCKS = {

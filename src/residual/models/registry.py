@@ -29,6 +29,8 @@ class ModelSpec:
     config: ResNetConfig
     preprocessing: Preprocessing
     description: str
+    # The depth as the paper names the net, where its count differs from depth()'s (Wide ResNets: 6n + 4).
+    paper_depth: int = 0
 
     @property
     def family(self) -> str:
@@ -38,8 +40,9 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def _register(name: str, description: str, preprocessing: Preprocessing = IMAGENET_EVAL, **config) -> None:
-    _REGISTRY[name] = ModelSpec(name, ResNetConfig(**config), preprocessing, description)
+def _register(name: str, description: str, preprocessing: Preprocessing = IMAGENET_EVAL, paper_depth: int = 0,
+              **config) -> None:
+    _REGISTRY[name] = ModelSpec(name, ResNetConfig(**config), preprocessing, description, paper_depth)
 
 
 # ImageNet-style: depth -> (block, blocks per stage), He et al. 2015 Table 1.
@@ -68,6 +71,15 @@ _register("resnext101_32x8d", "ResNeXt-101 32x8d",
           block="bottleneck", layers=(3, 4, 23, 3), groups=32, width_per_group=8)
 _register("resnext101_64x4d", "ResNeXt-101 64x4d",
           block="bottleneck", layers=(3, 4, 23, 3), groups=64, width_per_group=4)
+# Squeeze-and-excitation (Hu et al. 2018) in every block, reduction 16, as timm builds its seresnet* and
+# seresnext* (stride on the 3x3; parameter names se.fc1, se.fc2), so their weights load.
+for _depth, (_block, _layers) in _IMAGENET_DEPTHS.items():
+    _register(f"seresnet{_depth}", f"SE-ResNet-{_depth}: squeeze-and-excitation blocks (Hu et al. 2018)",
+              block=_block, layers=_layers, se_ratio=1 / 16)
+_register("seresnext50_32x4d", "SE-ResNeXt-50 32x4d (Hu et al. 2018)",
+          block="bottleneck", layers=(3, 4, 6, 3), groups=32, width_per_group=4, se_ratio=1 / 16)
+_register("seresnext101_32x4d", "SE-ResNeXt-101 32x4d (Hu et al. 2018)",
+          block="bottleneck", layers=(3, 4, 23, 3), groups=32, width_per_group=4, se_ratio=1 / 16)
 for _depth in (18, 34):
     _block, _layers = _IMAGENET_DEPTHS[_depth]
     _register(f"plain{_depth}", f"plain-{_depth}: resnet{_depth} with every shortcut removed",
@@ -87,6 +99,20 @@ _register("preact_resnet110", "CIFAR pre-activation ResNet-110 (He et al. 2016)"
 for _n in (18, 111):
     _register(f"preact_resnet{9 * _n + 2}", f"CIFAR pre-activation bottleneck ResNet-{9 * _n + 2} (He et al. 2016)",
               block="bottleneck", layers=(_n,) * 3, preact=True, shortcut="B", **_CIFAR)
+# Wide ResNets (Zagoruyko & Komodakis 2016): WRN-d-k has n = (d - 4) / 6 pre-activation basic blocks per
+# stage, k times as wide (16k, 32k, 64k) after a 16-channel stem, and projection shortcuts where widths change.
+# The paper's d counts two layers more than depth() does. Dropout in the blocks is an option (0.3 in the paper).
+_CIFAR_HEAD = dict(stem="cifar", num_classes=10, preprocessing=CIFAR_EVAL)
+for _d, _k in ((16, 8), (16, 10), (22, 8), (28, 2), (28, 10), (40, 2), (40, 4), (40, 8)):
+    _register(f"wrn{_d}_{_k}", f"CIFAR Wide ResNet-{_d}-{_k} (Zagoruyko & Komodakis 2016)", paper_depth=_d,
+              block="basic", layers=((_d - 4) // 6,) * 3, widths=(16 * _k, 32 * _k, 64 * _k), stem_width=16,
+              preact=True, shortcut="B", **_CIFAR_HEAD)
+# CIFAR ResNeXt-29 (Xie et al. 2017, section 5.3): three stages of three bottlenecks, 256/512/1024 wide,
+# C groups of d = 64 channels in the first stage's 3x3 (doubling per stage), after a 64-channel 3x3 stem.
+for _c in (8, 16):
+    _register(f"resnext29_{_c}x64d", f"CIFAR ResNeXt-29 {_c}x64d (Xie et al. 2017)",
+              block="bottleneck", layers=(3, 3, 3), widths=(64, 128, 256), groups=_c, width_per_group=64,
+              shortcut="B", **_CIFAR_HEAD)
 
 
 class UnknownModelError(ConfigError):
@@ -176,8 +202,12 @@ def model_info(name: str, input_size: int | None = None, **options) -> ModelInfo
     model = empty_model(name, **options)
     size = input_size or model.preprocessing.input_size
     spec = get_spec(name)
+    same_layers = model.config.layers == spec.config.layers and model.config.block == spec.config.block
     block = ("pre-act " if model.config.preact else "") + model.config.block
     if model.config.shortcut == "none":
         block += " (plain)"
-    return ModelInfo(name, spec.family, block, depth(model.config), count_params(model),
+    if model.config.se_ratio:
+        block += " + SE"
+    return ModelInfo(name, spec.family, block, spec.paper_depth if spec.paper_depth and same_layers
+                     else depth(model.config), count_params(model),
                      count_macs(model, size, model.config.in_chans), size, spec.description)

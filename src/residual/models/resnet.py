@@ -5,7 +5,8 @@ parameter names exactly: conv1, bn1, layer1..layer4, downsample.0/.1, fc.
 CIFAR-style nets (He et al. 2015, section 4.2) are the same class with a 3x3
 stem, no max-pool and three stages of 16/32/64 channels. Every variant
 (v1 stride placement, ResNet-D, pre-activation, ResNeXt, wide, plain twins,
-normalisation, head options) is a field of the config, never a copy.
+normalisation, head options) is a field of the config, never a copy: the CIFAR
+Wide ResNets are pre-activation nets with a narrow stem and dropout in the blocks.
 
 The timm-style interface is here too: forward_features, forward_head,
 reset_classifier, num_classes=0 for pooled features, features_only.
@@ -51,6 +52,12 @@ class ResNetConfig:
     # Stochastic depth: training skips block l of L's residual branch, per sample, with probability
     # drop_path_rate * l / L (the linear rule of Huang et al. 2016); evaluation runs every block.
     drop_path_rate: float = 0.0
+    # Dropout inside each block, before its last convolution (Wide ResNets: 0.3 between the two 3x3s).
+    block_drop_rate: float = 0.0
+    stem_width: int = 0  # the stem's output channels; 0: widths[0] (Wide ResNets: 16, then 16k in the first stage)
+    # Squeeze-and-excitation (Hu et al. 2018): each block's branch rescales its output channels by a gate
+    # computed from their means through a bottleneck of channels x se_ratio (1/16 in SE-ResNets); 0: none.
+    se_ratio: float = 0.0
     zero_init_residual: bool = False  # zero each block's last layer so it starts as identity
     init: str = "he"  # conv/linear init: 'he' (torchvision: normal, fan-out) or 'xavier' (Glorot; Keras' default)
     features_only: bool = False  # forward returns the stage maps
@@ -74,6 +81,10 @@ class ResNetConfig:
             (self.in_chans >= 1 and self.num_classes >= 0, "in_chans must be >= 1 and num_classes >= 0"),
             (0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), got {self.drop_rate}"),
             (0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}"),
+            (0.0 <= self.block_drop_rate < 1.0, f"block_drop_rate must be in [0, 1), got {self.block_drop_rate}"),
+            (self.stem_width >= 0, f"stem_width must be >= 0 (0: widths[0]), got {self.stem_width}"),
+            (0.0 <= self.se_ratio <= 1.0, f"se_ratio must be in [0, 1] (0: no squeeze-and-excitation), got "
+                                          f"{self.se_ratio}"),
             (not (self.drop_path_rate and self.shortcut == "none"),
              "drop_path_rate needs shortcuts: skipping a plain net's block cuts the signal off"),
             (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
@@ -111,7 +122,7 @@ class ResNet(nn.Module):
         self.multi_label = False
         self.threshold = MULTI_LABEL_THRESHOLD
         block = BLOCKS[(config.block, config.preact)]
-        stem_ch = config.widths[0]
+        stem_ch = config.stem_width or config.widths[0]
 
         self.conv1 = self._make_stem_conv(config, stem_ch)
         # The authors' pre-activation CIFAR nets go straight from the stem conv into
@@ -146,6 +157,7 @@ class ResNet(nn.Module):
         blocks = self.blocks()
         for depth, block in enumerate(blocks, start=1):
             block.drop_path_rate = config.drop_path_rate * depth / len(blocks)
+            block.dropout_rate = config.block_drop_rate
         self._init_weights()
 
     @staticmethod
@@ -174,7 +186,7 @@ class ResNet(nn.Module):
                 downsample=make_shortcut(c.shortcut, in_ch, out_ch, block_stride, c.norm, c.preact),
                 residual=c.shortcut != "none",
                 groups=c.groups, width_per_group=c.width_per_group, norm=c.norm, stride_in_1x1=c.stride_in_1x1,
-                inner_widths=inner_widths[index],
+                inner_widths=inner_widths[index], se_ratio=c.se_ratio,
             ))
             in_ch = out_ch
         return nn.Sequential(*blocks)
