@@ -41,6 +41,12 @@ def test_recipes_resolve_to_their_sources_numbers(shapes):
     he = resolve(TrainConfig.from_dict({**recipe_options("he2015-cifar"), "data": str(shapes)}), data)
     assert (he.optim.lr, he.optim.nesterov, he.optim.weight_decay, he.optim.milestones) == (0.1, False, 1e-4,
                                                                                             (91, 136.5))
+    wrn = resolve(TrainConfig.from_dict({**recipe_options("zagoruyko2016-cifar"), "data": str(shapes)}), data)
+    assert (wrn.model, wrn.model_options, wrn.epochs, wrn.batch_size) == ("wrn28_10", {"block_drop_rate": 0.3}, 200,
+                                                                         128)
+    assert (wrn.optim.lr, wrn.optim.nesterov, wrn.optim.weight_decay, wrn.optim.milestones, wrn.optim.gamma) == \
+        (0.1, True, 5e-4, (60, 120, 160), 0.2)
+    assert (wrn.augment.pad_crop, wrn.augment.pad_mode, wrn.augment.hflip) == (4, "reflect", True)
     tv = TrainConfig.from_dict({**recipe_options("torchvision-v1"), "data": str(shapes), "batch_size": 512})
     assert resolve(tv, data).optim.lr == pytest.approx(0.2)
 
@@ -72,3 +78,15 @@ def test_the_crop_share_sets_the_saved_models_resize(tmp_path):
     assert (preprocessing.input_size, preprocessing.resize_size) == (72, 80)  # round(72 / 0.9)
     with pytest.raises(ConfigError, match="--crop-pct is the share .* in \\(0, 1\\], got 1.2"):
         TrainConfig(data=str(data), crop_pct=1.2)
+
+
+def test_the_wide_resnet_recipe_trains_a_wide_resnet_with_dropout_and_reflected_crops(shapes, tmp_path):
+    assert main(["train", str(shapes), "--recipe", "zagoruyko2016-cifar", "--model", "wrn28_2", "--image-size", "16",
+                 "--epochs", "1", "--batch-size", "16", "--workers", "0", "--quiet", "--no-report",
+                 "--out", str(tmp_path), "--name", "wrn"]) == 0
+    model = residual.load_model(tmp_path / "wrn" / "model.safetensors")
+    assert (model.arch, model.config.block_drop_rate, model.config.stem_width) == ("wrn28_2", 0.3, 16)
+    assert all(block.dropout_rate == 0.3 for block in model.blocks())
+    ran = load_config(tmp_path / "wrn" / "config.yaml")
+    assert (ran.augment.pad_crop, ran.augment.pad_mode, ran.optim.nesterov, ran.optim.gamma) == (2, "reflect", True,
+                                                                                                0.2)

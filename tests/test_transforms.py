@@ -27,6 +27,13 @@ def test_presets_resolve_their_knobs_and_explicit_knobs_win():
     assert AugmentConfig().resolved(32).preset == "cifar" and AugmentConfig().resolved(224).preset == "standard"
     with pytest.raises(residual.ConfigError):
         AugmentConfig(preset="heavy")
+    # Reflection padding mirrors the image into the border: it needs a border narrower than the image.
+    (crop,) = build_augment(AugmentConfig(preset="cifar", pad_mode="reflect"), 32, 32)
+    assert (crop.padding, crop.pad_mode) == (4, "reflect")
+    with pytest.raises(residual.ConfigError, match="--pad-crop must be less than the image's side \\(8 px\\), got 8"):
+        build_augment(AugmentConfig(preset="cifar", pad_crop=8, pad_mode="reflect"), 8, 8)
+    with pytest.raises(residual.ConfigError, match="--pad-mode must be one of zeros, reflect, got 'edge'"):
+        AugmentConfig(pad_mode="edge")
 
 
 @pytest.mark.parametrize("preset, stored, size", [("none", 32, 32), ("none", 40, 32), ("cifar", 32, 32),
@@ -143,17 +150,18 @@ def test_flip_alone_mirrors_some_images():
     assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
 
 
-def test_pad_crop_flip_takes_every_window_of_the_padded_image_and_mirrors_half():
+@pytest.mark.parametrize("pad_mode, torch_mode", [("zeros", "constant"), ("reflect", "reflect")])
+def test_pad_crop_flip_takes_every_window_of_the_padded_image_and_mirrors_half(pad_mode, torch_mode):
     """What kornia's RandomCrop(padding=2) + RandomHorizontalFlip do: each output is one window of the
-    zero-padded image, every offset turns up, and about half are mirrored."""
+    zero-padded (or reflection-padded) image, every offset turns up, and about half are mirrored."""
     torch.manual_seed(4)
     images = torch.rand(1, 3, 6, 6).expand(400, 3, 6, 6)
-    padded = torch.nn.functional.pad(images[0], (2, 2, 2, 2))
+    padded = torch.nn.functional.pad(images[0], (2, 2, 2, 2), mode=torch_mode)
     windows = {(top, left, mirrored): padded[:, top:top + 6, left:left + 6].flip(-1) if mirrored
                else padded[:, top:top + 6, left:left + 6]
                for top in range(5) for left in range(5) for mirrored in (False, True)}
     seen = []
-    for out in RandomCropFlip(6, padding=2, hflip=True)(images):
+    for out in RandomCropFlip(6, padding=2, hflip=True, pad_mode=pad_mode)(images):
         seen += [key for key, window in windows.items() if torch.equal(out, window)]
     assert len(seen) == 400, "every output is exactly one window"
     assert {(top, left) for top, left, _ in seen} == {(top, left) for top in range(5) for left in range(5)}

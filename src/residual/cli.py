@@ -691,9 +691,9 @@ def _train_config(args: argparse.Namespace, **overrides):
 
 OPTIM_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "min_lr_ratio",
                "step_size", "milestones", "gamma", "decay_rate", "decay_epochs", "staircase", "plateau_patience")
-AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "crop_scale", "rotation", "shift", "brightness", "contrast",
+AUGMENT_FLAGS = ("preset", "hflip", "pad_crop", "pad_mode", "crop_scale", "rotation", "shift", "brightness", "contrast",
                  "random_erasing", "auto_augment", "randaugment_ops", "randaugment_magnitude", "mixup", "cutmix")
-MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
+MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "block_drop_rate", "zero_init_residual")
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd", "pretrained", "strategy",
                "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size",
                "eval_image_size", "crop_pct", "epochs", "batch_size", "label_smoothing", "loss", "bce_target_threshold",
@@ -993,7 +993,7 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     """Every TrainConfig field as a flag; unset flags stay None so the config's own defaults apply.
     `runs`: where the command's run directories go by default; `resume`: --resume's metavar and help."""
     from .data.device_decode import DECODERS
-    from .data.transforms import AUTO_AUGMENTS
+    from .data.transforms import AUTO_AUGMENTS, PAD_MODES
     from .models.resnet import STEMS
     from .train.config import COMPILE_MODES
     from .train.recipes import RECIPES
@@ -1004,8 +1004,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     p.add_argument("--config", help="start from a run's config.yaml (flags override it)")
     p.add_argument("--recipe", choices=RECIPES,
                    help="start from a published recipe (flags override it): He et al. 2015's CIFAR ResNets, "
-                        "torchvision's original ImageNet reference, ResNet strikes back's A1, A2 or A3 "
-                        "(docs/training.md#recipes)")
+                        "Zagoruyko & Komodakis 2016's CIFAR Wide ResNets, torchvision's original ImageNet reference, "
+                        "ResNet strikes back's A1, A2 or A3 (docs/training.md#recipes)")
     p.add_argument("--resume", metavar=resume[0], help=resume[1])
     p.add_argument("--model", help="registry name (auto: resnet20/56 for small images, resnet18/50 otherwise)")
     p.add_argument("--stem", choices=STEMS, help="the model's stem: cifar (one 3x3, no downsampling) makes an "
@@ -1068,6 +1068,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     reg.add_argument("--drop-path", dest="drop_path_rate", type=float, metavar="RATE",
                      help="stochastic depth: training skips the last block's branch with this chance per image, "
                           "earlier blocks' less (linearly), e.g. 0.1; evaluation runs every block")
+    reg.add_argument("--block-drop-rate", type=float, metavar="RATE",
+                     help="dropout inside every residual block, before its last convolution (Wide ResNets: 0.3)")
     reg.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None)
     reg.add_argument("--grad-clip", type=float, help="max global gradient norm")
     reg.add_argument("--accumulate", type=int, help="micro-batches per optimizer step")
@@ -1089,6 +1091,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     aug.add_argument("--augment", dest="preset", choices=("none", "cifar", "standard", "strong"))
     aug.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None)
     aug.add_argument("--pad-crop", type=int)
+    aug.add_argument("--pad-mode", choices=PAD_MODES,
+                     help="what --pad-crop's border holds: zeros (default), or the image mirrored (reflect, as the "
+                          "Wide ResNets trained)")
     aug.add_argument("--crop-scale", type=float, help="smallest area of random-resized crops (0: off)")
     aug.add_argument("--rotation", type=float, help="degrees")
     aug.add_argument("--shift", type=float, help="width/height shift, fraction")

@@ -28,6 +28,7 @@ from ..models.preprocessing import Preprocessing
 from .augmix import AugMix
 
 PRESETS = ("none", "cifar", "standard", "strong")
+PAD_MODES = ("zeros", "reflect")
 AUTO_AUGMENTS = (None, "autoaugment", "randaugment", "trivialaugment", "augmix")
 RANDAUGMENT_OPERATIONS = 15  # kornia's default policy: the paper's 14 and SolarizeAdd
 # RandAugment's N and M where none are given: the paper's ResNet-50 setting.
@@ -41,6 +42,7 @@ class AugmentConfig:
     preset: str | None = None  # auto: 'cifar' for small images, 'standard' otherwise
     hflip: bool | None = None
     pad_crop: int | None = None  # pixels of padding around a random crop (CIFAR style)
+    pad_mode: str = "zeros"  # what the padding holds: 'zeros' (He et al. 2015) or 'reflect' (Wide ResNets)
     crop_scale: float | None = None  # smallest area fraction of a random-resized crop; 0 disables it
     rotation: float | None = None  # degrees, +-
     shift: float | None = None  # width/height shift, fraction of the size, +-
@@ -56,6 +58,8 @@ class AugmentConfig:
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"--augment must be one of {PRESETS}, got {self.preset!r}")
+        if self.pad_mode not in PAD_MODES:
+            raise ConfigError(f"--pad-mode must be one of {', '.join(PAD_MODES)}, got {self.pad_mode!r}")
         if self.auto_augment not in AUTO_AUGMENTS:
             raise ConfigError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENTS[1:])}, got "
                               f"{self.auto_augment!r}")
@@ -108,8 +112,12 @@ def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> n
     if c.crop_scale:
         stages.append(RandomResizedCropFlip(input_size, (c.crop_scale, 1.0), c.hflip))
     elif c.pad_crop or c.hflip or stored_size != input_size:
+        if c.pad_mode == "reflect" and c.pad_crop >= stored_size:
+            raise ConfigError(f"--pad-mode reflect mirrors the image into the padding, so --pad-crop must be less "
+                              f"than the image's side ({stored_size} px), got {c.pad_crop}")
         # `none` keeps the centre of a larger stored image; the other presets crop it at random.
-        stages.append(RandomCropFlip(input_size, c.pad_crop, c.hflip, centred=c.preset == "none" and not c.pad_crop))
+        stages.append(RandomCropFlip(input_size, c.pad_crop, c.hflip, centred=c.preset == "none" and not c.pad_crop,
+                                     pad_mode=c.pad_mode))
     if c.auto_augment == "augmix":  # its own stage: it mixes whole chains of operations, not one kornia op
         stages.append(AugMix())
     ops: list[nn.Module] = []
@@ -131,9 +139,9 @@ def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> n
 
 
 class RandomCropFlip(nn.Module):
-    """Zero-pad by `padding`, take a random `size` x `size` window of each image (the centre one
-    when `centred`), and mirror it with probability 1/2 when `hflip`: kornia's
-    RandomCrop(padding) + RandomHorizontalFlip.
+    """Pad by `padding` (zeros, or the image mirrored at its edges with `pad_mode="reflect"`), take
+    a random `size` x `size` window of each image (the centre one when `centred`), and mirror it
+    with probability 1/2 when `hflip`: kornia's RandomCrop(padding) + RandomHorizontalFlip.
 
     Written here because it is the whole CIFAR recipe, the one small, launch-bound nets train
     with: one gather whose random offsets are drawn on the images' device, so the step never
@@ -141,14 +149,16 @@ class RandomCropFlip(nn.Module):
     0.06 ms) and draws its parameters on the host (benchmarks/augment_cpu.py).
     """
 
-    def __init__(self, size: int, padding: int = 0, hflip: bool = False, centred: bool = False):
+    def __init__(self, size: int, padding: int = 0, hflip: bool = False, centred: bool = False,
+                 pad_mode: str = "zeros"):
         super().__init__()
         self.size, self.padding, self.hflip, self.centred = size, padding, hflip, centred
+        self.pad_mode = "constant" if pad_mode == "zeros" else pad_mode  # F.pad's name for zeros
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, channels, size, device = len(images), images.shape[1], self.size, images.device
         if self.padding:
-            images = F.pad(images, (self.padding,) * 4)
+            images = F.pad(images, (self.padding,) * 4, mode=self.pad_mode)
         height, width = images.shape[-2:]
         if self.centred:
             top = torch.full((n, 1, 1), (height - size) // 2, device=device)
@@ -165,7 +175,8 @@ class RandomCropFlip(nn.Module):
         return images.flatten(2).gather(2, index).view(n, channels, size, size)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, padding={self.padding}, hflip={self.hflip}, centred={self.centred}"
+        return (f"size={self.size}, padding={self.padding}, pad_mode={self.pad_mode}, hflip={self.hflip}, "
+                f"centred={self.centred}")
 
 
 class RandomResizedCropFlip(nn.Module):

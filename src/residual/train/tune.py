@@ -63,7 +63,7 @@ NOT_SEARCHED = ("data", "model_options", "optim", "augment", "seed", "determinis
                 "checkpoint_every", "keep_best", "max_bad_streak", "out", "name", "quiet", "report", "tensorboard",
                 "monitor", "val_split", "epochs")
 # The settings inside model_options a search can vary, and the flags that name settings otherwise.
-MODEL_OPTIONS = ("stem", "drop_rate", "drop_path_rate", "zero_init_residual")
+MODEL_OPTIONS = ("stem", "drop_rate", "drop_path_rate", "block_drop_rate", "zero_init_residual")
 FLAG_NAMES = {"pretrained": "from", "preset": "augment", "drop_path_rate": "drop-path"}
 
 
