@@ -113,9 +113,10 @@ def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 class ResidualBlock(nn.Module):
-    """What every block shares: adding its shortcut (unless plain), stochastic depth, zeroing its last layer.
+    """What every block shares: squeeze-and-excitation, dropout and stochastic depth where configured, adding
+    its shortcut (unless plain), zeroing its last layer.
 
-    Subclasses build their layers in torchvision's order (convs and norms, then relu,
+    Subclasses build their layers in torchvision's order (convs and norms, timm's SE gate, then relu,
     then downsample), which is the order of their state-dict keys. `inner_widths`
     (one per entry of `inner_layers`) overrides the widths inside the block, which
     is what a channel-pruned network is; empty means the standard widths.
