@@ -86,7 +86,8 @@ for _depth in (18, 34):
               block=_block, layers=_layers, shortcut="none")
 
 # CIFAR-style (He et al. 2015 section 4.2): depth 6n+2, option A shortcuts.
-_CIFAR = dict(stem="cifar", widths=(16, 32, 64), num_classes=10, preprocessing=CIFAR_EVAL)
+_CIFAR_HEAD = dict(stem="cifar", num_classes=10, preprocessing=CIFAR_EVAL)  # every CIFAR net's stem, classes, input
+_CIFAR = dict(widths=(16, 32, 64), **_CIFAR_HEAD)
 for _n in (3, 5, 7, 9, 18, 200):
     _register(f"resnet{6 * _n + 2}", f"CIFAR ResNet-{6 * _n + 2} (n={_n}, option A shortcuts)",
               block="basic", layers=(_n,) * 3, shortcut="A", **_CIFAR)
@@ -102,7 +103,6 @@ for _n in (18, 111):
 # Wide ResNets (Zagoruyko & Komodakis 2016): WRN-d-k has n = (d - 4) / 6 pre-activation basic blocks per
 # stage, k times as wide (16k, 32k, 64k) after a 16-channel stem, and projection shortcuts where widths change.
 # The paper's d counts two layers more than depth() does. Dropout in the blocks is an option (0.3 in the paper).
-_CIFAR_HEAD = dict(stem="cifar", num_classes=10, preprocessing=CIFAR_EVAL)
 for _d, _k in ((16, 8), (16, 10), (22, 8), (28, 2), (28, 10), (40, 2), (40, 4), (40, 8)):
     _register(f"wrn{_d}_{_k}", f"CIFAR Wide ResNet-{_d}-{_k} (Zagoruyko & Komodakis 2016)", paper_depth=_d,
               block="basic", layers=((_d - 4) // 6,) * 3, widths=(16 * _k, 32 * _k, 64 * _k), stem_width=16,
