@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,6 +229,101 @@ def test_a_search_killed_mid_trial_resumes_that_trial_from_its_checkpoint(shapes
     assert rows[2]["run_dir"] == rows[1]["run_dir"] and rows[2]["epochs"] == "4"  # its epochs before the kill too
     history = (tmp_path / "search" / "trials" / "trial-001" / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in history[1:]] == ["1", "2", "3", "4"]
+
+
+def _study(tune_dir):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(tune_dir / "study.log")))
+    return optuna.load_study(study_name="tune", storage=storage)
+
+
+def test_parallel_trials_train_at_once_within_the_budget_each_line_naming_its_trial(shapes16, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(_tune_cli(shapes16, "--model", "resnet20", "--epochs", "3", "--batch-size", "32", "--quiet",
+                                    "--no-report", "--trials", "5", "--jobs", "2", "--search", "lr=0.01..0.3:log",
+                                    "--out", tmp_path, "--name", "search"),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "5 trials of 3 epochs" in done.stdout and "2 trials at a time, on cpu, cpu" in done.stdout
+    rows = _trials(tmp_path / "search")
+    assert len(rows) == 5 and {row["state"] for row in rows} <= {"complete", "pruned"}, "never over the budget"
+    trials = sorted(_study(tmp_path / "search").trials, key=lambda t: t.datetime_start)
+    assert any(later.datetime_start < earlier.datetime_complete for earlier, later in zip(trials, trials[1:])), \
+        "some trials trained at the same time"
+    epoch_lines = [line for line in done.stdout.splitlines() if " epoch " in line and "train loss" in line]
+    for number in range(5):
+        mine = [line for line in epoch_lines if line.startswith(f"trial {number}: epoch ")]
+        assert [line.split()[3] for line in mine] == ["1/3", "2/3", "3/3"] or rows[number]["state"] == "pruned"
+    assert len(epoch_lines) == sum(int(row["epochs"]) for row in rows), "every epoch line names its trial"
+    best = yaml.safe_load((tmp_path / "search" / "best.yaml").read_text())
+    assert (best["device"], best["workers"]) == ("auto", None), "the search's own, not a worker's"
+    trial = yaml.safe_load((tmp_path / "search" / "trials" / "trial-000" / "config.yaml").read_text())
+    assert trial["workers"] == 1  # the two workers share this machine's cores
+
+
+def test_parallel_trials_go_on_the_gpus_in_turn(monkeypatch):
+    monkeypatch.setattr(tune_module.torch.cuda, "device_count", lambda: 2)
+    assert tune_module._worker_devices("auto", 3) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert tune_module._worker_devices("cuda", 2) == ["cuda:0", "cuda:1"]
+    assert tune_module._worker_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
+    monkeypatch.setattr(tune_module.torch.cuda, "device_count", lambda: 0)
+    assert tune_module._worker_devices("auto", 2) == ["auto", "auto"]
+
+
+def _group_alive(group: int) -> list[int]:
+    """The processes of process group `group` that still run (zombies left for init to reap do not)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # it ended while we looked
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table in /proc")
+def test_a_parallel_search_killed_stops_its_workers_and_resumes_every_trial_cut_short(shapes16, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    search = tmp_path / "search"
+    process = subprocess.Popen(_tune_cli(shapes16, "--model", "resnet20", "--epochs", "8", "--batch-size", "16",
+                                         "--quiet", "--no-report", "--trials", "2", "--jobs", "2", "--pruner", "none",
+                                         "--search", "lr=0.01..0.1:log", "--out", tmp_path, "--name", "search"),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    metrics = [search / "trials" / f"trial-00{number}" / "metrics.csv" for number in (0, 1)]
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if all(path.is_file() and path.read_text().count("\n") > 1 for path in metrics):
+            break  # both trials have finished an epoch
+        time.sleep(0.05)
+    assert process.poll() is None, f"the search ended before it could be stopped: {process.stderr.read()}"
+    process.send_signal(signal.SIGKILL)  # the workers are left without the process that started them
+    process.wait()
+    deadline = time.time() + 120
+    while _group_alive(process.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(process.pid), "every worker stopped"
+    assert all((path.parent / "last.pt").is_file() for path in metrics), "each saved its trial's checkpoint"
+    cut_at = [path.read_text().count("\n") - 1 for path in metrics]
+    assert all(1 <= epochs < 8 for epochs in cut_at)
+
+    resumed = subprocess.run(_tune_cli("--resume", search, "--jobs", "2"), env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = {int(row["trial"]): row for row in _trials(search)}
+    assert [rows[n]["state"] for n in sorted(rows)] == ["cut short", "cut short", "complete", "complete"]
+    continued = {rows[n]["note"].split("; ")[-1]: rows[n]["run_dir"] for n in (0, 1)}  # after "own settings; "
+    assert sorted(continued) == ["continued by trial 2", "continued by trial 3"]
+    for number in (2, 3):
+        row = rows[number]
+        assert row["run_dir"] == continued[f"continued by trial {number}"] and row["epochs"] == "8"
+        history = (Path(row["run_dir"]) / "metrics.csv").read_text().splitlines()
+        assert [line.split(",")[0] for line in history[1:]] == [str(epoch) for epoch in range(1, 9)]
 
 
 @pytest.mark.parametrize("text, message", [

@@ -582,8 +582,8 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
     refused = [flag for flag, given in [("--nproc", args.nproc), ("--max-restarts", args.max_restarts),
                                         ("--run-dir", args.run_dir), ("--lr auto", args.lr == "auto")] if given]
     if refused:
-        raise ResidualError(f"residual tune trains one trial at a time in this process, each in its own folder, "
-                            f"and searches the learning rate itself: drop {', '.join(refused)}")
+        raise ResidualError(f"residual tune trains each trial in one process, in a folder of its own (--jobs N: "
+                            f"N trials at once), and searches the learning rate itself: drop {', '.join(refused)}")
     try:
         if args.resume:
             if given := _settings_given(args) + [flag for flag, on in [("--search", args.search),
@@ -591,7 +591,8 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
                                                                        ("--prune-from", args.prune_from)] if on]:
                 raise ResidualError(f"--resume {args.resume} goes on with the search as its tune.yaml says, so "
                                     f"{', '.join(given)} would be ignored: drop them, or start a new search")
-            result = tune(trials=args.trials, time_limit=args.time_limit, resume=args.resume, console=console)
+            result = tune(trials=args.trials, time_limit=args.time_limit, jobs=args.jobs, resume=args.resume,
+                          console=console)
         else:
             settings = searchable_settings()
             searched = {text.partition("=")[0].strip().removeprefix("--") for text in args.search or ()}
@@ -602,8 +603,8 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
                                     f"fixed or searched")
             config = _train_config(args)
             result = tune(config, args.search or (), trials=args.trials, pruner=args.pruner or "median",
-                          prune_from=args.prune_from, time_limit=args.time_limit, out=args.out or "runs/tune",
-                          console=console)
+                          prune_from=args.prune_from, time_limit=args.time_limit, jobs=args.jobs,
+                          out=args.out or "runs/tune", console=console)
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         return 130
@@ -1443,6 +1444,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no trial is stopped before this epoch (default: a third of --epochs, 2 at least); later "
                         "for data whose runs start slowly")
     p.add_argument("--time-limit", type=positive, metavar="MINUTES", help="no new trial starts after this")
+    p.add_argument("--jobs", type=at_least(1), default=1, metavar="N",
+                   help="trials trained at once, each in its own process: on the GPUs in turn (with --device auto "
+                        "or cuda), or sharing the device named; on the CPU, sharing its cores (default 1)")
     p.set_defaults(run=cmd_tune)
 
     p = commands.add_parser("label-errors", help="images probably labelled wrong, found by k-fold models that "

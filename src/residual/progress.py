@@ -3,6 +3,7 @@ time left) and the console its messages go to."""
 
 from __future__ import annotations
 
+import io
 import os
 
 from rich.console import Console
@@ -48,3 +49,25 @@ def progress_bar(label: str, enabled: bool = True, unit: str = "img/s", console:
     manager (`add_task`, `advance`, `track`)."""
     return transient_bar(TextColumn(label), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
                          TimeRemainingColumn(), enabled=enabled, console=console)
+
+
+class PrefixedLines(io.TextIOBase):
+    """A text stream that writes each whole line to `stream` with `prefix` before it: the lines of several
+    processes writing to one terminal at once (residual tune --jobs) stay told apart."""
+
+    def __init__(self, stream: io.TextIOBase, prefix: str):
+        super().__init__()
+        self.stream, self.prefix, self.pending = stream, prefix, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        if lines:  # in one write, so another process's line never lands inside one of these
+            self.stream.write("".join(f"{self.prefix}{line}\n" if line else "\n" for line in lines))
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()

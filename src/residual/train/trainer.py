@@ -955,7 +955,7 @@ def _stop_on_signals(trainer: Trainer):
     def handler(signum, frame):
         if trainer.stop_signal and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        trainer.stop_signal = signal.Signals(signum).name
+        trainer.stop_signal = trainer.stop_signal or signal.Signals(signum).name  # a SIGTERM after a SIGINT
 
     try:
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

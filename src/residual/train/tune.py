@@ -17,15 +17,24 @@ settings, score, epochs and how it ended), best.yaml (the best trial's recipe, w
 --config TUNE/best.yaml` trains again) and search.png (the scores by trial, per epoch and by setting).
 A finished trial keeps its model.safetensors and drops last.pt (a ResNet-50's weights and optimizer, about
 200 MB a trial), which only a resume would need.
+
+With `jobs` > 1, that many worker processes train trials at once (on the GPUs in turn), all drawing from and
+reporting to the one journal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,11 +51,12 @@ from rich.console import Console  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
 from ..data.datasets import data_name, open_dataset  # noqa: E402
+from ..data.loaders import decoding_workers  # noqa: E402
 from ..data.transforms import AugmentConfig  # noqa: E402
-from ..errors import ConfigError  # noqa: E402
+from ..errors import ConfigError, ResidualError  # noqa: E402
 from ..models import ResNetConfig  # noqa: E402
-from ..progress import message_console  # noqa: E402
-from ..runs import new_run_dir  # noqa: E402
+from ..progress import PrefixedLines, message_console  # noqa: E402
+from ..runs import new_run_dir, pick_device  # noqa: E402
 from .config import AUTO_RECORD, TrainConfig, flatten, plain_yaml, read_config, resolve  # noqa: E402
 from .optim import OptimConfig  # noqa: E402
 from .trainer import TrainingDiverged, TrainingInterrupted, train  # noqa: E402
@@ -65,6 +75,9 @@ NOT_SEARCHED = ("data", "model_options", "optim", "augment", "seed", "determinis
 # The settings inside model_options a search can vary, and the flags that name settings otherwise.
 MODEL_OPTIONS = ("stem", "drop_rate", "drop_path_rate", "block_drop_rate", "zero_init_residual")
 FLAG_NAMES = {"pretrained": "from", "preset": "augment", "drop_path_rate": "drop-path"}
+# What a worker of a parallel search (--jobs) sets for its trials alone: where they train, and the machine's
+# decoding processes shared among the workers. Not part of the recipe: best.yaml has the search's own.
+PLACEMENT = ("device", "workers", "quiet")
 
 
 def searchable_settings() -> dict[str, tuple[str, str]]:
@@ -196,7 +209,7 @@ class Trial:
     """A trial as trials.csv lists it."""
     number: int
     # complete, pruned, diverged, refused (settings that cannot go together), failed (out of GPU memory), cut short
-    # (killed, and continued by another trial), running
+    # (killed, and continued by another trial), running, waiting (queued to run next)
     state: str
     values: dict  # the searched settings
     score: float | None  # complete: the best epoch's monitor; pruned: the last epoch's
@@ -221,22 +234,22 @@ class TuneResult:
 
 
 def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (), *, trials: int | None = None,
-         pruner: str = "median", prune_from: int | None = None, time_limit: float | None = None,
+         pruner: str = "median", prune_from: int | None = None, time_limit: float | None = None, jobs: int = 1,
          out: str = "runs/tune", resume: str | Path | None = None, console: Console | None = None) -> TuneResult:
     """Search settings of `config` (`search`: --search texts or Searched; none: `default_search`) over
     `trials` training runs (default 20), pruned by `pruner` from epoch `prune_from` on (default: a third of the
     epochs, 2 at least); or go on with the search in folder `resume`. `time_limit`: minutes after which no
-    new trial starts."""
+    new trial starts. `jobs`: trials trained at once, each in a process of its own (on the GPUs in turn)."""
     console = console or message_console()
     optuna = _optuna()
     if trials is not None and trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     if resume is not None:
         tune_dir = Path(resume)
-        recorded = _read_record(tune_dir)
-        config, pruner = TrainConfig.from_dict(recorded["config"]), recorded["pruner"]
-        space = [Searched.parse(text) for text in recorded["search"]]
-        monitor, epochs, prune_from = recorded["monitor"], recorded["epochs"], recorded["prune_from"]
+        recorded, config, space = _recorded_search(tune_dir)
+        pruner, monitor, epochs, prune_from = (recorded[key] for key in ("pruner", "monitor", "epochs", "prune_from"))
         if trials is not None and trials != recorded["trials"]:  # a new budget, kept for the next resume
             _write_record(tune_dir, {**recorded, "trials": trials})
         trials = trials or recorded["trials"]
@@ -262,40 +275,146 @@ def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (
                                  "trials": trials, "pruner": pruner, "prune_from": prune_from, "monitor": monitor,
                                  "epochs": epochs})
         baseline = own_settings(space, resolved)
-    study = _open_study(optuna, tune_dir, monitor, pruner, prune_from, config.seed, epochs, trials)
-    distributions = {item.name: item.distribution(optuna) for item in space}
+    _drop_torn_line(tune_dir / "study.log")  # here, while no other process writes to it
+    study = _open_study(optuna, tune_dir, monitor, pruner, prune_from, config.seed, epochs, trials, jobs > 1)
     if baseline:  # first, what residual train would do: the search's yardstick
         study.enqueue_trial(baseline, user_attrs={"baseline": True})
     _continue_cut_trials(study, optuna)
     search = Search(study, optuna, tune_dir, config, space, monitor, epochs, console)
-    started = time.monotonic()
+    devices = _worker_devices(config.device, jobs)
     console.print(f"{tune_dir}: up to {trials} trials of {epochs} epochs, searching "
-                  f"{', '.join(item.text() for item in space)}; pruner: {pruner}")
-    while (done := search.trials_done()) < trials:
-        spent = (time.monotonic() - started) / 60
-        if time_limit is not None and spent >= time_limit:
-            console.print(f"time limit: {spent:.0f} of {time_limit:g} minutes spent; no new trial starts")
-            break
-        try:
-            search.run_trial(study.ask(distributions), done, trials, started)
-        except TrainingInterrupted as stop:  # the trial stays running in the study: a resume continues it
-            raise TrainingInterrupted(f"{stop}; the search goes on with: residual tune --resume {tune_dir}") from None
+                  f"{', '.join(item.text() for item in space)}; pruner: {pruner}"
+                  + (f"; {jobs} trials at a time, on {', '.join(str(pick_device(d)) for d in devices)}"
+                     if jobs > 1 else ""))
+    try:
+        if jobs == 1:
+            search.run_trials(trials, time_limit)
+        else:
+            _run_workers(tune_dir, devices, trials, time_limit)
+    except TrainingInterrupted as stop:  # the trials stay running in the study: a resume continues them
+        search.write()
+        raise TrainingInterrupted(f"{stop}; the search goes on with: residual tune --resume {tune_dir}") from None
     return search.finish()
+
+
+def _recorded_search(tune_dir: Path) -> tuple[dict, TrainConfig, list[Searched]]:
+    """tune.yaml's record of a search, its recipe and what it searches."""
+    recorded = _read_record(tune_dir)
+    return recorded, TrainConfig.from_dict(recorded["config"]), [Searched.parse(text) for text in recorded["search"]]
+
+
+def _worker_devices(device: str, jobs: int) -> list[str]:
+    """Each of `jobs` trials-at-once' device: with --device auto or cuda, the GPUs in turn (one trial each when
+    --jobs is their number); a device named outright (cpu, cuda:1) is everyone's."""
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    return [f"cuda:{index % gpus}" if gpus else device for index in range(jobs)]
+
+
+def _run_workers(tune_dir: Path, devices: list[str], trials: int, time_limit: float | None) -> None:
+    """Train the search's trials in one process per device in `devices`, all drawing from and reporting to the
+    study's journal, which Optuna's file lock keeps whole; wait for them. Ctrl-C reaches them too: each saves
+    its trial's checkpoint, for a resume."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked process
+    claim = context.Lock()
+    workers = [context.Process(target=_work, name=f"residual tune worker {index}",
+                               args=(tune_dir, index, devices, trials, time_limit, claim))
+               for index in range(len(devices))]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join()
+    except KeyboardInterrupt:  # SIGINT to this process alone (a terminal's Ctrl-C also reaches the workers)
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)  # not a second SIGINT, which stops a trainer unsaved
+        for worker in workers:
+            worker.join()
+    codes = [worker.exitcode for worker in workers]
+    if failed := [code for code in codes if code not in (0, *STOPPED_EXITS)]:
+        raise ResidualError(f"{len(failed)} of {len(workers)} trial workers failed (exit codes "
+                            f"{', '.join(map(str, codes))}; their errors are above); the trials so far are in "
+                            f"{tune_dir}, and residual tune --resume {tune_dir} goes on")
+    if any(code in STOPPED_EXITS for code in codes):
+        raise TrainingInterrupted("stopped: the trials in flight saved their checkpoints")
+
+
+# A worker stopped by a signal: after its trial's checkpoint (130), or by the signal itself while not training.
+STOPPED_EXITS = (130, -signal.SIGINT, -signal.SIGTERM)
+
+
+def _work(tune_dir: Path, index: int, devices: list[str], trials: int, time_limit: float | None, claim) -> None:
+    """A worker of a parallel search: trials until the budget is claimed, on `devices[index]`, with its share
+    of the cores. `claim` makes taking a place in the budget and drawing its trial one step, so the workers
+    never train more than `trials`."""
+    signal.signal(signal.SIGTERM, _interrupt)  # between trials; a trial's own handler saves its checkpoint
+    _stop_with_parent()
+    jobs = len(devices)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+        recorded, config, space = _recorded_search(tune_dir)
+        optuna = _optuna()
+        # Each worker's sampler draws its own random first trials; later, the constant liar makes each steer
+        # clear of the settings the other workers are training.
+        study = _open_study(optuna, tune_dir, recorded["monitor"], recorded["pruner"], recorded["prune_from"],
+                            config.seed + index, recorded["epochs"], trials, True)
+        placement = {"device": devices[index], "quiet": True,
+                     "workers": config.workers if config.workers is not None else decoding_workers(jobs)}
+        search = Search(study, optuna, tune_dir, config, space, recorded["monitor"], recorded["epochs"],
+                        message_console(), placement, jobs)
+        search.run_trials(trials, time_limit, claim)
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        print(f"worker {index}: {stop or 'stopped'}", file=sys.stderr)
+        sys.exit(STOPPED_EXITS[0])
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM this worker when the process that started it dies, even by SIGKILL: its trial saves a
+    checkpoint and stops, rather than train on unwatched."""
+    parent = multiprocessing.parent_process()
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class Search:
     """The trial loop's state: the study, where it writes, and how a trial is scored and reported."""
 
     def __init__(self, study, optuna, tune_dir: Path, config: TrainConfig, space: list[Searched], monitor: str,
-                 epochs: int, console: Console):
+                 epochs: int, console: Console, placement: dict | None = None, jobs: int = 1):
         self.study, self.optuna, self.tune_dir, self.config, self.space = study, optuna, tune_dir, config, space
         self.monitor, self.epochs, self.console = monitor, epochs, console
+        self.placement, self.jobs = placement or {}, jobs  # a parallel search's worker: see PLACEMENT
         self.maximize = monitor != "val_loss"
         self.runs_started = 0  # by this process: the time per trial it measures
 
-    def trials_done(self) -> int:
-        """Trials that count against the budget: all but the running and those cut short (continued)."""
-        return sum(1 for trial in self.trials() if trial.state not in ("running", "cut short"))
+    def trials_claimed(self) -> int:
+        """Trials that count against the budget: all but those cut short (continued by another) and those queued,
+        running ones too (in a parallel search, the other workers')."""
+        return sum(1 for trial in self.trials() if trial.state not in ("cut short", "waiting"))
+
+    def run_trials(self, trials: int, time_limit: float | None, claim=contextlib.nullcontext()) -> None:
+        """Train trials until `trials` are claimed, or `time_limit` minutes have passed. `claim`: held while a
+        trial takes its place in the budget (a lock shared by a parallel search's workers)."""
+        distributions = {item.name: item.distribution(self.optuna) for item in self.space}
+        started = time.monotonic()
+        while True:
+            with claim:
+                if (claimed := self.trials_claimed()) >= trials:
+                    return
+                spent = (time.monotonic() - started) / 60
+                if time_limit is not None and spent >= time_limit:
+                    self.console.print(f"time limit: {spent:.0f} of {time_limit:g} minutes spent; no new trial starts")
+                    return
+                trial = self.study.ask(distributions)
+            self.run_trial(trial, claimed, trials, started)
 
     def run_trial(self, trial, done: int, total: int, started: float) -> None:
         state = self.optuna.trial.TrialState
@@ -306,7 +425,8 @@ class Search:
         eta = ""
         if self.runs_started:
             per_trial = (time.monotonic() - started) / self.runs_started
-            eta = f" ({_minutes(per_trial)} a trial so far; at most {_minutes(per_trial * (total - done))} left)"
+            left = per_trial * math.ceil((total - done) / self.jobs)
+            eta = f" ({_minutes(per_trial)} a trial so far; at most {_minutes(left)} left)"
         own = " (residual train's own choice)" if trial.user_attrs.get("baseline") else ""
         self.console.print(f"\ntrial {trial.number} ({done + 1} of {total}): {settings_text(values)}{own}"
                            + (f", continuing trial {continues} in {run_dir}" if continues is not None else "") + eta)
@@ -318,8 +438,11 @@ class Search:
         self.runs_started += 1
         try:
             config = dataclasses.replace(with_settings(self.config, values), out=str(run_dir.parent),
-                                         name=run_dir.name, report=False)
-            result = train(config, run_dir=run_dir, console=self.console, epoch_end=self._pruning(trial))
+                                         name=run_dir.name, report=False, **self.placement)
+            # Trials at once write to one terminal: each line of theirs says which trial it is of.
+            console = (self.console if self.jobs == 1 else
+                       message_console(file=PrefixedLines(sys.stdout, f"trial {trial.number}: ")))
+            result = train(config, run_dir=run_dir, console=console, epoch_end=self._pruning(trial))
         except ConfigError as error:  # e.g. --augmix-jsd drawn without --auto-augment augmix
             return self._end_failed(trial, "refused", f"settings refused: {error}")
         except torch.cuda.OutOfMemoryError:  # a property of the settings (batch size, model), like divergence
@@ -341,14 +464,14 @@ class Search:
                 trial.set_user_attr("diverged", "no epoch had a finite validation score")
                 self.study.tell(trial, state=state.PRUNED)
         (run_dir / "last.pt").unlink(missing_ok=True)  # a finished trial is never resumed
-        self._write()
+        self.write()
 
     def _end_failed(self, trial, kind: str, why: str) -> None:
         """A trial whose settings could not train at all: failed, which the sampler leaves out."""
         trial.set_user_attr(kind, why)
         self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
         self.console.print(f"trial {trial.number}: {why}")
-        self._write()
+        self.write()
 
     def _trained_with(self, values: dict):
         """An earlier finished trial with these very settings (TPE draws a choice again once it looks best)."""
@@ -368,7 +491,7 @@ class Search:
         complete = same.state == self.optuna.trial.TrialState.COMPLETE  # a pruned trial's value is its last score
         self.study.tell(trial, same.value if complete else None, state=same.state)
         self.console.print(f"trial {trial.number}: the settings of trial {same.number}, not trained again")
-        self._write()
+        self.write()
 
     def _pruning(self, trial):
         """The trainer's epoch_end: report the epoch's score, and say why the trial ends if the pruner says so
@@ -402,6 +525,8 @@ class Search:
             elif "refused" in attrs or "failed" in attrs:
                 kind = "refused" if "refused" in attrs else "failed"
                 score, note = None, attrs[kind]
+            elif t.state == state.WAITING:  # queued: residual train's own settings, or a trial to continue
+                kind, score, note = "waiting", None, ""
             else:
                 kind, score, note = "running", last, ""
             seconds = t.duration.total_seconds() if t.duration is not None else None
@@ -419,7 +544,7 @@ class Search:
             return None
         return (max if self.maximize else min)(complete, key=lambda t: t.score)
 
-    def _write(self) -> list[Trial]:
+    def write(self) -> list[Trial]:
         """trials.csv, best.yaml and search.png as the study now stands; its trials."""
         listed = self.trials()
         best = self.best(listed)
@@ -432,15 +557,16 @@ class Search:
     def _write_best(self, best: Trial) -> None:
         """The best trial's config.yaml, with the outputs back where a new training run puts them."""
         options = read_config(Path(best.run_dir) / "config.yaml")
-        options.update(out="runs/train", name=None, report=self.config.report)
-        for name in ("out", "name", "report"):
+        options.update(out="runs/train", name=None, report=self.config.report,
+                       **{name: getattr(self.config, name) for name in PLACEMENT})
+        for name in ("out", "name", "report", *PLACEMENT):
             options.get(AUTO_RECORD, {}).pop(name, None)
         with atomic_path(self.tune_dir / "best.yaml") as tmp:
             tmp.write_text(f"# trial {best.number} of {self.tune_dir}: {_score_text(self.monitor, best.score)}\n"
                            + yaml.safe_dump(options, sort_keys=False))
 
     def finish(self) -> TuneResult:
-        listed = self._write()
+        listed = self.write()
         best, importance = self.best(listed), self._importance(listed)
         if best is None:
             self.console.print(f"\nno trial completed; {self.tune_dir / 'trials.csv'} says how each ended")
@@ -475,8 +601,9 @@ def _optuna():
 
 
 def _open_study(optuna, tune_dir: Path, monitor: str, pruner: str, prune_from: int, seed: int, epochs: int,
-                trials: int):
-    """The study in TUNE/study.log: made the first time, loaded on a resume."""
+                trials: int, parallel: bool):
+    """The study in TUNE/study.log: made the first time, loaded on a resume. `parallel`: trials run at once,
+    so the sampler counts a running trial's settings as scoring the worst so far (Optuna's constant liar)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -487,9 +614,8 @@ def _open_study(optuna, tune_dir: Path, monitor: str, pruner: str, prune_from: i
                "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=prune_from, max_resource=epochs),
                "none": lambda: optuna.pruners.NopPruner()}
     # TPE proposes from the trials so far once a third of the budget (3 to 10 trials) has been drawn at random.
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True,
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=parallel,
                                          n_startup_trials=min(10, max(3, trials // 3)))
-    _drop_torn_line(tune_dir / "study.log")
     storage = JournalStorage(JournalFileBackend(str(tune_dir / "study.log")))
     return optuna.create_study(storage=storage, study_name="tune", sampler=sampler, pruner=pruners[pruner](),
                                direction="maximize" if monitor != "val_loss" else "minimize", load_if_exists=True)
