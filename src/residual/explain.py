@@ -117,8 +117,10 @@ def grad_cam(model: ResNet, x: torch.Tensor, targets: list[int] | None = None, l
         weights = (alpha * gradient.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
     cam = (weights * activation).sum(1, keepdim=True).clamp_min(0)
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    return (cam / peak).cpu(), output_probabilities(logits.detach(), is_multi_label(model)).cpu()
+    # From its lowest to its highest value per image, as pytorch-grad-cam scales: a Grad-CAM++ map is positive
+    # everywhere, and scaled by its peak alone its floor would tint the whole image.
+    low, high = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
+    return ((cam - low) / (high - low + 1e-7)).cpu(), output_probabilities(logits.detach(), is_multi_label(model)).cpu()
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, size: int | None = None) -> np.ndarray:
