@@ -10,9 +10,9 @@ TEST_PROCESSES ?= 2
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
-	# pytorch-grad-cam, the reference the Grad-CAM tests compare with: without its dependencies, as they
-	# include torchvision (none for this CPU torch); the rest it needs comes with '.[dev]'.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt grad-cam ttach
+	# timm and pytorch-grad-cam, references the tests compare our ResNets and Grad-CAM with: without their
+	# dependencies, as they include torchvision (none for this CPU torch); the rest comes with '.[dev]'.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt timm grad-cam ttach
 	touch $@
 
 install: $(BIN)/.installed

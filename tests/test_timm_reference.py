@@ -1,0 +1,90 @@
+"""Same weights, same outputs as timm's ResNets: every registry name timm also has (the ImageNet nets, the
+ResNet-D, ResNeXt and Wide variants, and the SE-ResNets, whose layout is timm's own), and timm's checkpoint
+files converted by `residual convert`.
+
+timm needs torchvision, which has no build for this CPU torch, so `make install` installs timm without its
+dependencies; where torchvision is missing, stand-ins take its place while timm is imported (timm's data
+and feature modules import it; building and running a ResNet never touches it).
+"""
+
+import importlib.util
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from residual import load_model
+from residual.cli import main
+from residual.models import build_model, list_models
+
+TORCHVISION_MODULES = ("torchvision", "torchvision.datasets", "torchvision.io", "torchvision.models",
+                       "torchvision.models.feature_extraction", "torchvision.ops", "torchvision.ops.misc",
+                       "torchvision.transforms", "torchvision.transforms.functional", "torchvision.transforms.v2",
+                       "torchvision.utils")
+
+
+def _import_timm():
+    if importlib.util.find_spec("torchvision") is not None:
+        import timm
+        return timm
+    with pytest.MonkeyPatch.context() as patch:
+        for name in TORCHVISION_MODULES:
+            patch.setitem(sys.modules, name, mock.MagicMock(name=name))
+        import timm
+    return timm
+
+
+timm = _import_timm()
+SHARED = [name for name in list_models() if timm.is_model(name)]
+
+
+def test_timm_has_the_names_we_share_with_it():
+    assert "seresnet50" in SHARED and "resnet50d" in SHARED and "resnext101_64x4d" in SHARED
+    assert len(SHARED) == 22  # the CIFAR nets, plain nets, pre-activation nets and WRNs are ours alone
+
+
+def _timm_model(name: str):
+    """timm's `name`, its weights and batch-norm statistics drawn at random (away from their initial values,
+    so that the comparison means something)."""
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False).eval()
+    with torch.no_grad():
+        for key, tensor in reference.state_dict().items():
+            if key.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+            elif tensor.is_floating_point():
+                tensor.normal_(0, 0.05)
+    return reference
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_same_parameters_and_outputs_as_timm(name):
+    reference = _timm_model(name)
+    ours = build_model(name, num_classes=reference.num_classes).eval()
+    theirs = reference.state_dict()
+    assert [(key, tensor.shape) for key, tensor in ours.state_dict().items()] == \
+        [(key, tensor.shape) for key, tensor in theirs.items()]
+    ours.load_state_dict(theirs)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, suffix", [("seresnet50", ".safetensors"), ("resnet50d", ".pth")])
+def test_timm_checkpoints_convert_to_model_files_with_the_same_outputs(name, suffix, tmp_path, capsys):
+    reference = _timm_model(name)
+    checkpoint = tmp_path / f"{name}{suffix}"
+    weights = {key: tensor.contiguous() for key, tensor in reference.state_dict().items()}
+    if suffix == ".safetensors":  # as the Hugging Face hub has timm's weights
+        save_file(weights, checkpoint)
+    else:
+        torch.save(weights, checkpoint)
+    assert main(["convert", str(checkpoint), "--arch", name, "--classes", "imagenet",
+                 "-o", str(tmp_path / "model.safetensors")]) == 0
+    model = load_model(tmp_path / "model.safetensors")
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-5)
+    assert model.arch == name and model.class_names[0] == "tench"
