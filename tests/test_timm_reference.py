@@ -1,6 +1,7 @@
 """Same weights, same outputs as timm's ResNets: every registry name timm also has (the ImageNet nets, the
 ResNet-D, ResNeXt and Wide variants, and the SE-ResNets, whose layout is timm's own), and timm's checkpoint
-files converted by `residual convert`.
+files converted by `residual convert`. Also the training parts timm has too: LAMB, the binary cross-entropy
+of "ResNet strikes back" and stochastic depth.
 
 timm needs torchvision, which has no build for this CPU torch, so `make install` installs timm without its
 dependencies; where torchvision is missing, stand-ins take its place while timm is imported (timm's data
@@ -88,3 +89,61 @@ def test_timm_checkpoints_convert_to_model_files_with_the_same_outputs(name, suf
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-5)
     assert model.arch == name and model.class_names[0] == "tench"
+
+
+def test_lamb_steps_as_timms():
+    """Our LAMB against timm's, without its global gradient clipping (max_grad_norm, on by default there;
+    ours leaves clipping to --grad-clip): tensors with weight decay scaled by the trust ratio, those without
+    taking the Adam step as it is."""
+    from timm.optim import Lamb as TimmLamb
+
+    from residual.train.optim import Lamb
+
+    torch.manual_seed(0)
+    start = [torch.randn(16, 8), torch.randn(16), torch.zeros(4)]  # a zero tensor: trust ratio 1
+    ours, theirs = ([tensor.clone().requires_grad_() for tensor in start] for _ in range(2))
+    settings = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    optimizers = [Lamb([{"params": ours[:1], "weight_decay": 0.05}, {"params": ours[1:], "weight_decay": 0.0}],
+                       **settings),
+                  TimmLamb([{"params": theirs[:1], "weight_decay": 0.05}, {"params": theirs[1:], "weight_decay": 0.0}],
+                           max_grad_norm=None, **settings)]
+    for _ in range(20):
+        gradients = [torch.randn_like(tensor) for tensor in start]
+        for params, optimizer in zip((ours, theirs), optimizers):
+            for param, gradient in zip(params, gradients):
+                param.grad = gradient.clone()
+            optimizer.step()
+    for mine, timms, before in zip(ours, theirs, start):
+        assert not torch.equal(mine, before)
+        torch.testing.assert_close(mine, timms, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing, threshold", [(0.0, None), (0.1, None), (0.1, 0.2)])
+def test_binary_cross_entropy_is_timms_summed_over_classes(smoothing, threshold):
+    """`--loss bce` (Wightman et al. 2021) against timm's BinaryCrossEntropy: ours sums over the classes and
+    the images (docs/training.md says why), timm's with sum_classes averages over the images only."""
+    from timm.loss import BinaryCrossEntropy
+
+    from residual.data.transforms import soft_targets
+    from residual.train.loss import label_loss_sum
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 5) * 3, torch.randint(0, 5, (8,))
+    reference = BinaryCrossEntropy(smoothing=smoothing, target_threshold=threshold, sum_classes=True)
+    mixed = 0.7 * soft_targets(labels, 5, smoothing) + 0.3 * soft_targets(labels.flip(0), 5, smoothing)
+    for targets in (labels, mixed):  # class indices, and mixed soft targets (smoothing already in them)
+        ours = label_loss_sum(logits, targets, labels, "bce", smoothing, threshold) / len(labels)
+        torch.testing.assert_close(ours, reference(logits, targets))
+
+
+def test_stochastic_depth_drops_the_samples_timms_drop_path_drops():
+    from timm.layers import drop_path as timms_drop_path
+
+    from residual.models.blocks import drop_path
+
+    branch = torch.randn(64, 4, 3, 3)
+    torch.manual_seed(0)
+    ours = drop_path(branch, 0.3)
+    torch.manual_seed(0)
+    theirs = timms_drop_path(branch, 0.3, training=True)
+    assert torch.equal(ours, theirs) and 5 < (ours.flatten(1) == 0).all(1).sum() < 40
