@@ -1,7 +1,7 @@
 """Same weights, same outputs as timm's ResNets: every registry name timm also has (the ImageNet nets, the
 ResNet-D, ResNeXt and Wide variants, and the SE-ResNets, whose layout is timm's own), and timm's checkpoint
 files converted by `residual convert`. Also the training parts timm has too: LAMB, the binary cross-entropy
-of "ResNet strikes back" and stochastic depth.
+of "ResNet strikes back", stochastic depth and AugMix's consistency loss.
 
 timm needs torchvision, which has no build for this CPU torch, so `make install` installs timm without its
 dependencies; where torchvision is missing, stand-ins take its place while timm is imported (timm's data
@@ -147,3 +147,17 @@ def test_stochastic_depth_drops_the_samples_timms_drop_path_drops():
     torch.manual_seed(0)
     theirs = timms_drop_path(branch, 0.3, training=True)
     assert torch.equal(ours, theirs) and 5 < (ours.flatten(1) == 0).all(1).sum() < 40
+
+
+def test_augmix_consistency_is_timms_jensen_shannon_term():
+    """AugMix's consistency (`--augmix-jsd`) against timm's JsdCrossEntropy (after the Google AugMix code):
+    its loss less the clean views' cross-entropy is alpha times the mean JSD over the images; ours is summed."""
+    from timm.loss import JsdCrossEntropy
+
+    from residual.train.loss import consistency_sum
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3 * 8, 10) * 4, torch.randint(0, 10, (8,))
+    timms = JsdCrossEntropy(num_splits=3, alpha=12, smoothing=0)(logits, labels.repeat(3))
+    jensen_shannon = (timms - torch.nn.functional.cross_entropy(logits[:8], labels)) / 12
+    torch.testing.assert_close(consistency_sum(logits, 3) / 8, jensen_shannon)
