@@ -1276,7 +1276,9 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("model", help="a model file or a pretrained name")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
                                              "of images (an image column, as for train; or a dataset file)")
-    p.add_argument("--method", choices=METHODS, default="gradcam")
+    p.add_argument("--method", choices=METHODS, default="gradcam",
+                   help="how the gradient weighs the layer's activations (docs/evaluation.md); layercam and hirescam "
+                        "give finer maps at earlier layers (--layer layer2)")
     p.add_argument("--target", help="class name or index to explain (default: the predicted class)")
     p.add_argument("--layer", help="module to explain at, e.g. layer3 or layer4.1.conv2 (default: last stage)")
     threshold_flag(p)

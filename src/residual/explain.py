@@ -1,11 +1,14 @@
-"""Why the model decided: Grad-CAM and Grad-CAM++ heatmaps, and overlays to look at.
+"""Why the model decided: class activation maps (Grad-CAM and four variants), and overlays to look at.
 
 Grad-CAM (Selvaraju et al. 2017) weighs each channel of a layer's activations by
 the mean gradient of the class score, sums, keeps the positive part and
 upsamples to the image. Grad-CAM++ (Chattopadhay et al. 2018) weighs the
 positive gradients per position instead, which spreads the map over several
-instances of a class. The default layer is the last stage, the coarsest map the
-classifier sees; any module name (`layer3`, `layer4.1.conv2`) works.
+instances of a class. XGradCAM, LayerCAM and HiResCAM weigh otherwise (see
+`weighted_activations`); all five equal pytorch-grad-cam's maps (tested). The default
+layer is the last stage, the coarsest map the classifier sees; any module name
+(`layer3`, `layer4.1.conv2`) works, and LayerCAM is the one made for the earlier,
+finer ones.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .predict import (class_names_of, class_thresholds, is_multi_label, model_de
                       source_name)
 from .progress import progress_bar
 
-METHODS = ("gradcam", "gradcam++")
+METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 DISPLAY_SIZE = 224  # overlays of small inputs are enlarged to this for viewing
 
 
@@ -106,21 +109,33 @@ def grad_cam(model: ResNet, x: torch.Tensor, targets: list[int] | None = None, l
             (gradient,) = torch.autograd.grad(score, activation)
     finally:
         handle.remove()
-    activation, gradient = activation.detach().float(), gradient.float()
-    if method == "gradcam":
-        weights = gradient.mean(dim=(2, 3), keepdim=True)
-    else:
-        # Grad-CAM++ closed form for an exponential of the score (Chattopadhay et al., eq. 19).
-        g2, g3 = gradient.pow(2), gradient.pow(3)
-        denominator = 2 * g2 + activation.sum(dim=(2, 3), keepdim=True) * g3
-        alpha = torch.where(gradient != 0, g2 / torch.where(denominator != 0, denominator, torch.ones_like(g2)), 0)
-        weights = (alpha * gradient.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
-    cam = (weights * activation).sum(1, keepdim=True).clamp_min(0)
+    cam = weighted_activations(activation.detach().float(), gradient.float(), method).clamp_min(0)
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     # From its lowest to its highest value per image, as pytorch-grad-cam scales: a Grad-CAM++ map is positive
     # everywhere, and scaled by its peak alone its floor would tint the whole image.
     low, high = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
     return ((cam - low) / (high - low + 1e-7)).cpu(), output_probabilities(logits.detach(), is_multi_label(model)).cpu()
+
+
+def weighted_activations(activation: torch.Tensor, gradient: torch.Tensor, method: str) -> torch.Tensor:
+    """The layer's activations A (N x C x H x W) weighed by the class score's gradient g, per `method`, and
+    summed over the channels: N x 1 x H x W, before the positive part is kept."""
+    positions = (2, 3)
+    if method == "gradcam":  # each channel by its mean gradient
+        weights = gradient.mean(dim=positions, keepdim=True)
+    elif method == "gradcam++":  # closed form for an exponential of the score (Chattopadhay et al., eq. 19)
+        g2, g3 = gradient.pow(2), gradient.pow(3)
+        denominator = 2 * g2 + activation.sum(dim=positions, keepdim=True) * g3
+        alpha = torch.where(gradient != 0, g2 / torch.where(denominator != 0, denominator, torch.ones_like(g2)), 0)
+        weights = (alpha * gradient.clamp_min(0)).sum(dim=positions, keepdim=True)
+    elif method == "xgradcam":  # Fu et al. 2020: each channel by its gradient averaged over its activation
+        total = activation.sum(dim=positions, keepdim=True)
+        weights = (gradient * activation).sum(dim=positions, keepdim=True) / torch.where(total != 0, total, 1)
+    elif method == "layercam":  # Jiang et al. 2021: each position by its own positive gradient
+        weights = gradient.clamp_min(0)
+    else:  # hirescam (Draelos & Carin 2020): each position by its own gradient, not the channel's mean of them
+        weights = gradient
+    return (weights * activation).sum(1, keepdim=True)
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, size: int | None = None) -> np.ndarray:
