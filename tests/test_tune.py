@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from rich.console import Console
@@ -264,13 +265,21 @@ def test_parallel_trials_train_at_once_within_the_budget_each_line_naming_its_tr
     assert trial["workers"] == 1  # the two workers share this machine's cores
 
 
-def test_parallel_trials_go_on_the_gpus_in_turn(monkeypatch):
+def test_parallel_trials_go_on_the_gpus_in_turn_each_its_workers_current_device(monkeypatch):
     monkeypatch.setattr(tune_module.torch.cuda, "device_count", lambda: 2)
     assert tune_module._worker_devices("auto", 3) == ["cuda:0", "cuda:1", "cuda:0"]
     assert tune_module._worker_devices("cuda", 2) == ["cuda:0", "cuda:1"]
     assert tune_module._worker_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
     monkeypatch.setattr(tune_module.torch.cuda, "device_count", lambda: 0)
     assert tune_module._worker_devices("auto", 2) == ["auto", "auto"]
+    current, threads = [], torch.get_num_threads()
+    monkeypatch.setattr(tune_module.torch.cuda, "set_device", current.append)
+    try:
+        tune_module._place_worker("cuda:1", 2)  # each worker's GPU its current one
+        tune_module._place_worker("cpu", 2)
+        assert current == [torch.device("cuda:1")] and torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _group_alive(group: int) -> list[int]:

@@ -351,7 +351,7 @@ def _work(tune_dir: Path, index: int, devices: list[str], trials: int, time_limi
     _stop_with_parent()
     jobs = len(devices)
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+        _place_worker(devices[index], jobs)
         recorded, config, space = _recorded_search(tune_dir)
         optuna = _optuna()
         # Each worker's sampler draws its own random first trials; later, the constant liar makes each steer
@@ -366,6 +366,15 @@ def _work(tune_dir: Path, index: int, devices: list[str], trials: int, time_limi
     except (TrainingInterrupted, KeyboardInterrupt) as stop:
         print(f"worker {index}: {stop or 'stopped'}", file=sys.stderr)
         sys.exit(STOPPED_EXITS[0])
+
+
+def _place_worker(device: str, jobs: int) -> None:
+    """A worker's share of the machine: its GPU made the current one (else CUDA's own allocations, and any
+    library that uses the current device, would land on GPU 0 from every worker), and its share of the cores
+    for its threads."""
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
 
 
 def _interrupt(signum, frame):
