@@ -282,6 +282,16 @@ def test_parallel_trials_go_on_the_gpus_in_turn_each_its_workers_current_device(
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_parallel_trials_on_cuda_train_on_the_gpus_in_turn(shapes16, tmp_path):
+    result = tune(TrainConfig(data=str(shapes16), epochs=2, **QUICK), ["lr=0.01..0.1:log"], trials=4, jobs=2,
+                  pruner="none", out=str(tmp_path))
+    assert [t.state for t in result.trials] == ["complete"] * 4
+    gpus = torch.cuda.device_count()
+    devices = {yaml.safe_load((Path(t.run_dir) / "config.yaml").read_text())["device"] for t in result.trials}
+    assert devices <= {f"cuda:{index % gpus}" for index in range(2)}  # the workers' own, never "auto"
+
+
 def _group_alive(group: int) -> list[int]:
     """The processes of process group `group` that still run (zombies left for init to reap do not)."""
     alive = []
