@@ -161,3 +161,26 @@ def test_augmix_consistency_is_timms_jensen_shannon_term():
     timms = JsdCrossEntropy(num_splits=3, alpha=12, smoothing=0)(logits, labels.repeat(3))
     jensen_shannon = (timms - torch.nn.functional.cross_entropy(logits[:8], labels)) / 12
     torch.testing.assert_close(consistency_sum(logits, 3) / 8, jensen_shannon)
+
+
+def test_pretrained_weights_are_where_timm_says_with_its_preprocessing():
+    """Each torchvision checkpoint in `residual pretrained` against timm's record of the same weights (its
+    pretrained_cfg: the URL, whose name carries the file's sha256 prefix, the normalisation, the interpolation
+    and the evaluation crop; for the V2 weights that is timm's test crop, 224 of 232)."""
+    from timm.models import get_pretrained_cfg
+
+    from residual import list_pretrained
+
+    checked = 0
+    for weights in list_pretrained():
+        if weights.source.startswith("torchvision"):
+            record = get_pretrained_cfg(weights.name).to_dict()
+            pre = weights.preprocessing
+            assert weights.url == record["url"], weights.name
+            assert (pre.mean, pre.std, pre.interpolation) == (record["mean"], record["std"], record["interpolation"])
+            # timm leaves resnext101_64x4d at its default 0.875; torchvision evaluates those weights from 232 px.
+            crop = record.get("test_crop_pct") or (224 / 232 if weights.name == "resnext101_64x4d.tv_in1k"
+                                                   else record["crop_pct"])
+            assert pre.input_size / pre.resize_size == pytest.approx(crop, abs=1e-3), weights.name
+            checked += 1
+    assert checked == 17
