@@ -1,4 +1,5 @@
-"""Deployment formats on the CPU, one run, one table: torch eager fp32, ONNX Runtime fp32 and INT8, pruned.
+"""Deployment formats on the CPU, one run, one table: torch eager fp32, ONNX Runtime fp32 and INT8, OpenVINO
+fp32 and bf16 (the same ONNX file; bf16 where the CPU computes it), pruned.
 
 Two workloads: a trained `shapes` ResNet-20 (32 px; the demo recipe is trained
 first unless --model gives one) and an untrained ResNet-50 at 224 px (shapes
@@ -29,7 +30,7 @@ import residual
 from residual.data.datasets import sample_items
 from residual.data.shapes import write_shapes
 from residual.demo import DEMO_RECIPE
-from residual.deploy.onnx import OnnxModel, export_onnx
+from residual.deploy.onnx import OnnxModel, export_onnx, openvino_computes_bf16
 from residual.deploy.prune import prune, prune_channels
 from residual.deploy.quantize import quantize
 from residual.deploy.speed import measure_speed
@@ -50,7 +51,7 @@ def row(workload: str, runtime: str, model, size_mb: float, predictions: list[in
 
 
 def workload(name: str, model_path: Path, data: Path, folder: Path, fine_tune_epochs: int, repeats: int) -> list[dict]:
-    """The four runtimes of one model; returns table rows."""
+    """The runtimes of one model; returns table rows."""
     console = Console(stderr=True)
     model = residual.load_model(model_path).eval()
     items = sample_items(data, "val", 1000)
@@ -62,6 +63,12 @@ def workload(name: str, model_path: Path, data: Path, folder: Path, fine_tune_ep
     onnx_fp32 = OnnxModel(exported.path)
     rows.append(row(name, "ONNX Runtime fp32", onnx_fp32, size(exported.path), top1(onnx_fp32, items), reference,
                     repeats))
+    for bf16 in (False, True):
+        if bf16 and not openvino_computes_bf16():
+            continue
+        openvino = OnnxModel(exported.path, runtime="openvino", bf16=bf16)
+        rows.append(row(name, openvino.runtime_text, openvino, size(exported.path), top1(openvino, items), reference,
+                        repeats))
     console.print(f"{name}: quantizing")
     quantized = quantize(exported.path, data, folder / f"{name}.int8.onnx", calib_size=256, force=True)
     int8 = OnnxModel(quantized.path)
@@ -111,7 +118,8 @@ def main() -> None:
             r50_path = residual.save_model(resnet50, folder / "resnet50.safetensors")
             rows += workload("resnet50 (untrained)", r50_path, big, folder, fine_tune_epochs=0, repeats=3)
     print(f"{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}")
+          f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
+          f"openvino {__import__('openvino').__version__}")
     print(table(rows))
 
 

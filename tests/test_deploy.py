@@ -1,6 +1,7 @@
 """export, quantize, prune: each result checked against the original, and refused when it does not match."""
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -15,7 +16,7 @@ from residual.data.decode import read_image
 from residual.data.shapes import write_shapes
 from residual.data.transforms import normalize, resize_center_crop
 from residual.deploy import onnx as deploy_onnx
-from residual.deploy.onnx import INPUT_UINT8, OnnxModel, export_onnx, read_onnx_metadata
+from residual.deploy.onnx import INPUT_UINT8, OnnxModel, export_onnx, openvino_computes_bf16, read_onnx_metadata
 from residual.deploy.prune import prune_channels
 from residual.evaluate import evaluate
 from residual.models import build_model, count_macs, count_params
@@ -128,7 +129,8 @@ def test_export_names_a_file_that_is_no_model_before_asking_for_data(tmp_path, c
 def test_commands_that_need_the_pytorch_model_refuse_an_onnx_file(exported, demo_run, capsys):
     for argv in (["prune", str(exported.path), str(demo_run["data"])], ["export", str(exported.path)]):
         assert main(argv) == 2  # they told the user to run `residual convert` on it
-        assert "demo.onnx: an exported ONNX model, which runs in ONNX Runtime only" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "demo.onnx: an exported ONNX model, which runs in ONNX Runtime (or OpenVINO) only" in err
 
 
 def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, tmp_path, capsys):
@@ -158,6 +160,46 @@ def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, 
     assert not (tmp_path / "eval").exists()
 
 
+def test_openvino_runs_an_export_as_onnx_runtime_does_and_in_bf16_nearly(exported, demo_run, tmp_path, capsys):
+    by_ort = evaluate(OnnxModel(exported.path), demo_run["data"], "val", gallery_size=0)
+    by_openvino = evaluate(OnnxModel(exported.path, runtime="openvino"), demo_run["data"], "val", gallery_size=0)
+    np.testing.assert_allclose(by_openvino.probs, by_ort.probs, atol=1e-5)
+    image = sorted((demo_run["data"] / "test" / "circle").glob("*.png"))[0]
+    capsys.readouterr()
+    assert main(["predict", str(exported.path), str(image), "--runtime", "openvino", "--format", "json",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["class_name"] == "circle"
+    if not openvino_computes_bf16():
+        pytest.skip("this CPU has no bfloat16 arithmetic for OpenVINO's bf16")
+    in_bf16 = evaluate(OnnxModel(exported.path, runtime="openvino", bf16=True), demo_run["data"], "val",
+                       gallery_size=0)
+    assert not np.array_equal(in_bf16.probs, by_ort.probs), "bf16 computes differently"
+    assert np.abs(in_bf16.probs - by_ort.probs).max() < 0.1
+    assert (in_bf16.probs.argmax(1) == by_ort.probs.argmax(1)).mean() >= 0.99
+    assert main(["eval", str(exported.path), str(demo_run["data"]), "--runtime", "openvino", "--precision", "bf16",
+                 "--out", str(tmp_path / "report"), "--gallery", "0", "--quiet"]) == 0
+    assert "OpenVINO bf16" in capsys.readouterr().out
+    document = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert abs(document["top1"] - (by_ort.probs.argmax(1) == by_ort.labels).mean()) <= 0.01
+
+
+def test_openvino_is_refused_in_one_line_where_it_cannot_run(exported, demo_run, tmp_path, capsys, monkeypatch):
+    data = str(demo_run["data"])
+    for argv, message in [
+            ([demo_run["model"], "--runtime", "openvino"], "--runtime openvino runs exported models: residual "
+                                                           "export"),
+            ([exported.path, "--precision", "bf16"], "--runtime openvino computes in bf16"),
+            ([exported.path, "--runtime", "openvino", "--device", "cuda"], "--runtime openvino runs on the CPU; "
+                                                                           "drop --device cuda")]:
+        assert main(["eval", str(argv[0]), data, *argv[1:], "--out", str(tmp_path / "eval"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    assert main(["eval", str(exported.path), data, "--runtime", "openvino", "--quiet"]) == 2
+    assert "OpenVINO is not installed: pip install openvino" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
 def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_path, capsys):
     out = tmp_path / "demo.int8.onnx"
     assert main(["quantize", str(exported.path), "--calib", str(demo_run["data"]), "--calib-size", "64",
@@ -175,6 +217,8 @@ def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_pa
     int8 = OnnxModel(out)
     assert int8.precision == "int8" and int8.class_names == OnnxModel(exported.path).class_names
     assert any(node.op_type == "QLinearConv" for node in onnx.load(out).graph.node)
+    with pytest.raises(ModelFileError, match="OpenVINO cannot read it \\(its INT8 operators are ONNX Runtime's own"):
+        OnnxModel(out, runtime="openvino")
 
 
 def test_quantize_refuses_a_bad_calibration_and_keeps_nothing(exported, demo_run, tmp_path, capsys):

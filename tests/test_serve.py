@@ -305,13 +305,15 @@ def test_an_exported_onnx_model_is_served_with_the_same_answers(model, pictures,
     from residual.deploy.onnx import OnnxModel, write_onnx
 
     write_onnx(model, tmp_path / "tiny.onnx")
-    with ModelServer(OnnxModel(tmp_path / "tiny.onnx"), ServeConfig(port=0, access_log=False)) as server:
-        status, body, _ = request(f"{server.url}/predict", pictures["b.jpg"])
-        info = request(f"{server.url}/info")[1]
-    got = torch.tensor([row["probability"] for row in sorted(body["predictions"][0]["top"],
-                                                             key=lambda r: r["class_id"])])
-    torch.testing.assert_close(got, expected(model, pictures["b.jpg"]), atol=1e-4, rtol=0)
-    assert info["runtime"] == "onnxruntime" and info["classes"] == model.class_names and info["precision"] == "fp32"
+    for runtime in ("onnxruntime", "openvino"):
+        with ModelServer(OnnxModel(tmp_path / "tiny.onnx", runtime=runtime),
+                         ServeConfig(port=0, access_log=False)) as server:
+            status, body, _ = request(f"{server.url}/predict", pictures["b.jpg"])
+            info = request(f"{server.url}/info")[1]
+        got = torch.tensor([row["probability"] for row in sorted(body["predictions"][0]["top"],
+                                                                 key=lambda r: r["class_id"])])
+        torch.testing.assert_close(got, expected(model, pictures["b.jpg"]), atol=1e-4, rtol=0)
+        assert info["runtime"] == runtime and info["classes"] == model.class_names and info["precision"] == "fp32"
 
 
 def test_info_describes_the_model_and_the_serving(model):

@@ -138,14 +138,16 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inference_model(name: str, device: str, precision: str | None = None, image_size: int | None = None,
-                     threshold: float | None = None):
-    """A model file, pretrained name or exported .onnx (run by ONNX Runtime), ready for inference.
+                     threshold: float | None = None, runtime: str = "onnxruntime"):
+    """A model file, pretrained name or exported .onnx (run by ONNX Runtime, or OpenVINO: `runtime`), ready for
+    inference.
 
-    With `precision` a PyTorch model takes the fast path (BN folded, channels_last, that precision).
+    With `precision` a PyTorch model takes the fast path (BN folded, channels_last, that precision); an .onnx
+    run by OpenVINO computes in bf16 where it is bf16.
     With `image_size` it is fed images of that size (its preprocessing's resize scaled alike).
     With `threshold`, a multi-label model predicts the classes whose probability reaches it.
     """
-    model = _loaded_for_inference(name, device, precision, image_size)
+    model = _loaded_for_inference(name, device, precision, image_size, runtime)
     if threshold is not None:
         if not getattr(model, "multi_label", False):
             raise ResidualError(f"--threshold: {name} predicts one class per image (its most likely); the threshold "
@@ -154,20 +156,26 @@ def _inference_model(name: str, device: str, precision: str | None = None, image
     return model
 
 
-def _loaded_for_inference(name: str, device: str, precision: str | None, image_size: int | None):
+def _loaded_for_inference(name: str, device: str, precision: str | None, image_size: int | None, runtime: str):
     from .models import prepare_for_inference
     from .runs import pick_device
 
     if Path(name).suffix == ".onnx":
         from .deploy.onnx import OnnxModel
 
-        if precision in ("bf16", "fp16"):  # eval's fp32 default and predict's auto take the file as it is
-            raise ResidualError(f"--precision {precision}: {name} runs in the precision it was exported with "
-                                f"(residual export --fp16 for float16)")
+        openvino = runtime == "openvino"
+        if precision == "fp16" or (precision == "bf16" and not openvino):  # fp32 and auto take the file as it is
+            raise ResidualError(f"--precision {precision}: ONNX Runtime runs {name} in the precision it was exported "
+                                f"with (residual export --fp16 for float16; --runtime openvino computes in bf16)")
         if image_size:
             raise ResidualError(f"--image-size: {name} was exported for one input size; give the .safetensors "
                                 f"model file to run it at another")
-        return OnnxModel(name, pick_device(device))
+        if openvino and device not in ("auto", "cpu"):
+            raise ResidualError(f"--runtime openvino runs on the CPU; drop --device {device}")
+        return OnnxModel(name, "cpu" if openvino else pick_device(device), runtime=runtime,
+                         bf16=openvino and precision == "bf16")
+    if runtime != "onnxruntime":
+        raise ResidualError(f"--runtime {runtime} runs exported models: residual export {name}, then give the .onnx")
     model = load_model(name).to(pick_device(device)).eval()
     if image_size:
         model.preprocessing = model.preprocessing.at_size(image_size)
@@ -191,7 +199,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from .runs import output_dir
     from .tables import eval_tables, multi_label_eval_tables
 
-    model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold)
+    model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold, args.runtime)
     check_stream(args.batch_size, args.workers, args.decoder, model_device(model))  # before the report folder is made
     as_trained = split_as_trained(args.model, args.data)
     split = args.split or ("val" if as_trained else None)
@@ -202,11 +210,13 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         result = evaluate(model, as_trained or args.data, split, args.tta, args.batch_size, out, args.gallery,
                           workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile)
     console.print(f"torch.compile: {result.compiled}")
+    if args.runtime == "openvino":
+        how = f", {model.runtime_text}"
+    else:
+        how = f", {getattr(model, 'inference_precision', 'exported')} weights" if args.precision != "fp32" else ""
     console.rule(f"{args.model} on {args.data}, {result.metrics['images']:,} images"
                  + (f", TTA {args.tta}" if args.tta != "none" else "")
-                 + (f", {args.image_size} px" if args.image_size else "")
-                 + (f", {getattr(model, 'inference_precision', 'exported')} weights"
-                    if args.precision != "fp32" else ""))
+                 + (f", {args.image_size} px" if args.image_size else "") + how)
     multi_label = result.thresholds is not None
     for table in (multi_label_eval_tables if multi_label else eval_tables)(result.metrics, "summary"):
         console.print(table)
@@ -233,7 +243,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if args.out and output_format == "table":
         raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
                             f"--out ending in .csv or .json)")
-    model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold)
+    model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold, args.runtime)
     items = input_images(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
@@ -358,8 +368,9 @@ def cmd_robustness(args: argparse.Namespace, console: Console) -> int:
     from .runs import output_dir
     from .tables import SCORE_NAMES, robustness_table, score_text
 
-    model = _inference_model(args.model, args.device, args.precision, args.image_size)
-    baseline = _inference_model(args.baseline, args.device, args.precision, args.image_size) if args.baseline else None
+    model = _inference_model(args.model, args.device, args.precision, args.image_size, runtime=args.runtime)
+    baseline = (_inference_model(args.baseline, args.device, args.precision, args.image_size, runtime=args.runtime)
+                if args.baseline else None)
     as_trained = split_as_trained(args.model, args.data)  # as eval: only the images its training held out
     with output_dir(args.out, "runs/robustness", f"{Path(args.model).stem}-{data_name(args.data)}") as out:
         result = robustness(model, as_trained or args.data, args.split or ("val" if as_trained else None),
@@ -490,7 +501,8 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     config.tls_context()  # a bad certificate too
     if args.compile:
         _refuse_onnx(args.model, "--compile: an exported model runs in ONNX Runtime, which optimises it already")
-    server = ModelServer(_inference_model(args.model, args.device, args.precision, args.image_size, args.threshold),
+    server = ModelServer(_inference_model(args.model, args.device, args.precision, args.image_size, args.threshold,
+                                          args.runtime),
                          config,
                          name=Path(args.model).name)
     info = server.describe()
@@ -923,6 +935,14 @@ def probability(text: str) -> float:
 probability.__name__ = "float"
 
 
+def runtime_flag(p: argparse.ArgumentParser) -> None:
+    from .deploy.onnx import RUNTIMES
+
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                   help="what runs an exported .onnx: onnxruntime (default), or openvino on the CPU, where "
+                        "--precision bf16 computes in bfloat16 (CPUs with AVX512-BF16 or AMX)")
+
+
 def threshold_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=probability, metavar="P",
                    help="multi-label models: a class is predicted where its probability reaches P (default: the "
@@ -1189,6 +1209,7 @@ def _add_inference_commands(commands) -> None:
     threshold_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
+    runtime_flag(p)
     p.add_argument("--out", help="report folder (default: a new runs/eval/MODEL-DATA)")
     common(p, 64)
     decoder_and_compile(p)
@@ -1213,6 +1234,7 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="the sample and the noise")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
+    runtime_flag(p)
     p.add_argument("--out", help="report folder (default: a new runs/robustness/MODEL-DATA)")
     common(p, 64)
     p.set_defaults(run=cmd_robustness)
@@ -1268,6 +1290,7 @@ def _add_inference_commands(commands) -> None:
     threshold_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
+    runtime_flag(p)
     common(p, 64)
     decoder_and_compile(p)
     p.set_defaults(run=cmd_predict)
@@ -1349,6 +1372,7 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
+    runtime_flag(p)
     p.add_argument("--image-size", type=at_least(1), help="feed images of this size instead of the model's own")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile, each batch padded to --max-batch (one graph; worth it on CUDA)")

@@ -270,13 +270,15 @@ class ModelServer:
     def describe(self) -> dict:
         """What GET /info answers."""
         model = self.model
-        precision = (getattr(model, "precision", None) if not isinstance(model, torch.nn.Module)
-                     else str(next(model.parameters()).dtype).removeprefix("torch."))
+        if isinstance(model, torch.nn.Module):
+            runtime, precision = "pytorch", str(next(model.parameters()).dtype).removeprefix("torch.")
+        else:  # an exported model: its file's precision, unless OpenVINO computes it in bf16
+            runtime, precision = model.runtime, "bf16" if model.bf16 else model.precision
         return {"model": self.name, "arch": getattr(model, "arch", None), "classes": self.names,
                 "multi_label": self.multi_label,
                 **({"threshold": model.threshold} if self.multi_label else {}),
                 "preprocessing": asdict(self.preprocessing),
-                "runtime": "pytorch" if isinstance(model, torch.nn.Module) else "onnxruntime",
+                "runtime": runtime,
                 "device": str(model_device(model)), "precision": precision,
                 "serving": {**{key: value for key, value in asdict(self.config).items()
                                if key not in ("host", "port", "access_log", "tls_cert", "tls_key", "token")},
