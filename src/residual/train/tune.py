@@ -310,6 +310,10 @@ def _worker_devices(device: str, jobs: int) -> list[str]:
     return [f"cuda:{index % gpus}" if gpus else device for index in range(jobs)]
 
 
+# A worker stopped by a signal: after its trial's checkpoint (130), or by the signal itself while not training.
+STOPPED_EXITS = (130, -signal.SIGINT, -signal.SIGTERM)
+
+
 def _run_workers(tune_dir: Path, devices: list[str], trials: int, time_limit: float | None) -> None:
     """Train the search's trials in one process per device in `devices`, all drawing from and reporting to the
     study's journal, which Optuna's file lock keeps whole; wait for them. Ctrl-C reaches them too: each saves
@@ -337,10 +341,6 @@ def _run_workers(tune_dir: Path, devices: list[str], trials: int, time_limit: fl
                             f"{tune_dir}, and residual tune --resume {tune_dir} goes on")
     if any(code in STOPPED_EXITS for code in codes):
         raise TrainingInterrupted("stopped: the trials in flight saved their checkpoints")
-
-
-# A worker stopped by a signal: after its trial's checkpoint (130), or by the signal itself while not training.
-STOPPED_EXITS = (130, -signal.SIGINT, -signal.SIGTERM)
 
 
 def _work(tune_dir: Path, index: int, devices: list[str], trials: int, time_limit: float | None, claim) -> None:
