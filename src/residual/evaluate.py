@@ -168,6 +168,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     if out_dir is not None:
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
                 "tta": tta, "resize_size": pre.resize_size, "input_size": pre.input_size, "compile": why,
+                "runtime": getattr(model, "runtime_text", "PyTorch"),  # an exported model's: ONNX Runtime, OpenVINO
                 "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         title = title or f"{info['model']} on {dataset.root.name} ({split_name})"
         predictions = Path(out_dir) / "predictions.csv"
