@@ -8,6 +8,7 @@ from residual.cli import main
 from residual.data.datasets import open_dataset
 from residual.data.shapes import write_shapes
 from residual.errors import ConfigError
+from residual.models import count_params
 from residual.train import TrainConfig, load_config
 from residual.train.config import resolve
 from residual.train.recipes import RECIPES, recipe_notes, recipe_options
@@ -47,6 +48,12 @@ def test_recipes_resolve_to_their_sources_numbers(shapes):
     assert (wrn.optim.lr, wrn.optim.nesterov, wrn.optim.weight_decay, wrn.optim.milestones, wrn.optim.gamma) == \
         (0.1, True, 5e-4, (60, 120, 160), 0.2)
     assert (wrn.augment.pad_crop, wrn.augment.pad_mode, wrn.augment.hflip) == (4, "reflect", True)
+    resnext = resolve(TrainConfig.from_dict({**recipe_options("xie2017-cifar"), "data": str(shapes)}), data)
+    assert (resnext.model, resnext.epochs, resnext.batch_size, resnext.augment.pad_crop, resnext.augment.pad_mode) == \
+        ("resnext29_8x64d", 300, 128, 4, "zeros")
+    assert (resnext.optim.lr, resnext.optim.nesterov, resnext.optim.weight_decay, resnext.optim.milestones,
+            resnext.optim.gamma) == (0.1, True, 5e-4, (150, 225), 0.1)
+    assert count_params(residual.create_model(resnext.model, num_classes=10)) == 34_426_698  # the paper's 34.4M
     tv = TrainConfig.from_dict({**recipe_options("torchvision-v1"), "data": str(shapes), "batch_size": 512})
     assert resolve(tv, data).optim.lr == pytest.approx(0.2)
 

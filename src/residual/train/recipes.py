@@ -12,7 +12,7 @@ from importlib.resources import files
 from ..errors import ConfigError
 from .config import read_config
 
-RECIPES = ("he2015-cifar", "zagoruyko2016-cifar", "torchvision-v1", "rsb-a1", "rsb-a2", "rsb-a3")
+RECIPES = ("he2015-cifar", "zagoruyko2016-cifar", "xie2017-cifar", "torchvision-v1", "rsb-a1", "rsb-a2", "rsb-a3")
 
 
 def recipe_file(name: str):
