@@ -1,5 +1,6 @@
 """export, quantize, prune: each result checked against the original, and refused when it does not match."""
 
+import dataclasses
 import json
 import sys
 
@@ -141,7 +142,7 @@ def test_eval_and_predict_run_onnx_like_the_original(model, exported, demo_run, 
                  "--quiet"]) == 0
     document = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert document["top1"] >= 0.95 and document["compile"] == "off (an exported model runs in its own runtime)"
-    assert document["runtime"] == "ONNX Runtime"
+    assert document["runtime"] == "ONNX Runtime fp32"
     image = sorted((demo_run["data"] / "test" / "circle").glob("*.png"))[0]
     capsys.readouterr()
     assert main(["predict", str(exported.path), str(image), "--format", "json", "--quiet"]) == 0
@@ -218,8 +219,63 @@ def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_pa
     int8 = OnnxModel(out)
     assert int8.precision == "int8" and int8.class_names == OnnxModel(exported.path).class_names
     assert any(node.op_type == "QLinearConv" for node in onnx.load(out).graph.node)
-    with pytest.raises(ModelFileError, match="OpenVINO cannot read it \\(its INT8 operators are ONNX Runtime's own"):
+    with pytest.raises(ModelFileError, match="OpenVINO cannot read it \\(its INT8 operators are ONNX Runtime's own"
+                                             "\\); run it with --runtime onnxruntime, or quantize with --runtime "
+                                             "openvino"):
         OnnxModel(out, runtime="openvino")
+
+
+def test_quantize_for_openvino_writes_qdq_that_openvino_runs_in_int8(exported, demo_run, tmp_path, capsys):
+    out = tmp_path / "demo.int8.onnx"
+    assert main(["quantize", str(exported.path), "--calib", str(demo_run["data"]), "--calib-size", "64",
+                 "--runtime", "openvino", "-o", str(out), "--quiet"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    report = json.loads(out.with_suffix(".quantize.json").read_text())
+    assert report["runtime"] == "openvino" and report["format"] == "QDQ"
+    assert (report["float"]["runtime"], report["int8"]["runtime"]) == ("OpenVINO fp32", "OpenVINO INT8")
+    assert report["drop_points"] <= 1.0 and report["top1_agreement"] >= 0.97
+    # Every convolution folded into OpenVINO's integer kernels: INT8 arithmetic, not float around QDQ pairs.
+    convolutions = sum(node.op_type == "Conv" for node in onnx.load(exported.path).graph.node)
+    assert convolutions == 19  # ResNet-20: the stem and 18 in its blocks (identity shortcuts)
+    assert report["int8_convolutions"] == {"int8": convolutions, "of": convolutions}
+    assert "OpenVINO runs 19 of 19 convolutions on 8-bit integers" in printed
+    assert OnnxModel(exported.path, runtime="openvino").int8_convolutions() == (0, convolutions)  # the float file
+    ops = {node.op_type for node in onnx.load(out).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and not any(op.startswith("QLinear") for op in ops)
+    assert report["int8"]["size_mb"] < report["float"]["size_mb"] / 2.5  # int8 weights
+    by_openvino = OnnxModel(out, runtime="openvino")
+    assert by_openvino.metadata["quantized_for"] == "openvino" and by_openvino.runtime_text == "OpenVINO INT8"
+    # The same file runs in ONNX Runtime too, to the same answers.
+    by_ort = evaluate(OnnxModel(out), demo_run["data"], "val", gallery_size=0)
+    assert (evaluate(by_openvino, demo_run["data"], "val", gallery_size=0).answers() == by_ort.answers()).mean() >= 0.99
+    assert main(["info", str(out)]) == 0
+    assert "int8, quantized for openvino" in " ".join(capsys.readouterr().out.split())
+    assert main(["eval", str(out), str(demo_run["data"]), "--runtime", "openvino", "--precision", "bf16",
+                 "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"error: --precision bf16: {out} is an int8 model; OpenVINO computes bf16 "
+                                       f"from an fp32 export\n")
+
+
+def test_quantize_for_openvino_scales_a_preactivation_nets_batch_norms_per_channel(tmp_path, capsys, caplog):
+    # A pre-activation block's first batch norm has no convolution before it to fold into, so it stays in the
+    # graph, and QDQ quantizes its scale: one scale per channel, as for the convolutions' weights.
+    data = write_shapes(tmp_path / "few", size=16, per_class=4, seed=2, progress=False)
+    model = build_model("preact_resnet50", layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), num_classes=10).eval()
+    model.class_names = sorted(path.name for path in (data / "train").iterdir())
+    model.preprocessing = dataclasses.replace(model.preprocessing, input_size=16, resize_size=16)
+    save_model(model, tmp_path / "preact.safetensors")
+    out = tmp_path / "preact.int8.onnx"
+    assert main(["quantize", str(tmp_path / "preact.safetensors"), "--calib", str(data), "--calib-size", "8",
+                 "--runtime", "openvino", "--force", "-o", str(out), "--quiet"]) == 0
+    assert "out-of-range" not in capsys.readouterr().err + caplog.text
+    graph = onnx.load(out).graph
+    scales = {init.name: list(init.dims) for init in graph.initializer}
+    norms = [node for node in graph.node if node.op_type == "BatchNormalization"]
+    assert norms, "a pre-activation net keeps batch norms the convolutions cannot absorb"
+    for norm in norms:
+        [dequantize] = [node for node in graph.node if node.output[0] == norm.input[1]]
+        assert dequantize.op_type == "DequantizeLinear" and scales[dequantize.input[1]] == [scales[
+            dequantize.input[0]][0]]  # as many scales as channels
 
 
 def test_quantize_refuses_a_bad_calibration_and_keeps_nothing(exported, demo_run, tmp_path, capsys):

@@ -338,10 +338,11 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
 
     result = quantize(args.model, args.calib, args.output, val=args.val, split=args.split, method=args.method,
                       calib_size=args.calib_size, max_drop=args.max_drop, force=args.force,
-                      batch_size=args.batch_size, progress=not args.quiet)
+                      batch_size=args.batch_size, runtime=args.runtime, progress=not args.quiet)
     report = result.report
     as_trained = " (split as the model was trained)" if report["split_as_trained"] else ""
-    console.print(comparison_table({"float (ONNX Runtime)": report["float"], "int8 (ONNX Runtime)": report["int8"]},
+    console.print(comparison_table({f"float ({report['float']['runtime']})": report["float"],
+                                    f"int8 ({report['int8']['runtime']})": report["int8"]},
                                    f"INT8 vs float on {report['images']:,} {report['split']} images{as_trained}; "
                                    f"calibrated on {report['calibration']['images']} images "
                                    f"({report['calibration']['method']})"))
@@ -352,6 +353,9 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
     console.print(f"{score} drop {report['drop_points']:+.2f} points (allowed: {args.max_drop}); {agreement}; "
                   f"{versus['only_first']} image(s) only float got right, {versus['only_second']} only INT8: McNemar "
                   f"p = {versus['p_value']:.3g}")
+    if "int8_convolutions" in report:
+        convolutions = report["int8_convolutions"]
+        console.print(f"OpenVINO runs {convolutions['int8']} of {convolutions['of']} convolutions on 8-bit integers")
     if result.refused:
         print(f"error: INT8 loses {report['drop_points']:.2f} {score} points, more than --max-drop {args.max_drop}; "
               f"nothing was written. Calibrate on more or more typical images, try --method entropy or "
@@ -1311,6 +1315,7 @@ def _add_inference_commands(commands) -> None:
 
 
 def _add_deploy_commands(commands) -> None:
+    from .deploy.onnx import RUNTIMES
     from .deploy.quantize import CALIBRATION_METHODS
     from .models import PRECISIONS
     from .predict import TTA_MODES
@@ -1328,7 +1333,8 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("-o", "--output", help="default: MODEL with .onnx")
     p.set_defaults(run=cmd_export)
 
-    p = commands.add_parser("quantize", help="INT8 static quantization (ONNX Runtime), refused if top-1 drops")
+    p = commands.add_parser("quantize", help="INT8 static quantization (for ONNX Runtime or OpenVINO), refused if "
+                                             "top-1 drops")
     p.add_argument("model", help="a .safetensors model file or an fp32 .onnx exported by residual")
     p.add_argument("--calib", required=True, help="calibration images: a dataset (its train split) or an image folder")
     p.add_argument("--val", help="dataset to compare top-1 on (default: --calib)")
@@ -1339,6 +1345,9 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--max-drop", type=at_least(0.0, float), default=1.0,
                    help="largest top-1 loss allowed, in points (a multi-label model's: mAP points)")
     p.add_argument("--force", action="store_true", help="write the model even if it loses more than --max-drop")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                   help="the runtime the INT8 file is written for, compared and timed in: onnxruntime (its QLinear "
+                        "operators) or openvino (QuantizeLinear/DequantizeLinear pairs, the form it reads)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", help="default: MODEL.int8.onnx")

@@ -203,7 +203,8 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
     shape = " x ".join(d.dim_param or str(d.dim_value) for d in tensor.shape.dim)
     stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
     rows = [("architecture", meta["arch"]),
-            ("precision", meta["precision"]),
+            ("precision", meta["precision"] + (f", quantized for {meta['quantized_for']}" if "quantized_for" in meta
+                                               else "")),
             ("classes", classes_line(len(names), names)),
             ("outputs", outputs_line(json.loads(meta.get("multi_label", "false")),
                                      json.loads(meta.get("threshold", json.dumps(MULTI_LABEL_THRESHOLD))))),
@@ -221,7 +222,7 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 ONNX_KNOWN_METADATA = ("residual.format", "arch", "class_names", "preprocessing", "input", "precision",
-                       "residual_version", "torch_version", "multi_label", "threshold")
+                       "residual_version", "torch_version", "multi_label", "threshold", "quantized_for")
 
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -240,6 +241,9 @@ class OnnxModel:
                               f"is OpenVINO's (--runtime openvino)")
         self.path, self.runtime, self.bf16 = Path(path), runtime, bf16
         meta = read_onnx_metadata(self.path)
+        if bf16 and meta["precision"] != "fp32":
+            raise ConfigError(f"--precision bf16: {path} is an {meta['precision']} model; OpenVINO computes bf16 "
+                              f"from an fp32 export")
         self.metadata = meta
         self.arch = meta["arch"]
         self.class_names = json.loads(meta["class_names"])
@@ -289,8 +293,18 @@ class OnnxModel:
 
     @property
     def runtime_text(self) -> str:
-        """How it runs, for eval's heading: "ONNX Runtime", "OpenVINO bf16" ..."""
-        return "ONNX Runtime" if self.runtime == "onnxruntime" else f"OpenVINO {'bf16' if self.bf16 else 'fp32'}"
+        """What runs it in which precision, for eval's heading and reports: "ONNX Runtime fp32", "OpenVINO bf16",
+        "OpenVINO INT8" ..."""
+        precision = "bf16" if self.bf16 else "INT8" if self.precision == "int8" else self.precision
+        return f"{'ONNX Runtime' if self.runtime == 'onnxruntime' else 'OpenVINO'} {precision}"
+
+    def int8_convolutions(self) -> tuple[int, int]:
+        """How many of the compiled graph's convolutions OpenVINO runs on 8-bit integers, and of how many: an
+        INT8 file whose quantization OpenVINO could not fold into its integer kernels runs in float."""
+        layers = [op.get_rt_info() for op in self.compiled.get_runtime_model().get_ops()]
+        convolutions = [str(info["runtimePrecision"].astype(str)) for info in layers
+                        if str(info["layerType"].astype(str)) == "Convolution"]
+        return sum(p in ("u8", "i8") for p in convolutions), len(convolutions)
 
 
 def _openvino():
@@ -317,8 +331,10 @@ def _openvino_model(path: Path, threads: int | None, bf16: bool):
     try:
         graph = core.read_model(str(path))
     except RuntimeError as error:
-        why = "its INT8 operators are ONNX Runtime's own (residual quantize's files)" if "QLinear" in str(error) \
-            else str(error).strip().splitlines()[-1]
+        if "QLinear" in str(error):
+            raise ModelFileError(f"{path}: OpenVINO cannot read it (its INT8 operators are ONNX Runtime's own); run "
+                                 f"it with --runtime onnxruntime, or quantize with --runtime openvino") from None
+        why = str(error).strip().splitlines()[-1]
         raise ModelFileError(f"{path}: OpenVINO cannot read it ({why}); run it with --runtime onnxruntime") from None
     config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
     if threads:

@@ -4,11 +4,18 @@ The float model is exported to ONNX (or taken as exported), prepared with ONNX
 Runtime's quant_pre_process (shape inference, graph optimisation), and quantized
 with per-channel int8 weights and uint8 activations (the fast pair on x86 with
 VNNI), activation ranges calibrated on the user's images by the method chosen.
-The graph uses ONNX Runtime's integer operators (QLinearConv, QLinearAdd: the
-"QOperator" format) rather than QuantizeLinear/DequantizeLinear pairs around
-float ones ("QDQ"): on our CPU it ran ResNet-50 at 3.4x the float graph's
-images/s against 2.8x for QDQ (docs/deploy.md). Both models are then evaluated on the validation split through
-`evaluate`, timed, and compared. A model that loses more than `max_drop` top-1
+The file is written for the runtime that will run it:
+
+- ONNX Runtime (the default): its integer operators (QLinearConv, QLinearAdd: the
+  "QOperator" format) rather than QuantizeLinear/DequantizeLinear pairs around
+  float ones ("QDQ"): on our CPU it ran ResNet-50 at 3.4x the float graph's
+  images/s against 2.8x for QDQ (docs/deploy.md).
+- OpenVINO: the QDQ format, the one it reads (it has no QLinear operators); it
+  folds each pair into its own integer kernels, and the report says how many
+  convolutions it runs on 8-bit integers.
+
+Both models are then evaluated on the validation split through `evaluate` in that
+runtime, timed, and compared. A model that loses more than `max_drop` top-1
 points (a multi-label model's: mAP points) is refused: nothing is written unless `force` is given.
 """
 
@@ -34,7 +41,7 @@ from ..errors import ResidualError
 from ..evaluate import evaluate, split_as_trained
 from ..metrics import paired_comparison
 from ..weights import load_model
-from .onnx import ExportError, OnnxModel, export_metadata, export_onnx, read_onnx_metadata, set_metadata
+from .onnx import RUNTIMES, ExportError, OnnxModel, export_metadata, export_onnx, read_onnx_metadata, set_metadata
 from .speed import measure_speed
 
 CALIBRATION_METHODS = {
@@ -43,6 +50,8 @@ CALIBRATION_METHODS = {
     "percentile": CalibrationMethod.Percentile,  # the range holding 99.999% of the values
     "distribution": CalibrationMethod.Distribution,
 }
+# The INT8 graph each runtime reads and runs fastest.
+QUANT_FORMATS = {"onnxruntime": QuantFormat.QOperator, "openvino": QuantFormat.QDQ}
 
 
 class QuantizeError(ResidualError):
@@ -98,12 +107,14 @@ def float_onnx(model_path: Path, folder: Path, parity_items: list, source: str) 
 def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None = None, *,
              val: str | Path | None = None, split: str = "val", method: str = "minmax", calib_size: int = 256,
              max_drop: float = 1.0, force: bool = False, batch_size: int = 64, seed: int = 0,
-             progress: bool = False) -> QuantizeResult:
-    """Quantize `model_path` (a model file or an fp32 .onnx) calibrating on `calib`'s training images, and
-    compare it with the float model on the `split` of `val` (default: `calib`)."""
+             runtime: str = "onnxruntime", progress: bool = False) -> QuantizeResult:
+    """Quantize `model_path` (a model file or an fp32 .onnx) for `runtime` calibrating on `calib`'s training
+    images, and compare it with the float model in that runtime on the `split` of `val` (default: `calib`)."""
     model_path = Path(model_path)
     if method not in CALIBRATION_METHODS:
         raise QuantizeError(f"--method must be one of {tuple(CALIBRATION_METHODS)}, got {method!r}")
+    if runtime not in RUNTIMES:
+        raise QuantizeError(f"--runtime must be one of {RUNTIMES}, got {runtime!r}")
     out = Path(out) if out else model_path.with_name(f"{model_path.stem}.int8.onnx")
     if out.suffix != ".onnx":
         raise QuantizeError(f"{out}: ONNX files end in .onnx")
@@ -122,23 +133,29 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
     with tempfile.TemporaryDirectory(prefix="residual-quantize-") as folder:
         folder = Path(folder)
         source = float_onnx(model_path, folder, sample_items(val_data.root, "val", 128, seed), str(val_data.root))
-        float_model = OnnxModel(source)
+        float_model = OnnxModel(source, runtime=runtime)
         prepared = folder / "prepared.onnx"
         quant_pre_process(str(source), str(prepared))
         calibration = ImageCalibration(float_model, calib_items)
         int8_tmp = folder / "int8.onnx"
-        quantize_static(str(prepared), str(int8_tmp), calibration, quant_format=QuantFormat.QOperator, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CALIBRATION_METHODS[method])
+        # A pre-activation net's batch norms stay in the graph and QDQ quantizes their scales too; those are
+        # one-dimensional, so per channel means axis 0 (the quantizer's default, 1, falls back to one scale).
+        quantize_static(str(prepared), str(int8_tmp), calibration, quant_format=QUANT_FORMATS[runtime],
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CALIBRATION_METHODS[method],
+                        extra_options={"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}})
         if calibration.used == 0:
             raise QuantizeError(f"{calib}: none of the calibration images could be read")
         calibration_info = {"images": calibration.used, "source": str(calib), "method": method,
                             "unreadable": len(calibration.failed)}
-        _carry_metadata(source, int8_tmp, calibration_info)
-        int8_model = OnnxModel(int8_tmp)
+        _carry_metadata(source, int8_tmp, calibration_info, runtime)
+        int8_model = OnnxModel(int8_tmp, runtime=runtime)
         report = _compare(float_model, int8_model, source, int8_tmp, val_data, split, batch_size, progress)
         report.update(calibration=calibration_info, max_drop=max_drop, forced=force,
-                      split_as_trained=as_trained is not None)
+                      split_as_trained=as_trained is not None, runtime=runtime,
+                      format=QUANT_FORMATS[runtime].name)
+        if runtime == "openvino":
+            report["int8_convolutions"] = dict(zip(("int8", "of"), int8_model.int8_convolutions()))
         refused = report["drop_points"] > max_drop and not force
         if refused:
             return QuantizeResult(None, None, True, report)
@@ -149,11 +166,12 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
     return QuantizeResult(out, report_path, False, report)
 
 
-def _carry_metadata(float_path: Path, int8_path: Path, calibration: dict) -> None:
-    """The float model's metadata (class names, preprocessing), marked int8, onto the quantized file."""
+def _carry_metadata(float_path: Path, int8_path: Path, calibration: dict, runtime: str) -> None:
+    """The float model's metadata (class names, preprocessing), marked int8 for `runtime`, onto the quantized file."""
     metadata = read_onnx_metadata(float_path)
     proto = onnx.load(int8_path)
-    set_metadata(proto, {**metadata, "precision": "int8", "calibration": json.dumps(calibration)})
+    set_metadata(proto, {**metadata, "precision": "int8", "calibration": json.dumps(calibration),
+                         "quantized_for": runtime})
     onnx.save(proto, int8_path)
 
 
@@ -166,7 +184,7 @@ def _compare(float_model: OnnxModel, int8_model: OnnxModel, float_path: Path, in
         evaluated[name] = evaluate(model, data, split, batch_size=batch_size, gallery_size=0, workers=0,
                                    progress=progress)
         speed = measure_speed(model, model.preprocessing.input_size)
-        results[name] = {"size_mb": round(path.stat().st_size / 2**20, 3),
+        results[name] = {"runtime": model.runtime_text, "size_mb": round(path.stat().st_size / 2**20, 3),
                          evaluated[name].score_name: evaluated[name].score(), **speed.to_dict()}
     first, second = evaluated["float"], evaluated["int8"]  # the same images: the same split, read the same way
     same = first.answers() == second.answers()
