@@ -1,12 +1,12 @@
 """Deployment formats on the CPU, one run, one table: torch eager fp32, ONNX Runtime fp32 and INT8, OpenVINO
-fp32 and bf16 (the same ONNX file; bf16 where the CPU computes it), pruned.
+fp32, bf16 (the same ONNX file; bf16 where the CPU computes it) and INT8, pruned.
 
 Two workloads: a trained `shapes` ResNet-20 (32 px; the demo recipe is trained
 first unless --model gives one) and an untrained ResNet-50 at 224 px (shapes
 drawn at 224 px serve as its images; an untrained net's top-1 agreement says
 little, its speed is the point). Every path is the toolkit's own: export_onnx
 (parity-checked), quantize (per-channel static INT8, MinMax calibration on the
-training images) and prune (L1 channel pruning, fine-tuned on the shapes model;
+training images; for each runtime in its own format) and prune (L1 channel pruning, fine-tuned on the shapes model;
 the untrained ResNet-50 is pruned without fine-tuning). Speeds: median latency
 of single images and images/s at batch 32, on random inputs after warm-up.
 Agreement: the share of validation images whose top-1 class is the fp32 model's.
@@ -61,7 +61,7 @@ def workload(name: str, model_path: Path, data: Path, folder: Path, fine_tune_ep
     console.print(f"{name}: exporting")
     exported = export_onnx(model, folder / f"{name}.onnx", items[:128], str(data))
     onnx_fp32 = OnnxModel(exported.path)
-    rows.append(row(name, "ONNX Runtime fp32", onnx_fp32, size(exported.path), top1(onnx_fp32, items), reference,
+    rows.append(row(name, onnx_fp32.runtime_text, onnx_fp32, size(exported.path), top1(onnx_fp32, items), reference,
                     repeats))
     for bf16 in (False, True):
         if bf16 and not openvino_computes_bf16():
@@ -70,9 +70,11 @@ def workload(name: str, model_path: Path, data: Path, folder: Path, fine_tune_ep
         rows.append(row(name, openvino.runtime_text, openvino, size(exported.path), top1(openvino, items), reference,
                         repeats))
     console.print(f"{name}: quantizing")
-    quantized = quantize(exported.path, data, folder / f"{name}.int8.onnx", calib_size=256, force=True)
-    int8 = OnnxModel(quantized.path)
-    rows.append(row(name, "ONNX Runtime INT8", int8, size(quantized.path), top1(int8, items), reference, repeats))
+    for runtime in ("onnxruntime", "openvino"):
+        quantized = quantize(exported.path, data, folder / f"{name}.{runtime}.int8.onnx", calib_size=256, force=True,
+                             runtime=runtime)
+        int8 = OnnxModel(quantized.path, runtime=runtime)
+        rows.append(row(name, int8.runtime_text, int8, size(quantized.path), top1(int8, items), reference, repeats))
     console.print(f"{name}: pruning")
     if fine_tune_epochs:
         pruned_path = prune(model_path, data, folder / f"{name}-pruned.safetensors", amount=0.3,
