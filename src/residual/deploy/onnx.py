@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -316,15 +317,28 @@ def _openvino():
     return openvino
 
 
+def _openvino_core():
+    """The one OpenVINO Core of the process."""
+    return _shared_core(_openvino())
+
+
+@functools.cache
+def _shared_core(openvino):
+    # A Core that is freed unloads its CPU plugin, whose fork handlers stay registered: the process's next fork
+    # (a decoding worker) then jumps into unmapped code and crashes (seen: a segfault in the test after one
+    # that quantized for OpenVINO). Kept for the process's life, the plugin stays loaded.
+    return openvino.Core()
+
+
 def openvino_computes_bf16() -> bool:
     """Whether this CPU has the bfloat16 arithmetic (AVX512-BF16 or AMX) OpenVINO's bf16 runs on."""
-    return "BF16" in _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in _openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def _openvino_model(path: Path, threads: int | None, bf16: bool):
     """The ONNX file compiled by OpenVINO for the CPU, computing in float32 unless `bf16` (OpenVINO's own default
     on CPUs with bfloat16 arithmetic is bf16: asked for outright here, so what runs is what was asked)."""
-    core = _openvino().Core()
+    core = _openvino_core()
     if bf16 and not openvino_computes_bf16():
         raise ConfigError("--precision bf16: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX) for "
                           "OpenVINO to use; run it in fp32")
