@@ -714,8 +714,9 @@ MODEL_FLAGS = ("stem", "drop_rate", "drop_path_rate", "block_drop_rate", "zero_i
 TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd", "pretrained", "strategy",
                "freeze_stages", "head_epochs", "unfreeze_stages", "layer_lr_decay", "model", "image_size",
                "eval_image_size", "crop_pct", "epochs", "batch_size", "label_smoothing", "loss", "bce_target_threshold",
-               "grad_clip", "accumulate", "ema", "teacher", "distill_weight", "distill_temperature", "early_stopping",
-               "keep_best", "monitor", "val_split", "seed", "deterministic", "device", "amp", "channels_last",
+               "grad_clip", "accumulate", "ema", "sam", "sam_adaptive", "teacher", "distill_weight",
+               "distill_temperature", "early_stopping", "keep_best", "monitor", "val_split", "seed", "deterministic",
+               "device", "amp", "channels_last",
                "compile", "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak",
                "out", "name", "quiet", "report", "sync_bn", "tensorboard")
 
@@ -1099,6 +1100,11 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     reg.add_argument("--grad-clip", type=float, help="max global gradient norm")
     reg.add_argument("--accumulate", type=int, help="micro-batches per optimizer step")
     reg.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999")
+    reg.add_argument("--sam", type=float, metavar="RHO",
+                     help="sharpness-aware minimisation: each step takes the gradient at the worst weights within RHO "
+                          "(e.g. 0.05): flatter minima, two forward-backward passes per step")
+    reg.add_argument("--sam-adaptive", action=argparse.BooleanOptionalAction, default=None,
+                     help="ASAM: SAM's step scaled by each weight's size (RHO about 0.5)")
     reg.add_argument("--teacher", metavar="MODEL_FILE",
                      help="knowledge distillation: also learn this trained model's softened predictions (same classes)")
     reg.add_argument("--distill-weight", type=float,

@@ -71,6 +71,8 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm
     accumulate: int = 1  # micro-batches per optimizer step
     ema: float | None = None  # decay of an exponential moving average of the weights, e.g. 0.999
+    sam: float | None = None  # sharpness-aware minimisation: the radius rho of the weights' worst-case step
+    sam_adaptive: bool = False  # ASAM: that step scaled by each weight's size (rho about 10x SAM's)
     teacher: str | None = None  # knowledge distillation: a trained model file whose softened predictions it learns
     distill_weight: float = 0.5  # with a teacher: the distillation term's share of the loss (the labels' the rest)
     distill_temperature: float = 4.0  # with a teacher: how much both models' probabilities are softened
@@ -153,6 +155,14 @@ class TrainConfig:
             self._check_augmix_jsd()
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigError(f"--ema is the average's decay per step, between 0 and 1 (e.g. 0.999), got {self.ema}")
+        if self.sam is not None and self.sam <= 0:
+            raise ConfigError(f"--sam is the radius of SAM's step: positive (the paper: 0.05; with --sam-adaptive "
+                              f"0.5), got {self.sam}")
+        if self.sam_adaptive and not self.sam:
+            raise ConfigError("--sam-adaptive scales SAM's step: give --sam RHO too (0.5 is ASAM's usual)")
+        if self.sam and self.accumulate > 1:
+            raise ConfigError(f"--sam takes its step from the whole batch's gradient, which --accumulate "
+                              f"{self.accumulate} only has after the last micro-batch: drop one of them")
 
     def _check_augmix_jsd(self) -> None:
         """The consistency loss compares AugMix views of unmixed images through softmax, with no teacher."""

@@ -294,6 +294,9 @@ class Trainer:
         self.amp_dtype = (torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported()
                           else torch.float16) if use_amp else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if c.sam and self.scaler.is_enabled():
+            raise ConfigError(f"--sam: mixed precision on {self.device} is float16, whose loss scaling cannot serve "
+                              f"SAM's two gradients per step; train in float32 (--no-amp) or on a GPU with bfloat16")
         self.ema = WeightEMA(self.model, c.ema) if c.ema else None
         self.forward = torch.compile(self.model, mode=c.compile_mode) if c.compile else self.model
         self.eager_forward: nn.Module = self.model  # for batches that unreadable images shortened (_train_step)
@@ -690,8 +693,6 @@ class Trainer:
         # eagerly: compiled, it would compile again for any batch size, and Dynamo would then run that slower
         # dynamic graph for every later batch.
         forward = self.forward if len(labels) == self.full_batch else self.eager_forward
-        if self.cuda_graphs and forward is self.forward:
-            torch.compiler.cudagraph_mark_step_begin()
         pixels = images.float().div_(255)
         if c.augmix_jsd:  # the consistency loss sees each image three times: clean, and two AugMix views
             x, targets = normalize(augmix_views(self.augment, pixels), self.model.preprocessing), labels
@@ -700,27 +701,20 @@ class Trainer:
                                    self.model.num_classes, c.augment.mixup, c.augment.cutmix, c.label_smoothing)
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        teacher_logits = None if self.teacher is None else self.teacher(x)  # it sees the same augmented, mixed images
+        batch_weight = self._loss_weight(labels) if batch_weight is None else batch_weight
+        divisor = batch_weight if step_weight is None else step_weight
         # Accumulating micro-batches need no gradient exchange until the one that steps.
         accumulating = self.world.distributed and not stepping
         with forward.no_sync() if accumulating else contextlib.nullcontext():
-            with self._autocast():
-                logits = views = forward(x)
-                if c.augmix_jsd:
-                    logits = views[:len(labels)]  # the clean view: what the labels' term and top-1 see
-                loss_sum = label_loss_sum(logits, targets, labels, c.loss, c.label_smoothing, c.bce_target_threshold,
-                                          self.class_weights)
-                if c.augmix_jsd:
-                    image_weights = None if self.class_weights is None else self.class_weights[labels]
-                    loss_sum = loss_sum + c.augmix_jsd * consistency_sum(views, JSD_VIEWS, image_weights)
-            parts = None
-            if self.teacher is not None:  # it sees the same augmented, mixed images
-                image_weights = None if self.class_weights is None else self.class_weights[labels]
-                parts = torch.stack((loss_sum, distillation_sum(logits, self.teacher(x), c.distill_temperature,
-                                                                image_weights)))
-                loss_sum = (1 - c.distill_weight) * parts[0] + c.distill_weight * parts[1]
-            batch_weight = self._loss_weight(labels) if batch_weight is None else batch_weight
-            self.scaler.scale(loss_sum / (batch_weight if step_weight is None else step_weight)).backward()
+            loss_sum, logits, parts = self._backward(forward, x, targets, labels, teacher_logits, divisor)
         if stepping:
+            if c.sam:
+                # What the step reports stays the unperturbed weights': copied, as a CUDA graph's next replay
+                # would overwrite its outputs.
+                loss_sum, logits = loss_sum.detach().clone(), logits.detach().clone()
+                parts = None if parts is None else parts.detach().clone()
+                self._sharpness_aware_gradient(forward, x, targets, labels, teacher_logits, divisor)
             if c.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -734,6 +728,61 @@ class Trainer:
         divisor = batch_weight if len(labels) else 1  # an empty batch's loss is 0 (of weight 0)
         return (loss_sum.detach() / divisor, correct_predictions(logits.detach(), labels),
                 None if parts is None else parts.detach() / divisor)
+
+    def _backward(self, forward: nn.Module, x: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor,
+                  teacher_logits: torch.Tensor | None, divisor: torch.Tensor | int):
+        """Forward, loss and backward of one prepared batch, the loss divided by `divisor` -> (the loss sum,
+        logits, with a teacher the labels' and the distillation term's loss sums, else None)."""
+        c = self.config
+        if self.cuda_graphs and forward is self.forward:
+            torch.compiler.cudagraph_mark_step_begin()
+        with self._autocast():
+            logits = views = forward(x)
+            if c.augmix_jsd:
+                logits = views[:len(labels)]  # the clean view: what the labels' term and top-1 see
+            loss_sum = label_loss_sum(logits, targets, labels, c.loss, c.label_smoothing, c.bce_target_threshold,
+                                      self.class_weights)
+            if c.augmix_jsd:
+                image_weights = None if self.class_weights is None else self.class_weights[labels]
+                loss_sum = loss_sum + c.augmix_jsd * consistency_sum(views, JSD_VIEWS, image_weights)
+        parts = None
+        if teacher_logits is not None:
+            image_weights = None if self.class_weights is None else self.class_weights[labels]
+            parts = torch.stack((loss_sum, distillation_sum(logits, teacher_logits, c.distill_temperature,
+                                                            image_weights)))
+            loss_sum = (1 - c.distill_weight) * parts[0] + c.distill_weight * parts[1]
+        self.scaler.scale(loss_sum / divisor).backward()
+        return loss_sum, logits, parts
+
+    def _sharpness_aware_gradient(self, forward: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                                  labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                                  divisor: torch.Tensor | int) -> None:
+        """Replace the gradient by the one at the nearby weights where the loss rises fastest (SAM, Foret et al.
+        2021): a step of length rho along the gradient, or with --sam-adaptive each weight's share of it
+        scaled by the weight's size (ASAM, Kwon et al. 2021), so that training seeks minima that stay low
+        around them. The weights go back, and batch norm's running statistics keep the first pass's update
+        alone."""
+        c = self.config
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        gradients = [p.grad for p in parameters]
+        if c.sam_adaptive:
+            sizes = [p.detach().abs() for p in parameters]
+            gradients = torch._foreach_mul(gradients, sizes)  # |w| g, whose norm ASAM's step is measured in
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gradients)))
+        steps = torch._foreach_mul(gradients, c.sam / (norm + 1e-12))
+        if c.sam_adaptive:
+            steps = torch._foreach_mul(steps, sizes)  # rho |w|² g / ‖|w| g‖
+        weights = [p.detach().clone() for p in parameters]  # restored exactly, not by subtracting the step again
+        buffers = list(self.model.buffers())
+        statistics = [buffer.clone() for buffer in buffers]
+        with torch.no_grad():
+            torch._foreach_add_(parameters, steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._backward(forward, x, targets, labels, teacher_logits, divisor)
+        with torch.no_grad():
+            torch._foreach_copy_(parameters, weights)
+            for buffer, saved in zip(buffers, statistics):  # a net without batch norm has none
+                buffer.copy_(saved)
 
     @torch.inference_mode()
     def evaluate(self) -> dict:
