@@ -324,9 +324,9 @@ def _openvino_core():
 
 @functools.cache
 def _shared_core(openvino):
-    # A Core that is freed unloads its CPU plugin, whose fork handlers stay registered: the process's next fork
-    # (a decoding worker) then jumps into unmapped code and crashes (seen: a segfault in the test after one
-    # that quantized for OpenVINO). Kept for the process's life, the plugin stays loaded.
+    # Kept for the process's life: with a Core per model, the process segfaulted at its next fork (a decoding
+    # worker) after quantizing for OpenVINO, most likely because a freed Core unloads the CPU plugin while
+    # something of it stays registered for fork (docs/ARCHITECTURE.md).
     return openvino.Core()
 
 
