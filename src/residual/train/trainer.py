@@ -703,18 +703,18 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         teacher_logits = None if self.teacher is None else self.teacher(x)  # it sees the same augmented, mixed images
         batch_weight = self._loss_weight(labels) if batch_weight is None else batch_weight
-        divisor = batch_weight if step_weight is None else step_weight
+        gradient_divisor = batch_weight if step_weight is None else step_weight
         # Accumulating micro-batches need no gradient exchange until the one that steps.
         accumulating = self.world.distributed and not stepping
         with forward.no_sync() if accumulating else contextlib.nullcontext():
-            loss_sum, logits, parts = self._backward(forward, x, targets, labels, teacher_logits, divisor)
+            loss_sum, logits, parts = self._backward(forward, x, targets, labels, teacher_logits, gradient_divisor)
         if stepping:
             if c.sam:
                 # What the step reports stays the unperturbed weights': copied, as a CUDA graph's next replay
                 # would overwrite its outputs.
                 loss_sum, logits = loss_sum.detach().clone(), logits.detach().clone()
                 parts = None if parts is None else parts.detach().clone()
-                self._sharpness_aware_gradient(forward, x, targets, labels, teacher_logits, divisor)
+                self._sharpness_aware_gradient(forward, x, targets, labels, teacher_logits, gradient_divisor)
             if c.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
