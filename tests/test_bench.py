@@ -256,7 +256,8 @@ def test_a_compiled_run_compiles_the_model_once(tmp_path, monkeypatch):
     dataset = open_dataset(data)
     assert len(dataset.train) % 8, "a shorter last batch"
     counter, compile = CompileCounter(), torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile(model, backend=counter))
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: compile(model, backend=counter,
+                                                                                      dynamic=dynamic))
     common = dict(data=str(data), model="resnet20", model_options={"layers": (1, 1, 1)}, epochs=2, device="cpu",
                   quiet=True, report=False, out=str(tmp_path), ema=None)
     train(TrainConfig(**common, batch_size=8, compile=True, name="compiled"))

@@ -542,7 +542,8 @@ def test_a_batch_that_unreadable_files_shortened_does_not_compile_the_model_agai
     data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)  # 40 training images
     (data / "train" / "star" / "00001.png").write_bytes(b"not a png")
     counter, compile_ = CompileCounter(), torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend=counter))
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: compile_(model, backend=counter,
+                                                                                       dynamic=dynamic))
     torch._dynamo.reset()  # nothing compiled earlier in this process is reused
     try:
         result = train(TrainConfig(data=str(data), epochs=2, compile=True, in_memory=False, workers=0,

@@ -105,19 +105,28 @@ class AugmentConfig:
         return dataclasses.replace(self, preset=preset, **knobs)
 
 
-def build_augment(config: AugmentConfig, input_size: int, stored_size: int) -> nn.Module:
-    """Batched augmentation: float [0, 1] N x 3 x stored x stored -> N x 3 x input x input."""
+def build_augment(config: AugmentConfig, input_size: int, stored_size: int, output_size: int | None = None
+                  ) -> nn.Module:
+    """Batched augmentation: float [0, 1] N x 3 x stored x stored -> N x 3 x output x output.
+
+    `input_size` is the run's image size, which the preset's knobs follow; `output_size` (default: the same)
+    a smaller one that progressive resizing trains at for a while: the same crops, at a lower resolution.
+    """
     c = config.resolved(input_size)
+    output_size = output_size or input_size
     stages: list[nn.Module] = []
     if c.crop_scale:
-        stages.append(RandomResizedCropFlip(input_size, (c.crop_scale, 1.0), c.hflip))
-    elif c.pad_crop or c.hflip or stored_size != input_size:
-        if c.pad_mode == "reflect" and c.pad_crop >= stored_size:
-            raise ConfigError(f"--pad-mode reflect mirrors the image into the padding, so --pad-crop must be less "
-                              f"than the image's side ({stored_size} px), got {c.pad_crop}")
-        # `none` keeps the centre of a larger stored image; the other presets crop it at random.
-        stages.append(RandomCropFlip(input_size, c.pad_crop, c.hflip, centred=c.preset == "none" and not c.pad_crop,
-                                     pad_mode=c.pad_mode))
+        stages.append(RandomResizedCropFlip(output_size, (c.crop_scale, 1.0), c.hflip))
+    else:
+        if c.pad_crop or c.hflip or stored_size != input_size:
+            if c.pad_mode == "reflect" and c.pad_crop >= stored_size:
+                raise ConfigError(f"--pad-mode reflect mirrors the image into the padding, so --pad-crop must be "
+                                  f"less than the image's side ({stored_size} px), got {c.pad_crop}")
+            # `none` keeps the centre of a larger stored image; the other presets crop it at random.
+            stages.append(RandomCropFlip(input_size, c.pad_crop, c.hflip,
+                                         centred=c.preset == "none" and not c.pad_crop, pad_mode=c.pad_mode))
+        if output_size != input_size:
+            stages.append(Downscale(output_size))
     if c.auto_augment == "augmix":  # its own stage: it mixes whole chains of operations, not one kornia op
         stages.append(AugMix())
     ops: list[nn.Module] = []
@@ -177,6 +186,22 @@ class RandomCropFlip(nn.Module):
     def extra_repr(self) -> str:
         return (f"size={self.size}, padding={self.padding}, pad_mode={self.pad_mode}, hflip={self.hflip}, "
                 f"centred={self.centred}")
+
+
+class Downscale(nn.Module):
+    """Images resized to `size` x `size`: bilinear with antialiasing, so a smaller copy averages the
+    pixels it stands for rather than picking some of them (aliasing)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True,
+                             align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
 
 
 class RandomResizedCropFlip(nn.Module):

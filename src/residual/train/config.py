@@ -25,6 +25,7 @@ from ..models import model_config
 from ..runs import compile_repays, pick_device
 from ..weights import pretrained_source
 from .optim import OptimConfig
+from .progressive import check_ramp, default_ramp
 
 MONITORS = ("val_top1", "val_loss", "val_map")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -55,6 +56,10 @@ class TrainConfig:
     # Above 64 px: the share of the resized image the centre crop keeps (eval_image_size / resize); None: a
     # pretrained source's own, else 0.875 (256 for 224). RSB tests at 0.95, torchvision's newer weights 224/232.
     crop_pct: float | None = None
+    # Progressive resizing (train/progressive.py): the smallest training size, where the run starts.
+    progressive_resize: int | None = None
+    # (the last epoch at that size, the first at image_size); auto: the last two eighths of the epochs ramp up
+    progressive_ramp: tuple[int, int] | None = None
     epochs: int | None = None  # auto: 30
     batch_size: int = 128  # the global batch: split among distributed workers, and what the lr is scaled by
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and weight decay auto unless given
@@ -116,8 +121,15 @@ class TrainConfig:
             raise ConfigError(f"--class-weights takes 'auto', got {self.class_weights!r}")
         if self.monitor not in (None, *MONITORS):
             raise ConfigError(f"--monitor must be one of {MONITORS}, got {self.monitor!r}")
+        if self.progressive_ramp is not None:
+            if self.progressive_resize is None:
+                raise ConfigError("--progressive-ramp times progressive resizing: give --progressive-resize MIN too")
+            if len(self.progressive_ramp) != 2:
+                raise ConfigError(f"--progressive-ramp takes two epochs, START,END; got {self.progressive_ramp}")
+            object.__setattr__(self, "progressive_ramp", tuple(int(epoch) for epoch in self.progressive_ramp))
         for flag, value, least in [("--epochs", self.epochs, 1), ("--image-size", self.image_size, 1),
                                    ("--eval-image-size", self.eval_image_size, 1),
+                                   ("--progressive-resize", self.progressive_resize, 1),
                                    ("--batch-size", self.batch_size, 1), ("--accumulate", self.accumulate, 1),
                                    ("--early-stopping", self.early_stopping, 1), ("--head-epochs", self.head_epochs, 0),
                                    ("--keep-best", self.keep_best, 0),
@@ -394,6 +406,13 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     augment = config.augment.resolved(image_size)
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
     epochs = config.epochs or 30
+    progressive_ramp = None
+    if config.progressive_resize is not None:
+        if config.progressive_resize >= image_size:
+            raise ConfigError(f"--progressive-resize {config.progressive_resize}: the smallest training size must be "
+                              f"less than the full one, {image_size} px (--image-size)")
+        progressive_ramp = config.progressive_ramp or default_ramp(epochs)
+        check_ramp(progressive_ramp, epochs)
     check_decoder(config.decoder, pick_device(config.device))  # before a run directory is written
     stages = len(model_config(model, **config.model_options).layers)  # likewise: an unknown model or option stops here
     for flag, given in [("--freeze-stages", config.freeze_stages), ("--unfreeze-stages", config.unfreeze_stages)]:
@@ -407,8 +426,8 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
         raise ConfigError(f"--monitor val_map: {dataset.root} has one class per image, which val_top1 measures; "
                           f"mean average precision is for multi-label data")
     return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs, optim=optim,
-                               augment=augment, layer_lr_decay=layer_lr_decay, compile=compile_on,
-                               compile_mode=compile_mode,
+                               augment=augment, progressive_ramp=progressive_ramp, layer_lr_decay=layer_lr_decay,
+                               compile=compile_on, compile_mode=compile_mode,
                                loss=config.loss or ("bce" if dataset.multi_label else "ce"),
                                monitor=config.monitor or ("val_map" if dataset.multi_label else "val_top1"))
 

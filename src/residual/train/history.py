@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,7 @@ from ..metrics import SIGNIFICANCE, p_value_text  # noqa: E402
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
            "epoch_seconds")
 DISTILL_COLUMNS = ("train_label_loss", "train_distill_loss")  # with a teacher: train_loss's two terms
+SIZE_COLUMN = "train_size"  # with progressive resizing: the epoch's training image size
 # A multi-label run's: its validation scores in place of top-1 and top-5.
 MULTI_LABEL_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_map", "val_f1", "val_exact_match", "lr",
                        "images_per_s", "epoch_seconds")
@@ -27,9 +29,10 @@ def write_metrics(history: list[dict], path: Path) -> None:
     """Rewrite metrics.csv from the whole history (atomic, so a kill never leaves half a row)."""
     buffer = io.StringIO()
     distilled = any(column in row for row in history for column in DISTILL_COLUMNS)
+    resized = any(SIZE_COLUMN in row for row in history)
     columns = MULTI_LABEL_COLUMNS if history and "val_map" in history[0] else COLUMNS
-    writer = csv.DictWriter(buffer, fieldnames=columns + (DISTILL_COLUMNS if distilled else ()),
-                            extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=columns + (DISTILL_COLUMNS if distilled else ())
+                            + ((SIZE_COLUMN,) if resized else ()), extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -41,7 +44,8 @@ def read_metrics(path: Path) -> list[dict]:
     """metrics.csv's rows, with numbers as numbers (the epoch an int); an empty cell (a column that later
     epochs added, such as a resumed run's teacher terms) is left out of its row."""
     with open(path, newline="") as f:
-        return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items() if value != ""}
+        return [{key: int(value) if key in ("epoch", SIZE_COLUMN) else float(value) for key, value in row.items()
+                 if value != ""}
                 for row in csv.DictReader(f)]
 
 
@@ -72,6 +76,11 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     acc_ax.set(title="scores (%)" if multi_label else "accuracy (%)", xlabel="epoch")
     lr_ax.plot(epochs, [r["lr"] for r in history], color="gray")
     lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
+    if any(SIZE_COLUMN in r for r in history):  # progressive resizing: each epoch's training size beside it
+        size_ax = lr_ax.twinx()
+        size_ax.step(epochs, [r.get(SIZE_COLUMN, math.nan) for r in history], "C4", where="mid", lw=1.2)
+        size_ax.set_ylabel("training size (px)", color="C4")
+        lr_ax.set_title("learning rate (end of epoch), training size")
     for ax in (loss_ax, acc_ax):
         ax.legend()
         ax.grid(alpha=0.3)

@@ -66,6 +66,7 @@ from .tensorboard import TensorBoardLog
 from .loss import consistency_sum, label_loss_sum
 from .optim import PlateauDecay, build_optimizer, build_scheduler
 from .preview import write_batch_preview
+from .progressive import describe_sizes, epoch_sizes
 
 IN_MEMORY_BUDGET = 2 * 1024**3  # bytes of decoded uint8 images kept in memory (and on the GPU)
 READ_BACK_SECONDS = 0.5  # how often the loop waits for the device to report loss and accuracy (the bar's refresh)
@@ -275,6 +276,7 @@ class Trainer:
         self.worker_batch = per_worker_batch(config.batch_size, world)
         self.bad = BadFileLog(config.max_bad_streak)
         self.model = self._build_model()
+        self.train_sizes = self._training_sizes()
         self._build_loaders()
         # After the loaders: they give the model its normalisation (the data's statistics), which the teacher's
         # input is converted from.
@@ -298,7 +300,7 @@ class Trainer:
             raise ConfigError(f"--sam: mixed precision on {self.device} is float16, whose loss scaling cannot serve "
                               f"SAM's two gradients per step; train in float32 (--no-amp) or on a GPU with bfloat16")
         self.ema = WeightEMA(self.model, c.ema) if c.ema else None
-        self.forward = torch.compile(self.model, mode=c.compile_mode) if c.compile else self.model
+        self.forward = self._compiled(self.model) if c.compile else self.model
         self.eager_forward: nn.Module = self.model  # for batches that unreadable images shortened (_train_step)
         self.full_batch = min(self.worker_batch, shard_size(len(self.train_loader.labels), world.rank, world.size,
                                                             pad=True))
@@ -339,12 +341,21 @@ class Trainer:
         model.class_names = list(self.dataset.classes)
         # Thresholds fitted to the weights it starts from (residual thresholds) do not fit the weights it ends with.
         model.multi_label, model.threshold = self.dataset.multi_label, MULTI_LABEL_THRESHOLD
-        reduction = model.feature_info[-1]["reduction"]
-        if c.image_size < 2 * reduction:  # global pooling then averages a single position: little left to learn from
-            self.console.print(f"warning: {c.model} shrinks its input {reduction}x, so {c.image_size} px images "
-                               f"reach the classifier as 1x1 maps; use a CIFAR-size net (resnet20, resnet56), "
-                               f"--stem cifar, or a larger --image-size")
         return model
+
+    def _training_sizes(self) -> list[int]:
+        """Each epoch's training image size: the image size, or progressive resizing's schedule."""
+        c = self.config
+        reduction = self.model.feature_info[-1]["reduction"]
+        sizes = (epoch_sizes(c.epochs, c.image_size, c.progressive_resize, c.progressive_ramp, reduction)
+                 if c.progressive_resize else [c.image_size] * c.epochs)
+        if c.progressive_resize and self.world.is_main:
+            self.console.print(f"progressive resizing: {describe_sizes(sizes)}")
+        if min(sizes) < 2 * reduction:  # global pooling then averages a single position: little left to learn from
+            self.console.print(f"warning: {c.model} shrinks its input {reduction}x, so {min(sizes)} px images reach "
+                               f"the classifier as 1x1 maps; use a CIFAR-size net (resnet20, resnet56), --stem cifar, "
+                               f"or a larger " + ("--progressive-resize" if c.progressive_resize else "--image-size"))
+        return sizes
 
     def _build_loaders(self) -> None:
         c, data = self.config, self.dataset
@@ -397,7 +408,9 @@ class Trainer:
         self.model.preprocessing = Preprocessing(eval_size, eval_resize, mean, std, interpolation)
         # Not moved to the device: kornia would draw its random parameters there, and read some back every
         # step (a wait for the GPU each); on the host it draws them and copies them without waiting.
-        self.augment = build_augment(c.augment, c.image_size, resize)
+        # One per training size (progressive resizing: a few; otherwise the image size alone).
+        self.augments = {size: build_augment(c.augment, c.image_size, resize, size) for size in set(self.train_sizes)}
+        self.augment = self.augments[self.train_sizes[0]]
         self.class_weights = (class_weights(data.class_counts(data.train)).to(self.device)
                               if c.class_weights == "auto" else None)
 
@@ -539,13 +552,20 @@ class Trainer:
             return
         ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                       else None)
-        self.forward = torch.compile(ddp, mode=self.config.compile_mode) if self.config.compile else ddp
+        self.forward = self._compiled(ddp) if self.config.compile else ddp
         self.eager_forward = ddp
         self.wrapped_for = frozen
+
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        # Progressive resizing feeds a few input sizes. By default Dynamo would compile the second one as a
+        # graph for any size and run that slower graph from then on; static, each size gets its own.
+        return torch.compile(module, mode=self.config.compile_mode,
+                             dynamic=False if self.config.progressive_resize else None)
 
     def _train_epoch(self) -> dict:
         c, model = self.config, self.model
         model.train()
+        self.augment = self.augments[self.train_sizes[self.epoch]]
         self._apply_freezing()
         started, seen_now = time.perf_counter(), 0
         total = len(self.train_loader)
@@ -594,6 +614,8 @@ class Trainer:
         if self.teacher is not None:  # train_loss is their weighted sum, which the step minimises
             stats |= {"train_label_loss": label_loss / (weight or 1),
                       "train_distill_loss": distill_loss / (weight or 1)}
+        if c.progressive_resize:
+            stats["train_size"] = self.train_sizes[self.epoch]
         self.running = empty_sums()
         return stats
 
@@ -864,7 +886,8 @@ class Trainer:
             + f"acc {row['train_acc']:.2%}  val loss {row['val_loss']:.4f} "
             + (f"mAP {row['val_map']:.2%} F1 {row['val_f1']:.2%} exact {row['val_exact_match']:.2%}  "
                if self.dataset.multi_label else f"top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}  ")
-            + f"lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
+            + f"lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s"
+            + (f" at {row['train_size']} px" if "train_size" in row else "") + f"  {row['epoch_seconds']:.1f}s"
             + ("  *best*" if self.best_epoch == self.epoch + 1 else ""))
         if self.plateau is not None and self.epoch + 1 > c.optim.warmup_epochs and self.plateau.update(value):
             self._cut_learning_rate()
