@@ -81,6 +81,8 @@ stage sync sync 60 python3 benchmarks/sync_waits.py
 stage augment last 90 python3 benchmarks/gpu.py --no-compile --augment auto --only train
 # `residual serve` under load on the GPU: dynamic batching against a batch-of-one loop (never measured there).
 stage serve last 120 python3 benchmarks/serve_load.py --device cuda --rounds 1
+# --grad-checkpointing on the GPU: peak allocated memory and speed of a ResNet-50 step with and without it.
+stage checkpointing last 60 python3 benchmarks/grad_checkpointing.py --device cuda --amp --batch 256 --steps 10
 
 cat "$summary"
 grep -hE '^\||repays|: residual [0-9,]+ images/s' "$OUT/breakdown.md" "$OUT/compiled.md" "$OUT/jpeg.md" 2>/dev/null

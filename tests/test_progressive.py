@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 import residual
-from residual.cli import build_parser
+from residual.cli import _train_config, build_parser
 from residual.data.datasets import open_dataset
 from residual.data.shapes import write_shapes
 from residual.data.transforms import AugmentConfig, Downscale, RandomResizedCropFlip, build_augment
@@ -119,6 +119,8 @@ def test_the_flags_parse_and_a_malformed_ramp_is_named(capsys):
     parser = build_parser()
     args = parser.parse_args(["train", "data/", "--progressive-resize", "160", "--progressive-ramp", "65,76"])
     assert (args.progressive_resize, args.progressive_ramp) == (160, (65, 76))
+    config = _train_config(args)
+    assert (config.progressive_resize, config.progressive_ramp) == (160, (65, 76))
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "data/", "--progressive-resize", "160", "--progressive-ramp", "65"])
     assert "--progressive-ramp: takes two epochs, START,END (e.g. 20,26), got '65'" in capsys.readouterr().err

@@ -717,7 +717,7 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd",
                "label_smoothing", "loss", "bce_target_threshold",
                "grad_clip", "accumulate", "ema", "sam", "sam_adaptive", "teacher", "distill_weight",
                "distill_temperature", "early_stopping", "keep_best", "monitor", "val_split", "seed", "deterministic",
-               "device", "amp", "channels_last",
+               "device", "amp", "channels_last", "grad_checkpointing",
                "compile", "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak",
                "out", "name", "quiet", "report", "sync_bn", "tensorboard")
 
@@ -1168,6 +1168,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     run.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    run.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                     help="keep only each block's input for the backward pass and recompute the rest: a fraction "
+                          "of the activation memory (a larger batch or model fits) for about a third more time")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     run.add_argument("--compile-mode", choices=COMPILE_MODES,
                      help="torch.compile's mode (default: reduce-overhead, i.e. CUDA graphs, for inputs up to 64 px "

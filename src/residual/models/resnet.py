@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .blocks import BLOCKS, NORMS, SHORTCUTS, conv3x3, make_norm, make_shortcut
+from .checkpointing import checkpointed
 from .preprocessing import IMAGENET_EVAL, Preprocessing
 
 MULTI_LABEL_THRESHOLD = 0.5  # a multi-label model's default: a label is present where its probability reaches it
@@ -121,6 +122,7 @@ class ResNet(nn.Module):
         self.preprocessing = preprocessing
         self.multi_label = False
         self.threshold = MULTI_LABEL_THRESHOLD
+        self.grad_checkpointing = False  # set_grad_checkpointing: a setting of how it trains, not saved with it
         block = BLOCKS[(config.block, config.preact)]
         stem_ch = config.stem_width or config.widths[0]
 
@@ -235,15 +237,28 @@ class ResNet(nn.Module):
         """Every residual (or plain) block, in order."""
         return [block for name in self.stage_names for block in getattr(self, name)]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each block's input for the backward pass, and recompute the rest there (timm's name for it):
+        less memory for about one more forward pass per step; see models/checkpointing.py."""
+        self.grad_checkpointing = enable
+
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def _forward_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        stage = getattr(self, name)
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return stage(x)
+        for block in stage:
+            x = checkpointed(block, x)
+        return x
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output of every stage (strides per feature_info)."""
         maps = []
         x = self.forward_stem(x)
         for name in self.stage_names:
-            x = getattr(self, name)(x)
+            x = self._forward_stage(name, x)
             maps.append(x)
         return maps
 
@@ -251,7 +266,7 @@ class ResNet(nn.Module):
         """The last feature map, before pooling."""
         x = self.forward_stem(x)
         for name in self.stage_names:
-            x = getattr(self, name)(x)
+            x = self._forward_stage(name, x)
         return self.act_final(self.bn_final(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

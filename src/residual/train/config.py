@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | None = None  # auto: bf16 (or fp16 + scaler) on CUDA, off elsewhere
     channels_last: bool = True
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass: less memory
     compile: bool | None = None  # auto: on CUDA for runs long enough to repay compilation (auto_compile)
     compile_mode: str | None = None  # torch.compile's mode; auto: CUDA graphs for small inputs (auto_compile_mode)
     sync_bn: bool = False  # distributed on CUDA: batch norm statistics over the global batch (SyncBatchNorm)

@@ -333,6 +333,7 @@ class Trainer:
             model = build_model(c.model, num_classes=len(self.dataset.classes), **c.model_options).to(self.device)
         if c.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        model.set_grad_checkpointing(c.grad_checkpointing)
         if c.sync_bn and self.world.distributed:
             if self.device.type != "cuda":
                 raise ConfigError("--sync-bn needs CUDA workers (PyTorch's SyncBatchNorm has no CPU kernel); on "
