@@ -1,6 +1,8 @@
 """`residual eval`: metrics that agree with a direct computation, and a report that stands alone."""
 
+import copy
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -18,6 +20,7 @@ from residual.data.check import check_data
 from residual.data.datasets import DatasetError, open_dataset
 from residual.data.decode import read_image
 from residual.data.shapes import write_shapes
+from residual.errors import ConfigError
 from residual.data.transforms import normalize, resize_center_crop
 from residual.deploy.prune import prune
 from residual.evaluate import evaluate, split_as_trained
@@ -281,6 +284,27 @@ def test_eval_and_predict_at_another_image_size(tmp_path, capsys, monkeypatch):
     (tmp_path / "model.onnx").write_bytes(b"")
     assert main(["predict", str(tmp_path / "model.onnx"), first["image"], "--image-size", "48"]) == 2
     assert "was exported for one input size" in capsys.readouterr().err
+
+
+def test_ten_crop_averages_the_ten_crops_of_the_resized_image_in_eval_and_predict(model, demo_run, tmp_path):
+    with pytest.raises(ConfigError, match="--tta ten-crop cuts 32 px crops from the image resized to 32 px"):
+        evaluate(model, demo_run["data"], tta="ten-crop")  # the demo model takes its 32 px images whole
+    wider = copy.deepcopy(model)
+    wider.preprocessing = dataclasses.replace(model.preprocessing, resize_size=40)  # 32 px crops of 40 px images
+    for name in model.class_names[:2]:
+        shutil.copytree(demo_run["data"] / "test" / name, tmp_path / "few" / name)
+    result = evaluate(wider, tmp_path / "few", tta="ten-crop", gallery_size=0, out_dir=tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["tta"] == "ten-crop"
+    squares = torch.stack([resize_center_crop(read_image(source), 40, 40) for source in result.sources[:4]])
+    with torch.inference_mode():
+        x = normalize(squares.float() / 255, wider.preprocessing)
+        crops = [x[..., top:top + 32, left:left + 32] for top, left in ((0, 0), (0, 8), (8, 0), (8, 8), (4, 4))]
+        expected = torch.stack([wider(view).softmax(1) for crop in crops for view in (crop, crop.flip(3))]).mean(0)
+    np.testing.assert_allclose(result.probs[:4], expected.numpy(), atol=1e-5)
+    predicted = residual.predict(wider, result.sources[:4], topk=1, tta="ten-crop").predictions
+    assert [p.top[0][2] for p in predicted] == pytest.approx(expected.max(1).values.tolist(), abs=1e-5)
+    plain = evaluate(wider, tmp_path / "few", gallery_size=0)
+    assert not np.allclose(plain.probs, result.probs)
 
 
 def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):

@@ -252,6 +252,19 @@ def test_tta_views_are_flips_and_shifts():
         tta_views(x, "rotate")
 
 
+def test_ten_crop_views_are_the_corners_and_centre_and_their_mirrors():
+    x = torch.arange(2 * 3 * 40 * 40, dtype=torch.float32).view(2, 3, 40, 40)
+    views = tta_views(x, "ten-crop", 32)
+    assert len(views) == 10 and all(view.shape == (2, 3, 32, 32) for view in views)
+    corners = [x[..., :32, :32], x[..., :32, 8:], x[..., 8:, :32], x[..., 8:, 8:], x[..., 4:36, 4:36]]
+    for view, crop in zip(views, corners + [crop.flip(3) for crop in corners]):
+        assert torch.equal(view, crop)
+    # torchvision's TenCrop takes the five crops of the mirrored image: the same ten views, in another order.
+    mirrored = tta_views(x.flip(3), "ten-crop", 32)[:5]
+    assert sorted(v.sum().item() for v in mirrored) == sorted(v.sum().item() for v in views[5:])
+    assert all(any(torch.equal(m, v) for v in views[5:]) for m in mirrored)
+
+
 def test_pil_image_modes_are_accepted(model):
     grey = Image.fromarray(np.full((40, 30), 128, dtype=np.uint8), "L")
     assert len(predict(model, grey).predictions) == 1

@@ -1,6 +1,7 @@
 """`residual serve`: predict's answers over HTTP, requests batched together, bad requests refused in one line."""
 
 import copy
+import dataclasses
 import http.client
 import io
 import json
@@ -25,6 +26,7 @@ from PIL import Image
 import residual
 from residual.cli import main
 from residual.data import decode
+from residual.errors import ConfigError
 from residual.predict import class_probabilities
 from residual.serve import Batcher, ModelServer, ServeConfig
 
@@ -89,6 +91,23 @@ def test_served_probabilities_are_predicts(model, pictures):
             assert [row["class"] for row in answer["top"]][0] == model.class_names[int(expected(model, data).argmax())]
         status, body, _ = request(f"{server.url}/predict?topk=1", pictures["a.png"])
         assert status == 200 and len(body["predictions"][0]["top"]) == 1
+
+
+def test_ten_crop_serving_answers_as_predict_does(model, pictures):
+    wider = copy.deepcopy(model)
+    wider.preprocessing = dataclasses.replace(model.preprocessing, resize_size=40)
+    with serve(wider, tta="ten-crop", max_batch=2) as server:
+        for data in pictures.values():
+            status, body, _ = request(f"{server.url}/predict", data)
+            assert status == 200
+            got = torch.tensor([row["probability"] for row in sorted(body["predictions"][0]["top"],
+                                                                     key=lambda r: r["class_id"])])
+            predicted = residual.predict(wider, Image.open(io.BytesIO(data)), topk=3, tta="ten-crop")
+            want = torch.tensor([p for _, _, p in sorted(predicted.predictions[0].top)])
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+            assert not torch.allclose(got, expected(wider, data), atol=1e-4)
+    with pytest.raises(ConfigError, match="--tta ten-crop cuts 32 px crops"):
+        serve(model, tta="ten-crop")
 
 
 def test_a_form_of_several_files_answers_each_and_names_the_bad_one(model, pictures):

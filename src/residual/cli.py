@@ -958,6 +958,15 @@ def runtime_flag(p: argparse.ArgumentParser) -> None:
                         "--precision bf16 computes in bfloat16 (CPUs with AVX512-BF16 or AMX)")
 
 
+def tta_flag(p: argparse.ArgumentParser) -> None:
+    from .predict import TTA_MODES
+
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="test-time augmentation, probabilities averaged over views: flip (2), flip-shift (10: "
+                        "each mirror shifted to the four corners), ten-crop (10: the corner and centre crops of the "
+                        "resized image and their mirrors, the ResNet paper's 10-crop testing)")
+
+
 def threshold_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=probability, metavar="P",
                    help="multi-label models: a class is predicted where its probability reaches P (default: the "
@@ -1206,7 +1215,7 @@ def _add_inference_commands(commands) -> None:
     from .explain import METHODS
     from .data.corruptions import CORRUPTIONS, PROTOCOLS, SMALL_IMAGES
     from .models import PRECISIONS
-    from .predict import INFERENCE_COMPILE_FROM_IMAGES, TTA_MODES
+    from .predict import INFERENCE_COMPILE_FROM_IMAGES
     from .robustness import DEFAULT_IMAGES
 
     def common(p, batch_size: int) -> None:
@@ -1233,7 +1242,7 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="default: test if present, else val; a flat folder of classes is used whole, or only the "
                         "images training held out if the model was trained on it")
-    p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
+    tta_flag(p)
     p.add_argument("--gallery", type=at_least(0), default=16, help="highest-loss images shown with Grad-CAM (0: none)")
     threshold_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -1315,7 +1324,7 @@ def _add_inference_commands(commands) -> None:
                         "class's probability in a column of its own (both: --topk unused; images a CSV lists are "
                         "named by its cells, under its column's name)")
     p.add_argument("--out", help="write json/csv here instead of standard output")
-    p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
+    tta_flag(p)
     threshold_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
@@ -1343,7 +1352,6 @@ def _add_deploy_commands(commands) -> None:
     from .deploy.onnx import RUNTIMES
     from .deploy.quantize import CALIBRATION_METHODS
     from .models import PRECISIONS
-    from .predict import TTA_MODES
 
     p = commands.add_parser("export", help="ONNX export, checked against the model in ONNX Runtime")
     p.add_argument("model", help="a .safetensors model file or a pretrained name")
@@ -1403,7 +1411,7 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--max-image-mb", type=float, default=16.0, help="the largest request body taken (413 above)")
     p.add_argument("--topk", type=int, default=5, help="classes per image, unless a request asks ?topk=N")
     threshold_flag(p)
-    p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
+    tta_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     runtime_flag(p)

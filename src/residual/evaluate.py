@@ -22,8 +22,8 @@ from .explain import grad_cam
 from .metrics import (classification_metrics, hardest_pr_curves, hardest_roc_curves, image_losses, label_losses,
                       multi_label_metrics)
 from .models import ResNet
-from .predict import (check_tta, class_names_of, class_thresholds, inference_compile, inference_forward,
-                      is_multi_label, model_device, probabilities_in_flight)
+from .predict import (class_names_of, class_thresholds, inference_compile, inference_forward, is_multi_label,
+                      model_device, probabilities_in_flight, tta_image_size)
 from .progress import progress_bar
 from .report import (GalleryItem, write_multi_label_predictions, write_multi_label_report, write_predictions,
                      write_report)
@@ -135,7 +135,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     all_labels = model_labels(dataset, chosen, model)
     items = chosen.files if chosen.images is None else list(chosen.images)
     names = class_names_of(model)
-    check_tta(tta)  # before any work
+    tta_image_size(model.preprocessing, tta)  # checked before any work
     check_stream(batch_size, workers, decoder, model_device(model))
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -147,8 +147,8 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     probs, kept, failed = [], [], []
     with progress_bar(f"evaluating {split_name}", progress) as bar:
         task = bar.add_task("eval", total=len(items))
-        batches = inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
-                                    decoder, model_device(model))
+        batches = inference_batches(items, pre.resize_size, tta_image_size(pre, tta), pre.interpolation, batch_size,
+                                    workers, decoder, model_device(model))
         for batch, probabilities in probabilities_in_flight(forward, batches, tta, multi_label):
             failed += [message for _, message in batch.failed]
             if probabilities is not None:

@@ -43,7 +43,7 @@ from .progress import progress_bar
 from .runs import compile_repays
 from .weights import imagenet_class_names
 
-TTA_MODES = ("none", "flip", "flip-shift")
+TTA_MODES = ("none", "flip", "flip-shift", "ten-crop")
 
 
 @dataclass
@@ -94,9 +94,30 @@ def check_tta(mode: str) -> None:
         raise ConfigError(f"--tta must be one of {TTA_MODES}, got {mode!r}")
 
 
-def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The test-time views of a normalised batch: itself, its mirror, and with flip-shift four shifts of each."""
+def tta_image_size(preprocessing: Preprocessing, mode: str) -> int:
+    """The side of the images the TTA views are taken from: the model's input size, or for ten-crop the
+    whole resized square the crops are cut from (AlexNet's and ResNet's 10-crop testing: 224 px crops of
+    the central 256 x 256)."""
     check_tta(mode)
+    if mode != "ten-crop":
+        return preprocessing.input_size
+    if preprocessing.resize_size <= preprocessing.input_size:
+        raise ConfigError(f"--tta ten-crop cuts {preprocessing.input_size} px crops from the image resized to "
+                          f"{preprocessing.resize_size} px, which leaves no room between them; use --tta flip-shift")
+    return preprocessing.resize_size
+
+
+def tta_views(x: torch.Tensor, mode: str, size: int | None = None) -> list[torch.Tensor]:
+    """The test-time views of a normalised batch: itself, its mirror, and with flip-shift four shifts of each;
+    with ten-crop the four corner and the centre `size` x `size` crops of the (larger) batch, and their mirrors."""
+    check_tta(mode)
+    if mode == "ten-crop":
+        height, width = x.shape[-2:]
+        size = size or min(height, width)
+        corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
+                   ((height - size) // 2, (width - size) // 2)]
+        crops = [x[..., top:top + size, left:left + size] for top, left in corners]
+        return crops + [crop.flip(3) for crop in crops]
     views = [x] if mode == "none" else [x, x.flip(3)]
     if mode == "flip-shift":
         shift = max(1, x.shape[-1] // 16)
@@ -114,7 +135,7 @@ def class_probabilities(model, images: torch.Tensor, tta: str = "none", multi_la
     averaged over the TTA views, on the model's device (asking for them does not wait for a GPU to compute
     them)."""
     x = normalize(images.to(model_device(model)).float() / 255, model.preprocessing)
-    views = tta_views(x, tta)
+    views = tta_views(x, tta, model.preprocessing.input_size)
     return torch.stack([output_probabilities(model(view), multi_label) for view in views]).mean(0)
 
 
@@ -193,7 +214,7 @@ def iter_predict(model, items: list, topk: int = 5, batch_size: int = 64, tta: s
     """
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {topk}")
-    check_tta(tta)
+    tta_image_size(model.preprocessing, tta)
     check_stream(batch_size, workers, decoder, model_device(model))
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -208,8 +229,8 @@ def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: s
     multi_label = is_multi_label(model)
     with progress_bar("predicting", progress) as bar:
         task = bar.add_task("predict", total=len(items))
-        batches = inference_batches(items, pre.resize_size, pre.input_size, pre.interpolation, batch_size, workers,
-                                    decoder, model_device(model))
+        batches = inference_batches(items, pre.resize_size, tta_image_size(pre, tta), pre.interpolation, batch_size,
+                                    workers, decoder, model_device(model))
         for batch, probabilities in probabilities_in_flight(forward, batches, tta, multi_label):
             if failed is not None:
                 failed += [message for _, message in batch.failed]

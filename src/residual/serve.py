@@ -53,7 +53,7 @@ from .data.decode import BadImageError, decode_bytes
 from .data.transforms import resize_center_crop
 from .errors import ConfigError, ResidualError
 from .predict import (check_tta, class_names_of, class_probabilities, inference_compile, inference_forward,
-                      is_multi_label, model_device, present_classes, top_classes)
+                      is_multi_label, model_device, present_classes, top_classes, tta_image_size)
 
 MEGABYTE = 1 << 20
 MIN_TOKEN_LENGTH = 16  # shorter is guessable; secrets.token_urlsafe() gives 43
@@ -262,7 +262,7 @@ class ModelServer:
         """Run a full batch once before listening, so the first requests do not pay for the backend's
         set-up (cuDNN's algorithm search, oneDNN's kernels, and with compile the compilation)."""
         started = time.perf_counter()
-        size = self.preprocessing.input_size
+        size = tta_image_size(self.preprocessing, self.config.tta)
         blank = torch.zeros(self.config.max_batch, 3, size, size, dtype=torch.uint8)
         class_probabilities(forward, blank, self.config.tta).cpu()
         return time.perf_counter() - started
@@ -343,7 +343,8 @@ class ModelServer:
         for name, data in uploads:
             try:
                 image = decode_bytes(data, name, pre.resize_size)
-                crops.append(resize_center_crop(image, pre.resize_size, pre.input_size, pre.interpolation))
+                crops.append(resize_center_crop(image, pre.resize_size, tta_image_size(pre, self.config.tta),
+                                                pre.interpolation))
                 slots.append(len(answers))
                 answers.append({"image": name})
             except BadImageError as error:
