@@ -15,7 +15,7 @@ from residual.data.transforms import AugmentConfig, Downscale, RandomResizedCrop
 from residual.errors import ConfigError
 from residual.train import TrainConfig, load_config, train
 from residual.train import trainer as trainer_module
-from residual.train.config import resolve
+from residual.train.config import resolve, save_config
 from residual.train.history import read_metrics
 from residual.train.optim import OptimConfig
 from residual.train.progressive import default_ramp, describe_sizes, epoch_sizes
@@ -91,12 +91,22 @@ def test_a_run_trains_at_each_epochs_size_validates_at_the_full_size_and_resumes
     assert (saved.progressive_resize, saved.progressive_ramp) == (8, (1, 4))
 
 
-def test_the_ramp_is_chosen_from_the_epochs_and_recorded(tmp_path):
+def test_the_ramp_is_chosen_from_the_epochs_and_chosen_again_when_a_config_changes_them(tmp_path):
     data = write_shapes(tmp_path / "data", size=16, per_class=2, seed=0, progress=False)
     dataset = open_dataset(data)
-    resolved = resolve(TrainConfig(data=str(data), epochs=16, progressive_resize=8), dataset)
+    given = TrainConfig(data=str(data), epochs=16, progressive_resize=8)
+    resolved = resolve(given, dataset)
     assert resolved.progressive_ramp == (12, 14)
     assert resolve(TrainConfig(data=str(data), epochs=16), dataset).progressive_ramp is None
+    save_config(resolved, tmp_path / "config.yaml", given)
+
+    def from_config(*flags):
+        return resolve(_train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "config.yaml"),
+                                                                 *flags])), dataset)
+
+    assert from_config() == resolved
+    assert from_config("--epochs", "8").progressive_ramp == (6, 7)  # chosen again for the new length
+    assert from_config("--progressive-ramp", "2,5").progressive_ramp == (2, 5)
 
 
 def test_impossible_settings_are_refused_in_one_line(tmp_path):
