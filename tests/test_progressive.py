@@ -31,13 +31,13 @@ def test_the_sizes_stay_at_the_smallest_until_the_ramp_then_grow_in_steps_of_the
     assert set(ffcv) == {160, 192} and ffcv.index(192) + 1 == 71 and ffcv[-12:] == [192] * 12
     # A smallest size off the grid is kept; the ramp's sizes never leave [smallest, full].
     assert epoch_sizes(5, 224, 100, (1, 5), 32) == [100, 128, 160, 192, 224]
-    assert epoch_sizes(3, 32, 16, (3, 3), 4) == [16, 16, 16]
+    assert epoch_sizes(3, 32, 16, (2, 3), 4) == [16, 16, 32]
 
 
 def test_the_default_ramp_keeps_the_last_eighth_at_full_size_after_an_eighth_of_ramp():
     assert default_ramp(88) == (66, 77)  # FFCV ramps over 65-76 of its 88 epochs
     assert default_ramp(12) == (8, 10)
-    assert default_ramp(1) == (0, 0)  # a single epoch trains at the full size
+    assert default_ramp(1) == (0, 1)  # a single epoch trains at the full size
     assert describe_sizes([16] * 8 + [24] + [32] * 3) == "16 px in epochs 1-8, 24 px in epoch 9, 32 px in epochs 10-12"
 
 
@@ -115,10 +115,13 @@ def test_impossible_settings_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="--progressive-resize 16: the smallest training size must be less than "
                                           "the full one, 16 px"):
         resolve(TrainConfig(data=str(data), progressive_resize=16), dataset)
-    with pytest.raises(ConfigError, match=r"0 <= START <= END <= --epochs \(10\); got 6,12"):
+    with pytest.raises(ConfigError, match=r"0 <= START < END <= --epochs \(10\); got 6,12"):
         resolve(TrainConfig(data=str(data), epochs=10, progressive_resize=8, progressive_ramp=(6, 12)), dataset)
-    with pytest.raises(ConfigError, match=r"got 6,4"):
-        resolve(TrainConfig(data=str(data), epochs=10, progressive_resize=8, progressive_ramp=(6, 4)), dataset)
+    for ramp in ((6, 4), (6, 6)):
+        with pytest.raises(ConfigError, match=f"got {ramp[0]},{ramp[1]}"):
+            resolve(TrainConfig(data=str(data), epochs=10, progressive_resize=8, progressive_ramp=ramp), dataset)
+    with pytest.raises(ConfigError, match="--schedule plateau cuts the rate when validation stops improving"):
+        resolve(TrainConfig(data=str(data), progressive_resize=8, optim=OptimConfig(schedule="plateau")), dataset)
     with pytest.raises(ConfigError, match="give --progressive-resize MIN too"):
         TrainConfig(data=str(data), progressive_ramp=(1, 2))
     with pytest.raises(ConfigError, match="--progressive-resize must be at least 1"):
@@ -157,3 +160,14 @@ def test_a_compiled_run_compiles_one_static_graph_per_training_size(tmp_path, mo
     finally:
         torch._dynamo.reset()
     assert asked == [False] and counter.frame_count == 3, "8, 12 and 16 px, one static graph each"
+
+
+def test_early_stopping_waits_for_the_first_epoch_at_the_full_size(tmp_path):
+    # Validation is at the full size, so it can stall while the run trains small; that must not end the run
+    # before it has trained at the size it is validated at. Weights that do not move never improve.
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)
+    result = train(TrainConfig(data=str(data), epochs=6, progressive_resize=8, progressive_ramp=(3, 4),
+                               early_stopping=1, out=str(tmp_path), name="run",
+                               **(QUICK | {"optim": OptimConfig(lr=1e-12, schedule="constant"),
+                                           "model_options": {"norm": None}})))
+    assert [row["train_size"] for row in result.history] == [8, 8, 8, 16], "stopped at the first full-size epoch"

@@ -414,6 +414,10 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
                               f"less than the full one, {image_size} px (--image-size)")
         progressive_ramp = config.progressive_ramp or default_ramp(epochs)
         check_ramp(progressive_ramp, epochs)
+        if config.optim.schedule == "plateau":
+            raise ConfigError("--schedule plateau cuts the rate when validation stops improving, which it does "
+                              "while --progressive-resize trains small (validation is at the full size): use "
+                              "another schedule")
     check_decoder(config.decoder, pick_device(config.device))  # before a run directory is written
     stages = len(model_config(model, **config.model_options).layers)  # likewise: an unknown model or option stops here
     for flag, given in [("--freeze-stages", config.freeze_stages), ("--unfreeze-stages", config.unfreeze_stages)]:

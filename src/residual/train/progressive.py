@@ -22,15 +22,15 @@ def default_ramp(epochs: int) -> tuple[int, int]:
     """FFCV's proportions: the last eighth of the epochs at the full size, after a ramp over the eighth before
     it -> (the last epoch at the smallest size, the first at the full size)."""
     eighth = max(1, round(epochs / 8))
-    end = max(0, epochs - eighth)
+    end = max(1, epochs - eighth)
     return max(0, end - eighth), end
 
 
 def check_ramp(ramp: tuple[int, int], epochs: int) -> None:
     start, end = ramp
-    if not 0 <= start <= end <= epochs:
+    if not 0 <= start < end <= epochs:
         raise ConfigError(f"--progressive-ramp START,END: the last epoch at the smallest size, then the first at "
-                          f"the full size, with 0 <= START <= END <= --epochs ({epochs}); got {start},{end}")
+                          f"the full size, with 0 <= START < END <= --epochs ({epochs}); got {start},{end}")
 
 
 def epoch_sizes(epochs: int, full: int, smallest: int, ramp: tuple[int, int], multiple: int) -> list[int]:

@@ -893,7 +893,9 @@ class Trainer:
         if self.plateau is not None and self.epoch + 1 > c.optim.warmup_epochs and self.plateau.update(value):
             self._cut_learning_rate()
         self.epoch, self.batch = self.epoch + 1, 0
-        self.stopped_early = bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping
+        # Progressive resizing's small epochs validate low (at the full size): only a full-size epoch may stop it.
+        at_full_size = self.train_sizes[self.epoch - 1] == c.image_size
+        self.stopped_early = bool(c.early_stopping) and self.epochs_since_best >= c.early_stopping and at_full_size
         self.save_last()
         if c.keep_best and self.world.is_main:  # once last.pt no longer lists them
             kept = {f"epoch-{epoch:03d}.safetensors" for _, _, epoch in self.kept}
