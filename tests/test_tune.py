@@ -382,6 +382,11 @@ def test_settings_that_cannot_go_together_are_refused_before_a_trial_runs(shapes
         tune(TrainConfig(data=str(shapes16), **QUICK), ["model=resnet20,resnet9000"], out=str(tmp_path))
     with pytest.raises(ConfigError, match="--search names a setting twice: lr"):
         tune(TrainConfig(data=str(shapes16), **QUICK), ["lr=0.01..0.1", "lr=0.1,0.2"], out=str(tmp_path))
+    # Trials training small validate low until their full-size epochs: the pruner would judge them unfairly.
+    with pytest.raises(ConfigError, match="--search progressive-resize: trials training at smaller sizes validate "
+                                          "low until their full-size epochs, so --pruner median would stop them"):
+        tune(TrainConfig(data=str(shapes16), epochs=4, **QUICK), ["progressive-resize=8,12"], out=str(tmp_path))
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_cli_refuses_a_setting_both_fixed_and_searched_and_settings_with_resume(shapes16, tmp_path, capsys):

@@ -264,6 +264,7 @@ def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (
         space = [item if isinstance(item, Searched) else Searched.parse(item) for item in search]
         space = space or default_search(config, resolved)
         _check_space(space, config, dataset)
+        _check_pruning(space, pruner)
         trials, monitor, epochs = trials or 20, resolved.monitor, resolved.epochs
         # The first epochs' scores sit near chance and say little (docs/tuning.md, Measured).
         prune_from = prune_from or min(epochs, max(2, epochs // 3))
@@ -687,6 +688,15 @@ def _check_space(space: list[Searched], config: TrainConfig, dataset) -> None:
                     refusals.append(error)
             else:
                 raise refusals[0]
+
+
+def _check_pruning(space: list[Searched], pruner: str) -> None:
+    """The pruner compares trials' validation at the same epoch. Progressive resizing validates at the full size
+    while it trains small, so a trial searched with another schedule of sizes would be judged unfairly."""
+    resized = [item.name for item in space if item.name.startswith("progressive-")]
+    if resized and pruner != "none":
+        raise ConfigError(f"--search {resized[0]}: trials training at smaller sizes validate low until their "
+                          f"full-size epochs, so --pruner {pruner} would stop them unfairly; give --pruner none")
 
 
 def _read_metrics(path: Path) -> list[dict]:
