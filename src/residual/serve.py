@@ -225,6 +225,8 @@ class ModelServer:
         self.model, self.name = model, name
         self.names = class_names_of(model)
         self.preprocessing = model.preprocessing
+        # What each image is cut to: the model's input, or for ten-crop the resized square its crops come from.
+        self.image_size = tta_image_size(self.preprocessing, self.config.tta)
         self.multi_label = is_multi_label(model)
         if isinstance(model, torch.nn.Module):
             model.eval()
@@ -262,7 +264,7 @@ class ModelServer:
         """Run a full batch once before listening, so the first requests do not pay for the backend's
         set-up (cuDNN's algorithm search, oneDNN's kernels, and with compile the compilation)."""
         started = time.perf_counter()
-        size = tta_image_size(self.preprocessing, self.config.tta)
+        size = self.image_size
         blank = torch.zeros(self.config.max_batch, 3, size, size, dtype=torch.uint8)
         class_probabilities(forward, blank, self.config.tta).cpu()
         return time.perf_counter() - started
@@ -343,8 +345,7 @@ class ModelServer:
         for name, data in uploads:
             try:
                 image = decode_bytes(data, name, pre.resize_size)
-                crops.append(resize_center_crop(image, pre.resize_size, tta_image_size(pre, self.config.tta),
-                                                pre.interpolation))
+                crops.append(resize_center_crop(image, pre.resize_size, self.image_size, pre.interpolation))
                 slots.append(len(answers))
                 answers.append({"image": name})
             except BadImageError as error:
