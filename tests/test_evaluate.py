@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import residual
 from residual import load_model
@@ -23,9 +24,10 @@ from residual.data.shapes import write_shapes
 from residual.errors import ConfigError
 from residual.data.transforms import normalize, resize_center_crop
 from residual.deploy.prune import prune
-from residual.evaluate import evaluate, split_as_trained
+from residual.embed import embed
+from residual.evaluate import evaluate, feature_bank, split_as_trained
 from residual.metrics import ranking_scores
-from residual.predict import class_probabilities
+from residual.predict import class_probabilities, predict
 from residual.train import TrainConfig, train
 from cifar_files import write_cifar10
 
@@ -322,3 +324,102 @@ def test_cifar_in_memory_images_are_evaluated_with_their_positions(tmp_path):
                                             dtype=np.uint8).reshape(6, 3, 32, 32).copy())
     np.testing.assert_allclose(result.probs, class_probabilities(model, images), atol=1e-5)
     assert (tmp_path / "report" / "highest_loss.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def unknown_folder(tmp_path_factory):
+    """Images of none of the demo's classes: uniform noise and flat colours, in two subfolders, and a file
+    that is no image."""
+    folder = tmp_path_factory.mktemp("unknown")
+    rng = np.random.default_rng(0)
+    (folder / "noise").mkdir()
+    (folder / "flat").mkdir()
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "noise" / f"{i}.png")
+        Image.new("RGB", (40, 40), tuple(int(v) for v in rng.integers(0, 256, 3))).save(folder / "flat" / f"{i}.png")
+    (folder / "flat" / "broken.png").write_bytes(b"no image")
+    return folder
+
+
+def test_unknown_images_are_scored_and_the_floor_eval_suggests_is_the_one_predict_applies(
+        model, demo_run, unknown_folder, tmp_path, capsys, monkeypatch):
+    result = evaluate(model, demo_run["data"], "val", out_dir=tmp_path / "report", gallery_size=0,
+                      unknown=unknown_folder)
+    unknown = result.metrics["unknown"]
+    assert (unknown["known_images"], unknown["unknown_images"]) == (1200, 60)
+    assert any("broken.png" in line for line in result.failed)  # reported, not dropped
+    # The unknown images' probabilities are predict's for the same files.
+    predicted = predict(model, unknown_folder).predictions
+    assert [p.source for p in predicted] == result.unknown_sources
+    assert result.unknown_probs.max(1) == pytest.approx([p.top[0][2] for p in predicted], abs=1e-6)
+    # The floor keeps at least 95% of the known images and is the highest four-decimal one that does.
+    known = result.probs.max(1)
+    assert (known >= unknown["floor"]).mean() >= 0.95 > (known >= unknown["floor"] + 1e-4).mean()
+    assert unknown["at_floor"]["unknown_passed"] == pytest.approx((result.unknown_probs.max(1) >= unknown["floor"])
+                                                                  .mean())
+    # The second score: the cosine similarity of an image's pooled features (embed's) to the nearest training
+    # image's, the whole training split in the bank.
+    nearest = unknown["nearest"]
+    train = open_dataset(demo_run["data"]).train
+    assert (nearest["k"], nearest["bank_images"]) == (1, len(train))
+    bank = embed(model, train.files).features
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    for i in (0, 31):
+        feature = embed(model, [result.unknown_sources[i]]).features[0]
+        assert result.unknown_similarity[i] == pytest.approx((bank @ feature).max() / np.linalg.norm(feature),
+                                                             abs=1e-5)
+    assert (result.known_similarity >= nearest["floor"]).mean() >= 0.95
+    assert nearest["roc_auc"] > 0.9 > unknown["roc_auc"]  # noise fools the probability, not the features
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())["unknown"]
+    assert saved["floor"] == unknown["floor"] and saved["folder"] == str(unknown_folder)
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<h2>Unknown images</h2>" in page and f"{unknown['floor']:.4f}" in page
+    assert (tmp_path / "report" / "unknown.png").is_file()
+
+    # The command line prints the floor; predict with it turns away the images eval said it would.
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "cli"
+    assert main(["eval", str(demo_run["model"]), str(demo_run["data"]), "--split", "val", "--unknown",
+                 str(unknown_folder), "--out", str(out), "--gallery", "0", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"--min-confidence {unknown['floor']:.4f} (predict, serve) keeps" in printed
+    assert "telling 60 unknown images from the 1,200 known" in printed and "similarity to the nearest" in printed
+    floor = str(unknown["floor"])
+    answers = tmp_path / "answers.json"
+    assert main(["predict", str(demo_run["model"]), str(unknown_folder), "--min-confidence", floor, "--out",
+                 str(answers), "--quiet"]) == 1  # the broken file
+    rows = json.loads(answers.read_text())
+    assert np.mean([row["unsure"] for row in rows]) == pytest.approx(1 - unknown["at_floor"]["unknown_passed"])
+    labels = tmp_path / "labels.csv"
+    main(["predict", str(demo_run["model"]), str(unknown_folder), "--min-confidence", floor, "--format", "labels",
+          "--out", str(labels), "--quiet"])
+    with open(labels, newline="") as stream:
+        written = list(csv.DictReader(stream))
+    assert [row["label"] == "" for row in written] == [row["unsure"] for row in rows]
+    val = sorted((demo_run["data"] / "val").rglob("*.png"))
+    kept = [not p.unsure for p in predict(model, val, min_confidence=unknown["floor"]).predictions]
+    assert np.mean(kept) == pytest.approx(unknown["at_floor"]["coverage"])
+
+
+def test_unknown_and_min_confidence_refuse_what_they_cannot_use(demo_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for given in (tmp_path / "empty", demo_run["model"]):
+        assert main(["eval", str(demo_run["model"]), str(demo_run["data"]), "--unknown", str(given),
+                     "--out", str(tmp_path / "out"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--unknown {given}" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["predict", str(demo_run["model"]), str(demo_run["data"] / "test"), "--min-confidence", "1.5"])
+    assert "--min-confidence: must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_the_nearest_neighbour_score_says_why_it_was_not_measured(demo_run):
+    dataset = open_dataset(demo_run["data"])
+    items, why = feature_bank(dataset, "val", nearest=True, compiled=False)
+    assert len(items) == len(dataset.train) and why == ""
+    for split, nearest, compiled, reason in (("train", True, False, "the train split holds the training images"),
+                                             ("all", True, False, "the all split holds the training images"),
+                                             ("val", False, True, "torch.compile runs the model whole"),
+                                             ("val", False, False, "an exported model gives no pooled features")):
+        items, why = feature_bank(dataset, split, nearest, compiled)
+        assert items == [] and reason in why

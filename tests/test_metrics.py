@@ -8,7 +8,7 @@ import pytest
 from residual.metrics import (bootstrap_indices, bootstrap_maps, calibration_bins, classification_metrics,
                               confusion_matrix, mcnemar_exact, multi_label_metrics, p_value_text, paired_bootstrap,
                               paired_comparison, percentile_interval, ranking_scores, roc_curve, topk_accuracy,
-                              wilson_interval)
+                              unknown_detection, wilson_interval)
 
 NAMES = ["a", "b", "c"]
 # image: probabilities of a, b, c        true  predicted  confidence  correct
@@ -140,3 +140,33 @@ def test_a_paired_bootstrap_of_map_tells_a_real_gap_from_none():
     assert p_value_text(gap) == "<= 0.005" and p_value_text({"p_value": 0.04}) == "0.04"  # said as a bound
     same = paired_bootstrap(sharp_maps, sharp_maps)
     assert same["p_value"] == 1.0 and same["difference_ci95"] == [0.0, 0.0] and p_value_text(same) == "1"
+
+
+def test_unknown_detection_by_hand():
+    # The fixture's six images are the known ones (confidence 0.7 .6 .5 .4 .8 .9; right: the 1st, 3rd, 5th);
+    # four unknown images. Keeping 95% of six known images keeps all six: the floor is the lowest, 0.4.
+    known, right = PROBS.max(1), PROBS.argmax(1) == LABELS
+    unknown = np.array([0.95, 0.45, 0.3, 0.6])
+    result = unknown_detection(known, right, unknown, thresholds=(0.5, 0.8))
+    assert (result["known_images"], result["unknown_images"], result["floor"]) == (6, 4, 0.4)
+    # Pairs (known, unknown) ordered right: 0.7 beats 3 (ties none), 0.6 beats 2 and ties 0.6, 0.5 beats 2,
+    # 0.4 beats 1, 0.8 beats 3, 0.9 beats 3: 14 + 0.5 of 24 pairs.
+    assert result["roc_auc"] == pytest.approx(14.5 / 24)
+    assert result["at_floor"] == pytest.approx({"threshold": 0.4, "coverage": 1.0, "accuracy": 0.5,
+                                                "unknown_passed": 0.75})
+    assert [(r["threshold"], r["coverage"], r["unknown_passed"]) for r in result["thresholds"]] == pytest.approx(
+        [(0.5, 5 / 6, 0.5), (0.8, 2 / 6, 0.25)])
+    # Keeping half: the 3rd highest known confidence, 0.7; it keeps 0.7, 0.8, 0.9 (two of them right) and lets
+    # one unknown image (0.95) through.
+    half = unknown_detection(known, right, unknown, keep_known=0.5)
+    assert half["floor"] == 0.7 and half["at_floor"] == pytest.approx(
+        {"threshold": 0.7, "coverage": 0.5, "accuracy": 2 / 3, "unknown_passed": 0.25})
+
+
+def test_unknown_detection_floor_is_rounded_down_to_what_is_shown():
+    known = np.array([0.123456789] * 19 + [0.99])
+    result = unknown_detection(known, np.ones(20, bool), np.array([0.12345, 0.1235]))
+    assert result["floor"] == 0.1234  # 0.1235 would turn every known image but one away
+    assert result["at_floor"]["coverage"] == 1.0 and result["at_floor"]["unknown_passed"] == 1.0
+    separated = unknown_detection(np.array([0.9, 0.8]), np.ones(2, bool), np.array([0.1, 0.2]))
+    assert separated["roc_auc"] == 1.0 and separated["at_floor"]["unknown_passed"] == 0.0

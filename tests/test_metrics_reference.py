@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from residual.metrics import (calibration_bins, classification_metrics, hardest_pr_curves, mcnemar_exact,
-                              multi_label_metrics, roc_curve, wilson_interval)
+                              multi_label_metrics, roc_curve, unknown_detection, wilson_interval)
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 calibration_curve = pytest.importorskip("sklearn.calibration").calibration_curve
@@ -118,3 +118,18 @@ def test_the_wilson_interval_and_mcnemars_test_are_scipys():
         discordant = only_first + only_second
         expected = stats.binomtest(only_first, discordant, 0.5).pvalue if discordant else 1.0
         assert mcnemar_exact(only_first, only_second) == pytest.approx(expected, rel=1e-9)
+
+
+def test_unknown_detection_is_scikit_learns_roc_at_95_percent_true_positives():
+    rng = np.random.default_rng(3)
+    # Four decimals, as eval shows floors: scikit-learn's thresholds are then ours exactly.
+    known = np.round(rng.beta(5, 2, 700), 4)
+    unknown = np.round(rng.beta(2, 3, 300), 4)
+    ours = unknown_detection(known, rng.random(700) < 0.9, unknown)
+    scores, positive = np.concatenate([known, unknown]), np.r_[np.ones(700, bool), np.zeros(300, bool)]
+    assert ours["roc_auc"] == pytest.approx(sklearn_metrics.roc_auc_score(positive, scores), abs=1e-12)
+    false_positive_rate, true_positive_rate, thresholds = sklearn_metrics.roc_curve(positive, scores)
+    first = np.argmax(true_positive_rate >= 0.95)  # the highest threshold that keeps 95% of the known images
+    assert ours["floor"] == pytest.approx(thresholds[first])
+    assert ours["at_floor"]["unknown_passed"] == pytest.approx(false_positive_rate[first])
+    assert ours["at_floor"]["coverage"] == pytest.approx(true_positive_rate[first])

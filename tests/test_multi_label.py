@@ -648,3 +648,20 @@ def test_compare_ranks_multi_label_runs_by_map_and_keeps_them_apart_from_single_
                                out=str(tmp_path), name="single", **QUICK))
     with pytest.raises(ResidualError, match="shorter: multi-label, ranked by validation mAP"):
         compare_runs([single.run_dir, shorter.run_dir])
+
+
+def test_unknown_images_of_a_multi_label_model_are_counted_by_the_labels_they_get(tagged_run, tagged, tmp_path):
+    model = load_model(tagged_run.model_path)
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 255 - 40 * i, 90)).save(unknown / f"{i}.png")
+    result = evaluate(model, tagged / MULTI_LABEL_CSV, "val", out_dir=tmp_path / "report", gallery_size=0,
+                      unknown=unknown)
+    labelled = (result.unknown_probs >= result.thresholds).any(1).mean()
+    assert result.metrics["unknown"]["labelled"] == pytest.approx(labelled)
+    assert result.metrics["unknown"]["unknown_images"] == 6 and "nearest" in result.metrics["unknown"]
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<h2>Unknown images</h2>" in page and "--min-confidence" not in page  # a threshold per class instead
+    with pytest.raises(ConfigError, match="--min-confidence: a multi-label model answers"):
+        list(residual.predict(model, unknown, min_confidence=0.5).predictions)

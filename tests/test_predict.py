@@ -17,8 +17,10 @@ from residual.data.loaders import InferenceBatch
 from residual.data.transforms import normalize, resize_center_crop
 from residual.errors import ConfigError
 from residual.models import Preprocessing, build_model
-from residual.predict import (class_probabilities, decode_predictions, inference_compile, iter_predict, predict,
-                              preprocess_input, probabilities_in_flight, tta_views)
+from residual.predict import (Prediction, class_probabilities, decode_predictions, inference_compile, iter_predict,
+                              predict, preprocess_input, probabilities_in_flight, tta_views, write_csv, write_json,
+                              write_labels)
+from residual.tables import predictions_table
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +272,21 @@ def test_pil_image_modes_are_accepted(model):
     assert len(predict(model, grey).predictions) == 1
     result = predict(model, np.zeros((4, 4, 5), dtype=np.uint8))
     assert not result.predictions and "is not an image" in result.failed[0]
+
+
+def test_unsure_predictions_are_written_without_a_class():
+    rows = [Prediction("a.png", [(2, "star", 0.9), (0, "ring", 0.1)], unsure=False),
+            Prediction("b.png", [(1, "cross", 0.4), (0, "ring", 0.35)], unsure=True)]
+    labels, as_json, as_csv = io.StringIO(), io.StringIO(), io.StringIO()
+    write_labels(iter(rows), labels)
+    assert labels.getvalue().splitlines() == ["image,label", "a.png,star", "b.png,"]
+    write_json(iter(rows), as_json)
+    assert [(row["unsure"], row["top"][0]["class_name"]) for row in json.loads(as_json.getvalue())] == [
+        (False, "star"), (True, "cross")]  # the top classes stay, for a person to look at
+    write_csv(iter(rows), as_csv, floor=True)
+    assert [line.split(",")[-1] for line in as_csv.getvalue().splitlines()] == ["unsure", "0", "0", "1", "1"]
+    table = predictions_table(rows, "t")
+    assert [cell for cell in table.columns[1].cells] == ["star", "[dim]unsure (cross?)"]
+    without = io.StringIO()
+    write_json(iter([Prediction("c.png", [(0, "ring", 0.2)])]), without)
+    assert "unsure" not in json.loads(without.getvalue())[0]

@@ -110,6 +110,28 @@ def test_ten_crop_serving_answers_as_predict_does(model, pictures):
         serve(model, tta="ten-crop")
 
 
+def test_a_confidence_floor_marks_the_answers_predict_marks_unsure(model, pictures):
+    tops = {name: residual.predict(model, Image.open(io.BytesIO(data))).predictions[0].top[0][2]
+            for name, data in pictures.items()}
+    floor = float(np.median(list(tops.values())))  # some images above it, some below
+    with serve(model, min_confidence=floor) as server:
+        for name, data in pictures.items():
+            status, body, _ = request(f"{server.url}/predict", data)
+            [answer] = body["predictions"]
+            unsure = residual.predict(model, Image.open(io.BytesIO(data)), min_confidence=floor).predictions[0].unsure
+            assert status == 200 and answer["unsure"] is unsure is (tops[name] < floor)
+        assert request(f"{server.url}/info")[1]["serving"]["min_confidence"] == floor
+    assert {True, False} <= {tops[name] < floor for name in tops}
+    with serve(model) as server:  # without a floor, no "unsure" key
+        assert "unsure" not in request(f"{server.url}/predict", pictures["a.png"])[1]["predictions"][0]
+    with pytest.raises(ConfigError, match="--min-confidence is a probability"):
+        serve(model, min_confidence=1.5)
+    tagger = copy.deepcopy(model)
+    tagger.multi_label = True
+    with pytest.raises(ConfigError, match="--min-confidence: a multi-label model answers"):
+        serve(tagger, min_confidence=0.5)
+
+
 def test_a_form_of_several_files_answers_each_and_names_the_bad_one(model, pictures):
     with serve(model) as server:
         body, headers = form({"a.png": pictures["a.png"], "notes.jpg": b"not an image", "b.jpg": pictures["b.jpg"]})

@@ -208,7 +208,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
                       f"that training held out are evaluated (--split all: every image)")
     with output_dir(args.out, "runs/eval", f"{Path(args.model).stem}-{data_name(args.data)}") as out:
         result = evaluate(model, as_trained or args.data, split, args.tta, args.batch_size, out, args.gallery,
-                          workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile)
+                          workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile,
+                          unknown=args.unknown)
     console.print(f"torch.compile: {result.compiled}")
     if args.runtime == "openvino":
         how = f", {model.runtime_text}"
@@ -220,6 +221,14 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     multi_label = result.thresholds is not None
     for table in (multi_label_eval_tables if multi_label else eval_tables)(result.metrics, "summary"):
         console.print(table)
+    if "unknown" in result.metrics and not multi_label:
+        unknown = result.metrics["unknown"]
+        console.print(f"--min-confidence {unknown['floor']:.4f} (predict, serve) keeps "
+                      f"{unknown['at_floor']['coverage']:.1%} of the known images and lets "
+                      f"{unknown['at_floor']['unknown_passed']:.1%} of the unknown ones through")
+    if "unknown" in result.metrics and "skipped" in result.metrics["unknown"]["nearest"]:
+        console.print(f"the similarity to the nearest training image was not measured: "
+                      f"{result.metrics['unknown']['nearest']['skipped']}")
     _report_failed(result.failed)
     if result.failed:
         console.print(f"[yellow]{len(result.failed)} unreadable image(s) skipped (listed above and in the report)")
@@ -252,7 +261,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     names = class_names_of(model)
     topk = {"probabilities": len(names), "labels": 1}.get(output_format, args.topk)  # probabilities: every class
     predictions = iter_predict(model, items, topk, args.batch_size, args.tta, args.workers, failed,
-                               progress=not args.quiet, decoder=args.decoder, compile=compiled)
+                               progress=not args.quiet, decoder=args.decoder, compile=compiled,
+                               min_confidence=args.min_confidence)
     if not args.quiet:  # once the arguments are checked; stderr, as stdout holds the predictions
         print(f"torch.compile: {why}", file=sys.stderr)
     if output_format == "table":
@@ -261,7 +271,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
             console.print(predictions_table(rows, f"{args.model}: top-{len(rows[0].top)} of {len(rows)} image(s)"))
     else:
         columns = output_columns(items)  # a listing's own headers: a test set's sample submission gives its shape
-        writer = {"csv": lambda rows, stream: write_csv(rows, stream, columns[0], is_multi_label(model)),
+        writer = {"csv": lambda rows, stream: write_csv(rows, stream, columns[0], is_multi_label(model),
+                                                        floor=args.min_confidence is not None),
                   "json": write_json,
                   "labels": lambda rows, stream: write_labels(rows, stream, columns),
                   "probabilities": lambda rows, stream: write_probabilities(rows, stream, names, columns[0])
@@ -499,6 +510,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_pending=args.max_pending, max_image_mb=args.max_image_mb, topk=args.topk, tta=args.tta,
+                         min_confidence=args.min_confidence,
                          compile=args.compile, timeout_s=args.timeout, access_log=not args.quiet,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, token=_serve_token(args.token_file))
     config.check()  # before the model is loaded
@@ -967,6 +979,13 @@ def tta_flag(p: argparse.ArgumentParser) -> None:
                         "resized image and their mirrors, the ResNet paper's 10-crop testing)")
 
 
+def min_confidence_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-confidence", type=probability, metavar="P",
+                   help="single-label models: an image whose top class has a probability below P gets no class, "
+                        "\"unsure\" (most likely it shows none of the classes); `residual eval MODEL DATA --unknown "
+                        "FOLDER` measures which P keeps 95%% of known images")
+
+
 def threshold_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=probability, metavar="P",
                    help="multi-label models: a class is predicted where its probability reaches P (default: the "
@@ -1244,6 +1263,9 @@ def _add_inference_commands(commands) -> None:
                         "images training held out if the model was trained on it")
     tta_flag(p)
     p.add_argument("--gallery", type=at_least(0), default=16, help="highest-loss images shown with Grad-CAM (0: none)")
+    p.add_argument("--unknown", metavar="FOLDER",
+                   help="a folder of images of none of the model's classes: how well the model's confidence tells "
+                        "them from the split's, and the --min-confidence floor that keeps 95%% of the known images")
     threshold_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
@@ -1326,6 +1348,7 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--out", help="write json/csv here instead of standard output")
     tta_flag(p)
     threshold_flag(p)
+    min_confidence_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     runtime_flag(p)
@@ -1411,6 +1434,7 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--max-image-mb", type=float, default=16.0, help="the largest request body taken (413 above)")
     p.add_argument("--topk", type=int, default=5, help="classes per image, unless a request asks ?topk=N")
     threshold_flag(p)
+    min_confidence_flag(p)
     tta_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from .data.datasets import Dataset, DatasetError, Split, concat_splits, open_dataset
+from .data.decode import image_files
 from .data.loaders import check_stream, inference_batches
 from .data.transforms import normalize
 from .explain import grad_cam
 from .metrics import (classification_metrics, hardest_pr_curves, hardest_roc_curves, image_losses, label_losses,
-                      multi_label_metrics)
+                      multi_label_metrics, nearest_similarity, unknown_detection)
 from .models import ResNet
 from .predict import (class_names_of, class_thresholds, inference_compile, inference_forward, is_multi_label,
                       model_device, probabilities_in_flight, tta_image_size)
@@ -30,6 +31,10 @@ from .report import (GalleryItem, write_multi_label_predictions, write_multi_lab
 from .weights import training_config
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
+# The nearest-neighbour score of unknown images: the k-th most similar of at most this many training images'
+# features (Sun et al. 2022 keep a random share of a large training set).
+BANK_IMAGES = 10_000
+NEAREST_K = 1
 
 
 @dataclass
@@ -44,6 +49,11 @@ class EvalResult:
     compiled: str = "off"  # whether torch.compile ran, and why
     split: str = ""  # the split evaluated (train, val, test or all)
     thresholds: np.ndarray | None = None  # a multi-label model's per class (None: single-label)
+    unknown_probs: np.ndarray | None = None  # with `unknown`: its readable images' probabilities, one row each
+    unknown_sources: list[str] = field(default_factory=list)
+    # With unknown images and the PyTorch model: each known and unknown image's similarity to the training images
+    known_similarity: np.ndarray | None = None
+    unknown_similarity: np.ndarray | None = None
 
     @property
     def score_name(self) -> str:
@@ -62,6 +72,23 @@ class EvalResult:
         """Per image, whether the answer was right: its top-1, or every one of its labels (exact match)."""
         answers = self.answers()
         return answers == self.labels if self.thresholds is None else (answers == self.labels.astype(bool)).all(1)
+
+    def score_groups(self) -> dict[str, tuple[dict[str, np.ndarray], float]] | None:
+        """With unknown images: per score (the top class's probability; the similarity to the nearest training
+        image where measured), its values for the known images answered right, those answered wrong and the
+        unknown images, and its floor. None without unknown images."""
+        if self.unknown_probs is None:
+            return None
+        right = self.right()
+        split = lambda known, unknown: {"known, answered right": known[right],  # noqa: E731
+                                        "known, answered wrong": known[~right], "unknown": unknown}
+        unknown = self.metrics["unknown"]
+        groups = {"probability of the top class": (split(self.probs.max(1), self.unknown_probs.max(1)),
+                                                   unknown["floor"])}
+        if self.known_similarity is not None:
+            groups["similarity to the nearest training image"] = (
+                split(self.known_similarity, self.unknown_similarity), unknown["nearest"]["floor"])
+        return groups
 
 
 def pick_split(dataset: Dataset, split: str | None) -> tuple[str, Split]:
@@ -126,38 +153,33 @@ def split_as_trained(model_file: str | Path, data: str | Path) -> Dataset | None
 def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: str = "none",
              batch_size: int = 64, out_dir: str | Path | None = None, gallery_size: int = 16, bins: int = 15,
              workers: int | None = None, title: str | None = None, progress: bool = False,
-             decoder: str = "pillow", compile: bool | None = None) -> EvalResult:
+             decoder: str = "pillow", compile: bool | None = None, unknown: str | Path | None = None) -> EvalResult:
     """Metrics of `model` on a split of `data`; with `out_dir`, the full report is written there.
     `decoder`: 'torchvision' decodes JPEG files on the model's device. `compile`: torch.compile on, off,
-    or None to choose by the split's size (predict.inference_compile)."""
+    or None to choose by the split's size (predict.inference_compile). `unknown`: a folder of images of none
+    of the model's classes; how well its confidence tells them from the split's is measured too."""
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
     split_name, chosen = pick_split(dataset, split)
     all_labels = model_labels(dataset, chosen, model)
     items = chosen.files if chosen.images is None else list(chosen.images)
+    unknown_items = unknown_images(unknown) if unknown is not None else []
     names = class_names_of(model)
     tta_image_size(model.preprocessing, tta)  # checked before any work
     check_stream(batch_size, workers, decoder, model_device(model))
     if isinstance(model, torch.nn.Module):
         model.eval()
-    compiled, why = inference_compile(model, compile, len(items))
+    compiled, why = inference_compile(model, compile, len(items) + len(unknown_items))
     forward = inference_forward(model, compiled, batch_size)
     pre = model.preprocessing
     multi_label = is_multi_label(model)
     thresholds = class_thresholds(model).copy() if multi_label else None
-    probs, kept, failed = [], [], []
-    with progress_bar(f"evaluating {split_name}", progress) as bar:
-        task = bar.add_task("eval", total=len(items))
-        batches = inference_batches(items, pre.resize_size, tta_image_size(pre, tta), pre.interpolation, batch_size,
-                                    workers, decoder, model_device(model))
-        for batch, probabilities in probabilities_in_flight(forward, batches, tta, multi_label):
-            failed += [message for _, message in batch.failed]
-            if probabilities is not None:
-                probs.append(probabilities.numpy())
-                kept += batch.indices
-            bar.advance(task, len(batch.indices) + len(batch.failed))
+    # The nearest-neighbour score needs the pooled features, which only the PyTorch model run eagerly gives.
+    nearest = isinstance(model, ResNet) and not compiled and unknown is not None
+    stream = lambda items, label: probabilities_of(model, forward, items, tta, batch_size, workers,  # noqa: E731
+                                                   decoder, label, progress, nearest)
+    probs_all, kept, failed, features = stream(items, f"evaluating {split_name}")
     if not kept:
         raise DatasetError(f"{dataset.root}: none of the {len(items)} images of the {split_name} split could be read")
-    probs_all = np.concatenate(probs)
     labels = all_labels[kept]
     metrics = (multi_label_metrics(probs_all, labels, names, thresholds, bins) if multi_label
                else classification_metrics(probs_all, labels, names, bins))
@@ -165,6 +187,28 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     gallery = highest_loss(model, probs_all, labels, [items[i] for i in kept], sources, gallery_size)
     result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why, split=split_name,
                         thresholds=thresholds)
+    if unknown_items:
+        result.unknown_probs, unknown_kept, unknown_failed, unknown_features = stream(unknown_items,
+                                                                                      "evaluating unknown images")
+        result.failed += unknown_failed
+        if not unknown_kept:
+            raise DatasetError(f"--unknown {unknown}: none of its {len(unknown_items)} images could be read")
+        result.unknown_sources = [str(unknown_items[i]) for i in unknown_kept]
+        metrics["unknown"] = {"folder": str(unknown), **unknown_detection(
+            probs_all.max(1), result.right(), result.unknown_probs.max(1))}
+        if multi_label:  # what it answers without a floor: any class at its threshold is an answer
+            metrics["unknown"]["labelled"] = float((result.unknown_probs >= thresholds).any(1).mean())
+        bank, why_not = feature_bank(dataset, split_name, nearest, compiled)
+        if bank:
+            _, _, bank_failed, bank_features = stream(bank, "features of training images")
+            result.failed += bank_failed
+            known_similarity, result.unknown_similarity = (nearest_similarity(rows, bank_features, NEAREST_K)
+                                                           for rows in (features, unknown_features))
+            result.known_similarity = known_similarity
+            metrics["unknown"]["nearest"] = {"k": NEAREST_K, "bank_images": len(bank_features), **unknown_detection(
+                known_similarity, result.right(), result.unknown_similarity, thresholds=())}
+        else:
+            metrics["unknown"]["nearest"] = {"skipped": why_not}
     if out_dir is not None:
         info = {"model": getattr(model, "arch", type(model).__name__), "data": str(dataset.root), "split": split_name,
                 "tta": tta, "resize_size": pre.resize_size, "input_size": pre.input_size, "compile": why,
@@ -174,14 +218,79 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
         predictions = Path(out_dir) / "predictions.csv"
         if multi_label:
             pr = hardest_pr_curves(probs_all, labels, metrics["per_class"])
-            result.files = write_multi_label_report(out_dir, title, metrics, info, gallery, failed, pr)
+            result.files = write_multi_label_report(out_dir, title, metrics, info, gallery, result.failed, pr,
+                                                    result.score_groups())
             result.files["predictions"] = write_multi_label_predictions(predictions, sources, labels, probs_all,
                                                                         names, thresholds)
         else:
             roc = hardest_roc_curves(probs_all, labels, metrics["per_class"])
-            result.files = write_report(out_dir, title, metrics, info, gallery, failed, roc)
+            result.files = write_report(out_dir, title, metrics, info, gallery, result.failed, roc,
+                                        result.score_groups())
             result.files["predictions"] = write_predictions(predictions, sources, labels, probs_all, names)
     return result
+
+
+def feature_bank(dataset: Dataset, split: str, nearest: bool, compiled: bool) -> tuple[list, str]:
+    """The training images whose features the nearest-neighbour score compares with (a seeded sample of at
+    most BANK_IMAGES), or none and why."""
+    if not nearest:
+        return [], ("torch.compile runs the model whole, without its pooled features" if compiled else
+                    "an exported model gives no pooled features; evaluate the .safetensors model")
+    if split in ("train", "all"):
+        return [], f"the {split} split holds the training images themselves"
+    if dataset.train is None or not len(dataset.train):
+        return [], f"{dataset.root} has no training split to compare with"
+    items = dataset.train.files if dataset.train.images is None else list(dataset.train.images)
+    if len(items) > BANK_IMAGES:
+        chosen = np.sort(np.random.default_rng(0).choice(len(items), BANK_IMAGES, replace=False))
+        items = [items[i] for i in chosen]
+    return items, ""
+
+
+def unknown_images(folder: str | Path) -> list[Path]:
+    """The images under `folder` (recursively), to be told apart from the model's classes; refused when none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"--unknown {folder}: not a folder; give a folder of images of none of the model's "
+                           f"classes")
+    items = image_files([folder])
+    if not items:
+        raise DatasetError(f"--unknown {folder}: no image files in it (or its subfolders)")
+    return items
+
+
+def probabilities_of(model, forward, items: list, tta: str, batch_size: int, workers: int | None, decoder: str,
+                     label: str, progress: bool,
+                     features: bool = False) -> tuple[np.ndarray, list[int], list[str], np.ndarray | None]:
+    """The class probabilities of the readable `items` through `forward` (`model`, or it compiled), the
+    indices of those items, one line per item that could not be read, and with `features` the pooled
+    features the classifier took (a ResNet run eagerly; averaged over the TTA views, as the probabilities
+    are), else None."""
+    pre = model.preprocessing
+    probs, kept, failed, pooled = [], [], [], []
+    hook = (model.fc.register_forward_pre_hook(lambda _module, args: pooled.append(args[0].float()))
+            if features else None)
+    try:
+        with progress_bar(label, progress) as bar:
+            task = bar.add_task("eval", total=len(items))
+            batches = inference_batches(items, pre.resize_size, tta_image_size(pre, tta), pre.interpolation,
+                                        batch_size, workers, decoder, model_device(model))
+            for batch, probabilities in probabilities_in_flight(forward, batches, tta, is_multi_label(model)):
+                failed += [message for _, message in batch.failed]
+                if probabilities is not None:
+                    probs.append(probabilities.numpy())
+                    kept += batch.indices
+                bar.advance(task, len(batch.indices) + len(batch.failed))
+    finally:
+        if hook is not None:
+            hook.remove()
+    if not probs:
+        return np.zeros((0, 0)), kept, failed, None
+    if not features:
+        return np.concatenate(probs), kept, failed, None
+    views = len(pooled) // len(probs)  # every batch ran the same TTA views, one after the other
+    per_batch = [torch.stack(pooled[i:i + views]).mean(0) for i in range(0, len(pooled), views)]
+    return np.concatenate(probs), kept, failed, torch.cat(per_batch).cpu().numpy()
 
 
 def highest_loss(model, probs: np.ndarray, labels: np.ndarray, items: list, sources: list[str],

@@ -23,6 +23,7 @@ import numpy as np
 
 
 CONFIDENCE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)  # where eval reports the accuracy of the predictions kept
+KNOWN_KEPT = 0.95  # the share of known images the suggested confidence floor keeps (FPR at 95% TPR's point)
 SCORE_NAMES = {"top1": "top-1", "map": "mAP"}  # what a model is judged by: its top-1, or a multi-label model's mAP
 SIGNIFICANCE = 0.05  # a gap in top-1 whose McNemar p-value is below this is called more than chance
 
@@ -77,6 +78,43 @@ def selective_accuracy(confidence: np.ndarray, correct: np.ndarray,
         rows.append({"threshold": threshold, "coverage": float(kept.mean()),
                      "accuracy": float(correct[kept].mean()) if kept.any() else None})
     return rows
+
+
+def unknown_detection(known_confidence: np.ndarray, known_correct: np.ndarray, unknown_confidence: np.ndarray,
+                      keep_known: float = KNOWN_KEPT, thresholds: tuple[float, ...] = CONFIDENCE_THRESHOLDS) -> dict:
+    """How well a floor on the answer's probability tells images of none of the model's classes (unknown)
+    from the images of its classes (known), as Hendrycks & Gimpel's maximum-softmax-probability baseline
+    measures it: the ROC AUC of ranking known above unknown by confidence, the floor that keeps `keep_known`
+    of the known images (at least that share) and the share of unknown images it still lets through (the
+    false positive rate at that true positive rate), and per threshold what it keeps of each."""
+    known_confidence = np.asarray(known_confidence, dtype=np.float64)
+    unknown_confidence = np.asarray(unknown_confidence, dtype=np.float64)
+    auc, _ = ranking_scores(np.concatenate([known_confidence, unknown_confidence]),
+                            np.arange(len(known_confidence) + len(unknown_confidence)) < len(known_confidence))
+    # The k-th highest known confidence keeps ceil(keep_known x known) images; rounded down to the 4 decimals
+    # it is shown with, so that the floor a user copies keeps them too.
+    kth = np.sort(known_confidence)[::-1][math.ceil(keep_known * len(known_confidence)) - 1]
+    floor = math.floor(kth * 10_000) / 10_000
+    rows = [{**row, "unknown_passed": float((unknown_confidence >= row["threshold"]).mean())}
+            for row in selective_accuracy(known_confidence, known_correct, (*thresholds, floor))]
+    at_floor = rows.pop()
+    return {"known_images": int(len(known_confidence)), "unknown_images": int(len(unknown_confidence)),
+            "roc_auc": auc, "keep_known": keep_known, "floor": floor, "at_floor": at_floor, "thresholds": rows}
+
+
+def nearest_similarity(queries: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Per query row, the cosine similarity of its k-th most similar bank row: Sun et al.'s (2022) nearest-
+    neighbour score on a network's pooled features, high for an image like those the bank holds. Computed
+    `chunk` queries at a time, so that a large bank fits in memory."""
+    def unit(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.float32)
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+    bank_rows = unit(bank)
+    k = min(k, len(bank_rows))
+    scores = [np.partition(unit(queries[start:start + chunk]) @ bank_rows.T, -k, axis=1)[:, -k]
+              for start in range(0, len(queries), chunk)]
+    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 
 
 def expected_calibration_error(rows: list[dict]) -> float:

@@ -53,9 +53,15 @@ class Prediction:
     # A multi-label model's answer: the classes whose probability reaches its threshold, most likely first
     # (None for a single-label model, whose answer is top[0]).
     present: list[tuple[int, str, float]] | None = None
+    # With a confidence floor (min_confidence): whether the top class's probability fell below it, so the
+    # image gets no class (most likely it shows none of them); None without a floor.
+    unsure: bool | None = None
 
     def answer(self) -> list[str]:
-        """The predicted class names: the top-1, or a multi-label model's present classes (maybe none)."""
+        """The predicted class names: the top-1 (none when unsure), or a multi-label model's present classes
+        (maybe none)."""
+        if self.unsure:
+            return []
         return [self.top[0][1]] if self.present is None else [name for _, name, _ in self.present]
 
 
@@ -82,6 +88,19 @@ def is_multi_label(model) -> bool:
 def output_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
     """Logits -> probabilities: one sigmoid per class for a multi-label model, else the softmax over classes."""
     return logits.float().sigmoid() if multi_label else logits.float().softmax(1)
+
+
+def check_min_confidence(min_confidence: float | None, multi_label: bool) -> None:
+    """A confidence floor is a probability, and only for a single-label model (a multi-label model already
+    answers with no class where none reaches its threshold)."""
+    if min_confidence is None:
+        return
+    if not 0 < min_confidence < 1:
+        raise ConfigError(f"--min-confidence is a probability: between 0 and 1, got {min_confidence:g}")
+    if multi_label:
+        raise ConfigError("--min-confidence: a multi-label model answers with the classes whose probability reaches "
+                          "their thresholds, and with none where none does; raise those instead (--threshold, or "
+                          "`residual thresholds`)")
 
 
 def model_device(model) -> torch.device:
@@ -205,25 +224,30 @@ def inference_forward(model, compiled: bool, batch_size: int):
 
 def iter_predict(model, items: list, topk: int = 5, batch_size: int = 64, tta: str = "none",
                  workers: int | None = None, failed: list[str] | None = None, progress: bool = False,
-                 decoder: str = "pillow", compile: bool | None = None) -> Iterator[Prediction]:
+                 decoder: str = "pillow", compile: bool | None = None,
+                 min_confidence: float | None = None) -> Iterator[Prediction]:
     """Predictions for `items` in order, as they are computed; unreadable items go to `failed`.
 
     The arguments are checked here, before the first prediction is asked for, so that a writer has
     written nothing when one is wrong. `decoder`: 'torchvision' decodes JPEG files on the model's device.
     `compile`: torch.compile on, off, or None to choose by the number of items (`inference_compile`).
+    `min_confidence`: an image whose top class has a lower probability gets no class (`Prediction.unsure`).
     """
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {topk}")
+    check_min_confidence(min_confidence, is_multi_label(model))
     tta_image_size(model.preprocessing, tta)
     check_stream(batch_size, workers, decoder, model_device(model))
     if isinstance(model, torch.nn.Module):
         model.eval()
     forward = inference_forward(model, inference_compile(model, compile, len(items))[0], batch_size)
-    return _predictions(model, forward, items, topk, batch_size, tta, workers, failed, progress, decoder)
+    return _predictions(model, forward, items, topk, batch_size, tta, workers, failed, progress, decoder,
+                        min_confidence)
 
 
 def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: str, workers: int | None,
-                 failed: list[str] | None, progress: bool, decoder: str) -> Iterator[Prediction]:
+                 failed: list[str] | None, progress: bool, decoder: str,
+                 min_confidence: float | None) -> Iterator[Prediction]:
     pre: Preprocessing = model.preprocessing
     names = class_names_of(model)
     multi_label = is_multi_label(model)
@@ -238,17 +262,20 @@ def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: s
                 present = (present_classes(probabilities, names, model.threshold) if multi_label
                            else [None] * len(batch.indices))
                 for index, top, labels in zip(batch.indices, top_classes(probabilities, names, topk), present):
-                    yield Prediction(source_name(items[index], index), top, labels)
+                    unsure = None if min_confidence is None else top[0][2] < min_confidence
+                    yield Prediction(source_name(items[index], index), top, labels, unsure)
             bar.advance(task, len(batch.indices) + len(batch.failed))
 
 
 def predict(model, images, topk: int = 5, batch_size: int = 64, tta: str = "none",
-            progress: bool = False, decoder: str = "pillow", compile: bool | None = None) -> PredictResult:
-    """Top-`topk` classes of each image. `images`: a path, a folder, a PIL image, an array, or a list of them."""
+            progress: bool = False, decoder: str = "pillow", compile: bool | None = None,
+            min_confidence: float | None = None) -> PredictResult:
+    """Top-`topk` classes of each image. `images`: a path, a folder, a PIL image, an array, or a list of them.
+    `min_confidence`: below it, an image gets no class (its `unsure` is True)."""
     items = input_images(images if isinstance(images, (list, tuple)) else [images])
     failed: list[str] = []
     predictions = list(iter_predict(model, items, topk, batch_size, tta, failed=failed, progress=progress,
-                                    decoder=decoder, compile=compile))
+                                    decoder=decoder, compile=compile, min_confidence=min_confidence))
     return PredictResult(predictions, failed)
 
 
@@ -270,24 +297,27 @@ def output_columns(items: list) -> tuple[str, str]:
 
 
 def write_csv(predictions: Iterator[Prediction], stream: TextIO, image_column: str = "image",
-              multi_label: bool = False) -> int:
+              multi_label: bool = False, floor: bool = False) -> int:
     """One row per image and rank (image, rank, class_id, class_name, probability), written as they come;
-    `multi_label`: and whether the class is present (its probability reaches the model's threshold)."""
+    `multi_label`: and whether the class is present (its probability reaches the model's threshold);
+    `floor` (predicted with a confidence floor): and whether the image is unsure (it gets no class)."""
     writer = csv.writer(stream)
-    writer.writerow([image_column, "rank", "class_id", "class_name", "probability"] + ["present"] * multi_label)
+    writer.writerow([image_column, "rank", "class_id", "class_name", "probability"] + ["present"] * multi_label
+                    + ["unsure"] * floor)
     count = 0
     for count, prediction in enumerate(predictions, 1):
         present = {class_id for class_id, _, _ in prediction.present or ()}
         writer.writerows([prediction.source, rank, *row[:2], f"{row[2]:.6f}"]
-                         + [int(row[0] in present)] * multi_label
+                         + [int(row[0] in present)] * multi_label + [int(bool(prediction.unsure))] * floor
                          for rank, row in enumerate(prediction.top, 1))
     return count
 
 
 def write_labels(predictions: Iterator[Prediction], stream: TextIO,
                  columns: tuple[str, str] = ("image", "label")) -> int:
-    """One row per image: the image and the name of its most likely class, or a multi-label model's present
-    classes separated by spaces (as a multi-label CSV lists them), under the `columns` headers."""
+    """One row per image: the image and the name of its most likely class (empty where it is unsure), or a
+    multi-label model's present classes separated by spaces (as a multi-label CSV lists them), under the
+    `columns` headers."""
     writer = csv.writer(stream)
     writer.writerow(columns)
     count = 0
@@ -311,7 +341,8 @@ def write_probabilities(predictions: Iterator[Prediction], stream: TextIO, names
 
 def write_json(predictions: Iterator[Prediction], stream: TextIO) -> int:
     """A JSON array of {"image", "top": [{"class_id", "class_name", "probability"}]}, written as it comes; a
-    multi-label model's also have "labels": the present classes' names."""
+    multi-label model's also have "labels": the present classes' names; with a confidence floor, "unsure":
+    whether the image got no class."""
     stream.write("[")
     count = 0
     for count, prediction in enumerate(predictions, 1):
@@ -319,6 +350,8 @@ def write_json(predictions: Iterator[Prediction], stream: TextIO) -> int:
         row = {"image": prediction.source, "top": top}
         if prediction.present is not None:
             row["labels"] = prediction.answer()
+        if prediction.unsure is not None:
+            row["unsure"] = prediction.unsure
         stream.write(("\n  " if count == 1 else ",\n  ") + json.dumps(row))
     stream.write("\n]\n")
     return count

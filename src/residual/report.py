@@ -126,6 +126,33 @@ def plot_reliability(rows: list[dict], ece: float, path: Path, title: str = "rel
     _save(figure, path)
 
 
+def plot_score_groups(scores: dict[str, tuple[dict[str, np.ndarray], float]], keep_known: float,
+                      path: Path) -> None:
+    """A panel per score: histograms of its values for each group of images (known images answered right and
+    wrong, unknown images), each as a share of its group, with the floor that keeps `keep_known` of the known."""
+    figure = Figure(figsize=(6.5 * len(scores), 4.0))
+    colours = {"known, answered right": "#4c72b0", "known, answered wrong": "#dd8452", "unknown": "#c44e52"}
+    for axes, (score, (groups, floor)) in zip(np.atleast_1d(figure.subplots(1, len(scores))), scores.items()):
+        values = np.concatenate(list(groups.values()))
+        # The values' own range: a ReLU network's features are never negative, so the similarities of all the
+        # images crowd just under 1.
+        low, high = float(values.min()), float(values.max())
+        edges = np.linspace(low, high if high > low else low + 1e-3, 41)
+        for name, group in groups.items():
+            if len(group):
+                axes.hist(group, bins=edges, weights=np.full(len(group), 1 / len(group)), histtype="step",
+                          linewidth=1.6, color=colours.get(name), label=f"{name} ({len(group):,})")
+        axes.axvline(floor, color="black", linestyle="--", linewidth=1,
+                     label=f"floor {floor:.4f}: keeps {keep_known:.0%} of the known images")
+        axes.set_xlabel(score)
+        axes.set_ylabel("share of the group's images")
+        axes.set_xlim(edges[0], edges[-1])
+        axes.set_title(f"known and unknown images by the {score}", fontsize=10)
+        axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    _save(figure, path)
+
+
 def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], ranked: int, path: Path) -> None:
     """One ROC curve per class (that class against the rest), as metrics.hardest_roc_curves gives them;
     `ranked`: how many classes have one."""
@@ -282,6 +309,7 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
     ]
     if "roc" in pictures:
         sections += [f"<h2>ROC curves</h2><img src='{_png(pictures['roc'])}' alt='ROC curves'>"]
+    sections += _unknown_section(metrics, pictures)
     if gallery:
         sections += [_gallery_section(pictures, _table(
             ["image", "true", "predicted", "p(true)", "p(predicted)", "loss"],
@@ -320,6 +348,7 @@ def write_multi_label_html(path: Path, title: str, metrics: dict, info: dict, pi
     ]
     if "pr" in pictures:
         sections += [f"<h2>Precision-recall curves</h2><img src='{_png(pictures['pr'])}' alt='precision-recall'>"]
+    sections += _unknown_section(metrics, pictures)
     sections += [
         "<h2>Calibration</h2><p class='note'>Every (image, class) probability, binned: how often the class is "
         f"there against the probability given. ECE averages the gap over {len(metrics['calibration'])} bins.</p>"
@@ -374,9 +403,11 @@ def write_predictions(path: Path, sources: list[str], labels: np.ndarray, probs:
 
 
 def write_report(out_dir: str | Path, title: str, metrics: dict, info: dict, gallery: list[GalleryItem],
-                 failed: list[str], roc: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Path]:
+                 failed: list[str], roc: dict[str, tuple[np.ndarray, np.ndarray, float]],
+                 score_groups: dict[str, tuple[dict[str, np.ndarray], float]] | None = None) -> dict[str, Path]:
     """Write metrics.json, the pictures and report.html into `out_dir`; returns their paths.
-    `roc`: the ROC curves to draw (metrics.hardest_roc_curves)."""
+    `roc`: the ROC curves to draw (metrics.hardest_roc_curves). `score_groups`: with unknown images, the
+    scores to draw (EvalResult.score_groups)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "confusion_matrix": out / "confusion_matrix.png",
@@ -387,9 +418,56 @@ def write_report(out_dir: str | Path, title: str, metrics: dict, info: dict, gal
     if roc:
         paths["roc"] = out / "roc_curves.png"
         plot_roc_curves(roc, sum(row["roc_auc"] is not None for row in metrics["per_class"]), paths["roc"])
+    _plot_unknown(out, paths, metrics, score_groups)
     _write_gallery_and_metrics(out, paths, metrics, info, gallery, failed)
     write_html(paths["report"], title, metrics, info, paths, gallery, failed)
     return paths
+
+
+def _plot_unknown(out: Path, paths: dict[str, Path], metrics: dict,
+                  score_groups: dict[str, tuple[dict[str, np.ndarray], float]] | None) -> None:
+    """unknown.png (added to `paths`) when unknown images were evaluated."""
+    if score_groups is not None:
+        paths["unknown"] = out / "unknown.png"
+        plot_score_groups(score_groups, metrics["unknown"]["keep_known"], paths["unknown"])
+
+
+def unknown_scores(unknown: dict) -> list[tuple[str, dict]]:
+    """The scores eval measured unknown images by, named, with what each gave (metrics["unknown"])."""
+    nearest = unknown.get("nearest") or {"skipped": "not measured"}
+    name = ("similarity to the nearest training image" if "skipped" in nearest else
+            f"similarity to the nearest training image (k={nearest['k']}, {nearest['bank_images']:,} images)")
+    return [("probability of the top class", unknown), (name, nearest)]
+
+
+def _unknown_section(metrics: dict, pictures: dict[str, Path]) -> list[str]:
+    """The report's section on telling unknown images (of none of the classes) from known ones."""
+    if "unknown" not in metrics:
+        return []
+    unknown = metrics["unknown"]
+    score = "top-1" if "labelled" not in unknown else "exact match"
+    share = lambda value: "-" if value is None else f"{value:.2%}"  # noqa: E731
+    flag = "" if "labelled" in unknown else " (predict and serve: --min-confidence)"  # single-label models' floor
+    rows = [[name, "-", "-", "-", f"not measured: {detection['skipped']}"] if "skipped" in detection else
+            [name, "-" if detection["roc_auc"] is None else f"{detection['roc_auc']:.4f}", f"{detection['floor']:.4f}",
+             f"{detection['at_floor']['coverage']:.1%}", f"{detection['at_floor']['unknown_passed']:.1%}"]
+            for name, detection in unknown_scores(unknown)]
+    return [
+        f"<h2>Unknown images</h2><p class='note'>{unknown['unknown_images']:,} images of none of the model's "
+        f"classes ({html.escape(unknown['folder'])}) beside the {unknown['known_images']:,} evaluated, told apart "
+        f"by two scores: the probability of the most likely class (Hendrycks &amp; Gimpel 2017) and the cosine "
+        f"similarity of the image's pooled features to the nearest training image's (Sun et al. 2022). Each "
+        f"score's floor keeps {unknown['keep_known']:.0%} of the known images; the share of unknown images above it "
+        f"is what it lets through. A floor of {unknown['floor']:.4f} on the probability{flag} keeps "
+        f"{score} {share(unknown['at_floor']['accuracy'])} among the known images it keeps"
+        + (f"; without a floor the model gives {unknown['labelled']:.1%} of the unknown images a label"
+           if "labelled" in unknown else "") + ".</p>",
+        _table(["score", "ROC AUC", "floor", "known images kept", "unknown images let through"], rows),
+        f"<img src='{_png(pictures['unknown'])}' alt='scores of known and unknown images'>",
+        "<h3>Accepting only sure predictions</h3>",
+        _table(["probability at least", "known images kept", f"their {score}", "unknown images let through"],
+               [[f"{row['threshold']:g}", f"{row['coverage']:.1%}", share(row["accuracy"]),
+                 f"{row['unknown_passed']:.1%}"] for row in unknown["thresholds"]])]
 
 
 def _write_gallery_and_metrics(out: Path, paths: dict[str, Path], metrics: dict, info: dict,
@@ -421,9 +499,12 @@ def write_multi_label_predictions(path: Path, sources: list[str], targets: np.nd
 
 
 def write_multi_label_report(out_dir: str | Path, title: str, metrics: dict, info: dict, gallery: list[GalleryItem],
-                             failed: list[str], pr: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Path]:
+                             failed: list[str], pr: dict[str, tuple[np.ndarray, np.ndarray, float]],
+                             score_groups: dict[str, tuple[dict[str, np.ndarray], float]] | None = None
+                             ) -> dict[str, Path]:
     """A multi-label model's metrics.json, pictures (reliability, precision-recall curves, highest-loss images)
-    and report.html in `out_dir`; returns their paths. `pr`: the curves to draw (metrics.hardest_pr_curves)."""
+    and report.html in `out_dir`; returns their paths. `pr`: the curves to draw (metrics.hardest_pr_curves);
+    `score_groups` as for write_report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "reliability": out / "reliability.png", "report": out / "report.html"}
@@ -432,6 +513,7 @@ def write_multi_label_report(out_dir: str | Path, title: str, metrics: dict, inf
     if pr:
         paths["pr"] = out / "pr_curves.png"
         plot_pr_curves(pr, sum(row["average_precision"] is not None for row in metrics["per_class"]), paths["pr"])
+    _plot_unknown(out, paths, metrics, score_groups)
     _write_gallery_and_metrics(out, paths, metrics, info, gallery, failed)
     write_multi_label_html(paths["report"], title, metrics, info, paths, gallery, failed)
     return paths

@@ -52,8 +52,8 @@ import torch
 from .data.decode import BadImageError, decode_bytes
 from .data.transforms import resize_center_crop
 from .errors import ConfigError, ResidualError
-from .predict import (check_tta, class_names_of, class_probabilities, inference_compile, inference_forward,
-                      is_multi_label, model_device, present_classes, top_classes, tta_image_size)
+from .predict import (check_min_confidence, check_tta, class_names_of, class_probabilities, inference_compile,
+                      inference_forward, is_multi_label, model_device, present_classes, top_classes, tta_image_size)
 
 MEGABYTE = 1 << 20
 MIN_TOKEN_LENGTH = 16  # shorter is guessable; secrets.token_urlsafe() gives 43
@@ -71,6 +71,7 @@ class ServeConfig:
     max_pending: int = 128  # requests in flight (reading, decoding, waiting) before new ones get 503
     max_image_mb: float = 16.0  # the largest request body taken
     topk: int = 5  # classes per image, unless a request asks ?topk=N
+    min_confidence: float | None = None  # below it, an answer is "unsure": no class (predict's --min-confidence)
     tta: str = "none"
     compile: bool = False  # torch.compile, every batch padded to max_batch (one graph)
     timeout_s: float = 30.0  # a connection silent this long is closed
@@ -97,6 +98,7 @@ class ServeConfig:
                               f"leading or trailing spaces (python -c 'import secrets; print(secrets.token_urlsafe())' "
                               f"makes one)")
         check_tta(self.tta)
+        check_min_confidence(self.min_confidence, multi_label=False)  # its range; the model's kind is checked later
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server's TLS context from tls_cert and tls_key; None without them."""
@@ -228,6 +230,7 @@ class ModelServer:
         # What each image is cut to: the model's input, or for ten-crop the resized square its crops come from.
         self.image_size = tta_image_size(self.preprocessing, self.config.tta)
         self.multi_label = is_multi_label(model)
+        check_min_confidence(self.config.min_confidence, self.multi_label)
         if isinstance(model, torch.nn.Module):
             model.eval()
         compiled, _ = inference_compile(model, self.config.compile, 0)  # refuses --compile for an exported model
@@ -360,6 +363,8 @@ class ModelServer:
             if self.multi_label:  # every class present, whatever topk shows
                 answers[slot]["labels"] = [label for _, label, _ in present_classes(
                     probabilities[None], self.names, self.model.threshold)[0]]
+            if self.config.min_confidence is not None:  # as predict: no class below the floor
+                answers[slot]["unsure"] = float(probabilities.max()) < self.config.min_confidence
         body = {"model": self.name, "predictions": answers}
         if not slots:
             return 400, {"error": answers[0]["error"] if len(answers) == 1 else

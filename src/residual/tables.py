@@ -17,7 +17,7 @@ from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
 from .progress import transient_bar
-from .report import temperature_text, threshold_text
+from .report import temperature_text, threshold_text, unknown_scores
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
 if TYPE_CHECKING:  # robustness draws with matplotlib: not imported for a table's annotation
@@ -211,7 +211,31 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
         for pair in metrics["most_confused"]:
             confused.add_row(pair["true"], pair["predicted"], str(pair["count"]), f"{pair['share_of_true']:.1%}")
         tables.append(confused)
-    return tables
+    return tables + unknown_tables(metrics)
+
+
+def unknown_tables(metrics: dict) -> list[Table]:
+    """With unknown images evaluated: each score's ROC AUC and floor, then per probability threshold the known
+    images it keeps, their score, and the unknown images it lets through."""
+    if "unknown" not in metrics:
+        return []
+    unknown = metrics["unknown"]
+    score = "their top-1" if "labelled" not in unknown else "their exact match"
+    columns = ("score", "ROC AUC", f"floor keeping {unknown['keep_known']:.0%} of the known", "unknown let through")
+    scores = new_table(f"telling {unknown['unknown_images']:,} unknown images from the {unknown['known_images']:,} "
+                       f"known", columns, right=columns[1:])
+    for name, detection in unknown_scores(unknown):
+        if "skipped" in detection:
+            scores.add_row(name, "-", "-", f"not measured: {detection['skipped']}")
+        else:
+            scores.add_row(name, score_text(detection["roc_auc"], 4), f"{detection['floor']:.4f}",
+                           f"{detection['at_floor']['unknown_passed']:.1%}")
+    columns = ("probability >=", "known kept", score, "unknown let through")
+    table = new_table("accepting only predictions at least this sure", columns, right=columns)
+    for row in unknown["thresholds"]:
+        table.add_row(f"{row['threshold']:g}", f"{row['coverage']:.1%}",
+                      "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}", f"{row['unknown_passed']:.1%}")
+    return [scores, table]
 
 
 def multi_label_eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
@@ -241,7 +265,7 @@ def multi_label_eval_tables(metrics: dict, title: str, limit: int = 30) -> list[
         per_class.add_row(row["class"], *(score_text(row[k], 3) for k in ("average_precision", "roc_auc", "precision",
                                                                            "recall", "f1")),
                           str(row["support"]), str(row["predicted"]))
-    return [summary, per_class]
+    return [summary, per_class, *unknown_tables(metrics)]
 
 
 def thresholds_table(report: dict) -> list[Table]:
@@ -293,7 +317,8 @@ def predictions_table(predictions: list, title: str) -> Table:
     table = new_table(title, ("image", "class", "probability", "next"), right=("probability",))
     for prediction in predictions:
         (_, name, probability), *others = prediction.top
-        table.add_row(prediction.source, name, f"{probability:.3f}", ", ".join(f"{n} {p:.3f}" for _, n, p in others))
+        table.add_row(prediction.source, f"[dim]unsure ({name}?)" if prediction.unsure else name,
+                      f"{probability:.3f}", ", ".join(f"{n} {p:.3f}" for _, n, p in others))
     return table
 
 
