@@ -25,6 +25,7 @@ from residual.errors import ConfigError
 from residual.data.transforms import normalize, resize_center_crop
 from residual.deploy.prune import prune
 from residual.embed import embed
+from residual.feature_bank import FeatureBank
 from residual.evaluate import evaluate, feature_bank, split_as_trained
 from residual.metrics import ranking_scores
 from residual.predict import class_probabilities, predict
@@ -396,9 +397,19 @@ def test_unknown_images_are_scored_and_the_floor_eval_suggests_is_the_one_predic
     with open(labels, newline="") as stream:
         written = list(csv.DictReader(stream))
     assert [row["label"] == "" for row in written] == [row["unsure"] for row in rows]
+    # The feature bank eval wrote does the same for the similarity, in predict and in the Python API.
+    bank_file = tmp_path / "report" / "feature_bank.safetensors"
+    assert result.files["feature_bank"] == bank_file
+    assert main(["predict", str(demo_run["model"]), str(unknown_folder), "--feature-bank", str(bank_file),
+                 "--out", str(answers), "--quiet"]) == 1
+    rows = json.loads(answers.read_text())
+    assert np.mean([row["unsure"] for row in rows]) == pytest.approx(1 - nearest["at_floor"]["unknown_passed"])
+    assert [row["similarity"] for row in rows] == pytest.approx(result.unknown_similarity.tolist(), abs=1e-5)
     val = sorted((demo_run["data"] / "val").rglob("*.png"))
     kept = [not p.unsure for p in predict(model, val, min_confidence=unknown["floor"]).predictions]
     assert np.mean(kept) == pytest.approx(unknown["at_floor"]["coverage"])
+    kept = [not p.unsure for p in predict(model, val, feature_bank=FeatureBank.load(bank_file)).predictions]
+    assert np.mean(kept) == pytest.approx(nearest["at_floor"]["coverage"])
 
 
 def test_unknown_and_min_confidence_refuse_what_they_cannot_use(demo_run, tmp_path, capsys):
@@ -411,6 +422,11 @@ def test_unknown_and_min_confidence_refuse_what_they_cannot_use(demo_run, tmp_pa
     with pytest.raises(SystemExit):
         main(["predict", str(demo_run["model"]), str(demo_run["data"] / "test"), "--min-confidence", "1.5"])
     assert "--min-confidence: must be between 0 and 1" in capsys.readouterr().err
+    for bank, refusal in ((demo_run["model"], "not a feature bank"), (tmp_path / "none.safetensors", "no such file")):
+        assert main(["predict", str(demo_run["model"]), str(demo_run["data"] / "test"), "--feature-bank",
+                     str(bank)]) == 2
+        err = capsys.readouterr().err
+        assert f"--feature-bank {bank}: {refusal}" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_nearest_neighbour_score_says_why_it_was_not_measured(demo_run):

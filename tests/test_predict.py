@@ -96,8 +96,9 @@ def test_answers_reach_the_host_one_batch_behind_the_device():
     batches = [InferenceBatch([0, 1, 2, 3], images[0], []), InferenceBatch([], None, [(4, "bad")]),
                InferenceBatch([5, 6], images[1], []), InferenceBatch([7, 8, 9], images[2], [])]
     seen = []
-    for batch, probabilities in probabilities_in_flight(model, iter(batches)):
+    for batch, probabilities, features in probabilities_in_flight(model, iter(batches)):
         seen.append((batch, list(asked)))
+        assert features is None  # not asked for
         if batch.images is None:
             assert probabilities is None
         else:
@@ -107,6 +108,21 @@ def test_answers_reach_the_host_one_batch_behind_the_device():
     assert [batch for batch, _ in seen] == batches
     # When each batch reached the host, the forwards asked for so far (the batch after it already queued):
     assert [forwards for _, forwards in seen] == [[4], [4, 2], [4, 2, 3], [4, 2, 3]]
+
+
+def test_the_pooled_features_come_with_the_probabilities_averaged_over_the_views_as_they_are():
+    model = build_model("resnet20", num_classes=3).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    x = normalize(images.float() / 255, model.preprocessing)
+    pooled = lambda view: model.forward_head(model.forward_features(view), pre_logits=True)  # noqa: E731
+    for tta in ("none", "flip"):
+        [(_, probabilities, features)] = probabilities_in_flight(model, iter([InferenceBatch([0, 1, 2], images, [])]),
+                                                                 tta, features=True)
+        torch.testing.assert_close(probabilities, class_probabilities(model, images, tta))
+        with torch.inference_mode():
+            expected = torch.stack([pooled(view) for view in tta_views(x, tta)]).mean(0)
+        torch.testing.assert_close(features, expected)
+    assert not model.fc._forward_pre_hooks  # the hook that read them is gone
 
 
 def test_worker_streaming_keeps_order_and_numbers(model, folder):

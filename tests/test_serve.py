@@ -26,7 +26,8 @@ from PIL import Image
 import residual
 from residual.cli import main
 from residual.data import decode
-from residual.errors import ConfigError
+from residual.errors import ConfigError, ResidualError
+from residual.feature_bank import FeatureBank
 from residual.predict import class_probabilities
 from residual.serve import Batcher, ModelServer, ServeConfig
 
@@ -130,6 +131,28 @@ def test_a_confidence_floor_marks_the_answers_predict_marks_unsure(model, pictur
     tagger.multi_label = True
     with pytest.raises(ConfigError, match="--min-confidence: a multi-label model answers"):
         serve(tagger, min_confidence=0.5)
+
+
+def test_a_feature_bank_gives_each_answer_predicts_similarity_and_its_floor(model, pictures, tmp_path):
+    torch.manual_seed(1)
+    path = FeatureBank.of(torch.randn(20, 64).relu(), 1, 0.0, model).save(tmp_path / "feature_bank.safetensors")
+    bank = FeatureBank.load(path)
+    similar = {name: residual.predict(model, Image.open(io.BytesIO(data)), feature_bank=bank).predictions[0]
+               .similarity for name, data in pictures.items()}
+    bank.floor = float(np.median(list(similar.values())))
+    bank.save(path)
+    with serve(model, feature_bank=str(path)) as server:
+        for name, data in pictures.items():
+            status, body, _ = request(f"{server.url}/predict", data)
+            [answer] = body["predictions"]
+            assert status == 200 and answer["similarity"] == pytest.approx(similar[name], abs=1e-5)
+            assert answer["unsure"] is (similar[name] < bank.floor)
+    assert {True, False} <= {similar[name] < bank.floor for name in similar}
+    other = residual.create_model("resnet20", num_classes=3)  # same shapes, other weights
+    with pytest.raises(ResidualError, match="made with another model"):
+        serve(other, feature_bank=str(path))
+    with pytest.raises(ResidualError, match="leave --compile out"):
+        serve(model, feature_bank=str(path), compile=True)
 
 
 def test_a_form_of_several_files_answers_each_and_names_the_bad_one(model, pictures):
@@ -247,7 +270,8 @@ def test_waiting_images_run_as_one_batch_up_to_max_batch(model, max_batch, sizes
     batcher = Batcher(forward, max_batch, max_wait_s=0.0)
     futures = batcher.submit(list(images))  # all waiting before the thread starts
     batcher.start()
-    got = torch.stack([future.result(timeout=30) for future in futures])
+    got = torch.stack([future.result(timeout=30)[0] for future in futures])
+    assert all(future.result()[1] is None for future in futures)  # no feature bank, no similarity
     batcher.stop()
     assert forward.sizes == sizes and (batcher.batches, batcher.images) == (len(sizes), 5)
     torch.testing.assert_close(got, class_probabilities(model, images), atol=1e-6, rtol=0)

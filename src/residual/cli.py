@@ -229,6 +229,11 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     if "unknown" in result.metrics and "skipped" in result.metrics["unknown"]["nearest"]:
         console.print(f"the similarity to the nearest training image was not measured: "
                       f"{result.metrics['unknown']['nearest']['skipped']}")
+    elif "unknown" in result.metrics:
+        nearest = result.metrics["unknown"]["nearest"]
+        console.print(f"--feature-bank {result.files['feature_bank']} (predict, serve: similarity floor "
+                      f"{nearest['floor']:.4f}) keeps {nearest['at_floor']['coverage']:.1%} of the known images and "
+                      f"lets {nearest['at_floor']['unknown_passed']:.1%} of the unknown ones through")
     _report_failed(result.failed)
     if result.failed:
         console.print(f"[yellow]{len(result.failed)} unreadable image(s) skipped (listed above and in the report)")
@@ -243,6 +248,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .atomic import atomic_path
     from .data.datasets import input_images
+    from .feature_bank import FeatureBank
     from .predict import (class_names_of, inference_compile, is_multi_label, iter_predict, output_columns, write_csv,
                           write_json, write_labels, write_probabilities)
     from .tables import predictions_table
@@ -256,13 +262,15 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     items = input_images(args.images)
     if not items:
         raise ResidualError(f"no image files in {' '.join(args.images)}")
-    compiled, why = inference_compile(model, args.compile, len(items))
+    bank = FeatureBank.load(args.feature_bank) if args.feature_bank else None
+    # The bank reads the features of the model run eagerly: it is not compiled unless asked (then refused).
+    compiled, why = inference_compile(model, False if bank and args.compile is None else args.compile, len(items))
     failed: list[str] = []
     names = class_names_of(model)
     topk = {"probabilities": len(names), "labels": 1}.get(output_format, args.topk)  # probabilities: every class
     predictions = iter_predict(model, items, topk, args.batch_size, args.tta, args.workers, failed,
                                progress=not args.quiet, decoder=args.decoder, compile=compiled,
-                               min_confidence=args.min_confidence)
+                               min_confidence=args.min_confidence, feature_bank=bank)
     if not args.quiet:  # once the arguments are checked; stderr, as stdout holds the predictions
         print(f"torch.compile: {why}", file=sys.stderr)
     if output_format == "table":
@@ -272,7 +280,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     else:
         columns = output_columns(items)  # a listing's own headers: a test set's sample submission gives its shape
         writer = {"csv": lambda rows, stream: write_csv(rows, stream, columns[0], is_multi_label(model),
-                                                        floor=args.min_confidence is not None),
+                                                        floor=args.min_confidence is not None or bank is not None),
                   "json": write_json,
                   "labels": lambda rows, stream: write_labels(rows, stream, columns),
                   "probabilities": lambda rows, stream: write_probabilities(rows, stream, names, columns[0])
@@ -510,7 +518,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_pending=args.max_pending, max_image_mb=args.max_image_mb, topk=args.topk, tta=args.tta,
-                         min_confidence=args.min_confidence,
+                         min_confidence=args.min_confidence, feature_bank=args.feature_bank,
                          compile=args.compile, timeout_s=args.timeout, access_log=not args.quiet,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, token=_serve_token(args.token_file))
     config.check()  # before the model is loaded
@@ -979,11 +987,16 @@ def tta_flag(p: argparse.ArgumentParser) -> None:
                         "resized image and their mirrors, the ResNet paper's 10-crop testing)")
 
 
-def min_confidence_flag(p: argparse.ArgumentParser) -> None:
+def floor_flags(p: argparse.ArgumentParser) -> None:
+    """--min-confidence and --feature-bank: the floors below which an image gets no class."""
     p.add_argument("--min-confidence", type=probability, metavar="P",
                    help="single-label models: an image whose top class has a probability below P gets no class, "
                         "\"unsure\" (most likely it shows none of the classes); `residual eval MODEL DATA --unknown "
                         "FOLDER` measures which P keeps 95%% of known images")
+    p.add_argument("--feature-bank", metavar="FILE",
+                   help="the feature_bank.safetensors `residual eval MODEL DATA --unknown FOLDER` wrote for this "
+                        "model: an image less similar to the nearest training image than its floor is \"unsure\" "
+                        "too (the PyTorch model only, without --compile)")
 
 
 def threshold_flag(p: argparse.ArgumentParser) -> None:
@@ -1348,7 +1361,7 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--out", help="write json/csv here instead of standard output")
     tta_flag(p)
     threshold_flag(p)
-    min_confidence_flag(p)
+    floor_flags(p)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")
     runtime_flag(p)
@@ -1434,7 +1447,7 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--max-image-mb", type=float, default=16.0, help="the largest request body taken (413 above)")
     p.add_argument("--topk", type=int, default=5, help="classes per image, unless a request asks ?topk=N")
     threshold_flag(p)
-    min_confidence_flag(p)
+    floor_flags(p)
     tta_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")

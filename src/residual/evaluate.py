@@ -20,8 +20,9 @@ from .data.decode import image_files
 from .data.loaders import check_stream, inference_batches
 from .data.transforms import normalize
 from .explain import grad_cam
-from .metrics import (classification_metrics, hardest_pr_curves, hardest_roc_curves, image_losses, label_losses,
-                      multi_label_metrics, nearest_similarity, unknown_detection)
+from .feature_bank import FeatureBank
+from .metrics import (KNOWN_KEPT, classification_metrics, hardest_pr_curves, hardest_roc_curves, image_losses,
+                      label_losses, multi_label_metrics, unknown_detection)
 from .models import ResNet
 from .predict import (class_names_of, class_thresholds, inference_compile, inference_forward, is_multi_label,
                       model_device, probabilities_in_flight, tta_image_size)
@@ -54,6 +55,7 @@ class EvalResult:
     # With unknown images and the PyTorch model: each known and unknown image's similarity to the training images
     known_similarity: np.ndarray | None = None
     unknown_similarity: np.ndarray | None = None
+    bank: FeatureBank | None = None  # the training images' features those were measured with, and the floor
 
     @property
     def score_name(self) -> str:
@@ -198,15 +200,17 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
             probs_all.max(1), result.right(), result.unknown_probs.max(1))}
         if multi_label:  # what it answers without a floor: any class at its threshold is an answer
             metrics["unknown"]["labelled"] = float((result.unknown_probs >= thresholds).any(1).mean())
-        bank, why_not = feature_bank(dataset, split_name, nearest, compiled)
-        if bank:
-            _, _, bank_failed, bank_features = stream(bank, "features of training images")
+        bank_items, why_not = feature_bank(dataset, split_name, nearest, compiled)
+        if bank_items:
+            _, _, bank_failed, bank_features = stream(bank_items, "features of training images")
             result.failed += bank_failed
-            known_similarity, result.unknown_similarity = (nearest_similarity(rows, bank_features, NEAREST_K)
-                                                           for rows in (features, unknown_features))
-            result.known_similarity = known_similarity
-            metrics["unknown"]["nearest"] = {"k": NEAREST_K, "bank_images": len(bank_features), **unknown_detection(
-                known_similarity, result.right(), result.unknown_similarity, thresholds=())}
+            result.bank = FeatureBank.of(bank_features, NEAREST_K, 0.0, model, KNOWN_KEPT)
+            result.known_similarity, result.unknown_similarity = (
+                result.bank.similarity(torch.from_numpy(rows)).numpy() for rows in (features, unknown_features))
+            detection = unknown_detection(result.known_similarity, result.right(), result.unknown_similarity,
+                                          thresholds=())
+            result.bank.floor = detection["floor"]
+            metrics["unknown"]["nearest"] = {"k": NEAREST_K, "bank_images": len(bank_features), **detection}
         else:
             metrics["unknown"]["nearest"] = {"skipped": why_not}
     if out_dir is not None:
@@ -227,6 +231,8 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
             result.files = write_report(out_dir, title, metrics, info, gallery, result.failed, roc,
                                         result.score_groups())
             result.files["predictions"] = write_predictions(predictions, sources, labels, probs_all, names)
+        if result.bank is not None:  # predict and serve take it with --feature-bank
+            result.files["feature_bank"] = result.bank.save(Path(out_dir) / "feature_bank.safetensors")
     return result
 
 
@@ -263,34 +269,25 @@ def probabilities_of(model, forward, items: list, tta: str, batch_size: int, wor
                      label: str, progress: bool,
                      features: bool = False) -> tuple[np.ndarray, list[int], list[str], np.ndarray | None]:
     """The class probabilities of the readable `items` through `forward` (`model`, or it compiled), the
-    indices of those items, one line per item that could not be read, and with `features` the pooled
-    features the classifier took (a ResNet run eagerly; averaged over the TTA views, as the probabilities
-    are), else None."""
+    indices of those items, one line per item that could not be read, and with `features` their pooled
+    features (predict.probabilities_and_features), else None."""
     pre = model.preprocessing
     probs, kept, failed, pooled = [], [], [], []
-    hook = (model.fc.register_forward_pre_hook(lambda _module, args: pooled.append(args[0].float()))
-            if features else None)
-    try:
-        with progress_bar(label, progress) as bar:
-            task = bar.add_task("eval", total=len(items))
-            batches = inference_batches(items, pre.resize_size, tta_image_size(pre, tta), pre.interpolation,
-                                        batch_size, workers, decoder, model_device(model))
-            for batch, probabilities in probabilities_in_flight(forward, batches, tta, is_multi_label(model)):
-                failed += [message for _, message in batch.failed]
-                if probabilities is not None:
-                    probs.append(probabilities.numpy())
-                    kept += batch.indices
-                bar.advance(task, len(batch.indices) + len(batch.failed))
-    finally:
-        if hook is not None:
-            hook.remove()
+    with progress_bar(label, progress) as bar:
+        task = bar.add_task("eval", total=len(items))
+        batches = inference_batches(items, pre.resize_size, tta_image_size(pre, tta), pre.interpolation, batch_size,
+                                    workers, decoder, model_device(model))
+        for batch, probabilities, batch_features in probabilities_in_flight(forward, batches, tta,
+                                                                            is_multi_label(model), features):
+            failed += [message for _, message in batch.failed]
+            if probabilities is not None:
+                probs.append(probabilities.numpy())
+                pooled.append(batch_features)
+                kept += batch.indices
+            bar.advance(task, len(batch.indices) + len(batch.failed))
     if not probs:
         return np.zeros((0, 0)), kept, failed, None
-    if not features:
-        return np.concatenate(probs), kept, failed, None
-    views = len(pooled) // len(probs)  # every batch ran the same TTA views, one after the other
-    per_batch = [torch.stack(pooled[i:i + views]).mean(0) for i in range(0, len(pooled), views)]
-    return np.concatenate(probs), kept, failed, torch.cat(per_batch).cpu().numpy()
+    return np.concatenate(probs), kept, failed, torch.cat(pooled).numpy() if features else None
 
 
 def highest_loss(model, probs: np.ndarray, labels: np.ndarray, items: list, sources: list[str],

@@ -102,21 +102,6 @@ def unknown_detection(known_confidence: np.ndarray, known_correct: np.ndarray, u
             "roc_auc": auc, "keep_known": keep_known, "floor": floor, "at_floor": at_floor, "thresholds": rows}
 
 
-def nearest_similarity(queries: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """Per query row, the cosine similarity of its k-th most similar bank row: Sun et al.'s (2022) nearest-
-    neighbour score on a network's pooled features, high for an image like those the bank holds. Computed
-    `chunk` queries at a time, so that a large bank fits in memory."""
-    def unit(rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.float32)
-        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-
-    bank_rows = unit(bank)
-    k = min(k, len(bank_rows))
-    scores = [np.partition(unit(queries[start:start + chunk]) @ bank_rows.T, -k, axis=1)[:, -k]
-              for start in range(0, len(queries), chunk)]
-    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
-
-
 def expected_calibration_error(rows: list[dict]) -> float:
     total = sum(row["count"] for row in rows)
     return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(total, 1)

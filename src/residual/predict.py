@@ -38,6 +38,7 @@ from .data.decode import as_image
 from .data.loaders import InferenceBatch, check_stream, inference_batches
 from .data.transforms import normalize, resize_center_crop
 from .errors import ConfigError
+from .feature_bank import FeatureBank
 from .models import Preprocessing, ResNet, compile_for_inference
 from .progress import progress_bar
 from .runs import compile_repays
@@ -53,9 +54,11 @@ class Prediction:
     # A multi-label model's answer: the classes whose probability reaches its threshold, most likely first
     # (None for a single-label model, whose answer is top[0]).
     present: list[tuple[int, str, float]] | None = None
-    # With a confidence floor (min_confidence): whether the top class's probability fell below it, so the
-    # image gets no class (most likely it shows none of them); None without a floor.
+    # With a confidence floor (min_confidence) or a feature bank: whether the top class's probability or the
+    # similarity to the nearest training image fell below its floor, so the image gets no class (most likely
+    # it shows none of them); None with neither.
     unsure: bool | None = None
+    similarity: float | None = None  # with a feature bank: to the nearest training image (FeatureBank)
 
     def answer(self) -> list[str]:
         """The predicted class names: the top-1 (none when unsure), or a multi-label model's present classes
@@ -88,6 +91,16 @@ def is_multi_label(model) -> bool:
 def output_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
     """Logits -> probabilities: one sigmoid per class for a multi-label model, else the softmax over classes."""
     return logits.float().sigmoid() if multi_label else logits.float().softmax(1)
+
+
+def is_unsure(probability: float, similarity: float | None, min_confidence: float | None,
+              feature_bank: FeatureBank | None) -> bool | None:
+    """Whether an answer falls below a floor asked for (None with no floor): its top class's `probability`
+    below `min_confidence`, or its `similarity` to the nearest training image below the bank's floor."""
+    if min_confidence is None and feature_bank is None:
+        return None
+    return ((min_confidence is not None and probability < min_confidence)
+            or (feature_bank is not None and similarity < feature_bank.floor))
 
 
 def check_min_confidence(min_confidence: float | None, multi_label: bool) -> None:
@@ -158,24 +171,44 @@ def class_probabilities(model, images: torch.Tensor, tta: str = "none", multi_la
     return torch.stack([output_probabilities(model(view), multi_label) for view in views]).mean(0)
 
 
-def probabilities_in_flight(model, batches: Iterable[InferenceBatch], tta: str = "none",
-                            multi_label: bool = False) -> Iterator[tuple[InferenceBatch, torch.Tensor | None]]:
-    """Each batch with its class probabilities on the host (None where none of its images could be read),
-    one batch behind the device: the next batch is queued on the device before the host waits for this
-    one's answers, so a GPU does not sit idle while the host copies them back and writes their rows."""
+@torch.inference_mode()
+def probabilities_and_features(model, images: torch.Tensor, tta: str = "none",
+                               multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """class_probabilities, and the pooled features the classifier layer took, averaged over the TTA views as
+    the probabilities are (what a FeatureBank compares). `model`: a ResNet run eagerly."""
+    pooled: list[torch.Tensor] = []
+    hook = model.fc.register_forward_pre_hook(lambda _module, args: pooled.append(args[0].float()))
+    try:
+        probabilities = class_probabilities(model, images, tta, multi_label)
+    finally:
+        hook.remove()
+    return probabilities, torch.stack(pooled).mean(0)
+
+
+def probabilities_in_flight(model, batches: Iterable[InferenceBatch], tta: str = "none", multi_label: bool = False,
+                            features: bool = False
+                            ) -> Iterator[tuple[InferenceBatch, torch.Tensor | None, torch.Tensor | None]]:
+    """Each batch with its class probabilities on the host (None where none of its images could be read), and
+    with `features` its pooled features (probabilities_and_features; else None), one batch behind the
+    device: the next batch is queued on the device before the host waits for this one's answers, so a GPU
+    does not sit idle while the host copies them back and writes their rows."""
     pending = None
     for batch in batches:
-        probabilities = (None if batch.images is None
-                         else class_probabilities(model, batch.images, tta, multi_label))
+        if batch.images is None:
+            scores = None, None
+        elif features:
+            scores = probabilities_and_features(model, batch.images, tta, multi_label)
+        else:
+            scores = class_probabilities(model, batch.images, tta, multi_label), None
         if pending is not None:
             yield on_host(*pending)
-        pending = batch, probabilities
+        pending = batch, *scores
     if pending is not None:
         yield on_host(*pending)
 
 
-def on_host(batch: InferenceBatch, probabilities: torch.Tensor | None) -> tuple[InferenceBatch, torch.Tensor | None]:
-    return batch, None if probabilities is None else probabilities.cpu()
+def on_host(batch: InferenceBatch, *tensors: torch.Tensor | None) -> tuple:
+    return batch, *(None if tensor is None else tensor.cpu() for tensor in tensors)
 
 
 def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[list[tuple[int, str, float]]]:
@@ -224,30 +257,36 @@ def inference_forward(model, compiled: bool, batch_size: int):
 
 def iter_predict(model, items: list, topk: int = 5, batch_size: int = 64, tta: str = "none",
                  workers: int | None = None, failed: list[str] | None = None, progress: bool = False,
-                 decoder: str = "pillow", compile: bool | None = None,
-                 min_confidence: float | None = None) -> Iterator[Prediction]:
+                 decoder: str = "pillow", compile: bool | None = None, min_confidence: float | None = None,
+                 feature_bank: FeatureBank | None = None) -> Iterator[Prediction]:
     """Predictions for `items` in order, as they are computed; unreadable items go to `failed`.
 
     The arguments are checked here, before the first prediction is asked for, so that a writer has
     written nothing when one is wrong. `decoder`: 'torchvision' decodes JPEG files on the model's device.
     `compile`: torch.compile on, off, or None to choose by the number of items (`inference_compile`).
-    `min_confidence`: an image whose top class has a lower probability gets no class (`Prediction.unsure`).
+    `min_confidence`: an image whose top class has a lower probability gets no class (`Prediction.unsure`);
+    `feature_bank`: so does one less similar to the nearest training image than the bank's floor.
     """
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {topk}")
     check_min_confidence(min_confidence, is_multi_label(model))
+    if feature_bank is not None:
+        feature_bank.check_model(model)
+        if compile:
+            raise ConfigError("--feature-bank reads the features of the model run eagerly; leave --compile out")
+        compile = False
     tta_image_size(model.preprocessing, tta)
     check_stream(batch_size, workers, decoder, model_device(model))
     if isinstance(model, torch.nn.Module):
         model.eval()
     forward = inference_forward(model, inference_compile(model, compile, len(items))[0], batch_size)
     return _predictions(model, forward, items, topk, batch_size, tta, workers, failed, progress, decoder,
-                        min_confidence)
+                        min_confidence, feature_bank)
 
 
 def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: str, workers: int | None,
-                 failed: list[str] | None, progress: bool, decoder: str,
-                 min_confidence: float | None) -> Iterator[Prediction]:
+                 failed: list[str] | None, progress: bool, decoder: str, min_confidence: float | None,
+                 feature_bank: FeatureBank | None) -> Iterator[Prediction]:
     pre: Preprocessing = model.preprocessing
     names = class_names_of(model)
     multi_label = is_multi_label(model)
@@ -255,27 +294,33 @@ def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: s
         task = bar.add_task("predict", total=len(items))
         batches = inference_batches(items, pre.resize_size, tta_image_size(pre, tta), pre.interpolation, batch_size,
                                     workers, decoder, model_device(model))
-        for batch, probabilities in probabilities_in_flight(forward, batches, tta, multi_label):
+        for batch, probabilities, features in probabilities_in_flight(forward, batches, tta, multi_label,
+                                                                      features=feature_bank is not None):
             if failed is not None:
                 failed += [message for _, message in batch.failed]
             if probabilities is not None:
                 present = (present_classes(probabilities, names, model.threshold) if multi_label
                            else [None] * len(batch.indices))
-                for index, top, labels in zip(batch.indices, top_classes(probabilities, names, topk), present):
-                    unsure = None if min_confidence is None else top[0][2] < min_confidence
-                    yield Prediction(source_name(items[index], index), top, labels, unsure)
+                similarities = (feature_bank.similarity(features).tolist() if feature_bank is not None
+                                else [None] * len(batch.indices))
+                for index, top, labels, similarity in zip(batch.indices, top_classes(probabilities, names, topk),
+                                                          present, similarities):
+                    yield Prediction(source_name(items[index], index), top, labels,
+                                     is_unsure(top[0][2], similarity, min_confidence, feature_bank), similarity)
             bar.advance(task, len(batch.indices) + len(batch.failed))
 
 
 def predict(model, images, topk: int = 5, batch_size: int = 64, tta: str = "none",
             progress: bool = False, decoder: str = "pillow", compile: bool | None = None,
-            min_confidence: float | None = None) -> PredictResult:
+            min_confidence: float | None = None, feature_bank: FeatureBank | None = None) -> PredictResult:
     """Top-`topk` classes of each image. `images`: a path, a folder, a PIL image, an array, or a list of them.
-    `min_confidence`: below it, an image gets no class (its `unsure` is True)."""
+    `min_confidence`: below it, an image gets no class (its `unsure` is True); so below `feature_bank`'s floor
+    of similarity to the nearest training image."""
     items = input_images(images if isinstance(images, (list, tuple)) else [images])
     failed: list[str] = []
     predictions = list(iter_predict(model, items, topk, batch_size, tta, failed=failed, progress=progress,
-                                    decoder=decoder, compile=compile, min_confidence=min_confidence))
+                                    decoder=decoder, compile=compile, min_confidence=min_confidence,
+                                    feature_bank=feature_bank))
     return PredictResult(predictions, failed)
 
 
@@ -341,8 +386,8 @@ def write_probabilities(predictions: Iterator[Prediction], stream: TextIO, names
 
 def write_json(predictions: Iterator[Prediction], stream: TextIO) -> int:
     """A JSON array of {"image", "top": [{"class_id", "class_name", "probability"}]}, written as it comes; a
-    multi-label model's also have "labels": the present classes' names; with a confidence floor, "unsure":
-    whether the image got no class."""
+    multi-label model's also have "labels": the present classes' names; with a floor, "unsure": whether the
+    image got no class; with a feature bank, "similarity": to the nearest training image."""
     stream.write("[")
     count = 0
     for count, prediction in enumerate(predictions, 1):
@@ -352,6 +397,8 @@ def write_json(predictions: Iterator[Prediction], stream: TextIO) -> int:
             row["labels"] = prediction.answer()
         if prediction.unsure is not None:
             row["unsure"] = prediction.unsure
+        if prediction.similarity is not None:
+            row["similarity"] = round(prediction.similarity, 6)
         stream.write(("\n  " if count == 1 else ",\n  ") + json.dumps(row))
     stream.write("\n]\n")
     return count

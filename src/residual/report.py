@@ -461,7 +461,9 @@ def _unknown_section(metrics: dict, pictures: dict[str, Path]) -> list[str]:
         f"is what it lets through. A floor of {unknown['floor']:.4f} on the probability{flag} keeps "
         f"{score} {share(unknown['at_floor']['accuracy'])} among the known images it keeps"
         + (f"; without a floor the model gives {unknown['labelled']:.1%} of the unknown images a label"
-           if "labelled" in unknown else "") + ".</p>",
+           if "labelled" in unknown else "") + "."
+        + ("" if "skipped" in unknown["nearest"] else " The similarity's training features and floor are in "
+           "feature_bank.safetensors beside this report (predict and serve: --feature-bank).") + "</p>",
         _table(["score", "ROC AUC", "floor", "known images kept", "unknown images let through"], rows),
         f"<img src='{_png(pictures['unknown'])}' alt='scores of known and unknown images'>",
         "<h3>Accepting only sure predictions</h3>",

@@ -52,8 +52,10 @@ import torch
 from .data.decode import BadImageError, decode_bytes
 from .data.transforms import resize_center_crop
 from .errors import ConfigError, ResidualError
+from .feature_bank import FeatureBank
 from .predict import (check_min_confidence, check_tta, class_names_of, class_probabilities, inference_compile,
-                      inference_forward, is_multi_label, model_device, present_classes, top_classes, tta_image_size)
+                      inference_forward, is_multi_label, is_unsure, model_device, present_classes,
+                      probabilities_and_features, top_classes, tta_image_size)
 
 MEGABYTE = 1 << 20
 MIN_TOKEN_LENGTH = 16  # shorter is guessable; secrets.token_urlsafe() gives 43
@@ -72,6 +74,7 @@ class ServeConfig:
     max_image_mb: float = 16.0  # the largest request body taken
     topk: int = 5  # classes per image, unless a request asks ?topk=N
     min_confidence: float | None = None  # below it, an answer is "unsure": no class (predict's --min-confidence)
+    feature_bank: str | None = None  # a feature_bank.safetensors: below its floor of similarity, "unsure" too
     tta: str = "none"
     compile: bool = False  # torch.compile, every batch padded to max_batch (one graph)
     timeout_s: float = 30.0  # a connection silent this long is closed
@@ -133,14 +136,15 @@ class Batcher:
     It takes every image waiting, up to `max_batch`. While `arriving()` says more requests are on
     their way (read and decoded by their threads), it waits for them, up to `max_wait_s` after the
     batch's first image; with none on the way it runs at once, so a lone request waits for nothing.
-    It sets each image's future to its class probabilities (a CPU tensor). A batch that fails sets
-    the error on each of its futures; the thread carries on.
+    It sets each image's future to its class probabilities (a CPU tensor) and, with a `bank`, its
+    similarity to the nearest training image (else None). A batch that fails sets the error on each of
+    its futures; the thread carries on.
     """
 
     def __init__(self, forward, max_batch: int, max_wait_s: float, tta: str = "none", arriving=lambda: 0,
-                 multi_label: bool = False):
+                 multi_label: bool = False, bank: FeatureBank | None = None):
         self.forward, self.max_batch, self.max_wait_s, self.tta = forward, max_batch, max_wait_s, tta
-        self.multi_label = multi_label
+        self.multi_label, self.bank = multi_label, bank
         self.arriving = arriving
         self.batches = self.images = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -199,9 +203,14 @@ class Batcher:
 
     def _answer(self, batch: list) -> None:
         futures = [future for _, future in batch]
+        images = torch.stack([image for image, _ in batch])
         try:
-            probabilities = class_probabilities(self.forward, torch.stack([image for image, _ in batch]), self.tta,
-                                                self.multi_label)
+            if self.bank is None:
+                probabilities = class_probabilities(self.forward, images, self.tta, self.multi_label)
+                similarities = None
+            else:
+                probabilities, features = probabilities_and_features(self.forward, images, self.tta, self.multi_label)
+                similarities = self.bank.similarity(features).cpu().tolist()
             probabilities = probabilities.cpu()
         except Exception as error:  # a server answers each request of a failed batch with 500, and lives on
             for future in futures:
@@ -210,8 +219,8 @@ class Batcher:
         with self._lock:
             self.batches += 1
             self.images += len(batch)
-        for future, row in zip(futures, probabilities):
-            future.set_result(row)
+        for future, row, similarity in zip(futures, probabilities, similarities or [None] * len(futures)):
+            future.set_result((row, similarity))
 
 
 class ModelServer:
@@ -231,12 +240,17 @@ class ModelServer:
         self.image_size = tta_image_size(self.preprocessing, self.config.tta)
         self.multi_label = is_multi_label(model)
         check_min_confidence(self.config.min_confidence, self.multi_label)
+        self.bank = FeatureBank.load(self.config.feature_bank) if self.config.feature_bank else None
+        if self.bank is not None:
+            self.bank.check_model(model)
+            if self.config.compile:
+                raise ConfigError("--feature-bank reads the features of the model run eagerly; leave --compile out")
         if isinstance(model, torch.nn.Module):
             model.eval()
         compiled, _ = inference_compile(model, self.config.compile, 0)  # refuses --compile for an exported model
         forward = inference_forward(model, compiled, self.config.max_batch)
         self.batcher = Batcher(forward, self.config.max_batch, self.config.max_wait_ms / 1000, self.config.tta,
-                               arriving=lambda: self.arriving, multi_label=self.multi_label)
+                               arriving=lambda: self.arriving, multi_label=self.multi_label, bank=self.bank)
         self.warmup_s = self._warm_up(forward)
         self.counts: dict[int, int] = {}
         self.request_seconds = 0.0
@@ -356,15 +370,18 @@ class ModelServer:
         futures = self.batcher.submit(crops) if crops else []
         self.arrived(request)
         for slot, future in zip(slots, futures):
-            probabilities = future.result()
+            probabilities, similarity = future.result()
             answers[slot]["top"] = [{"class_id": index, "class": label, "probability": round(probability, 6)}
                                     for index, label, probability in top_classes(probabilities[None], self.names,
                                                                                  topk)[0]]
             if self.multi_label:  # every class present, whatever topk shows
                 answers[slot]["labels"] = [label for _, label, _ in present_classes(
                     probabilities[None], self.names, self.model.threshold)[0]]
-            if self.config.min_confidence is not None:  # as predict: no class below the floor
-                answers[slot]["unsure"] = float(probabilities.max()) < self.config.min_confidence
+            if similarity is not None:
+                answers[slot]["similarity"] = round(similarity, 6)
+            unsure = is_unsure(float(probabilities.max()), similarity, self.config.min_confidence, self.bank)
+            if unsure is not None:  # as predict: no class below a floor
+                answers[slot]["unsure"] = unsure
         body = {"model": self.name, "predictions": answers}
         if not slots:
             return 400, {"error": answers[0]["error"] if len(answers) == 1 else
