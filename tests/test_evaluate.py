@@ -26,7 +26,7 @@ from residual.data.transforms import normalize, resize_center_crop
 from residual.deploy.prune import prune
 from residual.embed import embed
 from residual.feature_bank import FeatureBank
-from residual.evaluate import evaluate, feature_bank, split_as_trained
+from residual.evaluate import bank_images, evaluate, split_as_trained
 from residual.metrics import ranking_scores
 from residual.predict import class_probabilities, predict
 from residual.train import TrainConfig, train
@@ -431,11 +431,11 @@ def test_unknown_and_min_confidence_refuse_what_they_cannot_use(demo_run, tmp_pa
 
 def test_the_nearest_neighbour_score_says_why_it_was_not_measured(demo_run):
     dataset = open_dataset(demo_run["data"])
-    items, why = feature_bank(dataset, "val", nearest=True, compiled=False)
+    items, why = bank_images(dataset, "val", nearest=True, compiled=False)
     assert len(items) == len(dataset.train) and why == ""
     for split, nearest, compiled, reason in (("train", True, False, "the train split holds the training images"),
                                              ("all", True, False, "the all split holds the training images"),
                                              ("val", False, True, "torch.compile runs the model whole"),
                                              ("val", False, False, "an exported model gives no pooled features")):
-        items, why = feature_bank(dataset, split, nearest, compiled)
+        items, why = bank_images(dataset, split, nearest, compiled)
         assert items == [] and reason in why

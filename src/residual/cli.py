@@ -1277,8 +1277,10 @@ def _add_inference_commands(commands) -> None:
     tta_flag(p)
     p.add_argument("--gallery", type=at_least(0), default=16, help="highest-loss images shown with Grad-CAM (0: none)")
     p.add_argument("--unknown", metavar="FOLDER",
-                   help="a folder of images of none of the model's classes: how well the model's confidence tells "
-                        "them from the split's, and the --min-confidence floor that keeps 95%% of the known images")
+                   help="a folder of images of none of the model's classes: how well the top class's probability "
+                        "and the similarity to the nearest training image tell them from the split's; the floors "
+                        "that keep 95%% of the known images (--min-confidence, and feature_bank.safetensors for "
+                        "--feature-bank) for predict and serve")
     threshold_flag(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights' precision (BN folded, channels_last); auto: bf16 on CUDA, fp32 elsewhere")

@@ -200,7 +200,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
             probs_all.max(1), result.right(), result.unknown_probs.max(1))}
         if multi_label:  # what it answers without a floor: any class at its threshold is an answer
             metrics["unknown"]["labelled"] = float((result.unknown_probs >= thresholds).any(1).mean())
-        bank_items, why_not = feature_bank(dataset, split_name, nearest, compiled)
+        bank_items, why_not = bank_images(dataset, split_name, nearest, compiled)
         if bank_items:
             _, _, bank_failed, bank_features = stream(bank_items, "features of training images")
             result.failed += bank_failed
@@ -236,7 +236,7 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     return result
 
 
-def feature_bank(dataset: Dataset, split: str, nearest: bool, compiled: bool) -> tuple[list, str]:
+def bank_images(dataset: Dataset, split: str, nearest: bool, compiled: bool) -> tuple[list, str]:
     """The training images whose features the nearest-neighbour score compares with (a seeded sample of at
     most BANK_IMAGES), or none and why."""
     if not nearest:
