@@ -11,8 +11,11 @@
     search = residual.tune(residual.TrainConfig(data="photos/", epochs=10), ["lr=0.01..0.3:log"], trials=20)
     runs, differing = residual.compare_runs(["runs/train"])         # best first, and what differs
     report = residual.evaluate(model, "photos/", out_dir="report/")   # metrics + report.html
+    report = residual.evaluate(model, "photos/", out_dir="report/", unknown="other/")  # + images of no class
     result = residual.calibrate("model.safetensors", "photos/")      # temperature scaling -> a new model file
     result = residual.predict(model, ["cat.jpg", "photos/"], topk=3)
+    bank = residual.FeatureBank.load("report/feature_bank.safetensors")
+    result = residual.predict(model, "new/", min_confidence=0.9, feature_bank=bank)   # .unsure per prediction
     cams = residual.explain(model, "cat.jpg", method="gradcam++")
     residual.serve(model, residual.ServeConfig(port=8000))          # POST /predict: top classes as JSON
 """
@@ -29,6 +32,7 @@ from .embed import Embeddings, embed, similar
 from .predict import PredictResult, decode_predictions, predict, preprocess_input
 from .explain import ExplainResult, explain
 from .evaluate import EvalResult, evaluate
+from .feature_bank import FeatureBank
 from .calibrate import CalibrationResult, calibrate
 from .serve import ModelServer, ServeConfig, serve
 from .train.lr_find import LRFindResult, lr_find
@@ -42,6 +46,7 @@ __all__ = [
     "register_pretrained", "save_model",
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
     "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
-    "ExplainResult", "explain", "EvalResult", "evaluate", "CalibrationResult", "calibrate", "RunRecord", "compare_runs",
+    "ExplainResult", "explain", "EvalResult", "evaluate", "FeatureBank", "CalibrationResult", "calibrate", "RunRecord",
+    "compare_runs",
     "ModelServer", "ServeConfig", "serve", "TuneResult", "tune",
 ]
