@@ -123,6 +123,30 @@ def test_files_systems_leave_beside_images_are_neither_classes_nor_images(tmp_pa
     assert [p.name for p in image_files([tmp_path / "d" / "cat"])] == ["0.png", "1.png", "2.png"]  # predict, eval
 
 
+def test_folders_linked_into_a_dataset_are_read_once_each_and_a_link_loop_ends(tmp_path):
+    """A dataset assembled from symbolic links to folders elsewhere: predict and eval list the linked folders'
+    images (they found none before 2026-12-06), and training reads a class folder's linked subfolders."""
+    _folder(tmp_path / "store", {"cat": 2, "dog": 3})
+    (tmp_path / "store" / "cat" / "more").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "store" / "cat" / "more" / "9.png")
+    (tmp_path / "store" / "cat" / "loop").symlink_to(tmp_path / "store" / "cat")  # a link back up the tree
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("cat", "dog"):
+        (linked / name).symlink_to(tmp_path / "store" / name)
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "5.png")
+    (tmp_path / "store" / "dog" / "extra").symlink_to(tmp_path / "elsewhere")
+    found = [p.relative_to(linked).as_posix() for p in image_files([linked])]
+    assert found == ["cat/0.png", "cat/1.png", "cat/more/9.png", "dog/0.png", "dog/1.png", "dog/2.png",
+                     "dog/extra/5.png"]
+    dataset = open_dataset(linked, val_split=0.0001)
+    files, labels = dataset.train.files + dataset.val.files, dataset.train.labels + dataset.val.labels
+    by_class = sorted((dataset.classes[label], path.name) for path, label in zip(files, labels))
+    assert by_class == [("cat", "0.png"), ("cat", "1.png"), ("cat", "9.png"), ("dog", "0.png"), ("dog", "1.png"),
+                        ("dog", "2.png"), ("dog", "5.png")]
+
+
 def test_split_folders_and_clear_errors(tmp_path):
     _folder(tmp_path / "d" / "train", {"a": 3, "b": 3})
     _folder(tmp_path / "d" / "val", {"a": 1, "b": 1})

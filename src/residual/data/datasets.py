@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from ..errors import ResidualError
-from .decode import image_files, is_image_file, is_metadata
+from .decode import files_under, image_files, is_image_file, is_metadata
 
 VAL_NAMES = ("val", "valid", "validation")
 # The header names a CSV's columns may have (in any case): the first of each list found is used.
@@ -239,7 +239,7 @@ def _scan(folder: Path, classes: list[str], ignored: list[Path]) -> Split:
         class_dir = folder / name
         if not class_dir.is_dir():
             continue
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+        for path in files_under(class_dir):
             if is_image_file(path) and not is_metadata(path.relative_to(class_dir)):
                 split.files.append(path)
                 split.labels.append(label)

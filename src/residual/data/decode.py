@@ -39,6 +39,21 @@ def is_metadata(relative: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted, following symbolic links to folders (a dataset assembled from links
+    to class folders elsewhere is common; Path.rglob does not follow them before Python 3.13), each real
+    folder visited once, so a link back up the tree ends there."""
+    found, seen = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        found += [Path(root) / name for name in files]
+    return sorted(path for path in found if path.is_file())
+
+
 def image_files(sources) -> list:
     """Inputs as given (paths as Path), with every folder replaced by its image files (recursively, sorted;
     `is_metadata` files left out)."""
@@ -46,8 +61,7 @@ def image_files(sources) -> list:
     for source in sources:
         if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
             folder = Path(source)
-            items += sorted(p for p in folder.rglob("*")
-                            if p.is_file() and is_image_file(p) and not is_metadata(p.relative_to(folder)))
+            items += [p for p in files_under(folder) if is_image_file(p) and not is_metadata(p.relative_to(folder))]
         else:
             items.append(Path(source) if isinstance(source, (str, os.PathLike)) else source)
     return items
