@@ -59,7 +59,9 @@ class FeatureBank:
     def similarity(self, features: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """Per row of raw pooled features, the cosine similarity of its k-th most similar training image, on
         the features' device."""
-        bank = self.features.to(features.device)
+        # Moved once, and kept where the queries are: a ResNet-50 bank is 82 MB, too much to copy per batch.
+        self.features = self.features.to(features.device)
+        bank = self.features
         k = min(self.k, len(bank))
         queries = F.normalize(features.float(), dim=1)
         return torch.cat([(queries[start:start + chunk] @ bank.T).topk(k, dim=1).values[:, -1]
@@ -83,7 +85,7 @@ class FeatureBank:
         metadata = {"format": BANK_FORMAT, "k": str(self.k), "floor": json.dumps(self.floor),
                     "keep_known": json.dumps(self.keep_known)}
         with atomic_path(path) as tmp:
-            safetensors.torch.save_file({"features": self.features.contiguous(),
+            safetensors.torch.save_file({"features": self.features.cpu().contiguous(),
                                          "classifier": self.classifier.contiguous()}, tmp, metadata=metadata)
         return path
 
