@@ -405,6 +405,12 @@ def test_unknown_images_are_scored_and_the_floor_eval_suggests_is_the_one_predic
     rows = json.loads(answers.read_text())
     assert np.mean([row["unsure"] for row in rows]) == pytest.approx(1 - nearest["at_floor"]["unknown_passed"])
     assert [row["similarity"] for row in rows] == pytest.approx(result.unknown_similarity.tolist(), abs=1e-5)
+    as_csv = tmp_path / "answers.csv"
+    main(["predict", str(demo_run["model"]), str(unknown_folder), "--feature-bank", str(bank_file), "--format", "csv",
+          "--topk", "1", "--out", str(as_csv), "--quiet"])
+    with open(as_csv, newline="") as stream:
+        assert [float(row["similarity"]) for row in csv.DictReader(stream)] == pytest.approx(
+            [row["similarity"] for row in rows], abs=1e-5)
     val = sorted((demo_run["data"] / "val").rglob("*.png"))
     kept = [not p.unsure for p in predict(model, val, min_confidence=unknown["floor"]).predictions]
     assert np.mean(kept) == pytest.approx(unknown["at_floor"]["coverage"])

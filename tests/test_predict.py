@@ -301,6 +301,11 @@ def test_unsure_predictions_are_written_without_a_class():
         (False, "star"), (True, "cross")]  # the top classes stay, for a person to look at
     write_csv(iter(rows), as_csv, floor=True)
     assert [line.split(",")[-1] for line in as_csv.getvalue().splitlines()] == ["unsure", "0", "0", "1", "1"]
+    rows[0].similarity, rows[1].similarity = 0.99, 0.5
+    with_bank = io.StringIO()
+    write_csv(iter(rows), with_bank, floor=True, similarity=True)
+    assert [line.split(",")[-2:] for line in with_bank.getvalue().splitlines()] == [
+        ["unsure", "similarity"], ["0", "0.990000"], ["0", "0.990000"], ["1", "0.500000"], ["1", "0.500000"]]
     table = predictions_table(rows, "t")
     assert [cell for cell in table.columns[1].cells] == ["star", "[dim]unsure (cross?)"]
     without = io.StringIO()

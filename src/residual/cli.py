@@ -280,7 +280,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     else:
         columns = output_columns(items)  # a listing's own headers: a test set's sample submission gives its shape
         writer = {"csv": lambda rows, stream: write_csv(rows, stream, columns[0], is_multi_label(model),
-                                                        floor=args.min_confidence is not None or bank is not None),
+                                                        floor=args.min_confidence is not None or bank is not None,
+                                                        similarity=bank is not None),
                   "json": write_json,
                   "labels": lambda rows, stream: write_labels(rows, stream, columns),
                   "probabilities": lambda rows, stream: write_probabilities(rows, stream, names, columns[0])

@@ -342,18 +342,21 @@ def output_columns(items: list) -> tuple[str, str]:
 
 
 def write_csv(predictions: Iterator[Prediction], stream: TextIO, image_column: str = "image",
-              multi_label: bool = False, floor: bool = False) -> int:
+              multi_label: bool = False, floor: bool = False, similarity: bool = False) -> int:
     """One row per image and rank (image, rank, class_id, class_name, probability), written as they come;
     `multi_label`: and whether the class is present (its probability reaches the model's threshold);
-    `floor` (predicted with a confidence floor): and whether the image is unsure (it gets no class)."""
+    `floor` (predicted with a confidence floor): and whether the image is unsure (it gets no class);
+    `similarity` (predicted with a feature bank): and the image's similarity to the nearest training image."""
     writer = csv.writer(stream)
     writer.writerow([image_column, "rank", "class_id", "class_name", "probability"] + ["present"] * multi_label
-                    + ["unsure"] * floor)
+                    + ["unsure"] * floor + ["similarity"] * similarity)
     count = 0
     for count, prediction in enumerate(predictions, 1):
         present = {class_id for class_id, _, _ in prediction.present or ()}
+        per_image = ([int(bool(prediction.unsure))] * floor
+                     + [f"{prediction.similarity:.6f}" if prediction.similarity is not None else ""] * similarity)
         writer.writerows([prediction.source, rank, *row[:2], f"{row[2]:.6f}"]
-                         + [int(row[0] in present)] * multi_label + [int(bool(prediction.unsure))] * floor
+                         + [int(row[0] in present)] * multi_label + per_image
                          for rank, row in enumerate(prediction.top, 1))
     return count
 
