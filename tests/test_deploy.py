@@ -20,7 +20,9 @@ from residual.deploy import onnx as deploy_onnx
 from residual.deploy.onnx import INPUT_UINT8, OnnxModel, export_onnx, openvino_computes_bf16, read_onnx_metadata
 from residual.deploy.prune import prune_channels
 from residual.evaluate import evaluate
+from residual.feature_bank import FeatureBank, FeatureBankError, classifier_fingerprint
 from residual.models import build_model, count_macs, count_params
+from residual.predict import predict, probabilities_and_features
 from residual.weights import ModelFileError, read_metadata
 
 
@@ -87,6 +89,7 @@ def test_info_describes_an_exported_model(model, exported, tmp_path, capsys, mon
     assert rows["input"] == f"'input', float32 batch x 3 x {size} x {size} (float32 NCHW normalised)"
     stored = sum(onnx.numpy_helper.to_array(t).size for t in onnx.load(exported.path).graph.initializer)
     assert rows["weights"] == f"{stored:,} stored values, file {exported.path.stat().st_size / 1e6:.2f} MB"
+    assert rows["features"] == "'features', the pooled features (for --feature-bank)"
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), tmp_path / "foreign.onnx")
     assert main(["info", str(tmp_path / "foreign.onnx")]) == 2
     assert "an ONNX file, but not one exported by residual" in capsys.readouterr().err
@@ -105,6 +108,57 @@ def test_fp16_graph_with_preprocessing_takes_pixels(model, demo_run, tmp_path):
         expected = model(normalize(images.float() / 255, model.preprocessing)).numpy()
     assert np.abs(logits - expected).max() < 0.05 * max(1.0, np.abs(expected).max())
     assert (logits.argmax(1) == expected.argmax(1)).all()
+    _, pooled = onnx_model.run(images.permute(0, 2, 3, 1).contiguous().numpy(), features=True)
+    with torch.inference_mode():
+        expected = model.forward_head(model.forward_features(normalize(images.float() / 255, model.preprocessing)),
+                                      pre_logits=True).numpy()
+    assert pooled.dtype == np.float32 and np.abs(pooled - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_an_export_gives_the_pooled_features_so_predict_applies_the_models_feature_bank(model, exported, demo_run,
+                                                                                        tmp_path):
+    images = real_images(demo_run, 7, model.preprocessing)
+    x = normalize(images.float() / 255, model.preprocessing)
+    onnx_model = OnnxModel(exported.path)
+    assert onnx_model.has_features and onnx_model.classifier_fingerprint == classifier_fingerprint(model.fc.weight)
+    logits, pooled = onnx_model.run(x.numpy(), features=True)
+    with torch.inference_mode():
+        expected = model.forward_head(model.forward_features(x), pre_logits=True)
+        expected_logits = model.fc(expected)
+    torch.testing.assert_close(torch.from_numpy(pooled), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(logits), expected_logits, atol=1e-4, rtol=1e-4)
+    # A bank made with the PyTorch model: the export finds the same similarities, so the same images unsure.
+    train = sorted((demo_run["data"] / "train").rglob("*.png"))[::20]
+    _, features = probabilities_and_features(model, torch.stack(
+        [resize_center_crop(read_image(f), model.preprocessing.resize_size, model.preprocessing.input_size)
+         for f in train]))
+    test = sorted((demo_run["data"] / "test").rglob("*.png"))[::6]
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for i in range(20):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise / f"{i}.png")
+    floor = float(np.quantile([p.similarity for p in predict(model, test, feature_bank=FeatureBank.of(
+        features, 1, 0.0, model)).predictions], 0.05))
+    bank = FeatureBank.of(features, 1, floor, model)
+    by_pytorch = predict(model, test + sorted(noise.iterdir()), feature_bank=bank).predictions
+    for runtime in ("onnxruntime", "openvino"):
+        by_export = predict(OnnxModel(exported.path, runtime=runtime), test + sorted(noise.iterdir()),
+                            feature_bank=bank).predictions
+        assert [p.similarity for p in by_export] == pytest.approx([p.similarity for p in by_pytorch], abs=1e-5)
+        assert [p.unsure for p in by_export] == [p.unsure for p in by_pytorch]
+    assert 0 < sum(p.unsure for p in by_pytorch) < len(by_pytorch)
+    # Another model's bank, and an export without the features output, are refused.
+    other = FeatureBank.of(features, 1, floor, model)
+    other.classifier = other.classifier * 1.5
+    other.source = "other.safetensors"
+    with pytest.raises(FeatureBankError, match=f"--feature-bank other.safetensors: made with another model than "
+                                               f"{exported.path} was exported from"):
+        predict(onnx_model, test[:2], feature_bank=other)
+    graph = onnx.load(exported.path)
+    graph.graph.output.pop()  # as exports made before the features output
+    onnx.save(graph, tmp_path / "logits-only.onnx")
+    with pytest.raises(FeatureBankError, match="logits-only.onnx gives no pooled features"):
+        predict(OnnxModel(tmp_path / "logits-only.onnx"), test[:2], feature_bank=bank)
 
 
 def test_export_that_fails_parity_writes_nothing_unless_forced(demo_run, tmp_path, monkeypatch, capsys):
@@ -218,6 +272,7 @@ def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_pa
                                      "unreadable": 0}
     int8 = OnnxModel(out)
     assert int8.precision == "int8" and int8.class_names == OnnxModel(exported.path).class_names
+    assert int8.has_features and int8.classifier_fingerprint == OnnxModel(exported.path).classifier_fingerprint
     assert any(node.op_type == "QLinearConv" for node in onnx.load(out).graph.node)
     with pytest.raises(ModelFileError, match="OpenVINO cannot read it \\(its INT8 operators are ONNX Runtime's own"
                                              "\\); run it with --runtime onnxruntime, or quantize with --runtime "
@@ -245,6 +300,7 @@ def test_quantize_for_openvino_writes_qdq_that_openvino_runs_in_int8(exported, d
     assert report["int8"]["size_mb"] < report["float"]["size_mb"] / 2.5  # int8 weights
     by_openvino = OnnxModel(out, runtime="openvino")
     assert by_openvino.metadata["quantized_for"] == "openvino" and by_openvino.runtime_text == "OpenVINO INT8"
+    assert by_openvino.has_features
     # The same file runs in ONNX Runtime too, to the same answers.
     by_ort = evaluate(OnnxModel(out), demo_run["data"], "val", gallery_size=0)
     assert (evaluate(by_openvino, demo_run["data"], "val", gallery_size=0).answers() == by_ort.answers()).mean() >= 0.99

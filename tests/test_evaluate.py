@@ -442,6 +442,6 @@ def test_the_nearest_neighbour_score_says_why_it_was_not_measured(demo_run):
     for split, nearest, compiled, reason in (("train", True, False, "the train split holds the training images"),
                                              ("all", True, False, "the all split holds the training images"),
                                              ("val", False, True, "torch.compile runs the model whole"),
-                                             ("val", False, False, "an exported model gives no pooled features")):
+                                             ("val", False, False, "the bank is made from the .safetensors model")):
         items, why = bank_images(dataset, split, nearest, compiled)
         assert items == [] and reason in why

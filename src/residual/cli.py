@@ -997,7 +997,8 @@ def floor_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-bank", metavar="FILE",
                    help="the feature_bank.safetensors `residual eval MODEL DATA --unknown FOLDER` wrote for this "
                         "model: an image less similar to the nearest training image than its floor is \"unsure\" "
-                        "too (the PyTorch model only, without --compile)")
+                        "too (not with --compile; an exported .onnx model applies the bank of the file it was exported "
+                        "from)")
 
 
 def threshold_flag(p: argparse.ArgumentParser) -> None:

@@ -241,7 +241,8 @@ def bank_images(dataset: Dataset, split: str, nearest: bool, compiled: bool) -> 
     most BANK_IMAGES), or none and why."""
     if not nearest:
         return [], ("torch.compile runs the model whole, without its pooled features" if compiled else
-                    "an exported model gives no pooled features; evaluate the .safetensors model")
+                    "the bank is made from the .safetensors model (predict and serve apply it to its exports "
+                    "too); evaluate that")
     if split in ("train", "all"):
         return [], f"the {split} split holds the training images themselves"
     if dataset.train is None or not len(dataset.train):

@@ -19,6 +19,7 @@ a dependency for no measurable gain.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -39,6 +40,12 @@ SAME_CLASSIFIER_TOLERANCE = 1e-2
 
 class FeatureBankError(ResidualError):
     """A feature bank that cannot be read, or that belongs to another model."""
+
+
+def classifier_fingerprint(weight: torch.Tensor) -> str:
+    """The sha256 of a classifier's float32 weights: how an exported model, whose weights may be float16 or
+    INT8, names the classifier it was exported with."""
+    return hashlib.sha256(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 @dataclass
@@ -68,11 +75,18 @@ class FeatureBank:
                           for start in range(0, len(queries), chunk)])
 
     def check_model(self, model) -> None:
-        """Refuse a model whose classifier is not the one the bank was made with."""
+        """Refuse a model whose classifier is not the one the bank was made with: a PyTorch model's weights, to
+        the precision it runs in, or the fingerprint an exported model's metadata holds of its float32 ones."""
         weight = getattr(getattr(model, "fc", None), "weight", None)
-        if weight is None:
-            raise FeatureBankError(f"--feature-bank {self.source}: the features come from the PyTorch model; give the "
-                                   f".safetensors model file, not an exported one")
+        if weight is None:  # an exported model (OnnxModel): its graph's second output gives the features
+            if not getattr(model, "has_features", False):
+                raise FeatureBankError(f"--feature-bank {self.source}: {model.path} gives no pooled features (an "
+                                       f"export from before residual wrote them); export the model file again")
+            if model.classifier_fingerprint != classifier_fingerprint(self.classifier):
+                raise FeatureBankError(f"--feature-bank {self.source}: made with another model than {model.path} was "
+                                       f"exported from (or with that model in bf16 or fp16); `residual eval "
+                                       f"MODEL_FILE DATA --unknown FOLDER` in fp32 writes its bank")
+            return
         weight = weight.detach().float().cpu()
         if weight.shape != self.classifier.shape or not torch.allclose(
                 weight, self.classifier, rtol=SAME_CLASSIFIER_TOLERANCE, atol=SAME_CLASSIFIER_TOLERANCE * float(

@@ -22,6 +22,7 @@ models that carry no names of their own.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from collections.abc import Iterable, Iterator
@@ -171,17 +172,29 @@ def class_probabilities(model, images: torch.Tensor, tta: str = "none", multi_la
     return torch.stack([output_probabilities(model(view), multi_label) for view in views]).mean(0)
 
 
+@contextlib.contextmanager
+def collected_features(model) -> Iterator[list[torch.Tensor]]:
+    """A list that gets, per call of `model` meanwhile, the pooled features its classifier layer takes: by a
+    hook on a ResNet's fc (run eagerly), or from an exported model's features output."""
+    if not isinstance(model, torch.nn.Module):
+        with model.collecting_features() as pooled:
+            yield pooled
+        return
+    pooled: list[torch.Tensor] = []
+    hook = model.fc.register_forward_pre_hook(lambda _module, args: pooled.append(args[0].float()))
+    try:
+        yield pooled
+    finally:
+        hook.remove()
+
+
 @torch.inference_mode()
 def probabilities_and_features(model, images: torch.Tensor, tta: str = "none",
                                multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """class_probabilities, and the pooled features the classifier layer took, averaged over the TTA views as
-    the probabilities are (what a FeatureBank compares). `model`: a ResNet run eagerly."""
-    pooled: list[torch.Tensor] = []
-    hook = model.fc.register_forward_pre_hook(lambda _module, args: pooled.append(args[0].float()))
-    try:
+    the probabilities are (what a FeatureBank compares)."""
+    with collected_features(model) as pooled:
         probabilities = class_probabilities(model, images, tta, multi_label)
-    finally:
-        hook.remove()
     return probabilities, torch.stack(pooled).mean(0)
 
 

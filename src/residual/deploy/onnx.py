@@ -8,6 +8,10 @@ size). The file is checked with onnx.checker (full check) and run in ONNX
 Runtime on real images against the original; a file whose logits disagree is
 not written (unless forced), and the parity numbers are saved next to it.
 
+The graph has a second output, `features`: the pooled features the classifier takes,
+which a FeatureBank compares (predict and serve `--feature-bank`); the metadata names the
+classifier by its float32 weights' fingerprint, so that a bank knows the model it was made with.
+
 `OnnxModel` runs such a file with ONNX Runtime, or with OpenVINO on the CPU
 (`runtime="openvino"`: in float32, or in bfloat16 on CPUs that compute it, where it is
 several times faster), and looks like a ResNet to the tasks: `preprocessing`,
@@ -38,6 +42,7 @@ from ..atomic import atomic_path, write_json
 from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ConfigError, ResidualError
+from ..feature_bank import classifier_fingerprint
 from ..models import Preprocessing, ResNet
 from ..models.resnet import MULTI_LABEL_THRESHOLD
 from ..predict import class_thresholds, is_multi_label
@@ -45,7 +50,7 @@ from ..tables import classes_line, outputs_line
 from ..weights import ModelFileError, read_metadata, training_config
 
 OPSET = 18  # the torch.export-based exporter's own opset; lower ones need a lossy version conversion
-INPUT, OUTPUT = "input", "logits"
+INPUT, OUTPUT, FEATURES = "input", "logits", "features"
 ONNX_FORMAT = "residual.onnx"
 INPUT_FLOAT = "float32 NCHW normalised"
 INPUT_UINT8 = "uint8 NHWC 0-255"
@@ -78,6 +83,18 @@ class Parity:
         return {**asdict(self), "passed": self.passed, "min_agreement": MIN_AGREEMENT}
 
 
+class LogitsAndFeatures(nn.Module):
+    """`model`'s logits, and the pooled features its classifier layer took: the graph's two outputs."""
+
+    def __init__(self, model: ResNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.fc(pooled), pooled
+
+
 class InputPreprocessing(nn.Module):
     """uint8 N x H x W x 3 pixels -> the normalised float N x 3 x H x W batch, then `model`.
 
@@ -91,7 +108,7 @@ class InputPreprocessing(nn.Module):
         self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
         self.register_buffer("shift", (mean / std).view(1, 3, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.model(x.permute(0, 3, 1, 2).float() * self.scale - self.shift)
 
 
@@ -102,13 +119,14 @@ class HalfPrecision(nn.Module):
         super().__init__()
         self.model = model.half()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.half()).float()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(output.float() for output in self.model(x.half()))
 
 
 def exportable(model: ResNet, fp16: bool = False, with_preprocessing: bool = False) -> nn.Module:
     """A CPU float32 copy of `model` (the original is untouched), wrapped as the graph should compute it."""
-    net: nn.Module = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    net: nn.Module = LogitsAndFeatures(
+        copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format))
     if fp16:
         net = HalfPrecision(net)
     if with_preprocessing:
@@ -140,7 +158,8 @@ def write_onnx(model: ResNet, path: Path, fp16: bool = False, with_preprocessing
                else torch.zeros(2, model.config.in_chans, size, size))
     with _quiet_exporter():
         program = torch.onnx.export(
-            exportable(model, fp16, with_preprocessing), (example,), input_names=[INPUT], output_names=[OUTPUT],
+            exportable(model, fp16, with_preprocessing), (example,), input_names=[INPUT],
+            output_names=[OUTPUT, FEATURES],
             dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=OPSET, dynamo=True,
             external_data=False, verbose=False)
     proto = program.model_proto
@@ -153,6 +172,7 @@ def write_onnx(model: ResNet, path: Path, fp16: bool = False, with_preprocessing
         "threshold": json.dumps(model.threshold),
         "input": INPUT_UINT8 if with_preprocessing else INPUT_FLOAT,
         "precision": "fp16" if fp16 else "fp32",
+        "classifier_sha256": classifier_fingerprint(model.fc.weight),
         "residual_version": __version__,
         "torch_version": torch.__version__,
         **{key: json.dumps(value) for key, value in (extra or {}).items()},
@@ -211,6 +231,8 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
                                      json.loads(meta.get("threshold", json.dumps(MULTI_LABEL_THRESHOLD))))),
             ("input", f"'{graph_input.name}', {onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)} "
                       f"{shape} ({meta['input']})"),
+            ("features", f"'{FEATURES}', the pooled features (for --feature-bank)" if FEATURES in
+             [output.name for output in graph.output] else "none (exported before the graph gave them)"),
             ("preprocessing", f"resize {pre['resize_size']} -> crop {pre['input_size']}, {pre['interpolation']}, "
                               f"mean / std {Preprocessing(**pre).normalisation()}"),
             ("weights", f"{stored:,} stored values, file {path.stat().st_size / 1e6:.2f} MB"),
@@ -223,7 +245,8 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 ONNX_KNOWN_METADATA = ("residual.format", "arch", "class_names", "preprocessing", "input", "precision",
-                       "residual_version", "torch_version", "multi_label", "threshold", "quantized_for")
+                       "residual_version", "torch_version", "multi_label", "threshold", "quantized_for",
+                       "classifier_sha256")
 
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -254,9 +277,14 @@ class OnnxModel:
         self.threshold = json.loads(meta.get("threshold", json.dumps(MULTI_LABEL_THRESHOLD)))
         self.input_format = meta["input"]
         self.precision = meta["precision"]
+        # The float32 classifier the file was exported with, which a FeatureBank checks (absent from files
+        # exported before the graph had its features output).
+        self.classifier_fingerprint = meta.get("classifier_sha256")
+        self.pooled: list[torch.Tensor] | None = None  # while collecting_features: each call's features
         if runtime == "openvino":
             self.compiled = _openvino_model(self.path, threads, bf16)
             self.num_classes = self.compiled.output(0).get_partial_shape()[1].get_length()
+            self.has_features = any(FEATURES in port.get_names() for port in self.compiled.outputs)
             return
         options = ort.SessionOptions()
         if threads:
@@ -269,6 +297,7 @@ class OnnxModel:
         except Exception as error:  # onnxruntime raises its own exception types
             raise ModelFileError(f"{self.path}: ONNX Runtime cannot load it ({error})") from None
         self.num_classes = int(self.session.get_outputs()[0].shape[1])
+        self.has_features = FEATURES in [output.name for output in self.session.get_outputs()]
 
     def graph_input(self, x: torch.Tensor) -> np.ndarray:
         """The graph's input for a normalised float batch.
@@ -283,14 +312,32 @@ class OnnxModel:
         pixels = ((x.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).contiguous().numpy()
 
-    def run(self, array: np.ndarray) -> np.ndarray:
-        """Logits for an array already in the graph's input format."""
+    def run(self, array: np.ndarray, features: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Logits for an array already in the graph's input format; with `features`, and the pooled features."""
+        names = [OUTPUT, FEATURES] if features else [OUTPUT]
         if self.runtime == "openvino":
-            return self.compiled(array)[0]
-        return self.session.run([OUTPUT], {INPUT: array})[0]
+            outputs = self.compiled(array)
+            answers = [outputs[self.compiled.output(name)] for name in names]
+        else:
+            answers = self.session.run(names, {INPUT: array})
+        return tuple(answers) if features else answers[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run(self.graph_input(x)))
+        if self.pooled is None:
+            return torch.from_numpy(self.run(self.graph_input(x)))
+        logits, pooled = self.run(self.graph_input(x), features=True)
+        self.pooled.append(torch.from_numpy(pooled).float())
+        return torch.from_numpy(logits)
+
+    @contextlib.contextmanager
+    def collecting_features(self):
+        """A list that gets the pooled features of each call made meanwhile (a ResNet's fc hook does the same
+        for the PyTorch model: predict.collected_features)."""
+        self.pooled = []
+        try:
+            yield self.pooled
+        finally:
+            self.pooled = None
 
     @property
     def runtime_text(self) -> str:
