@@ -20,6 +20,7 @@ from residual.data.transforms import AugmentConfig
 from residual.models import build_model
 from residual.train import TrainConfig, train
 from residual.train.config import save_config
+from residual.train.distributed import check_launch
 from residual.train.optim import OptimConfig
 from residual.weights import save_model
 from steps import distance, imbalanced_shapes
@@ -218,6 +219,7 @@ def test_sync_bn_on_cpu_uneven_batches_and_restarts_without_workers_are_refused_
     assert "--sync-bn needs CUDA workers" in capsys.readouterr().err
     assert main(common + ["--batch-size", "63"]) == 2
     assert "must divide evenly among the 2 workers" in capsys.readouterr().err
+    check_launch(3, 0, "cpu", False, None)  # no --batch-size: resolve chooses one that divides among the workers
     assert main(common[:-2] + ["--max-restarts", "2"]) == 2  # without --nproc it would be ignored
     assert "--max-restarts restarts a group of --nproc workers: give --nproc N too" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was prepared

@@ -29,13 +29,13 @@ from residual.data.transforms import AugmentConfig, build_augment, normalize, so
 from residual.models import build_model
 from residual.train import TrainConfig, TrainingError, load_config, train
 from residual.train.checkpoint import load_checkpoint, save_checkpoint
-from residual.train.config import resolve
+from residual.train.config import auto_batch_size, resolve
 from residual.train.ema import WeightEMA
 from residual.train.loss import consistency_sum
 from residual.train.optim import OptimConfig
 from residual.train.preview import target_title, write_batch_preview
 from residual.train import trainer as trainer_module
-from residual.train.trainer import Trainer
+from residual.train.trainer import Trainer, prepare_run
 from steps import distance, imbalanced_shapes
 
 QUICK = dict(model="resnet20", batch_size=32, optim=OptimConfig(lr=0.05), quiet=True,
@@ -115,9 +115,27 @@ def test_config_yaml_repeats_the_run(shapes16, tmp_path, monkeypatch):
         assert torch.equal(value, _weights(second.run_dir / "last.pt")[key]), key
 
 
+def test_the_automatic_batch_gives_a_small_training_set_enough_steps_an_epoch(tmp_path):
+    # 128 images, halved down to 32 while an epoch would be under 64 optimizer steps: on 3,000 images thirty
+    # epochs of 128 underfit where batches of 32 learned more in the same epochs (docs/training.md).
+    sizes = (100, 4_095, 4_096, 8_191, 8_192, 1_281_167)
+    assert [auto_batch_size(count) for count in sizes] == [32, 32, 64, 64, 128, 128]
+    assert auto_batch_size(4_096, accumulate=2) == 32  # optimizer steps: each takes two batches
+    assert auto_batch_size(8_192, processes=3) == 129  # the global batch divides among the workers
+    data = write_shapes(tmp_path / "shapes", size=16, per_class=2, seed=0, progress=False)
+    dataset = open_dataset(str(data), None, 0)
+    given = TrainConfig(data=str(data), out=str(tmp_path / "runs"), name="auto")
+    resolved = resolve(given, dataset)
+    assert resolved.batch_size == 32 and resolved.optim.lr == pytest.approx(0.1 * 32 / 128)  # the rate follows
+    assert resolve(given, dataset, processes=3).batch_size == 33
+    assert resolve(dataclasses.replace(given, batch_size=128), dataset).batch_size == 128  # a given one is kept
+    path = prepare_run(given, 1, Console(quiet=True)) / "config.yaml"
+    written = yaml.safe_load(path.read_text())
+    assert written["batch_size"] == 32 and written["auto"]["batch_size"] == 32
+
+
 def test_a_run_config_chooses_again_what_its_run_chose_automatically(shapes16, tmp_path, capsys):
     from residual.cli import _train_config, build_parser, main
-    from residual.train.trainer import prepare_run
 
     dataset = open_dataset(str(shapes16), None, 0)
     given = TrainConfig(data=str(shapes16), epochs=1, batch_size=32, out=str(tmp_path), name="sgd")

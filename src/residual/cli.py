@@ -1104,7 +1104,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
                    help="with --progressive-resize: the last epoch at MIN and the first at the full size (default: "
                         "the last eighth of the epochs at the full size, after a ramp over the eighth before)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int,
+                   help="the global batch (default: 128, halved down to 32 while an epoch would be under 64 steps)")
     p.add_argument("--val-split", type=float, help="fraction held out per class when there is no val/ folder")
     fine = p.add_argument_group("fine-tuning")
     fine.add_argument("--from", dest="pretrained", metavar="NAME|PATH",

@@ -37,6 +37,10 @@ BASE_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 # LAMB's rate is relative to each layer's size (the trust ratio), and is not scaled with the batch: RSB's A3
 # uses it at 2048 images, and on shapes at 128 it did best between 5e-3 and 2e-2 (docs/training.md).
 LAMB_LR = 8e-3
+# The automatic batch: 128 images, halved down to 32 while an epoch would be fewer optimizer steps than this.
+# On a few thousand images 128-image batches make an epoch a few dozen steps, and the default epochs underfit;
+# at the same epochs (the same images seen, about the same time) smaller batches learned more (docs/training.md).
+AUTO_BATCH, SMALLEST_AUTO_BATCH, AUTO_BATCH_STEPS_PER_EPOCH = 128, 32, 64
 STRATEGIES = ("full", "linear-probe", "two-stage")
 
 
@@ -61,7 +65,9 @@ class TrainConfig:
     # (the last epoch at that size, the first at image_size); auto: the last two eighths of the epochs ramp up
     progressive_ramp: tuple[int, int] | None = None
     epochs: int | None = None  # auto: 30
-    batch_size: int = 128  # the global batch: split among distributed workers, and what the lr is scaled by
+    # The global batch: split among distributed workers, and what the lr is scaled by. Auto: 128, or less on a
+    # small training set (auto_batch_size)
+    batch_size: int | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and weight decay auto unless given
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # preset auto unless given
     label_smoothing: float = 0.0
@@ -321,6 +327,16 @@ COMPILE_FROM_STEPS = 2000  # an estimate, not yet measured on a GPU: compiling a
 CUDA_GRAPHS_UP_TO = 64
 
 
+def auto_batch_size(train_images: int, accumulate: int = 1, processes: int = 1) -> int:
+    """The batch `resolve` gives a run that names none: 128, halved (down to 32) while an epoch of
+    `train_images` would be fewer than AUTO_BATCH_STEPS_PER_EPOCH optimizer steps; a multiple of `processes`,
+    as the global batch divides among the workers."""
+    batch = AUTO_BATCH
+    while batch > SMALLEST_AUTO_BATCH and train_images / (batch * accumulate) < AUTO_BATCH_STEPS_PER_EPOCH:
+        batch //= 2
+    return math.ceil(batch / processes) * processes
+
+
 def optimizer_steps(config: TrainConfig, train_images: int) -> int:
     """Optimizer steps of the whole run."""
     return config.epochs * math.ceil(train_images / (config.batch_size * config.accumulate))
@@ -372,11 +388,12 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     larger ones an ImageNet-style net at 224 px (128 px under 160 px) with
     random-resized crops, lr 0.1 per 256 images and weight decay 1e-4. Adam, AdamW and
     RMSprop start from 0.001 instead of 0.1 (BASE_LR), LAMB from 0.008 whatever the batch
-    (LAMB_LR), and AdamW's and LAMB's decoupled weight decay is 0.01.
+    (LAMB_LR), and AdamW's and LAMB's decoupled weight decay is 0.01. The batch is 128
+    images, fewer on a training set of under 8,192 (auto_batch_size), and the rate scales with it.
     Fine-tuning (`pretrained`) keeps the source's architecture and input size; the
     new head trains at the usual rate, and the backbone at half the rate per layer
     group toward the input ('two-stage') or at a tenth of it ('full').
-    `processes`: how many distributed workers will train (torch.compile's mode depends on it).
+    `processes`: how many distributed workers will train (torch.compile's mode and the batch depend on it).
     """
     model, source_pre = config.model, None
     if config.pretrained:
@@ -391,13 +408,14 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     small = typical <= 64
     image_size = config.image_size or (typical if small or source_pre else (224 if typical >= 160 else 128))
     count = len(dataset.train)
+    batch_size = config.batch_size or auto_batch_size(count, config.accumulate, processes)
     model = model or (("resnet20" if count < 20_000 else "resnet56") if small else
                       ("resnet18" if count < 50_000 else "resnet50"))
     # A new head learns at the from-scratch rate; the pretrained backbone gets less: per layer group
     # (layer_lr_decay) in 'two-stage', or ten times less overall when 'full' fine-tuning trains it all alike.
     fine_tuning_all = 0.1 if config.pretrained and config.strategy == "full" else 1.0
     scaled = (LAMB_LR if config.optim.optimizer == "lamb" else
-              BASE_LR[config.optim.optimizer] * config.batch_size * config.accumulate / (128 if small else 256))
+              BASE_LR[config.optim.optimizer] * batch_size * config.accumulate / (128 if small else 256))
     # Decoupled weight decay (AdamW, LAMB): PyTorch's AdamW default, RSB's A1 LAMB value.
     decay = 0.01 if config.optim.optimizer in ("adamw", "lamb") else 5e-4 if small else 1e-4
     optim = dataclasses.replace(
@@ -423,16 +441,16 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     for flag, given in [("--freeze-stages", config.freeze_stages), ("--unfreeze-stages", config.unfreeze_stages)]:
         if given is not None and given > stages:
             raise ConfigError(f"{flag} {given}: {model} has {stages} stages; give 0 to {stages}")
-    compile_on, compile_mode, _ = compile_choice(dataclasses.replace(config, epochs=epochs), image_size, count,
-                                                 processes)
+    compile_on, compile_mode, _ = compile_choice(dataclasses.replace(config, epochs=epochs, batch_size=batch_size),
+                                                 image_size, count, processes)
     if dataset.multi_label:
         check_multi_label(config, dataset)
     elif config.monitor == "val_map":
         raise ConfigError(f"--monitor val_map: {dataset.root} has one class per image, which val_top1 measures; "
                           f"mean average precision is for multi-label data")
-    return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs, optim=optim,
-                               augment=augment, progressive_ramp=progressive_ramp, layer_lr_decay=layer_lr_decay,
-                               compile=compile_on, compile_mode=compile_mode,
+    return dataclasses.replace(config, model=model, image_size=image_size, epochs=epochs, batch_size=batch_size,
+                               optim=optim, augment=augment, progressive_ramp=progressive_ramp,
+                               layer_lr_decay=layer_lr_decay, compile=compile_on, compile_mode=compile_mode,
                                loss=config.loss or ("bce" if dataset.multi_label else "ce"),
                                monitor=config.monitor or ("val_map" if dataset.multi_label else "val_top1"))
 

@@ -145,11 +145,12 @@ def torchrun_command(run_dir: Path, nproc: int, max_restarts: int) -> list[str]:
             f"--max-restarts={max_restarts}", "-m", "residual", "train", "--run-dir", str(run_dir)]
 
 
-def check_launch(nproc: int, max_restarts: int, device: str, sync_bn: bool, batch_size: int) -> None:
+def check_launch(nproc: int, max_restarts: int, device: str, sync_bn: bool, batch_size: int | None) -> None:
     """What can be refused before any worker starts (so the user sees one line, not N tracebacks)."""
     if nproc < 1 or max_restarts < 0:
         raise ConfigError("--nproc must be at least 1 and --max-restarts at least 0")
-    per_worker_batch(batch_size, World(size=nproc))
+    if batch_size is not None:  # an automatic one is chosen to divide among the workers
+        per_worker_batch(batch_size, World(size=nproc))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if sync_bn and not cuda:
         raise ConfigError("--sync-bn needs CUDA workers (PyTorch's SyncBatchNorm has no CPU kernel); on the CPU "
