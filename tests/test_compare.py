@@ -32,11 +32,12 @@ def test_runs_are_ranked_by_their_kept_model_and_only_their_differences_are_name
     assert sorted(record.name for record in records) == ["fast", "slow", "stuck"]
     top1 = [record.best["val_top1"] for record in records]
     assert top1 == sorted(top1, reverse=True)
-    # What differs: the learning rate, schedule, epochs and early stopping; not the name or folder.
-    assert differing == ["epochs", "optim.lr", "optim.schedule", "early_stopping", "monitor"]
+    # What differs: the learning rate, schedule (and the cosine one's automatic warm-up), epochs and early
+    # stopping; not the name or folder.
+    assert differing == ["epochs", "optim.lr", "optim.schedule", "optim.warmup_epochs", "early_stopping", "monitor"]
     by_name = {record.name: record for record in records}
-    assert recipe_differences(by_name["fast"], differing) == ("epochs=3, lr=0.1, schedule=cosine, early_stopping=None, "
-                                                              "monitor=val_top1")
+    assert recipe_differences(by_name["fast"], differing) == ("epochs=3, lr=0.1, schedule=cosine, warmup_epochs=0.5, "
+                                                              "early_stopping=None, monitor=val_top1")
     assert by_name["fast"].state == "3/3"
     stuck = by_name["stuck"]
     assert stuck.state.endswith("/6 stopped early") and len(stuck.history) < 6

@@ -1128,7 +1128,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     opt.add_argument("--schedule", choices=("cosine", "step", "multistep", "exponential", "onecycle", "constant",
                                             "plateau"),
                      help="plateau: the lr cut by --gamma when --monitor stops improving")
-    opt.add_argument("--warmup-epochs", type=float)
+    opt.add_argument("--warmup-epochs", type=float,
+                     help="a linear warm-up (default: 5 epochs, at most a sixth of them, when training from scratch "
+                          "under the cosine schedule; none otherwise)")
     opt.add_argument("--min-lr-ratio", type=float,
                      help="cosine: the final lr, plateau: the lowest, as a fraction of --lr")
     opt.add_argument("--step-size", type=int, help="step schedule: epochs between decays")

@@ -41,6 +41,10 @@ LAMB_LR = 8e-3
 # On a few thousand images 128-image batches make an epoch a few dozen steps, and the default epochs underfit;
 # at the same epochs (the same images seen, about the same time) smaller batches learned more (docs/training.md).
 AUTO_BATCH, SMALLEST_AUTO_BATCH, AUTO_BATCH_STEPS_PER_EPOCH = 128, 32, 64
+# The automatic warm-up of a from-scratch cosine run: 5 epochs (timm's default, as Goyal et al. 2017), at most a
+# sixth of the run. On 3,000 images it took 30 epochs from 52.5% to 71.2% validation top-1, and at 4x the rate
+# from 37.5% to 90.2% (docs/training.md).
+AUTO_WARMUP_EPOCHS, AUTO_WARMUP_SHARE = 5.0, 1 / 6
 STRATEGIES = ("full", "linear-probe", "two-stage")
 
 
@@ -337,6 +341,15 @@ def auto_batch_size(train_images: int, accumulate: int = 1, processes: int = 1) 
     return math.ceil(batch / processes) * processes
 
 
+def auto_warmup_epochs(config: TrainConfig, epochs: int) -> float:
+    """The warm-up `resolve` gives a run that names none: a from-scratch run under the cosine schedule warms up
+    for AUTO_WARMUP_EPOCHS, at most a sixth of its `epochs`. Fine-tuning starts from weights that already
+    learned, one-cycle has a warm-up of its own, and the other schedules are the recipes', run as published."""
+    if config.pretrained or config.optim.schedule != "cosine":
+        return 0.0
+    return min(AUTO_WARMUP_EPOCHS, epochs * AUTO_WARMUP_SHARE)
+
+
 def optimizer_steps(config: TrainConfig, train_images: int) -> int:
     """Optimizer steps of the whole run."""
     return config.epochs * math.ceil(train_images / (config.batch_size * config.accumulate))
@@ -390,6 +403,7 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     RMSprop start from 0.001 instead of 0.1 (BASE_LR), LAMB from 0.008 whatever the batch
     (LAMB_LR), and AdamW's and LAMB's decoupled weight decay is 0.01. The batch is 128
     images, fewer on a training set of under 8,192 (auto_batch_size), and the rate scales with it.
+    A from-scratch cosine run warms the rate up linearly for 5 epochs (auto_warmup_epochs).
     Fine-tuning (`pretrained`) keeps the source's architecture and input size; the
     new head trains at the usual rate, and the backbone at half the rate per layer
     group toward the input ('two-stage') or at a tenth of it ('full').
@@ -418,13 +432,15 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
               BASE_LR[config.optim.optimizer] * batch_size * config.accumulate / (128 if small else 256))
     # Decoupled weight decay (AdamW, LAMB): PyTorch's AdamW default, RSB's A1 LAMB value.
     decay = 0.01 if config.optim.optimizer in ("adamw", "lamb") else 5e-4 if small else 1e-4
+    epochs = config.epochs or 30
+    given_warmup = config.optim.warmup_epochs
     optim = dataclasses.replace(
         config.optim,
         lr=config.optim.lr or scaled * fine_tuning_all,
-        weight_decay=config.optim.weight_decay if config.optim.weight_decay is not None else decay)
+        weight_decay=config.optim.weight_decay if config.optim.weight_decay is not None else decay,
+        warmup_epochs=given_warmup if given_warmup is not None else auto_warmup_epochs(config, epochs))
     augment = config.augment.resolved(image_size)
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
-    epochs = config.epochs or 30
     progressive_ramp = None
     if config.progressive_resize is not None:
         if config.progressive_resize >= image_size:

@@ -39,7 +39,7 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float | None = None  # auto: set by the training config from the image size
     schedule: str = "cosine"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float | None = None  # linear from the first step; auto: set by the training config, else none
     min_lr_ratio: float = 0.0  # cosine: the final lr, plateau: the lowest, as a fraction of lr
     step_size: int = 30  # step: epochs between decays
     milestones: tuple[float, ...] = field(default=(30, 60, 80))  # multistep: epochs (may be fractional)
@@ -63,7 +63,7 @@ class OptimConfig:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        if self.warmup_epochs < 0:
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
             raise ConfigError(f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio is a fraction of --lr, in [0, 1], got {self.min_lr_ratio}")
@@ -163,7 +163,7 @@ def lr_factor(step: int, config: OptimConfig, steps_per_epoch: int, total_steps:
     """The learning rate at `step` as a fraction of config.lr."""
     if config.schedule == "onecycle":
         return _one_cycle(step, config, total_steps)
-    warmup = round(config.warmup_epochs * steps_per_epoch)
+    warmup = round((config.warmup_epochs or 0.0) * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
     epoch = step / steps_per_epoch
