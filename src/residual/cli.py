@@ -1121,7 +1121,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
                      help="lamb: LAMB, as ResNet strikes back trains ResNet-50 (with --loss bce)")
     opt.add_argument("--lr", type=lambda v: v if v == "auto" else float(v),
                      help="default 0.1 per 128 images (small) or per 256 (large), 0.001 for adam, adamw and "
-                          "rmsprop; 0.008 for lamb; 'auto': run the range test first")
+                          "rmsprop (a from-scratch run that warms up takes 128 images' rate when the automatic "
+                          "batch is smaller); 0.008 for lamb; 'auto': run the range test first")
     opt.add_argument("--momentum", type=float)
     opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     opt.add_argument("--weight-decay", type=float, help="L2 on conv/linear weights only (never BN or bias)")

@@ -39,7 +39,8 @@ BASE_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 LAMB_LR = 8e-3
 # The automatic batch: 128 images, halved down to 32 while an epoch would be fewer optimizer steps than this.
 # On a few thousand images 128-image batches make an epoch a few dozen steps, and the default epochs underfit;
-# at the same epochs (the same images seen, about the same time) smaller batches learned more (docs/training.md).
+# at the same epochs (the same images seen, about the same time) smaller batches learned more, and more again
+# at 128's rate (auto_lr_batch; docs/training.md).
 AUTO_BATCH, SMALLEST_AUTO_BATCH, AUTO_BATCH_STEPS_PER_EPOCH = 128, 32, 64
 # The automatic warm-up of a from-scratch cosine run: 5 epochs (timm's default, as Goyal et al. 2017), at most a
 # sixth of the run. On 3,000 images it took 30 epochs from 52.5% to 71.2% validation top-1, and at 4x the rate
@@ -350,6 +351,17 @@ def auto_warmup_epochs(config: TrainConfig, epochs: int) -> float:
     return min(AUTO_WARMUP_EPOCHS, epochs * AUTO_WARMUP_SHARE)
 
 
+def auto_lr_batch(config: TrainConfig, batch_size: int, warmup_epochs: float) -> int:
+    """The images per optimizer step the automatic rate scales with: the run's own, except where `resolve` halved
+    the automatic batch for a from-scratch run whose rate warms up (a warm-up, or one-cycle's climb). Such a run
+    keeps the rate of AUTO_BATCH: the halving is for more steps an epoch, not for smaller ones. Without a warm-up
+    the higher rate did worse, and fine-tuning starts from weights it should not move far (docs/training.md)."""
+    warms_up = warmup_epochs > 0 or config.optim.schedule == "onecycle"
+    if config.batch_size is None and batch_size < AUTO_BATCH and not config.pretrained and warms_up:
+        return AUTO_BATCH * config.accumulate
+    return batch_size * config.accumulate
+
+
 def optimizer_steps(config: TrainConfig, train_images: int) -> int:
     """Optimizer steps of the whole run."""
     return config.epochs * math.ceil(train_images / (config.batch_size * config.accumulate))
@@ -402,7 +414,8 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     random-resized crops, lr 0.1 per 256 images and weight decay 1e-4. Adam, AdamW and
     RMSprop start from 0.001 instead of 0.1 (BASE_LR), LAMB from 0.008 whatever the batch
     (LAMB_LR), and AdamW's and LAMB's decoupled weight decay is 0.01. The batch is 128
-    images, fewer on a training set of under 8,192 (auto_batch_size), and the rate scales with it.
+    images, fewer on a training set of under 8,192 (auto_batch_size), and the rate scales with it,
+    except that a from-scratch run that warms up keeps batch 128's rate (auto_lr_batch).
     A from-scratch cosine run warms the rate up linearly for 5 epochs (auto_warmup_epochs).
     Fine-tuning (`pretrained`) keeps the source's architecture and input size; the
     new head trains at the usual rate, and the backbone at half the rate per layer
@@ -428,17 +441,18 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     # A new head learns at the from-scratch rate; the pretrained backbone gets less: per layer group
     # (layer_lr_decay) in 'two-stage', or ten times less overall when 'full' fine-tuning trains it all alike.
     fine_tuning_all = 0.1 if config.pretrained and config.strategy == "full" else 1.0
-    scaled = (LAMB_LR if config.optim.optimizer == "lamb" else
-              BASE_LR[config.optim.optimizer] * batch_size * config.accumulate / (128 if small else 256))
-    # Decoupled weight decay (AdamW, LAMB): PyTorch's AdamW default, RSB's A1 LAMB value.
-    decay = 0.01 if config.optim.optimizer in ("adamw", "lamb") else 5e-4 if small else 1e-4
     epochs = config.epochs or 30
     given_warmup = config.optim.warmup_epochs
+    warmup_epochs = given_warmup if given_warmup is not None else auto_warmup_epochs(config, epochs)
+    scaled = (LAMB_LR if config.optim.optimizer == "lamb" else BASE_LR[config.optim.optimizer]
+              * auto_lr_batch(config, batch_size, warmup_epochs) / (128 if small else 256))
+    # Decoupled weight decay (AdamW, LAMB): PyTorch's AdamW default, RSB's A1 LAMB value.
+    decay = 0.01 if config.optim.optimizer in ("adamw", "lamb") else 5e-4 if small else 1e-4
     optim = dataclasses.replace(
         config.optim,
         lr=config.optim.lr or scaled * fine_tuning_all,
         weight_decay=config.optim.weight_decay if config.optim.weight_decay is not None else decay,
-        warmup_epochs=given_warmup if given_warmup is not None else auto_warmup_epochs(config, epochs))
+        warmup_epochs=warmup_epochs)
     augment = config.augment.resolved(image_size)
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
     progressive_ramp = None
