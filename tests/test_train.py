@@ -775,9 +775,17 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(shapes16, tmp_path, m
 
 def test_mixed_precision_path_trains(shapes16, tmp_path):
     # bf16 autocast, the CUDA default, also runs on the CPU: the same code path, exercised here.
-    result = train(TrainConfig(data=str(shapes16), epochs=1, amp=True, out=str(tmp_path), name="amp", **QUICK))
+    log = io.StringIO()
+    result = train(TrainConfig(data=str(shapes16), epochs=1, amp=True, out=str(tmp_path), name="amp",
+                               **{**QUICK, "report": True}), console=Console(file=log, width=300))
     assert math.isfinite(result.history[0]["train_loss"])
     assert residual.load_model(result.model_path).fc.weight.dtype == torch.float32
+    # The report computes in float32, as `residual eval` does, and says so beside the epoch's bf16 figure,
+    # which an image near a tie can make differ.
+    reported = json.loads((result.run_dir / "metrics.json").read_text())["top1"]
+    [line] = [line for line in log.getvalue().splitlines() if line.startswith("validation report:")]
+    assert (f"val top-1 {reported:.2%} in float32; {result.best['val_top1']:.2%} in the epoch's bfloat16 "
+            f"validation, ECE") in line
 
 
 def test_class_weights_and_balanced_sampler_for_imbalanced_data(tmp_path):

@@ -989,8 +989,13 @@ class Trainer:
                           workers=c.workers, progress=not c.quiet,
                           title=f"{c.model} on {Path(c.data).name}: validation report (best epoch {self.best_epoch})")
         score = "map" if self.dataset.multi_label else "top1"
+        seen = self.best[f"val_{score}"]
+        # The report computes in float32, as `residual eval` does; under mixed precision the epochs' validation
+        # did not, and an image or two near a tie can go the other way: both figures are given.
+        precision = (f" in float32; {seen:.2%} in the epoch's {str(self.amp_dtype).removeprefix('torch.')} "
+                     f"validation" if self.amp_dtype is not None else "")
         self.console.print(f"validation report: {result.files['report']} ({VAL_SCORE_NAMES['val_' + score]} "
-                           f"{result.metrics[score]:.2%}, ECE {result.metrics['ece']:.3f})")
+                           f"{result.metrics[score]:.2%}{precision}, ECE {result.metrics['ece']:.3f})")
 
 
 VAL_SCORE_NAMES = {"val_top1": "val top-1", "val_map": "val mAP"}
