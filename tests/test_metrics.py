@@ -170,3 +170,26 @@ def test_unknown_detection_floor_is_rounded_down_to_what_is_shown():
     assert result["at_floor"]["coverage"] == 1.0 and result["at_floor"]["unknown_passed"] == 1.0
     separated = unknown_detection(np.array([0.9, 0.8]), np.ones(2, bool), np.array([0.1, 0.2]))
     assert separated["roc_auc"] == 1.0 and separated["at_floor"]["unknown_passed"] == 0.0
+
+
+def test_top5_is_shown_only_with_more_than_five_classes(tmp_path):
+    from PIL import Image
+    from rich.console import Console
+
+    from residual.report import write_html
+    from residual.tables import eval_tables
+
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (2, 2)).save(picture)
+
+    def shown(metrics):
+        console = Console(record=True, width=200)
+        for table in eval_tables(metrics, "val"):
+            console.print(table)
+        write_html(tmp_path / "report.html", "val", metrics, {}, {"confusion_matrix": picture, "reliability": picture},
+                   [], [])
+        return "top-5" in console.export_text(), "top-5" in (tmp_path / "report.html").read_text()
+
+    assert shown(classification_metrics(PROBS, LABELS, NAMES)) == (False, False)  # always 100% with three
+    six = np.hstack([PROBS, np.zeros((len(LABELS), 3))])
+    assert shown(classification_metrics(six, LABELS, [*NAMES, "d", "e", "f"])) == (True, True)

@@ -715,7 +715,8 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     assert config["auto"]["augment.randaugment_ops"] == 2 and "augment.randaugment_magnitude" not in config["auto"]
     assert config["augment"]["mixup"] == 0.2 and config["model_options"] == {"drop_rate": 0.1, "drop_path_rate": 0.05}
     assert (config["loss"], config["bce_target_threshold"]) == ("bce", 0.2) and config["aug_repeats"] == 3
-    assert "epoch 1/1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "epoch 1/1" in printed and "top-5" in printed  # ten classes
     assert main(["train", str(shapes16), "--aug-repeats", "0"]) == 2
     assert "--aug-repeats must be at least 1, got 0" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "nowhere")]) == 2
@@ -723,6 +724,18 @@ def test_train_cli_maps_flags_to_the_config(shapes16, tmp_path, capsys):
     assert "--ema is the average's decay per step" in capsys.readouterr().err
     assert main(["train", str(shapes16), "--bce-target-threshold", "0.2"]) == 2
     assert "--bce-target-threshold goes with --loss bce" in capsys.readouterr().err
+
+
+def test_the_epoch_line_leaves_out_top5_where_five_classes_or_fewer_make_it_always_100(shapes16, tmp_path, capsys):
+    from residual.cli import main
+
+    for split in ("train", "val"):
+        for name in ("circle", "square", "star"):
+            shutil.copytree(shapes16 / split / name, tmp_path / "three" / split / name)
+    assert main(["train", str(tmp_path / "three"), "--model", "resnet20", "--epochs", "1", "--batch-size", "32",
+                 "--quiet", "--no-report", "--out", str(tmp_path), "--name", "three"]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1/1" in printed and "top-1" in printed and "top-5" not in printed
 
 
 def test_stem_flag_and_the_warning_for_a_net_that_shrinks_small_images_to_one_pixel(shapes16, tmp_path, capsys):

@@ -47,6 +47,11 @@ def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": predicted}
 
 
+def shows_top5(num_classes: int) -> bool:
+    """Whether top-5 is worth printing: with five classes or fewer every label is in the top five (100%)."""
+    return num_classes > 5
+
+
 def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     k = min(k, probs.shape[1])
     top = np.argpartition(-probs, k - 1, axis=1)[:, :k]

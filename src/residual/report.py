@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from .atomic import atomic_path, write_json
 from .explain import overlay
-from .metrics import image_losses, label_losses
+from .metrics import image_losses, label_losses, shows_top5
 
 ANNOTATE_UP_TO = 20  # classes; beyond this the matrix cells are too small for numbers
 LABEL_UP_TO = 60  # classes; beyond this tick labels overlap
@@ -277,12 +277,12 @@ th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-widt
 def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict[str, Path],
                gallery: list[GalleryItem], failed: list[str]) -> None:
     low, high = metrics["top1_ci95"]
-    cards = [("top-1", f"{metrics['top1']:.2%}"), ("top-1, 95% interval", f"{low:.2%} - {high:.2%}"),
-             ("top-5", f"{metrics['top5']:.2%}"),
-             ("loss", f"{metrics['loss']:.4f}"), ("ECE", f"{metrics['ece']:.4f}"),
+    top5 = [("top-5", f"{metrics['top5']:.2%}")] if shows_top5(len(metrics["per_class"])) else []
+    macro_auc = metrics["macro"]["roc_auc"]
+    roc_auc = [("ROC AUC (macro)", f"{macro_auc:.4f}")] if macro_auc is not None else []
+    cards = [("top-1", f"{metrics['top1']:.2%}"), ("top-1, 95% interval", f"{low:.2%} - {high:.2%}"), *top5,
+             ("loss", f"{metrics['loss']:.4f}"), *roc_auc, ("ECE", f"{metrics['ece']:.4f}"),
              ("images", f"{metrics['images']:,}"), ("unreadable", str(len(failed)))]
-    if metrics["macro"]["roc_auc"] is not None:
-        cards.insert(4, ("ROC AUC (macro)", f"{metrics['macro']['roc_auc']:.4f}"))
     scores = ("precision", "recall", "f1", "roc_auc", "average_precision")
     per_class = [[r["class"], *(r[k] for k in scores), r["support"]] for r in metrics["per_class"]]
     per_class += [[f"{name} average", *(metrics[name][k] for k in scores), metrics["images"]]

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .data.check import DataReport
 from .data.corruptions import CORRUPTIONS
-from .metrics import SCORE_NAMES, SIGNIFICANCE, p_value_text
+from .metrics import SCORE_NAMES, SIGNIFICANCE, p_value_text, shows_top5
 from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
@@ -179,9 +179,10 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
     """The headline numbers, per-class scores (the worst `limit` by F1 when there are more), confused pairs."""
     summary = new_table(title, ("metric", "value"), right=("value",), title_justify="left", show_header=False)
     low, high = metrics["top1_ci95"]
+    top5 = [("top-5", f"{metrics['top5']:.2%}")] if shows_top5(len(metrics["per_class"])) else []
     for name, value in [("images", f"{metrics['images']:,}"), ("top-1", f"{metrics['top1']:.2%}"),
                         ("top-1, 95% interval", f"{low:.2%} - {high:.2%}"),
-                        ("top-5", f"{metrics['top5']:.2%}"), ("loss", f"{metrics['loss']:.4f}"),
+                        *top5, ("loss", f"{metrics['loss']:.4f}"),
                         ("ECE", f"{metrics['ece']:.4f}"), ("macro F1", f"{metrics['macro']['f1']:.4f}"),
                         ("weighted F1", f"{metrics['weighted']['f1']:.4f}"),
                         ("macro ROC AUC", score_text(metrics["macro"]["roc_auc"], 4))]:

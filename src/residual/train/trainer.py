@@ -49,7 +49,7 @@ from ..data.loaders import (BadFileLog, FileLoader, InMemoryLoader, decoding_wor
 from ..data.transforms import build_augment, mix_batch, normalize
 from ..errors import ConfigError, ResidualError
 from ..evaluate import evaluate
-from ..metrics import multi_label_metrics
+from ..metrics import multi_label_metrics, shows_top5
 from ..models import Preprocessing, ResNet, build_model
 from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from ..models.resnet import MULTI_LABEL_THRESHOLD
@@ -886,7 +886,8 @@ class Trainer:
                if self.teacher is not None else "")
             + f"acc {row['train_acc']:.2%}  val loss {row['val_loss']:.4f} "
             + (f"mAP {row['val_map']:.2%} F1 {row['val_f1']:.2%} exact {row['val_exact_match']:.2%}  "
-               if self.dataset.multi_label else f"top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}  ")
+               if self.dataset.multi_label else f"top-1 {row['val_top1']:.2%} "
+               + (f"top-5 {row['val_top5']:.2%} " if shows_top5(len(self.dataset.classes)) else "") + " ")
             + f"lr {row['lr']:.3g}  {row['images_per_s']:.0f} img/s"
             + (f" at {row['train_size']} px" if "train_size" in row else "") + f"  {row['epoch_seconds']:.1f}s"
             + ("  *best*" if self.best_epoch == self.epoch + 1 else ""))
