@@ -36,6 +36,7 @@ def test_recipes_resolve_to_their_sources_numbers(shapes):
     assert (a3.optim.optimizer, a3.optim.lr, a3.optim.weight_decay, a3.optim.warmup_epochs) == ("lamb", 0.008, 0.02, 5)
     assert (a3.loss, a3.bce_target_threshold, a3.augment.mixup, a3.augment.cutmix) == ("bce", 0.2, 0.1, 1.0)
     assert (a3.augment.auto_augment, a3.augment.randaugment_magnitude) == ("randaugment", 18)  # timm's m6 of 10
+    assert a3.augment.crop_scale == 0.08  # ImageNet's crops, named: few images would get 0.35 automatically
     a1 = resolve(TrainConfig.from_dict({**recipe_options("rsb-a1"), "data": str(shapes)}), data)
     assert (a1.epochs, a1.aug_repeats, a1.label_smoothing, a1.model_options["drop_path_rate"]) == (600, 3, 0.1, 0.05)
     # The SGD recipes leave the rate automatic: their source's rate at their batch, scaled with another batch.
@@ -55,7 +56,7 @@ def test_recipes_resolve_to_their_sources_numbers(shapes):
             resnext.optim.gamma) == (0.1, True, 5e-4, (150, 225), 0.1)
     assert count_params(residual.create_model(resnext.model, num_classes=10)) == 34_426_698  # the paper's 34.4M
     tv = TrainConfig.from_dict({**recipe_options("torchvision-v1"), "data": str(shapes), "batch_size": 512})
-    assert resolve(tv, data).optim.lr == pytest.approx(0.2)
+    assert resolve(tv, data).optim.lr == pytest.approx(0.2) and resolve(tv, data).augment.crop_scale == 0.08
 
 
 def test_a_recipe_trains_and_flags_override_it(shapes, tmp_path, capsys):

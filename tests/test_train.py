@@ -29,8 +29,8 @@ from residual.data.transforms import AugmentConfig, build_augment, normalize, so
 from residual.models import build_model
 from residual.train import TrainConfig, TrainingError, load_config, train
 from residual.train.checkpoint import load_checkpoint, save_checkpoint
-from residual.train.config import (auto_batch_size, auto_lr_batch, auto_warmup_epochs, chosen_automatically,
-                                   resolve)
+from residual.train.config import (FEW_IMAGES, auto_batch_size, auto_gentle_crops, auto_lr_batch, auto_warmup_epochs,
+                                   chosen_automatically, resolve)
 from residual.train.ema import WeightEMA
 from residual.train.loss import consistency_sum
 from residual.train.optim import OptimConfig, lr_factor
@@ -157,6 +157,24 @@ def test_a_halved_automatic_batch_keeps_the_rate_of_128_where_the_rate_warms_up(
     assert auto_lr_batch(dataclasses.replace(given, pretrained="resnet50.tv2_in1k"), 32, 0.0) == 32
     assert auto_lr_batch(dataclasses.replace(given, pretrained="resnet50.tv2_in1k"), 32, 5.0) == 32
     assert auto_lr_batch(given, 32, 5.0) == 128 and auto_lr_batch(given, 128, 5.0) == 128
+
+
+def test_few_images_from_scratch_get_random_resized_crops_of_at_least_035_of_the_image(tmp_path):
+    data = write_shapes(tmp_path / "shapes", size=72, per_class=1, seed=0, progress=False)
+    dataset = open_dataset(str(data), None, 0)
+    given = TrainConfig(data=str(data))
+
+    def crop_scale(augment):
+        return resolve(dataclasses.replace(given, augment=augment), dataset).augment.crop_scale
+
+    resolved = resolve(given, dataset)
+    assert resolved.augment.crop_scale == 0.35 and resolved.image_size == 128
+    assert chosen_automatically(given, resolved)["augment.crop_scale"] == 0.35
+    assert crop_scale(AugmentConfig(preset="strong")) == 0.35
+    assert crop_scale(AugmentConfig(crop_scale=0.08)) == 0.08  # a given crop scale is kept
+    assert crop_scale(AugmentConfig(preset="cifar")) == 0.0  # a preset without random-resized crops
+    assert auto_gentle_crops(given, FEW_IMAGES - 1) and not auto_gentle_crops(given, FEW_IMAGES)  # ImageNet's 0.08
+    assert not auto_gentle_crops(dataclasses.replace(given, pretrained="resnet50.tv2_in1k"), 3_000)  # fine-tuning
 
 
 def test_a_from_scratch_cosine_run_warms_up_unless_told_otherwise(tmp_path):

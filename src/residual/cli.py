@@ -1188,7 +1188,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     aug.add_argument("--pad-mode", choices=PAD_MODES,
                      help="what --pad-crop's border holds: zeros (default), or the image mirrored (reflect, as the "
                           "Wide ResNets trained)")
-    aug.add_argument("--crop-scale", type=float, help="smallest area of random-resized crops (0: off)")
+    aug.add_argument("--crop-scale", type=float,
+                     help="smallest area of random-resized crops (0: off); auto: 0.08, or 0.35 for images up to "
+                          "64 px and from scratch on fewer than 50,000 training images")
     aug.add_argument("--rotation", type=float, help="degrees")
     aug.add_argument("--shift", type=float, help="width/height shift, fraction")
     aug.add_argument("--brightness", type=float)

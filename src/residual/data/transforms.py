@@ -33,6 +33,9 @@ AUTO_AUGMENTS = (None, "autoaugment", "randaugment", "trivialaugment", "augmix")
 RANDAUGMENT_OPERATIONS = 15  # kornia's default policy: the paper's 14 and SolarizeAdd
 # RandAugment's N and M where none are given: the paper's ResNet-50 setting.
 RANDAUGMENT_OPS, RANDAUGMENT_MAGNITUDE = 2, 9
+# The smallest area a random-resized crop keeps: ImageNet's 0.08 (Inception's crops, torchvision's and timm's
+# default), or 0.35 (fastai's Imagenette runs) for small images and, where `resolve` asks, short runs on few images.
+WIDE_CROP_SCALE, GENTLE_CROP_SCALE = 0.08, 0.35
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,9 @@ class AugmentConfig:
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{flag} is a fraction: in [0, 1], got {value}")
 
-    def resolved(self, input_size: int) -> "AugmentConfig":
-        """Every None knob filled from the preset (crop scale and padding follow the image size)."""
+    def resolved(self, input_size: int, gentle_crops: bool = False) -> "AugmentConfig":
+        """Every None knob filled from the preset (crop scale and padding follow the image size);
+        `gentle_crops`: the larger smallest crop (GENTLE_CROP_SCALE) at any size."""
         small = input_size <= 64
         preset = self.preset or ("cifar" if small else "standard")
         base = {"hflip": False, "pad_crop": 0, "crop_scale": 0.0, "rotation": 0.0, "shift": 0.0,
@@ -92,7 +96,7 @@ class AugmentConfig:
         if preset == "cifar":
             base |= {"hflip": True, "pad_crop": max(1, input_size // 8)}
         if preset in ("standard", "strong"):
-            base |= {"hflip": True, "crop_scale": 0.35 if small else 0.08}
+            base |= {"hflip": True, "crop_scale": GENTLE_CROP_SCALE if small or gentle_crops else WIDE_CROP_SCALE}
         if preset == "strong":
             base |= {"rotation": 15.0, "shift": 0.1, "brightness": 0.2, "contrast": 0.2, "random_erasing": 0.25,
                      "auto_augment": "trivialaugment"}

@@ -46,6 +46,10 @@ AUTO_BATCH, SMALLEST_AUTO_BATCH, AUTO_BATCH_STEPS_PER_EPOCH = 128, 32, 64
 # sixth of the run. On 3,000 images it took 30 epochs from 52.5% to 71.2% validation top-1, and at 4x the rate
 # from 37.5% to 90.2% (docs/training.md).
 AUTO_WARMUP_EPOCHS, AUTO_WARMUP_SHARE = 5.0, 1 / 6
+# Training sets under this many images are few: a from-scratch run gets resnet18 rather than resnet50 (resnet20
+# rather than resnet56 under 20,000 small images) and random-resized crops of at least 0.35 of the image
+# (auto_gentle_crops).
+FEW_IMAGES = 50_000
 STRATEGIES = ("full", "linear-probe", "two-stage")
 
 
@@ -362,6 +366,14 @@ def auto_lr_batch(config: TrainConfig, batch_size: int, warmup_epochs: float) ->
     return batch_size * config.accumulate
 
 
+def auto_gentle_crops(config: TrainConfig, train_images: int) -> bool:
+    """Whether the automatic random-resized crops keep at least GENTLE_CROP_SCALE of the image (0.35) instead of
+    ImageNet's 0.08: in a from-scratch run on fewer than FEW_IMAGES training images. A crop of 8% often misses the
+    object, noise a few thousand images and 30 epochs cannot afford to learn through (docs/training.md).
+    Fine-tuning keeps 0.08, its source's training crops (0.35 is not measured there)."""
+    return not config.pretrained and train_images < FEW_IMAGES
+
+
 def optimizer_steps(config: TrainConfig, train_images: int) -> int:
     """Optimizer steps of the whole run."""
     return config.epochs * math.ceil(train_images / (config.batch_size * config.accumulate))
@@ -416,7 +428,8 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     (LAMB_LR), and AdamW's and LAMB's decoupled weight decay is 0.01. The batch is 128
     images, fewer on a training set of under 8,192 (auto_batch_size), and the rate scales with it,
     except that a from-scratch run that warms up keeps batch 128's rate (auto_lr_batch).
-    A from-scratch cosine run warms the rate up linearly for 5 epochs (auto_warmup_epochs).
+    A from-scratch cosine run warms the rate up linearly for 5 epochs (auto_warmup_epochs), and on
+    fewer than 50,000 images its random-resized crops keep at least 0.35 of the image (auto_gentle_crops).
     Fine-tuning (`pretrained`) keeps the source's architecture and input size; the
     new head trains at the usual rate, and the backbone at half the rate per layer
     group toward the input ('two-stage') or at a tenth of it ('full').
@@ -437,7 +450,7 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
     count = len(dataset.train)
     batch_size = config.batch_size or auto_batch_size(count, config.accumulate, processes)
     model = model or (("resnet20" if count < 20_000 else "resnet56") if small else
-                      ("resnet18" if count < 50_000 else "resnet50"))
+                      ("resnet18" if count < FEW_IMAGES else "resnet50"))
     # A new head learns at the from-scratch rate; the pretrained backbone gets less: per layer group
     # (layer_lr_decay) in 'two-stage', or ten times less overall when 'full' fine-tuning trains it all alike.
     fine_tuning_all = 0.1 if config.pretrained and config.strategy == "full" else 1.0
@@ -453,7 +466,7 @@ def resolve(config: TrainConfig, dataset: Dataset, processes: int = 1) -> TrainC
         lr=config.optim.lr or scaled * fine_tuning_all,
         weight_decay=config.optim.weight_decay if config.optim.weight_decay is not None else decay,
         warmup_epochs=warmup_epochs)
-    augment = config.augment.resolved(image_size)
+    augment = config.augment.resolved(image_size, gentle_crops=auto_gentle_crops(config, count))
     layer_lr_decay = config.layer_lr_decay or (0.5 if config.strategy == "two-stage" else 1.0)
     progressive_ramp = None
     if config.progressive_resize is not None:
