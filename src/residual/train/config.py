@@ -46,9 +46,8 @@ AUTO_BATCH, SMALLEST_AUTO_BATCH, AUTO_BATCH_STEPS_PER_EPOCH = 128, 32, 64
 # sixth of the run. On 3,000 images it took 30 epochs from 52.5% to 71.2% validation top-1, and at 4x the rate
 # from 37.5% to 90.2% (docs/training.md).
 AUTO_WARMUP_EPOCHS, AUTO_WARMUP_SHARE = 5.0, 1 / 6
-# Training sets under this many images are few: a from-scratch run gets resnet18 rather than resnet50 (resnet20
-# rather than resnet56 under 20,000 small images) and random-resized crops of at least 0.35 of the image
-# (auto_gentle_crops).
+# Training sets under this many images are few: a from-scratch run on images over 64 px gets resnet18 rather than
+# resnet50, and random-resized crops of at least 0.35 of the image (auto_gentle_crops).
 FEW_IMAGES = 50_000
 STRATEGIES = ("full", "linear-probe", "two-stage")
 
