@@ -311,3 +311,51 @@ def test_unsure_predictions_are_written_without_a_class():
     without = io.StringIO()
     write_json(iter([Prediction("c.png", [(0, "ring", 0.2)])]), without)
     assert "unsure" not in json.loads(without.getvalue())[0]
+
+
+def test_threads_sharing_one_model_get_the_answers_and_features_of_their_own_images(tmp_path, monkeypatch):
+    """A web app's thread pool may call predict on one model from several threads at once: each call gets its
+    own images' probabilities and feature-bank similarities, as when called alone, whatever runs the model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from residual.data import loaders
+    from residual.deploy.onnx import OnnxModel, write_onnx
+    from residual.feature_bank import FeatureBank
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=4).eval()
+    model.class_names = ["a", "b", "c", "d"]
+    model.preprocessing = Preprocessing(input_size=32, resize_size=32)
+    write_onnx(model, tmp_path / "model.onnx")
+    generator = np.random.default_rng(0)
+    # Each thread's images are drawn on its own scale, so features from another thread's batches would not fit.
+    jobs = [[(generator.random((32, 32, 3)) * (60 + 60 * job)).astype(np.uint8) for _ in range(24)]
+            for job in range(4)]
+    bank = FeatureBank.of(torch.randn(50, 64), k=1, floor=0.5, model=model)
+    runners = {"pytorch": model, "onnxruntime": OnnxModel(tmp_path / "model.onnx"),
+               "openvino": OnnxModel(tmp_path / "model.onnx", runtime="openvino")}
+    for name, runner in runners.items():
+        def answers(images):
+            result = predict(runner, images, topk=4, batch_size=2, feature_bank=bank)
+            return [(p.top, p.similarity) for p in result.predictions]
+
+        alone = [answers(images) for images in jobs]
+        for _ in range(3):
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                together = list(pool.map(answers, jobs))
+            for job_alone, job_together in zip(alone, together):
+                for (top, similarity), (top_together, similarity_together) in zip(job_alone, job_together):
+                    assert [c for c, _, _ in top] == [c for c, _, _ in top_together], name
+                    assert [p for _, _, p in top] == pytest.approx([p for _, _, p in top_together], abs=1e-5)
+                    assert similarity == pytest.approx(similarity_together, abs=1e-5), name
+
+    # A thread other than the main one decodes its images itself: DataLoaders forking decoding workers from
+    # several threads at once lost some (a worker forked while another thread held a lock died).
+    started = []
+    loader = loaders.DataLoader
+    monkeypatch.setattr(loaders, "DataLoader", lambda *args, **kwargs: started.append(kwargs["num_workers"])
+                        or loader(*args, **kwargs))
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(predict, model, jobs[0], batch_size=2).result()
+    predict(model, jobs[0], batch_size=2)
+    assert started == [0, loaders.decoding_workers()]

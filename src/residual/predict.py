@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,14 @@ def collected_features(model) -> Iterator[list[torch.Tensor]]:
             yield pooled
         return
     pooled: list[torch.Tensor] = []
-    hook = model.fc.register_forward_pre_hook(lambda _module, args: pooled.append(args[0].float()))
+    # Only this thread's calls: threads sharing the model (a web app's pool) run the hooks of each other's calls.
+    collector = threading.get_ident()
+
+    def collect(_module, args):
+        if threading.get_ident() == collector:
+            pooled.append(args[0].float())
+
+    hook = model.fc.register_forward_pre_hook(collect)
     try:
         yield pooled
     finally:

@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -310,13 +311,17 @@ def inference_batches(items: list, resize: int, crop: int, interpolation: str = 
     """`items` (paths, PIL images, arrays) resized and center-cropped, in order, `batch_size` at a time,
     each batch's images on `device`.
 
-    workers=None starts `decoding_workers()` processes when there is more than one batch to decode.
+    workers=None starts `decoding_workers()` processes when there is more than one batch to decode, called from
+    the main thread; from any other, it decodes in that thread. Threads sharing a model (a web app's pool) each
+    predicting at once made DataLoaders fork side by side, and a worker forked while another thread held a lock
+    died (exit code 1), reported by the process-wide SIGCHLD handler to whichever thread it interrupted.
     `decoder` as FileLoader's: 'torchvision' decodes the JPEG files on `device`.
     """
     check_stream(batch_size, workers, decoder, device)
     device = torch.device(device)
     if workers is None:
-        workers = decoding_workers() if len(items) > batch_size else 0
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        workers = decoding_workers() if len(items) > batch_size and in_main_thread else 0
     dataset_class, collate = DECODING[decoder]
     loader = DataLoader(dataset_class(items, resize, crop, interpolation), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate)

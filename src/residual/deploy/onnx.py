@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -280,7 +281,9 @@ class OnnxModel:
         # The float32 classifier the file was exported with, which a FeatureBank checks (absent from files
         # exported before the graph had its features output).
         self.classifier_fingerprint = meta.get("classifier_sha256")
-        self.pooled: list[torch.Tensor] | None = None  # while collecting_features: each call's features
+        # Per thread, since threads may share the model (a web app's pool): the features each call collects
+        # while collecting_features, and OpenVINO's inference request (one runs one inference at a time).
+        self.per_thread = threading.local()
         if runtime == "openvino":
             self.compiled = _openvino_model(self.path, threads, bf16)
             self.num_classes = self.compiled.output(0).get_partial_shape()[1].get_length()
@@ -316,28 +319,31 @@ class OnnxModel:
         """Logits for an array already in the graph's input format; with `features`, and the pooled features."""
         names = [OUTPUT, FEATURES] if features else [OUTPUT]
         if self.runtime == "openvino":
-            outputs = self.compiled(array)
+            if getattr(self.per_thread, "request", None) is None:
+                self.per_thread.request = self.compiled.create_infer_request()
+            outputs = self.per_thread.request.infer(array)
             answers = [outputs[self.compiled.output(name)] for name in names]
         else:
             answers = self.session.run(names, {INPUT: array})
         return tuple(answers) if features else answers[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pooled is None:
+        collected = getattr(self.per_thread, "pooled", None)
+        if collected is None:
             return torch.from_numpy(self.run(self.graph_input(x)))
         logits, pooled = self.run(self.graph_input(x), features=True)
-        self.pooled.append(torch.from_numpy(pooled).float())
+        collected.append(torch.from_numpy(pooled).float())
         return torch.from_numpy(logits)
 
     @contextlib.contextmanager
     def collecting_features(self):
-        """A list that gets the pooled features of each call made meanwhile (a ResNet's fc hook does the same
-        for the PyTorch model: predict.collected_features)."""
-        self.pooled = []
+        """A list that gets the pooled features of each call this thread makes meanwhile (a ResNet's fc hook does
+        the same for the PyTorch model: predict.collected_features)."""
+        self.per_thread.pooled = []
         try:
-            yield self.pooled
+            yield self.per_thread.pooled
         finally:
-            self.pooled = None
+            self.per_thread.pooled = None
 
     @property
     def runtime_text(self) -> str:
