@@ -362,9 +362,13 @@ def test_unknown_images_are_scored_and_the_floor_eval_suggests_is_the_one_predic
     # image's, the whole training split in the bank.
     nearest = unknown["nearest"]
     train = open_dataset(demo_run["data"]).train
-    assert (nearest["k"], nearest["bank_images"]) == (1, len(train))
-    bank = embed(model, train.files).features
-    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    assert (nearest["k"], nearest["bank_images"]) == (1, len(train)) == (1, len(result.bank.features))
+    # Its rows are embed's features of the training images, in the split's order, made unit length.
+    rows = [0, len(train) // 2, len(train) - 1]
+    embedded = embed(model, [train.files[i] for i in rows]).features
+    np.testing.assert_allclose(result.bank.features[rows].numpy(),
+                               embedded / np.linalg.norm(embedded, axis=1, keepdims=True), atol=1e-5)
+    bank = result.bank.features.numpy()
     for i in (0, 31):
         feature = embed(model, [result.unknown_sources[i]]).features[0]
         assert result.unknown_similarity[i] == pytest.approx((bank @ feature).max() / np.linalg.norm(feature),
