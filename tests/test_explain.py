@@ -180,3 +180,18 @@ def test_cli_explain_and_eval_that_write_nothing_leave_no_run_folder(demo_run, t
     assert "absent: no such folder" in capsys.readouterr().err
     assert not list((tmp_path / "runs").glob("*/*"))  # no runs/explain/model, runs/eval/model-absent
 
+
+def test_threads_sharing_one_model_each_get_the_heatmaps_of_their_own_images():
+    """Grad-CAM's hook on the shared model sees every thread's forward pass: each call keeps its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=4).eval()
+    batches = [torch.randn(8, 3, 32, 32) * (1 + job) for job in range(4)]
+    alone = [grad_cam(model, x) for x in batches]
+    for _ in range(10):  # the passes overlap by chance; before the fix every one of 5 runs of ten rounds failed
+        with ThreadPoolExecutor(len(batches)) as pool:
+            together = list(pool.map(lambda x: grad_cam(model, x), batches))
+        for (heatmaps, probabilities), (heatmaps_together, probabilities_together) in zip(alone, together):
+            torch.testing.assert_close(heatmaps_together, heatmaps, atol=1e-5, rtol=0)
+            torch.testing.assert_close(probabilities_together, probabilities, atol=1e-6, rtol=0)

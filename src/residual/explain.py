@@ -14,6 +14,7 @@ finer ones.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,11 @@ def grad_cam(model: ResNet, x: torch.Tensor, targets: list[int] | None = None, l
         raise ConfigError(f"--layer {name!r}: no such module; try one of {model.stage_names} "
                           f"or a name from `model.named_modules()`") from None
     captured = {}
+    caller = threading.get_ident()
 
     def keep_activation(_module, _inputs, output):
+        if threading.get_ident() != caller:  # another thread's pass through a shared model: its own hook keeps it
+            return None
         if not isinstance(output, torch.Tensor) or output.dim() != 4:  # e.g. fc: no positions to weigh
             raise ConfigError(f"--layer {name!r}: its output is not a feature map (channels x height x width); "
                               f"give a convolutional module such as {default_layer(model)!r}")
