@@ -344,6 +344,7 @@ def test_threads_sharing_one_model_get_the_answers_and_features_of_their_own_ima
             with ThreadPoolExecutor(len(jobs)) as pool:
                 together = list(pool.map(answers, jobs))
             for job_alone, job_together in zip(alone, together):
+                assert len(job_together) == len(job_alone) == 24, name
                 for (top, similarity), (top_together, similarity_together) in zip(job_alone, job_together):
                     assert [c for c, _, _ in top] == [c for c, _, _ in top_together], name
                     assert [p for _, _, p in top] == pytest.approx([p for _, _, p in top_together], abs=1e-5)
