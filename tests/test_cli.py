@@ -195,6 +195,22 @@ def test_counts_and_rates_out_of_range_are_refused_before_anything_runs(argv, me
     assert exit_.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    # argparse alone said "residual: error: unrecognized arguments: photos", naming neither command nor cause.
+    (["finetune", "resnet18", "photos"],
+     "residual finetune: error: unrecognized arguments: photos (finetune takes one dataset and read 'resnet18' as "
+     "it: name the architecture with --model NAME and pretrained weights with --from NAME|PATH)"),
+    (["train", "photos", "--bogus"], "residual train: error: unrecognized arguments: --bogus"),
+    (["eval", "model.safetensors", "photos", "more"], "residual eval: error: unrecognized arguments: more"),
+])
+def test_an_argument_a_command_does_not_take_is_named_with_the_command(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and err[-1] == message
+    assert len(err) <= 6  # the usage above it is short (train's full usage line ran to 70 lines)
+
+
 def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     data = write_shapes(tmp_path / "s", size=8, per_class=2, seed=0, progress=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU

@@ -1077,6 +1077,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
     from .train.config import COMPILE_MODES
     from .train.recipes import RECIPES
 
+    # argparse's own usage line lists all ~100 flags, burying a one-line error under 70 lines; --help has them.
+    p.usage = "%(prog)s [DATA] [--model NAME] [--from NAME|PATH] [options]   (every option: --help)"
     p.add_argument("data", nargs="?", help="ImageFolder (DIR/<class>/ or DIR/train|val|test/<class>/), a CSV of "
                                            "image,label[,split] rows, a dataset file (.yaml) describing a CSV of "
                                            "other columns, or a CIFAR folder")
@@ -1641,11 +1643,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="where the demo writes its run directory")
     p.add_argument("--data", default="data/shapes-32", help="where the demo writes (or finds) its dataset")
     p.set_defaults(run=cmd_demo)
+    for command_parser in commands.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
+def refuse_unrecognized(args: argparse.Namespace, unrecognized: list[str]) -> None:
+    """Exit with the command's own usage and an error naming what it did not take. argparse alone names neither
+    the command nor, when a second positional came (`finetune resnet18 DATA`), where the first belongs."""
+    message = f"unrecognized arguments: {' '.join(unrecognized)}"
+    data = getattr(args, "data", None)
+    if "--model" in args.command_parser._option_string_actions and data and not unrecognized[0].startswith("-"):
+        message += (f" ({args.command} takes one dataset and read {data!r} as it: name the architecture with "
+                    f"--model NAME and pretrained weights with --from NAME|PATH)")
+    args.command_parser.error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unrecognized = build_parser().parse_known_args(argv)
+    if unrecognized:
+        refuse_unrecognized(args, unrecognized)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     console = message_console()
     try:
