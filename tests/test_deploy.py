@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -281,9 +282,14 @@ def test_quantize_keeps_top1_and_writes_an_int8_model(exported, demo_run, tmp_pa
 
 
 def test_quantize_for_openvino_writes_qdq_that_openvino_runs_in_int8(exported, demo_run, tmp_path, capsys):
-    out = tmp_path / "demo.int8.onnx"
-    assert main(["quantize", str(exported.path), "--calib", str(demo_run["data"]), "--calib-size", "64",
-                 "--runtime", "openvino", "-o", str(out), "--quiet"]) == 0
+    source = tmp_path / "demo.onnx"
+    shutil.copyfile(exported.path, source)
+    for_onnxruntime = tmp_path / "demo.int8.onnx"
+    for_onnxruntime.write_bytes(b"quantized for ONNX Runtime earlier")
+    assert main(["quantize", str(source), "--calib", str(demo_run["data"]), "--calib-size", "64",
+                 "--runtime", "openvino", "--quiet"]) == 0
+    out = tmp_path / "demo.int8.openvino.onnx"  # its own default name: the ONNX Runtime file is kept
+    assert for_onnxruntime.read_bytes() == b"quantized for ONNX Runtime earlier"
     printed = " ".join(capsys.readouterr().out.split())
     report = json.loads(out.with_suffix(".quantize.json").read_text())
     assert report["runtime"] == "openvino" and report["format"] == "QDQ"

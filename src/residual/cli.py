@@ -1431,7 +1431,7 @@ def _add_deploy_commands(commands) -> None:
                         "operators) or openvino (QuantizeLinear/DequantizeLinear pairs, the form it reads)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-o", "--output", help="default: MODEL.int8.onnx")
+    p.add_argument("-o", "--output", help="default: MODEL.int8.onnx, for OpenVINO MODEL.int8.openvino.onnx")
     p.set_defaults(run=cmd_quantize)
 
     p = commands.add_parser("prune", help="structured channel pruning (L1), fine-tuned: a smaller, faster model")

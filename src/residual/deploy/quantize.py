@@ -89,6 +89,9 @@ class ImageCalibration(CalibrationDataReader):
         return next(self.batches, None)
 
 
+DEFAULT_SUFFIXES = {"onnxruntime": "int8.onnx", "openvino": "int8.openvino.onnx"}
+
+
 def float_onnx(model_path: Path, folder: Path, parity_items: list, source: str) -> Path:
     """The float32 ONNX file to quantize: `model_path` itself, or its export (parity-checked) in `folder`."""
     if model_path.suffix == ".onnx":
@@ -115,7 +118,8 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
         raise QuantizeError(f"--method must be one of {tuple(CALIBRATION_METHODS)}, got {method!r}")
     if runtime not in RUNTIMES:
         raise QuantizeError(f"--runtime must be one of {RUNTIMES}, got {runtime!r}")
-    out = Path(out) if out else model_path.with_name(f"{model_path.stem}.int8.onnx")
+    # Each runtime's file has its own default name, so quantizing for both keeps both.
+    out = Path(out) if out else model_path.with_name(f"{model_path.stem}.{DEFAULT_SUFFIXES[runtime]}")
     if out.suffix != ".onnx":
         raise QuantizeError(f"{out}: ONNX files end in .onnx")
     # The flat folder the model was trained on is split as its run split it: calibration takes training
