@@ -3,6 +3,7 @@
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,6 +210,20 @@ def test_an_argument_a_command_does_not_take_is_named_with_the_command(argv, mes
     err = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and err[-1] == message
     assert len(err) <= 6  # the usage above it is short (train's full usage line ran to 70 lines)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device every write to fails as full")
+def test_predictions_sent_to_a_full_disk_are_a_one_line_error(tmp_path):
+    data = write_shapes(tmp_path / "s", size=8, per_class=1, seed=0, progress=False)
+    net = residual.create_model("resnet20", num_classes=10)
+    net.class_names = sorted(folder.name for folder in (data / "test").iterdir())
+    residual.save_model(net, tmp_path / "model.safetensors")
+    with open("/dev/full", "w") as full:  # `residual predict ... > FILE` on a disk with no room left
+        done = subprocess.run([sys.executable, "-m", "residual", "predict", str(tmp_path / "model.safetensors"),
+                               str(data / "test"), "--format", "csv", "--quiet"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "error: out of disk space (or quota) writing it; free some space and run again\n"
 
 
 def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, monkeypatch):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,6 +329,31 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "stopped by SIGTERM" in err and "--resume" in err
     saved = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
     assert saved["step"] > state["step"] - 1 and saved["epoch"] < 50
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes_once_there_is_room(shapes16, tmp_path):
+    # A real full file system: a small tmpfs in a mount namespace of the test's own (tests/full_disk.py fills it
+    # just before the second checkpoint). torch.save reported it only as "unexpected pos", with a traceback.
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare -rm (a mount namespace) to give the run a small file system of its own")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = 'mount -t tmpfs -o size=16m tmpfs "$1" && exec "$2" "$3" "$1" "$4"'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", disk, sys.executable,
+                           Path(__file__).with_name("full_disk.py"), shapes16],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout.splitlines()[-1])
+    run = disk / "runs" / "full"
+    assert facts["error"] == (f"{run}/last.pt: out of disk space (or quota) writing it (the previous last.pt is "
+                              f"kept); free some space and run again, or go on from the last checkpoint: residual "
+                              f"train --resume {run}")
+    assert facts["kept_sha256"] == facts["previous_sha256"] and facts["kept_epoch"] == 1
+    assert facts["leftovers"] == []  # the partial file was removed
+    for kind in ("safetensors", "json"):  # a model file and a report: the same error, nothing left half-written
+        assert facts[f"{kind}_error"] == (f"{disk}/another.{kind}: out of disk space (or quota) writing it (there was "
+                                          f"none before); free some space and run again")
+    assert facts["resumed_epochs"] == 2 and facts["final_epoch"] == 2
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(shapes16, tmp_path, monkeypatch):

@@ -9,11 +9,15 @@ left as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import NoSpaceError
 
 
 @contextlib.contextmanager
@@ -30,10 +34,34 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private (0600); give the usual permissions
         os.replace(tmp, destination)
-    except BaseException:
+    except BaseException as error:
+        full = isinstance(error, Exception) and out_of_space(error, destination.parent)
         tmp.unlink(missing_ok=True)
+        if full:
+            kept = f"the previous {destination.name} is kept" if destination.exists() else "there was none before"
+            raise NoSpaceError(f"{destination}: out of disk space (or quota) writing it ({kept}); free some space "
+                               f"and run again") from None
         raise
     _fsync_dir(destination.parent)
+
+
+def out_of_space(error: Exception, folder: Path) -> bool:
+    """Whether a failed write ran out of disk space or quota."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):  # safetensors' error type
+        return True
+    # torch.save's zip writer says only "unexpected pos" or "iostream error": ask the file system, which a write that
+    # ran out of space leaves (nearly) full until the partial file is removed.
+    if not (isinstance(error, RuntimeError) and ("unexpected pos" in str(error) or "iostream error" in str(error))):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+NEARLY_FULL_BYTES = 1 << 20
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -6,6 +6,7 @@ Errors meant for the user print as one line (`error: ...`) with exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -893,6 +894,7 @@ FEATURES_NOT_IN_ONNX = "the features are the pooled output before the classifier
 def cmd_embed(args: argparse.Namespace, console: Console) -> int:
     import numpy as np
 
+    from .atomic import atomic_path
     from .embed import embed
 
     _refuse_onnx(args.model, FEATURES_NOT_IN_ONNX)
@@ -904,9 +906,11 @@ def cmd_embed(args: argparse.Namespace, console: Console) -> int:
         raise ResidualError(f"not one of the {len(result.failed)} image(s) could be read; nothing was written")
     out = Path(args.out)
     out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")  # where np.save writes it
-    np.save(out, result.features)
+    with atomic_path(out) as tmp, open(tmp, "wb") as stream:
+        np.save(stream, result.features)
     paths_file = out.with_suffix(".paths.txt")
-    paths_file.write_text("".join(f"{p}\n" for p in result.paths))
+    with atomic_path(paths_file) as tmp:
+        tmp.write_text("".join(f"{p}\n" for p in result.paths))
     console.print(f"wrote {out} ({result.features.shape[0]} x {result.features.shape[1]} features) and {paths_file}"
                   + (f"; {len(result.failed)} file(s) could not be read" if result.failed else ""))
     return 1 if result.failed else 0
@@ -1669,6 +1673,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args, console)
     except ResidualError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = f"{error.filename}: " if error.filename else ""  # none: the output stream (`> FILE`)
+        print(f"error: {written}out of disk space (or quota) writing it; free some space and run again",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

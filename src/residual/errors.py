@@ -8,3 +8,7 @@ class ResidualError(Exception):
 
 class ConfigError(ResidualError, ValueError):
     """An option has a value the model or task cannot use."""
+
+
+class NoSpaceError(ResidualError):
+    """A file could not be written for want of disk space (or quota); the file it replaces is untouched."""

@@ -47,7 +47,7 @@ from ..data.datasets import VAL_NAMES, Dataset, data_name, open_dataset
 from ..data.loaders import (BadFileLog, FileLoader, InMemoryLoader, decoding_workers, load_into_memory,
                             shard_size)
 from ..data.transforms import build_augment, mix_batch, normalize
-from ..errors import ConfigError, ResidualError
+from ..errors import ConfigError, NoSpaceError, ResidualError
 from ..evaluate import evaluate
 from ..metrics import multi_label_metrics, shows_top5
 from ..models import Preprocessing, ResNet, build_model
@@ -507,10 +507,16 @@ class Trainer:
         # Under torchrun a signal reaches the workers at different steps, so they cannot stop together
         # cleanly; torchrun ends them and the run resumes from its last checkpoint instead.
         with _stop_on_signals(self) if not self.world.distributed else contextlib.nullcontext():
-            while not self.finished():
-                train_stats = self._train_epoch()
-                val_stats = self.evaluate()
-                self._end_epoch(train_stats, val_stats)
+            try:
+                while not self.finished():
+                    train_stats = self._train_epoch()
+                    val_stats = self.evaluate()
+                    self._end_epoch(train_stats, val_stats)
+            except NoSpaceError as error:
+                if not (self.run_dir / "last.pt").exists():
+                    raise
+                raise NoSpaceError(f"{error}, or go on from the last checkpoint: residual train --resume "
+                                   f"{self.run_dir}") from None
         return self._finish()
 
     def finished(self) -> bool:
