@@ -1,6 +1,7 @@
 """The command line: each verb end to end, errors as one line."""
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,48 @@ def test_predictions_sent_to_a_full_disk_are_a_one_line_error(tmp_path):
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr == "error: out of disk space (or quota) writing it; free some space and run again\n"
+
+
+def test_what_this_user_may_not_read_or_write_is_named_never_left_out(tmp_path):
+    # As an owner without privileges (a user namespace mapping us to uid 1000 where we are root, since root reads
+    # everything), so permissions apply. os.walk used to leave an unreadable folder out without a word.
+    as_user = ["unshare", "-U", "--map-user=1000", "--map-group=1000"] if os.geteuid() == 0 else []
+    if as_user and subprocess.run([*as_user, "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare -U (a user namespace) to run without root's access to every file")
+    data = write_shapes(tmp_path / "s", size=8, per_class=2, seed=0, progress=False)
+    net = residual.create_model("resnet20", num_classes=10)
+    net.class_names = sorted(folder.name for folder in (data / "test").iterdir())
+    model = tmp_path / "model.safetensors"
+    residual.save_model(net, model)
+    unreadable_image = data / "train" / "square" / "00000.png"
+    hidden = data / "val" / ".Trash-1000"  # another user's, left beside the images: never read, so no error
+    hidden.mkdir()
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    for path, mode in [(data / "test" / "circle", 0), (unreadable_image, 0), (hidden, 0), (read_only, 0o555)]:
+        path.chmod(mode)
+
+    def predict(images, *flags):
+        return subprocess.run([*as_user, sys.executable, "-m", "residual", "predict", str(model), str(images),
+                               "--format", "csv", "--quiet", *flags], capture_output=True, text=True, timeout=120)
+
+    try:
+        done = predict(data / "test")
+        assert done.returncode == 2 and done.stderr.splitlines()[-1] == (
+            f"error: {data / 'test' / 'circle'}: its files cannot be listed (Permission denied); make it readable "
+            f"for this user, or move it away")
+        done = predict(data / "train" / "square")
+        assert done.returncode == 1 and "00001.png" in done.stdout and "00000.png" not in done.stdout
+        assert (f"{unreadable_image}: cannot be read (Permission denied); make it readable for this user"
+                in done.stderr)  # said "corrupt or truncated image"
+        assert predict(data / "val").returncode == 0
+        done = predict(data / "val", "--out", read_only / "predictions.csv")
+        assert done.returncode == 2 and done.stderr.splitlines()[-1] == (
+            f"error: {read_only / 'predictions.csv'}: Permission denied (this user cannot write there); give a "
+            f"folder it can write to")
+    finally:
+        for path in (data / "test" / "circle", unreadable_image, hidden, read_only):
+            path.chmod(0o755)
 
 
 def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, monkeypatch):

@@ -24,8 +24,11 @@ from .errors import NoSpaceError
 def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `destination`."""
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    except OSError as error:  # named after the file meant, not its temporary name (".model.safetensors.x1y2.tmp")
+        raise type(error)(error.errno, error.strerror, str(destination)) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -1663,6 +1663,20 @@ def refuse_unrecognized(args: argparse.Namespace, unrecognized: list[str]) -> No
     args.command_parser.error(message)
 
 
+def file_system_message(error: OSError) -> str | None:
+    """One line for a file the file system would not let a command read or write (a full disk, no permission, a
+    read-only mount), naming it; None for other errors, which stay tracebacks."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        written = f"{error.filename}: " if error.filename else ""  # none: the output stream (`> FILE`)
+        return f"{written}out of disk space (or quota) writing it; free some space and run again"
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not error.filename:
+        return None
+    path = Path(error.filename)
+    if path.exists() and not os.access(path, os.R_OK):
+        return f"{path}: {error.strerror} (this user cannot read it)"
+    return f"{path}: {error.strerror} (this user cannot write there); give a folder it can write to"
+
+
 def main(argv: list[str] | None = None) -> int:
     args, unrecognized = build_parser().parse_known_args(argv)
     if unrecognized:
@@ -1675,11 +1689,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        message = file_system_message(error)
+        if message is None:
             raise
-        written = f"{error.filename}: " if error.filename else ""  # none: the output stream (`> FILE`)
-        print(f"error: {written}out of disk space (or quota) writing it; free some space and run again",
-              file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -28,6 +28,10 @@ class BadImageError(ResidualError):
     """A file that cannot be used as an image; the message names it and says why."""
 
 
+class UnreadableFolderError(ResidualError):
+    """A folder whose files cannot be listed (no permission): the images in it would be left out unseen."""
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
@@ -43,8 +47,15 @@ def files_under(folder: Path) -> list[Path]:
     """Every file under `folder`, sorted, following symbolic links to folders (a dataset assembled from links
     to class folders elsewhere is common; Path.rglob does not follow them before Python 3.13), each real
     folder visited once, so a link back up the tree ends there."""
+    def refuse(error: OSError) -> None:  # os.walk's default is to leave an unreadable folder out without a word
+        unreadable = Path(error.filename)
+        inside = unreadable.relative_to(folder) if unreadable.is_relative_to(folder) else unreadable
+        if not is_metadata(inside):  # a hidden folder (another user's .Trash-1000) is never read anyway
+            raise UnreadableFolderError(f"{unreadable}: its files cannot be listed ({error.strerror}); make it "
+                                        f"readable for this user, or move it away")
+
     found, seen = [], set()
-    for root, folders, files in os.walk(folder, followlinks=True):
+    for root, folders, files in os.walk(folder, followlinks=True, onerror=refuse):
         real = os.path.realpath(root)
         if real in seen:
             folders.clear()
@@ -109,6 +120,8 @@ def _decoded(source, name: str, min_side: int | None) -> Image.Image:
         raise
     except FileNotFoundError:
         raise BadImageError(f"{name}: no such file") from None
+    except PermissionError as error:  # an OSError, but no sign of a damaged file
+        raise BadImageError(f"{name}: cannot be read ({error.strerror}); make it readable for this user") from None
     except UnidentifiedImageError:
         raise BadImageError(f"{name}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
