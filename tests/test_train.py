@@ -38,6 +38,7 @@ from residual.train.optim import OptimConfig, lr_factor
 from residual.train.preview import target_title, write_batch_preview
 from residual.train import trainer as trainer_module
 from residual.train.trainer import Trainer, prepare_run
+from payloads import RunsAShellCommand
 from steps import distance, imbalanced_shapes
 
 QUICK = dict(model="resnet20", batch_size=32, optim=OptimConfig(lr=0.05), quiet=True,
@@ -354,6 +355,23 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes_once_there_is
         assert facts[f"{kind}_error"] == (f"{disk}/another.{kind}: out of disk space (or quota) writing it (there was "
                                           f"none before); free some space and run again")
     assert facts["resumed_epochs"] == 2 and facts["final_epoch"] == 2
+
+
+def test_a_damaged_or_unsafe_last_pt_is_refused_in_one_line_saying_how_to_go_on(shapes16, tmp_path):
+    run = train(TrainConfig(data=str(shapes16), epochs=1, out=str(tmp_path), name="r", **QUICK)).run_dir
+    last = run / "last.pt"
+    whole = last.read_bytes()
+    last.write_bytes(whole[:len(whole) // 2])  # a copy cut short
+    with pytest.raises(TrainingError) as refused:  # was torch's RuntimeError and its paragraph of advice
+        train(resume=run)
+    assert str(refused.value) == (f"{last}: not a readable PyTorch checkpoint (PytorchStreamReader failed reading zip "
+                                  f"archive: failed finding central directory), so the run cannot go on from it; "
+                                  f"start a new run from its best weights: residual train {shapes16} --from "
+                                  f"{run / 'model.safetensors'}")
+    torch.save({"model": {}, "evil": RunsAShellCommand(tmp_path / "marker")}, last)
+    with pytest.raises(residual.weights.UnsafeCheckpointError, match=r"refused: it asks to import \w+\.system"):
+        train(resume=run)
+    assert not (tmp_path / "marker").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(shapes16, tmp_path, monkeypatch):

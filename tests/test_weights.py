@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 import residual
-from payloads import WritesAMarker
+from payloads import RunsAShellCommand, WritesAMarker
 from residual.weights import CheckpointMismatchError, ModelFileError, UnsafeCheckpointError, read_metadata
 
 
@@ -150,6 +150,10 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="refused: it asks to import exec"):
         residual.load_model(path, arch="resnet18")
     with pytest.raises(UnsafeCheckpointError):
+        residual.read_state_dict(path)
+    assert not (tmp_path / "marker").exists()
+    torch.save({"conv1.weight": torch.zeros(1), "evil": RunsAShellCommand(tmp_path / "marker")}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"refused: it asks to import \w+\.system"):  # "unpickling failed"
         residual.read_state_dict(path)
     assert not (tmp_path / "marker").exists()
 

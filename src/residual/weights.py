@@ -232,22 +232,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         _safetensors_metadata(path)  # a clear error for a malformed file
         state = safetensors.torch.load_file(path)
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            # weights_only names the first global it refused; garbage fails differently.
-            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-            if refused:
-                raise UnsafeCheckpointError(
-                    f"{path}: refused: it asks to import {refused.group(1)}, and unpickling objects beyond tensors "
-                    f"and plain data could run code. If you trust it, re-save only its state_dict, ideally as "
-                    f".safetensors") from None
-            raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (unpickling failed)") from None
-        except (RuntimeError, EOFError, ValueError, OSError) as error:
-            reason = str(error).strip().splitlines()[0]
-            raise ModelFileError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-        state = _find_state_dict(obj, path)
+        state = _find_state_dict(load_torch_file(path), path)
     return {_strip_prefixes(name): tensor for name, tensor in state.items()}
+
+
+def load_torch_file(path: Path) -> object:
+    """What a PyTorch file (.pt, .pth, .bin) holds, loaded on the CPU with weights_only=True; a file that is damaged or
+    would unpickle more than tensors and plain data is a one-line ModelFileError (UnsafeCheckpointError)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only names the first global it refused (in other words where its module is blocked outright, as
+        # os.system's is); garbage fails differently.
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(error))
+        if refused:
+            raise UnsafeCheckpointError(
+                f"{path}: refused: it asks to import {refused.group(1)}, and unpickling objects beyond tensors "
+                f"and plain data could run code. If you trust it, re-save only its state_dict, ideally as "
+                f".safetensors") from None
+        raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (unpickling failed)") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        # torch's zip reader adds a paragraph of advice after its first sentence
+        reason = str(error).strip().splitlines()[0].split(". ")[0]
+        raise ModelFileError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
 def _find_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:

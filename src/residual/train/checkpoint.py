@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
+from ..weights import load_torch_file
 
 
 def rng_state() -> dict:
@@ -49,4 +50,5 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """The checkpoint at `path`; a damaged one is a one-line ModelFileError."""
+    return load_torch_file(Path(path))

@@ -55,7 +55,7 @@ from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from ..models.resnet import MULTI_LABEL_THRESHOLD
 from ..progress import message_console, transient_bar
 from ..runs import new_run_dir, pick_device
-from ..weights import load_for_finetuning, load_model, save_model
+from ..weights import ModelFileError, UnsafeCheckpointError, load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, compile_log, load_config, resolve, save_config
 from .distill import Teacher, distillation_sum
@@ -186,10 +186,24 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                     discard_run_dir(run_dir)
                 raise
             if (run_dir / "last.pt").is_file():
-                trainer.restore(load_checkpoint(run_dir / "last.pt"))
+                trainer.restore(resume_state(run_dir, config))
             return trainer.fit()
     finally:
         world.shutdown()
+
+
+def resume_state(run_dir: Path, config: TrainConfig) -> dict:
+    """The run's last.pt, or an error saying how to go on without it: it was damaged after training wrote it
+    whole (a copy cut short), so training can only start again, from the run's best weights."""
+    try:
+        return load_checkpoint(run_dir / "last.pt")
+    except UnsafeCheckpointError:  # not damaged but replaced: training never writes one
+        raise
+    except ModelFileError as error:
+        best = run_dir / "model.safetensors"
+        then = (f"start a new run from its best weights: residual train {config.data} --from {best}" if best.is_file()
+                else "start the run again")
+        raise TrainingError(f"{error}, so the run cannot go on from it; {then}") from None
 
 
 def prepare_run_dir(config: TrainConfig, given: TrainConfig, run_dir: Path | None = None) -> Path:
