@@ -269,6 +269,50 @@ def test_what_this_user_may_not_read_or_write_is_named_never_left_out(tmp_path):
             path.chmod(0o755)
 
 
+@pytest.mark.skipif(not Path("/proc/sys/vm/overcommit_memory").exists()
+                    or Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
+                    reason="needs Linux's overcommit check, which refuses an allocation larger than memory and swap")
+def test_running_out_of_memory_is_a_one_line_error_saying_what_to_lower(tmp_path):
+    data = write_shapes(tmp_path / "s", size=8, per_class=1, seed=0, progress=False)
+    net = residual.create_model("resnet20", num_classes=10)
+    net.class_names = sorted(folder.name for folder in (data / "test").iterdir())
+    residual.save_model(net, tmp_path / "model.safetensors")
+    image = next((data / "test" / "circle").iterdir())
+    done = subprocess.run([sys.executable, "-m", "residual", "predict", str(tmp_path / "model.safetensors"),
+                           str(image), "--image-size", "1000000", "--quiet"], capture_output=True, text=True,
+                          timeout=120)  # 3 TB for the resized image
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == ("error: out of memory (the CPU's: it asked for 2794.0 GiB at once); "
+                                            "lower --batch-size, or the image size")
+
+
+def test_a_gpu_out_of_memory_says_what_training_can_lower():
+    from residual.cli import out_of_memory_message
+
+    # torch's own wording of a CUDA allocation that failed (torch.OutOfMemoryError)
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                   "79.19 GiB of which 1.06 GiB is free.")
+    assert out_of_memory_message(error, "train") == (
+        "out of memory (the GPU's: it asked for 2.00 GiB more); lower --batch-size (--accumulate K keeps the "
+        "effective batch; --amp and --grad-checkpointing need less memory per image), or the image size")
+    assert out_of_memory_message(RuntimeError("shapes do not match"), "train") is None  # stays a traceback
+
+
+def test_predictions_piped_to_a_reader_that_stops_early_end_quietly(tmp_path):
+    # `residual predict ... | head`: more output than a pipe holds (64 KB), so writing fails once head is gone.
+    data = write_shapes(tmp_path / "s", size=8, per_class=200, seed=0, progress=False)
+    net = residual.create_model("resnet20", num_classes=10)
+    net.class_names = sorted(folder.name for folder in (data / "test").iterdir())
+    residual.save_model(net, tmp_path / "model.safetensors")
+    process = subprocess.Popen([sys.executable, "-m", "residual", "predict", str(tmp_path / "model.safetensors"),
+                                str(data / "train"), "--format", "csv", "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("image,")
+    process.stdout.close()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and err == ""
+
+
 def test_a_device_or_training_option_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     data = write_shapes(tmp_path / "s", size=8, per_class=2, seed=0, progress=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU

@@ -9,6 +9,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -1677,6 +1678,25 @@ def file_system_message(error: OSError) -> str | None:
     return f"{path}: {error.strerror} (this user cannot write there); give a folder it can write to"
 
 
+TRAINING_COMMANDS = ("train", "finetune", "lr-find", "tune", "label-errors", "experiment")
+
+
+def out_of_memory_message(error: RuntimeError, command: str) -> str | None:
+    """One line for a batch that did not fit in the device's memory, with what to lower; None for other errors."""
+    text = str(error)
+    cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    gpu = re.search(r"(CUDA|MPS backend) out of memory\. Tried to allocate ([\d.]+ \w+)", text)
+    if cpu:
+        asked = f"the CPU's: it asked for {int(cpu.group(1)) / 2**30:.1f} GiB at once"
+    elif gpu:
+        asked = f"the GPU's: it asked for {gpu.group(2)} more"
+    else:
+        return None
+    training = (" (--accumulate K keeps the effective batch; --amp and --grad-checkpointing need less memory per "
+                "image)" if command in TRAINING_COMMANDS else "")
+    return f"out of memory ({asked}); lower --batch-size{training}, or the image size"
+
+
 def main(argv: list[str] | None = None) -> int:
     args, unrecognized = build_parser().parse_known_args(argv)
     if unrecognized:
@@ -1688,18 +1708,19 @@ def main(argv: list[str] | None = None) -> int:
     except ResidualError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
-        message = file_system_message(error)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`residual predict ... | head`): stop quietly
         sys.stdout = open(os.devnull, "w")
         return 0
+    except (OSError, RuntimeError) as error:
+        message = (file_system_message(error) if isinstance(error, OSError)
+                   else out_of_memory_message(error, args.command))
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
