@@ -253,7 +253,13 @@ def test_a_config_file_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys)
     cases = {"broken.yaml": ("a: [\n", "broken.yaml: not valid YAML at line 2"),  # each was a traceback
              "list.yaml": ("- 1\n", "list.yaml: a config file maps training options to values"),
              "options.yaml": ("data: d\noptim:\n  lr_max: 1\n", "unknown optim option(s) ['lr_max']"),
-             "nodata.yaml": ("epochs: 3\n", "give the dataset folder (residual train DATA), or --config with data:")}
+             "nodata.yaml": ("epochs: 3\n", "give the dataset folder (residual train DATA), or --config with data:"),
+             # A value of the wrong type failed deep in the run ("'<' not supported between 'str' and 'int'"):
+             "words.yaml": ("data: d\nepochs: lots\n", "error: epochs: 'lots' is not a whole number (settings in"),
+             "half.yaml": ("data: d\nepochs: 2.5\n", "error: epochs: 2.5 is not a whole number"),
+             "null.yaml": ("data: d\nlabel_smoothing:\n", "error: label_smoothing: null is not a number"),
+             "flag.yaml": ("data: d\namp: 1\n", "error: amp: 1 is not true or false"),
+             "rate.yaml": ("data: d\noptim:\n  lr: fast\n", "error: optim.lr: 'fast' is not a number")}
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
         assert main(["train", "--config", str(tmp_path / name)]) == 2

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,7 +214,7 @@ class TrainConfig:
         data = dict(data)
         for key, part in (("optim", OptimConfig), ("augment", AugmentConfig)):
             if isinstance(data.get(key), dict):
-                data[key] = part(**_known_options(part, data[key], f"{key} option(s)"))
+                data[key] = part(**_known_options(part, data[key], f"{key} option(s)", f"{key}."))
         if "data" not in data:
             raise ConfigError("give the dataset folder (residual train DATA), or --config with data: in it")
         return cls(**_known_options(cls, data, "training option(s)"))
@@ -249,12 +251,38 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _known_options(cls, options: dict, what: str) -> dict:
-    """`options` if each names a field of the dataclass `cls`, else a ConfigError naming the others."""
+def _known_options(cls, options: dict, what: str, prefix: str = "") -> dict:
+    """`options` if each names a field of the dataclass `cls` and has a value of its type, else a ConfigError
+    naming the others, or the first value of the wrong type (a config file's `epochs: lots` was a TypeError deep in
+    the run)."""
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ConfigError(f"unknown {what} {unknown}")
+    hints = typing.get_type_hints(cls)
+    for name, value in options.items():
+        if (wanted := _type_mismatch(value, hints[name])) is not None:
+            raise ConfigError(f"{prefix}{name}: {'null' if value is None else repr(value)} is not {wanted}")
     return options
+
+
+SIMPLE_TYPES = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _type_mismatch(value, hint) -> str | None:
+    """What a setting of type `hint` takes, in words, when `value` is not that; None when it is, or when the type is
+    not a plain one (a tuple, a mapping, a nested config: those are checked where they are used)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    optional = type(None) in allowed
+    allowed = tuple(kind for kind in allowed if kind is not type(None))
+    if not all(kind in SIMPLE_TYPES for kind in allowed):
+        return None
+    if value is None:
+        return None if optional else SIMPLE_TYPES[allowed[0]]
+    if isinstance(value, bool):  # a bool is an int to Python, never a count or a rate in a config
+        fits = bool in allowed
+    else:
+        fits = any(isinstance(value, (int, float) if kind is float else kind) for kind in allowed)
+    return None if fits else " or ".join(SIMPLE_TYPES[kind] for kind in allowed)
 
 
 def read_config(path: str | Path) -> dict:
