@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from residual.data import decode
-from residual.data.decode import BadImageError, decode_bytes, read_image
+from residual.data.decode import BadImageError, decode_bytes, image_files, read_image
 from residual.data.transforms import resize_center_crop
 
 
@@ -98,6 +98,15 @@ def test_broken_files_raise_one_clear_error_each(tmp_path, monkeypatch):
         with pytest.raises(BadImageError, match=reason) as error:
             read_image(tmp_path / name)
         assert str(error.value).startswith(str(tmp_path / name)) and "\n" not in str(error.value)
+
+
+def test_a_url_among_the_images_is_named_as_a_url_and_skipped(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "local.png")
+    url = "https://example.com/cat.jpg"
+    assert image_files([url, tmp_path / "local.png"]) == [url, tmp_path / "local.png"]  # Path made it https:/...
+    with pytest.raises(BadImageError) as error:
+        read_image(url)
+    assert str(error.value) == f"{url}: a URL; residual reads image files, so download it first (curl -O URL)"
 
 
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):

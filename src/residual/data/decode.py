@@ -73,9 +73,15 @@ def image_files(sources) -> list:
         if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
             folder = Path(source)
             items += [p for p in files_under(folder) if is_image_file(p) and not is_metadata(p.relative_to(folder))]
+        elif is_url(source):
+            items.append(source)  # as given: Path would fold its '//' and read_image could not name it
         else:
             items.append(Path(source) if isinstance(source, (str, os.PathLike)) else source)
     return items
+
+
+def is_url(source) -> bool:
+    return isinstance(source, str) and "://" in source
 
 
 def read_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
@@ -86,6 +92,8 @@ def read_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
     both sides at or above it: photos much larger than the model input decode several
     times faster (docs/performance.md). Other formats decode in full.
     """
+    if is_url(path):  # nothing is downloaded but pretrained weights (weights.py), and only those, checked
+        raise BadImageError(f"{path}: a URL; residual reads image files, so download it first (curl -O URL)")
     path = Path(path)
     try:
         if path.stat().st_size == 0:
