@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -378,6 +379,26 @@ def test_a_damaged_or_unsafe_last_pt_is_refused_in_one_line_saying_how_to_go_on(
     with pytest.raises(residual.weights.UnsafeCheckpointError, match=r"refused: it asks to import \w+\.system"):
         train(resume=run)
     assert not (tmp_path / "marker").exists()
+
+
+def test_runs_started_at_once_under_one_name_each_get_a_folder_of_their_own(tmp_path):
+    # A script that starts runs side by side: checking for the name before making it let two take one name, and
+    # the second failed with FileExistsError (49 of 50 rounds of eight threads).
+    from residual.runs import new_run_dir
+
+    for round_ in range(10):
+        start, made = threading.Barrier(8), []
+
+        def make():
+            start.wait()
+            made.append(new_run_dir(str(tmp_path / str(round_)), "run"))
+
+        threads = [threading.Thread(target=make) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(path.name for path in made) == sorted(["run"] + [f"run-{i}" for i in range(2, 9)])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(shapes16, tmp_path, monkeypatch):

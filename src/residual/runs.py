@@ -16,11 +16,13 @@ def new_run_dir(out: str, name: str) -> Path:
     """OUT/NAME, or OUT/NAME-2, NAME-3 ... if taken: a new run never overwrites an old one."""
     base = Path(out) / name
     candidate, index = base, 1
-    while candidate.exists():
-        index += 1
-        candidate = base.with_name(f"{base.name}-{index}")
-    candidate.mkdir(parents=True)
-    return candidate
+    while True:
+        try:  # mkdir claims the name: two runs started at once cannot both take it, as a check before could
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            index += 1
+            candidate = base.with_name(f"{base.name}-{index}")
 
 
 @contextmanager
