@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -399,6 +400,28 @@ def test_runs_started_at_once_under_one_name_each_get_a_folder_of_their_own(tmp_
         for thread in threads:
             thread.join()
         assert sorted(path.name for path in made) == sorted(["run"] + [f"run-{i}" for i in range(2, 9)])
+
+
+def test_a_run_being_trained_is_not_trained_in_by_a_second_process(tmp_path):
+    # A resume started twice, or a job requeued while the first still runs, wrote checkpoints between the first's.
+    from residual.runs import RunInUseError, run_lock
+
+    data = write_shapes(tmp_path / "data", size=16, per_class=40, seed=2, progress=False)
+    process = subprocess.Popen(_cli(data, "--model", "resnet20", "--epochs", "50", "--batch-size", "16",
+                                    "--checkpoint-every", "2", "--quiet", "--out", tmp_path, "--name", "busy"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "busy"
+    try:
+        assert _wait_for_checkpoint(run / "last.pt", process, lambda state: state["step"] >= 2) is not None
+        with pytest.raises(RunInUseError) as refused:
+            train(resume=run)
+        assert str(refused.value) == (f"{run}: process {process.pid} on {socket.gethostname()} is training in it; "
+                                      f"let it finish, or stop it and then resume")
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+    with run_lock(run):  # released with its process, however that ended
+        pass
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(shapes16, tmp_path, monkeypatch):
@@ -872,7 +895,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(shapes16, tmp_path, m
     with pytest.raises(OSError, match="killed while writing"):
         save_checkpoint({"step": 99}, last)
     assert last.read_bytes() == before
-    assert sorted(p.name for p in result.run_dir.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in result.run_dir.iterdir() if p.name.startswith(".")) == [".lock"]  # no .tmp
 
 
 def test_mixed_precision_path_trains(shapes16, tmp_path):

@@ -1,15 +1,17 @@
-"""Where a task runs: a fresh run directory (never over an earlier run), a device, and whether to
-compile for it."""
+"""Where a task runs: a fresh run directory (never over an earlier run, and never trained in by two
+processes at once), a device, and whether to compile for it."""
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, ResidualError
 
 
 def new_run_dir(out: str, name: str) -> Path:
@@ -23,6 +25,38 @@ def new_run_dir(out: str, name: str) -> Path:
         except FileExistsError:
             index += 1
             candidate = base.with_name(f"{base.name}-{index}")
+
+
+class RunInUseError(ResidualError):
+    """A run directory another process is training in."""
+
+
+RUN_LOCK = ".lock"  # in the run directory: its holder's process and host
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Held while a process trains in `run_dir`. A second one (a resume started twice, a job requeued while the
+    first still runs) is refused, instead of writing its checkpoints and metrics between the first's. The kernel
+    releases the lock when its process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: runs there are not guarded
+        yield
+        return
+    with open(run_dir / RUN_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise RunInUseError(f"{run_dir}: {holder} is training in it; let it finish, or stop it and then "
+                                f"resume") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
 
 
 @contextmanager

@@ -54,7 +54,7 @@ from ..models import Preprocessing, ResNet, build_model
 from ..models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from ..models.resnet import MULTI_LABEL_THRESHOLD
 from ..progress import message_console, transient_bar
-from ..runs import new_run_dir, pick_device
+from ..runs import RUN_LOCK, new_run_dir, pick_device, run_lock
 from ..weights import ModelFileError, UnsafeCheckpointError, load_for_finetuning, load_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, compile_log, load_config, resolve, save_config
@@ -179,15 +179,16 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                 console.print(warning)
             if not started:
                 run_dir = world.broadcast(prepare_run_dir(config, given, run_dir) if world.is_main else None)
-            try:
-                trainer = Trainer(config, dataset, run_dir, console, world, epoch_end)
-            except Exception:
-                if not started and world.is_main:
-                    discard_run_dir(run_dir)
-                raise
-            if (run_dir / "last.pt").is_file():
-                trainer.restore(resume_state(run_dir, config))
-            return trainer.fit()
+            with run_lock(run_dir) if world.is_main else contextlib.nullcontext():
+                try:
+                    trainer = Trainer(config, dataset, run_dir, console, world, epoch_end)
+                except Exception:
+                    if not started and world.is_main:
+                        discard_run_dir(run_dir)
+                    raise
+                if (run_dir / "last.pt").is_file():
+                    trainer.restore(resume_state(run_dir, config))
+                return trainer.fit()
     finally:
         world.shutdown()
 
@@ -219,6 +220,7 @@ def prepare_run_dir(config: TrainConfig, given: TrainConfig, run_dir: Path | Non
 def discard_run_dir(run_dir: Path) -> None:
     """Undo `prepare_run_dir` for a run that failed to set up: no folder is left holding only its config."""
     (run_dir / "config.yaml").unlink(missing_ok=True)
+    (run_dir / RUN_LOCK).unlink(missing_ok=True)  # a new run's: no other process can be waiting for it
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
 
