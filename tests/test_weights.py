@@ -169,6 +169,17 @@ def test_unreadable_and_missing_files_get_one_line_errors(tmp_path):
         residual.load_model(fake)
     with pytest.raises(ModelFileError, match="nope.safetensors: no such file"):
         residual.load_model(tmp_path / "nope.safetensors")
+    # Arguments in the wrong order, or a run folder for its model: both were "no such file" of a folder that exists
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ModelFileError) as error:
+        residual.load_model(run)
+    assert str(error.value) == f"{run}: a folder, not a model file (a command takes the model first, then the " \
+                               f"images or data)"
+    residual.save_model(residual.create_model("resnet20", num_classes=2), run / "model.safetensors")
+    with pytest.raises(ModelFileError) as error:
+        residual.load_model(run)
+    assert str(error.value) == f"{run}: a run folder; its model is {run / 'model.safetensors'}"
     with pytest.raises(ModelFileError, match="no state dict found"):
         path = tmp_path / "opt.pth"
         torch.save({"optimizer": {"lr": 0.1}}, path)

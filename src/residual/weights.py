@@ -174,6 +174,11 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
     if path.suffix == ".safetensors" and _safetensors_metadata(path).get("format") == MODEL_FORMAT:
         model = _load_model_file(path, options)
     else:
+        if path.is_dir():
+            raise ModelFileError(f"{path}: a run folder; its model is {path / 'model.safetensors'}"
+                                 if (path / "model.safetensors").is_file() else
+                                 f"{path}: a folder, not a model file (a command takes the model first, then the "
+                                 f"images or data)")
         if not path.is_file():
             raise ModelFileError(f"{path}: no such file, and not a pretrained name (`residual pretrained` lists them)")
         if arch is None:
