@@ -9,7 +9,8 @@ import torch
 
 import residual
 from payloads import RunsAShellCommand, WritesAMarker
-from residual.weights import CheckpointMismatchError, ModelFileError, UnsafeCheckpointError, read_metadata
+from residual.weights import (CheckpointMismatchError, ModelFileError, UnsafeCheckpointError, pretrained_source,
+                              read_metadata)
 
 
 def _trained_looking(name, **options):
@@ -177,9 +178,10 @@ def test_unreadable_and_missing_files_get_one_line_errors(tmp_path):
     assert str(error.value) == f"{run}: a folder, not a model file (a command takes the model first, then the " \
                                f"images or data)"
     residual.save_model(residual.create_model("resnet20", num_classes=2), run / "model.safetensors")
-    with pytest.raises(ModelFileError) as error:
-        residual.load_model(run)
-    assert str(error.value) == f"{run}: a run folder; its model is {run / 'model.safetensors'}"
+    for read in (residual.load_model, residual.read_metadata, pretrained_source):  # predict, info, --from
+        with pytest.raises(ModelFileError) as error:
+            read(run)
+        assert str(error.value) == f"{run}: a run folder; its model is {run / 'model.safetensors'}"
     with pytest.raises(ModelFileError, match="no state dict found"):
         path = tmp_path / "opt.pth"
         torch.save({"optimizer": {"lr": 0.1}}, path)

@@ -139,7 +139,17 @@ def training_config(model_path: str | os.PathLike) -> dict | None:
     return yaml.safe_load(config.read_text(encoding="utf-8")) or {}
 
 
+def refuse_folder(path: Path) -> None:
+    """A folder given where a model file belongs (arguments in the wrong order, or a run folder) named as one."""
+    if path.is_dir():
+        raise ModelFileError(f"{path}: a run folder; its model is {path / 'model.safetensors'}"
+                             if (path / "model.safetensors").is_file() else
+                             f"{path}: a folder, not a model file (a command takes the model first, then the "
+                             f"images or data)")
+
+
 def _safetensors_metadata(path: Path) -> dict:
+    refuse_folder(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
     try:
@@ -174,11 +184,7 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
     if path.suffix == ".safetensors" and _safetensors_metadata(path).get("format") == MODEL_FORMAT:
         model = _load_model_file(path, options)
     else:
-        if path.is_dir():
-            raise ModelFileError(f"{path}: a run folder; its model is {path / 'model.safetensors'}"
-                                 if (path / "model.safetensors").is_file() else
-                                 f"{path}: a folder, not a model file (a command takes the model first, then the "
-                                 f"images or data)")
+        refuse_folder(path)
         if not path.is_file():
             raise ModelFileError(f"{path}: no such file, and not a pretrained name (`residual pretrained` lists them)")
         if arch is None:
@@ -507,6 +513,7 @@ def pretrained_source(source: str) -> tuple[str | None, Preprocessing | None]:
     if not path.exists():
         weights = get_pretrained(source)
         return weights.arch, weights.preprocessing
+    refuse_folder(path)
     if path.suffix == ".safetensors" and _safetensors_metadata(path).get("format") == MODEL_FORMAT:
         meta = read_metadata(path)
         return meta["arch"], Preprocessing(**meta["preprocessing"])
