@@ -977,7 +977,7 @@ def epoch_pair(text: str) -> tuple[int, int]:
 
 
 def runtime_flag(p: argparse.ArgumentParser) -> None:
-    from .deploy.onnx import RUNTIMES
+    from .deploy import RUNTIMES
 
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
                    help="what runs an exported .onnx: onnxruntime (default), or openvino on the CPU, where "
@@ -1402,8 +1402,7 @@ def _add_inference_commands(commands) -> None:
 
 
 def _add_deploy_commands(commands) -> None:
-    from .deploy.onnx import RUNTIMES
-    from .deploy.quantize import CALIBRATION_METHODS
+    from .deploy import CALIBRATION_METHODS, RUNTIMES
     from .models import PRECISIONS
 
     p = commands.add_parser("export", help="ONNX export, checked against the model in ONNX Runtime")
@@ -1425,7 +1424,7 @@ def _add_deploy_commands(commands) -> None:
     p.add_argument("--calib", required=True, help="calibration images: a dataset (its train split) or an image folder")
     p.add_argument("--val", help="dataset to compare top-1 on (default: --calib)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
-    p.add_argument("--method", choices=tuple(CALIBRATION_METHODS), default="minmax",
+    p.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax",
                    help="how activation ranges are calibrated")
     p.add_argument("--calib-size", type=at_least(1), default=256, help="calibration images (a seeded sample)")
     p.add_argument("--max-drop", type=at_least(0.0, float), default=1.0,

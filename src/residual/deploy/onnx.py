@@ -39,6 +39,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from . import RUNTIMES
 from ..atomic import atomic_path, write_json
 from ..data.loaders import inference_batches
 from ..data.transforms import normalize
@@ -248,9 +249,6 @@ def describe_onnx(path: str | os.PathLike) -> list[tuple[str, str]]:
 ONNX_KNOWN_METADATA = ("residual.format", "arch", "class_names", "preprocessing", "input", "precision",
                        "residual_version", "torch_version", "multi_label", "threshold", "quantized_for",
                        "classifier_sha256")
-
-
-RUNTIMES = ("onnxruntime", "openvino")
 
 
 class OnnxModel:

@@ -41,15 +41,16 @@ from ..errors import ResidualError
 from ..evaluate import evaluate, split_as_trained
 from ..metrics import paired_comparison
 from ..weights import load_model
-from .onnx import RUNTIMES, ExportError, OnnxModel, export_metadata, export_onnx, read_onnx_metadata, set_metadata
+from . import CALIBRATION_METHODS, RUNTIMES
+from .onnx import ExportError, OnnxModel, export_metadata, export_onnx, read_onnx_metadata, set_metadata
 from .speed import measure_speed
 
-CALIBRATION_METHODS = {
-    "minmax": CalibrationMethod.MinMax,  # the observed range: fast, sensitive to outliers
-    "entropy": CalibrationMethod.Entropy,  # the range that keeps the histogram's KL divergence lowest
-    "percentile": CalibrationMethod.Percentile,  # the range holding 99.999% of the values
-    "distribution": CalibrationMethod.Distribution,
-}
+ORT_CALIBRATION = dict(zip(CALIBRATION_METHODS, (
+    CalibrationMethod.MinMax,  # the observed range: fast, sensitive to outliers
+    CalibrationMethod.Entropy,  # the range that keeps the histogram's KL divergence lowest
+    CalibrationMethod.Percentile,  # the range holding 99.999% of the values
+    CalibrationMethod.Distribution,
+), strict=True))
 # The INT8 graph each runtime reads and runs fastest.
 QUANT_FORMATS = {"onnxruntime": QuantFormat.QOperator, "openvino": QuantFormat.QDQ}
 
@@ -115,7 +116,7 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
     images, and compare it with the float model in that runtime on the `split` of `val` (default: `calib`)."""
     model_path = Path(model_path)
     if method not in CALIBRATION_METHODS:
-        raise QuantizeError(f"--method must be one of {tuple(CALIBRATION_METHODS)}, got {method!r}")
+        raise QuantizeError(f"--method must be one of {CALIBRATION_METHODS}, got {method!r}")
     if runtime not in RUNTIMES:
         raise QuantizeError(f"--runtime must be one of {RUNTIMES}, got {runtime!r}")
     # Each runtime's file has its own default name, so quantizing for both keeps both.
@@ -146,7 +147,7 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
         # one-dimensional, so per channel means axis 0 (the quantizer's default, 1, falls back to one scale).
         quantize_static(str(prepared), str(int8_tmp), calibration, quant_format=QUANT_FORMATS[runtime],
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CALIBRATION_METHODS[method],
+                        calibrate_method=ORT_CALIBRATION[method],
                         extra_options={"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}})
         if calibration.used == 0:
             raise QuantizeError(f"{calib}: none of the calibration images could be read")
