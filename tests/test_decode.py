@@ -109,6 +109,16 @@ def test_a_url_among_the_images_is_named_as_a_url_and_skipped(tmp_path):
     assert str(error.value) == f"{url}: a URL; residual reads image files, so download it first (curl -O URL)"
 
 
+def test_a_folder_input_names_the_files_it_leaves_out(tmp_path, caplog):
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"an iPhone photo")  # Pillow cannot read it: it was left out unsaid
+    (tmp_path / "notes.txt").write_text("shot in May")
+    (tmp_path / ".DS_Store").write_bytes(b"")  # a system's file: never an image, not worth a word
+    assert image_files([tmp_path]) == [tmp_path / "photo.png"]
+    assert caplog.messages == [f"{tmp_path}: left out 2 file(s) whose extension is no image's: IMG_0001.HEIC, "
+                               f"notes.txt"]
+
+
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
     monkeypatch.setattr(decode, "MAX_PIXELS", 5000)

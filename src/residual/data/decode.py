@@ -11,6 +11,7 @@ truncated, not an image) into one `BadImageError` naming the file.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +23,9 @@ from ..errors import ResidualError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm", ".pgm")
 MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold (2x its warning limit), enforced as an error
+
+
+log = logging.getLogger(__name__)
 
 
 class BadImageError(ResidualError):
@@ -72,7 +76,11 @@ def image_files(sources) -> list:
     for source in sources:
         if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
             folder = Path(source)
-            items += [p for p in files_under(folder) if is_image_file(p) and not is_metadata(p.relative_to(folder))]
+            files = [p for p in files_under(folder) if not is_metadata(p.relative_to(folder))]
+            items += [p for p in files if is_image_file(p)]
+            if others := [p.name for p in files if not is_image_file(p)]:  # an iPhone's .HEIC photos, notes
+                log.warning("%s: left out %d file(s) whose extension is no image's: %s", folder, len(others),
+                            ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
         elif is_url(source):
             items.append(source)  # as given: Path would fold its '//' and read_image could not name it
         else:
