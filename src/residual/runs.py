@@ -3,6 +3,7 @@ processes at once), a device, and whether to compile for it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -52,6 +53,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             holder = lock.read().strip() or "another process"
             raise RunInUseError(f"{run_dir}: {holder} is training in it; let it finish, or stop it and then "
                                 f"resume") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+            yield  # a file system without locks (some NFS mounts): the run goes on unguarded
+            return
         lock.seek(0)
         lock.truncate()
         lock.write(f"process {os.getpid()} on {socket.gethostname()}")
