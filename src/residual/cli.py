@@ -1657,7 +1657,7 @@ def refuse_unrecognized(args: argparse.Namespace, unrecognized: list[str]) -> No
     the command nor, when a second positional came (`finetune resnet18 DATA`), where the first belongs."""
     message = f"unrecognized arguments: {' '.join(unrecognized)}"
     data = getattr(args, "data", None)
-    if "--model" in args.command_parser._option_string_actions and data and not unrecognized[0].startswith("-"):
+    if hasattr(args, "pretrained") and data and not unrecognized[0].startswith("-"):  # train, finetune, tune ...
         message += (f" ({args.command} takes one dataset and read {data!r} as it: name the architecture with "
                     f"--model NAME and pretrained weights with --from NAME|PATH)")
     args.command_parser.error(message)
