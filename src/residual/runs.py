@@ -53,15 +53,14 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             holder = lock.read().strip() or "another process"
             raise RunInUseError(f"{run_dir}: {holder} is training in it; let it finish, or stop it and then "
                                 f"resume") from None
-        except OSError as error:
+        except OSError as error:  # a file system without locks (some NFS mounts): the run trains unguarded
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
                 raise
-            yield  # a file system without locks (some NFS mounts): the run goes on unguarded
-            return
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"process {os.getpid()} on {socket.gethostname()}")
-        lock.flush()
+        else:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"process {os.getpid()} on {socket.gethostname()}")
+            lock.flush()
         yield
 
 
