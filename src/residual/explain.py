@@ -22,14 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
-from .atomic import atomic_path
 from .data.datasets import input_images
 from .data.loaders import inference_batches
 from .data.transforms import normalize
 from .errors import ConfigError
+from .figures import colour_map, new_figure, save_png
 from .models import ResNet
 from .predict import (class_names_of, class_thresholds, is_multi_label, model_device, output_probabilities,
                       source_name)
@@ -150,13 +148,13 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, size: in
         align_corners=False)[0].permute(1, 2, 0).numpy()
     base = scale(image.astype(np.float32))
     heat = scale(heatmap[..., None]).clip(0, 1)[..., 0]
-    colours = colormaps["jet"](heat)[..., :3] * 255
+    colours = colour_map("jet")(heat)[..., :3] * 255
     return np.clip((1 - alpha) * base + alpha * colours, 0, 255).astype(np.uint8)
 
 
 def save_explanation(explanation: Explanation, path: Path, method: str) -> None:
     """Two panels, the input and its overlay, titled with the class explained."""
-    figure = Figure(figsize=(6.4, 3.4))
+    figure = new_figure(figsize=(6.4, 3.4))
     axes = figure.subplots(1, 2)
     axes[0].imshow(explanation.image)
     axes[0].set_title(Path(explanation.source).name, fontsize=9)
@@ -166,8 +164,7 @@ def save_explanation(explanation: Explanation, path: Path, method: str) -> None:
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+    save_png(figure, path, dpi=100)
 
 
 def output_names(items: list, method: str) -> list[str]:

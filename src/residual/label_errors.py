@@ -29,22 +29,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from .atomic import atomic_path  # noqa: E402
-from .data.datasets import Dataset, open_dataset  # noqa: E402
-from .data.decode import BadImageError, decode_bytes  # noqa: E402
-from .data.fingerprint import connected_groups, fingerprint, near_duplicate_pairs  # noqa: E402
-from .errors import ConfigError  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .progress import progress_bar  # noqa: E402
-from .train import TrainConfig, train  # noqa: E402
-from .weights import load_model  # noqa: E402
+from .atomic import atomic_path
+from .data.datasets import Dataset, open_dataset
+from .data.decode import BadImageError, decode_bytes
+from .data.fingerprint import connected_groups, fingerprint, near_duplicate_pairs
+from .errors import ConfigError
+from .evaluate import evaluate
+from .figures import new_figure, save_png
+from .progress import progress_bar
+from .train import TrainConfig, train
+from .weights import load_model
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -342,7 +339,8 @@ def _draw(issues: list[LabelIssue], total: int, path: Path, audited: int, multi_
     its given classes and the edit suggested)."""
     columns = 6
     rows = max(1, -(-len(issues) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+    figure = new_figure(figsize=(2.2 * columns, 2.5 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, issue in zip(axes.flat, issues):
@@ -356,6 +354,4 @@ def _draw(issues: list[LabelIssue], total: int, path: Path, audited: int, multi_
     figure.suptitle(f"Probably mislabelled: the worst {len(issues)} of {total} suspects among {audited} images\n"
                     f"({shown})")
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, path, dpi=100)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from .atomic import atomic_path, write_json
 from .explain import overlay
+from .figures import new_figure, save_png
 from .metrics import image_losses, label_losses, shows_top5
 
 ANNOTATE_UP_TO = 20  # classes; beyond this the matrix cells are too small for numbers
@@ -66,15 +66,10 @@ def temperature_text(temperature: float | list[float]) -> str:
     return f"{temperature:.4g}"
 
 
-def _save(figure: Figure, path: Path, dpi: int = 110) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi)
-
-
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
     count = len(class_names)
     side = min(7.0, 2.5 + 0.35 * count)
-    figure = Figure(figsize=(2 * side + 1.5, side))
+    figure = new_figure(figsize=(2 * side + 1.5, side))
     rows = matrix.sum(1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
     for axis, values, title, fmt in zip(figure.subplots(1, 2), (matrix, normalised),
@@ -94,14 +89,14 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
                     axis.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7,
                               color="white" if value > threshold else "black")
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_reliability(rows: list[dict], ece: float, path: Path, title: str = "reliability diagram",
                      measured: str = "accuracy",
                      confidence: str = "confidence (probability of the predicted class)") -> None:
     """Per confidence bin, how often the prediction was right (`measured`) against the probability given."""
-    figure = Figure(figsize=(5.5, 6.0))
+    figure = new_figure(figsize=(5.5, 6.0))
     top, bottom = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     centres = [(r["lower"] + r["upper"]) / 2 for r in rows]
     width = rows[0]["upper"] - rows[0]["lower"]
@@ -123,14 +118,14 @@ def plot_reliability(rows: list[dict], ece: float, path: Path, title: str = "rel
     bottom.set_xlabel(confidence)
     bottom.set_ylabel("images" if measured == "accuracy" else "decisions")
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_score_groups(scores: dict[str, tuple[dict[str, np.ndarray], float]], keep_known: float,
                       path: Path) -> None:
     """A panel per score: histograms of its values for each group of images (known images answered right and
     wrong, unknown images), each as a share of its group, with the floor that keeps `keep_known` of the known."""
-    figure = Figure(figsize=(6.5 * len(scores), 4.0))
+    figure = new_figure(figsize=(6.5 * len(scores), 4.0))
     colours = {"known, answered right": "#4c72b0", "known, answered wrong": "#dd8452", "unknown": "#c44e52"}
     for axes, (score, (groups, floor)) in zip(np.atleast_1d(figure.subplots(1, len(scores))), scores.items()):
         values = np.concatenate(list(groups.values()))
@@ -150,7 +145,7 @@ def plot_score_groups(scores: dict[str, tuple[dict[str, np.ndarray], float]], ke
         axes.set_title(f"known and unknown images by the {score}", fontsize=10)
         axes.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], ranked: int, path: Path) -> None:
@@ -171,7 +166,7 @@ def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], rank
 def _plot_class_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], ranked: int, path: Path,
                        score: str, axes: tuple[str, str], title: str, chosen_by: str,
                        chance: tuple[list, list] | None = None) -> None:
-    figure = Figure(figsize=(5.5, 5.0))
+    figure = new_figure(figsize=(5.5, 5.0))
     axis = figure.subplots()
     for name, (x, y, value) in curves.items():
         axis.plot(x, y, linewidth=1.2, label=f"{name} ({score} {value:.3f})")
@@ -185,14 +180,14 @@ def _plot_class_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], 
     axis.set_title(f"{title} ({shown})", fontsize=10)
     axis.legend(loc="lower right" if chance is not None else "lower left", fontsize=7)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_gallery(items: list[GalleryItem], path: Path, per_row: int = 4) -> None:
     """Each item: the image, and Grad-CAM for the predicted and the true class."""
     panels = 3 if items and items[0].cam_predicted is not None else 1
     rows = max(1, -(-len(items) // per_row))
-    figure = Figure(figsize=(per_row * panels * 1.5, rows * 1.8))
+    figure = new_figure(figsize=(per_row * panels * 1.5, rows * 1.8))
     axes = np.asarray(figure.subplots(rows, per_row * panels, squeeze=False))
     for axis in axes.flat:
         axis.axis("off")
@@ -213,13 +208,13 @@ def plot_gallery(items: list[GalleryItem], path: Path, per_row: int = 4) -> None
                                                               is not None else ""), fontsize=7, color="darkgreen")
     figure.suptitle("highest-loss images" + (" with Grad-CAM" if panels == 3 else ""), fontsize=10)
     figure.tight_layout()
-    _save(figure, path, dpi=90)  # noisy photos compress badly; this keeps report.html near 1 MB
+    save_png(figure, path, dpi=90)  # noisy photos compress badly; this keeps report.html near 1 MB
 
 
 def plot_copies(rows: list[tuple[str, list[tuple[str, object]]]], path: Path, per_row: int = 4) -> None:
     """check-data's copies: a row per group (its title, then up to `per_row` (caption, PIL image) pairs), so
     a reader can see whether they are the same picture."""
-    figure = Figure(figsize=(per_row * 1.8, len(rows) * 2.0))
+    figure = new_figure(figsize=(per_row * 1.8, len(rows) * 2.0))
     axes = np.asarray(figure.subplots(len(rows), per_row, squeeze=False))
     for axis in axes.flat:
         axis.axis("off")
@@ -230,7 +225,7 @@ def plot_copies(rows: list[tuple[str, list[tuple[str, object]]]], path: Path, pe
         cells[0].text(-0.08, 0.5, title, transform=cells[0].transAxes, rotation=90, va="center", ha="right",
                       fontsize=7)
     figure.tight_layout()
-    _save(figure, path, dpi=90)
+    save_png(figure, path, dpi=90)
 
 
 COPY_ROWS_SHOWN = 12  # groups of copies in copies.png

@@ -21,25 +21,22 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from .atomic import atomic_path, write_json  # noqa: E402
-from .data.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt, protocol_for  # noqa: E402
-from .data.datasets import Dataset, DatasetError, open_dataset  # noqa: E402
-from .data.loaders import inference_batches  # noqa: E402
-from .errors import ConfigError  # noqa: E402
-from .evaluate import model_labels, pick_split  # noqa: E402
-from .metrics import (SCORE_NAMES, calibration_bins, expected_calibration_error, mean_average_precision,  # noqa: E402
+from .atomic import atomic_path, write_json
+from .data.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt, protocol_for
+from .data.datasets import Dataset, DatasetError, open_dataset
+from .data.loaders import inference_batches
+from .errors import ConfigError
+from .evaluate import model_labels, pick_split
+from .figures import new_figure, save_png
+from .metrics import (SCORE_NAMES, calibration_bins, expected_calibration_error, mean_average_precision,
                       mean_where_defined)
-from .predict import class_probabilities, is_multi_label, model_device  # noqa: E402
-from .progress import progress_bar  # noqa: E402
-from .weights import cache_dir, download  # noqa: E402
+from .predict import class_probabilities, is_multi_label, model_device
+from .progress import progress_bar
+from .weights import cache_dir, download
 
 DEFAULT_IMAGES = 1000  # a top-1 over 1,000 images is within about 3 points at 95%
 # The sample is decoded once and kept, as uint8 at the model's input size: 150 MB for 1,000 images at 224 px.
@@ -304,8 +301,8 @@ def _draw(result: RobustnessResult, path: Path) -> None:
     score_name = SCORE_NAMES[result.metric]
     names = list(result.model.scores)
     grid = np.array([result.model.scores[name] for name in names])
-    figure, (heat, accuracy, calibration) = plt.subplots(1, 3, figsize=(16, 0.45 * len(names) + 2.2),
-                                                         gridspec_kw={"width_ratios": [1.2, 1, 1]})
+    figure = new_figure(figsize=(16, 0.45 * len(names) + 2.2))
+    heat, accuracy, calibration = figure.subplots(1, 3, width_ratios=[1.2, 1, 1])
     heat.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     heat.set_xticks(range(len(result.severities)), [str(s) for s in result.severities])
     heat.set_yticks(range(len(names)), names)
@@ -330,17 +327,15 @@ def _draw(result: RobustnessResult, path: Path) -> None:
     accuracy.set_title(f"{result.images:,} {result.split} images, {result.protocol}'s severities")
     calibration.set_title("do its probabilities still match how often it is right?")
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, path, dpi=100)
 
 
 def _draw_examples(example: torch.Tensor, corruptions: list[str], protocol: str, seed: int, path: Path,
                    frost_photos: list[torch.Tensor] | None) -> None:
     """One image under each corruption at severities 1, 3 and 5, beside the clean image."""
     shown = (1, 3, 5)
-    figure, axes = plt.subplots(len(corruptions), 1 + len(shown), figsize=(1.6 * (1 + len(shown)),
-                                                                             1.6 * len(corruptions)), squeeze=False)
+    figure = new_figure(figsize=(1.6 * (1 + len(shown)), 1.6 * len(corruptions)))
+    axes = figure.subplots(len(corruptions), 1 + len(shown), squeeze=False)
     for row, name in zip(axes, corruptions):
         views = [example] + [corrupt(example, name, severity, _generator(seed, name, severity), protocol,
                                      frost_photos) for severity in shown]
@@ -352,6 +347,4 @@ def _draw_examples(example: torch.Tensor, corruptions: list[str], protocol: str,
                 ax.set_title(title, fontsize=8)
         row[0].set_ylabel(name, fontsize=8)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, path, dpi=100)

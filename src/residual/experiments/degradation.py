@@ -25,19 +25,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..atomic import atomic_path  # noqa: E402
-from ..data.datasets import open_dataset  # noqa: E402
-from ..data.transforms import AugmentConfig  # noqa: E402
-from ..errors import ConfigError  # noqa: E402
-from ..models import list_models  # noqa: E402
-from ..train import TrainConfig, train  # noqa: E402
-from ..train.optim import OptimConfig  # noqa: E402
-from .common import resolve_data  # noqa: E402
+from ..atomic import atomic_path
+from ..data.datasets import open_dataset
+from ..data.transforms import AugmentConfig
+from ..errors import ConfigError
+from ..figures import COLOURS, new_figure, save_png
+from ..models import list_models
+from ..train import TrainConfig, train
+from ..train.optim import OptimConfig
+from .common import resolve_data
 
 RECIPES = ("quick", "paper")
 PAPER_ITERATIONS = (32_000, 48_000, 64_000)  # lr / 10, lr / 10, stop
@@ -154,10 +151,10 @@ def verdict_lines(results: dict[str, NetResult], depths: tuple[int, ...], classe
 
 def write_report(results: dict[str, NetResult], depths: tuple[int, ...], classes: int, out: Path,
                  subtitle: str) -> str:
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure = new_figure(figsize=(12, 4.4))
+    axes = figure.subplots(1, 2, sharey=True)
     for ax, family, title in zip(axes, ("plain", "resnet"), ("plain", "ResNet")):
-        for colour, depth in zip(colours, depths):
+        for colour, depth in zip(COLOURS, depths):
             net = results[f"{family}{depth}"]
             epochs = range(1, len(net.train_error) + 1)
             ax.plot(epochs, [100 * e for e in net.train_error], color=colour, lw=0.9, ls="--")
@@ -168,9 +165,7 @@ def write_report(results: dict[str, NetResult], depths: tuple[int, ...], classes
     axes[0].set_ylabel("error (%)")
     figure.suptitle(f"Degradation: {subtitle}")
     figure.tight_layout()
-    with atomic_path(out / "degradation.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save_png(figure, out / "degradation.png")
 
     rows = ["model,final_train_error,final_test_error,best_test_error"]
     rows += [f"{n.model},{n.final_train_error:.4f},{n.final_test_error:.4f},{min(n.test_error):.4f}"

@@ -19,22 +19,19 @@ import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from ..atomic import atomic_path  # noqa: E402
-from ..data.transforms import normalize  # noqa: E402
-from ..errors import ConfigError  # noqa: E402
-from ..models import ResNet, build_model  # noqa: E402
-from ..models.preprocessing import Preprocessing  # noqa: E402
-from ..train.trainer import channel_stats  # noqa: E402
-from ..weights import load_model  # noqa: E402
-from .common import check_trained_on, dataset_images  # noqa: E402
+from ..atomic import atomic_path
+from ..data.transforms import normalize
+from ..errors import ConfigError
+from ..figures import COLOURS, new_figure, save_png
+from ..models import ResNet, build_model
+from ..models.preprocessing import Preprocessing
+from ..train.trainer import channel_stats
+from ..weights import load_model
+from .common import check_trained_on, dataset_images
 
 
 @dataclass
@@ -156,9 +153,9 @@ def _write_csv(results: dict, path: Path) -> None:
 
 
 def _plot(results: dict, path: Path, subtitle: str) -> None:
-    figure, (grad_ax, std_ax) = plt.subplots(1, 2, figsize=(13, 4.2))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for colour, (model, phases) in zip(colours, results.items()):
+    figure = new_figure(figsize=(13, 4.2))
+    grad_ax, std_ax = figure.subplots(1, 2)
+    for colour, (model, phases) in zip(COLOURS, results.items()):
         for (phase, layers), style in zip(phases.items(), ("-", "--", ":")):
             x = [s.layer for s in layers]
             grad_ax.plot(x, [s.grad_norm for s in layers], style, color=colour, label=f"{model}, {phase}")
@@ -171,6 +168,4 @@ def _plot(results: dict, path: Path, subtitle: str) -> None:
         ax.legend(fontsize=8)
     figure.suptitle(f"Gradient flow ({subtitle})")
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save_png(figure, path)

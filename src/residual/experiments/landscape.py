@@ -21,21 +21,18 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from ..atomic import atomic_path  # noqa: E402
-from ..data.transforms import normalize  # noqa: E402
-from ..errors import ConfigError  # noqa: E402
-from ..models import ResNet  # noqa: E402
-from ..progress import progress_bar  # noqa: E402
-from ..runs import pick_device  # noqa: E402
-from .common import check_trained_on, dataset_images, display_names, load_trained  # noqa: E402
+from ..atomic import atomic_path
+from ..data.transforms import normalize
+from ..errors import ConfigError
+from ..figures import new_figure, save_png
+from ..models import ResNet
+from ..progress import progress_bar
+from ..runs import pick_device
+from .common import check_trained_on, dataset_images, display_names, load_trained
 
 
 def filter_normalized_direction(model: ResNet, generator: torch.Generator) -> list[torch.Tensor]:
@@ -180,13 +177,15 @@ def _plot(results: list[Landscape], path: Path, subtitle: str) -> None:
     magnitude, which would leave one colour for everything near them."""
     lowest = max(min(min(min(row) for row in result.loss) for result in results), 1e-3)
     levels = np.geomspace(lowest, max(4 * results[0].chance_loss, 2 * lowest), 30)
-    figure, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results) + 1.2, 4.2), squeeze=False,
-                                layout="constrained")
+    from matplotlib.colors import LogNorm  # with matplotlib itself: see figures.py
+
+    figure = new_figure(figsize=(3.6 * len(results) + 1.2, 4.2), layout="constrained")
+    axes = figure.subplots(1, len(results), squeeze=False)
     for ax, result in zip(axes[0], results):
         grid = np.asarray(result.coordinates)
         loss = np.clip(result.loss, levels[0], levels[-1])
         filled = ax.contourf(grid, grid, loss, levels=levels, cmap="viridis",
-                             norm=matplotlib.colors.LogNorm(levels[0], levels[-1]))
+                             norm=LogNorm(levels[0], levels[-1]))
         ax.contour(grid, grid, loss, levels=levels[::3], colors="white", linewidths=0.5)
         ax.contour(grid, grid, loss, levels=[result.chance_loss], colors="red", linewidths=1.2)
         ax.plot(0, 0, "r+", markersize=10)
@@ -198,6 +197,4 @@ def _plot(results: list[Landscape], path: Path, subtitle: str) -> None:
              if levels[0] <= tick <= levels[-1]]
     colorbar.set_ticks(ticks, labels=[f"{tick:g}" for tick in ticks])
     figure.suptitle(f"Loss around the trained weights (+); red: chance's loss. {subtitle}")
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save_png(figure, path)

@@ -23,22 +23,19 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from ..atomic import atomic_path  # noqa: E402
-from ..data.transforms import normalize  # noqa: E402
-from ..errors import ConfigError  # noqa: E402
-from ..models import ResNet  # noqa: E402
-from ..models.blocks import ResidualBlock  # noqa: E402
-from ..progress import progress_bar  # noqa: E402
-from ..runs import pick_device  # noqa: E402
-from .common import check_trained_on, dataset_images, display_names, load_trained  # noqa: E402
+from ..atomic import atomic_path
+from ..data.transforms import normalize
+from ..errors import ConfigError
+from ..figures import COLOURS, new_figure, save_png
+from ..models import ResNet
+from ..models.blocks import ResidualBlock
+from ..progress import progress_bar
+from ..runs import pick_device
+from .common import check_trained_on, dataset_images, display_names, load_trained
 
 
 MAX_COUNTS = 12  # numbers of blocks deleted at random, spread from one to all: 12 points draw the curve
@@ -231,10 +228,10 @@ def _write_csv(results: list[Lesion], path: Path) -> None:
 def _plot(results: list[Lesion], path: Path, classes: int, subtitle: str) -> None:
     """Left, the error with each single block deleted (the paper's Fig. 3; hollow markers: blocks whose
     shortcut changes the shape); right, the mean error with random sets of blocks deleted (Fig. 5a)."""
-    figure, (single, several) = plt.subplots(1, 2, figsize=(13, 4.6), layout="constrained")
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure = new_figure(figsize=(13, 4.6), layout="constrained")
+    single, several = figure.subplots(1, 2)
     chance = 100 * (1 - 1 / classes)
-    for colour, result in zip(colours, results):
+    for colour, result in zip(COLOURS, results):
         positions = [i + 1 for i, name in enumerate(result.blocks) if result.single[name] is not None]
         errors = [100 * result.single[name] for name in result.blocks if result.single[name] is not None]
         single.plot(positions, errors, "-", color=colour, lw=1.2, label=f"{result.name} ({100 * result.error:.1f}%)")
@@ -257,6 +254,4 @@ def _plot(results: list[Lesion], path: Path, classes: int, subtitle: str) -> Non
     single.legend(fontsize=8)
     several.legend(fontsize=8)
     figure.suptitle(f"Deleting blocks at test time (Veit et al. 2016). {subtitle}")
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save_png(figure, path)

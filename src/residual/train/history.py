@@ -8,13 +8,9 @@ import io
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display is needed or wanted
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..atomic import atomic_path  # noqa: E402
-from ..metrics import SIGNIFICANCE, p_value_text  # noqa: E402
+from ..atomic import atomic_path
+from ..figures import new_figure, save_png
+from ..metrics import SIGNIFICANCE, p_value_text
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
            "epoch_seconds")
@@ -49,16 +45,11 @@ def read_metrics(path: Path) -> list[dict]:
                 for row in csv.DictReader(f)]
 
 
-def _save(figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-
-
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     """Loss, accuracy and learning rate per epoch: train thin, validation bold."""
     epochs = [row["epoch"] for row in history]
-    figure, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.8))
+    figure = new_figure(figsize=(13, 3.8))
+    loss_ax, acc_ax, lr_ax = figure.subplots(1, 3)
     loss_ax.plot(epochs, [r["train_loss"] for r in history], lw=1, label="train")
     if all(column in history[0] for column in DISTILL_COLUMNS):  # a teacher's: the train loss is their weighted sum
         loss_ax.plot(epochs, [r["train_label_loss"] for r in history], "C2--", lw=1, label="train, labels' term")
@@ -86,13 +77,14 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_runs(runs: list[tuple[str, list[dict]]], path: Path) -> None:
     """Validation top-1 (multi-label runs: mAP) and loss per epoch of several runs ((name, metrics.csv rows)
     each), one line per run."""
-    figure, (top1_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    figure = new_figure(figsize=(12, 4))
+    top1_ax, loss_ax = figure.subplots(1, 2)
     score = "val_map" if any("val_map" in row for _, history in runs for row in history) else "val_top1"
     for name, history in runs:
         epochs = [row["epoch"] for row in history]
@@ -104,7 +96,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: Path) -> None:
         ax.grid(alpha=0.3)
     top1_ax.legend(fontsize="small")
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_scores(runs: list[tuple[str, float, tuple[float, float], dict | None]], path: Path, title: str,
@@ -112,7 +104,8 @@ def plot_scores(runs: list[tuple[str, float, tuple[float, float], dict | None]],
     """Each run's top-1 or mAP (name, score, its 95% interval, the test of its gap to the best, with its
     p_value, or None for the best) as a dot with its interval, best at the top; runs whose gap to the best
     could be chance are drawn grey."""
-    figure, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(runs)))
+    figure = new_figure(figsize=(8, 1.2 + 0.45 * len(runs)))
+    ax = figure.subplots()
     labels = []
     for row, (name, score, (low, high), versus) in enumerate(runs):
         colour = "C0" if versus is None else "C3" if versus["p_value"] < SIGNIFICANCE else "0.55"
@@ -128,4 +121,4 @@ def plot_scores(runs: list[tuple[str, float, tuple[float, float], dict | None]],
            title=title)
     ax.grid(axis="x", alpha=0.3)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)

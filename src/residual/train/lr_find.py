@@ -17,21 +17,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from rich.console import Console
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from ..atomic import atomic_path  # noqa: E402
-from ..data.datasets import open_dataset  # noqa: E402
-from ..errors import ConfigError  # noqa: E402
-from ..progress import message_console  # noqa: E402
-from ..runs import output_dir  # noqa: E402
-from .config import TrainConfig, resolve  # noqa: E402
-from .trainer import Trainer, TrainingError, seeded, step_groups  # noqa: E402
+from ..data.datasets import open_dataset
+from ..errors import ConfigError
+from ..figures import new_figure, save_png
+from ..progress import message_console
+from ..runs import output_dir
+from .config import TrainConfig, resolve
+from .trainer import Trainer, TrainingError, seeded, step_groups
 
 
 @dataclass
@@ -109,13 +105,12 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
 
 
 def _plot(lrs: list[float], losses: list[float], suggestion: float, path: Path, title: str) -> None:
-    figure, ax = plt.subplots(figsize=(7, 4))
+    figure = new_figure(figsize=(7, 4))
+    ax = figure.subplots()
     ax.plot(lrs, losses)
     ax.axvline(suggestion, color="red", ls="--", label=f"suggested {suggestion:.3g}")
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title=f"LR range test: {title}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    save_png(figure, path)

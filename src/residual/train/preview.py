@@ -14,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 
-from ..atomic import atomic_path
 from ..data.transforms import mix_batch
+from ..figures import new_figure, save_png
 
 PREVIEW_IMAGES = 16  # a 4 x 4 grid: enough to judge an augmentation, small enough to read
 
@@ -48,7 +47,7 @@ def write_batch_preview(images: torch.Tensor, labels: torch.Tensor, augment: Cal
     pixels = (shown.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     per_row = 4
     rows = max(1, -(-len(pixels) // per_row))
-    figure = Figure(figsize=(per_row * 2, rows * 2.2))
+    figure = new_figure(figsize=(per_row * 2, rows * 2.2))
     axes = figure.subplots(rows, per_row, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
@@ -57,5 +56,4 @@ def write_batch_preview(images: torch.Tensor, labels: torch.Tensor, augment: Cal
         axis.set_title(target_title(target, class_names, multi_label=labels.dim() == 2), fontsize=8)
     figure.suptitle("the first training batch, as the model sees it (augmented and mixed)", fontsize=10)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=90)
+    save_png(figure, path, dpi=90)

@@ -40,26 +40,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import torch
+import yaml
+from rich.console import Console
 
-matplotlib.use("Agg")  # files only; no display is needed or wanted
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from ..atomic import atomic_path  # noqa: E402
-from ..data.datasets import data_name, open_dataset  # noqa: E402
-from ..data.loaders import decoding_workers  # noqa: E402
-from ..data.transforms import AugmentConfig  # noqa: E402
-from ..errors import ConfigError, ResidualError  # noqa: E402
-from ..models import ResNetConfig  # noqa: E402
-from ..progress import PrefixedLines, message_console  # noqa: E402
-from ..runs import new_run_dir, pick_device  # noqa: E402
-from .config import AUTO_RECORD, TrainConfig, flatten, plain_yaml, read_config, resolve  # noqa: E402
-from .optim import OptimConfig  # noqa: E402
-from .trainer import TrainingDiverged, TrainingInterrupted, train  # noqa: E402
+from ..atomic import atomic_path
+from ..data.datasets import data_name, open_dataset
+from ..data.loaders import decoding_workers
+from ..data.transforms import AugmentConfig
+from ..errors import ConfigError, ResidualError
+from ..figures import new_figure, save_png
+from ..models import ResNetConfig
+from ..progress import PrefixedLines, message_console
+from ..runs import new_run_dir, pick_device
+from .config import AUTO_RECORD, TrainConfig, flatten, plain_yaml, read_config, resolve
+from .optim import OptimConfig
+from .trainer import TrainingDiverged, TrainingInterrupted, train
 
 PRUNERS = ("median", "hyperband", "none")
 # PED-ANOVA compares the best 10% of trials with all: below this many complete trials it compares one.
@@ -746,8 +742,10 @@ def draw_search(trials: list[Trial], study, space: list[Searched], monitor: str,
     panels = 2 + len(space)
     columns = min(3, panels)
     rows = math.ceil(panels / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
-    axes = axes.ravel()
+    from matplotlib.ticker import MaxNLocator, NullFormatter  # with matplotlib itself: see figures.py
+
+    figure = new_figure(figsize=(4.6 * columns, 3.6 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
     scored = [t for t in trials if t.score is not None and t.state in ("complete", "pruned")]
     style = {"complete": dict(color="C0", marker="o"), "pruned": dict(color="0.6", marker="x")}
     by_trial = axes[0]
@@ -799,6 +797,4 @@ def draw_search(trials: list[Trial], study, space: list[Searched], monitor: str,
     for ax in axes[panels:]:
         ax.axis("off")
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
+    save_png(figure, path)
