@@ -839,6 +839,30 @@ def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
+    from .data.parquet import MULTI_LABEL_CSV, SPLITS, UNLABELLED, unpack_parquet
+
+    result = unpack_parquet(args.source, args.out, image_column=args.image_column, label_column=args.label_column,
+                            progress=console.is_terminal)
+    others = f" (also {', '.join(result.other_label_columns)}: --label-column picks another)" \
+        if result.other_label_columns else ""
+    console.print(f"wrote {result.out}: {len(result.classes)} classes from column {result.label_column}{others}")
+    for split, counts in sorted(result.counts.items(), key=lambda item: SPLITS.index(item[0])):
+        where = f"{split} rows of {result.out / MULTI_LABEL_CSV}" if result.multi_label else f"{split}/"
+        console.print(f"  {where}: {result.images[split]:,} images, {len(counts)} classes "
+                      f"({min(counts.values()):,} to {max(counts.values()):,} images per class)")
+    for split, count in result.unlabelled.items():
+        console.print(f"  {UNLABELLED}/{split}/: {count:,} images without a label (for residual predict)")
+    for path in result.left_out:
+        console.print(f"  left out {path}: not a train, validation or test split")
+    if result.skipped_count:
+        more = result.skipped_count - len(result.skipped)
+        console.print(f"  skipped {result.skipped_count:,} rows:\n    " + "\n    ".join(result.skipped)
+                      + (f"\n    ... and {more:,} more" if more else ""))
+    console.print(f"Next: residual train {result.data}")
+    return 0
+
+
 def cmd_check_data(args: argparse.Namespace, console: Console) -> int:
     from .data.check import check_data
     from .report import write_check_files
@@ -1610,6 +1634,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-label", action="store_true",
                    help="0-3 different shapes per image, listed in labels.csv (10 x --per-class training images)")
     p.set_defaults(run=cmd_shapes)
+
+    p = commands.add_parser("unpack", help="a dataset stored as Parquet (the Hugging Face Hub's) as an image folder")
+    p.add_argument("source", help="a .parquet file, or the folder a dataset was downloaded to (searched through)")
+    p.add_argument("out", help="folder to write: train/ val/ test/ with a folder per class (must not exist yet)")
+    p.add_argument("--image-column", help="the column of encoded images (default: the one declared an Image)")
+    p.add_argument("--label-column", help="the column of labels (default: the one declared a ClassLabel, "
+                   "'label' first)")
+    p.set_defaults(run=cmd_unpack)
 
     p = commands.add_parser("check-data", help="bad files, class balance, duplicates and train/val leakage")
     p.add_argument("data", help="a dataset folder, a CSV of labels, a dataset file (.yaml), or CIFAR")

@@ -1,0 +1,370 @@
+"""Datasets stored as Parquet, as the Hugging Face Hub stores them, unpacked into an image folder.
+
+A Hub dataset downloaded with `huggingface-cli download NAME --repo-type dataset` is a folder of Parquet
+files, `data/train-00000-of-00004.parquet` (or `default/train/0000.parquet` on the Hub's converted
+branch), each row holding an image's encoded bytes and its label. `unpack_parquet` writes them as the
+folder of class folders every command reads, `OUT/{train,val,test}/<class>/<image>`, so training, the
+reports, Grad-CAM and check-data work on the same files a user can open and look at.
+
+- The images' bytes are written as they are (no decoding and encoding again: nothing is lost, and it runs
+  at disk speed); the extension is the one of the format Pillow finds in them.
+- The label column is the one the file's `huggingface` metadata declares a ClassLabel (its names become
+  the class folders; with several, as CIFAR-100's fine_label and coarse_label, `label_column` picks one),
+  or, without metadata, a column named as a CSV's label column, whose values are the class names.
+- A file's split is the first word of its name (`train-00000-of-00004`) or the last of its folder's name
+  (`train/`, `partial-train/`): train; validation, valid, val or dev; test. Files naming another split
+  (SVHN's extra, STL-10's unlabeled) are left out and named; a dataset whose files name no split at all is
+  one pool of training images, of which `residual train` holds out val itself.
+- A label column listing several classes per image (a list of ClassLabels, or of names) is multi-label:
+  the images go to OUT/images/<split>/, and OUT/labels.csv lists each with its split and a 1/0 column per
+  class, which OUT/dataset.yaml describes (`residual train OUT/dataset.yaml`; an image may have none).
+- Rows without a label (None, or -1 as the Hub writes a test split's hidden labels) go to
+  OUT/unlabelled/<split>/, for `residual predict`. Rows whose bytes are not an image (or one over
+  read_image's pixel limit) are skipped and reported with their file and row.
+- OUT appears whole or not at all: the images are written into a hidden folder beside it, renamed to OUT
+  when the last one is in.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from ..errors import ConfigError, ResidualError
+from ..progress import progress_bar
+from .datasets import CSV_IMAGE_COLUMNS, CSV_LABEL_COLUMNS, CSV_MULTI_LABEL_COLUMNS
+
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val",
+               "dev": "val", "test": "test", "testing": "test"}
+SPLITS = ("train", "val", "test")
+UNLABELLED = "unlabelled"  # OUT/unlabelled/<split>/: rows whose label is missing
+MULTI_LABEL_IMAGES, MULTI_LABEL_CSV, MULTI_LABEL_DATASET = "images", "labels.csv", "dataset.yaml"
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
+              "TIFF": ".tif", "AVIF": ".avif", "PPM": ".ppm"}
+REPORTED_SKIPS = 20  # rows named one by one; the rest are counted
+
+
+class ParquetError(ResidualError):
+    """Parquet files that cannot be unpacked as they are; the message says what to change."""
+
+
+@dataclass
+class UnpackResult:
+    out: Path
+    classes: list[str]
+    data: Path  # what to train on: out, or a multi-label dataset's out/dataset.yaml
+    multi_label: bool = False
+    images: Counter = field(default_factory=Counter)  # split -> labelled images
+    counts: dict[str, Counter] = field(default_factory=dict)  # split -> images per class (its folder's name)
+    unlabelled: Counter = field(default_factory=Counter)  # split -> rows without a label
+    skipped: list[str] = field(default_factory=list)  # "FILE row N: why", the first REPORTED_SKIPS
+    skipped_count: int = 0
+    left_out: list[Path] = field(default_factory=list)  # files of splits residual does not train on
+    label_column: str = ""
+    other_label_columns: list[str] = field(default_factory=list)
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise ConfigError("residual unpack: Parquet is read by pyarrow, which is not installed: pip install "
+                          "pyarrow (or residual[parquet])") from None
+    return pyarrow.parquet
+
+
+def parquet_files(source: Path) -> list[Path]:
+    """The .parquet files of `source` (a file, or a folder searched through), in name order."""
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise ParquetError(f"{source}: no such file or folder; give a .parquet file or the folder a dataset was "
+                           f"downloaded to")
+    files = sorted(path for path in source.rglob("*.parquet")
+                   if not any(part.startswith(".") for part in path.relative_to(source).parts))
+    if not files:
+        raise ParquetError(f"{source}: no .parquet files in it")
+    return files
+
+
+def split_of(path: Path) -> str:
+    """The split a file holds: train, val or test where the first word of its name (train-00000-of-00004)
+    or the last of its folder's (train/, or partial-train/ on the Hub's converted branch) says so, else that
+    first word (another split's name, or none)."""
+    first_word = re.split(r"[-_.]", path.name.lower(), maxsplit=1)[0]
+    for word in (first_word, re.split(r"[-_.]", path.parent.name.lower())[-1]):
+        if word in SPLIT_NAMES:
+            return SPLIT_NAMES[word]
+    return first_word
+
+
+def _open(pq, path: Path):
+    """`path` as a pyarrow ParquetFile; a file that is not one (a Git LFS pointer, an HTML error page, a
+    download cut short) is a ParquetError naming it."""
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        with open(path, "rb") as stream:
+            start = stream.read(64)
+        if start.startswith(b"version https://git-lfs"):
+            raise ParquetError(f"{path}: a Git LFS pointer, not the file itself; fetch the files (git lfs pull, or "
+                               f"huggingface-cli download NAME --repo-type dataset)") from None
+        raise ParquetError(f"{path}: not a Parquet file, or cut short ({str(error).splitlines()[0]}); download it "
+                           f"again") from None
+
+
+@dataclass(frozen=True)
+class _Columns:
+    image: str
+    label: str | None  # None: the file has no labels
+    names: list[str] | None  # a ClassLabel's names (the label column holds indices into them); None: values
+    others: list[str]  # other ClassLabel columns the label could have come from
+    multi_label: bool  # the label column lists an image's classes
+
+
+def _features(schema) -> dict:
+    metadata = schema.metadata or {}
+    try:
+        return json.loads(metadata[b"huggingface"])["info"]["features"] if b"huggingface" in metadata else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _is_list_of_labels(feature) -> bool:
+    return isinstance(feature, dict) and feature.get("_type") in ("Sequence", "List", "LargeList") and \
+        isinstance(feature.get("feature"), dict) and feature["feature"].get("_type") == "ClassLabel"
+
+
+def _columns(path: Path, schema, image_column: str | None, label_column: str | None) -> _Columns:
+    features = _features(schema)
+    names = schema.names
+    lowered = {name.lower(): name for name in names}
+
+    def pick(asked: str | None, typed: list[str], standard: tuple[str, ...]) -> str | None:
+        if asked is not None:
+            return asked if asked in names else None
+        found = next((name for name in typed if name.lower() in standard), None) or (typed[0] if typed else None)
+        return found or next((lowered[name] for name in standard if name in lowered), None)
+
+    images = [name for name, feature in features.items() if isinstance(feature, dict) and
+              feature.get("_type") == "Image"]
+    image = pick(image_column, images, CSV_IMAGE_COLUMNS + ("img",))
+    if image is None:
+        raise ParquetError(f"--image-column {image_column}: {path} has no such column (it has {', '.join(names)})"
+                           if image_column else f"{path}: no image column found among {', '.join(names)}; name it "
+                           f"with --image-column")
+    class_labels = [name for name, feature in features.items() if isinstance(feature, dict) and
+                    feature.get("_type") == "ClassLabel"]
+    multi = [name for name, feature in features.items() if _is_list_of_labels(feature)]
+    label = pick(label_column, class_labels + multi, CSV_LABEL_COLUMNS + CSV_MULTI_LABEL_COLUMNS)
+    if label is None:  # a split without labels (a competition's test set): its images are unlabelled
+        return _Columns(image, None, None, [], False)
+    multi_label = label in multi or "list" in str(schema.field(label).type)  # beans' single label is `labels`
+    feature = features.get(label)
+    feature = feature.get("feature") if multi_label and isinstance(feature, dict) else feature
+    class_names = [str(name) for name in feature["names"]] if isinstance(feature, dict) and \
+        feature.get("_type") == "ClassLabel" else None
+    if multi_label:
+        clash = [name for name in class_names or () if name.lower() in ("image", "split")]
+        if clash:
+            raise ParquetError(f"{path}: a class of {label} is named {clash[0]}, as a column of {MULTI_LABEL_CSV}")
+    folders = Counter(_folder_name(name) for name in class_names or ())
+    if not multi_label and folders and max(folders.values()) > 1:
+        raise ParquetError(f"{path}: classes of {label} would share a folder name ("
+                           f"{', '.join(name for name, count in folders.items() if count > 1)})")
+    return _Columns(image, label, class_names, [name for name in class_labels + multi if name != label],
+                    multi_label)
+
+
+def _folder_name(class_name: str) -> str:
+    """A class name as a folder name: path separators become _, and a name hidden or empty as a folder gets
+    a _ in front (a hidden folder would be skipped as a system file)."""
+    name = class_name.replace("/", "_").replace("\\", "_").replace("\0", "_").strip()
+    return f"_{name}" if not name or name.startswith(".") else name
+
+
+def _image_bytes(cell) -> tuple[bytes | None, str | None]:
+    """A cell's encoded image and the file name it came with: the Hub's {bytes, path} struct, or raw bytes."""
+    if isinstance(cell, dict):
+        return cell.get("bytes"), cell.get("path")
+    return (cell, None) if isinstance(cell, (bytes, bytearray)) else (None, None)
+
+
+def _extension(data: bytes) -> str:
+    """The extension of the format Pillow reads `data` as (the header only); ValueError if none."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, as read_image refuses it
+            with Image.open(io.BytesIO(data)) as image:
+                kind = image.format
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"refused as a possible decompression bomb ({error})") from None
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"not an image Pillow can read ({type(error).__name__})") from None
+    if kind not in EXTENSIONS:
+        raise ValueError(f"a {kind} image, which residual does not read")
+    return EXTENSIONS[kind]
+
+
+def _file_name(row: int, original: str | None, extension: str) -> str:
+    """The image's own name where it came with one (its extension set by its real format), else its row."""
+    stem = Path(original.replace("\\", "/")).stem if original else ""
+    stem = re.sub(r"[^\w.+=@,-]", "_", stem).lstrip(".")
+    return f"{stem or f'{row:07d}'}{extension}"
+
+
+def unpack_parquet(source: str | Path, out: str | Path, image_column: str | None = None,
+                   label_column: str | None = None, progress: bool = True) -> UnpackResult:
+    """Write the images of the Parquet dataset at `source` (a file, or a folder of them) to the image folder
+    `out` (which must not exist yet, or be empty), each split's into out/<split>/<class>/."""
+    pq = _pyarrow_parquet()
+    source, out = Path(source), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ParquetError(f"{out}: already exists; give a new folder to unpack into")
+    files = parquet_files(source)
+    splits = {path: split_of(path) for path in files}
+    if not any(split in SPLITS for split in splits.values()):
+        splits = dict.fromkeys(files, "train")  # one pool: residual train holds out val itself
+    kept = [path for path in files if splits[path] in SPLITS]
+    opened = {path: _open(pq, path) for path in kept}
+    columns = {path: _columns(path, parquet.schema_arrow, image_column, label_column)
+               for path, parquet in opened.items()}
+    labelled = [path for path in kept if columns[path].label is not None]
+    if not labelled:
+        names = ", ".join(opened[kept[0]].schema_arrow.names)
+        raise ParquetError(f"--label-column {label_column}: no file of {source} has such a column (the first has "
+                           f"{names})" if label_column else f"{source}: no label column found (the first file has "
+                           f"{names}); name it with --label-column")
+    first = columns[labelled[0]]
+    for path in labelled:
+        if (columns[path].label, columns[path].names) != (first.label, first.names):
+            raise ParquetError(f"{path}: its labels ({columns[path].label}) differ from {labelled[0]}'s "
+                               f"({first.label}); unpack the files of one dataset together")
+    result = UnpackResult(out, [], out / MULTI_LABEL_DATASET if first.multi_label else out, first.multi_label,
+                          label_column=first.label, other_label_columns=first.others,
+                          left_out=[path for path in files if path not in opened])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"  # mkdir: the umask's mode
+    try:
+        staging.mkdir()
+    except OSError as error:  # named as the folder asked for: the hidden one is ours
+        raise OSError(error.errno, error.strerror, str(out)) from None
+    try:
+        listing = _write_images(opened, columns, splits, staging, result, progress)
+        if not result.images:
+            raise ParquetError(f"{source}: no labelled images in it" + (f" ({result.skipped[0]})"
+                                                                          if result.skipped else ""))
+        if first.multi_label:
+            _write_listing(listing, first.names, staging)
+        if out.exists():
+            out.rmdir()  # empty, as checked: the rename below replaces it whole
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    seen = {name for counts in result.counts.values() for name in counts}
+    result.classes = _listed_classes(first.names, seen) if first.multi_label else sorted(seen)  # residual's order
+    return result
+
+
+def _listed_classes(names: list[str] | None, seen: set[str]) -> list[str]:
+    """A multi-label dataset's classes: its ClassLabel's, in their order, or the names its rows list."""
+    return list(names) if names is not None else sorted(seen)
+
+
+def _write_listing(listing: list[tuple[str, str, set[str]]], names: list[str] | None, staging: Path) -> None:
+    """labels.csv (image, split, a 1/0 column per class) and the dataset.yaml that says how to read it."""
+    classes = _listed_classes(names, {name for _, _, labels in listing for name in labels})
+    with open(staging / MULTI_LABEL_CSV, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["image", "split", *classes])
+        writer.writerows([image, split, *(int(name in labels) for name in classes)] for image, split, labels in listing)
+    (staging / MULTI_LABEL_DATASET).write_text(yaml.safe_dump({"csv": MULTI_LABEL_CSV, "label_columns": "*"}))
+
+
+def _write_images(opened: dict, columns: dict[Path, _Columns], splits: dict[Path, str], staging: Path,
+                  result: UnpackResult, progress: bool) -> list[tuple[str, str, set[str]]]:
+    """Write every row's image; a multi-label dataset's listing of them (image path, split, classes)."""
+    listing: list[tuple[str, str, set[str]]] = []
+    rows_seen: Counter = Counter()  # per split: the running row number names images that came without a name
+    total = sum(parquet.metadata.num_rows for parquet in opened.values())
+    with progress_bar("unpacking", enabled=progress, unit="img/s") as bar:
+        task = bar.add_task("unpack", total=total)
+        for path, parquet in opened.items():
+            found, split = columns[path], splits[path]
+            row_in_file = 0
+            wanted = [found.image] if found.label is None else [found.image, found.label]
+            # A row group at a time: iter_batches read ahead, holding 300 MB of 145 KB JPEGs after three batches.
+            for group in range(parquet.num_row_groups):
+                try:
+                    batch = parquet.read_row_group(group, columns=wanted)
+                except (OSError, ValueError) as error:
+                    raise ParquetError(f"{path}: row group {group} cannot be read ({str(error).splitlines()[0]}); "
+                                       f"download the file again") from None
+                labels = [None] * batch.num_rows if found.label is None else batch.column(found.label).to_pylist()
+                for cell, label in zip(batch.column(found.image).to_pylist(), labels):
+                    rows_seen[split] += 1
+                    reason = _write_row(cell, label, found, split, rows_seen[split], staging, result, listing)
+                    if reason is not None:
+                        result.skipped_count += 1
+                        if len(result.skipped) < REPORTED_SKIPS:
+                            result.skipped.append(f"{path} row {row_in_file}: {reason}")
+                    row_in_file += 1
+                bar.advance(task, batch.num_rows)
+    return listing
+
+
+def _class_names(label, found: _Columns) -> list[str] | None:
+    """The classes a label cell gives an image (None: it has no label); ValueError for an index out of range."""
+    if label is None or (found.names is not None and label == -1):
+        return None
+    names = []
+    for value in label if found.multi_label else [label]:
+        if found.names is not None and not 0 <= value < len(found.names):
+            raise ValueError(f"label {value} is not one of the {len(found.names)} classes")
+        names.append(found.names[value] if found.names is not None else str(value))
+    return names
+
+
+def _write_row(cell, label, found: _Columns, split: str, number: int, staging: Path, result: UnpackResult,
+               listing: list) -> str | None:
+    """Write one row's image where its split and label say; the reason it was skipped, or None."""
+    data, original = _image_bytes(cell)
+    if not data:
+        return "no image bytes in it" + (f" (only a path, {original})" if original else "")
+    try:
+        extension = _extension(data)
+        names = _class_names(label, found)
+    except ValueError as error:
+        return str(error)
+    if names is None:
+        folder = staging / UNLABELLED / split
+    else:
+        folder = staging / MULTI_LABEL_IMAGES / split if found.multi_label else staging / split / _folder_name(names[0])
+    target = folder / _file_name(number, original, extension)
+    folder.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # two images of one name in a folder: the row number tells them apart
+        target = folder / f"{number:07d}-{target.name}"
+    target.write_bytes(data)
+    if names is None:
+        result.unlabelled[split] += 1
+        return None
+    if found.multi_label:
+        listing.append((target.relative_to(staging).as_posix(), split, set(names)))
+    result.images[split] += 1
+    counts = result.counts.setdefault(split, Counter())
+    for name in names if found.multi_label else [_folder_name(names[0])]:
+        counts[name] += 1
+    return None

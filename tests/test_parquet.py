@@ -1,0 +1,216 @@
+"""residual unpack: datasets stored as the Hugging Face Hub stores them (Parquet files of encoded images with a
+ClassLabel column declared in the `huggingface` schema metadata), written here with pyarrow in that format."""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from residual.cli import main
+from residual.data.datasets import open_dataset
+from residual.data.parquet import ParquetError, unpack_parquet
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+CLASSES = ["angular_leaf_spot", "bean_rust", "healthy"]  # beans' ClassLabel names, in its order
+
+
+def encoded(colour: tuple[int, int, int], kind: str = "PNG", size: int = 12) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def write_hub_file(path: Path, rows: list[tuple[bytes | None, str | None, int | None]], features: dict | None = None,
+                   label_column: str = "labels", extra: dict | None = None) -> None:
+    """A Parquet file as `datasets` writes one: image {bytes, path} structs and a ClassLabel column."""
+    features = features if features is not None else {
+        "image": {"_type": "Image"}, label_column: {"names": CLASSES, "_type": "ClassLabel"}}
+    columns = {"image": [{"bytes": data, "path": name} for data, name, _ in rows],
+               label_column: [label for _, _, label in rows], **(extra or {})}
+    table = pa.table(columns)
+    if features:
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=4)  # several row groups, as a real shard has
+
+
+def hub_dataset(root: Path) -> dict[str, list]:
+    """beans' layout (data/{split}-0000N-of-0000M.parquet), with what real downloads hold besides clean rows:
+    a JPEG, a name used twice in one class, a row that is not an image, a hidden test label (-1), and a split
+    residual does not train on. Returns the rows written per file."""
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    train_a = [(encoded(colours[i % 3]), f"train.{i}.png", i % 3) for i in range(7)]
+    bomb = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(bomb, "PNG")  # 144 million pixels in 18 KB
+    train_b = [(encoded(colours[0], "JPEG"), "/home/someone/cache/leaf.jpeg", 0),  # a path, as a local build writes
+               (encoded(colours[1]), "same.png", 1), (encoded(colours[1], size=13), "same.png", 1),
+               (b"<html>rate limited</html>", "broken.png", 2), (encoded(colours[2]), None, 2),
+               (bomb.getvalue(), "bomb.png", 2)]
+    validation = [(encoded(colours[i % 3]), f"val.{i}.png", i % 3) for i in range(6)]
+    test = [(encoded(colours[i % 3]), f"test.{i}.png", -1) for i in range(3)]
+    files = {"data/train-00000-of-00002.parquet": train_a, "data/train-00001-of-00002.parquet": train_b,
+             "data/validation-00000-of-00001.parquet": validation, "data/test-00000-of-00001.parquet": test,
+             "data/extra-00000-of-00001.parquet": validation[:2]}
+    for name, rows in files.items():
+        write_hub_file(root / name, rows)
+    return files
+
+
+def test_a_hub_dataset_unpacks_to_the_image_folder_residual_trains_on(tmp_path):
+    files = hub_dataset(tmp_path / "beans")
+    result = unpack_parquet(tmp_path / "beans", tmp_path / "images", progress=False)
+    out = tmp_path / "images"
+    assert result.label_column == "labels" and result.classes == CLASSES
+    assert {split: sum(counts.values()) for split, counts in result.counts.items()} == {"train": 11, "val": 6}
+    assert result.unlabelled == {"test": 3}
+    assert result.left_out == [tmp_path / "beans/data/extra-00000-of-00001.parquet"]
+    assert result.skipped_count == 2
+    assert result.skipped[0].startswith(f"{tmp_path / 'beans/data/train-00001-of-00002.parquet'} row 3: not an image")
+    assert "row 5: refused as a possible decompression bomb" in result.skipped[1]
+    # The bytes as they were, under their own names with their real format's extension.
+    first, second = files["data/train-00000-of-00002.parquet"], files["data/train-00001-of-00002.parquet"]
+    assert (out / "train/angular_leaf_spot/train.0.png").read_bytes() == first[0][0]
+    assert (out / "train/angular_leaf_spot/leaf.jpg").read_bytes() == second[0][0]
+    same = sorted(p.name for p in (out / "train/bean_rust").glob("*same.png"))
+    assert same == ["0000010-same.png", "same.png"]  # the second image of that name is kept, by its row number
+    assert len(list((out / "train/healthy").glob("0000012.png"))) == 1  # no name: its row in the split
+    assert sorted(p.name for p in (out / "unlabelled/test").iterdir()) == ["test.0.png", "test.1.png", "test.2.png"]
+    assert not list(tmp_path.glob(".images.*"))  # the staging folder became `images`
+    dataset = open_dataset(out)
+    assert dataset.classes == CLASSES and (len(dataset.train), len(dataset.val)) == (11, 6)
+    assert dataset.test is None and not dataset.flat
+
+
+def test_files_that_name_no_split_are_one_training_pool_and_cifar100s_second_label_column_is_offered(tmp_path):
+    features = {"img": {"_type": "Image"}, "fine_label": {"names": ["apple", "a/b", ".hidden"], "_type": "ClassLabel"},
+                "coarse_label": {"names": ["fruit", "other"], "_type": "ClassLabel"}}
+    rows = [(encoded((i * 40, 0, 0)), None, i % 3) for i in range(6)]
+    table = pa.table({"img": [{"bytes": data, "path": None} for data, _, _ in rows],
+                      "fine_label": [label for *_, label in rows], "coarse_label": [label % 2 for *_, label in rows]})
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}),
+                   tmp_path / "cifar.parquet")
+    result = unpack_parquet(tmp_path / "cifar.parquet", tmp_path / "fine", progress=False)
+    assert (result.label_column, result.other_label_columns) == ("fine_label", ["coarse_label"])
+    assert result.classes == ["_.hidden", "a_b", "apple"]  # a folder name for each: none hidden, no separator
+    assert sum(result.counts["train"].values()) == 6 and len(open_dataset(tmp_path / "fine").train) > 0
+    coarse = unpack_parquet(tmp_path / "cifar.parquet", tmp_path / "coarse", label_column="coarse_label",
+                            progress=False)
+    assert coarse.classes == ["fruit", "other"] and coarse.counts["train"] == {"fruit": 4, "other": 2}
+
+
+def test_without_hub_metadata_a_label_column_of_names_is_used_and_a_split_without_one_is_unlabelled(tmp_path):
+    rows = [(encoded((0, 0, 0)), f"{i}.png", name) for i, name in enumerate(["cat", "dog", "cat", "dog"])]
+    write_hub_file(tmp_path / "train.parquet", rows, features={}, label_column="label")
+    write_hub_file(tmp_path / "val.parquet", [(encoded((0, 0, 0)), "v.png", "dog")], features={}, label_column="label")
+    pq.write_table(pa.table({"image": [{"bytes": encoded((0, 0, 0)), "path": "t.png"}]}), tmp_path / "test.parquet")
+    result = unpack_parquet(tmp_path, tmp_path / "out", progress=False)
+    assert result.counts == {"train": {"cat": 2, "dog": 2}, "val": {"dog": 1}}
+    assert result.unlabelled == {"test": 1} and (tmp_path / "out/unlabelled/test/t.png").is_file()
+
+
+MULTI_LABEL_CLASSES = ["cloudy", "partly cloudy", "water"]  # a space in a name: a 1/0 column per class holds it
+
+
+def planet_dataset(root: Path) -> None:
+    """A multi-label Hub dataset (a List of ClassLabel): images with two classes, none, one, a missing label
+    and a class index out of range."""
+    features = {"image": {"_type": "Image"},
+                "labels": {"feature": {"names": MULTI_LABEL_CLASSES, "_type": "ClassLabel"}, "_type": "List"}}
+    labels = [[0, 2], [], [1], None, [7], [2]]
+    train = [(encoded((9, 9, 9)), f"{name}.png", label) for name, label in zip("abcdef", labels)]
+    write_hub_file(root / "data/train-00000-of-00001.parquet", train, features)
+    write_hub_file(root / "data/validation-00000-of-00001.parquet", [(encoded((1, 1, 1)), "v.png", [1, 2])], features)
+
+
+def test_a_multi_label_column_becomes_a_listing_residual_trains_on_as_multi_label(tmp_path):
+    names = MULTI_LABEL_CLASSES
+    planet_dataset(tmp_path / "planet")
+    result = unpack_parquet(tmp_path / "planet", tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert result.multi_label and result.data == out / "dataset.yaml" and result.classes == names
+    assert result.images == {"train": 4, "val": 1} and result.unlabelled == {"train": 1}
+    assert result.counts["train"] == {"cloudy": 1, "partly cloudy": 1, "water": 2}
+    assert result.skipped_count == 1 and "row 4: label 7 is not one of the 3 classes" in result.skipped[0]
+    assert (out / "labels.csv").read_text().splitlines()[:3] == [
+        "image,split,cloudy,partly cloudy,water", "images/train/a.png,train,1,0,1", "images/train/b.png,train,0,0,0"]
+    dataset = open_dataset(result.data)
+    assert dataset.multi_label and dataset.classes == names
+    assert dataset.train.labels == [[1, 0, 1], [0, 0, 0], [0, 1, 0], [0, 0, 1]] and dataset.val.labels == [[0, 1, 1]]
+    assert [path.name for path in dataset.train.files] == ["a.png", "b.png", "c.png", "f.png"]
+    # Without the Hub's metadata: a labels column of lists of names.
+    write_hub_file(tmp_path / "tags/train.parquet", [(encoded((0, 0, 0)), f"{i}.png", tags) for i, tags in
+                                                     enumerate([["clear", "water"], ["haze"], []])],
+                   features={}, label_column="tags")
+    tags = unpack_parquet(tmp_path / "tags", tmp_path / "tags-out", progress=False)
+    assert tags.multi_label and tags.classes == ["clear", "haze", "water"] and tags.images == {"train": 3}
+
+
+def test_what_cannot_be_unpacked_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    hub_dataset(tmp_path / "beans")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ParquetError, match="already exists; give a new folder"):
+        unpack_parquet(tmp_path / "beans", tmp_path / "full", progress=False)
+    with pytest.raises(ParquetError, match="--label-column nope: no file of .*beans has such a column"):
+        unpack_parquet(tmp_path / "beans", tmp_path / "out", label_column="nope", progress=False)
+    write_hub_file(tmp_path / "unlabelled/test.parquet", [(encoded((0, 0, 0)), None, -1)])
+    with pytest.raises(ParquetError, match="unlabelled: no labelled images in it"):
+        unpack_parquet(tmp_path / "unlabelled", tmp_path / "out", progress=False)
+    (tmp_path / "lfs").mkdir()
+    (tmp_path / "lfs/train-00000-of-00001.parquet").write_text(  # what git clone gives without git-lfs
+        "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1234\n")
+    with pytest.raises(ParquetError, match="a Git LFS pointer, not the file itself; fetch the files"):
+        unpack_parquet(tmp_path / "lfs", tmp_path / "out", progress=False)
+    whole = (tmp_path / "beans/data/validation-00000-of-00001.parquet").read_bytes()
+    (tmp_path / "cut/data").mkdir(parents=True)
+    (tmp_path / "cut/data/train-00000-of-00001.parquet").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ParquetError, match="not a Parquet file, or cut short .*; download it again"):
+        unpack_parquet(tmp_path / "cut", tmp_path / "out", progress=False)
+    damaged = bytearray(whole)
+    pages = slice(50, len(whole) // 3)  # inside the first row group, well before the footer
+    damaged[pages] = bytes((value * 7 + 13) % 256 for value in damaged[pages])
+    (tmp_path / "cut/data/train-00000-of-00001.parquet").write_bytes(bytes(damaged))
+    with pytest.raises(ParquetError, match="row group 0 cannot be read .*; download the file again"):
+        unpack_parquet(tmp_path / "cut", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    calls = []
+
+    def killed_midway(self, data):  # as Ctrl-C (or a full disk) while the images are written
+        calls.append(self)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return Path.write_text(self, "")
+
+    monkeypatch.setattr(Path, "write_bytes", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        unpack_parquet(tmp_path / "beans", tmp_path / "out", progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # no half a dataset, no leftovers
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    assert main(["unpack", str(tmp_path / "beans"), str(tmp_path / "out")]) == 2
+    assert "Parquet is read by pyarrow, which is not installed: pip install pyarrow" in capsys.readouterr().err
+
+
+def test_the_unpack_command_says_what_it_wrote_and_what_it_left_out(tmp_path, capsys):
+    hub_dataset(tmp_path / "beans")
+    assert main(["unpack", str(tmp_path / "beans"), str(tmp_path / "images")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'images'}: 3 classes from column labels" in out
+    assert "train/: 11 images, 3 classes (3 to 4 images per class)" in out and "val/: 6 images, 3 classes" in out
+    assert "unlabelled/test/: 3 images without a label (for residual predict)" in out
+    assert "left out" in out and "extra-00000-of-00001.parquet: not a train, validation or test split" in out
+    assert "skipped 2 rows" in out and "row 3: not an image Pillow can read" in out
+    assert f"Next: residual train {tmp_path / 'images'}" in out
+    assert main(["unpack", str(tmp_path / "beans"), "/sys/images"]) == 2  # a folder no one may write in
+    assert capsys.readouterr().err.startswith("error: /sys/images: Operation not permitted")
+    planet_dataset(tmp_path / "planet")
+    assert main(["unpack", str(tmp_path / "planet"), str(tmp_path / "planet-images")]) == 0
+    out = capsys.readouterr().out
+    assert f"train rows of {tmp_path / 'planet-images/labels.csv'}: 4 images, 3 classes (1 to 2 images per class)" \
+        in out
+    assert f"Next: residual train {tmp_path / 'planet-images/dataset.yaml'}" in out
