@@ -840,9 +840,9 @@ def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
-    from .data.parquet import MULTI_LABEL_CSV, SPLITS, UNLABELLED, unpack_parquet
+    from .data.unpack import MULTI_LABEL_CSV, SPLITS, UNLABELLED, unpack_dataset
 
-    result = unpack_parquet(args.source, args.out, image_column=args.image_column, label_column=args.label_column,
+    result = unpack_dataset(args.source, args.out, image_column=args.image_column, label_column=args.label_column,
                             progress=console.is_terminal)
     others = f" (also {', '.join(result.other_label_columns)}: --label-column picks another)" \
         if result.other_label_columns else ""
@@ -1635,8 +1635,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0-3 different shapes per image, listed in labels.csv (10 x --per-class training images)")
     p.set_defaults(run=cmd_shapes)
 
-    p = commands.add_parser("unpack", help="a dataset stored as Parquet (the Hugging Face Hub's) as an image folder")
-    p.add_argument("source", help="a .parquet file, or the folder a dataset was downloaded to (searched through)")
+    p = commands.add_parser("unpack", help="a dataset stored as Hugging Face stores them (Parquet or Arrow files) "
+                            "as an image folder")
+    p.add_argument("source", help="a .parquet or .arrow file, or the folder a dataset was downloaded or saved to "
+                   "(searched through)")
     p.add_argument("out", help="folder to write: train/ val/ test/ with a folder per class (must not exist yet)")
     p.add_argument("--image-column", help="the column of encoded images (default: the one declared an Image)")
     p.add_argument("--label-column", help="the column of labels (default: the one declared a ClassLabel, "

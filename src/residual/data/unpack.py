@@ -1,20 +1,25 @@
-"""Datasets stored as Parquet, as the Hugging Face Hub stores them, unpacked into an image folder.
+"""Datasets stored as Hugging Face stores them, Parquet or Arrow files, unpacked into an image folder.
 
 A Hub dataset downloaded with `huggingface-cli download NAME --repo-type dataset` is a folder of Parquet
 files, `data/train-00000-of-00004.parquet` (or `default/train/0000.parquet` on the Hub's converted
-branch), each row holding an image's encoded bytes and its label. `unpack_parquet` writes them as the
-folder of class folders every command reads, `OUT/{train,val,test}/<class>/<image>`, so training, the
-reports, Grad-CAM and check-data work on the same files a user can open and look at.
+branch); one kept by the `datasets` library is Arrow files (`Dataset.save_to_disk`'s
+`train/data-00000-of-00001.arrow`, or its cache's `beans-train.arrow`). Each row holds an image (its
+encoded bytes, or the path of a file) and its label. `unpack_dataset` writes them as the folder of class
+folders every command reads, `OUT/{train,val,test}/<class>/<image>`, so training, the reports, Grad-CAM and
+check-data work on the same files a user can open and look at.
 
 - The images' bytes are written as they are (no decoding and encoding again: nothing is lost, and it runs
-  at disk speed); the extension is the one of the format Pillow finds in them.
+  at disk speed); the extension is the one of the format Pillow finds in them. A row that holds only a
+  path (`datasets` keeps images it loaded from local files that way) is read from that file, absolute or
+  relative to the dataset file's folder.
 - The label column is the one the file's `huggingface` metadata declares a ClassLabel (its names become
   the class folders; with several, as CIFAR-100's fine_label and coarse_label, `label_column` picks one),
   or, without metadata, a column named as a CSV's label column, whose values are the class names.
-- A file's split is the first word of its name (`train-00000-of-00004`) or the last of its folder's name
-  (`train/`, `partial-train/`): train; validation, valid, val or dev; test. Files naming another split
-  (SVHN's extra, STL-10's unlabeled) are left out and named; a dataset whose files name no split at all is
-  one pool of training images, of which `residual train` holds out val itself.
+- A file's split is the last word of its name before any shard numbers (`train-00000-of-00004`,
+  `beans-train`), else its first word, else the last word of its folder's name (`train/`,
+  `partial-train/`): train; validation, valid, val or dev; test. Files naming another split (SVHN's
+  extra, STL-10's unlabeled) are left out and named; a dataset whose files name no split at all is one
+  pool of training images, of which `residual train` holds out val itself.
 - A label column listing several classes per image (a list of ClassLabels, or of names) is multi-label:
   the images go to OUT/images/<split>/, and OUT/labels.csv lists each with its split and a 1/0 column per
   class, which OUT/dataset.yaml describes (`residual train OUT/dataset.yaml`; an image may have none).
@@ -54,10 +59,11 @@ MULTI_LABEL_IMAGES, MULTI_LABEL_CSV, MULTI_LABEL_DATASET = "images", "labels.csv
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
               "TIFF": ".tif", "AVIF": ".avif", "PPM": ".ppm"}
 REPORTED_SKIPS = 20  # rows named one by one; the rest are counted
+FILE_SUFFIXES = (".parquet", ".arrow")
 
 
-class ParquetError(ResidualError):
-    """Parquet files that cannot be unpacked as they are; the message says what to change."""
+class UnpackError(ResidualError):
+    """Dataset files that cannot be unpacked as they are; the message says what to change."""
 
 
 @dataclass
@@ -76,53 +82,104 @@ class UnpackResult:
     other_label_columns: list[str] = field(default_factory=list)
 
 
-def _pyarrow_parquet():
+def _pyarrow():
     try:
+        import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise ConfigError("residual unpack: Parquet is read by pyarrow, which is not installed: pip install "
-                          "pyarrow (or residual[parquet])") from None
-    return pyarrow.parquet
+        raise ConfigError("residual unpack: Parquet and Arrow files are read by pyarrow, which is not installed: "
+                          "pip install pyarrow (or residual[parquet])") from None
+    return pyarrow
 
 
-def parquet_files(source: Path) -> list[Path]:
-    """The .parquet files of `source` (a file, or a folder searched through), in name order."""
-    if source.is_file():
+def dataset_files(source: Path) -> list[Path]:
+    """The .parquet and .arrow files of `source` (a file, or a folder searched through), in name order."""
+    if source.is_file() and source.suffix in FILE_SUFFIXES:
         return [source]
+    if source.is_file():
+        raise UnpackError(f"{source}: not a .parquet or .arrow file; residual train reads a CSV or a folder of "
+                          f"images itself")
     if not source.is_dir():
-        raise ParquetError(f"{source}: no such file or folder; give a .parquet file or the folder a dataset was "
-                           f"downloaded to")
-    files = sorted(path for path in source.rglob("*.parquet")
-                   if not any(part.startswith(".") for part in path.relative_to(source).parts))
+        raise UnpackError(f"{source}: no such file or folder; give a .parquet or .arrow file or the folder a "
+                          f"dataset was downloaded or saved to")
+    files = sorted(path for path in source.rglob("*") if path.suffix in FILE_SUFFIXES and
+                   not any(part.startswith(".") for part in path.relative_to(source).parts))
     if not files:
-        raise ParquetError(f"{source}: no .parquet files in it")
+        raise UnpackError(f"{source}: no .parquet or .arrow files in it")
     return files
 
 
 def split_of(path: Path) -> str:
-    """The split a file holds: train, val or test where the first word of its name (train-00000-of-00004)
-    or the last of its folder's (train/, or partial-train/ on the Hub's converted branch) says so, else that
-    first word (another split's name, or none)."""
-    first_word = re.split(r"[-_.]", path.name.lower(), maxsplit=1)[0]
-    for word in (first_word, re.split(r"[-_.]", path.parent.name.lower())[-1]):
+    """The split a file holds: train, val or test where the last word of its name before any shard numbers
+    (train-00000-of-00004, beans-train), its first word (train_data) or the last word of its folder's name
+    (train/, or partial-train/ on the Hub's converted branch) says so, else that first word (another
+    split's name, or none)."""
+    words = re.split(r"[-_.]", re.sub(r"[-_]\d+(-of-\d+)?$", "", path.stem.lower()))
+    for word in (words[-1], words[0], re.split(r"[-_.]", path.parent.name.lower())[-1]):
         if word in SPLIT_NAMES:
             return SPLIT_NAMES[word]
-    return first_word
+    return words[0]
 
 
-def _open(pq, path: Path):
-    """`path` as a pyarrow ParquetFile; a file that is not one (a Git LFS pointer, an HTML error page, a
-    download cut short) is a ParquetError naming it."""
-    try:
-        return pq.ParquetFile(path)
-    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        with open(path, "rb") as stream:
+class _TableFile:
+    """One Parquet or Arrow file of a dataset: its schema, its rows, and its columns read a part at a time
+    (a Parquet row group, an Arrow record batch: what the writer made them, 100 images or 100 MB)."""
+
+    def __init__(self, pa, path: Path):
+        self.pa, self.path = pa, path
+        self.split = ""  # set once every file's split is known
+        self.columns: _Columns | None = None  # set once the file is known to be read
+        try:
+            if path.suffix == ".parquet":
+                self.parquet = pa.parquet.ParquetFile(path)
+                self.schema, self.rows = self.parquet.schema_arrow, self.parquet.metadata.num_rows
+            else:
+                self.parquet = None
+                with self._arrow_reader() as reader:
+                    self.schema = reader.schema
+                    # memory-mapped: the batches' headers are read, not their data
+                    self.rows = sum(batch.num_rows for batch in self._batches(reader))
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise UnpackError(self._unreadable(error)) from None
+
+    @staticmethod
+    def _batches(reader):
+        """An Arrow reader's record batches: a stream reader yields them, a file reader is indexed."""
+        if hasattr(reader, "num_record_batches"):
+            return (reader.get_batch(index) for index in range(reader.num_record_batches))
+        return reader
+
+    def _arrow_reader(self):
+        source = self.pa.memory_map(str(self.path))
+        try:  # datasets writes Arrow's stream format; other writers its file format
+            return self.pa.ipc.open_stream(source)
+        except self.pa.ArrowInvalid:
+            return self.pa.ipc.open_file(source)
+
+    def _unreadable(self, error: Exception) -> str:
+        with open(self.path, "rb") as stream:
             start = stream.read(64)
         if start.startswith(b"version https://git-lfs"):
-            raise ParquetError(f"{path}: a Git LFS pointer, not the file itself; fetch the files (git lfs pull, or "
-                               f"huggingface-cli download NAME --repo-type dataset)") from None
-        raise ParquetError(f"{path}: not a Parquet file, or cut short ({str(error).splitlines()[0]}); download it "
-                           f"again") from None
+            return (f"{self.path}: a Git LFS pointer, not the file itself; fetch the files (git lfs pull, or "
+                    f"huggingface-cli download NAME --repo-type dataset)")
+        kind = "Parquet" if self.path.suffix == ".parquet" else "Arrow"
+        return f"{self.path}: not readable as {kind}, or cut short ({str(error).splitlines()[0]}); download it again"
+
+    def parts(self, columns: list[str]):
+        """The file's rows a part at a time, as tables of `columns`."""
+        part, unit = 0, "row group" if self.parquet is not None else "record batch"
+        try:
+            if self.parquet is not None:
+                # Not iter_batches: it read ahead, holding 300 MB of 145 KB JPEGs after three batches.
+                for part in range(self.parquet.num_row_groups):
+                    yield self.parquet.read_row_group(part, columns=columns)
+            else:
+                with self._arrow_reader() as reader:
+                    for part, batch in enumerate(self._batches(reader)):
+                        yield batch.select(columns)
+        except (OSError, ValueError) as error:
+            raise UnpackError(f"{self.path}: {unit} {part} cannot be read ({str(error).splitlines()[0]}); download "
+                              f"the file again") from None
 
 
 @dataclass(frozen=True)
@@ -162,7 +219,7 @@ def _columns(path: Path, schema, image_column: str | None, label_column: str | N
               feature.get("_type") == "Image"]
     image = pick(image_column, images, CSV_IMAGE_COLUMNS + ("img",))
     if image is None:
-        raise ParquetError(f"--image-column {image_column}: {path} has no such column (it has {', '.join(names)})"
+        raise UnpackError(f"--image-column {image_column}: {path} has no such column (it has {', '.join(names)})"
                            if image_column else f"{path}: no image column found among {', '.join(names)}; name it "
                            f"with --image-column")
     class_labels = [name for name, feature in features.items() if isinstance(feature, dict) and
@@ -179,10 +236,10 @@ def _columns(path: Path, schema, image_column: str | None, label_column: str | N
     if multi_label:
         clash = [name for name in class_names or () if name.lower() in ("image", "split")]
         if clash:
-            raise ParquetError(f"{path}: a class of {label} is named {clash[0]}, as a column of {MULTI_LABEL_CSV}")
+            raise UnpackError(f"{path}: a class of {label} is named {clash[0]}, as a column of {MULTI_LABEL_CSV}")
     folders = Counter(_folder_name(name) for name in class_names or ())
     if not multi_label and folders and max(folders.values()) > 1:
-        raise ParquetError(f"{path}: classes of {label} would share a folder name ("
+        raise UnpackError(f"{path}: classes of {label} would share a folder name ("
                            f"{', '.join(name for name, count in folders.items() if count > 1)})")
     return _Columns(image, label, class_names, [name for name in class_labels + multi if name != label],
                     multi_label)
@@ -195,11 +252,18 @@ def _folder_name(class_name: str) -> str:
     return f"_{name}" if not name or name.startswith(".") else name
 
 
-def _image_bytes(cell) -> tuple[bytes | None, str | None]:
-    """A cell's encoded image and the file name it came with: the Hub's {bytes, path} struct, or raw bytes."""
-    if isinstance(cell, dict):
-        return cell.get("bytes"), cell.get("path")
-    return (cell, None) if isinstance(cell, (bytes, bytearray)) else (None, None)
+def _image_bytes(cell, folder: Path) -> tuple[bytes | None, str | None, str | None]:
+    """A cell's encoded image, the file name it came with, and why there is no image: the Hub's {bytes, path}
+    struct (a path alone names a file, absolute or relative to `folder`), or raw bytes."""
+    data, original = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else \
+        (cell, None) if isinstance(cell, (bytes, bytearray)) else (None, None)
+    if data or not original:
+        return data, original, None if data else "no image in it"
+    file = Path(original) if Path(original).is_absolute() else folder / original
+    try:
+        return file.read_bytes(), original, None
+    except OSError as error:
+        return None, original, f"no image bytes in it, and its path {original} cannot be read ({error.strerror})"
 
 
 def _extension(data: bytes) -> str:
@@ -225,36 +289,37 @@ def _file_name(row: int, original: str | None, extension: str) -> str:
     return f"{stem or f'{row:07d}'}{extension}"
 
 
-def unpack_parquet(source: str | Path, out: str | Path, image_column: str | None = None,
+def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None = None,
                    label_column: str | None = None, progress: bool = True) -> UnpackResult:
-    """Write the images of the Parquet dataset at `source` (a file, or a folder of them) to the image folder
-    `out` (which must not exist yet, or be empty), each split's into out/<split>/<class>/."""
-    pq = _pyarrow_parquet()
+    """Write the images of the dataset at `source` (a Parquet or Arrow file, or a folder of them) to the image
+    folder `out` (which must not exist yet, or be empty), each split's into out/<split>/<class>/."""
+    pa = _pyarrow()
     source, out = Path(source), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ParquetError(f"{out}: already exists; give a new folder to unpack into")
-    files = parquet_files(source)
+        raise UnpackError(f"{out}: already exists; give a new folder to unpack into")
+    files = dataset_files(source)
     splits = {path: split_of(path) for path in files}
     if not any(split in SPLITS for split in splits.values()):
         splits = dict.fromkeys(files, "train")  # one pool: residual train holds out val itself
-    kept = [path for path in files if splits[path] in SPLITS]
-    opened = {path: _open(pq, path) for path in kept}
-    columns = {path: _columns(path, parquet.schema_arrow, image_column, label_column)
-               for path, parquet in opened.items()}
-    labelled = [path for path in kept if columns[path].label is not None]
+    tables = [_TableFile(pa, path) for path in files if splits[path] in SPLITS]
+    for table in tables:
+        table.split = splits[table.path]
+        table.columns = _columns(table.path, table.schema, image_column, label_column)
+    labelled = [table for table in tables if table.columns.label is not None]
     if not labelled:
-        names = ", ".join(opened[kept[0]].schema_arrow.names)
-        raise ParquetError(f"--label-column {label_column}: no file of {source} has such a column (the first has "
-                           f"{names})" if label_column else f"{source}: no label column found (the first file has "
-                           f"{names}); name it with --label-column")
-    first = columns[labelled[0]]
-    for path in labelled:
-        if (columns[path].label, columns[path].names) != (first.label, first.names):
-            raise ParquetError(f"{path}: its labels ({columns[path].label}) differ from {labelled[0]}'s "
-                               f"({first.label}); unpack the files of one dataset together")
+        names = ", ".join(tables[0].schema.names)
+        raise UnpackError(f"--label-column {label_column}: no file of {source} has such a column (the first has "
+                          f"{names})" if label_column else f"{source}: no label column found (the first file has "
+                          f"{names}); name it with --label-column")
+    first = labelled[0].columns
+    for table in labelled:
+        if (table.columns.label, table.columns.names) != (first.label, first.names):
+            raise UnpackError(f"{table.path}: its labels ({table.columns.label}) differ from {labelled[0].path}'s "
+                              f"({first.label}); unpack the files of one dataset together")
+    kept = {table.path for table in tables}
     result = UnpackResult(out, [], out / MULTI_LABEL_DATASET if first.multi_label else out, first.multi_label,
                           label_column=first.label, other_label_columns=first.others,
-                          left_out=[path for path in files if path not in opened])
+                          left_out=[path for path in files if path not in kept])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"  # mkdir: the umask's mode
     try:
@@ -262,10 +327,10 @@ def unpack_parquet(source: str | Path, out: str | Path, image_column: str | None
     except OSError as error:  # named as the folder asked for: the hidden one is ours
         raise OSError(error.errno, error.strerror, str(out)) from None
     try:
-        listing = _write_images(opened, columns, splits, staging, result, progress)
+        listing = _write_images(tables, staging, result, progress)
         if not result.images:
-            raise ParquetError(f"{source}: no labelled images in it" + (f" ({result.skipped[0]})"
-                                                                          if result.skipped else ""))
+            raise UnpackError(f"{source}: no labelled images in it" + (f" ({result.skipped[0]})"
+                                                                         if result.skipped else ""))
         if first.multi_label:
             _write_listing(listing, first.names, staging)
         if out.exists():
@@ -294,35 +359,27 @@ def _write_listing(listing: list[tuple[str, str, set[str]]], names: list[str] | 
     (staging / MULTI_LABEL_DATASET).write_text(yaml.safe_dump({"csv": MULTI_LABEL_CSV, "label_columns": "*"}))
 
 
-def _write_images(opened: dict, columns: dict[Path, _Columns], splits: dict[Path, str], staging: Path,
-                  result: UnpackResult, progress: bool) -> list[tuple[str, str, set[str]]]:
+def _write_images(tables: list[_TableFile], staging: Path, result: UnpackResult,
+                  progress: bool) -> list[tuple[str, str, set[str]]]:
     """Write every row's image; a multi-label dataset's listing of them (image path, split, classes)."""
     listing: list[tuple[str, str, set[str]]] = []
     rows_seen: Counter = Counter()  # per split: the running row number names images that came without a name
-    total = sum(parquet.metadata.num_rows for parquet in opened.values())
     with progress_bar("unpacking", enabled=progress, unit="img/s") as bar:
-        task = bar.add_task("unpack", total=total)
-        for path, parquet in opened.items():
-            found, split = columns[path], splits[path]
+        task = bar.add_task("unpack", total=sum(table.rows for table in tables))
+        for table in tables:
+            found, split = table.columns, table.split
             row_in_file = 0
-            wanted = [found.image] if found.label is None else [found.image, found.label]
-            # A row group at a time: iter_batches read ahead, holding 300 MB of 145 KB JPEGs after three batches.
-            for group in range(parquet.num_row_groups):
-                try:
-                    batch = parquet.read_row_group(group, columns=wanted)
-                except (OSError, ValueError) as error:
-                    raise ParquetError(f"{path}: row group {group} cannot be read ({str(error).splitlines()[0]}); "
-                                       f"download the file again") from None
-                labels = [None] * batch.num_rows if found.label is None else batch.column(found.label).to_pylist()
-                for cell, label in zip(batch.column(found.image).to_pylist(), labels):
+            for part in table.parts([found.image] if found.label is None else [found.image, found.label]):
+                labels = [None] * part.num_rows if found.label is None else part.column(found.label).to_pylist()
+                for cell, label in zip(part.column(found.image).to_pylist(), labels):
                     rows_seen[split] += 1
-                    reason = _write_row(cell, label, found, split, rows_seen[split], staging, result, listing)
+                    reason = _write_row(cell, label, table, rows_seen[split], staging, result, listing)
                     if reason is not None:
                         result.skipped_count += 1
                         if len(result.skipped) < REPORTED_SKIPS:
-                            result.skipped.append(f"{path} row {row_in_file}: {reason}")
+                            result.skipped.append(f"{table.path} row {row_in_file}: {reason}")
                     row_in_file += 1
-                bar.advance(task, batch.num_rows)
+                bar.advance(task, part.num_rows)
     return listing
 
 
@@ -338,12 +395,13 @@ def _class_names(label, found: _Columns) -> list[str] | None:
     return names
 
 
-def _write_row(cell, label, found: _Columns, split: str, number: int, staging: Path, result: UnpackResult,
+def _write_row(cell, label, table: _TableFile, number: int, staging: Path, result: UnpackResult,
                listing: list) -> str | None:
     """Write one row's image where its split and label say; the reason it was skipped, or None."""
-    data, original = _image_bytes(cell)
-    if not data:
-        return "no image bytes in it" + (f" (only a path, {original})" if original else "")
+    found, split = table.columns, table.split
+    data, original, missing = _image_bytes(cell, table.path.parent)
+    if missing:
+        return missing
     try:
         extension = _extension(data)
         names = _class_names(label, found)

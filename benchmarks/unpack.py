@@ -5,7 +5,7 @@ The data: Hub-format Parquet (an Image and a ClassLabel column in the `huggingfa
 row group as the Hub's writers make them) of JPEGs at ImageNet-like size (500 x 375, noise, so each is as
 large as a photograph). Rounds alternate the two paths. Prints a table; record it in docs/BENCHMARKS.md.
 
-    python benchmarks/unpack_parquet.py [--images 4000] [--rounds 3]
+    python benchmarks/unpack.py [--images 4000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from residual.data.parquet import unpack_parquet
+from residual.data.unpack import unpack_dataset
 
 CLASSES = [f"class{index}" for index in range(10)]
 
@@ -65,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "hub"
         size = write_hub_files(source, args.images)
-        paths = {"residual unpack (unpack_parquet)": lambda out: unpack_parquet(source, out, progress=False),
+        paths = {"residual unpack (unpack_dataset)": lambda out: unpack_dataset(source, out, progress=False),
                  "plain loop (read_table, write_bytes)": lambda out: plain_loop(source, out)}
         seconds: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(args.rounds):

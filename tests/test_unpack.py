@@ -11,7 +11,7 @@ from PIL import Image
 
 from residual.cli import main
 from residual.data.datasets import open_dataset
-from residual.data.parquet import ParquetError, unpack_parquet
+from residual.data.unpack import UnpackError, unpack_dataset
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -63,7 +63,7 @@ def hub_dataset(root: Path) -> dict[str, list]:
 
 def test_a_hub_dataset_unpacks_to_the_image_folder_residual_trains_on(tmp_path):
     files = hub_dataset(tmp_path / "beans")
-    result = unpack_parquet(tmp_path / "beans", tmp_path / "images", progress=False)
+    result = unpack_dataset(tmp_path / "beans", tmp_path / "images", progress=False)
     out = tmp_path / "images"
     assert result.label_column == "labels" and result.classes == CLASSES
     assert {split: sum(counts.values()) for split, counts in result.counts.items()} == {"train": 11, "val": 6}
@@ -94,11 +94,11 @@ def test_files_that_name_no_split_are_one_training_pool_and_cifar100s_second_lab
                       "fine_label": [label for *_, label in rows], "coarse_label": [label % 2 for *_, label in rows]})
     pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}),
                    tmp_path / "cifar.parquet")
-    result = unpack_parquet(tmp_path / "cifar.parquet", tmp_path / "fine", progress=False)
+    result = unpack_dataset(tmp_path / "cifar.parquet", tmp_path / "fine", progress=False)
     assert (result.label_column, result.other_label_columns) == ("fine_label", ["coarse_label"])
     assert result.classes == ["_.hidden", "a_b", "apple"]  # a folder name for each: none hidden, no separator
     assert sum(result.counts["train"].values()) == 6 and len(open_dataset(tmp_path / "fine").train) > 0
-    coarse = unpack_parquet(tmp_path / "cifar.parquet", tmp_path / "coarse", label_column="coarse_label",
+    coarse = unpack_dataset(tmp_path / "cifar.parquet", tmp_path / "coarse", label_column="coarse_label",
                             progress=False)
     assert coarse.classes == ["fruit", "other"] and coarse.counts["train"] == {"fruit": 4, "other": 2}
 
@@ -108,7 +108,7 @@ def test_without_hub_metadata_a_label_column_of_names_is_used_and_a_split_withou
     write_hub_file(tmp_path / "train.parquet", rows, features={}, label_column="label")
     write_hub_file(tmp_path / "val.parquet", [(encoded((0, 0, 0)), "v.png", "dog")], features={}, label_column="label")
     pq.write_table(pa.table({"image": [{"bytes": encoded((0, 0, 0)), "path": "t.png"}]}), tmp_path / "test.parquet")
-    result = unpack_parquet(tmp_path, tmp_path / "out", progress=False)
+    result = unpack_dataset(tmp_path, tmp_path / "out", progress=False)
     assert result.counts == {"train": {"cat": 2, "dog": 2}, "val": {"dog": 1}}
     assert result.unlabelled == {"test": 1} and (tmp_path / "out/unlabelled/test/t.png").is_file()
 
@@ -130,7 +130,7 @@ def planet_dataset(root: Path) -> None:
 def test_a_multi_label_column_becomes_a_listing_residual_trains_on_as_multi_label(tmp_path):
     names = MULTI_LABEL_CLASSES
     planet_dataset(tmp_path / "planet")
-    result = unpack_parquet(tmp_path / "planet", tmp_path / "out", progress=False)
+    result = unpack_dataset(tmp_path / "planet", tmp_path / "out", progress=False)
     out = tmp_path / "out"
     assert result.multi_label and result.data == out / "dataset.yaml" and result.classes == names
     assert result.images == {"train": 4, "val": 1} and result.unlabelled == {"train": 1}
@@ -146,37 +146,64 @@ def test_a_multi_label_column_becomes_a_listing_residual_trains_on_as_multi_labe
     write_hub_file(tmp_path / "tags/train.parquet", [(encoded((0, 0, 0)), f"{i}.png", tags) for i, tags in
                                                      enumerate([["clear", "water"], ["haze"], []])],
                    features={}, label_column="tags")
-    tags = unpack_parquet(tmp_path / "tags", tmp_path / "tags-out", progress=False)
+    tags = unpack_dataset(tmp_path / "tags", tmp_path / "tags-out", progress=False)
     assert tags.multi_label and tags.classes == ["clear", "haze", "water"] and tags.images == {"train": 3}
+
+
+def test_arrow_files_as_the_datasets_library_keeps_them_and_rows_that_hold_only_a_path(tmp_path):
+    """save_to_disk's train/data-00000-of-00001.arrow (Arrow's stream format) beside the cache's
+    beans-validation.arrow (here in Arrow's file format); a row with only a path is read from that file."""
+    metadata = {"huggingface": json.dumps({"info": {"features": {
+        "image": {"_type": "Image"}, "label": {"names": CLASSES, "_type": "ClassLabel"}}}})}
+    (tmp_path / "saved/train").mkdir(parents=True)
+    (tmp_path / "saved/train/leaf.png").write_bytes(encoded((5, 5, 5)))  # as datasets keeps a local file's image
+    images = [{"bytes": encoded((1, 1, 1)), "path": "a.png"}, {"bytes": None, "path": "leaf.png"},
+              {"bytes": None, "path": "/nowhere/gone.png"}, {"bytes": encoded((2, 2, 2)), "path": None}]
+    table = pa.table({"image": images, "label": [0, 1, 2, 2]}).replace_schema_metadata(metadata)
+    with pa.ipc.new_stream(tmp_path / "saved/train/data-00000-of-00001.arrow", table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=2):  # datasets writes batches of 100 images
+            writer.write_batch(batch)
+    validation = pa.table({"image": images[:1], "label": [1]}).replace_schema_metadata(metadata)
+    with pa.ipc.new_file(tmp_path / "saved/beans-validation.arrow", validation.schema) as writer:
+        writer.write_table(validation)
+    result = unpack_dataset(tmp_path / "saved", tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert result.images == {"train": 3, "val": 1} and result.counts["val"] == {"bean_rust": 1}
+    assert (out / "train/bean_rust/leaf.png").read_bytes() == (tmp_path / "saved/train/leaf.png").read_bytes()
+    assert result.skipped == [f"{tmp_path / 'saved/train/data-00000-of-00001.arrow'} row 2: no image bytes in it, and "
+                              f"its path /nowhere/gone.png cannot be read (No such file or directory)"]
 
 
 def test_what_cannot_be_unpacked_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     hub_dataset(tmp_path / "beans")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(ParquetError, match="already exists; give a new folder"):
-        unpack_parquet(tmp_path / "beans", tmp_path / "full", progress=False)
-    with pytest.raises(ParquetError, match="--label-column nope: no file of .*beans has such a column"):
-        unpack_parquet(tmp_path / "beans", tmp_path / "out", label_column="nope", progress=False)
+    (tmp_path / "labels.csv").write_text("image,label\n")
+    with pytest.raises(UnpackError, match="labels.csv: not a .parquet or .arrow file; residual train reads a CSV"):
+        unpack_dataset(tmp_path / "labels.csv", tmp_path / "out", progress=False)
+    with pytest.raises(UnpackError, match="already exists; give a new folder"):
+        unpack_dataset(tmp_path / "beans", tmp_path / "full", progress=False)
+    with pytest.raises(UnpackError, match="--label-column nope: no file of .*beans has such a column"):
+        unpack_dataset(tmp_path / "beans", tmp_path / "out", label_column="nope", progress=False)
     write_hub_file(tmp_path / "unlabelled/test.parquet", [(encoded((0, 0, 0)), None, -1)])
-    with pytest.raises(ParquetError, match="unlabelled: no labelled images in it"):
-        unpack_parquet(tmp_path / "unlabelled", tmp_path / "out", progress=False)
+    with pytest.raises(UnpackError, match="unlabelled: no labelled images in it"):
+        unpack_dataset(tmp_path / "unlabelled", tmp_path / "out", progress=False)
     (tmp_path / "lfs").mkdir()
     (tmp_path / "lfs/train-00000-of-00001.parquet").write_text(  # what git clone gives without git-lfs
         "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1234\n")
-    with pytest.raises(ParquetError, match="a Git LFS pointer, not the file itself; fetch the files"):
-        unpack_parquet(tmp_path / "lfs", tmp_path / "out", progress=False)
+    with pytest.raises(UnpackError, match="a Git LFS pointer, not the file itself; fetch the files"):
+        unpack_dataset(tmp_path / "lfs", tmp_path / "out", progress=False)
     whole = (tmp_path / "beans/data/validation-00000-of-00001.parquet").read_bytes()
     (tmp_path / "cut/data").mkdir(parents=True)
     (tmp_path / "cut/data/train-00000-of-00001.parquet").write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(ParquetError, match="not a Parquet file, or cut short .*; download it again"):
-        unpack_parquet(tmp_path / "cut", tmp_path / "out", progress=False)
+    with pytest.raises(UnpackError, match="not readable as Parquet, or cut short .*; download it again"):
+        unpack_dataset(tmp_path / "cut", tmp_path / "out", progress=False)
     damaged = bytearray(whole)
     pages = slice(50, len(whole) // 3)  # inside the first row group, well before the footer
     damaged[pages] = bytes((value * 7 + 13) % 256 for value in damaged[pages])
     (tmp_path / "cut/data/train-00000-of-00001.parquet").write_bytes(bytes(damaged))
-    with pytest.raises(ParquetError, match="row group 0 cannot be read .*; download the file again"):
-        unpack_parquet(tmp_path / "cut", tmp_path / "out", progress=False)
+    with pytest.raises(UnpackError, match="row group 0 cannot be read .*; download the file again"):
+        unpack_dataset(tmp_path / "cut", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     calls = []
 
@@ -188,12 +215,12 @@ def test_what_cannot_be_unpacked_is_a_one_line_error_and_leaves_nothing(tmp_path
 
     monkeypatch.setattr(Path, "write_bytes", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        unpack_parquet(tmp_path / "beans", tmp_path / "out", progress=False)
+        unpack_dataset(tmp_path / "beans", tmp_path / "out", progress=False)
     monkeypatch.undo()
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # no half a dataset, no leftovers
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
     assert main(["unpack", str(tmp_path / "beans"), str(tmp_path / "out")]) == 2
-    assert "Parquet is read by pyarrow, which is not installed: pip install pyarrow" in capsys.readouterr().err
+    assert "files are read by pyarrow, which is not installed: pip install pyarrow" in capsys.readouterr().err
 
 
 def test_the_unpack_command_says_what_it_wrote_and_what_it_left_out(tmp_path, capsys):
