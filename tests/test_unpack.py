@@ -68,7 +68,7 @@ def test_a_hub_dataset_unpacks_to_the_image_folder_residual_trains_on(tmp_path):
     assert result.label_column == "labels" and result.classes == CLASSES
     assert {split: sum(counts.values()) for split, counts in result.counts.items()} == {"train": 11, "val": 6}
     assert result.unlabelled == {"test": 3}
-    assert result.left_out == [tmp_path / "beans/data/extra-00000-of-00001.parquet"]
+    assert result.left_out == [(tmp_path / "beans/data/extra-00000-of-00001.parquet", "extra")]
     assert result.skipped_count == 2
     assert result.skipped[0].startswith(f"{tmp_path / 'beans/data/train-00001-of-00002.parquet'} row 3: not an image")
     assert "row 5: refused as a possible decompression bomb" in result.skipped[1]
@@ -84,6 +84,24 @@ def test_a_hub_dataset_unpacks_to_the_image_folder_residual_trains_on(tmp_path):
     dataset = open_dataset(out)
     assert dataset.classes == CLASSES and (len(dataset.train), len(dataset.val)) == (11, 6)
     assert dataset.test is None and not dataset.flat
+
+
+def test_split_says_what_the_files_of_a_split_become(tmp_path, capsys):
+    hub_dataset(tmp_path / "svhn")  # extra: more training images, as SVHN's
+    result = unpack_dataset(tmp_path / "svhn", tmp_path / "out", splits={"extra": "train", "test": "skip"},
+                            progress=False)
+    assert result.images == {"train": 11 + 2, "val": 6} and not result.unlabelled
+    assert result.left_out == [(tmp_path / "svhn/data/test-00000-of-00001.parquet", "test")]
+    assert main(["unpack", str(tmp_path / "svhn"), str(tmp_path / "out2"), "--split", "test=skip", "--split",
+                 "validation=test"]) == 0
+    out = capsys.readouterr().out
+    assert "left out" in out and "test-00000-of-00001.parquet: --split test=skip" in out
+    assert "test/: 6 images" in out and "val/" not in out  # validation's files became the test split
+    for bad, message in (("extra", "--split extra: give WORD=SPLIT"), ("extra=more", "--split extra=more: a split "
+                                                                                   "becomes train, val, test or skip")):
+        assert main(["unpack", str(tmp_path / "svhn"), str(tmp_path / "out3"), "--split", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out3").exists()
 
 
 def test_files_that_name_no_split_are_one_training_pool_and_cifar100s_second_label_column_is_offered(tmp_path):
@@ -230,7 +248,8 @@ def test_the_unpack_command_says_what_it_wrote_and_what_it_left_out(tmp_path, ca
     assert f"wrote {tmp_path / 'images'}: 3 classes from column labels" in out
     assert "train/: 11 images, 3 classes (3 to 4 images per class)" in out and "val/: 6 images, 3 classes" in out
     assert "unlabelled/test/: 3 images without a label (for residual predict)" in out
-    assert "left out" in out and "extra-00000-of-00001.parquet: not a train, validation or test split" in out
+    assert "extra-00000-of-00001.parquet: its split, extra, is not train, validation or test (--split extra=train " \
+        "takes it in)" in out
     assert "skipped 2 rows" in out and "row 3: not an image Pillow can read" in out
     assert f"Next: residual train {tmp_path / 'images'}" in out
     assert main(["unpack", str(tmp_path / "beans"), "/sys/images"]) == 2  # a folder no one may write in

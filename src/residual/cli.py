@@ -842,8 +842,14 @@ def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
 def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
     from .data.unpack import MULTI_LABEL_CSV, SPLITS, UNLABELLED, unpack_dataset
 
+    splits = {}
+    for given in args.split:
+        word, equals, split = given.partition("=")
+        if not (equals and word and split):
+            raise ConfigError(f"--split {given}: give WORD=SPLIT, as --split extra=train")
+        splits[word] = split
     result = unpack_dataset(args.source, args.out, image_column=args.image_column, label_column=args.label_column,
-                            progress=console.is_terminal)
+                            splits=splits, progress=console.is_terminal)
     others = f" (also {', '.join(result.other_label_columns)}: --label-column picks another)" \
         if result.other_label_columns else ""
     console.print(f"wrote {result.out}: {len(result.classes)} classes from column {result.label_column}{others}")
@@ -853,8 +859,10 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
                       f"({min(counts.values()):,} to {max(counts.values()):,} images per class)")
     for split, count in result.unlabelled.items():
         console.print(f"  {UNLABELLED}/{split}/: {count:,} images without a label (for residual predict)")
-    for path in result.left_out:
-        console.print(f"  left out {path}: not a train, validation or test split")
+    for path, word in result.left_out:
+        console.print(f"  left out {path}: " + (f"--split {word}=skip" if splits.get(word) == "skip" else
+                                                f"its split, {word}, is not train, validation or test (--split "
+                                                f"{word}=train takes it in)"))
     if result.skipped_count:
         more = result.skipped_count - len(result.skipped)
         console.print(f"  skipped {result.skipped_count:,} rows:\n    " + "\n    ".join(result.skipped)
@@ -1643,6 +1651,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", help="the column of encoded images (default: the one declared an Image)")
     p.add_argument("--label-column", help="the column of labels (default: the one declared a ClassLabel, "
                    "'label' first)")
+    p.add_argument("--split", action="append", default=[], metavar="WORD=SPLIT",
+                   help="what the files of a split become: train, val, test or skip (repeatable; e.g. extra=train "
+                   "for SVHN, test=skip)")
     p.set_defaults(run=cmd_unpack)
 
     p = commands.add_parser("check-data", help="bad files, class balance, duplicates and train/val leakage")

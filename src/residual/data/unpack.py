@@ -18,8 +18,9 @@ check-data work on the same files a user can open and look at.
 - A file's split is the last word of its name before any shard numbers (`train-00000-of-00004`,
   `beans-train`), else its first word, else the last word of its folder's name (`train/`,
   `partial-train/`): train; validation, valid, val or dev; test. Files naming another split (SVHN's
-  extra, STL-10's unlabeled) are left out and named; a dataset whose files name no split at all is one
-  pool of training images, of which `residual train` holds out val itself.
+  extra, STL-10's unlabeled) are left out and named, unless `splits` says what they become
+  ({"extra": "train"}; it can also skip a split or rename one); a dataset whose files name no split at
+  all is one pool of training images, of which `residual train` holds out val itself.
 - A label column listing several classes per image (a list of ClassLabels, or of names) is multi-label:
   the images go to OUT/images/<split>/, and OUT/labels.csv lists each with its split and a 1/0 column per
   class, which OUT/dataset.yaml describes (`residual train OUT/dataset.yaml`; an image may have none).
@@ -77,7 +78,7 @@ class UnpackResult:
     unlabelled: Counter = field(default_factory=Counter)  # split -> rows without a label
     skipped: list[str] = field(default_factory=list)  # "FILE row N: why", the first REPORTED_SKIPS
     skipped_count: int = 0
-    left_out: list[Path] = field(default_factory=list)  # files of splits residual does not train on
+    left_out: list[tuple[Path, str]] = field(default_factory=list)  # files not unpacked, and their split's word
     label_column: str = ""
     other_label_columns: list[str] = field(default_factory=list)
 
@@ -109,16 +110,26 @@ def dataset_files(source: Path) -> list[Path]:
     return files
 
 
-def split_of(path: Path) -> str:
-    """The split a file holds: train, val or test where the last word of its name before any shard numbers
+def split_word(path: Path, names: dict[str, str]) -> str:
+    """The word that names a file's split: the last word of its name before any shard numbers
     (train-00000-of-00004, beans-train), its first word (train_data) or the last word of its folder's name
-    (train/, or partial-train/ on the Hub's converted branch) says so, else that first word (another
-    split's name, or none)."""
+    (train/, or partial-train/ on the Hub's converted branch), whichever is one of `names` first, else the
+    first word of its name (another split's name, or none)."""
     words = re.split(r"[-_.]", re.sub(r"[-_]\d+(-of-\d+)?$", "", path.stem.lower()))
     for word in (words[-1], words[0], re.split(r"[-_.]", path.parent.name.lower())[-1]):
-        if word in SPLIT_NAMES:
-            return SPLIT_NAMES[word]
+        if word in names:
+            return word
     return words[0]
+
+
+def _split_names(overrides: dict[str, str] | None) -> dict[str, str]:
+    """Split words and what they become (train, val, test, or skip), with the `--split WORD=SPLIT` given."""
+    names = dict(SPLIT_NAMES)
+    for word, split in (overrides or {}).items():
+        if split not in SPLITS + ("skip",):
+            raise ConfigError(f"--split {word}={split}: a split becomes train, val, test or skip")
+        names[word.lower()] = split
+    return names
 
 
 class _TableFile:
@@ -290,20 +301,24 @@ def _file_name(row: int, original: str | None, extension: str) -> str:
 
 
 def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None = None,
-                   label_column: str | None = None, progress: bool = True) -> UnpackResult:
+                   label_column: str | None = None, splits: dict[str, str] | None = None,
+                   progress: bool = True) -> UnpackResult:
     """Write the images of the dataset at `source` (a Parquet or Arrow file, or a folder of them) to the image
-    folder `out` (which must not exist yet, or be empty), each split's into out/<split>/<class>/."""
+    folder `out` (which must not exist yet, or be empty), each split's into out/<split>/<class>/. `splits`:
+    what files of a split word become (train, val, test or skip), as {"extra": "train"} for SVHN."""
     pa = _pyarrow()
+    names = _split_names(splits)
     source, out = Path(source), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UnpackError(f"{out}: already exists; give a new folder to unpack into")
     files = dataset_files(source)
-    splits = {path: split_of(path) for path in files}
-    if not any(split in SPLITS for split in splits.values()):
-        splits = dict.fromkeys(files, "train")  # one pool: residual train holds out val itself
-    tables = [_TableFile(pa, path) for path in files if splits[path] in SPLITS]
+    words = {path: split_word(path, names) for path in files}
+    split = {path: names.get(word, "") for path, word in words.items()}
+    if not any(value in SPLITS for value in split.values()):  # one pool: residual train holds out val itself
+        split = {path: "skip" if value == "skip" else "train" for path, value in split.items()}
+    tables = [_TableFile(pa, path) for path in files if split[path] in SPLITS]
     for table in tables:
-        table.split = splits[table.path]
+        table.split = split[table.path]
         table.columns = _columns(table.path, table.schema, image_column, label_column)
     labelled = [table for table in tables if table.columns.label is not None]
     if not labelled:
@@ -316,10 +331,9 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
         if (table.columns.label, table.columns.names) != (first.label, first.names):
             raise UnpackError(f"{table.path}: its labels ({table.columns.label}) differ from {labelled[0].path}'s "
                               f"({first.label}); unpack the files of one dataset together")
-    kept = {table.path for table in tables}
     result = UnpackResult(out, [], out / MULTI_LABEL_DATASET if first.multi_label else out, first.multi_label,
                           label_column=first.label, other_label_columns=first.others,
-                          left_out=[path for path in files if path not in kept])
+                          left_out=[(path, words[path]) for path in files if split[path] not in SPLITS])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"  # mkdir: the umask's mode
     try:
