@@ -847,7 +847,7 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
         word, equals, split = given.partition("=")
         if not (equals and word and split):
             raise ConfigError(f"--split {given}: give WORD=SPLIT, as --split extra=train")
-        splits[word] = split
+        splits[word.lower()] = split  # split words are matched in lower case
     result = unpack_dataset(args.source, args.out, image_column=args.image_column, label_column=args.label_column,
                             splits=splits, progress=console.is_terminal)
     others = f" (also {', '.join(result.other_label_columns)}: --label-column picks another)" \
@@ -857,7 +857,7 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
         where = f"{split} rows of {result.out / MULTI_LABEL_CSV}" if result.multi_label else f"{split}/"
         console.print(f"  {where}: {result.images[split]:,} images, {len(counts)} classes "
                       f"({min(counts.values()):,} to {max(counts.values()):,} images per class)")
-    for split, count in result.unlabelled.items():
+    for split, count in sorted(result.unlabelled.items(), key=lambda item: SPLITS.index(item[0])):
         console.print(f"  {UNLABELLED}/{split}/: {count:,} images without a label (for residual predict)")
     for path, word in result.left_out:
         console.print(f"  left out {path}: " + (f"--split {word}=skip" if splits.get(word) == "skip" else
