@@ -4,6 +4,7 @@ ClassLabel column declared in the `huggingface` schema metadata), written here w
 import io
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,47 @@ def test_arrow_files_as_the_datasets_library_keeps_them_and_rows_that_hold_only_
     assert (out / "train/bean_rust/leaf.png").read_bytes() == (tmp_path / "saved/train/leaf.png").read_bytes()
     assert result.skipped == [f"{tmp_path / 'saved/train/data-00000-of-00001.arrow'} row 2: no image bytes in it, and "
                               f"its path /nowhere/gone.png cannot be read (No such file or directory)"]
+
+
+def write_shard(path: Path, files: list[tuple[str, bytes]]) -> None:
+    """A WebDataset shard: a tar of the files in order, grouped into samples by name."""
+    with tarfile.open(path, "w") as archive:
+        for name, data in files:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+
+
+def test_webdataset_shards_as_timms_imagenet_ones_with_the_imagenet_names_for_their_indices(tmp_path, capsys):
+    jpeg, png = encoded((9, 9, 9), "JPEG"), encoded((7, 7, 7))
+    shards = tmp_path / "imagenet-1k-wds"
+    shards.mkdir()
+    write_shard(shards / "imagenet1k-train-0000.tar", [
+        ("n01440764_1.JPEG", jpeg), ("n01440764_1.cls", b"0\n"),
+        ("n01443537_2.jpg", jpeg), ("n01443537_2.cls", b"1"),
+        ("part/x3.png", png), ("part/x3.json", json.dumps({"label": 2, "filename": "x3.png"}).encode()),
+        ("odd.jpg", jpeg), ("odd.cls", b"not a number"),
+        ("alone.jpg", jpeg),  # a sample without a label
+        ("meta.cls", b"1")])  # a label without an image
+    write_shard(shards / "imagenet1k-validation-0000.tar", [("v1.jpg", jpeg), ("v1.cls", b"0"), ("v2.png", png),
+                                                           ("v2.cls", b"2")])
+    assert main(["unpack", str(shards), str(tmp_path / "named"), "--classes", "imagenet"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'named'}: 3 classes from .cls files" in out
+    named = tmp_path / "named"
+    assert sorted(p.name for p in (named / "train").iterdir()) == ["goldfish", "great white shark", "tench"]
+    assert (named / "train/tench/n01440764_1.jpg").read_bytes() == jpeg
+    assert (named / "train/great white shark/x3.png").is_file()
+    assert sorted(p.name for p in (named / "val").iterdir()) == ["great white shark", "tench"]
+    assert (named / "unlabelled/train/alone.jpg").is_file()
+    assert "sample 3: label 'not a number' is not one of the 1000 classes' indices" in out
+    assert "sample 5: no image in it" in out  # meta.cls
+    result = unpack_dataset(shards, tmp_path / "indices", progress=False)  # no names: the indices are the classes
+    assert result.counts["train"] == {"0": 1, "1": 1, "2": 1, "not a number": 1} and result.images["val"] == 2
+    (shards / "imagenet1k-train-0000.tar").write_bytes((shards / "imagenet1k-train-0000.tar").read_bytes()[:1500])
+    with pytest.raises(UnpackError, match="imagenet1k-train-0000.tar: .*download it again"):
+        unpack_dataset(shards, tmp_path / "cut", progress=False)
+    assert not (tmp_path / "cut").exists()
 
 
 def test_what_cannot_be_unpacked_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):

@@ -19,7 +19,7 @@ from . import __version__
 from .errors import ConfigError, ResidualError
 from .models import list_models
 from .progress import message_console
-from .weights import fetch_pretrained, list_pretrained, load_model, save_model
+from .weights import fetch_pretrained, imagenet_class_names, list_pretrained, load_model, save_model
 
 
 def cmd_models(args: argparse.Namespace, console: Console) -> int:
@@ -110,14 +110,18 @@ def cmd_download(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def class_names_option(value: str | None) -> list[str] | str | None:
+    """--classes: 'imagenet' as it is, or the names a text file lists one per line."""
+    if not value or value == "imagenet":
+        return value
+    names_file = Path(value)
+    if not names_file.is_file():
+        raise ResidualError(f"--classes {names_file}: no such file; give 'imagenet' or a file with one name per line")
+    return [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def cmd_convert(args: argparse.Namespace, console: Console) -> int:
-    class_names = args.classes
-    if class_names and class_names != "imagenet":
-        names_file = Path(class_names)
-        if not names_file.is_file():
-            raise ResidualError(f"--classes {names_file}: no such file; give 'imagenet' or a file with one name "
-                                f"per line")
-        class_names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    class_names = class_names_option(args.classes)
     model = load_model(args.checkpoint, arch=args.arch, num_classes=args.num_classes, class_names=class_names)
     out = Path(args.output or Path(args.checkpoint).with_suffix(".safetensors"))
     if out.resolve() == Path(args.checkpoint).resolve():
@@ -848,11 +852,14 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
         if not (equals and word and split):
             raise ConfigError(f"--split {given}: give WORD=SPLIT, as --split extra=train")
         splits[word.lower()] = split  # split words are matched in lower case
+    class_names = class_names_option(args.classes)
     result = unpack_dataset(args.source, args.out, image_column=args.image_column, label_column=args.label_column,
-                            splits=splits, progress=console.is_terminal)
+                            splits=splits, progress=console.is_terminal,
+                            class_names=list(imagenet_class_names()) if class_names == "imagenet" else class_names)
     others = f" (also {', '.join(result.other_label_columns)}: --label-column picks another)" \
         if result.other_label_columns else ""
-    console.print(f"wrote {result.out}: {len(result.classes)} classes from column {result.label_column}{others}")
+    source = result.label_column if result.label_column.startswith(".") else f"column {result.label_column}"
+    console.print(f"wrote {result.out}: {len(result.classes)} classes from {source}{others}")
     for split, counts in sorted(result.counts.items(), key=lambda item: SPLITS.index(item[0])):
         where = f"{split} rows of {result.out / MULTI_LABEL_CSV}" if result.multi_label else f"{split}/"
         console.print(f"  {where}: {result.images[split]:,} images, {len(counts)} classes "
@@ -1654,6 +1661,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="append", default=[], metavar="WORD=SPLIT",
                    help="what the files of a split become: train, val, test or skip (repeatable; e.g. extra=train "
                    "for SVHN, test=skip)")
+    p.add_argument("--classes", help="names of integer labels the files do not name (a WebDataset's .cls "
+                   "indices): 'imagenet', or a text file with one class name per line")
     p.set_defaults(run=cmd_unpack)
 
     p = commands.add_parser("check-data", help="bad files, class balance, duplicates and train/val leakage")

@@ -1,10 +1,13 @@
-"""Datasets stored as Hugging Face stores them, Parquet or Arrow files, unpacked into an image folder.
+"""Datasets stored as Hugging Face stores them (Parquet or Arrow files) or as WebDataset shards, unpacked
+into an image folder.
 
 A Hub dataset downloaded with `huggingface-cli download NAME --repo-type dataset` is a folder of Parquet
 files, `data/train-00000-of-00004.parquet` (or `default/train/0000.parquet` on the Hub's converted
 branch); one kept by the `datasets` library is Arrow files (`Dataset.save_to_disk`'s
-`train/data-00000-of-00001.arrow`, or its cache's `beans-train.arrow`). Each row holds an image (its
-encoded bytes, or the path of a file) and its label. `unpack_dataset` writes them as the folder of class
+`train/data-00000-of-00001.arrow`, or its cache's `beans-train.arrow`); timm's ImageNet copies on the Hub
+are WebDataset shards (`imagenet1k-train-0000.tar`: n01440764_10026.jpg beside n01440764_10026.cls, its
+class index; `class_names` names the indices). Each row holds an image (its encoded bytes, or the path of
+a file) and its label. `unpack_dataset` writes them as the folder of class
 folders every command reads, `OUT/{train,val,test}/<class>/<image>`, so training, the reports, Grad-CAM and
 check-data work on the same files a user can open and look at.
 
@@ -40,9 +43,10 @@ import os
 import re
 import secrets
 import shutil
+import tarfile
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -60,7 +64,9 @@ MULTI_LABEL_IMAGES, MULTI_LABEL_CSV, MULTI_LABEL_DATASET = "images", "labels.csv
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
               "TIFF": ".tif", "AVIF": ".avif", "PPM": ".ppm"}
 REPORTED_SKIPS = 20  # rows named one by one; the rest are counted
-FILE_SUFFIXES = (".parquet", ".arrow")
+FILE_SUFFIXES = (".parquet", ".arrow", ".tar")
+WEBDATASET_LABELS = ("cls", "json")  # a sample's label: an index in .cls, or the "label" of its .json
+WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif", "ppm")
 
 
 class UnpackError(ResidualError):
@@ -140,16 +146,17 @@ class _TableFile:
         self.pa, self.path = pa, path
         self.split = ""  # set once every file's split is known
         self.columns: _Columns | None = None  # set once the file is known to be read
+        self.row_word = "row"
         try:
             if path.suffix == ".parquet":
                 self.parquet = pa.parquet.ParquetFile(path)
-                self.schema, self.rows = self.parquet.schema_arrow, self.parquet.metadata.num_rows
+                self.schema, self.count = self.parquet.schema_arrow, self.parquet.metadata.num_rows
             else:
                 self.parquet = None
                 with self._arrow_reader() as reader:
                     self.schema = reader.schema
                     # memory-mapped: the batches' headers are read, not their data
-                    self.rows = sum(batch.num_rows for batch in self._batches(reader))
+                    self.count = sum(batch.num_rows for batch in self._batches(reader))
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
             raise UnpackError(self._unreadable(error)) from None
 
@@ -176,6 +183,17 @@ class _TableFile:
         kind = "Parquet" if self.path.suffix == ".parquet" else "Arrow"
         return f"{self.path}: not readable as {kind}, or cut short ({str(error).splitlines()[0]}); download it again"
 
+    @property
+    def fields(self) -> list[str]:
+        return self.schema.names
+
+    def rows(self):
+        """(image cell, label) of each row, in order."""
+        found = self.columns
+        for part in self.parts([found.image] if found.label is None else [found.image, found.label]):
+            labels = [None] * part.num_rows if found.label is None else part.column(found.label).to_pylist()
+            yield from zip(part.column(found.image).to_pylist(), labels)
+
     def parts(self, columns: list[str]):
         """The file's rows a part at a time, as tables of `columns`."""
         part, unit = 0, "row group" if self.parquet is not None else "record batch"
@@ -191,6 +209,71 @@ class _TableFile:
         except (OSError, ValueError) as error:
             raise UnpackError(f"{self.path}: {unit} {part} cannot be read ({str(error).splitlines()[0]}); download "
                               f"the file again") from None
+
+
+class _ShardFile:
+    """One WebDataset shard, as timm's ImageNet shards (imagenet1k-train-0000.tar): a tar whose files are
+    grouped into samples by their name up to its first dot (n01440764_10026.jpg, n01440764_10026.cls); a
+    sample's image is its file with an image extension, its label the index in its .cls or the "label" of its
+    .json. Read a file at a time; nothing is extracted by the tar's own paths."""
+
+    def __init__(self, path: Path, class_names: list[str] | None):
+        self.path, self.split, self.row_word = path, "", "sample"
+        try:
+            with tarfile.open(path) as archive:
+                parts = [_sample_part(member.name) for member in archive.getmembers() if member.isfile()]
+        except (tarfile.TarError, OSError) as error:
+            raise UnpackError(f"{path}: not readable as a tar file, or cut short ({error}); download it "
+                              f"again") from None
+        self.count = len({key for key, _ in parts})
+        self.fields = sorted({extension for _, extension in parts})
+        label = next((extension for extension in WEBDATASET_LABELS if extension in self.fields), None)
+        self.columns = _Columns("image", label and f".{label} files", class_names, [], False)
+
+    def rows(self):
+        """(image cell, label) of each sample, in the tar's order."""
+        key, image, label = None, None, None
+        try:
+            with tarfile.open(self.path) as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    member_key, extension = _sample_part(member.name)
+                    if member_key != key:
+                        if key is not None:
+                            yield image, label
+                        key, image, label = member_key, None, None
+                    data = archive.extractfile(member).read()
+                    if extension == "cls":
+                        label = _index_or_text(data)
+                    elif extension == "json":
+                        label = _json_label(data)
+                    elif extension.rsplit(".", 1)[-1] in WEBDATASET_IMAGES:
+                        image = {"bytes": data, "path": member.name}
+        except (tarfile.TarError, OSError) as error:
+            raise UnpackError(f"{self.path}: cannot be read past sample {key} ({error}); download it again") from None
+        if key is not None:
+            yield image, label
+
+
+def _sample_part(name: str) -> tuple[str, str]:
+    """A WebDataset file's sample key (its path up to the first dot of its name) and its extension."""
+    folder, _, file = name.rpartition("/")
+    stem, _, extension = file.partition(".")
+    return f"{folder}/{stem}" if folder else stem, extension.lower()
+
+
+def _index_or_text(data: bytes):
+    text = data.decode("utf-8", errors="replace").strip()
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
+
+
+def _json_label(data: bytes):
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record.get("label") if isinstance(record, dict) else None
 
 
 @dataclass(frozen=True)
@@ -302,10 +385,12 @@ def _file_name(row: int, original: str | None, extension: str) -> str:
 
 def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None = None,
                    label_column: str | None = None, splits: dict[str, str] | None = None,
-                   progress: bool = True) -> UnpackResult:
-    """Write the images of the dataset at `source` (a Parquet or Arrow file, or a folder of them) to the image
-    folder `out` (which must not exist yet, or be empty), each split's into out/<split>/<class>/. `splits`:
-    what files of a split word become (train, val, test or skip), as {"extra": "train"} for SVHN."""
+                   class_names: list[str] | None = None, progress: bool = True) -> UnpackResult:
+    """Write the images of the dataset at `source` (a Parquet, Arrow or WebDataset tar file, or a folder of
+    them) to the image folder `out` (which must not exist yet, or be empty), each split's into
+    out/<split>/<class>/. `splits`: what files of a split word become (train, val, test or skip), as
+    {"extra": "train"} for SVHN. `class_names`: the names of integer labels whose files name none (a
+    WebDataset's .cls indices; the ImageNet names for timm's ImageNet shards)."""
     pa = _pyarrow()
     names = _split_names(splits)
     source, out = Path(source), Path(out)
@@ -316,13 +401,17 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
     split = {path: names.get(word, "") for path, word in words.items()}
     if not any(value in SPLITS for value in split.values()):  # one pool: residual train holds out val itself
         split = {path: "skip" if value == "skip" else "train" for path, value in split.items()}
-    tables = [_TableFile(pa, path) for path in files if split[path] in SPLITS]
+    tables = [_ShardFile(path, class_names) if path.suffix == ".tar" else _TableFile(pa, path)
+              for path in files if split[path] in SPLITS]
     for table in tables:
         table.split = split[table.path]
-        table.columns = _columns(table.path, table.schema, image_column, label_column)
+        if isinstance(table, _TableFile):
+            table.columns = _columns(table.path, table.schema, image_column, label_column)
+            if class_names is not None and table.columns.names is None and table.columns.label is not None:
+                table.columns = replace(table.columns, names=list(class_names))
     labelled = [table for table in tables if table.columns.label is not None]
     if not labelled:
-        names = ", ".join(tables[0].schema.names)
+        names = ", ".join(tables[0].fields)
         raise UnpackError(f"--label-column {label_column}: no file of {source} has such a column (the first has "
                           f"{names})" if label_column else f"{source}: no label column found (the first file has "
                           f"{names}); name it with --label-column")
@@ -373,27 +462,22 @@ def _write_listing(listing: list[tuple[str, str, set[str]]], names: list[str] | 
     (staging / MULTI_LABEL_DATASET).write_text(yaml.safe_dump({"csv": MULTI_LABEL_CSV, "label_columns": "*"}))
 
 
-def _write_images(tables: list[_TableFile], staging: Path, result: UnpackResult,
+def _write_images(tables: list[_TableFile | _ShardFile], staging: Path, result: UnpackResult,
                   progress: bool) -> list[tuple[str, str, set[str]]]:
     """Write every row's image; a multi-label dataset's listing of them (image path, split, classes)."""
     listing: list[tuple[str, str, set[str]]] = []
     rows_seen: Counter = Counter()  # per split: the running row number names images that came without a name
     with progress_bar("unpacking", enabled=progress, unit="img/s") as bar:
-        task = bar.add_task("unpack", total=sum(table.rows for table in tables))
+        task = bar.add_task("unpack", total=sum(table.count for table in tables))
         for table in tables:
-            found, split = table.columns, table.split
-            row_in_file = 0
-            for part in table.parts([found.image] if found.label is None else [found.image, found.label]):
-                labels = [None] * part.num_rows if found.label is None else part.column(found.label).to_pylist()
-                for cell, label in zip(part.column(found.image).to_pylist(), labels):
-                    rows_seen[split] += 1
-                    reason = _write_row(cell, label, table, rows_seen[split], staging, result, listing)
-                    if reason is not None:
-                        result.skipped_count += 1
-                        if len(result.skipped) < REPORTED_SKIPS:
-                            result.skipped.append(f"{table.path} row {row_in_file}: {reason}")
-                    row_in_file += 1
-                bar.advance(task, part.num_rows)
+            for row_in_file, (cell, label) in enumerate(table.rows()):
+                rows_seen[table.split] += 1
+                reason = _write_row(cell, label, table, rows_seen[table.split], staging, result, listing)
+                if reason is not None:
+                    result.skipped_count += 1
+                    if len(result.skipped) < REPORTED_SKIPS:
+                        result.skipped.append(f"{table.path} {table.row_word} {row_in_file}: {reason}")
+                bar.advance(task)
     return listing
 
 
@@ -403,13 +487,13 @@ def _class_names(label, found: _Columns) -> list[str] | None:
         return None
     names = []
     for value in label if found.multi_label else [label]:
-        if found.names is not None and not 0 <= value < len(found.names):
-            raise ValueError(f"label {value} is not one of the {len(found.names)} classes")
+        if found.names is not None and not (isinstance(value, int) and 0 <= value < len(found.names)):
+            raise ValueError(f"label {value!r} is not one of the {len(found.names)} classes' indices")
         names.append(found.names[value] if found.names is not None else str(value))
     return names
 
 
-def _write_row(cell, label, table: _TableFile, number: int, staging: Path, result: UnpackResult,
+def _write_row(cell, label, table: _TableFile | _ShardFile, number: int, staging: Path, result: UnpackResult,
                listing: list) -> str | None:
     """Write one row's image where its split and label say; the reason it was skipped, or None."""
     found, split = table.columns, table.split
