@@ -12,6 +12,7 @@ from PIL import Image
 
 from residual.cli import main
 from residual.data.datasets import open_dataset
+from residual.data import unpack
 from residual.data.unpack import UnpackError, unpack_dataset
 
 pa = pytest.importorskip("pyarrow")
@@ -202,7 +203,8 @@ def write_shard(path: Path, files: list[tuple[str, bytes]]) -> None:
             archive.addfile(member, io.BytesIO(data))
 
 
-def test_webdataset_shards_as_timms_imagenet_ones_with_the_imagenet_names_for_their_indices(tmp_path, capsys):
+def test_webdataset_shards_as_timms_imagenet_ones_with_the_imagenet_names_for_their_indices(tmp_path, capsys,
+                                                                                           monkeypatch):
     jpeg, png = encoded((9, 9, 9), "JPEG"), encoded((7, 7, 7))
     shards = tmp_path / "imagenet-1k-wds"
     shards.mkdir()
@@ -228,6 +230,10 @@ def test_webdataset_shards_as_timms_imagenet_ones_with_the_imagenet_names_for_th
     assert "sample 5: no image in it" in out  # meta.cls
     result = unpack_dataset(shards, tmp_path / "indices", progress=False)  # no names: the indices are the classes
     assert result.counts["train"] == {"0": 1, "1": 1, "2": 1, "not a number": 1} and result.images["val"] == 2
+    monkeypatch.setattr(unpack, "MAX_MEMBER_BYTES", 64)  # as a shard holding a file of many GiB
+    with pytest.raises(UnpackError, match="n01440764_1.JPEG is 0.0 GiB, larger than any image; this is not a"):
+        unpack_dataset(shards, tmp_path / "huge", progress=False)
+    monkeypatch.undo()
     (shards / "imagenet1k-train-0000.tar").write_bytes((shards / "imagenet1k-train-0000.tar").read_bytes()[:1500])
     with pytest.raises(UnpackError, match="imagenet1k-train-0000.tar: .*download it again"):
         unpack_dataset(shards, tmp_path / "cut", progress=False)

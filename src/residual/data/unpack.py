@@ -67,6 +67,7 @@ REPORTED_SKIPS = 20  # rows named one by one; the rest are counted
 FILE_SUFFIXES = (".parquet", ".arrow", ".tar")
 WEBDATASET_LABELS = ("cls", "json")  # a sample's label: an index in .cls, or the "label" of its .json
 WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif", "ppm")
+MAX_MEMBER_BYTES = 2**30  # a shard's file larger than this is no image (read_image's pixel limit is 179 MP)
 
 
 class UnpackError(ResidualError):
@@ -243,12 +244,18 @@ class _ShardFile:
                         if key is not None:
                             yield image, label
                         key, image, label = member_key, None, None
+                    kind = extension.rsplit(".", 1)[-1]
+                    if kind not in WEBDATASET_LABELS + WEBDATASET_IMAGES:
+                        continue  # a caption, features ...: not read
+                    if member.size > MAX_MEMBER_BYTES:  # read whole into memory: no image is this large
+                        raise UnpackError(f"{self.path}: {member.name} is {member.size / 2**30:.1f} GiB, larger "
+                                          f"than any image; this is not a WebDataset shard of images")
                     data = archive.extractfile(member).read()
-                    if extension == "cls":
+                    if kind == "cls":
                         label = _index_or_text(data)
-                    elif extension == "json":
+                    elif kind == "json":
                         label = _json_label(data)
-                    elif extension.rsplit(".", 1)[-1] in WEBDATASET_IMAGES:
+                    else:
                         image = {"bytes": data, "path": member.name}
         except (tarfile.TarError, OSError) as error:
             raise UnpackError(f"{self.path}: cannot be read past sample {key} ({error}); download it again") from None
