@@ -254,6 +254,16 @@ def test_what_cannot_be_unpacked_is_a_one_line_error_and_leaves_nothing(tmp_path
     write_hub_file(tmp_path / "unlabelled/test.parquet", [(encoded((0, 0, 0)), None, -1)])
     with pytest.raises(UnpackError, match="unlabelled: no labelled images in it"):
         unpack_dataset(tmp_path / "unlabelled", tmp_path / "out", progress=False)
+    clash = {"image": {"_type": "Image"}, "label": {"names": ["a/b", "a_b"], "_type": "ClassLabel"}}
+    write_hub_file(tmp_path / "clash/train.parquet", [(encoded((0, 0, 0)), None, 0)], clash, label_column="label")
+    with pytest.raises(UnpackError, match=r"classes of label would share a folder name \(a_b\)"):
+        unpack_dataset(tmp_path / "clash", tmp_path / "out", progress=False)
+    write_hub_file(tmp_path / "mixed/train.parquet", [(encoded((0, 0, 0)), None, 0)])
+    other = {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog"], "_type": "ClassLabel"}}
+    write_hub_file(tmp_path / "mixed/test.parquet", [(encoded((0, 0, 0)), None, 0)], other, label_column="label")
+    with pytest.raises(UnpackError, match="train.parquet: its labels .labels. differ from .*test.parquet's .label.; "
+                                          "unpack the files of one dataset together"):
+        unpack_dataset(tmp_path / "mixed", tmp_path / "out", progress=False)
     (tmp_path / "lfs").mkdir()
     (tmp_path / "lfs/train-00000-of-00001.parquet").write_text(  # what git clone gives without git-lfs
         "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1234\n")
