@@ -3,6 +3,9 @@ ClassLabel column declared in the `huggingface` schema metadata), written here w
 
 import io
 import json
+import os
+import socket
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -297,6 +300,23 @@ def test_what_cannot_be_unpacked_is_a_one_line_error_and_leaves_nothing(tmp_path
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
     assert main(["unpack", str(tmp_path / "beans"), str(tmp_path / "out")]) == 2
     assert "files are read by pyarrow, which is not installed: pip install pyarrow" in capsys.readouterr().err
+
+
+def test_what_a_killed_unpack_left_behind_is_removed_by_the_next_one_into_the_same_folder(tmp_path, capsys):
+    hub_dataset(tmp_path / "beans")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its process id is free now: as an unpack that was killed
+    host = socket.gethostname()
+    stale, running = tmp_path / f".images.{host}-{gone.pid}-0badc0de.partial", \
+        tmp_path / f".images.{host}-{os.getpid()}-0000cafe.partial"
+    elsewhere = tmp_path / f".images.other-host-{gone.pid}-12345678.partial"  # a process of another machine
+    for folder in (stale, running, elsewhere):
+        (folder / "train/healthy").mkdir(parents=True)
+        (folder / "train/healthy/0000001.png").write_bytes(b"half")
+    assert main(["unpack", str(tmp_path / "beans"), str(tmp_path / "images")]) == 0
+    assert f"removed {stale}: what an unpack into {tmp_path / 'images'} that was stopped left behind" in \
+        capsys.readouterr().out
+    assert not stale.exists() and running.exists() and elsewhere.exists()
 
 
 def test_the_unpack_command_says_what_it_wrote_and_what_it_left_out(tmp_path, capsys):

@@ -858,6 +858,8 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
                             class_names=list(imagenet_class_names()) if class_names == "imagenet" else class_names)
     others = f" (also {', '.join(result.other_label_columns)}: --label-column picks another)" \
         if result.other_label_columns else ""
+    for folder in result.removed:
+        console.print(f"removed {folder}: what an unpack into {result.out} that was stopped left behind")
     source = result.label_column if result.label_column.startswith(".") else f"column {result.label_column}"
     console.print(f"wrote {result.out}: {len(result.classes)} classes from {source}{others}")
     for split, counts in sorted(result.counts.items(), key=lambda item: SPLITS.index(item[0])):

@@ -31,18 +31,20 @@ check-data work on the same files a user can open and look at.
   OUT/unlabelled/<split>/, for `residual predict`. Rows whose bytes are not an image (or one over
   read_image's pixel limit) are skipped and reported with their file and row.
 - OUT appears whole or not at all: the images are written into a hidden folder beside it, renamed to OUT
-  when the last one is in.
+  when the last one is in. What an unpack into OUT that was killed left behind is removed by the next one.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import tarfile
 import warnings
 from collections import Counter
@@ -88,6 +90,7 @@ class UnpackResult:
     left_out: list[tuple[Path, str]] = field(default_factory=list)  # files not unpacked, and their split's word
     label_column: str = ""
     other_label_columns: list[str] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)  # what stopped unpacks into out left behind, removed
 
 
 def _pyarrow():
@@ -431,7 +434,9 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
                           label_column=first.label, other_label_columns=first.others,
                           left_out=[(path, words[path]) for path in files if split[path] not in SPLITS])
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"  # mkdir: the umask's mode
+    result.removed = _remove_stopped_unpacks(out)
+    # mkdir: the folder gets the umask's mode. Host and process name it, so a later unpack knows it is stale.
+    staging = out.parent / f".{out.name}.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.partial"
     try:
         staging.mkdir()
     except OSError as error:  # named as the folder asked for: the hidden one is ours
@@ -452,6 +457,28 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
     seen = {name for counts in result.counts.values() for name in counts}
     result.classes = _listed_classes(first.names, seen) if first.multi_label else sorted(seen)  # residual's order
     return result
+
+
+def _remove_stopped_unpacks(out: Path) -> list[Path]:
+    """Remove the hidden folders that unpacks into `out` by processes of this host that no longer run left
+    behind (killed, or the machine stopped), and name them: ImageNet's would hold 140 GB."""
+    host, removed = socket.gethostname(), []
+    for folder in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        made_by = re.fullmatch(rf"\.{re.escape(out.name)}\.(.+)-(\d+)-[0-9a-f]{{8}}\.partial", folder.name)
+        if made_by and made_by[1] == host and not _running(int(made_by[2])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _listed_classes(names: list[str] | None, seen: set[str]) -> list[str]:
