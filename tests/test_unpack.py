@@ -16,7 +16,7 @@ from PIL import Image
 from residual.cli import main
 from residual.data.datasets import open_dataset
 from residual.data import unpack
-from residual.data.unpack import UnpackError, unpack_dataset
+from residual.data.unpack import UnpackError, card_features, unpack_dataset
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -148,6 +148,48 @@ def planet_dataset(root: Path) -> None:
     train = [(encoded((9, 9, 9)), f"{name}.png", label) for name, label in zip("abcdef", labels)]
     write_hub_file(root / "data/train-00000-of-00001.parquet", train, features)
     write_hub_file(root / "data/validation-00000-of-00001.parquet", [(encoded((1, 1, 1)), "v.png", [1, 2])], features)
+
+
+DATASET_CARD = """---
+license: mit
+dataset_info:
+  features:
+  - name: image
+    dtype: image
+  - name: label
+    dtype:
+      class_label:
+        names:
+          '0': angular_leaf_spot
+          '1': bean_rust
+          '2': healthy
+  splits:
+  - name: train
+    num_examples: 4
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+---
+# beans
+"""
+
+
+def test_files_written_without_the_hub_metadata_take_their_class_names_from_the_dataset_card(tmp_path):
+    (tmp_path / "beans/data").mkdir(parents=True)
+    (tmp_path / "beans/README.md").write_text(DATASET_CARD)
+    rows = [(encoded((i, 0, 0)), f"{i}.png", i % 3) for i in range(4)]  # as pandas' to_parquet writes: no metadata
+    write_hub_file(tmp_path / "beans/data/train-00000-of-00001.parquet", rows, features={}, label_column="label")
+    result = unpack_dataset(tmp_path / "beans", tmp_path / "out", progress=False)
+    assert result.classes == CLASSES and result.counts["train"]["angular_leaf_spot"] == 2
+    # Two configurations naming the classes differently: which one is meant is not known, so the indices stay.
+    (tmp_path / "beans/README.md").write_text(DATASET_CARD.replace(
+        "dataset_info:\n  features:", "dataset_info:\n- config_name: default\n  features:").replace(
+        "  splits:", "- config_name: other\n  features:\n  - name: label\n    dtype:\n      class_label:\n"
+                     "        names:\n          '0': a\n          '1': b\n          '2': c\n  splits:"))
+    assert card_features(tmp_path / "beans") == {"image": {"_type": "Image"}}  # read, the label left out
+    assert unpack_dataset(tmp_path / "beans", tmp_path / "out2", progress=False).classes == ["0", "1", "2"]
 
 
 def test_a_multi_label_column_becomes_a_listing_residual_trains_on_as_multi_label(tmp_path):

@@ -16,8 +16,9 @@ check-data work on the same files a user can open and look at.
   path (`datasets` keeps images it loaded from local files that way) is read from that file, absolute or
   relative to the dataset file's folder.
 - The label column is the one the file's `huggingface` metadata declares a ClassLabel (its names become
-  the class folders; with several, as CIFAR-100's fine_label and coarse_label, `label_column` picks one),
-  or, without metadata, a column named as a CSV's label column, whose values are the class names.
+  the class folders; with several, as CIFAR-100's fine_label and coarse_label, `label_column` picks one);
+  for files written without it, the one the dataset card (README.md) declares; else a column named as a
+  CSV's label column, whose values are the class names.
 - A file's split is the last word of its name before any shard numbers (`train-00000-of-00004`,
   `beans-train`), else its first word, else the last word of its folder's name (`train/`,
   `partial-train/`): train; validation, valid, val or dev; test. Files naming another split (SVHN's
@@ -303,13 +304,52 @@ def _features(schema) -> dict:
         return {}
 
 
+def card_features(source: Path) -> dict:
+    """The Image and ClassLabel columns a Hub dataset card declares (the YAML header of README.md in the
+    dataset's folder or the one above: `dataset_info: features: [{name: label, dtype: {class_label: {names:
+    {'0': cat, ...}}}}]`), as the files' own metadata declares them, for files written without it (pandas'
+    to_parquet). A column the card's configurations declare differently is left out: which one is meant is
+    not known."""
+    base = source if source.is_dir() else source.parent
+    readme = next((folder / "README.md" for folder in (base, base.parent) if (folder / "README.md").is_file()), None)
+    if readme is None:
+        return {}
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    header = re.match(r"---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
+    try:
+        card = yaml.safe_load(header[1]) if header else None
+    except yaml.YAMLError:
+        return {}
+    infos = card.get("dataset_info") if isinstance(card, dict) else None
+    declared: dict[str, list] = {}
+    for info in infos if isinstance(infos, list) else [infos]:
+        for feature in (info.get("features") or []) if isinstance(info, dict) else []:
+            parsed = _card_feature(feature.get("dtype")) if isinstance(feature, dict) else None
+            if parsed is not None:
+                declared.setdefault(str(feature.get("name")), []).append(parsed)
+    return {name: found[0] for name, found in declared.items() if all(item == found[0] for item in found)}
+
+
+def _card_feature(dtype) -> dict | None:
+    """A card's dtype as the files' metadata writes it: an Image, or a ClassLabel with its names in order."""
+    if dtype == "image":
+        return {"_type": "Image"}
+    names = dtype.get("class_label", {}).get("names") if isinstance(dtype, dict) and \
+        isinstance(dtype.get("class_label"), dict) else None
+    if isinstance(names, dict) and all(re.fullmatch(r"\d+", str(key)) for key in names):
+        return {"_type": "ClassLabel", "names": [str(names[key]) for key in sorted(names, key=lambda k: int(k))]}
+    if isinstance(names, list):
+        return {"_type": "ClassLabel", "names": [str(name) for name in names]}
+    return None
+
+
 def _is_list_of_labels(feature) -> bool:
     return isinstance(feature, dict) and feature.get("_type") in ("Sequence", "List", "LargeList") and \
         isinstance(feature.get("feature"), dict) and feature["feature"].get("_type") == "ClassLabel"
 
 
-def _columns(path: Path, schema, image_column: str | None, label_column: str | None) -> _Columns:
-    features = _features(schema)
+def _columns(path: Path, schema, image_column: str | None, label_column: str | None, card: dict) -> _Columns:
+    features = _features(schema) or {name: feature for name, feature in card.items() if name in schema.names}
     names = schema.names
     lowered = {name.lower(): name for name in names}
 
@@ -413,10 +453,11 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
         split = {path: "skip" if value == "skip" else "train" for path, value in split.items()}
     tables = [_ShardFile(path, class_names) if path.suffix == ".tar" else _TableFile(pa, path)
               for path in files if split[path] in SPLITS]
+    card = card_features(source)
     for table in tables:
         table.split = split[table.path]
         if isinstance(table, _TableFile):
-            table.columns = _columns(table.path, table.schema, image_column, label_column)
+            table.columns = _columns(table.path, table.schema, image_column, label_column, card)
             if class_names is not None and table.columns.names is None and table.columns.label is not None:
                 table.columns = replace(table.columns, names=list(class_names))
     labelled = [table for table in tables if table.columns.label is not None]
