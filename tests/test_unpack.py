@@ -107,6 +107,10 @@ def test_split_says_what_the_files_of_a_split_become(tmp_path, capsys):
         assert main(["unpack", str(tmp_path / "svhn"), str(tmp_path / "out3"), "--split", bad]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out3").exists()
+    with pytest.raises(UnpackError, match=r"every file's split is left out \(extra, test, train, validation\); "
+                                          "--split WORD=train takes one in"):
+        unpack_dataset(tmp_path / "svhn", tmp_path / "out4", progress=False,
+                       splits={"train": "skip", "validation": "skip", "test": "skip"})
 
 
 def test_files_that_name_no_split_are_one_training_pool_and_cifar100s_second_label_column_is_offered(tmp_path):
@@ -275,6 +279,9 @@ def test_webdataset_shards_as_timms_imagenet_ones_with_the_imagenet_names_for_th
     assert "sample 5: no image in it" in out  # meta.cls
     result = unpack_dataset(shards, tmp_path / "indices", progress=False)  # no names: the indices are the classes
     assert result.counts["train"] == {"0": 1, "1": 1, "2": 1, "not a number": 1} and result.images["val"] == 2
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # shards are read without pyarrow
+    assert unpack_dataset(shards, tmp_path / "without-pyarrow", progress=False).images["val"] == 2
+    monkeypatch.undo()
     monkeypatch.setattr(unpack, "MAX_MEMBER_BYTES", 64)  # as a shard holding a file of many GiB
     with pytest.raises(UnpackError, match="n01440764_1.JPEG is 0.0 GiB, larger than any image; this is not a"):
         unpack_dataset(shards, tmp_path / "huge", progress=False)

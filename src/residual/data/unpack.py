@@ -441,7 +441,6 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
     out/<split>/<class>/. `splits`: what files of a split word become (train, val, test or skip), as
     {"extra": "train"} for SVHN. `class_names`: the names of integer labels whose files name none (a
     WebDataset's .cls indices; the ImageNet names for timm's ImageNet shards)."""
-    pa = _pyarrow()
     names = _split_names(splits)
     source, out = Path(source), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -449,10 +448,14 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
     files = dataset_files(source)
     words = {path: split_word(path, names) for path in files}
     split = {path: names.get(word, "") for path, word in words.items()}
-    if not any(value in SPLITS for value in split.values()):  # one pool: residual train holds out val itself
-        split = {path: "skip" if value == "skip" else "train" for path, value in split.items()}
-    tables = [_ShardFile(path, class_names) if path.suffix == ".tar" else _TableFile(pa, path)
-              for path in files if split[path] in SPLITS]
+    if not any(word in names for word in words.values()):  # no file names a split: one pool, as a folder
+        split = dict.fromkeys(files, "train")  # of class folders is (residual train holds out val itself)
+    kept = [path for path in files if split[path] in SPLITS]
+    if not kept:
+        raise UnpackError(f"{source}: every file's split is left out ({', '.join(sorted(set(words.values())))}); "
+                          f"--split WORD=train takes one in")
+    pa = _pyarrow() if any(path.suffix != ".tar" for path in kept) else None  # WebDataset shards need no pyarrow
+    tables = [_ShardFile(path, class_names) if path.suffix == ".tar" else _TableFile(pa, path) for path in kept]
     card = card_features(source)
     for table in tables:
         table.split = split[table.path]
@@ -462,10 +465,10 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
                 table.columns = replace(table.columns, names=list(class_names))
     labelled = [table for table in tables if table.columns.label is not None]
     if not labelled:
-        names = ", ".join(tables[0].fields)
+        fields = ", ".join(tables[0].fields)
         raise UnpackError(f"--label-column {label_column}: no file of {source} has such a column (the first has "
-                          f"{names})" if label_column else f"{source}: no label column found (the first file has "
-                          f"{names}); name it with --label-column")
+                          f"{fields})" if label_column else f"{source}: no label column found (the first file has "
+                          f"{fields}); name it with --label-column")
     first = labelled[0].columns
     for table in labelled:
         if (table.columns.label, table.columns.names) != (first.label, first.names):
