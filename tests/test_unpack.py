@@ -297,7 +297,7 @@ def test_what_cannot_be_unpacked_is_a_one_line_error_and_leaves_nothing(tmp_path
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     (tmp_path / "labels.csv").write_text("image,label\n")
-    with pytest.raises(UnpackError, match="labels.csv: not a .parquet or .arrow file; residual train reads a CSV"):
+    with pytest.raises(UnpackError, match="labels.csv: not a .parquet, .arrow or .tar file; residual train reads"):
         unpack_dataset(tmp_path / "labels.csv", tmp_path / "out", progress=False)
     with pytest.raises(UnpackError, match="already exists; give a new folder"):
         unpack_dataset(tmp_path / "beans", tmp_path / "full", progress=False)

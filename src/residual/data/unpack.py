@@ -57,10 +57,12 @@ from PIL import Image
 
 from ..errors import ConfigError, ResidualError
 from ..progress import progress_bar
-from .datasets import CSV_IMAGE_COLUMNS, CSV_LABEL_COLUMNS, CSV_MULTI_LABEL_COLUMNS
+from .datasets import CSV_IMAGE_COLUMNS, CSV_LABEL_COLUMNS, CSV_MULTI_LABEL_COLUMNS, VAL_NAMES
+from .decode import is_image_file
 
-SPLIT_NAMES = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val",
-               "dev": "val", "test": "test", "testing": "test"}
+# The split words of file names, beside the ones a CSV's split column or a folder may use (VAL_NAMES).
+SPLIT_NAMES = {"train": "train", "training": "train", **dict.fromkeys(VAL_NAMES + ("dev",), "val"), "test": "test",
+               "testing": "test"}
 SPLITS = ("train", "val", "test")
 UNLABELLED = "unlabelled"  # OUT/unlabelled/<split>/: rows whose label is missing
 MULTI_LABEL_IMAGES, MULTI_LABEL_CSV, MULTI_LABEL_DATASET = "images", "labels.csv", "dataset.yaml"
@@ -69,7 +71,6 @@ EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GI
 REPORTED_SKIPS = 20  # rows named one by one; the rest are counted
 FILE_SUFFIXES = (".parquet", ".arrow", ".tar")
 WEBDATASET_LABELS = ("cls", "json")  # a sample's label: an index in .cls, or the "label" of its .json
-WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif", "ppm")
 MAX_MEMBER_BYTES = 2**30  # a shard's file larger than this is no image (read_image's pixel limit is 179 MP)
 
 
@@ -105,19 +106,19 @@ def _pyarrow():
 
 
 def dataset_files(source: Path) -> list[Path]:
-    """The .parquet and .arrow files of `source` (a file, or a folder searched through), in name order."""
+    """The .parquet, .arrow and .tar files of `source` (a file, or a folder searched through), in name order."""
     if source.is_file() and source.suffix in FILE_SUFFIXES:
         return [source]
     if source.is_file():
-        raise UnpackError(f"{source}: not a .parquet or .arrow file; residual train reads a CSV or a folder of "
+        raise UnpackError(f"{source}: not a .parquet, .arrow or .tar file; residual train reads a CSV or a folder of "
                           f"images itself")
     if not source.is_dir():
-        raise UnpackError(f"{source}: no such file or folder; give a .parquet or .arrow file or the folder a "
+        raise UnpackError(f"{source}: no such file or folder; give a .parquet, .arrow or .tar file or the folder a "
                           f"dataset was downloaded or saved to")
     files = sorted(path for path in source.rglob("*") if path.suffix in FILE_SUFFIXES and
                    not any(part.startswith(".") for part in path.relative_to(source).parts))
     if not files:
-        raise UnpackError(f"{source}: no .parquet or .arrow files in it")
+        raise UnpackError(f"{source}: no .parquet, .arrow or .tar files in it")
     return files
 
 
@@ -249,7 +250,7 @@ class _ShardFile:
                             yield image, label
                         key, image, label = member_key, None, None
                     kind = extension.rsplit(".", 1)[-1]
-                    if kind not in WEBDATASET_LABELS + WEBDATASET_IMAGES:
+                    if kind not in WEBDATASET_LABELS and not is_image_file(member.name):
                         continue  # a caption, features ...: not read
                     if member.size > MAX_MEMBER_BYTES:  # read whole into memory: no image is this large
                         raise UnpackError(f"{self.path}: {member.name} is {member.size / 2**30:.1f} GiB, larger "
