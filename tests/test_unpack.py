@@ -217,6 +217,18 @@ def test_a_multi_label_column_becomes_a_listing_residual_trains_on_as_multi_labe
                    features={}, label_column="tags")
     tags = unpack_dataset(tmp_path / "tags", tmp_path / "tags-out", progress=False)
     assert tags.multi_label and tags.classes == ["clear", "haze", "water"] and tags.images == {"train": 3}
+    # Nor with a card naming them: `list:` of ClassLabels as datasets 5 writes it, `sequence:` as earlier ones did.
+    for key in ("list", "sequence"):
+        (tmp_path / key / "data").mkdir(parents=True)
+        (tmp_path / key / "README.md").write_text(
+            f"---\ndataset_info:\n  features:\n  - name: image\n    dtype: image\n  - name: tags\n    {key}:\n"
+            f"      class_label:\n        names:\n          '0': clear\n          '1': haze\n---\n")
+        write_hub_file(tmp_path / key / "data/train-00000-of-00001.parquet",
+                       [(encoded((0, 0, 0)), f"{i}.png", tags) for i, tags in enumerate([[0, 1], [1], []])],
+                       features={}, label_column="tags")
+        carded = unpack_dataset(tmp_path / key, tmp_path / f"{key}-out", progress=False)
+        assert carded.multi_label and carded.classes == ["clear", "haze"]
+        assert carded.counts["train"] == {"clear": 1, "haze": 2}
 
 
 def test_arrow_files_as_the_datasets_library_keeps_them_and_rows_that_hold_only_a_path(tmp_path):
@@ -244,8 +256,8 @@ def test_arrow_files_as_the_datasets_library_keeps_them_and_rows_that_hold_only_
 
 
 def write_shard(path: Path, files: list[tuple[str, bytes]]) -> None:
-    """A WebDataset shard: a tar of the files in order, grouped into samples by name."""
-    with tarfile.open(path, "w") as archive:
+    """A WebDataset shard: a tar of the files in order, grouped into samples by name; gzipped if named .tar.gz."""
+    with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as archive:
         for name, data in files:
             member = tarfile.TarInfo(name)
             member.size = len(data)
@@ -264,8 +276,8 @@ def test_webdataset_shards_as_timms_imagenet_ones_with_the_imagenet_names_for_th
         ("odd.jpg", jpeg), ("odd.cls", b"not a number"),
         ("alone.jpg", jpeg),  # a sample without a label
         ("meta.cls", b"1")])  # a label without an image
-    write_shard(shards / "imagenet1k-validation-0000.tar", [("v1.jpg", jpeg), ("v1.cls", b"0"), ("v2.png", png),
-                                                           ("v2.cls", b"2")])
+    write_shard(shards / "imagenet1k-validation-0000.tar.gz", [("v1.jpg", jpeg), ("v1.cls", b"0"), ("v2.png", png),
+                                                              ("v2.cls", b"2")])
     assert main(["unpack", str(shards), str(tmp_path / "named"), "--classes", "imagenet"]) == 0
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'named'}: 3 classes from .cls files" in out
@@ -286,6 +298,15 @@ def test_webdataset_shards_as_timms_imagenet_ones_with_the_imagenet_names_for_th
     with pytest.raises(UnpackError, match="n01440764_1.JPEG is 0.0 GiB, larger than any image; this is not a"):
         unpack_dataset(shards, tmp_path / "huge", progress=False)
     monkeypatch.undo()
+    gzipped = (shards / "imagenet1k-validation-0000.tar.gz").read_bytes()
+    (shards / "imagenet1k-validation-0000.tar.gz").write_bytes(gzipped[:len(gzipped) // 2])
+    with pytest.raises(UnpackError, match=r"imagenet1k-validation-0000.tar.gz: not readable as a tar file, or cut "
+                                          r"short \(Compressed file ended before the end-of-stream marker was "
+                                          r"reached\); download it again$"):
+        unpack_dataset(shards, tmp_path / "cut", progress=False)
+    (shards / "imagenet1k-validation-0000.tar.gz").unlink()
+    (shards / "imagenet1k-validation-0000.tar").write_bytes(gzipped)  # gzipped, though named .tar: read
+    assert unpack_dataset(shards, tmp_path / "misnamed", progress=False).images["val"] == 2
     (shards / "imagenet1k-train-0000.tar").write_bytes((shards / "imagenet1k-train-0000.tar").read_bytes()[:1500])
     with pytest.raises(UnpackError, match="imagenet1k-train-0000.tar: .*download it again"):
         unpack_dataset(shards, tmp_path / "cut", progress=False)
@@ -297,7 +318,7 @@ def test_what_cannot_be_unpacked_is_a_one_line_error_and_leaves_nothing(tmp_path
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     (tmp_path / "labels.csv").write_text("image,label\n")
-    with pytest.raises(UnpackError, match="labels.csv: not a .parquet, .arrow or .tar file; residual train reads"):
+    with pytest.raises(UnpackError, match=r"labels.csv: not a .parquet, .arrow or .tar\(.gz\) file; residual train"):
         unpack_dataset(tmp_path / "labels.csv", tmp_path / "out", progress=False)
     with pytest.raises(UnpackError, match="already exists; give a new folder"):
         unpack_dataset(tmp_path / "beans", tmp_path / "full", progress=False)

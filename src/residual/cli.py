@@ -1653,9 +1653,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_shapes)
 
     p = commands.add_parser("unpack", help="a dataset stored as Hugging Face stores them (Parquet or Arrow files) "
-                            "as an image folder")
-    p.add_argument("source", help="a .parquet or .arrow file, or the folder a dataset was downloaded or saved to "
-                   "(searched through)")
+                            "or as WebDataset shards, as an image folder")
+    p.add_argument("source", help="a .parquet, .arrow or WebDataset .tar (.tar.gz) file, or the folder a dataset "
+                   "was downloaded or saved to (searched through)")
     p.add_argument("out", help="folder to write: train/ val/ test/ with a folder per class (must not exist yet)")
     p.add_argument("--image-column", help="the column of encoded images (default: the one declared an Image)")
     p.add_argument("--label-column", help="the column of labels (default: the one declared a ClassLabel, "

@@ -5,9 +5,9 @@ A Hub dataset downloaded with `huggingface-cli download NAME --repo-type dataset
 files, `data/train-00000-of-00004.parquet` (or `default/train/0000.parquet` on the Hub's converted
 branch); one kept by the `datasets` library is Arrow files (`Dataset.save_to_disk`'s
 `train/data-00000-of-00001.arrow`, or its cache's `beans-train.arrow`); timm's ImageNet copies on the Hub
-are WebDataset shards (`imagenet1k-train-0000.tar`: n01440764_10026.jpg beside n01440764_10026.cls, its
-class index; `class_names` names the indices). Each row holds an image (its encoded bytes, or the path of
-a file) and its label. `unpack_dataset` writes them as the folder of class
+are WebDataset shards (`imagenet1k-train-0000.tar`, or gzipped as .tar.gz: n01440764_10026.jpg beside
+n01440764_10026.cls, its class index; `class_names` names the indices). Each row holds an image (its
+encoded bytes, or the path of a file) and its label. `unpack_dataset` writes them as the folder of class
 folders every command reads, `OUT/{train,val,test}/<class>/<image>`, so training, the reports, Grad-CAM and
 check-data work on the same files a user can open and look at.
 
@@ -17,8 +17,8 @@ check-data work on the same files a user can open and look at.
   relative to the dataset file's folder.
 - The label column is the one the file's `huggingface` metadata declares a ClassLabel (its names become
   the class folders; with several, as CIFAR-100's fine_label and coarse_label, `label_column` picks one);
-  for files written without it, the one the dataset card (README.md) declares; else a column named as a
-  CSV's label column, whose values are the class names.
+  for files written without it, the one (or the list of them) the dataset card (README.md) declares;
+  else a column named as a CSV's label column, whose values are the class names.
 - A file's split is the last word of its name before any shard numbers (`train-00000-of-00004`,
   `beans-train`), else its first word, else the last word of its folder's name (`train/`,
   `partial-train/`): train; validation, valid, val or dev; test. Files naming another split (SVHN's
@@ -48,6 +48,7 @@ import shutil
 import socket
 import tarfile
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,8 +70,10 @@ MULTI_LABEL_IMAGES, MULTI_LABEL_CSV, MULTI_LABEL_DATASET = "images", "labels.csv
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
               "TIFF": ".tif", "AVIF": ".avif", "PPM": ".ppm"}
 REPORTED_SKIPS = 20  # rows named one by one; the rest are counted
-FILE_SUFFIXES = (".parquet", ".arrow", ".tar")
+DATASET_FILE = re.compile(r"\.(parquet|arrow|tar|tar\.gz|tgz)$", re.IGNORECASE)  # shards may be gzipped
 WEBDATASET_LABELS = ("cls", "json")  # a sample's label: an index in .cls, or the "label" of its .json
+GZIP_MAGIC = b"\x1f\x8b"
+READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)  # EOFError: a gzipped shard cut short
 MAX_MEMBER_BYTES = 2**30  # a shard's file larger than this is no image (read_image's pixel limit is 179 MP)
 
 
@@ -105,20 +108,27 @@ def _pyarrow():
     return pyarrow
 
 
+def file_kind(path: Path) -> str | None:
+    """What a dataset file is by its name: parquet, arrow, shard (a WebDataset tar, gzipped or not), or None."""
+    found = DATASET_FILE.search(path.name)
+    return None if found is None else {"parquet": "parquet", "arrow": "arrow"}.get(found[1].lower(), "shard")
+
+
 def dataset_files(source: Path) -> list[Path]:
-    """The .parquet, .arrow and .tar files of `source` (a file, or a folder searched through), in name order."""
-    if source.is_file() and source.suffix in FILE_SUFFIXES:
+    """The .parquet, .arrow and .tar(.gz) files of `source` (a file, or a folder searched through), in name
+    order."""
+    if source.is_file() and file_kind(source):
         return [source]
     if source.is_file():
-        raise UnpackError(f"{source}: not a .parquet, .arrow or .tar file; residual train reads a CSV or a folder of "
-                          f"images itself")
+        raise UnpackError(f"{source}: not a .parquet, .arrow or .tar(.gz) file; residual train reads a CSV or a "
+                          f"folder of images itself")
     if not source.is_dir():
-        raise UnpackError(f"{source}: no such file or folder; give a .parquet, .arrow or .tar file or the folder a "
-                          f"dataset was downloaded or saved to")
-    files = sorted(path for path in source.rglob("*") if path.suffix in FILE_SUFFIXES and
+        raise UnpackError(f"{source}: no such file or folder; give a .parquet, .arrow or .tar(.gz) file or the "
+                          f"folder a dataset was downloaded or saved to")
+    files = sorted(path for path in source.rglob("*") if file_kind(path) and path.is_file() and
                    not any(part.startswith(".") for part in path.relative_to(source).parts))
     if not files:
-        raise UnpackError(f"{source}: no .parquet, .arrow or .tar files in it")
+        raise UnpackError(f"{source}: no .parquet, .arrow or .tar(.gz) files in it")
     return files
 
 
@@ -127,7 +137,8 @@ def split_word(path: Path, names: dict[str, str]) -> str:
     (train-00000-of-00004, beans-train), its first word (train_data) or the last word of its folder's name
     (train/, or partial-train/ on the Hub's converted branch), whichever is one of `names` first, else the
     first word of its name (another split's name, or none)."""
-    words = re.split(r"[-_.]", re.sub(r"[-_]\d+(-of-\d+)?$", "", path.stem.lower()))
+    stem = DATASET_FILE.sub("", path.name.lower())
+    words = re.split(r"[-_.]", re.sub(r"[-_]\d+(-of-\d+)?$", "", stem))
     for word in (words[-1], words[0], re.split(r"[-_.]", path.parent.name.lower())[-1]):
         if word in names:
             return word
@@ -154,7 +165,7 @@ class _TableFile:
         self.columns: _Columns | None = None  # set once the file is known to be read
         self.row_word = "row"
         try:
-            if path.suffix == ".parquet":
+            if file_kind(path) == "parquet":
                 self.parquet = pa.parquet.ParquetFile(path)
                 self.schema, self.count = self.parquet.schema_arrow, self.parquet.metadata.num_rows
             else:
@@ -186,7 +197,7 @@ class _TableFile:
         if start.startswith(b"version https://git-lfs"):
             return (f"{self.path}: a Git LFS pointer, not the file itself; fetch the files (git lfs pull, or "
                     f"huggingface-cli download NAME --repo-type dataset)")
-        kind = "Parquet" if self.path.suffix == ".parquet" else "Arrow"
+        kind = "Parquet" if file_kind(self.path) == "parquet" else "Arrow"
         return f"{self.path}: not readable as {kind}, or cut short ({str(error).splitlines()[0]}); download it again"
 
     @property
@@ -218,17 +229,21 @@ class _TableFile:
 
 
 class _ShardFile:
-    """One WebDataset shard, as timm's ImageNet shards (imagenet1k-train-0000.tar): a tar whose files are
-    grouped into samples by their name up to its first dot (n01440764_10026.jpg, n01440764_10026.cls); a
-    sample's image is its file with an image extension, its label the index in its .cls or the "label" of its
-    .json. Read a file at a time; nothing is extracted by the tar's own paths."""
+    """One WebDataset shard, as timm's ImageNet shards (imagenet1k-train-0000.tar; gzipped or not): a tar
+    whose files are grouped into samples by their name up to its first dot (n01440764_10026.jpg,
+    n01440764_10026.cls); a sample's image is its file with an image extension, its label the index in its
+    .cls or the "label" of its .json. Read a file at a time; nothing is extracted by the tar's own paths."""
 
     def __init__(self, path: Path, class_names: list[str] | None):
         self.path, self.split, self.row_word = path, "", "sample"
         try:
-            with tarfile.open(path) as archive:
+            # Gzipped or not by its first bytes, whatever its name: an error is then one line (tarfile's "r:*"
+            # lists one per compression it tried).
+            with open(path, "rb") as stream:
+                self.mode = "r:gz" if stream.read(2) == GZIP_MAGIC else "r:"
+            with tarfile.open(path, self.mode) as archive:
                 parts = [_sample_part(member.name) for member in archive.getmembers() if member.isfile()]
-        except (tarfile.TarError, OSError) as error:
+        except READ_ERRORS as error:
             raise UnpackError(f"{path}: not readable as a tar file, or cut short ({error}); download it "
                               f"again") from None
         self.count = len({key for key, _ in parts})
@@ -240,7 +255,7 @@ class _ShardFile:
         """(image cell, label) of each sample, in the tar's order."""
         key, image, label = None, None, None
         try:
-            with tarfile.open(self.path) as archive:
+            with tarfile.open(self.path, self.mode) as archive:
                 for member in archive:
                     if not member.isfile():
                         continue
@@ -262,7 +277,7 @@ class _ShardFile:
                         label = _json_label(data)
                     else:
                         image = {"bytes": data, "path": member.name}
-        except (tarfile.TarError, OSError) as error:
+        except READ_ERRORS as error:
             raise UnpackError(f"{self.path}: cannot be read past sample {key} ({error}); download it again") from None
         if key is not None:
             yield image, label
@@ -325,14 +340,24 @@ def card_features(source: Path) -> dict:
     declared: dict[str, list] = {}
     for info in infos if isinstance(infos, list) else [infos]:
         for feature in (info.get("features") or []) if isinstance(info, dict) else []:
-            parsed = _card_feature(feature.get("dtype")) if isinstance(feature, dict) else None
+            parsed = _card_feature(feature) if isinstance(feature, dict) else None
             if parsed is not None:
                 declared.setdefault(str(feature.get("name")), []).append(parsed)
     return {name: found[0] for name, found in declared.items() if all(item == found[0] for item in found)}
 
 
-def _card_feature(dtype) -> dict | None:
-    """A card's dtype as the files' metadata writes it: an Image, or a ClassLabel with its names in order."""
+def _card_feature(feature: dict) -> dict | None:
+    """A card's feature as the files' metadata writes it: an Image, a ClassLabel with its names in order, or a
+    list of ClassLabels (multi-label: `list: {class_label: ...}`, also `large_list:`, and `sequence:` before
+    datasets 4)."""
+    listed = next((feature[key] for key in ("list", "large_list", "sequence") if key in feature), None)
+    if isinstance(listed, dict):
+        labels = _card_dtype(listed)
+        return {"_type": "List", "feature": labels} if labels and labels["_type"] == "ClassLabel" else None
+    return _card_dtype(feature.get("dtype"))
+
+
+def _card_dtype(dtype) -> dict | None:
     if dtype == "image":
         return {"_type": "Image"}
     names = dtype.get("class_label", {}).get("names") if isinstance(dtype, dict) and \
@@ -437,8 +462,8 @@ def _file_name(row: int, original: str | None, extension: str) -> str:
 def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None = None,
                    label_column: str | None = None, splits: dict[str, str] | None = None,
                    class_names: list[str] | None = None, progress: bool = True) -> UnpackResult:
-    """Write the images of the dataset at `source` (a Parquet, Arrow or WebDataset tar file, or a folder of
-    them) to the image folder `out` (which must not exist yet, or be empty), each split's into
+    """Write the images of the dataset at `source` (a Parquet, Arrow or WebDataset .tar(.gz) file, or a folder
+    of them) to the image folder `out` (which must not exist yet, or be empty), each split's into
     out/<split>/<class>/. `splits`: what files of a split word become (train, val, test or skip), as
     {"extra": "train"} for SVHN. `class_names`: the names of integer labels whose files name none (a
     WebDataset's .cls indices; the ImageNet names for timm's ImageNet shards)."""
@@ -455,8 +480,9 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
     if not kept:
         raise UnpackError(f"{source}: every file's split is left out ({', '.join(sorted(set(words.values())))}); "
                           f"--split WORD=train takes one in")
-    pa = _pyarrow() if any(path.suffix != ".tar" for path in kept) else None  # WebDataset shards need no pyarrow
-    tables = [_ShardFile(path, class_names) if path.suffix == ".tar" else _TableFile(pa, path) for path in kept]
+    shards = {path for path in kept if file_kind(path) == "shard"}
+    pa = _pyarrow() if len(shards) < len(kept) else None  # WebDataset shards need no pyarrow
+    tables = [_ShardFile(path, class_names) if path in shards else _TableFile(pa, path) for path in kept]
     card = card_features(source)
     for table in tables:
         table.split = split[table.path]
