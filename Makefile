@@ -12,7 +12,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# timm and pytorch-grad-cam, references the tests compare our ResNets and Grad-CAM with: without their
 	# dependencies, as they include torchvision (none for this CPU torch); the rest comes with '.[dev]'.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt timm grad-cam ttach
+	# ExecuTorch and torchao likewise, without the tools of other backends they list (pyproject.toml).
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt timm grad-cam ttach \
+		executorch torchao
 	touch $@
 
 install: $(BIN)/.installed

@@ -17,7 +17,7 @@ from residual.data.datasets import sample_items
 from residual.data.decode import read_image
 from residual.data.shapes import write_shapes
 from residual.data.transforms import normalize, resize_center_crop
-from residual.deploy import onnx as deploy_onnx
+from residual.deploy.exported import RELATIVE_TOLERANCE
 from residual.deploy.onnx import INPUT_UINT8, OnnxModel, export_onnx, openvino_computes_bf16, read_onnx_metadata
 from residual.deploy.prune import prune_channels
 from residual.evaluate import evaluate
@@ -163,7 +163,7 @@ def test_an_export_gives_the_pooled_features_so_predict_applies_the_models_featu
 
 
 def test_export_that_fails_parity_writes_nothing_unless_forced(demo_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(deploy_onnx.RELATIVE_TOLERANCE, "fp32", 0.0)  # no float difference is tolerated
+    monkeypatch.setitem(RELATIVE_TOLERANCE, "fp32", 0.0)  # no float difference is tolerated
     out = tmp_path / "strict.onnx"
     args = ["export", str(demo_run["model"]), "--data", str(demo_run["data"]), "--samples", "16", "-o", str(out)]
     assert main(args) == 1

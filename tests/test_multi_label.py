@@ -548,7 +548,7 @@ def test_an_onnx_export_carries_the_per_class_thresholds_and_answers_the_same(ta
 
 
 def test_an_exports_parity_compares_a_multi_label_models_label_sets_not_its_top_class(tagged_run, tagged):
-    from residual.deploy.onnx import parity
+    from residual.deploy.exported import parity
     model = load_model(tagged_run.model_path).eval()
     images = sorted((tagged / "test").glob("*.png"))
 

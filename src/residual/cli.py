@@ -138,6 +138,10 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
         from .deploy.onnx import describe_onnx
 
         console.print(fields_table(args.model, describe_onnx(args.model)))
+    elif Path(args.model).suffix == ".pte":
+        from .deploy.executorch import describe_pte
+
+        console.print(fields_table(args.model, describe_pte(args.model)))
     else:
         console.print(model_file_table(Path(args.model)))
     return 0
@@ -145,8 +149,8 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
 
 def _inference_model(name: str, device: str, precision: str | None = None, image_size: int | None = None,
                      threshold: float | None = None, runtime: str = "onnxruntime"):
-    """A model file, pretrained name or exported .onnx (run by ONNX Runtime, or OpenVINO: `runtime`), ready for
-    inference.
+    """A model file, pretrained name, exported .onnx (run by ONNX Runtime, or OpenVINO: `runtime`) or .pte (run by
+    ExecuTorch), ready for inference.
 
     With `precision` a PyTorch model takes the fast path (BN folded, channels_last, that precision); an .onnx
     run by OpenVINO computes in bf16 where it is bf16.
@@ -166,6 +170,14 @@ def _loaded_for_inference(name: str, device: str, precision: str | None, image_s
     from .models import prepare_for_inference
     from .runs import pick_device
 
+    if Path(name).suffix == ".pte":
+        from .deploy.executorch import ExecuTorchModel
+
+        if precision in ("fp16", "bf16") or image_size or runtime != "onnxruntime" or device not in ("auto", "cpu"):
+            raise ResidualError(f"{name}: ExecuTorch runs it on the CPU as it was exported (fp32, one input size); "
+                                f"drop --precision, --image-size, --runtime and --device, or give the .safetensors "
+                                f"model file")
+        return ExecuTorchModel(name)
     if Path(name).suffix == ".onnx":
         from .deploy.onnx import OnnxModel
 
@@ -217,7 +229,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
                           workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile,
                           unknown=args.unknown)
     console.print(f"torch.compile: {result.compiled}")
-    if args.runtime == "openvino":
+    if args.runtime == "openvino" or getattr(model, "runtime", None) == "executorch":
         how = f", {model.runtime_text}"
     else:
         how = f", {getattr(model, 'inference_precision', 'exported')} weights" if args.precision != "fp32" else ""
@@ -303,8 +315,9 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 
 def _refuse_onnx(model: str, why: str) -> None:
-    """Commands that need the PyTorch model itself say so for an exported .onnx file, and which file to give."""
-    if Path(model).suffix == ".onnx":
+    """Commands that need the PyTorch model itself say so for an exported file (.onnx, .pte), and which file to
+    give."""
+    if Path(model).suffix in (".onnx", ".pte"):
         raise ResidualError(f"{model}: {why}; give the .safetensors model file it was exported from")
 
 
@@ -314,7 +327,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     from .runs import output_dir
     from .tables import new_table
 
-    _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which ONNX Runtime does not give")
+    _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which an exported model's runtime does not give")
     model = _inference_model(args.model, args.device, image_size=args.image_size, threshold=args.threshold)
     items = input_images(args.images)
     if not items:
@@ -335,25 +348,41 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from .data.datasets import sample_items
-    from .deploy.onnx import export_metadata, export_onnx, training_data
+    from .deploy.exported import export_metadata, training_data
     from .tables import parity_table
 
+    executorch = args.format == "executorch"
+    if executorch and args.fp16:
+        raise ResidualError("--fp16: the ExecuTorch export is float32 (XNNPACK); drop --fp16, or export --format onnx")
+    if not executorch and args.max_batch != 1:
+        raise ResidualError("--max-batch is for --format executorch: an ONNX export takes any batch")
     model = load_model(args.model).eval()  # first: a path that is no model file is named as such
     data = args.data or training_data(args.model)
     if data is None:
         raise ResidualError(f"{args.model}: give --data DATA (a dataset or a folder of images): the export is "
                             f"checked against the model on real images, and the model file does not name its data")
-    out = Path(args.output or Path(args.model).with_suffix(".onnx"))
+    out = Path(args.output or Path(args.model).with_suffix(".pte" if executorch else ".onnx"))
     items = sample_items(data, "val", args.samples, args.seed)
-    result = export_onnx(model, out, items, str(data), fp16=args.fp16, with_preprocessing=args.with_preprocessing,
-                         force=args.force, extra=export_metadata(args.model))
-    console.print(parity_table(result.parity.to_dict(), f"ONNX Runtime vs PyTorch: {args.model}"
+    if executorch:
+        from .deploy.executorch import export_executorch
+
+        result = export_executorch(model, out, items, str(data), max_batch=args.max_batch,
+                                   with_preprocessing=args.with_preprocessing, force=args.force,
+                                   extra=export_metadata(args.model))
+        runtime, checked = "ExecuTorch (XNNPACK)", f"runs in ExecuTorch, batches of up to {args.max_batch}"
+    else:
+        from .deploy.onnx import export_onnx
+
+        result = export_onnx(model, out, items, str(data), fp16=args.fp16, with_preprocessing=args.with_preprocessing,
+                             force=args.force, extra=export_metadata(args.model))
+        runtime, checked = "ONNX Runtime", "checked by onnx.checker"
+    console.print(parity_table(result.parity.to_dict(), f"{runtime} vs PyTorch: {args.model}"
                                + (" (fp16)" if args.fp16 else "")))
     if result.path is None:
         print(f"error: {out}: the export does not match the model (see the table); nothing was written. "
               f"--force writes it anyway", file=sys.stderr)
         return 1
-    console.print(f"wrote {result.path} ({result.path.stat().st_size / 2**20:.2f} MB, checked by onnx.checker) "
+    console.print(f"wrote {result.path} ({result.path.stat().st_size / 2**20:.2f} MB, {checked}) "
                   f"and {result.report_path} in {result.seconds:.1f} s")
     return 0
 
@@ -364,7 +393,8 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
 
     result = quantize(args.model, args.calib, args.output, val=args.val, split=args.split, method=args.method,
                       calib_size=args.calib_size, max_drop=args.max_drop, force=args.force,
-                      batch_size=args.batch_size, runtime=args.runtime, progress=not args.quiet)
+                      batch_size=args.batch_size, runtime=args.runtime, max_batch=args.max_batch,
+                      progress=not args.quiet)
     report = result.report
     as_trained = " (split as the model was trained)" if report["split_as_trained"] else ""
     console.print(comparison_table({f"float ({report['float']['runtime']})": report["float"],
@@ -383,9 +413,9 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
         convolutions = report["int8_convolutions"]
         console.print(f"OpenVINO runs {convolutions['int8']} of {convolutions['of']} convolutions on 8-bit integers")
     if result.refused:
+        methods = "" if args.runtime == "executorch" else ", try --method entropy or percentile"
         print(f"error: INT8 loses {report['drop_points']:.2f} {score} points, more than --max-drop {args.max_drop}; "
-              f"nothing was written. Calibrate on more or more typical images, try --method entropy or "
-              f"percentile, or --force", file=sys.stderr)
+              f"nothing was written. Calibrate on more or more typical images{methods}, or --force", file=sys.stderr)
         return 1
     console.print(f"wrote {result.path} and {result.report_path}")
     return 0
@@ -1348,7 +1378,7 @@ def _add_inference_commands(commands) -> None:
 
     p = commands.add_parser("robustness", help="top-1 (mAP) under noise, blur, weather and digital corruptions at five "
                                                "severities (ImageNet-C's protocol on your test images)")
-    p.add_argument("model", help="a model file, a pretrained name or an exported .onnx")
+    p.add_argument("model", help="a model file, a pretrained name or an exported .onnx or .pte")
     p.add_argument("data", help="the dataset, as for eval")
     p.add_argument("--split", choices=("train", "val", "test", "all"), help="as for eval")
     p.add_argument("--corruptions", type=lambda v: v.split(","),
@@ -1443,40 +1473,50 @@ def _add_inference_commands(commands) -> None:
 
 
 def _add_deploy_commands(commands) -> None:
-    from .deploy import CALIBRATION_METHODS, RUNTIMES
+    from .deploy import CALIBRATION_METHODS, QUANTIZE_RUNTIMES
     from .models import PRECISIONS
 
-    p = commands.add_parser("export", help="ONNX export, checked against the model in ONNX Runtime")
+    p = commands.add_parser("export", help="ONNX or ExecuTorch export, checked against the model in its runtime")
     p.add_argument("model", help="a .safetensors model file or a pretrained name")
-    p.add_argument("--format", choices=("onnx",), default="onnx")
-    p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic (float32 in and out)")
+    p.add_argument("--format", choices=("onnx", "executorch"), default="onnx",
+                   help="onnx (ONNX Runtime, OpenVINO), or executorch: a .pte for apps on phones and edge devices "
+                        "(XNNPACK on Arm and x86 CPUs)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic (float32 in and out; ONNX)")
+    p.add_argument("--max-batch", type=at_least(1), default=1,
+                   help="executorch: the most images one call takes; memory is planned for them (default 1)")
     p.add_argument("--with-preprocessing", action="store_true",
                    help="the graph takes uint8 N x H x W x 3 pixels at the input size and normalises them itself")
     p.add_argument("--data", help="images for the parity check (default: the model's training data, if recorded)")
     p.add_argument("--samples", type=at_least(1), default=256, help="images in the parity check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write the file even if it fails the parity check")
-    p.add_argument("-o", "--output", help="default: MODEL with .onnx")
+    p.add_argument("-o", "--output", help="default: MODEL with .onnx, or .pte")
     p.set_defaults(run=cmd_export)
 
-    p = commands.add_parser("quantize", help="INT8 static quantization (for ONNX Runtime or OpenVINO), refused if "
-                                             "top-1 drops")
-    p.add_argument("model", help="a .safetensors model file or an fp32 .onnx exported by residual")
+    p = commands.add_parser("quantize", help="INT8 static quantization (for ONNX Runtime, OpenVINO or ExecuTorch), "
+                                             "refused if top-1 drops")
+    p.add_argument("model", help="a .safetensors model file, or an fp32 .onnx exported by residual (not for "
+                                 "executorch)")
     p.add_argument("--calib", required=True, help="calibration images: a dataset (its train split) or an image folder")
     p.add_argument("--val", help="dataset to compare top-1 on (default: --calib)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
-    p.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax",
-                   help="how activation ranges are calibrated")
+    p.add_argument("--method", choices=CALIBRATION_METHODS,
+                   help="how ONNX Runtime's quantizer calibrates activation ranges (default minmax); ExecuTorch's "
+                        "sets them from a histogram itself")
     p.add_argument("--calib-size", type=at_least(1), default=256, help="calibration images (a seeded sample)")
     p.add_argument("--max-drop", type=at_least(0.0, float), default=1.0,
                    help="largest top-1 loss allowed, in points (a multi-label model's: mAP points)")
     p.add_argument("--force", action="store_true", help="write the model even if it loses more than --max-drop")
-    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+    p.add_argument("--runtime", choices=QUANTIZE_RUNTIMES, default="onnxruntime",
                    help="the runtime the INT8 file is written for, compared and timed in: onnxruntime (its QLinear "
-                        "operators) or openvino (QuantizeLinear/DequantizeLinear pairs, the form it reads)")
+                        "operators), openvino (QuantizeLinear/DequantizeLinear pairs, the form it reads) or "
+                        "executorch (a .pte for XNNPACK, beside its float .pte)")
+    p.add_argument("--max-batch", type=at_least(1), default=1,
+                   help="executorch: the most images one call takes; memory is planned for them (default 1)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-o", "--output", help="default: MODEL.int8.onnx, for OpenVINO MODEL.int8.openvino.onnx")
+    p.add_argument("-o", "--output", help="default: MODEL.int8.onnx, for OpenVINO MODEL.int8.openvino.onnx, for "
+                                          "ExecuTorch MODEL.int8.pte")
     p.set_defaults(run=cmd_quantize)
 
     p = commands.add_parser("prune", help="structured channel pruning (L1), fine-tuned: a smaller, faster model")
@@ -1493,7 +1533,7 @@ def _add_deploy_commands(commands) -> None:
     p.set_defaults(run=cmd_prune)
 
     p = commands.add_parser("serve", help="an HTTP server for a model: POST an image, get its top classes as JSON")
-    p.add_argument("model", help="a model file, a pretrained name or an exported .onnx")
+    p.add_argument("model", help="a model file, a pretrained name or an exported .onnx or .pte")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--max-batch", type=int, default=32, help="most images in one run of the model")
@@ -1572,7 +1612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     p = commands.add_parser("info", help="what a model file holds: architecture, classes, preprocessing")
-    p.add_argument("model", help="a .safetensors model file, or an .onnx file residual exported")
+    p.add_argument("model", help="a .safetensors model file, or an .onnx or .pte file residual exported")
     p.set_defaults(run=cmd_info)
 
     p = commands.add_parser("train", help="train a ResNet on a folder of images, a CSV of labels, or CIFAR")

@@ -181,6 +181,9 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None, num_classe
     if path.suffix == ".onnx":  # `residual export`'s output: a graph for ONNX Runtime, not weights for PyTorch
         raise ModelFileError(f"{path}: an exported ONNX model, which runs in ONNX Runtime (or OpenVINO) only; give "
                              f"the .safetensors model file it was exported from")
+    if path.suffix == ".pte":
+        raise ModelFileError(f"{path}: an exported ExecuTorch program, which runs in ExecuTorch only; give the "
+                             f".safetensors model file it was exported from")
     if path.suffix == ".safetensors" and _safetensors_metadata(path).get("format") == MODEL_FORMAT:
         model = _load_model_file(path, options)
     else:

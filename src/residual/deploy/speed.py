@@ -28,7 +28,7 @@ class Speed:
 
 def measure_speed(model, input_size: int, in_chans: int = 3, latency_seconds: float = 1.0,
                   throughput_repeats: int = 5) -> Speed:
-    """Latency at batch 1 and images/s at batch 32 of `model` (a PyTorch module or an OnnxModel) on CPU."""
+    """Latency at batch 1 and images/s at batch 32 of `model` (a PyTorch module or an exported model) on CPU."""
     def call(x: torch.Tensor):
         with torch.inference_mode():
             return model(x)
