@@ -1,12 +1,14 @@
 """Deployment formats on the CPU, one run, one table: torch eager fp32, ONNX Runtime fp32 and INT8, OpenVINO
-fp32, bf16 (the same ONNX file; bf16 where the CPU computes it) and INT8, pruned.
+fp32, bf16 (the same ONNX file; bf16 where the CPU computes it) and INT8, ExecuTorch (XNNPACK) fp32 and INT8,
+pruned.
 
 Two workloads: a trained `shapes` ResNet-20 (32 px; the demo recipe is trained
 first unless --model gives one) and an untrained ResNet-50 at 224 px (shapes
 drawn at 224 px serve as its images; an untrained net's top-1 agreement says
 little, its speed is the point). Every path is the toolkit's own: export_onnx
 (parity-checked), quantize (per-channel static INT8, MinMax calibration on the
-training images; for each runtime in its own format) and prune (L1 channel pruning, fine-tuned on the shapes model;
+training images; for each runtime in its own format; ExecuTorch's programs take batches of up to 32, so that
+the b32 column is one call) and prune (L1 channel pruning, fine-tuned on the shapes model;
 the untrained ResNet-50 is pruned without fine-tuning). Speeds: median latency
 of single images and images/s at batch 32, on random inputs after warm-up.
 Agreement: the share of validation images whose top-1 class is the fp32 model's.
@@ -17,6 +19,7 @@ Agreement: the share of validation images whose top-1 class is the fp32 model's.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import tempfile
@@ -30,6 +33,7 @@ import residual
 from residual.data.datasets import sample_items
 from residual.data.shapes import write_shapes
 from residual.demo import DEMO_RECIPE
+from residual.deploy.executorch import ExecuTorchModel, export_executorch
 from residual.deploy.onnx import OnnxModel, export_onnx, openvino_computes_bf16
 from residual.deploy.prune import prune, prune_channels
 from residual.deploy.quantize import quantize
@@ -75,6 +79,13 @@ def workload(name: str, model_path: Path, data: Path, folder: Path, fine_tune_ep
                              runtime=runtime)
         int8 = OnnxModel(quantized.path, runtime=runtime)
         rows.append(row(name, int8.runtime_text, int8, size(quantized.path), top1(int8, items), reference, repeats))
+    console.print(f"{name}: ExecuTorch")
+    program_path = export_executorch(model, folder / f"{name}.pte", items[:128], str(data), max_batch=32).path
+    quantized_path = quantize(model_path, data, folder / f"{name}.int8.pte", calib_size=256, force=True,
+                              runtime="executorch", max_batch=32).path
+    for path in (program_path, quantized_path):
+        program = ExecuTorchModel(path)
+        rows.append(row(name, program.runtime_text, program, size(path), top1(program, items), reference, repeats))
     console.print(f"{name}: pruning")
     if fine_tune_epochs:
         pruned_path = prune(model_path, data, folder / f"{name}-pruned.safetensors", amount=0.3,
@@ -121,7 +132,7 @@ def main() -> None:
             rows += workload("resnet50 (untrained)", r50_path, big, folder, fine_tune_epochs=0, repeats=3)
     print(f"{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
-          f"openvino {__import__('openvino').__version__}")
+          f"openvino {__import__('openvino').__version__}, executorch {importlib.metadata.version('executorch')}")
     print(table(rows))
 
 
