@@ -547,6 +547,20 @@ def test_an_onnx_export_carries_the_per_class_thresholds_and_answers_the_same(ta
     assert "reaches the threshold (per class 0.2-0.65)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_an_executorch_program_carries_the_per_class_thresholds_and_answers_the_same(tagged_run, tagged, tmp_path):
+    pytest.importorskip("executorch.runtime")
+    from residual.deploy.executorch import ExecuTorchModel, export_executorch
+    model = load_model(tagged_run.model_path)
+    model.threshold = [0.2 + 0.05 * c for c in range(10)]
+    images = sorted((tagged / "test").glob("*.png"))[:6]
+    program = ExecuTorchModel(export_executorch(model, tmp_path / "tags.pte", images, "test", max_batch=4).path)
+    assert program.multi_label and program.threshold == model.threshold
+    assert [p.answer() for p in predict(program, images).predictions] == [
+        p.answer() for p in predict(model, images).predictions]
+    parity = json.loads((tmp_path / "tags.parity.json").read_text())
+    assert parity["answers"] == "labels" and parity["agreement"] == 1.0
+
+
 def test_an_exports_parity_compares_a_multi_label_models_label_sets_not_its_top_class(tagged_run, tagged):
     from residual.deploy.exported import parity
     model = load_model(tagged_run.model_path).eval()
