@@ -143,6 +143,9 @@ class ExecuTorchModel(ExportedModel):
     evaluate and predict use."""
 
     runtime, bf16 = "executorch", False
+    # XNNPACK prints its start-up once per process: only the first method loaded needs its output held, which
+    # redirects the process's stderr, so that later loads (a server's threads) leave other threads' lines alone.
+    xnnpack_started = False
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
@@ -168,13 +171,16 @@ class ExecuTorchModel(ExportedModel):
         self.runtime_text = f"ExecuTorch {'INT8' if self.precision == 'int8' else self.precision} ({BACKEND})"
         self.num_classes = len(self.class_names)
         self.has_features = True
+        self._forward()  # in the constructing thread, which is where XNNPACK starts
 
     def _forward(self):
         """This thread's forward method: one runs one inference at a time, in memory planned for it."""
         method = getattr(self.per_thread, "forward", None)
         if method is None:
-            with _native_output_held():
+            started = ExecuTorchModel.xnnpack_started
+            with contextlib.nullcontext() if started else _native_output_held():
                 method = self.per_thread.forward = self.program.load_method("forward")
+            ExecuTorchModel.xnnpack_started = True
         return method
 
     def run(self, array: np.ndarray, features: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
