@@ -229,7 +229,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
                           workers=args.workers, progress=not args.quiet, decoder=args.decoder, compile=args.compile,
                           unknown=args.unknown)
     console.print(f"torch.compile: {result.compiled}")
-    if args.runtime == "openvino" or getattr(model, "runtime", None) == "executorch":
+    if getattr(model, "runtime", None) in ("openvino", "executorch"):  # which runtime, in which precision
         how = f", {model.runtime_text}"
     else:
         how = f", {getattr(model, 'inference_precision', 'exported')} weights" if args.precision != "fp32" else ""

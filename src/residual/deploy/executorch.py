@@ -26,19 +26,17 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_json
 from ..errors import ConfigError
 from ..models import ResNet
 from ..weights import ModelFileError
-from .exported import (INPUT_FLOAT, INPUT_UINT8, ExportedModel, ExportError, ExportResult, ParityFailed, described,
-                       export_fields, exportable, logit_tolerance, parity)
+from .exported import (INPUT_FLOAT, INPUT_UINT8, ExportedModel, ExportError, ExportResult, checked_export, described,
+                       export_fields, exportable)
 
 PTE_FORMAT = "residual.pte"
 METADATA_METHOD = "residual_metadata"  # the program's method that returns the metadata as JSON
@@ -220,19 +218,7 @@ def export_executorch(model: ResNet, path: str | os.PathLike, items: list, sourc
         raise ExportError(f"{path}: ExecuTorch programs end in .pte")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be 1 or more, got {max_batch}")
-    start = time.perf_counter()
-    tolerance = logit_tolerance(model, items, "fp32")
-    report_path = path.with_suffix(".parity.json")
-    try:
-        with atomic_path(path) as tmp:
-            write_executorch(model, tmp, max_batch, with_preprocessing, extra)
-            result = parity(model, ExecuTorchModel(tmp), items, source, tolerance)
-            if not result.passed and not force:
-                raise ParityFailed(result)
-    except ParityFailed as refused:
-        return ExportResult(None, refused.parity, None, time.perf_counter() - start)
-    report = {"model": str(path), "arch": model.arch, "precision": "fp32", "backend": BACKEND,
-              "input": INPUT_UINT8 if with_preprocessing else INPUT_FLOAT, "max_batch": max_batch,
-              **result.to_dict()}
-    write_json(report_path, report)
-    return ExportResult(path, result, report_path, time.perf_counter() - start)
+    return checked_export(model, path, items, source, "fp32", force,
+                          lambda tmp: write_executorch(model, tmp, max_batch, with_preprocessing, extra),
+                          ExecuTorchModel, {"backend": BACKEND, "input": INPUT_UINT8 if with_preprocessing else
+                                            INPUT_FLOAT, "max_batch": max_batch})

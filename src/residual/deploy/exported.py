@@ -20,6 +20,8 @@ import copy
 import json
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_path, write_json
 from ..data.loaders import inference_batches
 from ..data.transforms import normalize
 from ..errors import ResidualError
@@ -79,7 +82,7 @@ class ExportResult:
     seconds: float
 
 
-class ParityFailed(Exception):
+class _ParityFailed(Exception):
     """Unwinds atomic_path (removing the temporary file) when a parity check fails."""
 
     def __init__(self, parity_result: Parity):
@@ -230,6 +233,27 @@ def logit_tolerance(reference: nn.Module, items: list, precision: str) -> float:
         device = next(reference.parameters()).device
         scale = float(reference.eval()(normalize(batch.images.float() / 255, pre).to(device)).abs().max())
     return RELATIVE_TOLERANCE[precision] * max(1.0, scale)
+
+
+def checked_export(model: ResNet, path: Path, items: list, source: str, precision: str, force: bool,
+                   write: Callable[[Path], None], load: Callable[[Path], ExportedModel], report: dict) -> ExportResult:
+    """`write` an export of `model` to a temporary file, `load` it in its runtime and compare it with `model` on
+    `items` (images from `source`); put it at `path`, with PATH.parity.json (`report` and the parity numbers),
+    only if it passes, or with `force`. A failed check leaves nothing behind."""
+    start = time.perf_counter()
+    tolerance = logit_tolerance(model, items, precision)
+    try:
+        with atomic_path(path) as tmp:
+            write(tmp)
+            result = parity(model, load(tmp), items, source, tolerance)
+            if not result.passed and not force:
+                raise _ParityFailed(result)
+    except _ParityFailed as refused:
+        return ExportResult(None, refused.parity, None, time.perf_counter() - start)
+    report_path = path.with_suffix(".parity.json")
+    write_json(report_path, {"model": str(path), "arch": model.arch, "precision": precision, **report,
+                             **result.to_dict()})
+    return ExportResult(path, result, report_path, time.perf_counter() - start)
 
 
 class ExportedModel:

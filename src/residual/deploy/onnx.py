@@ -25,7 +25,6 @@ import contextlib
 import functools
 import logging
 import os
-import time
 import warnings
 from pathlib import Path
 
@@ -35,12 +34,11 @@ import onnxruntime as ort
 import torch
 
 from . import RUNTIMES
-from ..atomic import atomic_path, write_json
 from ..errors import ConfigError
 from ..models import ResNet
 from ..weights import ModelFileError
-from .exported import (INPUT_FLOAT, INPUT_UINT8, ExportedModel, ExportError, ExportResult, ParityFailed, described,
-                       export_fields, exportable, logit_tolerance, parity)
+from .exported import (INPUT_FLOAT, INPUT_UINT8, ExportedModel, ExportError, ExportResult, checked_export, described,
+                       export_fields, exportable)
 
 OPSET = 18  # the torch.export-based exporter's own opset; lower ones need a lossy version conversion
 INPUT, OUTPUT, FEATURES = "input", "logits", "features"
@@ -252,22 +250,13 @@ def export_onnx(model: ResNet, path: str | os.PathLike, items: list, source: str
     path = Path(path)
     if path.suffix != ".onnx":
         raise ExportError(f"{path}: ONNX files end in .onnx")
-    start = time.perf_counter()
-    precision = "fp16" if fp16 else "fp32"
-    tolerance = logit_tolerance(model, items, precision)
-    report_path = path.with_suffix(".parity.json")
+
+    def write(tmp: Path) -> None:
+        write_onnx(model, tmp, fp16, with_preprocessing, extra)
+        onnx.checker.check_model(str(tmp), full_check=True)
+
     try:
-        with atomic_path(path) as tmp:
-            write_onnx(model, tmp, fp16, with_preprocessing, extra)
-            onnx.checker.check_model(str(tmp), full_check=True)
-            result = parity(model, OnnxModel(tmp), items, source, tolerance)
-            if not result.passed and not force:
-                raise ParityFailed(result)
-    except ParityFailed as refused:
-        return ExportResult(None, refused.parity, None, time.perf_counter() - start)
+        return checked_export(model, path, items, source, "fp16" if fp16 else "fp32", force, write, OnnxModel,
+                              {"input": INPUT_UINT8 if with_preprocessing else INPUT_FLOAT, "opset": OPSET})
     except onnx.checker.ValidationError as error:
         raise ExportError(f"{path}: the exported graph fails onnx.checker ({error})") from None
-    report = {"model": str(path), "arch": model.arch, "precision": precision,
-              "input": INPUT_UINT8 if with_preprocessing else INPUT_FLOAT, "opset": OPSET, **result.to_dict()}
-    write_json(report_path, report)
-    return ExportResult(path, result, report_path, time.perf_counter() - start)

@@ -157,10 +157,10 @@ def quantize(model_path: str | Path, calib: str | Path, out: str | Path | None =
         if executorch:
             from .executorch import ExecuTorchModel
 
-            source, int8_tmp, calibration_info = _executorch_pair(model_path, folder, parity_items,
-                                                                  str(val_data.root), calib_items, str(calib),
-                                                                  max_batch)
-            float_model, int8_model = ExecuTorchModel(source), ExecuTorchModel(int8_tmp)
+            float_model, int8_tmp, calibration_info = _executorch_pair(model_path, folder, parity_items,
+                                                                       str(val_data.root), calib_items, str(calib),
+                                                                       max_batch)
+            source, int8_model = float_model.path, ExecuTorchModel(int8_tmp)
         else:
             source = float_onnx(model_path, folder, parity_items, str(val_data.root))
             float_model = OnnxModel(source, runtime=runtime)
@@ -202,9 +202,9 @@ def _quantize_onnx(float_model: OnnxModel, source: Path, int8_path: Path, calib_
 
 
 def _executorch_pair(model_path: Path, folder: Path, parity_items: list, source: str, calib_items: list,
-                     calib: str, max_batch: int) -> tuple[Path, Path, dict]:
-    """The model file as a float .pte (parity-checked) and as an INT8 one calibrated on `calib_items`, in
-    `folder`, each taking up to `max_batch` images a call; and what it was calibrated on."""
+                     calib: str, max_batch: int) -> tuple[ExportedModel, Path, dict]:
+    """The model file as a float .pte (parity-checked; returned loaded) and as an INT8 one calibrated on
+    `calib_items`, in `folder`, each taking up to `max_batch` images a call; and what it was calibrated on."""
     from .executorch import ExecuTorchModel, export_executorch, write_executorch
 
     model, extra = load_model(model_path), export_metadata(model_path)
@@ -212,13 +212,14 @@ def _executorch_pair(model_path: Path, folder: Path, parity_items: list, source:
     if exported.path is None:
         raise ExportError(f"{model_path}: its float ExecuTorch export does not match it (max logit difference "
                           f"{exported.parity.max_abs_diff:.3g}); nothing was quantized")
-    calibration = ImageCalibration(ExecuTorchModel(exported.path), calib_items)
+    float_model = ExecuTorchModel(exported.path)
+    calibration = ImageCalibration(float_model, calib_items)
     batches = [torch.from_numpy(inputs["input"]) for inputs in iter(calibration.get_next, None)]
     calibration_info = _calibration_info(calibration, calib, EXECUTORCH_CALIBRATION)
     int8_path = folder / "int8.pte"
     write_executorch(model, int8_path, max_batch, extra={**extra, "calibration": calibration_info},
                      calibration=batches)
-    return exported.path, int8_path, calibration_info
+    return float_model, int8_path, calibration_info
 
 
 def _calibration_info(calibration: ImageCalibration, calib: str, method: str) -> dict:
