@@ -14,6 +14,7 @@
     report = residual.evaluate(model, "photos/", out_dir="report/", unknown="other/")  # + images of no class
     result = residual.calibrate("model.safetensors", "photos/")      # temperature scaling -> a new model file
     result = residual.predict(model, ["cat.jpg", "photos/"], topk=3)
+    clip = residual.predict_video(model, "clip.mp4", fps=5)        # every frame's classes, and .segments
     bank = residual.FeatureBank.load("report/feature_bank.safetensors")
     result = residual.predict(model, "new/", min_confidence=0.9, feature_bank=bank)   # .unsure per prediction
     cams = residual.explain(model, "cat.jpg", method="gradcam++")
@@ -30,6 +31,7 @@ from .weights import (PretrainedWeights, create_model, imagenet_class_names, lis
 from .train import TrainConfig, TrainResult, train
 from .embed import Embeddings, embed, similar
 from .predict import PredictResult, decode_predictions, predict, preprocess_input
+from .video import Segment, VideoPrediction, predict_video
 from .explain import ExplainResult, explain
 from .evaluate import EvalResult, evaluate
 from .feature_bank import FeatureBank
@@ -46,6 +48,7 @@ __all__ = [
     "register_pretrained", "save_model",
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
     "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
+    "Segment", "VideoPrediction", "predict_video",
     "ExplainResult", "explain", "EvalResult", "evaluate", "FeatureBank", "CalibrationResult", "calibrate", "RunRecord",
     "compare_runs",
     "ModelServer", "ServeConfig", "serve", "TuneResult", "tune",

@@ -264,11 +264,10 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
-    from .atomic import atomic_path
     from .data.datasets import input_images
+    from .data.frames import is_video_file
     from .feature_bank import FeatureBank
-    from .predict import (class_names_of, inference_compile, is_multi_label, iter_predict, output_columns, write_csv,
-                          write_json, write_labels, write_probabilities)
+    from .predict import class_names_of, inference_compile, iter_predict, output_columns
     from .tables import predictions_table
 
     by_suffix = {".csv": "csv", ".json": "json"}.get(Path(args.out).suffix.lower()) if args.out else None
@@ -276,10 +275,14 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if args.out and output_format == "table":
         raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
                             f"--out ending in .csv or .json)")
+    videos = [source for source in args.images if is_video_file(source)]
+    _check_video_flags(args, videos, output_format)
     model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold, args.runtime)
+    if videos:
+        return _predict_videos(args, console, model, videos, output_format)
     items = input_images(args.images)
     if not items:
-        raise ResidualError(f"no image files in {' '.join(args.images)}")
+        raise ResidualError(f"no image files in {' '.join(args.images)}" + _videos_hint(args.images))
     bank = FeatureBank.load(args.feature_bank) if args.feature_bank else None
     # The bank reads the features of the model run eagerly: it is not compiled unless asked (then refused).
     compiled, why = inference_compile(model, False if bank and args.compile is None else args.compile, len(items))
@@ -297,19 +300,121 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
             console.print(predictions_table(rows, f"{args.model}: top-{len(rows[0].top)} of {len(rows)} image(s)"))
     else:
         columns = output_columns(items)  # a listing's own headers: a test set's sample submission gives its shape
-        writer = {"csv": lambda rows, stream: write_csv(rows, stream, columns[0], is_multi_label(model),
-                                                        floor=args.min_confidence is not None or bank is not None,
-                                                        similarity=bank is not None),
-                  "json": write_json,
-                  "labels": lambda rows, stream: write_labels(rows, stream, columns),
-                  "probabilities": lambda rows, stream: write_probabilities(rows, stream, names, columns[0])
-                  }[output_format]
-        if args.out:
-            with atomic_path(Path(args.out)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
-                count = writer(predictions, stream)
-            print(f"wrote {count} prediction(s) to {args.out}", file=sys.stderr)
-        else:
-            writer(predictions, sys.stdout)
+        write = _predictions_writer(output_format, model, columns, "image", args.min_confidence is not None, bank)
+        _write_rows(args.out, lambda stream: write(predictions, stream), "prediction(s)")
+    _report_failed(failed)
+    return 1 if failed else 0
+
+
+def _predictions_writer(output_format: str, model, columns: tuple[str, str], json_key: str, floor: bool,
+                        bank=None):
+    """predict's writer of rows for `output_format` (csv, json, labels, probabilities): `columns` name the
+    image and class columns, `json_key` the image's key; `floor` or a feature `bank`: whether each is unsure."""
+    from .predict import class_names_of, is_multi_label, write_csv, write_json, write_labels, write_probabilities
+
+    return {"csv": lambda rows, stream: write_csv(rows, stream, columns[0], is_multi_label(model),
+                                                  floor=floor or bank is not None, similarity=bank is not None),
+            "json": lambda rows, stream: write_json(rows, stream, json_key),
+            "labels": lambda rows, stream: write_labels(rows, stream, columns),
+            "probabilities": lambda rows, stream: write_probabilities(rows, stream, class_names_of(model), columns[0])
+            }[output_format]
+
+
+def _write_rows(out: str | None, write, noun: str) -> None:
+    """`write(stream)` to the file `out`, atomically, saying how many `noun` it wrote; or to standard output."""
+    from .atomic import atomic_path
+
+    if out:
+        with atomic_path(Path(out)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+            count = write(stream)
+        print(f"wrote {count} {noun} to {out}", file=sys.stderr)
+    else:
+        write(sys.stdout)
+
+
+def _videos_hint(sources: list[str]) -> str:
+    """For a folder of videos given as images: how to predict them."""
+    from .data.frames import is_video_file
+
+    folders = [Path(source) for source in sources if Path(source).is_dir()]
+    videos = [path for folder in folders for path in folder.rglob("*") if is_video_file(path)]
+    return f"; to predict its {len(videos)} video(s), name them: {folders[0]}/*{videos[0].suffix}" if videos else ""
+
+
+def _check_video_flags(args: argparse.Namespace, videos: list[str], output_format: str) -> None:
+    """Refuse, in one line, predict's flags that do not fit its inputs: video flags for images, image flags
+    for videos, and the two mixed."""
+    from .data.frames import VIDEO_EXTENSIONS
+
+    video_flags = {"--fps": args.fps, "--smooth": args.smooth, "--timeline": args.timeline,
+                   "--format segments": output_format == "segments" or None}
+    if not videos:
+        if given := [flag for flag, value in video_flags.items() if value is not None]:
+            raise ResidualError(f"{given[0]} is for videos ({', '.join(VIDEO_EXTENSIONS)}); none is among "
+                                f"{' '.join(args.images)}")
+        return
+    if len(videos) < len(args.images):
+        others = [source for source in args.images if source not in videos]
+        raise ResidualError(f"{others[0]}: predict videos and images in separate calls (the videos give a row per "
+                            f"frame and segments, the images a row each)")
+    image_flags = {"--workers": args.workers, "--feature-bank": args.feature_bank,
+                   "--decoder torchvision": args.decoder == "torchvision" or None}
+    if given := [flag for flag, value in image_flags.items() if value is not None]:
+        raise ResidualError(f"{given[0]} is for images; videos are decoded by FFmpeg's own threads, and their frames "
+                            f"are not compared with a feature bank")
+
+
+def _predict_videos(args: argparse.Namespace, console: Console, model, videos: list[str],
+                    output_format: str) -> int:
+    """predict on video files: a row per frame (csv, json, labels, probabilities), or the segments of time each
+    class holds (a table, or --format segments as CSV); --timeline draws them."""
+    import itertools
+
+    from .data.decode import BadImageError
+    from .data.frames import video_info
+    from .predict import class_names_of, inference_compile
+    from .tables import segments_table
+    from .video import (SMOOTH_SECONDS, FrameScores, check_smooth, check_video_arguments, expected_frames,
+                        iter_predict_video, plot_timeline, timeline_files, video_segments, write_segments)
+
+    smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
+    check_smooth(smooth)
+    names = class_names_of(model)
+    topk = {"probabilities": len(names), "labels": 1}.get(output_format, args.topk)
+    check_video_arguments(model, topk, args.batch_size, args.tta, args.fps, args.min_confidence)
+    failed: list[str] = []
+    infos = []
+    for video in videos:  # each opened first: one FFmpeg cannot read is named, and the others still predicted
+        try:
+            infos.append(video_info(video))
+        except BadImageError as error:
+            failed.append(str(error))
+    compiled, why = inference_compile(model, args.compile, sum(expected_frames(info, args.fps) or 0 for info in infos))
+    if not args.quiet:
+        print(f"torch.compile: {why}", file=sys.stderr)
+    scores = [FrameScores() for _ in infos]
+    predictions = itertools.chain.from_iterable(
+        iter_predict_video(model, info, frames, topk, args.batch_size, args.tta, args.fps, args.min_confidence,
+                           failed, progress=not args.quiet, compile=compiled) for info, frames in zip(infos, scores))
+    if output_format in ("table", "segments"):  # the segments, once every frame is predicted
+        for _ in predictions:
+            pass
+    else:
+        write = _predictions_writer(output_format, model, ("frame", "label"), "frame", args.min_confidence is not None)
+        _write_rows(args.out, lambda stream: write(predictions, stream), "frame prediction(s)")
+    found = [video_segments(model, info, frames, smooth, args.min_confidence) for info, frames in zip(infos, scores)]
+    if output_format == "table":
+        for info, frames, segments in zip(infos, scores, found):
+            console.print(segments_table(segments, f"{info.path}: {len(frames.times)} frames, {len(segments)} "
+                                                   f"segment(s), probabilities averaged over {smooth:g} s"))
+    elif output_format == "segments":
+        rows = [(info.path, segment) for info, segments in zip(infos, found) for segment in segments]
+        _write_rows(args.out, lambda stream: write_segments(rows, stream), "segment(s)")
+    if args.timeline:
+        for info, frames, segments, path in zip(infos, scores, found, timeline_files(infos, Path(args.timeline))):
+            plot_timeline(*frames.arrays(len(names)), segments, names, path, Path(info.path).name, smooth,
+                          args.min_confidence)
+        print(f"timeline: {len(infos)} picture(s) in {args.timeline}", file=sys.stderr)
     _report_failed(failed)
     return 1 if failed else 0
 
@@ -1436,17 +1541,27 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_soup)
 
-    p = commands.add_parser("predict", help="the top classes of images or folders of images")
+    p = commands.add_parser("predict", help="the top classes of images or folders of images, or of videos' frames")
     p.add_argument("model", help="a model file or a pretrained name")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
-                                             "of images (an image column, as for train; or a dataset file)")
+                                             "of images (an image column, as for train; or a dataset file); or "
+                                             "video files (.mp4, .mov, .mkv, .webm, .avi ...)")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--format", choices=("table", "json", "csv", "labels", "probabilities"),
+    p.add_argument("--format", choices=("table", "json", "csv", "labels", "probabilities", "segments"),
                    help="default: csv or json for an --out ending so, otherwise a table; labels: a CSV with a row "
                         "per image and its most likely class; probabilities: a CSV with a row per image and every "
                         "class's probability in a column of its own (both: --topk unused; images a CSV lists are "
-                        "named by its cells, under its column's name)")
+                        "named by its cells, under its column's name). Videos: a row per frame, named "
+                        "VIDEO#t=SECONDS; the table shows their segments, and segments writes them as CSV")
     p.add_argument("--out", help="write json/csv here instead of standard output")
+    p.add_argument("--fps", type=float, metavar="N",
+                   help="videos: predict at most N frames a second (default: every frame)")
+    p.add_argument("--smooth", type=float, metavar="SECONDS",
+                   help="videos: segments come from each class's probability averaged over this many seconds "
+                        "around each frame, so one odd frame does not split a scene (default: 1; 0: none)")
+    p.add_argument("--timeline", metavar="DIR",
+                   help="videos: draw each video's class probabilities over time and its segments to "
+                        "DIR/VIDEO.timeline.png")
     tta_flag(p)
     threshold_flag(p)
     floor_flags(p)

@@ -408,15 +408,16 @@ def write_probabilities(predictions: Iterator[Prediction], stream: TextIO, names
     return count
 
 
-def write_json(predictions: Iterator[Prediction], stream: TextIO) -> int:
-    """A JSON array of {"image", "top": [{"class_id", "class_name", "probability"}]}, written as it comes; a
+def write_json(predictions: Iterator[Prediction], stream: TextIO, image_key: str = "image") -> int:
+    """A JSON array of {"image" (`image_key`), "top": [{"class_id", "class_name", "probability"}]}, written as
+    it comes; a
     multi-label model's also have "labels": the present classes' names; with a floor, "unsure": whether the
     image got no class; with a feature bank, "similarity": to the nearest training image."""
     stream.write("[")
     count = 0
     for count, prediction in enumerate(predictions, 1):
         top = [{"class_id": i, "class_name": name, "probability": round(p, 6)} for i, name, p in prediction.top]
-        row = {"image": prediction.source, "top": top}
+        row = {image_key: prediction.source, "top": top}
         if prediction.present is not None:
             row["labels"] = prediction.answer()
         if prediction.unsure is not None:

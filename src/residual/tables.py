@@ -323,6 +323,22 @@ def predictions_table(predictions: list, title: str) -> Table:
     return table
 
 
+def segments_table(segments: list, title: str) -> Table:
+    """A video's segments (video.Segment): when each starts and ends, its class and how sure."""
+    table = new_table(title, ("from", "to", "class", "probability", "frames"), right=("probability", "frames"))
+    for segment in segments:
+        table.add_row(clock_time(segment.start), clock_time(segment.end),
+                      segment.label or "[dim]unsure (no class)", f"{segment.probability:.3f}", str(segment.frames))
+    return table
+
+
+def clock_time(seconds: float) -> str:
+    """Seconds as a player shows them: m:ss.s, or h:mm:ss.s from an hour."""
+    minutes, rest = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{rest:04.1f}" if hours else f"{minutes}:{rest:04.1f}"
+
+
 def parity_table(parity: dict, title: str) -> Table:
     """An export's parity check against the original: logits, and the answers (top-1, or a multi-label model's
     labels) on the sample."""

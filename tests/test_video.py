@@ -1,0 +1,240 @@
+"""Predicting on videos: frames decoded upright and timed by their own timestamps, a prediction per frame as predict
+gives an image, segments of time per class, damage reported, and the command line's formats and timeline."""
+
+import csv
+import io
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import residual
+from residual.cli import main
+from residual.data.decode import BadImageError
+from residual.data.frames import video_frames, video_info
+from residual.errors import ConfigError
+from residual.video import FrameScores, iter_predict_video, predict_video, segments, smoothed
+
+av = pytest.importorskip("av")
+
+
+def write_video(path, frames: list[np.ndarray], rate: int = 10, times: list[float] | None = None,
+                rotation: int | None = None):
+    """An MPEG-4 video of RGB `frames`, at `rate` frames a second or at the given `times` (seconds)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=1000 if times else rate)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
+        if times:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for index, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if times:
+                frame.pts, frame.time_base = round(times[index] * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def grey_frames(count: int, size: int = 32) -> list[np.ndarray]:
+    return [np.full((size, size, 3), 20 + 7 * index, np.uint8) for index in range(count)]
+
+
+@pytest.fixture
+def untrained(tmp_path):
+    model = residual.create_model("resnet20", num_classes=3)
+    model.class_names = ["a", "b", "c"]
+    residual.save_model(model, tmp_path / "model.safetensors")
+    return tmp_path / "model.safetensors"
+
+
+def test_a_video_of_three_scenes_gives_three_segments_and_each_frame_the_prediction_its_image_gets(demo_run,
+                                                                                                 tmp_path):
+    """Three seconds each of circles, squares and stars (a new test image every frame): the segments are the three
+    shapes, changing within a frame or two of 3 s and 6 s, and every frame's probabilities are those `predict`
+    gives the same picture."""
+    shapes = ("circle", "square", "star")
+    pictures = [np.asarray(Image.open(path).convert("RGB")) for shape in shapes
+                for path in sorted((demo_run["data"] / "test" / shape).iterdir())[:30]]
+    video = write_video(tmp_path / "scenes.mp4", pictures)
+    model = residual.load_model(demo_run["model"]).eval()
+
+    result = predict_video(model, str(video), topk=3, batch_size=16)
+    assert result.info.frames == 90 and result.info.duration == pytest.approx(9.0) and not result.failed
+    assert [segment.label for segment in result.segments] == list(shapes)
+    assert result.segments[0].start == 0 and result.segments[-1].end == pytest.approx(9.0)
+    for segment, change in zip(result.segments[1:], (3.0, 6.0)):
+        assert abs(segment.start - change) <= 0.2
+    assert sum(segment.frames for segment in result.segments) == 90
+    assert [p.source for p in result.predictions[:2]] == [f"{video}#t=0.000", f"{video}#t=0.100"]
+    assert np.allclose(result.times, np.arange(90) / 10)
+
+    decoded = [frame.image for frame in video_frames(video)]
+    as_images = residual.predict(model, decoded, topk=3)
+    for frame, image in zip(result.predictions, as_images.predictions):
+        assert [name for _, name, _ in frame.top] == [name for _, name, _ in image.top]
+        assert np.allclose([p for *_, p in frame.top], [p for *_, p in image.top], atol=1e-5)
+    # Frame by frame the model errs now and then; the segments smooth that over, the frames do not.
+    per_frame = [p.top[0][1] for p in result.predictions]
+    truth = [shape for shape in shapes for _ in range(30)]
+    assert 0.8 < np.mean([a == b for a, b in zip(per_frame, truth)]) <= 1
+
+
+def test_frames_are_timed_by_their_own_timestamps_and_sampled_at_the_first_frame_of_each_tick(tmp_path):
+    times = [0, 0.1, 0.5, 0.55, 1.2, 2.0]  # a variable frame rate, as phones record
+    video = write_video(tmp_path / "vfr.mp4", grey_frames(len(times)), times=times)
+    frames = list(video_frames(video))
+    assert [frame.time for frame in frames] == pytest.approx(times)
+    brightness = [np.asarray(frame.image).mean() for frame in frames]
+    assert brightness == sorted(brightness)  # in order, each its own frame
+    assert [frame.time for frame in video_frames(video, fps=2)] == pytest.approx([0, 0.5, 1.2, 2.0])
+    steady = write_video(tmp_path / "steady.mp4", grey_frames(30))
+    assert [frame.time for frame in video_frames(steady, fps=3)][:5] == pytest.approx([0, 0.4, 0.7, 1.0, 1.4])
+    assert len(list(video_frames(steady, fps=3))) == 9  # ticks at 0, 1/3, ... 8/3 s
+
+
+def test_a_video_stored_sideways_comes_out_as_a_player_shows_it(tmp_path):
+    """A phone stores a portrait video as landscape frames and the turn in its display matrix."""
+    landscape = np.zeros((32, 64, 3), np.uint8)
+    landscape[:, :32] = 255  # the left half white
+    video = write_video(tmp_path / "phone.mp4", [landscape] * 3, rotation=90)
+    info = video_info(video)
+    assert (info.width, info.height, info.rotation) == (32, 64, 90)
+    upright = np.asarray(next(iter(video_frames(video))).image)
+    assert upright.shape == (64, 32, 3)
+    # Turned a quarter counter-clockwise: the left half is now the bottom half.
+    assert upright[40:].mean() > 240 and upright[:24].mean() < 15
+
+
+def test_damaged_packets_are_skipped_and_reported_and_the_rest_predicted(untrained, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(40)]
+    whole = write_video(tmp_path / "whole.mp4", noise).read_bytes()
+    damaged = bytearray(whole)
+    middle = len(whole) // 3
+    damaged[middle:middle + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    (tmp_path / "damaged.mp4").write_bytes(damaged)
+
+    failed: list[str] = []
+    frames = list(video_frames(tmp_path / "damaged.mp4", failed=failed))
+    assert 0 < len(frames) < 40 and failed
+    assert all(line.startswith(f"{tmp_path / 'damaged.mp4'}: skipped ") and " s" in line for line in failed)
+    assert len(frames) + sum(int(line.split("skipped ")[1].split()[0]) for line in failed) == 40
+
+    (tmp_path / "cut.mp4").write_bytes(whole[:len(whole) // 2])  # the index (written last) is missing
+    (tmp_path / "notes.mp4").write_text("not a video")
+    code = main(["predict", str(untrained), str(tmp_path / "damaged.mp4"), str(tmp_path / "cut.mp4"),
+                 str(tmp_path / "notes.mp4"), "--format", "segments", "--quiet"])
+    assert code == 1
+    printed = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(printed.out)))
+    assert {row["video"] for row in rows} == {str(tmp_path / "damaged.mp4")}
+    assert sum(int(row["frames"]) for row in rows) == len(frames)
+    errors = printed.err.strip().splitlines()
+    assert errors[:2] == [f"error: {tmp_path / name}: not a video FFmpeg can read (Invalid data found when processing "
+                          f"input); is the file complete?" for name in ("cut.mp4", "notes.mp4")]
+    assert errors[2:] == [f"error: {line}" for line in failed]
+
+
+def test_segments_smooth_over_an_odd_frame_and_follow_uneven_times():
+    names = ["cat", "dog"]
+    times = np.array([0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 3.0, 3.2])
+    cat, dog = [0.9, 0.1], [0.2, 0.8]
+    probabilities = np.array([cat, cat, cat, cat, dog, cat, cat, cat, cat, dog, dog])
+    raw = segments(times, probabilities, names, end=3.4, smooth=0)
+    assert [(s.label, s.start, s.end, s.frames) for s in raw] == [
+        ("cat", 0, 0.8, 4), ("dog", 0.8, 1.0, 1), ("cat", 1.0, 3.0, 4), ("dog", 3.0, 3.4, 2)]
+    assert raw[0].probability == pytest.approx(0.9)
+    found = segments(times, probabilities, names, end=3.4, smooth=1.0)
+    assert [(s.label, s.start, s.end) for s in found] == [("cat", 0, 3.0), ("dog", 3.0, 3.4)]
+    # Smoothing averages the frames within half a second either side: 1.6 s has 1.2 to 1.6 (all cat), 3.0 s has
+    # 3.0 and 3.2 (the gap between them holds no frame).
+    averaged = smoothed(times, probabilities, 1.0)
+    assert averaged[8] == pytest.approx(cat) and averaged[9] == pytest.approx(dog)
+    assert averaged[4] == pytest.approx(np.mean([cat, cat, dog, cat, cat], axis=0))
+    # With no end given, the last segment runs one usual frame gap past the last frame.
+    assert segments(times, probabilities, names, smooth=0)[-1].end == pytest.approx(3.4)
+
+    unsure = segments(times, probabilities, names, end=3.4, smooth=0, min_confidence=0.85)
+    assert [(s.label, s.start, s.end) for s in unsure] == [("cat", 0, 0.8), (None, 0.8, 1.0), ("cat", 1.0, 3.0),
+                                                          (None, 3.0, 3.4)]
+    assert unsure[-1].probability == pytest.approx(0.8)  # the top class's, for a stretch of no class
+
+
+def test_a_multi_label_models_segments_are_per_class_and_may_overlap():
+    names = ["person", "dog", "car"]
+    times = np.arange(6) * 0.5
+    probabilities = np.array([[0.9, 0.1, 0.0], [0.9, 0.7, 0.0], [0.8, 0.8, 0.0], [0.2, 0.9, 0.0], [0.1, 0.2, 0.0],
+                              [0.1, 0.1, 0.0]])
+    found = segments(times, probabilities, names, end=3.0, smooth=0, thresholds=np.array([0.5, 0.6, 0.5]))
+    assert [(s.label, s.start, s.end, s.frames) for s in found] == [("person", 0, 1.5, 3), ("dog", 0.5, 2.0, 3)]
+
+
+def test_predict_on_a_video_writes_a_row_per_frame_segments_and_a_timeline(untrained, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    video = write_video(tmp_path / "clip.mp4", grey_frames(20))
+    model = str(untrained)
+
+    assert main(["predict", model, str(video), "--fps", "5", "--format", "csv", "--topk", "2", "--quiet"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert list(rows[0]) == ["frame", "rank", "class_id", "class_name", "probability"]
+    assert [row["frame"] for row in rows[::2]] == [f"{video}#t={t:.3f}" for t in np.arange(10) / 5]
+
+    assert main(["predict", model, str(video), "--format", "json", "--fps", "1", "--quiet"]) == 0
+    frames = json.loads(capsys.readouterr().out)
+    assert [row["frame"] for row in frames] == [f"{video}#t={t:.3f}" for t in (0, 1)] and len(frames[0]["top"]) == 3
+
+    assert main(["predict", model, str(video), "--format", "probabilities", "--out", str(tmp_path / "p.csv"),
+                 "--timeline", str(tmp_path / "pictures"), "--quiet"]) == 0
+    assert "wrote 20 frame prediction(s)" in capsys.readouterr().err
+    probabilities = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(probabilities) == 20 and list(probabilities[0]) == ["frame", "a", "b", "c"]
+    picture = Image.open(tmp_path / "pictures" / "clip.mp4.timeline.png")
+    assert picture.width > 600 and picture.height > 300
+
+    assert main(["predict", model, str(video), "--smooth", "0"]) == 0
+    table = capsys.readouterr().out
+    assert f"{video}: 20 frames" in table and "0:00.0" in table and "0:02.0" in table
+
+
+def test_predict_refuses_flags_that_do_not_fit_videos_or_images(untrained, tmp_path, capsys):
+    (tmp_path / "clips").mkdir()
+    video = write_video(tmp_path / "clips" / "clip.mp4", grey_frames(4))
+    image = tmp_path / "still.png"
+    Image.fromarray(grey_frames(1)[0]).save(image)
+    model = str(untrained)
+    cases = [([str(image), "--fps", "2"], "--fps is for videos"),
+             ([str(image), "--format", "segments"], "--format segments is for videos"),
+             ([str(video), str(image)], f"{image}: predict videos and images in separate calls"),
+             ([str(video), "--workers", "2"], "--workers is for images"),
+             ([str(video), "--fps", "0"], "--fps must be above 0"),
+             ([str(video), "--smooth", "-1"], "--smooth must be 0"),
+             ([str(tmp_path / "clips"), "--quiet"], f"to predict its 1 video(s), name them: {tmp_path}/clips/*.mp4")]
+    for arguments, message in cases:
+        assert main(["predict", model, *arguments]) != 0
+        assert message in capsys.readouterr().err, arguments
+
+
+def test_iter_predict_video_checks_its_arguments_before_the_first_frame(tmp_path):
+    video = write_video(tmp_path / "clip.mp4", grey_frames(4))
+    model = residual.create_model("resnet20", num_classes=3).eval()
+    info = video_info(video)
+    with pytest.raises(ConfigError, match="--topk"):
+        iter_predict_video(model, info, FrameScores(), topk=0)
+    with pytest.raises(ConfigError, match="--min-confidence"):
+        iter_predict_video(model, info, FrameScores(), min_confidence=1.5)
+    with pytest.raises(BadImageError, match="no such file"):
+        video_info(tmp_path / "missing.mp4")
+    scores = FrameScores()
+    assert len(list(iter_predict_video(model, info, scores, batch_size=3))) == 4
+    times, probabilities = scores.arrays(3)
+    assert times.tolist() == pytest.approx([0, 0.1, 0.2, 0.3]) and probabilities.shape == (4, 3)
+    assert torch.allclose(torch.from_numpy(probabilities).sum(1).float(), torch.ones(4))
