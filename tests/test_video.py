@@ -16,6 +16,8 @@ from residual.cli import main
 from residual.data.decode import BadImageError
 from residual.data.frames import video_frames, video_info
 from residual.errors import ConfigError
+from residual.feature_bank import FeatureBank
+from residual.predict import collected_features
 from residual.video import FrameScores, iter_predict_video, predict_video, segments, smoothed
 
 av = pytest.importorskip("av")
@@ -23,11 +25,14 @@ av = pytest.importorskip("av")
 
 def write_video(path, frames: list[np.ndarray], rate: int = 10, times: list[float] | None = None,
                 rotation: int | None = None):
-    """An MPEG-4 video of RGB `frames`, at `rate` frames a second or at the given `times` (seconds)."""
+    """A video of RGB `frames`, at `rate` frames a second or at the given `times` (seconds): MPEG-4 in an .mp4,
+    or lossless FFV1 (RGB, so the frames decode to exactly these pixels) in an .mkv."""
+    lossless = str(path).endswith(".mkv")
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=1000 if times else rate)
+        stream = container.add_stream("ffv1" if lossless else "mpeg4", rate=1000 if times else rate)
         stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
+        stream.pix_fmt = "bgr0" if lossless else "yuv420p"
+        stream.bit_rate = 4_000_000
         if times:
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation is not None:
@@ -85,6 +90,41 @@ def test_a_video_of_three_scenes_gives_three_segments_and_each_frame_the_predict
     per_frame = [p.top[0][1] for p in result.predictions]
     truth = [shape for shape in shapes for _ in range(30)]
     assert 0.8 < np.mean([a == b for a, b in zip(per_frame, truth)]) <= 1
+
+
+def test_with_a_feature_bank_frames_of_none_of_the_classes_make_a_stretch_of_no_class(demo_run, tmp_path, capsys):
+    """Two seconds of stars, then two of noise, which the demo model still calls some shape: the feature bank's
+    floor (training images' features; the floor keeps 95% of test stars) turns the noise into a segment of no
+    class, in predict_video and on the command line. The video is lossless: a compressed one's 32 px frames
+    lose enough of their texture that some fall below a floor set on the PNGs (docs/video.md)."""
+    model = residual.load_model(demo_run["model"]).eval()
+    train = [demo_run["data"] / "train" / shape / name for shape in ("star", "circle", "ring")
+             for name in sorted(p.name for p in (demo_run["data"] / "train" / shape).iterdir())[:60]]
+    stars = sorted((demo_run["data"] / "test" / "star").iterdir())
+    with collected_features(model) as pooled:
+        residual.predict(model, train + stars[20:80])
+    features = torch.cat(pooled)
+    bank = FeatureBank.of(features[:len(train)], 5, 0.0, model)
+    bank.floor = float(np.quantile(bank.similarity(features[len(train):]).numpy(), 0.05))
+    bank.save(tmp_path / "bank.safetensors")
+
+    rng = np.random.default_rng(0)
+    pictures = ([np.asarray(Image.open(path).convert("RGB")) for path in stars[:20]]
+                + [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(20)])
+    video = write_video(tmp_path / "stars-then-noise.mkv", pictures)
+    without = predict_video(model, str(video))
+    assert None not in [segment.label for segment in without.segments]  # the noise gets some shape
+    result = predict_video(model, str(video), feature_bank=bank)
+    assert [segment.label for segment in result.segments] == ["star", None]
+    assert 1.5 <= result.segments[1].start <= 2.0  # smoothed over 1 s: a change moves by half of it at most
+    assert [p.unsure for p in result.predictions] == [False] * 20 + [True] * 20  # frame by frame: exact
+    assert all(p.similarity is not None for p in result.predictions)
+
+    assert main(["predict", str(demo_run["model"]), str(video), "--feature-bank", str(tmp_path / "bank.safetensors"),
+                 "--format", "segments", "--quiet"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(row["label"], row["start"]) for row in rows] == [
+        (segment.label or "", f"{segment.start:.3f}") for segment in result.segments]
 
 
 def test_frames_are_timed_by_their_own_timestamps_and_sampled_at_the_first_frame_of_each_tick(tmp_path):
@@ -215,6 +255,7 @@ def test_predict_refuses_flags_that_do_not_fit_videos_or_images(untrained, tmp_p
              ([str(image), "--format", "segments"], "--format segments is for videos"),
              ([str(video), str(image)], f"{image}: predict videos and images in separate calls"),
              ([str(video), "--workers", "2"], "--workers is for images"),
+             ([str(video), "--decoder", "torchvision"], "--decoder torchvision is for images"),
              ([str(video), "--fps", "0"], "--fps must be above 0"),
              ([str(video), "--smooth", "-1"], "--smooth must be 0"),
              ([str(tmp_path / "clips"), "--quiet"], f"to predict its 1 video(s), name them: {tmp_path}/clips/*.mp4")]

@@ -357,11 +357,9 @@ def _check_video_flags(args: argparse.Namespace, videos: list[str], output_forma
         others = [source for source in args.images if source not in videos]
         raise ResidualError(f"{others[0]}: predict videos and images in separate calls (the videos give a row per "
                             f"frame and segments, the images a row each)")
-    image_flags = {"--workers": args.workers, "--feature-bank": args.feature_bank,
-                   "--decoder torchvision": args.decoder == "torchvision" or None}
+    image_flags = {"--workers": args.workers, "--decoder torchvision": args.decoder == "torchvision" or None}
     if given := [flag for flag, value in image_flags.items() if value is not None]:
-        raise ResidualError(f"{given[0]} is for images; videos are decoded by FFmpeg's own threads, and their frames "
-                            f"are not compared with a feature bank")
+        raise ResidualError(f"{given[0]} is for images; videos are decoded by FFmpeg, with its own threads")
 
 
 def _predict_videos(args: argparse.Namespace, console: Console, model, videos: list[str],
@@ -372,6 +370,7 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
 
     from .data.decode import BadImageError
     from .data.frames import video_info
+    from .feature_bank import FeatureBank
     from .predict import class_names_of, inference_compile
     from .tables import segments_table
     from .video import (SMOOTH_SECONDS, FrameScores, check_smooth, check_video_arguments, expected_frames,
@@ -381,7 +380,8 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     check_smooth(smooth)
     names = class_names_of(model)
     topk = {"probabilities": len(names), "labels": 1}.get(output_format, args.topk)
-    check_video_arguments(model, topk, args.batch_size, args.tta, args.fps, args.min_confidence)
+    bank = FeatureBank.load(args.feature_bank) if args.feature_bank else None
+    check_video_arguments(model, topk, args.batch_size, args.tta, args.fps, args.min_confidence, bank, args.compile)
     failed: list[str] = []
     infos = []
     for video in videos:  # each opened first: one FFmpeg cannot read is named, and the others still predicted
@@ -389,20 +389,24 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
             infos.append(video_info(video))
         except BadImageError as error:
             failed.append(str(error))
-    compiled, why = inference_compile(model, args.compile, sum(expected_frames(info, args.fps) or 0 for info in infos))
+    # The bank reads the features of the model run eagerly, as for images.
+    compiled, why = inference_compile(model, False if bank else args.compile,
+                                      sum(expected_frames(info, args.fps) or 0 for info in infos))
     if not args.quiet:
         print(f"torch.compile: {why}", file=sys.stderr)
     scores = [FrameScores() for _ in infos]
     predictions = itertools.chain.from_iterable(
         iter_predict_video(model, info, frames, topk, args.batch_size, args.tta, args.fps, args.min_confidence,
-                           failed, progress=not args.quiet, compile=compiled) for info, frames in zip(infos, scores))
+                           failed, not args.quiet, compiled, bank) for info, frames in zip(infos, scores))
     if output_format in ("table", "segments"):  # the segments, once every frame is predicted
         for _ in predictions:
             pass
     else:
-        write = _predictions_writer(output_format, model, ("frame", "label"), "frame", args.min_confidence is not None)
+        write = _predictions_writer(output_format, model, ("frame", "label"), "frame", args.min_confidence is not None,
+                                    bank)
         _write_rows(args.out, lambda stream: write(predictions, stream), "frame prediction(s)")
-    found = [video_segments(model, info, frames, smooth, args.min_confidence) for info, frames in zip(infos, scores)]
+    found = [video_segments(model, info, frames, smooth, args.min_confidence, bank)
+             for info, frames in zip(infos, scores)]
     if output_format == "table":
         for info, frames, segments in zip(infos, scores, found):
             console.print(segments_table(segments, f"{info.path}: {len(frames.times)} frames, {len(segments)} "

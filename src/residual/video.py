@@ -31,6 +31,7 @@ from .data.frames import Frame, VideoInfo, video_frames, video_info
 from .data.loaders import InferenceBatch, check_stream
 from .data.transforms import resize_center_crop
 from .errors import ConfigError
+from .feature_bank import FeatureBank
 from .figures import COLOURS, new_figure, save_png
 from .predict import (Prediction, check_min_confidence, class_names_of, class_thresholds, inference_compile,
                       inference_forward, is_multi_label, is_unsure, model_device, present_classes,
@@ -56,10 +57,12 @@ class FrameScores:
 
     times: list[float] = field(default_factory=list)
     probabilities: list[np.ndarray] = field(default_factory=list)
+    similarities: list[float] = field(default_factory=list)  # to the nearest training image, with a feature bank
 
-    def add(self, times: list[float], probabilities: torch.Tensor) -> None:
+    def add(self, times: list[float], probabilities: torch.Tensor, similarities: list[float] | None) -> None:
         self.times += times
         self.probabilities.append(probabilities.float().numpy())
+        self.similarities += similarities or []
 
     def arrays(self, classes: int) -> tuple[np.ndarray, np.ndarray]:
         probabilities = np.concatenate(self.probabilities) if self.probabilities else np.zeros((0, classes))
@@ -87,22 +90,24 @@ def check_smooth(smooth: float) -> None:
 
 def iter_predict_video(model, info: VideoInfo, scores: FrameScores, topk: int = 5, batch_size: int = 64,
                        tta: str = "none", fps: float | None = None, min_confidence: float | None = None,
-                       failed: list[str] | None = None, progress: bool = False,
-                       compile: bool | None = None) -> Iterator[Prediction]:
+                       failed: list[str] | None = None, progress: bool = False, compile: bool | None = None,
+                       feature_bank: FeatureBank | None = None) -> Iterator[Prediction]:
     """The predictions of the frames of the video `info` describes (data.frames.video_info), in order, as they
-    are computed; their times and probabilities go to `scores` for `video_segments`. The arguments are checked
-    here, before the first prediction is asked for, so that a writer has written nothing when one is wrong."""
-    check_video_arguments(model, topk, batch_size, tta, fps, min_confidence)
+    are computed; their times and probabilities (and with `feature_bank` their similarities to the nearest
+    training image) go to `scores` for `video_segments`. The arguments are checked here, before the first
+    prediction is asked for, so that a writer has written nothing when one is wrong."""
+    check_video_arguments(model, topk, batch_size, tta, fps, min_confidence, feature_bank, compile)
     expected = expected_frames(info, fps)
     if isinstance(model, torch.nn.Module):
         model.eval()
-    forward = inference_forward(model, inference_compile(model, compile, expected or 0)[0], batch_size)
-    return _video_predictions(model, forward, info, scores, topk, batch_size, tta, fps, min_confidence, failed,
-                              progress, expected)
+    compiled = feature_bank is None and inference_compile(model, compile, expected or 0)[0]
+    return _video_predictions(model, inference_forward(model, compiled, batch_size), info, scores, topk,
+                              batch_size, tta, fps, min_confidence, failed, progress, expected, feature_bank)
 
 
 def check_video_arguments(model, topk: int, batch_size: int, tta: str, fps: float | None,
-                          min_confidence: float | None) -> None:
+                          min_confidence: float | None, feature_bank: FeatureBank | None = None,
+                          compile: bool | None = None) -> None:
     """Refuse, in one line, arguments iter_predict_video cannot work with."""
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {topk}")
@@ -111,6 +116,10 @@ def check_video_arguments(model, topk: int, batch_size: int, tta: str, fps: floa
     check_stream(batch_size, 0, "pillow", model_device(model))
     if fps is not None and not fps > 0:
         raise ConfigError(f"--fps must be above 0, got {fps}")
+    if feature_bank is not None:
+        feature_bank.check_model(model)
+        if compile:
+            raise ConfigError("--feature-bank reads the features of the model run eagerly; leave --compile out")
 
 
 def expected_frames(info: VideoInfo, fps: float | None) -> int | None:
@@ -123,20 +132,24 @@ def expected_frames(info: VideoInfo, fps: float | None) -> int | None:
 
 def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores, topk: int, batch_size: int,
                        tta: str, fps: float | None, min_confidence: float | None, failed: list[str] | None,
-                       progress: bool, expected: int | None) -> Iterator[Prediction]:
+                       progress: bool, expected: int | None,
+                       feature_bank: FeatureBank | None) -> Iterator[Prediction]:
     names, multi_label = class_names_of(model), is_multi_label(model)
     frame_times: list[float] = []  # every frame batched so far, by its index
     with progress_bar(f"predicting {info.path}", progress, unit="frames/s") as bar:
         task = bar.add_task("frames", total=expected)
         batches = _frame_batches(video_frames(info.path, fps, failed), model, tta, batch_size, frame_times)
-        for batch, probabilities, _ in probabilities_in_flight(forward, batches, tta, multi_label):
+        for batch, probabilities, features in probabilities_in_flight(forward, batches, tta, multi_label,
+                                                                      features=feature_bank is not None):
             times = [frame_times[index] for index in batch.indices]
-            scores.add(times, probabilities)
+            similarities = feature_bank.similarity(features).tolist() if feature_bank is not None else None
+            scores.add(times, probabilities, similarities)
             present = (present_classes(probabilities, names, model.threshold) if multi_label
                        else [None] * len(times))
-            for time, top, labels in zip(times, top_classes(probabilities, names, topk), present):
+            for time, top, labels, similarity in zip(times, top_classes(probabilities, names, topk), present,
+                                                     similarities or [None] * len(times)):
                 yield Prediction(frame_source(info.path, time), top, labels,
-                                 is_unsure(top[0][2], None, min_confidence, None))
+                                 is_unsure(top[0][2], similarity, min_confidence, feature_bank), similarity)
             bar.advance(task, len(times))
 
 
@@ -175,10 +188,13 @@ def smoothed(times: np.ndarray, probabilities: np.ndarray, seconds: float) -> np
 
 def segments(times: np.ndarray, probabilities: np.ndarray, names: list[str], end: float | None = None,
              smooth: float = SMOOTH_SECONDS, min_confidence: float | None = None,
-             thresholds: np.ndarray | None = None) -> list[Segment]:
+             thresholds: np.ndarray | None = None, similarities: np.ndarray | None = None,
+             similarity_floor: float | None = None) -> list[Segment]:
     """The stretches of time each answer holds, in order of their start. `end`: when the video ends (else the
     last frame's time plus the usual gap between frames). `thresholds`: a multi-label model's, per class:
-    then each class has its own segments, where its smoothed probability reaches its threshold."""
+    then each class has its own segments, where its smoothed probability reaches its threshold. A single-label
+    model's frames have no class where the smoothed top probability is below `min_confidence`, or the
+    smoothed `similarities` (to the nearest training image, per frame) below `similarity_floor`."""
     check_smooth(smooth)
     if len(times) == 0:
         return []
@@ -191,6 +207,8 @@ def segments(times: np.ndarray, probabilities: np.ndarray, names: list[str], end
         return sorted(found, key=lambda segment: (segment.start, segment.label))
     top = scores.argmax(axis=1)
     unsure = scores.max(axis=1) < min_confidence if min_confidence is not None else np.zeros(len(top), bool)
+    if similarities is not None and similarity_floor is not None:
+        unsure |= smoothed(times, np.asarray(similarities, dtype=np.float64)[:, None], smooth)[:, 0] < similarity_floor
     answers = np.where(unsure, -1, top)
     found = []
     for start, stop in _run_bounds(answers):
@@ -214,27 +232,33 @@ def _runs(present: np.ndarray, times: np.ndarray, ends: np.ndarray, scores: np.n
 
 
 def video_segments(model, info: VideoInfo, scores: FrameScores, smooth: float = SMOOTH_SECONDS,
-                   min_confidence: float | None = None) -> list[Segment]:
-    """`segments` of a video predicted by `model` (its classes, and a multi-label model's thresholds)."""
+                   min_confidence: float | None = None, feature_bank: FeatureBank | None = None) -> list[Segment]:
+    """`segments` of a video predicted by `model` (its classes, and a multi-label model's thresholds; with the
+    `feature_bank` it was predicted with, its floor of similarity)."""
     names = class_names_of(model)
     times, probabilities = scores.arrays(len(names))
     thresholds = class_thresholds(model) if is_multi_label(model) else None
-    return segments(times, probabilities, names, info.duration, smooth, min_confidence, thresholds)
+    return segments(times, probabilities, names, info.duration, smooth, min_confidence, thresholds,
+                    np.asarray(scores.similarities) if feature_bank is not None else None,
+                    feature_bank.floor if feature_bank is not None else None)
 
 
 def predict_video(model, video: str, topk: int = 5, batch_size: int = 64, tta: str = "none",
                   fps: float | None = None, smooth: float = SMOOTH_SECONDS, min_confidence: float | None = None,
-                  progress: bool = False, compile: bool | None = None) -> VideoPrediction:
+                  progress: bool = False, compile: bool | None = None,
+                  feature_bank: FeatureBank | None = None) -> VideoPrediction:
     """Every frame's top-`topk` classes (with `fps`, at most that many frames a second) and the segments of
-    time each class holds, the probabilities smoothed over `smooth` seconds first (0: not smoothed)."""
+    time each class holds, the probabilities smoothed over `smooth` seconds first (0: not smoothed).
+    `min_confidence`, `feature_bank`: frames below either floor get no class, as predict's images do, and so do
+    stretches whose smoothed top probability or similarity stays below it."""
     check_smooth(smooth)
     info = video_info(video)
     scores, failed = FrameScores(), []
     predictions = list(iter_predict_video(model, info, scores, topk, batch_size, tta, fps, min_confidence,
-                                          failed, progress, compile))
+                                          failed, progress, compile, feature_bank))
     times, probabilities = scores.arrays(len(class_names_of(model)))
     return VideoPrediction(info, times, probabilities, predictions,
-                           video_segments(model, info, scores, smooth, min_confidence), failed)
+                           video_segments(model, info, scores, smooth, min_confidence, feature_bank), failed)
 
 
 def plot_timeline(times: np.ndarray, probabilities: np.ndarray, found: list[Segment], names: list[str],
