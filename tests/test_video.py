@@ -245,6 +245,22 @@ def test_predict_on_a_video_writes_a_row_per_frame_segments_and_a_timeline(untra
     assert f"{video}: 20 frames" in table and "0:00.0" in table and "0:02.0" in table
 
 
+def test_annotate_writes_the_video_again_with_its_segments_drawn_on_every_frame(untrained, tmp_path):
+    bright = [np.full((64, 96, 3), 200, np.uint8) for _ in range(12)]
+    video = write_video(tmp_path / "clip.mp4", bright, rotation=90)  # written upright: 64 wide, 96 high
+    assert main(["predict", str(untrained), str(video), "--fps", "2", "--annotate", str(tmp_path / "annotated"),
+                 "--format", "segments", "--quiet"]) == 0
+    written = list(video_frames(tmp_path / "annotated" / "clip.mp4.annotated.mp4"))
+    original = list(video_frames(video))
+    assert [frame.time for frame in written] == pytest.approx([frame.time for frame in original])  # every frame
+    assert video_info(tmp_path / "annotated" / "clip.mp4.annotated.mp4").rotation == 0
+    for frame, source in zip(written, original):
+        drawn, before = np.asarray(frame.image, float), np.asarray(source.image, float)
+        assert drawn.shape == before.shape == (96, 64, 3)
+        assert drawn[:8, :20].mean() < before[:8, :20].mean() - 40  # the dark band behind the class's name
+        assert np.abs(drawn[40:] - before[40:]).mean() < 3  # the rest as it was, but for compression
+
+
 def test_predict_refuses_flags_that_do_not_fit_videos_or_images(untrained, tmp_path, capsys):
     (tmp_path / "clips").mkdir()
     video = write_video(tmp_path / "clips" / "clip.mp4", grey_frames(4))
@@ -253,6 +269,7 @@ def test_predict_refuses_flags_that_do_not_fit_videos_or_images(untrained, tmp_p
     model = str(untrained)
     cases = [([str(image), "--fps", "2"], "--fps is for videos"),
              ([str(image), "--format", "segments"], "--format segments is for videos"),
+             ([str(image), "--annotate", str(tmp_path / "out")], "--annotate is for videos"),
              ([str(video), str(image)], f"{image}: predict videos and images in separate calls"),
              ([str(video), "--workers", "2"], "--workers is for images"),
              ([str(video), "--decoder", "torchvision"], "--decoder torchvision is for images"),

@@ -346,7 +346,7 @@ def _check_video_flags(args: argparse.Namespace, videos: list[str], output_forma
     for videos, and the two mixed."""
     from .data.frames import VIDEO_EXTENSIONS
 
-    video_flags = {"--fps": args.fps, "--smooth": args.smooth, "--timeline": args.timeline,
+    video_flags = {"--fps": args.fps, "--smooth": args.smooth, "--timeline": args.timeline, "--annotate": args.annotate,
                    "--format segments": output_format == "segments" or None}
     if not videos:
         if given := [flag for flag, value in video_flags.items() if value is not None]:
@@ -374,7 +374,8 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     from .predict import class_names_of, inference_compile
     from .tables import segments_table
     from .video import (SMOOTH_SECONDS, FrameScores, check_smooth, check_video_arguments, expected_frames,
-                        iter_predict_video, plot_timeline, timeline_files, video_segments, write_segments)
+                        iter_predict_video, plot_timeline, video_files, video_segments, write_annotated,
+                        write_segments)
 
     smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
     check_smooth(smooth)
@@ -415,10 +416,16 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
         rows = [(info.path, segment) for info, segments in zip(infos, found) for segment in segments]
         _write_rows(args.out, lambda stream: write_segments(rows, stream), "segment(s)")
     if args.timeline:
-        for info, frames, segments, path in zip(infos, scores, found, timeline_files(infos, Path(args.timeline))):
+        timelines = video_files(infos, args.timeline, ".timeline.png")
+        for info, frames, segments, path in zip(infos, scores, found, timelines):
             plot_timeline(*frames.arrays(len(names)), segments, names, path, Path(info.path).name, smooth,
                           args.min_confidence)
         print(f"timeline: {len(infos)} picture(s) in {args.timeline}", file=sys.stderr)
+    if args.annotate:
+        for info, segments, path in zip(infos, found, video_files(infos, args.annotate, ".annotated.mp4")):
+            if segments:  # no frame predicted: nothing to draw
+                write_annotated(info, segments, path)
+        print(f"annotated: {sum(map(bool, found))} video(s) in {args.annotate}", file=sys.stderr)
     _report_failed(failed)
     return 1 if failed else 0
 
@@ -1566,6 +1573,9 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--timeline", metavar="DIR",
                    help="videos: draw each video's class probabilities over time and its segments to "
                         "DIR/VIDEO.timeline.png")
+    p.add_argument("--annotate", metavar="DIR",
+                   help="videos: write each video again with its segments' class and probability drawn on every frame "
+                        "to DIR/VIDEO.annotated.mp4 (H.264; without the sound)")
     tta_flag(p)
     threshold_flag(p)
     floor_flags(p)

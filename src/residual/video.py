@@ -11,7 +11,8 @@ preprocessing, test-time augmentation, exported runtimes), and returns:
   below it make segments of no class. A multi-label model's segments are per class (where its smoothed
   probability reaches the class's threshold), so they may overlap, and a time with none present has none.
 
-`plot_timeline` draws them: the smoothed probability of each class the video shows over time, under a band of
+`write_annotated` writes the video again with each moment's segments drawn on its frames. `plot_timeline` draws
+them: the smoothed probability of each class the video shows over time, under a band of
 its segments. Every frame's probabilities are kept for the segments: frames x classes x 4 bytes (an hour at 30
 frames/s and 1000 classes is 430 MB; `fps` thins it).
 """
@@ -26,8 +27,9 @@ from typing import TextIO
 
 import numpy as np
 import torch
+from PIL import ImageDraw, ImageFont
 
-from .data.frames import Frame, VideoInfo, video_frames, video_info
+from .data.frames import Frame, VideoInfo, video_frames, video_info, write_video
 from .data.loaders import InferenceBatch, check_stream
 from .data.transforms import resize_center_crop
 from .errors import ConfigError
@@ -299,11 +301,13 @@ def plot_timeline(times: np.ndarray, probabilities: np.ndarray, found: list[Segm
     save_png(figure, path)
 
 
-def timeline_files(infos: list[VideoInfo], folder: Path) -> list[Path]:
-    """Where each video's timeline goes: FOLDER/NAME.timeline.png, numbered where two videos share a name."""
+def video_files(infos: list[VideoInfo], folder: str | Path, suffix: str) -> list[Path]:
+    """Where a file for each video goes: FOLDER/NAME`suffix` (".timeline.png"), numbered where two videos share a
+    name."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = [Path(info.path).name for info in infos]
-    return [folder / (f"{name}.timeline.png" if names.count(name) == 1 else f"{name}.{index}.timeline.png")
+    return [folder / (f"{name}{suffix}" if names.count(name) == 1 else f"{name}.{index}{suffix}")
             for index, name in enumerate(names, 1)]
 
 
@@ -315,3 +319,24 @@ def write_segments(rows: list[tuple[str, Segment]], stream: TextIO) -> int:
     writer.writerows([video, f"{segment.start:.3f}", f"{segment.end:.3f}", segment.label or "",
                       f"{segment.probability:.6f}", segment.frames] for video, segment in rows)
     return len(rows)
+
+
+def write_annotated(info: VideoInfo, found: list[Segment], path: Path) -> int:
+    """The video again, every frame (whatever `fps` predicted) with the segments it falls in written across its
+    top (class and the segment's probability; "unsure" where no class reached the floor), as an MP4 at `path`,
+    upright; returns how many frames. The sound is not copied."""
+    return write_video(path, (_annotated(frame, found) for frame in video_frames(info.path)))
+
+
+def _annotated(frame: Frame, found: list[Segment]) -> Frame:
+    at = [segment for segment in found if segment.start <= frame.time < segment.end]
+    # "(none)": a multi-label model's moment with no class present, or one before the first frame predicted.
+    text = ", ".join(f"{segment.label or 'unsure'} {segment.probability:.2f}" for segment in at) or "(none)"
+    image = frame.image.copy()
+    size = max(10, image.height // 16)
+    font = ImageFont.load_default(size=size)
+    draw = ImageDraw.Draw(image, "RGBA")
+    left, top, right, bottom = draw.textbbox((size // 2, size // 3), text, font=font)
+    draw.rectangle((0, 0, max(right + size // 2, 1), bottom + size // 3), fill=(0, 0, 0, 160))
+    draw.text((size // 2, size // 3), text, font=font, fill=(255, 255, 255))
+    return Frame(frame.time, image)

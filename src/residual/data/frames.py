@@ -7,6 +7,8 @@ timestamp, so variable-rate video (phones again) is timed right.
 
 `fps` samples the video: at most that many frames per second, the first frame at or after each tick.
 
+`write_video` writes frames back out (H.264 in an MP4), each at its own time.
+
 Bad input is reported, never dropped in silence: a file FFmpeg cannot open is refused in one line naming it, and
 a packet it cannot decode, or a frame it marks as damaged, is skipped and goes to `failed`, one line per kind of
 damage with how many frames and when.
@@ -15,12 +17,14 @@ damage with how many frames and when.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from PIL import Image
 
+from ..atomic import atomic_path
 from ..errors import ConfigError
 from .decode import BadImageError
 
@@ -136,3 +140,28 @@ def video_frames(path: str | os.PathLike, fps: float | None = None,
         failed += [f"{path}: skipped {len(times)} {what.replace('(s)', 's' if len(times) > 1 else '')} "
                    + (f"from {min(times):.2f} s to {max(times):.2f} s" if len(times) > 1 else f"at {times[0]:.2f} s")
                    for what, times in damage.items()]
+
+
+def write_video(path: str | os.PathLike, frames: Iterable[Frame]) -> int:
+    """`frames` as an MP4 at `path` (H.264 where PyAV's FFmpeg has it, else MPEG-4), each shown at its own time,
+    written atomically; returns how many. Sides are cut to even numbers of pixels, as 4:2:0 colour needs."""
+    av = _av()
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    count, last_pts = 0, -1
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=1000)
+        stream.codec_context.time_base = Fraction(1, 1000)  # milliseconds: any frame's own time, to a ms
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "20", "preset": "veryfast"}
+        for frame in frames:
+            if count == 0:
+                stream.width, stream.height = frame.image.width // 2 * 2, frame.image.height // 2 * 2
+            picture = av.VideoFrame.from_image(frame.image.crop((0, 0, stream.width, stream.height)))
+            # Strictly increasing, as the encoder requires, even for two frames within one millisecond.
+            last_pts = picture.pts = max(round(frame.time * 1000), last_pts + 1)
+            picture.time_base = Fraction(1, 1000)
+            container.mux(stream.encode(picture))
+            count += 1
+        container.mux(stream.encode())
+    return count
