@@ -201,6 +201,9 @@ def test_segments_smooth_over_an_odd_frame_and_follow_uneven_times():
     assert averaged[4] == pytest.approx(np.mean([cat, cat, dog, cat, cat], axis=0))
     # With no end given, the last segment runs one usual frame gap past the last frame.
     assert segments(times, probabilities, names, smooth=0)[-1].end == pytest.approx(3.4)
+    # Timestamps out of order (a damaged stream's) are put in order first.
+    shuffled = np.random.default_rng(0).permutation(len(times))
+    assert segments(times[shuffled], probabilities[shuffled], names, end=3.4, smooth=1.0) == found
 
     unsure = segments(times, probabilities, names, end=3.4, smooth=0, min_confidence=0.85)
     assert [(s.label, s.start, s.end) for s in unsure] == [("cat", 0, 0.8), (None, 0.8, 1.0), ("cat", 1.0, 3.0),

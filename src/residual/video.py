@@ -7,14 +7,15 @@ preprocessing, test-time augmentation, exported runtimes), and returns:
   that moment, so each row of a CSV of frames points at what the model saw;
 - the segments. Frame-by-frame answers flicker (motion blur, a frame between two scenes), so each class's
   probability is first averaged over the frames within `smooth` seconds around each frame; then consecutive
-  frames with the same answer make one segment. With `min_confidence`, frames whose smoothed top class stays
-  below it make segments of no class. A multi-label model's segments are per class (where its smoothed
-  probability reaches the class's threshold), so they may overlap, and a time with none present has none.
+  frames with the same answer make one segment. With `min_confidence` (or a `feature_bank`), frames whose
+  smoothed top class (or similarity to the nearest training image) stays below its floor make segments of no
+  class. A multi-label model's segments are per class (where its smoothed probability reaches the class's
+  threshold), so they may overlap, and a time with none present has none.
 
-`write_annotated` writes the video again with each moment's segments drawn on its frames. `plot_timeline` draws
-them: the smoothed probability of each class the video shows over time, under a band of
-its segments. Every frame's probabilities are kept for the segments: frames x classes x 4 bytes (an hour at 30
-frames/s and 1000 classes is 430 MB; `fps` thins it).
+`plot_timeline` draws them: the smoothed probability of each class the video shows over time, under a band of
+its segments. `write_annotated` writes the video again with each moment's segments drawn on its frames.
+Every frame's probabilities are kept for the segments: frames x classes x 4 bytes (an hour at 30 frames/s and
+1000 classes is 430 MB; `fps` thins it).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ TIMELINE_CLASSES = 8  # lines drawn at most: beyond this the colours repeat and 
 class Segment:
     start: float  # seconds from the video's start
     end: float  # where the next segment starts, or the video ends
-    label: str | None  # None: no class reached the floor asked for (min_confidence)
+    label: str | None  # None: no class reached the floor asked for (min_confidence, a feature bank's)
     probability: float  # the label's smoothed probability averaged over the segment (the top class's, for None)
     frames: int
 
@@ -200,6 +201,10 @@ def segments(times: np.ndarray, probabilities: np.ndarray, names: list[str], end
     check_smooth(smooth)
     if len(times) == 0:
         return []
+    if np.any(np.diff(times) < 0):  # a damaged stream's timestamps can step back: put the frames in time order
+        order = np.argsort(times, kind="stable")
+        times, probabilities = times[order], probabilities[order]
+        similarities = None if similarities is None else np.asarray(similarities)[order]
     scores = smoothed(times, probabilities, smooth)
     gap = float(np.median(np.diff(times))) if len(times) > 1 else 0.0
     ends = np.append(times[1:], end if end is not None and end > times[-1] else times[-1] + gap)
