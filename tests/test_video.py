@@ -140,6 +140,33 @@ def test_frames_are_timed_by_their_own_timestamps_and_sampled_at_the_first_frame
     assert len(list(video_frames(steady, fps=3))) == 9  # ticks at 0, 1/3, ... 8/3 s
 
 
+def test_h264_with_b_frames_and_a_sound_track_gives_every_frame_once_in_time_order(tmp_path):
+    """H.264 decodes frames in another order than it shows them (B-frames); the sound track is left alone."""
+    coarse = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    texture = np.asarray(Image.fromarray(coarse).resize((160, 96), Image.Resampling.BICUBIC))  # smooth: survives 4:2:0
+    with av.open(str(tmp_path / "phone.mp4"), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 128, 64, "yuv420p"
+        sound = container.add_stream("aac", rate=48000)
+        for index in range(30):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(
+                texture[index:index + 64, index:index + 128]))))
+            quiet = av.AudioFrame.from_ndarray(np.zeros((1, 1920), np.float32), format="fltp", layout="mono")
+            quiet.sample_rate = 48000
+            container.mux(sound.encode(quiet))
+        container.mux(video.encode())
+        container.mux(sound.encode())
+    failed: list[str] = []
+    frames = list(video_frames(tmp_path / "phone.mp4", failed=failed))
+    assert [frame.time for frame in frames] == pytest.approx(np.arange(30) / 25) and not failed
+    # Each frame is its own picture, in order: the texture pans a pixel a frame, and each frame is nearest the
+    # texture at its own pan of those around it.
+    for index, frame in enumerate(frames):
+        distances = {shift: np.abs(np.asarray(frame.image, float) - texture[shift:shift + 64, shift:shift + 128]).mean()
+                     for shift in range(max(0, index - 2), min(30, index + 3))}
+        assert min(distances, key=distances.get) == index, (index, distances)
+
+
 def test_a_video_stored_sideways_comes_out_as_a_player_shows_it(tmp_path):
     """A phone stores a portrait video as landscape frames and the turn in its display matrix."""
     landscape = np.zeros((32, 64, 3), np.uint8)
