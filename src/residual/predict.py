@@ -309,26 +309,33 @@ def _predictions(model, forward, items: list, topk: int, batch_size: int, tta: s
                  failed: list[str] | None, progress: bool, decoder: str, min_confidence: float | None,
                  feature_bank: FeatureBank | None) -> Iterator[Prediction]:
     pre: Preprocessing = model.preprocessing
-    names = class_names_of(model)
-    multi_label = is_multi_label(model)
     with progress_bar("predicting", progress) as bar:
         task = bar.add_task("predict", total=len(items))
         batches = inference_batches(items, pre.resize_size, tta_image_size(pre, tta), pre.interpolation, batch_size,
                                     workers, decoder, model_device(model))
-        for batch, probabilities, features in probabilities_in_flight(forward, batches, tta, multi_label,
+        for batch, probabilities, features in probabilities_in_flight(forward, batches, tta, is_multi_label(model),
                                                                       features=feature_bank is not None):
             if failed is not None:
                 failed += [message for _, message in batch.failed]
             if probabilities is not None:
-                present = (present_classes(probabilities, names, model.threshold) if multi_label
-                           else [None] * len(batch.indices))
-                similarities = (feature_bank.similarity(features).tolist() if feature_bank is not None
-                                else [None] * len(batch.indices))
-                for index, top, labels, similarity in zip(batch.indices, top_classes(probabilities, names, topk),
-                                                          present, similarities):
-                    yield Prediction(source_name(items[index], index), top, labels,
-                                     is_unsure(top[0][2], similarity, min_confidence, feature_bank), similarity)
+                yield from batch_predictions(model, [source_name(items[index], index) for index in batch.indices],
+                                             probabilities, features, topk, min_confidence, feature_bank)
             bar.advance(task, len(batch.indices) + len(batch.failed))
+
+
+def batch_predictions(model, sources: list[str], probabilities: torch.Tensor, features: torch.Tensor | None,
+                      topk: int, min_confidence: float | None = None,
+                      feature_bank: FeatureBank | None = None) -> list[Prediction]:
+    """A batch's Predictions from its class probabilities (and, with `feature_bank`, its pooled features): the
+    top-`topk` classes, a multi-label model's present ones, and whether each falls below a floor asked for."""
+    names = class_names_of(model)
+    present = (present_classes(probabilities, names, model.threshold) if is_multi_label(model)
+               else [None] * len(sources))
+    similarities = (feature_bank.similarity(features).tolist() if feature_bank is not None
+                    else [None] * len(sources))
+    return [Prediction(source, top, labels, is_unsure(top[0][2], similarity, min_confidence, feature_bank), similarity)
+            for source, top, labels, similarity in zip(sources, top_classes(probabilities, names, topk), present,
+                                                       similarities)]
 
 
 def predict(model, images, topk: int = 5, batch_size: int = 64, tta: str = "none",

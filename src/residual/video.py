@@ -36,9 +36,9 @@ from .data.transforms import resize_center_crop
 from .errors import ConfigError
 from .feature_bank import FeatureBank
 from .figures import COLOURS, new_figure, save_png
-from .predict import (Prediction, check_min_confidence, class_names_of, class_thresholds, inference_compile,
-                      inference_forward, is_multi_label, is_unsure, model_device, present_classes,
-                      probabilities_in_flight, top_classes, tta_image_size)
+from .predict import (Prediction, batch_predictions, check_min_confidence, class_names_of, class_thresholds,
+                      inference_compile, inference_forward, is_multi_label, model_device, probabilities_in_flight,
+                      tta_image_size)
 from .progress import progress_bar
 
 SMOOTH_SECONDS = 1.0  # about a scene cut's blur and a camera's shake; short enough to keep a 2 s shot apart
@@ -137,22 +137,17 @@ def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores, top
                        tta: str, fps: float | None, min_confidence: float | None, failed: list[str] | None,
                        progress: bool, expected: int | None,
                        feature_bank: FeatureBank | None) -> Iterator[Prediction]:
-    names, multi_label = class_names_of(model), is_multi_label(model)
     frame_times: list[float] = []  # every frame batched so far, by its index
     with progress_bar(f"predicting {info.path}", progress, unit="frames/s") as bar:
         task = bar.add_task("frames", total=expected)
         batches = _frame_batches(video_frames(info.path, fps, failed), model, tta, batch_size, frame_times)
-        for batch, probabilities, features in probabilities_in_flight(forward, batches, tta, multi_label,
+        for batch, probabilities, features in probabilities_in_flight(forward, batches, tta, is_multi_label(model),
                                                                       features=feature_bank is not None):
             times = [frame_times[index] for index in batch.indices]
-            similarities = feature_bank.similarity(features).tolist() if feature_bank is not None else None
-            scores.add(times, probabilities, similarities)
-            present = (present_classes(probabilities, names, model.threshold) if multi_label
-                       else [None] * len(times))
-            for time, top, labels, similarity in zip(times, top_classes(probabilities, names, topk), present,
-                                                     similarities or [None] * len(times)):
-                yield Prediction(frame_source(info.path, time), top, labels,
-                                 is_unsure(top[0][2], similarity, min_confidence, feature_bank), similarity)
+            predictions = batch_predictions(model, [frame_source(info.path, time) for time in times], probabilities,
+                                            features, topk, min_confidence, feature_bank)
+            scores.add(times, probabilities, [p.similarity for p in predictions] if feature_bank else None)
+            yield from predictions
             bar.advance(task, len(times))
 
 
