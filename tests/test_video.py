@@ -210,6 +210,25 @@ def test_damaged_packets_are_skipped_and_reported_and_the_rest_predicted(untrain
     assert errors[2:] == [f"error: {line}" for line in failed]
 
 
+def wholly_damaged(folder):
+    """An MP4 of three frames whose every packet is zeros."""
+    rng = np.random.default_rng(0)
+    whole = bytearray(write_video(folder / "whole.mp4", [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                                                         for _ in range(3)]).read_bytes())
+    start, end = whole.index(b"mdat") + 4, whole.index(b"moov")  # the packets, between their box and the index
+    whole[start:end] = bytes(end - start)
+    (folder / "damaged.mp4").write_bytes(whole)
+    return folder / "damaged.mp4"
+
+
+def test_frames_lost_to_damage_are_all_reported_even_where_ffmpeg_reports_them_together(tmp_path):
+    """Decoding in threads, FFmpeg reports three damaged packets in two reports, the first one late."""
+    failed: list[str] = []
+    assert list(video_frames(wholly_damaged(tmp_path), failed=failed)) == []
+    assert sum(int(line.split("skipped ")[1].split()[0]) for line in failed) == 3
+    assert failed[-1] == f"{tmp_path / 'damaged.mp4'}: skipped 1 more frame the file lists, in the damage above"
+
+
 def test_segments_smooth_over_an_odd_frame_and_follow_uneven_times():
     names = ["cat", "dog"]
     times = np.array([0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 3.0, 3.2])

@@ -114,15 +114,17 @@ def video_frames(path: str | os.PathLike, fps: float | None = None,
     stream.thread_type = "AUTO"  # frame and slice threads: several times faster on large frames
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     rate = float(stream.average_rate) if stream.average_rate else None
+    listed = stream.frames  # how many the file's index lists; 0 where it does not say
     damage: dict[str, list[float]] = {}  # what was skipped ("packets ...", "frames ...") -> when
-    next_tick, decoded = 0.0, 0
+    next_tick, decoded, at = 0.0, 0, 0.0
     with container:
         for packet in container.demux(stream):
+            if packet.pts is not None:  # the flushing packet at the end has none: its damage is the last time's
+                at = float(packet.pts * stream.time_base) - start
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as error:
-                at = packet.pts * stream.time_base - start if packet.pts is not None else decoded / (rate or 1)
-                damage.setdefault(f"packet(s) FFmpeg could not decode ({error.strerror})", []).append(float(at))
+                damage.setdefault(f"packet(s) FFmpeg could not decode ({error.strerror})", []).append(at)
                 continue
             for frame in frames:
                 decoded += 1
@@ -136,10 +138,16 @@ def video_frames(path: str | os.PathLike, fps: float | None = None,
                     next_tick = (int(time * fps + 1e-6) + 1) / fps
                 image = frame.to_image()
                 yield Frame(time, image.rotate(frame.rotation, expand=True) if frame.rotation else image)
+    # Decoding in threads, FFmpeg reports a damaged packet late, with a later packet, and two damaged in a row may
+    # come out as one report: frames the index lists beyond those decoded or reported are damage too.
+    unaccounted = listed - decoded - sum(len(times) for what, times in damage.items() if what.startswith("packet"))
     if failed is not None:
         failed += [f"{path}: skipped {len(times)} {what.replace('(s)', 's' if len(times) > 1 else '')} "
-                   + (f"from {min(times):.2f} s to {max(times):.2f} s" if len(times) > 1 else f"at {times[0]:.2f} s")
-                   for what, times in damage.items()]
+                   + (f"from {min(times):.2f} s to {max(times):.2f} s" if max(times) > min(times)
+                      else f"at {times[0]:.2f} s") for what, times in damage.items()]
+        if damage and unaccounted > 0:
+            failed.append(f"{path}: skipped {unaccounted} more frame{'s' if unaccounted > 1 else ''} the file lists, "
+                          f"in the damage above")
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[Frame]) -> int:
