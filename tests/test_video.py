@@ -1,7 +1,9 @@
 """Predicting on videos: frames decoded upright and timed by their own timestamps, a prediction per frame as predict
-gives an image, segments of time per class, damage reported, and the command line's formats and timeline."""
+gives an image, segments of time per class, damage reported, and the command line's formats and timeline. Explaining
+them: a video of every frame's Grad-CAM overlay where the model looked, and a key frame per segment."""
 
 import csv
+import dataclasses
 import io
 import json
 from fractions import Fraction
@@ -15,10 +17,13 @@ import residual
 from residual.cli import main
 from residual.data.decode import BadImageError
 from residual.data.frames import video_frames, video_info
+from residual.data.transforms import center_crop_box, resize_center_crop
 from residual.errors import ConfigError
+from residual.explain import blended
 from residual.feature_bank import FeatureBank
 from residual.predict import collected_features
 from residual.video import FrameScores, iter_predict_video, predict_video, segments, smoothed
+from residual.video_explain import UNSEEN_BRIGHTNESS, explain_video, frame_overlay
 
 av = pytest.importorskip("av")
 
@@ -345,3 +350,129 @@ def test_iter_predict_video_checks_its_arguments_before_the_first_frame(tmp_path
     times, probabilities = scores.arrays(3)
     assert times.tolist() == pytest.approx([0, 0.1, 0.2, 0.3]) and probabilities.shape == (4, 3)
     assert torch.allclose(torch.from_numpy(probabilities).sum(1).float(), torch.ones(4))
+
+
+def test_explaining_a_video_draws_each_frames_heatmap_over_what_the_model_saw_and_a_key_frame_per_segment(demo_run,
+                                                                                                        tmp_path):
+    """Circles, squares, then stars, each test image in the middle of a wider frame of grey: every frame of the
+    video written is that frame with the heatmap `explain` gives its picture over the square the model sees and
+    the grey beside it dimmed; the frames' probabilities are predict's; each segment's key frame is its most
+    probable frame of its class, explained."""
+    shapes = ("circle", "square", "star")
+    pictures = [Image.open(path).convert("RGB").resize((48, 48)) for shape in shapes
+                for path in sorted((demo_run["data"] / "test" / shape).iterdir())[:15]]
+    frames = [np.full((48, 64, 3), 200, np.uint8) for _ in pictures]
+    for frame, picture in zip(frames, pictures):
+        frame[:, 8:56] = np.asarray(picture)
+    video = write_video(tmp_path / "scenes.mkv", frames)  # lossless: what the test computes is what is decoded
+    model = residual.load_model(demo_run["model"]).eval()
+
+    result = residual.explain_video(model, str(video), tmp_path / "out", batch_size=16)
+    assert not result.failed and result.path == tmp_path / "out" / "scenes.mkv.gradcam.mp4"
+    predicted = predict_video(model, str(video), batch_size=16)
+    assert np.allclose(result.probabilities, predicted.probabilities, atol=1e-5)
+    assert (result.explained == result.probabilities.argmax(1)).all()
+    assert [segment.label for segment in result.segments] == list(shapes)
+
+    decoded = [frame.image for frame in video_frames(video)]
+    cams = residual.explain(model, decoded).explanations
+    written = list(video_frames(result.path))
+    assert [frame.time for frame in written] == pytest.approx(list(result.times), abs=1e-3)
+    below_caption = slice(20, None)
+    losses, turned_losses = [], []
+    for frame, image, cam in list(zip(written, decoded, cams))[::4]:
+        shown = np.asarray(frame.image, np.float32)
+        assert shown.shape == (48, 64, 3)
+        for heatmap, kept in [(cam.heatmap, losses), (cam.heatmap[::-1, ::-1], turned_losses)]:
+            expected = np.asarray(frame_overlay(image, heatmap, model.preprocessing), np.float32)
+            kept.append(np.abs(shown[below_caption] - expected[below_caption]).mean())
+        assert shown[below_caption, :6].mean() == pytest.approx(200 * UNSEEN_BRIGHTNESS, abs=6)
+        assert shown[:6, :30].mean() < np.asarray(image, np.float32)[:6, :30].mean() - 40  # the caption's band
+    # H.264 loses some of the jet colours' detail; each heatmap turned around (the wrong way up, and a circle's
+    # nearly the same) is farther.
+    assert max(losses) < 10 and np.mean(losses) < np.mean(turned_losses) / 2
+
+    assert len(result.key_frames) == 3
+    for segment, key in zip(result.segments, result.key_frames):
+        inside = (result.times >= segment.start) & (result.times < segment.end)
+        column = model.class_names.index(segment.label)
+        assert key.class_name == segment.label and key.predicted
+        assert key.probability == pytest.approx(result.probabilities[inside, column].max(), abs=1e-5)
+        time = float(key.source.split("#t=")[1])
+        assert segment.start <= time < segment.end
+        assert key.path == tmp_path / "out" / f"scenes.mkv.t={time:.3f}.{segment.label}.gradcam.png"
+        assert Image.open(key.path).width > 400
+        assert np.allclose(key.heatmap, cams[int(np.argmin(np.abs(result.times - time)))].heatmap, atol=1e-5)
+
+
+def test_the_overlay_covers_the_square_the_model_sees_and_dims_the_rest():
+    """center_crop_box is the square resize_center_crop keeps: white there and black around it crops to white."""
+    assert center_crop_box(64, 96, 32, 32) == (16, 0, 80, 64)  # half size: 48 x 32, then the middle 32 columns
+    assert center_crop_box(100, 100, 36, 32) == (6, 6, 94, 94)
+    for height, width, resize, crop in [(64, 96, 32, 32), (100, 100, 36, 32), (480, 270, 256, 224)]:
+        left, top, right, bottom = center_crop_box(height, width, resize, crop)
+        pixels = np.zeros((height, width, 3), np.uint8)
+        pixels[top:bottom, left:right] = 255
+        kept = resize_center_crop(Image.fromarray(pixels), resize, crop).float()
+        # White within; on its one-pixel rim, the antialiasing of the box's fractional edge, more white than black.
+        assert kept[:, 1:-1, 1:-1].min() == 255 and kept.min() > 127
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    heatmap = np.repeat(np.linspace(0, 1, 32, dtype=np.float32)[:, None], 32, axis=1)  # 0 at the top, 1 at the foot
+    preprocessing = dataclasses.replace(residual.create_model("resnet20", num_classes=3).preprocessing,
+                                        resize_size=32, input_size=32)
+    shown = np.asarray(frame_overlay(image, heatmap, preprocessing))
+    original = np.asarray(image, np.float32)
+    assert (shown[:, :16] == (original[:, :16] * UNSEEN_BRIGHTNESS).astype(np.uint8)).all()
+    assert (shown[:, 80:] == (original[:, 80:] * UNSEEN_BRIGHTNESS).astype(np.uint8)).all()
+    # The crop is 64 px across here: row r of it lies at (r + 0.5) / 2 - 0.5 of the heatmap's 32, the ramp's value.
+    enlarged = np.repeat((np.arange(64)[:, None] + 0.5) / 2 - 0.5, 64, axis=1).clip(0, 31) / 31
+    difference = np.abs(shown[:, 16:80].astype(float) - blended(original[:, 16:80], enlarged))
+    assert difference.mean() < 0.2 and difference.max() <= 3  # the jet colour map is a table of 256 colours
+
+
+def test_explain_on_the_command_line_takes_videos_a_target_and_fps_and_refuses_what_does_not_fit(untrained, tmp_path,
+                                                                                                   capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    video = write_video(tmp_path / "clip.mp4", grey_frames(20, 48))
+    model = str(untrained)
+    out = tmp_path / "out"
+
+    assert main(["explain", model, str(video), str(video), "--fps", "4", "--target", "b", "--out", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"{video}: 8 frames explained by gradcam") == 2  # 0, 0.3, 0.5, 0.8 ... 1.8 s
+    for index in (1, 2):  # two videos of one name: numbered
+        assert len(list(video_frames(out / f"clip.mp4.{index}.gradcam.mp4"))) == 8
+        keys = list(out.glob(f"clip.mp4.{index}.t=*.png"))
+        assert keys and all(key.name.endswith(".b.gradcam.png") for key in keys)  # the target's, not the top class's
+
+    result = explain_video(residual.load_model(untrained), str(video), tmp_path / "api", target="b", fps=4,
+                           method="layercam", layer="layer2")
+    assert (result.explained == 1).all() and len(result.times) == 8
+    assert [key.class_name for key in result.key_frames] == ["b"] * len(result.segments)
+    assert result.path.name == "clip.mp4.layercam.mp4"
+
+    (tmp_path / "bad.mp4").write_text("not a video")
+    assert main(["explain", model, str(tmp_path / "bad.mp4"), str(video), "--out", str(tmp_path / "some"),
+                 "--quiet"]) == 1
+    assert f"error: {tmp_path / 'bad.mp4'}: not a video FFmpeg can read" in capsys.readouterr().err
+    assert (tmp_path / "some" / "clip.mp4.gradcam.mp4").exists()  # the other video still explained
+
+    result = explain_video(residual.load_model(untrained), str(wholly_damaged(tmp_path)), tmp_path / "none")
+    assert result.path is None and len(result.times) == 0 and result.key_frames == []
+    assert result.failed[-1] == f"{tmp_path / 'damaged.mp4'}: no frame to explain (none decoded); nothing written"
+    assert list((tmp_path / "none").iterdir()) == []
+
+    image = tmp_path / "still.png"
+    Image.fromarray(grey_frames(1)[0]).save(image)
+    cases = [([str(image), "--fps", "2"], "--fps is for videos"),
+             ([str(image), "--smooth", "0"], "--smooth is for videos"),
+             ([str(video), str(image)], f"{image}: explain videos and images in separate calls"),
+             ([str(video), "--workers", "2"], "--workers is for images"),
+             ([str(video), "--fps", "0"], "--fps must be above 0"),
+             ([str(video), "--layer", "fc"], "--layer 'fc': its output is not a feature map")]
+    for arguments, message in cases:
+        assert main(["explain", model, *arguments, "--out", str(tmp_path / "refused"), "--quiet"]) == 2, arguments
+        assert message in capsys.readouterr().err
+        assert not list((tmp_path / "refused").glob("*.mp4"))  # nothing half-written

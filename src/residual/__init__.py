@@ -18,6 +18,7 @@
     bank = residual.FeatureBank.load("report/feature_bank.safetensors")
     result = residual.predict(model, "new/", min_confidence=0.9, feature_bank=bank)   # .unsure per prediction
     cams = residual.explain(model, "cat.jpg", method="gradcam++")
+    clip_cams = residual.explain_video(model, "clip.mp4", "out/", fps=2)  # a video of overlays, a key frame per segment
     residual.serve(model, residual.ServeConfig(port=8000))          # POST /predict: top classes as JSON
 """
 
@@ -33,6 +34,7 @@ from .embed import Embeddings, embed, similar
 from .predict import PredictResult, decode_predictions, predict, preprocess_input
 from .video import Segment, VideoPrediction, predict_video
 from .explain import ExplainResult, explain
+from .video_explain import VideoExplanation, explain_video
 from .evaluate import EvalResult, evaluate
 from .feature_bank import FeatureBank
 from .calibrate import CalibrationResult, calibrate
@@ -49,7 +51,7 @@ __all__ = [
     "TrainConfig", "TrainResult", "train", "Embeddings", "embed", "similar",
     "LRFindResult", "lr_find", "PredictResult", "decode_predictions", "predict", "preprocess_input",
     "Segment", "VideoPrediction", "predict_video",
-    "ExplainResult", "explain", "EvalResult", "evaluate", "FeatureBank", "CalibrationResult", "calibrate", "RunRecord",
-    "compare_runs",
+    "ExplainResult", "explain", "VideoExplanation", "explain_video", "EvalResult", "evaluate", "FeatureBank",
+    "CalibrationResult", "calibrate", "RunRecord", "compare_runs",
     "ModelServer", "ServeConfig", "serve", "TuneResult", "tune",
 ]

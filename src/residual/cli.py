@@ -276,7 +276,10 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
                             f"--out ending in .csv or .json)")
     videos = [source for source in args.images if is_video_file(source)]
-    _check_video_flags(args, videos, output_format)
+    _check_video_flags(args, videos, "predict", "the videos give a row per frame and segments, the images a row each",
+                       {"--fps": args.fps, "--smooth": args.smooth, "--timeline": args.timeline,
+                        "--annotate": args.annotate, "--format segments": output_format == "segments" or None},
+                       {"--workers": args.workers, "--decoder torchvision": args.decoder == "torchvision" or None})
     model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold, args.runtime)
     if videos:
         return _predict_videos(args, console, model, videos, output_format)
@@ -332,22 +335,21 @@ def _write_rows(out: str | None, write, noun: str) -> None:
         write(sys.stdout)
 
 
-def _videos_hint(sources: list[str]) -> str:
-    """For a folder of videos given as images: how to predict them."""
+def _videos_hint(sources: list[str], command: str = "predict") -> str:
+    """For a folder of videos given as images: how to give them to `command`."""
     from .data.frames import is_video_file
 
     folders = [Path(source) for source in sources if Path(source).is_dir()]
     videos = [path for folder in folders for path in folder.rglob("*") if is_video_file(path)]
-    return f"; to predict its {len(videos)} video(s), name them: {folders[0]}/*{videos[0].suffix}" if videos else ""
+    return f"; to {command} its {len(videos)} video(s), name them: {folders[0]}/*{videos[0].suffix}" if videos else ""
 
 
-def _check_video_flags(args: argparse.Namespace, videos: list[str], output_format: str) -> None:
-    """Refuse, in one line, predict's flags that do not fit its inputs: video flags for images, image flags
-    for videos, and the two mixed."""
+def _check_video_flags(args: argparse.Namespace, videos: list[str], command: str, why_apart: str,
+                       video_flags: dict, image_flags: dict) -> None:
+    """Refuse, in one line, flags that do not fit the inputs (a flag is given where its value is not None):
+    video flags for images, image flags for videos, and the two mixed."""
     from .data.frames import VIDEO_EXTENSIONS
 
-    video_flags = {"--fps": args.fps, "--smooth": args.smooth, "--timeline": args.timeline, "--annotate": args.annotate,
-                   "--format segments": output_format == "segments" or None}
     if not videos:
         if given := [flag for flag, value in video_flags.items() if value is not None]:
             raise ResidualError(f"{given[0]} is for videos ({', '.join(VIDEO_EXTENSIONS)}); none is among "
@@ -355,11 +357,23 @@ def _check_video_flags(args: argparse.Namespace, videos: list[str], output_forma
         return
     if len(videos) < len(args.images):
         others = [source for source in args.images if source not in videos]
-        raise ResidualError(f"{others[0]}: predict videos and images in separate calls (the videos give a row per "
-                            f"frame and segments, the images a row each)")
-    image_flags = {"--workers": args.workers, "--decoder torchvision": args.decoder == "torchvision" or None}
+        raise ResidualError(f"{others[0]}: {command} videos and images in separate calls ({why_apart})")
     if given := [flag for flag, value in image_flags.items() if value is not None]:
         raise ResidualError(f"{given[0]} is for images; videos are decoded by FFmpeg, with its own threads")
+
+
+def _opened_videos(videos: list[str], failed: list[str]) -> list:
+    """The VideoInfo of each video FFmpeg can open; each one it cannot is named in `failed`, and the others go on."""
+    from .data.decode import BadImageError
+    from .data.frames import video_info
+
+    infos = []
+    for video in videos:
+        try:
+            infos.append(video_info(video))
+        except BadImageError as error:
+            failed.append(str(error))
+    return infos
 
 
 def _predict_videos(args: argparse.Namespace, console: Console, model, videos: list[str],
@@ -368,8 +382,6 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     class holds (a table, or --format segments as CSV); --timeline draws them."""
     import itertools
 
-    from .data.decode import BadImageError
-    from .data.frames import video_info
     from .feature_bank import FeatureBank
     from .predict import class_names_of, inference_compile
     from .tables import segments_table
@@ -384,12 +396,7 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     bank = FeatureBank.load(args.feature_bank) if args.feature_bank else None
     check_video_arguments(model, topk, args.batch_size, args.tta, args.fps, args.min_confidence, bank, args.compile)
     failed: list[str] = []
-    infos = []
-    for video in videos:  # each opened first: one FFmpeg cannot read is named, and the others still predicted
-        try:
-            infos.append(video_info(video))
-        except BadImageError as error:
-            failed.append(str(error))
+    infos = _opened_videos(videos, failed)
     # The bank reads the features of the model run eagerly, as for images.
     compiled, why = inference_compile(model, False if bank else args.compile,
                                       sum(expected_frames(info, args.fps) or 0 for info in infos))
@@ -439,15 +446,22 @@ def _refuse_onnx(model: str, why: str) -> None:
 
 def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     from .data.datasets import input_images
+    from .data.frames import is_video_file
     from .explain import iter_explain
     from .runs import output_dir
     from .tables import new_table
 
     _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which an exported model's runtime does not give")
+    videos = [source for source in args.images if is_video_file(source)]
+    _check_video_flags(args, videos, "explain", "the videos give a video of overlays and a picture per segment, the "
+                       "images a picture each", {"--fps": args.fps, "--smooth": args.smooth},
+                       {"--workers": args.workers})
     model = _inference_model(args.model, args.device, image_size=args.image_size, threshold=args.threshold)
+    if videos:
+        return _explain_videos(args, console, model, videos)
     items = input_images(args.images)
     if not items:
-        raise ResidualError(f"no image files in {' '.join(args.images)}")
+        raise ResidualError(f"no image files in {' '.join(args.images)}" + _videos_hint(args.images, "explain"))
     failed: list[str] = []
     table = new_table(f"{args.method} on {args.layer or 'the last stage'} of {args.model}",
                       ("image", "class explained", "probability", "overlay"), right=("probability",))
@@ -458,6 +472,31 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     if table.row_count:  # none at all: the errors below say why, an empty table adds nothing
         console.print(table)
         console.print(f"wrote {table.row_count} overlay(s) to {out}")
+    _report_failed(failed)
+    return 1 if failed else 0
+
+
+def _explain_videos(args: argparse.Namespace, console: Console, model, videos: list[str]) -> int:
+    """explain on video files: per video, a video of its frames' overlays and a picture per segment."""
+    from .runs import output_dir
+    from .tables import segments_table
+    from .video import SMOOTH_SECONDS, video_files
+    from .video_explain import explain_video
+
+    failed: list[str] = []
+    infos = _opened_videos(videos, failed)
+    smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
+    with output_dir(args.out, "runs/explain", Path(args.model).stem) as out:
+        for info, named in zip(infos, video_files(infos, out, "") if infos else []):
+            result = explain_video(model, info.path, out, args.method, args.target, args.layer, args.fps, smooth,
+                                   args.batch_size, named.name, progress=not args.quiet)
+            failed += result.failed
+            if result.path is None:
+                continue
+            console.print(segments_table(result.segments, f"{info.path}: {len(result.times)} frames explained by "
+                                                           f"{args.method}, {len(result.segments)} segment(s)",
+                                         [key.path.name for key in result.key_frames]))
+            console.print(f"wrote {result.path} and {len(result.key_frames)} key frame(s) beside it")
     _report_failed(failed)
     return 1 if failed else 0
 
@@ -1586,10 +1625,12 @@ def _add_inference_commands(commands) -> None:
     decoder_and_compile(p)
     p.set_defaults(run=cmd_predict)
 
-    p = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, as PNG overlays")
+    p = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, as PNG overlays (videos: "
+                                            "a video of overlays)")
     p.add_argument("model", help="a model file or a pretrained name")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
-                                             "of images (an image column, as for train; or a dataset file)")
+                                             "of images (an image column, as for train; or a dataset file); or "
+                                             "video files (.mp4, .mov, .mkv, .webm, .avi ...)")
     p.add_argument("--method", choices=METHODS, default="gradcam",
                    help="how the gradient weighs the layer's activations (docs/evaluation.md); layercam and hirescam "
                         "give finer maps at earlier layers (--layer layer2)")
@@ -1597,6 +1638,11 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--layer", help="module to explain at, e.g. layer3 or layer4.1.conv2 (default: last stage)")
     threshold_flag(p)
     p.add_argument("--out", help="folder for the overlays (default: a new runs/explain/MODEL)")
+    p.add_argument("--fps", type=float, metavar="N",
+                   help="videos: explain at most N frames a second (default: every frame)")
+    p.add_argument("--smooth", type=float, metavar="SECONDS",
+                   help="videos: the segments, one key frame each, come from each class's probability averaged over "
+                        "this many seconds around each frame (default: 1; 0: none)")
     common(p, 16)
     p.set_defaults(run=cmd_explain)
 

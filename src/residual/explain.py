@@ -80,14 +80,8 @@ def grad_cam(model: ResNet, x: torch.Tensor, targets: list[int] | None = None, l
 
     `targets`: the class to explain per image; None explains each image's predicted class.
     """
-    if method not in METHODS:
-        raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
+    module = explained_module(model, method, layer)
     name = layer or default_layer(model)
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise ConfigError(f"--layer {name!r}: no such module; try one of {model.stage_names} "
-                          f"or a name from `model.named_modules()`") from None
     captured = {}
     caller = threading.get_ident()
 
@@ -119,6 +113,18 @@ def grad_cam(model: ResNet, x: torch.Tensor, targets: list[int] | None = None, l
     return ((cam - low) / (high - low + 1e-7)).cpu(), output_probabilities(logits.detach(), is_multi_label(model)).cpu()
 
 
+def explained_module(model: ResNet, method: str, layer: str | None) -> torch.nn.Module:
+    """The module `layer` names (default: the last stage), once `method` is known; else a one-line error."""
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
+    name = layer or default_layer(model)
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"--layer {name!r}: no such module; try one of {model.stage_names} "
+                          f"or a name from `model.named_modules()`") from None
+
+
 def weighted_activations(activation: torch.Tensor, gradient: torch.Tensor, method: str) -> torch.Tensor:
     """The layer's activations A (N x C x H x W) weighed by the class score's gradient g, per `method`, and
     summed over the channels: N x 1 x H x W, before the positive part is kept."""
@@ -146,10 +152,13 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, size: in
     scale = lambda a: F.interpolate(  # noqa: E731
         torch.as_tensor(a, dtype=torch.float32).permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
         align_corners=False)[0].permute(1, 2, 0).numpy()
-    base = scale(image.astype(np.float32))
-    heat = scale(heatmap[..., None]).clip(0, 1)[..., 0]
-    colours = colour_map("jet")(heat)[..., :3] * 255
-    return np.clip((1 - alpha) * base + alpha * colours, 0, 255).astype(np.uint8)
+    return blended(scale(image.astype(np.float32)), scale(heatmap[..., None])[..., 0], alpha)
+
+
+def blended(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """H x W x 3 pixels (0-255) with an H x W heatmap (0-1) blended in, in jet colours, as uint8."""
+    colours = colour_map("jet")(heatmap.clip(0, 1))[..., :3] * 255
+    return np.clip((1 - alpha) * pixels + alpha * colours, 0, 255).astype(np.uint8)
 
 
 def save_explanation(explanation: Explanation, path: Path, method: str) -> None:

@@ -323,12 +323,15 @@ def predictions_table(predictions: list, title: str) -> Table:
     return table
 
 
-def segments_table(segments: list, title: str) -> Table:
-    """A video's segments (video.Segment): when each starts and ends, its class and how sure."""
-    table = new_table(title, ("from", "to", "class", "probability", "frames"), right=("probability", "frames"))
-    for segment in segments:
+def segments_table(segments: list, title: str, key_frames: list[str] | None = None) -> Table:
+    """A video's segments (video.Segment): when each starts and ends, its class and how sure; with `key_frames`,
+    the file of each one's key frame (explain)."""
+    columns = ("from", "to", "class", "probability", "frames") + (("key frame",) if key_frames is not None else ())
+    table = new_table(title, columns, right=("probability", "frames"))
+    for index, segment in enumerate(segments):
         table.add_row(clock_time(segment.start), clock_time(segment.end),
-                      segment.label or "[dim]unsure (no class)", f"{segment.probability:.3f}", str(segment.frames))
+                      segment.label or "[dim]unsure (no class)", f"{segment.probability:.3f}", str(segment.frames),
+                      *([key_frames[index]] if key_frames is not None else []))
     return table
 
 

@@ -28,7 +28,7 @@ from typing import TextIO
 
 import numpy as np
 import torch
-from PIL import ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from .data.frames import Frame, VideoInfo, video_frames, video_info, write_video
 from .data.loaders import InferenceBatch, check_stream
@@ -332,11 +332,16 @@ def _annotated(frame: Frame, found: list[Segment]) -> Frame:
     at = [segment for segment in found if segment.start <= frame.time < segment.end]
     # "(none)": a multi-label model's moment with no class present, or one before the first frame predicted.
     text = ", ".join(f"{segment.label or 'unsure'} {segment.probability:.2f}" for segment in at) or "(none)"
-    image = frame.image.copy()
+    return Frame(frame.time, captioned(frame.image, text))
+
+
+def captioned(picture: Image.Image, text: str) -> Image.Image:
+    """A copy of `picture` with `text` across its top, white on a dark band, sized to the picture."""
+    image = picture.copy()
     size = max(10, image.height // 16)
     font = ImageFont.load_default(size=size)
     draw = ImageDraw.Draw(image, "RGBA")
     left, top, right, bottom = draw.textbbox((size // 2, size // 3), text, font=font)
     draw.rectangle((0, 0, max(right + size // 2, 1), bottom + size // 3), fill=(0, 0, 0, 160))
     draw.text((size // 2, size // 3), text, font=font, fill=(255, 255, 255))
-    return Frame(frame.time, image)
+    return image

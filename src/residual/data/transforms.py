@@ -313,6 +313,14 @@ def resized_size(height: int, width: int, resize: int, crop: int) -> tuple[int, 
     return max(crop, round(height * scale)), max(crop, round(width * scale))
 
 
+def center_crop_box(height: int, width: int, resize: int, crop: int) -> tuple[int, int, int, int]:
+    """The square `resize_center_crop` keeps, in the original image's pixels: (left, top, right, bottom)."""
+    resized_height, resized_width = resized_size(height, width, resize, crop)
+    top, left = (resized_height - crop) // 2, (resized_width - crop) // 2
+    down, across = height / resized_height, width / resized_width
+    return round(left * across), round(top * down), round((left + crop) * across), round((top + crop) * down)
+
+
 def resize_center_crop_pixels(pixels: torch.Tensor, resize: int, crop: int,
                               interpolation: str = "bilinear") -> torch.Tensor:
     """`resize_center_crop` of uint8 images of one size, N x 3 x H x W, on any device (what
