@@ -476,3 +476,53 @@ def test_explain_on_the_command_line_takes_videos_a_target_and_fps_and_refuses_w
         assert main(["explain", model, *arguments, "--out", str(tmp_path / "refused"), "--quiet"]) == 2, arguments
         assert message in capsys.readouterr().err
         assert not list((tmp_path / "refused").glob("*.mp4"))  # nothing half-written
+
+
+def sound_video(path, codec: str, rate: int):
+    """Video from 0.5 s to 2.5 s at 10 frames/s, black, then white from 1.5 s; sound from 0 to 2.5 s, silent,
+    then 440 Hz from 1.5 s: the picture and the sound change at the same moment, 1 s into the video's frames."""
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=10)
+        video.width = video.height = 32
+        video.pix_fmt = "yuv420p"
+        sound = container.add_stream(codec, rate=rate)
+        sound.layout = "mono"
+        form, size = sound.codec_context.format.name, sound.codec_context.frame_size or 1024
+        for index in range(5, 25):
+            picture = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 255 if index >= 15 else 0, np.uint8))
+            picture.pts, picture.time_base = index, Fraction(1, 10)
+            container.mux(video.encode(picture))
+        for first in range(0, int(2.5 * rate), size):
+            at = np.arange(first, first + size) / rate
+            wave = np.where(at >= 1.5, 0.5 * np.sin(2 * np.pi * 440 * at), 0)[None]
+            piece = av.AudioFrame.from_ndarray((wave * 32767).astype(np.int16) if form.startswith("s16")
+                                               else wave.astype(np.float32), format=form, layout="mono")
+            piece.sample_rate, piece.pts = rate, first
+            container.mux(sound.encode(piece))
+        container.mux(video.encode())
+        container.mux(sound.encode())
+    return path
+
+
+@pytest.mark.parametrize("name, codec, rate", [("camera.mp4", "aac", 48000), ("camera.mov", "pcm_alaw", 8000)])
+def test_annotated_and_explained_videos_keep_the_sound_on_the_pictures_clock(untrained, tmp_path, name, codec, rate):
+    """AAC goes into the MP4 as it is; G.711 A-law (a security camera's), which MP4 does not hold, is encoded
+    again as AAC. Either way the sound starts where the picture does: 1 s into the frames, as in the source."""
+    video = str(sound_video(tmp_path / name, codec, rate))
+    with av.open(video) as container:  # the pictures start half a second after the sound
+        stream = container.streams.video[0]
+        assert float(stream.start_time * stream.time_base) == pytest.approx(0.5)
+    assert main(["predict", str(untrained), video, "--annotate", str(tmp_path / "out"), "--format", "segments",
+                 "--quiet"]) == 0
+    result = explain_video(residual.load_model(untrained), video, tmp_path / "cams", fps=5)
+    for written in (tmp_path / "out" / f"{name}.annotated.mp4", result.path):
+        frames = list(video_frames(written))
+        white = next(frame.time for frame in frames if np.asarray(frame.image)[20:].mean() > 128)
+        assert white == pytest.approx(1.0, abs=0.01)
+        with av.open(str(written)) as container:
+            stream = container.streams.audio[0]
+            assert stream.codec_context.name == "aac" and stream.rate == rate
+            samples = np.concatenate([frame.to_ndarray()[0] for frame in container.decode(stream)])
+        onset = np.flatnonzero(np.abs(samples) > 0.1)[0] / rate
+        assert onset == pytest.approx(1.0, abs=0.03)  # within an AAC frame or so (21 ms at 48 kHz, 64 ms at 16)
+        assert len(samples) / rate == pytest.approx(1.5 + 0.5, abs=0.1)  # from the frames' start to the sound's end

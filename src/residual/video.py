@@ -324,8 +324,8 @@ def write_segments(rows: list[tuple[str, Segment]], stream: TextIO) -> int:
 def write_annotated(info: VideoInfo, found: list[Segment], path: Path) -> int:
     """The video again, every frame (whatever `fps` predicted) with the segments it falls in written across its
     top (class and the segment's probability; "unsure" where no class reached the floor), as an MP4 at `path`,
-    upright; returns how many frames. The sound is not copied."""
-    return write_video(path, (_annotated(frame, found) for frame in video_frames(info.path)))
+    upright, with its sound; returns how many frames."""
+    return write_video(path, (_annotated(frame, found) for frame in video_frames(info.path)), sound_from=info.path)
 
 
 def _annotated(frame: Frame, found: list[Segment]) -> Frame:

@@ -5,7 +5,7 @@ at most `fps` a second when asked), explains each at the class the model predict
 (explain.grad_cam), and writes:
 - out/clip.mp4.METHOD.mp4: the video again, each frame with its heatmap over the square the model sees (the
   frame resized and center-cropped as the model's preprocessing says), the rest dimmed, as the model never saw
-  it, and the class explained with its probability across the top;
+  it, and the class explained with its probability across the top; with the video's sound;
 - out/clip.mp4.t=SECONDS.CLASS.METHOD.png, one per segment (video.segments: the stretches of time each class
   holds, from the probabilities smoothed over `smooth` seconds): the segment's frame where its class (or
   `target`) is most probable, explained at that class and drawn as `explain` draws an image, the model's input
@@ -78,7 +78,7 @@ def explain_video(model, video: str, out_dir: str | Path, method: str = "gradcam
             failed.append(f"{info.path}: no frame to explain (none decoded); nothing written")
         else:
             write_video(path, _overlaid(model, itertools.chain([first], frames), method, target_id, layer, batch_size,
-                                        scores, explained, lambda count: bar.advance(task, count)))
+                                        scores, explained, lambda count: bar.advance(task, count)), info.path)
     names = class_names_of(model)
     times, probabilities = scores.arrays(len(names))
     found = video_segments(model, info, scores, smooth)

@@ -16,6 +16,7 @@ damage with how many frames and when.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -150,9 +151,14 @@ def video_frames(path: str | os.PathLike, fps: float | None = None,
                           f"in the damage above")
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[Frame]) -> int:
+def write_video(path: str | os.PathLike, frames: Iterable[Frame], sound_from: str | os.PathLike | None = None) -> int:
     """`frames` as an MP4 at `path` (H.264 where PyAV's FFmpeg has it, else MPEG-4), each shown at its own time,
-    written atomically; returns how many. Sides are cut to even numbers of pixels, as 4:2:0 colour needs."""
+    written atomically; returns how many. Sides are cut to even numbers of pixels, as 4:2:0 colour needs.
+
+    `sound_from`: the video the frames came from (their times count from its video stream's start); its first
+    sound track goes in beside them on the same clock, as it is where MP4 holds its codec (AAC, MP3, Opus, PCM
+    ...), else re-encoded as AAC, mono or stereo (a security camera's G.711, a WMV's WMA). Sound before the
+    first frame's time 0 is left out."""
     av = _av()
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     count, last_pts = 0, -1
@@ -162,14 +168,96 @@ def write_video(path: str | os.PathLike, frames: Iterable[Frame]) -> int:
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": "20", "preset": "veryfast"}
-        for frame in frames:
-            if count == 0:
-                stream.width, stream.height = frame.image.width // 2 * 2, frame.image.height // 2 * 2
-            picture = av.VideoFrame.from_image(frame.image.crop((0, 0, stream.width, stream.height)))
-            # Strictly increasing, as the encoder requires, even for two frames within one millisecond.
-            last_pts = picture.pts = max(round(frame.time * 1000), last_pts + 1)
-            picture.time_base = Fraction(1, 1000)
-            container.mux(stream.encode(picture))
-            count += 1
-        container.mux(stream.encode())
+        with SoundTrack(container, sound_from) as sound:
+            for frame in frames:
+                if count == 0:
+                    stream.width, stream.height = frame.image.width // 2 * 2, frame.image.height // 2 * 2
+                picture = av.VideoFrame.from_image(frame.image.crop((0, 0, stream.width, stream.height)))
+                # Strictly increasing, as the encoder requires, even for two frames within one millisecond.
+                last_pts = picture.pts = max(round(frame.time * 1000), last_pts + 1)
+                picture.time_base = Fraction(1, 1000)
+                container.mux(stream.encode(picture))
+                sound.mux_until(frame.time)  # interleaved: a player reads sound and pictures of a moment together
+                count += 1
+            container.mux(stream.encode())
+            sound.mux_until(math.inf)
     return count
+
+
+class SoundTrack:
+    """The first sound track of the video `source` (None: none), muxed into `container` as its frames are written
+    (`mux_until` a frame's time, in seconds from the source's video stream's start); a context manager, which
+    closes the source."""
+
+    AAC_FRAME = 1024  # samples per AAC frame: what the encoder takes at a time
+
+    def __init__(self, container, source: str | os.PathLike | None):
+        self.container, self.source, self.waiting = container, None, None
+        self.packets: Iterator = iter(())
+        if source is None:
+            return
+        av = _av()
+        self.source = av.open(str(source))
+        if not self.source.streams.audio:
+            return
+        audio, video = self.source.streams.audio[0], self.source.streams.video[0]
+        start = float(video.start_time * video.time_base) if video.start_time is not None else 0.0
+        if audio.codec_context.codec.canonical_name in container.supported_codecs:
+            self.packets = self._copied(audio, container.add_stream_from_template(audio), start)
+        else:
+            # Mono or stereo, more channels mixed down: AAC takes only some layouts, and none left unnamed (AVI's).
+            layout = "mono" if audio.layout.nb_channels == 1 else "stereo"
+            self.packets = self._encoded(audio, container.add_stream("aac", rate=audio.rate, layout=layout), start)
+
+    def __enter__(self) -> SoundTrack:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.source is not None:
+            self.source.close()
+
+    def mux_until(self, time: float) -> None:
+        """Mux the sound up to `time` (seconds)."""
+        while True:
+            if self.waiting is None:
+                self.waiting = next(self.packets, None)
+                if self.waiting is None:
+                    return
+            at, packet = self.waiting
+            if at > time:
+                return
+            self.container.mux(packet)
+            self.waiting = None
+
+    @staticmethod
+    def _copied(audio, out, start: float) -> Iterator:
+        """The source's packets as they are, moved onto the frames' clock: (seconds, packet)."""
+        offset = round(start / audio.time_base)
+        for packet in audio.container.demux(audio):
+            if packet.pts is None or packet.pts < offset:  # the demuxer's flushing packet; sound before time 0
+                continue
+            packet.dts = (packet.dts if packet.dts is not None else packet.pts) - offset
+            packet.pts -= offset
+            packet.stream = out
+            yield float(packet.pts * audio.time_base), packet
+
+    def _encoded(self, audio, out, start: float) -> Iterator:
+        """The source's sound decoded and encoded again as AAC, from time 0 on: (seconds, packet)."""
+        av = _av()
+        resampler = av.AudioResampler(format="fltp", layout=out.layout.name, rate=audio.rate, frame_size=self.AAC_FRAME)
+        samples = None  # the next frame's time, in samples from time 0
+        for packet in audio.container.demux(audio):
+            try:
+                decoded = packet.decode()
+            except av.error.FFmpegError:  # damaged sound: a gap, as a player leaves it
+                continue
+            for frame in decoded + ([None] if packet.size == 0 else []):  # None, at the end: the resampler's rest
+                if frame is not None:
+                    at = (float(frame.time) if frame.time is not None else 0.0) - start
+                    if at < 0:
+                        continue
+                    samples = round(at * audio.rate) if samples is None else samples
+                for piece in resampler.resample(frame):
+                    piece.pts, piece.time_base, samples = samples, Fraction(1, audio.rate), samples + piece.samples
+                    yield from ((float(p.pts / audio.rate), p) for p in out.encode(piece))
+        yield from ((math.inf, p) for p in out.encode(None))
