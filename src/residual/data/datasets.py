@@ -200,7 +200,7 @@ def open_dataset(root: str | Path, val_split: float | None = None, seed: int = 0
             raise DatasetError(f"--val-split: {root} is CIFAR, whose test batch is the validation set (as in He et "
                                f"al.); drop --val-split")
         return _open_cifar(root)
-    return _open_image_folder(root, val_split, seed)
+    return open_class_folders(root, val_split, seed)
 
 
 def data_name(data: str | Path) -> str:
@@ -233,14 +233,14 @@ def _classes_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_metadata(Path(p.name)))
 
 
-def _scan(folder: Path, classes: list[str], ignored: list[Path]) -> Split:
+def _scan(folder: Path, classes: list[str], ignored: list[Path], wanted=is_image_file) -> Split:
     split = Split()
     for label, name in enumerate(classes):
         class_dir = folder / name
         if not class_dir.is_dir():
             continue
         for path in files_under(class_dir):
-            if is_image_file(path) and not is_metadata(path.relative_to(class_dir)):
+            if wanted(path) and not is_metadata(path.relative_to(class_dir)):
                 split.files.append(path)
                 split.labels.append(label)
             else:
@@ -248,13 +248,16 @@ def _scan(folder: Path, classes: list[str], ignored: list[Path]) -> Split:
     return split
 
 
-def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Dataset:
+def open_class_folders(root: Path, val_split: float | None, seed: int, wanted=is_image_file,
+                       what: str = "images (extensions: .jpg .jfif .png .bmp .gif .tif .webp .avif ...)") -> Dataset:
+    """Files of class folders, `root/<class>/` or `root/{train,val,test}/<class>/`, that are `wanted` (images;
+    unpack's video clips), split as they are or, where there is no val/, `val_split` of each class's held out."""
     ignored: list[Path] = []
     if (root / "train").is_dir():
         classes = _classes_in(root / "train")
-        train = _scan(root / "train", classes, ignored)
+        train = _scan(root / "train", classes, ignored, wanted)
         val_dir = next((root / n for n in VAL_NAMES if (root / n).is_dir()), None)
-        test = _scan(root / "test", classes, ignored) if (root / "test").is_dir() else None
+        test = _scan(root / "test", classes, ignored, wanted) if (root / "test").is_dir() else None
         if val_dir is not None:
             if val_split is not None:  # val/ would be left unused
                 raise DatasetError(f"--val-split: {val_dir} is the validation set; drop --val-split (it splits a "
@@ -262,18 +265,18 @@ def _open_image_folder(root: Path, val_split: float | None, seed: int) -> Datase
             extra = sorted(set(_classes_in(val_dir)) - set(classes))
             if extra:
                 raise DatasetError(f"{val_dir}: classes {extra} are not in {root / 'train'}")
-            val = _scan(val_dir, classes, ignored)
+            val = _scan(val_dir, classes, ignored, wanted)
         else:
             train, val = _stratified_split(train, val_split, seed)
     else:
         classes = _classes_in(root)
-        train, val = _stratified_split(_scan(root, classes, ignored), val_split, seed)
+        train, val = _stratified_split(_scan(root, classes, ignored, wanted), val_split, seed)
         test = None
     if len(classes) < 2:
         raise DatasetError(f"{root}: found {len(classes)} class folder(s); need at least 2 "
                            f"(DIR/<class>/image.jpg or DIR/train/<class>/image.jpg)")
     if len(train) == 0:
-        raise DatasetError(f"{root}: no images found (extensions: .jpg .jfif .png .bmp .gif .tif .webp .avif ...)")
+        raise DatasetError(f"{root}: no {what} found")
     return Dataset(root, "imagefolder", classes, train, val, test, ignored, flat=not (root / "train").is_dir())
 
 

@@ -37,6 +37,7 @@ check-data work on the same files a user can open and look at.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -50,6 +51,7 @@ import tarfile
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -96,6 +98,7 @@ class UnpackResult:
     label_column: str = ""
     other_label_columns: list[str] = field(default_factory=list)
     removed: list[Path] = field(default_factory=list)  # what stopped unpacks into out left behind, removed
+    clips: Counter = field(default_factory=Counter)  # split -> video clips whose frames were written (data.clips)
 
 
 def _pyarrow():
@@ -469,8 +472,7 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
     WebDataset's .cls indices; the ImageNet names for timm's ImageNet shards)."""
     names = _split_names(splits)
     source, out = Path(source), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UnpackError(f"{out}: already exists; give a new folder to unpack into")
+    check_new_folder(out)
     files = dataset_files(source)
     words = {path: split_word(path, names) for path in files}
     split = {path: names.get(word, "") for path, word in words.items()}
@@ -504,6 +506,29 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
     result = UnpackResult(out, [], out / MULTI_LABEL_DATASET if first.multi_label else out, first.multi_label,
                           label_column=first.label, other_label_columns=first.others,
                           left_out=[(path, words[path]) for path in files if split[path] not in SPLITS])
+    with staged_folder(out, result) as staging:
+        listing = _write_images(tables, staging, result, progress)
+        if not result.images:
+            raise UnpackError(f"{source}: no labelled images in it" + (f" ({result.skipped[0]})"
+                                                                         if result.skipped else ""))
+        if first.multi_label:
+            _write_listing(listing, first.names, staging)
+    seen = {name for counts in result.counts.values() for name in counts}
+    result.classes = _listed_classes(first.names, seen) if first.multi_label else sorted(seen)  # residual's order
+    return result
+
+
+def check_new_folder(out: Path) -> None:
+    """An unpack writes a new folder, or into an empty one, never over what is there."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UnpackError(f"{out}: already exists; give a new folder to unpack into")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, result: UnpackResult) -> Iterator[Path]:
+    """A hidden folder beside `out` to write into, renamed to `out` when the block ends well and removed when it
+    does not: `out` appears whole or not at all. What stopped unpacks into `out` left behind is removed first,
+    and named in `result.removed`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     result.removed = _remove_stopped_unpacks(out)
     # mkdir: the folder gets the umask's mode. Host and process name it, so a later unpack knows it is stale.
@@ -513,21 +538,13 @@ def unpack_dataset(source: str | Path, out: str | Path, image_column: str | None
     except OSError as error:  # named as the folder asked for: the hidden one is ours
         raise OSError(error.errno, error.strerror, str(out)) from None
     try:
-        listing = _write_images(tables, staging, result, progress)
-        if not result.images:
-            raise UnpackError(f"{source}: no labelled images in it" + (f" ({result.skipped[0]})"
-                                                                         if result.skipped else ""))
-        if first.multi_label:
-            _write_listing(listing, first.names, staging)
+        yield staging
         if out.exists():
             out.rmdir()  # empty, as checked: the rename below replaces it whole
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    seen = {name for counts in result.counts.values() for name in counts}
-    result.classes = _listed_classes(first.names, seen) if first.multi_label else sorted(seen)  # residual's order
-    return result
 
 
 def _remove_stopped_unpacks(out: Path) -> list[Path]:
