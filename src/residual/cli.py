@@ -1029,8 +1029,29 @@ def cmd_shapes(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
-    from .data.unpack import MULTI_LABEL_CSV, SPLITS, UNLABELLED, unpack_dataset
+    from .data.clips import CLIP_FPS, is_clip_folder, unpack_clips
+    from .data.unpack import MULTI_LABEL_CSV, SPLITS, UNLABELLED, file_kind, unpack_dataset
 
+    source = Path(args.source)
+    clips = is_clip_folder(source) and not any(file_kind(path) for path in source.rglob("*"))
+    clip_flags = {"--fps": args.fps, "--val-split": args.val_split, "--frame-size": args.frame_size}
+    file_flags = {"--image-column": args.image_column, "--label-column": args.label_column,
+                  "--split": args.split or None, "--classes": args.classes}
+    if given := [flag for flag, value in (file_flags if clips else clip_flags).items() if value is not None]:
+        raise ResidualError(f"{given[0]}: {source} is a folder of video clips; it is for dataset files" if clips else
+                            f"{given[0]} is for a folder of class folders of video clips; {source} is not one")
+    if clips:
+        result = unpack_clips(source, args.out, CLIP_FPS if args.fps is None else args.fps, args.val_split, args.seed,
+                              args.frame_size, progress=console.is_terminal)
+        for folder in result.removed:
+            console.print(f"removed {folder}: what an unpack into {result.out} that was stopped left behind")
+        console.print(f"wrote {result.out}: {len(result.classes)} classes, frames of {sum(result.clips.values())} "
+                      f"clips, each clip's in one split")
+        _print_split_counts(console, result, lambda split: f"{split}/", lambda split: f", {result.clips[split]} clips")
+        if result.skipped:
+            console.print("  skipped:\n    " + "\n    ".join(result.skipped))
+        console.print(f"Next: residual train {result.data}")
+        return 0
     splits = {}
     for given in args.split:
         word, equals, split = given.partition("=")
@@ -1047,10 +1068,8 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
         console.print(f"removed {folder}: what an unpack into {result.out} that was stopped left behind")
     source = result.label_column if result.label_column.startswith(".") else f"column {result.label_column}"
     console.print(f"wrote {result.out}: {len(result.classes)} classes from {source}{others}")
-    for split, counts in sorted(result.counts.items(), key=lambda item: SPLITS.index(item[0])):
-        where = f"{split} rows of {result.out / MULTI_LABEL_CSV}" if result.multi_label else f"{split}/"
-        console.print(f"  {where}: {result.images[split]:,} images, {len(counts)} classes "
-                      f"({min(counts.values()):,} to {max(counts.values()):,} images per class)")
+    _print_split_counts(console, result, lambda split: f"{split} rows of {result.out / MULTI_LABEL_CSV}"
+                        if result.multi_label else f"{split}/")
     for split, count in sorted(result.unlabelled.items(), key=lambda item: SPLITS.index(item[0])):
         console.print(f"  {UNLABELLED}/{split}/: {count:,} images without a label (for residual predict)")
     for path, word in result.left_out:
@@ -1063,6 +1082,15 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
                       + (f"\n    ... and {more:,} more" if more else ""))
     console.print(f"Next: residual train {result.data}")
     return 0
+
+
+def _print_split_counts(console: Console, result, where, more=lambda split: "") -> None:
+    """An unpack's images per split: how many, of how many classes, and the fewest and most in a class."""
+    from .data.unpack import SPLITS
+
+    for split, counts in sorted(result.counts.items(), key=lambda item: SPLITS.index(item[0])):
+        console.print(f"  {where(split)}: {result.images[split]:,} images, {len(counts)} classes "
+                      f"({min(counts.values()):,} to {max(counts.values()):,} images per class){more(split)}")
 
 
 def cmd_check_data(args: argparse.Namespace, console: Console) -> int:
@@ -1868,9 +1896,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_shapes)
 
     p = commands.add_parser("unpack", help="a dataset stored as Hugging Face stores them (Parquet or Arrow files) "
-                            "or as WebDataset shards, as an image folder")
+                            "or as WebDataset shards, or class folders of video clips, as an image folder")
     p.add_argument("source", help="a .parquet, .arrow or WebDataset .tar (.tar.gz) file, or the folder a dataset "
-                   "was downloaded or saved to (searched through)")
+                   "was downloaded or saved to (searched through); or a folder of class folders of video clips "
+                   "(their frames, split by clip)")
     p.add_argument("out", help="folder to write: train/ val/ test/ with a folder per class (must not exist yet)")
     p.add_argument("--image-column", help="the column of encoded images (default: the one declared an Image)")
     p.add_argument("--label-column", help="the column of labels (default: the one declared a ClassLabel, "
@@ -1880,6 +1909,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "for SVHN, test=skip)")
     p.add_argument("--classes", help="names of integer labels the files do not name (a WebDataset's .cls "
                    "indices): 'imagenet', or a text file with one class name per line")
+    p.add_argument("--fps", type=float, metavar="N",
+                   help="a folder of class folders of video clips: at most N frames a second of each (default: 1)")
+    p.add_argument("--val-split", type=float,
+                   help="clips: the share of each class's clips held out whole as val/ (default: 0.2; not with a "
+                        "val/ folder of its own)")
+    p.add_argument("--seed", type=int, default=0, help="clips: which clips the val split draws")
+    p.add_argument("--frame-size", type=int, metavar="PIXELS",
+                   help="clips: shrink each frame's shorter side to this (default: as the video has it)")
     p.set_defaults(run=cmd_unpack)
 
     p = commands.add_parser("check-data", help="bad files, class balance, duplicates and train/val leakage")
