@@ -40,6 +40,20 @@ def test_exact_and_near_identical_copies_of_an_image_share_its_fold(tmp_path):
     assert fold.tolist() == [0, 0, 2, 2, 1, 2, 0] and moved == 2
 
 
+def test_the_frames_of_one_clip_share_its_first_frames_fold(tmp_path):
+    """Frames as `residual unpack` names them (<clip>.t=SECONDS.jpg), each a picture of its own: a clip's are kept
+    in one fold, as copies are; a clip of the same name in another class folder is another clip."""
+    rng = np.random.default_rng(1)
+    names = ["cat/a.mp4.t=0.000.jpg", "cat/a.mp4.t=1.000.jpg", "cat/b.mp4.t=0.000.jpg", "cat/a.mp4.t=2.000.jpg",
+             "dog/a.mp4.t=0.000.jpg", "dog/a.mp4.t=1.000.jpg", "cat/a.mp4.jpg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize(
+            (40, 40), Image.Resampling.BICUBIC).save(tmp_path / name, quality=95)
+    fold, moved = copies_together(np.array([0, 1, 2, 2, 1, 0, 1]), [tmp_path / name for name in names])
+    assert fold.tolist() == [0, 0, 2, 0, 1, 1, 1] and moved == 3
+
+
 def test_suspects_are_the_off_diagonal_of_the_confident_joint():
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9],  # image 2: labelled 0, its model says 1

@@ -1,7 +1,8 @@
 """Images that are probably labelled wrong, found by models that never trained on them.
 
 Every labelled image of the dataset gets class probabilities from a model trained on the other folds
-(k-fold cross-validation, stratified by class, with exact and near-identical copies of an image in one fold):
+(k-fold cross-validation, stratified by class, with exact and near-identical copies of an image, and the frames
+of a video clip `residual unpack` wrote, in one fold):
 out-of-fold answers, so a model cannot simply have memorised a wrong label. Suspects are then the
 off-diagonal of the confident joint (Northcutt et al. 2021, "Confident learning"): each class's threshold
 t_j is the mean probability that images labelled j give j; an image belongs to the class whose probability
@@ -33,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_path
+from .data.clips import clip_of
 from .data.datasets import Dataset, open_dataset
 from .data.decode import BadImageError, decode_bytes
 from .data.fingerprint import connected_groups, fingerprint, near_duplicate_pairs
@@ -58,10 +60,13 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 def copies_together(fold_of: np.ndarray, files: list[Path], progress: bool = False) -> tuple[np.ndarray, int]:
     """`fold_of` with every copy of an image, byte-identical or near-identical (re-encoded or resized,
-    data/fingerprint.py), moved into the fold of the group's first image, and how many moved: a copy left in
-    another fold's training set would teach that model the label it is to judge."""
-    first_of: dict[str, int] = {}
-    pairs, readable, fingerprints = [], [], []
+    data/fingerprint.py), and every frame of one video clip (as `residual unpack` names them), moved into the fold
+    of the group's first image, and how many moved: a copy, or a frame a moment from it, left in another fold's
+    training set would teach that model the label it is to judge."""
+    first_frame: dict[str, int] = {}  # a clip -> its first frame
+    pairs = [(first_frame.setdefault(clip, index), index) for index, clip in enumerate(map(clip_of, files)) if clip]
+    first_of: dict[str, int] = {}  # a content hash -> its first image
+    readable, fingerprints = [], []
     with progress_bar("finding copies", progress) as bar:
         for index, file in enumerate(bar.track(files)):
             try:

@@ -17,6 +17,7 @@ a source's own val/ and test/ folders stay as they are.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +32,13 @@ from .unpack import UnpackError, UnpackResult, check_new_folder, staged_folder
 
 CLIP_FPS = 1.0  # frames a second apart still differ; closer ones add disk more than they add new pictures
 JPEG_QUALITY = 95
+FRAME_NAME = re.compile(r"(.+)\.t=\d+\.\d{3}\.jpg")  # <clip>.t=SECONDS.jpg, as unpack_clips names frames
+
+
+def clip_of(path: Path) -> str | None:
+    """The clip an unpacked frame came from (its folder and clip name), or None for a file not named as one."""
+    found = FRAME_NAME.fullmatch(Path(path).name)
+    return None if found is None else str(Path(path).parent / found[1])
 
 
 def is_clip_folder(source: Path) -> bool:
