@@ -1,5 +1,6 @@
 """`residual serve`: predict's answers over HTTP, requests batched together, bad requests refused in one line."""
 
+import base64
 import copy
 import dataclasses
 import http.client
@@ -27,6 +28,7 @@ import residual
 from residual.cli import main
 from residual.data import decode
 from residual.errors import ConfigError, ResidualError
+from residual.explain import overlay
 from residual.feature_bank import FeatureBank
 from residual.predict import class_probabilities
 from residual.serve import Batcher, ModelServer, ServeConfig
@@ -180,6 +182,9 @@ def test_bad_requests_get_a_one_line_reason_and_the_server_carries_on(model, pic
             (request(f"{url}?topk=two", pictures["a.png"]), 400, "topk must be a whole number of 1 or more"),
             (request(url, *form({})), 400, "the form has no file in it"),
             (request(url), 405, "POST an image to /predict"),
+            (request(f"{server.url}/explain"), 405, "POST an image to /explain"),
+            (request(f"{server.url}/explain", bytes(20000)), 413, "the body is 0.0 MB, over this server's limit"),
+            (request(f"{server.url}/explain", b"junk"), 400, "the request body: not an image Pillow can read"),
             (request(f"{server.url}/nope"), 404, "/nope: no such endpoint"),
             (request(f"{server.url}/health", b"x"), 404, "/health: no such endpoint"),
         ]
@@ -197,7 +202,7 @@ def test_bad_requests_get_a_one_line_reason_and_the_server_carries_on(model, pic
         assert status == 400 and "possible decompression bomb" in body["error"]
         assert request(f"{server.url}/health")[:2] == (200, {"status": "ok"})
         metrics = urllib.request.urlopen(f"{server.url}/metrics").read().decode()
-        assert 'residual_requests_total{code="400"} 6' in metrics and 'residual_requests_total{code="413"} 1' in metrics
+        assert 'residual_requests_total{code="400"} 7' in metrics and 'residual_requests_total{code="413"} 2' in metrics
         assert 'residual_requests_total{code="411"} 1' in metrics and "residual_images_total 0" in metrics
 
 
@@ -227,7 +232,8 @@ def test_head_options_and_the_http_servers_own_refusals_answer_in_json(model):
             response = connection.getresponse()
             answer = json.loads(response.read())
             assert response.status == 501 and response.headers["Content-Type"] == "application/json"
-            assert answer["error"] == f"Unsupported method ('{method}'); POST /predict, GET /health, /info or /metrics"
+            assert answer["error"] == (f"Unsupported method ('{method}'); POST /predict or /explain, GET /health, "
+                                       f"/info or /metrics")
             connection.close()
         with socket.create_connection(("127.0.0.1", server.port)) as raw:
             raw.sendall(b"GET /health HTTP/1.1\r\nX-Long: " + b"x" * 70000 + b"\r\n\r\n")
@@ -375,6 +381,9 @@ def test_an_exported_onnx_model_is_served_with_the_same_answers(model, pictures,
                          ServeConfig(port=0, access_log=False)) as server:
             status, body, _ = request(f"{server.url}/predict", pictures["b.jpg"])
             info = request(f"{server.url}/info")[1]
+            refused = request(f"{server.url}/explain", pictures["b.jpg"])
+        assert refused[0] == 501 and "gives no gradients; serve the .safetensors model" in refused[1]["error"]
+        assert info["explain"] is False
         got = torch.tensor([row["probability"] for row in sorted(body["predictions"][0]["top"],
                                                                  key=lambda r: r["class_id"])])
         torch.testing.assert_close(got, expected(model, pictures["b.jpg"]), atol=1e-4, rtol=0)
@@ -387,6 +396,61 @@ def test_info_describes_the_model_and_the_serving(model):
     assert info["arch"] == "resnet20" and info["classes"] == ["circle", "square", "star"]
     assert info["preprocessing"]["input_size"] == 32 and info["device"] == "cpu" and info["precision"] == "float32"
     assert info["serving"]["max_batch"] == 4 and info["serving"]["topk"] == 2 and info["runtime"] == "pytorch"
+
+
+def overlay_of(answer: dict) -> np.ndarray:
+    """The picture an /explain answer's data URL holds."""
+    prefix = "data:image/png;base64,"
+    assert answer["overlay"].startswith(prefix)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["overlay"][len(prefix):]))))
+
+
+def test_explain_answers_each_image_with_the_overlay_explain_draws_it(model, pictures):
+    body, headers = form({"a.png": pictures["a.png"], "bad.png": b"not an image", "c.png": pictures["c.png"]})
+    with serve(model) as server:
+        status, one, _ = request(f"{server.url}/explain", pictures["b.jpg"])
+        several = request(f"{server.url}/explain?method=layercam&layer=layer2&target=star", body, headers)
+        refusals = [request(f"{server.url}/explain?{query}", pictures["a.png"]) for query in
+                    ("method=nope", "target=dog", "layer=nowhere", "layer=fc")]
+        assert server.describe()["explain"] is True
+
+    assert status == 200 and one["method"] == "gradcam" and one["model"] == "tiny"
+    [answer] = one["explanations"]
+    [cam] = residual.explain(model, Image.open(io.BytesIO(pictures["b.jpg"]))).explanations
+    assert (answer["class"], answer["class_id"]) == (cam.class_name, cam.class_id)
+    assert answer["probability"] == pytest.approx(cam.probability, abs=1e-6)
+    drawn = overlay_of(answer).astype(int)
+    # Within a neighbouring jet colour: the heatmaps agree to float rounding, which may tip a value over a step.
+    assert drawn.shape == (224, 224, 3) and np.abs(drawn - overlay(cam.image, cam.heatmap)).max() <= 3
+
+    assert several[0] == 200 and several[1]["method"] == "layercam"
+    answers = several[1]["explanations"]
+    assert [a["image"] for a in answers] == ["a.png", "bad.png", "c.png"] and "error" in answers[1]
+    for answer, name in ((answers[0], "a.png"), (answers[2], "c.png")):
+        [cam] = residual.explain(model, Image.open(io.BytesIO(pictures[name])), method="layercam", layer="layer2",
+                                 target="star").explanations
+        assert answer["class"] == "star" and np.abs(overlay_of(answer).astype(int)
+                                                    - overlay(cam.image, cam.heatmap)).max() <= 3
+    messages = ["--method must be one of", "--target 'dog': not a class", "--layer 'nowhere': no such module",
+                "--layer 'fc': its output is not a feature map"]
+    for (status, answer, _), message in zip(refusals, messages):
+        assert status == 400 and message in answer["error"]
+
+
+def test_predictions_made_while_explaining_are_predicts(model, pictures):
+    """Grad-CAM's hooks on the shared model answer only to their own thread: the batcher's answers are unchanged."""
+    with serve(model, max_wait_ms=5) as server:
+        def explain_often():
+            for _ in range(6):
+                assert request(f"{server.url}/explain", pictures["b.jpg"])[0] == 200
+        explaining = threading.Thread(target=explain_often)
+        explaining.start()
+        answers = [request(f"{server.url}/predict", pictures[name])[1]["predictions"][0]
+                   for _ in range(3) for name in pictures]
+        explaining.join()
+    for answer, name in zip(answers, list(pictures) * 3):
+        got = torch.tensor([row["probability"] for row in sorted(answer["top"], key=lambda row: row["class_id"])])
+        torch.testing.assert_close(got, expected(model, pictures[name]), atol=1e-5, rtol=0)
 
 
 TOKEN = "a-test-token-of-enough-length"
@@ -511,6 +575,8 @@ def test_compiled_serving_answers_as_eager_with_one_graph(model, pictures):
     with serve(model, compile=True, max_batch=4) as server:
         got = request(f"{server.url}/predict", body, headers)[1]["predictions"]
         lone = request(f"{server.url}/predict", pictures["c.png"])[1]["predictions"][0]
+        refused = request(f"{server.url}/explain", pictures["c.png"])
+    assert refused[0] == 501 and "serve without --compile" in refused[1]["error"]
     assert counters["stats"]["unique_graphs"] == 1
     for ours, theirs in zip(got + [lone], want + [want[2]]):
         assert [row["class_id"] for row in ours["top"]] == [row["class_id"] for row in theirs["top"]]

@@ -725,8 +725,8 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     console.print(f"serving {args.model} ({info['arch']}, {len(info['classes'])} classes, {info['runtime']} on "
                   f"{info['device']}, {info['precision']}; warm-up {server.warmup_s:.1f} s) at {server.url}")
     token = ' -H "Authorization: Bearer $TOKEN"' if config.token else ""
-    console.print(f"  curl{token} --data-binary @photo.jpg {server.url}/predict    (also GET /health, /info, "
-                  f"/metrics; Ctrl-C stops)")
+    console.print(f"  curl{token} --data-binary @photo.jpg {server.url}/predict    (also POST /explain, GET /health, "
+                  f"/info, /metrics; Ctrl-C stops)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         if config.token is None:
             console.print(f"[yellow]warning:[/] listening on {args.host} without --token-file: anyone who can reach "

@@ -3,6 +3,8 @@
     POST /predict   an image's bytes as the body (curl --data-binary @cat.jpg), or a multipart form
                     with one or more files (curl -F image=@cat.jpg); ?topk=N -> JSON, each image's
                     top classes
+    POST /explain   the same bodies; ?method=gradcam++&target=NAME&layer=layer3 -> JSON, each image's
+                    Grad-CAM overlay as a PNG data URL (an <img src>) and the class it explains
     GET  /health    {"status": "ok"} while it serves
     GET  /info      the model: architecture, classes, input size, device, precision, batching
     GET  /metrics   requests, images, batches and time in Prometheus' text format
@@ -24,6 +26,11 @@ queueing without bound; a connection idle for `timeout_s` is closed. A bad image
 with its reason (400), and the rest of a form is still predicted. It listens on 127.0.0.1 unless
 told otherwise.
 
+/explain runs `explain.grad_cam` in the request's own thread, one request at a time (the gradients' pass uses
+every core the model's threads do), beside the batcher: the hooks it sets answer only to their own thread. It
+needs the PyTorch model run eagerly: a server of an exported model, or one started with `compile` (a hook set on
+the compiled model would make it compile again), answers it 501.
+
 To expose it: `tls_cert`/`tls_key` serve HTTPS (the handshake runs in the connection's own thread, so a
 slow or broken client holds up no one else), and `token` requires `Authorization: Bearer TOKEN` on every
 endpoint but /health (load balancers probe it without credentials) and OPTIONS; a request without it, or
@@ -32,7 +39,9 @@ with another, gets 401. The token is compared in constant time.
 
 from __future__ import annotations
 
+import base64
 import hmac
+import io
 import json
 import queue
 import signal
@@ -48,10 +57,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import torch
+from PIL import Image
 
 from .data.decode import BadImageError, decode_bytes
-from .data.transforms import resize_center_crop
+from .data.transforms import normalize, resize_center_crop
 from .errors import ConfigError, ResidualError
+from .explain import explained_module, grad_cam, overlay, resolve_target
 from .feature_bank import FeatureBank
 from .predict import (check_min_confidence, check_tta, class_names_of, class_probabilities, inference_compile,
                       inference_forward, is_multi_label, is_unsure, model_device, present_classes,
@@ -59,9 +70,9 @@ from .predict import (check_min_confidence, check_tta, class_names_of, class_pro
 
 MEGABYTE = 1 << 20
 MIN_TOKEN_LENGTH = 16  # shorter is guessable; secrets.token_urlsafe() gives 43
-ENDPOINTS = "POST /predict, GET /health, /info or /metrics"
-ALLOWED_METHODS = {"/predict": "POST, OPTIONS", "/health": "GET, HEAD, OPTIONS", "/info": "GET, HEAD, OPTIONS",
-                   "/metrics": "GET, HEAD, OPTIONS", "*": "GET, HEAD, POST, OPTIONS"}
+ENDPOINTS = "POST /predict or /explain, GET /health, /info or /metrics"
+ALLOWED_METHODS = {"/predict": "POST, OPTIONS", "/explain": "POST, OPTIONS", "/health": "GET, HEAD, OPTIONS",
+                   "/info": "GET, HEAD, OPTIONS", "/metrics": "GET, HEAD, OPTIONS", "*": "GET, HEAD, POST, OPTIONS"}
 
 
 @dataclass
@@ -258,6 +269,7 @@ class ModelServer:
         self.arriving = 0  # requests in flight whose images are not with the batcher yet
         self.unsent = 0  # admitted requests whose answer is not yet written (what a graceful stop waits for)
         self._lock = threading.Condition()
+        self._explaining = threading.Lock()  # one /explain at a time
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()
         tls = self.config.tls_context()
@@ -299,6 +311,7 @@ class ModelServer:
                 "preprocessing": asdict(self.preprocessing),
                 "runtime": runtime,
                 "device": str(model_device(model)), "precision": precision,
+                "explain": self.why_not_explain() is None,
                 "serving": {**{key: value for key, value in asdict(self.config).items()
                                if key not in ("host", "port", "access_log", "tls_cert", "tls_key", "token")},
                             "tls": self.config.tls_cert is not None, "token": self.config.token is not None}}
@@ -308,10 +321,10 @@ class ModelServer:
         with self._lock:
             counts, seconds, in_flight = dict(self.counts), self.request_seconds, self.in_flight
         predicted = sum(counts.values())
-        lines = ["# HELP residual_requests_total Predict requests answered, by HTTP status.",
+        lines = ["# HELP residual_requests_total Predict and explain requests answered, by HTTP status.",
                  "# TYPE residual_requests_total counter"]
         lines += [f'residual_requests_total{{code="{code}"}} {count}' for code, count in sorted(counts.items())]
-        lines += ["# HELP residual_request_seconds Time from a predict request's arrival to its answer.",
+        lines += ["# HELP residual_request_seconds Time from a request's arrival to its answer.",
                   "# TYPE residual_request_seconds summary",
                   f"residual_request_seconds_sum {seconds:.6f}", f"residual_request_seconds_count {predicted}",
                   "# HELP residual_images_total Images the model has answered.",
@@ -354,19 +367,25 @@ class ModelServer:
             self.unsent -= 1
             self._lock.notify_all()
 
-    def predict(self, uploads: list[tuple[str, bytes]], topk: int, request: Request) -> tuple[int, dict]:
-        """(status, JSON body) for images given as (name, encoded bytes)."""
+    def _crops(self, uploads: list[tuple[str, bytes]], size: int) -> tuple[list[dict], list[torch.Tensor], list[int]]:
+        """Each upload decoded, resized and center-cropped to `size` as the model's preprocessing says: an answer
+        per upload (its name; an error for one that is no image), the crops, and the answers they belong to."""
         pre = self.preprocessing
         answers: list[dict] = []
         crops, slots = [], []
         for name, data in uploads:
             try:
                 image = decode_bytes(data, name, pre.resize_size)
-                crops.append(resize_center_crop(image, pre.resize_size, self.image_size, pre.interpolation))
+                crops.append(resize_center_crop(image, pre.resize_size, size, pre.interpolation))
                 slots.append(len(answers))
                 answers.append({"image": name})
             except BadImageError as error:
                 answers.append({"image": name, "error": str(error)})
+        return answers, crops, slots
+
+    def predict(self, uploads: list[tuple[str, bytes]], topk: int, request: Request) -> tuple[int, dict]:
+        """(status, JSON body) for images given as (name, encoded bytes)."""
+        answers, crops, slots = self._crops(uploads, self.image_size)
         futures = self.batcher.submit(crops) if crops else []
         self.arrived(request)
         for slot, future in zip(slots, futures):
@@ -386,6 +405,52 @@ class ModelServer:
         if not slots:
             return 400, {"error": answers[0]["error"] if len(answers) == 1 else
                          f"none of the {len(answers)} images could be read", **body}
+        return 200, body
+
+    def why_not_explain(self) -> str | None:
+        """Why this server cannot answer /explain, or None where it can."""
+        if not isinstance(self.model, torch.nn.Module):
+            return (f"this server runs an exported model in {self.model.runtime}, which gives no gradients; serve "
+                    f"the .safetensors model file to explain")
+        if self.config.compile:
+            return "this server runs the model under torch.compile; Grad-CAM runs it eagerly: serve without --compile"
+        return None
+
+    def explain(self, uploads: list[tuple[str, bytes]], method: str, target: str | None, layer: str | None,
+                request: Request) -> tuple[int, dict]:
+        """(status, JSON body): each image's Grad-CAM overlay as a PNG data URL, at the class the model predicts
+        for it (a multi-label model's most probable) or `target`."""
+        if (why := self.why_not_explain()) is not None:
+            self.arrived(request)
+            return 501, {"error": why}
+        try:
+            explained_module(self.model, method, layer)
+            target_id = resolve_target(self.model, target)
+        except ConfigError as error:
+            self.arrived(request)
+            return 400, {"error": str(error)}
+        pre = self.preprocessing
+        answers, crops, slots = self._crops(uploads, pre.input_size)
+        self.arrived(request)
+        body = {"model": self.name, "method": method, "explanations": answers}
+        if not slots:
+            return 400, {"error": answers[0]["error"] if len(answers) == 1 else
+                         f"none of the {len(answers)} images could be read", **body}
+        parameter = next(self.model.parameters())
+        x = normalize(torch.stack(crops).to(parameter.device).float() / 255, pre).to(parameter.dtype)
+        try:
+            with self._explaining:
+                heatmaps, probabilities = grad_cam(self.model, x, None if target_id is None else [target_id] * len(x),
+                                                   layer, method)
+        except ConfigError as error:  # a layer whose output is no feature map (fc), found as the model runs
+            return 400, {"error": str(error)}
+        for slot, crop, heatmap, row in zip(slots, crops, heatmaps, probabilities.float()):
+            class_id = int(row.argmax()) if target_id is None else target_id
+            picture = io.BytesIO()
+            Image.fromarray(overlay(crop.permute(1, 2, 0).numpy(), heatmap.float().numpy())).save(picture, "PNG")
+            answers[slot].update({"class_id": class_id, "class": self.names[class_id],
+                                  "probability": round(float(row[class_id]), 6),
+                                  "overlay": "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()})
         return 200, body
 
     def serve_forever(self) -> None:
@@ -503,9 +568,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.app.describe())
         elif route == "/metrics":
             self._send_bytes(200, self.app.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
-        elif route == "/predict":
-            self._send(405, {"error": "POST an image to /predict (curl --data-binary @photo.jpg URL/predict)"},
-                       {"Allow": ALLOWED_METHODS["/predict"]})
+        elif route in ("/predict", "/explain"):
+            self._send(405, {"error": f"POST an image to {route} (curl --data-binary @photo.jpg URL{route})"},
+                       {"Allow": ALLOWED_METHODS[route]})
         else:
             self._not_found(route)
 
@@ -523,7 +588,7 @@ class _Handler(BaseHTTPRequestHandler):
         route = urlsplit(self.path).path
         if not self._authorized(route):
             return
-        if route != "/predict":
+        if route not in ("/predict", "/explain"):
             self._not_found(route)
             return
         try:
@@ -545,15 +610,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.app.sent()
 
     def _answer(self, request: Request) -> tuple[int, dict, bool]:
-        """(status, JSON body, whether the request's body was read) for this predict request."""
+        """(status, JSON body, whether the request's body was read) for this predict or explain request."""
         try:
-            return *self._predict(request), True
+            return *(self._explain(request) if urlsplit(self.path).path == "/explain" else self._predict(request)), True
         except _Refused as refusal:
             return refusal.status, {"error": str(refusal)}, False
         except ServerBusy as error:
             return 503, {"error": str(error)}, True
         except Exception as error:  # the model failed: this request gets 500, the server carries on
-            self.log_error("predict failed: %r", error)
+            self.log_error("%s failed: %r", urlsplit(self.path).path, error)
             return 500, {"error": f"the model failed on this request ({type(error).__name__}: {error})"}, True
 
     def _predict(self, request: Request) -> tuple[int, dict]:
@@ -564,6 +629,26 @@ class _Handler(BaseHTTPRequestHandler):
             topk = 0
         if topk < 1:
             raise _Refused(400, "topk must be a whole number of 1 or more (/predict?topk=3)")
+        try:
+            uploads = self._uploads()
+        except ConfigError as error:
+            return 400, {"error": str(error)}
+        return self.app.predict(uploads, topk, request)
+
+    def _explain(self, request: Request) -> tuple[int, dict]:
+        query = parse_qs(urlsplit(self.path).query)
+        method = query.get("method", ["gradcam"])[0]
+        target, layer = query.get("target", [None])[0], query.get("layer", [None])[0]
+        try:
+            uploads = self._uploads()
+        except ConfigError as error:
+            return 400, {"error": str(error)}
+        return self.app.explain(uploads, method, target, layer, request)
+
+    def _uploads(self) -> list[tuple[str, bytes]]:
+        """The request's images, its body read whole; _Refused for a body that is not taken, ConfigError for a
+        form without a file."""
+        config = self.app.config
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or self.headers["Content-Length"] is None:
             raise _Refused(411, "send the body with a Content-Length (chunked uploads are not taken)")
         try:
@@ -576,11 +661,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if len(body) < length:
             raise _Refused(400, f"the body ended after {len(body)} of its {length} bytes")
-        try:
-            uploads = read_uploads(self.headers.get("Content-Type", ""), body)
-        except ConfigError as error:
-            return 400, {"error": str(error)}
-        return self.app.predict(uploads, topk, request)
+        return read_uploads(self.headers.get("Content-Type", ""), body)
 
     def _not_found(self, route: str) -> None:
         self._refuse_body(404, f"{route}: no such endpoint; {ENDPOINTS}")
