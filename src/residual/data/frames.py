@@ -190,6 +190,7 @@ class SoundTrack:
     closes the source."""
 
     AAC_FRAME = 1024  # samples per AAC frame: what the encoder takes at a time
+    AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 
     def __init__(self, container, source: str | os.PathLike | None):
         self.container, self.source, self.waiting = container, None, None
@@ -207,7 +208,8 @@ class SoundTrack:
         else:
             # Mono or stereo, more channels mixed down: AAC takes only some layouts, and none left unnamed (AVI's).
             layout = "mono" if audio.layout.nb_channels == 1 else "stereo"
-            self.packets = self._encoded(audio, container.add_stream("aac", rate=audio.rate, layout=layout), start)
+            rate = audio.rate if audio.rate in self.AAC_RATES else 48000  # others resampled to one AAC has
+            self.packets = self._encoded(audio, container.add_stream("aac", rate=rate, layout=layout), start)
 
     def __enter__(self) -> SoundTrack:
         return self
@@ -244,20 +246,23 @@ class SoundTrack:
     def _encoded(self, audio, out, start: float) -> Iterator:
         """The source's sound decoded and encoded again as AAC, from time 0 on: (seconds, packet)."""
         av = _av()
-        resampler = av.AudioResampler(format="fltp", layout=out.layout.name, rate=audio.rate, frame_size=self.AAC_FRAME)
-        samples = None  # the next frame's time, in samples from time 0
+        rate = out.rate
+        resampler = av.AudioResampler(format="fltp", layout=out.layout.name, rate=rate, frame_size=self.AAC_FRAME)
+        samples = None  # the next piece's time, in samples from time 0; None: set by the next frame's own time
         for packet in audio.container.demux(audio):
             try:
                 decoded = packet.decode()
-            except av.error.FFmpegError:  # damaged sound: a gap, as a player leaves it
+            except av.error.FFmpegError:  # damaged sound: left out, and the clock set again after it
+                samples = None
                 continue
             for frame in decoded + ([None] if packet.size == 0 else []):  # None, at the end: the resampler's rest
                 if frame is not None:
                     at = (float(frame.time) if frame.time is not None else 0.0) - start
                     if at < 0:
                         continue
-                    samples = round(at * audio.rate) if samples is None else samples
+                    samples = round(at * rate) if samples is None else samples
                 for piece in resampler.resample(frame):
-                    piece.pts, piece.time_base, samples = samples, Fraction(1, audio.rate), samples + piece.samples
-                    yield from ((float(p.pts / audio.rate), p) for p in out.encode(piece))
+                    samples = samples or 0
+                    piece.pts, piece.time_base, samples = samples, Fraction(1, rate), samples + piece.samples
+                    yield from ((float(p.pts / rate), p) for p in out.encode(piece))
         yield from ((math.inf, p) for p in out.encode(None))
