@@ -75,16 +75,18 @@ def test_a_source_split_into_train_val_and_test_keeps_its_splits(tmp_path, capsy
     assert "--val-split: " in capsys.readouterr().err and not (tmp_path / "more").exists()
 
 
-def test_clips_that_cannot_be_read_are_reported_and_the_rest_unpacked(tmp_path, capsys):
+def test_clips_that_cannot_be_read_are_reported_and_the_rest_unpacked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps to the terminal width
     for name, level in (("cat", 50), ("dog", 200)):
         for index in range(2):
             clip(tmp_path / "clips" / name / f"clip{index}.mp4", level)
     (tmp_path / "clips" / "cat" / "notes.mp4").write_text("not a video")
-    (tmp_path / "clips" / "cat" / "README.txt").write_text("not a clip at all: not read")
+    (tmp_path / "clips" / "cat" / "photo.png").write_bytes(b"an image among clips: named, not unpacked")
     assert main(["unpack", str(tmp_path / "clips"), str(tmp_path / "frames")]) == 0
     printed = capsys.readouterr().out
-    assert "frames of 4 clips" in printed
+    assert "frames of 4 clips" in printed and "skipped 2:" in printed
     assert f"{tmp_path / 'clips' / 'cat' / 'notes.mp4'}: not a video FFmpeg can read" in printed
+    assert f"{tmp_path / 'clips' / 'cat' / 'photo.png'}: not a video clip" in printed
     assert len(list((tmp_path / "frames").rglob("*.jpg"))) == 8
 
     (tmp_path / "unreadable" / "cat").mkdir(parents=True)

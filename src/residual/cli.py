@@ -1048,8 +1048,10 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
         console.print(f"wrote {result.out}: {len(result.classes)} classes, frames of {sum(result.clips.values())} "
                       f"clips, each clip's in one split")
         _print_split_counts(console, result, lambda split: f"{split}/", lambda split: f", {result.clips[split]} clips")
-        if result.skipped:
-            console.print("  skipped:\n    " + "\n    ".join(result.skipped))
+        if result.skipped_count:
+            more = result.skipped_count - len(result.skipped)
+            console.print(f"  skipped {result.skipped_count:,}:\n    " + "\n    ".join(result.skipped)
+                          + (f"\n    ... and {more:,} more" if more else ""))
         console.print(f"Next: residual train {result.data}")
         return 0
     splits = {}

@@ -11,7 +11,8 @@ a source's own val/ and test/ folders stay as they are.
 
 - Frames: at most `fps` a second (data.frames: upright, each timed by its own timestamp), saved as JPEG at
   quality 95 (the video was compressed already), their shorter side shrunk to `frame_size` where given.
-- A clip FFmpeg cannot open, and damage within one, is reported (`result.skipped`); the rest is unpacked.
+- A clip FFmpeg cannot open, damage within one, and a file in the class folders that is no video are reported
+  (`result.skipped`); the rest is unpacked.
 - OUT appears whole or not at all, as with every unpack (unpack.staged_folder).
 """
 
@@ -28,7 +29,7 @@ from ..progress import progress_bar
 from .datasets import DatasetError, open_class_folders
 from .decode import BadImageError
 from .frames import is_video_file, video_frames
-from .unpack import UnpackError, UnpackResult, check_new_folder, staged_folder
+from .unpack import REPORTED_SKIPS, UnpackError, UnpackResult, check_new_folder, staged_folder
 
 CLIP_FPS = 1.0  # frames a second apart still differ; closer ones add disk more than they add new pictures
 JPEG_QUALITY = 95
@@ -63,6 +64,8 @@ def unpack_clips(source: str | Path, out: str | Path, fps: float = CLIP_FPS, val
     splits = {name: split for name, split in (("train", clips.train), ("val", clips.val), ("test", clips.test))
               if split is not None and len(split)}
     result = UnpackResult(out, [], out)
+    for path in clips.ignored:  # named, never dropped unseen: an image among clips is not unpacked
+        _skipped(result, f"{path}: not a video clip")
     with staged_folder(out, result) as staging, progress_bar("unpacking clips", progress, unit="clips/s") as bar:
         task = bar.add_task("clips", total=sum(len(split) for split in splits.values()))
         for name, split in splits.items():
@@ -106,6 +109,13 @@ def _write_frames(clip: Path, folder: Path, name: str, fps: float, frame_size: i
             written += 1
     except BadImageError as error:
         failed.append(str(error))
-    result.skipped += failed
-    result.skipped_count += len(failed)
+    for line in failed:
+        _skipped(result, line)
     return written
+
+
+def _skipped(result: UnpackResult, line: str) -> None:
+    """Count what was not unpacked, and name the first REPORTED_SKIPS."""
+    result.skipped_count += 1
+    if len(result.skipped) < REPORTED_SKIPS:
+        result.skipped.append(line)
