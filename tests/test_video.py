@@ -329,10 +329,35 @@ def test_predict_refuses_flags_that_do_not_fit_videos_or_images(untrained, tmp_p
              ([str(video), "--decoder", "torchvision"], "--decoder torchvision is for images"),
              ([str(video), "--fps", "0"], "--fps must be above 0"),
              ([str(video), "--smooth", "-1"], "--smooth must be 0"),
-             ([str(tmp_path / "clips"), "--quiet"], f"to predict its 1 video(s), name them: {tmp_path}/clips/*.mp4")]
+             ([str(tmp_path / "clips"), str(image)], f"{image}: predict videos and images in separate calls")]
     for arguments, message in cases:
         assert main(["predict", model, *arguments]) != 0
         assert message in capsys.readouterr().err, arguments
+
+
+def test_a_folder_of_videos_is_its_videos_and_a_folder_with_images_is_its_images(untrained, tmp_path, capsys,
+                                                                                 monkeypatch, caplog):
+    monkeypatch.setenv("COLUMNS", "250")
+    for name in ("day1/trap.mp4", "day2/trap.mp4", "day2/notes.txt"):
+        (tmp_path / "clips" / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".mp4"):
+            write_video(tmp_path / "clips" / name, grey_frames(10))
+        else:
+            (tmp_path / "clips" / name).write_text("not read")
+    assert main(["predict", str(untrained), str(tmp_path / "clips"), "--format", "segments", "--quiet"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sorted({row["video"] for row in rows}) == [str(tmp_path / "clips" / "day1" / "trap.mp4"),
+                                                      str(tmp_path / "clips" / "day2" / "trap.mp4")]
+    assert main(["explain", str(untrained), str(tmp_path / "clips"), "--out", str(tmp_path / "cams"), "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cams").glob("*.mp4")) == ["trap.mp4.1.gradcam.mp4",
+                                                                       "trap.mp4.2.gradcam.mp4"]
+    capsys.readouterr()
+
+    Image.fromarray(grey_frames(1)[0]).save(tmp_path / "clips" / "still.png")  # now a folder of images
+    assert main(["predict", str(untrained), str(tmp_path / "clips"), "--format", "csv", "--quiet"]) == 0
+    assert {row["image"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))} == \
+        {str(tmp_path / "clips" / "still.png")}
+    assert "left out 3 file(s) whose extension is no image's" in caplog.text  # the videos too: named, not dropped
 
 
 def test_iter_predict_video_checks_its_arguments_before_the_first_frame(tmp_path):

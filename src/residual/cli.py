@@ -275,6 +275,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     if args.out and output_format == "table":
         raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
                             f"--out ending in .csv or .json)")
+    args.images = _folders_of_videos_opened(args.images)
     videos = [source for source in args.images if is_video_file(source)]
     _check_video_flags(args, videos, "predict", "the videos give a row per frame and segments, the images a row each",
                        {"--fps": args.fps, "--smooth": args.smooth, "--timeline": args.timeline,
@@ -285,7 +286,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         return _predict_videos(args, console, model, videos, output_format)
     items = input_images(args.images)
     if not items:
-        raise ResidualError(f"no image files in {' '.join(args.images)}" + _videos_hint(args.images))
+        raise ResidualError(f"no image files in {' '.join(args.images)}")
     bank = FeatureBank.load(args.feature_bank) if args.feature_bank else None
     # The bank reads the features of the model run eagerly: it is not compiled unless asked (then refused).
     compiled, why = inference_compile(model, False if bank and args.compile is None else args.compile, len(items))
@@ -335,13 +336,20 @@ def _write_rows(out: str | None, write, noun: str) -> None:
         write(sys.stdout)
 
 
-def _videos_hint(sources: list[str], command: str = "predict") -> str:
-    """For a folder of videos given as images: how to give them to `command`."""
+def _folders_of_videos_opened(sources: list[str]) -> list[str]:
+    """`sources` with each folder that holds videos and no image replaced by its videos, searched through, in
+    name order (`residual predict MODEL clips/`); a folder with images stays a folder of images."""
+    from .data.decode import files_under, is_image_file
     from .data.frames import is_video_file
 
-    folders = [Path(source) for source in sources if Path(source).is_dir()]
-    videos = [path for folder in folders for path in folder.rglob("*") if is_video_file(path)]
-    return f"; to {command} its {len(videos)} video(s), name them: {folders[0]}/*{videos[0].suffix}" if videos else ""
+    opened = []
+    for source in sources:
+        if Path(source).is_dir() and not any(is_image_file(path) for path in files_under(Path(source))):
+            if videos := [str(path) for path in files_under(Path(source)) if is_video_file(path)]:
+                opened += videos
+                continue
+        opened.append(source)
+    return opened
 
 
 def _check_video_flags(args: argparse.Namespace, videos: list[str], command: str, why_apart: str,
@@ -452,6 +460,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     from .tables import new_table
 
     _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which an exported model's runtime does not give")
+    args.images = _folders_of_videos_opened(args.images)
     videos = [source for source in args.images if is_video_file(source)]
     _check_video_flags(args, videos, "explain", "the videos give a video of overlays and a picture per segment, the "
                        "images a picture each", {"--fps": args.fps, "--smooth": args.smooth},
@@ -461,7 +470,7 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
         return _explain_videos(args, console, model, videos)
     items = input_images(args.images)
     if not items:
-        raise ResidualError(f"no image files in {' '.join(args.images)}" + _videos_hint(args.images, "explain"))
+        raise ResidualError(f"no image files in {' '.join(args.images)}")
     failed: list[str] = []
     table = new_table(f"{args.method} on {args.layer or 'the last stage'} of {args.model}",
                       ("image", "class explained", "probability", "overlay"), right=("probability",))
