@@ -290,6 +290,39 @@ def test_pil_image_modes_are_accepted(model):
     assert not result.predictions and "is not an image" in result.failed[0]
 
 
+def test_annotate_writes_each_image_upright_and_enlarged_with_its_answer_across_its_top(model, demo_run, folder,
+                                                                                      tmp_path, capsys):
+    """Twelve 32 px test images (three folders with the same file names) and two bad files: twelve PNGs, each the
+    image enlarged to 224 px with a dark band across its top, named by folder where names repeat."""
+    out = tmp_path / "annotated"
+    assert main(["predict", str(demo_run["model"]), str(folder), "--annotate", str(out), "--format", "csv",
+                 "--quiet"]) == 1  # the two bad files, named as errors
+    printed = capsys.readouterr()
+    assert f"annotated: 12 image(s) in {out}" in printed.err
+    assert len(list(csv.DictReader(io.StringIO(printed.out)))) == 12 * 5  # the CSV as without --annotate
+    written = sorted(path.name for path in out.iterdir())
+    assert written == sorted(f"{name}-{source.stem}.annotated.png" for name in ("cross", "ring", "star")
+                             for source in sorted((folder / name).glob("0*.png")))
+    for name in ("star", "ring"):
+        source = folder / name / "00000.png"
+        drawn = np.asarray(Image.open(out / f"{name}-00000.annotated.png").convert("RGB"), dtype=float)
+        enlarged = np.asarray(read_image(source).resize((224, 224), Image.Resampling.BICUBIC), dtype=float)
+        assert drawn.shape == (224, 224, 3)
+        assert drawn[:10, :60].mean() < enlarged[:10, :60].mean() - 40  # the band behind the answer
+        assert np.array_equal(drawn[40:], enlarged[40:])  # the rest is the image itself
+
+
+def test_an_answer_in_a_line_names_the_top_classes_the_present_ones_or_unsure():
+    from residual.annotate import answer_text
+
+    top = [(2, "star", 0.9), (0, "ring", 0.06), (1, "cross", 0.03), (3, "moon", 0.01)]
+    assert answer_text(Prediction("a.png", top)) == "star 0.90, ring 0.06, cross 0.03"
+    assert answer_text(Prediction("a.png", top, unsure=True)) == "unsure (top: star 0.90)"
+    assert answer_text(Prediction("a.png", top, present=[(2, "star", 0.9), (0, "ring", 0.6)])) == \
+        "star 0.90, ring 0.60"
+    assert answer_text(Prediction("a.png", top, present=[])) == "(none)"
+
+
 def test_unsure_predictions_are_written_without_a_class():
     rows = [Prediction("a.png", [(2, "star", 0.9), (0, "ring", 0.1)], unsure=False),
             Prediction("b.png", [(1, "cross", 0.4), (0, "ring", 0.35)], unsure=True)]

@@ -323,7 +323,6 @@ def test_predict_refuses_flags_that_do_not_fit_videos_or_images(untrained, tmp_p
     model = str(untrained)
     cases = [([str(image), "--fps", "2"], "--fps is for videos"),
              ([str(image), "--format", "segments"], "--format segments is for videos"),
-             ([str(image), "--annotate", str(tmp_path / "out")], "--annotate is for videos"),
              ([str(video), str(image)], f"{image}: predict videos and images in separate calls"),
              ([str(video), "--workers", "2"], "--workers is for images"),
              ([str(video), "--decoder", "torchvision"], "--decoder torchvision is for images"),

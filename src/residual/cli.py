@@ -279,7 +279,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     videos = [source for source in args.images if is_video_file(source)]
     _check_video_flags(args, videos, "predict", "the videos give a row per frame and segments, the images a row each",
                        {"--fps": args.fps, "--smooth": args.smooth, "--timeline": args.timeline,
-                        "--annotate": args.annotate, "--format segments": output_format == "segments" or None},
+                        "--format segments": output_format == "segments" or None},
                        {"--workers": args.workers, "--decoder torchvision": args.decoder == "torchvision" or None})
     model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold, args.runtime)
     if videos:
@@ -298,6 +298,17 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
                                min_confidence=args.min_confidence, feature_bank=bank)
     if not args.quiet:  # once the arguments are checked; stderr, as stdout holds the predictions
         print(f"torch.compile: {why}", file=sys.stderr)
+    annotated = 0
+    if args.annotate:
+        from .annotate import annotated_images
+
+        def annotating(rows):
+            nonlocal annotated
+            for row in annotated_images(rows, items, args.annotate):
+                annotated += 1
+                yield row
+
+        predictions = annotating(predictions)
     if output_format == "table":
         rows = list(predictions)
         if rows:  # none at all: the errors below say why, an empty table adds nothing
@@ -306,6 +317,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         columns = output_columns(items)  # a listing's own headers: a test set's sample submission gives its shape
         write = _predictions_writer(output_format, model, columns, "image", args.min_confidence is not None, bank)
         _write_rows(args.out, lambda stream: write(predictions, stream), "prediction(s)")
+    if args.annotate:
+        print(f"annotated: {annotated} image(s) in {args.annotate}", file=sys.stderr)
     _report_failed(failed)
     return 1 if failed else 0
 
@@ -1652,8 +1665,9 @@ def _add_inference_commands(commands) -> None:
                    help="videos: draw each video's class probabilities over time and its segments to "
                         "DIR/VIDEO.timeline.png")
     p.add_argument("--annotate", metavar="DIR",
-                   help="videos: write each video again with its segments' class and probability drawn on every frame "
-                        "to DIR/VIDEO.annotated.mp4 (H.264; without the sound)")
+                   help="write each image with its answer drawn across its top to DIR/NAME.annotated.png; each video "
+                        "again with its segments' class and probability on every frame to DIR/VIDEO.annotated.mp4 "
+                        "(H.264, with its sound)")
     tta_flag(p)
     threshold_flag(p)
     floor_flags(p)

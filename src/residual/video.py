@@ -28,8 +28,7 @@ from typing import TextIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-
+from .annotate import captioned
 from .data.frames import Frame, VideoInfo, video_frames, video_info, write_video
 from .data.loaders import InferenceBatch, check_stream
 from .data.transforms import resize_center_crop
@@ -334,14 +333,3 @@ def _annotated(frame: Frame, found: list[Segment]) -> Frame:
     text = ", ".join(f"{segment.label or 'unsure'} {segment.probability:.2f}" for segment in at) or "(none)"
     return Frame(frame.time, captioned(frame.image, text))
 
-
-def captioned(picture: Image.Image, text: str) -> Image.Image:
-    """A copy of `picture` with `text` across its top, white on a dark band, sized to the picture."""
-    image = picture.copy()
-    size = max(10, image.height // 16)
-    font = ImageFont.load_default(size=size)
-    draw = ImageDraw.Draw(image, "RGBA")
-    left, top, right, bottom = draw.textbbox((size // 2, size // 3), text, font=font)
-    draw.rectangle((0, 0, max(right + size // 2, 1), bottom + size // 3), fill=(0, 0, 0, 160))
-    draw.text((size // 2, size // 3), text, font=font, fill=(255, 255, 255))
-    return image

@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .annotate import captioned
 from .data.frames import Frame, VideoInfo, video_frames, video_info, write_video
 from .data.transforms import center_crop_box, normalize, resize_center_crop
 from .errors import ConfigError
 from .explain import Explanation, blended, explained_module, grad_cam, resolve_target, save_explanation
 from .predict import class_names_of, class_thresholds, is_multi_label, model_device
 from .progress import progress_bar
-from .video import SMOOTH_SECONDS, FrameScores, Segment, captioned, check_smooth, expected_frames, frame_source, \
-    video_segments
+from .video import SMOOTH_SECONDS, FrameScores, Segment, check_smooth, expected_frames, frame_source, video_segments
 
 UNSEEN_BRIGHTNESS = 0.4  # what the center crop leaves out is dimmed to this, not hidden: the scene stays readable
 
