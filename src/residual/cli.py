@@ -1070,10 +1070,7 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
         console.print(f"wrote {result.out}: {len(result.classes)} classes, frames of {sum(result.clips.values())} "
                       f"clips, each clip's in one split")
         _print_split_counts(console, result, lambda split: f"{split}/", lambda split: f", {result.clips[split]} clips")
-        if result.skipped_count:
-            more = result.skipped_count - len(result.skipped)
-            console.print(f"  skipped {result.skipped_count:,}:\n    " + "\n    ".join(result.skipped)
-                          + (f"\n    ... and {more:,} more" if more else ""))
+        _print_skipped(console, result, "")
         console.print(f"Next: residual train {result.data}")
         return 0
     splits = {}
@@ -1100,12 +1097,17 @@ def cmd_unpack(args: argparse.Namespace, console: Console) -> int:
         console.print(f"  left out {path}: " + (f"--split {word}=skip" if splits.get(word) == "skip" else
                                                 f"its split, {word}, is not train, validation or test (--split "
                                                 f"{word}=train takes it in)"))
-    if result.skipped_count:
-        more = result.skipped_count - len(result.skipped)
-        console.print(f"  skipped {result.skipped_count:,} rows:\n    " + "\n    ".join(result.skipped)
-                      + (f"\n    ... and {more:,} more" if more else ""))
+    _print_skipped(console, result, " rows")
     console.print(f"Next: residual train {result.data}")
     return 0
+
+
+def _print_skipped(console: Console, result, unit: str) -> None:
+    """What an unpack skipped: how many (of `unit`: " rows"), the first ones named, the rest counted."""
+    if result.skipped_count:
+        more = result.skipped_count - len(result.skipped)
+        console.print(f"  skipped {result.skipped_count:,}{unit}:\n    " + "\n    ".join(result.skipped)
+                      + (f"\n    ... and {more:,} more" if more else ""))
 
 
 def _print_split_counts(console: Console, result, where, more=lambda split: "") -> None:

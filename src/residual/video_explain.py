@@ -95,8 +95,8 @@ def _overlaid(model, frames: Iterator[Frame], method: str, target_id: int | None
     probabilities go to `scores`, the class explained to `explained`."""
     names = class_names_of(model)
     for chunk in _chunks(frames, batch_size):
-        heatmaps, probabilities, classes = _explained(model, [frame.image for frame in chunk], target_id, layer,
-                                                      method)
+        heatmaps, probabilities, classes, _ = _explained(model, [frame.image for frame in chunk], target_id, layer,
+                                                         method)
         scores.add([frame.time for frame in chunk], probabilities, None)
         explained += classes
         for frame, heatmap, row, class_id in zip(chunk, heatmaps, probabilities, classes):
@@ -106,16 +106,17 @@ def _overlaid(model, frames: Iterator[Frame], method: str, target_id: int | None
 
 
 def _explained(model, images: list[Image.Image], targets: int | list[int] | None, layer: str | None,
-               method: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Heatmaps, probabilities and the classes explained for whole frames, each resized and center-cropped as the
-    model's preprocessing says: at `targets` (one class for all, or one per frame), else the predicted class."""
+               method: str) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+    """Heatmaps, probabilities, the classes explained and the crops (uint8) for whole frames, each resized and
+    center-cropped as the model's preprocessing says: at `targets` (one class for all, or one per frame), else the
+    predicted class."""
     pre = model.preprocessing
     crops = torch.stack([resize_center_crop(image, pre.resize_size, pre.input_size, pre.interpolation)
                          for image in images])
     x = normalize(crops.to(model_device(model)).float() / 255, pre)
     classes = [targets] * len(images) if isinstance(targets, int) else targets
     heatmaps, probabilities = grad_cam(model, x, classes, layer, method)
-    return heatmaps, probabilities, classes or probabilities.argmax(1).tolist()
+    return heatmaps, probabilities, classes or probabilities.argmax(1).tolist(), crops
 
 
 def frame_overlay(image: Image.Image, heatmap: np.ndarray, preprocessing, alpha: float = 0.5) -> Image.Image:
@@ -155,11 +156,9 @@ def _key_frames(model, info: VideoInfo, fps: float | None, found: list[Segment],
     key_frames = []
     for chunk in _chunks(iter(wanted), batch_size):
         images = [frames[index].image for index, _ in chunk]
-        heatmaps, rows, _ = _explained(model, images, [class_id for _, class_id in chunk], layer, method)
-        pre = model.preprocessing
-        for (index, class_id), heatmap, row, image in zip(chunk, heatmaps, rows, images):
+        heatmaps, rows, _, crops = _explained(model, images, [class_id for _, class_id in chunk], layer, method)
+        for (index, class_id), heatmap, row, crop in zip(chunk, heatmaps, rows, crops):
             time = frames[index].time
-            crop = resize_center_crop(image, pre.resize_size, pre.input_size, pre.interpolation)
             probability, top = float(row[class_id]), int(row.argmax())
             explanation = Explanation(frame_source(info.path, time), class_id, names[class_id], probability, top,
                                       heatmap.numpy(), crop.permute(1, 2, 0).numpy(),
