@@ -47,6 +47,18 @@ def stand_in_pinning(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", marked_copy)
 
 
+@pytest.fixture
+def untrained(tmp_path):
+    """A model file of an untrained CIFAR ResNet-20 with three classes, a, b and c: for what needs a model, not
+    a good one (the video and stream tests)."""
+    import residual
+
+    model = residual.create_model("resnet20", num_classes=3)
+    model.class_names = ["a", "b", "c"]
+    residual.save_model(model, tmp_path / "model.safetensors")
+    return tmp_path / "model.safetensors"
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """`residual demo` run once for the session: its console output and run directory.

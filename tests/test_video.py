@@ -57,14 +57,6 @@ def grey_frames(count: int, size: int = 32) -> list[np.ndarray]:
     return [np.full((size, size, 3), 20 + 7 * index, np.uint8) for index in range(count)]
 
 
-@pytest.fixture
-def untrained(tmp_path):
-    model = residual.create_model("resnet20", num_classes=3)
-    model.class_names = ["a", "b", "c"]
-    residual.save_model(model, tmp_path / "model.safetensors")
-    return tmp_path / "model.safetensors"
-
-
 def test_a_video_of_three_scenes_gives_three_segments_and_each_frame_the_prediction_its_image_gets(demo_run,
                                                                                                  tmp_path):
     """Three seconds each of circles, squares and stars (a new test image every frame): the segments are the three

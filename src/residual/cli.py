@@ -265,7 +265,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .data.datasets import input_images
-    from .data.frames import is_video_file
+    from .data.frames import is_video_source
     from .feature_bank import FeatureBank
     from .predict import class_names_of, inference_compile, iter_predict, output_columns
     from .tables import predictions_table
@@ -276,7 +276,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
         raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
                             f"--out ending in .csv or .json)")
     args.images = _folders_of_videos_opened(args.images)
-    videos = [source for source in args.images if is_video_file(source)]
+    videos = [source for source in args.images if is_video_source(source)]
     _check_video_flags(args, videos, "predict", "the videos give a row per frame and segments, the images a row each",
                        {"--fps": args.fps, "--smooth": args.smooth, "--timeline": args.timeline,
                         "--format segments": output_format == "segments" or None},
@@ -373,7 +373,8 @@ def _check_video_flags(args: argparse.Namespace, videos: list[str], command: str
 
     if not videos:
         if given := [flag for flag, value in video_flags.items() if value is not None]:
-            raise ResidualError(f"{given[0]} is for videos ({', '.join(VIDEO_EXTENSIONS)}); none is among "
+            raise ResidualError(f"{given[0]} is for videos ({', '.join(VIDEO_EXTENSIONS)}, or a stream's address); "
+                                f"none is among "
                                 f"{' '.join(args.images)}")
         return
     if len(videos) < len(args.images):
@@ -403,12 +404,13 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     class holds (a table, or --format segments as CSV); --timeline draws them."""
     import itertools
 
+    from .data.frames import source_file_name
     from .feature_bank import FeatureBank
     from .predict import class_names_of, inference_compile
     from .tables import segments_table
-    from .video import (SMOOTH_SECONDS, FrameScores, check_smooth, check_video_arguments, expected_frames,
-                        iter_predict_video, plot_timeline, video_files, video_segments, write_annotated,
-                        write_segments)
+    from .video import (ANNOTATE_WHY, SMOOTH_SECONDS, FrameScores, check_read_twice, check_smooth,
+                        check_video_arguments, expected_frames, iter_predict_video, plot_timeline, video_files,
+                        video_segments, write_annotated, write_segments)
 
     smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
     check_smooth(smooth)
@@ -418,6 +420,10 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     check_video_arguments(model, topk, args.batch_size, args.tta, args.fps, args.min_confidence, bank, args.compile)
     failed: list[str] = []
     infos = _opened_videos(videos, failed)
+    for info in infos if args.annotate else []:
+        check_read_twice(info, ANNOTATE_WHY)
+    if not args.out and any(info.live for info in infos) and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a live stream's rows as they come: `| tee`, `| grep`
     # The bank reads the features of the model run eagerly, as for images.
     compiled, why = inference_compile(model, False if bank else args.compile,
                                       sum(expected_frames(info, args.fps) or 0 for info in infos))
@@ -438,15 +444,15 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
              for info, frames in zip(infos, scores)]
     if output_format == "table":
         for info, frames, segments in zip(infos, scores, found):
-            console.print(segments_table(segments, f"{info.path}: {len(frames.times)} frames, {len(segments)} "
+            console.print(segments_table(segments, f"{info.name}: {len(frames.times)} frames, {len(segments)} "
                                                    f"segment(s), probabilities averaged over {smooth:g} s"))
     elif output_format == "segments":
-        rows = [(info.path, segment) for info, segments in zip(infos, found) for segment in segments]
+        rows = [(info.name, segment) for info, segments in zip(infos, found) for segment in segments]
         _write_rows(args.out, lambda stream: write_segments(rows, stream), "segment(s)")
     if args.timeline:
         timelines = video_files(infos, args.timeline, ".timeline.png")
         for info, frames, segments, path in zip(infos, scores, found, timelines):
-            plot_timeline(*frames.arrays(len(names)), segments, names, path, Path(info.path).name, smooth,
+            plot_timeline(*frames.arrays(len(names)), segments, names, path, source_file_name(info.path), smooth,
                           args.min_confidence)
         print(f"timeline: {len(infos)} picture(s) in {args.timeline}", file=sys.stderr)
     if args.annotate:
@@ -467,14 +473,14 @@ def _refuse_onnx(model: str, why: str) -> None:
 
 def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     from .data.datasets import input_images
-    from .data.frames import is_video_file
+    from .data.frames import is_video_source
     from .explain import iter_explain
     from .runs import output_dir
     from .tables import new_table
 
     _refuse_onnx(args.model, "Grad-CAM needs the model's gradients, which an exported model's runtime does not give")
     args.images = _folders_of_videos_opened(args.images)
-    videos = [source for source in args.images if is_video_file(source)]
+    videos = [source for source in args.images if is_video_source(source)]
     _check_video_flags(args, videos, "explain", "the videos give a video of overlays and a picture per segment, the "
                        "images a picture each", {"--fps": args.fps, "--smooth": args.smooth},
                        {"--workers": args.workers})
@@ -502,11 +508,13 @@ def _explain_videos(args: argparse.Namespace, console: Console, model, videos: l
     """explain on video files: per video, a video of its frames' overlays and a picture per segment."""
     from .runs import output_dir
     from .tables import segments_table
-    from .video import SMOOTH_SECONDS, video_files
-    from .video_explain import explain_video
+    from .video import SMOOTH_SECONDS, check_read_twice, video_files
+    from .video_explain import KEY_FRAMES_WHY, explain_video
 
     failed: list[str] = []
     infos = _opened_videos(videos, failed)
+    for info in infos:
+        check_read_twice(info, KEY_FRAMES_WHY)
     smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
     with output_dir(args.out, "runs/explain", Path(args.model).stem) as out:
         for info, named in zip(infos, video_files(infos, out, "") if infos else []):
@@ -515,7 +523,7 @@ def _explain_videos(args: argparse.Namespace, console: Console, model, videos: l
             failed += result.failed
             if result.path is None:
                 continue
-            console.print(segments_table(result.segments, f"{info.path}: {len(result.times)} frames explained by "
+            console.print(segments_table(result.segments, f"{info.name}: {len(result.times)} frames explained by "
                                                            f"{args.method}, {len(result.segments)} segment(s)",
                                          [key.path.name for key in result.key_frames]))
             console.print(f"wrote {result.path} and {len(result.key_frames)} key frame(s) beside it")
@@ -1649,7 +1657,8 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("model", help="a model file or a pretrained name")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
                                              "of images (an image column, as for train; or a dataset file); or "
-                                             "video files (.mp4, .mov, .mkv, .webm, .avi ...)")
+                                             "video files (.mp4, .mov, .mkv, .webm, .avi ...) or streams "
+                                             "(rtsp://, http://, udp:// ...: Ctrl-C ends a live one)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--format", choices=("table", "json", "csv", "labels", "probabilities", "segments"),
                    help="default: csv or json for an --out ending so, otherwise a table; labels: a CSV with a row "

@@ -207,12 +207,13 @@ def probabilities_and_features(model, images: torch.Tensor, tta: str = "none",
 
 
 def probabilities_in_flight(model, batches: Iterable[InferenceBatch], tta: str = "none", multi_label: bool = False,
-                            features: bool = False
+                            features: bool = False, ahead: bool = True
                             ) -> Iterator[tuple[InferenceBatch, torch.Tensor | None, torch.Tensor | None]]:
     """Each batch with its class probabilities on the host (None where none of its images could be read), and
     with `features` its pooled features (probabilities_and_features; else None), one batch behind the
     device: the next batch is queued on the device before the host waits for this one's answers, so a GPU
-    does not sit idle while the host copies them back and writes their rows."""
+    does not sit idle while the host copies them back and writes their rows. Not `ahead`: each batch's answers
+    as soon as they are computed (a live stream's, which should not wait for the next frames)."""
     pending = None
     for batch in batches:
         if batch.images is None:
@@ -224,6 +225,9 @@ def probabilities_in_flight(model, batches: Iterable[InferenceBatch], tta: str =
         if pending is not None:
             yield on_host(*pending)
         pending = batch, *scores
+        if not ahead:
+            yield on_host(*pending)
+            pending = None
     if pending is not None:
         yield on_host(*pending)
 

@@ -29,7 +29,8 @@ from typing import TextIO
 import numpy as np
 import torch
 from .annotate import captioned
-from .data.frames import Frame, VideoInfo, video_frames, video_info, write_video
+from .data.frames import (Frame, VideoInfo, arrived_frames, is_stream, source_file_name, stop_requests, video_frames,
+                          video_info, write_video)
 from .data.loaders import InferenceBatch, check_stream
 from .data.transforms import resize_center_crop
 from .errors import ConfigError
@@ -42,6 +43,7 @@ from .progress import progress_bar
 
 SMOOTH_SECONDS = 1.0  # about a scene cut's blur and a camera's shake; short enough to keep a 2 s shot apart
 TIMELINE_CLASSES = 8  # lines drawn at most: beyond this the colours repeat and the legend hides the plot
+ANNOTATE_WHY = "--annotate decodes it again to draw on its frames"
 
 
 @dataclass
@@ -124,6 +126,13 @@ def check_video_arguments(model, topk: int, batch_size: int, tta: str, fps: floa
             raise ConfigError("--feature-bank reads the features of the model run eagerly; leave --compile out")
 
 
+def check_read_twice(info: VideoInfo, why: str) -> None:
+    """Refuse, in one line, a live stream where the video is to be decoded a second time (`why`)."""
+    if info.live:
+        raise ConfigError(f"{info.name}: a live stream cannot be read a second time ({why}); record it first "
+                          f"(ffmpeg -i ADDRESS -c copy clip.mp4) and give the file")
+
+
 def expected_frames(info: VideoInfo, fps: float | None) -> int | None:
     """About how many frames will be predicted (for the progress bar and the choice to compile)."""
     if fps is not None and info.duration:
@@ -137,39 +146,50 @@ def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores, top
                        progress: bool, expected: int | None,
                        feature_bank: FeatureBank | None) -> Iterator[Prediction]:
     frame_times: list[float] = []  # every frame batched so far, by its index
-    with progress_bar(f"predicting {info.path}", progress, unit="frames/s") as bar:
+    with progress_bar(f"predicting {info.name}", progress, unit="frames/s") as bar, \
+            stop_requests(is_stream(info.path)) as stop:
         task = bar.add_task("frames", total=expected)
-        batches = _frame_batches(video_frames(info.path, fps, failed), model, tta, batch_size, frame_times)
+        frames = video_frames(info.path, fps, failed, stop)
+        # A live stream's frames are answered as they come: batches of those that arrived, none waited for.
+        groups = (arrived_frames(frames, batch_size, stop, info.name, failed) if info.live
+                  else batched(frames, batch_size))
+        batches = _frame_batches(groups, model, tta, frame_times)
         for batch, probabilities, features in probabilities_in_flight(forward, batches, tta, is_multi_label(model),
-                                                                      features=feature_bank is not None):
+                                                                      features=feature_bank is not None,
+                                                                      ahead=not info.live):
             times = [frame_times[index] for index in batch.indices]
-            predictions = batch_predictions(model, [frame_source(info.path, time) for time in times], probabilities,
+            predictions = batch_predictions(model, [frame_source(info.name, time) for time in times], probabilities,
                                             features, topk, min_confidence, feature_bank)
             scores.add(times, probabilities, [p.similarity for p in predictions] if feature_bank else None)
             yield from predictions
             bar.advance(task, len(times))
 
 
-def _frame_batches(frames: Iterator[Frame], model, tta: str, batch_size: int,
+def batched(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
+    """`frames` in lists of `size` (the last may be shorter)."""
+    group: list[Frame] = []
+    for frame in frames:
+        group.append(frame)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _frame_batches(groups: Iterator[list[Frame]], model, tta: str,
                    frame_times: list[float]) -> Iterator[InferenceBatch]:
-    """The frames resized and center-cropped as the model's preprocessing says, `batch_size` at a time, on the
+    """Each group of frames resized and center-cropped as the model's preprocessing says, as a batch on the
     model's device; each frame's time is appended to `frame_times`, where the batch's indices point."""
     pre = model.preprocessing
     crop = tta_image_size(pre, tta)
     device = model_device(model)
-    images: list[torch.Tensor] = []
-    for frame in frames:
-        frame_times.append(frame.time)
-        images.append(resize_center_crop(frame.image, pre.resize_size, crop, pre.interpolation))
-        if len(images) == batch_size:
-            yield _batch(images, len(frame_times), device)
-            images = []
-    if images:
-        yield _batch(images, len(frame_times), device)
-
-
-def _batch(images: list[torch.Tensor], seen: int, device: torch.device) -> InferenceBatch:
-    return InferenceBatch(list(range(seen - len(images), seen)), torch.stack(images).to(device), [])
+    for group in groups:
+        images = torch.stack([resize_center_crop(frame.image, pre.resize_size, crop, pre.interpolation)
+                              for frame in group])
+        seen = len(frame_times)
+        frame_times += [frame.time for frame in group]
+        yield InferenceBatch(list(range(seen, len(frame_times))), images.to(device), [])
 
 
 def smoothed(times: np.ndarray, probabilities: np.ndarray, seconds: float) -> np.ndarray:
@@ -305,7 +325,7 @@ def video_files(infos: list[VideoInfo], folder: str | Path, suffix: str) -> list
     name."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = [Path(info.path).name for info in infos]
+    names = [source_file_name(info.path) for info in infos]
     return [folder / (f"{name}{suffix}" if names.count(name) == 1 else f"{name}.{index}{suffix}")
             for index, name in enumerate(names, 1)]
 

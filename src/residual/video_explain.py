@@ -11,7 +11,8 @@ at most `fps` a second when asked), explains each at the class the model predict
   `target`) is most probable, explained at that class and drawn as `explain` draws an image, the model's input
   beside its overlay.
 Frames stream through in batches: memory holds a batch of frames, not the video. The key frames are decoded a
-second time once the segments are known; decoding costs a fraction of the gradients' pass.
+second time once the segments are known; decoding costs a fraction of the gradients' pass. A live stream, which
+cannot be decoded twice, is refused: record it first.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .annotate import captioned
-from .data.frames import Frame, VideoInfo, video_frames, video_info, write_video
+from .data.frames import Frame, VideoInfo, source_file_name, video_frames, video_info, write_video
 from .data.transforms import center_crop_box, normalize, resize_center_crop
 from .errors import ConfigError
 from .explain import Explanation, blended, explained_module, grad_cam, resolve_target, save_explanation
 from .predict import class_names_of, class_thresholds, is_multi_label, model_device
 from .progress import progress_bar
-from .video import SMOOTH_SECONDS, FrameScores, Segment, check_smooth, expected_frames, frame_source, video_segments
+from .video import (SMOOTH_SECONDS, FrameScores, Segment, check_read_twice, check_smooth, expected_frames,
+                    frame_source, video_segments)
 
 UNSEEN_BRIGHTNESS = 0.4  # what the center crop leaves out is dimmed to this, not hidden: the scene stays readable
+KEY_FRAMES_WHY = "explain decodes it again for each segment's key frame"
 
 
 @dataclass
@@ -63,19 +66,20 @@ def explain_video(model, video: str, out_dir: str | Path, method: str = "gradcam
     explained_module(model, method, layer)
     target_id = resolve_target(model, target)
     info = video_info(video)
+    check_read_twice(info, KEY_FRAMES_WHY)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = name or Path(video).name
+    name = name or source_file_name(video)
     model.eval()
     scores, explained, failed = FrameScores(), [], []
     path = out / f"{name}.{method}.mp4"
-    with progress_bar(f"explaining {info.path}", progress, unit="frames/s") as bar:
+    with progress_bar(f"explaining {info.name}", progress, unit="frames/s") as bar:
         task = bar.add_task("frames", total=expected_frames(info, fps))
         frames = video_frames(info.path, fps, failed)
         first = next(frames, None)
         if first is None:  # nothing to draw; said, as a video the user asked about
             path = None
-            failed.append(f"{info.path}: no frame to explain (none decoded); nothing written")
+            failed.append(f"{info.name}: no frame to explain (none decoded); nothing written")
         else:
             write_video(path, _overlaid(model, itertools.chain([first], frames), method, target_id, layer, batch_size,
                                         scores, explained, lambda count: bar.advance(task, count)), info.path)
@@ -160,7 +164,7 @@ def _key_frames(model, info: VideoInfo, fps: float | None, found: list[Segment],
         for (index, class_id), heatmap, row, crop in zip(chunk, heatmaps, rows, crops):
             time = frames[index].time
             probability, top = float(row[class_id]), int(row.argmax())
-            explanation = Explanation(frame_source(info.path, time), class_id, names[class_id], probability, top,
+            explanation = Explanation(frame_source(info.name, time), class_id, names[class_id], probability, top,
                                       heatmap.numpy(), crop.permute(1, 2, 0).numpy(),
                                       predicted=(probability >= thresholds[class_id] if thresholds is not None
                                                  else class_id == top))

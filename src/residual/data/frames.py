@@ -7,6 +7,12 @@ timestamp, so variable-rate video (phones again) is timed right.
 
 `fps` samples the video: at most that many frames per second, the first frame at or after each tick.
 
+A stream (rtsp://, http://, udp:// ... : a camera, a live broadcast) is read as a file is, but for this: a
+stream that stays silent for STREAM_TIMEOUT seconds, or breaks off, has stopped (said in `failed`, and the
+frames before it kept); one also ends when the user says so (`stop_requests`: Ctrl-C or SIGTERM; the frames so
+far are kept, and a second Ctrl-C stops at once); `arrived_frames` hands on a live stream's frames as they come,
+not once a batch has filled; and its password is never shown (`VideoInfo.name`).
+
 `write_video` writes frames back out (H.264 in an MP4), each at its own time.
 
 Bad input is reported, never dropped in silence: a file FFmpeg cannot open is refused in one line naming it, and
@@ -18,10 +24,17 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import signal
+import sys
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from PIL import Image
 
@@ -29,22 +42,63 @@ from ..atomic import atomic_path
 from ..errors import ConfigError
 from .decode import BadImageError
 
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts",
+                    ".mts", ".m2ts")  # the last three: MPEG transport streams (broadcasts, camcorders)
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
+STREAM_TIMEOUT = 10.0  # seconds a stream may stay silent, opening or playing, before it counts as stopped
 
 
 def is_video_file(path) -> bool:
     return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(VIDEO_EXTENSIONS)
 
 
+def is_stream(source) -> bool:
+    """An address FFmpeg reads over the network: rtsp://camera/live, http://host/live.ts, udp://@:5000 ..."""
+    return isinstance(source, str) and "://" in source and urlsplit(source).scheme.lower() in STREAM_SCHEMES
+
+
+def is_video_source(source) -> bool:
+    return is_stream(source) or is_video_file(source)
+
+
+def shown_source(source: str) -> str:
+    """`source` as it may be printed and written: a stream's password (rtsp://admin:PASSWORD@camera) hidden."""
+    if not is_stream(source):
+        return source
+    parts = urlsplit(source)
+    if parts.password is None:
+        return source
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+def source_file_name(source: str) -> str:
+    """A file name standing for `source`: its own name, or a stream's host and path (camera.local-554-live)."""
+    if not is_stream(source):
+        return Path(source).name
+    parts = urlsplit(source)
+    name = re.sub(r"[^A-Za-z0-9._]+", "-", f"{parts.hostname or ''}-{parts.port or ''}-{parts.path}")
+    return re.sub(r"-{2,}", "-", name).strip("-.") or parts.scheme
+
+
 @dataclass(frozen=True)
 class VideoInfo:
-    path: str
+    path: str  # a file, or a stream's address (with its password, where it has one: never print it)
     width: int  # as shown: a turned video's sides swapped
     height: int
     rate: float | None  # average frames per second, where the file says
     duration: float | None  # seconds, where the file says
     frames: int | None  # where the file says (a count, or duration x rate)
     rotation: int  # degrees the frames are turned counter-clockwise to be shown upright
+
+    @property
+    def name(self) -> str:
+        """The video as it is printed and written: a stream's password hidden."""
+        return shown_source(self.path)
+
+    @property
+    def live(self) -> bool:
+        """A stream with no known end (a camera, a broadcast): it cannot be read a second time."""
+        return is_stream(self.path) and self.duration is None
 
 
 @dataclass(frozen=True)
@@ -63,17 +117,39 @@ def _av():
 
 
 def _open(path: str | os.PathLike):
-    """The container and its first video stream, or a one-line BadImageError naming the file."""
+    """The container and its first video stream, or a one-line BadImageError naming the file or stream."""
     av = _av()
+    if is_stream(path):
+        return _open_stream(av, str(path))
     if not Path(path).is_file():
         raise BadImageError(f"{path}: no such file")
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as error:
         raise BadImageError(f"{path}: not a video FFmpeg can read ({error.strerror}); is the file complete?") from None
+    return _video_stream(container, path)
+
+
+def _open_stream(av, address: str):
+    try:  # a timeout for opening and for each read: a camera that is off or stops sending does not hang us
+        container = av.open(address, timeout=(STREAM_TIMEOUT, STREAM_TIMEOUT))
+    except av.error.ExitError:
+        raise BadImageError(f"{shown_source(address)}: no answer in {STREAM_TIMEOUT:g} s; is the address right and "
+                            f"the camera or server sending?") from None
+    except av.error.ProtocolNotFoundError:
+        raise BadImageError(f"{shown_source(address)}: PyAV's FFmpeg does not read {urlsplit(address).scheme}:// "
+                            f"addresses; relay the stream as rtsp://, http:// or udp://") from None
+    except (av.error.FFmpegError, OSError) as error:
+        raise BadImageError(f"{shown_source(address)}: cannot be read "
+                            f"({getattr(error, 'strerror', None) or error}); check the address, the port and "
+                            f"the name and password") from None
+    return _video_stream(container, shown_source(address))
+
+
+def _video_stream(container, name):
     if not container.streams.video:
         container.close()
-        raise BadImageError(f"{path}: has no video stream (only {len(container.streams)} other stream(s))")
+        raise BadImageError(f"{name}: has no video stream (only {len(container.streams)} other stream(s))")
     return container, container.streams.video[0]
 
 
@@ -103,33 +179,43 @@ def _stream_rotation(stream) -> int:
     return 0
 
 
-def video_frames(path: str | os.PathLike, fps: float | None = None,
-                 failed: list[str] | None = None) -> Iterator[Frame]:
-    """The frames of `path` in order (with `fps`, at most that many per second), upright, in RGB.
+def video_frames(path: str | os.PathLike, fps: float | None = None, failed: list[str] | None = None,
+                 stop: threading.Event | None = None) -> Iterator[Frame]:
+    """The frames of `path` (a file or a stream) in order (with `fps`, at most that many per second), upright, in
+    RGB; a stream's end where `stop` is set (by `stop_requests`).
 
-    FFmpeg decodes with its own threads. Frames lost to damage are reported in `failed` once the video ends."""
+    FFmpeg decodes with its own threads. Frames lost to damage, and a stream that stopped, are reported in
+    `failed` once the video ends."""
     if fps is not None and fps <= 0:
         raise ConfigError(f"--fps must be above 0, got {fps}")
     av = _av()
     container, stream = _open(path)
     stream.thread_type = "AUTO"  # frame and slice threads: several times faster on large frames
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    streamed, name = is_stream(path), shown_source(str(path))
+    # A stream joined midway may not say where it started: its first frame is its time 0.
+    start = (float(stream.start_time * stream.time_base) if stream.start_time is not None
+             else None if streamed else 0.0)
     rate = float(stream.average_rate) if stream.average_rate else None
     listed = stream.frames  # how many the file's index lists; 0 where it does not say
     damage: dict[str, list[float]] = {}  # what was skipped ("packets ...", "frames ...") -> when
+    stopped: list[str] = []  # why a stream ended before its end
     next_tick, decoded, at = 0.0, 0, 0.0
     with container:
-        for packet in container.demux(stream):
-            if packet.pts is not None:  # the flushing packet at the end has none: its damage is the last time's
-                at = float(packet.pts * stream.time_base) - start
+        for packet in _packets(av, container, stream, streamed, stop, stopped):
+            if packet is not None and packet.pts is not None:  # the flushing packet at the end has none
+                at = float(packet.pts * stream.time_base) - (start or 0.0)
             try:
-                frames = packet.decode()
+                frames = packet.decode() if packet is not None else stream.decode(None)
             except av.error.FFmpegError as error:
                 damage.setdefault(f"packet(s) FFmpeg could not decode ({error.strerror})", []).append(at)
                 continue
             for frame in frames:
                 decoded += 1
-                time = float(frame.time) - start if frame.time is not None else (decoded - 1) / (rate or 1)
+                # The stream's time base, not the frame's: frames flushed from the decoder carry none.
+                stamp = float(frame.pts * stream.time_base) if frame.pts is not None else None
+                if start is None:
+                    start = stamp or 0.0
+                time = stamp - start if stamp is not None else (decoded - 1) / (rate or 1)
                 if frame.is_corrupt:
                     damage.setdefault("frame(s) FFmpeg marked as damaged", []).append(time)
                     continue
@@ -143,12 +229,105 @@ def video_frames(path: str | os.PathLike, fps: float | None = None,
     # come out as one report: frames the index lists beyond those decoded or reported are damage too.
     unaccounted = listed - decoded - sum(len(times) for what, times in damage.items() if what.startswith("packet"))
     if failed is not None:
-        failed += [f"{path}: skipped {len(times)} {what.replace('(s)', 's' if len(times) > 1 else '')} "
+        failed += [f"{name}: skipped {len(times)} {what.replace('(s)', 's' if len(times) > 1 else '')} "
                    + (f"from {min(times):.2f} s to {max(times):.2f} s" if max(times) > min(times)
                       else f"at {times[0]:.2f} s") for what, times in damage.items()]
         if damage and unaccounted > 0:
-            failed.append(f"{path}: skipped {unaccounted} more frame{'s' if unaccounted > 1 else ''} the file lists, "
+            failed.append(f"{name}: skipped {unaccounted} more frame{'s' if unaccounted > 1 else ''} the file lists, "
                           f"in the damage above")
+        failed += [f"{name}: the stream stopped at {at:.2f} s ({why}); the frames before it are kept"
+                   for why in stopped]
+
+
+def _packets(av, container, stream, streamed: bool, stop: threading.Event | None, stopped: list[str]) -> Iterator:
+    """The video stream's packets, ending with the demuxer's flushing packet; a network stream that falls silent
+    or breaks off ends there instead (why, in `stopped`), as one stopped by the user (`stop`) does, with None:
+    flush the decoder, whose frames are the stream's last."""
+    packets = container.demux(stream)
+    while stop is None or not stop.is_set():
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.error.FFmpegError as error:
+            if not streamed:
+                raise
+            # A live HTTP stream's server closing the connection reads as an I/O error: FFmpeg cannot tell it
+            # from one cut off.
+            stopped.append(f"no data for {STREAM_TIMEOUT:g} s" if isinstance(error, av.error.ExitError)
+                           else f"the connection ended: {error.strerror}")
+            break
+        yield packet
+    yield None
+
+
+@contextmanager
+def stop_requests(wanted: bool) -> Iterator[threading.Event]:
+    """An event the first Ctrl-C or SIGTERM sets while inside, where `wanted` (a stream: the user's way to end
+    it, keeping what came so far); a second Ctrl-C interrupts as usual. Only the main thread takes signals."""
+    stop = threading.Event()
+    if not wanted or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(number, _frame):
+        if stop.is_set() and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        print("stopping the stream: the frames so far are kept (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = {number: signal.signal(number, request) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def arrived_frames(frames: Iterator[Frame], most: int, stop: threading.Event, name: str,
+                   failed: list[str] | None = None) -> Iterator[list[Frame]]:
+    """The frames a thread decodes from `frames` (a live stream's), handed on as they arrive: each time all those
+    waiting (at least one, at most `most`), so the model answers a frame moments after it was sent rather than
+    once a batch has filled. Where the model falls behind the stream, the oldest frames waiting beyond two
+    batches are let go, as a live view would, and said in `failed`: the answers stay current, and the memory
+    bounded. Sets `stop` when done with, ending the thread's stream."""
+    waiting: deque[Frame] = deque()
+    arrival = threading.Condition()
+    dropped: list[float] = []  # the times of the frames let go
+    ended: list[BaseException | None] = []  # set once the thread is done: what ended it, None for the end
+
+    def decode() -> None:
+        error = None
+        try:
+            for frame in frames:
+                with arrival:
+                    if len(waiting) >= 2 * most:
+                        dropped.append(waiting.popleft().time)
+                    waiting.append(frame)
+                    arrival.notify()
+        except BaseException as raised:  # handed to the reader, who raises it
+            error = raised
+        with arrival:
+            ended.append(error)
+            arrival.notify()
+
+    threading.Thread(target=decode, name=f"decoding {name}", daemon=True).start()
+    try:
+        while True:
+            with arrival:
+                arrival.wait_for(lambda: waiting or ended)
+                if not waiting:
+                    break
+                taken = [waiting.popleft() for _ in range(min(most, len(waiting)))]
+            yield taken
+    finally:
+        stop.set()
+    if ended[0] is not None:
+        raise ended[0]
+    if dropped and failed is not None:
+        failed.append(f"{name}: let go {len(dropped)} frame{'s' if len(dropped) > 1 else ''} from {min(dropped):.2f} s "
+                      f"to {max(dropped):.2f} s: the model fell behind the stream; give a lower --fps, or a faster "
+                      f"--device")
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[Frame], sound_from: str | os.PathLike | None = None) -> int:

@@ -1,0 +1,275 @@
+"""Predicting on network streams (a camera's rtsp://, a live http:// broadcast): read as a file is, frame for frame;
+a stream that falls silent or breaks off is said and the frames before it kept; Ctrl-C ends a live one with what
+came so far written; its password is never shown; what needs a second reading is refused. The streams here are
+MPEG-TS over HTTP from a server on 127.0.0.1, as a camera or an encoder sends them."""
+
+import base64
+import csv
+import http.server
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import residual
+from residual.cli import main
+from residual.data import frames as frames_module
+from residual.data.decode import BadImageError
+from residual.data.frames import is_stream, shown_source, source_file_name, video_frames, video_info
+from residual.errors import ConfigError
+from residual.video import predict_video
+from residual.video_explain import explain_video
+
+av = pytest.importorskip("av")
+
+PASSWORD = "s3cret-Pa55"
+
+
+def transport_stream(frames: list[np.ndarray], rate: int = 10) -> bytes:
+    """`frames` as MPEG-TS, the container live streams are sent in (MPEG-4 video, `rate` frames a second)."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
+        for pixels in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return out.getvalue()
+
+
+class StreamServer:
+    """An HTTP server on 127.0.0.1 sending `body` at /cam/live.ts as a live stream does, with no length, after
+    asking for the name and password `user:PASSWORD`. `pieces` and `pause`: sent in that many pieces that far
+    apart (a stream in real time); `then`: after `cut` of the body, "end" (the last chunk of a chunked answer),
+    "stall" (hold the connection, silent) or "close" (an answer not chunked, its connection dropped: FFmpeg
+    cannot tell that from a chunked answer's own end, nor a chunked answer cut short from its end)."""
+
+    def __init__(self, body: bytes, pieces: int = 1, pause: float = 0.0, cut: float = 1.0, then: str = "end"):
+        self.body, self.pieces, self.pause, self.cut, self.then = body, pieces, pause, cut, then
+        self.authorized = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                expected = "Basic " + base64.b64encode(f"user:{PASSWORD}".encode()).decode()
+                if self.headers.get("Authorization") != expected:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="camera"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                server.authorized.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp2t")
+                chunked = server.then != "close"
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                sent = server.body[:len(server.body) * int(server.cut * 1000) // 1000 // 188 * 188]
+                step = -(-len(sent) // server.pieces)
+                try:
+                    for start in range(0, len(sent), step):
+                        piece = sent[start:start + step]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                        self.wfile.flush()
+                        time.sleep(server.pause)
+                    if server.then == "stall":
+                        time.sleep(5)
+                    elif server.then == "end":
+                        self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):  # the reader stopped listening
+                    pass
+                self.close_connection = True
+
+            def log_message(self, *_):
+                pass
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.url = f"http://user:{PASSWORD}@127.0.0.1:{self.http.server_port}/cam/live.ts"
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def serve_stream():
+    servers = []
+
+    def start(body: bytes, **how) -> StreamServer:
+        servers.append(StreamServer(body, **how))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def grey_frames(count: int, size: int = 32) -> list[np.ndarray]:
+    return [np.full((size, size, 3), 20 + 7 * (index % 30), np.uint8) for index in range(count)]
+
+
+def everything_written(folder: Path, captured: str) -> str:
+    return captured + "".join(path.read_bytes().decode("latin-1") for path in folder.rglob("*") if path.is_file())
+
+
+def test_a_stream_is_predicted_frame_for_frame_as_its_file_is_and_its_password_never_shown(demo_run, tmp_path,
+                                                                                          serve_stream, capsys):
+    """Three seconds each of circles, squares and stars, sent as a live stream: every frame's probabilities, the
+    segments and the timeline are those of the same bytes read from a file; the rows are named by the stream's
+    address with its password hidden, and the password appears in nothing printed or written."""
+    shapes = ("circle", "square", "star")
+    pictures = [np.asarray(Image.open(path).convert("RGB")) for shape in shapes
+                for path in sorted((demo_run["data"] / "test" / shape).iterdir())[:30]]
+    body = transport_stream(pictures)
+    (tmp_path / "scenes.ts").write_bytes(body)
+    server = serve_stream(body, pieces=8)
+    shown = server.url.replace(PASSWORD, "***")
+    model = str(demo_run["model"])
+
+    info = video_info(server.url)
+    assert info.live and info.name == shown and (info.width, info.height) == (32, 32)
+    assert main(["predict", model, server.url, "--format", "csv", "--out", str(tmp_path / "out" / "stream.csv"),
+                 "--timeline", str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["predict", model, str(tmp_path / "scenes.ts"), "--format", "csv", "--out",
+                 str(tmp_path / "file.csv"), "--quiet"]) == 0
+    assert main(["predict", model, server.url, "--format", "segments", "--out", str(tmp_path / "out" / "seg.csv"),
+                 "--quiet"]) == 0
+    assert server.authorized == ["/cam/live.ts"] * 5  # video_info; each predict opens it to look, then reads it
+    with open(tmp_path / "out" / "stream.csv") as streamed, open(tmp_path / "file.csv") as read:
+        streamed_rows, file_rows = list(csv.DictReader(streamed)), list(csv.DictReader(read))
+    assert len(streamed_rows) == len(file_rows) == 90 * 5  # the top five classes of each frame
+    for from_stream, from_file in zip(streamed_rows, file_rows):
+        assert from_stream["frame"].replace(shown, "") == from_file["frame"].replace(str(tmp_path / "scenes.ts"), "")
+        assert from_stream["frame"].startswith(shown + "#t=")
+        assert from_stream["class_name"] == from_file["class_name"]
+        assert float(from_stream["probability"]) == pytest.approx(float(from_file["probability"]), abs=1e-5)
+    with open(tmp_path / "out" / "seg.csv") as stream:
+        segments = list(csv.DictReader(stream))
+    assert [row["label"] for row in segments] == list(shapes) and {row["video"] for row in segments} == {shown}
+    assert (tmp_path / "out" / f"127.0.0.1-{server.http.server_port}-cam-live.ts.timeline.png").is_file()
+    assert PASSWORD not in everything_written(tmp_path / "out", "".join(capsys.readouterr()))
+
+
+def test_a_stream_that_falls_silent_or_breaks_off_is_said_and_its_frames_before_kept(untrained, tmp_path,
+                                                                                    serve_stream, monkeypatch):
+    """Half a stream, then silence (past the timeout) or a dropped connection: the frames that came are the file's
+    first frames, pixel for pixel and time for time, and `failed` says where and why it stopped."""
+    monkeypatch.setattr(frames_module, "STREAM_TIMEOUT", 1.0)
+    pictures = [np.full((32, 32, 3), 20 + 3 * index, np.uint8) for index in range(60)]
+    body = transport_stream(pictures)
+    (tmp_path / "whole.ts").write_bytes(body)
+    whole = list(video_frames(tmp_path / "whole.ts"))
+    assert len(whole) == 60
+    for then, why in (("stall", "no data for 1 s"), ("close", "the connection ended")):
+        server = serve_stream(body, cut=0.5, then=then)
+        failed = []
+        came = list(video_frames(server.url, failed=failed))
+        assert 15 < len(came) < 45
+        for frame, same in zip(came, whole):
+            assert frame.time == pytest.approx(same.time)
+            assert np.array_equal(np.asarray(frame.image), np.asarray(same.image))
+        assert len(failed) == 1 and why in failed[0] and "the frames before it are kept" in failed[0]
+        assert failed[0].startswith(server.url.replace(PASSWORD, "***") + ": the stream stopped at ")
+
+    model = residual.load_model(untrained)
+    result = predict_video(model, serve_stream(body, cut=0.5, then="stall").url)
+    assert 15 < len(result.predictions) < 45 and "no data for 1 s" in result.failed[0]
+    assert sum(segment.frames for segment in result.segments) == len(result.predictions)
+
+
+def test_an_address_that_does_not_answer_or_refuses_the_password_is_one_line_naming_it(untrained, tmp_path,
+                                                                                      serve_stream, capsys):
+    server = serve_stream(transport_stream(grey_frames(20)))
+    wrong = server.url.replace(PASSWORD, "wrong")
+    with pytest.raises(BadImageError, match=r"^http://user:\*\*\*@127\.0\.0\.1:\d+/cam/live\.ts: cannot be read "
+                                            r"\(.*401.*\); check the address"):
+        video_info(wrong)
+    with socket_nobody_listens_on() as port:
+        dead = f"rtsp://127.0.0.1:{port}/live"
+        with pytest.raises(BadImageError, match=r"^rtsp://127\.0\.0\.1:\d+/live: cannot be read \(Connection refused"):
+            video_info(dead)
+        # Among others: the one that cannot be read is named, the others predicted, exit 1.
+        code = main(["predict", str(untrained), dead, server.url, "--format", "csv", "--topk", "1", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 1 and len(out.splitlines()) == 21 and f"{dead}: cannot be read" in err
+    assert "wrong" not in err and PASSWORD not in out + err
+    with pytest.raises(BadImageError, match=r"^srt://127\.0\.0\.1:9: PyAV's FFmpeg does not read srt:// "):
+        video_info("srt://127.0.0.1:9")  # PyAV's wheels are built without SRT
+
+
+class socket_nobody_listens_on:
+    """A port on 127.0.0.1 that refuses connections: bound, so no one else takes it, and not listening."""
+
+    def __enter__(self) -> int:
+        import socket
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        return self.socket.getsockname()[1]
+
+    def __exit__(self, *_):
+        self.socket.close()
+
+
+def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, serve_stream):
+    """`residual predict MODEL URL` on a stream sent in real time: its rows come out as frames arrive (stdout is
+    flushed per row), Ctrl-C stops it, the segments and timeline of what came are written, and it exits 0."""
+    body = transport_stream(grey_frames(300))  # 30 s at 10 frames/s, sent in about that time
+    server = serve_stream(body, pieces=60, pause=0.5)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "residual", "predict", str(untrained), server.url, "--format", "csv", "--fps", "5",
+         "--topk", "1", "--timeline", str(tmp_path / "timeline")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        rows = [process.stdout.readline() for _ in range(11)]  # the header and ten rows, before the stream ends
+        assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    rows += out.splitlines(keepends=True)
+    assert process.returncode == 0, err
+    assert rows[0].startswith("frame,") and 10 < len(rows) - 1 < 150
+    assert [float(row.split(",")[0].rsplit("#t=", 1)[1]) for row in rows[1:4]] == pytest.approx([0.0, 0.2, 0.4])
+    assert "stopping the stream: the frames so far are kept" in err
+    assert (tmp_path / "timeline" / f"127.0.0.1-{server.http.server_port}-cam-live.ts.timeline.png").is_file()
+    assert PASSWORD not in out + err
+
+
+def test_what_reads_a_video_twice_refuses_a_live_stream_before_writing_anything(untrained, tmp_path,
+                                                                                serve_stream, capsys):
+    server = serve_stream(transport_stream(grey_frames(20)))
+    assert main(["predict", str(untrained), server.url, "--annotate", str(tmp_path / "seen")]) == 2
+    assert main(["explain", str(untrained), server.url, "--out", str(tmp_path / "cams")]) == 2
+    err = capsys.readouterr().err
+    assert "a live stream cannot be read a second time (--annotate decodes it again" in err
+    assert "a live stream cannot be read a second time (explain decodes it again for each segment's key" in err
+    assert "record it first (ffmpeg -i ADDRESS -c copy clip.mp4)" in err and PASSWORD not in err
+    assert not (tmp_path / "seen").exists() and not list((tmp_path / "cams").glob("*"))
+    with pytest.raises(ConfigError, match="a live stream cannot be read a second time"):
+        explain_video(residual.load_model(untrained), server.url, tmp_path / "api")
+
+
+def test_stream_addresses_are_told_from_files_named_for_files_and_shown_without_their_password():
+    assert is_stream("rtsp://admin:pw@192.168.1.5:554/Streaming/Channels/101")
+    assert is_stream("udp://@:5000") and is_stream("HTTPS://example.com/live/index.m3u8")
+    assert not is_stream("clip.mp4") and not is_stream("ftp://host/clip.mp4") and not is_stream(Path("a://b"))
+    assert shown_source("rtsp://admin:pw@192.168.1.5:554/live") == "rtsp://admin:***@192.168.1.5:554/live"
+    assert shown_source("rtsp://192.168.1.5/live") == "rtsp://192.168.1.5/live"
+    assert shown_source("videos/a:pw@b.mp4") == "videos/a:pw@b.mp4"  # a file's name is its name
+    assert source_file_name("rtsp://admin:pw@192.168.1.5:554/Streaming/Channels/101") == \
+        "192.168.1.5-554-Streaming-Channels-101"
+    assert source_file_name("udp://@:5000") == "5000" and source_file_name("runs/clip.mp4") == "clip.mp4"
