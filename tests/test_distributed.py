@@ -109,8 +109,9 @@ def test_two_workers_follow_the_single_process_loss_curve(two_workers):
     for one, two in zip(single, ddp):
         assert float(two["train_loss"]) == pytest.approx(float(one["train_loss"]), rel=2.5e-3), (one, two)
         assert float(two["val_loss"]) == pytest.approx(float(one["val_loss"]), rel=5e-3), (one, two)
-        # Accuracy counts argmaxes: float-level differences may flip an image or two sitting on a tie.
-        assert float(two["train_acc"]) == pytest.approx(float(one["train_acc"]), abs=0.02)  # 6 of 300 images
+        # Accuracy counts argmaxes: float-level differences flip images sitting near a tie, and a model at 26%
+        # has many (9 of 300 by epoch 4 on an AMD EPYC, whose kernels round otherwise than a Xeon's).
+        assert float(two["train_acc"]) == pytest.approx(float(one["train_acc"]), abs=0.04)  # 12 of 300 images
         assert float(two["val_top1"]) == pytest.approx(float(one["val_top1"]), abs=0.05)  # 3 of 60
     assert float(single[-1]["train_loss"]) < 0.9 * float(single[0]["train_loss"])  # a curve, not a flat line
     summary = json.loads((two_workers["ddp"] / "summary.json").read_text())
@@ -152,7 +153,10 @@ def test_steps_over_two_workers_are_the_single_process_steps_with_class_weights_
     first = build_model("resnet20", num_classes=10, norm=None).state_dict()  # both runs' first weights (seed 0)
     moved, apart = distance(end_single, first), distance(end_single, end_ddp)
     assert checkpoint["step"] == 16 // batch_size
-    assert apart < 1e-4 * moved, f"the two-worker steps ended {apart / moved:.2e} of the distance moved away"
+    # Float rounding alone: batches of one image per worker against two in one process run other convolution
+    # kernels (4.1e-4 of the distance on an AMD EPYC, under 1e-4 on a Xeon). The faults this guards against are
+    # far larger: a step left out is 1/8 of the way, a worker's own divisor a gradient off by its class weight.
+    assert apart < 2e-3 * moved, f"the two-worker steps ended {apart / moved:.2e} of the distance moved away"
 
 
 def test_only_rank_zero_writes_files(two_workers):

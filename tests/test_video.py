@@ -114,7 +114,10 @@ def test_with_a_feature_bank_frames_of_none_of_the_classes_make_a_stretch_of_no_
     result = predict_video(model, str(video), feature_bank=bank)
     assert [segment.label for segment in result.segments] == ["star", None]
     assert 1.5 <= result.segments[1].start <= 2.0  # smoothed over 1 s: a change moves by half of it at most
-    assert [p.unsure for p in result.predictions] == [False] * 20 + [True] * 20  # frame by frame: exact
+    # Frame by frame: every noise frame is unsure; a star now and then may be too, as the floor lets 5% of
+    # test stars fall below it (which of these twenty do depends on the demo model: fp32- or bf16-trained).
+    assert [p.unsure for p in result.predictions[20:]] == [True] * 20
+    assert sum(p.unsure for p in result.predictions[:20]) <= 2
     assert all(p.similarity is not None for p in result.predictions)
 
     assert main(["predict", str(demo_run["model"]), str(video), "--feature-bank", str(tmp_path / "bank.safetensors"),
