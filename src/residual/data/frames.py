@@ -131,8 +131,11 @@ def _open(path: str | os.PathLike):
 
 
 def _open_stream(av, address: str):
+    # RTSP's pictures over the connection it opened (TCP) where the server offers it, else over UDP, FFmpeg's first
+    # choice: UDP loses packets on a busy network, and a lost packet smears the frames up to the next key frame.
+    options = {"rtsp_flags": "prefer_tcp"} if urlsplit(address).scheme.lower() in ("rtsp", "rtsps") else {}
     try:  # a timeout for opening and for each read: a camera that is off or stops sending does not hang us
-        container = av.open(address, timeout=(STREAM_TIMEOUT, STREAM_TIMEOUT))
+        container = av.open(address, options=options, timeout=(STREAM_TIMEOUT, STREAM_TIMEOUT))
     except av.error.ExitError:
         raise BadImageError(f"{shown_source(address)}: no answer in {STREAM_TIMEOUT:g} s; is the address right and "
                             f"the camera or server sending?") from None
