@@ -23,7 +23,8 @@ import residual
 from residual.cli import main
 from residual.data import frames as frames_module
 from residual.data.decode import BadImageError
-from residual.data.frames import is_stream, shown_source, source_file_name, video_frames, video_info
+from residual.data.frames import (Frame, arrived_frames, is_stream, shown_source, source_file_name, video_frames,
+                                  video_info)
 from residual.errors import ConfigError
 from residual.video import predict_video
 from residual.video_explain import explain_video
@@ -273,3 +274,36 @@ def test_stream_addresses_are_told_from_files_named_for_files_and_shown_without_
     assert source_file_name("rtsp://admin:pw@192.168.1.5:554/Streaming/Channels/101") == \
         "192.168.1.5-554-Streaming-Channels-101"
     assert source_file_name("udp://@:5000") == "5000" and source_file_name("runs/clip.mp4") == "clip.mp4"
+
+
+def test_frames_are_handed_on_as_they_arrive_and_the_oldest_let_go_where_the_model_falls_behind():
+    """arrived_frames with a model slower than the stream: each time, every frame waiting (up to the batch);
+    beyond two batches waiting the oldest are let go, said in `failed`; the newest always reach the model, in
+    order. A decoding error is raised in the reader, and the stream is told to stop once the reader is done."""
+    image = Image.new("RGB", (8, 8))
+    sent = threading.Event()
+
+    def stream():
+        for index in range(100):
+            yield Frame(index / 10, image)
+        sent.set()
+
+    stop, failed = threading.Event(), []
+    groups = []
+    for group in arrived_frames(stream(), 4, stop, "rtsp://cam/live", failed):
+        groups.append([frame.time for frame in group])
+        sent.wait(5)  # the model is slow: the whole stream has come by the time it is done with one batch
+    handed = [time for group in groups for time in group]
+    assert all(0 < len(group) <= 4 for group in groups) and handed == sorted(handed) and handed[-1] == 9.9
+    assert len(handed) <= 4 + 8  # the first batch, then the two batches' worth still waiting
+    let_go = sorted({index / 10 for index in range(100)} - set(handed))
+    assert failed == [f"rtsp://cam/live: let go {len(let_go)} frames from {let_go[0]:.2f} s to {let_go[-1]:.2f} s: "
+                      f"the model fell behind the stream; give a lower --fps, or a faster --device"]
+    assert stop.is_set()
+
+    def broken():
+        yield Frame(0.0, image)
+        raise BadImageError("rtsp://cam/live: broken")
+
+    with pytest.raises(BadImageError, match="broken"):
+        list(arrived_frames(broken(), 4, threading.Event(), "rtsp://cam/live"))
