@@ -374,8 +374,7 @@ def _check_video_flags(args: argparse.Namespace, videos: list[str], command: str
     if not videos:
         if given := [flag for flag, value in video_flags.items() if value is not None]:
             raise ResidualError(f"{given[0]} is for videos ({', '.join(VIDEO_EXTENSIONS)}, or a stream's address); "
-                                f"none is among "
-                                f"{' '.join(args.images)}")
+                                f"none is among {' '.join(args.images)}")
         return
     if len(videos) < len(args.images):
         others = [source for source in args.images if source not in videos]
