@@ -120,6 +120,7 @@ class TrainConfig:
     quiet: bool = False
     report: bool = True  # at the end, evaluate the best model on val: metrics.json, pictures, report.html
     tensorboard: bool = False  # each epoch's numbers also as TensorBoard scalars in RUN/tensorboard/
+    mlflow: str | None = None  # also an MLflow run at this tracking URI ("": MLFLOW_TRACKING_URI's); None: none
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

@@ -78,7 +78,8 @@ class TensorBoardLog:
             self.writer.add_hparams(hyperparameters(config), {**metrics, "best/epoch": best_epoch},
                                     run_name="hparams")
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """Write out and close the event files (`status`, how the run ended, is for trackers that keep it)."""
         for writer in (self.writer, self.step_writer):
             if writer is not None:
                 writer.close()

@@ -62,6 +62,7 @@ from .distill import Teacher, distillation_sum
 from .distributed import World, per_worker_batch
 from .ema import WeightEMA
 from .history import plot_curves, write_metrics
+from .mlflow_log import MlflowLog
 from .tensorboard import TensorBoardLog
 from .loss import consistency_sum, label_loss_sum
 from .optim import PlateauDecay, build_optimizer, build_scheduler
@@ -285,9 +286,9 @@ class Trainer:
                  world: World = World(), epoch_end: Callable[[dict], str | None] | None = None):
         self.config, self.dataset, self.run_dir, self.console = config, dataset, run_dir, console
         self.world, self.epoch_end = world, epoch_end
-        # First: without the tensorboard package, --tensorboard stops here, before the data is loaded.
-        self.tensorboard = (TensorBoardLog(run_dir / "tensorboard", (run_dir / "config.yaml").read_text())
-                            if config.tensorboard and world.is_main else None)
+        # First: without the tensorboard or mlflow package, or its server, the flag stops here, before the data
+        # is loaded.
+        self.trackers = self._trackers() if world.is_main else []
         self.device = world.device(pick_device(config.device))
         self.worker_batch = per_worker_batch(config.batch_size, world)
         self.bad = BadFileLog(config.max_bad_streak)
@@ -522,18 +523,41 @@ class Trainer:
     def fit(self) -> TrainResult:
         # Under torchrun a signal reaches the workers at different steps, so they cannot stop together
         # cleanly; torchrun ends them and the run resumes from its last checkpoint instead.
-        with _stop_on_signals(self) if not self.world.distributed else contextlib.nullcontext():
-            try:
-                while not self.finished():
-                    train_stats = self._train_epoch()
-                    val_stats = self.evaluate()
-                    self._end_epoch(train_stats, val_stats)
-            except NoSpaceError as error:
-                if not (self.run_dir / "last.pt").exists():
-                    raise
-                raise NoSpaceError(f"{error}, or go on from the last checkpoint: residual train --resume "
-                                   f"{self.run_dir}") from None
-        return self._finish()
+        try:
+            with _stop_on_signals(self) if not self.world.distributed else contextlib.nullcontext():
+                self._train_epochs()
+            return self._finish()
+        except BaseException as error:  # the trackers are told how it ended, and the error goes on
+            self._close_trackers("KILLED" if isinstance(error, (TrainingInterrupted, KeyboardInterrupt))
+                                 else "FAILED")
+            raise
+
+    def _train_epochs(self) -> None:
+        try:
+            while not self.finished():
+                train_stats = self._train_epoch()
+                val_stats = self.evaluate()
+                self._end_epoch(train_stats, val_stats)
+        except NoSpaceError as error:
+            if not (self.run_dir / "last.pt").exists():
+                raise
+            raise NoSpaceError(f"{error}, or go on from the last checkpoint: residual train --resume "
+                               f"{self.run_dir}") from None
+
+    def _trackers(self) -> list[TensorBoardLog | MlflowLog]:
+        """Where the run's numbers go besides metrics.csv: TensorBoard's event files, an MLflow run."""
+        c, trackers = self.config, []
+        if c.tensorboard:
+            trackers.append(TensorBoardLog(self.run_dir / "tensorboard", (self.run_dir / "config.yaml").read_text()))
+        if c.mlflow is not None:
+            trackers.append(MlflowLog(self.run_dir, c.mlflow, c.to_dict(), self.console.print))
+        return trackers
+
+    def _close_trackers(self, status: str) -> None:
+        """End the trackers' runs: FINISHED, KILLED (stopped by a signal, to be resumed) or FAILED."""
+        trackers, self.trackers = self.trackers, []  # once: an error after closing does not close again
+        for tracker in trackers:
+            tracker.close(status)
 
     def finished(self) -> bool:
         return self.epoch >= self.config.epochs or self.stopped_early or self.stopped_by is not None
@@ -687,9 +711,9 @@ class Trainer:
             step = steps.setdefault(p.step, [0.0, 0.0, p.lr])
             step[0] += loss * weight
             step[1] += weight
-        if self.tensorboard is not None:  # each step's loss (its micro-batches' together) and rate
-            self.tensorboard.add_steps([(number, total / weight, lr) for number, (total, weight, lr) in steps.items()
-                                        if weight])
+        for tracker in self.trackers:  # each step's loss (its micro-batches' together) and rate
+            tracker.add_steps([(number, total / weight, lr) for number, (total, weight, lr) in steps.items()
+                               if weight])
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision when it is on; no autocast context otherwise (it exists only for some devices)."""
@@ -884,8 +908,8 @@ class Trainer:
         self.history.append(row)
         if self.world.is_main:
             write_metrics(self.history, self.run_dir / "metrics.csv")
-        if self.tensorboard is not None:
-            self.tensorboard.add_epoch(row)
+        for tracker in self.trackers:
+            tracker.add_epoch(row)
         self._draw_curves(final=False)
         value = val_stats[c.monitor]
         higher_is_better = c.monitor != "val_loss"
@@ -984,10 +1008,11 @@ class Trainer:
                 tmp.write_text(json.dumps(summary, indent=2))
             if self.config.report and self.best is not None:
                 self._write_report()
-        if self.tensorboard is not None:  # the pictures but curves.png, whose numbers are already scalars
-            pictures = sorted(path for path in self.run_dir.glob("*.png") if path.name != "curves.png")
-            self.tensorboard.finish(self.config.to_dict(), self.best or {}, self.best_epoch, pictures, self.epoch)
-            self.tensorboard.close()
+        # The pictures but curves.png, whose numbers the trackers have already.
+        pictures = sorted(path for path in self.run_dir.glob("*.png") if path.name != "curves.png")
+        for tracker in self.trackers:
+            tracker.finish(self.config.to_dict(), self.best or {}, self.best_epoch, pictures, self.epoch)
+        self._close_trackers("FINISHED")
         self.world.barrier()  # the other workers wait, so the group ends together
         best = self.best or {}
         score = "val_map" if self.dataset.multi_label else "val_top1"
@@ -999,6 +1024,7 @@ class Trainer:
         self.console.print(f"run directory: {self.run_dir} (model.safetensors, metrics.csv, curves.png, last.pt"
                            + (", train_batch.png, report.html" if self.config.report and self.best is not None
                               else "") + (", tensorboard/" if self.config.tensorboard else "")
+                           + (", mlflow.json" if self.config.mlflow is not None else "")
                            + (f", the {len(self.kept)} best epochs' epoch-NNN.safetensors" if self.kept else "") + ")")
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
                            len(self.dataset.ignored), self.stopped_early, self.run_dir / "model.safetensors",

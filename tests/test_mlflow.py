@@ -1,0 +1,127 @@
+"""`--mlflow`: a run's settings, every epoch's and step's numbers, its files and how it ended, in an MLflow run,
+read back through MLflow's own client; a resumed run goes on in the same MLflow run; a server lost mid-run does
+not stop the training; one that cannot be reached, or a missing client, is a one-line refusal before training."""
+
+import csv
+import json
+import shutil
+import socket
+import sys
+
+import pytest
+
+from residual.cli import main
+from residual.data.shapes import write_shapes
+from residual.train import TrainConfig, train
+from residual.train.optim import OptimConfig
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402  (after the skip: the client is a test dependency)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A tracking store in a folder: MLflow's file store, which it keeps for tests and offline use (it asks for
+    MLFLOW_ALLOW_FILE_STORE); the run goes to it as to a server."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "shapes-runs")
+    return (tmp_path / "mlruns").as_uri()
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(metric.step, metric.value) for metric in sorted(client.get_metric_history(run_id, key),
+                                                              key=lambda metric: (metric.step, metric.timestamp))]
+
+
+def test_a_run_sends_its_settings_every_epoch_and_step_its_best_numbers_and_its_files(tmp_path, store, capsys):
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)  # 40 training images
+    assert main(["train", str(data), "--model", "resnet20", "--epochs", "2", "--batch-size", "16", "--workers", "0",
+                 "--lr", "0.05", "--mlflow", store, "--quiet", "--out", str(tmp_path / "runs"),
+                 "--name", "tracked"]) == 0
+    assert "tracked (model.safetensors" in capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "tracked"
+    record = json.loads((run_dir / "mlflow.json").read_text())
+    client = MlflowClient(store)
+    run = client.get_run(record["run_id"])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "shapes-runs" == record["experiment"]
+    assert run.data.tags["residual.run_dir"] == str(run_dir.resolve())
+    params = run.data.params
+    assert params["model"] == "resnet20" and float(params["optim.lr"]) == 0.05 and params["epochs"] == "2"
+    assert params["augment.hflip"] == "True" and "teacher" not in params  # unset settings left out
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    for column in ("train_loss", "val_top1", "val_loss", "lr", "images_per_s"):
+        assert history(client, run.info.run_id, column) == [
+            (int(row["epoch"]), pytest.approx(float(row[column]), rel=1e-5)) for row in rows]
+    # Three optimizer steps an epoch (16, 16 and 8 images), each sent once, at its number.
+    assert [step for step, _ in history(client, run.info.run_id, "step/train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in history(client, run.info.run_id, "step/lr")] == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert run.data.metrics["best/val_top1"] == pytest.approx(summary["best"]["val_top1"])
+    assert run.data.metrics["best/epoch"] == summary["best_epoch"]
+    sent = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert {"model.safetensors", "config.yaml", "metrics.csv", "summary.json", "curves.png", "train_batch.png",
+            "report.html", "confusion_matrix.png"} <= sent and "last.pt" not in sent
+    copy = client.download_artifacts(run.info.run_id, "model.safetensors", str(tmp_path / "downloaded"))
+    assert open(copy, "rb").read() == (run_dir / "model.safetensors").read_bytes()
+
+
+def test_a_run_stopped_then_resumed_goes_on_in_the_same_mlflow_run(tmp_path, store):
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)
+    config = TrainConfig(data=str(data), model="resnet20", epochs=3, batch_size=16, workers=0, quiet=True,
+                         report=False, optim=OptimConfig(lr=0.05), out=str(tmp_path / "runs"), name="resumed",
+                         mlflow=store)
+
+    def ctrl_c_after_the_first_epoch(row):
+        raise KeyboardInterrupt  # as a second Ctrl-C would: last.pt already holds the epoch
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, epoch_end=ctrl_c_after_the_first_epoch)
+    run_dir = tmp_path / "runs" / "resumed"
+    run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    client = MlflowClient(store)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert [step for step, _ in history(client, run_id, "val_top1")] == [1]
+
+    train(resume=run_dir)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and json.loads((run_dir / "mlflow.json").read_text())["run_id"] == run_id
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert history(client, run_id, "val_top1") == [(int(row["epoch"]), pytest.approx(float(row["val_top1"])))
+                                                   for row in rows] and len(rows) == 3
+
+
+def test_a_tracking_store_lost_mid_run_is_said_once_and_the_training_goes_on(tmp_path, store, capsys):
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)
+    config = TrainConfig(data=str(data), model="resnet20", epochs=3, batch_size=16, workers=0, quiet=True,
+                         report=False, optim=OptimConfig(lr=0.05), out=str(tmp_path / "runs"), name="lost",
+                         mlflow=store)
+
+    def the_store_goes_away(row):
+        shutil.rmtree(tmp_path / "mlruns", ignore_errors=True)
+
+    result = train(config, epoch_end=the_store_goes_away)
+    assert len(result.history) == 3 and (result.run_dir / "model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert out.count("--mlflow: sending") == 1 and "failed" in out and "training goes on" in out
+    assert "of the run's sends to" in out and f"the run directory {result.run_dir} holds everything" in out
+
+
+def test_an_unreachable_server_or_a_missing_client_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    data = write_shapes(tmp_path / "data", size=16, per_class=2, seed=0, progress=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow retries a lost server for minutes
+    with socket.socket() as closed:  # bound, not listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        assert main(["train", str(data), "--model", "resnet20", "--epochs", "1", "--mlflow", uri, "--quiet",
+                     "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --mlflow {uri}: ") and "check the tracking URI" in err and err.count("\n") == 1
+    assert not any((tmp_path / "runs").glob("*/config.yaml"))  # no half-made run
+
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)  # as if it were not installed
+    assert main(["train", str(data), "--model", "resnet20", "--epochs", "1", "--mlflow", "--quiet",
+                 "--out", str(tmp_path / "runs")]) == 2
+    assert "pip install mlflow-skinny (or residual[mlflow])" in capsys.readouterr().err
