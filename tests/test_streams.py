@@ -225,9 +225,11 @@ class socket_nobody_listens_on:
         self.socket.close()
 
 
-def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, serve_stream):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, serve_stream, stop):
     """`residual predict MODEL URL` on a stream sent in real time: its rows come out as frames arrive (stdout is
-    flushed per row), Ctrl-C stops it, the segments and timeline of what came are written, and it exits 0."""
+    flushed per row), Ctrl-C (or a service manager's SIGTERM) stops it, the segments and timeline of what came
+    are written, and it exits 0."""
     body = transport_stream(grey_frames(300))  # 30 s at 10 frames/s, sent in about that time
     server = serve_stream(body, pieces=60, pause=0.5)
     process = subprocess.Popen(
@@ -237,7 +239,7 @@ def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, ser
     try:
         rows = [process.stdout.readline() for _ in range(11)]  # the header and ten rows, before the stream ends
         assert process.poll() is None
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         out, err = process.communicate(timeout=60)
     finally:
         process.kill()
