@@ -309,3 +309,35 @@ def test_frames_are_handed_on_as_they_arrive_and_the_oldest_let_go_where_the_mod
 
     with pytest.raises(BadImageError, match="broken"):
         list(arrived_frames(broken(), 4, threading.Event(), "rtsp://cam/live"))
+
+
+def test_a_video_on_a_web_server_has_a_length_and_is_read_twice_as_a_file_is(untrained, tmp_path, capsys):
+    """An .mp4 served as a plain file (its length known) is no live stream: `--annotate` reads it again and
+    writes it with every frame."""
+    site = tmp_path / "site"
+    site.mkdir()
+    with av.open(str(site / "clip.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for pixels in grey_frames(30):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/clip.mp4"
+        info = video_info(url)
+        assert not info.live and info.duration == pytest.approx(3.0) and info.frames == 30
+        assert main(["predict", str(untrained), url, "--annotate", str(tmp_path / "seen"), "--quiet"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    written = tmp_path / "seen" / f"127.0.0.1-{server.server_port}-clip.mp4.annotated.mp4"
+    assert len(list(video_frames(written))) == 30
+    assert f"{url}: 30 frames" in capsys.readouterr().out
