@@ -109,6 +109,20 @@ def test_a_tracking_store_lost_mid_run_is_said_once_and_the_training_goes_on(tmp
     assert "of the run's sends to" in out and f"the run directory {result.run_dir} holds everything" in out
 
 
+def test_a_run_that_fails_before_its_first_step_ends_its_mlflow_run_as_failed(tmp_path, store, capsys):
+    data = write_shapes(tmp_path / "data", size=16, per_class=2, seed=0, progress=False)
+    for image in (data / "val").rglob("*.png"):  # found only once the trainer loads the data, after MLflow's run
+        image.unlink()
+    assert main(["train", str(data), "--model", "resnet20", "--epochs", "1", "--mlflow", store, "--tensorboard",
+                 "--quiet", "--out", str(tmp_path / "runs"), "--name", "broken"]) != 0
+    assert "the validation split is empty" in capsys.readouterr().err
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("shapes-runs").experiment_id])
+    assert run.info.run_name == "broken" and run.info.status == "FAILED"  # not RUNNING for ever
+    assert not (tmp_path / "runs" / "broken").exists()  # nor its mlflow.json and event files: a run started again
+    # there begins its own MLflow run
+
+
 def test_an_unreachable_server_or_a_missing_client_is_refused_before_training(tmp_path, monkeypatch, capsys):
     data = write_shapes(tmp_path / "data", size=16, per_class=2, seed=0, progress=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow retries a lost server for minutes

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -62,7 +63,7 @@ from .distill import Teacher, distillation_sum
 from .distributed import World, per_worker_batch
 from .ema import WeightEMA
 from .history import plot_curves, write_metrics
-from .mlflow_log import MlflowLog
+from .mlflow_log import RUN_RECORD as MLFLOW_RECORD, MlflowLog
 from .tensorboard import TensorBoardLog
 from .loss import consistency_sum, label_loss_sum
 from .optim import PlateauDecay, build_optimizer, build_scheduler
@@ -72,6 +73,7 @@ from .progressive import describe_sizes, epoch_sizes
 IN_MEMORY_BUDGET = 2 * 1024**3  # bytes of decoded uint8 images kept in memory (and on the GPU)
 READ_BACK_SECONDS = 0.5  # how often the loop waits for the device to report loss and accuracy (the bar's refresh)
 CURVES_EVERY_S = 30.0  # the least time between two drawings of curves.png during a run
+TENSORBOARD_DIR = "tensorboard"  # the run's event files, in the run directory
 
 
 SMALL_VALIDATION = 50  # fewer validation images than this, and training warns that its top-1 is coarse
@@ -222,6 +224,10 @@ def discard_run_dir(run_dir: Path) -> None:
     """Undo `prepare_run_dir` for a run that failed to set up: no folder is left holding only its config."""
     (run_dir / "config.yaml").unlink(missing_ok=True)
     (run_dir / RUN_LOCK).unlink(missing_ok=True)  # a new run's: no other process can be waiting for it
+    # The trackers' records of this attempt: their runs were ended as FAILED, and a run started again in this
+    # folder must begin its own, not resume the failed one.
+    (run_dir / MLFLOW_RECORD).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
 
@@ -289,6 +295,15 @@ class Trainer:
         # First: without the tensorboard or mlflow package, or its server, the flag stops here, before the data
         # is loaded.
         self.trackers = self._trackers() if world.is_main else []
+        try:
+            self._set_up()
+        except BaseException:  # an MLflow run begun above is ended as FAILED, not left RUNNING
+            self._close_trackers("FAILED")
+            raise
+
+    def _set_up(self) -> None:
+        """The device, data, model, optimizer and the run's state, from the config."""
+        config, dataset, world = self.config, self.dataset, self.world
         self.device = world.device(pick_device(config.device))
         self.worker_batch = per_worker_batch(config.batch_size, world)
         self.bad = BadFileLog(config.max_bad_streak)
@@ -548,7 +563,7 @@ class Trainer:
         """Where the run's numbers go besides metrics.csv: TensorBoard's event files, an MLflow run."""
         c, trackers = self.config, []
         if c.tensorboard:
-            trackers.append(TensorBoardLog(self.run_dir / "tensorboard", (self.run_dir / "config.yaml").read_text()))
+            trackers.append(TensorBoardLog(self.run_dir / TENSORBOARD_DIR, (self.run_dir / "config.yaml").read_text()))
         if c.mlflow is not None:
             trackers.append(MlflowLog(self.run_dir, c.mlflow, c.to_dict(), self.console.print))
         return trackers
