@@ -960,7 +960,8 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd",
                "distill_temperature", "early_stopping", "keep_best", "monitor", "val_split", "seed", "deterministic",
                "device", "amp", "channels_last", "grad_checkpointing",
                "compile", "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak",
-               "out", "name", "quiet", "report", "sync_bn", "tensorboard", "mlflow")
+               "out", "name", "quiet", "report", "sync_bn", "tensorboard", "mlflow",
+               "wandb")
 
 
 FINETUNE_DEFAULTS = {"strategy": "two-stage"}
@@ -1537,6 +1538,10 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
                      help="also log the run to MLflow: its settings, each epoch's numbers, its files (needs "
                           "mlflow-skinny); URI: the tracking server (default: MLFLOW_TRACKING_URI); the experiment "
                           "is MLFLOW_EXPERIMENT_NAME, or residual")
+    run.add_argument("--wandb", nargs="?", const="", metavar="PROJECT",
+                     help="also log the run to Weights & Biases: its settings, each step's and epoch's numbers, its "
+                          "pictures and model (needs wandb, logged in, or WANDB_MODE=offline); PROJECT: default "
+                          "WANDB_PROJECT, or residual")
     scale = p.add_argument_group("data-parallel (docs/distributed.md)")
     scale.add_argument("--nproc", type=int, metavar="N",
                        help="train on N local workers through torchrun (one per GPU; gloo on the CPU)")

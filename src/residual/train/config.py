@@ -121,6 +121,7 @@ class TrainConfig:
     report: bool = True  # at the end, evaluate the best model on val: metrics.json, pictures, report.html
     tensorboard: bool = False  # each epoch's numbers also as TensorBoard scalars in RUN/tensorboard/
     mlflow: str | None = None  # also an MLflow run at this tracking URI ("": MLFLOW_TRACKING_URI's); None: none
+    wandb: str | None = None  # also a Weights & Biases run in this project ("": WANDB_PROJECT's); None: none
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

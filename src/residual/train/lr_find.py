@@ -48,7 +48,7 @@ def lr_find(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, s
     console = console or message_console()
     with seeded(config.seed, config.deterministic):  # the flags it sets end with the sweep
         dataset = open_dataset(config.data, config.val_split, config.seed)
-        config = replace(resolve(config, dataset), tensorboard=False, mlflow=None)  # a sweep, not a run
+        config = replace(resolve(config, dataset), tensorboard=False, mlflow=None, wandb=None)  # a sweep, not a run
         with output_dir(None, runs or str(Path(config.out).parent / "lr-find"), config.name or config.model) as run_dir:
             trainer = Trainer(config, dataset, run_dir, console)
             lrs, losses = _range_test(trainer, start_lr, end_lr, steps, sweep, smoothing, diverge)

@@ -27,13 +27,14 @@ from pathlib import Path
 from ..atomic import atomic_path
 from ..errors import ConfigError
 from .config import flatten
+from .remote_log import RemoteLog, first_line
 
 RUN_RECORD = "mlflow.json"
 DEFAULT_EXPERIMENT = "residual"
 ARTIFACTS = ("model.safetensors", "config.yaml", "metrics.csv", "summary.json", "curves.png", "report.html")
 
 
-class MlflowLog:
+class MlflowLog(RemoteLog):
     def __init__(self, run_dir: Path, uri: str, config: dict, warn: Callable[[str], None]):
         try:
             from mlflow.entities import Metric, Param
@@ -41,8 +42,10 @@ class MlflowLog:
         except ImportError:
             raise ConfigError("--mlflow: runs are sent to MLflow by its client, which is not installed: pip install "
                               "mlflow-skinny (or residual[mlflow])") from None
-        self.metric, self.warn, self.run_dir, self.lost = Metric, warn, run_dir, 0
+        super().__init__("--mlflow", run_dir, warn)
+        self.metric = Metric
         self.client = MlflowClient(uri or None)  # None: MLFLOW_TRACKING_URI, or MLflow's default
+        self.where = self.client.tracking_uri
         record = run_dir / RUN_RECORD
         try:
             if record.is_file():  # a resumed run goes on in its MLflow run
@@ -57,7 +60,7 @@ class MlflowLog:
             params = [Param(key, str(value)) for key, value in flatten(config).items() if value is not None]
             self.client.log_batch(self.run_id, params=params)
         except Exception as error:  # MLflow's own errors, and requests' for a server it could not reach
-            raise ConfigError(f"--mlflow {self.client.tracking_uri}: {_first_line(error)}; check the tracking URI "
+            raise ConfigError(f"--mlflow {self.client.tracking_uri}: {first_line(error)}; check the tracking URI "
                               f"(or MLFLOW_TRACKING_URI), or leave --mlflow out") from None
         with atomic_path(record) as tmp:
             tmp.write_text(json.dumps({"tracking_uri": self.client.tracking_uri, "experiment": name,
@@ -85,26 +88,10 @@ class MlflowLog:
     def close(self, status: str = "FINISHED") -> None:
         """End the MLflow run as FINISHED, KILLED (stopped by a signal, to be resumed) or FAILED."""
         self._call(lambda: self.client.set_terminated(self.run_id, status), "the run's end")
-        if self.lost:
-            self.warn(f"--mlflow: {self.lost} of the run's sends to {self.client.tracking_uri} failed; the run "
-                      f"directory {self.run_dir} holds everything")
+        self._say_lost()
 
     def _log(self, values: list[tuple[str, float, int]], what: str) -> None:
         if values:
             now = int(time.time() * 1000)
             metrics = [self.metric(key, float(value), now, step) for key, value, step in values]
             self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics), what)
-
-    def _call(self, send: Callable[[], object], what: str) -> None:
-        """Send, and where it fails say so the first time and go on: the training matters more than its log."""
-        try:
-            send()
-        except Exception as error:  # the server's errors and a lost connection alike
-            self.lost += 1
-            if self.lost == 1:
-                self.warn(f"--mlflow: sending {what} to {self.client.tracking_uri} failed ({_first_line(error)}); "
-                          f"training goes on, and the run directory keeps every number")
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

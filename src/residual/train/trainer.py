@@ -65,6 +65,7 @@ from .ema import WeightEMA
 from .history import plot_curves, write_metrics
 from .mlflow_log import RUN_RECORD as MLFLOW_RECORD, MlflowLog
 from .tensorboard import TensorBoardLog
+from .wandb_log import RUN_RECORD as WANDB_RECORD, WandbLog
 from .loss import consistency_sum, label_loss_sum
 from .optim import PlateauDecay, build_optimizer, build_scheduler
 from .preview import write_batch_preview
@@ -74,6 +75,7 @@ IN_MEMORY_BUDGET = 2 * 1024**3  # bytes of decoded uint8 images kept in memory (
 READ_BACK_SECONDS = 0.5  # how often the loop waits for the device to report loss and accuracy (the bar's refresh)
 CURVES_EVERY_S = 30.0  # the least time between two drawings of curves.png during a run
 TENSORBOARD_DIR = "tensorboard"  # the run's event files, in the run directory
+WANDB_DIR = "wandb"  # W&B's client's own files for the run (all of it, offline)
 
 
 SMALL_VALIDATION = 50  # fewer validation images than this, and training warns that its top-1 is coarse
@@ -226,8 +228,10 @@ def discard_run_dir(run_dir: Path) -> None:
     (run_dir / RUN_LOCK).unlink(missing_ok=True)  # a new run's: no other process can be waiting for it
     # The trackers' records of this attempt: their runs were ended as FAILED, and a run started again in this
     # folder must begin its own, not resume the failed one.
-    (run_dir / MLFLOW_RECORD).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)
+    for record in (MLFLOW_RECORD, WANDB_RECORD):
+        (run_dir / record).unlink(missing_ok=True)
+    for folder in (TENSORBOARD_DIR, WANDB_DIR):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
 
@@ -292,12 +296,14 @@ class Trainer:
                  world: World = World(), epoch_end: Callable[[dict], str | None] | None = None):
         self.config, self.dataset, self.run_dir, self.console = config, dataset, run_dir, console
         self.world, self.epoch_end = world, epoch_end
-        # First: without the tensorboard or mlflow package, or its server, the flag stops here, before the data
-        # is loaded.
-        self.trackers = self._trackers() if world.is_main else []
+        self.trackers: list[TensorBoardLog | MlflowLog | WandbLog] = []
         try:
+            # First: without the tensorboard, mlflow or wandb package, or its server, the flag stops here, before
+            # the data is loaded.
+            if world.is_main:
+                self._open_trackers()
             self._set_up()
-        except BaseException:  # an MLflow run begun above is ended as FAILED, not left RUNNING
+        except BaseException:  # a tracking run begun is ended as FAILED, not left running
             self._close_trackers("FAILED")
             raise
 
@@ -559,14 +565,17 @@ class Trainer:
             raise NoSpaceError(f"{error}, or go on from the last checkpoint: residual train --resume "
                                f"{self.run_dir}") from None
 
-    def _trackers(self) -> list[TensorBoardLog | MlflowLog]:
-        """Where the run's numbers go besides metrics.csv: TensorBoard's event files, an MLflow run."""
-        c, trackers = self.config, []
+    def _open_trackers(self) -> None:
+        """Where the run's numbers go besides metrics.csv: TensorBoard's event files, an MLflow run, a W&B run.
+        Each is kept as soon as it is open, so that one failing to open ends those before it."""
+        c = self.config
         if c.tensorboard:
-            trackers.append(TensorBoardLog(self.run_dir / TENSORBOARD_DIR, (self.run_dir / "config.yaml").read_text()))
+            self.trackers.append(TensorBoardLog(self.run_dir / TENSORBOARD_DIR,
+                                                (self.run_dir / "config.yaml").read_text()))
         if c.mlflow is not None:
-            trackers.append(MlflowLog(self.run_dir, c.mlflow, c.to_dict(), self.console.print))
-        return trackers
+            self.trackers.append(MlflowLog(self.run_dir, c.mlflow, c.to_dict(), self.console.print))
+        if c.wandb is not None:
+            self.trackers.append(WandbLog(self.run_dir, c.wandb, c.to_dict(), self.console.print))
 
     def _close_trackers(self, status: str) -> None:
         """End the trackers' runs: FINISHED, KILLED (stopped by a signal, to be resumed) or FAILED."""

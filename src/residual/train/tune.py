@@ -67,7 +67,7 @@ IMPORTANCE_FROM = 10
 NOT_SEARCHED = ("data", "model_options", "optim", "augment", "seed", "deterministic", "device", "amp",
                 "channels_last", "compile", "compile_mode", "sync_bn", "workers", "in_memory", "decoder",
                 "checkpoint_every", "keep_best", "max_bad_streak", "out", "name", "quiet", "report", "tensorboard",
-                "mlflow", "monitor", "val_split", "epochs")
+                "mlflow", "wandb", "monitor", "val_split", "epochs")
 # The settings inside model_options a search can vary, and the flags that name settings otherwise.
 MODEL_OPTIONS = ("stem", "drop_rate", "drop_path_rate", "block_drop_rate", "zero_init_residual")
 FLAG_NAMES = {"pretrained": "from", "preset": "augment", "drop_path_rate": "drop-path"}
