@@ -7,6 +7,7 @@ import base64
 import csv
 import http.server
 import io
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from residual.data.decode import BadImageError
 from residual.data.frames import (Frame, arrived_frames, is_stream, shown_source, source_file_name, video_frames,
                                   video_info)
 from residual.errors import ConfigError
+from residual.predict import Prediction, write_json
 from residual.video import predict_video
 from residual.video_explain import explain_video
 
@@ -225,28 +227,52 @@ class socket_nobody_listens_on:
         self.socket.close()
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, serve_stream, stop):
+def json_rows_as_they_come(stream, count: int) -> list[dict]:
+    """The first `count` rows of a JSON array being written, each as soon as its last byte came, as a streaming
+    JSON parser reads them."""
+    rows, text, depth = [], "", 0
+    assert stream.read(1) == "["
+    while len(rows) < count:
+        character = stream.read(1)
+        assert character, "the output ended"
+        depth += {"{": 1, "}": -1}.get(character, 0)
+        text += character
+        if character == "}" and depth == 0:
+            rows.append(json.loads(text.lstrip(",\n ")))
+            text = ""
+    return rows
+
+
+@pytest.mark.parametrize("stop, output_format", [(signal.SIGINT, "csv"), (signal.SIGTERM, "json")],
+                         ids=["ctrl-c-csv", "sigterm-json"])
+def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, serve_stream, stop, output_format):
     """`residual predict MODEL URL` on a stream sent in real time: its rows come out as frames arrive (stdout is
-    flushed per row), Ctrl-C (or a service manager's SIGTERM) stops it, the segments and timeline of what came
-    are written, and it exits 0."""
+    flushed per row: a CSV line, a JSON array's object), Ctrl-C (or a service manager's SIGTERM) stops it, the
+    segments and timeline of what came are written, and it exits 0."""
     body = transport_stream(grey_frames(300))  # 30 s at 10 frames/s, sent in about that time
     server = serve_stream(body, pieces=60, pause=0.5)
     process = subprocess.Popen(
-        [sys.executable, "-m", "residual", "predict", str(untrained), server.url, "--format", "csv", "--fps", "5",
-         "--topk", "1", "--timeline", str(tmp_path / "timeline")],
+        [sys.executable, "-m", "residual", "predict", str(untrained), server.url, "--format", output_format,
+         "--fps", "5", "--topk", "1", "--timeline", str(tmp_path / "timeline")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
-    try:
-        rows = [process.stdout.readline() for _ in range(11)]  # the header and ten rows, before the stream ends
+    try:  # ten rows, before the stream ends
+        if output_format == "csv":
+            header, *rows = [process.stdout.readline() for _ in range(11)]
+            assert header.startswith("frame,")
+            frames = [row.split(",")[0] for row in rows]
+        else:
+            frames = [row["frame"] for row in json_rows_as_they_come(process.stdout, 10)]
         assert process.poll() is None
         process.send_signal(stop)
         out, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    rows += out.splitlines(keepends=True)
     assert process.returncode == 0, err
-    assert rows[0].startswith("frame,") and 10 < len(rows) - 1 < 150
-    assert [float(row.split(",")[0].rsplit("#t=", 1)[1]) for row in rows[1:4]] == pytest.approx([0.0, 0.2, 0.4])
+    if output_format == "csv":
+        assert 0 < len(out.splitlines()) < 140
+    else:
+        assert out.rstrip().endswith("]") and out.count('"frame"') < 140  # the array is closed
+    assert [float(frame.rsplit("#t=", 1)[1]) for frame in frames[:3]] == pytest.approx([0.0, 0.2, 0.4])
     assert "stopping the stream: the frames so far are kept" in err
     assert (tmp_path / "timeline" / f"127.0.0.1-{server.http.server_port}-cam-live.ts.timeline.png").is_file()
     assert PASSWORD not in out + err
@@ -341,3 +367,22 @@ def test_a_video_on_a_web_server_has_a_length_and_is_read_twice_as_a_file_is(unt
     written = tmp_path / "seen" / f"127.0.0.1-{server.server_port}-clip.mp4.annotated.mp4"
     assert len(list(video_frames(written))) == 30
     assert f"{url}: 30 frames" in capsys.readouterr().out
+
+
+def test_each_json_row_is_handed_on_whole_as_soon_as_it_is_written():
+    """A live stream's JSON rows reach a reader as they come: each is flushed once its object is closed, not
+    held in a line buffer until the next row ends the line."""
+    class Flushes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.handed_on = []  # what had been written at each flush
+
+        def flush(self):
+            self.handed_on.append(self.getvalue())
+
+    written = Flushes()
+    rows = [Prediction(f"cam#t={index / 5:.3f}", [(0, "circle", 0.9)]) for index in range(3)]
+    assert write_json(iter(rows), written, "frame") == 3
+    at_a_row_end = [text for text in written.handed_on if text.endswith("}")]
+    assert [text.count('"frame"') for text in at_a_row_end] == [1, 2, 3]
+    assert [row["frame"] for row in json.loads(written.getvalue())] == ["cam#t=0.000", "cam#t=0.200", "cam#t=0.400"]

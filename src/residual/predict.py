@@ -420,10 +420,10 @@ def write_probabilities(predictions: Iterator[Prediction], stream: TextIO, names
 
 
 def write_json(predictions: Iterator[Prediction], stream: TextIO, image_key: str = "image") -> int:
-    """A JSON array of {"image" (`image_key`), "top": [{"class_id", "class_name", "probability"}]}, written as
-    it comes; a
-    multi-label model's also have "labels": the present classes' names; with a floor, "unsure": whether the
-    image got no class; with a feature bank, "similarity": to the nearest training image."""
+    """A JSON array of {"image" (`image_key`), "top": [{"class_id", "class_name", "probability"}]}, each row
+    written and flushed as it comes; a multi-label model's also have "labels": the present classes' names; with
+    a floor, "unsure": whether the image got no class; with a feature bank, "similarity": to the nearest training
+    image."""
     stream.write("[")
     count = 0
     for count, prediction in enumerate(predictions, 1):
@@ -436,6 +436,7 @@ def write_json(predictions: Iterator[Prediction], stream: TextIO, image_key: str
         if prediction.similarity is not None:
             row["similarity"] = round(prediction.similarity, 6)
         stream.write(("\n  " if count == 1 else ",\n  ") + json.dumps(row))
+        stream.flush()  # a live stream's rows are read as they come, not when the next row ends the line
     stream.write("\n]\n")
     return count
 
