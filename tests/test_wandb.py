@@ -89,10 +89,13 @@ def summary(records: list) -> dict:
 
 def test_a_run_sends_its_settings_steps_epochs_best_numbers_pictures_model_and_files(tmp_path, offline, capsys):
     data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)  # 40 training images
+    outer = wandb.init(project="the-callers-own", dir=tmp_path)  # a script's run, around the training
     assert main(["train", str(data), "--model", "resnet20", "--epochs", "2", "--batch-size", "16", "--workers", "0",
                  "--lr", "0.05", "--wandb", "shapes-runs", "--quiet", "--out", str(tmp_path / "runs"),
                  "--name", "tracked"]) == 0
     run_dir = tmp_path / "runs" / "tracked"
+    assert wandb.run is outer and not outer._is_finished  # the training had a run of its own, and left this one
+    outer.finish()
     assert "Run data is saved locally in" in capsys.readouterr().err  # W&B says where an offline run is
     [records] = logged_runs(run_dir)
     [run] = of_type(records, "run")

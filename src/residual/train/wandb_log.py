@@ -57,12 +57,14 @@ class WandbLog(RemoteLog):
             self.run = wandb.init(
                 project=project, entity=resumed.get("entity") or None, id=resumed.get("run_id"),
                 resume="allow" if resumed else None, name=run_dir.name, dir=run_dir, job_type="train",
-                config=None if resumed else settings,
+                config=None if resumed else settings, reinit="create_new",  # a run of its own, in any process
                 # W&B's console capture would wrap the progress bar's terminal; its own banners are left out.
                 settings=wandb.Settings(console="off", quiet=True))
             if resumed:  # the recipe a resumed run goes on with (--epochs may have grown)
                 self.run.config.update(settings, allow_val_change=True)
         except Exception as error:  # not logged in, a server it could not reach, a project it may not write to
+            if getattr(self, "run", None) is not None:  # begun, then failed: not left running
+                self.run.finish(exit_code=1)
             raise ConfigError(f"--wandb: {first_line(error).rstrip('.')}; log in (`wandb login`, or WANDB_API_KEY), "
                               f"keep the run on this machine with WANDB_MODE=offline, or leave --wandb out") from None
         url = None if self.run.offline else self.run.url  # W&B says itself where an offline run is kept
