@@ -96,7 +96,9 @@ def test_a_run_sends_its_settings_steps_epochs_best_numbers_pictures_model_and_f
     run_dir = tmp_path / "runs" / "tracked"
     assert wandb.run is outer and not outer._is_finished  # the training had a run of its own, and left this one
     outer.finish()
-    assert "Run data is saved locally in" in capsys.readouterr().err  # W&B says where an offline run is
+    out, err = capsys.readouterr()
+    assert "Run data is saved locally in" in err  # W&B says where an offline run is
+    assert "run directory: " in out and ", wandb.json, wandb/)" in out
     [records] = logged_runs(run_dir)
     [run] = of_type(records, "run")
     record = json.loads((run_dir / "wandb.json").read_text())

@@ -1049,6 +1049,7 @@ class Trainer:
                            + (", train_batch.png, report.html" if self.config.report and self.best is not None
                               else "") + (", tensorboard/" if self.config.tensorboard else "")
                            + (", mlflow.json" if self.config.mlflow is not None else "")
+                           + (", wandb.json, wandb/" if self.config.wandb is not None else "")
                            + (f", the {len(self.kept)} best epochs' epoch-NNN.safetensors" if self.kept else "") + ")")
         return TrainResult(self.run_dir, self.best_epoch, best, self.history, dict(self.bad.files),
                            len(self.dataset.ignored), self.stopped_early, self.run_dir / "model.safetensors",
