@@ -278,6 +278,35 @@ def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, ser
     assert PASSWORD not in out + err
 
 
+def test_a_live_streams_segments_are_written_as_each_closes(demo_run, tmp_path, serve_stream):
+    """`--format segments` on a stream sent in real time: a scene's segment is written once the stream has gone
+    on past it (half the smoothing window, and a look a second), while the stream is still being sent; the last
+    one, still open, when Ctrl-C ends it."""
+    def pictures(shape: str, count: int) -> list[np.ndarray]:
+        paths = sorted((demo_run["data"] / "test" / shape).iterdir())
+        return [np.asarray(Image.open(paths[index % len(paths)]).convert("RGB")) for index in range(count)]
+
+    scenes = pictures("circle", 30) + pictures("square", 30) + pictures("star", 240)  # 3 s, 3 s, 24 s
+    server = serve_stream(transport_stream(scenes), pieces=60, pause=0.5)  # sent in about 30 s
+    process = subprocess.Popen(
+        [sys.executable, "-m", "residual", "predict", str(demo_run["model"]), server.url, "--format", "segments",
+         "--fps", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        header, *closed = [process.stdout.readline() for _ in range(3)]  # the first two scenes' segments
+        assert process.poll() is None, "written while the stream was still being sent"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert header.strip() == "video,start,end,label,probability,frames"
+    rows = list(csv.reader(closed + out.splitlines(keepends=True)))
+    assert [row[3] for row in rows] == ["circle", "square", "star"]
+    assert [float(row[1]) for row in rows] == pytest.approx([0.0, 3.0, 6.0], abs=0.25)
+    assert float(rows[0][2]) == float(rows[1][1]) and float(rows[1][2]) == float(rows[2][1])
+    assert 6.0 < float(rows[2][2]) < 29.0  # the open one, cut by Ctrl-C
+
+
 def test_what_reads_a_video_twice_refuses_a_live_stream_before_writing_anything(untrained, tmp_path,
                                                                                 serve_stream, capsys):
     server = serve_stream(transport_stream(grey_frames(20)))

@@ -16,13 +16,14 @@ from PIL import Image
 import residual
 from residual.cli import main
 from residual.data.decode import BadImageError
-from residual.data.frames import video_frames, video_info
+from residual.data.frames import VideoInfo, video_frames, video_info
 from residual.data.transforms import center_crop_box, resize_center_crop
 from residual.errors import ConfigError
 from residual.explain import blended
 from residual.feature_bank import FeatureBank
 from residual.predict import collected_features
-from residual.video import FrameScores, iter_predict_video, predict_video, segments, smoothed
+from residual.video import (ClosedSegments, FrameScores, iter_predict_video, predict_video, segments,
+                            smoothed)
 from residual.video_explain import UNSEEN_BRIGHTNESS, explain_video, frame_overlay
 
 av = pytest.importorskip("av")
@@ -264,6 +265,36 @@ def test_a_multi_label_models_segments_are_per_class_and_may_overlap():
                               [0.1, 0.1, 0.0]])
     found = segments(times, probabilities, names, end=3.0, smooth=0, thresholds=np.array([0.5, 0.6, 0.5]))
     assert [(s.label, s.start, s.end, s.frames) for s in found] == [("person", 0, 1.5, 3), ("dog", 0.5, 2.0, 3)]
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["single-label", "multi-label"])
+def test_a_live_streams_segments_are_handed_on_as_each_closes_and_add_up_to_the_whole_streams(untrained,
+                                                                                            multi_label):
+    """Frames arriving a batch at a time: each segment is handed on once the frames half the smoothing window
+    past its end have come (and no later), and those handed on, then the rest at the end, are the segments of
+    the whole stream."""
+    model = residual.load_model(untrained)  # classes a, b, c
+    model.multi_label, model.threshold = multi_label, 0.5
+    info = VideoInfo("rtsp://127.0.0.1:8554/cam", 32, 32, None, None, None, 0)
+    rng = np.random.default_rng(0)
+    scenes = [0] * 23 + [1] * 17 + [2] * 31 + [1] * 4 + [0] * 25  # 100 frames at 10 a second; a short scene
+    times = np.arange(len(scenes)) / 10
+    probabilities = np.full((len(scenes), 3), 0.1) + rng.uniform(0, 0.05, (len(scenes), 3))
+    probabilities[np.arange(len(scenes)), scenes] = 0.8
+    probabilities = probabilities.astype(np.float32)  # as the model gives them
+    scores = FrameScores()
+    closing = ClosedSegments(model, info, scores, smooth=1.0)
+    handed_on = []  # (segment, the last frame's time when it was handed on)
+    for start in range(0, len(scenes), 4):  # batches of four frames, as they arrive
+        scores.add(list(times[start:start + 4]), torch.from_numpy(probabilities[start:start + 4]), None)
+        handed_on += [(segment, scores.times[-1]) for segment in closing.closed()]
+    rest = closing.rest()
+    whole = segments(times, probabilities, ["a", "b", "c"], smooth=1.0,
+                     thresholds=np.full(3, 0.5) if multi_label else None)
+    assert sorted([segment for segment, _ in handed_on] + rest, key=lambda s: (s.start, s.label or "")) == whole
+    assert len(handed_on) >= 3 and len(rest) >= 1  # the last segment stays open until the stream ends
+    for segment, when in handed_on:
+        assert segment.end + 0.5 <= when < segment.end + 0.5 + 1.0 + 0.4  # final, then seen within a look and a batch
 
 
 def test_predict_on_a_video_writes_a_row_per_frame_segments_and_a_timeline(untrained, tmp_path, capsys,

@@ -408,8 +408,8 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     from .predict import class_names_of, inference_compile
     from .tables import segments_table
     from .video import (ANNOTATE_WHY, SMOOTH_SECONDS, FrameScores, check_read_twice, check_smooth,
-                        check_video_arguments, expected_frames, iter_predict_video, plot_timeline, video_files,
-                        video_segments, write_annotated, write_segments)
+                        check_video_arguments, expected_frames, iter_predict_video, plot_timeline,
+                        segments_as_they_close, video_files, video_segments, write_annotated, write_segments)
 
     smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
     check_smooth(smooth)
@@ -429,12 +429,16 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     if not args.quiet:
         print(f"torch.compile: {why}", file=sys.stderr)
     scores = [FrameScores() for _ in infos]
-    predictions = itertools.chain.from_iterable(
-        iter_predict_video(model, info, frames, topk, args.batch_size, args.tta, args.fps, args.min_confidence,
-                           failed, not args.quiet, compiled, bank) for info, frames in zip(infos, scores))
-    if output_format in ("table", "segments"):  # the segments, once every frame is predicted
+    per_video = [iter_predict_video(model, info, frames, topk, args.batch_size, args.tta, args.fps,
+                                    args.min_confidence, failed, not args.quiet, compiled, bank)
+                 for info, frames in zip(infos, scores)]
+    predictions = itertools.chain.from_iterable(per_video)
+    if output_format == "table":  # the segments, once every frame is predicted
         for _ in predictions:
             pass
+    elif output_format == "segments":  # a live stream's as each closes, a file's once its frames are done
+        rows = segments_as_they_close(model, infos, scores, per_video, smooth, args.min_confidence, bank)
+        _write_rows(args.out, lambda stream: write_segments(rows, stream), "segment(s)")
     else:
         write = _predictions_writer(output_format, model, ("frame", "label"), "frame", args.min_confidence is not None,
                                     bank)
@@ -445,9 +449,6 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
         for info, frames, segments in zip(infos, scores, found):
             console.print(segments_table(segments, f"{info.name}: {len(frames.times)} frames, {len(segments)} "
                                                    f"segment(s), probabilities averaged over {smooth:g} s"))
-    elif output_format == "segments":
-        rows = [(info.name, segment) for info, segments in zip(infos, found) for segment in segments]
-        _write_rows(args.out, lambda stream: write_segments(rows, stream), "segment(s)")
     if args.timeline:
         timelines = video_files(infos, args.timeline, ".timeline.png")
         for info, frames, segments, path in zip(infos, scores, found, timelines):

@@ -21,7 +21,7 @@ Every frame's probabilities are kept for the segments: frames x classes x 4 byte
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -43,6 +43,7 @@ from .progress import progress_bar
 
 SMOOTH_SECONDS = 1.0  # about a scene cut's blur and a camera's shake; short enough to keep a 2 s shot apart
 TIMELINE_CLASSES = 8  # lines drawn at most: beyond this the colours repeat and the legend hides the plot
+CLOSED_LOOK_SECONDS = 1.0  # how often (in stream time) a live stream's segments are looked at for closed ones
 ANNOTATE_WHY = "--annotate decodes it again to draw on its frames"
 
 
@@ -264,6 +265,55 @@ def video_segments(model, info: VideoInfo, scores: FrameScores, smooth: float = 
                     feature_bank.floor if feature_bank is not None else None)
 
 
+class ClosedSegments:
+    """A live stream's segments as each closes. A frame's smoothed probabilities are final once the frames
+    `smooth` / 2 seconds after it have come, so a segment is final once its end (the next segment's first
+    frame) is: no later frame can move it. Looked for at most once a second of the stream, over the frames so
+    far (`video_segments`, so what is handed on is what the whole stream's segments would hold)."""
+
+    def __init__(self, model, info: VideoInfo, scores: FrameScores, smooth: float = SMOOTH_SECONDS,
+                 min_confidence: float | None = None, feature_bank: FeatureBank | None = None):
+        self.model, self.info, self.scores, self.smooth = model, info, scores, smooth
+        self.min_confidence, self.feature_bank = min_confidence, feature_bank
+        self.handed_on: set[tuple[str | None, float]] = set()  # (label, start) of the segments given
+        self.looked_at = -np.inf  # the stream time of the last look
+
+    def closed(self) -> list[Segment]:
+        """The segments closed since the last call (none if less than a second of the stream has come)."""
+        if not self.scores.times or self.scores.times[-1] < self.looked_at + CLOSED_LOOK_SECONDS:
+            return []
+        self.looked_at = self.scores.times[-1]
+        final = self.scores.times[-1] - self.smooth / 2
+        return self._new([segment for segment in self._all() if segment.end <= final])
+
+    def rest(self) -> list[Segment]:
+        """The segments not handed on yet, once the stream has ended."""
+        return self._new(self._all())
+
+    def _all(self) -> list[Segment]:
+        return video_segments(self.model, self.info, self.scores, self.smooth, self.min_confidence,
+                              self.feature_bank)
+
+    def _new(self, found: list[Segment]) -> list[Segment]:
+        new = [segment for segment in found if (segment.label, segment.start) not in self.handed_on]
+        self.handed_on |= {(segment.label, segment.start) for segment in new}
+        return new
+
+
+def segments_as_they_close(model, infos: list[VideoInfo], scores: list[FrameScores],
+                           predictions: list[Iterator[Prediction]], smooth: float = SMOOTH_SECONDS,
+                           min_confidence: float | None = None,
+                           feature_bank: FeatureBank | None = None) -> Iterator[tuple[str, Segment]]:
+    """(video name, segment) for each video in turn, as its frames are predicted: a live stream's as each
+    closes, a file's (or a stream's last ones) once its frames are done."""
+    for info, frames, answers in zip(infos, scores, predictions):
+        closing = ClosedSegments(model, info, frames, smooth, min_confidence, feature_bank)
+        for _ in answers:
+            if info.live:
+                yield from ((info.name, segment) for segment in closing.closed())
+        yield from ((info.name, segment) for segment in closing.rest())
+
+
 def predict_video(model, video: str, topk: int = 5, batch_size: int = 64, tta: str = "none",
                   fps: float | None = None, smooth: float = SMOOTH_SECONDS, min_confidence: float | None = None,
                   progress: bool = False, compile: bool | None = None,
@@ -330,14 +380,17 @@ def video_files(infos: list[VideoInfo], folder: str | Path, suffix: str) -> list
             for index, name in enumerate(names, 1)]
 
 
-def write_segments(rows: list[tuple[str, Segment]], stream: TextIO) -> int:
+def write_segments(rows: Iterable[tuple[str, Segment]], stream: TextIO) -> int:
     """A CSV of (video, segment) rows: video, start, end (seconds), label (empty: no class reached the floor),
-    probability, frames."""
+    probability, frames; each row written and flushed as it comes (a live stream's as its segment closes)."""
     writer = csv.writer(stream)
     writer.writerow(["video", "start", "end", "label", "probability", "frames"])
-    writer.writerows([video, f"{segment.start:.3f}", f"{segment.end:.3f}", segment.label or "",
-                      f"{segment.probability:.6f}", segment.frames] for video, segment in rows)
-    return len(rows)
+    count = 0
+    for count, (video, segment) in enumerate(rows, 1):
+        writer.writerow([video, f"{segment.start:.3f}", f"{segment.end:.3f}", segment.label or "",
+                         f"{segment.probability:.6f}", segment.frames])
+        stream.flush()
+    return count
 
 
 def write_annotated(info: VideoInfo, found: list[Segment], path: Path) -> int:
