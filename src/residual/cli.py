@@ -443,8 +443,10 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
         write = _predictions_writer(output_format, model, ("frame", "label"), "frame", args.min_confidence is not None,
                                     bank)
         _write_rows(args.out, lambda stream: write(predictions, stream), "frame prediction(s)")
+    # The table, timeline and annotation take the whole videos' segments (--format segments wrote its own).
+    drawn = output_format == "table" or args.timeline or args.annotate
     found = [video_segments(model, info, frames, smooth, args.min_confidence, bank)
-             for info, frames in zip(infos, scores)]
+             for info, frames in zip(infos, scores)] if drawn else []
     if output_format == "table":
         for info, frames, segments in zip(infos, scores, found):
             console.print(segments_table(segments, f"{info.name}: {len(frames.times)} frames, {len(segments)} "
