@@ -22,8 +22,8 @@ from residual.errors import ConfigError
 from residual.explain import blended
 from residual.feature_bank import FeatureBank
 from residual.predict import collected_features
-from residual.video import (ClosedSegments, FrameScores, iter_predict_video, predict_video, segments,
-                            smoothed)
+from residual.video import (FrameScores, SegmentFinder, iter_predict_video, predict_video, segment_finder,
+                            segments, smoothed)
 from residual.video_explain import UNSEEN_BRIGHTNESS, explain_video, frame_overlay
 
 av = pytest.importorskip("av")
@@ -282,19 +282,91 @@ def test_a_live_streams_segments_are_handed_on_as_each_closes_and_add_up_to_the_
     probabilities = np.full((len(scenes), 3), 0.1) + rng.uniform(0, 0.05, (len(scenes), 3))
     probabilities[np.arange(len(scenes)), scenes] = 0.8
     probabilities = probabilities.astype(np.float32)  # as the model gives them
-    scores = FrameScores()
-    closing = ClosedSegments(model, info, scores, smooth=1.0)
+    finder = segment_finder(model, info, smooth=1.0)
     handed_on = []  # (segment, the last frame's time when it was handed on)
     for start in range(0, len(scenes), 4):  # batches of four frames, as they arrive
-        scores.add(list(times[start:start + 4]), torch.from_numpy(probabilities[start:start + 4]), None)
-        handed_on += [(segment, scores.times[-1]) for segment in closing.closed()]
-    rest = closing.rest()
+        finder.add(list(times[start:start + 4]), torch.from_numpy(probabilities[start:start + 4]), None)
+        handed_on += [(segment, times[start:start + 4][-1]) for segment in finder.closed()]
+    rest = finder.finish()
     whole = segments(times, probabilities, ["a", "b", "c"], smooth=1.0,
                      thresholds=np.full(3, 0.5) if multi_label else None)
-    assert sorted([segment for segment, _ in handed_on] + rest, key=lambda s: (s.start, s.label or "")) == whole
+    ours = sorted([segment for segment, _ in handed_on] + rest, key=lambda s: (s.start, s.label or ""))
+    assert _same_segments(ours, whole) and finder.found == ours
     assert len(handed_on) >= 3 and len(rest) >= 1  # the last segment stays open until the stream ends
     for segment, when in handed_on:
-        assert segment.end + 0.5 <= when < segment.end + 0.5 + 1.0 + 0.4  # final, then seen within a look and a batch
+        assert segment.end + 0.5 < when < segment.end + 0.5 + 1.0 + 0.4  # final, then seen within a look and a batch
+
+
+def _same_segments(found, expected) -> bool:
+    """The same segments, their probabilities summed in another order aside."""
+    return ([(s.label, s.start, s.end, s.frames) for s in found] == [(s.label, s.start, s.end, s.frames)
+                                                                      for s in expected]
+            and [s.probability for s in found] == pytest.approx([s.probability for s in expected], rel=1e-9))
+
+
+def _plain_segments(times, probabilities, names, smooth, end, min_confidence=None, thresholds=None):
+    """The segments worked out the plain way, the whole video at once: each frame's probabilities averaged over
+    the frames within smooth / 2 of it, its answer(s), runs of frames with the same answer."""
+    scores = np.array([probabilities[np.abs(times - time) <= smooth / 2].mean(axis=0) for time in times])
+    ends = np.append(times[1:], end)
+    if thresholds is None:
+        answers = [names[top] if score[top] >= (min_confidence or 0) else None
+                   for score, top in zip(scores, scores.argmax(axis=1))]
+        columns = [(answers, scores.max(axis=1))]
+    else:
+        columns = [([name if present else "" for present in scores[:, index] >= thresholds[index]], scores[:, index])
+                   for index, name in enumerate(names)]
+    found = []
+    for answers, held in columns:
+        start = 0
+        for index in range(1, len(times) + 1):
+            if index == len(times) or answers[index] != answers[start]:
+                if answers[start] != "":
+                    found.append(residual.video.Segment(float(times[start]), float(ends[index - 1]), answers[start],
+                                                        float(held[start:index].mean()), index - start))
+                start = index
+    return sorted(found, key=lambda s: (s.start, s.label or ""))
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["single-label", "multi-label"])
+def test_a_long_streams_segments_are_found_in_memory_that_does_not_grow(multi_label):
+    """Half an hour of a stream at 8 frames a second, in batches of 1 to 12 frames: the segments handed on as
+    they close, then the rest, are those worked out the plain way over the whole stream, while the frames kept
+    never exceed the smoothing window and a look's worth."""
+    names, smooth, fps = ["a", "b", "c", "d", "e"], 1.0, 8
+    rng = np.random.default_rng(1)
+    scenes = np.concatenate([np.full(rng.integers(1, 80), rng.integers(0, 6)) for _ in range(400)])[:30 * 60 * fps]
+    times = np.arange(len(scenes)) / fps  # eighths of a second: windows fall on exact times
+    probabilities = rng.uniform(0, 0.3, (len(scenes), 5))
+    seen = scenes < 5  # scene 5: no class stands out
+    probabilities[np.flatnonzero(seen), scenes[seen]] = 0.9
+    probabilities[np.flatnonzero(seen & (rng.uniform(size=len(scenes)) < 0.3)), 4] = 0.8  # e, now and then, too
+    thresholds = np.full(5, 0.5) if multi_label else None
+    finder = SegmentFinder(names, smooth=smooth, min_confidence=None if multi_label else 0.45, thresholds=thresholds)
+    handed_on, start, most_kept = [], 0, 0
+    while start < len(times):
+        stop = start + int(rng.integers(1, 13))
+        finder.add(list(times[start:stop]), torch.from_numpy(probabilities[start:stop].astype(np.float32)))
+        handed_on += finder.closed()
+        most_kept, start = max(most_kept, finder.kept_frames), stop
+    rest = finder.finish()
+    as_given = probabilities.astype(np.float32).astype(np.float64)
+    plain = _plain_segments(times, as_given, names, smooth, times[-1] + 1 / fps, None if multi_label else 0.45,
+                            thresholds)
+    assert len(plain) > 200 and len(rest) < 10
+    ours = sorted(handed_on + rest, key=lambda s: (s.start, s.label or ""))
+    assert _same_segments(ours, plain) and ours == finder.found
+    assert (None in [s.label for s in ours]) != multi_label  # unsure stretches are segments of no class
+    assert most_kept <= fps * (smooth + 1) + 12 + 1, "the frames of the smoothing window and of a look, at most"
+
+
+def test_a_frame_timed_before_frames_already_final_counts_at_the_last_of_them():
+    """A damaged live stream's timestamps step back: the frame is not lost, it counts where the stream was."""
+    finder = SegmentFinder(["a", "b"], smooth=0)
+    finder.add(list(np.arange(40) / 10), np.tile([0.9, 0.1], (40, 1)))  # 0 to 3.9 s; those before 3.9 s final
+    finder.add([0.35, 4.0], np.array([[0.1, 0.9], [0.9, 0.1]]))
+    assert [(s.label, s.start, s.end, s.frames) for s in finder.finish()] == [
+        ("a", 0.0, 3.8, 39), ("b", 3.8, 3.9, 1), ("a", 3.9, pytest.approx(4.1), 2)]
 
 
 def test_predict_on_a_video_writes_a_row_per_frame_segments_and_a_timeline(untrained, tmp_path, capsys,

@@ -408,8 +408,8 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     from .predict import class_names_of, inference_compile
     from .tables import segments_table
     from .video import (ANNOTATE_WHY, SMOOTH_SECONDS, FrameScores, check_read_twice, check_smooth,
-                        check_video_arguments, expected_frames, iter_predict_video, plot_timeline,
-                        segments_as_they_close, video_files, video_segments, write_annotated, write_segments)
+                        check_video_arguments, expected_frames, iter_predict_video, plot_timeline, segment_finder,
+                        segments_as_they_close, video_files, write_annotated, write_segments)
 
     smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
     check_smooth(smooth)
@@ -428,34 +428,35 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
                                       sum(expected_frames(info, args.fps) or 0 for info in infos))
     if not args.quiet:
         print(f"torch.compile: {why}", file=sys.stderr)
-    scores = [FrameScores() for _ in infos]
-    per_video = [iter_predict_video(model, info, frames, topk, args.batch_size, args.tta, args.fps,
+    # The segments are found as the frames come; only a timeline keeps every frame's probabilities.
+    finders = [segment_finder(model, info, smooth, args.min_confidence, bank, FrameScores() if args.timeline else None)
+               for info in infos]
+    per_video = [iter_predict_video(model, info, finder, topk, args.batch_size, args.tta, args.fps,
                                     args.min_confidence, failed, not args.quiet, compiled, bank)
-                 for info, frames in zip(infos, scores)]
+                 for info, finder in zip(infos, finders)]
     predictions = itertools.chain.from_iterable(per_video)
     if output_format == "table":  # the segments, once every frame is predicted
         for _ in predictions:
             pass
     elif output_format == "segments":  # a live stream's as each closes, a file's once its frames are done
-        rows = segments_as_they_close(model, infos, scores, per_video, smooth, args.min_confidence, bank)
+        rows = segments_as_they_close(infos, finders, per_video)
         _write_rows(args.out, lambda stream: write_segments(rows, stream), "segment(s)")
     else:
         write = _predictions_writer(output_format, model, ("frame", "label"), "frame", args.min_confidence is not None,
                                     bank)
         _write_rows(args.out, lambda stream: write(predictions, stream), "frame prediction(s)")
-    # The table, timeline and annotation take the whole videos' segments (--format segments wrote its own).
-    drawn = output_format == "table" or args.timeline or args.annotate
-    found = [video_segments(model, info, frames, smooth, args.min_confidence, bank)
-             for info, frames in zip(infos, scores)] if drawn else []
+    for finder in finders:
+        finder.finish()  # the segments still open at the end (those --format segments wrote are closed already)
+    found = [finder.found for finder in finders]
     if output_format == "table":
-        for info, frames, segments in zip(infos, scores, found):
-            console.print(segments_table(segments, f"{info.name}: {len(frames.times)} frames, {len(segments)} "
+        for info, finder, segments in zip(infos, finders, found):
+            console.print(segments_table(segments, f"{info.name}: {finder.frames} frames, {len(segments)} "
                                                    f"segment(s), probabilities averaged over {smooth:g} s"))
     if args.timeline:
         timelines = video_files(infos, args.timeline, ".timeline.png")
-        for info, frames, segments, path in zip(infos, scores, found, timelines):
-            plot_timeline(*frames.arrays(len(names)), segments, names, path, source_file_name(info.path), smooth,
-                          args.min_confidence)
+        for info, finder, segments, path in zip(infos, finders, found, timelines):
+            plot_timeline(*finder.record.arrays(len(names)), segments, names, path, source_file_name(info.path),
+                          smooth, args.min_confidence)
         print(f"timeline: {len(infos)} picture(s) in {args.timeline}", file=sys.stderr)
     if args.annotate:
         for info, segments, path in zip(infos, found, video_files(infos, args.annotate, ".annotated.mp4")):

@@ -14,13 +14,16 @@ preprocessing, test-time augmentation, exported runtimes), and returns:
 
 `plot_timeline` draws them: the smoothed probability of each class the video shows over time, under a band of
 its segments. `write_annotated` writes the video again with each moment's segments drawn on its frames.
-Every frame's probabilities are kept for the segments: frames x classes x 4 bytes (an hour at 30 frames/s and
-1000 classes is 430 MB; `fps` thins it).
+`SegmentFinder` finds the segments as the frames come, keeping only the frames still to be smoothed with, so a
+live stream's segments close as it goes and it runs for days in the same memory. What keeps every frame's
+probabilities (`predict_video`'s result, a timeline, explain's key frames) takes frames x classes x 4 bytes: an
+hour at 30 frames/s and 1000 classes is 430 MB; `fps` thins it.
 """
 
 from __future__ import annotations
 
 import csv
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +46,8 @@ from .progress import progress_bar
 
 SMOOTH_SECONDS = 1.0  # about a scene cut's blur and a camera's shake; short enough to keep a 2 s shot apart
 TIMELINE_CLASSES = 8  # lines drawn at most: beyond this the colours repeat and the legend hides the plot
-CLOSED_LOOK_SECONDS = 1.0  # how often (in stream time) a live stream's segments are looked at for closed ones
+CLOSED_LOOK_SECONDS = 1.0  # how often (in the video's time) frames are made final, and segments closed
+GAP_FRAMES = 100  # a video of unknown length ends a usual gap after its last frame: the median of its last 100
 ANNOTATE_WHY = "--annotate decodes it again to draw on its frames"
 
 
@@ -93,14 +97,15 @@ def check_smooth(smooth: float) -> None:
         raise ConfigError(f"--smooth must be 0 (no smoothing) or more seconds, got {smooth}")
 
 
-def iter_predict_video(model, info: VideoInfo, scores: FrameScores, topk: int = 5, batch_size: int = 64,
+def iter_predict_video(model, info: VideoInfo, scores: FrameScores | SegmentFinder, topk: int = 5, batch_size: int = 64,
                        tta: str = "none", fps: float | None = None, min_confidence: float | None = None,
                        failed: list[str] | None = None, progress: bool = False, compile: bool | None = None,
                        feature_bank: FeatureBank | None = None) -> Iterator[Prediction]:
     """The predictions of the frames of the video `info` describes (data.frames.video_info), in order, as they
     are computed; their times and probabilities (and with `feature_bank` their similarities to the nearest
-    training image) go to `scores` for `video_segments`. The arguments are checked here, before the first
-    prediction is asked for, so that a writer has written nothing when one is wrong."""
+    training image) go to `scores`: a FrameScores keeps them all (for `video_segments`), a SegmentFinder finds the
+    segments as they come. The arguments are checked here, before the first prediction is asked for, so that a
+    writer has written nothing when one is wrong."""
     check_video_arguments(model, topk, batch_size, tta, fps, min_confidence, feature_bank, compile)
     expected = expected_frames(info, fps)
     if isinstance(model, torch.nn.Module):
@@ -142,11 +147,11 @@ def expected_frames(info: VideoInfo, fps: float | None) -> int | None:
     return info.frames
 
 
-def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores, topk: int, batch_size: int,
+def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores | SegmentFinder, topk: int, batch_size: int,
                        tta: str, fps: float | None, min_confidence: float | None, failed: list[str] | None,
                        progress: bool, expected: int | None,
                        feature_bank: FeatureBank | None) -> Iterator[Prediction]:
-    frame_times: list[float] = []  # every frame batched so far, by its index
+    frame_times: dict[int, float] = {}  # the frames batched and not answered yet, by their index
     with progress_bar(f"predicting {info.name}", progress, unit="frames/s") as bar, \
             stop_requests(is_stream(info.path)) as stop:
         task = bar.add_task("frames", total=expected)
@@ -158,7 +163,7 @@ def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores, top
         for batch, probabilities, features in probabilities_in_flight(forward, batches, tta, is_multi_label(model),
                                                                       features=feature_bank is not None,
                                                                       ahead=not info.live):
-            times = [frame_times[index] for index in batch.indices]
+            times = [frame_times.pop(index) for index in batch.indices]
             predictions = batch_predictions(model, [frame_source(info.name, time) for time in times], probabilities,
                                             features, topk, min_confidence, feature_bank)
             scores.add(times, probabilities, [p.similarity for p in predictions] if feature_bank else None)
@@ -179,18 +184,20 @@ def batched(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
 
 
 def _frame_batches(groups: Iterator[list[Frame]], model, tta: str,
-                   frame_times: list[float]) -> Iterator[InferenceBatch]:
+                   frame_times: dict[int, float]) -> Iterator[InferenceBatch]:
     """Each group of frames resized and center-cropped as the model's preprocessing says, as a batch on the
-    model's device; each frame's time is appended to `frame_times`, where the batch's indices point."""
+    model's device; each frame's time goes into `frame_times` under the index the batch gives it."""
     pre = model.preprocessing
     crop = tta_image_size(pre, tta)
     device = model_device(model)
+    seen = 0
     for group in groups:
         images = torch.stack([resize_center_crop(frame.image, pre.resize_size, crop, pre.interpolation)
                               for frame in group])
-        seen = len(frame_times)
-        frame_times += [frame.time for frame in group]
-        yield InferenceBatch(list(range(seen, len(frame_times))), images.to(device), [])
+        indices = list(range(seen, seen + len(group)))
+        frame_times.update(zip(indices, (frame.time for frame in group)))
+        seen += len(group)
+        yield InferenceBatch(indices, images.to(device), [])
 
 
 def smoothed(times: np.ndarray, probabilities: np.ndarray, seconds: float) -> np.ndarray:
@@ -209,35 +216,172 @@ def segments(times: np.ndarray, probabilities: np.ndarray, names: list[str], end
              thresholds: np.ndarray | None = None, similarities: np.ndarray | None = None,
              similarity_floor: float | None = None) -> list[Segment]:
     """The stretches of time each answer holds, in order of their start. `end`: when the video ends (else the
-    last frame's time plus the usual gap between frames). `thresholds`: a multi-label model's, per class:
-    then each class has its own segments, where its smoothed probability reaches its threshold. A single-label
-    model's frames have no class where the smoothed top probability is below `min_confidence`, or the
-    smoothed `similarities` (to the nearest training image, per frame) below `similarity_floor`."""
-    check_smooth(smooth)
-    if len(times) == 0:
-        return []
-    if np.any(np.diff(times) < 0):  # a damaged stream's timestamps can step back: put the frames in time order
+    last frame's time plus the usual gap between the last frames). `thresholds`: a multi-label model's, per
+    class: then each class has its own segments, where its smoothed probability reaches its threshold. A
+    single-label model's frames have no class where the smoothed top probability is below `min_confidence`, or
+    the smoothed `similarities` (to the nearest training image, per frame) below `similarity_floor`. Frames out
+    of time order (a damaged stream's timestamps can step back) are put in order first."""
+    finder = SegmentFinder(names, end, smooth, min_confidence, thresholds, similarity_floor)
+    finder.add(times, probabilities, similarities)
+    return finder.finish()
+
+
+class SegmentFinder:
+    """A video's segments found as its frames come, in memory that does not grow with the video (a live stream
+    can run for days). A frame's smoothed probabilities are final once the frames `smooth` / 2 seconds after it
+    have come; consecutive final frames with the same answer extend the segment open on it, and the first that
+    differs closes it (its end: that frame's time). So it keeps only the frames still needed to smooth those not
+    final yet, and each open segment's running sums. Frames are made final at most once per CLOSED_LOOK_SECONDS
+    of the video's time.
+
+    `add` takes each batch of frames; `closed` hands on the segments closed since it was last called; `finish`,
+    at the video's end, closes the rest and hands on those not handed on yet; `found` is every segment so far.
+    A frame timed before frames already final (a damaged live stream's timestamps stepping back) counts at the
+    last of their times. `record`: every frame also goes to it (for a timeline, which draws them all)."""
+
+    def __init__(self, names: list[str], end: float | None = None, smooth: float = SMOOTH_SECONDS,
+                 min_confidence: float | None = None, thresholds: np.ndarray | None = None,
+                 similarity_floor: float | None = None, record: FrameScores | None = None):
+        check_smooth(smooth)
+        self.names, self.end, self.smooth, self.record = names, end, smooth, record
+        self.min_confidence, self.thresholds, self.similarity_floor = min_confidence, thresholds, similarity_floor
+        self.frames = 0  # added so far
+        # The frames kept, in time order: the first `_final` are final (kept as the others' smoothing window).
+        self._times, self._similarities = np.zeros(0), np.zeros(0)
+        self._probabilities = np.zeros((0, len(names)))
+        self._final = 0
+        self._final_until = -np.inf  # the time of the last frame made final
+        self._arrived: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # added since the last look
+        self._recent_times: deque[float] = deque(maxlen=GAP_FRAMES + 1)  # for the last frame's length
+        self._newest, self._looked_at = -np.inf, -np.inf
+        # Per answer (a class's index; len(names): no class) the segment open on it: [start, summed probability,
+        # frames].
+        self._open: dict[int, list] = {}
+        self._closed: list[Segment] = []  # since `closed` was last called
+        self._found: list[Segment] = []
+        self._finished = False
+
+    @property
+    def kept_frames(self) -> int:
+        """How many frames' probabilities are held now."""
+        return len(self._times) + sum(len(times) for times, _, _ in self._arrived)
+
+    @property
+    def found(self) -> list[Segment]:
+        """Every segment closed so far, in order of start."""
+        return sorted(self._found, key=_in_order)
+
+    def add(self, times: list[float] | np.ndarray, probabilities: torch.Tensor | np.ndarray,
+            similarities: list[float] | np.ndarray | None = None) -> None:
+        if self.record is not None:
+            self.record.add(times, probabilities, similarities)
+        if len(times) == 0:
+            return
+        times = np.asarray(times, dtype=np.float64)
+        if isinstance(probabilities, torch.Tensor):
+            probabilities = probabilities.float().numpy()
+        similarities = np.zeros(len(times)) if similarities is None else similarities
+        self._arrived.append((times, np.asarray(probabilities, dtype=np.float64),
+                              np.asarray(similarities, dtype=np.float64)))
+        self.frames += len(times)
+        self._recent_times.extend(times[-(GAP_FRAMES + 1):].tolist())
+        self._newest = max(self._newest, float(times.max()))
+        if self._newest >= self._looked_at + CLOSED_LOOK_SECONDS:
+            self._looked_at = self._newest
+            self._make_final(before=self._newest - self.smooth / 2)
+
+    def closed(self) -> list[Segment]:
+        """The segments closed since the last call, in order of start."""
+        closed, self._closed = self._closed, []
+        return sorted(closed, key=_in_order)
+
+    def finish(self) -> list[Segment]:
+        """At the video's end: every frame made final, the segments still open closed; returns the segments not
+        handed on by `closed` yet. Once: later calls return none."""
+        if not self._finished:
+            self._finished = True
+            self._make_final(before=np.inf)
+            if self._open:
+                last = float(self._times[-1])
+                recent = np.sort(np.fromiter(self._recent_times, dtype=np.float64))
+                gap = float(np.median(np.diff(recent))) if len(recent) > 1 else 0.0
+                end = self.end if self.end is not None and self.end > last else last + gap
+                for answer, run in sorted(self._open.items()):
+                    self._close(answer, run, end)
+                self._open.clear()
+        return self.closed()
+
+    def _make_final(self, before: float) -> None:
+        """Make the frames timed before `before` final: extend or close the segments with their answers, then
+        let go of the frames no frame still to come is smoothed with."""
+        self._take_arrived()
+        stop = self._final + int(np.searchsorted(self._times[self._final:], before, side="left"))
+        if stop > self._final:
+            final = slice(self._final, stop)
+            times = self._times[final]
+            scores = smoothed(self._times, self._probabilities, self.smooth)[final]
+            if self.thresholds is not None:  # each class its own segments, where it reaches its threshold
+                present = scores >= self.thresholds
+                columns = {answer: (present[:, answer], scores[:, answer])
+                           for answer in np.flatnonzero(present.any(axis=0)).tolist()}
+            else:  # one answer a frame: the top class, or none where it (or the similarity) is below its floor
+                held = scores.max(axis=1)
+                unsure = held < self.min_confidence if self.min_confidence is not None else np.zeros(len(held), bool)
+                if self.similarity_floor is not None:
+                    similarity = smoothed(self._times, self._similarities[:, None], self.smooth)[final, 0]
+                    unsure |= similarity < self.similarity_floor
+                answers = np.where(unsure, len(self.names), scores.argmax(axis=1))
+                columns = {answer: (answers == answer, held) for answer in np.unique(answers).tolist()}
+            absent = (np.zeros(len(times), bool), None)
+            for answer in sorted(columns.keys() | self._open.keys()):
+                self._extend(answer, *columns.get(answer, absent), times)
+            self._final, self._final_until = stop, float(times[-1])
+        if len(self._times):
+            needed_from = self._times[min(self._final, len(self._times) - 1)] - self.smooth / 2
+            let_go = int(np.searchsorted(self._times, needed_from, side="left"))
+            self._times, self._probabilities = self._times[let_go:], self._probabilities[let_go:]
+            self._similarities, self._final = self._similarities[let_go:], self._final - let_go
+
+    def _take_arrived(self) -> None:
+        """The frames added since the last look join those kept, the frames not final yet in time order."""
+        if not self._arrived:
+            return
+        waiting = [(self._times[self._final:], self._probabilities[self._final:], self._similarities[self._final:]),
+                   *self._arrived]
+        self._arrived = []
+        times, probabilities, similarities = (np.concatenate(part) for part in zip(*waiting))
         order = np.argsort(times, kind="stable")
-        times, probabilities = times[order], probabilities[order]
-        similarities = None if similarities is None else np.asarray(similarities)[order]
-    scores = smoothed(times, probabilities, smooth)
-    gap = float(np.median(np.diff(times))) if len(times) > 1 else 0.0
-    ends = np.append(times[1:], end if end is not None and end > times[-1] else times[-1] + gap)
-    if thresholds is not None:
-        found = [segment for index, name in enumerate(names)
-                 for segment in _runs(scores[:, index] >= thresholds[index], times, ends, scores[:, index], name)]
-        return sorted(found, key=lambda segment: (segment.start, segment.label))
-    top = scores.argmax(axis=1)
-    unsure = scores.max(axis=1) < min_confidence if min_confidence is not None else np.zeros(len(top), bool)
-    if similarities is not None and similarity_floor is not None:
-        unsure |= smoothed(times, np.asarray(similarities, dtype=np.float64)[:, None], smooth)[:, 0] < similarity_floor
-    answers = np.where(unsure, -1, top)
-    found = []
-    for start, stop in _run_bounds(answers):
-        label = None if answers[start] < 0 else names[answers[start]]
-        held = scores[np.arange(start, stop), top[start:stop]] if label is None else scores[start:stop, answers[start]]
-        found.append(Segment(float(times[start]), float(ends[stop - 1]), label, float(np.mean(held)), stop - start))
-    return found
+        times = np.maximum(times[order], self._final_until)
+        self._times = np.concatenate([self._times[:self._final], times])
+        self._probabilities = np.concatenate([self._probabilities[:self._final], probabilities[order]])
+        self._similarities = np.concatenate([self._similarities[:self._final], similarities[order]])
+
+    def _extend(self, answer: int, present: np.ndarray, held: np.ndarray | None, times: np.ndarray) -> None:
+        """The frames at `times`, made final, given to the segments of one answer: `present`, where they have it;
+        `held`, its smoothed probability."""
+        if answer in self._open and not present[0]:
+            self._close(answer, self._open.pop(answer), times[0])
+        for start, stop in _run_bounds(present):
+            if not present[start]:
+                continue
+            run = self._open.pop(answer) if start == 0 and answer in self._open else [float(times[start]), 0.0, 0]
+            run[1] += float(held[start:stop].sum())
+            run[2] += stop - start
+            if stop < len(present):
+                self._close(answer, run, times[stop])
+            else:
+                self._open[answer] = run
+
+    def _close(self, answer: int, run: list, end: float) -> None:
+        start, summed, frames = run
+        label = self.names[answer] if answer < len(self.names) else None
+        segment = Segment(start, float(end), label, summed / frames, frames)
+        self._closed.append(segment)
+        self._found.append(segment)
+
+
+def _in_order(segment: Segment) -> tuple[float, str]:
+    return segment.start, segment.label or ""
 
 
 def _run_bounds(values: np.ndarray) -> list[tuple[int, int]]:
@@ -247,71 +391,32 @@ def _run_bounds(values: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
-def _runs(present: np.ndarray, times: np.ndarray, ends: np.ndarray, scores: np.ndarray,
-          name: str) -> list[Segment]:
-    return [Segment(float(times[start]), float(ends[stop - 1]), name, float(scores[start:stop].mean()), stop - start)
-            for start, stop in _run_bounds(present) if present[start]]
+def segment_finder(model, info: VideoInfo, smooth: float = SMOOTH_SECONDS, min_confidence: float | None = None,
+                   feature_bank: FeatureBank | None = None, record: FrameScores | None = None) -> SegmentFinder:
+    """A SegmentFinder for a video predicted by `model` (its classes, and a multi-label model's thresholds; with
+    the `feature_bank` it is predicted with, its floor of similarity)."""
+    return SegmentFinder(class_names_of(model), info.duration, smooth, min_confidence,
+                         class_thresholds(model) if is_multi_label(model) else None,
+                         feature_bank.floor if feature_bank is not None else None, record)
 
 
 def video_segments(model, info: VideoInfo, scores: FrameScores, smooth: float = SMOOTH_SECONDS,
                    min_confidence: float | None = None, feature_bank: FeatureBank | None = None) -> list[Segment]:
-    """`segments` of a video predicted by `model` (its classes, and a multi-label model's thresholds; with the
-    `feature_bank` it was predicted with, its floor of similarity)."""
-    names = class_names_of(model)
-    times, probabilities = scores.arrays(len(names))
-    thresholds = class_thresholds(model) if is_multi_label(model) else None
-    return segments(times, probabilities, names, info.duration, smooth, min_confidence, thresholds,
-                    np.asarray(scores.similarities) if feature_bank is not None else None,
-                    feature_bank.floor if feature_bank is not None else None)
+    """The segments of a video whose frames' `scores` were all kept, predicted by `model` (with `feature_bank`)."""
+    finder = segment_finder(model, info, smooth, min_confidence, feature_bank)
+    finder.add(*scores.arrays(len(finder.names)), scores.similarities if feature_bank is not None else None)
+    return finder.finish()
 
 
-class ClosedSegments:
-    """A live stream's segments as each closes. A frame's smoothed probabilities are final once the frames
-    `smooth` / 2 seconds after it have come, so a segment is final once its end (the next segment's first
-    frame) is: no later frame can move it. Looked for at most once a second of the stream, over the frames so
-    far (`video_segments`, so what is handed on is what the whole stream's segments would hold)."""
-
-    def __init__(self, model, info: VideoInfo, scores: FrameScores, smooth: float = SMOOTH_SECONDS,
-                 min_confidence: float | None = None, feature_bank: FeatureBank | None = None):
-        self.model, self.info, self.scores, self.smooth = model, info, scores, smooth
-        self.min_confidence, self.feature_bank = min_confidence, feature_bank
-        self.handed_on: set[tuple[str | None, float]] = set()  # (label, start) of the segments given
-        self.looked_at = -np.inf  # the stream time of the last look
-
-    def closed(self) -> list[Segment]:
-        """The segments closed since the last call (none if less than a second of the stream has come)."""
-        if not self.scores.times or self.scores.times[-1] < self.looked_at + CLOSED_LOOK_SECONDS:
-            return []
-        self.looked_at = self.scores.times[-1]
-        final = self.scores.times[-1] - self.smooth / 2
-        return self._new([segment for segment in self._all() if segment.end <= final])
-
-    def rest(self) -> list[Segment]:
-        """The segments not handed on yet, once the stream has ended."""
-        return self._new(self._all())
-
-    def _all(self) -> list[Segment]:
-        return video_segments(self.model, self.info, self.scores, self.smooth, self.min_confidence,
-                              self.feature_bank)
-
-    def _new(self, found: list[Segment]) -> list[Segment]:
-        new = [segment for segment in found if (segment.label, segment.start) not in self.handed_on]
-        self.handed_on |= {(segment.label, segment.start) for segment in new}
-        return new
-
-
-def segments_as_they_close(model, infos: list[VideoInfo], scores: list[FrameScores],
-                           predictions: list[Iterator[Prediction]], smooth: float = SMOOTH_SECONDS,
-                           min_confidence: float | None = None,
-                           feature_bank: FeatureBank | None = None) -> Iterator[tuple[str, Segment]]:
-    """(video name, segment) for each video in turn, as its frames are predicted: a live stream's as each
-    closes, a file's (or a stream's last ones) once its frames are done."""
-    for info, frames, answers in zip(infos, scores, predictions):
-        closing = ClosedSegments(model, info, frames, smooth, min_confidence, feature_bank)
+def segments_as_they_close(infos: list[VideoInfo], finders: list[SegmentFinder],
+                           predictions: list[Iterator[Prediction]]) -> Iterator[tuple[str, Segment]]:
+    """(video name, segment) for each video in turn, as its frames are predicted (their scores going to its
+    finder): a live stream's as each closes, a file's (or a stream's last ones) once its frames are done."""
+    for info, finder, answers in zip(infos, finders, predictions):
         for _ in answers:
             if info.live:
-                yield from ((info.name, segment) for segment in closing.closed())
-        yield from ((info.name, segment) for segment in closing.rest())
+                yield from ((info.name, segment) for segment in finder.closed())
+        yield from ((info.name, segment) for segment in finder.finish())
 
 
 def predict_video(model, video: str, topk: int = 5, batch_size: int = 64, tta: str = "none",

@@ -200,7 +200,9 @@ def video_frames(path: str | os.PathLike, fps: float | None = None, failed: list
              else None if streamed else 0.0)
     rate = float(stream.average_rate) if stream.average_rate else None
     listed = stream.frames  # how many the file's index lists; 0 where it does not say
-    damage: dict[str, list[float]] = {}  # what was skipped ("packets ...", "frames ...") -> when
+    # What was skipped ("packets ...", "frames ...") -> [how many, the first time, the last] (not each time: a
+    # live stream may run for days).
+    damage: dict[str, list] = {}
     stopped: list[str] = []  # why a stream ended before its end
     next_tick, decoded, at = 0.0, 0, 0.0
     with container:
@@ -210,7 +212,7 @@ def video_frames(path: str | os.PathLike, fps: float | None = None, failed: list
             try:
                 frames = packet.decode() if packet is not None else stream.decode(None)
             except av.error.FFmpegError as error:
-                damage.setdefault(f"packet(s) FFmpeg could not decode ({error.strerror})", []).append(at)
+                _count(damage, f"packet(s) FFmpeg could not decode ({error.strerror})", at)
                 continue
             for frame in frames:
                 decoded += 1
@@ -220,7 +222,7 @@ def video_frames(path: str | os.PathLike, fps: float | None = None, failed: list
                     start = stamp or 0.0
                 time = stamp - start if stamp is not None else (decoded - 1) / (rate or 1)
                 if frame.is_corrupt:
-                    damage.setdefault("frame(s) FFmpeg marked as damaged", []).append(time)
+                    _count(damage, "frame(s) FFmpeg marked as damaged", time)
                     continue
                 if fps is not None:
                     if time < next_tick - 1e-6:
@@ -230,16 +232,22 @@ def video_frames(path: str | os.PathLike, fps: float | None = None, failed: list
                 yield Frame(time, image.rotate(frame.rotation, expand=True) if frame.rotation else image)
     # Decoding in threads, FFmpeg reports a damaged packet late, with a later packet, and two damaged in a row may
     # come out as one report: frames the index lists beyond those decoded or reported are damage too.
-    unaccounted = listed - decoded - sum(len(times) for what, times in damage.items() if what.startswith("packet"))
+    unaccounted = listed - decoded - sum(count for what, (count, _, _) in damage.items() if what.startswith("packet"))
     if failed is not None:
-        failed += [f"{name}: skipped {len(times)} {what.replace('(s)', 's' if len(times) > 1 else '')} "
-                   + (f"from {min(times):.2f} s to {max(times):.2f} s" if max(times) > min(times)
-                      else f"at {times[0]:.2f} s") for what, times in damage.items()]
+        failed += [f"{name}: skipped {count} {what.replace('(s)', 's' if count > 1 else '')} "
+                   + (f"from {first:.2f} s to {last:.2f} s" if last > first else f"at {first:.2f} s")
+                   for what, (count, first, last) in damage.items()]
         if damage and unaccounted > 0:
             failed.append(f"{name}: skipped {unaccounted} more frame{'s' if unaccounted > 1 else ''} the file lists, "
                           f"in the damage above")
         failed += [f"{name}: the stream stopped at {at:.2f} s ({why}); the frames before it are kept"
                    for why in stopped]
+
+
+def _count(counts: dict[str, list], what: str, time: float) -> None:
+    """One more of `what` at `time`: how many, and the first and last time, not each (a stream may run for days)."""
+    count, first, last = counts.get(what, (0, time, time))
+    counts[what] = [count + 1, min(first, time), max(last, time)]
 
 
 def _packets(av, container, stream, streamed: bool, stop: threading.Event | None, stopped: list[str]) -> Iterator:
@@ -296,7 +304,7 @@ def arrived_frames(frames: Iterator[Frame], most: int, stop: threading.Event, na
     bounded. Sets `stop` when done with, ending the thread's stream."""
     waiting: deque[Frame] = deque()
     arrival = threading.Condition()
-    dropped: list[float] = []  # the times of the frames let go
+    let_go: dict[str, list] = {}  # "frames" -> [how many, the first time, the last], as video_frames' damage
     ended: list[BaseException | None] = []  # set once the thread is done: what ended it, None for the end
 
     def decode() -> None:
@@ -305,7 +313,7 @@ def arrived_frames(frames: Iterator[Frame], most: int, stop: threading.Event, na
             for frame in frames:
                 with arrival:
                     if len(waiting) >= 2 * most:
-                        dropped.append(waiting.popleft().time)
+                        _count(let_go, "frames", waiting.popleft().time)
                     waiting.append(frame)
                     arrival.notify()
         except BaseException as raised:  # handed to the reader, who raises it
@@ -327,10 +335,10 @@ def arrived_frames(frames: Iterator[Frame], most: int, stop: threading.Event, na
         stop.set()
     if ended[0] is not None:
         raise ended[0]
-    if dropped and failed is not None:
-        failed.append(f"{name}: let go {len(dropped)} frame{'s' if len(dropped) > 1 else ''} from {min(dropped):.2f} s "
-                      f"to {max(dropped):.2f} s: the model fell behind the stream; give a lower --fps, or a faster "
-                      f"--device")
+    if let_go and failed is not None:
+        count, first, last = let_go["frames"]
+        failed.append(f"{name}: let go {count} frame{'s' if count > 1 else ''} from {first:.2f} s to {last:.2f} s: "
+                      f"the model fell behind the stream; give a lower --fps, or a faster --device")
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[Frame], sound_from: str | os.PathLike | None = None) -> int:
