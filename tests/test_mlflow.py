@@ -37,8 +37,8 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 def test_a_run_sends_its_settings_every_epoch_and_step_its_best_numbers_and_its_files(tmp_path, store, capsys):
     data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)  # 40 training images
     assert main(["train", str(data), "--model", "resnet20", "--epochs", "2", "--batch-size", "16", "--workers", "0",
-                 "--lr", "0.05", "--mlflow", store, "--quiet", "--out", str(tmp_path / "runs"),
-                 "--name", "tracked"]) == 0
+                 "--lr", "0.05", "--mlflow", store, "--group", "lr-sweep", "--quiet", "--out",
+                 str(tmp_path / "runs"), "--name", "tracked"]) == 0
     assert "tracked (model.safetensors" in capsys.readouterr().out
     run_dir = tmp_path / "runs" / "tracked"
     record = json.loads((run_dir / "mlflow.json").read_text())
@@ -47,6 +47,7 @@ def test_a_run_sends_its_settings_every_epoch_and_step_its_best_numbers_and_its_
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "shapes-runs" == record["experiment"]
     assert run.data.tags["residual.run_dir"] == str(run_dir.resolve())
+    assert run.data.tags["residual.group"] == "lr-sweep"
     params = run.data.params
     assert params["model"] == "resnet20" and float(params["optim.lr"]) == 0.05 and params["epochs"] == "2"
     assert params["augment.hflip"] == "True" and "teacher" not in params  # unset settings left out
@@ -87,7 +88,7 @@ def test_a_run_stopped_then_resumed_goes_on_in_the_same_mlflow_run(tmp_path, sto
     train(resume=run_dir)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and json.loads((run_dir / "mlflow.json").read_text())["run_id"] == run_id
-    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert len(client.search_runs([run.info.experiment_id])) == 1 and "residual.group" not in run.data.tags
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert history(client, run_id, "val_top1") == [(int(row["epoch"]), pytest.approx(float(row["val_top1"])))
                                                    for row in rows] and len(rows) == 3

@@ -81,10 +81,13 @@ def test_a_search_prunes_the_trials_that_fall_behind_and_writes_the_best_recipe(
     for row in rows.values():  # finished trials keep their model, not their checkpoint
         run = result.tune_dir / "trials" / f"trial-{int(row['trial']):03d}"
         assert (run / "model.safetensors").is_file() and not (run / "last.pt").exists()
+        # One group in W&B and MLflow (--wandb, --mlflow): the search's.
+        assert yaml.safe_load((run / "config.yaml").read_text())["group"] == result.tune_dir.name
     best = options_as_asked(result.files["best.yaml"])  # what residual train --config TUNE/best.yaml starts from
     again = TrainConfig.from_dict(best)
     assert again.optim.lr == pytest.approx(result.best.values["lr"], rel=1e-12)
     assert again.out == "runs/train" and again.name is None and again.report is False  # the base recipe's
+    assert again.group is None
     assert again.epochs == 3 and again.model == "resnet20" and again.batch_size == 16
     assert result.files["search.png"].stat().st_size > 10_000
     runs, _ = compare_runs([result.tune_dir / "trials"])  # the trials side by side, pruned ones said to be

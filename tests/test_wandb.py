@@ -91,8 +91,8 @@ def test_a_run_sends_its_settings_steps_epochs_best_numbers_pictures_model_and_f
     data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)  # 40 training images
     outer = wandb.init(project="the-callers-own", dir=tmp_path)  # a script's run, around the training
     assert main(["train", str(data), "--model", "resnet20", "--epochs", "2", "--batch-size", "16", "--workers", "0",
-                 "--lr", "0.05", "--wandb", "shapes-runs", "--quiet", "--out", str(tmp_path / "runs"),
-                 "--name", "tracked"]) == 0
+                 "--lr", "0.05", "--wandb", "shapes-runs", "--group", "lr-sweep", "--quiet", "--out",
+                 str(tmp_path / "runs"), "--name", "tracked"]) == 0
     run_dir = tmp_path / "runs" / "tracked"
     assert wandb.run is outer and not outer._is_finished  # the training had a run of its own, and left this one
     outer.finish()
@@ -103,6 +103,7 @@ def test_a_run_sends_its_settings_steps_epochs_best_numbers_pictures_model_and_f
     [run] = of_type(records, "run")
     record = json.loads((run_dir / "wandb.json").read_text())
     assert run.display_name == "tracked" and run.project == "shapes-runs" == record["project"]
+    assert run.run_group == "lr-sweep" and run.job_type == "train"
     assert run.run_id == record["run_id"] and record["url"] is None  # offline: no page yet
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["model"] == "resnet20" and config["epochs"] == 2 and config["optim"]["lr"] == 0.05
@@ -162,6 +163,7 @@ def test_a_run_stopped_then_resumed_goes_on_in_the_same_wandb_run(tmp_path, offl
     stopped, resumed = logged_runs(run_dir)  # offline, each process keeps its part; `wandb sync` joins them
     assert of_type(resumed, "run")[0].run_id == of_type(first, "run")[0].run_id
     assert of_type(first, "run")[0].project == "residual"  # the default project
+    assert of_type(first, "run")[0].run_group == ""  # no --group
     assert [row["epoch"] for row in history(resumed) if "epoch" in row] == [2, 3]
     assert [row["_step"] for row in history(resumed) if "step/train_loss" in row] == [4, 5, 6, 7, 8, 9]
     assert of_type(resumed, "exit")[0].exit_code == 0

@@ -965,7 +965,7 @@ TRAIN_FLAGS = ("class_weights", "balanced_sampler", "aug_repeats", "augmix_jsd",
                "device", "amp", "channels_last", "grad_checkpointing",
                "compile", "compile_mode", "workers", "in_memory", "decoder", "checkpoint_every", "max_bad_streak",
                "out", "name", "quiet", "report", "sync_bn", "tensorboard", "mlflow",
-               "wandb")
+               "wandb", "group")
 
 
 FINETUNE_DEFAULTS = {"strategy": "two-stage"}
@@ -1546,6 +1546,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, runs: str = "runs/train",
                      help="also log the run to Weights & Biases: its settings, each step's and epoch's numbers, its "
                           "pictures and model (needs wandb, logged in, or WANDB_MODE=offline); PROJECT: default "
                           "WANDB_PROJECT, or residual")
+    run.add_argument("--group", metavar="NAME",
+                     help="the runs this one belongs with (an ablation, a sweep): its W&B run group, and the tag "
+                          "residual.group in MLflow; a tune search's trials are grouped under the search's name")
     scale = p.add_argument_group("data-parallel (docs/distributed.md)")
     scale.add_argument("--nproc", type=int, metavar="N",
                        help="train on N local workers through torchrun (one per GPU; gloo on the CPU)")

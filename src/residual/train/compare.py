@@ -27,7 +27,7 @@ from .config import flatten, load_config
 from .history import read_metrics
 
 # Settings that say where a run went or how it talked, not how it trained: never a difference worth naming.
-BOOKKEEPING = ("name", "out", "quiet", "report", "checkpoint_every", "tensorboard", "mlflow", "wandb")
+BOOKKEEPING = ("name", "out", "quiet", "report", "checkpoint_every", "tensorboard", "mlflow", "wandb", "group")
 
 
 @dataclass

@@ -122,6 +122,7 @@ class TrainConfig:
     tensorboard: bool = False  # each epoch's numbers also as TensorBoard scalars in RUN/tensorboard/
     mlflow: str | None = None  # also an MLflow run at this tracking URI ("": MLFLOW_TRACKING_URI's); None: none
     wandb: str | None = None  # also a Weights & Biases run in this project ("": WANDB_PROJECT's); None: none
+    group: str | None = None  # the runs this one belongs with (a search's trials): W&B's group, MLflow's tag
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

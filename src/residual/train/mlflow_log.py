@@ -2,7 +2,7 @@
 
 MLflow's own client (`pip install mlflow-skinny`, or residual[mlflow]) sends it to the tracking URI given, or
 where MLFLOW_TRACKING_URI says, into the experiment MLFLOW_EXPERIMENT_NAME names (default "residual"), as a run
-named after the run directory:
+named after the run directory (tagged residual.group with `--group`'s name; a tune search's trials, the search's):
 - the recipe's settings as parameters, one level deep (`optim.lr`), unset ones left out;
 - each epoch's row of metrics.csv as metrics at step = the epoch (`train_loss`, `val_top1`, `lr` ...), and each
   optimizer step's loss and learning rate as `step/train_loss` and `step/lr` at step = the optimizer step;
@@ -35,7 +35,7 @@ ARTIFACTS = ("model.safetensors", "config.yaml", "metrics.csv", "summary.json", 
 
 
 class MlflowLog(RemoteLog):
-    def __init__(self, run_dir: Path, uri: str, config: dict, warn: Callable[[str], None]):
+    def __init__(self, run_dir: Path, uri: str, group: str | None, config: dict, warn: Callable[[str], None]):
         try:
             from mlflow.entities import Metric, Param
             from mlflow.tracking import MlflowClient
@@ -55,8 +55,8 @@ class MlflowLog(RemoteLog):
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
             found = self.client.get_experiment_by_name(name)
             experiment = found.experiment_id if found is not None else self.client.create_experiment(name)
-            self.run_id = self.client.create_run(experiment, run_name=run_dir.name,
-                                                 tags={"residual.run_dir": str(run_dir.resolve())}).info.run_id
+            tags = {"residual.run_dir": str(run_dir.resolve()), **({"residual.group": group} if group else {})}
+            self.run_id = self.client.create_run(experiment, run_name=run_dir.name, tags=tags).info.run_id
             params = [Param(key, str(value)) for key, value in flatten(config).items() if value is not None]
             self.client.log_batch(self.run_id, params=params)
         except Exception as error:  # MLflow's own errors, and requests' for a server it could not reach

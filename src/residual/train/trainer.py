@@ -573,9 +573,9 @@ class Trainer:
             self.trackers.append(TensorBoardLog(self.run_dir / TENSORBOARD_DIR,
                                                 (self.run_dir / "config.yaml").read_text()))
         if c.mlflow is not None:
-            self.trackers.append(MlflowLog(self.run_dir, c.mlflow, c.to_dict(), self.console.print))
+            self.trackers.append(MlflowLog(self.run_dir, c.mlflow, c.group, c.to_dict(), self.console.print))
         if c.wandb is not None:
-            self.trackers.append(WandbLog(self.run_dir, c.wandb, c.to_dict(), self.console.print))
+            self.trackers.append(WandbLog(self.run_dir, c.wandb, c.group, c.to_dict(), self.console.print))
 
     def _close_trackers(self, status: str) -> None:
         """End the trackers' runs: FINISHED, KILLED (stopped by a signal, to be resumed) or FAILED."""

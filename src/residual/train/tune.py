@@ -67,7 +67,7 @@ IMPORTANCE_FROM = 10
 NOT_SEARCHED = ("data", "model_options", "optim", "augment", "seed", "deterministic", "device", "amp",
                 "channels_last", "compile", "compile_mode", "sync_bn", "workers", "in_memory", "decoder",
                 "checkpoint_every", "keep_best", "max_bad_streak", "out", "name", "quiet", "report", "tensorboard",
-                "mlflow", "wandb", "monitor", "val_split", "epochs")
+                "mlflow", "wandb", "group", "monitor", "val_split", "epochs")
 # The settings inside model_options a search can vary, and the flags that name settings otherwise.
 MODEL_OPTIONS = ("stem", "drop_rate", "drop_path_rate", "block_drop_rate", "zero_init_residual")
 FLAG_NAMES = {"pretrained": "from", "preset": "augment", "drop_path_rate": "drop-path"}
@@ -444,7 +444,8 @@ class Search:
         self.runs_started += 1
         try:
             config = dataclasses.replace(with_settings(self.config, values), out=str(run_dir.parent),
-                                         name=run_dir.name, report=False, **self.placement)
+                                         name=run_dir.name, report=False,
+                                         group=self.config.group or self.tune_dir.name, **self.placement)
             # Trials at once write to one terminal: each line of theirs says which trial it is of.
             console = (self.console if self.jobs == 1 else
                        message_console(file=PrefixedLines(sys.stdout, f"trial {trial.number}: ")))
@@ -561,11 +562,12 @@ class Search:
         return listed
 
     def _write_best(self, best: Trial) -> None:
-        """The best trial's config.yaml, with the outputs back where a new training run puts them."""
+        """The best trial's config.yaml, with the outputs back where a new training run puts them, and the group
+        the search was given (not the one it gave its trials)."""
         options = read_config(Path(best.run_dir) / "config.yaml")
-        options.update(out="runs/train", name=None, report=self.config.report,
+        options.update(out="runs/train", name=None, report=self.config.report, group=self.config.group,
                        **{name: getattr(self.config, name) for name in PLACEMENT})
-        for name in ("out", "name", "report", *PLACEMENT):
+        for name in ("out", "name", "report", "group", *PLACEMENT):
             options.get(AUTO_RECORD, {}).pop(name, None)
         with atomic_path(self.tune_dir / "best.yaml") as tmp:
             tmp.write_text(f"# trial {best.number} of {self.tune_dir}: {_score_text(self.monitor, best.score)}\n"

@@ -1,8 +1,9 @@
 """A run in Weights & Biases (`--wandb [PROJECT]`): what the run directory holds, also in a team's W&B project.
 
 W&B's own client (`pip install wandb`, or residual[wandb]) sends it to PROJECT (or WANDB_PROJECT's, default
-"residual"), under WANDB_ENTITY where set, as a run named after the run directory. Its local files go to
-RUN/wandb/; with WANDB_MODE=offline the run is kept there, for `wandb sync RUN/wandb/offline-run-*` later.
+"residual"), under WANDB_ENTITY where set, as a run named after the run directory, in the group `--group` names
+(a tune search's trials: the search's). Its local files go to RUN/wandb/; with WANDB_MODE=offline the run is
+kept there, for `wandb sync RUN/wandb/offline-run-*` later.
 - the recipe's settings as the run's config, nested as in config.yaml (W&B shows `optim.lr`), unset ones left
   out;
 - each optimizer step's loss and learning rate as `step/train_loss` and `step/lr` at W&B's step = the optimizer
@@ -41,7 +42,7 @@ KILLED_EXIT_CODE = 130  # what `residual train` exits with when a signal stops i
 
 
 class WandbLog(RemoteLog):
-    def __init__(self, run_dir: Path, project: str, config: dict, warn: Callable[[str], None]):
+    def __init__(self, run_dir: Path, project: str, group: str | None, config: dict, warn: Callable[[str], None]):
         try:
             import wandb
         except ImportError:
@@ -56,7 +57,7 @@ class WandbLog(RemoteLog):
         try:
             self.run = wandb.init(
                 project=project, entity=resumed.get("entity") or None, id=resumed.get("run_id"),
-                resume="allow" if resumed else None, name=run_dir.name, dir=run_dir, job_type="train",
+                resume="allow" if resumed else None, name=run_dir.name, group=group, dir=run_dir, job_type="train",
                 config=None if resumed else settings, reinit="create_new",  # a run of its own, in any process
                 # W&B's console capture would wrap the progress bar's terminal; its own banners are left out.
                 settings=wandb.Settings(console="off", quiet=True))
