@@ -204,8 +204,10 @@ def smoothed(times: np.ndarray, probabilities: np.ndarray, seconds: float) -> np
     """Each frame's probabilities averaged over the frames within `seconds` / 2 of it (0: as they are)."""
     if seconds == 0 or len(times) == 0:
         return probabilities
-    # Window sums from running sums: one pass, whatever the window, and right for uneven frame times.
-    running = np.concatenate([np.zeros((1, probabilities.shape[1])), np.cumsum(probabilities, axis=0)])
+    # Window sums from running sums: one pass, whatever the window, and right for uneven frame times; summed in
+    # float64 whatever the probabilities' type, so a long video's sums keep their small differences.
+    running = np.zeros((len(probabilities) + 1, probabilities.shape[1]))
+    np.cumsum(probabilities, axis=0, out=running[1:])
     first = np.searchsorted(times, times - seconds / 2, side="left")
     last = np.searchsorted(times, times + seconds / 2, side="right")
     return (running[last] - running[first]) / (last - first)[:, None]
@@ -248,7 +250,7 @@ class SegmentFinder:
         self.frames = 0  # added so far
         # The frames kept, in time order: the first `_final` are final (kept as the others' smoothing window).
         self._times, self._similarities = np.zeros(0), np.zeros(0)
-        self._probabilities = np.zeros((0, len(names)))
+        self._probabilities = np.zeros((0, len(names)), dtype=np.float32)  # as the model gives them
         self._final = 0
         self._final_until = -np.inf  # the time of the last frame made final
         self._arrived: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # added since the last look
@@ -281,8 +283,7 @@ class SegmentFinder:
         if isinstance(probabilities, torch.Tensor):
             probabilities = probabilities.float().numpy()
         similarities = np.zeros(len(times)) if similarities is None else similarities
-        self._arrived.append((times, np.asarray(probabilities, dtype=np.float64),
-                              np.asarray(similarities, dtype=np.float64)))
+        self._arrived.append((times, np.asarray(probabilities), np.asarray(similarities, dtype=np.float64)))
         self.frames += len(times)
         self._recent_times.extend(times[-(GAP_FRAMES + 1):].tolist())
         self._newest = max(self._newest, float(times.max()))
@@ -348,13 +349,20 @@ class SegmentFinder:
             return
         waiting = [(self._times[self._final:], self._probabilities[self._final:], self._similarities[self._final:]),
                    *self._arrived]
+        waiting = [part for part in waiting if len(part[0])]
         self._arrived = []
-        times, probabilities, similarities = (np.concatenate(part) for part in zip(*waiting))
-        order = np.argsort(times, kind="stable")
-        times = np.maximum(times[order], self._final_until)
-        self._times = np.concatenate([self._times[:self._final], times])
-        self._probabilities = np.concatenate([self._probabilities[:self._final], probabilities[order]])
-        self._similarities = np.concatenate([self._similarities[:self._final], similarities[order]])
+        # Copied only where needed: a whole video given at once is one part, in order, and nothing kept before it.
+        times, probabilities, similarities = (waiting[0] if len(waiting) == 1 else
+                                              (np.concatenate(part) for part in zip(*waiting)))
+        if np.any(np.diff(times) < 0):
+            order = np.argsort(times, kind="stable")
+            times, probabilities, similarities = times[order], probabilities[order], similarities[order]
+        times = np.maximum(times, self._final_until)
+        if self._final:
+            times = np.concatenate([self._times[:self._final], times])
+            probabilities = np.concatenate([self._probabilities[:self._final], probabilities])
+            similarities = np.concatenate([self._similarities[:self._final], similarities])
+        self._times, self._probabilities, self._similarities = times, probabilities, similarities
 
     def _extend(self, answer: int, present: np.ndarray, held: np.ndarray | None, times: np.ndarray) -> None:
         """The frames at `times`, made final, given to the segments of one answer: `present`, where they have it;
