@@ -22,8 +22,8 @@ from residual.errors import ConfigError
 from residual.explain import blended
 from residual.feature_bank import FeatureBank
 from residual.predict import collected_features
-from residual.video import (FrameScores, SegmentFinder, iter_predict_video, predict_video, segment_finder,
-                            segments, smoothed)
+from residual.video import (FrameScores, SegmentFinder, TimelineScores, iter_predict_video, predict_video,
+                            segment_finder, segments, smoothed)
 from residual.video_explain import UNSEEN_BRIGHTNESS, explain_video, frame_overlay
 
 av = pytest.importorskip("av")
@@ -367,6 +367,28 @@ def test_a_frame_timed_before_frames_already_final_counts_at_the_last_of_them():
     finder.add([0.35, 4.0], np.array([[0.1, 0.9], [0.9, 0.1]]))
     assert [(s.label, s.start, s.end, s.frames) for s in finder.finish()] == [
         ("a", 0.0, 3.8, 39), ("b", 3.8, 3.9, 1), ("a", 3.9, pytest.approx(4.1), 2)]
+
+
+@pytest.mark.parametrize("most", [7, 64])
+def test_a_timelines_points_stop_growing_and_each_is_the_mean_of_its_frames(monkeypatch, most):
+    """Frames in batches of 1 to 12, far more than a timeline keeps: after every batch the points are at most
+    TIMELINE_POINTS, each the mean time and probabilities of the next frames_per_point frames (a power of two),
+    the frames short of a whole point as one more."""
+    monkeypatch.setattr("residual.video.TIMELINE_POINTS", most)
+    rng = np.random.default_rng(2)
+    times, probabilities = np.sort(rng.uniform(0, 600, 3000)), rng.uniform(0, 1, (3000, 4)).astype(np.float32)
+    timeline, start = TimelineScores(4), 0
+    while start < len(times):
+        stop = min(start + int(rng.integers(1, 13)), len(times))
+        timeline.add(list(times[start:stop]), torch.from_numpy(probabilities[start:stop]), None)
+        start = stop
+        points_times, points = timeline.arrays(4)
+        per = timeline.frames_per_point
+        assert len(points_times) == len(points) <= most + 1 and per & (per - 1) == 0
+        groups = [slice(first, min(first + per, stop)) for first in range(0, stop, per)]
+        assert points_times == pytest.approx([times[group].mean() for group in groups])
+        assert points == pytest.approx(np.stack([probabilities[group].mean(axis=0) for group in groups]), abs=1e-6)
+    assert timeline.frames_per_point == 2 ** int(np.ceil(np.log2(3000 / most)))
 
 
 def test_predict_on_a_video_writes_a_row_per_frame_segments_and_a_timeline(untrained, tmp_path, capsys,

@@ -407,7 +407,7 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     from .feature_bank import FeatureBank
     from .predict import class_names_of, inference_compile
     from .tables import segments_table
-    from .video import (ANNOTATE_WHY, SMOOTH_SECONDS, FrameScores, check_read_twice, check_smooth,
+    from .video import (ANNOTATE_WHY, SMOOTH_SECONDS, TimelineScores, check_read_twice, check_smooth,
                         check_video_arguments, expected_frames, iter_predict_video, plot_timeline, segment_finder,
                         segments_as_they_close, video_files, write_annotated, write_segments)
 
@@ -428,9 +428,9 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
                                       sum(expected_frames(info, args.fps) or 0 for info in infos))
     if not args.quiet:
         print(f"torch.compile: {why}", file=sys.stderr)
-    # The segments are found as the frames come; only a timeline keeps every frame's probabilities.
-    finders = [segment_finder(model, info, smooth, args.min_confidence, bank, FrameScores() if args.timeline else None)
-               for info in infos]
+    # The segments are found as the frames come; a timeline keeps its points, in memory that stops growing.
+    finders = [segment_finder(model, info, smooth, args.min_confidence, bank,
+                              TimelineScores(len(names)) if args.timeline else None) for info in infos]
     per_video = [iter_predict_video(model, info, finder, topk, args.batch_size, args.tta, args.fps,
                                     args.min_confidence, failed, not args.quiet, compiled, bank)
                  for info, finder in zip(infos, finders)]
@@ -456,7 +456,7 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
         timelines = video_files(infos, args.timeline, ".timeline.png")
         for info, finder, segments, path in zip(infos, finders, found, timelines):
             plot_timeline(*finder.record.arrays(len(names)), segments, names, path, source_file_name(info.path),
-                          smooth, args.min_confidence)
+                          smooth, args.min_confidence, finder.record.frames_per_point)
         print(f"timeline: {len(infos)} picture(s) in {args.timeline}", file=sys.stderr)
     if args.annotate:
         for info, segments, path in zip(infos, found, video_files(infos, args.annotate, ".annotated.mp4")):

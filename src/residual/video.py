@@ -15,9 +15,10 @@ preprocessing, test-time augmentation, exported runtimes), and returns:
 `plot_timeline` draws them: the smoothed probability of each class the video shows over time, under a band of
 its segments. `write_annotated` writes the video again with each moment's segments drawn on its frames.
 `SegmentFinder` finds the segments as the frames come, keeping only the frames still to be smoothed with, so a
-live stream's segments close as it goes and it runs for days in the same memory. What keeps every frame's
-probabilities (`predict_video`'s result, a timeline, explain's key frames) takes frames x classes x 4 bytes: an
-hour at 30 frames/s and 1000 classes is 430 MB; `fps` thins it.
+live stream's segments close as it goes and it runs for days in the same memory; `TimelineScores` keeps what a
+timeline draws in memory that stops growing too. What keeps every frame's probabilities (`predict_video`'s
+result, explain's key frames) takes frames x classes x 4 bytes: an hour at 30 frames/s and 1000 classes is
+430 MB; `fps` thins it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .progress import progress_bar
 
 SMOOTH_SECONDS = 1.0  # about a scene cut's blur and a camera's shake; short enough to keep a 2 s shot apart
 TIMELINE_CLASSES = 8  # lines drawn at most: beyond this the colours repeat and the legend hides the plot
+TIMELINE_POINTS = 10_000  # a timeline's most points: ten a pixel across its curves (40 MB at 1000 classes)
 CLOSED_LOOK_SECONDS = 1.0  # how often (in the video's time) frames are made final, and segments closed
 GAP_FRAMES = 100  # a video of unknown length ends a usual gap after its last frame: the median of its last 100
 ANNOTATE_WHY = "--annotate decodes it again to draw on its frames"
@@ -76,6 +78,70 @@ class FrameScores:
     def arrays(self, classes: int) -> tuple[np.ndarray, np.ndarray]:
         probabilities = np.concatenate(self.probabilities) if self.probabilities else np.zeros((0, classes))
         return np.asarray(self.times, dtype=np.float64), probabilities
+
+
+class TimelineScores:
+    """A video's frames' times and probabilities as a timeline draws them, in memory that stops growing: once
+    there are more than TIMELINE_POINTS, neighbouring points are merged in pairs (their mean time and mean
+    probabilities), so each point stands for 1, 2, 4 ... frames and a week's stream is drawn from as many points
+    as a few minutes' (more than the picture has pixels across)."""
+
+    def __init__(self, classes: int):
+        self.classes, self.frames_per_point, self.points = classes, 1, 0
+        # The points, a batch's at a time (appended without copying those before): times, and probabilities as
+        # float32, as the model gives them.
+        self._times: list[np.ndarray] = []
+        self._probabilities: list[np.ndarray] = []
+        # The frames not yet making up a whole point: their count and their sums, time and probabilities.
+        self._left = 0
+        self._left_sums = np.zeros(1 + classes)
+
+    def add(self, times: list[float], probabilities: torch.Tensor, similarities: list[float] | None) -> None:
+        """A batch of frames (the similarities are not drawn)."""
+        if len(times) == 0:
+            return
+        rows = np.concatenate([np.asarray(times, dtype=np.float64)[:, None],
+                               probabilities.float().numpy().astype(np.float64)], axis=1)
+        rows[0] += self._left_sums
+        counts = np.full(len(rows), 1.0)
+        counts[0] += self._left
+        # Whole points from the frames so far: running sums over the frames, differenced at each k-th frame.
+        totals, ends = np.cumsum(counts), np.cumsum(rows, axis=0)
+        per = self.frames_per_point
+        whole = int(totals[-1]) // per
+        if whole:
+            at = np.searchsorted(totals, np.arange(1, whole + 1) * per)  # each point's last row
+            means = np.diff(ends[at], axis=0, prepend=np.zeros((1, rows.shape[1]))) / per
+            self._times.append(means[:, 0].copy())  # not a view, which would keep all of `means`
+            self._probabilities.append(means[:, 1:].astype(np.float32))
+            self.points += whole
+            self._left_sums = ends[-1] - ends[at[-1]]
+        else:
+            self._left_sums = ends[-1]
+        self._left = int(totals[-1]) - whole * per
+        while self.points > TIMELINE_POINTS:
+            self._merge_pairs()
+
+    def arrays(self, classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """The points' times and probabilities, the frames not making up a whole point yet as one more."""
+        times, probabilities = [np.zeros(0), *self._times], [np.zeros((0, classes), np.float32), *self._probabilities]
+        if self._left:
+            last = self._left_sums / self._left
+            times.append(last[:1])
+            probabilities.append(last[None, 1:].astype(np.float32))
+        return np.concatenate(times), np.concatenate(probabilities)
+
+    def _merge_pairs(self) -> None:
+        """Each two neighbouring points as one; an odd last point goes back to the frames not making up one."""
+        times, probabilities = np.concatenate(self._times), np.concatenate(self._probabilities)
+        paired = len(times) // 2 * 2
+        if paired < len(times):
+            self._left += self.frames_per_point
+            self._left_sums += np.concatenate([times[-1:], probabilities[-1]]) * self.frames_per_point
+        self._times = [times[:paired].reshape(-1, 2).mean(axis=1)]
+        self._probabilities = [probabilities[:paired].reshape(-1, 2, self.classes).mean(axis=1)]
+        self.points = paired // 2
+        self.frames_per_point *= 2
 
 
 @dataclass
@@ -239,11 +305,11 @@ class SegmentFinder:
     `add` takes each batch of frames; `closed` hands on the segments closed since it was last called; `finish`,
     at the video's end, closes the rest and hands on those not handed on yet; `found` is every segment so far.
     A frame timed before frames already final (a damaged live stream's timestamps stepping back) counts at the
-    last of their times. `record`: every frame also goes to it (for a timeline, which draws them all)."""
+    last of their times. `record`: every frame also goes to it (for a timeline)."""
 
     def __init__(self, names: list[str], end: float | None = None, smooth: float = SMOOTH_SECONDS,
                  min_confidence: float | None = None, thresholds: np.ndarray | None = None,
-                 similarity_floor: float | None = None, record: FrameScores | None = None):
+                 similarity_floor: float | None = None, record: FrameScores | TimelineScores | None = None):
         check_smooth(smooth)
         self.names, self.end, self.smooth, self.record = names, end, smooth, record
         self.min_confidence, self.thresholds, self.similarity_floor = min_confidence, thresholds, similarity_floor
@@ -400,7 +466,8 @@ def _run_bounds(values: np.ndarray) -> list[tuple[int, int]]:
 
 
 def segment_finder(model, info: VideoInfo, smooth: float = SMOOTH_SECONDS, min_confidence: float | None = None,
-                   feature_bank: FeatureBank | None = None, record: FrameScores | None = None) -> SegmentFinder:
+                   feature_bank: FeatureBank | None = None,
+                   record: FrameScores | TimelineScores | None = None) -> SegmentFinder:
     """A SegmentFinder for a video predicted by `model` (its classes, and a multi-label model's thresholds; with
     the `feature_bank` it is predicted with, its floor of similarity)."""
     return SegmentFinder(class_names_of(model), info.duration, smooth, min_confidence,
@@ -446,13 +513,16 @@ def predict_video(model, video: str, topk: int = 5, batch_size: int = 64, tta: s
 
 
 def plot_timeline(times: np.ndarray, probabilities: np.ndarray, found: list[Segment], names: list[str],
-                  path, title: str, smooth: float = SMOOTH_SECONDS, floor: float | None = None) -> None:
+                  path, title: str, smooth: float = SMOOTH_SECONDS, floor: float | None = None,
+                  frames_per_point: int = 1) -> None:
     """The smoothed probability of each class the segments name (the most probable ones, up to
     TIMELINE_CLASSES) over time, under a band with the segments in the same colours; `floor`: the
-    min_confidence below which a stretch has no class, as a dashed line."""
-    scores = smoothed(times, probabilities, smooth)
+    min_confidence below which a stretch has no class, as a dashed line; `frames_per_point`: how many frames
+    each of the points given stands for (TimelineScores'), said under the curves."""
     shown = [name for name in dict.fromkeys(segment.label for segment in found) if name is not None]
-    shown = sorted(shown, key=lambda name: -scores[:, names.index(name)].sum())[:TIMELINE_CLASSES]
+    shown = sorted(shown, key=lambda name: -probabilities[:, names.index(name)].sum())[:TIMELINE_CLASSES]
+    # Only the curves drawn are smoothed: a 1000-class model's every column would take 8 bytes x 3 x classes a point.
+    scores = smoothed(times, probabilities[:, [names.index(name) for name in shown]], smooth)
     colour = {name: COLOURS[index % len(COLOURS)] for index, name in enumerate(shown)}
     figure = new_figure(figsize=(10, 4.2))
     band, curves = figure.subplots(2, 1, height_ratios=(1, 5), sharex=True)
@@ -469,13 +539,14 @@ def plot_timeline(times: np.ndarray, probabilities: np.ndarray, found: list[Segm
     band.set_yticks([])
     band.set_ylim(0, max(len(lanes), 1))
     band.set_title(title, fontsize=10)
-    for name in shown:
-        curves.plot(times, scores[:, names.index(name)], color=colour[name], linewidth=1.2, label=name)
+    for column, name in enumerate(shown):
+        curves.plot(times, scores[:, column], color=colour[name], linewidth=1.2, label=name)
     if floor is not None:
         curves.axhline(floor, color="grey", linestyle="--", linewidth=1, label=f"floor {floor:g}")
     curves.set_ylim(0, 1.02)
     curves.set_xlim(0, span)
-    curves.set_xlabel("time (s)")
+    curves.set_xlabel("time (s)" if frames_per_point == 1 else
+                      f"time (s); each point the mean of {frames_per_point} frames")
     curves.set_ylabel(f"probability (mean over {smooth:g} s)" if smooth else "probability")
     if shown or floor is not None:
         curves.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
