@@ -7,13 +7,16 @@ import json
 import shutil
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 
 from residual.cli import main
 from residual.data.shapes import write_shapes
+from residual.errors import ConfigError
 from residual.train import TrainConfig, train
 from residual.train.optim import OptimConfig
+from residual.train.tune import tune
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402  (after the skip: the client is a test dependency)
@@ -92,6 +95,54 @@ def test_a_run_stopped_then_resumed_goes_on_in_the_same_mlflow_run(tmp_path, sto
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert history(client, run_id, "val_top1") == [(int(row["epoch"]), pytest.approx(float(row["val_top1"])))
                                                    for row in rows] and len(rows) == 3
+
+
+def test_a_search_is_a_run_with_its_trials_nested_under_it_and_a_resumed_search_goes_on_in_it(tmp_path, store):
+    pytest.importorskip("optuna")
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)
+    config = TrainConfig(data=str(data), model="resnet20", epochs=2, batch_size=16, workers=0, quiet=True,
+                         report=False, mlflow=store)
+    first = tune(config, ["lr=0.01..0.3:log"], trials=2, pruner="none", out=str(tmp_path / "tune"))
+    search_id = json.loads((first.tune_dir / "mlflow.json").read_text())["run_id"]
+    client = MlflowClient(store)
+    assert client.get_run(search_id).info.status == "FINISHED"
+    result = tune(resume=first.tune_dir, trials=3)  # one more trial, in the same search run
+
+    search = client.get_run(search_id)
+    assert search.info.run_name == first.tune_dir.name and search.info.status == "FINISHED"
+    assert search.data.tags["residual.search"] == "true" and search.data.tags["residual.group"] == first.tune_dir.name
+    assert search.data.tags["residual.best_trial"] == str(result.best.number)
+    assert search.data.params["search.lr"] == "0.01..0.3:log" and search.data.params["trials"] == "2"
+    assert search.data.params["monitor"] == "val_top1" and search.data.params["model"] == "resnet20"
+    complete = [trial for trial in result.trials if trial.state == "complete"]
+    assert len(complete) == 3
+    assert history(client, search_id, "trial/val_top1") == [(t.number, pytest.approx(t.score)) for t in complete]
+    assert history(client, search_id, "best/val_top1") == [
+        (t.number, pytest.approx(max(o.score for o in complete[:index + 1]))) for index, t in enumerate(complete)]
+    sent = {artifact.path for artifact in client.list_artifacts(search_id)}
+    assert {"trials.csv", "best.yaml", "search.png", "tune.yaml"} <= sent
+    trained = {Path(t.run_dir).name: t.values["lr"] for t in result.trials}  # settings drawn again share a run
+    nested = {}
+    for name in trained:
+        run = client.get_run(json.loads((first.tune_dir / "trials" / name / "mlflow.json").read_text())["run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == search_id and run.info.status == "FINISHED"
+        assert run.data.tags["residual.group"] == first.tune_dir.name and "residual.search" not in run.data.tags
+        nested[run.info.run_name] = float(run.data.params["optim.lr"])
+    assert nested == pytest.approx(trained)
+    assert len(client.search_runs([search.info.experiment_id])) == 1 + len(trained)
+
+
+def test_a_search_whose_server_cannot_be_reached_is_refused_and_leaves_no_folder(tmp_path, monkeypatch):
+    pytest.importorskip("optuna")
+    data = write_shapes(tmp_path / "data", size=16, per_class=2, seed=0, progress=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as closed:  # bound, not listening
+        closed.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        with pytest.raises(ConfigError, match=f"--mlflow {uri}: .*check the tracking URI"):
+            tune(TrainConfig(data=str(data), model="resnet20", epochs=1, quiet=True, mlflow=uri), ["lr=0.01..0.1"],
+                 trials=1, out=str(tmp_path / "tune"))
+    assert not any((tmp_path / "tune").iterdir())
 
 
 def test_a_tracking_store_lost_mid_run_is_said_once_and_the_training_goes_on(tmp_path, store, capsys):

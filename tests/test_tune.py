@@ -244,11 +244,15 @@ def _study(tune_dir):
     return optuna.load_study(study_name="tune", storage=storage)
 
 
-def test_parallel_trials_train_at_once_within_the_budget_each_line_naming_its_trial(shapes16, tmp_path):
+def test_parallel_trials_train_at_once_within_the_budget_each_line_naming_its_trial(shapes16, tmp_path,
+                                                                                   monkeypatch):
+    mlflow_client = pytest.importorskip("mlflow.tracking")
+    store = (tmp_path / "mlruns").as_uri()  # MLflow's file store: each worker sends its own trials
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(_tune_cli(shapes16, "--model", "resnet20", "--epochs", "3", "--batch-size", "32", "--quiet",
                                     "--no-report", "--trials", "5", "--jobs", "2", "--search", "lr=0.01..0.3:log",
-                                    "--out", tmp_path, "--name", "search"),
+                                    "--out", tmp_path, "--name", "search", "--mlflow", store),
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "5 trials of 3 epochs" in done.stdout and "2 trials at a time, on cpu, cpu" in done.stdout
@@ -266,6 +270,14 @@ def test_parallel_trials_train_at_once_within_the_budget_each_line_naming_its_tr
     assert (best["device"], best["workers"]) == ("auto", None), "the search's own, not a worker's"
     trial = yaml.safe_load((tmp_path / "search" / "trials" / "trial-000" / "config.yaml").read_text())
     assert trial["workers"] == 1  # the two workers share this machine's cores
+    client = mlflow_client.MlflowClient(store)
+    search_id = json.loads((tmp_path / "search" / "mlflow.json").read_text())["run_id"]
+    assert client.get_run(search_id).info.status == "FINISHED"
+    sent = sorted(metric.step for metric in client.get_metric_history(search_id, "trial/val_top1"))
+    assert sent == [int(row["trial"]) for row in rows if row["state"] == "complete"]
+    for run_dir in {row["run_dir"] for row in rows}:
+        run = client.get_run(json.loads((Path(run_dir) / "mlflow.json").read_text())["run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == search_id
 
 
 def test_parallel_trials_go_on_the_gpus_in_turn_each_its_workers_current_device(monkeypatch):

@@ -2,7 +2,7 @@
 
 MLflow's own client (`pip install mlflow-skinny`, or residual[mlflow]) sends it to the tracking URI given, or
 where MLFLOW_TRACKING_URI says, into the experiment MLFLOW_EXPERIMENT_NAME names (default "residual"), as a run
-named after the run directory (tagged residual.group with `--group`'s name; a tune search's trials, the search's):
+named after the run directory (tagged residual.group with `--group`'s name):
 - the recipe's settings as parameters, one level deep (`optim.lr`), unset ones left out;
 - each epoch's row of metrics.csv as metrics at step = the epoch (`train_loss`, `val_top1`, `lr` ...), and each
   optimizer step's loss and learning rate as `step/train_loss` and `step/lr` at step = the optimizer step;
@@ -10,10 +10,17 @@ named after the run directory (tagged residual.group with `--group`'s name; a tu
   model file, config.yaml, metrics.csv, summary.json, the pictures and report.html;
 - the run's status: FINISHED, KILLED where a signal stopped it (it can be resumed), FAILED where an error did.
 
-RUN/mlflow.json keeps the run's id, so `residual train --resume` goes on in the same MLflow run. The tracking
-server is asked once before training starts, and a server that cannot be reached then is a one-line error;
-one lost in the middle of a run does not stop the training: the failure is said once, the run's own files
-hold every number, and what could not be sent is counted at the end.
+A tune search is a run of its own, named after its folder, with its trials' runs nested under it (MLflow's
+mlflow.parentRunId, which its UI shows as a tree) and all tagged residual.group with the search's name (or
+`--group`'s): the searched ranges and the search's settings as parameters (`search.optim.lr`: `0.01..0.3:log`),
+each complete trial's score and the best so far as `trial/val_top1` and `best/val_top1` at step = the trial's
+number, and at the end trials.csv, best.yaml and search.png, with the best trial's number as the tag
+residual.best_trial.
+
+RUN/mlflow.json (TUNE/mlflow.json) keeps the run's id, so `residual train --resume` (`residual tune --resume`)
+goes on in the same MLflow run. The tracking server is asked once before training starts, and a server that
+cannot be reached then is a one-line error; one lost in the middle of a run does not stop the training: the
+failure is said once, the run's own files hold every number, and what could not be sent is counted at the end.
 """
 
 from __future__ import annotations
@@ -31,40 +38,71 @@ from .remote_log import RemoteLog, first_line
 
 RUN_RECORD = "mlflow.json"
 DEFAULT_EXPERIMENT = "residual"
+GROUP_TAG = "residual.group"
+SEARCH_TAG = "residual.search"  # on a tune search's run
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI shows the run under that one
 ARTIFACTS = ("model.safetensors", "config.yaml", "metrics.csv", "summary.json", "curves.png", "report.html")
 
 
-class MlflowLog(RemoteLog):
-    def __init__(self, run_dir: Path, uri: str, group: str | None, config: dict, warn: Callable[[str], None]):
+class MlflowRun(RemoteLog):
+    """An MLflow run kept in a folder's mlflow.json: started, or gone on with where the record says."""
+
+    def __init__(self, folder: Path, uri: str, name: str, tags: dict, params: dict, warn: Callable[[str], None]):
         try:
             from mlflow.entities import Metric, Param
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise ConfigError("--mlflow: runs are sent to MLflow by its client, which is not installed: pip install "
                               "mlflow-skinny (or residual[mlflow])") from None
-        super().__init__("--mlflow", run_dir, warn)
+        super().__init__("--mlflow", folder, warn)
         self.metric = Metric
         self.client = MlflowClient(uri or None)  # None: MLFLOW_TRACKING_URI, or MLflow's default
         self.where = self.client.tracking_uri
-        record = run_dir / RUN_RECORD
+        record = folder / RUN_RECORD
         try:
             if record.is_file():  # a resumed run goes on in its MLflow run
                 self.run_id = json.loads(record.read_text())["run_id"]
                 self.client.update_run(self.run_id, status="RUNNING")
                 return
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-            found = self.client.get_experiment_by_name(name)
-            experiment = found.experiment_id if found is not None else self.client.create_experiment(name)
-            tags = {"residual.run_dir": str(run_dir.resolve()), **({"residual.group": group} if group else {})}
-            self.run_id = self.client.create_run(experiment, run_name=run_dir.name, tags=tags).info.run_id
-            params = [Param(key, str(value)) for key, value in flatten(config).items() if value is not None]
-            self.client.log_batch(self.run_id, params=params)
+            experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+            found = self.client.get_experiment_by_name(experiment_name)
+            experiment = (found.experiment_id if found is not None
+                          else self.client.create_experiment(experiment_name))
+            tags = {"residual.run_dir": str(folder.resolve()), **tags}
+            self.run_id = self.client.create_run(experiment, run_name=name, tags=tags).info.run_id
+            self.client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()
+                                                       if value is not None])
         except Exception as error:  # MLflow's own errors, and requests' for a server it could not reach
             raise ConfigError(f"--mlflow {self.client.tracking_uri}: {first_line(error)}; check the tracking URI "
                               f"(or MLFLOW_TRACKING_URI), or leave --mlflow out") from None
         with atomic_path(record) as tmp:
-            tmp.write_text(json.dumps({"tracking_uri": self.client.tracking_uri, "experiment": name,
+            tmp.write_text(json.dumps({"tracking_uri": self.client.tracking_uri, "experiment": experiment_name,
                                        "run_id": self.run_id}, indent=2))
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run as FINISHED, KILLED (stopped by a signal, to be resumed) or FAILED."""
+        self._call(lambda: self.client.set_terminated(self.run_id, status), "the run's end")
+        self._say_lost()
+
+    def _log(self, values: list[tuple[str, float, int]], what: str) -> None:
+        if values:
+            now = int(time.time() * 1000)
+            metrics = [self.metric(key, float(value), now, step) for key, value, step in values]
+            self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics), what)
+
+    def _send_files(self, paths: list[Path]) -> None:
+        for path in paths:
+            if path.is_file():
+                self._call(lambda: self.client.log_artifact(self.run_id, str(path)), path.name)
+
+
+class MlflowLog(MlflowRun):
+    """A training run. `parent`: the id of the MLflow run it is nested under (a tune search's)."""
+
+    def __init__(self, run_dir: Path, uri: str, group: str | None, config: dict, warn: Callable[[str], None],
+                 parent: str | None = None):
+        tags = {**({GROUP_TAG: group} if group else {}), **({PARENT_TAG: parent} if parent else {})}
+        super().__init__(run_dir, uri, run_dir.name, tags, flatten(config), warn)
 
     def add_epoch(self, row: dict) -> None:
         """One epoch's numbers (a metrics.csv row) as metrics at step = the epoch."""
@@ -81,17 +119,23 @@ class MlflowLog(RemoteLog):
         self._log([(f"best/{key}", value, best_epoch) for key, value in best.items()
                    if key.startswith("val_") and isinstance(value, (int, float))]
                   + ([("best/epoch", best_epoch, step)] if best else []), "the best epoch")
-        for path in [self.run_dir / name for name in ARTIFACTS] + pictures:
-            if path.is_file():
-                self._call(lambda: self.client.log_artifact(self.run_id, str(path)), path.name)
+        self._send_files([self.run_dir / name for name in ARTIFACTS] + pictures)
 
-    def close(self, status: str = "FINISHED") -> None:
-        """End the MLflow run as FINISHED, KILLED (stopped by a signal, to be resumed) or FAILED."""
-        self._call(lambda: self.client.set_terminated(self.run_id, status), "the run's end")
-        self._say_lost()
 
-    def _log(self, values: list[tuple[str, float, int]], what: str) -> None:
-        if values:
-            now = int(time.time() * 1000)
-            metrics = [self.metric(key, float(value), now, step) for key, value, step in values]
-            self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics), what)
+class MlflowSearchLog(MlflowRun):
+    """A tune search (TUNE/mlflow.json), its trials' runs nested under it: the search's settings as parameters,
+    each complete trial's score and the best so far as metrics at step = the trial's number, and at the end its
+    files. Each process of a parallel search sends its own trials' scores to the same run."""
+
+    def __init__(self, tune_dir: Path, uri: str, group: str, settings: dict, warn: Callable[[str], None]):
+        super().__init__(tune_dir, uri, tune_dir.name, {GROUP_TAG: group, SEARCH_TAG: "true"}, settings, warn)
+
+    def add_trial(self, number: int, monitor: str, score: float, best: float) -> None:
+        self._log([(f"trial/{monitor}", score, number), (f"best/{monitor}", best, number)], f"trial {number}")
+
+    def finish(self, best_trial: int | None, files: list[Path]) -> None:
+        """The best trial's number (None: no trial completed), and the search's files."""
+        if best_trial is not None:
+            self._call(lambda: self.client.set_tag(self.run_id, "residual.best_trial", str(best_trial)),
+                       "the best trial")
+        self._send_files(files)

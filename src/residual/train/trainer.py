@@ -151,7 +151,7 @@ def seeded(seed: int, deterministic: bool):
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
           run_dir: str | Path | None = None, console: Console | None = None,
-          epoch_end: Callable[[dict], str | None] | None = None) -> TrainResult:
+          epoch_end: Callable[[dict], str | None] | None = None, mlflow_parent: str | None = None) -> TrainResult:
     """Train a ResNet as `config` says, or resume the run in directory `resume`.
 
     `run_dir`: run in this directory; if it already holds a config.yaml, that is the
@@ -161,6 +161,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     ends the run there, as the reason (how `residual tune` prunes a trial that falls behind). The decision is
     this call's: last.pt does not keep it, so a resume trains on. Distributed, every worker calls it, and
     they must agree.
+    `mlflow_parent`: with config.mlflow, the id of the MLflow run this run's is nested under (a tune search's).
     """
     console = console or message_console()
     if resume is not None:
@@ -186,7 +187,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                 run_dir = world.broadcast(prepare_run_dir(config, given, run_dir) if world.is_main else None)
             with run_lock(run_dir) if world.is_main else contextlib.nullcontext():
                 try:
-                    trainer = Trainer(config, dataset, run_dir, console, world, epoch_end)
+                    trainer = Trainer(config, dataset, run_dir, console, world, epoch_end, mlflow_parent)
                 except Exception:
                     if not started and world.is_main:
                         discard_run_dir(run_dir)
@@ -293,9 +294,10 @@ def prepare_run(config: TrainConfig, processes: int, console: Console) -> Path:
 
 class Trainer:
     def __init__(self, config: TrainConfig, dataset: Dataset, run_dir: Path, console: Console,
-                 world: World = World(), epoch_end: Callable[[dict], str | None] | None = None):
+                 world: World = World(), epoch_end: Callable[[dict], str | None] | None = None,
+                 mlflow_parent: str | None = None):
         self.config, self.dataset, self.run_dir, self.console = config, dataset, run_dir, console
-        self.world, self.epoch_end = world, epoch_end
+        self.world, self.epoch_end, self.mlflow_parent = world, epoch_end, mlflow_parent
         self.trackers: list[TensorBoardLog | MlflowLog | WandbLog] = []
         try:
             # First: without the tensorboard, mlflow or wandb package, or its server, the flag stops here, before
@@ -573,7 +575,8 @@ class Trainer:
             self.trackers.append(TensorBoardLog(self.run_dir / TENSORBOARD_DIR,
                                                 (self.run_dir / "config.yaml").read_text()))
         if c.mlflow is not None:
-            self.trackers.append(MlflowLog(self.run_dir, c.mlflow, c.group, c.to_dict(), self.console.print))
+            self.trackers.append(MlflowLog(self.run_dir, c.mlflow, c.group, c.to_dict(), self.console.print,
+                                           self.mlflow_parent))
         if c.wandb is not None:
             self.trackers.append(WandbLog(self.run_dir, c.wandb, c.group, c.to_dict(), self.console.print))
 

@@ -54,6 +54,7 @@ from ..models import ResNetConfig
 from ..progress import PrefixedLines, message_console
 from ..runs import new_run_dir, pick_device
 from .config import AUTO_RECORD, TrainConfig, flatten, plain_yaml, read_config, resolve
+from .mlflow_log import MlflowSearchLog
 from .optim import OptimConfig
 from .trainer import TrainingDiverged, TrainingInterrupted, train
 
@@ -272,12 +273,21 @@ def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (
                                  "trials": trials, "pruner": pruner, "prune_from": prune_from, "monitor": monitor,
                                  "epochs": epochs})
         baseline = own_settings(space, resolved)
+    try:  # before the workers start, so that they go on in the one run it records
+        search_log = (MlflowSearchLog(tune_dir, config.mlflow, search_group(config, tune_dir),
+                                      _search_settings(config, space, trials, pruner, prune_from, monitor, epochs),
+                                      console.print) if config.mlflow is not None else None)
+    except ConfigError:  # a server that cannot be reached: a search that never began leaves no folder
+        if resume is None:
+            (tune_dir / "tune.yaml").unlink()
+            tune_dir.rmdir()
+        raise
     _drop_torn_line(tune_dir / "study.log")  # here, while no other process writes to it
     study = _open_study(optuna, tune_dir, monitor, pruner, prune_from, config.seed, epochs, trials, jobs > 1)
     if baseline:  # first, what residual train would do: the search's yardstick
         study.enqueue_trial(baseline, user_attrs={"baseline": True})
     _continue_cut_trials(study, optuna)
-    search = Search(study, optuna, tune_dir, config, space, monitor, epochs, console)
+    search = Search(study, optuna, tune_dir, config, space, monitor, epochs, console, mlflow=search_log)
     devices = _worker_devices(config.device, jobs)
     console.print(f"{tune_dir}: up to {trials} trials of {epochs} epochs, searching "
                   f"{', '.join(item.text() for item in space)}; pruner: {pruner}"
@@ -290,8 +300,29 @@ def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (
             _run_workers(tune_dir, devices, trials, time_limit)
     except TrainingInterrupted as stop:  # the trials stay running in the study: a resume continues them
         search.write()
+        search.end_log("KILLED")
         raise TrainingInterrupted(f"{stop}; the search goes on with: residual tune --resume {tune_dir}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: the journal still holds the search, to be resumed
+        search.end_log("KILLED")
+        raise
+    except BaseException:
+        search.end_log("FAILED")
+        raise
     return search.finish()
+
+
+def search_group(config: TrainConfig, tune_dir: Path) -> str:
+    """The group of a search's trials in W&B and MLflow: --group's, or the search's folder's name."""
+    return config.group or tune_dir.name
+
+
+def _search_settings(config: TrainConfig, space: list[Searched], trials: int, pruner: str, prune_from: int,
+                     monitor: str, epochs: int) -> dict:
+    """A search's MLflow parameters: each searched range, and how the search runs (each trial's runs has its
+    own settings)."""
+    return {**{f"search.{item.name}": item.text().split("=", 1)[1] for item in space}, "model": config.model,
+            "data": config.data, "trials": trials, "pruner": pruner, "prune_from": prune_from, "monitor": monitor,
+            "epochs": epochs}
 
 
 def _recorded_search(tune_dir: Path) -> tuple[dict, TrainConfig, list[Searched]]:
@@ -357,8 +388,11 @@ def _work(tune_dir: Path, index: int, devices: list[str], trials: int, time_limi
                             config.seed + index, recorded["epochs"], trials, True)
         placement = {"device": devices[index], "quiet": True,
                      "workers": config.workers if config.workers is not None else decoding_workers(jobs)}
+        # The search's MLflow run, recorded by the process that started this one.
+        search_log = (MlflowSearchLog(tune_dir, config.mlflow, search_group(config, tune_dir), {}, print)
+                      if config.mlflow is not None else None)
         search = Search(study, optuna, tune_dir, config, space, recorded["monitor"], recorded["epochs"],
-                        message_console(), placement, jobs)
+                        message_console(), placement, jobs, search_log)
         search.run_trials(trials, time_limit, claim)
     except (TrainingInterrupted, KeyboardInterrupt) as stop:
         print(f"worker {index}: {stop or 'stopped'}", file=sys.stderr)
@@ -394,9 +428,10 @@ class Search:
     """The trial loop's state: the study, where it writes, and how a trial is scored and reported."""
 
     def __init__(self, study, optuna, tune_dir: Path, config: TrainConfig, space: list[Searched], monitor: str,
-                 epochs: int, console: Console, placement: dict | None = None, jobs: int = 1):
+                 epochs: int, console: Console, placement: dict | None = None, jobs: int = 1,
+                 mlflow: MlflowSearchLog | None = None):
         self.study, self.optuna, self.tune_dir, self.config, self.space = study, optuna, tune_dir, config, space
-        self.monitor, self.epochs, self.console = monitor, epochs, console
+        self.monitor, self.epochs, self.console, self.mlflow = monitor, epochs, console, mlflow
         self.placement, self.jobs = placement or {}, jobs  # a parallel search's worker: see PLACEMENT
         self.maximize = monitor != "val_loss"
         self.runs_started = 0  # by this process: the time per trial it measures
@@ -445,11 +480,12 @@ class Search:
         try:
             config = dataclasses.replace(with_settings(self.config, values), out=str(run_dir.parent),
                                          name=run_dir.name, report=False,
-                                         group=self.config.group or self.tune_dir.name, **self.placement)
+                                         group=search_group(self.config, self.tune_dir), **self.placement)
             # Trials at once write to one terminal: each line of theirs says which trial it is of.
             console = (self.console if self.jobs == 1 else
                        message_console(file=PrefixedLines(sys.stdout, f"trial {trial.number}: ")))
-            result = train(config, run_dir=run_dir, console=console, epoch_end=self._pruning(trial))
+            result = train(config, run_dir=run_dir, console=console, epoch_end=self._pruning(trial),
+                           mlflow_parent=self.mlflow.run_id if self.mlflow else None)
         except ConfigError as error:  # e.g. --augmix-jsd drawn without --auto-augment augmix
             return self._end_failed(trial, "refused", f"settings refused: {error}")
         except torch.cuda.OutOfMemoryError:  # a property of the settings (batch size, model), like divergence
@@ -465,6 +501,7 @@ class Search:
             elif result.best:
                 self.study.tell(trial, result.best[self.monitor])
                 best = self.study.best_trial.number == trial.number
+                self._send_score(trial.number, result.best[self.monitor])
                 self.console.print(f"trial {trial.number}: {_score_text(self.monitor, result.best[self.monitor])}"
                                    + ("  *best so far*" if best else ""))
             else:  # no epoch gave a finite score with finite weights
@@ -497,8 +534,15 @@ class Search:
             trial.report(score, epoch)
         complete = same.state == self.optuna.trial.TrialState.COMPLETE  # a pruned trial's value is its last score
         self.study.tell(trial, same.value if complete else None, state=same.state)
+        if complete:
+            self._send_score(trial.number, same.value)
         self.console.print(f"trial {trial.number}: the settings of trial {same.number}, not trained again")
         self.write()
+
+    def _send_score(self, number: int, score: float) -> None:
+        """A complete trial's score, and the best so far, to the search's MLflow run (if any)."""
+        if self.mlflow:
+            self.mlflow.add_trial(number, self.monitor, score, self.study.best_value)
 
     def _pruning(self, trial):
         """The trainer's epoch_end: report the epoch's score, and say why the trial ends if the pruner says so
@@ -586,7 +630,16 @@ class Search:
                                f"{settings_text(best.values)}{yardstick}\n"
                                f"its model: {Path(best.run_dir) / 'model.safetensors'}; train it again: "
                                f"residual train --config {self.tune_dir / 'best.yaml'}")
+        if self.mlflow:
+            files = ("trials.csv", "best.yaml", "search.png", "tune.yaml")
+            self.mlflow.finish(best.number if best else None, [self.tune_dir / name for name in files])
+        self.end_log("FINISHED")
         return TuneResult(self.tune_dir, self.monitor, best, listed, importance)
+
+    def end_log(self, status: str) -> None:
+        """End the search's MLflow run (if any) as FINISHED, KILLED (to be resumed) or FAILED."""
+        if self.mlflow:
+            self.mlflow.close(status)
 
     def _importance(self, trials: list[Trial]) -> dict[str, float]:
         """PED-ANOVA's importance of each searched setting (Optuna's, which needs no scikit-learn), once enough
