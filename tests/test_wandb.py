@@ -192,3 +192,26 @@ def test_a_missing_client_no_login_or_a_failed_setup_is_refused_and_leaves_nothi
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
     assert main(args + ["--wandb"]) == 2
     assert "pip install wandb (or residual[wandb])" in capsys.readouterr().err
+
+
+def test_a_search_stops_at_a_tracker_that_cannot_start_and_goes_on_once_it_can(tmp_path, offline, monkeypatch):
+    """Every trial would meet it, so it is not a trial's settings refused: the search stops at once, saying how to
+    go on, and a resume trains the trial it stopped at."""
+    pytest.importorskip("optuna")
+    from residual.errors import TrackingError
+    from residual.train.tune import tune
+
+    data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)
+    config = TrainConfig(data=str(data), model="resnet20", epochs=1, batch_size=16, workers=0, quiet=True,
+                         report=False, wandb="search")
+    with monkeypatch.context() as missing:
+        missing.setitem(sys.modules, "wandb", None)  # as if it were not installed
+        with pytest.raises(TrackingError, match=r"^trial 0: --wandb: .*pip install wandb.*; once it is fixed, the "
+                                                r"search goes on with: residual tune --resume "):
+            tune(config, ["lr=0.01..0.1:log"], trials=2, pruner="none", out=str(tmp_path / "tune"))
+    [tune_dir] = (tmp_path / "tune").iterdir()
+    result = tune(resume=tune_dir)
+    assert [(t.number, t.state) for t in result.trials] == [(0, "cut short"), (1, "complete"), (2, "complete")]
+    assert result.trials[1].values == result.trials[0].values  # the trial it stopped at, trained
+    for trial in result.trials[1:]:
+        assert len(logged_runs(Path(trial.run_dir))) == 1

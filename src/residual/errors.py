@@ -10,5 +10,10 @@ class ConfigError(ResidualError, ValueError):
     """An option has a value the model or task cannot use."""
 
 
+class TrackingError(ConfigError):
+    """A run tracker (--mlflow, --wandb) whose client is missing or whose service would not start the run: not a
+    fault of the recipe, so a search stops on it rather than count the trial's settings as refused."""
+
+
 class NoSpaceError(ResidualError):
     """A file could not be written for want of disk space (or quota); the file it replaces is untouched."""

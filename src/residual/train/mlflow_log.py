@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..atomic import atomic_path
-from ..errors import ConfigError
+from ..errors import TrackingError
 from .config import flatten
 from .remote_log import RemoteLog, first_line
 
@@ -52,7 +52,7 @@ class MlflowRun(RemoteLog):
             from mlflow.entities import Metric, Param
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise ConfigError("--mlflow: runs are sent to MLflow by its client, which is not installed: pip install "
+            raise TrackingError("--mlflow: runs are sent to MLflow by its client, which is not installed: pip install "
                               "mlflow-skinny (or residual[mlflow])") from None
         super().__init__("--mlflow", folder, warn)
         self.metric = Metric
@@ -73,7 +73,7 @@ class MlflowRun(RemoteLog):
             self.client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()
                                                        if value is not None])
         except Exception as error:  # MLflow's own errors, and requests' for a server it could not reach
-            raise ConfigError(f"--mlflow {self.client.tracking_uri}: {first_line(error)}; check the tracking URI "
+            raise TrackingError(f"--mlflow {self.client.tracking_uri}: {first_line(error)}; check the tracking URI "
                               f"(or MLFLOW_TRACKING_URI), or leave --mlflow out") from None
         with atomic_path(record) as tmp:
             tmp.write_text(json.dumps({"tracking_uri": self.client.tracking_uri, "experiment": experiment_name,

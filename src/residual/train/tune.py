@@ -48,7 +48,7 @@ from ..atomic import atomic_path
 from ..data.datasets import data_name, open_dataset
 from ..data.loaders import decoding_workers
 from ..data.transforms import AugmentConfig
-from ..errors import ConfigError, ResidualError
+from ..errors import ConfigError, ResidualError, TrackingError
 from ..figures import new_figure, save_png
 from ..models import ResNetConfig
 from ..progress import PrefixedLines, message_console
@@ -486,6 +486,9 @@ class Search:
                        message_console(file=PrefixedLines(sys.stdout, f"trial {trial.number}: ")))
             result = train(config, run_dir=run_dir, console=console, epoch_end=self._pruning(trial),
                            mlflow_parent=self.mlflow.run_id if self.mlflow else None)
+        except TrackingError as error:  # the service, not the settings: every trial would meet it
+            raise TrackingError(f"trial {trial.number}: {error}; once it is fixed, the search goes on with: residual "
+                                f"tune --resume {self.tune_dir}") from None
         except ConfigError as error:  # e.g. --augmix-jsd drawn without --auto-augment augmix
             return self._end_failed(trial, "refused", f"settings refused: {error}")
         except torch.cuda.OutOfMemoryError:  # a property of the settings (batch size, model), like divergence

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..atomic import atomic_path
-from ..errors import ConfigError
+from ..errors import TrackingError
 from .remote_log import RemoteLog, first_line
 
 RUN_RECORD = "wandb.json"
@@ -46,7 +46,7 @@ class WandbLog(RemoteLog):
         try:
             import wandb
         except ImportError:
-            raise ConfigError("--wandb: runs are sent to Weights & Biases by its client, which is not installed: "
+            raise TrackingError("--wandb: runs are sent to Weights & Biases by its client, which is not installed: "
                               "pip install wandb (or residual[wandb])") from None
         super().__init__("--wandb", run_dir, warn)
         self.wandb = wandb
@@ -66,7 +66,7 @@ class WandbLog(RemoteLog):
         except Exception as error:  # not logged in, a server it could not reach, a project it may not write to
             if getattr(self, "run", None) is not None:  # begun, then failed: not left running
                 self.run.finish(exit_code=1)
-            raise ConfigError(f"--wandb: {first_line(error).rstrip('.')}; log in (`wandb login`, or WANDB_API_KEY), "
+            raise TrackingError(f"--wandb: {first_line(error).rstrip('.')}; log in (`wandb login`, or WANDB_API_KEY), "
                               f"keep the run on this machine with WANDB_MODE=offline, or leave --wandb out") from None
         url = None if self.run.offline else self.run.url  # W&B says itself where an offline run is kept
         self.where = url or f"{run_dir / 'wandb'} (offline: `wandb sync` sends it)"
