@@ -12,7 +12,7 @@ named after the run directory (tagged residual.group with `--group`'s name):
 
 A tune search is a run of its own, named after its folder, with its trials' runs nested under it (MLflow's
 mlflow.parentRunId, which its UI shows as a tree) and all tagged residual.group with the search's name (or
-`--group`'s): the searched ranges and the search's settings as parameters (`search.optim.lr`: `0.01..0.3:log`),
+`--group`'s): the searched ranges and the search's settings as parameters (`search.lr`: `0.01..0.3:log`),
 each complete trial's score and the best so far as `trial/val_top1` and `best/val_top1` at step = the trial's
 number, and at the end trials.csv, best.yaml and search.png, with the best trial's number as the tag
 residual.best_trial.
@@ -53,7 +53,7 @@ class MlflowRun(RemoteLog):
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise TrackingError("--mlflow: runs are sent to MLflow by its client, which is not installed: pip install "
-                              "mlflow-skinny (or residual[mlflow])") from None
+                                "mlflow-skinny (or residual[mlflow])") from None
         super().__init__("--mlflow", folder, warn)
         self.metric = Metric
         self.client = MlflowClient(uri or None)  # None: MLFLOW_TRACKING_URI, or MLflow's default
@@ -74,7 +74,7 @@ class MlflowRun(RemoteLog):
                                                        if value is not None])
         except Exception as error:  # MLflow's own errors, and requests' for a server it could not reach
             raise TrackingError(f"--mlflow {self.client.tracking_uri}: {first_line(error)}; check the tracking URI "
-                              f"(or MLFLOW_TRACKING_URI), or leave --mlflow out") from None
+                                f"(or MLFLOW_TRACKING_URI), or leave --mlflow out") from None
         with atomic_path(record) as tmp:
             tmp.write_text(json.dumps({"tracking_uri": self.client.tracking_uri, "experiment": experiment_name,
                                        "run_id": self.run_id}, indent=2))

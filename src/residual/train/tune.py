@@ -277,7 +277,7 @@ def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (
         search_log = (MlflowSearchLog(tune_dir, config.mlflow, search_group(config, tune_dir),
                                       _search_settings(config, space, trials, pruner, prune_from, monitor, epochs),
                                       console.print) if config.mlflow is not None else None)
-    except ConfigError:  # a server that cannot be reached: a search that never began leaves no folder
+    except TrackingError:  # no client, or a server that cannot be reached: a search not begun leaves no folder
         if resume is None:
             (tune_dir / "tune.yaml").unlink()
             tune_dir.rmdir()
@@ -318,8 +318,8 @@ def search_group(config: TrainConfig, tune_dir: Path) -> str:
 
 def _search_settings(config: TrainConfig, space: list[Searched], trials: int, pruner: str, prune_from: int,
                      monitor: str, epochs: int) -> dict:
-    """A search's MLflow parameters: each searched range, and how the search runs (each trial's runs has its
-    own settings)."""
+    """A search's MLflow parameters: each searched range, and how the search runs (each trial's run has its own
+    settings)."""
     return {**{f"search.{item.name}": item.text().split("=", 1)[1] for item in space}, "model": config.model,
             "data": config.data, "trials": trials, "pruner": pruner, "prune_from": prune_from, "monitor": monitor,
             "epochs": epochs}

@@ -47,7 +47,7 @@ class WandbLog(RemoteLog):
             import wandb
         except ImportError:
             raise TrackingError("--wandb: runs are sent to Weights & Biases by its client, which is not installed: "
-                              "pip install wandb (or residual[wandb])") from None
+                                "pip install wandb (or residual[wandb])") from None
         super().__init__("--wandb", run_dir, warn)
         self.wandb = wandb
         record = run_dir / RUN_RECORD
@@ -67,7 +67,7 @@ class WandbLog(RemoteLog):
             if getattr(self, "run", None) is not None:  # begun, then failed: not left running
                 self.run.finish(exit_code=1)
             raise TrackingError(f"--wandb: {first_line(error).rstrip('.')}; log in (`wandb login`, or WANDB_API_KEY), "
-                              f"keep the run on this machine with WANDB_MODE=offline, or leave --wandb out") from None
+                                f"keep the run on this machine with WANDB_MODE=offline, or leave --wandb out") from None
         url = None if self.run.offline else self.run.url  # W&B says itself where an offline run is kept
         self.where = url or f"{run_dir / 'wandb'} (offline: `wandb sync` sends it)"
         # W&B's step only grows: a resumed run's steps up to its last one are there already.
