@@ -1,7 +1,8 @@
 """Predicting on network streams (a camera's rtsp://, a live http:// broadcast): read as a file is, frame for frame;
 a stream that falls silent or breaks off is said and the frames before it kept; Ctrl-C ends a live one with what
 came so far written; its password is never shown; what needs a second reading is refused. The streams here are
-MPEG-TS over HTTP from a server on 127.0.0.1, as a camera or an encoder sends them."""
+MPEG-TS over HTTP from a server on 127.0.0.1, as a camera or an encoder sends them. A camera on the machine
+(/dev/video0) is read the same way, through FFmpeg's Video4Linux input."""
 
 import base64
 import csv
@@ -24,8 +25,8 @@ import residual
 from residual.cli import main
 from residual.data import frames as frames_module
 from residual.data.decode import BadImageError
-from residual.data.frames import (Frame, arrived_frames, is_stream, shown_source, source_file_name, video_frames,
-                                  video_info)
+from residual.data.frames import (Frame, arrived_frames, camera_device, is_camera, is_stream, is_video_source,
+                                  shown_source, source_file_name, video_frames, video_info)
 from residual.errors import ConfigError
 from residual.predict import Prediction, write_json
 from residual.video import predict_video
@@ -243,6 +244,20 @@ def json_rows_as_they_come(stream, count: int) -> list[dict]:
     return rows
 
 
+def lines_then_ctrl_c(process: subprocess.Popen, count: int) -> tuple[list[str], str, str]:
+    """The first `count` lines a live run writes, read while it is still reading its stream; then Ctrl-C, its
+    exit code checked, and the rest of what it wrote."""
+    try:
+        lines = [process.stdout.readline() for _ in range(count)]
+        assert process.poll() is None, "written while the stream was still being read"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    return lines, out, err
+
+
 @pytest.mark.parametrize("stop, output_format", [(signal.SIGINT, "csv"), (signal.SIGTERM, "json")],
                          ids=["ctrl-c-csv", "sigterm-json"])
 def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, serve_stream, stop, output_format):
@@ -291,14 +306,7 @@ def test_a_live_streams_segments_are_written_as_each_closes(demo_run, tmp_path, 
     process = subprocess.Popen(
         [sys.executable, "-m", "residual", "predict", str(demo_run["model"]), server.url, "--format", "segments",
          "--fps", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        header, *closed = [process.stdout.readline() for _ in range(3)]  # the first two scenes' segments
-        assert process.poll() is None, "written while the stream was still being sent"
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 0, err
+    (header, *closed), out, err = lines_then_ctrl_c(process, 3)  # the first two scenes' segments
     assert header.strip() == "video,start,end,label,probability,frames"
     rows = list(csv.reader(closed + out.splitlines(keepends=True)))
     assert [row[3] for row in rows] == ["circle", "square", "star"]
@@ -415,3 +423,58 @@ def test_each_json_row_is_handed_on_whole_as_soon_as_it_is_written():
     at_a_row_end = [text for text in written.handed_on if text.endswith("}")]
     assert [text.count('"frame"') for text in at_a_row_end] == [1, 2, 3]
     assert [row["frame"] for row in json.loads(written.getvalue())] == ["cam#t=0.000", "cam#t=0.200", "cam#t=0.400"]
+
+
+# A camera stood in for by FFmpeg's lavfi input device: a test picture at 10 frames/s in real time. Only the
+# device is stood in for; it is opened, read and stopped by FFmpeg as /dev/video0 would be.
+TEST_CAMERA = "testsrc2=size=64x48:rate=10,realtime"
+
+
+def test_a_camera_is_read_as_a_live_stream_its_rows_as_they_come_until_ctrl_c(untrained, tmp_path):
+    code = f"""
+import sys
+from residual.cli import main
+from residual.data import frames
+frames.CAMERA_INPUT, frames.camera_device = "lavfi", lambda source: {TEST_CAMERA!r}
+sys.exit(main(sys.argv[1:]))
+"""
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "predict", str(untrained), "camera:0", "--format", "csv", "--topk", "1",
+         "--timeline", str(tmp_path / "timeline")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    (header, *rows), out, err = lines_then_ctrl_c(process, 6)
+    assert header.startswith("frame,") and "stopping the stream: the frames so far are kept" in err
+    times = [float(row.split(",")[0].rsplit("#t=", 1)[1]) for row in rows + out.splitlines()]
+    assert [row.split("#t=")[0] for row in rows] == ["camera:0"] * 5
+    assert times[:3] == pytest.approx([0.0, 0.1, 0.2]) and len(times) < 100
+    assert (tmp_path / "timeline" / "video0.timeline.png").is_file()
+
+
+def test_a_camera_that_cannot_be_read_or_read_twice_is_one_line_naming_it(untrained, tmp_path, monkeypatch, capsys):
+    assert is_camera("/dev/video0") and is_camera("camera:12") and is_video_source("/dev/video2")
+    assert not is_camera("/dev/video") and not is_camera("camera:") and not is_camera("/dev/video0/x")
+    assert camera_device("camera:12") == "/dev/video12" and source_file_name("camera:12") == "video12"
+    cameras = sorted(str(path) for path in Path("/dev").glob("video*"))
+    absent = next(f"/dev/video{number}" for number in range(64) if f"/dev/video{number}" not in cameras)
+    assert main(["predict", str(untrained), absent]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {absent}: no such camera (")
+    monkeypatch.setattr(frames_module.sys, "platform", "darwin")
+    with pytest.raises(BadImageError, match=r"camera:0: cameras are read through Linux's Video4Linux; .* avfoundation"):
+        video_info("camera:0")
+    monkeypatch.undo()
+
+    # FFmpeg's own Video4Linux input, on a device that is not a camera: it asks what the device can do and is told
+    # it cannot.
+    monkeypatch.setattr(frames_module, "camera_device", lambda source: "/dev/null")
+    with pytest.raises(BadImageError, match=r"^/dev/null: cannot be read as a camera \(.+; a camera often has a "):
+        video_info("/dev/video0")
+
+    monkeypatch.setattr(frames_module, "CAMERA_INPUT", "lavfi")
+    monkeypatch.setattr(frames_module, "camera_device", lambda source: TEST_CAMERA)
+    assert video_info("/dev/video0").live
+    assert main(["predict", str(untrained), "/dev/video0", "--annotate", str(tmp_path / "seen")]) == 2
+    assert main(["explain", str(untrained), "/dev/video0", "--out", str(tmp_path / "cams")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("/dev/video0: a live stream cannot be read a second time") == 2
+    assert err.count("record it first (ffmpeg -f v4l2 -i ") == 2
+    assert not (tmp_path / "seen").exists() and not list((tmp_path / "cams").glob("*"))

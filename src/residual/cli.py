@@ -373,8 +373,8 @@ def _check_video_flags(args: argparse.Namespace, videos: list[str], command: str
 
     if not videos:
         if given := [flag for flag, value in video_flags.items() if value is not None]:
-            raise ResidualError(f"{given[0]} is for videos ({', '.join(VIDEO_EXTENSIONS)}, or a stream's address); "
-                                f"none is among {' '.join(args.images)}")
+            raise ResidualError(f"{given[0]} is for videos ({', '.join(VIDEO_EXTENSIONS)}, a stream's address, or a "
+                                f"camera); none is among {' '.join(args.images)}")
         return
     if len(videos) < len(args.images):
         others = [source for source in args.images if source not in videos]
@@ -1673,7 +1673,8 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and/or CSV files "
                                              "of images (an image column, as for train; or a dataset file); or "
                                              "video files (.mp4, .mov, .mkv, .webm, .avi ...) or streams "
-                                             "(rtsp://, http://, udp:// ...: Ctrl-C ends a live one)")
+                                             "(rtsp://, http://, udp:// ...) or a camera (/dev/video0, or "
+                                             "camera:0): Ctrl-C ends a live one")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--format", choices=("table", "json", "csv", "labels", "probabilities", "segments"),
                    help="default: csv or json for an --out ending so, otherwise a table; labels: a CSV with a row "

@@ -33,8 +33,8 @@ from typing import TextIO
 import numpy as np
 import torch
 from .annotate import captioned
-from .data.frames import (Frame, VideoInfo, arrived_frames, is_stream, source_file_name, stop_requests, video_frames,
-                          video_info, write_video)
+from .data.frames import (Frame, VideoInfo, arrived_frames, camera_device, is_camera, is_streamed, source_file_name,
+                          stop_requests, video_frames, video_info, write_video)
 from .data.loaders import InferenceBatch, check_stream
 from .data.transforms import resize_center_crop
 from .errors import ConfigError
@@ -201,8 +201,10 @@ def check_video_arguments(model, topk: int, batch_size: int, tta: str, fps: floa
 def check_read_twice(info: VideoInfo, why: str) -> None:
     """Refuse, in one line, a live stream where the video is to be decoded a second time (`why`)."""
     if info.live:
+        recording = (f"ffmpeg -f v4l2 -i {camera_device(info.path)} clip.mp4" if is_camera(info.path)
+                     else "ffmpeg -i ADDRESS -c copy clip.mp4")
         raise ConfigError(f"{info.name}: a live stream cannot be read a second time ({why}); record it first "
-                          f"(ffmpeg -i ADDRESS -c copy clip.mp4) and give the file")
+                          f"({recording}) and give the file")
 
 
 def expected_frames(info: VideoInfo, fps: float | None) -> int | None:
@@ -219,7 +221,7 @@ def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores | Se
                        feature_bank: FeatureBank | None) -> Iterator[Prediction]:
     frame_times: dict[int, float] = {}  # the frames batched and not answered yet, by their index
     with progress_bar(f"predicting {info.name}", progress, unit="frames/s") as bar, \
-            stop_requests(is_stream(info.path)) as stop:
+            stop_requests(is_streamed(info.path)) as stop:
         task = bar.add_task("frames", total=expected)
         frames = video_frames(info.path, fps, failed, stop)
         # A live stream's frames are answered as they come: batches of those that arrived, none waited for.

@@ -11,7 +11,8 @@ A stream (rtsp://, http://, udp:// ... : a camera, a live broadcast) is read as 
 stream that stays silent for STREAM_TIMEOUT seconds, or breaks off, has stopped (said in `failed`, and the
 frames before it kept); one also ends when the user says so (`stop_requests`: Ctrl-C or SIGTERM; the frames so
 far are kept, and a second Ctrl-C stops at once); `arrived_frames` hands on a live stream's frames as they come,
-not once a batch has filled; and its password is never shown (`VideoInfo.name`).
+not once a batch has filled; and its password is never shown (`VideoInfo.name`). A camera on this machine
+(/dev/video0, or camera:0 for the same: FFmpeg's Video4Linux input, on Linux) is read as a live stream.
 
 `write_video` writes frames back out (H.264 in an MP4), each at its own time.
 
@@ -22,6 +23,7 @@ damage with how many frames and when.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -46,6 +48,8 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".m
                     ".mts", ".m2ts")  # the last three: MPEG transport streams (broadcasts, camcorders)
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
 STREAM_TIMEOUT = 10.0  # seconds a stream may stay silent, opening or playing, before it counts as stopped
+CAMERA = re.compile(r"/dev/video(\d+)|camera:(\d+)")
+CAMERA_INPUT = "v4l2"  # FFmpeg's Video4Linux2 input device, which PyAV's Linux wheels include
 
 
 def is_video_file(path) -> bool:
@@ -57,8 +61,27 @@ def is_stream(source) -> bool:
     return isinstance(source, str) and "://" in source and urlsplit(source).scheme.lower() in STREAM_SCHEMES
 
 
+def is_camera(source) -> bool:
+    """A camera on this machine: /dev/video0, or camera:0 for the same."""
+    return isinstance(source, str) and CAMERA.fullmatch(source) is not None
+
+
+def camera_number(source: str) -> int:
+    return int(next(number for number in CAMERA.fullmatch(source).groups() if number is not None))
+
+
+def camera_device(source: str) -> str:
+    """The device file a camera source names: camera:N is /dev/videoN."""
+    return f"/dev/video{camera_number(source)}"
+
+
+def is_streamed(source) -> bool:
+    """Read as it comes, and ended by the user: a network address or a camera."""
+    return is_stream(source) or is_camera(source)
+
+
 def is_video_source(source) -> bool:
-    return is_stream(source) or is_video_file(source)
+    return is_streamed(source) or is_video_file(source)
 
 
 def shown_source(source: str) -> str:
@@ -72,7 +95,10 @@ def shown_source(source: str) -> str:
 
 
 def source_file_name(source: str) -> str:
-    """A file name standing for `source`: its own name, or a stream's host and path (camera.local-554-live)."""
+    """A file name standing for `source`: its own name, a camera's device (video0), or a stream's host and path
+    (camera.local-554-live)."""
+    if is_camera(source):
+        return f"video{camera_number(source)}"
     if not is_stream(source):
         return Path(source).name
     parts = urlsplit(source)
@@ -98,7 +124,7 @@ class VideoInfo:
     @property
     def live(self) -> bool:
         """A stream with no known end (a camera, a broadcast): it cannot be read a second time."""
-        return is_stream(self.path) and self.duration is None
+        return is_camera(self.path) or (is_stream(self.path) and self.duration is None)
 
 
 @dataclass(frozen=True)
@@ -121,6 +147,8 @@ def _open(path: str | os.PathLike):
     av = _av()
     if is_stream(path):
         return _open_stream(av, str(path))
+    if is_camera(path):
+        return _open_camera(av, str(path))
     if not Path(path).is_file():
         raise BadImageError(f"{path}: no such file")
     try:
@@ -147,6 +175,33 @@ def _open_stream(av, address: str):
                             f"({getattr(error, 'strerror', None) or error}); check the address, the port and "
                             f"the name and password") from None
     return _video_stream(container, shown_source(address))
+
+
+def _open_camera(av, source: str):
+    if sys.platform != "linux":
+        raise BadImageError(f"{source}: cameras are read through Linux's Video4Linux; here, stream the camera with "
+                            f"FFmpeg and give udp://@:5000 (on a Mac: ffmpeg -f avfoundation -framerate 30 -i 0 "
+                            f"-f mpegts udp://127.0.0.1:5000; on Windows: ffmpeg -f dshow -i video=NAME ...)")
+    device = camera_device(source)
+    try:  # the camera's own picture size, rate and format: set them with v4l2-ctl
+        container = av.open(device, format=CAMERA_INPUT, timeout=(STREAM_TIMEOUT, STREAM_TIMEOUT))
+    except FileNotFoundError:
+        cameras = sorted(str(path) for path in Path("/dev").glob("video*"))
+        raise BadImageError(f"{source}: no such camera ("
+                            + (f"the cameras here: {', '.join(cameras)})" if cameras else "none here: no /dev/video*)")
+                            ) from None
+    except PermissionError:
+        raise BadImageError(f"{device}: not allowed to read this camera; add yourself to its group (sudo usermod "
+                            f"-aG video $USER, then log in again)") from None
+    except ValueError:  # the format unknown: an FFmpeg built without it
+        raise BadImageError(f"{device}: this PyAV's FFmpeg has no Video4Linux input; install PyAV's own wheel "
+                            f"(pip install av)") from None
+    except (av.error.FFmpegError, OSError) as error:
+        why = "in use by another program" if error.errno == errno.EBUSY else (
+            f"{getattr(error, 'strerror', None) or error}; a camera often has a second device, for metadata, which "
+            f"gives no pictures: v4l2-ctl --list-devices names each")
+        raise BadImageError(f"{device}: cannot be read as a camera ({why})") from None
+    return _video_stream(container, source)
 
 
 def _video_stream(container, name):
@@ -194,7 +249,7 @@ def video_frames(path: str | os.PathLike, fps: float | None = None, failed: list
     av = _av()
     container, stream = _open(path)
     stream.thread_type = "AUTO"  # frame and slice threads: several times faster on large frames
-    streamed, name = is_stream(path), shown_source(str(path))
+    streamed, name = is_streamed(path), shown_source(str(path))
     # A stream joined midway may not say where it started: its first frame is its time 0.
     start = (float(stream.start_time * stream.time_base) if stream.start_time is not None
              else None if streamed else 0.0)
