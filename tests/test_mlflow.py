@@ -106,13 +106,15 @@ def test_a_search_is_a_run_with_its_trials_nested_under_it_and_a_resumed_search_
     search_id = json.loads((first.tune_dir / "mlflow.json").read_text())["run_id"]
     client = MlflowClient(store)
     assert client.get_run(search_id).info.status == "FINISHED"
+    assert client.get_run(search_id).data.tags["residual.trials"] == "2"
     result = tune(resume=first.tune_dir, trials=3)  # one more trial, in the same search run
 
     search = client.get_run(search_id)
     assert search.info.run_name == first.tune_dir.name and search.info.status == "FINISHED"
     assert search.data.tags["residual.search"] == "true" and search.data.tags["residual.group"] == first.tune_dir.name
     assert search.data.tags["residual.best_trial"] == str(result.best.number)
-    assert search.data.params["search.lr"] == "0.01..0.3:log" and search.data.params["trials"] == "2"
+    assert search.data.params["search.lr"] == "0.01..0.3:log" and search.data.tags["residual.trials"] == "3"
+    assert "trials" not in search.data.params  # a parameter could not be raised
     assert search.data.params["monitor"] == "val_top1" and search.data.params["model"] == "resnet20"
     complete = [trial for trial in result.trials if trial.state == "complete"]
     assert len(complete) == 3

@@ -14,8 +14,8 @@ A tune search is a run of its own, named after its folder, with its trials' runs
 mlflow.parentRunId, which its UI shows as a tree) and all tagged residual.group with the search's name (or
 `--group`'s): the searched ranges and the search's settings as parameters (`search.lr`: `0.01..0.3:log`),
 each complete trial's score and the best so far as `trial/val_top1` and `best/val_top1` at step = the trial's
-number, and at the end trials.csv, best.yaml and search.png, with the best trial's number as the tag
-residual.best_trial.
+number, its budget as the tag residual.trials (raised by `tune --resume --trials N`), and at the end trials.csv,
+best.yaml and search.png, with the best trial's number as the tag residual.best_trial.
 
 RUN/mlflow.json (TUNE/mlflow.json) keeps the run's id, so `residual train --resume` (`residual tune --resume`)
 goes on in the same MLflow run. The tracking server is asked once before training starts, and a server that
@@ -40,6 +40,7 @@ RUN_RECORD = "mlflow.json"
 DEFAULT_EXPERIMENT = "residual"
 GROUP_TAG = "residual.group"
 SEARCH_TAG = "residual.search"  # on a tune search's run
+TRIALS_TAG = "residual.trials"  # on a tune search's run: its budget, raised where a resumed search is given more
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI shows the run under that one
 ARTIFACTS = ("model.safetensors", "config.yaml", "metrics.csv", "summary.json", "curves.png", "report.html")
 
@@ -127,8 +128,13 @@ class MlflowSearchLog(MlflowRun):
     each complete trial's score and the best so far as metrics at step = the trial's number, and at the end its
     files. Each process of a parallel search sends its own trials' scores to the same run."""
 
-    def __init__(self, tune_dir: Path, uri: str, group: str, settings: dict, warn: Callable[[str], None]):
+    def __init__(self, tune_dir: Path, uri: str, group: str, settings: dict, warn: Callable[[str], None],
+                 trials: int | None = None):
+        """`trials`: the search's budget, a tag rather than a parameter, as `tune --resume --trials N` raises it
+        (MLflow's parameters cannot change); None in the workers of a parallel search, which leave it as set."""
         super().__init__(tune_dir, uri, tune_dir.name, {GROUP_TAG: group, SEARCH_TAG: "true"}, settings, warn)
+        if trials is not None:
+            self._call(lambda: self.client.set_tag(self.run_id, TRIALS_TAG, str(trials)), "the search's budget")
 
     def add_trial(self, number: int, monitor: str, score: float, best: float) -> None:
         self._log([(f"trial/{monitor}", score, number), (f"best/{monitor}", best, number)], f"trial {number}")

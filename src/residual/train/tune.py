@@ -275,8 +275,8 @@ def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (
         baseline = own_settings(space, resolved)
     try:  # before the workers start, so that they go on in the one run it records
         search_log = (MlflowSearchLog(tune_dir, config.mlflow, search_group(config, tune_dir),
-                                      _search_settings(config, space, trials, pruner, prune_from, monitor, epochs),
-                                      console.print) if config.mlflow is not None else None)
+                                      _search_settings(config, space, pruner, prune_from, monitor, epochs),
+                                      console.print, trials) if config.mlflow is not None else None)
     except TrackingError:  # no client, or a server that cannot be reached: a search not begun leaves no folder
         if resume is None:
             (tune_dir / "tune.yaml").unlink()
@@ -316,13 +316,12 @@ def search_group(config: TrainConfig, tune_dir: Path) -> str:
     return config.group or tune_dir.name
 
 
-def _search_settings(config: TrainConfig, space: list[Searched], trials: int, pruner: str, prune_from: int,
-                     monitor: str, epochs: int) -> dict:
+def _search_settings(config: TrainConfig, space: list[Searched], pruner: str, prune_from: int, monitor: str,
+                     epochs: int) -> dict:
     """A search's MLflow parameters: each searched range, and how the search runs (each trial's run has its own
-    settings)."""
+    settings; the budget, which a resume may raise, is a tag)."""
     return {**{f"search.{item.name}": item.text().split("=", 1)[1] for item in space}, "model": config.model,
-            "data": config.data, "trials": trials, "pruner": pruner, "prune_from": prune_from, "monitor": monitor,
-            "epochs": epochs}
+            "data": config.data, "pruner": pruner, "prune_from": prune_from, "monitor": monitor, "epochs": epochs}
 
 
 def _recorded_search(tune_dir: Path) -> tuple[dict, TrainConfig, list[Searched]]:
