@@ -183,7 +183,7 @@ def _open_camera(av, source: str):
                             f"FFmpeg and give udp://@:5000 (on a Mac: ffmpeg -f avfoundation -framerate 30 -i 0 "
                             f"-f mpegts udp://127.0.0.1:5000; on Windows: ffmpeg -f dshow -i video=NAME ...)")
     device = camera_device(source)
-    try:  # the camera's own picture size, rate and format: set them with v4l2-ctl
+    try:  # at the picture size and rate the camera is set to (v4l2-ctl sets them)
         container = av.open(device, format=CAMERA_INPUT, timeout=(STREAM_TIMEOUT, STREAM_TIMEOUT))
     except FileNotFoundError:
         cameras = sorted(str(path) for path in Path("/dev").glob("video*"))
