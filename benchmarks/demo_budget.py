@@ -1,7 +1,7 @@
 """How short can the demo's training be? Its recipe with fewer epochs, fewer images, a smaller batch or AdamW.
 
 `residual demo` trains resnet20 for 12 epochs on 6,000 `shapes` images: several minutes on a CPU without native
-bf16, and the one cost that keeps the test suite, which runs the real demo, over ten minutes on 2 cores. Each
+bf16, and the largest single cost of the test suite, which runs the real demo, on 2 cores. Each
 variant here trains from the same seed and prints its best validation top-1, its test top-1 (the split no run
 saw) and its training time, beside the demo's own recipe. A variant is a shorter demo only if it keeps the
 demo's promise: 95% validation top-1 (tests/test_cli.py) and more.
