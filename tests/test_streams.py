@@ -8,8 +8,10 @@ import base64
 import csv
 import http.server
 import io
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,8 +27,9 @@ import residual
 from residual.cli import main
 from residual.data import frames as frames_module
 from residual.data.decode import BadImageError
-from residual.data.frames import (Frame, arrived_frames, camera_device, is_camera, is_stream, is_video_source,
-                                  shown_source, source_file_name, video_frames, video_info)
+from residual.data.frames import (Frame, arrived_frames, camera_device, camera_settings, is_camera, is_stream,
+                                  is_video_source, recording_command, shown_source, source_file_name, video_frames,
+                                  video_info)
 from residual.errors import ConfigError
 from residual.predict import Prediction, write_json
 from residual.video import predict_video
@@ -438,16 +441,56 @@ from residual.data import frames
 frames.CAMERA_INPUT, frames.camera_device = "lavfi", lambda source: {TEST_CAMERA!r}
 sys.exit(main(sys.argv[1:]))
 """
+    # It sends 64x48 at 10 frames/s: the size asked for is kept, the rate is not, and the run says so.
     process = subprocess.Popen(
-        [sys.executable, "-c", code, "predict", str(untrained), "camera:0", "--format", "csv", "--topk", "1",
-         "--timeline", str(tmp_path / "timeline")],
+        [sys.executable, "-c", code, "predict", str(untrained), "camera:0,size=64x48,fps=30", "--format", "csv",
+         "--topk", "1", "--timeline", str(tmp_path / "timeline")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     (header, *rows), out, err = lines_then_ctrl_c(process, 6)
     assert header.startswith("frame,") and "stopping the stream: the frames so far are kept" in err
+    assert "camera:0: 64x48 at 10 frames/s, live: Ctrl-C ends it" in err
+    assert "WARNING: camera:0,size=64x48,fps=30: the camera gives 10 frames/s, not 30; v4l2-ctl -d " in err
     times = [float(row.split(",")[0].rsplit("#t=", 1)[1]) for row in rows + out.splitlines()]
-    assert [row.split("#t=")[0] for row in rows] == ["camera:0"] * 5
+    assert [row.split("#t=")[0] for row in rows] == ["camera:0"] * 5  # named by the camera, not its settings
     assert times[:3] == pytest.approx([0.0, 0.1, 0.2]) and len(times) < 100
     assert (tmp_path / "timeline" / "video0.timeline.png").is_file()
+
+
+def test_a_cameras_size_and_rate_are_asked_of_ffmpegs_input_and_one_it_cannot_give_is_said(monkeypatch, caplog):
+    """camera:0,size=WxH,fps=N,format=NAME: FFmpeg's Video4Linux options video_size, framerate and input_format.
+    FFmpeg's rawvideo input on /dev/urandom stands in for the camera here: it takes the first two under the same
+    names and sends frames of that size, timed at that rate."""
+    assert camera_settings("camera:2,size=1280x720,fps=30000/1001,format=mjpeg") == {
+        "size": "1280x720", "fps": "30000/1001", "format": "mjpeg"}
+    assert camera_settings("/dev/video2") == {} and camera_device("/dev/video2,fps=7.5") == "/dev/video2"
+    assert shown_source("/dev/video2,fps=7.5") == "/dev/video2" and source_file_name("camera:2,fps=5") == "video2"
+    assert not is_camera("camera:2?fps=5") and not is_camera("/dev/video2/x,fps=5")
+    assert (recording_command("camera:2,size=640x480,fps=15,format=mjpeg") == "ffmpeg -f v4l2 -video_size 640x480 "
+            "-framerate 15 -input_format mjpeg -i /dev/video2 clip.mp4")
+    for source, why in [("camera:0,zoom=2", "'zoom=2' is not a setting"), ("camera:0,", "'' is not a setting"),
+                        ("camera:0,size=720p", "'size=720p': not a valid size"),
+                        ("camera:0,fps=0", "'fps=0': not a valid fps"), ("camera:0,fps=5,fps=6", "fps given twice")]:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(source)}: {re.escape(why)}; a camera takes "
+                                              r"size=WIDTHxHEIGHT, fps=N and format=NAME .* --list-formats-ext"):
+            video_info(source)
+
+    monkeypatch.setattr(frames_module, "CAMERA_INPUT", "rawvideo")
+    monkeypatch.setattr(frames_module, "camera_device", lambda source: "/dev/urandom")
+    info = video_info("camera:0,size=40x24,fps=5")
+    assert (info.width, info.height, info.live, info.name) == (40, 24, True, "camera:0")
+    frames = video_frames("camera:0,size=40x24,fps=5")
+    first = list(itertools.islice(frames, 3))
+    frames.close()
+    assert [frame.time for frame in first] == pytest.approx([0.0, 0.2, 0.4])
+    assert {frame.image.size for frame in first} == {(40, 24)}
+    assert not caplog.records  # all it asked for, given
+
+    monkeypatch.setattr(frames_module, "CAMERA_INPUT", "lavfi")  # a camera that sends 64x48 at 10 frames/s
+    monkeypatch.setattr(frames_module, "camera_device", lambda source: TEST_CAMERA)
+    assert video_info("/dev/video0,size=1920x1080,fps=10").width == 64
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert warning == (f"/dev/video0,size=1920x1080,fps=10: the camera gives 64x48, not 1920x1080; v4l2-ctl -d "
+                       f"{TEST_CAMERA} --list-formats-ext lists what it can do")
 
 
 def test_a_camera_that_cannot_be_read_or_read_twice_is_one_line_naming_it(untrained, tmp_path, monkeypatch, capsys):
@@ -468,13 +511,18 @@ def test_a_camera_that_cannot_be_read_or_read_twice_is_one_line_naming_it(untrai
     monkeypatch.setattr(frames_module, "camera_device", lambda source: "/dev/null")
     with pytest.raises(BadImageError, match=r"^/dev/null: cannot be read as a camera \(.+; a camera often has a "):
         video_info("/dev/video0")
+    with pytest.raises(BadImageError, match=r"^/dev/null: cannot be read as a camera \(.+ with size=64x48, "
+                                            r"format=mjpeg; v4l2-ctl -d /dev/null --list-formats-ext lists the sizes"):
+        video_info("/dev/video0,size=64x48,format=mjpeg")
 
     monkeypatch.setattr(frames_module, "CAMERA_INPUT", "lavfi")
     monkeypatch.setattr(frames_module, "camera_device", lambda source: TEST_CAMERA)
     assert video_info("/dev/video0").live
     assert main(["predict", str(untrained), "/dev/video0", "--annotate", str(tmp_path / "seen")]) == 2
-    assert main(["explain", str(untrained), "/dev/video0", "--out", str(tmp_path / "cams")]) == 2
+    assert main(["explain", str(untrained), "/dev/video0,size=64x48", "--out", str(tmp_path / "cams")]) == 2
     err = capsys.readouterr().err
     assert err.count("/dev/video0: a live stream cannot be read a second time") == 2
-    assert err.count("record it first (ffmpeg -f v4l2 -i ") == 2
+    # The command records the source as it is read here: the stand-in's input and device, and the size asked for.
+    assert f"record it first (ffmpeg -f lavfi -i {TEST_CAMERA} clip.mp4)" in err
+    assert f"record it first (ffmpeg -f lavfi -video_size 64x48 -i {TEST_CAMERA} clip.mp4)" in err
     assert not (tmp_path / "seen").exists() and not list((tmp_path / "cams").glob("*"))

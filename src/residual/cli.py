@@ -423,6 +423,10 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
         check_read_twice(info, ANNOTATE_WHY)
     if not args.out and any(info.live for info in infos) and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a live stream's rows as they come: `| tee`, `| grep`
+    for info in infos if not args.quiet else []:
+        if info.live:  # what the camera or sender gives, which the source may not have said
+            rate = f" at {info.rate:g} frames/s" if info.rate else ""
+            print(f"{info.name}: {info.width}x{info.height}{rate}, live: Ctrl-C ends it", file=sys.stderr)
     # The bank reads the features of the model run eagerly, as for images.
     compiled, why = inference_compile(model, False if bank else args.compile,
                                       sum(expected_frames(info, args.fps) or 0 for info in infos))
@@ -1674,7 +1678,8 @@ def _add_inference_commands(commands) -> None:
                                              "of images (an image column, as for train; or a dataset file); or "
                                              "video files (.mp4, .mov, .mkv, .webm, .avi ...) or streams "
                                              "(rtsp://, http://, udp:// ...) or a camera (/dev/video0, or "
-                                             "camera:0): Ctrl-C ends a live one")
+                                             "camera:0; camera:0,size=1280x720,fps=30,format=mjpeg asks for "
+                                             "those): Ctrl-C ends a live one")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--format", choices=("table", "json", "csv", "labels", "probabilities", "segments"),
                    help="default: csv or json for an --out ending so, otherwise a table; labels: a CSV with a row "

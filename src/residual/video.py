@@ -33,7 +33,7 @@ from typing import TextIO
 import numpy as np
 import torch
 from .annotate import captioned
-from .data.frames import (Frame, VideoInfo, arrived_frames, camera_device, is_camera, is_streamed, source_file_name,
+from .data.frames import (Frame, VideoInfo, arrived_frames, is_streamed, recording_command, source_file_name,
                           stop_requests, video_frames, video_info, write_video)
 from .data.loaders import InferenceBatch, check_stream
 from .data.transforms import resize_center_crop
@@ -201,10 +201,8 @@ def check_video_arguments(model, topk: int, batch_size: int, tta: str, fps: floa
 def check_read_twice(info: VideoInfo, why: str) -> None:
     """Refuse, in one line, a live stream where the video is to be decoded a second time (`why`)."""
     if info.live:
-        recording = (f"ffmpeg -f v4l2 -i {camera_device(info.path)} clip.mp4" if is_camera(info.path)
-                     else "ffmpeg -i ADDRESS -c copy clip.mp4")
         raise ConfigError(f"{info.name}: a live stream cannot be read a second time ({why}); record it first "
-                          f"({recording}) and give the file")
+                          f"({recording_command(info.path)}) and give the file")
 
 
 def expected_frames(info: VideoInfo, fps: float | None) -> int | None:

@@ -12,7 +12,9 @@ stream that stays silent for STREAM_TIMEOUT seconds, or breaks off, has stopped 
 frames before it kept); one also ends when the user says so (`stop_requests`: Ctrl-C or SIGTERM; the frames so
 far are kept, and a second Ctrl-C stops at once); `arrived_frames` hands on a live stream's frames as they come,
 not once a batch has filled; and its password is never shown (`VideoInfo.name`). A camera on this machine
-(/dev/video0, or camera:0 for the same: FFmpeg's Video4Linux input, on Linux) is read as a live stream.
+(/dev/video0, or camera:0 for the same: FFmpeg's Video4Linux input, on Linux) is read as a live stream, at the
+picture size, rate and format it is set to, or at those its source asks for: camera:0,size=1280x720,fps=30,format=mjpeg
+(commas, not a URL's ? and &, which a shell would take for its own).
 
 `write_video` writes frames back out (H.264 in an MP4), each at its own time.
 
@@ -24,6 +26,7 @@ damage with how many frames and when.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import re
@@ -48,8 +51,15 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".m
                     ".mts", ".m2ts")  # the last three: MPEG transport streams (broadcasts, camcorders)
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
 STREAM_TIMEOUT = 10.0  # seconds a stream may stay silent, opening or playing, before it counts as stopped
-CAMERA = re.compile(r"/dev/video(\d+)|camera:(\d+)")
+CAMERA = re.compile(r"(/dev/video(\d+)|camera:(\d+))((?:,[^,]*)*)")  # the device, then its settings
 CAMERA_INPUT = "v4l2"  # FFmpeg's Video4Linux2 input device, which PyAV's Linux wheels include
+# A camera's settings, as its source names them -> the Video4Linux input's options, and what each takes.
+CAMERA_SETTINGS = {"size": ("video_size", re.compile(r"[1-9]\d*x[1-9]\d*")),
+                   # a number or fraction above 0: 30, 7.5, 30000/1001
+                   "fps": ("framerate", re.compile(r"(?!0+(\.0*)?(/|$))\d+(\.\d+)?(/[1-9]\d*)?")),
+                   "format": ("input_format", re.compile(r"[a-z0-9_]+"))}
+
+log = logging.getLogger(__name__)
 
 
 def is_video_file(path) -> bool:
@@ -67,12 +77,38 @@ def is_camera(source) -> bool:
 
 
 def camera_number(source: str) -> int:
-    return int(next(number for number in CAMERA.fullmatch(source).groups() if number is not None))
+    _, device, number, _ = CAMERA.fullmatch(source).groups()
+    return int(device if device is not None else number)
 
 
 def camera_device(source: str) -> str:
     """The device file a camera source names: camera:N is /dev/videoN."""
     return f"/dev/video{camera_number(source)}"
+
+
+def camera_settings(source: str) -> dict[str, str]:
+    """The settings a camera source asks for (camera:0,size=1280x720,fps=30,format=mjpeg -> {"size": "1280x720",
+    ...}), each checked; a ConfigError naming the source where one is not a setting or not a value it takes."""
+    settings: dict[str, str] = {}
+    for setting in CAMERA.fullmatch(source).group(4).split(",")[1:]:
+        key, _, value = setting.partition("=")
+        if key not in CAMERA_SETTINGS or not CAMERA_SETTINGS[key][1].fullmatch(value) or key in settings:
+            why = (f"{key} given twice" if key in settings
+                   else f"{setting!r}: not a valid {key}" if key in CAMERA_SETTINGS
+                   else f"{setting!r} is not a setting")
+            raise ConfigError(f"{source}: {why}; a camera takes size=WIDTHxHEIGHT, fps=N and format=NAME (mjpeg, "
+                              f"yuyv422, h264 ...), as in camera:0,size=1280x720,fps=30; v4l2-ctl -d "
+                              f"{camera_device(source)} --list-formats-ext lists what it can do")
+        settings[key] = value
+    return settings
+
+
+def recording_command(source: str) -> str:
+    """The FFmpeg command that records a live source to a file, as it is read here."""
+    if not is_camera(source):
+        return "ffmpeg -i ADDRESS -c copy clip.mp4"
+    options = "".join(f"-{CAMERA_SETTINGS[key][0]} {value} " for key, value in camera_settings(source).items())
+    return f"ffmpeg -f {CAMERA_INPUT} {options}-i {camera_device(source)} clip.mp4"
 
 
 def is_streamed(source) -> bool:
@@ -85,7 +121,10 @@ def is_video_source(source) -> bool:
 
 
 def shown_source(source: str) -> str:
-    """`source` as it may be printed and written: a stream's password (rtsp://admin:PASSWORD@camera) hidden."""
+    """`source` as it may be printed and written: a stream's password (rtsp://admin:PASSWORD@camera) hidden, a
+    camera's settings left to its own line (/dev/video0,fps=30 is /dev/video0)."""
+    if is_camera(source):
+        return CAMERA.fullmatch(source).group(1)
     if not is_stream(source):
         return source
     parts = urlsplit(source)
@@ -182,9 +221,13 @@ def _open_camera(av, source: str):
         raise BadImageError(f"{source}: cameras are read through Linux's Video4Linux; here, stream the camera with "
                             f"FFmpeg and give udp://@:5000 (on a Mac: ffmpeg -f avfoundation -framerate 30 -i 0 "
                             f"-f mpegts udp://127.0.0.1:5000; on Windows: ffmpeg -f dshow -i video=NAME ...)")
-    device = camera_device(source)
-    try:  # at the picture size and rate the camera is set to (v4l2-ctl sets them)
-        container = av.open(device, format=CAMERA_INPUT, timeout=(STREAM_TIMEOUT, STREAM_TIMEOUT))
+    device, settings = camera_device(source), camera_settings(source)
+    # The container's options only: given to the decoder as well, a size the driver did not keep would be read as
+    # the frames' size.
+    options = {CAMERA_SETTINGS[key][0]: value for key, value in settings.items()}
+    try:  # at the picture size, rate and format asked for, else those the camera is set to (v4l2-ctl sets them)
+        container = av.open(device, format=CAMERA_INPUT, container_options=options,
+                            timeout=(STREAM_TIMEOUT, STREAM_TIMEOUT))
     except FileNotFoundError:
         cameras = sorted(str(path) for path in Path("/dev").glob("video*"))
         raise BadImageError(f"{source}: no such camera ("
@@ -197,9 +240,12 @@ def _open_camera(av, source: str):
         raise BadImageError(f"{device}: this PyAV's FFmpeg has no Video4Linux input; install PyAV's own wheel "
                             f"(pip install av)") from None
     except (av.error.FFmpegError, OSError) as error:
-        why = "in use by another program" if error.errno == errno.EBUSY else (
-            f"{getattr(error, 'strerror', None) or error}; a camera often has a second device, for metadata, which "
-            f"gives no pictures: v4l2-ctl --list-devices names each")
+        reason = getattr(error, "strerror", None) or error
+        why = ("in use by another program" if error.errno == errno.EBUSY
+               else f"{reason} with {', '.join(f'{key}={value}' for key, value in settings.items())}; v4l2-ctl -d "
+                    f"{device} --list-formats-ext lists the sizes, rates and formats it takes" if settings
+               else f"{reason}; a camera often has a second device, for metadata, which gives no pictures: "
+                    f"v4l2-ctl --list-devices names each")
         raise BadImageError(f"{device}: cannot be read as a camera ({why})") from None
     return _video_stream(container, source)
 
@@ -223,7 +269,22 @@ def video_info(path: str | os.PathLike) -> VideoInfo:
         width, height = stream.codec_context.width, stream.codec_context.height
         if rotation % 180:
             width, height = height, width
+        if is_camera(path):
+            _say_settings_not_kept(str(path), width, height, rate)
         return VideoInfo(str(path), width, height, rate, duration, frames, rotation)
+
+
+def _say_settings_not_kept(source: str, width: int, height: int, rate: float | None) -> None:
+    """A size or rate the camera cannot give is changed by its driver to the nearest it can, and FFmpeg goes on
+    with that: said, as a warning."""
+    settings, changed = camera_settings(source), []
+    if "size" in settings and settings["size"] != f"{width}x{height}":
+        changed.append(f"{width}x{height}, not {settings['size']}")
+    if "fps" in settings and rate and not math.isclose(rate, float(Fraction(settings["fps"])), rel_tol=0.01):
+        changed.append(f"{rate:g} frames/s, not {settings['fps']}")
+    if changed:
+        log.warning("%s: the camera gives %s; v4l2-ctl -d %s --list-formats-ext lists what it can do", source,
+                    " and ".join(changed), camera_device(source))
 
 
 def _stream_rotation(stream) -> int:
