@@ -12,6 +12,7 @@ from residual.data.clips import unpack_clips
 from residual.data.datasets import open_dataset
 from residual.data.frames import Frame, write_video
 from residual.data.unpack import UnpackError
+from residual.evaluate import ClipScores
 
 pytest.importorskip("av")
 
@@ -114,3 +115,63 @@ def test_the_unpack_command_refuses_flags_that_do_not_fit_its_source(tmp_path, c
         assert main(["unpack", *arguments]) == 2, arguments
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_clip_is_answered_by_its_frames_mean_probabilities():
+    """Two of a clip's three frames right make the clip right; a clip with one frame is that frame."""
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2], [0.3, 0.7]], dtype=np.float32)
+    sources = ["val/cat/a.mp4.t=0.000.jpg", "val/cat/a.mp4.t=1.000.jpg", "val/cat/a.mp4.t=2.000.jpg",
+               "val/cat/b.mp4.t=0.000.jpg"]
+    clips = ClipScores.of(sources, probs, np.array([0, 0, 0, 0]))
+    assert clips.names == ["val/cat/a.mp4", "val/cat/b.mp4"] and clips.frames.tolist() == [3, 1]
+    assert clips.probs == pytest.approx(np.array([[0.7, 0.3], [0.3, 0.7]]))
+    metrics = clips.metrics(["cat", "dog"])
+    assert (metrics["clips"], metrics["frames"], metrics["top1"]) == (2, 4, 0.5)
+    assert metrics["answered_wrong"] == [{"clip": "val/cat/b.mp4", "true": "cat", "predicted": "dog",
+                                          "probability": pytest.approx(0.7), "frames": 1}]
+    # Not clips: an image not named as a frame among them, or one clip's frames under two labels.
+    assert ClipScores.of(sources[:3] + ["val/cat/photo.jpg"], probs, np.array([0, 0, 0, 0])) is None
+    assert ClipScores.of(sources, probs, np.array([0, 1, 0, 0])) is None
+
+
+def test_eval_on_unpacked_frames_scores_each_clip_too(tmp_path, capsys):
+    """`residual unpack` then `residual eval`: besides the frames' scores, each clip's, from the mean of its
+    frames' probabilities (predictions.csv's rows, averaged by hand here), in clips.csv, the report and the
+    summary table."""
+    import csv
+    import json
+
+    import residual
+
+    for name, levels in {"cat": (20, 90, 160), "dog": (60, 130, 230)}.items():
+        for index, level in enumerate(levels):
+            clip(tmp_path / "clips" / "val" / name / f"clip{index}.mp4", level, seconds=1.5)
+            clip(tmp_path / "clips" / "train" / name / f"clip{index}.mp4", level, seconds=0.5)
+    assert main(["unpack", str(tmp_path / "clips"), str(tmp_path / "frames"), "--fps", "2"]) == 0
+    model = residual.create_model("resnet20", num_classes=2)
+    model.class_names = ["cat", "dog"]
+    residual.save_model(model, tmp_path / "model.safetensors")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "model.safetensors"), str(tmp_path / "frames"), "--split", "val",
+                 "--out", str(tmp_path / "report"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "clips (frames' probabilities averaged)" in printed and "6 (18 frames)" in printed
+
+    with open(tmp_path / "report" / "predictions.csv", newline="") as stream:
+        frames = list(csv.DictReader(stream))
+    by_clip: dict[str, list[float]] = {}
+    for row in frames:  # the probability of dog: the predicted class's, or one less the true cat's
+        dog = float(row["probability"]) if row["predicted"] == "dog" else 1 - float(row["probability"])
+        by_clip.setdefault(row["image"].split(".t=")[0], []).append(dog)
+    with open(tmp_path / "report" / "clips.csv", newline="") as stream:
+        clips = list(csv.DictReader(stream))
+    assert sorted(row["clip"] for row in clips) == sorted(by_clip) and len(clips) == 6
+    for row in clips:
+        mean_dog = np.mean(by_clip[row["clip"]])
+        assert row["predicted"] == ("dog" if mean_dog > 0.5 else "cat") and int(row["frames"]) == 3
+        assert float(row["probability"]) == pytest.approx(max(mean_dog, 1 - mean_dog), abs=2e-6)
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    right = sum(row["correct"] == "1" for row in clips)
+    assert metrics["clips"]["clips"] == 6 and metrics["clips"]["top1"] == pytest.approx(right / 6)
+    assert len(metrics["clips"]["answered_wrong"]) == 6 - right
+    assert "<h2>Per clip</h2>" in (tmp_path / "report" / "report.html").read_text()

@@ -4,6 +4,8 @@ It streams the split through the model (optionally with test-time augmentation),
 keeps only the class probabilities, computes the metrics of metrics.py, finds
 the highest-loss images and explains them with Grad-CAM, and writes the report
 of report.py. Unreadable images are skipped and listed, never silently dropped.
+Frames `residual unpack` took from video clips are also scored per clip, as a
+video is classified: each clip by its frames' probabilities averaged.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.clips import clip_of
 from .data.datasets import Dataset, DatasetError, Split, concat_splits, open_dataset
 from .data.decode import image_files
 from .data.loaders import check_stream, inference_batches
@@ -22,7 +25,7 @@ from .data.transforms import normalize
 from .explain import grad_cam
 from .feature_bank import FeatureBank
 from .metrics import (KNOWN_KEPT, classification_metrics, hardest_pr_curves, hardest_roc_curves, image_losses,
-                      label_losses, multi_label_metrics, unknown_detection)
+                      label_losses, multi_label_metrics, topk_accuracy, unknown_detection, wilson_interval)
 from .models import ResNet
 from .predict import (class_names_of, class_thresholds, inference_compile, inference_forward, is_multi_label,
                       model_device, probabilities_in_flight, tta_image_size)
@@ -35,7 +38,51 @@ SPLIT_CHOICES = ("train", "val", "test", "all")
 # The nearest-neighbour score of unknown images: the k-th most similar of at most this many training images'
 # features (Sun et al. 2022 keep a random share of a large training set).
 BANK_IMAGES = 10_000
+CLIPS_LISTED = 30  # the clips answered wrong that the report and metrics.json list (clips.csv has every clip)
 NEAREST_K = 1
+
+
+@dataclass
+class ClipScores:
+    """The frames of each video clip evaluated, taken together: a clip's probabilities are its frames' mean."""
+    names: list[str]  # the clip each row stands for (its folder and name, as data.clips.clip_of gives it)
+    probs: np.ndarray  # clips x classes
+    labels: np.ndarray  # each clip's class (its frames')
+    frames: np.ndarray  # how many of its frames were evaluated
+
+    @classmethod
+    def of(cls, sources: list[str], probs: np.ndarray, labels: np.ndarray) -> ClipScores | None:
+        """The clips of frames named as `residual unpack` names them (<clip>.t=SECONDS.jpg); None unless every
+        image is such a frame and each clip's frames have one label."""
+        clips = [clip_of(source) for source in sources]
+        if not clips or None in clips:
+            return None
+        names = list(dict.fromkeys(clips))
+        row = {name: index for index, name in enumerate(names)}
+        group = np.array([row[clip] for clip in clips])
+        frames = np.bincount(group, minlength=len(names))
+        sums = np.zeros((len(names), probs.shape[1]), dtype=np.float64)
+        np.add.at(sums, group, probs)
+        clip_labels = np.zeros(len(names), dtype=labels.dtype)
+        clip_labels[group] = labels
+        if (clip_labels[group] != labels).any():  # not a clip's frames, however they are named
+            return None
+        return cls(names, (sums / frames[:, None]).astype(np.float32), clip_labels, frames)
+
+    def metrics(self, class_names: list[str]) -> dict:
+        """Top-1 and top-5 over the clips, top-1's 95% interval (clips, not frames, are the trials), and the
+        clips answered wrong, the surest first (at most CLIPS_LISTED)."""
+        predicted = self.probs.argmax(1)
+        wrong = np.flatnonzero(predicted != self.labels)
+        wrong = wrong[np.argsort(-self.probs[wrong, predicted[wrong]], kind="stable")][:CLIPS_LISTED]
+        right = len(self.names) - int((predicted != self.labels).sum())
+        return {"clips": len(self.names), "frames": int(self.frames.sum()), "top1": right / len(self.names),
+                "top1_ci95": list(wilson_interval(right, len(self.names))),
+                "top5": topk_accuracy(self.probs, self.labels, 5),
+                "answered_wrong": [{"clip": self.names[i], "true": class_names[self.labels[i]],
+                                    "predicted": class_names[predicted[i]],
+                                    "probability": float(self.probs[i, predicted[i]]), "frames": int(self.frames[i])}
+                                   for i in wrong]}
 
 
 @dataclass
@@ -56,6 +103,7 @@ class EvalResult:
     known_similarity: np.ndarray | None = None
     unknown_similarity: np.ndarray | None = None
     bank: FeatureBank | None = None  # the training images' features those were measured with, and the floor
+    clips: ClipScores | None = None  # where every image is a frame of an unpacked clip (single-label models)
 
     @property
     def score_name(self) -> str:
@@ -188,7 +236,9 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
     sources = [str(items[i]) if isinstance(items[i], Path) else f"{split_name}#{i}" for i in kept]
     gallery = highest_loss(model, probs_all, labels, [items[i] for i in kept], sources, gallery_size)
     result = EvalResult(metrics, probs_all, labels, sources, failed, gallery, compiled=why, split=split_name,
-                        thresholds=thresholds)
+                        thresholds=thresholds, clips=None if multi_label else ClipScores.of(sources, probs_all, labels))
+    if result.clips is not None:
+        metrics["clips"] = result.clips.metrics(names)
     if unknown_items:
         result.unknown_probs, unknown_kept, unknown_failed, unknown_features = stream(unknown_items,
                                                                                       "evaluating unknown images")
@@ -231,6 +281,10 @@ def evaluate(model, data: str | Path | Dataset, split: str | None = None, tta: s
             result.files = write_report(out_dir, title, metrics, info, gallery, result.failed, roc,
                                         result.score_groups())
             result.files["predictions"] = write_predictions(predictions, sources, labels, probs_all, names)
+            if result.clips is not None:
+                clips = result.clips
+                result.files["clips"] = write_predictions(Path(out_dir) / "clips.csv", clips.names, clips.labels,
+                                                          clips.probs, names, item="clip", frames=clips.frames)
         if result.bank is not None:  # predict and serve take it with --feature-bank
             result.files["feature_bank"] = result.bank.save(Path(out_dir) / "feature_bank.safetensors")
     return result

@@ -277,7 +277,7 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
     roc_auc = [("ROC AUC (macro)", f"{macro_auc:.4f}")] if macro_auc is not None else []
     cards = [("top-1", f"{metrics['top1']:.2%}"), ("top-1, 95% interval", f"{low:.2%} - {high:.2%}"), *top5,
              ("loss", f"{metrics['loss']:.4f}"), *roc_auc, ("ECE", f"{metrics['ece']:.4f}"),
-             ("images", f"{metrics['images']:,}"), ("unreadable", str(len(failed)))]
+             ("images", f"{metrics['images']:,}"), ("unreadable", str(len(failed))), *clip_rows(metrics)]
     scores = ("precision", "recall", "f1", "roc_auc", "average_precision")
     per_class = [[r["class"], *(r[k] for k in scores), r["support"]] for r in metrics["per_class"]]
     per_class += [[f"{name} average", *(metrics[name][k] for k in scores), metrics["images"]]
@@ -304,6 +304,7 @@ def write_html(path: Path, title: str, metrics: dict, info: dict, pictures: dict
     ]
     if "roc" in pictures:
         sections += [f"<h2>ROC curves</h2><img src='{_png(pictures['roc'])}' alt='ROC curves'>"]
+    sections += _clips_section(metrics)
     sections += _unknown_section(metrics, pictures)
     if gallery:
         sections += [_gallery_section(pictures, _table(
@@ -381,19 +382,24 @@ def _write_page(path: Path, title: str, info: dict, cards: list[tuple[str, str]]
 
 
 def write_predictions(path: Path, sources: list[str], labels: np.ndarray, probs: np.ndarray,
-                      class_names: list[str]) -> Path:
+                      class_names: list[str], item: str = "image", frames: np.ndarray | None = None) -> Path:
     """predictions.csv: one row per image evaluated, in the split's order, with its true and predicted class,
     the probability of each and its loss, to sort and filter beyond the gallery's few (the images most
-    likely mislabelled are the confident mistakes)."""
+    likely mislabelled are the confident mistakes). clips.csv the same per clip (`item`), with how many
+    `frames` each had."""
     predicted = probs.argmax(1)
     rows = np.arange(len(labels))
     losses = image_losses(probs, labels)
+    counts = [None] * len(labels) if frames is None else frames
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["image", "true", "predicted", "probability", "true_probability", "loss", "correct"])
+        writer.writerow([item, "true", "predicted", "probability", "true_probability", "loss", "correct"]
+                        + ([] if frames is None else ["frames"]))
         writer.writerows([source, class_names[true], class_names[guess], f"{probs[row, guess]:.6f}",
                           f"{probs[row, true]:.6f}", f"{loss:.6f}", int(true == guess)]
-                         for source, row, true, guess, loss in zip(sources, rows, labels, predicted, losses))
+                         + ([] if count is None else [int(count)])
+                         for source, row, true, guess, loss, count in zip(sources, rows, labels, predicted, losses,
+                                                                          counts))
     return path
 
 
@@ -433,6 +439,33 @@ def unknown_scores(unknown: dict) -> list[tuple[str, dict]]:
     name = ("similarity to the nearest training image" if "skipped" in nearest else
             f"similarity to the nearest training image (k={nearest['k']}, {nearest['bank_images']:,} images)")
     return [("probability of the top class", unknown), (name, nearest)]
+
+
+def clip_rows(metrics: dict) -> list[tuple[str, str]]:
+    """The per-clip numbers, (name, value), where the images were the frames of video clips."""
+    if "clips" not in metrics:
+        return []
+    clips = metrics["clips"]
+    low, high = clips["top1_ci95"]
+    top5 = [("per clip: top-5", f"{clips['top5']:.2%}")] if shows_top5(len(metrics["per_class"])) else []
+    return [("clips (frames' probabilities averaged)", f"{clips['clips']:,} ({clips['frames']:,} frames)"),
+            ("per clip: top-1", f"{clips['top1']:.2%}"), ("per clip: top-1, 95% interval", f"{low:.2%} - {high:.2%}"),
+            *top5]
+
+
+def _clips_section(metrics: dict) -> list[str]:
+    """The report's section on the video clips the images were frames of, where they were."""
+    if "clips" not in metrics:
+        return []
+    clips = metrics["clips"]
+    wrong = clips["answered_wrong"]
+    return [f"<h2>Per clip</h2><p class='note'>The images are frames of {clips['clips']:,} video clips (named as "
+            f"<code>residual unpack</code> names them). Each clip is answered as a video is classified: by the mean "
+            f"of its frames' probabilities. Top-1 over the clips is {clips['top1']:.2%}; every clip is in "
+            f"clips.csv. The clips answered wrong, the surest first:</p>",
+            _table(["clip", "true", "predicted", "probability", "frames"],
+                   [[row["clip"], row["true"], row["predicted"], f"{row['probability']:.3f}", row["frames"]]
+                    for row in wrong]) if wrong else "<p>None.</p>"]
 
 
 def _unknown_section(metrics: dict, pictures: dict[str, Path]) -> list[str]:

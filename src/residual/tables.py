@@ -17,7 +17,7 @@ from .models import ModelInfo, Preprocessing, count_params, model_info
 from .models.summary import LayerSummary
 from .train.compare import DataScore, RunRecord, recipe_differences
 from .progress import transient_bar
-from .report import temperature_text, threshold_text, unknown_scores
+from .report import clip_rows, temperature_text, threshold_text, unknown_scores
 from .weights import PretrainedWeights, cache_dir, load_model, read_metadata
 
 if TYPE_CHECKING:  # robustness draws with matplotlib: not imported for a table's annotation
@@ -185,7 +185,7 @@ def eval_tables(metrics: dict, title: str, limit: int = 30) -> list[Table]:
                         *top5, ("loss", f"{metrics['loss']:.4f}"),
                         ("ECE", f"{metrics['ece']:.4f}"), ("macro F1", f"{metrics['macro']['f1']:.4f}"),
                         ("weighted F1", f"{metrics['weighted']['f1']:.4f}"),
-                        ("macro ROC AUC", score_text(metrics["macro"]["roc_auc"], 4))]:
+                        ("macro ROC AUC", score_text(metrics["macro"]["roc_auc"], 4)), *clip_rows(metrics)]:
         summary.add_row(name, value)
     rows = metrics["per_class"]
     shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: r["f1"])[:limit]
