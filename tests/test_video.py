@@ -419,6 +419,53 @@ def test_predict_on_a_video_writes_a_row_per_frame_segments_and_a_timeline(untra
     assert f"{video}: 20 frames" in table and "0:00.0" in table and "0:02.0" in table
 
 
+def test_per_video_a_videos_row_is_the_mean_of_its_frames_probabilities(untrained, tmp_path, capsys, monkeypatch):
+    """`--per-video`: a row per video (a camera trap's clips sorted by what they show), its classes those of its
+    frames' probabilities averaged, as the per-frame rows give them, in every format."""
+    monkeypatch.setenv("COLUMNS", "250")
+    (tmp_path / "clips").mkdir()
+    dark = write_video(tmp_path / "clips" / "dark.mp4", grey_frames(12))
+    bright = write_video(tmp_path / "clips" / "bright.mp4", [np.full((32, 32, 3), 230 - 9 * i, np.uint8)
+                                                             for i in range(8)])
+    model = str(untrained)
+    assert main(["predict", model, str(tmp_path / "clips"), "--format", "probabilities", "--quiet"]) == 0
+    mean = {}  # each video's frames' probabilities averaged by hand
+    for row in csv.DictReader(io.StringIO(capsys.readouterr().out)):
+        mean.setdefault(row["frame"].split("#t=")[0], []).append([float(row[name]) for name in "abc"])
+    mean = {video: np.mean(rows, axis=0) for video, rows in mean.items()}
+    assert set(mean) == {str(dark), str(bright)}
+
+    assert main(["predict", model, str(tmp_path / "clips"), "--per-video", "--format", "probabilities",
+                 "--quiet"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["video"] for row in rows] == [str(bright), str(dark)]  # a folder's videos in name order
+    for row in rows:
+        assert [float(row[name]) for name in "abc"] == pytest.approx(mean[row["video"]], abs=2e-6)
+
+    assert main(["predict", model, str(dark), str(bright), "--per-video", "--format", "labels", "--quiet"]) == 0
+    labels = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(row["video"], row["label"]) for row in labels] == [
+        (str(video), "abc"[int(np.argmax(mean[str(video)]))]) for video in (dark, bright)]
+
+    assert main(["predict", model, str(dark), "--per-video", "--format", "json", "--topk", "2", "--quiet"]) == 0
+    [answer] = json.loads(capsys.readouterr().out)
+    assert answer["video"] == str(dark) and len(answer["top"]) == 2
+    assert answer["top"][0]["probability"] == pytest.approx(mean[str(dark)].max(), abs=2e-6)
+
+    assert main(["predict", model, str(dark), "--per-video", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "1 video(s), by the mean of their frames' probabilities" in table and "segment" not in table
+
+    image = tmp_path / "still.png"
+    Image.fromarray(grey_frames(1)[0]).save(image)
+    for arguments, message in [([str(image), "--per-video"], "--per-video is for videos"),
+                               ([str(dark), "--per-video", "--format", "segments"],
+                                "--per-video gives a video's classes from its frames' mean probabilities; "
+                                "--format segments gives its stretches of time: leave one out")]:
+        assert main(["predict", model, *arguments]) == 2
+        assert message in capsys.readouterr().err, arguments
+
+
 def test_annotate_writes_the_video_again_with_its_segments_drawn_on_every_frame(untrained, tmp_path):
     bright = [np.full((64, 96, 3), 200, np.uint8) for _ in range(12)]
     video = write_video(tmp_path / "clip.mp4", bright, rotation=90)  # written upright: 64 wide, 96 high

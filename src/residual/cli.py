@@ -279,7 +279,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     videos = [source for source in args.images if is_video_source(source)]
     _check_video_flags(args, videos, "predict", "the videos give a row per frame and segments, the images a row each",
                        {"--fps": args.fps, "--smooth": args.smooth, "--timeline": args.timeline,
-                        "--format segments": output_format == "segments" or None},
+                        "--format segments": output_format == "segments" or None,
+                        "--per-video": args.per_video or None},
                        {"--workers": args.workers, "--decoder torchvision": args.decoder == "torchvision" or None})
     model = _inference_model(args.model, args.device, args.precision, args.image_size, args.threshold, args.runtime)
     if videos:
@@ -406,10 +407,10 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     from .data.frames import source_file_name
     from .feature_bank import FeatureBank
     from .predict import class_names_of, inference_compile
-    from .tables import segments_table
+    from .tables import predictions_table, segments_table
     from .video import (ANNOTATE_WHY, SMOOTH_SECONDS, TimelineScores, check_read_twice, check_smooth,
                         check_video_arguments, expected_frames, iter_predict_video, plot_timeline, segment_finder,
-                        segments_as_they_close, video_files, write_annotated, write_segments)
+                        segments_as_they_close, video_files, video_prediction, write_annotated, write_segments)
 
     smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
     check_smooth(smooth)
@@ -417,6 +418,11 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     topk = {"probabilities": len(names), "labels": 1}.get(output_format, args.topk)
     bank = FeatureBank.load(args.feature_bank) if args.feature_bank else None
     check_video_arguments(model, topk, args.batch_size, args.tta, args.fps, args.min_confidence, bank, args.compile)
+    if args.per_video and (output_format == "segments" or bank):
+        other = ("--format segments gives its stretches of time" if output_format == "segments"
+                 else "--feature-bank judges each frame by its own features")
+        raise ResidualError(f"--per-video gives a video's classes from its frames' mean probabilities; {other}: "
+                            f"leave one out")
     failed: list[str] = []
     infos = _opened_videos(videos, failed)
     for info in infos if args.annotate else []:
@@ -439,7 +445,19 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
                                     args.min_confidence, failed, not args.quiet, compiled, bank)
                  for info, finder in zip(infos, finders)]
     predictions = itertools.chain.from_iterable(per_video)
-    if output_format == "table":  # the segments, once every frame is predicted
+    if args.per_video:  # a row per video, once its frames are predicted
+        predictions = (prediction for info, finder, answers in zip(infos, finders, per_video)
+                       for prediction in video_prediction(model, info, finder, answers, topk, args.min_confidence))
+        if output_format == "table":
+            rows = list(predictions)
+            if rows:
+                console.print(predictions_table(rows, f"{args.model}: top-{len(rows[0].top)} of {len(rows)} video(s), "
+                                                      f"by the mean of their frames' probabilities", "video"))
+        else:
+            write = _predictions_writer(output_format, model, ("video", "label"), "video",
+                                        args.min_confidence is not None)
+            _write_rows(args.out, lambda stream: write(predictions, stream), "video prediction(s)")
+    elif output_format == "table":  # the segments, once every frame is predicted
         for _ in predictions:
             pass
     elif output_format == "segments":  # a live stream's as each closes, a file's once its frames are done
@@ -452,7 +470,7 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     for finder in finders:
         finder.finish()  # the segments still open at the end (those --format segments wrote are closed already)
     found = [finder.found for finder in finders]
-    if output_format == "table":
+    if output_format == "table" and not args.per_video:
         for info, finder, segments in zip(infos, finders, found):
             console.print(segments_table(segments, f"{info.name}: {finder.frames} frames, {len(segments)} "
                                                    f"segment(s), probabilities averaged over {smooth:g} s"))
@@ -1696,6 +1714,10 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--timeline", metavar="DIR",
                    help="videos: draw each video's class probabilities over time and its segments to "
                         "DIR/VIDEO.timeline.png")
+    p.add_argument("--per-video", action="store_true",
+                   help="videos: a row per video, not per frame (table, csv, json, labels, probabilities): its "
+                        "classes by the mean of its frames' probabilities, as eval scores a clip (a camera trap's "
+                        "clips sorted by animal); a live stream's once it ends")
     p.add_argument("--annotate", metavar="DIR",
                    help="write each image with its answer drawn across its top to DIR/NAME.annotated.png; each video "
                         "again with its segments' class and probability on every frame to DIR/VIDEO.annotated.mp4 "

@@ -308,14 +308,15 @@ def temperatures_table(report: dict) -> Table:
     return table
 
 
-def predictions_table(predictions: list, title: str) -> Table:
+def predictions_table(predictions: list, title: str, item: str = "image") -> Table:
+    """A row per image (or video: `item`) with its answer and the next classes."""
     if predictions and predictions[0].present is not None:  # a multi-label model's: what is present, then the top
-        table = new_table(title, ("image", "labels", "top"))
+        table = new_table(title, (item, "labels", "top"))
         for prediction in predictions:
             table.add_row(prediction.source, " ".join(prediction.answer()) or "(none)",
                           ", ".join(f"{n} {p:.3f}" for _, n, p in prediction.top))
         return table
-    table = new_table(title, ("image", "class", "probability", "next"), right=("probability",))
+    table = new_table(title, (item, "class", "probability", "next"), right=("probability",))
     for prediction in predictions:
         (_, name, probability), *others = prediction.top
         table.add_row(prediction.source, f"[dim]unsure ({name}?)" if prediction.unsure else name,

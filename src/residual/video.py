@@ -314,6 +314,7 @@ class SegmentFinder:
         self.names, self.end, self.smooth, self.record = names, end, smooth, record
         self.min_confidence, self.thresholds, self.similarity_floor = min_confidence, thresholds, similarity_floor
         self.frames = 0  # added so far
+        self._summed = np.zeros(len(names), dtype=np.float64)  # every frame's probabilities, summed
         # The frames kept, in time order: the first `_final` are final (kept as the others' smoothing window).
         self._times, self._similarities = np.zeros(0), np.zeros(0)
         self._probabilities = np.zeros((0, len(names)), dtype=np.float32)  # as the model gives them
@@ -339,6 +340,12 @@ class SegmentFinder:
         """Every segment closed so far, in order of start."""
         return sorted(self._found, key=_in_order)
 
+    @property
+    def mean_probabilities(self) -> np.ndarray | None:
+        """Each class's probability averaged over every frame added (None before the first): the video's as a
+        whole, as eval scores a clip."""
+        return (self._summed / self.frames).astype(np.float32) if self.frames else None
+
     def add(self, times: list[float] | np.ndarray, probabilities: torch.Tensor | np.ndarray,
             similarities: list[float] | np.ndarray | None = None) -> None:
         if self.record is not None:
@@ -348,6 +355,7 @@ class SegmentFinder:
         times = np.asarray(times, dtype=np.float64)
         if isinstance(probabilities, torch.Tensor):
             probabilities = probabilities.float().numpy()
+        self._summed += probabilities.sum(axis=0, dtype=np.float64)
         similarities = np.zeros(len(times)) if similarities is None else similarities
         self._arrived.append((times, np.asarray(probabilities), np.asarray(similarities, dtype=np.float64)))
         self.frames += len(times)
@@ -492,6 +500,17 @@ def segments_as_they_close(infos: list[VideoInfo], finders: list[SegmentFinder],
             if info.live:
                 yield from ((info.name, segment) for segment in finder.closed())
         yield from ((info.name, segment) for segment in finder.finish())
+
+
+def video_prediction(model, info: VideoInfo, finder: SegmentFinder, answers: Iterator[Prediction], topk: int,
+                     min_confidence: float | None = None) -> Iterator[Prediction]:
+    """The video's one Prediction, named by it, from the mean of its frames' probabilities (the finder's), once
+    `answers` (its frames') are all through; none where no frame was decoded (`failed` says why)."""
+    for _ in answers:
+        pass
+    if finder.mean_probabilities is not None:
+        yield from batch_predictions(model, [info.name], torch.from_numpy(finder.mean_probabilities[None]), None, topk,
+                                     min_confidence)
 
 
 def predict_video(model, video: str, topk: int = 5, batch_size: int = 64, tta: str = "none",
