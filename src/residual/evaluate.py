@@ -74,8 +74,8 @@ class ClipScores:
         clips answered wrong, the surest first (at most CLIPS_LISTED)."""
         predicted = self.probs.argmax(1)
         wrong = np.flatnonzero(predicted != self.labels)
+        right = len(self.names) - len(wrong)
         wrong = wrong[np.argsort(-self.probs[wrong, predicted[wrong]], kind="stable")][:CLIPS_LISTED]
-        right = len(self.names) - int((predicted != self.labels).sum())
         return {"clips": len(self.names), "frames": int(self.frames.sum()), "top1": right / len(self.names),
                 "top1_ci95": list(wilson_interval(right, len(self.names))),
                 "top5": topk_accuracy(self.probs, self.labels, 5),
