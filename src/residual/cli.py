@@ -384,15 +384,16 @@ def _check_video_flags(args: argparse.Namespace, videos: list[str], command: str
         raise ResidualError(f"{given[0]} is for images; videos are decoded by FFmpeg, with its own threads")
 
 
-def _opened_videos(videos: list[str], failed: list[str]) -> list:
-    """The VideoInfo of each video FFmpeg can open; each one it cannot is named in `failed`, and the others go on."""
+def _opened_videos(videos: list[str], failed: list[str], keep_open: bool = False) -> list:
+    """The VideoInfo of each video FFmpeg can open (`keep_open`: a live one left open, to be read on); each one it
+    cannot is named in `failed`, and the others go on."""
     from .data.decode import BadImageError
     from .data.frames import video_info
 
     infos = []
     for video in videos:
         try:
-            infos.append(video_info(video))
+            infos.append(video_info(video, keep_open))
         except BadImageError as error:
             failed.append(str(error))
     return infos
@@ -424,7 +425,10 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
         raise ResidualError(f"--per-video gives a video's classes from its frames' mean probabilities; {other}: "
                             f"leave one out")
     failed: list[str] = []
-    infos = _opened_videos(videos, failed)
+    infos = _opened_videos(videos, failed, keep_open=not args.annotate)  # --annotate refuses a live one
+    if not infos:  # nothing to predict: said before anything is prepared for it
+        _report_failed(failed)
+        return 1
     for info in infos if args.annotate else []:
         check_read_twice(info, ANNOTATE_WHY)
     if not args.out and any(info.live for info in infos) and hasattr(sys.stdout, "reconfigure"):
@@ -538,11 +542,14 @@ def _explain_videos(args: argparse.Namespace, console: Console, model, videos: l
 
     failed: list[str] = []
     infos = _opened_videos(videos, failed)
+    if not infos:  # nothing to explain: no output folder is made for it
+        _report_failed(failed)
+        return 1
     for info in infos:
         check_read_twice(info, KEY_FRAMES_WHY)
     smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
     with output_dir(args.out, "runs/explain", Path(args.model).stem) as out:
-        for info, named in zip(infos, video_files(infos, out, "") if infos else []):
+        for info, named in zip(infos, video_files(infos, out, "")):
             result = explain_video(model, info.path, out, args.method, args.target, args.layer, args.fps, smooth,
                                    args.batch_size, named.name, progress=not args.quiet)
             failed += result.failed

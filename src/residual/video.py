@@ -221,7 +221,7 @@ def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores | Se
     with progress_bar(f"predicting {info.name}", progress, unit="frames/s") as bar, \
             stop_requests(is_streamed(info.path)) as stop:
         task = bar.add_task("frames", total=expected)
-        frames = video_frames(info.path, fps, failed, stop)
+        frames = video_frames(info, fps, failed, stop)
         # A live stream's frames are answered as they come: batches of those that arrived, none waited for.
         groups = (arrived_frames(frames, batch_size, stop, info.name, failed) if info.live
                   else batched(frames, batch_size))
@@ -522,10 +522,14 @@ def predict_video(model, video: str, topk: int = 5, batch_size: int = 64, tta: s
     `min_confidence`, `feature_bank`: frames below either floor get no class, as predict's images do, and so do
     stretches whose smoothed top probability or similarity stays below it."""
     check_smooth(smooth)
-    info = video_info(video)
+    info = video_info(video, keep_open=True)
     scores, failed = FrameScores(), []
-    predictions = list(iter_predict_video(model, info, scores, topk, batch_size, tta, fps, min_confidence,
-                                          failed, progress, compile, feature_bank))
+    try:
+        predictions = list(iter_predict_video(model, info, scores, topk, batch_size, tta, fps, min_confidence,
+                                              failed, progress, compile, feature_bank))
+    finally:  # a live source left unread (an argument refused) is let go at once, not when collected
+        if info.opened:
+            info.opened.close()
     times, probabilities = scores.arrays(len(class_names_of(model)))
     return VideoPrediction(info, times, probabilities, predictions,
                            video_segments(model, info, scores, smooth, min_confidence, feature_bank), failed)

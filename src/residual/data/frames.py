@@ -36,7 +36,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -154,6 +154,8 @@ class VideoInfo:
     duration: float | None  # seconds, where the file says
     frames: int | None  # where the file says (a count, or duration x rate)
     rotation: int  # degrees the frames are turned counter-clockwise to be shown upright
+    # A live source as video_info(..., keep_open=True) left it, for video_frames to read on.
+    opened: OpenedSource | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -164,6 +166,25 @@ class VideoInfo:
     def live(self) -> bool:
         """A stream with no known end (a camera, a broadcast): it cannot be read a second time."""
         return is_camera(self.path) or (is_stream(self.path) and self.duration is None)
+
+
+class OpenedSource:
+    """A live source kept open from `video_info` to `video_frames`, which reads on from where it was: such a source
+    cannot be counted on to open a second time (a tcp://...?listen address's sender connects once), and what it
+    sent between two openings would be lost. The frames decoded to find the rotation are the first read."""
+
+    def __init__(self, container, stream, decoded: list):
+        self._held = (container, stream, decoded)
+
+    def take(self) -> tuple | None:
+        """(container, stream, frames decoded already) the first time; None after: opened again."""
+        held, self._held = self._held, None
+        return held
+
+    def close(self) -> None:
+        """Let the source go unread (a no-op once taken)."""
+        if held := self.take():
+            held[0].close()
 
 
 @dataclass(frozen=True)
@@ -254,24 +275,36 @@ def _video_stream(container, name):
     if not container.streams.video:
         container.close()
         raise BadImageError(f"{name}: has no video stream (only {len(container.streams)} other stream(s))")
-    return container, container.streams.video[0]
+    stream = container.streams.video[0]
+    # Frame and slice threads, several times faster on large frames; set before the first frame is decoded, which
+    # opens the decoder.
+    stream.thread_type = "AUTO"
+    return container, stream
 
 
-def video_info(path: str | os.PathLike) -> VideoInfo:
-    """What the file says about its video stream, without decoding it."""
+def video_info(path: str | os.PathLike, keep_open: bool = False) -> VideoInfo:
+    """What the file says about its video stream, and the first frame's turn. With `keep_open`, a live source
+    (`VideoInfo.live`) is left open for `video_frames(info)` to read on."""
     container, stream = _open(path)
-    with container:
+    try:
         rate = float(stream.average_rate) if stream.average_rate else None
         duration = (float(stream.duration * stream.time_base) if stream.duration is not None
                     else container.duration / 1e6 if container.duration is not None else None)
         frames = stream.frames or (round(duration * rate) if duration and rate else None)
-        rotation = _stream_rotation(stream)
+        rotation, decoded = _stream_rotation(stream)
         width, height = stream.codec_context.width, stream.codec_context.height
         if rotation % 180:
             width, height = height, width
         if is_camera(path):
             _say_settings_not_kept(str(path), width, height, rate)
-        return VideoInfo(str(path), width, height, rate, duration, frames, rotation)
+        info = VideoInfo(str(path), width, height, rate, duration, frames, rotation)
+    except BaseException:
+        container.close()
+        raise
+    if keep_open and info.live:
+        return replace(info, opened=OpenedSource(container, stream, decoded))
+    container.close()
+    return info
 
 
 def _say_settings_not_kept(source: str, width: int, height: int, rate: float | None) -> None:
@@ -287,29 +320,32 @@ def _say_settings_not_kept(source: str, width: int, height: int, rate: float | N
                     " and ".join(changed), camera_device(source))
 
 
-def _stream_rotation(stream) -> int:
-    """The turn the stream's display matrix asks for, read from its first frame (where FFmpeg puts it); 0 where
-    that frame cannot be decoded (video_frames reports the damage, and turns each frame by its own)."""
+def _stream_rotation(stream) -> tuple[int, list]:
+    """The turn the stream's display matrix asks for, read from its first frame (where FFmpeg puts it), and that
+    frame; 0 and none where it cannot be decoded (video_frames reports the damage, and turns each frame by its
+    own)."""
     try:
         for frame in stream.container.decode(stream):
-            return round(frame.rotation)
+            return round(frame.rotation), [frame]
     except _av().error.FFmpegError:
         pass
-    return 0
+    return 0, []
 
 
-def video_frames(path: str | os.PathLike, fps: float | None = None, failed: list[str] | None = None,
+def video_frames(video: VideoInfo | str | os.PathLike, fps: float | None = None, failed: list[str] | None = None,
                  stop: threading.Event | None = None) -> Iterator[Frame]:
-    """The frames of `path` (a file or a stream) in order (with `fps`, at most that many per second), upright, in
-    RGB; a stream's end where `stop` is set (by `stop_requests`).
+    """The frames of `video` (a file or a stream, or its VideoInfo: a live source it holds open is read on) in
+    order (with `fps`, at most that many per second), upright, in RGB; a stream's end where `stop` is set (by
+    `stop_requests`).
 
     FFmpeg decodes with its own threads. Frames lost to damage, and a stream that stopped, are reported in
     `failed` once the video ends."""
     if fps is not None and fps <= 0:
         raise ConfigError(f"--fps must be above 0, got {fps}")
     av = _av()
-    container, stream = _open(path)
-    stream.thread_type = "AUTO"  # frame and slice threads: several times faster on large frames
+    held = video.opened.take() if isinstance(video, VideoInfo) and video.opened else None
+    path = video.path if isinstance(video, VideoInfo) else video
+    container, stream, decoded_already = held or (*_open(path), [])
     streamed, name = is_streamed(path), shown_source(str(path))
     # A stream joined midway may not say where it started: its first frame is its time 0.
     start = (float(stream.start_time * stream.time_base) if stream.start_time is not None
@@ -321,31 +357,37 @@ def video_frames(path: str | os.PathLike, fps: float | None = None, failed: list
     damage: dict[str, list] = {}
     stopped: list[str] = []  # why a stream ended before its end
     next_tick, decoded, at = 0.0, 0, 0.0
-    with container:
+
+    def decoded_frames() -> Iterator:
+        """Each frame FFmpeg decodes, those of an open source decoded already first; packets it cannot decode are
+        counted in `damage`, at their time."""
+        nonlocal at
+        yield from decoded_already
         for packet in _packets(av, container, stream, streamed, stop, stopped):
             if packet is not None and packet.pts is not None:  # the flushing packet at the end has none
                 at = float(packet.pts * stream.time_base) - (start or 0.0)
             try:
-                frames = packet.decode() if packet is not None else stream.decode(None)
+                yield from packet.decode() if packet is not None else stream.decode(None)
             except av.error.FFmpegError as error:
                 _count(damage, f"packet(s) FFmpeg could not decode ({error.strerror})", at)
+
+    with container:
+        for frame in decoded_frames():
+            decoded += 1
+            # The stream's time base, not the frame's: frames flushed from the decoder carry none.
+            stamp = float(frame.pts * stream.time_base) if frame.pts is not None else None
+            if start is None:
+                start = stamp or 0.0
+            time = stamp - start if stamp is not None else (decoded - 1) / (rate or 1)
+            if frame.is_corrupt:
+                _count(damage, "frame(s) FFmpeg marked as damaged", time)
                 continue
-            for frame in frames:
-                decoded += 1
-                # The stream's time base, not the frame's: frames flushed from the decoder carry none.
-                stamp = float(frame.pts * stream.time_base) if frame.pts is not None else None
-                if start is None:
-                    start = stamp or 0.0
-                time = stamp - start if stamp is not None else (decoded - 1) / (rate or 1)
-                if frame.is_corrupt:
-                    _count(damage, "frame(s) FFmpeg marked as damaged", time)
+            if fps is not None:
+                if time < next_tick - 1e-6:
                     continue
-                if fps is not None:
-                    if time < next_tick - 1e-6:
-                        continue
-                    next_tick = (int(time * fps + 1e-6) + 1) / fps
-                image = frame.to_image()
-                yield Frame(time, image.rotate(frame.rotation, expand=True) if frame.rotation else image)
+                next_tick = (int(time * fps + 1e-6) + 1) / fps
+            image = frame.to_image()
+            yield Frame(time, image.rotate(frame.rotation, expand=True) if frame.rotation else image)
     # Decoding in threads, FFmpeg reports a damaged packet late, with a later packet, and two damaged in a row may
     # come out as one report: frames the index lists beyond those decoded or reported are damage too.
     unaccounted = listed - decoded - sum(count for what, (count, _, _) in damage.items() if what.startswith("packet"))
