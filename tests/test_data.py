@@ -1,6 +1,7 @@
 """Datasets on disk: shapes, ImageFolder layouts, CIFAR pickles, loaders and check-data."""
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -145,6 +146,22 @@ def test_folders_linked_into_a_dataset_are_read_once_each_and_a_link_loop_ends(t
     by_class = sorted((dataset.classes[label], path.name) for path, label in zip(files, labels))
     assert by_class == [("cat", "0.png"), ("cat", "1.png"), ("cat", "9.png"), ("dog", "0.png"), ("dog", "1.png"),
                         ("dog", "2.png"), ("dog", "5.png")]
+
+
+def test_a_link_to_a_file_that_is_gone_is_reported_as_unreadable_not_left_out(tmp_path):
+    """A link whose image was moved or deleted is listed, and its reader says where it points (until 2026-12-07
+    it was left out of the listing without a word); a pipe named like an image is not a file, and is left out
+    (opening it would wait for a writer)."""
+    _folder(tmp_path / "d", {"cat": 2, "dog": 2})
+    (tmp_path / "d" / "cat" / "gone.png").symlink_to(tmp_path / "moved.png")
+    os.mkfifo(tmp_path / "d" / "dog" / "pipe.png")
+    assert [path.name for path in image_files([tmp_path / "d" / "cat"])] == ["0.png", "1.png", "gone.png"]
+    report = check_data(tmp_path / "d", progress=False)
+    assert report.bad == [f"{tmp_path / 'd' / 'cat' / 'gone.png'}: a link to {tmp_path / 'moved.png'}, which is "
+                          f"not there; fix the link or remove it"]
+    dataset = open_dataset(tmp_path / "d", val_split=0.0001)
+    assert sorted(path.name for path in dataset.train.files + dataset.val.files) == ["0.png", "0.png", "1.png",
+                                                                                       "1.png", "gone.png"]
 
 
 def test_split_folders_and_clear_errors(tmp_path):

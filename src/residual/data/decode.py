@@ -50,7 +50,8 @@ def is_metadata(relative: Path) -> bool:
 def files_under(folder: Path) -> list[Path]:
     """Every file under `folder`, sorted, following symbolic links to folders (a dataset assembled from links
     to class folders elsewhere is common; Path.rglob does not follow them before Python 3.13), each real
-    folder visited once, so a link back up the tree ends there."""
+    folder visited once, so a link back up the tree ends there. A link to nothing is kept, for its reader to
+    report; a pipe or socket is not a file (opening one would wait for a writer)."""
     def refuse(error: OSError) -> None:  # os.walk's default is to leave an unreadable folder out without a word
         unreadable = Path(error.filename)
         inside = unreadable.relative_to(folder) if unreadable.is_relative_to(folder) else unreadable
@@ -66,7 +67,7 @@ def files_under(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         found += [Path(root) / name for name in files]
-    return sorted(path for path in found if path.is_file())
+    return sorted(path for path in found if path.is_file() or (path.is_symlink() and not path.exists()))
 
 
 def image_files(sources) -> list:
@@ -107,8 +108,15 @@ def read_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
         if path.stat().st_size == 0:
             raise BadImageError(f"{path}: empty file (0 bytes)")
     except FileNotFoundError:
-        raise BadImageError(f"{path}: no such file") from None
+        raise missing_file(path) from None
     return _decoded(path, str(path), min_side)
+
+
+def missing_file(path: Path) -> BadImageError:
+    """The error for a file that is not there: a link whose file is gone says where it points."""
+    if path.is_symlink():
+        return BadImageError(f"{path}: a link to {os.readlink(path)}, which is not there; fix the link or remove it")
+    return BadImageError(f"{path}: no such file")
 
 
 def decode_bytes(data: bytes, name: str, min_side: int | None = None) -> Image.Image:

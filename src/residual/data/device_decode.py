@@ -30,7 +30,7 @@ import torch
 from PIL import ExifTags, Image
 
 from ..errors import ConfigError
-from .decode import MAX_PIXELS, BadImageError, read_image
+from .decode import MAX_PIXELS, BadImageError, missing_file, read_image
 from .transforms import resize_center_crop, resize_center_crop_pixels
 
 DECODERS = ("pillow", "torchvision")
@@ -53,7 +53,7 @@ def read_encoded(path: str | os.PathLike, resize: int, crop: int, interpolation:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise BadImageError(f"{path}: no such file") from None
+        raise missing_file(path) from None
     except OSError as error:
         raise BadImageError(f"{path}: cannot be read ({error})") from None
     orientation = device_decodable(data)

@@ -45,7 +45,7 @@ from PIL import Image
 
 from ..atomic import atomic_path
 from ..errors import ConfigError
-from .decode import BadImageError
+from .decode import BadImageError, missing_file
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts",
                     ".mts", ".m2ts")  # the last three: MPEG transport streams (broadcasts, camcorders)
@@ -210,7 +210,7 @@ def _open(path: str | os.PathLike):
     if is_camera(path):
         return _open_camera(av, str(path))
     if not Path(path).is_file():
-        raise BadImageError(f"{path}: no such file")
+        raise missing_file(Path(path))
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as error:
