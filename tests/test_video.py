@@ -456,6 +456,31 @@ def test_per_video_a_videos_row_is_the_mean_of_its_frames_probabilities(untraine
     table = capsys.readouterr().out
     assert "1 video(s), by the mean of their frames' probabilities" in table and "segment" not in table
 
+    # A multi-label model's row: the classes whose mean probability reaches the threshold (each class its own
+    # sigmoid), here set between the dark video's classes so that some are in and some out.
+    tagger = residual.load_model(model)
+    tagger.multi_label = True
+    residual.save_model(tagger, tmp_path / "tagger.safetensors")
+    tagger = str(tmp_path / "tagger.safetensors")
+    assert main(["predict", tagger, str(dark), "--format", "probabilities", "--quiet"]) == 0
+    frames = np.array([[float(row[name]) for name in "abc"]
+                       for row in csv.DictReader(io.StringIO(capsys.readouterr().out))])
+    tagged = frames.mean(axis=0)
+    threshold = float(np.sort(tagged)[:2].mean())  # between the least probable class and the next
+    present = [name for name, probability in zip("abc", tagged) if probability >= threshold]
+    assert np.diff(np.sort(tagged)).min() > 1e-4  # apart by far more than the rows' six decimals
+    assert 0 < len(present) < 3 and not np.allclose(frames.sum(axis=1), 1)  # sigmoids, not a softmax
+    assert main(["predict", tagger, str(dark), "--per-video", "--format", "labels", "--threshold", str(threshold),
+                 "--quiet"]) == 0
+    [row] = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert (row["video"], sorted(row["label"].split())) == (str(dark), present)
+    assert main(["predict", tagger, str(dark), "--per-video", "--format", "json", "--threshold", str(threshold),
+                 "--quiet"]) == 0
+    [answer] = json.loads(capsys.readouterr().out)
+    assert sorted(answer["labels"]) == present
+    assert {top["class_name"]: top["probability"] for top in answer["top"]} == pytest.approx(
+        dict(zip("abc", tagged)), abs=2e-6)
+
     image = tmp_path / "still.png"
     Image.fromarray(grey_frames(1)[0]).save(image)
     for arguments, message in [([str(image), "--per-video"], "--per-video is for videos"),
