@@ -28,6 +28,7 @@ import residual
 from residual.cli import main
 from residual.data import frames as frames_module
 from residual.data.decode import BadImageError
+from residual.annotate import captioned
 from residual.data.frames import (Frame, arrived_frames, camera_device, camera_settings, is_camera, is_stream,
                                   is_video_source, recording_command, shown_source, source_file_name, video_frames,
                                   video_info)
@@ -294,12 +295,12 @@ def lines_then_ctrl_c(process: subprocess.Popen, count: int) -> tuple[list[str],
 def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, serve_stream, stop, output_format):
     """`residual predict MODEL URL` on a stream sent in real time: its rows come out as frames arrive (stdout is
     flushed per row: a CSV line, a JSON array's object), Ctrl-C (or a service manager's SIGTERM) stops it, the
-    segments and timeline of what came are written, and it exits 0."""
+    segments, timeline and annotated recording of what came are written, and it exits 0."""
     body = transport_stream(grey_frames(300))  # 30 s at 10 frames/s, sent in about that time
     server = serve_stream(body, pieces=60, pause=0.5)
     process = subprocess.Popen(
         [sys.executable, "-m", "residual", "predict", str(untrained), server.url, "--format", output_format,
-         "--fps", "5", "--topk", "1", "--timeline", str(tmp_path / "timeline")],
+         "--fps", "5", "--topk", "1", "--timeline", str(tmp_path / "timeline"), "--annotate", str(tmp_path / "seen")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     try:  # ten rows, before the stream ends
         if output_format == "csv":
@@ -316,11 +317,17 @@ def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, ser
     assert process.returncode == 0, err
     if output_format == "csv":
         assert 0 < len(out.splitlines()) < 140
+        answered = len(frames) + len(out.splitlines())
     else:
         assert out.rstrip().endswith("]") and out.count('"frame"') < 140  # the array is closed
+        answered = len(frames) + out.count('"frame"')
     assert [float(frame.rsplit("#t=", 1)[1]) for frame in frames[:3]] == pytest.approx([0.0, 0.2, 0.4])
     assert "stopping the stream: the frames so far are kept" in err
-    assert (tmp_path / "timeline" / f"127.0.0.1-{server.http.server_port}-cam-live.ts.timeline.png").is_file()
+    name = f"127.0.0.1-{server.http.server_port}-cam-live.ts"
+    assert (tmp_path / "timeline" / f"{name}.timeline.png").is_file()
+    # Every frame answered, in order (more than the rows read here: what the reader had buffered is not counted).
+    recorded = [frame.time for frame in video_frames(tmp_path / "seen" / f"{name}.annotated.mp4")]
+    assert len(recorded) >= answered and recorded == pytest.approx([index / 5 for index in range(len(recorded))])
     assert PASSWORD not in out + err
 
 
@@ -346,18 +353,38 @@ def test_a_live_streams_segments_are_written_as_each_closes(demo_run, tmp_path, 
     assert 6.0 < float(rows[2][2]) < 29.0  # the open one, cut by Ctrl-C
 
 
-def test_what_reads_a_video_twice_refuses_a_live_stream_before_writing_anything(untrained, tmp_path,
-                                                                                serve_stream, capsys):
+def test_explain_refuses_a_live_stream_before_writing_anything(untrained, tmp_path, serve_stream, capsys):
     server = serve_stream(transport_stream(grey_frames(20)))
-    assert main(["predict", str(untrained), server.url, "--annotate", str(tmp_path / "seen")]) == 2
     assert main(["explain", str(untrained), server.url, "--out", str(tmp_path / "cams")]) == 2
     err = capsys.readouterr().err
-    assert "a live stream cannot be read a second time (--annotate decodes it again" in err
     assert "a live stream cannot be read a second time (explain decodes it again for each segment's key" in err
     assert "record it first (ffmpeg -i ADDRESS -c copy clip.mp4)" in err and PASSWORD not in err
-    assert not (tmp_path / "seen").exists() and not list((tmp_path / "cams").glob("*"))
+    assert not list((tmp_path / "cams").glob("*"))
     with pytest.raises(ConfigError, match="a live stream cannot be read a second time"):
         explain_video(residual.load_model(untrained), server.url, tmp_path / "api")
+
+
+def test_annotate_records_a_live_stream_each_frame_with_its_answer_as_it_is_answered(untrained, tmp_path,
+                                                                                     serve_stream, capsys):
+    """A live stream cannot be decoded again to draw its segments on, as a file is: `--annotate` records the
+    frames predicted (here at --fps 5 of 10), each at its time with the answer its row gives written across it."""
+    pictures = [np.full((64, 64, 3), 60 + 6 * index, np.uint8) for index in range(20)]
+    server = serve_stream(transport_stream(pictures))
+    assert main(["predict", str(untrained), server.url, "--annotate", str(tmp_path / "seen"), "--fps", "5",
+                 "--format", "csv", "--topk", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert len(rows) == 10 and "annotated: 1 video(s) in" in captured.err
+    recorded = list(video_frames(tmp_path / "seen" / f"127.0.0.1-{server.http.server_port}-cam-live.ts.annotated.mp4"))
+    assert [frame.time for frame in recorded] == pytest.approx([float(row["frame"].rsplit("#t=", 1)[1])
+                                                                for row in rows], abs=1e-3)
+    for frame, row in zip(recorded, rows):
+        sent = Image.fromarray(pictures[round(frame.time * 10)])
+        drawn = captioned(sent, f"{row['class_name']} {float(row['probability']):.2f}")
+        seen = np.asarray(frame.image, np.float32)
+        off_drawn = np.abs(seen - np.asarray(drawn, np.float32)).mean()
+        off_sent = np.abs(seen - np.asarray(sent, np.float32)).mean()  # the band and its words make the difference
+        assert off_drawn < 3 and off_sent > 3 * off_drawn
 
 
 def test_stream_addresses_are_told_from_files_named_for_files_and_shown_without_their_password():
@@ -472,7 +499,7 @@ sys.exit(main(sys.argv[1:]))
     # It sends 64x48 at 10 frames/s: the size asked for is kept, the rate is not, and the run says so.
     process = subprocess.Popen(
         [sys.executable, "-c", code, "predict", str(untrained), "camera:0,size=64x48,fps=30", "--format", "csv",
-         "--topk", "1", "--timeline", str(tmp_path / "timeline")],
+         "--topk", "1", "--timeline", str(tmp_path / "timeline"), "--annotate", str(tmp_path / "seen")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     (header, *rows), out, err = lines_then_ctrl_c(process, 6)
     assert header.startswith("frame,") and "stopping the stream: the frames so far are kept" in err
@@ -482,6 +509,9 @@ sys.exit(main(sys.argv[1:]))
     assert [row.split("#t=")[0] for row in rows] == ["camera:0"] * 5  # named by the camera, not its settings
     assert times[:3] == pytest.approx([0.0, 0.1, 0.2]) and len(times) < 100
     assert (tmp_path / "timeline" / "video0.timeline.png").is_file()
+    recorded = list(video_frames(tmp_path / "seen" / "video0.annotated.mp4"))  # as it was answered, at 64x48
+    assert [frame.time for frame in recorded] == pytest.approx(times, abs=1e-3)
+    assert {frame.image.size for frame in recorded} == {(64, 48)}
 
 
 def test_a_cameras_size_and_rate_are_asked_of_ffmpegs_input_and_one_it_cannot_give_is_said(monkeypatch, caplog):
@@ -549,11 +579,11 @@ def test_a_camera_that_cannot_be_read_or_read_twice_is_one_line_naming_it(untrai
     monkeypatch.setattr(frames_module, "CAMERA_INPUT", "lavfi")
     monkeypatch.setattr(frames_module, "camera_device", lambda source: TEST_CAMERA)
     assert video_info("/dev/video0").live
-    assert main(["predict", str(untrained), "/dev/video0", "--annotate", str(tmp_path / "seen")]) == 2
+    assert main(["explain", str(untrained), "/dev/video0", "--out", str(tmp_path / "cams")]) == 2
     assert main(["explain", str(untrained), "/dev/video0,size=64x48", "--out", str(tmp_path / "cams")]) == 2
     err = capsys.readouterr().err
     assert err.count("/dev/video0: a live stream cannot be read a second time") == 2
     # The command records the source as it is read here: the stand-in's input and device, and the size asked for.
     assert f"record it first (ffmpeg -f lavfi -i {TEST_CAMERA} clip.mp4)" in err
     assert f"record it first (ffmpeg -f lavfi -video_size 64x48 -i {TEST_CAMERA} clip.mp4)" in err
-    assert not (tmp_path / "seen").exists() and not list((tmp_path / "cams").glob("*"))
+    assert not list((tmp_path / "cams").glob("*"))

@@ -409,9 +409,9 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     from .feature_bank import FeatureBank
     from .predict import class_names_of, inference_compile
     from .tables import predictions_table, segments_table
-    from .video import (ANNOTATE_WHY, SMOOTH_SECONDS, TimelineScores, check_read_twice, check_smooth,
-                        check_video_arguments, expected_frames, iter_predict_video, plot_timeline, segment_finder,
-                        segments_as_they_close, video_files, video_prediction, write_annotated, write_segments)
+    from .video import (SMOOTH_SECONDS, TimelineScores, check_smooth, check_video_arguments, expected_frames,
+                        iter_predict_video, plot_timeline, segment_finder, segments_as_they_close, video_files,
+                        video_prediction, write_annotated, write_segments)
 
     smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
     check_smooth(smooth)
@@ -425,12 +425,11 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
         raise ResidualError(f"--per-video gives a video's classes from its frames' mean probabilities; {other}: "
                             f"leave one out")
     failed: list[str] = []
-    infos = _opened_videos(videos, failed, keep_open=not args.annotate)  # --annotate refuses a live one
+    infos = _opened_videos(videos, failed, keep_open=True)
     if not infos:  # nothing to predict: said before anything is prepared for it
         _report_failed(failed)
         return 1
-    for info in infos if args.annotate else []:
-        check_read_twice(info, ANNOTATE_WHY)
+    annotated = video_files(infos, args.annotate, ".annotated.mp4") if args.annotate else [None] * len(infos)
     if not args.out and any(info.live for info in infos) and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a live stream's rows as they come: `| tee`, `| grep`
     for info in infos if not args.quiet else []:
@@ -445,9 +444,12 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     # The segments are found as the frames come; a timeline keeps its points, in memory that stops growing.
     finders = [segment_finder(model, info, smooth, args.min_confidence, bank,
                               TimelineScores(len(names)) if args.timeline else None) for info in infos]
+    # A live stream's annotated video is recorded as its frames are answered: it cannot be decoded again to draw
+    # its segments on afterwards, as a file's is.
     per_video = [iter_predict_video(model, info, finder, topk, args.batch_size, args.tta, args.fps,
-                                    args.min_confidence, failed, not args.quiet, compiled, bank)
-                 for info, finder in zip(infos, finders)]
+                                    args.min_confidence, failed, not args.quiet, compiled, bank,
+                                    recording=path if info.live else None)
+                 for info, finder, path in zip(infos, finders, annotated)]
     predictions = itertools.chain.from_iterable(per_video)
     if args.per_video:  # a row per video, once its frames are predicted
         predictions = (prediction for info, finder, answers in zip(infos, finders, per_video)
@@ -485,10 +487,11 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
                           smooth, args.min_confidence, finder.record.frames_per_point)
         print(f"timeline: {len(infos)} picture(s) in {args.timeline}", file=sys.stderr)
     if args.annotate:
-        for info, segments, path in zip(infos, found, video_files(infos, args.annotate, ".annotated.mp4")):
-            if segments:  # no frame predicted: nothing to draw
+        for info, segments, path in zip(infos, found, annotated):
+            if segments and not info.live:  # no frame predicted: nothing to draw
                 write_annotated(info, segments, path)
-        print(f"annotated: {sum(map(bool, found))} video(s) in {args.annotate}", file=sys.stderr)
+        print(f"annotated: {sum(finder.frames > 0 for finder in finders)} video(s) in {args.annotate}",
+              file=sys.stderr)
     _report_failed(failed)
     return 1 if failed else 0
 
@@ -1728,7 +1731,8 @@ def _add_inference_commands(commands) -> None:
     p.add_argument("--annotate", metavar="DIR",
                    help="write each image with its answer drawn across its top to DIR/NAME.annotated.png; each video "
                         "again with its segments' class and probability on every frame to DIR/VIDEO.annotated.mp4 "
-                        "(H.264, with its sound)")
+                        "(H.264, with its sound); a live stream's or camera's frames as they are answered, each "
+                        "with its own answer")
     tta_flag(p)
     threshold_flag(p)
     floor_flags(p)

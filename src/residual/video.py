@@ -26,15 +26,18 @@ from __future__ import annotations
 import csv
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 import torch
-from .annotate import captioned
-from .data.frames import (Frame, VideoInfo, arrived_frames, is_streamed, recording_command, source_file_name,
-                          stop_requests, video_frames, video_info, write_video)
+from PIL import Image
+
+from .annotate import answer_text, captioned
+from .data.frames import (Frame, VideoInfo, VideoWriter, arrived_frames, is_streamed, recording_command,
+                          source_file_name, stop_requests, video_frames, video_info, write_video)
 from .data.loaders import InferenceBatch, check_stream
 from .data.transforms import resize_center_crop
 from .errors import ConfigError
@@ -50,7 +53,6 @@ TIMELINE_CLASSES = 8  # lines drawn at most: beyond this the colours repeat and 
 TIMELINE_POINTS = 10_000  # a timeline's most points: ten a pixel across its curves (40 MB at 1000 classes)
 CLOSED_LOOK_SECONDS = 1.0  # how often (in the video's time) frames are made final, and segments closed
 GAP_FRAMES = 100  # a video of unknown length ends a usual gap after its last frame: the median of its last 100
-ANNOTATE_WHY = "--annotate decodes it again to draw on its frames"
 
 
 @dataclass
@@ -166,19 +168,23 @@ def check_smooth(smooth: float) -> None:
 def iter_predict_video(model, info: VideoInfo, scores: FrameScores | SegmentFinder, topk: int = 5, batch_size: int = 64,
                        tta: str = "none", fps: float | None = None, min_confidence: float | None = None,
                        failed: list[str] | None = None, progress: bool = False, compile: bool | None = None,
-                       feature_bank: FeatureBank | None = None) -> Iterator[Prediction]:
+                       feature_bank: FeatureBank | None = None,
+                       recording: str | Path | None = None) -> Iterator[Prediction]:
     """The predictions of the frames of the video `info` describes (data.frames.video_info), in order, as they
     are computed; their times and probabilities (and with `feature_bank` their similarities to the nearest
     training image) go to `scores`: a FrameScores keeps them all (for `video_segments`), a SegmentFinder finds the
-    segments as they come. The arguments are checked here, before the first prediction is asked for, so that a
-    writer has written nothing when one is wrong."""
+    segments as they come. `recording`: each frame predicted also goes to this MP4 as it is answered, with its
+    answer across its top (a live stream's annotated video: one that cannot be decoded again to draw the
+    segments on). The arguments are checked here, before the first prediction is asked for, so that a writer
+    has written nothing when one is wrong."""
     check_video_arguments(model, topk, batch_size, tta, fps, min_confidence, feature_bank, compile)
     expected = expected_frames(info, fps)
     if isinstance(model, torch.nn.Module):
         model.eval()
     compiled = feature_bank is None and inference_compile(model, compile, expected or 0)[0]
     return _video_predictions(model, inference_forward(model, compiled, batch_size), info, scores, topk,
-                              batch_size, tta, fps, min_confidence, failed, progress, expected, feature_bank)
+                              batch_size, tta, fps, min_confidence, failed, progress, expected, feature_bank,
+                              recording)
 
 
 def check_video_arguments(model, topk: int, batch_size: int, tta: str, fps: float | None,
@@ -215,17 +221,20 @@ def expected_frames(info: VideoInfo, fps: float | None) -> int | None:
 
 def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores | SegmentFinder, topk: int, batch_size: int,
                        tta: str, fps: float | None, min_confidence: float | None, failed: list[str] | None,
-                       progress: bool, expected: int | None,
-                       feature_bank: FeatureBank | None) -> Iterator[Prediction]:
+                       progress: bool, expected: int | None, feature_bank: FeatureBank | None,
+                       recording: str | Path | None) -> Iterator[Prediction]:
     frame_times: dict[int, float] = {}  # the frames batched and not answered yet, by their index
+    # Their pictures too, where they are to be drawn on: a batch's, or two (a batch ahead, not a live stream's).
+    pictures: dict[int, Image.Image] | None = {} if recording else None
     with progress_bar(f"predicting {info.name}", progress, unit="frames/s") as bar, \
-            stop_requests(is_streamed(info.path)) as stop:
+            stop_requests(is_streamed(info.path)) as stop, \
+            VideoWriter(recording) if recording else nullcontext() as writer:
         task = bar.add_task("frames", total=expected)
         frames = video_frames(info, fps, failed, stop)
         # A live stream's frames are answered as they come: batches of those that arrived, none waited for.
         groups = (arrived_frames(frames, batch_size, stop, info.name, failed) if info.live
                   else batched(frames, batch_size))
-        batches = _frame_batches(groups, model, tta, frame_times)
+        batches = _frame_batches(groups, model, tta, frame_times, pictures)
         for batch, probabilities, features in probabilities_in_flight(forward, batches, tta, is_multi_label(model),
                                                                       features=feature_bank is not None,
                                                                       ahead=not info.live):
@@ -233,6 +242,9 @@ def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores | Se
             predictions = batch_predictions(model, [frame_source(info.name, time) for time in times], probabilities,
                                             features, topk, min_confidence, feature_bank)
             scores.add(times, probabilities, [p.similarity for p in predictions] if feature_bank else None)
+            if writer is not None:
+                for index, time, prediction in zip(batch.indices, times, predictions):
+                    writer.add(Frame(time, captioned(pictures.pop(index), answer_text(prediction))))
             yield from predictions
             bar.advance(task, len(times))
 
@@ -249,10 +261,11 @@ def batched(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
         yield group
 
 
-def _frame_batches(groups: Iterator[list[Frame]], model, tta: str,
-                   frame_times: dict[int, float]) -> Iterator[InferenceBatch]:
+def _frame_batches(groups: Iterator[list[Frame]], model, tta: str, frame_times: dict[int, float],
+                   pictures: dict[int, Image.Image] | None = None) -> Iterator[InferenceBatch]:
     """Each group of frames resized and center-cropped as the model's preprocessing says, as a batch on the
-    model's device; each frame's time goes into `frame_times` under the index the batch gives it."""
+    model's device; each frame's time goes into `frame_times` under the index the batch gives it, and its
+    picture into `pictures`, where given."""
     pre = model.preprocessing
     crop = tta_image_size(pre, tta)
     device = model_device(model)
@@ -262,6 +275,8 @@ def _frame_batches(groups: Iterator[list[Frame]], model, tta: str,
                               for frame in group])
         indices = list(range(seen, seen + len(group)))
         frame_times.update(zip(indices, (frame.time for frame in group)))
+        if pictures is not None:
+            pictures.update(zip(indices, (frame.image for frame in group)))
         seen += len(group)
         yield InferenceBatch(indices, images.to(device), [])
 

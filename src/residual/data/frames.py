@@ -35,7 +35,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -500,36 +500,66 @@ def arrived_frames(frames: Iterator[Frame], most: int, stop: threading.Event, na
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[Frame], sound_from: str | os.PathLike | None = None) -> int:
-    """`frames` as an MP4 at `path` (H.264 where PyAV's FFmpeg has it, else MPEG-4), each shown at its own time,
-    written atomically; returns how many. Sides are cut to even numbers of pixels, as 4:2:0 colour needs.
+    """`frames` as an MP4 at `path` (VideoWriter's); returns how many."""
+    with VideoWriter(path, sound_from) as writer:
+        for frame in frames:
+            writer.add(frame)
+    return writer.count
+
+
+class VideoWriter:
+    """Frames written to an MP4 at `path` as they are added (H.264 where PyAV's FFmpeg has it, else MPEG-4), each
+    shown at its own time; a context manager: the file appears, whole, when it closes without an error, and not
+    at all where no frame was added. Sides are cut to even numbers of pixels, as 4:2:0 colour needs.
 
     `sound_from`: the video the frames came from (their times count from its video stream's start); its first
     sound track goes in beside them on the same clock, as it is where MP4 holds its codec (AAC, MP3, Opus, PCM
     ...), else re-encoded as AAC, mono or stereo (a security camera's G.711, a WMV's WMA). Sound before the
     first frame's time 0 is left out."""
-    av = _av()
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    count, last_pts = 0, -1
-    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=1000)
+
+    def __init__(self, path: str | os.PathLike, sound_from: str | os.PathLike | None = None):
+        self.path, self.sound_from, self.count = Path(path), sound_from, 0
+        self._opened = ExitStack()  # the file, the container and the sound's source, once the first frame comes
+        self._container = self._stream = self._sound = None
+        self._last_pts = -1
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def add(self, frame: Frame) -> None:
+        if self._stream is None:
+            self._start(frame.image.width // 2 * 2, frame.image.height // 2 * 2)
+        picture = _av().VideoFrame.from_image(frame.image.crop((0, 0, self._stream.width, self._stream.height)))
+        # Strictly increasing, as the encoder requires, even for two frames within one millisecond.
+        self._last_pts = picture.pts = max(round(frame.time * 1000), self._last_pts + 1)
+        picture.time_base = Fraction(1, 1000)
+        self._container.mux(self._stream.encode(picture))
+        self._sound.mux_until(frame.time)  # interleaved: a player reads sound and pictures of a moment together
+        self.count += 1
+
+    def _start(self, width: int, height: int) -> None:
+        av = _av()
+        tmp = self._opened.enter_context(atomic_path(self.path))
+        self._container = self._opened.enter_context(av.open(str(tmp), "w", format="mp4"))
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = self._container.add_stream(codec, rate=1000)
         stream.codec_context.time_base = Fraction(1, 1000)  # milliseconds: any frame's own time, to a ms
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt, stream.width, stream.height = "yuv420p", width, height
         if codec == "libx264":
             stream.options = {"crf": "20", "preset": "veryfast"}
-        with SoundTrack(container, sound_from) as sound:
-            for frame in frames:
-                if count == 0:
-                    stream.width, stream.height = frame.image.width // 2 * 2, frame.image.height // 2 * 2
-                picture = av.VideoFrame.from_image(frame.image.crop((0, 0, stream.width, stream.height)))
-                # Strictly increasing, as the encoder requires, even for two frames within one millisecond.
-                last_pts = picture.pts = max(round(frame.time * 1000), last_pts + 1)
-                picture.time_base = Fraction(1, 1000)
-                container.mux(stream.encode(picture))
-                sound.mux_until(frame.time)  # interleaved: a player reads sound and pictures of a moment together
-                count += 1
-            container.mux(stream.encode())
-            sound.mux_until(math.inf)
-    return count
+        self._sound = self._opened.enter_context(SoundTrack(self._container, self.sound_from))
+        self._stream = stream
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None and self._stream is not None:
+            try:  # the frames the encoder still holds, and the sound after the last frame
+                self._container.mux(self._stream.encode())
+                self._sound.mux_until(math.inf)
+            except BaseException as failed:
+                self._opened.__exit__(type(failed), failed, failed.__traceback__)
+                raise
+        # Closed in turn: the sound's source, the container, then the file put in place (or let go, on an error).
+        self._opened.__exit__(kind, error, trace)
 
 
 class SoundTrack:
