@@ -19,17 +19,22 @@ best.yaml and search.png, with the best trial's number as the tag residual.best_
 
 RUN/mlflow.json (TUNE/mlflow.json) keeps the run's id, so `residual train --resume` (`residual tune --resume`)
 goes on in the same MLflow run. The tracking server is asked once before training starts, and a server that
-cannot be reached then is a one-line error; one lost in the middle of a run does not stop the training: the
-failure is said once, the run's own files hold every number, and what could not be sent is counted at the end.
+cannot be reached then is a one-line error (at once where nothing listens at its address, rather than after
+MLflow's four minutes of retries); one lost in the middle of a run neither stops nor slows the training, whose
+sends go from a thread of their own (remote_log): the failure is said once, the run's own files hold every
+number, and what could not be sent is counted at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..atomic import atomic_path
 from ..errors import TrackingError
@@ -43,6 +48,7 @@ SEARCH_TAG = "residual.search"  # on a tune search's run
 TRIALS_TAG = "residual.trials"  # on a tune search's run: its budget, raised where a resumed search is given more
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI shows the run under that one
 ARTIFACTS = ("model.safetensors", "config.yaml", "metrics.csv", "summary.json", "curves.png", "report.html")
+CONNECT_SECONDS = 10.0  # how long a server's address may take to take a connection, before the run starts
 
 
 class MlflowRun(RemoteLog):
@@ -55,10 +61,11 @@ class MlflowRun(RemoteLog):
         except ImportError:
             raise TrackingError("--mlflow: runs are sent to MLflow by its client, which is not installed: pip install "
                                 "mlflow-skinny (or residual[mlflow])") from None
-        super().__init__("--mlflow", folder, warn)
+        super().__init__("--mlflow", folder, warn, in_background=True)
         self.metric = Metric
         self.client = MlflowClient(uri or None)  # None: MLFLOW_TRACKING_URI, or MLflow's default
         self.where = self.client.tracking_uri
+        _check_connects(self.where)
         record = folder / RUN_RECORD
         try:
             if record.is_file():  # a resumed run goes on in its MLflow run
@@ -82,19 +89,20 @@ class MlflowRun(RemoteLog):
 
     def close(self, status: str = "FINISHED") -> None:
         """End the MLflow run as FINISHED, KILLED (stopped by a signal, to be resumed) or FAILED."""
-        self._call(lambda: self.client.set_terminated(self.run_id, status), "the run's end")
+        self._call(partial(self.client.set_terminated, self.run_id, status), "the run's end")
+        self.send_the_rest()
         self._say_lost()
 
     def _log(self, values: list[tuple[str, float, int]], what: str) -> None:
         if values:
             now = int(time.time() * 1000)
             metrics = [self.metric(key, float(value), now, step) for key, value, step in values]
-            self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics), what)
+            self._call(partial(self.client.log_batch, self.run_id, metrics=metrics), what)
 
     def _send_files(self, paths: list[Path]) -> None:
         for path in paths:
             if path.is_file():
-                self._call(lambda: self.client.log_artifact(self.run_id, str(path)), path.name)
+                self._call(partial(self.client.log_artifact, self.run_id, str(path)), path.name)
 
 
 class MlflowLog(MlflowRun):
@@ -134,7 +142,7 @@ class MlflowSearchLog(MlflowRun):
         (MLflow's parameters cannot change); None in the workers of a parallel search, which leave it as set."""
         super().__init__(tune_dir, uri, tune_dir.name, {GROUP_TAG: group, SEARCH_TAG: "true"}, settings, warn)
         if trials is not None:
-            self._call(lambda: self.client.set_tag(self.run_id, TRIALS_TAG, str(trials)), "the search's budget")
+            self._call(partial(self.client.set_tag, self.run_id, TRIALS_TAG, str(trials)), "the search's budget")
 
     def add_trial(self, number: int, monitor: str, score: float, best: float) -> None:
         self._log([(f"trial/{monitor}", score, number), (f"best/{monitor}", best, number)], f"trial {number}")
@@ -142,6 +150,22 @@ class MlflowSearchLog(MlflowRun):
     def finish(self, best_trial: int | None, files: list[Path]) -> None:
         """The best trial's number (None: no trial completed), and the search's files."""
         if best_trial is not None:
-            self._call(lambda: self.client.set_tag(self.run_id, "residual.best_trial", str(best_trial)),
+            self._call(partial(self.client.set_tag, self.run_id, "residual.best_trial", str(best_trial)),
                        "the best trial")
         self._send_files(files)
+
+
+def _check_connects(uri: str) -> None:
+    """A server's address that takes no connection is refused at once: MLflow's client would retry it for about
+    four minutes before saying so."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        reason = error.strerror or (f"no answer in {CONNECT_SECONDS:g} s" if isinstance(error, TimeoutError)
+                                    else type(error).__name__)
+        raise TrackingError(f"--mlflow {uri}: cannot connect ({reason}); is the tracking server running there? "
+                            f"Check the tracking URI (or MLFLOW_TRACKING_URI), or leave --mlflow out") from None

@@ -392,7 +392,11 @@ def _work(tune_dir: Path, index: int, devices: list[str], trials: int, time_limi
                       if config.mlflow is not None else None)
         search = Search(study, optuna, tune_dir, config, space, recorded["monitor"], recorded["epochs"],
                         message_console(), placement, jobs, search_log)
-        search.run_trials(trials, time_limit, claim)
+        try:
+            search.run_trials(trials, time_limit, claim)
+        finally:  # this worker's trials' scores, sent from a thread that ends with the process
+            if search_log is not None:
+                search_log.send_the_rest()
     except (TrainingInterrupted, KeyboardInterrupt) as stop:
         print(f"worker {index}: {stop or 'stopped'}", file=sys.stderr)
         sys.exit(STOPPED_EXITS[0])
