@@ -9,7 +9,7 @@ from PIL import Image
 
 from residual.cli import main
 from residual.data.clips import unpack_clips
-from residual.data.datasets import open_dataset
+from residual.data.datasets import DatasetError, open_dataset
 from residual.data.frames import Frame, write_video
 from residual.data.unpack import UnpackError
 from residual.evaluate import ClipScores
@@ -175,3 +175,16 @@ def test_eval_on_unpacked_frames_scores_each_clip_too(tmp_path, capsys):
     assert metrics["clips"]["clips"] == 6 and metrics["clips"]["top1"] == pytest.approx(right / 6)
     assert len(metrics["clips"]["answered_wrong"]) == 6 - right
     assert "<h2>Per clip</h2>" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_train_and_eval_given_clips_say_to_unpack_them(tmp_path, capsys):
+    """Class folders of video clips given where images are wanted: the one-line error says how to make them
+    images, rather than only that there are none."""
+    for name, level in (("dark", 40), ("light", 200)):
+        clip(tmp_path / "clips" / name / "a.mp4", level, seconds=0.4)
+    with pytest.raises(DatasetError, match=r"clips: no images .* found; its class folders hold video clips: "
+                                           r"`residual unpack .*clips FRAMES` writes their frames"):
+        open_dataset(tmp_path / "clips")
+    assert main(["train", str(tmp_path / "clips"), "--epochs", "1"]) == 2
+    assert "`residual unpack" in capsys.readouterr().err
+

@@ -36,6 +36,7 @@ import yaml
 
 from ..errors import ResidualError
 from .decode import files_under, image_files, is_image_file, is_metadata
+from .frames import is_video_file
 
 VAL_NAMES = ("val", "valid", "validation")
 # The header names a CSV's columns may have (in any case): the first of each list found is used.
@@ -276,7 +277,11 @@ def open_class_folders(root: Path, val_split: float | None, seed: int, wanted=is
         raise DatasetError(f"{root}: found {len(classes)} class folder(s); need at least 2 "
                            f"(DIR/<class>/image.jpg or DIR/train/<class>/image.jpg)")
     if len(train) == 0:
-        raise DatasetError(f"{root}: no {what} found")
+        clips = wanted is is_image_file and any(is_video_file(path) for path in ignored)
+        raise DatasetError(f"{root}: no {what} found" + (
+            f"; its class folders hold video clips: `residual unpack {root} FRAMES` writes their frames as an image "
+            f"folder, each clip's in one split, which train takes and eval scores per frame and per clip"
+            if clips else ""))
     return Dataset(root, "imagefolder", classes, train, val, test, ignored, flat=not (root / "train").is_dir())
 
 
