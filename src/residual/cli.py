@@ -399,6 +399,14 @@ def _opened_videos(videos: list[str], failed: list[str], keep_open: bool = False
     return infos
 
 
+def _say_live(infos: list) -> None:
+    """A line per live source: what the camera or sender gives, which the source may not have said."""
+    for info in infos:
+        if info.live:
+            rate = f" at {info.rate:g} frames/s" if info.rate else ""
+            print(f"{info.name}: {info.width}x{info.height}{rate}, live: Ctrl-C ends it", file=sys.stderr)
+
+
 def _predict_videos(args: argparse.Namespace, console: Console, model, videos: list[str],
                     output_format: str) -> int:
     """predict on video files: a row per frame (csv, json, labels, probabilities), or the segments of time each
@@ -432,10 +440,8 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     annotated = video_files(infos, args.annotate, ".annotated.mp4") if args.annotate else [None] * len(infos)
     if not args.out and any(info.live for info in infos) and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a live stream's rows as they come: `| tee`, `| grep`
-    for info in infos if not args.quiet else []:
-        if info.live:  # what the camera or sender gives, which the source may not have said
-            rate = f" at {info.rate:g} frames/s" if info.rate else ""
-            print(f"{info.name}: {info.width}x{info.height}{rate}, live: Ctrl-C ends it", file=sys.stderr)
+    if not args.quiet:
+        _say_live(infos)
     # The bank reads the features of the model run eagerly, as for images.
     compiled, why = inference_compile(model, False if bank else args.compile,
                                       sum(expected_frames(info, args.fps) or 0 for info in infos))
@@ -540,28 +546,30 @@ def _explain_videos(args: argparse.Namespace, console: Console, model, videos: l
     """explain on video files: per video, a video of its frames' overlays and a picture per segment."""
     from .runs import output_dir
     from .tables import segments_table
-    from .video import SMOOTH_SECONDS, check_read_twice, video_files
-    from .video_explain import KEY_FRAMES_WHY, explain_video
+    from .video import SMOOTH_SECONDS, video_files
+    from .video_explain import explain_video
 
     failed: list[str] = []
-    infos = _opened_videos(videos, failed)
+    infos = _opened_videos(videos, failed, keep_open=True)
     if not infos:  # nothing to explain: no output folder is made for it
         _report_failed(failed)
         return 1
-    for info in infos:
-        check_read_twice(info, KEY_FRAMES_WHY)
+    if not args.quiet:
+        _say_live(infos)
     smooth = SMOOTH_SECONDS if args.smooth is None else args.smooth
     with output_dir(args.out, "runs/explain", Path(args.model).stem) as out:
         for info, named in zip(infos, video_files(infos, out, "")):
-            result = explain_video(model, info.path, out, args.method, args.target, args.layer, args.fps, smooth,
+            result = explain_video(model, info, out, args.method, args.target, args.layer, args.fps, smooth,
                                    args.batch_size, named.name, progress=not args.quiet)
             failed += result.failed
             if result.path is None:
                 continue
             console.print(segments_table(result.segments, f"{info.name}: {len(result.times)} frames explained by "
                                                            f"{args.method}, {len(result.segments)} segment(s)",
-                                         [key.path.name for key in result.key_frames]))
-            console.print(f"wrote {result.path} and {len(result.key_frames)} key frame(s) beside it")
+                                         None if info.live else [key.path.name for key in result.key_frames]))
+            console.print(f"wrote {result.path}" + (" (a live stream: no key frames, which are found by reading the "
+                                                    "video a second time)" if info.live else
+                                                    f" and {len(result.key_frames)} key frame(s) beside it"))
     _report_failed(failed)
     return 1 if failed else 0
 

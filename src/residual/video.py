@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 
 from .annotate import answer_text, captioned
-from .data.frames import (Frame, VideoInfo, VideoWriter, arrived_frames, is_streamed, recording_command,
-                          source_file_name, stop_requests, video_frames, video_info, write_video)
+from .data.frames import (Frame, VideoInfo, VideoWriter, arrived_frames, is_streamed, source_file_name,
+                          stop_requests, video_frames, video_info, write_video)
 from .data.loaders import InferenceBatch, check_stream
 from .data.transforms import resize_center_crop
 from .errors import ConfigError
@@ -202,13 +202,6 @@ def check_video_arguments(model, topk: int, batch_size: int, tta: str, fps: floa
         feature_bank.check_model(model)
         if compile:
             raise ConfigError("--feature-bank reads the features of the model run eagerly; leave --compile out")
-
-
-def check_read_twice(info: VideoInfo, why: str) -> None:
-    """Refuse, in one line, a live stream where the video is to be decoded a second time (`why`)."""
-    if info.live:
-        raise ConfigError(f"{info.name}: a live stream cannot be read a second time ({why}); record it first "
-                          f"({recording_command(info.path)}) and give the file")
 
 
 def expected_frames(info: VideoInfo, fps: float | None) -> int | None:

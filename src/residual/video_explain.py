@@ -11,8 +11,10 @@ at most `fps` a second when asked), explains each at the class the model predict
   `target`) is most probable, explained at that class and drawn as `explain` draws an image, the model's input
   beside its overlay.
 Frames stream through in batches: memory holds a batch of frames, not the video. The key frames are decoded a
-second time once the segments are known; decoding costs a fraction of the gradients' pass. A live stream, which
-cannot be decoded twice, is refused: record it first.
+second time once the segments are known; decoding costs a fraction of the gradients' pass. A live stream (a
+camera, a broadcast) cannot be decoded twice: its overlays are written as its frames come, until it ends or
+Ctrl-C, the frames the model cannot keep up with let go as predict lets them go, without its sound and without
+key frames; its frames' probabilities are kept for its segments (frames x classes x 4 bytes).
 """
 
 from __future__ import annotations
@@ -28,17 +30,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .annotate import captioned
-from .data.frames import Frame, VideoInfo, source_file_name, video_frames, video_info, write_video
+from .data.frames import (Frame, VideoInfo, arrived_frames, is_streamed, source_file_name, stop_requests,
+                          video_frames, video_info, write_video)
 from .data.transforms import center_crop_box, normalize, resize_center_crop
 from .errors import ConfigError
 from .explain import Explanation, blended, explained_module, grad_cam, resolve_target, save_explanation
 from .predict import class_names_of, class_thresholds, is_multi_label, model_device
 from .progress import progress_bar
-from .video import (SMOOTH_SECONDS, FrameScores, Segment, check_read_twice, check_smooth, expected_frames,
-                    frame_source, video_segments)
+from .video import SMOOTH_SECONDS, FrameScores, Segment, check_smooth, expected_frames, frame_source, video_segments
 
 UNSEEN_BRIGHTNESS = 0.4  # what the center crop leaves out is dimmed to this, not hidden: the scene stays readable
-KEY_FRAMES_WHY = "explain decodes it again for each segment's key frame"
 
 
 @dataclass
@@ -48,16 +49,19 @@ class VideoExplanation:
     probabilities: np.ndarray  # frames x classes
     explained: np.ndarray  # the class explained in each frame
     segments: list[Segment]
-    key_frames: list[Explanation]  # one per segment, in the segments' order; `path`: the PNG written
+    key_frames: list[Explanation]  # one per segment, in the segments' order (none for a live stream); `path`: the PNG
     path: Path | None  # the video of overlays; None where no frame could be decoded
     failed: list[str]  # damaged stretches skipped, one line each
 
 
-def explain_video(model, video: str, out_dir: str | Path, method: str = "gradcam", target: int | str | None = None,
+def explain_video(model, video: str | VideoInfo, out_dir: str | Path, method: str = "gradcam",
+                  target: int | str | None = None,
                   layer: str | None = None, fps: float | None = None, smooth: float = SMOOTH_SECONDS,
                   batch_size: int = 16, name: str | None = None, progress: bool = False) -> VideoExplanation:
     """Explain every frame of `video` (with `fps`, at most that many a second) and write the video of overlays
-    and a key frame per segment into `out_dir`, named after `name` (default: the video's file name)."""
+    and a key frame per segment into `out_dir`, named after `name` (default: the video's file name); a live
+    stream's overlays as its frames come, and no key frames. `video` may be its VideoInfo (a live stream's as
+    video_info(..., keep_open=True) left it, to be read on)."""
     check_smooth(smooth)
     if fps is not None and not fps > 0:
         raise ConfigError(f"--fps must be above 0, got {fps}")
@@ -65,40 +69,44 @@ def explain_video(model, video: str, out_dir: str | Path, method: str = "gradcam
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     explained_module(model, method, layer)
     target_id = resolve_target(model, target)
-    info = video_info(video)
-    check_read_twice(info, KEY_FRAMES_WHY)
+    info = video if isinstance(video, VideoInfo) else video_info(video, keep_open=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = name or source_file_name(video)
+    name = name or source_file_name(info.path)
     model.eval()
     scores, explained, failed = FrameScores(), [], []
     path = out / f"{name}.{method}.mp4"
-    with progress_bar(f"explaining {info.name}", progress, unit="frames/s") as bar:
+    with progress_bar(f"explaining {info.name}", progress, unit="frames/s") as bar, \
+            stop_requests(is_streamed(info.path)) as stop:
         task = bar.add_task("frames", total=expected_frames(info, fps))
-        frames = video_frames(info.path, fps, failed)
-        first = next(frames, None)
+        frames = video_frames(info, fps, failed, stop)
+        # A live stream's frames as they arrive (the oldest let go where the gradients fall behind), a file's in
+        # batches.
+        groups = (arrived_frames(frames, batch_size, stop, info.name, failed) if info.live
+                  else _chunks(frames, batch_size))
+        first = next(groups, None)
         if first is None:  # nothing to draw; said, as a video the user asked about
             path = None
             failed.append(f"{info.name}: no frame to explain (none decoded); nothing written")
         else:
-            write_video(path, _overlaid(model, itertools.chain([first], frames), method, target_id, layer, batch_size,
-                                        scores, explained, lambda count: bar.advance(task, count)), info.path)
+            write_video(path, _overlaid(model, itertools.chain([first], groups), method, target_id, layer, scores,
+                                        explained, lambda count: bar.advance(task, count)),
+                        sound_from=None if info.live else info.path)
     names = class_names_of(model)
     times, probabilities = scores.arrays(len(names))
     found = video_segments(model, info, scores, smooth)
-    key_frames = _key_frames(model, info, fps, found, times, probabilities, method, target_id, layer, batch_size,
-                             out, name)
+    key_frames = [] if info.live else _key_frames(model, info, fps, found, times, probabilities, method, target_id,
+                                                  layer, batch_size, out, name)
     return VideoExplanation(info, times, probabilities, np.asarray(explained, dtype=np.int64), found, key_frames,
                             path, failed)
 
 
-def _overlaid(model, frames: Iterator[Frame], method: str, target_id: int | None, layer: str | None,
-              batch_size: int, scores: FrameScores, explained: list[int],
-              advance: Callable[[int], None]) -> Iterator[Frame]:
-    """Each frame with its heatmap drawn over it and the class explained across its top; every frame's time and
-    probabilities go to `scores`, the class explained to `explained`."""
+def _overlaid(model, groups: Iterator[list[Frame]], method: str, target_id: int | None, layer: str | None,
+              scores: FrameScores, explained: list[int], advance: Callable[[int], None]) -> Iterator[Frame]:
+    """Each frame of the `groups` (a batch each) with its heatmap drawn over it and the class explained across its
+    top; every frame's time and probabilities go to `scores`, the class explained to `explained`."""
     names = class_names_of(model)
-    for chunk in _chunks(frames, batch_size):
+    for chunk in groups:
         heatmaps, probabilities, classes, _ = _explained(model, [frame.image for frame in chunk], target_id, layer,
                                                          method)
         scores.add([frame.time for frame in chunk], probabilities, None)

@@ -103,14 +103,6 @@ def camera_settings(source: str) -> dict[str, str]:
     return settings
 
 
-def recording_command(source: str) -> str:
-    """The FFmpeg command that records a live source to a file, as it is read here."""
-    if not is_camera(source):
-        return "ffmpeg -i ADDRESS -c copy clip.mp4"
-    options = "".join(f"-{CAMERA_SETTINGS[key][0]} {value} " for key, value in camera_settings(source).items())
-    return f"ffmpeg -f {CAMERA_INPUT} {options}-i {camera_device(source)} clip.mp4"
-
-
 def is_streamed(source) -> bool:
     """Read as it comes, and ended by the user: a network address or a camera."""
     return is_stream(source) or is_camera(source)
