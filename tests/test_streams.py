@@ -398,6 +398,16 @@ def test_annotate_records_a_live_stream_each_frame_with_its_answer_as_it_is_answ
         off_drawn = np.abs(seen - np.asarray(drawn, np.float32)).mean()
         off_sent = np.abs(seen - np.asarray(sent, np.float32)).mean()  # the band and its words make the difference
         assert off_drawn < 3 and off_sent > 3 * off_drawn
+    assert len(server.authorized) == 1  # looked at and read from one connection
+
+    # Of several live streams, each is opened again when its turn comes: held open while another is read, its
+    # unread data would pile up.
+    others = [serve_stream(transport_stream(grey_frames(10))) for _ in range(2)]
+    assert main(["predict", str(untrained), *(other.url for other in others), "--annotate", str(tmp_path / "both"),
+                 "--format", "csv", "--topk", "1", "--quiet"]) == 0
+    assert len(list(csv.DictReader(io.StringIO(capsys.readouterr().out)))) == 20
+    assert [len(other.authorized) for other in others] == [2, 2]
+    assert len(list((tmp_path / "both").glob("*.annotated.mp4"))) == 2
 
 
 def test_stream_addresses_are_told_from_files_named_for_files_and_shown_without_their_password():

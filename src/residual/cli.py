@@ -384,16 +384,17 @@ def _check_video_flags(args: argparse.Namespace, videos: list[str], command: str
         raise ResidualError(f"{given[0]} is for images; videos are decoded by FFmpeg, with its own threads")
 
 
-def _opened_videos(videos: list[str], failed: list[str], keep_open: bool = False) -> list:
-    """The VideoInfo of each video FFmpeg can open (`keep_open`: a live one left open, to be read on); each one it
-    cannot is named in `failed`, and the others go on."""
+def _opened_videos(videos: list[str], failed: list[str]) -> list:
+    """The VideoInfo of each video FFmpeg can open; each one it cannot is named in `failed`, and the others go on.
+    A live source given alone is left open, to be read on from the same connection; of several, each is opened
+    again when its turn comes (held open meanwhile, a stream's unread data would pile up, or be dropped)."""
     from .data.decode import BadImageError
     from .data.frames import video_info
 
     infos = []
     for video in videos:
         try:
-            infos.append(video_info(video, keep_open))
+            infos.append(video_info(video, keep_open=len(videos) == 1))
         except BadImageError as error:
             failed.append(str(error))
     return infos
@@ -433,7 +434,7 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
         raise ResidualError(f"--per-video gives a video's classes from its frames' mean probabilities; {other}: "
                             f"leave one out")
     failed: list[str] = []
-    infos = _opened_videos(videos, failed, keep_open=True)
+    infos = _opened_videos(videos, failed)
     if not infos:  # nothing to predict: said before anything is prepared for it
         _report_failed(failed)
         return 1
@@ -550,7 +551,7 @@ def _explain_videos(args: argparse.Namespace, console: Console, model, videos: l
     from .video_explain import explain_video
 
     failed: list[str] = []
-    infos = _opened_videos(videos, failed, keep_open=True)
+    infos = _opened_videos(videos, failed)
     if not infos:  # nothing to explain: no output folder is made for it
         _report_failed(failed)
         return 1
