@@ -11,7 +11,7 @@ import torch
 
 import residual
 from residual.models.preprocessing import CIFAR_EVAL
-from residual.weights import DownloadError, cache_dir, download, fetch_pretrained, sha256_of
+from residual.weights import DOWNLOAD_TRIES, DownloadError, cache_dir, download, fetch_pretrained, sha256_of
 
 
 @pytest.fixture
@@ -87,6 +87,123 @@ def test_progress_bar_shows_while_downloading(server, tmp_path, capsys):
     (root / "w.bin").write_bytes(b"x" * 300_000)
     download(f"{url}/w.bin", tmp_path / "w.bin", hashlib.sha256(b"x" * 300_000).hexdigest(), progress=True)
     assert "w.bin" in capsys.readouterr().err
+
+
+class RangeServer:
+    """Serves `body` at /w.bin on 127.0.0.1 as a CDN does: the whole file, or from a byte on (a Range request,
+    206). `cuts`: for each of the first connections, after how many bytes of its answer it breaks off (its
+    Content-Length promising more); `ranges`: whether it honours Range requests. `asked`: each request's Range
+    header ("" for none)."""
+
+    def __init__(self, body: bytes, cuts: list[int] = (), ranges: bool = True):
+        self.body, self.cuts, self.ranges, self.asked = body, list(cuts), ranges, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                asked = self.headers.get("Range", "")
+                server.asked.append(asked)
+                start = int(asked.removeprefix("bytes=").rstrip("-")) if asked and server.ranges else 0
+                if start >= len(server.body) and asked:
+                    self.send_response(416)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                part = server.body[start:]
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(server.body) - 1}/{len(server.body)}")
+                self.send_header("Content-Length", str(len(part)))
+                self.end_headers()
+                self.wfile.write(part[:server.cuts.pop(0)] if server.cuts else part)
+                self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, *_):
+                pass
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.http.server_port}/w.bin"
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def range_server():
+    servers = []
+
+    def start(body: bytes, **how) -> RangeServer:
+        servers.append(RangeServer(body, **how))
+        return servers[-1]
+
+    yield start
+    for started in servers:
+        started.close()
+
+
+BODY = bytes(range(256)) * 4096  # 1 MiB
+
+
+def test_a_connection_that_breaks_off_is_asked_for_the_rest(range_server, tmp_path, caplog):
+    served = range_server(BODY, cuts=[300_000, 200_000])
+    destination = tmp_path / "cache" / "w.bin"
+    assert download(served.url, destination, hashlib.sha256(BODY).hexdigest(), progress=False) == destination
+    assert destination.read_bytes() == BODY and served.asked == ["", "bytes=300000-", "bytes=500000-"]
+    assert sorted(path.name for path in destination.parent.iterdir()) == ["w.bin"]  # no partial file left
+    assert "the connection ended after 0.3 of 1.0 MB; asking for the rest (try 2 of 5)" in caplog.text
+
+
+def test_a_download_stopped_goes_on_from_its_partial_file_the_next_time(range_server, tmp_path):
+    served = range_server(BODY, cuts=[100_000] * DOWNLOAD_TRIES)  # every connection breaks off early
+    destination = tmp_path / "cache" / "w.bin"
+    digest = hashlib.sha256(BODY).hexdigest()
+    partial = tmp_path / "cache" / ".w.bin.partial"
+    with pytest.raises(DownloadError, match=r"the connection ended after 0\.5 of 1\.0 MB\); the 0\.5 MB that came "
+                                            rf"are kept in {partial}, and the next try goes on from there"):
+        download(served.url, destination, digest, progress=False)
+    assert partial.stat().st_size == 500_000 and not destination.exists()
+    assert download(served.url, destination, digest, progress=False).read_bytes() == BODY
+    assert served.asked[-1] == "bytes=500000-" and not partial.exists()
+
+    # A partial file already whole (stopped before its check): the server says there is no more, and it is kept.
+    partial.write_bytes(BODY)
+    destination.unlink()
+    assert download(served.url, destination, digest, progress=False).read_bytes() == BODY
+    assert served.asked[-1] == f"bytes={len(BODY)}-"
+
+
+def test_a_server_that_ignores_ranges_sends_it_whole_again(range_server, tmp_path):
+    served = range_server(BODY, cuts=[300_000], ranges=False)
+    destination = tmp_path / "w.bin"
+    assert download(served.url, destination, hashlib.sha256(BODY).hexdigest(), progress=False).read_bytes() == BODY
+    assert served.asked == ["", "bytes=300000-"]  # answered from the start: the partial file begun again
+
+
+def test_a_partial_file_that_does_not_add_up_is_let_go_and_the_next_try_starts_afresh(range_server, tmp_path):
+    served = range_server(BODY)
+    destination, digest = tmp_path / "w.bin", hashlib.sha256(BODY).hexdigest()
+    (tmp_path / ".w.bin.partial").write_bytes(b"not the start of the file")
+    with pytest.raises(DownloadError, match="does not match the published"):
+        download(served.url, destination, digest, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert download(served.url, destination, digest, progress=False).read_bytes() == BODY
+
+
+def test_two_processes_fetching_one_file_take_turns(server, tmp_path):
+    """The second waits for the first's download (a lock on the partial file), then finds the file there."""
+    root, url, requests = server
+    (root / "w.bin").write_bytes(BODY)
+    destination, digest = tmp_path / "cache" / "w.bin", hashlib.sha256(BODY).hexdigest()
+    fetchers = [threading.Thread(target=download, args=(f"{url}/w.bin", destination, digest, False))
+                for _ in range(2)]
+    for fetcher in fetchers:
+        fetcher.start()
+    for fetcher in fetchers:
+        fetcher.join(timeout=60)
+    assert destination.read_bytes() == BODY and len(requests) == 1
 
 
 @pytest.fixture

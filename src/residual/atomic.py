@@ -33,10 +33,8 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private (0600); give the usual permissions
-        os.replace(tmp, destination)
+        put_in_place(tmp, destination)
     except BaseException as error:
         full = isinstance(error, Exception) and out_of_space(error, destination.parent)
         tmp.unlink(missing_ok=True)
@@ -45,6 +43,14 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
             raise NoSpaceError(f"{destination}: out of disk space (or quota) writing it ({kept}); free some space "
                                f"and run again") from None
         raise
+
+
+def put_in_place(written: Path, destination: Path) -> None:
+    """Move the complete file `written` (in `destination`'s folder) over `destination`, durably: the file's data
+    on disk first, then the rename, then the folder's entry."""
+    with open(written, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(written, destination)
     _fsync_dir(destination.parent)
 
 

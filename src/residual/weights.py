@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -37,7 +39,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from .atomic import atomic_path
+from .atomic import atomic_path, put_in_place
 from .errors import ResidualError
 from .models import Preprocessing, ResNet, ResNetConfig, build_model
 from .models.preprocessing import IMAGENET_EVAL
@@ -432,50 +434,128 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+DOWNLOAD_TRIES = 5  # connections per download: one that breaks off is picked up where it stopped
+
+
 def download(url: str, destination: Path, sha256: str, progress: bool | None = None) -> Path:
     """Fetch `url` to `destination` unless a file with the right hash is already there.
 
     The file's sha256 must start with `sha256` (a full digest or a published prefix).
-    Nothing is left at `destination` unless the whole file arrived and matched.
+    Nothing is left at `destination` unless the whole file arrived and matched. The bytes come into
+    `.NAME.partial` beside it: a connection that breaks off is asked for the rest (an HTTP range request),
+    up to DOWNLOAD_TRIES connections, and a download stopped (Ctrl-C, a lost network) goes on from there
+    the next time. Two processes fetching one file (a distributed run's workers) take turns: the second
+    finds it done.
     """
     destination = Path(destination)
-    if destination.is_file():
-        if sha256_of(destination).startswith(sha256):
-            return destination
-        log.warning("%s: cached file does not match sha256 %s; downloading it again", destination, sha256)
+    if _cached(destination, sha256):
+        return destination
+    partial = destination.with_name(f".{destination.name}.partial")
     show = sys.stderr.isatty() if progress is None else progress
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(destination) as tmp:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            digest = hashlib.sha256()
-            with open(tmp, "wb") as out, _download_bar(destination.name, total, show) as advance:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    advance(len(chunk))
-            if not digest.hexdigest().startswith(sha256):
-                raise DownloadError(f"{url}: sha256 {digest.hexdigest()[:16]}... does not match the published "
-                                    f"{sha256}: the download is corrupt or the file changed; nothing was saved")
-    except (urllib.error.URLError, OSError) as error:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "ab") as out, _taking_turns(out):
+            if _cached(destination, sha256, quiet=True):  # fetched by another process while this one waited
+                if not os.fstat(out.fileno()).st_size:  # the partial file this one opened after the other's went
+                    partial.unlink(missing_ok=True)
+                return destination
+            _fetch(url, out, destination.name, show)
+            out.flush()  # still open: closing it would let the next process in before the file is in place
+            _check_and_put_in_place(url, partial, destination, sha256)  # before the next process takes its turn
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         if isinstance(error, urllib.error.HTTPError):
             reason = f"HTTP {error.code} {error.reason}"
         else:
             reason = getattr(error, "reason", None) or error
-        raise DownloadError(f"cannot download {url} ({reason}). Without network access, fetch that file "
+        kept = partial.stat().st_size if partial.exists() else 0
+        if not kept:
+            partial.unlink(missing_ok=True)
+        resume = (f"; the {kept / 2**20:.1f} MB that came are kept in {partial}, and the next try goes on from "
+                  f"there" if kept else "")
+        raise DownloadError(f"cannot download {url} ({reason}){resume}. Without network access, fetch that file "
                             f"elsewhere and put it at {destination}") from None
     return destination
 
 
+def _check_and_put_in_place(url: str, partial: Path, destination: Path, sha256: str) -> None:
+    digest = sha256_of(partial)
+    if not digest.startswith(sha256):
+        partial.unlink()
+        raise DownloadError(f"{url}: sha256 {digest[:16]}... does not match the published {sha256}: the download "
+                            f"is corrupt or the file changed; nothing was saved")
+    put_in_place(partial, destination)
+
+
+def _cached(destination: Path, sha256: str, quiet: bool = False) -> bool:
+    if not destination.is_file():
+        return False
+    if sha256_of(destination).startswith(sha256):
+        return True
+    if not quiet:
+        log.warning("%s: cached file does not match sha256 %s; downloading it again", destination, sha256)
+    return False
+
+
+def _fetch(url: str, out, name: str, show: bool) -> None:
+    """Append `url`'s bytes to the file `out` (opened to append) from where it ends, connecting again where a
+    connection breaks off; raises the last error once DOWNLOAD_TRIES connections have failed."""
+    for attempt in range(1, DOWNLOAD_TRIES + 1):
+        have = out.seek(0, os.SEEK_END)
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if have and response.status != 206:  # the server sends the whole file, not the rest
+                    out.truncate(0)
+                    have = 0
+                length = int(response.headers.get("Content-Length") or 0) or None
+                with _download_bar(name, have + length if length else None, have, show) as advance:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        advance(len(chunk))
+                out.flush()
+                # A connection closed early ends the read without an error: the length says whether all came.
+                if length is None or out.tell() - have >= length:
+                    return
+                raise ConnectionError(f"the connection ended after {out.tell() / 2**20:.1f} of "
+                                      f"{(have + length) / 2**20:.1f} MB")
+        except urllib.error.HTTPError as error:
+            if error.code != 416:  # 416: the range asked for is past the end: the partial file is whole
+                raise
+            return
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # refused, reset, cut short
+            if attempt == DOWNLOAD_TRIES or out.tell() == have:  # no progress: the server is not there
+                raise
+            log.warning("%s: %s; asking for the rest (try %d of %d)", url, getattr(error, "reason", None) or error,
+                        attempt + 1, DOWNLOAD_TRIES)
+
+
 @contextlib.contextmanager
-def _download_bar(label: str, total: int | None, show: bool) -> Iterator[Callable[[int], None]]:
-    """A progress bar (size, rate, ETA) on stderr; yields the function that advances it."""
+def _taking_turns(file) -> Iterator[None]:
+    """Held while this process downloads into `file`: another waits for it (flock), rather than writing the same
+    partial file at once. Where the file system has no locks, the download goes unguarded."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX)
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+    yield  # released when the file is closed
+
+
+@contextlib.contextmanager
+def _download_bar(label: str, total: int | None, done: int, show: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar (size, rate, ETA) on stderr, from `done` bytes; yields the function that advances it."""
     if not show:
         yield lambda n: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
+        task = bar.add_task(label, total=total, completed=done)
         yield lambda n: bar.advance(task, n)
 
 
