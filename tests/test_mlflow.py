@@ -169,7 +169,7 @@ def test_a_tracking_store_lost_mid_run_is_said_once_and_the_training_goes_on(tmp
 def test_a_server_that_stops_answering_mid_run_does_not_hold_the_training_up(tmp_path, store, capsys, monkeypatch):
     """MLflow's client waits about four minutes on a server that takes a send and never answers. The sends go from a
     thread of their own, so the training runs on past such a server; at the end, the sends left are counted as
-    lost once none has been answered for CLOSE_PATIENCE seconds, not waited on one by one."""
+    lost once one has waited SEND_PATIENCE seconds, not waited on one by one."""
     answering, sends = threading.Event(), []
     send_batch = MlflowClient.log_batch
 
@@ -181,6 +181,7 @@ def test_a_server_that_stops_answering_mid_run_does_not_hold_the_training_up(tmp
 
     monkeypatch.setattr(MlflowClient, "log_batch", stops_answering)
     monkeypatch.setattr(remote_log, "CLOSE_PATIENCE", 0.5)
+    monkeypatch.setattr(remote_log, "SEND_PATIENCE", 1.0)  # a folder's store is always "there"
     data = write_shapes(tmp_path / "data", size=16, per_class=4, seed=0, progress=False)
     result = train(TrainConfig(data=str(data), model="resnet20", epochs=3, batch_size=16, workers=0, quiet=True,
                                report=False, optim=OptimConfig(lr=0.05), out=str(tmp_path / "runs"), name="hung",
@@ -188,11 +189,32 @@ def test_a_server_that_stops_answering_mid_run_does_not_hold_the_training_up(tmp
     answering.set()
     assert len(result.history) == 3 and (result.run_dir / "model.safetensors").is_file()
     out = capsys.readouterr().out
-    left = re.search(r"--mlflow: \S+ has not answered for 0.5 s; the (\d+) send\(s\) left are not made", out)
+    left = re.search(r"--mlflow: \S+ has not answered for 1 s; the (\d+) send\(s\) left are not made", out)
     assert left and int(left[1]) > 1 and f"{left[1]} of the run's sends to" in out  # the hung one, and after it
     client = MlflowClient(store)
     run_id = json.loads((result.run_dir / "mlflow.json").read_text())["run_id"]
     assert history(client, run_id, "step/train_loss")  # what came before the server stopped answering arrived
+
+
+@pytest.mark.parametrize("there", [True, False], ids=["server-there", "server-gone"])
+def test_the_end_waits_on_a_slow_send_while_the_server_takes_connections(tmp_path, monkeypatch, there):
+    """A large model file on a slow link takes minutes to send: the end waits past CLOSE_PATIENCE while the server
+    still takes connections, and gives up after it where it takes none."""
+    monkeypatch.setattr(remote_log, "CLOSE_PATIENCE", 0.2)
+    said, sent, released = [], [], threading.Event()  # released: the slow send done (at once where the server is gone)
+    log = remote_log.RemoteLog("--mlflow", tmp_path, said.append, in_background=True, reachable=lambda: there)
+    log.where = "http://mlflow.internal:5000"
+    log._call(lambda: (released.wait(timeout=0.7 if there else 30), sent.append("model.safetensors")),
+              "model.safetensors")
+    log._call(lambda: sent.append("the run's end"), "the run's end")
+    log.send_the_rest()
+    if there:
+        assert sent == ["model.safetensors", "the run's end"] and said == [] and log.lost == 0
+    else:
+        assert sent == [] and log.lost == 2 and said == [
+            "--mlflow: http://mlflow.internal:5000 has not answered for 0.2 s and takes no connection; the 2 send(s) "
+            "left are not made"]
+    released.set()
 
 
 def test_sends_that_fail_for_a_while_are_let_go_and_those_after_arrive_in_order(tmp_path, store, capsys,

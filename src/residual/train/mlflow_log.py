@@ -48,7 +48,7 @@ SEARCH_TAG = "residual.search"  # on a tune search's run
 TRIALS_TAG = "residual.trials"  # on a tune search's run: its budget, raised where a resumed search is given more
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI shows the run under that one
 ARTIFACTS = ("model.safetensors", "config.yaml", "metrics.csv", "summary.json", "curves.png", "report.html")
-CONNECT_SECONDS = 10.0  # how long a server's address may take to take a connection, before the run starts
+CONNECT_SECONDS = 10.0  # how long a server's address may take to take a connection
 
 
 class MlflowRun(RemoteLog):
@@ -61,11 +61,14 @@ class MlflowRun(RemoteLog):
         except ImportError:
             raise TrackingError("--mlflow: runs are sent to MLflow by its client, which is not installed: pip install "
                                 "mlflow-skinny (or residual[mlflow])") from None
-        super().__init__("--mlflow", folder, warn, in_background=True)
-        self.metric = Metric
-        self.client = MlflowClient(uri or None)  # None: MLFLOW_TRACKING_URI, or MLflow's default
-        self.where = self.client.tracking_uri
-        _check_connects(self.where)
+        client = MlflowClient(uri or None)  # None: MLFLOW_TRACKING_URI, or MLflow's default
+        if (error := _connect_error(client.tracking_uri)) is not None:
+            raise TrackingError(f"--mlflow {client.tracking_uri}: cannot connect ({error}); is the tracking server "
+                                f"running there? Check the tracking URI (or MLFLOW_TRACKING_URI), or leave --mlflow "
+                                f"out")
+        super().__init__("--mlflow", folder, warn, in_background=True,
+                         reachable=lambda: _connect_error(client.tracking_uri) is None)
+        self.client, self.metric, self.where = client, Metric, client.tracking_uri
         record = folder / RUN_RECORD
         try:
             if record.is_file():  # a resumed run goes on in its MLflow run
@@ -155,17 +158,17 @@ class MlflowSearchLog(MlflowRun):
         self._send_files(files)
 
 
-def _check_connects(uri: str) -> None:
-    """A server's address that takes no connection is refused at once: MLflow's client would retry it for about
-    four minutes before saying so."""
+def _connect_error(uri: str) -> str | None:
+    """Why the server's address takes no connection (None: it does, or the URI is no address: a folder,
+    Databricks). Asked before the run starts, where MLflow's client would retry for about four minutes first, and
+    where a send at the end is slow."""
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return
+        return None
     try:
         socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
                                  timeout=CONNECT_SECONDS).close()
     except OSError as error:
-        reason = error.strerror or (f"no answer in {CONNECT_SECONDS:g} s" if isinstance(error, TimeoutError)
-                                    else type(error).__name__)
-        raise TrackingError(f"--mlflow {uri}: cannot connect ({reason}); is the tracking server running there? "
-                            f"Check the tracking URI (or MLFLOW_TRACKING_URI), or leave --mlflow out") from None
+        return error.strerror or (f"no answer in {CONNECT_SECONDS:g} s" if isinstance(error, TimeoutError)
+                                  else type(error).__name__)
+    return None

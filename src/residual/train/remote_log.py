@@ -5,7 +5,9 @@ A log whose client sends while the caller waits (MLflow's) sends from a thread o
 order, so that the training never waits on the server: MLflow's client retries a server that does not answer for
 about four minutes before it gives up, and the training sends twice a second. A send that fails is let go and the
 next one tried, so a server back after an outage gets the rest. At the end the sends still waiting are made
-while the server answers; where none has come back for CLOSE_PATIENCE seconds, those left are counted as lost.
+while the server answers: where none has come back for CLOSE_PATIENCE seconds and the server takes no connection
+(`reachable`), or none for SEND_PATIENCE seconds however it looks (a large model file on a slow link takes
+minutes), those left are counted as lost.
 """
 
 from __future__ import annotations
@@ -15,19 +17,23 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-CLOSE_PATIENCE = 60.0  # seconds the end of a run waits on a server that has stopped answering
+CLOSE_PATIENCE = 60.0  # seconds the end of a run waits on a send, before asking whether the server is there
+SEND_PATIENCE = 600.0  # seconds it waits on one send at most, the server there or not
 
 
 class RemoteLog:
-    def __init__(self, flag: str, run_dir: Path, warn: Callable[[str], None], in_background: bool = False):
+    def __init__(self, flag: str, run_dir: Path, warn: Callable[[str], None], in_background: bool = False,
+                 reachable: Callable[[], bool] = lambda: True):
+        """`reachable`: whether the server takes connections now (asked where a send at the end is slow)."""
         self.flag, self.run_dir, self.warn, self.lost = flag, run_dir, warn, 0
+        self.reachable = reachable
         self.where = ""  # the service, as messages name it; set once it is known
         self._changed: threading.Condition | None = None  # with in_background: the sends waiting changed
         self._waiting: deque[tuple[Callable[[], object], str]] = deque()  # the first: being sent
         self._closing = self._given_up = False
+        self._sender: threading.Thread | None = None  # started with the first send
         if in_background:
             self._changed = threading.Condition()
-            threading.Thread(target=self._send_in_order, name=f"{flag} sends", daemon=True).start()
 
     def _call(self, send: Callable[[], object], what: str) -> None:
         """Send `what` (in the background where the log sends there); where it fails, say so the first time and go
@@ -39,6 +45,9 @@ class RemoteLog:
         with self._changed:
             self._waiting.append((send, what))
             self._changed.notify_all()
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_in_order, name=f"{self.flag} sends", daemon=True)
+                self._sender.start()
 
     def _send_in_order(self) -> None:
         while True:
@@ -72,22 +81,26 @@ class RemoteLog:
                       f"and the run directory keeps every number")
 
     def send_the_rest(self) -> None:
-        """Wait for the sends still waiting, while the server answers: where none is done for CLOSE_PATIENCE
-        seconds, those left are counted as lost and not waited on (the thread that sends is let go)."""
+        """Wait for the sends still waiting, while the server answers: where one is not done after CLOSE_PATIENCE
+        seconds and the server takes no connection, or after SEND_PATIENCE seconds, those left are counted as
+        lost and not waited on (the thread that sends is let go)."""
         if self._changed is None:
             return
-        patience = CLOSE_PATIENCE
         with self._changed:
             self._closing = True
             self._changed.notify_all()
             while self._waiting:
-                left = len(self._waiting)
-                if not self._changed.wait_for(lambda: len(self._waiting) < left, timeout=patience):
-                    self._given_up = True
-                    self.lost += left
-                    self.warn(f"{self.flag}: {self.where} has not answered for {patience:g} s; the {left} send(s) "
-                              f"left are not made")
-                    return
+                left, waited = len(self._waiting), 0.0
+                while not self._changed.wait_for(lambda: len(self._waiting) < left, timeout=CLOSE_PATIENCE):
+                    waited += CLOSE_PATIENCE
+                    there = waited < SEND_PATIENCE and self.reachable()
+                    if not there:
+                        self._given_up = True
+                        self.lost += left
+                        why = "" if waited >= SEND_PATIENCE else " and takes no connection"
+                        self.warn(f"{self.flag}: {self.where} has not answered for {waited:g} s{why}; the {left} "
+                                  f"send(s) left are not made")
+                        return
 
     def _say_lost(self) -> None:
         if self.lost:
