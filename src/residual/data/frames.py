@@ -16,7 +16,9 @@ not once a batch has filled; and its password is never shown (`VideoInfo.name`).
 picture size, rate and format it is set to, or at those its source asks for: camera:0,size=1280x720,fps=30,format=mjpeg
 (commas, not a URL's ? and &, which a shell would take for its own).
 
-`write_video` writes frames back out (H.264 in an MP4), each at its own time.
+`write_video` writes frames back out (H.264 in an MP4), each at its own time; `VideoWriter` takes them one at a
+time, as a live stream's come. A live source given to `video_info(..., keep_open=True)` stays open, and
+`video_frames(info)` reads on from it: it is opened once.
 
 Bad input is reported, never dropped in silence: a file FFmpeg cannot open is refused in one line naming it, and
 a packet it cannot decode, or a frame it marks as damaged, is skipped and goes to `failed`, one line per kind of
