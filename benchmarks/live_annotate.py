@@ -1,10 +1,11 @@
 """What `residual predict STREAM --annotate DIR` adds per frame: each answered frame captioned and encoded as it
-comes (`annotate.captioned`, then `frames.VideoWriter.add`), against a plain PyAV loop encoding the same frames
-uncaptioned with the same settings (H.264, libx264 veryfast, CRF 20), in one process, rounds alternating (the
-first is warm-up and left out).
+comes (`annotate.captioned`, then `frames.VideoWriter.add` writing a growing file: fragmented MP4, x264 tuned for
+zero latency), against a plain PyAV loop encoding the same frames uncaptioned into an ordinary MP4 (H.264,
+libx264 veryfast, CRF 20), in one process, rounds alternating (the first is warm-up and left out).
 
 The frames are made here: a gradient with noise, moved 8 pixels a frame (so the encoder has motion to code).
-Prints milliseconds per frame for each path and size, and the ratio to the plain loop; what a frame costs says
+Prints milliseconds per frame for each path and size, the ratio to the plain loop, and the file's kilobytes per
+frame (a growing file codes each frame alone, without looking ahead, so it is larger); what a frame costs says
 how many frames a second a live stream can be recorded at beside the model (`--fps`). Record it in
 docs/BENCHMARKS.md.
 
@@ -51,7 +52,7 @@ def plain_loop(frames: list[Image.Image], path: Path) -> None:
 
 
 def residual_path(frames: list[Image.Image], path: Path) -> None:
-    with VideoWriter(path) as writer:
+    with VideoWriter(path, growing=True) as writer:
         for index, image in enumerate(frames):
             writer.add(Frame(index / 30, captioned(image, CAPTION)))
 
@@ -65,6 +66,7 @@ def main() -> None:
         for width, height in SIZES:
             frames = moving_frames(width, height, args.frames)
             times: dict[str, list[float]] = {"plain PyAV loop": [], "residual (caption + VideoWriter)": []}
+            sizes: dict[str, int] = {}
             for round_ in range(args.rounds + 1):
                 for (name, run), out in zip([("plain PyAV loop", plain_loop),
                                              ("residual (caption + VideoWriter)", residual_path)],
@@ -73,11 +75,12 @@ def main() -> None:
                     run(frames, Path(folder) / out)
                     if round_:  # the first round warms up
                         times[name].append((time.perf_counter() - start) / len(frames))
+                    sizes[name] = (Path(folder) / out).stat().st_size
             plain = statistics.median(times["plain PyAV loop"])
             for name, measured in times.items():
                 median = statistics.median(measured)
                 print(f"{width}x{height}  {name:<34} {1000 * median:6.1f} ms/frame  {1 / median:6.0f} frames/s  "
-                      f"{median / plain:4.2f}x the plain loop's time")
+                      f"{median / plain:4.2f}x the plain loop's time  {sizes[name] / len(frames) / 1000:6.1f} kB/frame")
 
 
 if __name__ == "__main__":

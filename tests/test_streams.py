@@ -537,6 +537,30 @@ sys.exit(main(sys.argv[1:]))
     assert {frame.image.size for frame in recorded} == {(64, 48)}
 
 
+def test_a_live_recording_killed_keeps_what_it_recorded_up_to_its_last_second(untrained, tmp_path):
+    """A camera's `--annotate` recording may run for hours and end in a kill (a power cut, the OOM killer): it is
+    written as it grows, in fragments of a second, so what came before the last second or so still plays."""
+    code = f"""
+import sys
+from residual.cli import main
+from residual.data import frames
+frames.CAMERA_INPUT, frames.camera_device = "lavfi", lambda source: {TEST_CAMERA!r}
+sys.exit(main(sys.argv[1:]))
+"""
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "predict", str(untrained), "camera:0", "--format", "csv", "--topk", "1",
+         "--annotate", str(tmp_path / "seen")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        header, *rows = [process.stdout.readline() for _ in range(41)]  # 40 frames: 4 s at 10 frames/s
+        assert header.startswith("frame,") and process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+    times = [float(row.split(",")[0].rsplit("#t=", 1)[1]) for row in rows]
+    recorded = [frame.time for frame in video_frames(tmp_path / "seen" / "video0.annotated.mp4")]
+    assert len(recorded) >= 20 and recorded == pytest.approx(times[:len(recorded)], abs=1e-3)
+
+
 def test_a_cameras_size_and_rate_are_asked_of_ffmpegs_input_and_one_it_cannot_give_is_said(monkeypatch, caplog):
     """camera:0,size=WxH,fps=N,format=NAME: FFmpeg's Video4Linux options video_size, framerate and input_format.
     FFmpeg's rawvideo input on /dev/urandom stands in for the camera here: it takes the first two under the same

@@ -221,7 +221,7 @@ def _video_predictions(model, forward, info: VideoInfo, scores: FrameScores | Se
     pictures: dict[int, Image.Image] | None = {} if recording else None
     with progress_bar(f"predicting {info.name}", progress, unit="frames/s") as bar, \
             stop_requests(is_streamed(info.path)) as stop, \
-            VideoWriter(recording) if recording else nullcontext() as writer:
+            VideoWriter(recording, growing=info.live) if recording else nullcontext() as writer:
         task = bar.add_task("frames", total=expected)
         frames = video_frames(info, fps, failed, stop)
         # A live stream's frames are answered as they come: batches of those that arrived, none waited for.

@@ -91,7 +91,7 @@ def explain_video(model, video: str | VideoInfo, out_dir: str | Path, method: st
         else:
             write_video(path, _overlaid(model, itertools.chain([first], groups), method, target_id, layer, scores,
                                         explained, lambda count: bar.advance(task, count)),
-                        sound_from=None if info.live else info.path)
+                        sound_from=None if info.live else info.path, growing=info.live)
     names = class_names_of(model)
     times, probabilities = scores.arrays(len(names))
     found = video_segments(model, info, scores, smooth)

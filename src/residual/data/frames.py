@@ -53,6 +53,9 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".m
                     ".mts", ".m2ts")  # the last three: MPEG transport streams (broadcasts, camcorders)
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
 STREAM_TIMEOUT = 10.0  # seconds a stream may stay silent, opening or playing, before it counts as stopped
+# A recording that grows as a live stream is answered: fragmented MP4, a fragment a second, each written out at once.
+GROWING_MP4 = {"movflags": "empty_moov+default_base_moof+frag_keyframe", "frag_duration": "1000000",
+               "flush_packets": "1"}
 CAMERA = re.compile(r"(/dev/video(\d+)|camera:(\d+))((?:,[^,]*)*)")  # the device, then its settings
 CAMERA_INPUT = "v4l2"  # FFmpeg's Video4Linux2 input device, which PyAV's Linux wheels include
 # A camera's settings, as its source names them -> the Video4Linux input's options, and what each takes.
@@ -493,9 +496,10 @@ def arrived_frames(frames: Iterator[Frame], most: int, stop: threading.Event, na
                       f"the model fell behind the stream; give a lower --fps, or a faster --device")
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[Frame], sound_from: str | os.PathLike | None = None) -> int:
+def write_video(path: str | os.PathLike, frames: Iterable[Frame], sound_from: str | os.PathLike | None = None,
+                growing: bool = False) -> int:
     """`frames` as an MP4 at `path` (VideoWriter's); returns how many."""
-    with VideoWriter(path, sound_from) as writer:
+    with VideoWriter(path, sound_from, growing) as writer:
         for frame in frames:
             writer.add(frame)
     return writer.count
@@ -509,10 +513,14 @@ class VideoWriter:
     `sound_from`: the video the frames came from (their times count from its video stream's start); its first
     sound track goes in beside them on the same clock, as it is where MP4 holds its codec (AAC, MP3, Opus, PCM
     ...), else re-encoded as AAC, mono or stereo (a security camera's G.711, a WMV's WMA). Sound before the
-    first frame's time 0 is left out."""
+    first frame's time 0 is left out.
 
-    def __init__(self, path: str | os.PathLike, sound_from: str | os.PathLike | None = None):
-        self.path, self.sound_from, self.count = Path(path), sound_from, 0
+    `growing`: a live stream's recording, which may run for hours and end in a kill: written at `path` as it
+    grows, in fragments of a second each written out as it closes (fragmented MP4), so the file plays while it
+    is written and a kill leaves all but its last second or so, rather than a temporary file no player opens."""
+
+    def __init__(self, path: str | os.PathLike, sound_from: str | os.PathLike | None = None, growing: bool = False):
+        self.path, self.sound_from, self.growing, self.count = Path(path), sound_from, growing, 0
         self._opened = ExitStack()  # the file, the container and the sound's source, once the first frame comes
         self._container = self._stream = self._sound = None
         self._last_pts = -1
@@ -533,14 +541,18 @@ class VideoWriter:
 
     def _start(self, width: int, height: int) -> None:
         av = _av()
-        tmp = self._opened.enter_context(atomic_path(self.path))
-        self._container = self._opened.enter_context(av.open(str(tmp), "w", format="mp4"))
+        if self.growing:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            written, options = self.path, GROWING_MP4
+        else:
+            written, options = self._opened.enter_context(atomic_path(self.path)), {}
+        self._container = self._opened.enter_context(av.open(str(written), "w", format="mp4", options=options))
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = self._container.add_stream(codec, rate=1000)
         stream.codec_context.time_base = Fraction(1, 1000)  # milliseconds: any frame's own time, to a ms
         stream.pix_fmt, stream.width, stream.height = "yuv420p", width, height
-        if codec == "libx264":
-            stream.options = {"crf": "20", "preset": "veryfast"}
+        if codec == "libx264":  # a growing file's frames encoded as they come: no frames held to look ahead
+            stream.options = {"crf": "20", "preset": "veryfast", **({"tune": "zerolatency"} if self.growing else {})}
         self._sound = self._opened.enter_context(SoundTrack(self._container, self.sound_from))
         self._stream = stream
 
