@@ -148,13 +148,19 @@ def test_cli_formats_and_exit_code(model, demo_run, folder, tmp_path, capsys, mo
     document = json.loads((tmp_path / "p.json").read_text())
     assert len(document) == 4 and document[0]["top"][0]["class_name"] == "star"
     assert len(document[0]["top"]) == 5
+    # JSON Lines: the same rows, an object per line (chosen by --format, or by an --out ending in .jsonl).
+    assert main(["predict", model_file, str(folder / "star"), "--out", str(tmp_path / "p.jsonl"), "--quiet"]) == 0
+    assert [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()] == document
+    capsys.readouterr()
+    assert main(["predict", model_file, str(folder / "star"), "--format", "jsonl", "--quiet"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == document
     capsys.readouterr()
     assert main(["predict", model_file, str(folder / "star"), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
     written = list(csv.DictReader(io.StringIO((tmp_path / "p.csv").read_text())))
     assert capsys.readouterr().out == "" and len(written) == 4 * 5
     for table in (["--out", str(tmp_path / "p.txt")], ["--format", "table", "--out", str(tmp_path / "p.csv")]):
         assert main(["predict", model_file, str(folder / "star"), *table]) == 2  # the file would not be written
-        assert "a table is printed, not written; give --format csv or json" in capsys.readouterr().err
+        assert "a table is printed, not written; give --format csv, json or jsonl" in capsys.readouterr().err
     assert main(["predict", model_file, str(folder / "cross" / "00000.png"), "--topk", "20"]) == 0
     out = capsys.readouterr().out
     assert "cross" in out and "top-10 of 1 image(s)" in out  # the model has 10 classes (it said top-20)

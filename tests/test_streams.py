@@ -289,8 +289,8 @@ def lines_then_ctrl_c(process: subprocess.Popen, count: int) -> tuple[list[str],
     return lines, out, err
 
 
-@pytest.mark.parametrize("stop, output_format", [(signal.SIGINT, "csv"), (signal.SIGTERM, "json")],
-                         ids=["ctrl-c-csv", "sigterm-json"])
+@pytest.mark.parametrize("stop, output_format", [(signal.SIGINT, "csv"), (signal.SIGTERM, "json"),
+                                                 (signal.SIGINT, "jsonl")], ids=["ctrl-c-csv", "sigterm-json", "ctrl-c-jsonl"])
 def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, serve_stream, stop, output_format):
     """`residual predict MODEL URL` on a stream sent in real time: its rows come out as frames arrive (stdout is
     flushed per row: a CSV line, a JSON array's object), Ctrl-C (or a service manager's SIGTERM) stops it, the
@@ -306,6 +306,8 @@ def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, ser
             header, *rows = [process.stdout.readline() for _ in range(11)]
             assert header.startswith("frame,")
             frames = [row.split(",")[0] for row in rows]
+        elif output_format == "jsonl":  # each line whole as it comes
+            frames = [json.loads(process.stdout.readline())["frame"] for _ in range(10)]
         else:
             frames = [row["frame"] for row in json_rows_as_they_come(process.stdout, 10)]
         assert process.poll() is None
@@ -314,7 +316,7 @@ def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, ser
     finally:
         process.kill()
     assert process.returncode == 0, err
-    if output_format == "csv":
+    if output_format in ("csv", "jsonl"):
         assert 0 < len(out.splitlines()) < 140
         answered = len(frames) + len(out.splitlines())
     else:

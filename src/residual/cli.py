@@ -270,11 +270,12 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from .predict import class_names_of, inference_compile, iter_predict, output_columns
     from .tables import predictions_table
 
-    by_suffix = {".csv": "csv", ".json": "json"}.get(Path(args.out).suffix.lower()) if args.out else None
+    by_suffix = ({".csv": "csv", ".json": "json", ".jsonl": "jsonl"}.get(Path(args.out).suffix.lower())
+                 if args.out else None)
     output_format = args.format or by_suffix or "table"
     if args.out and output_format == "table":
-        raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv or json (or an "
-                            f"--out ending in .csv or .json)")
+        raise ResidualError(f"--out {args.out}: a table is printed, not written; give --format csv, json or jsonl (or "
+                            f"an --out ending in .csv, .json or .jsonl)")
     args.images = _folders_of_videos_opened(args.images)
     videos = [source for source in args.images if is_video_source(source)]
     _check_video_flags(args, videos, "predict", "the videos give a row per frame and segments, the images a row each",
@@ -326,13 +327,15 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 def _predictions_writer(output_format: str, model, columns: tuple[str, str], json_key: str, floor: bool,
                         bank=None):
-    """predict's writer of rows for `output_format` (csv, json, labels, probabilities): `columns` name the
+    """predict's writer of rows for `output_format` (csv, json, jsonl, labels, probabilities): `columns` name the
     image and class columns, `json_key` the image's key; `floor` or a feature `bank`: whether each is unsure."""
-    from .predict import class_names_of, is_multi_label, write_csv, write_json, write_labels, write_probabilities
+    from .predict import (class_names_of, is_multi_label, write_csv, write_json, write_json_lines, write_labels,
+                          write_probabilities)
 
     return {"csv": lambda rows, stream: write_csv(rows, stream, columns[0], is_multi_label(model),
                                                   floor=floor or bank is not None, similarity=bank is not None),
             "json": lambda rows, stream: write_json(rows, stream, json_key),
+            "jsonl": lambda rows, stream: write_json_lines(rows, stream, json_key),
             "labels": lambda rows, stream: write_labels(rows, stream, columns),
             "probabilities": lambda rows, stream: write_probabilities(rows, stream, class_names_of(model), columns[0])
             }[output_format]
@@ -1718,13 +1721,14 @@ def _add_inference_commands(commands) -> None:
                                              "camera:0; camera:0,size=1280x720,fps=30,format=mjpeg asks for "
                                              "those): Ctrl-C ends a live one")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--format", choices=("table", "json", "csv", "labels", "probabilities", "segments"),
-                   help="default: csv or json for an --out ending so, otherwise a table; labels: a CSV with a row "
+    p.add_argument("--format", choices=("table", "json", "jsonl", "csv", "labels", "probabilities", "segments"),
+                   help="default: csv, json or jsonl for an --out ending so, otherwise a table; jsonl: JSON Lines, "
+                        "an object per line (for jq -c, tail -f, a live stream); labels: a CSV with a row "
                         "per image and its most likely class; probabilities: a CSV with a row per image and every "
                         "class's probability in a column of its own (both: --topk unused; images a CSV lists are "
                         "named by its cells, under its column's name). Videos: a row per frame, named "
                         "VIDEO#t=SECONDS; the table shows their segments, and segments writes them as CSV")
-    p.add_argument("--out", help="write json/csv here instead of standard output")
+    p.add_argument("--out", help="write csv/json/jsonl here instead of standard output")
     p.add_argument("--fps", type=float, metavar="N",
                    help="videos: predict at most N frames a second (default: every frame)")
     p.add_argument("--smooth", type=float, metavar="SECONDS",

@@ -419,25 +419,40 @@ def write_probabilities(predictions: Iterator[Prediction], stream: TextIO, names
     return count
 
 
+def json_row(prediction: Prediction, image_key: str = "image") -> dict:
+    """{"image" (`image_key`), "top": [{"class_id", "class_name", "probability"}]}; a multi-label model's also
+    has "labels": the present classes' names; with a floor, "unsure": whether the image got no class; with a
+    feature bank, "similarity": to the nearest training image."""
+    top = [{"class_id": i, "class_name": name, "probability": round(p, 6)} for i, name, p in prediction.top]
+    row = {image_key: prediction.source, "top": top}
+    if prediction.present is not None:
+        row["labels"] = prediction.answer()
+    if prediction.unsure is not None:
+        row["unsure"] = prediction.unsure
+    if prediction.similarity is not None:
+        row["similarity"] = round(prediction.similarity, 6)
+    return row
+
+
 def write_json(predictions: Iterator[Prediction], stream: TextIO, image_key: str = "image") -> int:
-    """A JSON array of {"image" (`image_key`), "top": [{"class_id", "class_name", "probability"}]}, each row
-    written and flushed as it comes; a multi-label model's also have "labels": the present classes' names; with
-    a floor, "unsure": whether the image got no class; with a feature bank, "similarity": to the nearest training
-    image."""
+    """A JSON array of `json_row`s, each written and flushed as it comes."""
     stream.write("[")
     count = 0
     for count, prediction in enumerate(predictions, 1):
-        top = [{"class_id": i, "class_name": name, "probability": round(p, 6)} for i, name, p in prediction.top]
-        row = {image_key: prediction.source, "top": top}
-        if prediction.present is not None:
-            row["labels"] = prediction.answer()
-        if prediction.unsure is not None:
-            row["unsure"] = prediction.unsure
-        if prediction.similarity is not None:
-            row["similarity"] = round(prediction.similarity, 6)
-        stream.write(("\n  " if count == 1 else ",\n  ") + json.dumps(row))
+        stream.write(("\n  " if count == 1 else ",\n  ") + json.dumps(json_row(prediction, image_key)))
         stream.flush()  # a live stream's rows are read as they come, not when the next row ends the line
     stream.write("\n]\n")
+    return count
+
+
+def write_json_lines(predictions: Iterator[Prediction], stream: TextIO, image_key: str = "image") -> int:
+    """JSON Lines: a `json_row` per line, each written and flushed as it comes; what `jq -c`, `tail -f` and log
+    shippers read a line at a time, and a live stream's output that is whole at every line (an array is closed
+    only at the end)."""
+    count = 0
+    for count, prediction in enumerate(predictions, 1):
+        stream.write(json.dumps(json_row(prediction, image_key)) + "\n")
+        stream.flush()
     return count
 
 
