@@ -290,7 +290,8 @@ def lines_then_ctrl_c(process: subprocess.Popen, count: int) -> tuple[list[str],
 
 
 @pytest.mark.parametrize("stop, output_format", [(signal.SIGINT, "csv"), (signal.SIGTERM, "json"),
-                                                 (signal.SIGINT, "jsonl")], ids=["ctrl-c-csv", "sigterm-json", "ctrl-c-jsonl"])
+                                                 (signal.SIGINT, "jsonl")],
+                         ids=["ctrl-c-csv", "sigterm-json", "ctrl-c-jsonl"])
 def test_ctrl_c_ends_a_live_stream_and_writes_what_came(untrained, tmp_path, serve_stream, stop, output_format):
     """`residual predict MODEL URL` on a stream sent in real time: its rows come out as frames arrive (stdout is
     flushed per row: a CSV line, a JSON array's object), Ctrl-C (or a service manager's SIGTERM) stops it, the
