@@ -413,7 +413,7 @@ def _say_live(infos: list) -> None:
 
 def _predict_videos(args: argparse.Namespace, console: Console, model, videos: list[str],
                     output_format: str) -> int:
-    """predict on video files: a row per frame (csv, json, labels, probabilities), or the segments of time each
+    """predict on video files: a row per frame (csv, json, jsonl, labels, probabilities), or the segments of time each
     class holds (a table, or --format segments as CSV); --timeline draws them."""
     import itertools
 
@@ -498,7 +498,7 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
         print(f"timeline: {len(infos)} picture(s) in {args.timeline}", file=sys.stderr)
     if args.annotate:
         for info, segments, path in zip(infos, found, annotated):
-            if segments and not info.live:  # no frame predicted: nothing to draw
+            if segments and not info.live:  # none: no frame predicted; a live one's was recorded as it came
                 write_annotated(info, segments, path)
         print(f"annotated: {sum(finder.frames > 0 for finder in finders)} video(s) in {args.annotate}",
               file=sys.stderr)
