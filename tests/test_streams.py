@@ -529,7 +529,8 @@ sys.exit(main(sys.argv[1:]))
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     (header, *rows), out, err = lines_then_ctrl_c(process, 6)
     assert header.startswith("frame,") and "stopping the stream: the frames so far are kept" in err
-    assert "camera:0: 64x48 at 10 frames/s, live: Ctrl-C ends it" in err
+    assert (f"camera:0: 64x48 at 10 frames/s, live: Ctrl-C ends it; recording to {tmp_path / 'seen' / 'video0'}"
+            f".annotated.mp4 as it is answered") in err
     assert "WARNING: camera:0,size=64x48,fps=30: the camera gives 10 frames/s, not 30; v4l2-ctl -d " in err
     times = [float(row.split(",")[0].rsplit("#t=", 1)[1]) for row in rows + out.splitlines()]
     assert [row.split("#t=")[0] for row in rows] == ["camera:0"] * 5  # named by the camera, not its settings

@@ -403,12 +403,14 @@ def _opened_videos(videos: list[str], failed: list[str]) -> list:
     return infos
 
 
-def _say_live(infos: list) -> None:
-    """A line per live source: what the camera or sender gives, which the source may not have said."""
-    for info in infos:
+def _say_live(infos: list, recordings: list | None = None) -> None:
+    """A line per live source: what the camera or sender gives, which the source may not have said, and where
+    its recording grows (`recordings`, one per source or None), to be watched while it is written."""
+    for info, recording in zip(infos, recordings or [None] * len(infos)):
         if info.live:
             rate = f" at {info.rate:g} frames/s" if info.rate else ""
-            print(f"{info.name}: {info.width}x{info.height}{rate}, live: Ctrl-C ends it", file=sys.stderr)
+            to = f"; recording to {recording} as it is answered" if recording else ""
+            print(f"{info.name}: {info.width}x{info.height}{rate}, live: Ctrl-C ends it{to}", file=sys.stderr)
 
 
 def _predict_videos(args: argparse.Namespace, console: Console, model, videos: list[str],
@@ -445,7 +447,7 @@ def _predict_videos(args: argparse.Namespace, console: Console, model, videos: l
     if not args.out and any(info.live for info in infos) and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a live stream's rows as they come: `| tee`, `| grep`
     if not args.quiet:
-        _say_live(infos)
+        _say_live(infos, annotated)
     # The bank reads the features of the model run eagerly, as for images.
     compiled, why = inference_compile(model, False if bank else args.compile,
                                       sum(expected_frames(info, args.fps) or 0 for info in infos))
