@@ -3,7 +3,9 @@ read back through MLflow's own client; a resumed run goes on in the same MLflow 
 not stop the training; one that cannot be reached, or a missing client, is a one-line refusal before training."""
 
 import csv
+import functools
 import json
+import logging
 import re
 import shutil
 import socket
@@ -215,6 +217,34 @@ def test_the_end_waits_on_a_slow_send_while_the_server_takes_connections(tmp_pat
             "--mlflow: http://mlflow.internal:5000 has not answered for 0.2 s and takes no connection; the 2 send(s) "
             "left are not made"]
     released.set()
+
+
+def test_the_http_librarys_retries_from_the_sender_are_one_line_an_outage(tmp_path, caplog):
+    """MLflow's client sends through requests and urllib3, which logs a long line for each of its retries (seven a
+    send): from the sender's thread they become one line an outage, said again after a send goes through; the
+    same library's lines from other threads are left as they are."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=Retry(total=3, backoff_factor=0)))
+    with socket.socket() as closed:  # bound, not listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        said = []
+        log = remote_log.RemoteLog("--mlflow", tmp_path, said.append, in_background=True)
+        log.where = url
+        refused = functools.partial(session.get, url, timeout=5)
+        for send in (refused, refused, lambda: None, refused):  # an outage of two sends, one through, another
+            log._call(send, "steps")
+        with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"), pytest.raises(requests.ConnectionError):
+            refused()  # from this thread: its retries are logged as urllib3 logs them
+        log.send_the_rest()
+    outages = [line for line in said if "does not answer" in line]
+    assert outages == [f"--mlflow: {url} does not answer (Connection refused); its client tries again in the "
+                       f"background, and training goes on"] * 2
+    assert caplog.text.count("Retrying") == 3 and log.lost == 3
 
 
 def test_sends_that_fail_for_a_while_are_let_go_and_those_after_arrive_in_order(tmp_path, store, capsys,

@@ -7,11 +7,14 @@ about four minutes before it gives up, and the training sends twice a second. A 
 next one tried, so a server back after an outage gets the rest. At the end the sends still waiting are made
 while the server answers: where none has come back for CLOSE_PATIENCE seconds and the server takes no connection
 (`reachable`), or none for SEND_PATIENCE seconds however it looks (a large model file on a slow link takes
-minutes), those left are counted as lost.
+minutes), those left are counted as lost. The HTTP library's line for each of its retries from that thread
+(urllib3's "Retrying (Retry(total=6 ...", about 300 characters each, seven a send) becomes one line an outage.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +35,7 @@ class RemoteLog:
         self._waiting: deque[tuple[Callable[[], object], str]] = deque()  # the first: being sent
         self._closing = self._given_up = False
         self._sender: threading.Thread | None = None  # started with the first send
+        self._retrying = False  # the sender's HTTP library is retrying a send, and that has been said
         if in_background:
             self._changed = threading.Condition()
 
@@ -47,7 +51,20 @@ class RemoteLog:
             self._changed.notify_all()
             if self._sender is None:
                 self._sender = threading.Thread(target=self._send_in_order, name=f"{self.flag} sends", daemon=True)
+                logging.getLogger("urllib3.connectionpool").addFilter(self._retries_said_once)
                 self._sender.start()
+
+    def _retries_said_once(self, record: logging.LogRecord) -> bool:
+        """urllib3's log filter: its retries from this log's sender say one line an outage (until a send goes
+        through); every other record passes."""
+        if threading.current_thread() is not self._sender or not record.getMessage().startswith("Retrying"):
+            return True
+        if not self._retrying:
+            self._retrying = True
+            reason = re.search(r"\[Errno -?\d+\] ([^\"')]+)", record.getMessage())
+            self.warn(f"{self.flag}: {self.where} does not answer" + (f" ({reason[1]})" if reason else "")
+                      + "; its client tries again in the background, and training goes on")
+        return False
 
     def _send_in_order(self) -> None:
         while True:
@@ -60,6 +77,7 @@ class RemoteLog:
             with self._changed:
                 if self._given_up:  # counted as lost already
                     return
+                self._retrying = self._retrying and error is not None  # through: the next outage is said again
                 self._count(error, what)
                 self._waiting.popleft()
                 self._changed.notify_all()
@@ -100,7 +118,8 @@ class RemoteLog:
                         why = "" if waited >= SEND_PATIENCE else " and takes no connection"
                         self.warn(f"{self.flag}: {self.where} has not answered for {waited:g} s{why}; the {left} "
                                   f"send(s) left are not made")
-                        return
+                        return  # the filter stays: the sender, let go, may still be retrying
+        logging.getLogger("urllib3.connectionpool").removeFilter(self._retries_said_once)
 
     def _say_lost(self) -> None:
         if self.lost:
