@@ -108,12 +108,15 @@ def test_layercam_and_hirescam_localise_at_an_earlier_layer_where_grad_cam_blurs
     position by its own (LayerCAM, HiResCAM) keeps the map on the shape; averaging it per channel (Grad-CAM)
     does not, as Jiang et al. 2021 report."""
     files, masks = shapes_with_masks
-    hot = {method: hot_mass_inside(np.stack([e.heatmap for e in explain(model, files, method=method,
-                                                                         layer="layer2").explanations]), masks).mean()
-           for method in ("gradcam", "layercam", "hirescam")}
-    # Measured: Grad-CAM 0.31, LayerCAM 0.58, HiResCAM 0.56 (at the last stage all three 0.68). Four more demo
-    # trainings (bf16 on AVX512-BF16, one or two threads, seeds 0-2): Grad-CAM 0.35-0.46, LayerCAM 0.57-0.62,
-    # HiResCAM 0.55-0.57; the smallest lead 0.105.
+    hot = {}
+    for method in ("gradcam", "layercam", "hirescam"):
+        heatmaps = np.stack([e.heatmap for e in explain(model, files, method=method, layer="layer2").explanations])
+        empty = heatmaps.max((1, 2)) == 0  # a Grad-CAM map whose weighted sum is below zero everywhere
+        assert empty.sum() <= 2, f"{method}: {empty.sum()} empty maps"
+        hot[method] = hot_mass_inside(heatmaps[~empty], masks[~empty]).mean()
+    # Measured: Grad-CAM 0.31, LayerCAM 0.58, HiResCAM 0.56 (at the last stage all three 0.68). Six more demo
+    # trainings (bf16 on AVX512-BF16, one or two threads, seeds 0-2, 12 epochs at 32 px or progressive): Grad-CAM
+    # 0.35-0.46 (one map empty in two of them), LayerCAM 0.57-0.65, HiResCAM 0.55-0.63; the smallest lead 0.105.
     assert hot["layercam"] > hot["gradcam"] + 0.07 and hot["hirescam"] > hot["gradcam"] + 0.07
     assert min(hot["layercam"], hot["hirescam"]) > 0.45
 

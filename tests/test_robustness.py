@@ -292,7 +292,8 @@ def test_the_report_starts_from_evals_top1_and_a_model_against_itself_scores_one
     assert result.protocol == "cifar-10-c"  # a 32 px model: the parameters tuned for 32 px
     assert result.model.clean == pytest.approx(clean, abs=1e-12)  # every test image, as eval saw it
     assert result.model.clean_ece == pytest.approx(metrics["ece"], abs=1e-6)  # and eval's calibration error
-    assert result.model.ece["contrast"][1] > 2 * result.model.clean_ece  # flat images throw its probabilities off
+    # Flat images throw its probabilities off: severity 5's ECE was 1.85-5.2x the clean one in five demo trainings.
+    assert result.model.ece["contrast"][1] > 1.5 * result.model.clean_ece
     assert result.model.scores["gaussian_noise"][1] < result.model.scores["gaussian_noise"][0] < result.model.clean
     summary = json.loads(result.files["summary"].read_text())
     assert summary["mce"] == 1.0 and summary["relative_mce"] == 1.0  # the same pixels, the same answers

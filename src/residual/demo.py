@@ -22,8 +22,10 @@ from .train import TrainConfig, train
 from .train.optim import OptimConfig
 from .weights import load_model
 
-# The recipe, measured on 2 CPU cores: about 2.5 minutes of training (docs/BENCHMARKS.md).
-DEMO_RECIPE = dict(model="resnet20", epochs=12, batch_size=128, label_smoothing=0.1,
+# The recipe, measured on 2 CPU cores: about 1.5 minutes of training in bf16 (docs/BENCHMARKS.md). Progressive
+# resizing (24 px for 12 epochs, then 28 and 32) trained in 0.74-0.79x the time of 12 epochs at 32 px and scored
+# higher: 99.53% mean test top-1 over three seeds against 99.08%.
+DEMO_RECIPE = dict(model="resnet20", epochs=16, progressive_resize=24, batch_size=128, label_smoothing=0.1,
                    optim=OptimConfig(lr=0.2, schedule="onecycle", weight_decay=5e-4),
                    augment=AugmentConfig(preset="cifar"))
 
