@@ -152,7 +152,7 @@ def test_progress_bars_draw_on_a_terminal_only(terminal):
 
 
 def test_demo_trains_to_95_percent_on_the_cpu(demo_run):
-    """The real `make demo` recipe (about 2.5 minutes on 2 cores), with its reports."""
+    """The real `make demo` recipe (about 2 minutes on 2 cores), with its reports."""
     assert demo_run["code"] == 0
     out, run = demo_run["out"], demo_run["run"]
     for name in ("model.safetensors", "metrics.csv", "curves.png", "config.yaml", "last.pt", "train_batch.png",
