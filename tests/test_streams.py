@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import residual
@@ -33,7 +34,8 @@ from residual.data.frames import (Frame, arrived_frames, camera_device, camera_s
                                   is_video_source, shown_source, source_file_name, video_frames, video_info)
 from residual.errors import ConfigError
 from residual.predict import Prediction, write_json
-from residual.video import predict_video
+from residual import video_explain as video_explain_module
+from residual.video import SMOOTH_SECONDS, SegmentFinder, predict_video, segment_finder
 from residual.video_explain import explain_video
 
 av = pytest.importorskip("av")
@@ -377,7 +379,43 @@ def test_explain_writes_a_live_streams_overlays_as_they_come_and_no_key_frames(u
     server = serve_stream(transport_stream(grey_frames(20)))
     result = explain_video(residual.load_model(untrained), server.url, tmp_path / "api", batch_size=4)
     let_go = [int(re.search(r"let go (\d+) frame", line)[1]) for line in result.failed]
-    assert len(result.times) + sum(let_go) == 20 and len(let_go) <= 1 and result.key_frames == [] and result.segments
+    assert result.frames + sum(let_go) == 20 and len(let_go) <= 1 and result.key_frames == [] and result.segments
+
+
+def test_a_live_explain_finds_its_segments_in_memory_that_does_not_grow(untrained, tmp_path, serve_stream,
+                                                                         monkeypatch):
+    """A live explain may run for days: its frames' probabilities go to a SegmentFinder as they come, which holds
+    only those of the smoothing window and a look, not every frame's; its segments are those of all its frames'
+    probabilities taken at once."""
+    kept, given = [], []
+
+    def watched(*args, **kwargs):
+        finder = segment_finder(*args, **kwargs)
+        add = finder.add
+
+        def add_and_count(times, probabilities, similarities):
+            given.append((list(times), probabilities.clone()))
+            add(times, probabilities, similarities)
+            kept.append(finder.kept_frames)
+
+        finder.add = add_and_count
+        return finder
+
+    monkeypatch.setattr(video_explain_module, "segment_finder", watched)
+    model = residual.load_model(untrained)
+    # 10 s at 10 frames a second, sent in 20 pieces 0.15 s apart (over three times real time).
+    server = serve_stream(transport_stream(grey_frames(100)), pieces=20, pause=0.15)
+    result = explain_video(model, server.url, tmp_path / "live", fps=5, batch_size=8)
+    let_go = sum(int(re.search(r"let go (\d+) frame", line)[1]) for line in result.failed)
+    assert result.frames + let_go == 50 and len(result.times) == len(result.probabilities) == len(result.explained) == 0
+    held_at_most = 5 * (SMOOTH_SECONDS + 1) + 8 + 1  # the smoothing window's frames, a look's and a batch
+    assert max(kept) <= held_at_most < result.frames and sum(len(times) for times, _ in given) == result.frames
+    at_once = SegmentFinder(model.class_names, smooth=SMOOTH_SECONDS)
+    at_once.add([t for times, _ in given for t in times], torch.cat([p for _, p in given]))
+    expected = at_once.finish()
+    assert [(s.label, s.start, s.end, s.frames) for s in result.segments] == [
+        (s.label, s.start, s.end, s.frames) for s in expected]
+    assert [s.probability for s in result.segments] == pytest.approx([s.probability for s in expected], abs=1e-9)
 
 
 def test_annotate_records_a_live_stream_each_frame_with_its_answer_as_it_is_answered(untrained, tmp_path,

@@ -570,7 +570,7 @@ def _explain_videos(args: argparse.Namespace, console: Console, model, videos: l
             failed += result.failed
             if result.path is None:
                 continue
-            console.print(segments_table(result.segments, f"{info.name}: {len(result.times)} frames explained by "
+            console.print(segments_table(result.segments, f"{info.name}: {result.frames} frames explained by "
                                                            f"{args.method}, {len(result.segments)} segment(s)",
                                          None if info.live else [key.path.name for key in result.key_frames]))
             console.print(f"wrote {result.path}" + (" (a live stream: no key frames, which are found by reading the "

@@ -14,7 +14,8 @@ Frames stream through in batches: memory holds a batch of frames, not the video.
 second time once the segments are known; decoding costs a fraction of the gradients' pass. A live stream (a
 camera, a broadcast) cannot be decoded twice: its overlays are written as its frames come, until it ends or
 Ctrl-C, the frames the model cannot keep up with let go as predict lets them go, without its sound and without
-key frames; its frames' probabilities are kept for its segments (frames x classes x 4 bytes).
+key frames; its segments are found as its frames come (video.SegmentFinder), in memory that does not grow with
+the stream, so it may run for days: its frames' times and probabilities are not kept.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from .errors import ConfigError
 from .explain import Explanation, blended, explained_module, grad_cam, resolve_target, save_explanation
 from .predict import class_names_of, class_thresholds, is_multi_label, model_device
 from .progress import progress_bar
-from .video import SMOOTH_SECONDS, FrameScores, Segment, check_smooth, expected_frames, frame_source, video_segments
+from .video import (SMOOTH_SECONDS, FrameScores, Segment, SegmentFinder, check_smooth, expected_frames, frame_source,
+                    segment_finder, video_segments)
 
 UNSEEN_BRIGHTNESS = 0.4  # what the center crop leaves out is dimmed to this, not hidden: the scene stays readable
 
@@ -45,9 +47,12 @@ UNSEEN_BRIGHTNESS = 0.4  # what the center crop leaves out is dimmed to this, no
 @dataclass
 class VideoExplanation:
     info: VideoInfo
-    times: np.ndarray  # seconds, one per frame explained
-    probabilities: np.ndarray  # frames x classes
-    explained: np.ndarray  # the class explained in each frame
+    frames: int  # how many were explained
+    # Per frame explained (a file's; a live stream's are not kept, as it may run for days: empty): its time in
+    # seconds, its probabilities (frames x classes) and the class explained.
+    times: np.ndarray
+    probabilities: np.ndarray
+    explained: np.ndarray
     segments: list[Segment]
     key_frames: list[Explanation]  # one per segment, in the segments' order (none for a live stream); `path`: the PNG
     path: Path | None  # the video of overlays; None where no frame could be decoded
@@ -74,7 +79,10 @@ def explain_video(model, video: str | VideoInfo, out_dir: str | Path, method: st
     out.mkdir(parents=True, exist_ok=True)
     name = name or source_file_name(info.path)
     model.eval()
-    scores, explained, failed = FrameScores(), [], []
+    # A live stream's probabilities go straight to the finder of its segments; a file's are kept, to find each
+    # segment's key frame.
+    scores = segment_finder(model, info, smooth) if info.live else FrameScores()
+    explained, failed = None if info.live else [], []
     path = out / f"{name}.{method}.mp4"
     with progress_bar(f"explaining {info.name}", progress, unit="frames/s") as bar, \
             stop_requests(is_streamed(info.path)) as stop:
@@ -93,24 +101,29 @@ def explain_video(model, video: str | VideoInfo, out_dir: str | Path, method: st
                                         explained, lambda count: bar.advance(task, count)),
                         sound_from=None if info.live else info.path, growing=info.live)
     names = class_names_of(model)
+    if info.live:
+        return VideoExplanation(info, scores.frames, np.zeros(0), np.zeros((0, len(names)), dtype=np.float32),
+                                np.zeros(0, dtype=np.int64), scores.finish(), [], path, failed)
     times, probabilities = scores.arrays(len(names))
     found = video_segments(model, info, scores, smooth)
-    key_frames = [] if info.live else _key_frames(model, info, fps, found, times, probabilities, method, target_id,
-                                                  layer, batch_size, out, name)
-    return VideoExplanation(info, times, probabilities, np.asarray(explained, dtype=np.int64), found, key_frames,
-                            path, failed)
+    key_frames = _key_frames(model, info, fps, found, times, probabilities, method, target_id, layer, batch_size,
+                             out, name)
+    return VideoExplanation(info, len(times), times, probabilities, np.asarray(explained, dtype=np.int64), found,
+                            key_frames, path, failed)
 
 
 def _overlaid(model, groups: Iterator[list[Frame]], method: str, target_id: int | None, layer: str | None,
-              scores: FrameScores, explained: list[int], advance: Callable[[int], None]) -> Iterator[Frame]:
+              scores: FrameScores | SegmentFinder, explained: list[int] | None,
+              advance: Callable[[int], None]) -> Iterator[Frame]:
     """Each frame of the `groups` (a batch each) with its heatmap drawn over it and the class explained across its
-    top; every frame's time and probabilities go to `scores`, the class explained to `explained`."""
+    top; every frame's time and probabilities go to `scores`, the class explained to `explained` (if kept)."""
     names = class_names_of(model)
     for chunk in groups:
         heatmaps, probabilities, classes, _ = _explained(model, [frame.image for frame in chunk], target_id, layer,
                                                          method)
         scores.add([frame.time for frame in chunk], probabilities, None)
-        explained += classes
+        if explained is not None:
+            explained += classes
         for frame, heatmap, row, class_id in zip(chunk, heatmaps, probabilities, classes):
             picture = frame_overlay(frame.image, heatmap.numpy(), model.preprocessing)
             yield Frame(frame.time, captioned(picture, f"{method}: {names[class_id]} {row[class_id]:.2f}"))
