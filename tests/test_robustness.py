@@ -292,8 +292,11 @@ def test_the_report_starts_from_evals_top1_and_a_model_against_itself_scores_one
     assert result.protocol == "cifar-10-c"  # a 32 px model: the parameters tuned for 32 px
     assert result.model.clean == pytest.approx(clean, abs=1e-12)  # every test image, as eval saw it
     assert result.model.clean_ece == pytest.approx(metrics["ece"], abs=1e-6)  # and eval's calibration error
-    # Flat images throw its probabilities off: severity 5's ECE was 1.85-5.2x the clean one in five demo trainings.
-    assert result.model.ece["contrast"][1] > 1.5 * result.model.clean_ece
+    # Severity 5 moves the calibration error, up or down: the demo recipe's label smoothing leaves the model
+    # under-confident, and noise can bring its confidence down to its accuracy. The larger move of the two was
+    # 0.13-0.42 in six demo trainings (12 epochs at 32 px, or progressive; contrast 0.03-0.42, noise 0.01-0.32).
+    moved = [abs(result.model.ece[name][1] - result.model.clean_ece) for name in ("contrast", "gaussian_noise")]
+    assert max(moved) > 0.05
     assert result.model.scores["gaussian_noise"][1] < result.model.scores["gaussian_noise"][0] < result.model.clean
     summary = json.loads(result.files["summary"].read_text())
     assert summary["mce"] == 1.0 and summary["relative_mce"] == 1.0  # the same pixels, the same answers
