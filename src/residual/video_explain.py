@@ -82,7 +82,8 @@ def explain_video(model, video: str | VideoInfo, out_dir: str | Path, method: st
     # A live stream's probabilities go straight to the finder of its segments; a file's are kept, to find each
     # segment's key frame.
     scores = segment_finder(model, info, smooth) if info.live else FrameScores()
-    explained, failed = None if info.live else [], []
+    explained = None if info.live else []
+    failed = []
     path = out / f"{name}.{method}.mp4"
     with progress_bar(f"explaining {info.name}", progress, unit="frames/s") as bar, \
             stop_requests(is_streamed(info.path)) as stop:
