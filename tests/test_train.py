@@ -556,8 +556,8 @@ def test_a_resume_checks_it_has_the_data_the_run_started_with(tmp_path):
         train(resume=run)  # the head has one output per class: refused before loading the weights
 
 
-def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_interval_and_at_the_end(shapes16, tmp_path,
-                                                                                          monkeypatch):
+def test_curves_are_drawn_once_the_interval_has_passed_since_the_start_or_the_last_drawing_and_at_the_end(
+        shapes16, tmp_path, monkeypatch):
     drawn = []
     real = trainer_module.plot_curves
 
@@ -568,8 +568,12 @@ def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_interval_and_
     monkeypatch.setattr(trainer_module, "plot_curves", counted)
     monkeypatch.setattr(trainer_module, "CURVES_EVERY_S", 3600.0)
     train(TrainConfig(data=str(shapes16), epochs=3, out=str(tmp_path), name="curves", **QUICK))
-    assert drawn == [1, 3], "epoch 1, then only the end: the interval has not passed"
+    assert drawn == [3], "only the end: the interval has not passed since the start"
     assert Image.open(tmp_path / "curves" / "curves.png").size[0] > 800
+    drawn.clear()
+    monkeypatch.setattr(trainer_module, "CURVES_EVERY_S", 0.0)
+    train(TrainConfig(data=str(shapes16), epochs=2, out=str(tmp_path), name="every", **QUICK))
+    assert drawn == [1, 2], "every epoch, and the end's drawing is not made twice"
 
 
 def test_ema_model_is_what_gets_saved(shapes16, tmp_path):

@@ -352,7 +352,8 @@ class Trainer:
         self.epoch, self.batch, self.step = 0, 0, 0
         self.running = empty_sums()
         self.history: list[dict] = []
-        self.curves_drawn, self.curves_drawn_at = 0, -math.inf  # epochs in curves.png, and when it was drawn
+        # Epochs in curves.png, and when it was drawn: the first drawing, too, waits CURVES_EVERY_S from the start.
+        self.curves_drawn, self.curves_drawn_at = 0, time.monotonic()
         # The kept epoch, and the epochs since `monitor` last improved (what early stopping counts).
         self.best, self.best_epoch, self.epochs_since_best = None, -1, 0
         self.kept: list[tuple] = []  # --keep-best: the best epochs' (monitor, val loss, epoch), best first
@@ -1010,8 +1011,9 @@ class Trainer:
                            f"improved for {c.optim.plateau_patience + 1} epochs")
 
     def _draw_curves(self, final: bool) -> None:
-        """curves.png after the first epoch, then at most every CURVES_EVERY_S seconds, and at the end:
-        a drawing takes 0.25-1 s on a 2-core CPU, which epochs of a few seconds would otherwise spend mostly on."""
+        """curves.png at the end of the epochs that end CURVES_EVERY_S or more after the start or the last drawing,
+        and at the end: a drawing takes 0.2-1 s on a 2-core CPU, which epochs of a few seconds would otherwise
+        spend mostly on, and a run that ends within the interval is drawn once, whole."""
         if not self.world.is_main or self.curves_drawn == len(self.history):
             return
         if final or time.monotonic() - self.curves_drawn_at >= CURVES_EVERY_S:
