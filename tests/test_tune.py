@@ -59,7 +59,21 @@ def _trials(tune_dir):
         return list(csv.DictReader(file))
 
 
-def test_a_search_prunes_the_trials_that_fall_behind_and_writes_the_best_recipe(colours, tmp_path):
+def _count_drawings(monkeypatch, every_s: float) -> list[int]:
+    """search.png's drawings (the trials each drew), with SEARCH_DRAWN_EVERY_S as `every_s`."""
+    drawn, real = [], tune_module.draw_search
+
+    def counted(trials, *args):
+        drawn.append(len(trials))
+        real(trials, *args)
+
+    monkeypatch.setattr(tune_module, "draw_search", counted)
+    monkeypatch.setattr(tune_module, "SEARCH_DRAWN_EVERY_S", every_s)
+    return drawn
+
+
+def test_a_search_prunes_the_trials_that_fall_behind_and_writes_the_best_recipe(colours, tmp_path, monkeypatch):
+    drawn = _count_drawings(monkeypatch, 3600.0)
     # residual train's own rate at batch 16 (0.1 per 128) is trial 0 and learns at once; far lower rates hardly
     # learn, so the trials that draw them are behind the median of the trials before them at epoch 2 and are
     # stopped there.
@@ -67,6 +81,7 @@ def test_a_search_prunes_the_trials_that_fall_behind_and_writes_the_best_recipe(
                   trials=6, out=str(tmp_path), pruner="median")
     rows = {int(row["trial"]): row for row in _trials(result.tune_dir)}
     assert len(rows) == 6 and rows[0]["note"] == "residual train's own settings" and float(rows[0]["lr"]) == 0.0125
+    assert drawn == [6], "search.png once, at the end: the interval has not passed since the start"
     pruned = [row for row in rows.values() if row["state"] == "pruned"]
     complete = [row for row in rows.values() if row["state"] == "complete"]
     assert pruned and len(pruned) + len(complete) == 6
@@ -107,7 +122,8 @@ def test_no_trial_is_pruned_before_prune_from(colours, tmp_path):
         tune(TrainConfig(data=str(colours), epochs=3, **QUICK), ["lr=0.01..0.1"], out=str(tmp_path), prune_from=4)
 
 
-def test_settings_drawn_again_are_not_trained_again(shapes16, tmp_path):
+def test_settings_drawn_again_are_not_trained_again(shapes16, tmp_path, monkeypatch):
+    drawn = _count_drawings(monkeypatch, 0.0)
     result = tune(TrainConfig(data=str(shapes16), epochs=2, monitor="val_loss", **QUICK), ["lr=0.025,0.0000001"],
                   trials=4, out=str(tmp_path), pruner="none")  # two choices, four trials: two drawn again at least
     rows = _trials(result.tune_dir)
@@ -120,6 +136,7 @@ def test_settings_drawn_again_are_not_trained_again(shapes16, tmp_path):
         else:
             first[row["lr"]] = row
     assert len(first) == 2 and len(rows) == 4
+    assert drawn == [1, 2, 3, 4, 4], "search.png after each trial, trained or not, and at the end"
     assert sorted(path.name for path in (result.tune_dir / "trials").iterdir()) == sorted(
         f"trial-{int(row['trial']):03d}" for row in first.values())
 

@@ -61,6 +61,7 @@ from .trainer import TrainingDiverged, TrainingInterrupted, train
 PRUNERS = ("median", "hyperband", "none")
 # PED-ANOVA compares the best 10% of trials with all: below this many complete trials it compares one.
 IMPORTANCE_FROM = 10
+SEARCH_DRAWN_EVERY_S = 30.0  # the least time between two drawings of search.png during a search (as curves.png)
 # Settings a search does not vary: where the data and the outputs are, how the run is shown, and what only
 # changes speed or the machine's use. The seed is the same for every trial on purpose (see above); the score,
 # the validation images and the epochs (what the pruner compares trials at) are the same for all, so that
@@ -299,7 +300,7 @@ def tune(config: TrainConfig | None = None, search: Sequence[str | Searched] = (
         else:
             _run_workers(tune_dir, devices, trials, time_limit)
     except TrainingInterrupted as stop:  # the trials stay running in the study: a resume continues them
-        search.write()
+        search.write(final=True)
         search.end_log("KILLED")
         raise TrainingInterrupted(f"{stop}; the search goes on with: residual tune --resume {tune_dir}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: the journal still holds the search, to be resumed
@@ -438,6 +439,7 @@ class Search:
         self.placement, self.jobs = placement or {}, jobs  # a parallel search's worker: see PLACEMENT
         self.maximize = monitor != "val_loss"
         self.runs_started = 0  # by this process: the time per trial it measures
+        self.drawn_at = time.monotonic()  # when search.png was last drawn (by this process), or it started
 
     def trials_claimed(self) -> int:
         """Trials that count against the budget: all but those cut short (continued by another) and those queued,
@@ -601,14 +603,17 @@ class Search:
             return None
         return (max if self.maximize else min)(complete, key=lambda t: t.score)
 
-    def write(self) -> list[Trial]:
-        """trials.csv, best.yaml and search.png as the study now stands; its trials."""
+    def write(self, final: bool = False) -> list[Trial]:
+        """trials.csv and best.yaml as the study now stands, and search.png when `final` or SEARCH_DRAWN_EVERY_S
+        have passed since it was last drawn: the drawing takes longer than many quick trials. -> its trials."""
         listed = self.trials()
         best = self.best(listed)
         write_trials(listed, self.tune_dir / "trials.csv")
         if best is not None:
             self._write_best(best)
-        draw_search(listed, self.study, self.space, self.monitor, self.tune_dir / "search.png")
+        if final or time.monotonic() - self.drawn_at >= SEARCH_DRAWN_EVERY_S:
+            draw_search(listed, self.study, self.space, self.monitor, self.tune_dir / "search.png")
+            self.drawn_at = time.monotonic()
         return listed
 
     def _write_best(self, best: Trial) -> None:
@@ -624,7 +629,7 @@ class Search:
                            + yaml.safe_dump(options, sort_keys=False))
 
     def finish(self) -> TuneResult:
-        listed = self.write()
+        listed = self.write(final=True)
         best, importance = self.best(listed), self._importance(listed)
         if best is None:
             self.console.print(f"\nno trial completed; {self.tune_dir / 'trials.csv'} says how each ended")
