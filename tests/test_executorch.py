@@ -1,6 +1,7 @@
 """export --format executorch: a .pte program for XNNPACK, run by ExecuTorch's runtime against the PyTorch model
 before it is written, and run the same way by eval, predict and info."""
 
+import importlib.util
 import json
 import sys
 
@@ -18,7 +19,8 @@ from residual.errors import ConfigError
 from residual.evaluate import evaluate
 from residual.weights import ModelFileError
 
-pytest.importorskip("executorch.runtime")
+# Not imported here: ExecuTorch takes 3-4 s to import, which every test process would pay to collect this file.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("executorch") is None, reason="needs ExecuTorch")
 
 
 def test_an_executorch_program_answers_as_the_model_does_in_batches_up_to_its_bound(demo_run, tmp_path, capsys,
