@@ -357,21 +357,23 @@ def test_a_live_streams_segments_are_written_as_each_closes(demo_run, tmp_path, 
     assert 6.0 < float(rows[2][2]) < 29.0  # the open one, cut by Ctrl-C
 
 
-def test_explain_writes_a_live_streams_overlays_as_they_come_and_no_key_frames(untrained, tmp_path, serve_stream,
-                                                                                capsys, monkeypatch):
-    """A live stream cannot be decoded a second time to find each segment's key frame: explain writes the video of
-    overlays as the frames come, from the one connection, and says there are no key frames."""
+def test_explain_writes_a_live_streams_overlays_and_key_frames_as_they_come(untrained, tmp_path, serve_stream,
+                                                                            capsys, monkeypatch):
+    """A live stream cannot be decoded a second time: explain writes the video of overlays as the frames come,
+    from the one connection, and each segment's key frame as the segment closes, from the crops it kept."""
     monkeypatch.setenv("COLUMNS", "200")
     server = serve_stream(transport_stream(grey_frames(20)))
     assert main(["explain", str(untrained), server.url, "--fps", "5", "--out", str(tmp_path / "cams")]) == 0
     captured = capsys.readouterr()
     name = f"127.0.0.1-{server.http.server_port}-cam-live.ts"
     written = tmp_path / "cams" / f"{name}.gradcam.mp4"
-    assert f"wrote {written} (a live stream: no key frames" in captured.out.replace("\n", "")
+    pictures = sorted(path.name for path in (tmp_path / "cams").glob("*.png"))
+    assert pictures and all(picture.startswith(f"{name}.t=") for picture in pictures)
+    assert f"wrote {written} and {len(pictures)} key frame(s) beside it" in captured.out.replace("\n", "")
+    assert all(picture in captured.out for picture in pictures)  # each named in its segment's row
     assert "live: Ctrl-C ends it" in captured.err and PASSWORD not in captured.out + captured.err
     assert [frame.time for frame in video_frames(written)] == pytest.approx([index / 5 for index in range(10)],
                                                                             abs=1e-3)
-    assert sorted(path.name for path in (tmp_path / "cams").iterdir()) == [written.name]  # no key frame pictures
     assert len(server.authorized) == 1
 
     # Sent at once, faster than the gradients are computed: beyond two batches waiting, the oldest frames are let go,
@@ -379,15 +381,17 @@ def test_explain_writes_a_live_streams_overlays_as_they_come_and_no_key_frames(u
     server = serve_stream(transport_stream(grey_frames(20)))
     result = explain_video(residual.load_model(untrained), server.url, tmp_path / "api", batch_size=4)
     let_go = [int(re.search(r"let go (\d+) frame", line)[1]) for line in result.failed]
-    assert result.frames + sum(let_go) == 20 and len(let_go) <= 1 and result.key_frames == [] and result.segments
+    assert result.frames + sum(let_go) == 20 and len(let_go) <= 1 and result.segments
+    assert [key.class_name for key in result.key_frames] == [segment.label for segment in result.segments]
 
 
 def test_a_live_explain_finds_its_segments_in_memory_that_does_not_grow(untrained, tmp_path, serve_stream,
                                                                          monkeypatch):
     """A live explain may run for days: its frames' probabilities go to a SegmentFinder as they come, which holds
     only those of the smoothing window and a look, not every frame's; its segments are those of all its frames'
-    probabilities taken at once."""
-    kept, given = [], []
+    probabilities taken at once. Of the crops, it keeps those of the frames that may yet be a key frame, and each
+    segment's key frame is its most probable frame of its class, as of all the frames at once."""
+    kept, given, crops_held = [], [], []
 
     def watched(*args, **kwargs):
         finder = segment_finder(*args, **kwargs)
@@ -402,6 +406,13 @@ def test_a_live_explain_finds_its_segments_in_memory_that_does_not_grow(untraine
         return finder
 
     monkeypatch.setattr(video_explain_module, "segment_finder", watched)
+    add_crops = video_explain_module.LiveKeyFrames.add
+
+    def add_and_count_crops(self, times, crops):
+        add_crops(self, times, crops)
+        crops_held.append(len(self.crops))
+
+    monkeypatch.setattr(video_explain_module.LiveKeyFrames, "add", add_and_count_crops)
     model = residual.load_model(untrained)
     # 10 s at 10 frames a second, sent in 20 pieces 0.15 s apart (over three times real time).
     server = serve_stream(transport_stream(grey_frames(100)), pieces=20, pause=0.15)
@@ -416,6 +427,19 @@ def test_a_live_explain_finds_its_segments_in_memory_that_does_not_grow(untraine
     assert [(s.label, s.start, s.end, s.frames) for s in result.segments] == [
         (s.label, s.start, s.end, s.frames) for s in expected]
     assert [s.probability for s in result.segments] == pytest.approx([s.probability for s in expected], abs=1e-9)
+    # The crops of the frames not final yet, and of each open segment's peak so far.
+    assert max(crops_held) <= held_at_most + len(model.class_names) < result.frames
+    times = [t for times, _ in given for t in times]
+    probabilities = torch.cat([p for _, p in given])
+    assert [s.peak for s in result.segments] == [s.peak for s in expected]
+    assert len(result.key_frames) == len(expected) > 0
+    for segment, key in zip(expected, result.key_frames):
+        column = model.class_names.index(segment.label)
+        inside = [number for number, t in enumerate(times) if segment.start <= t < segment.end]
+        assert segment.peak == inside[int(probabilities[inside, column].argmax())]
+        assert key.class_name == segment.label and key.source.endswith(f"#t={times[segment.peak]:.3f}")
+        assert key.probability == pytest.approx(float(probabilities[segment.peak, column]), abs=1e-5)
+        assert key.path.is_file()
 
 
 def test_annotate_records_a_live_stream_each_frame_with_its_answer_as_it_is_answered(untrained, tmp_path,

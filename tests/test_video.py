@@ -295,6 +295,10 @@ def test_a_live_streams_segments_are_handed_on_as_each_closes_and_add_up_to_the_
     ours = sorted([segment for segment, _ in handed_on] + rest, key=lambda s: (s.start, s.label or ""))
     assert _same_segments(ours, whole) and finder.found == ours
     assert len(handed_on) >= 3 and len(rest) >= 1  # the last segment stays open until the stream ends
+    for segment in ours:  # its peak: its most probable frame of its class (unsmoothed), as the frames' number
+        column = ["a", "b", "c"].index(segment.label)
+        inside = np.flatnonzero((times >= segment.start) & (times < segment.end))
+        assert segment.peak == inside[np.argmax(probabilities[inside, column])]
     for segment, when in handed_on:
         assert segment.end + 0.5 < when < segment.end + 0.5 + 1.0 + 0.4  # final, then seen within a look and a batch
 

@@ -572,10 +572,8 @@ def _explain_videos(args: argparse.Namespace, console: Console, model, videos: l
                 continue
             console.print(segments_table(result.segments, f"{info.name}: {result.frames} frames explained by "
                                                            f"{args.method}, {len(result.segments)} segment(s)",
-                                         None if info.live else [key.path.name for key in result.key_frames]))
-            console.print(f"wrote {result.path}" + (" (a live stream: no key frames, which are found by reading the "
-                                                    "video a second time)" if info.live else
-                                                    f" and {len(result.key_frames)} key frame(s) beside it"))
+                                         [key.path.name for key in result.key_frames]))
+            console.print(f"wrote {result.path} and {len(result.key_frames)} key frame(s) beside it")
     _report_failed(failed)
     return 1 if failed else 0
 

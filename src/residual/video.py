@@ -62,6 +62,10 @@ class Segment:
     label: str | None  # None: no class reached the floor asked for (min_confidence, a feature bank's)
     probability: float  # the label's smoothed probability averaged over the segment (the top class's, for None)
     frames: int
+    # Its frame where its class (or the finder's `peak_of`) is most probable, as the frames' number in the order
+    # they were added (from 0); None for a segment of no class. Not compared: where the peak lies is no part of
+    # what a segment is.
+    peak: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -313,26 +317,30 @@ class SegmentFinder:
     `add` takes each batch of frames; `closed` hands on the segments closed since it was last called; `finish`,
     at the video's end, closes the rest and hands on those not handed on yet; `found` is every segment so far.
     A frame timed before frames already final (a damaged live stream's timestamps stepping back) counts at the
-    last of their times. `record`: every frame also goes to it (for a timeline)."""
+    last of their times. `record`: every frame also goes to it (for a timeline). Each segment's `peak` is its
+    frame where its class, or the class `peak_of`, is most probable (unsmoothed): its key frame; `candidates`
+    says which frames may yet be one, so that a caller keeping their pictures can let go of the others."""
 
     def __init__(self, names: list[str], end: float | None = None, smooth: float = SMOOTH_SECONDS,
                  min_confidence: float | None = None, thresholds: np.ndarray | None = None,
-                 similarity_floor: float | None = None, record: FrameScores | TimelineScores | None = None):
+                 similarity_floor: float | None = None, record: FrameScores | TimelineScores | None = None,
+                 peak_of: int | None = None):
         check_smooth(smooth)
-        self.names, self.end, self.smooth, self.record = names, end, smooth, record
+        self.names, self.end, self.smooth, self.record, self.peak_of = names, end, smooth, record, peak_of
         self.min_confidence, self.thresholds, self.similarity_floor = min_confidence, thresholds, similarity_floor
         self.frames = 0  # added so far
         self._summed = np.zeros(len(names), dtype=np.float64)  # every frame's probabilities, summed
         # The frames kept, in time order: the first `_final` are final (kept as the others' smoothing window).
         self._times, self._similarities = np.zeros(0), np.zeros(0)
         self._probabilities = np.zeros((0, len(names)), dtype=np.float32)  # as the model gives them
+        self._numbers = np.zeros(0, dtype=np.int64)  # each frame's number: the order it was added in
         self._final = 0
         self._final_until = -np.inf  # the time of the last frame made final
-        self._arrived: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # added since the last look
+        self._arrived: list[tuple[np.ndarray, ...]] = []  # added since the last look, as the four above
         self._recent_times: deque[float] = deque(maxlen=GAP_FRAMES + 1)  # for the last frame's length
         self._newest, self._looked_at = -np.inf, -np.inf
         # Per answer (a class's index; len(names): no class) the segment open on it: [start, summed probability,
-        # frames].
+        # frames, its peak's unsmoothed probability, its peak's number].
         self._open: dict[int, list] = {}
         self._closed: list[Segment] = []  # since `closed` was last called
         self._found: list[Segment] = []
@@ -341,7 +349,15 @@ class SegmentFinder:
     @property
     def kept_frames(self) -> int:
         """How many frames' probabilities are held now."""
-        return len(self._times) + sum(len(times) for times, _, _ in self._arrived)
+        return len(self._times) + sum(len(part[0]) for part in self._arrived)
+
+    @property
+    def candidates(self) -> tuple[int, set[int]]:
+        """The frames that may yet be a segment's peak: (the number from which on every frame may; the numbers of
+        the open segments' peaks so far). The frames not final yet are the numbers from the first."""
+        waiting = [self._numbers[self._final:], *(part[3] for part in self._arrived)]
+        first = min((int(numbers.min()) for numbers in waiting if len(numbers)), default=self.frames)
+        return first, {run[4] for run in self._open.values() if run[4] is not None}
 
     @property
     def found(self) -> list[Segment]:
@@ -365,7 +381,8 @@ class SegmentFinder:
             probabilities = probabilities.float().numpy()
         self._summed += probabilities.sum(axis=0, dtype=np.float64)
         similarities = np.zeros(len(times)) if similarities is None else similarities
-        self._arrived.append((times, np.asarray(probabilities), np.asarray(similarities, dtype=np.float64)))
+        numbers = np.arange(self.frames, self.frames + len(times), dtype=np.int64)
+        self._arrived.append((times, np.asarray(probabilities), np.asarray(similarities, dtype=np.float64), numbers))
         self.frames += len(times)
         self._recent_times.extend(times[-(GAP_FRAMES + 1):].tolist())
         self._newest = max(self._newest, float(times.max()))
@@ -401,7 +418,7 @@ class SegmentFinder:
         stop = self._final + int(np.searchsorted(self._times[self._final:], before, side="left"))
         if stop > self._final:
             final = slice(self._final, stop)
-            times = self._times[final]
+            times, raw, numbers = self._times[final], self._probabilities[final], self._numbers[final]
             scores = smoothed(self._times, self._probabilities, self.smooth)[final]
             if self.thresholds is not None:  # each class its own segments, where it reaches its threshold
                 present = scores >= self.thresholds
@@ -417,55 +434,62 @@ class SegmentFinder:
                 columns = {answer: (answers == answer, held) for answer in np.unique(answers).tolist()}
             absent = (np.zeros(len(times), bool), None)
             for answer in sorted(columns.keys() | self._open.keys()):
-                self._extend(answer, *columns.get(answer, absent), times)
+                peaked = (None if answer == len(self.names)
+                          else raw[:, self.peak_of if self.peak_of is not None else answer])
+                self._extend(answer, *columns.get(answer, absent), times, peaked, numbers)
             self._final, self._final_until = stop, float(times[-1])
         if len(self._times):
             needed_from = self._times[min(self._final, len(self._times) - 1)] - self.smooth / 2
             let_go = int(np.searchsorted(self._times, needed_from, side="left"))
             self._times, self._probabilities = self._times[let_go:], self._probabilities[let_go:]
-            self._similarities, self._final = self._similarities[let_go:], self._final - let_go
+            self._similarities, self._numbers = self._similarities[let_go:], self._numbers[let_go:]
+            self._final -= let_go
 
     def _take_arrived(self) -> None:
         """The frames added since the last look join those kept, the frames not final yet in time order."""
         if not self._arrived:
             return
-        waiting = [(self._times[self._final:], self._probabilities[self._final:], self._similarities[self._final:]),
-                   *self._arrived]
+        kept = (self._times, self._probabilities, self._similarities, self._numbers)
+        waiting = [tuple(array[self._final:] for array in kept), *self._arrived]
         waiting = [part for part in waiting if len(part[0])]
         self._arrived = []
         # Copied only where needed: a whole video given at once is one part, in order, and nothing kept before it.
-        times, probabilities, similarities = (waiting[0] if len(waiting) == 1 else
-                                              (np.concatenate(part) for part in zip(*waiting)))
-        if np.any(np.diff(times) < 0):
-            order = np.argsort(times, kind="stable")
-            times, probabilities, similarities = times[order], probabilities[order], similarities[order]
-        times = np.maximum(times, self._final_until)
+        parts = waiting[0] if len(waiting) == 1 else tuple(np.concatenate(part) for part in zip(*waiting))
+        if np.any(np.diff(parts[0]) < 0):
+            order = np.argsort(parts[0], kind="stable")
+            parts = tuple(array[order] for array in parts)
+        parts = (np.maximum(parts[0], self._final_until), *parts[1:])
         if self._final:
-            times = np.concatenate([self._times[:self._final], times])
-            probabilities = np.concatenate([self._probabilities[:self._final], probabilities])
-            similarities = np.concatenate([self._similarities[:self._final], similarities])
-        self._times, self._probabilities, self._similarities = times, probabilities, similarities
+            parts = tuple(np.concatenate([array[:self._final], part]) for array, part in zip(kept, parts))
+        self._times, self._probabilities, self._similarities, self._numbers = parts
 
-    def _extend(self, answer: int, present: np.ndarray, held: np.ndarray | None, times: np.ndarray) -> None:
+    def _extend(self, answer: int, present: np.ndarray, held: np.ndarray | None, times: np.ndarray,
+                peaked: np.ndarray | None, numbers: np.ndarray) -> None:
         """The frames at `times`, made final, given to the segments of one answer: `present`, where they have it;
-        `held`, its smoothed probability."""
+        `held`, its smoothed probability; `peaked`, the unsmoothed probability its peak is chosen by (None: no
+        peak); `numbers`, the frames' numbers."""
         if answer in self._open and not present[0]:
             self._close(answer, self._open.pop(answer), times[0])
         for start, stop in _run_bounds(present):
             if not present[start]:
                 continue
-            run = self._open.pop(answer) if start == 0 and answer in self._open else [float(times[start]), 0.0, 0]
+            run = (self._open.pop(answer) if start == 0 and answer in self._open
+                   else [float(times[start]), 0.0, 0, -np.inf, None])
             run[1] += float(held[start:stop].sum())
             run[2] += stop - start
+            if peaked is not None:
+                top = start + int(np.argmax(peaked[start:stop]))
+                if peaked[top] > run[3]:  # of equals the first, as np.argmax over the whole segment would choose
+                    run[3], run[4] = float(peaked[top]), int(numbers[top])
             if stop < len(present):
                 self._close(answer, run, times[stop])
             else:
                 self._open[answer] = run
 
     def _close(self, answer: int, run: list, end: float) -> None:
-        start, summed, frames = run
+        start, summed, frames, _, peak = run
         label = self.names[answer] if answer < len(self.names) else None
-        segment = Segment(start, float(end), label, summed / frames, frames)
+        segment = Segment(start, float(end), label, summed / frames, frames, peak)
         self._closed.append(segment)
         self._found.append(segment)
 
@@ -482,19 +506,20 @@ def _run_bounds(values: np.ndarray) -> list[tuple[int, int]]:
 
 
 def segment_finder(model, info: VideoInfo, smooth: float = SMOOTH_SECONDS, min_confidence: float | None = None,
-                   feature_bank: FeatureBank | None = None,
-                   record: FrameScores | TimelineScores | None = None) -> SegmentFinder:
+                   feature_bank: FeatureBank | None = None, record: FrameScores | TimelineScores | None = None,
+                   peak_of: int | None = None) -> SegmentFinder:
     """A SegmentFinder for a video predicted by `model` (its classes, and a multi-label model's thresholds; with
     the `feature_bank` it is predicted with, its floor of similarity)."""
     return SegmentFinder(class_names_of(model), info.duration, smooth, min_confidence,
                          class_thresholds(model) if is_multi_label(model) else None,
-                         feature_bank.floor if feature_bank is not None else None, record)
+                         feature_bank.floor if feature_bank is not None else None, record, peak_of)
 
 
 def video_segments(model, info: VideoInfo, scores: FrameScores, smooth: float = SMOOTH_SECONDS,
-                   min_confidence: float | None = None, feature_bank: FeatureBank | None = None) -> list[Segment]:
+                   min_confidence: float | None = None, feature_bank: FeatureBank | None = None,
+                   peak_of: int | None = None) -> list[Segment]:
     """The segments of a video whose frames' `scores` were all kept, predicted by `model` (with `feature_bank`)."""
-    finder = segment_finder(model, info, smooth, min_confidence, feature_bank)
+    finder = segment_finder(model, info, smooth, min_confidence, feature_bank, peak_of=peak_of)
     finder.add(*scores.arrays(len(finder.names)), scores.similarities if feature_bank is not None else None)
     return finder.finish()
 
