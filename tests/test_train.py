@@ -526,7 +526,7 @@ def test_epoch_end_ends_a_run_after_its_checkpoint_and_says_why(shapes16, tmp_pa
 
 def test_early_stopping(shapes16, tmp_path):
     result = train(TrainConfig(data=str(shapes16), epochs=8, early_stopping=2, monitor="val_loss", out=str(tmp_path),
-                               name="es", model="resnet20", batch_size=32, quiet=True,
+                               name="es", model="resnet20", batch_size=32, quiet=True, report=False,
                                optim=OptimConfig(lr=1e-12, schedule="constant")))
     assert result.stopped_early and len(result.history) < 8
     assert json.loads((result.run_dir / "summary.json").read_text())["stopped_early"]
