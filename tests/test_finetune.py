@@ -103,7 +103,8 @@ def test_finetune_cli_and_its_errors(pretrained, tmp_path, capsys):
     assert "epoch 1: training head; frozen: stem, layer1, layer2, layer3" in out
     assert "epoch 2: training stem, layer1, layer2, layer3, head; frozen: nothing" in out
     assert main(["finetune", str(new), "--from", str(model_path), "--epochs", "1", "--head-epochs", "1", "--quiet",
-                 "--no-report", "--drop-rate", "0.3", "--drop-path", "0.1", "--out", str(tmp_path), "--name", "dropout"]) == 0
+                 "--no-report", "--drop-rate", "0.3", "--drop-path", "0.1", "--out", str(tmp_path),
+                 "--name", "dropout"]) == 0
     tuned = residual.load_model(tmp_path / "dropout" / "model.safetensors")
     assert tuned.drop.p == 0.3  # it was ignored
     assert tuned.blocks()[-1].drop_path_rate == pytest.approx(0.1)
