@@ -175,9 +175,7 @@ def _key_frames(model, info: VideoInfo, fps: float | None, found: list[Segment],
                 target_id: int | None, layer: str | None, batch_size: int, out: Path, name: str) -> list[Explanation]:
     """A file's key frames: each segment's peak (its frame where its class, or `target_id`, is most probable),
     decoded again, explained at that class and written as explain's two panels."""
-    names = class_names_of(model)
-    wanted = [(segment.peak, target_id if target_id is not None else names.index(segment.label))
-              for segment in found if segment.peak is not None]
+    wanted = [(segment.peak, class_id) for segment, class_id in _explained_at(model, found, target_id)]
     if not wanted:
         return []
     needed = {number for number, _ in wanted}
@@ -189,11 +187,19 @@ def _key_frames(model, info: VideoInfo, fps: float | None, found: list[Segment],
             if len(frames) == len(needed):
                 break
     crops = dict(zip(frames, _crops(model, [frame.image for frame in frames.values()])))
-    return write_key_frames(model, info.name, [(frames[number].time, crops[number], class_id)
-                                               for number, class_id in wanted], method, layer, batch_size, out, name)
+    return _write_key_frames(model, info.name, [(frames[number].time, crops[number], class_id)
+                                                for number, class_id in wanted], method, layer, batch_size, out, name)
 
 
-def write_key_frames(model, video_name: str, wanted: list[tuple[float, torch.Tensor, int]], method: str,
+def _explained_at(model, segments: list[Segment], target_id: int | None) -> list[tuple[Segment, int]]:
+    """The segments that have a key frame (a peak: those of a class), each with the class it is explained at: its
+    own, or `target_id`."""
+    names = class_names_of(model)
+    return [(segment, target_id if target_id is not None else names.index(segment.label))
+            for segment in segments if segment.peak is not None]
+
+
+def _write_key_frames(model, video_name: str, wanted: list[tuple[float, torch.Tensor, int]], method: str,
                      layer: str | None, batch_size: int, out: Path, name: str) -> list[Explanation]:
     """Each (time, crop, class) of `wanted` explained at its class and written as explain's two panels, as
     out/NAME.t=SECONDS.CLASS.METHOD.png."""
@@ -236,14 +242,12 @@ class LiveKeyFrames:
         self.crops = {number: kept for number, kept in self.crops.items() if number >= from_number or number in peaks}
 
     def write(self, segments: list[Segment]) -> None:
-        names = class_names_of(self.model)
-        shown = [segment for segment in segments if segment.peak is not None]
-        wanted = [(*self.crops[segment.peak],
-                   self.target_id if self.target_id is not None else names.index(segment.label))
-                  for segment in shown]
-        written = write_key_frames(self.model, self.video_name, wanted, self.method, self.layer, self.batch_size,
-                                   self.out, self.name)
-        self.written += zip(shown, written)
+        """The key frames of `segments`, closed: their peaks' crops, kept, explained and written."""
+        shown = _explained_at(self.model, segments, self.target_id)
+        written = _write_key_frames(self.model, self.video_name,
+                                    [(*self.crops[segment.peak], class_id) for segment, class_id in shown],
+                                    self.method, self.layer, self.batch_size, self.out, self.name)
+        self.written += zip((segment for segment, _ in shown), written)
 
     def in_order(self) -> list[Explanation]:
         """The key frames written, in the order of their segments (the finder's `found`)."""
