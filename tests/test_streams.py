@@ -369,6 +369,7 @@ def test_explain_writes_a_live_streams_overlays_and_key_frames_as_they_come(untr
     written = tmp_path / "cams" / f"{name}.gradcam.mp4"
     pictures = sorted(path.name for path in (tmp_path / "cams").glob("*.png"))
     assert pictures and all(picture.startswith(f"{name}.t=") for picture in pictures)
+    assert sorted(path.name for path in (tmp_path / "cams").iterdir()) == sorted([written.name, *pictures])
     assert f"wrote {written} and {len(pictures)} key frame(s) beside it" in captured.out.replace("\n", "")
     assert all(picture in captured.out for picture in pictures)  # each named in its segment's row
     assert "live: Ctrl-C ends it" in captured.err and PASSWORD not in captured.out + captured.err
